@@ -1,0 +1,88 @@
+"""pcrt's exception tree.
+
+Every error a user can cause or meet is a subclass of ``PcrtError`` with a message that
+says what went wrong and what to do. The HTTP layer maps each class onto OpenAI's error
+shape and a status code; the CLI prints the message without a traceback.
+
+    PcrtError
+    ├── ConfigError            bad models.toml / user file / settings (names file and key)
+    ├── ModelNotFound          unknown model name, alias or tag
+    ├── PullError              a model file could not be fetched or verified
+    │   └── DownloadError      an HTTP download failed or its sha256 did not match
+    ├── ModelLoadError         llama.cpp could not load the file or create a context
+    ├── ChatTemplateMissing    a chat request for a model without a template and no override
+    ├── InvalidRequest         bad sampling parameters, bad schema or grammar, too many forks
+    │   └── ContextLengthExceeded  the prompt (plus what must be generated) does not fit
+    ├── StateError             a KV state blob is malformed or does not belong to this model
+    │   └── IncompatibleState  the compatibility key differs (other model, KV type, version)
+    └── EngineClosed           a request reached an engine that is shutting down
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ChatTemplateMissing",
+    "ConfigError",
+    "ContextLengthExceeded",
+    "DownloadError",
+    "EngineClosed",
+    "IncompatibleState",
+    "InvalidRequest",
+    "ModelLoadError",
+    "ModelNotFound",
+    "PcrtError",
+    "PullError",
+    "StateError",
+]
+
+
+class PcrtError(Exception):
+    """Base of every error pcrt raises on purpose."""
+
+
+class ConfigError(PcrtError):
+    pass
+
+
+class ModelNotFound(PcrtError):
+    pass
+
+
+class PullError(PcrtError):
+    pass
+
+
+class DownloadError(PullError):
+    """``status`` is the HTTP status when the server answered with an error, else None."""
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class ModelLoadError(PcrtError):
+    pass
+
+
+class ChatTemplateMissing(PcrtError):
+    pass
+
+
+class InvalidRequest(PcrtError):
+    pass
+
+
+class ContextLengthExceeded(InvalidRequest):
+    pass
+
+
+class StateError(PcrtError):
+    pass
+
+
+class IncompatibleState(StateError):
+    pass
+
+
+class EngineClosed(PcrtError):
+    pass
