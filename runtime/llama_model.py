@@ -1,0 +1,131 @@
+"""A GGUF model loaded through llama.cpp's C API: weights, vocabulary, tokenizer.
+
+Thin typed wrappers over the ctypes functions of llama-cpp-python, so that the engine
+reads as engine logic. The model (weights) is shared by every context made from it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import llama_cpp
+
+from pcrt.runtime.errors import ModelLoadError
+
+__all__ = ["LlamaModel", "ensure_backend", "quiet_llama_logs"]
+
+log = logging.getLogger(__name__)
+
+
+@lru_cache(maxsize=1)
+def ensure_backend() -> None:
+    """llama_backend_init once per process (cached: calling it again is harmless anyway)."""
+    llama_cpp.llama_backend_init()
+
+
+@lru_cache(maxsize=1)
+def quiet_llama_logs() -> Any:
+    """Route llama.cpp's own chatter to Python logging at DEBUG (it is very talkative).
+
+    The callback object must stay alive as long as the process: lru_cache keeps it.
+    """
+
+    @llama_cpp.llama_log_callback
+    def _callback(level: int, text: bytes, _user: Any) -> None:
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("llama.cpp: %s", text.decode("utf-8", "replace").rstrip())
+
+    llama_cpp.llama_log_set(_callback, ctypes.c_void_p(0))
+    return _callback
+
+
+class LlamaModel:
+    """Weights plus vocabulary of one GGUF file."""
+
+    def __init__(self, path: Path, *, n_gpu_layers: int = 0, use_mmap: bool = True) -> None:
+        ensure_backend()
+        quiet_llama_logs()
+        if not path.is_file():
+            raise ModelLoadError(f"model file not found: {path}")
+        params = llama_cpp.llama_model_default_params()
+        params.n_gpu_layers = n_gpu_layers
+        params.use_mmap = use_mmap
+        self.path = path
+        self.ptr = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+        if not self.ptr:
+            raise ModelLoadError(f"llama.cpp could not load {path} (not a GGUF it understands?)")
+        self.vocab = llama_cpp.llama_model_get_vocab(self.ptr)
+        self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self.vocab))
+        self.n_ctx_train = int(llama_cpp.llama_model_n_ctx_train(self.ptr))
+        self.n_embd = int(llama_cpp.llama_model_n_embd(self.ptr))
+        self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self.vocab))
+        self.bos_id = int(llama_cpp.llama_vocab_bos(self.vocab))
+        self.eos_id = int(llama_cpp.llama_vocab_eos(self.vocab))
+        self._pieces: dict[int, bytes] = {}
+        self._is_eog: dict[int, bool] = {}
+
+    # -- metadata ---------------------------------------------------------------------
+
+    def chat_template(self) -> str | None:
+        raw = llama_cpp.llama_model_chat_template(self.ptr, None)
+        return raw.decode("utf-8") if raw else None
+
+    def token_text(self, token: int) -> str:
+        """A special token's text (e.g. ``<|im_end|>``), for chat templates."""
+        if token < 0:
+            return ""
+        return self._piece(token, special=True).decode("utf-8", "replace")
+
+    @property
+    def size_bytes(self) -> int:
+        return int(llama_cpp.llama_model_size(self.ptr))
+
+    # -- tokens -----------------------------------------------------------------------
+
+    def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        data = text.encode("utf-8")
+        capacity = len(data) + 8
+        buf = (llama_cpp.llama_token * capacity)()
+        n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, capacity, add_special, parse_special)
+        if n < 0:  # buffer too small: llama.cpp says how many it needs
+            capacity = -n
+            buf = (llama_cpp.llama_token * capacity)()
+            n = llama_cpp.llama_tokenize(
+                self.vocab, data, len(data), buf, capacity, add_special, parse_special
+            )
+        if n < 0:
+            raise ModelLoadError("llama.cpp failed to tokenize the text")
+        return list(buf[:n])
+
+    def piece(self, token: int) -> bytes:
+        """The bytes a generated token contributes to the output (special tokens: none)."""
+        cached = self._pieces.get(token)
+        if cached is None:
+            cached = self._pieces[token] = self._piece(token, special=False)
+        return cached
+
+    def detokenize(self, tokens: list[int]) -> str:
+        return b"".join(self.piece(t) for t in tokens).decode("utf-8", "replace")
+
+    def is_eog(self, token: int) -> bool:
+        cached = self._is_eog.get(token)
+        if cached is None:
+            cached = self._is_eog[token] = bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
+        return cached
+
+    def _piece(self, token: int, *, special: bool) -> bytes:
+        buf = ctypes.create_string_buffer(64)
+        n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+        return buf.raw[: max(n, 0)]
+
+    def close(self) -> None:
+        if self.ptr:
+            llama_cpp.llama_model_free(self.ptr)
+            self.ptr = None

@@ -1,0 +1,168 @@
+"""Exported KV state of one sequence: the blob format and its compatibility key.
+
+llama.cpp checks little when a sequence state is loaded: another quantisation or
+fine-tune of the same architecture loads silently and then produces garbage. So every
+blob carries a key (GGUF sha256, K/V cache types, flash attention, llama-cpp-python
+version, pcrt's format version) and an import refuses any mismatch.
+
+Layout (all integers little-endian)::
+
+    b"PCRTKV\\0\\1"  magic and format version
+    u32             length of the JSON header
+    header          {"key": {...}, "tokens": [...], "next_token": int | null,
+                     "payload_sha256": hex, "payload_bytes": int, "model": name}
+    payload         llama_state_seq_get_data() bytes
+
+The sequence state holds no logits, so the blob keeps the next sampled (not yet decoded)
+token: a resume decodes it first and continues exactly where the original run was.
+
+llama.cpp writes a sequence's state as ``u32 magic, i32 seq_id, u32 n_stream`` followed
+by one section per KV stream (``u32 cell_count`` then cells), all empty but the sequence's own. ``n_stream`` is
+the number of slots when each slot has its own stream, so a raw blob only loads into an
+engine with the same ``parallel``. For plain KV caches pcrt stores just the one non-empty
+section (layout ``portable``) and rebuilds the header for the engine that imports it;
+for caches with several parts (sliding-window, recurrent) it keeps llama.cpp's bytes and
+puts the stream count into the key (layout ``raw-N``), so a mismatch is refused clearly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from dataclasses import dataclass, field
+
+import llama_cpp
+from pydantic import BaseModel, ConfigDict
+
+from pcrt.runtime.errors import IncompatibleState, StateError
+
+__all__ = [
+    "PORTABLE_LAYOUT",
+    "STATE_FORMAT_VERSION",
+    "CompatKey",
+    "KVState",
+    "native_payload",
+    "portable_payload",
+]
+
+STATE_FORMAT_VERSION = 1
+_MAGIC = b"PCRTKV\x00\x01"
+_HEADER_LIMIT = 64 * 1024 * 1024  # a header is token ids: even 1M tokens fit
+PORTABLE_LAYOUT = "portable"
+_U32 = struct.Struct("<I")
+_LLAMA_SEQ_MAGIC = 0xAF143CD8  # llama-context.cpp: io_magic of sequence states
+
+
+class CompatKey(BaseModel):
+    """Everything that must match for a saved KV state to mean the same thing."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model_sha256: str
+    type_k: str
+    type_v: str
+    flash_attn: bool
+    layout: str = PORTABLE_LAYOUT
+    llama_cpp_version: str = llama_cpp.__version__
+    format_version: int = STATE_FORMAT_VERSION
+
+    def mismatches(self, other: CompatKey) -> list[str]:
+        """Human lines naming each differing field (empty when compatible)."""
+        mine, theirs = self.model_dump(), other.model_dump()
+        return [
+            f"{name}: state has {theirs[name]!r}, this engine has {mine[name]!r}"
+            for name in mine
+            if mine[name] != theirs[name]
+        ]
+
+
+@dataclass(frozen=True)
+class KVState:
+    """A sequence's KV cache plus what is needed to continue it."""
+
+    key: CompatKey
+    tokens: list[int]  # tokens whose KV is in the payload, in order
+    next_token: int | None  # sampled after tokens[-1], not decoded yet
+    payload: bytes = field(repr=False)
+    model: str = ""
+
+    @property
+    def continuation(self) -> list[int]:
+        """The prompt that continues this state: its tokens plus the pending one."""
+        return self.tokens + ([self.next_token] if self.next_token is not None else [])
+
+    def to_bytes(self) -> bytes:
+        header = json.dumps(
+            {
+                "key": self.key.model_dump(),
+                "tokens": self.tokens,
+                "next_token": self.next_token,
+                "payload_sha256": hashlib.sha256(self.payload).hexdigest(),
+                "payload_bytes": len(self.payload),
+                "model": self.model,
+            },
+            separators=(",", ":"),
+        ).encode()
+        return b"".join([_MAGIC, struct.pack("<I", len(header)), header, self.payload])
+
+    @classmethod
+    def from_bytes(cls, blob: bytes | memoryview) -> KVState:
+        view = memoryview(blob)
+        if bytes(view[: len(_MAGIC)]) != _MAGIC:
+            raise StateError("not a pcrt KV state (bad magic or unknown format version)")
+        offset = len(_MAGIC)
+        if len(view) < offset + 4:
+            raise StateError("truncated KV state: no header")
+        (header_len,) = struct.unpack_from("<I", view, offset)
+        offset += 4
+        if header_len > _HEADER_LIMIT or len(view) < offset + header_len:
+            raise StateError("truncated or corrupt KV state header")
+        try:
+            header = json.loads(bytes(view[offset : offset + header_len]))
+            key = CompatKey.model_validate(header["key"])
+            tokens = [int(t) for t in header["tokens"]]
+            next_token = header["next_token"]
+            expected_hash, expected_len = header["payload_sha256"], int(header["payload_bytes"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise StateError(f"corrupt KV state header: {exc}") from None
+        payload = bytes(view[offset + header_len :])
+        if len(payload) != expected_len:
+            raise StateError(
+                f"truncated KV state: payload has {len(payload)} bytes, header says {expected_len}"
+            )
+        if hashlib.sha256(payload).hexdigest() != expected_hash:
+            raise StateError("corrupt KV state: payload sha256 does not match its header")
+        return cls(key, tokens, next_token, payload, str(header.get("model", "")))
+
+    def check_compatible(self, engine_key: CompatKey) -> None:
+        problems = engine_key.mismatches(self.key)
+        if problems:
+            raise IncompatibleState(
+                "this KV state was saved by an incompatible engine: " + "; ".join(problems)
+            )
+
+
+def portable_payload(raw: bytes, n_stream: int, seq_id: int) -> bytes:
+    """Strip llama.cpp's framing from one sequence's state (see the module doc).
+
+    With one stream per slot, the sequence's stream index is its seq id.
+    """
+    head = _llama_head(seq_id, n_stream) + _U32.pack(0) * seq_id
+    tail = _U32.size * (n_stream - seq_id - 1)
+    if raw[: len(head)] != head or (tail and raw[len(raw) - tail :] != b"\0" * tail):
+        raise StateError("unexpected llama.cpp sequence-state framing; cannot export portably")
+    return raw[len(head) : len(raw) - tail]
+
+
+def native_payload(portable: bytes, n_stream: int, seq_id: int) -> bytes:
+    """Frame a portable section for sequence ``seq_id`` of an engine with ``n_stream`` streams.
+
+    llama.cpp restores the first non-empty section into the destination sequence's own
+    stream, whichever position it has, so the section goes first and empty ones follow.
+    """
+    return _llama_head(seq_id, n_stream) + portable + _U32.pack(0) * (n_stream - 1)
+
+
+def _llama_head(seq_id: int, n_stream: int) -> bytes:
+    return struct.pack("<IiI", _LLAMA_SEQ_MAGIC, seq_id, n_stream)

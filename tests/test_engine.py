@@ -1,0 +1,297 @@
+"""The engine on the real default model (SmolLM2-135M)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+from pcrt.runtime.chat import ChatMessage
+from pcrt.runtime.engine import Engine, EngineConfig, GenerateRequest, TokenEvent
+from pcrt.runtime.errors import (
+    ChatTemplateMissing,
+    ContextLengthExceeded,
+    IncompatibleState,
+    InvalidRequest,
+    StateError,
+)
+from pcrt.runtime.sampling import SamplingParams
+from pcrt.runtime.state import KVState
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time, in a small village,",
+    "List three colours:\n1.",
+]
+GREEDY = SamplingParams(temperature=0.0, max_tokens=24)
+
+
+@pytest.fixture(scope="module")
+def default_model_sha256() -> str:
+    return "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+
+
+@pytest.fixture(scope="module")
+def engine(default_model_path: Path, default_model_sha256: str) -> Engine:
+    eng = Engine(
+        default_model_path,
+        model_sha256=default_model_sha256,
+        config=EngineConfig(parallel=4, context=1024, n_threads=2),
+        name="smollm2-135m",
+    )
+    yield eng
+    eng.close()
+
+
+@pytest.fixture(scope="module")
+def reference_llama(default_model_path: Path):
+    """llama-cpp-python's own high-level API: code nobody here wrote."""
+    from llama_cpp import Llama
+
+    llm = Llama(str(default_model_path), n_ctx=1024, n_threads=2, verbose=False)
+    yield llm
+    llm.close()
+
+
+async def test_greedy_matches_llama_cpp_python(engine: Engine, reference_llama) -> None:
+    for prompt in PROMPTS:
+        ours = await engine.generate(GenerateRequest(prompt=prompt, sampling=GREEDY))
+        theirs = reference_llama.create_completion(
+            prompt, max_tokens=24, temperature=0.0, repeat_penalty=1.0
+        )
+        assert ours.text == theirs["choices"][0]["text"], prompt
+        assert ours.prompt_tokens == theirs["usage"]["prompt_tokens"]
+
+
+async def test_concurrent_requests_equal_each_alone(engine: Engine) -> None:
+    alone = [(await engine.generate(GenerateRequest(prompt=p, sampling=GREEDY))).text for p in PROMPTS]
+    together = await asyncio.gather(
+        *(engine.generate(GenerateRequest(prompt=p, sampling=GREEDY)) for p in PROMPTS)
+    )
+    assert [c.text for c in together] == alone
+
+
+async def test_fork_greedy_equals_separate_runs(engine: Engine) -> None:
+    prompt = "Write a short poem about the sea."
+    single = await engine.generate(GenerateRequest(prompt=prompt, sampling=GREEDY))
+    fork = await engine.generate(GenerateRequest(prompt=prompt, sampling=GREEDY, n=3))
+    assert [c.text for c in fork.choices] == [single.text] * 3
+    assert fork.prompt_tokens == single.prompt_tokens  # one prefill for all branches
+
+
+async def test_seeded_fork_branches_differ_and_reproduce(engine: Engine) -> None:
+    sampling = SamplingParams(temperature=1.0, seed=1234, max_tokens=24)
+    request = dict(prompt="My favourite animal is", sampling=sampling, n=3)
+    first = await engine.generate(GenerateRequest(**request))
+    second = await engine.generate(GenerateRequest(**request))
+    texts = [c.text for c in first.choices]
+    assert len(set(texts)) > 1, texts
+    assert texts == [c.text for c in second.choices]
+
+
+async def test_schema_constrained_output_validates(engine: Engine) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+        "required": ["name", "age"],
+    }
+    sampling = SamplingParams(temperature=0.7, seed=7, max_tokens=80, json_schema=schema)
+    messages = [ChatMessage(role="user", content="Invent a person. Reply in JSON.")]
+    result = await engine.generate(GenerateRequest(messages=messages, sampling=sampling))
+    assert result.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(result.text), schema)
+
+
+async def test_raw_gbnf_grammar(engine: Engine) -> None:
+    sampling = SamplingParams(temperature=1.0, seed=3, max_tokens=8, grammar='root ::= ("yes" | "no")')
+    result = await engine.generate(GenerateRequest(prompt="Is water wet?", sampling=sampling))
+    assert result.text in ("yes", "no")
+
+
+async def test_bad_grammar_and_schema_are_clear_errors(engine: Engine) -> None:
+    with pytest.raises(InvalidRequest):
+        await engine.generate(
+            GenerateRequest(prompt="x", sampling=SamplingParams(grammar="root ::= (("))
+        )
+    with pytest.raises(InvalidRequest):
+        await engine.generate(
+            GenerateRequest(prompt="x", sampling=SamplingParams(json_schema={"type": "nonsense"}))
+        )
+
+
+async def test_prefix_reuse_reports_cached_tokens(engine: Engine) -> None:
+    shared = "You are a careful assistant. Here is a long shared preamble. " * 8
+    first = await engine.generate(GenerateRequest(prompt=shared + "Question one?", sampling=GREEDY))
+    second = await engine.generate(GenerateRequest(prompt=shared + "Question two?", sampling=GREEDY))
+    preamble_tokens = len(engine.model.tokenize(shared))
+    assert second.cached_tokens >= preamble_tokens - 1
+    assert second.cached_tokens < second.prompt_tokens
+    # the reused KV gives what a cold run gives
+    cold = Engine(
+        engine.model.path,
+        model_sha256=engine.compat_key.model_sha256,
+        config=EngineConfig(parallel=1, context=1024, n_threads=2),
+    )
+    with cold:
+        again = await cold.generate(GenerateRequest(prompt=shared + "Question two?", sampling=GREEDY))
+    assert again.cached_tokens == 0
+    assert again.text == second.text
+    assert first.text  # both ran
+
+
+async def test_stop_strings_cut_the_output(engine: Engine) -> None:
+    sampling = SamplingParams(temperature=0.0, max_tokens=64)
+    full = await engine.generate(GenerateRequest(prompt="Count: 1, 2, 3,", sampling=sampling))
+    assert " 5," in full.text
+    stop = SamplingParams(temperature=0.0, max_tokens=64, stop=(" 5,",))
+    cut = await engine.generate(GenerateRequest(prompt="Count: 1, 2, 3,", sampling=stop))
+    assert cut.text == full.text[: full.text.index(" 5,")]
+    assert cut.choices[0].finish_reason == "stop"
+
+
+async def test_max_tokens_and_finish_reason(engine: Engine) -> None:
+    result = await engine.generate(
+        GenerateRequest(prompt="Tell me a long story.", sampling=SamplingParams(max_tokens=5))
+    )
+    assert result.completion_tokens == 5
+    assert result.choices[0].finish_reason == "length"
+
+
+async def test_export_import_continues_exactly(engine: Engine, default_model_path: Path) -> None:
+    prompt = "The history of the printing press begins"
+    whole = await engine.generate(
+        GenerateRequest(prompt=prompt, sampling=SamplingParams(temperature=0.0, max_tokens=48))
+    )
+    half = await engine.generate(
+        GenerateRequest(
+            prompt=prompt,
+            sampling=SamplingParams(temperature=0.0, max_tokens=24),
+            export_state=True,
+        )
+    )
+    state = half.choices[0].state
+    assert state is not None and state.next_token is not None
+    blob = state.to_bytes()
+    # a fresh engine (another process would do the same): restore, then decode on
+    fresh = Engine(
+        default_model_path,
+        model_sha256=engine.compat_key.model_sha256,
+        config=EngineConfig(parallel=2, context=1024, n_threads=2),
+    )
+    with fresh:
+        restored = KVState.from_bytes(blob)
+        rest = await fresh.generate(
+            GenerateRequest(
+                prompt=[],
+                state=restored,
+                sampling=SamplingParams(temperature=0.0, max_tokens=24),
+            )
+        )
+    assert rest.cached_tokens == len(restored.tokens)  # nothing recomputed but the pending token
+    assert half.choices[0].tokens + rest.choices[0].tokens == whole.choices[0].tokens
+
+
+async def test_import_refuses_wrong_key_and_corrupt_blob(engine: Engine) -> None:
+    result = await engine.generate(
+        GenerateRequest(prompt="Hello", sampling=SamplingParams(max_tokens=4), export_state=True)
+    )
+    state = result.choices[0].state
+    assert state is not None
+    wrong = KVState(
+        key=state.key.model_copy(update={"model_sha256": "0" * 64}),
+        tokens=state.tokens,
+        next_token=state.next_token,
+        payload=state.payload,
+    )
+    with pytest.raises(IncompatibleState, match="model_sha256"):
+        await engine.import_state(wrong)
+    other_kv = state.key.model_copy(update={"type_k": "q8_0"})
+    with pytest.raises(IncompatibleState, match="type_k"):
+        engine.submit(GenerateRequest(prompt=[], state=KVState(other_kv, state.tokens, 1, b"")))
+    blob = bytearray(state.to_bytes())
+    blob[-10] ^= 0xFF
+    with pytest.raises(StateError, match="sha256"):
+        KVState.from_bytes(bytes(blob))
+    with pytest.raises(StateError):
+        KVState.from_bytes(b"garbage")
+
+
+async def test_cancel_frees_the_slot_at_once(engine: Engine) -> None:
+    handle = engine.submit(
+        GenerateRequest(prompt="Write an essay.", sampling=SamplingParams(max_tokens=500))
+    )
+    seen = 0
+    async for event in handle:
+        if isinstance(event, TokenEvent):
+            seen += 1
+            if seen == 3:
+                handle.cancel()
+    assert handle.result is not None
+    assert handle.result.choices[0].finish_reason == "cancelled"
+    assert handle.result.completion_tokens < 50
+    assert engine.busy_slots == 0
+
+
+async def test_abandoned_consumer_cancels(engine: Engine) -> None:
+    handle = engine.submit(
+        GenerateRequest(prompt="Write an essay.", sampling=SamplingParams(max_tokens=500))
+    )
+    async for _ in handle:
+        break  # leaving the loop early cancels the request
+    for _ in range(100):
+        if engine.busy_slots == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert engine.busy_slots == 0
+
+
+async def test_prompt_over_context_is_refused_before_work(engine: Engine) -> None:
+    long_prompt = "word " * 2000
+    with pytest.raises(ContextLengthExceeded, match="1023"):
+        engine.submit(GenerateRequest(prompt=long_prompt))
+    assert engine.busy_slots == 0
+
+
+async def test_fork_needs_enough_slots(engine: Engine) -> None:
+    with pytest.raises(InvalidRequest, match="slots"):
+        engine.submit(GenerateRequest(prompt="x", n=5))
+
+
+async def test_chat_uses_the_model_template(engine: Engine) -> None:
+    messages = [ChatMessage(role="user", content="Say hello.")]
+    prompt = engine.chat.render(messages)
+    assert "<|im_start|>user\nSay hello.<|im_end|>" in prompt
+    assert prompt.endswith("<|im_start|>assistant\n")
+    result = await engine.generate(GenerateRequest(messages=messages, sampling=GREEDY))
+    assert result.text.strip()
+
+
+async def test_model_without_template_is_a_clear_error(
+    default_model_path: Path, default_model_sha256: str
+) -> None:
+    eng = Engine(
+        default_model_path,
+        model_sha256=default_model_sha256,
+        config=EngineConfig(parallel=1, context=256, n_threads=2),
+        name="no-template",
+    )
+    eng.chat._formatter = None  # as a GGUF without tokenizer.chat_template loads
+    with eng, pytest.raises(ChatTemplateMissing, match="chat_template"):
+        eng.submit(GenerateRequest(messages=[ChatMessage(role="user", content="hi")]))
+
+
+async def test_embeddings_are_normalised_and_meaningful(engine: Engine) -> None:
+    cat, kitten, tax = await engine.embed(
+        ["The cat sleeps on the sofa.", "A kitten naps on the couch.", "Quarterly tax filing rules."]
+    )
+    assert len(cat) == engine.model.n_embd
+    assert abs(sum(v * v for v in cat) - 1.0) < 1e-4
+
+    def cos(a: list[float], b: list[float]) -> float:
+        return sum(x * y for x, y in zip(a, b, strict=True))
+
+    assert cos(cat, kitten) > cos(cat, tax)
