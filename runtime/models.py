@@ -132,13 +132,12 @@ class ModelEntry(BaseModel):
             raise ValueError("model names use letters, digits, '.', '_' and '-'")
         return value
 
-    @property
-    def file_name(self) -> str:
-        """Name of the pulled file inside the models dir."""
+    def local_path(self, models_dir: Path) -> Path:
+        """Where the GGUF lives: the user's own file, or the pulled copy in ``models_dir``."""
         if isinstance(self.source, LocalSource):
-            return self.source.path.name
+            return self.source.path
         member = self.source.member if isinstance(self.source, PypiSource) else self.source.file
-        return f"{self.name}--{Path(member).name}"
+        return models_dir / f"{self.name}--{Path(member).name}"
 
 
 class _FileModel(BaseModel):
@@ -187,9 +186,7 @@ class Registry:
 
     def path_of(self, entry: ModelEntry) -> Path:
         """Where the entry's GGUF file lives (or will live once pulled)."""
-        if isinstance(entry.source, LocalSource):
-            return entry.source.path
-        return self.paths.models_dir / entry.file_name
+        return entry.local_path(self.paths.models_dir)
 
     def is_pulled(self, entry: ModelEntry) -> bool:
         return self.path_of(entry).is_file()

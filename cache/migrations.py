@@ -1,0 +1,89 @@
+"""Numbered schema migrations for pcrt's SQLite store.
+
+Each migration is a function registered with ``@migration``; they run in the order they are
+defined and each one's name is recorded in ``_pcrt_migrations`` once applied, so a database
+made by any earlier version is brought up to date when the store opens it. Never edit or
+reorder a migration that has shipped: add a new one.
+
+All pending migrations run in one ``BEGIN IMMEDIATE`` transaction: when two processes open
+a fresh database at once, the second waits for the first and then finds nothing to do; a
+migration that fails leaves the database as it was.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Callable
+
+import sqlite_utils
+
+__all__ = ["MIGRATIONS", "MIGRATIONS_TABLE", "applied", "migrate", "migration"]
+
+MIGRATIONS_TABLE = "_pcrt_migrations"
+
+Migration = Callable[[sqlite_utils.Database], None]
+
+MIGRATIONS: tuple[Migration, ...] = ()
+"""Filled by ``@migration`` at import time (a tuple: nothing can change it afterwards)."""
+
+
+def migration(fn: Migration) -> Migration:
+    """Register ``fn`` as the next migration."""
+    global MIGRATIONS
+    MIGRATIONS = (*MIGRATIONS, fn)
+    return fn
+
+
+def applied(db: sqlite_utils.Database) -> list[str]:
+    """Names of the migrations this database has recorded, in the order applied."""
+    if not db.table(MIGRATIONS_TABLE).exists():
+        return []
+    return [row["name"] for row in db.query(f"select name from {MIGRATIONS_TABLE} order by rowid")]
+
+
+def migrate(db: sqlite_utils.Database) -> list[str]:
+    """Apply every migration not yet recorded; return the names of those it ran."""
+    recorded = set(applied(db))
+    if all(fn.__name__ in recorded for fn in MIGRATIONS):
+        return []  # the usual case: no write lock taken
+    db.conn.execute("BEGIN IMMEDIATE")  # one migrator at a time; the others wait
+    try:
+        _ensure_migrations_table(db)
+        done = set(applied(db))  # again, under the lock
+        ran = []
+        for fn in MIGRATIONS:
+            if fn.__name__ in done:
+                continue
+            fn(db)
+            db.execute(
+                f"insert into {MIGRATIONS_TABLE} (name, applied_at) values (?, ?)",
+                [fn.__name__, datetime.datetime.now(datetime.UTC).isoformat()],
+            )
+            ran.append(fn.__name__)
+        db.conn.execute("COMMIT")
+    except BaseException:
+        db.rollback()
+        raise
+    return ran
+
+
+def _ensure_migrations_table(db: sqlite_utils.Database) -> None:
+    db.table(MIGRATIONS_TABLE).create(
+        {"name": str, "applied_at": str}, pk="name", if_not_exists=True
+    )
+
+
+@migration
+def m001_file_hashes(db: sqlite_utils.Database) -> None:
+    # sha256 of files (model GGUFs, KV blobs) keyed by the stat that makes it still valid
+    db.table("file_hashes").create(
+        {
+            "path": str,
+            "size": int,
+            "mtime_ns": int,
+            "sha256": str,
+            "computed_at": str,
+        },
+        pk="path",
+        not_null={"size", "mtime_ns", "sha256"},
+    )

@@ -1,0 +1,88 @@
+"""pcrt's SQLite store: one database file, migrated to the current schema when opened.
+
+The store is an object built by whoever owns the process (the CLI command, the daemon's
+lifespan) and passed in; nothing here is global. It imports nothing else of pcrt, so every
+other package may use it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+import sqlite_utils
+
+from pcrt.cache.migrations import migrate
+
+__all__ = ["FileHash", "Store"]
+
+
+@dataclass(frozen=True)
+class FileHash:
+    """A file's sha256 together with the stat it was computed for."""
+
+    path: str
+    size: int
+    mtime_ns: int
+    sha256: str
+    computed_at: str
+
+
+class Store:
+    """The SQLite database at ``db_path`` (or ``":memory:"``), migrated on open."""
+
+    def __init__(self, db_path: Path | str) -> None:
+        if str(db_path) != ":memory:":
+            Path(db_path).parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(str(db_path), timeout=30.0, check_same_thread=False)
+        self.db = sqlite_utils.Database(conn)
+        if str(db_path) != ":memory:":
+            # readers do not block the writer: the daemon and a CLI command share the file
+            self.db.enable_wal()
+        migrate(self.db)
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- file hashes ------------------------------------------------------------------
+
+    def get_file_hash(self, path: str, size: int, mtime_ns: int) -> str | None:
+        """The cached sha256 of ``path`` if it was computed for exactly this size and mtime."""
+        rows = list(
+            self.db.query(
+                "select sha256 from file_hashes where path = ? and size = ? and mtime_ns = ?",
+                [path, size, mtime_ns],
+            )
+        )
+        return rows[0]["sha256"] if rows else None
+
+    def put_file_hash(self, path: str, size: int, mtime_ns: int, sha256: str) -> None:
+        """Record (or replace) the sha256 of ``path`` for this size and mtime."""
+        # one statement, so a concurrent writer makes it wait (busy timeout), never fail
+        self.db.execute(
+            "insert into file_hashes (path, size, mtime_ns, sha256, computed_at)"
+            " values (?, ?, ?, ?, ?) on conflict (path) do update set size = excluded.size,"
+            " mtime_ns = excluded.mtime_ns, sha256 = excluded.sha256,"
+            " computed_at = excluded.computed_at",
+            [path, size, mtime_ns, sha256, datetime.datetime.now(datetime.UTC).isoformat()],
+        )
+
+    def forget_file_hash(self, path: str) -> None:
+        self.db.execute("delete from file_hashes where path = ?", [path])
+
+    def file_hashes(self) -> list[FileHash]:
+        return [FileHash(**row) for row in self.db.query("select * from file_hashes")]

