@@ -30,7 +30,9 @@ class ChatMessage(BaseModel):
         parts = []
         for part in self.content:
             if part.get("type") != "text":
-                raise InvalidRequest(f"content parts of type {part.get('type')!r} are not supported")
+                raise InvalidRequest(
+                    f"content parts of type {part.get('type')!r} are not supported"
+                )
             parts.append(str(part.get("text", "")))
         return "".join(parts)
 
@@ -63,7 +65,7 @@ class ChatRenderer:
             raise InvalidRequest("a chat needs at least one message")
         plain = [{**m.model_dump(exclude_none=True), "content": m.text()} for m in messages]
         try:
-            result = self._formatter(messages=plain)
+            result = self._formatter(messages=plain)  # type: ignore[arg-type]
         except Exception as exc:  # templates raise their own errors (raise_exception(...))
             raise InvalidRequest(f"the chat template rejected these messages: {exc}") from None
         return result.prompt

@@ -196,6 +196,7 @@ class RequestHandle:
         self._engine = engine
         self._loop = asyncio.get_running_loop()
         self._events: asyncio.Queue[list[Any]] = asyncio.Queue()
+        self._pending: deque[Any] = deque()
         self._done = False
 
     def _deliver(self, items: list[Any]) -> None:
@@ -207,17 +208,26 @@ class RequestHandle:
             self._engine._inbox.put(("cancel", self.id))
 
     async def __aiter__(self) -> AsyncIterator[TokenEvent | FinishEvent]:
+        """Events in order. Leaving the loop early cancels the request.
+
+        Undelivered events stay in the handle (not in this generator), so a second
+        iteration, or ``completion()``, picks up where an earlier one stopped.
+        """
         try:
-            while not self._done:
-                for item in await self._events.get():
-                    if isinstance(item, Completion):
-                        self.result = item
-                        self._done = True
-                    elif isinstance(item, BaseException):
-                        self._done = True
-                        raise item
-                    else:
-                        yield item
+            while True:
+                if not self._pending:
+                    if self._done:
+                        return
+                    self._pending.extend(await self._events.get())
+                item = self._pending.popleft()
+                if isinstance(item, Completion):
+                    self.result = item
+                    self._done = True
+                elif isinstance(item, BaseException):
+                    self._done = True
+                    raise item
+                else:
+                    yield item
         finally:
             if not self._done:  # the consumer stopped early or was cancelled
                 self.cancel()
@@ -317,7 +327,9 @@ class Engine:
         self._running: list[_Job] = []
         self._embed_ctx: Any = None
         self._closed = False
-        self._thread = threading.Thread(target=self._run, name=f"pcrt-engine-{self.name}", daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, name=f"pcrt-engine-{self.name}", daemon=True
+        )
         self._thread.start()
 
     # -- public API (any thread / event loop) ------------------------------------------
@@ -413,6 +425,20 @@ class Engine:
                     f"input {i} has {len(tokens)} tokens; at most {self.context_per_slot}"
                 )
         return await self.call(lambda: [self._embed_one(t) for t in token_lists])
+
+    async def clear_cache(self) -> int:
+        """Drop the cached KV of every idle slot; returns how many tokens were dropped."""
+
+        def clear() -> int:
+            dropped = 0
+            for slot in self._slots:
+                if not slot.busy and slot.tokens:
+                    self._seq_rm(slot.seq_id, 0)
+                    dropped += len(slot.tokens)
+                    slot.tokens = []
+            return dropped
+
+        return await self.call(clear)
 
     def slots(self) -> list[SlotInfo]:
         return [SlotInfo(s.seq_id, s.busy, len(s.tokens)) for s in self._slots]
@@ -686,9 +712,10 @@ class Engine:
         job.outbox.append(TokenEvent(br.choice.index, text, token))
         if br.stream.stopped:
             self._finish(job, br, "stop")
-        elif len(br.choice.tokens) >= job.params.max_tokens:
-            self._finish(job, br, "length")
-        elif len(br.slot.tokens) + 1 >= self.context_per_slot:
+        elif (
+            len(br.choice.tokens) >= job.params.max_tokens
+            or len(br.slot.tokens) + 1 >= self.context_per_slot  # the context is full
+        ):
             self._finish(job, br, "length")
 
     def _finish(self, job: _Job, br: _Branch, reason: FinishReason) -> None:
@@ -864,4 +891,3 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
             break
         n += 1
     return n
-

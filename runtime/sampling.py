@@ -104,7 +104,7 @@ class Sampler:
                 raise InvalidRequest(f"logit_bias names tokens outside the vocabulary: {bad}")
             arr = (llama_cpp.llama_logit_bias * len(p.logit_bias))()
             for i, (token, bias) in enumerate(p.logit_bias.items()):
-                arr[i].token = token
+                arr[i].token = token  # type: ignore[assignment]
                 arr[i].bias = bias
             self._add(llama_cpp.llama_sampler_init_logit_bias(n_vocab, len(p.logit_bias), arr))
         if p.repeat_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:

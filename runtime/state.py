@@ -17,12 +17,13 @@ The sequence state holds no logits, so the blob keeps the next sampled (not yet 
 token: a resume decodes it first and continues exactly where the original run was.
 
 llama.cpp writes a sequence's state as ``u32 magic, i32 seq_id, u32 n_stream`` followed
-by one section per KV stream (``u32 cell_count`` then cells), all empty but the sequence's own. ``n_stream`` is
-the number of slots when each slot has its own stream, so a raw blob only loads into an
-engine with the same ``parallel``. For plain KV caches pcrt stores just the one non-empty
-section (layout ``portable``) and rebuilds the header for the engine that imports it;
-for caches with several parts (sliding-window, recurrent) it keeps llama.cpp's bytes and
-puts the stream count into the key (layout ``raw-N``), so a mismatch is refused clearly.
+by one section per KV stream (``u32 cell_count`` then cells), all empty but the
+sequence's own. ``n_stream`` is the number of slots when each slot has its own stream, so
+a raw blob only loads into an engine with the same ``parallel``. For plain KV caches
+pcrt stores just the one non-empty section (layout ``portable``) and rebuilds the header
+for the engine that imports it; for caches with several parts (sliding-window,
+recurrent) it keeps llama.cpp's bytes and puts the stream count into the key (layout
+``raw-N``), so a mismatch is refused clearly.
 """
 
 from __future__ import annotations

@@ -68,7 +68,9 @@ async def test_greedy_matches_llama_cpp_python(engine: Engine, reference_llama) 
 
 
 async def test_concurrent_requests_equal_each_alone(engine: Engine) -> None:
-    alone = [(await engine.generate(GenerateRequest(prompt=p, sampling=GREEDY))).text for p in PROMPTS]
+    alone = [
+        (await engine.generate(GenerateRequest(prompt=p, sampling=GREEDY))).text for p in PROMPTS
+    ]
     together = await asyncio.gather(
         *(engine.generate(GenerateRequest(prompt=p, sampling=GREEDY)) for p in PROMPTS)
     )
@@ -107,7 +109,9 @@ async def test_schema_constrained_output_validates(engine: Engine) -> None:
 
 
 async def test_raw_gbnf_grammar(engine: Engine) -> None:
-    sampling = SamplingParams(temperature=1.0, seed=3, max_tokens=8, grammar='root ::= ("yes" | "no")')
+    sampling = SamplingParams(
+        temperature=1.0, seed=3, max_tokens=8, grammar='root ::= ("yes" | "no")'
+    )
     result = await engine.generate(GenerateRequest(prompt="Is water wet?", sampling=sampling))
     assert result.text in ("yes", "no")
 
@@ -126,7 +130,9 @@ async def test_bad_grammar_and_schema_are_clear_errors(engine: Engine) -> None:
 async def test_prefix_reuse_reports_cached_tokens(engine: Engine) -> None:
     shared = "You are a careful assistant. Here is a long shared preamble. " * 8
     first = await engine.generate(GenerateRequest(prompt=shared + "Question one?", sampling=GREEDY))
-    second = await engine.generate(GenerateRequest(prompt=shared + "Question two?", sampling=GREEDY))
+    second = await engine.generate(
+        GenerateRequest(prompt=shared + "Question two?", sampling=GREEDY)
+    )
     preamble_tokens = len(engine.model.tokenize(shared))
     assert second.cached_tokens >= preamble_tokens - 1
     assert second.cached_tokens < second.prompt_tokens
@@ -137,7 +143,9 @@ async def test_prefix_reuse_reports_cached_tokens(engine: Engine) -> None:
         config=EngineConfig(parallel=1, context=1024, n_threads=2),
     )
     with cold:
-        again = await cold.generate(GenerateRequest(prompt=shared + "Question two?", sampling=GREEDY))
+        again = await cold.generate(
+            GenerateRequest(prompt=shared + "Question two?", sampling=GREEDY)
+        )
     assert again.cached_tokens == 0
     assert again.text == second.text
     assert first.text  # both ran
@@ -286,7 +294,11 @@ async def test_model_without_template_is_a_clear_error(
 
 async def test_embeddings_are_normalised_and_meaningful(engine: Engine) -> None:
     cat, kitten, tax = await engine.embed(
-        ["The cat sleeps on the sofa.", "A kitten naps on the couch.", "Quarterly tax filing rules."]
+        [
+            "The cat sleeps on the sofa.",
+            "A kitten naps on the couch.",
+            "Quarterly tax filing rules.",
+        ]
     )
     assert len(cat) == engine.model.n_embd
     assert abs(sum(v * v for v in cat) - 1.0) < 1e-4
@@ -295,3 +307,13 @@ async def test_embeddings_are_normalised_and_meaningful(engine: Engine) -> None:
         return sum(x * y for x, y in zip(a, b, strict=True))
 
     assert cos(cat, kitten) > cos(cat, tax)
+
+
+async def test_events_survive_a_consumer_that_stops_and_comes_back(engine: Engine) -> None:
+    """One decode step can carry a token, the finish and the completion together."""
+    handle = engine.submit(GenerateRequest(prompt="Hi", sampling=SamplingParams(max_tokens=1)))
+    async for event in handle:
+        assert isinstance(event, TokenEvent)
+        break
+    result = await handle.completion()
+    assert result.completion_tokens == 1
