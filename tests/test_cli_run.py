@@ -1,0 +1,106 @@
+"""``pcrt run`` and ``pcrt chat`` on the real default model."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jsonschema
+from click.testing import CliRunner
+
+from pcrt.cli.main import main
+
+
+def invoke(*args: str, input: str | None = None):  # noqa: A002 (click's own name)
+    return CliRunner().invoke(main, list(args), input=input, catch_exceptions=False)
+
+
+def test_run_streams_an_answer(default_model_path: Path) -> None:
+    result = invoke("run", "--temperature", "0", "--max-tokens", "12", "What is 2+2?")
+    assert result.exit_code == 0, result.output
+    assert result.output.strip()
+
+
+def test_run_json_output(default_model_path: Path) -> None:
+    result = invoke("run", "--json", "--temperature", "0", "--max-tokens", "8", "Hello")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["model"] == "smollm2-135m"
+    assert data["usage"]["completion_tokens"] <= 8
+    assert data["finish_reason"] in ("stop", "length")
+    assert data["timings"]["decode_tokens_per_second"] >= 0
+
+
+def test_run_with_schema_gives_valid_json(default_model_path: Path, tmp_path: Path) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string"}, "population": {"type": "integer"}},
+        "required": ["city", "population"],
+    }
+    schema_file = tmp_path / "schema.json"
+    schema_file.write_text(json.dumps(schema))
+    result = invoke(
+        "run", "--json", "--schema", str(schema_file), "--seed", "1", "--max-tokens", "60",
+        "Describe a city as JSON.",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    jsonschema.validate(json.loads(json.loads(result.output)["text"]), schema)
+
+
+def test_run_named_model_and_raw_prompt(default_model_path: Path) -> None:
+    result = invoke(
+        "run", "smollm2", "--raw", "--json", "--temperature", "0", "--max-tokens", "5",
+        "The capital of France is",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "Paris" in json.loads(result.output)["text"]
+
+
+def test_run_unknown_model_is_one_clear_line() -> None:
+    result = CliRunner().invoke(main, ["run", "no-such-model", "hi"])
+    assert result.exit_code == 1
+    assert "unknown model 'no-such-model'" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_run_bad_schema_file_is_a_clear_error(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    result = CliRunner().invoke(main, ["run", "--schema", str(bad), "hi"])
+    assert result.exit_code == 1
+    assert "not a readable JSON schema" in result.output
+
+
+def test_run_verbose_in_a_real_process(default_model_path: Path) -> None:
+    """The installed console script, as a user runs it."""
+    pcrt = Path(sys.executable).with_name("pcrt")
+    proc = subprocess.run(
+        [str(pcrt), "run", "--verbose", "--temperature", "0", "--max-tokens", "16", "Hi!"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=os.environ.copy(),
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "eval rate:" in proc.stderr
+    assert "reused prompt tokens:" in proc.stderr
+    assert proc.stdout.strip()
+
+
+def test_chat_keeps_the_conversation_and_reuses_its_kv(default_model_path: Path) -> None:
+    result = invoke(
+        "chat", "--verbose", "--temperature", "0", "--max-tokens", "16",
+        input="My name is Ada.\nWhat is my name?\n/bye\n",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    reused = [
+        int(line.split(":")[1])
+        for line in result.output.splitlines()
+        if line.startswith("reused prompt tokens:")
+    ]
+    assert len(reused) == 2
+    assert reused[0] == 0
+    assert reused[1] > 20  # the second turn found the first turn's tokens in the slot
