@@ -76,6 +76,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 FinishReason = Literal["stop", "length", "cancelled"]
+_KV_BYTES_PER_ELEMENT = {"f32": 4.0, "f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
 _KV_TYPES = {
     "f32": llama_cpp.GGML_TYPE_F32,
     "f16": llama_cpp.GGML_TYPE_F16,
@@ -325,6 +326,7 @@ class Engine:
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._waiting: deque[_Job] = deque()
         self._running: list[_Job] = []
+        self._outgoing: list[tuple[RequestHandle, list[Any]]] = []
         self._embed_ctx: Any = None
         self._closed = False
         self._thread = threading.Thread(
@@ -444,6 +446,19 @@ class Engine:
         return [SlotInfo(s.seq_id, s.busy, len(s.tokens)) for s in self._slots]
 
     @property
+    def kv_bytes(self) -> int:
+        """Bytes of the KV cache allocated for all slots (an estimate from the shapes)."""
+        m = self.model.ptr
+        head_dim = llama_cpp.llama_model_n_embd(m) // max(1, llama_cpp.llama_model_n_head(m))
+        per_cell_elements = (
+            2 * llama_cpp.llama_model_n_layer(m) * llama_cpp.llama_model_n_head_kv(m) * head_dim
+        )
+        bytes_per = (
+            _KV_BYTES_PER_ELEMENT[self.config.type_k] + _KV_BYTES_PER_ELEMENT[self.config.type_v]
+        ) / 2
+        return int(per_cell_elements * bytes_per * self.context_per_slot * self.config.parallel)
+
+    @property
     def busy_slots(self) -> int:
         return sum(s.busy for s in self._slots)
 
@@ -523,6 +538,7 @@ class Engine:
                 self._admit()
                 if self._running:
                     self._step()
+                self._dispatch()
         except BaseException:  # a bug here must not hang every caller forever
             log.exception("engine scheduler crashed")
             self._closed = True
@@ -564,9 +580,10 @@ class Engine:
             except queue.Empty:
                 break
             if kind == "submit":
-                payload._loop.call_soon_threadsafe(payload._deliver, [error])
+                self._outgoing.append((payload, [error]))
             elif kind == "call":
                 payload[1].set_exception(error)
+        self._dispatch()
 
     # -- admission and prefix reuse -------------------------------------------------
 
@@ -635,7 +652,7 @@ class Engine:
     def _step(self) -> None:
         batch = self._batch
         n = 0
-        decoding: list[_Branch] = []
+        decoding: list[tuple[_Job, _Branch]] = []
         for job in self._running:
             if job.prefilling:
                 continue
@@ -643,7 +660,7 @@ class Engine:
                 if br.active and br.pending is not None:
                     n = self._add(n, br.pending, len(br.slot.tokens), br.slot.seq_id, True)
                     br.batch_index = n - 1
-                    decoding.append(br)
+                    decoding.append((job, br))
         prefilling: list[_Job] = []
         for job in self._running:
             if not job.prefilling or n >= self.config.n_batch:
@@ -663,11 +680,11 @@ class Engine:
             self._fail_step(rc, decoding, prefilling)
             return
         now = time.perf_counter()
-        for br in decoding:
+        for job, br in decoding:
             assert br.pending is not None
             br.slot.tokens.append(br.pending)
             br.pending = None
-            self._sample(self._job_of(br), br, br.batch_index, now)
+            self._sample(job, br, br.batch_index, now)
         for job in prefilling:
             main = job.branches[0].slot
             main.tokens.extend(job.prompt[job.prefill_pos : job.prefill_pos + job.chunk])
@@ -760,16 +777,11 @@ class Engine:
             prompt_seconds=(first - job.t_admitted) if first is not None else 0.0,
         )
 
-    def _job_of(self, br: _Branch) -> _Job:
-        for job in self._running:
-            if br in job.branches:
-                return job
-        raise AssertionError("branch without a job")
-
-    def _fail_step(self, rc: int, decoding: list[_Branch], prefilling: list[_Job]) -> None:
+    def _fail_step(
+        self, rc: int, decoding: list[tuple[_Job, _Branch]], prefilling: list[_Job]
+    ) -> None:
         jobs = {id(j): j for j in prefilling}
-        for br in decoding:
-            job = self._job_of(br)
+        for job, _ in decoding:
             jobs[id(job)] = job
         error = PcrtError(f"llama_decode failed (code {rc}); the request was stopped")
         log.error("llama_decode returned %d for %d sequences", rc, len(jobs))
@@ -810,11 +822,23 @@ class Engine:
                 job.outbox = []
 
     def _send(self, job: _Job, items: list[Any]) -> None:
-        handle = job.handle
-        try:
-            handle._loop.call_soon_threadsafe(handle._deliver, list(items))
-        except RuntimeError:  # the caller's loop is closed: nobody is listening
-            log.debug("dropping events for %s: its event loop is closed", handle.id)
+        """Queue events for the caller; ``_dispatch`` hands them over after the step."""
+        self._outgoing.append((job.handle, list(items)))
+
+    def _dispatch(self) -> None:
+        """One wake-up per event loop per step, not one per request: on a 2-core machine
+        every extra wake-up of the caller's thread takes CPU from llama.cpp's threads."""
+        if not self._outgoing:
+            return
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestHandle, list[Any]]]] = {}
+        for handle, items in self._outgoing:
+            by_loop.setdefault(handle._loop, []).append((handle, items))
+        self._outgoing = []
+        for loop, deliveries in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver_all, deliveries)
+            except RuntimeError:  # the caller's loop is closed: nobody is listening
+                log.debug("dropping events for %d requests: their loop is closed", len(deliveries))
 
     # -- KV state ---------------------------------------------------------------------
 
@@ -882,6 +906,11 @@ class Engine:
             llama_cpp.llama_batch_free(batch)
         norm = math.sqrt(sum(v * v for v in vec)) or 1.0
         return [v / norm for v in vec]
+
+
+def _deliver_all(deliveries: list[tuple[RequestHandle, list[Any]]]) -> None:
+    for handle, items in deliveries:
+        handle._deliver(items)
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
