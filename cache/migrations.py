@@ -87,3 +87,29 @@ def m001_file_hashes(db: sqlite_utils.Database) -> None:
         pk="path",
         not_null={"size", "mtime_ns", "sha256"},
     )
+
+
+@migration
+def m003_usage(db: sqlite_utils.Database) -> None:
+    # one row per API request: who asked, what ran where, and what it cost
+    db.table("usage").create(
+        {
+            "id": int,
+            "ts": str,
+            "agent": str,
+            "model": str,
+            "route": str,
+            "status": int,
+            "prompt_tokens": int,
+            "cached_tokens": int,
+            "completion_tokens": int,
+            "ttft_ms": float,
+            "total_ms": float,
+            "ran_on": str,
+            "request_id": str,
+        },
+        pk="id",
+        not_null={"ts", "agent", "model", "route", "status"},
+    )
+    db.table("usage").create_index(["agent", "ts"])
+    db.table("usage").create_index(["ts"])

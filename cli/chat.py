@@ -7,16 +7,27 @@ previous turns' tokens in the slot and only computes the new ones.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import click
 
+from pcrt.cli.client import DaemonClient
 from pcrt.cli.progress import download_progress
-from pcrt.cli.run import build_sampling, sampling_options, stream_to_terminal, verbose_report
+from pcrt.cli.run import (
+    build_sampling,
+    remote_body,
+    remote_report,
+    sampling_options,
+    stream_remote,
+    stream_to_terminal,
+    verbose_report,
+)
 from pcrt.runtime.chat import ChatMessage
-from pcrt.runtime.engine import GenerateRequest
+from pcrt.runtime.engine import Engine, GenerateRequest
 from pcrt.runtime.errors import InvalidRequest
 from pcrt.runtime.loader import open_engine
 from pcrt.runtime.models import Registry
+from pcrt.runtime.sampling import SamplingParams
 
 __all__ = ["chat"]
 
@@ -35,48 +46,83 @@ def chat(
     context: int | None,
     threads: int | None,
     verbose: bool,
+    local: bool,
     system: str | None,
 ) -> None:
-    """Chat with MODEL (default model when none is named)."""
+    """Chat with MODEL (default model when none is named).
+
+    Talks to a running daemon (PCRT_URL) when one answers, else runs in this process.
+    """
     sampling = build_sampling(temperature, max_tokens, seed)
     registry = Registry.load()
+    name = registry.resolve(model).name
+    if not local:
+        client = DaemonClient()
+        if client.is_up():
+            with client:
+                _loop(name, system, _remote_turn(client, name, sampling, verbose))
+            return
+        client.close()
     engine = open_engine(
-        registry,
-        model,
-        progress=download_progress,
-        parallel=1,
-        context=context,
+        registry, model, progress=download_progress, parallel=1, context=context,
         n_threads=threads,
-    )
+    )  # fmt: skip
     if not engine.chat.available:
         engine.close()
         raise InvalidRequest(f"{engine.name!r} has no chat template; use `pcrt run --raw`")
+    with engine:
+        _loop(name, system, _local_turn(engine, sampling, verbose))
+
+
+Turn = Callable[[list[ChatMessage]], str]
+
+
+def _local_turn(engine: Engine, sampling: SamplingParams, verbose: bool) -> Turn:
+    def turn(messages: list[ChatMessage]) -> str:
+        request = GenerateRequest(messages=list(messages), sampling=sampling)
+        result = asyncio.run(stream_to_terminal(engine, request, echo=True))
+        click.echo()
+        if verbose:
+            click.echo(verbose_report(result), err=True)
+        return result.text
+
+    return turn
+
+
+def _remote_turn(client: DaemonClient, name: str, sampling: SamplingParams, verbose: bool) -> Turn:
+    def turn(messages: list[ChatMessage]) -> str:
+        plain = [{"role": m.role, "content": m.text()} for m in messages]
+        path, body = remote_body(name, sampling, plain, None)
+        result = stream_remote(client, path, body, echo=True)
+        click.echo()
+        if verbose:
+            click.echo(remote_report(result), err=True)
+        return result.text
+
+    return turn
+
+
+def _loop(name: str, system: str | None, turn: Turn) -> None:
     base = [ChatMessage(role="system", content=system)] if system else []
     messages = list(base)
-    click.echo(f"chatting with {engine.name}. {_HELP}", err=True)
-    with engine:
-        while True:
-            try:
-                line = click.prompt(">>>", prompt_suffix=" ", default="", show_default=False)
-            except (EOFError, click.Abort):
-                click.echo(err=True)
-                return
-            text = line.strip()
-            if not text:
-                continue
-            if text in ("/bye", "/exit", "/quit"):
-                return
-            if text == "/clear":
-                messages = list(base)
-                click.echo("(conversation cleared)", err=True)
-                continue
-            if text.startswith("/"):
-                click.echo(_HELP, err=True)
-                continue
-            messages.append(ChatMessage(role="user", content=text))
-            request = GenerateRequest(messages=list(messages), sampling=sampling)
-            result = asyncio.run(stream_to_terminal(engine, request, echo=True))
-            click.echo()
-            messages.append(ChatMessage(role="assistant", content=result.text))
-            if verbose:
-                click.echo(verbose_report(result), err=True)
+    click.echo(f"chatting with {name}. {_HELP}", err=True)
+    while True:
+        try:
+            line = click.prompt(">>>", prompt_suffix=" ", default="", show_default=False)
+        except (EOFError, click.Abort):
+            click.echo(err=True)
+            return
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/bye", "/exit", "/quit"):
+            return
+        if text == "/clear":
+            messages = list(base)
+            click.echo("(conversation cleared)", err=True)
+            continue
+        if text.startswith("/"):
+            click.echo(_HELP, err=True)
+            continue
+        messages.append(ChatMessage(role="user", content=text))
+        messages.append(ChatMessage(role="assistant", content=turn(messages)))

@@ -35,11 +35,15 @@ def main(log_level: str) -> None:
 
 
 def _register() -> None:
-    from pcrt.cli import chat, models, run
+    from pcrt.cli import chat, models, ps, run, serve, usage
 
     main.add_command(run.run)
     main.add_command(chat.chat)
     main.add_command(models.models)
+    main.add_command(serve.serve)
+    main.add_command(ps.ps)
+    main.add_command(ps.stop)
+    main.add_command(usage.usage)
 
 
 _register()

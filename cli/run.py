@@ -10,6 +10,7 @@ from typing import Any
 
 import click
 
+from pcrt.cli.client import DaemonClient, StreamResult
 from pcrt.cli.progress import download_progress
 from pcrt.runtime.chat import ChatMessage
 from pcrt.runtime.engine import Completion, Engine, GenerateRequest, TokenEvent
@@ -18,7 +19,15 @@ from pcrt.runtime.loader import open_engine
 from pcrt.runtime.models import Registry
 from pcrt.runtime.sampling import SamplingParams
 
-__all__ = ["run", "sampling_options", "stream_to_terminal", "verbose_report"]
+__all__ = [
+    "remote_body",
+    "remote_report",
+    "run",
+    "sampling_options",
+    "stream_remote",
+    "stream_to_terminal",
+    "verbose_report",
+]
 
 
 def sampling_options(fn: Any) -> Any:
@@ -30,6 +39,7 @@ def sampling_options(fn: Any) -> Any:
         click.option("--ctx", "context", type=int, default=None, help="Context size per slot."),
         click.option("--threads", type=int, default=None, help="CPU threads for llama.cpp."),
         click.option("-v", "--verbose", is_flag=True, help="Print token counts and speeds."),
+        click.option("--local", is_flag=True, help="Run in this process even if a daemon is up."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -100,12 +110,16 @@ def run(
     context: int | None,
     threads: int | None,
     verbose: bool,
+    local: bool,
     schema: Path | None,
     system: str | None,
     raw: bool,
     as_json: bool,
 ) -> None:
-    """Answer PROMPT with MODEL (the default model when only PROMPT is given)."""
+    """Answer PROMPT with MODEL (the default model when only PROMPT is given).
+
+    Talks to a running daemon (PCRT_URL) when one answers, else runs in this process.
+    """
     if len(args) > 2:
         raise click.UsageError("give at most MODEL and PROMPT (quote the prompt)")
     model_name, prompt = (None, args[0]) if len(args) == 1 else args
@@ -114,6 +128,16 @@ def run(
     schema_obj = _read_schema(schema) if schema else None
     sampling = build_sampling(temperature, max_tokens, seed, schema_obj)
     registry = Registry.load()
+    if not local:
+        with DaemonClient() as client:
+            if client.is_up():
+                messages = [{"role": "system", "content": system}] if system else []
+                messages.append({"role": "user", "content": prompt})
+                name = registry.resolve(model_name).name
+                path, body = remote_body(name, sampling, messages, None if not raw else prompt)
+                result = stream_remote(client, path, body, echo=not as_json)
+                _report_remote(name, result, as_json, verbose)
+                return
     engine = open_engine(
         registry,
         model_name,
@@ -138,6 +162,76 @@ def run(
         click.echo(verbose_report(result), err=True)
 
 
+def remote_body(
+    model: str, sampling: SamplingParams, messages: list[dict[str, str]], raw_prompt: str | None
+) -> tuple[str, dict[str, Any]]:
+    """The API route and body for a request the daemon runs."""
+    body: dict[str, Any] = {"model": model, "temperature": sampling.temperature}
+    if sampling.seed is not None:
+        body["seed"] = sampling.seed
+    body["max_tokens"] = sampling.max_tokens
+    if sampling.json_schema is not None:
+        body["response_format"] = {
+            "type": "json_schema",
+            "json_schema": {"name": "answer", "schema": sampling.json_schema},
+        }
+    if raw_prompt is not None:
+        return "/v1/completions", {**body, "prompt": raw_prompt}
+    return "/v1/chat/completions", {**body, "messages": messages}
+
+
+def stream_remote(
+    client: DaemonClient, path: str, body: dict[str, Any], echo: bool
+) -> StreamResult:
+    for item in client.stream(path, body):
+        if isinstance(item, StreamResult):
+            return item
+        if echo:
+            sys.stdout.write(item)
+            sys.stdout.flush()
+    raise AssertionError("the stream ended without a result")
+
+
+def remote_report(result: StreamResult) -> str:
+    usage = result.usage
+    completion = usage.get("completion_tokens", 0)
+    decode = result.t_done - (result.t_first or result.t_done)
+    ttft = (result.t_first or result.t_done) - result.t_start
+    rate = (completion - 1) / decode if completion > 1 and decode > 0 else 0.0
+    cached = usage.get("prompt_tokens_details", {}).get("cached_tokens", 0)
+    return "\n".join(
+        [
+            f"total duration:       {result.t_done - result.t_start:.3f}s (through the daemon)",
+            f"prompt eval count:    {usage.get('prompt_tokens', 0)} token(s)",
+            f"reused prompt tokens: {cached}",
+            f"time to first token:  {ttft:.3f}s",
+            f"eval count:           {completion} token(s)",
+            f"eval rate:            {rate:.2f} tokens/s",
+        ]
+    )
+
+
+def _report_remote(model: str, result: StreamResult, as_json: bool, verbose: bool) -> None:
+    if as_json:
+        usage = result.usage
+        data = {
+            "model": model,
+            "text": result.text,
+            "finish_reason": result.finish_reason,
+            "usage": {
+                "prompt_tokens": usage.get("prompt_tokens", 0),
+                "cached_tokens": usage.get("prompt_tokens_details", {}).get("cached_tokens", 0),
+                "completion_tokens": usage.get("completion_tokens", 0),
+            },
+            "ran_on": "daemon",
+        }
+        click.echo(json.dumps(data, ensure_ascii=False))
+    else:
+        click.echo()
+    if verbose:
+        click.echo(remote_report(result), err=True)
+
+
 def _read_schema(path: Path) -> dict[str, Any]:
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
@@ -159,6 +253,7 @@ def _as_dict(model: str, result: Completion) -> dict[str, Any]:
             "cached_tokens": result.cached_tokens,
             "completion_tokens": result.completion_tokens,
         },
+        "ran_on": "in-process",
         "timings": {
             "prompt_seconds": round(result.prompt_seconds, 4),
             "prompt_tokens_per_second": round(result.prompt_tokens_per_second, 2),

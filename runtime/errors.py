@@ -15,7 +15,11 @@ shape and a status code; the CLI prints the message without a traceback.
     │   └── ContextLengthExceeded  the prompt (plus what must be generated) does not fit
     ├── StateError             a KV state blob is malformed or does not belong to this model
     │   └── IncompatibleState  the compatibility key differs (other model, KV type, version)
-    └── EngineClosed           a request reached an engine that is shutting down
+    ├── EngineClosed           a request reached an engine that is shutting down
+    ├── Unauthorized           a missing or wrong API key
+    └── RetryLater             the request may succeed later (carries retry_after seconds)
+        ├── RateLimited        the agent is over its requests or tokens per minute
+        └── Overloaded         the model's queue is full, or the daemon is draining
 """
 
 from __future__ import annotations
@@ -31,8 +35,12 @@ __all__ = [
     "ModelLoadError",
     "ModelNotFound",
     "PcrtError",
+    "Overloaded",
     "PullError",
+    "RateLimited",
+    "RetryLater",
     "StateError",
+    "Unauthorized",
 ]
 
 
@@ -85,4 +93,22 @@ class IncompatibleState(StateError):
 
 
 class EngineClosed(PcrtError):
+    pass
+
+
+class Unauthorized(PcrtError):
+    pass
+
+
+class RetryLater(PcrtError):
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class RateLimited(RetryLater):
+    pass
+
+
+class Overloaded(RetryLater):
     pass

@@ -21,7 +21,7 @@ from pcrt.runtime.paths import Paths
 from pcrt.runtime.pull import pull
 
 # settings of the developer's shell that would change what the tests talk to
-_LEAKY_ENV = ("HF_TOKEN", "HF_ENDPOINT", "PCRT_PYPI_INDEX_URL")
+_LEAKY_ENV = ("HF_TOKEN", "HF_ENDPOINT", "PCRT_PYPI_INDEX_URL", "PCRT_API_KEY", "PCRT_CONFIG")
 
 
 def shared_models_dir() -> Path:
@@ -37,6 +37,8 @@ def pcrt_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Paths]
     monkeypatch.setenv("PCRT_HOME", str(home))
     monkeypatch.setenv("PCRT_MODELS_DIR", str(shared_models_dir()))
     monkeypatch.setenv("PCRT_MODELS_FILE", str(tmp_path / "no-such-models.toml"))
+    # a developer's own daemon must not answer the tests' `pcrt run`: port 9 is "discard"
+    monkeypatch.setenv("PCRT_URL", "http://127.0.0.1:9")
     for name in _LEAKY_ENV:
         monkeypatch.delenv(name, raising=False)
     yield Paths.from_env()

@@ -1,0 +1,66 @@
+"""``pcrt ps`` and ``pcrt stop``: the daemon's loaded models."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from pcrt.cli.client import DaemonClient
+
+__all__ = ["ps", "stop"]
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def _until(expires_at: float | None, in_flight: int) -> str:
+    if in_flight:
+        return "busy"
+    if expires_at is None:
+        return "forever"
+    left = max(0.0, expires_at - time.time())
+    return f"{int(left // 60)}m{int(left % 60):02d}s"
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True)
+def ps(as_json: bool) -> None:
+    """Show the models a running daemon has loaded."""
+    with DaemonClient() as client:
+        data = client.get("/api/ps")
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    table = Table(box=None, header_style="bold")
+    for column in ("NAME", "WEIGHTS", "KV CACHE", "SLOTS", "QUEUE", "CONTEXT", "UNTIL"):
+        table.add_column(column)
+    for m in data["models"]:
+        table.add_row(
+            m["name"], _size(m["size_bytes"]), _size(m["kv_bytes"]),
+            f"{m['busy_slots']}/{m['parallel']}", str(m["queue_depth"]), str(m["context"]),
+            _until(m["expires_at"], m["in_flight"]),
+        )  # fmt: skip
+    console = Console()
+    if data["models"]:
+        console.print(table)
+    else:
+        console.print("no models loaded")
+    console.print(f"daemon memory (RSS): {_size(data['process_rss_bytes'])}")
+
+
+@click.command()
+@click.argument("model")
+def stop(model: str) -> None:
+    """Unload MODEL from a running daemon now."""
+    with DaemonClient() as client:
+        result = client.post("/api/stop", {"model": model})
+    click.echo(f"unloaded {model}" if result["unloaded"] else f"{model} was not loaded")

@@ -1,0 +1,54 @@
+"""``pcrt serve``: the daemon, FastAPI under uvicorn."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+import uvicorn
+
+from pcrt.runtime.api.app import create_app
+from pcrt.runtime.settings import ServerSettings
+
+__all__ = ["serve"]
+
+
+class _DrainingServer(uvicorn.Server):
+    """On SIGTERM/SIGINT, stop admitting at once; uvicorn then lets running requests
+    finish within the grace period and the lifespan closes the models."""
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        services = getattr(self.config.app.state, "services", None)  # type: ignore[union-attr]
+        if services is not None:
+            services.state = "draining"
+            services.pool.start_draining()
+        super().handle_exit(sig, frame)
+
+
+@click.command()
+@click.option("--host", default=None, help="Interface to bind (default 127.0.0.1).")
+@click.option("--port", type=int, default=None, help="Port (default 11435).")
+@click.option("--parallel", type=int, default=None, help="Slots per model (default 4).")
+@click.option("--ctx", "context", type=int, default=None, help="Context per slot.")
+@click.option("--threads", "n_threads", type=int, default=None, help="llama.cpp threads.")
+@click.option("--api-key", default=None, help="Require this bearer key (needed off loopback).")
+@click.option("--keep-alive", default=None, help="Keep idle models loaded this long (5m).")
+@click.option("--max-loaded", "max_loaded_models", type=int, default=None)
+@click.option("--queue-size", type=int, default=None, help="Waiting requests per model.")
+@click.option(
+    "--config", "config_file", type=click.Path(dir_okay=False, path_type=Path), default=None
+)
+@click.option("--log-level", "uvicorn_log", default="info", show_default=True)
+def serve(config_file: Path | None, uvicorn_log: str, **options: Any) -> None:
+    """Run the daemon: an OpenAI-compatible API for every configured model."""
+    settings = ServerSettings.load(config_file, **options)
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=uvicorn_log,
+        timeout_graceful_shutdown=int(settings.shutdown_grace),
+    )
+    _DrainingServer(config).run()

@@ -1,0 +1,95 @@
+"""The daemon's FastAPI app, built by a factory; its lifespan owns every resource."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+from collections.abc import AsyncIterator, Callable
+
+from fastapi import Depends, FastAPI, Request
+
+from pcrt.cache.store import Store
+from pcrt.cache.usage import UsageLog
+from pcrt.runtime.api import admin_routes, openai_routes
+from pcrt.runtime.api.errors import install_error_handlers
+from pcrt.runtime.api.service import Services
+from pcrt.runtime.errors import Unauthorized
+from pcrt.runtime.limits import RateLimiter
+from pcrt.runtime.loader import open_engine
+from pcrt.runtime.metrics import Metrics
+from pcrt.runtime.models import Registry
+from pcrt.runtime.pool import EngineOpener, ModelPool
+from pcrt.runtime.settings import ServerSettings
+
+__all__ = ["create_app"]
+
+log = logging.getLogger(__name__)
+
+
+def create_app(
+    settings: ServerSettings,
+    *,
+    registry: Registry | None = None,
+    opener: EngineOpener = open_engine,
+) -> FastAPI:
+    settings.check_exposure()
+    api_key = settings.resolved_api_key()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        reg = registry or Registry.load()
+        store = Store(reg.paths.db_path)
+        pool = ModelPool(reg, settings, opener)
+        services = Services(
+            settings=settings,
+            pool=pool,
+            usage=UsageLog(store),
+            limiter=RateLimiter(settings.limits),
+            metrics=Metrics(_live_gauges(pool)),
+        )
+        app.state.services = services
+        reaper = asyncio.create_task(pool.reap_forever(), name="pcrt-keep-alive-reaper")
+        services.state = "serving"
+        log.info("serving on %s:%d", settings.host, settings.port)
+        try:
+            yield
+        finally:
+            services.state = "draining"
+            pool.start_draining()
+            reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reaper
+            await pool.close()
+            store.close()
+
+    async def require_key(request: Request) -> None:
+        if api_key is None or request.url.path == "/health":
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip(), api_key):
+            raise Unauthorized("missing or wrong API key (send Authorization: Bearer KEY)")
+
+    app = FastAPI(
+        title="pcrt",
+        lifespan=lifespan,
+        dependencies=[Depends(require_key)],
+    )
+    install_error_handlers(app)
+    app.include_router(openai_routes.router)
+    app.include_router(admin_routes.router)
+    return app
+
+
+def _live_gauges(pool: ModelPool) -> Callable[[], dict[str, list[tuple[dict[str, str], float]]]]:
+    def read() -> dict[str, list[tuple[dict[str, str], float]]]:
+        models = pool.loaded()
+        return {
+            "pcrt_queue_depth": [({"model": m.name}, m.engine.queue_depth) for m in models],
+            "pcrt_busy_slots": [({"model": m.name}, m.engine.busy_slots) for m in models],
+            "pcrt_loaded_models": [({}, len(models))],
+        }
+
+    return read

@@ -1,0 +1,105 @@
+"""What the routes share: the pool, the store, limits, metrics; per-request accounting."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from pcrt.cache.usage import UsageLog, UsageRecord
+from pcrt.runtime.api.errors import status_and_body
+from pcrt.runtime.engine import Completion
+from pcrt.runtime.errors import PcrtError
+from pcrt.runtime.limits import RateLimiter
+from pcrt.runtime.metrics import Metrics
+from pcrt.runtime.pool import ModelPool
+from pcrt.runtime.settings import ServerSettings
+
+__all__ = ["Accounting", "Services"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Services:
+    """Built by the app's lifespan, closed by it; routes reach it via app.state."""
+
+    settings: ServerSettings
+    pool: ModelPool
+    usage: UsageLog
+    limiter: RateLimiter
+    metrics: Metrics
+    state: str = "starting"  # starting | serving | draining
+
+
+@dataclass
+class Accounting:
+    """One request's usage row, metrics and rate-limit charges, written exactly once."""
+
+    services: Services
+    agent: str
+    model: str
+    route: str
+    started: float = field(default_factory=time.perf_counter)
+    _done: bool = False
+
+    def admit(self, prompt_tokens: int) -> None:
+        self.services.limiter.admit(self.agent, prompt_tokens)
+
+    def failed(self, exc: PcrtError) -> None:
+        status, _, _ = status_and_body(exc)
+        self._write(status, None)
+
+    def finished(self, result: Completion | None, status: int) -> None:
+        self._write(status, result)
+
+    def finished_embeddings(self, tokens: int) -> None:
+        if self._done:
+            return
+        self._done = True
+        m = self.services.metrics
+        m.requests.labels(self.route, self.model, "200").inc()
+        m.prompt_tokens.labels(self.model).inc(tokens)
+        self._record(UsageRecord(self.agent, self.model, self.route, 200, prompt_tokens=tokens,
+                                 total_ms=self._elapsed_ms()))  # fmt: skip
+
+    def _elapsed_ms(self) -> float:
+        return (time.perf_counter() - self.started) * 1000
+
+    def _write(self, status: int, result: Completion | None) -> None:
+        if self._done:
+            return
+        self._done = True
+        m = self.services.metrics
+        m.requests.labels(self.route, self.model, str(status)).inc()
+        record = UsageRecord(self.agent, self.model, self.route, status,
+                             total_ms=self._elapsed_ms())  # fmt: skip
+        if result is not None:
+            ttft = (
+                result.t_first_token - result.t_submitted
+                if result.t_first_token is not None
+                else None
+            )
+            record = UsageRecord(
+                self.agent, self.model, self.route, status,
+                prompt_tokens=result.prompt_tokens, cached_tokens=result.cached_tokens,
+                completion_tokens=result.completion_tokens,
+                ttft_ms=None if ttft is None else ttft * 1000, total_ms=self._elapsed_ms(),
+                request_id=result.id,
+            )  # fmt: skip
+            m.prompt_tokens.labels(self.model).inc(result.prompt_tokens)
+            m.cached_tokens.labels(self.model).inc(result.cached_tokens)
+            m.completion_tokens.labels(self.model).inc(result.completion_tokens)
+            if ttft is not None:
+                m.ttft.labels(self.model).observe(ttft)
+            if result.completion_tokens > 1 and result.t_first_token is not None:
+                per_token = (result.t_done - result.t_first_token) / (result.completion_tokens - 1)
+                m.per_token.labels(self.model).observe(per_token)
+            self.services.limiter.charge(self.agent, result.completion_tokens)
+        self._record(record)
+
+    def _record(self, record: UsageRecord) -> None:
+        try:
+            self.services.usage.record(record)
+        except Exception:  # accounting must never fail the request it accounts for
+            log.exception("could not write a usage row")

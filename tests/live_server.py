@@ -1,0 +1,65 @@
+"""A real pcrt daemon (uvicorn) on a free loopback port, in a thread, for tests and benches."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from types import TracebackType
+
+import httpx
+import uvicorn
+
+from pcrt.runtime.api.app import create_app
+from pcrt.runtime.api.service import Services
+from pcrt.runtime.models import Registry
+from pcrt.runtime.settings import ServerSettings
+
+__all__ = ["LiveServer", "free_port"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class LiveServer:
+    def __init__(self, settings: ServerSettings, registry: Registry | None = None) -> None:
+        port = settings.port or free_port()
+        self.settings = settings.model_copy(update={"host": "127.0.0.1", "port": port})
+        self.app = create_app(self.settings, registry=registry)
+        config = uvicorn.Config(
+            self.app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"
+        )
+        self.server = uvicorn.Server(config)
+        self.url = f"http://127.0.0.1:{port}"
+        self._thread = threading.Thread(target=self.server.run, name="pcrt-test-server")
+
+    def __enter__(self) -> LiveServer:
+        self._thread.start()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            if not self._thread.is_alive():
+                raise RuntimeError("the test server died while starting")
+            time.sleep(0.05)
+        raise RuntimeError("the test server did not start within 30 s")
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.server.should_exit = True
+        self._thread.join(timeout=30)
+
+    @property
+    def services(self) -> Services:
+        services: Services = self.app.state.services
+        return services
