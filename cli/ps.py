@@ -42,7 +42,7 @@ def ps(as_json: bool) -> None:
         return
     table = Table(box=None, header_style="bold")
     for column in ("NAME", "WEIGHTS", "KV CACHE", "SLOTS", "QUEUE", "CONTEXT", "UNTIL"):
-        table.add_column(column)
+        table.add_column(column, overflow="fold")
     for m in data["models"]:
         table.add_row(
             m["name"], _size(m["size_bytes"]), _size(m["kv_bytes"]),

@@ -54,7 +54,7 @@ def usage(agent: str | None, since: str | None, as_json: bool) -> None:
     table = Table(box=None, header_style="bold")
     for column in ("AGENT", "MODEL", "REQUESTS", "ERRORS", "PROMPT", "CACHED", "COMPLETION",
                    "AVG TTFT", "LAST"):  # fmt: skip
-        table.add_column(column)
+        table.add_column(column, overflow="fold")
     for r in rows:
         ttft = f"{r['avg_ttft_ms']:.0f} ms" if r["avg_ttft_ms"] is not None else "-"
         table.add_row(

@@ -1,0 +1,178 @@
+"""``pcrt serve`` as a real process: CLI clients, graceful shutdown, keep-alive, eviction."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from click.testing import CliRunner
+
+from pcrt.cli.main import main
+from pcrt.runtime.models import Registry
+from pcrt.runtime.paths import Paths
+from pcrt.runtime.settings import ServerSettings
+from tests.conftest import shared_models_dir
+from tests.live_server import LiveServer, free_port
+
+MODEL = "smollm2-135m"
+
+
+def wait_healthy(url: str, proc: subprocess.Popen[str], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(
+                f"pcrt serve exited early: {proc.stderr.read() if proc.stderr else ''}"
+            )
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError("pcrt serve did not become healthy")
+
+
+@pytest.fixture
+def daemon(
+    default_model_path: Path, pcrt_env: Paths, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[str, subprocess.Popen[str]]]:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    pcrt = Path(sys.executable).with_name("pcrt")
+    proc = subprocess.Popen(
+        [str(pcrt), "serve", "--port", str(port), "--parallel", "2", "--ctx", "1024",
+         "--threads", "2", "--log-level", "warning"],
+        env=os.environ.copy(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        wait_healthy(url, proc)
+        monkeypatch.setenv("PCRT_URL", url)
+        yield url, proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_cli_talks_to_the_daemon(daemon: tuple[str, subprocess.Popen[str]]) -> None:
+    url, _ = daemon
+    runner = CliRunner()
+    ran = runner.invoke(main, ["run", "--json", "--temperature", "0", "--max-tokens", "8", "Hello"])
+    assert ran.exit_code == 0, ran.output
+    data = json.loads(ran.output)
+    assert data["ran_on"] == "daemon" and data["usage"]["completion_tokens"] > 0
+    ps = runner.invoke(main, ["ps"])
+    assert ps.exit_code == 0 and MODEL in ps.output and "0/2" in ps.output
+    usage = runner.invoke(main, ["usage", "--json"])
+    rows = json.loads(usage.output)
+    assert rows[0]["agent"] == "anonymous" and rows[0]["requests"] == 1
+    assert rows[0]["completion_tokens"] == data["usage"]["completion_tokens"]
+    table = runner.invoke(main, ["usage", "--since", "1h"], env={"COLUMNS": "200"})
+    assert "anonymous" in table.output
+    stop = runner.invoke(main, ["stop", MODEL])
+    assert stop.exit_code == 0 and "unloaded" in stop.output
+    assert httpx.get(url + "/api/ps").json()["models"] == []
+
+
+def test_ps_without_a_daemon_is_a_clear_error() -> None:
+    result = CliRunner().invoke(main, ["ps"])
+    assert result.exit_code == 1
+    assert "no pcrt daemon answers" in result.output
+
+
+def test_sigterm_lets_running_streams_finish(daemon: tuple[str, subprocess.Popen[str]]) -> None:
+    url, proc = daemon
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Write a story."}],
+        "max_tokens": 40,
+        "temperature": 0,
+        "stream": True,
+    }
+    lines: list[str] = []
+    started = threading.Event()
+
+    def consume() -> None:
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as r:
+            for line in r.iter_lines():
+                if line:
+                    lines.append(line)
+                    started.set()
+
+    reader = threading.Thread(target=consume)
+    reader.start()
+    assert started.wait(30)
+    proc.send_signal(signal.SIGTERM)
+    reader.join(60)
+    assert lines[-1] == "data: [DONE]"  # the running stream was not cut
+    # uvicorn drains, then re-raises the signal so the exit status says "terminated"
+    assert proc.wait(30) in (0, -signal.SIGTERM)
+    assert proc.stderr is not None and "Traceback" not in proc.stderr.read()
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(url + "/health", timeout=1)
+
+
+def test_serve_refuses_a_public_bind_without_a_key() -> None:
+    result = CliRunner().invoke(main, ["serve", "--host", "0.0.0.0"])
+    assert result.exit_code == 1
+    assert "API key" in result.output
+
+
+def _two_model_registry(tmp_path: Path, default_model_path: Path) -> Registry:
+    """The same GGUF under a second name: two 'models' without a second download."""
+    user_file = tmp_path / "models.toml"
+    user_file.write_text(f'[models.smol-copy]\nsource = "{default_model_path}"\ncontext = 512\n')
+    paths = Paths(
+        home=tmp_path / "home", models_dir=shared_models_dir(), user_models_file=user_file
+    )
+    return Registry.load(paths)
+
+
+def test_keep_alive_zero_unloads_and_the_limit_evicts_lru(
+    tmp_path: Path, default_model_path: Path
+) -> None:
+    settings = ServerSettings(parallel=1, context=512, n_threads=2, max_loaded_models=1)
+    registry = _two_model_registry(tmp_path, default_model_path)
+    with (
+        LiveServer(settings, registry=registry) as live,
+        httpx.Client(base_url=live.url, timeout=60) as h,
+    ):
+
+        def ask(model: str, **extra: object) -> None:
+            body = {"model": model, "prompt": "Hi", "max_tokens": 2, **extra}
+            assert h.post("/v1/completions", json=body).status_code == 200
+
+        def loaded() -> list[str]:
+            return [m["name"] for m in h.get("/api/ps").json()["models"]]
+
+        ask(MODEL)
+        assert loaded() == [MODEL]
+        ask("smol-copy")  # the limit is one model: the idle one is evicted
+        assert loaded() == ["smol-copy"]
+        ask(MODEL, keep_alive=0)
+        assert loaded() == []
+        ask(MODEL, keep_alive="1h")
+        expires = h.get("/api/ps").json()["models"][0]["expires_at"]
+        assert 3500 < expires - time.time() <= 3600
+
+
+def test_health_is_503_while_draining(default_model_path: Path) -> None:
+    settings = ServerSettings(parallel=1, context=512, n_threads=2)
+    with LiveServer(settings) as live:
+        live.services.state = "draining"
+        live.services.pool.start_draining()
+        assert httpx.get(live.url + "/health").status_code == 503
+        refused = httpx.post(
+            live.url + "/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 1}
+        )
+        assert refused.status_code == 503 and "Retry-After" in refused.headers
