@@ -36,7 +36,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import llama_cpp
 from pydantic import BaseModel, ConfigDict, Field
@@ -60,6 +60,9 @@ from pcrt.runtime.state import (
     portable_payload,
 )
 from pcrt.runtime.textstream import TextStream
+
+if TYPE_CHECKING:
+    from pcrt.device.offload import OffloadPlan
 
 __all__ = [
     "Completion",
@@ -105,6 +108,9 @@ class EngineConfig(BaseModel):
     context: int = Field(default=4096, ge=64)
     n_threads: int = Field(default_factory=default_threads, ge=1)
     n_batch: int = Field(default=512, ge=16)
+    # prompt tokens per step while other sequences are decoding: a 512-token step takes
+    # about a second on 2 cores, and every running stream would stall for it
+    prefill_chunk: int = Field(default=128, ge=1)
     type_k: Literal["f32", "f16", "q8_0", "q4_0"] = "f16"
     type_v: Literal["f32", "f16", "q8_0", "q4_0"] = "f16"
     flash_attn: bool = False
@@ -282,6 +288,9 @@ class _Job:
 
 class Engine:
     """One model, one context, ``parallel`` slots, one scheduler thread."""
+
+    plan: OffloadPlan | None = None
+    """The offload plan ``runtime.loader.open_engine`` chose (None when built directly)."""
 
     def __init__(
         self,
@@ -662,11 +671,16 @@ class Engine:
                     br.batch_index = n - 1
                     decoding.append((job, br))
         prefilling: list[_Job] = []
+        budget = (
+            self.config.n_batch
+            if not decoding
+            else min(self.config.n_batch, n + self.config.prefill_chunk)
+        )
         for job in self._running:
-            if not job.prefilling or n >= self.config.n_batch:
+            if not job.prefilling or n >= budget:
                 continue
             main = job.branches[0].slot
-            take = min(self.config.n_batch - n, len(job.prompt) - job.prefill_pos)
+            take = min(budget - n, len(job.prompt) - job.prefill_pos)
             last = len(job.prompt) - 1
             for pos in range(job.prefill_pos, job.prefill_pos + take):
                 if pos == last:

@@ -28,6 +28,8 @@ PROMPTS = [
     "List three colours:\n1.",
 ]
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24)
+# SmolLM2's end-of-generation tokens (0, 2, 4) banned: these runs go the whole length
+LONG = SamplingParams(max_tokens=500, logit_bias={0: -1e9, 2: -1e9, 4: -1e9})
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +165,11 @@ async def test_stop_strings_cut_the_output(engine: Engine) -> None:
 
 async def test_max_tokens_and_finish_reason(engine: Engine) -> None:
     result = await engine.generate(
-        GenerateRequest(prompt="Tell me a long story.", sampling=SamplingParams(max_tokens=5))
+        GenerateRequest(
+            prompt="Tell me a long story.",
+            # end-of-sequence banned: the stop must come from max_tokens, whatever is sampled
+            sampling=SamplingParams(max_tokens=5, logit_bias=LONG.logit_bias),
+        )
     )
     assert result.completion_tokens == 5
     assert result.choices[0].finish_reason == "length"
@@ -229,9 +235,7 @@ async def test_import_refuses_wrong_key_and_corrupt_blob(engine: Engine) -> None
 
 
 async def test_cancel_frees_the_slot_at_once(engine: Engine) -> None:
-    handle = engine.submit(
-        GenerateRequest(prompt="Write an essay.", sampling=SamplingParams(max_tokens=500))
-    )
+    handle = engine.submit(GenerateRequest(prompt="Write an essay.", sampling=LONG))
     seen = 0
     async for event in handle:
         if isinstance(event, TokenEvent):
@@ -245,9 +249,7 @@ async def test_cancel_frees_the_slot_at_once(engine: Engine) -> None:
 
 
 async def test_abandoned_consumer_cancels(engine: Engine) -> None:
-    handle = engine.submit(
-        GenerateRequest(prompt="Write an essay.", sampling=SamplingParams(max_tokens=500))
-    )
+    handle = engine.submit(GenerateRequest(prompt="Write an essay.", sampling=LONG))
     async for _ in handle:
         break  # leaving the loop early cancels the request
     for _ in range(100):

@@ -24,6 +24,7 @@ from tests.live_server import LiveServer
 
 KEY = "test-key"
 MODEL = "smollm2-135m"
+NO_EOS = {"0": -100, "2": -100, "4": -100}  # SmolLM2's end-of-generation tokens
 
 
 @pytest.fixture(scope="module")
@@ -233,6 +234,7 @@ async def test_queue_full_is_503(server: LiveServer) -> None:
         "messages": [{"role": "user", "content": "Write a long story."}],
         "max_tokens": 60,
         "stream": True,
+        "logit_bias": NO_EOS,
     }
     async with httpx.AsyncClient(
         base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60
@@ -260,6 +262,7 @@ def test_disconnect_mid_stream_frees_the_slot(server: LiveServer, client: openai
         "messages": [{"role": "user", "content": "Write a very long essay."}],
         "max_tokens": 900,
         "stream": True,
+        "logit_bias": NO_EOS,
     }
     with http(server) as h, h.stream("POST", "/v1/chat/completions", json=body) as r:
         lines = r.iter_lines()
