@@ -1,0 +1,265 @@
+"""HTTP benchmarks of ``pcrt serve``, against references measured in the same run.
+
+    python -m bench.http [--threads 2] [--repeats 2] [--out bench/results/http.json]
+
+1. one streamed request through the daemon vs the engine in-process: decode tokens/s
+   ratio and the time-to-first-token overhead;
+2. 4 concurrent streamed clients: aggregate tokens/s and worst time to first token, vs
+   llama-cpp-python's own OpenAI server (``python -m llama_cpp.server``, extra ``bench``)
+   serving the same model with the same threads, ``--interrupt_requests false``;
+3. 32 concurrent clients against a queue of 8: only 200s and 503s, and the daemon's
+   memory (RSS) before and after.
+
+Both servers run as separate processes on loopback, one at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+
+from pcrt.runtime.chat import ChatMessage
+from pcrt.runtime.engine import Engine, GenerateRequest, TokenEvent
+from pcrt.runtime.loader import open_engine
+from pcrt.runtime.models import Registry
+from pcrt.runtime.pull import ensure_pulled
+from pcrt.runtime.sampling import SamplingParams
+
+PROMPTS = [
+    "Write a long story about a lighthouse keeper.",
+    "Explain in detail how bread is baked.",
+    "Describe the history of the Roman empire at length.",
+    "Write a long letter to a friend about your travels.",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start(cmd: list[str], url: str) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{cmd[0]} exited with {proc.returncode}")
+        try:
+            httpx.get(url + "/v1/models", timeout=1)
+            return proc
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"{' '.join(cmd)} did not start")
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+async def stream_one(
+    client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int
+) -> dict[str, Any]:
+    """One streamed chat request: status, first-token time and token stamps."""
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        # suppress end-of-sequence so every request decodes max_tokens (id 2 is SmolLM2's
+        # <|im_end|>, 0 and 4 its other end tokens): both servers get the same work
+        "logit_bias": {"0": -100, "2": -100, "4": -100},
+    }
+    start_t = time.perf_counter()
+    stamps: list[float] = []
+    async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+        if r.status_code != 200:
+            await r.aread()
+            return {"status": r.status_code, "stamps": [], "start": start_t}
+        async for line in r.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            for choice in chunk.get("choices", []):
+                if choice.get("delta", {}).get("content"):
+                    stamps.append(time.perf_counter())
+    return {"status": 200, "stamps": stamps, "start": start_t}
+
+
+def decode_rate(stamps: list[float]) -> float:
+    return (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else 0.0
+
+
+async def concurrent(url: str, model: str, n: int, max_tokens: int) -> dict[str, Any]:
+    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+        t0 = time.perf_counter()
+        results = await asyncio.gather(
+            *(stream_one(client, model, PROMPTS[i % len(PROMPTS)], max_tokens) for i in range(n))
+        )
+        wall = time.perf_counter() - t0
+    ok = [r for r in results if r["status"] == 200 and r["stamps"]]
+    tokens = sum(len(r["stamps"]) for r in ok)
+    return {
+        "aggregate_tok_s": tokens / wall,
+        "worst_ttft_s": max(r["stamps"][0] - r["start"] for r in ok),
+        "statuses": sorted({r["status"] for r in results}),
+        "ok": len(ok),
+        "refused_503": sum(r["status"] == 503 for r in results),
+    }
+
+
+async def in_process_single(engine: Engine, max_tokens: int) -> tuple[float, float]:
+    """The same request as ``stream_one`` sends, on an engine in this process."""
+    no_eos = {0: -100.0, 2: -100.0, 4: -100.0}
+    sampling = SamplingParams(temperature=0, max_tokens=max_tokens, logit_bias=no_eos)
+    messages = [ChatMessage(role="user", content=PROMPTS[0])]
+    start_t = time.perf_counter()
+    stamps = []
+    async for event in engine.submit(GenerateRequest(messages=messages, sampling=sampling)):
+        if isinstance(event, TokenEvent) and event.text:
+            stamps.append(time.perf_counter())
+    return decode_rate(stamps), stamps[0] - start_t
+
+
+def rss_tree(proc: subprocess.Popen[bytes]) -> int:
+    p = psutil.Process(proc.pid)
+    return int(p.memory_info().rss + sum(c.memory_info().rss for c in p.children(recursive=True)))
+
+
+async def run(threads: int, repeats: int) -> dict[str, Any]:
+    registry = Registry.load()
+    entry = registry.resolve(None)
+    path = ensure_pulled(entry, registry)
+    pcrt = str(Path(sys.executable).with_name("pcrt"))
+    results: dict[str, Any] = {"model": entry.name, "threads": threads}
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    daemon_cmd = [
+        pcrt, "serve", "--port", str(port), "--threads", str(threads), "--parallel", "4",
+        "--ctx", "2048", "--queue-size", "8", "--log-level", "warning",
+    ]  # fmt: skip
+    daemon = start(daemon_cmd, url)
+    try:
+        # 1. single stream: daemon vs in-process, alternating; both warm (model loaded,
+        # the prompt's prefix cached), so the TTFT difference is the HTTP path alone
+        http_rates, http_ttft, local_rates, local_ttft = [], [], [], []
+        engine = open_engine(registry, None, parallel=4, context=2048, n_threads=threads)
+        async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+            await stream_one(client, entry.name, PROMPTS[0], 4)
+            await in_process_single(engine, 4)
+            for _ in range(repeats):
+                r = await stream_one(client, entry.name, PROMPTS[0], 128)
+                http_rates.append(decode_rate(r["stamps"]))
+                http_ttft.append(r["stamps"][0] - r["start"])
+                rate, ttft = await in_process_single(engine, 128)
+                local_rates.append(rate)
+                local_ttft.append(ttft)
+        engine.close()
+        results["single_stream"] = {
+            "http_tok_s": max(http_rates),
+            "in_process_tok_s": max(local_rates),
+            "ratio": max(http_rates) / max(local_rates),
+            "ttft_overhead_ms": 1000 * (min(http_ttft) - min(local_ttft)),
+            "goal": "ratio >= 0.97",
+        }
+        # 2. four clients
+        ours = [await concurrent(url, entry.name, 4, 128) for _ in range(repeats)]
+        results["four_clients_pcrt"] = max(ours, key=lambda r: r["aggregate_tok_s"])
+        # 3. 32 clients against a queue of 8
+        rss_before = rss_tree(daemon)
+        burst = await concurrent(url, entry.name, 32, 32)
+        burst_again = await concurrent(url, entry.name, 32, 32)
+        rss_after = rss_tree(daemon)
+        results["burst_32"] = {
+            "statuses": sorted(set(burst["statuses"]) | set(burst_again["statuses"])),
+            "ok": burst["ok"] + burst_again["ok"],
+            "refused_503": burst["refused_503"] + burst_again["refused_503"],
+            "rss_before_mb": rss_before / 1e6,
+            "rss_after_mb": rss_after / 1e6,
+            "goal": "only 200 and 503; memory flat",
+        }
+    finally:
+        stop(daemon)
+
+    # the reference: llama-cpp-python's server, same model and threads
+    port = free_port()
+    ref_url = f"http://127.0.0.1:{port}"
+    ref_cmd = [
+        sys.executable, "-m", "llama_cpp.server", "--model", str(path), "--model_alias",
+        entry.name, "--host", "127.0.0.1", "--port", str(port), "--n_threads", str(threads),
+        "--n_ctx", "2048", "--interrupt_requests", "false",
+    ]  # fmt: skip
+    ref = start(ref_cmd, ref_url)
+    try:
+        theirs = [await concurrent(ref_url, entry.name, 4, 128) for _ in range(repeats)]
+    finally:
+        stop(ref)
+    best_ours, best_theirs = (
+        results["four_clients_pcrt"],
+        max(theirs, key=lambda r: r["aggregate_tok_s"]),
+    )
+    results["four_clients_reference"] = best_theirs
+    results["four_clients"] = {
+        "pcrt_tok_s": best_ours["aggregate_tok_s"],
+        "reference_tok_s": best_theirs["aggregate_tok_s"],
+        "ratio": best_ours["aggregate_tok_s"] / best_theirs["aggregate_tok_s"],
+        "pcrt_worst_ttft_s": best_ours["worst_ttft_s"],
+        "reference_worst_ttft_s": best_theirs["worst_ttft_s"],
+        "goal": "ratio >= 2; worst TTFT < 0.5 s",
+    }
+    return results
+
+
+def table(r: dict[str, Any]) -> str:
+    s, f, b = r["single_stream"], r["four_clients"], r["burst_32"]
+    rows = [
+        ("1 stream, decode", f"{s['http_tok_s']:.1f} tok/s (HTTP)",
+         f"{s['in_process_tok_s']:.1f} tok/s (in-process)", f"{s['ratio']:.3f} (>= 0.97)"),
+        ("1 stream, TTFT overhead", f"{s['ttft_overhead_ms']:.1f} ms", "", ""),
+        ("4 clients, aggregate", f"{f['pcrt_tok_s']:.1f} tok/s",
+         f"{f['reference_tok_s']:.1f} tok/s (llama_cpp.server)", f"{f['ratio']:.2f} (>= 2)"),
+        ("4 clients, worst TTFT", f"{f['pcrt_worst_ttft_s']:.3f} s",
+         f"{f['reference_worst_ttft_s']:.3f} s", "(< 0.5 s)"),
+        ("32 clients, queue 8", f"{b['ok']} ok, {b['refused_503']} x 503",
+         f"statuses {b['statuses']}",
+         f"RSS {b['rss_before_mb']:.0f} -> {b['rss_after_mb']:.0f} MB"),
+    ]  # fmt: skip
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path("bench/results/http.json"))
+    args = parser.parse_args()
+    results = asyncio.run(run(args.threads, args.repeats))
+    print(table(results))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
