@@ -90,6 +90,34 @@ def m001_file_hashes(db: sqlite_utils.Database) -> None:
 
 
 @migration
+def m002_bench_results(db: sqlite_utils.Database) -> None:
+    # prefill and decode speed of a model on a machine, keyed by what makes them comparable:
+    # the model file, the device fingerprint, the offload plan and the thread count
+    db.table("bench_results").create(
+        {
+            "id": int,
+            "model_sha256": str,
+            "model": str,
+            "fingerprint": str,
+            "plan_key": str,
+            "n_threads": int,
+            "plan_json": str,
+            "prompt_tokens": int,
+            "prefill_seconds": float,
+            "prefill_tps": float,
+            "decode_tokens": int,
+            "decode_seconds": float,
+            "decode_tps": float,
+            "llama_cpp_version": str,
+            "measured_at": str,
+        },
+        pk="id",
+        not_null={"model_sha256", "fingerprint", "plan_key", "measured_at"},
+    )
+    db.table("bench_results").create_index(["model_sha256", "fingerprint", "plan_key"])
+
+
+@migration
 def m003_usage(db: sqlite_utils.Database) -> None:
     # one row per API request: who asked, what ran where, and what it cost
     db.table("usage").create(

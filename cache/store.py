@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime
 import sqlite3
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from types import TracebackType
 
@@ -17,7 +17,7 @@ import sqlite_utils
 
 from pcrt.cache.migrations import migrate
 
-__all__ = ["FileHash", "Store"]
+__all__ = ["BenchRecord", "FileHash", "Store"]
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,27 @@ class FileHash:
     mtime_ns: int
     sha256: str
     computed_at: str
+
+
+@dataclass(frozen=True)
+class BenchRecord:
+    """One benchmark of a model on a machine (``pcrt bench``); ``id`` is None until stored."""
+
+    model_sha256: str
+    model: str
+    fingerprint: str
+    plan_key: str
+    n_threads: int
+    plan_json: str
+    prompt_tokens: int
+    prefill_seconds: float
+    prefill_tps: float
+    decode_tokens: int
+    decode_seconds: float
+    decode_tps: float
+    llama_cpp_version: str
+    measured_at: str
+    id: int | None = None
 
 
 class Store:
@@ -86,3 +107,42 @@ class Store:
 
     def file_hashes(self) -> list[FileHash]:
         return [FileHash(**row) for row in self.db.query("select * from file_hashes")]
+
+    # -- benchmark results ------------------------------------------------------------
+
+    def add_bench_result(self, record: BenchRecord) -> BenchRecord:
+        """Store a benchmark; returns it with its id."""
+        fields = {k: v for k, v in asdict(record).items() if k != "id"}
+        # one statement; the cursor's lastrowid is this insert's even with other writers
+        cursor = self.db.execute(
+            f"insert into bench_results ({', '.join(fields)})"
+            f" values ({', '.join('?' for _ in fields)})",
+            list(fields.values()),
+        )
+        return replace(record, id=cursor.lastrowid)
+
+    def bench_results(self, model_sha256: str | None = None, limit: int = 50) -> list[BenchRecord]:
+        """Benchmarks, newest first (of one model file when ``model_sha256`` is given)."""
+        where, params = ("where model_sha256 = ?", [model_sha256]) if model_sha256 else ("", [])
+        rows = self.db.query(
+            f"select * from bench_results {where} order by measured_at desc, id desc limit ?",
+            [*params, limit],
+        )
+        return [BenchRecord(**row) for row in rows]
+
+    def latest_bench(
+        self, model_sha256: str, fingerprint: str, plan_key: str, n_threads: int
+    ) -> BenchRecord | None:
+        """The newest benchmark that still applies: same file, machine, plan and threads.
+
+        A changed fingerprint (other hardware, another llama.cpp build) finds nothing, so
+        callers re-measure instead of trusting figures from another machine.
+        """
+        rows = list(
+            self.db.query(
+                "select * from bench_results where model_sha256 = ? and fingerprint = ?"
+                " and plan_key = ? and n_threads = ? order by measured_at desc, id desc limit 1",
+                [model_sha256, fingerprint, plan_key, n_threads],
+            )
+        )
+        return BenchRecord(**rows[0]) if rows else None

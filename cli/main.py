@@ -35,7 +35,7 @@ def main(log_level: str) -> None:
 
 
 def _register() -> None:
-    from pcrt.cli import chat, models, ps, run, serve, usage
+    from pcrt.cli import bench, chat, device, models, ps, run, serve, usage
 
     main.add_command(run.run)
     main.add_command(chat.chat)
@@ -44,6 +44,8 @@ def _register() -> None:
     main.add_command(ps.ps)
     main.add_command(ps.stop)
     main.add_command(usage.usage)
+    main.add_command(device.device)
+    main.add_command(bench.bench)
 
 
 _register()

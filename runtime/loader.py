@@ -1,16 +1,28 @@
-"""From a model name to a running engine: resolve, pull on first use, hash, load."""
+"""From a model name to a running engine: resolve, pull on first use, hash, plan, load.
+
+The offload plan (``pcrt.device.offload``) decides ``n_gpu_layers``, the context and the KV
+cache types from this machine's device profile and the GGUF's metadata; the entry's pins
+and explicit overrides win, and the plan says which values were pinned. The engine keeps
+its plan as ``engine.plan``.
+"""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from pcrt.cache.store import Store
+from pcrt.device.offload import OffloadPlan, PlanMargins
+from pcrt.device.profile import DeviceProfile
 from pcrt.runtime.engine import Engine, EngineConfig
 from pcrt.runtime.hashing import file_sha256
 from pcrt.runtime.models import ModelEntry, Registry
+from pcrt.runtime.planning import PlanUnavailable, plan_for
 from pcrt.runtime.pull import ProgressFactory, ensure_pulled
 
-__all__ = ["engine_config_for", "open_engine"]
+__all__ = ["engine_config_for", "engine_config_from_plan", "open_engine"]
+
+log = logging.getLogger(__name__)
 
 
 def engine_config_for(entry: ModelEntry, **overrides: Any) -> EngineConfig:
@@ -26,22 +38,48 @@ def engine_config_for(entry: ModelEntry, **overrides: Any) -> EngineConfig:
     return EngineConfig(**values)
 
 
+def engine_config_from_plan(entry: ModelEntry, plan: OffloadPlan, **overrides: Any) -> EngineConfig:
+    """``engine_config_for`` with the planned values (the plan already honours the pins)."""
+    base = engine_config_for(entry, **overrides)
+    planned = {
+        "n_gpu_layers": plan.n_gpu_layers,
+        "context": plan.context,
+        "type_k": plan.type_k,
+        "type_v": plan.type_v,
+        "flash_attn": plan.flash_attn,
+    }
+    return EngineConfig(**{**base.model_dump(), **planned})
+
+
 def open_engine(
     registry: Registry,
     name: str | None,
     *,
     progress: ProgressFactory | None = None,
     store: Store | None = None,
+    profile: DeviceProfile | None = None,
+    margins: PlanMargins | None = None,
     **overrides: Any,
 ) -> Engine:
+    """Load a model with its offload plan. ``profile``: the machine to plan for (default:
+    profiled now); ``margins``: the planner's reserves (default ``PlanMargins()``)."""
     entry = registry.resolve(name)
     path = ensure_pulled(entry, registry, progress=progress, store=store)
     # a configured sha256 was verified when the file was pulled; otherwise hash it (cached)
     sha256 = entry.sha256 or file_sha256(path, store)
-    return Engine(
+    plan: OffloadPlan | None
+    try:
+        plan = plan_for(entry, path, profile=profile, margins=margins, **overrides)
+        config = engine_config_from_plan(entry, plan, **overrides)
+    except PlanUnavailable as exc:  # the metadata is too odd to plan: load as configured
+        log.warning("%s; loading %s without an offload plan", exc, entry.name)
+        plan, config = None, engine_config_for(entry, **overrides)
+    engine = Engine(
         path,
         model_sha256=sha256,
-        config=engine_config_for(entry, **overrides),
+        config=config,
         name=entry.name,
         chat_template=entry.chat_template,
     )
+    engine.plan = plan
+    return engine
