@@ -89,6 +89,7 @@ class ServerSettings(BaseModel):
     api_key: str | None = None
     api_key_env: str = "PCRT_API_KEY"
     shutdown_grace: float = Field(default=10.0, ge=0)
+    device_refresh: float = Field(default=5.0, gt=0)  # seconds between live device readings
     limits: LimitSettings = LimitSettings()
 
     @field_validator("keep_alive", mode="before")

@@ -350,3 +350,11 @@ def test_ps_and_stop(server: LiveServer, client: openai.OpenAI) -> None:
     client.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=1
     )
+
+
+def test_device_profile_for_peers(server: LiveServer) -> None:
+    with http(server) as h:
+        profile = h.get("/v1/pcrt/device").json()
+    assert profile["fingerprint"] and profile["cpu_only"] is True  # no GPU on this machine
+    assert profile["cpu_only_reason"]
+    assert server.services.monitor.running  # live fields keep refreshing while serving

@@ -47,6 +47,13 @@ async def ps(request: Request) -> dict[str, Any]:
     }
 
 
+@router.get("/v1/pcrt/device")
+async def device(request: Request) -> dict[str, Any]:
+    """This machine's device profile for peers; live fields refresh every few seconds."""
+    profile: dict[str, Any] = _services(request).monitor.latest.model_dump(mode="json")
+    return profile
+
+
 @router.post("/api/stop")
 async def stop(request: Request) -> dict[str, Any]:
     """Unload a model now (``pcrt stop MODEL``); running requests on it fail."""

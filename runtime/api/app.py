@@ -7,14 +7,17 @@ import contextlib
 import hmac
 import logging
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 
 from pcrt.cache.store import Store
 from pcrt.cache.usage import UsageLog
+from pcrt.device.monitor import DeviceMonitor
 from pcrt.runtime.api import admin_routes, openai_routes
 from pcrt.runtime.api.errors import install_error_handlers
 from pcrt.runtime.api.service import Services
+from pcrt.runtime.engine import Engine
 from pcrt.runtime.errors import Unauthorized
 from pcrt.runtime.limits import RateLimiter
 from pcrt.runtime.loader import open_engine
@@ -41,10 +44,18 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         reg = registry or Registry.load()
         store = Store(reg.paths.db_path)
-        pool = ModelPool(reg, settings, opener)
+        monitor = DeviceMonitor(interval=settings.device_refresh)
+        await monitor.start()
+
+        def open_with_live_profile(*args: Any, **kwargs: Any) -> Engine:
+            # plan offload from free memory now, not at start-up
+            return opener(*args, profile=monitor.latest, **kwargs)
+
+        pool = ModelPool(reg, settings, open_with_live_profile)
         services = Services(
             settings=settings,
             pool=pool,
+            monitor=monitor,
             usage=UsageLog(store),
             limiter=RateLimiter(settings.limits),
             metrics=Metrics(_live_gauges(pool)),
@@ -62,6 +73,7 @@ def create_app(
             with contextlib.suppress(asyncio.CancelledError):
                 await reaper
             await pool.close()
+            await monitor.stop()
             store.close()
 
     async def require_key(request: Request) -> None:

@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 
 from pcrt.cache.usage import UsageLog, UsageRecord
+from pcrt.device.monitor import DeviceMonitor
 from pcrt.runtime.api.errors import status_and_body
 from pcrt.runtime.engine import Completion
 from pcrt.runtime.errors import PcrtError
@@ -29,6 +30,7 @@ class Services:
     usage: UsageLog
     limiter: RateLimiter
     metrics: Metrics
+    monitor: DeviceMonitor
     state: str = "starting"  # starting | serving | draining
 
 
