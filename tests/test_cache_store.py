@@ -15,10 +15,13 @@ from pcrt.runtime.hashing import file_sha256
 from tests.httpserver import sha256_hex
 
 
+SHIPPED = ["m001_file_hashes", "m002_bench_results", "m003_usage"]
+
+
 def test_new_database_is_migrated(tmp_path: Path) -> None:
     db_path = tmp_path / "sub" / "pcrt.db"
     with Store(db_path) as store:
-        assert migrations.applied(store.db) == ["m001_file_hashes"]
+        assert migrations.applied(store.db) == SHIPPED
         columns = store.db.table("file_hashes").columns_dict
         assert columns == {
             "path": str,
@@ -40,17 +43,17 @@ def test_later_migrations_run_once_in_order(
 
     calls = []
 
-    def m002_example(db: sqlite_utils.Database) -> None:
-        calls.append("m002")
+    def m004_example(db: sqlite_utils.Database) -> None:
+        calls.append("m004")
         db.table("example").create({"id": int}, pk="id")
 
-    monkeypatch.setattr(migrations, "MIGRATIONS", (*migrations.MIGRATIONS, m002_example))
+    monkeypatch.setattr(migrations, "MIGRATIONS", (*migrations.MIGRATIONS, m004_example))
     with Store(db_path) as store:
-        assert migrations.applied(store.db) == ["m001_file_hashes", "m002_example"]
+        assert migrations.applied(store.db) == [*SHIPPED, "m004_example"]
         assert store.db.table("example").exists()
     with Store(db_path):
         pass
-    assert calls == ["m002"]
+    assert calls == ["m004"]
 
 
 def test_concurrent_first_opens(tmp_path: Path) -> None:
@@ -72,7 +75,7 @@ def test_concurrent_first_opens(tmp_path: Path) -> None:
         t.join()
     assert errors == []
     with Store(db_path) as store:
-        assert migrations.applied(store.db) == ["m001_file_hashes"]
+        assert migrations.applied(store.db) == SHIPPED
 
 
 def test_file_hash_rows(tmp_path: Path) -> None:
