@@ -1,0 +1,183 @@
+"""Reading DAG documents from YAML, JSON or TOML into a ``DagSpec``.
+
+Every failure, a syntax error as much as a schema error, becomes one ``DagInvalid`` with a
+list of problems naming node and field, so the CLI and the HTTP layer (422) report them the
+same way. Duplicate keys are errors in all three formats: YAML and JSON would otherwise
+keep the last one silently, and a duplicated node id would vanish.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+from collections.abc import Hashable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import ValidationError
+from pydantic_core import ErrorDetails
+
+from pcrt.runtime.dag.errors import DagInvalid, Problem
+from pcrt.runtime.dag.spec import NODE_TYPES, DagSpec
+
+__all__ = ["DagFormat", "SUFFIXES", "load_dag", "parse_dag", "problems_from"]
+
+DagFormat = Literal["yaml", "json", "toml"]
+
+SUFFIXES: dict[str, DagFormat] = {
+    ".yaml": "yaml",
+    ".yml": "yaml",
+    ".json": "json",
+    ".toml": "toml",
+}
+
+
+def load_dag(path_or_text: str | Path, format: DagFormat | None = None) -> DagSpec:
+    """Read a DAG from a file or from text.
+
+    A ``Path``, or a one-line string ending in a known suffix, is a file (its format from
+    the suffix unless given); any other string is the document itself: JSON if it starts
+    with ``{``, TOML if a line sets ``dag = ...``, else YAML. Pass ``format`` for TOML text
+    that does not say ``dag = `` at the top.
+    """
+    source: str | None = None
+    if isinstance(path_or_text, Path) or _looks_like_path(path_or_text):
+        path = Path(path_or_text)
+        source = str(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise DagInvalid([Problem(message=f"cannot read {path}: {exc}")]) from None
+        fmt = format or SUFFIXES.get(path.suffix.lower())
+        if fmt is None:
+            raise DagInvalid(
+                [
+                    Problem(
+                        message=f"unknown DAG file type {path.suffix!r} (use .yaml, .json, .toml)"
+                    )
+                ],
+                source=source,
+            )
+    else:
+        text = path_or_text
+        fmt = format or _sniff(text)
+    return parse_dag(_decode(text, fmt, source), source=source)
+
+
+def parse_dag(obj: Mapping[str, Any], *, source: str | None = None) -> DagSpec:
+    """Validate a decoded document (an API body, say) into a ``DagSpec``."""
+    if obj is None:
+        raise DagInvalid([Problem(message="the document is empty")], source=source)
+    if not isinstance(obj, Mapping):
+        raise DagInvalid(
+            [Problem(message=f"a DAG document is a mapping, not {type(obj).__name__}")],
+            source=source,
+        )
+    try:
+        return DagSpec.model_validate(dict(obj))
+    except ValidationError as exc:
+        raise DagInvalid(problems_from(exc), source=source) from None
+
+
+def problems_from(exc: ValidationError) -> list[Problem]:
+    """Pydantic's errors as problems: ``nodes.ID.<type>.field`` becomes node ID, field."""
+    return [_problem(error) for error in exc.errors()]
+
+
+def _problem(error: ErrorDetails) -> Problem:
+    loc = list(error["loc"])
+    node: str | None = None
+    if len(loc) >= 2 and loc[0] == "nodes":
+        node = str(loc[1])
+        loc = loc[2:]
+        if loc and loc[0] in NODE_TYPES:  # the union's tag, not a field
+            loc = loc[1:]
+    message = error["msg"].removeprefix("Value error, ")
+    kind = error["type"]
+    if kind == "union_tag_invalid":
+        given = error.get("ctx", {}).get("tag")
+        message = f"unknown node type {given!r} (known: {', '.join(NODE_TYPES)})"
+        loc = ["type"]
+    elif kind == "union_tag_not_found":
+        message = f"a node needs a type (one of {', '.join(NODE_TYPES)})"
+        loc = ["type"]
+    elif kind == "extra_forbidden":
+        message = "unknown key"
+    elif kind == "missing":
+        message = "required"
+    elif kind == "string_pattern_mismatch" and loc and loc[-1] in ("dag", "path"):
+        message = "a path like /dynamic/NAME or /lib/NAME (letters, digits, '_', '-', '.')"
+    elif kind == "string_pattern_mismatch" and loc and loc[-1] == "id":
+        message = "a node id is a name: letters, digits and '_', not starting with a digit"
+    field = ".".join(str(part) for part in loc) or None
+    return Problem(node=node, field=field, message=message)
+
+
+def _suffixes() -> str:
+    return ", ".join(SUFFIXES)
+
+
+def _looks_like_path(text: str) -> bool:
+    return "\n" not in text and Path(text.strip()).suffix.lower() in SUFFIXES
+
+
+def _sniff(text: str) -> DagFormat:
+    stripped = text.lstrip()
+    if stripped.startswith("{"):
+        return "json"
+    if re.search(r"^\s*dag\s*=", text, re.MULTILINE):
+        return "toml"
+    return "yaml"
+
+
+def _decode(text: str, fmt: DagFormat, source: str | None) -> Any:
+    try:
+        if fmt == "json":
+            return json.loads(text, object_pairs_hook=_unique_pairs)
+        if fmt == "toml":
+            return tomllib.loads(text)
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass
+    except json.JSONDecodeError as exc:
+        message = f"JSON syntax error at line {exc.lineno}, column {exc.colno}: {exc.msg}"
+    except tomllib.TOMLDecodeError as exc:
+        message = f"TOML syntax error: {exc}"
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        message = f"YAML syntax error{at}: {exc.problem or exc}"
+    except (yaml.YAMLError, _DuplicateKey) as exc:
+        message = f"{fmt.upper()} error: {exc}"
+    raise DagInvalid([Problem(message=message)], source=source)
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Hashable, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, Hashable) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping",
+                    node.start_mark,
+                    f"duplicate key {key!r}",
+                    key_node.start_mark,
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)

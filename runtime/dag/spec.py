@@ -1,0 +1,290 @@
+"""The DAG document as frozen pydantic models: shape only, no semantics.
+
+A DAG document names itself by path (``/dynamic/...`` for generated or one-off plans,
+``/lib/...`` for reusable subgraphs), declares its inputs, a budget, optionally a signature
+(required under ``/lib``) and its nodes. Node types are a closed whitelist, parsed as a
+union discriminated on ``type``; unknown keys are errors everywhere, so a typo fails loudly
+instead of being ignored. Cross-node rules (references, cycles, models, budget) live in
+``validate.py``, which needs to know the models and the library.
+
+Each node carries its ``id`` (its key in ``nodes``) and its ``path`` (the DAG's path plus
+``/`` plus the id unless given): both are filled in while parsing.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+__all__ = [
+    "AssertNode",
+    "Budget",
+    "DagSpec",
+    "ForkNode",
+    "GENERATION_FIELDS",
+    "InputSpec",
+    "JsonType",
+    "LlmNode",
+    "NODE_TYPES",
+    "Node",
+    "OutputSpec",
+    "Signature",
+    "SubgraphNode",
+]
+
+IDENT_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
+# /lib/... or /dynamic/..., segments of letters, digits, '_', '-', '.'
+PATH_PATTERN = r"^/(lib|dynamic)(/[A-Za-z0-9_.-]+)+$"
+LIB_PATTERN = r"^/lib(/[A-Za-z0-9_.-]+)+$"
+
+NODE_TYPES: tuple[str, ...] = ("llm", "fork", "assert", "subgraph")
+
+JsonType = Literal["string", "integer", "number", "boolean", "array", "object"]
+
+_Ident = Annotated[str, Field(pattern=IDENT_PATTERN)]
+_FROZEN = ConfigDict(frozen=True, extra="forbid")
+
+
+class InputSpec(BaseModel):
+    """One declared input. It is required unless a ``default`` is given (null counts)."""
+
+    model_config = _FROZEN
+
+    type: JsonType = "string"
+    description: str = ""
+    default: Any = None
+
+    @property
+    def required(self) -> bool:
+        return "default" not in self.model_fields_set
+
+
+class OutputSpec(BaseModel):
+    """One output of a signature.
+
+    ``value`` is a Jinja2 expression over ``inputs`` and ``nodes`` evaluated when the
+    subgraph has finished; without it the output is the output of the node of that name.
+    """
+
+    model_config = _FROZEN
+
+    type: JsonType | None = None
+    description: str = ""
+    value: str | None = None
+
+
+def _names_to_mapping(value: Any) -> Any:
+    """Allow ``[a, b]`` as shorthand for ``{a: {}, b: {}}`` in a signature."""
+    if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+        return {name: {} for name in value}
+    return value
+
+
+class Signature(BaseModel):
+    """The interface of a reusable subgraph: what callers give and what they get back."""
+
+    model_config = _FROZEN
+
+    inputs: dict[_Ident, InputSpec] = {}
+    outputs: dict[_Ident, OutputSpec] = {}
+
+    @field_validator("inputs", "outputs", mode="before")
+    @classmethod
+    def _shorthand(cls, value: Any) -> Any:
+        return _names_to_mapping(value)
+
+
+class Budget(BaseModel):
+    """Limits of one run; None means no limit. Only ``max_nodes`` can be checked statically."""
+
+    model_config = _FROZEN
+
+    max_nodes: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    timeout_sec: float | None = Field(default=None, gt=0)
+
+
+class _NodeBase(BaseModel):
+    model_config = _FROZEN
+
+    id: _Ident
+    path: str = Field(pattern=PATH_PATTERN)
+    description: str = ""
+    needs: tuple[str, ...] = ()
+
+
+# the fields of a generation; a fork with ``branches`` must set none of them
+GENERATION_FIELDS: frozenset[str] = frozenset(
+    {
+        "prompt",
+        "system",
+        "model",
+        "tag",
+        "temperature",
+        "top_p",
+        "top_k",
+        "min_p",
+        "seed",
+        "max_tokens",
+        "stop",
+        "output_schema",
+        "context",
+        "checkpoint_every",
+    }
+)
+
+
+class _Generation(_NodeBase):
+    """What one generation needs. Unset sampling fields take the engine's defaults."""
+
+    prompt: str | None = Field(default=None, min_length=1)
+    system: str | None = None
+    model: str | None = Field(default=None, min_length=1)
+    tag: str | None = Field(default=None, min_length=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=5.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    top_k: int | None = Field(default=None, ge=0)
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    seed: int | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    stop: tuple[Annotated[str, Field(min_length=1)], ...] = ()
+    output_schema: dict[str, Any] | None = None
+    context: str | None = None
+    cache: bool = True
+    route: Literal["local", "peer", "auto"] = "auto"
+    complexity: Literal["low", "medium", "high"] | None = None
+    checkpoint_every: int = Field(default=128, ge=0)
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _one_stop(cls, value: Any) -> Any:
+        return (value,) if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _model_or_tag(self) -> _Generation:
+        if self.model is not None and self.tag is not None:
+            raise ValueError("give model or tag, not both")
+        return self
+
+    def sampling(self) -> dict[str, Any]:
+        """The sampling fields this node sets, named as the engine's ``SamplingParams``."""
+        names = ("temperature", "top_p", "top_k", "min_p", "seed", "max_tokens")
+        params: dict[str, Any] = {
+            n: getattr(self, n) for n in names if getattr(self, n) is not None
+        }
+        if self.stop:
+            params["stop"] = self.stop
+        if self.output_schema is not None:
+            params["json_schema"] = self.output_schema
+        return params
+
+
+class LlmNode(_Generation):
+    """One generation. With ``output_schema`` decoding is constrained and the output is JSON.
+
+    ``context`` names an upstream ``llm`` node whose KV state (prompt and output) this node
+    continues: its ``prompt`` is appended as the next user turn instead of a fresh chat.
+    """
+
+    type: Literal["llm"]
+    prompt: str = Field(min_length=1)
+
+
+class ForkNode(_Generation):
+    """Work side by side: ``samples`` continuations of one prompt (one prefill), or the
+    ``branches`` named (other nodes) run in the same batches. Exactly one of the two.
+
+    The output is a list: the samples' outputs, or the branches' outputs in order.
+    """
+
+    type: Literal["fork"]
+    samples: int | None = Field(default=None, ge=1)
+    branches: tuple[str, ...] | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _samples_or_branches(self) -> ForkNode:
+        if (self.samples is None) == (self.branches is None):
+            raise ValueError("a fork takes exactly one of samples (with a prompt) or branches")
+        if self.samples is not None and self.prompt is None:
+            raise ValueError("a fork with samples needs a prompt")
+        if self.branches is not None:
+            fields = type(self).model_fields
+            given = sorted(f for f in GENERATION_FIELDS if getattr(self, f) != fields[f].default)
+            if given:
+                raise ValueError(
+                    f"a fork with branches runs other nodes and takes no generation fields "
+                    f"(got {', '.join(given)})"
+                )
+        return self
+
+
+class AssertNode(_NodeBase):
+    """A Jinja2 expression over ``inputs`` and ``nodes`` that must be true, else the run fails."""
+
+    type: Literal["assert"]
+    that: str = Field(min_length=1)
+    message: str | None = None
+
+
+class SubgraphNode(_NodeBase):
+    """A call of a reusable ``/lib`` DAG by its path (``dag``), with its inputs.
+
+    A string input is a template (a lone ``{{ expression }}`` keeps the value's type, so a
+    list stays a list); any other JSON value is passed as is. The output is a mapping of the
+    callee's signature outputs.
+    """
+
+    type: Literal["subgraph"]
+    dag: str = Field(pattern=LIB_PATTERN)
+    inputs: dict[str, Any] = {}
+    cache: bool = True
+    route: Literal["local", "peer", "auto"] = "auto"
+    complexity: Literal["low", "medium", "high"] | None = None
+
+
+Node = Annotated[LlmNode | ForkNode | AssertNode | SubgraphNode, Field(discriminator="type")]
+
+
+class DagSpec(BaseModel):
+    """A whole DAG document, parsed. Build it with ``parse_dag`` or ``load_dag``."""
+
+    model_config = _FROZEN
+
+    dag: str = Field(pattern=PATH_PATTERN)
+    description: str = ""
+    inputs: dict[_Ident, InputSpec] = {}
+    budget: Budget = Budget()
+    signature: Signature | None = None
+    nodes: dict[str, Node] = Field(min_length=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_ids_and_paths(cls, data: Any) -> Any:
+        """Give each node its id (its key) and default path; the caller's dict is not changed."""
+        if not isinstance(data, dict) or not isinstance(data.get("nodes"), dict):
+            return data
+        dag = data.get("dag")
+        base = dag if isinstance(dag, str) and dag.startswith("/") else "/dynamic"
+        filled: dict[Any, Any] = {}
+        for key, raw in data["nodes"].items():
+            if isinstance(raw, dict):
+                raw = {"id": key, "path": f"{base.rstrip('/')}/{key}", **raw}
+            filled[key] = raw
+        return {**data, "nodes": filled}
+
+    def document(self) -> dict[str, Any]:
+        """The document as plain JSON data that ``parse_dag`` reads back to an equal spec
+        (unset fields left out: an input without a default stays required)."""
+        return self.model_dump(mode="json", exclude_unset=True)
+
+    @property
+    def is_library(self) -> bool:
+        return self.dag.startswith("/lib/")
+
+    @property
+    def input_specs(self) -> dict[str, InputSpec]:
+        """Every input templates may read: the signature's, refined by ``inputs``."""
+        merged = dict(self.signature.inputs) if self.signature else {}
+        merged.update(self.inputs)
+        return merged

@@ -1,0 +1,271 @@
+"""Jinja2 for DAGs: a sandbox to render prompts and evaluate asserts, and a reference scanner.
+
+DAG documents may come from an agent over HTTP, so templates are untrusted: they run in an
+immutable sandbox (no ``__class__`` walks, no mutation of outputs, bounded ``*`` and
+``**``), with ``StrictUndefined`` so a missing value is an error and never an empty string
+in a prompt. Expressions go through ``compile_expression``, never ``eval``.
+
+Templates see two names: ``inputs`` (the run's inputs) and ``nodes`` (``nodes.ID.output``
+for each finished node). The scanner reads a template's AST for ``inputs.X`` and
+``nodes.ID.output...`` chains, which is how validation finds unknown references and how
+dependencies are implied without ``needs``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from jinja2 import StrictUndefined, Undefined, meta, nodes
+from jinja2.exceptions import SecurityError, TemplateSyntaxError
+from jinja2.parser import Parser
+from jinja2.runtime import Context
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from pcrt.runtime.dag.errors import AssertFailed, RenderFailed
+
+__all__ = [
+    "DagSandbox",
+    "Reference",
+    "TemplateInfo",
+    "check_assert",
+    "evaluate",
+    "make_environment",
+    "make_scope",
+    "render",
+    "render_value",
+    "scan_expression",
+    "scan_template",
+]
+
+ROOTS: frozenset[str] = frozenset({"inputs", "nodes"})
+MAX_SEQUENCE = 100_000  # longest string or list a template may build with '*'
+MAX_EXPONENT = 1_024
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_LONE = re.compile(r"\{\{[-+]?(.*?)[-+]?\}\}", re.S)
+_SHOWN = 200  # characters of a value shown in an assertion message
+
+
+class DagSandbox(ImmutableSandboxedEnvironment):
+    """The immutable sandbox with bounded repetition and powers (``'a' * 10**9`` refused)."""
+
+    intercepted_binops = frozenset({"*", "**"})
+
+    def call_binop(self, context: Context, operator: str, left: Any, right: Any) -> Any:
+        if operator == "*":
+            for seq, times in ((left, right), (right, left)):
+                if (
+                    isinstance(seq, str | list | tuple)
+                    and isinstance(times, int)
+                    and len(seq) * times > MAX_SEQUENCE
+                ):
+                    raise SecurityError(f"'*' would build more than {MAX_SEQUENCE} items")
+        if (
+            operator == "**"
+            and isinstance(left, int)
+            and isinstance(right, int)
+            and abs(left) > 1
+            and abs(right) > MAX_EXPONENT
+        ):
+            raise SecurityError(f"'**' with an exponent above {MAX_EXPONENT}")
+        return super().call_binop(context, operator, left, right)
+
+
+def make_environment() -> DagSandbox:
+    """A fresh sandbox: strict undefined, no autoescape, prompts kept byte for byte."""
+    return DagSandbox(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=True)
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A read of ``inputs`` or ``nodes`` with the constant attribute/index chain after it.
+
+    An empty ``path`` means the root itself was read (``{{ inputs }}``, ``nodes[name]``).
+    """
+
+    root: Literal["inputs", "nodes"]
+    path: tuple[str | int, ...]
+
+    @property
+    def text(self) -> str:
+        out: str = self.root
+        for part in self.path:
+            out += f".{part}" if isinstance(part, str) and _IDENT.match(part) else f"[{part!r}]"
+        return out
+
+    @property
+    def name(self) -> str | None:
+        """The input name or node id read, if constant."""
+        head = self.path[0] if self.path else None
+        return head if isinstance(head, str) else None
+
+
+@dataclass(frozen=True)
+class TemplateInfo:
+    """What a template reads: its references (in order, deduplicated) and any other names."""
+
+    references: tuple[Reference, ...]
+    other_names: frozenset[str]
+
+    def node_ids(self) -> set[str]:
+        return {r.name for r in self.references if r.root == "nodes" and r.name is not None}
+
+
+def scan_template(env: DagSandbox, source: str) -> TemplateInfo:
+    """Parse and compile a template; raises ``TemplateSyntaxError`` (unknown filters too)."""
+    ast = env.parse(source)
+    env.compile(ast)  # unknown filters and tests are compile errors, not parse errors
+    return _info(env, ast)
+
+
+def scan_expression(env: DagSandbox, source: str) -> TemplateInfo:
+    """Like ``scan_template`` for a bare expression (``assert.that``, signature values)."""
+    ast = nodes.Template([nodes.Output([_parse_expression(env, source)])], lineno=1)
+    ast.set_environment(env)
+    env.compile_expression(source)
+    return _info(env, ast)
+
+
+def _parse_expression(env: DagSandbox, source: str) -> nodes.Expr:
+    parser = Parser(env, source, state="variable")
+    expr = parser.parse_expression()
+    if not parser.stream.eos:
+        token = parser.stream.current
+        raise TemplateSyntaxError(
+            f"unexpected {token.value!r} after the expression", token.lineno, None, None
+        )
+    return expr
+
+
+def _info(env: DagSandbox, ast: nodes.Template) -> TemplateInfo:
+    refs = list(dict.fromkeys(_walk(ast)))
+    others = meta.find_undeclared_variables(ast) - ROOTS - set(env.globals)
+    return TemplateInfo(references=tuple(refs), other_names=frozenset(others))
+
+
+def _walk(node: nodes.Node) -> Iterator[Reference]:
+    if isinstance(node, nodes.Getattr | nodes.Getitem):
+        chain = _chain(node)
+        if chain is not None and chain[0] in ROOTS:
+            yield Reference(chain[0], chain[1])  # type: ignore[arg-type]
+            return
+    if isinstance(node, nodes.Name) and node.ctx == "load" and node.name in ROOTS:
+        yield Reference(node.name, ())  # type: ignore[arg-type]
+        return
+    for child in node.iter_child_nodes():
+        yield from _walk(child)
+
+
+def _chain(node: nodes.Node) -> tuple[str, tuple[str | int, ...]] | None:
+    """``nodes.a.output[0]`` -> ("nodes", ("a", "output", 0)); None if a key is not constant."""
+    parts: list[str | int] = []
+    while True:
+        if isinstance(node, nodes.Getattr):
+            parts.append(node.attr)
+            node = node.node
+        elif (
+            isinstance(node, nodes.Getitem)
+            and isinstance(node.arg, nodes.Const)
+            and isinstance(node.arg.value, str | int)
+            and not isinstance(node.arg.value, bool)
+        ):
+            parts.append(node.arg.value)
+            node = node.node
+        elif isinstance(node, nodes.Name):
+            return node.name, tuple(reversed(parts))
+        else:
+            return None
+
+
+def make_scope(inputs: Mapping[str, Any], outputs: Mapping[str, Any]) -> dict[str, Any]:
+    """The names templates see: ``inputs`` and ``nodes.ID.output`` for finished nodes."""
+    return {"inputs": dict(inputs), "nodes": {k: {"output": v} for k, v in outputs.items()}}
+
+
+def render(
+    env: DagSandbox, source: str, scope: Mapping[str, Any], *, node: str | None = None
+) -> str:
+    """Render a template to text; any failure is a ``RenderFailed`` naming the node."""
+    try:
+        return env.from_string(source).render(scope)
+    except Exception as exc:  # jinja errors, and whatever a filter raises on odd values
+        raise RenderFailed(source, _reason(exc), node=node) from None
+
+
+def evaluate(
+    env: DagSandbox, expression: str, scope: Mapping[str, Any], *, node: str | None = None
+) -> Any:
+    """Evaluate an expression to a Python value; undefined results are errors, not None."""
+    try:
+        result = env.compile_expression(expression, undefined_to_none=False)(**scope)
+        if isinstance(result, Undefined):
+            bool(result)  # StrictUndefined raises here, with the sandbox's reason if any
+        return result
+    except Exception as exc:
+        raise RenderFailed(expression, _reason(exc), node=node) from None
+
+
+def render_value(
+    env: DagSandbox, source: Any, scope: Mapping[str, Any], *, node: str | None = None
+) -> Any:
+    """A subgraph input: non-strings pass through, a lone ``{{ expr }}`` keeps its type,
+    anything else renders to text."""
+    if not isinstance(source, str):
+        return source
+    lone = _LONE.fullmatch(source)
+    if lone is not None:
+        try:
+            body = env.parse(source).body
+        except TemplateSyntaxError as exc:
+            raise RenderFailed(source, _reason(exc), node=node) from None
+        if (
+            len(body) == 1
+            and isinstance(body[0], nodes.Output)
+            and len(body[0].nodes) == 1
+            and not isinstance(body[0].nodes[0], nodes.TemplateData)
+        ):
+            return evaluate(env, lone[1], scope, node=node)
+    return render(env, source, scope, node=node)
+
+
+def check_assert(
+    env: DagSandbox,
+    expression: str,
+    scope: Mapping[str, Any],
+    *,
+    node: str | None = None,
+    message: str | None = None,
+) -> None:
+    """Raise ``AssertFailed`` (with the values the expression read) unless it is true."""
+    try:
+        result = evaluate(env, expression, scope, node=node)
+        holds = bool(result)
+        reason = None
+    except RenderFailed as exc:
+        holds, reason = False, exc.reason
+    if holds:
+        return
+    raise AssertFailed(
+        expression, _values(env, expression, scope), node=node, reason=reason, message=message
+    )
+
+
+def _values(env: DagSandbox, expression: str, scope: Mapping[str, Any]) -> dict[str, str]:
+    try:
+        refs = scan_expression(env, expression).references
+    except Exception:
+        return {}
+    shown: dict[str, str] = {}
+    for ref in refs:
+        try:
+            value = repr(evaluate(env, ref.text, scope))
+        except RenderFailed:
+            value = "<undefined>"
+        shown[ref.text] = value if len(value) <= _SHOWN else value[: _SHOWN - 3] + "..."
+    return shown
+
+
+def _reason(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {exc}"

@@ -1,0 +1,605 @@
+"""DAG semantics as pure functions: validation, dependencies and execution levels.
+
+``validate`` reports every problem at once, each naming its node, so that one round of
+fixes (by a person or by the agent that generated the DAG) is enough. It reads templates'
+ASTs rather than rendering them, and asks only the sets of model names and tags and the
+library of ``/lib`` subgraphs it is given: no I/O, no engine.
+
+Decisions where the issue is silent:
+
+- ``max_nodes`` counts node executions: every node counts one, except a fork of N samples
+  (N generations) and a subgraph (the node count of the DAG it calls, recursively); a fork
+  with branches counts one, and its branches count on their own. A DAG whose count exceeds
+  ``max_nodes`` can never finish, so it is refused. ``max_tokens`` and ``timeout_sec`` are
+  run-time limits: a generation may stop early, so no static count can prove them unmet.
+- ``context`` must name an ``llm`` node (a fork has several continuations, none canonical);
+  a node that continues a context keeps its parent's chat, so it takes no ``system``, and
+  it must not name a different model than its parent.
+- Reads of ``nodes.X.output.FIELD`` are checked against what X produces: a subgraph's
+  signature outputs; an ``llm`` node without a schema produces text (only ``str`` methods);
+  a fork produces a list (index it); a schema with ``additionalProperties: false`` lists
+  its fields.
+- Templates read nodes by constant ids only (``nodes.ID`` or ``nodes['ID']``): a computed
+  id (``nodes[name]``) would hide a dependency, so it is a problem.
+- The branches of one fork must not depend on one another: they run side by side.
+- A ``/lib`` DAG's interface is its signature: an entry of ``inputs`` that the signature
+  does not declare could never be given by a caller, so it is a problem.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from jinja2.exceptions import TemplateSyntaxError
+from jsonschema.validators import Draft202012Validator, validator_for
+
+from pcrt.runtime.dag.errors import DagInvalid, Problem
+from pcrt.runtime.dag.spec import (
+    AssertNode,
+    DagSpec,
+    ForkNode,
+    InputSpec,
+    LlmNode,
+    Node,
+    SubgraphNode,
+)
+from pcrt.runtime.dag.templates import (
+    DagSandbox,
+    Reference,
+    TemplateInfo,
+    make_environment,
+    scan_expression,
+    scan_template,
+)
+
+__all__ = [
+    "bind_inputs",
+    "count_nodes",
+    "dependencies",
+    "ensure_valid",
+    "find_cycles",
+    "schema_problems",
+    "template_fields",
+    "topological_order",
+    "validate",
+]
+
+_LISTED = 10  # names listed in an "unknown X (known: ...)" message
+
+
+def validate(
+    spec: DagSpec,
+    *,
+    known_models: set[str],
+    known_tags: set[str],
+    library: Mapping[str, DagSpec] | None = None,
+) -> list[Problem]:
+    """Every problem of ``spec``, in document order; an empty list means it may run."""
+    return _Validator(spec, known_models, known_tags, library or {}).run()
+
+
+def ensure_valid(
+    spec: DagSpec,
+    *,
+    known_models: set[str],
+    known_tags: set[str],
+    library: Mapping[str, DagSpec] | None = None,
+) -> DagSpec:
+    """``validate`` for callers that want an exception (``DagInvalid``, HTTP 422)."""
+    problems = validate(spec, known_models=known_models, known_tags=known_tags, library=library)
+    if problems:
+        raise DagInvalid(problems, source=spec.dag)
+    return spec
+
+
+def template_fields(node: Node) -> list[tuple[str, str, bool]]:
+    """A node's templated fields as (field, source, is_expression)."""
+    if isinstance(node, AssertNode):
+        return [("that", node.that, True)]
+    if isinstance(node, SubgraphNode):
+        return [(f"inputs.{k}", v, False) for k, v in node.inputs.items() if isinstance(v, str)]
+    fields = [("prompt", node.prompt, False), ("system", node.system, False)]
+    return [(name, source, False) for name, source, _ in fields if source is not None]
+
+
+def _scan_fields(
+    node: Node, env: DagSandbox
+) -> list[tuple[str, TemplateInfo | TemplateSyntaxError]]:
+    scanned: list[tuple[str, TemplateInfo | TemplateSyntaxError]] = []
+    for field, source, is_expression in template_fields(node):
+        try:
+            info = scan_expression(env, source) if is_expression else scan_template(env, source)
+        except TemplateSyntaxError as exc:
+            scanned.append((field, exc))
+        else:
+            scanned.append((field, info))
+    return scanned
+
+
+def _explicit_edges(node: Node) -> list[str]:
+    edges = list(node.needs)
+    if isinstance(node, LlmNode | ForkNode):
+        if node.context is not None:
+            edges.append(node.context)
+        if isinstance(node, ForkNode) and node.branches:
+            edges.extend(node.branches)
+    return edges
+
+
+def dependencies(spec: DagSpec) -> dict[str, set[str]]:
+    """For each node, the nodes it waits for: template reads, ``needs``, ``context`` and
+    ``branches``. Names of unknown nodes are left out (``validate`` reports them)."""
+    env = make_environment()
+    deps: dict[str, set[str]] = {}
+    for node_id, node in spec.nodes.items():
+        wanted = set(_explicit_edges(node))
+        for _, info in _scan_fields(node, env):
+            if isinstance(info, TemplateInfo):
+                wanted |= info.node_ids()
+        deps[node_id] = {d for d in wanted if d in spec.nodes}
+    return deps
+
+
+def find_cycles(deps: Mapping[str, set[str]]) -> list[list[str]]:
+    """Dependency cycles, each as its nodes in order (each needs the next, the last the
+    first), starting at the node first in ``deps``' order. One cycle per tangle at least."""
+    order = {node: i for i, node in enumerate(deps)}
+    remaining = set(deps)
+    changed = True
+    while changed:  # peel off nodes whose dependencies are all outside any cycle
+        changed = False
+        for node in list(remaining):
+            if not deps[node] & remaining:
+                remaining.discard(node)
+                changed = True
+    cycles: list[list[str]] = []
+    seen: set[frozenset[str]] = set()
+    for start in sorted(remaining, key=order.__getitem__):
+        walk: list[str] = []
+        position: dict[str, int] = {}
+        node = start
+        while node not in position:
+            position[node] = len(walk)
+            walk.append(node)
+            node = min(deps[node] & remaining, key=order.__getitem__)
+        cycle = walk[position[node] :]
+        if frozenset(cycle) in seen:
+            continue
+        seen.add(frozenset(cycle))
+        first = min(range(len(cycle)), key=lambda i: order[cycle[i]])
+        cycles.append(cycle[first:] + cycle[:first])
+    return cycles
+
+
+def topological_order(spec: DagSpec) -> list[list[str]]:
+    """Levels of node ids: every node's dependencies are in earlier levels, so the nodes of
+    one level can run at the same time. Within a level, document order. A cycle raises
+    ``DagInvalid``."""
+    deps = dependencies(spec)
+    cycles = find_cycles(deps)
+    if cycles:
+        raise DagInvalid([_cycle_problem(c) for c in cycles], source=spec.dag)
+    done: set[str] = set()
+    levels: list[list[str]] = []
+    while len(done) < len(deps):
+        level = [n for n in deps if n not in done and deps[n] <= done]
+        levels.append(level)
+        done.update(level)
+    return levels
+
+
+def count_nodes(spec: DagSpec, library: Mapping[str, DagSpec] | None = None) -> int:
+    """How many node executions a run takes (see the module docstring); subgraphs whose DAG
+    is unknown or recursive count one."""
+    return _count(spec, library or {}, (spec.dag,), [])
+
+
+def _count(
+    spec: DagSpec,
+    library: Mapping[str, DagSpec],
+    stack: tuple[str, ...],
+    recursions: list[tuple[str, tuple[str, ...]]],
+) -> int:
+    total = 0
+    for node_id, node in spec.nodes.items():
+        if isinstance(node, ForkNode) and node.samples is not None:
+            total += node.samples
+        elif isinstance(node, SubgraphNode):
+            callee = library.get(node.dag)
+            if callee is None:
+                total += 1
+            elif node.dag in stack:
+                recursions.append((node_id, (*stack, node.dag)))
+                total += 1
+            else:
+                deeper: list[tuple[str, tuple[str, ...]]] = []
+                total += _count(callee, library, (*stack, node.dag), deeper)
+                # a recursion further down is reported on the node of this DAG that leads there
+                recursions.extend((node_id, chain) for _, chain in deeper[:1])
+        else:
+            total += 1
+    return total
+
+
+def schema_problems(schema: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """Errors of a JSON schema against its meta-schema (Draft 2020-12 unless ``$schema``
+    says otherwise), as (location inside the schema, message)."""
+    cls = validator_for(schema, default=Draft202012Validator)
+    checker = cls(cls.META_SCHEMA)
+    found = []
+    for error in sorted(checker.iter_errors(schema), key=lambda e: list(map(str, e.path))):
+        found.append((".".join(str(p) for p in error.path), error.message))
+    return found
+
+
+def bind_inputs(spec: DagSpec, values: Mapping[str, Any]) -> dict[str, Any]:
+    """A run's inputs: the values given, checked against the declared types, defaults
+    filled in. Unknown, missing or mistyped inputs raise ``DagInvalid``, all at once."""
+    declared = spec.input_specs
+    problems = [
+        Problem(field=f"inputs.{name}", message=f"unknown input{_known(declared)}")
+        for name in values
+        if name not in declared
+    ]
+    bound: dict[str, Any] = {}
+    for name, decl in declared.items():
+        if name in values:
+            value = values[name]
+            if not _type_ok(value, decl.type):
+                problems.append(
+                    Problem(
+                        field=f"inputs.{name}",
+                        message=f"expected {decl.type}, got {type(value).__name__}",
+                    )
+                )
+            bound[name] = value
+        elif decl.required:
+            problems.append(Problem(field=f"inputs.{name}", message="required input not given"))
+        else:
+            bound[name] = decl.default
+    if problems:
+        raise DagInvalid(problems, source=spec.dag)
+    return bound
+
+
+class _Validator:
+    """One validation pass; collects problems instead of stopping at the first."""
+
+    def __init__(
+        self,
+        spec: DagSpec,
+        known_models: set[str],
+        known_tags: set[str],
+        library: Mapping[str, DagSpec],
+    ) -> None:
+        self.spec = spec
+        self.known_models = known_models
+        self.known_tags = known_tags
+        self.library = library
+        self.env = make_environment()
+        self.problems: list[Problem] = []
+
+    def add(self, node: str | None, field: str | None, message: str) -> None:
+        self.problems.append(Problem(node=node, field=field, message=message))
+
+    def run(self) -> list[Problem]:
+        self.check_document()
+        paths: dict[str, str] = {}
+        for node_id, node in self.spec.nodes.items():
+            if node.id != node_id:
+                self.add(node_id, "id", f"the id {node.id!r} differs from the node's key")
+            if node.path in paths:
+                self.add(
+                    node_id, "path", f"the path {node.path} is also node {paths[node.path]!r}'s"
+                )
+            paths.setdefault(node.path, node_id)
+            self.check_edges(node_id, node)
+            if isinstance(node, LlmNode | ForkNode):
+                self.check_generation(node_id, node)
+            if isinstance(node, SubgraphNode):
+                self.check_subgraph(node_id, node)
+            for field, info in _scan_fields(node, self.env):
+                self.check_template(node_id, field, info)
+        self.check_signature_outputs()
+        deps = dependencies(self.spec)
+        for cycle in find_cycles(deps):
+            self.problems.append(_cycle_problem(cycle))
+        self.check_branches(deps)
+        self.check_budget()
+        return self.problems
+
+    # -- the document -------------------------------------------------------------------
+
+    def check_document(self) -> None:
+        spec = self.spec
+        if spec.is_library and spec.signature is None:
+            self.add(
+                None,
+                "signature",
+                "a /lib subgraph must declare a signature: {inputs: ..., outputs: ...}",
+            )
+        if spec.signature is not None:
+            for name in spec.inputs:
+                if name not in spec.signature.inputs:
+                    self.add(
+                        None,
+                        f"inputs.{name}",
+                        "not in the signature's inputs, so no caller can give it",
+                    )
+            for name, decl in spec.signature.inputs.items():
+                self.check_default(f"signature.inputs.{name}", decl)
+        for name, decl in spec.inputs.items():
+            self.check_default(f"inputs.{name}", decl)
+
+    def check_default(self, field: str, decl: InputSpec) -> None:
+        if not decl.required and decl.default is not None and not _type_ok(decl.default, decl.type):
+            self.add(
+                None,
+                f"{field}.default",
+                f"the default is a {type(decl.default).__name__}, not a {decl.type}",
+            )
+
+    def check_signature_outputs(self) -> None:
+        signature = self.spec.signature
+        if signature is None:
+            return
+        for name, out in signature.outputs.items():
+            field = f"signature.outputs.{name}"
+            if out.value is None:
+                if name not in self.spec.nodes:
+                    self.add(
+                        None,
+                        field,
+                        f"no value given and there is no node {name!r} to take it from",
+                    )
+                continue
+            try:
+                info = scan_expression(self.env, out.value)
+            except TemplateSyntaxError as exc:
+                self.check_template(None, f"{field}.value", exc)
+            else:
+                self.check_template(None, f"{field}.value", info)
+
+    # -- one node -----------------------------------------------------------------------
+
+    def check_edges(self, node_id: str, node: Node) -> None:
+        for need in node.needs:
+            if need not in self.spec.nodes:
+                self.add(node_id, "needs", f"unknown node {need!r}{_known(self.spec.nodes)}")
+        if isinstance(node, ForkNode) and node.branches is not None:
+            seen: set[str] = set()
+            for branch in node.branches:
+                if branch not in self.spec.nodes:
+                    self.add(
+                        node_id, "branches", f"unknown node {branch!r}{_known(self.spec.nodes)}"
+                    )
+                elif branch in seen:
+                    self.add(node_id, "branches", f"{branch!r} is listed twice")
+                seen.add(branch)
+
+    def check_generation(self, node_id: str, node: LlmNode | ForkNode) -> None:
+        if node.model is not None and node.model not in self.known_models:
+            self.add(node_id, "model", f"unknown model {node.model!r}{_known(self.known_models)}")
+        if node.tag is not None and node.tag not in self.known_tags:
+            self.add(node_id, "tag", f"unknown tag {node.tag!r}{_known(self.known_tags)}")
+        if node.output_schema is not None:
+            for where, message in schema_problems(node.output_schema):
+                field = f"output_schema.{where}" if where else "output_schema"
+                self.add(node_id, field, f"invalid JSON schema: {message}")
+        if node.context is not None:
+            self.check_context(node_id, node, node.context)
+
+    def check_context(self, node_id: str, node: LlmNode | ForkNode, parent_id: str) -> None:
+        parent = self.spec.nodes.get(parent_id)
+        if parent is None:
+            self.add(node_id, "context", f"unknown node {parent_id!r}{_known(self.spec.nodes)}")
+            return
+        if parent_id == node_id:
+            return  # reported as a cycle
+        if not isinstance(parent, LlmNode):
+            self.add(
+                node_id,
+                "context",
+                f"a context continues an llm node's KV; {parent_id!r} is a {parent.type} node",
+            )
+            return
+        if node.system is not None:
+            self.add(
+                node_id,
+                "system",
+                f"a node that continues {parent_id!r}'s context keeps its system prompt",
+            )
+        for attr in ("model", "tag"):
+            mine, theirs = getattr(node, attr), getattr(parent, attr)
+            if mine is not None and theirs is not None and mine != theirs:
+                self.add(
+                    node_id,
+                    attr,
+                    f"{attr} {mine!r} differs from {theirs!r} of {parent_id!r}, whose KV it "
+                    f"continues",
+                )
+
+    def check_subgraph(self, node_id: str, node: SubgraphNode) -> None:
+        callee = self.library.get(node.dag)
+        if callee is None:
+            self.add(node_id, "dag", f"no library subgraph {node.dag}{_known(self.library)}")
+            return
+        if callee.signature is None:
+            self.add(node_id, "dag", f"{node.dag} has no signature, so it cannot be called")
+            return
+        declared = callee.signature.inputs
+        for name, value in node.inputs.items():
+            decl = declared.get(name)
+            if decl is None:
+                self.add(
+                    node_id,
+                    f"inputs.{name}",
+                    f"{node.dag} takes no input {name!r}{_known(declared)}",
+                )
+            elif not isinstance(value, str) and not _type_ok(value, decl.type):
+                self.add(
+                    node_id,
+                    f"inputs.{name}",
+                    f"{node.dag} expects a {decl.type}, got a {type(value).__name__}",
+                )
+        for name, decl in declared.items():
+            if decl.required and name not in node.inputs:
+                self.add(node_id, f"inputs.{name}", f"{node.dag} requires this input")
+
+    # -- templates ------------------------------------------------------------------------
+
+    def check_template(
+        self, node_id: str | None, field: str, info: TemplateInfo | TemplateSyntaxError
+    ) -> None:
+        if isinstance(info, TemplateSyntaxError):
+            line = f" at line {info.lineno}" if info.lineno and info.lineno > 1 else ""
+            self.add(node_id, field, f"does not parse{line}: {info.message}")
+            return
+        for name in sorted(info.other_names):
+            self.add(
+                node_id,
+                field,
+                f"unknown name {name!r}: templates read inputs.NAME and nodes.ID.output",
+            )
+        for ref in info.references:
+            message = self.reference_problem(node_id, ref)
+            if message is not None:
+                self.add(node_id, field, message)
+
+    def reference_problem(self, node_id: str | None, ref: Reference) -> str | None:
+        if ref.root == "inputs":
+            if not ref.path:
+                return None
+            if ref.name is None or ref.name not in self.spec.input_specs:
+                return f"unknown input {ref.path[0]!r}{_known(self.spec.input_specs)}"
+            return None
+        if ref.name is None:
+            return (
+                f"{ref.text}: read nodes by a constant id (nodes.ID.output), so that the "
+                f"dependency is known before the run"
+            )
+        target = self.spec.nodes.get(ref.name)
+        if target is None:
+            return f"unknown node {ref.name!r}{_known(self.spec.nodes)}"
+        if len(ref.path) < 2:
+            return None
+        if ref.path[1] != "output":
+            return f"{ref.text}: a node exposes only .output (nodes.{ref.name}.output)"
+        if len(ref.path) < 3 or not isinstance(ref.path[2], str):
+            return None
+        return self.output_field_problem(ref, target, ref.path[2])
+
+    def output_field_problem(self, ref: Reference, target: Node, field: str) -> str | None:
+        name = ref.name
+        if isinstance(target, SubgraphNode):
+            callee = self.library.get(target.dag)
+            if callee is None or callee.signature is None or hasattr(dict, field):
+                return None  # the unknown callee is reported on its own node
+            outputs = callee.signature.outputs
+            if field not in outputs:
+                return f"{ref.text}: {target.dag} has no output {field!r}{_known(outputs)}"
+            return None
+        if isinstance(target, ForkNode):
+            if hasattr(list, field):
+                return None
+            return (
+                f"{ref.text}: the output of fork {name!r} is a list, one item per "
+                f"{'sample' if target.samples is not None else 'branch'} "
+                f"(nodes.{name}.output[0])"
+            )
+        if isinstance(target, LlmNode):
+            schema = target.output_schema
+            if schema is None:
+                if hasattr(str, field):
+                    return None
+                return (
+                    f"{ref.text}: {name!r} has no output_schema, so its output is text "
+                    f"without fields"
+                )
+            properties = schema.get("properties")
+            if (
+                schema.get("type") == "object"
+                and isinstance(properties, dict)
+                and schema.get("additionalProperties") is False
+                and field not in properties
+                and not hasattr(dict, field)
+            ):
+                return f"{ref.text}: {name!r}'s output_schema has no property {field!r}"
+        return None
+
+    # -- the graph ------------------------------------------------------------------------
+
+    def check_branches(self, deps: Mapping[str, set[str]]) -> None:
+        for node_id, node in self.spec.nodes.items():
+            if not isinstance(node, ForkNode) or not node.branches:
+                continue
+            branches = [b for b in dict.fromkeys(node.branches) if b in deps and b != node_id]
+            for branch in branches:
+                upstream = _closure(deps, branch)
+                for other in branches:
+                    if other != branch and other in upstream:
+                        self.add(
+                            node_id,
+                            "branches",
+                            f"branch {branch!r} needs branch {other!r}; branches run side by "
+                            f"side, so they must be independent",
+                        )
+
+    def check_budget(self) -> None:
+        recursions: list[tuple[str, tuple[str, ...]]] = []
+        total = _count(self.spec, self.library, (self.spec.dag,), recursions)
+        for node_id, chain in recursions:
+            self.add(node_id, "dag", f"subgraph recursion: {' -> '.join(chain)}")
+        limit = self.spec.budget.max_nodes
+        if limit is not None and total > limit:
+            self.add(
+                None,
+                "budget.max_nodes",
+                f"the DAG runs {total} nodes (a fork's samples count one each, a subgraph "
+                f"its nodes) but max_nodes is {limit}",
+            )
+
+
+def _cycle_problem(cycle: list[str]) -> Problem:
+    text = " -> ".join([*cycle, cycle[0]])
+    return Problem(
+        node=cycle[0], field=None, message=f"dependency cycle: {text} (each needs the next)"
+    )
+
+
+def _closure(deps: Mapping[str, set[str]], start: str) -> set[str]:
+    """Every node ``start`` waits for, directly or not."""
+    seen: set[str] = set()
+    stack = list(deps.get(start, ()))
+    while stack:
+        node = stack.pop()
+        if node not in seen:
+            seen.add(node)
+            stack.extend(deps.get(node, ()))
+    return seen
+
+
+def _type_ok(value: Any, json_type: str) -> bool:
+    if json_type == "string":
+        return isinstance(value, str)
+    if json_type == "boolean":
+        return isinstance(value, bool)
+    if json_type == "integer":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if json_type == "number":
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if json_type == "array":
+        return isinstance(value, list | tuple)
+    if json_type == "object":
+        return isinstance(value, dict)
+    return True
+
+
+def _known(names: Iterable[str]) -> str:
+    listed = sorted(names)
+    if not listed:
+        return ""
+    shown = ", ".join(listed[:_LISTED])
+    more = f", ... ({len(listed) - _LISTED} more)" if len(listed) > _LISTED else ""
+    return f" (known: {shown}{more})"

@@ -1,0 +1,685 @@
+"""The DAG format: parsing (YAML, JSON, TOML), validation, dependency levels, templates.
+
+Pure and fast: no model, no engine, no HTTP.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from pcrt.runtime.dag import (
+    AssertFailed,
+    DagInvalid,
+    DagSpec,
+    ForkNode,
+    LlmNode,
+    Problem,
+    RenderFailed,
+    SubgraphNode,
+    bind_inputs,
+    check_assert,
+    count_nodes,
+    dependencies,
+    ensure_valid,
+    evaluate,
+    load_dag,
+    make_environment,
+    make_scope,
+    parse_dag,
+    render,
+    render_value,
+    topological_order,
+    validate,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples" / "dags"
+MODELS = {"smollm2-135m", "smollm2", "default"}
+TAGS = {"simple", "chat"}
+
+ISSUE_YAML = """\
+dag: /dynamic/trip_plan
+inputs: {request: {type: string}}
+budget: {max_nodes: 20, max_tokens: 4096, timeout_sec: 300}
+nodes:
+  prefs:
+    type: llm
+    prompt: "List the interests in: {{ inputs.request }}"
+    output_schema: {type: object, properties: {interests: {type: array, items: {type: string}}}, required: [interests]}
+  ideas:
+    type: fork
+    needs: [prefs]
+    prompt: "Plan a day around {{ nodes.prefs.output.interests | join(', ') }}."
+    samples: 3
+  followup:
+    type: llm
+    context: prefs          # continue prefs' context: its saved KV is restored, not recomputed
+    prompt: "Now rank them."
+  check:
+    type: assert
+    needs: [prefs]
+    that: "nodes.prefs.output.interests | length > 0"
+"""  # noqa: E501 - the issue's text, verbatim
+
+ISSUE_TOML = """\
+dag = "/dynamic/trip_plan"
+
+[inputs.request]
+type = "string"
+
+[budget]
+max_nodes = 20
+max_tokens = 4096
+timeout_sec = 300
+
+[nodes.prefs]
+type = "llm"
+prompt = "List the interests in: {{ inputs.request }}"
+output_schema = { type = "object", properties = { interests = { type = "array", items = { type = "string" } } }, required = ["interests"] }
+
+[nodes.ideas]
+type = "fork"
+needs = ["prefs"]
+prompt = "Plan a day around {{ nodes.prefs.output.interests | join(', ') }}."
+samples = 3
+
+[nodes.followup]
+type = "llm"
+context = "prefs"
+prompt = "Now rank them."
+
+[nodes.check]
+type = "assert"
+needs = ["prefs"]
+that = "nodes.prefs.output.interests | length > 0"
+"""  # noqa: E501
+
+
+def issue_doc() -> dict[str, Any]:
+    doc = yaml.safe_load(ISSUE_YAML)
+    assert isinstance(doc, dict)
+    return doc
+
+
+def doc_with(nodes: dict[str, Any], **top: Any) -> dict[str, Any]:
+    return {"dag": "/dynamic/t", "inputs": {"q": {"type": "string"}}, "nodes": nodes, **top}
+
+
+def check(spec: DagSpec, library: dict[str, DagSpec] | None = None) -> list[Problem]:
+    return validate(spec, known_models=MODELS, known_tags=TAGS, library=library)
+
+
+def problems_of(doc: dict[str, Any], library: dict[str, DagSpec] | None = None) -> list[Problem]:
+    return check(parse_dag(doc), library)
+
+
+def parse_problems(doc: Any) -> list[Problem]:
+    with pytest.raises(DagInvalid) as info:
+        parse_dag(doc)
+    return list(info.value.problems)
+
+
+def has(problems: list[Problem], node: str | None, field: str | None, *words: str) -> bool:
+    return any(
+        p.node == node and p.field == field and all(w in p.message for w in words) for p in problems
+    )
+
+
+def summarize_lib() -> DagSpec:
+    return parse_dag(
+        {
+            "dag": "/lib/text/summarize",
+            "signature": {
+                "inputs": {"text": {"type": "string"}, "words": {"type": "integer", "default": 20}},
+                "outputs": {"summary": {}, "length": {"value": "nodes.summary.output | length"}},
+            },
+            "nodes": {
+                "summary": {
+                    "type": "llm",
+                    "prompt": "Summarize in {{ inputs.words }} words: {{ inputs.text }}",
+                }
+            },
+        }
+    )
+
+
+# -- parsing ------------------------------------------------------------------------------
+
+
+def test_issue_example_parses_from_yaml_json_and_toml_alike() -> None:
+    from_yaml = load_dag(ISSUE_YAML)
+    from_json = load_dag(json.dumps(issue_doc()))
+    from_toml = load_dag(ISSUE_TOML)
+    assert tomllib.loads(ISSUE_TOML)["nodes"]["prefs"]["output_schema"]["required"] == ["interests"]
+    assert from_yaml == from_json == from_toml
+    assert check(from_yaml) == []
+
+    prefs = from_yaml.nodes["prefs"]
+    assert isinstance(prefs, LlmNode)
+    assert prefs.id == "prefs" and prefs.path == "/dynamic/trip_plan/prefs"
+    assert prefs.cache is True and prefs.checkpoint_every == 128 and prefs.route == "auto"
+    ideas = from_yaml.nodes["ideas"]
+    assert isinstance(ideas, ForkNode) and ideas.samples == 3 and ideas.branches is None
+    assert from_yaml.budget.max_nodes == 20 and from_yaml.budget.timeout_sec == 300
+    assert from_yaml.inputs["request"].required
+    # the round-trippable form reads back equal
+    assert parse_dag(from_yaml.document()) == from_yaml
+
+
+def test_files_by_suffix_and_explicit_format(tmp_path: Path) -> None:
+    (tmp_path / "a.yml").write_text(ISSUE_YAML)
+    (tmp_path / "b.json").write_text(json.dumps(issue_doc()))
+    (tmp_path / "c.toml").write_text(ISSUE_TOML)
+    (tmp_path / "d.txt").write_text(ISSUE_TOML)
+    specs = [load_dag(tmp_path / "a.yml"), load_dag(str(tmp_path / "b.json"))]
+    specs += [load_dag(tmp_path / "c.toml"), load_dag(tmp_path / "d.txt", format="toml")]
+    assert all(s == specs[0] for s in specs)
+    with pytest.raises(DagInvalid, match="unknown DAG file type"):
+        load_dag(tmp_path / "d.txt")
+    with pytest.raises(DagInvalid, match="cannot read"):
+        load_dag(tmp_path / "missing.yaml")
+
+
+def test_example_files_validate_clean() -> None:
+    catalogue = tomllib.loads((ROOT / "models.toml").read_text())["models"]
+    models = set(catalogue) | {a for m in catalogue.values() for a in m.get("aliases", [])}
+    tags = {t for m in catalogue.values() for t in m.get("tags", [])}
+    files = sorted(EXAMPLES.glob("*.yaml"))
+    assert {f.name for f in files} >= {"trip_plan.yaml", "summary_titles.yaml"}
+    for file in files:
+        spec = load_dag(file)
+        assert validate(spec, known_models=models, known_tags=tags) == [], file.name
+    small = load_dag(EXAMPLES / "summary_titles.yaml")
+    assert topological_order(small) == [["summary"], ["titles"], ["check"]]
+    assert bind_inputs(small, {})["text"].startswith("The llama.cpp project")
+
+
+@pytest.mark.parametrize(
+    ("text", "fmt", "words"),
+    [
+        ("dag: /dynamic/x\nnodes: {a: {type: llm, prompt: [}\n", None, "YAML syntax error"),
+        ('{"dag": "/dynamic/x", "nodes": {', None, "JSON syntax error at line 1"),
+        ('dag = "/dynamic/x"\n[nodes.a\n', None, "TOML syntax error"),
+        ("dag: /dynamic/x\nnodes:\n  a: {type: llm, prompt: x}\n  a: {type: llm, prompt: y}\n",
+         None, "duplicate key 'a'"),
+        ('{"dag": "/dynamic/x", "dag": "/dynamic/y", "nodes": {}}', None, "duplicate key 'dag'"),
+        ("- just\n- a list\n", None, "a DAG document is a mapping"),
+    ],
+)  # fmt: skip
+def test_syntax_errors_are_dag_invalid(text: str, fmt: Any, words: str) -> None:
+    with pytest.raises(DagInvalid) as info:
+        load_dag(text, format=fmt)
+    assert len(info.value.problems) == 1
+    assert words in info.value.problems[0].message
+    assert info.value.problems[0].node is None
+
+
+def test_shape_errors_name_node_and_field() -> None:
+    problems = parse_problems(
+        {
+            "dag": "dynamic/no-slash",
+            "budget": {"max_nodes": 0, "wall": 3},
+            "nodes": {
+                "a": {"type": "tool_call", "prompt": "x"},
+                "b": {"type": "llm", "prompt": "x", "temprature": 0.1},
+                "c": {"type": "llm", "prompt": "x", "model": "m", "tag": "simple"},
+                "d": {"prompt": "x"},
+                "e": {"type": "llm", "prompt": "x", "top_p": 2},
+                "9bad": {"type": "llm", "prompt": "x"},
+                "f": {"type": "llm"},
+            },
+        }
+    )
+    assert has(problems, None, "dag", "/dynamic/NAME")
+    assert has(problems, None, "budget.max_nodes")
+    assert has(problems, None, "budget.wall", "unknown key")
+    assert has(problems, "a", "type", "unknown node type 'tool_call'", "llm, fork, assert")
+    assert has(problems, "b", "temprature", "unknown key")
+    assert has(problems, "c", None, "model or tag, not both")
+    assert has(problems, "d", "type", "needs a type")
+    assert has(problems, "e", "top_p")
+    assert has(problems, "9bad", "id", "a node id is a name")
+    assert has(problems, "f", "prompt", "required")
+    assert "tool_call" in str(DagInvalid(problems))
+
+
+def test_fork_takes_samples_or_branches_exactly() -> None:
+    both = {"type": "fork", "prompt": "p", "samples": 2, "branches": ["a"]}
+    neither = {"type": "fork", "prompt": "p"}
+    no_prompt = {"type": "fork", "samples": 2}
+    generating_branches = {"type": "fork", "branches": ["a"], "temperature": 0.5}
+    problems = parse_problems(
+        doc_with(
+            {
+                "a": {"type": "llm", "prompt": "x"},
+                "both": both,
+                "neither": neither,
+                "no_prompt": no_prompt,
+                "gen": generating_branches,
+            }
+        )
+    )
+    assert has(problems, "both", None, "exactly one of samples")
+    assert has(problems, "neither", None, "exactly one of samples")
+    assert has(problems, "no_prompt", None, "needs a prompt")
+    assert has(problems, "gen", None, "takes no generation fields", "temperature")
+    assert len(problems) == 4
+
+
+def test_subgraph_node_shape_and_paths() -> None:
+    spec = parse_dag(
+        doc_with(
+            {
+                "s": {"type": "subgraph", "dag": "/lib/text/summarize", "inputs": {"text": "x"}},
+                "own": {"type": "llm", "prompt": "x", "path": "/dynamic/elsewhere/own"},
+            }
+        )
+    )
+    assert isinstance(spec.nodes["s"], SubgraphNode)
+    assert spec.nodes["s"].path == "/dynamic/t/s"
+    assert spec.nodes["own"].path == "/dynamic/elsewhere/own"
+    problems = parse_problems(doc_with({"s": {"type": "subgraph", "dag": "/dynamic/x"}}))
+    assert has(problems, "s", "dag")
+
+
+# -- validation -----------------------------------------------------------------------------
+
+
+def test_cycle_names_its_nodes_in_order() -> None:
+    problems = problems_of(
+        doc_with(
+            {
+                "start": {"type": "llm", "prompt": "{{ inputs.q }}"},
+                "a": {"type": "llm", "prompt": "{{ nodes.c.output }}", "needs": ["start"]},
+                "b": {"type": "llm", "prompt": "{{ nodes.a.output }}"},
+                "c": {"type": "llm", "prompt": "x", "needs": ["b"]},
+                "selfish": {"type": "llm", "prompt": "{{ nodes.selfish.output }}"},
+            }
+        )
+    )
+    assert has(problems, "a", None, "a -> c -> b -> a")
+    assert has(problems, "selfish", None, "selfish -> selfish")
+    assert len(problems) == 2
+    with pytest.raises(DagInvalid, match="dependency cycle"):
+        topological_order(parse_dag(doc_with({"x": {"type": "llm", "prompt": "{{ nodes.x }}"}})))
+
+
+def test_unknown_input_and_node_references() -> None:
+    problems = problems_of(
+        doc_with(
+            {
+                "a": {"type": "llm", "prompt": "{{ inputs.qq }} {{ nodes.ghost.output }}"},
+                "b": {"type": "llm", "system": "{{ nodes.a.result }}", "prompt": "{{ stray }}"},
+                "c": {"type": "llm", "prompt": "{% for n in ['a'] %}{{ nodes[n] }}{% endfor %}"},
+                "d": {"type": "assert", "that": "inputs['q'] and nodes['a'].output"},
+            }
+        )
+    )
+    assert has(problems, "a", "prompt", "unknown input 'qq'", "known: q")
+    assert has(problems, "a", "prompt", "unknown node 'ghost'")
+    assert has(problems, "b", "system", "exposes only .output")
+    assert has(problems, "b", "prompt", "unknown name 'stray'")
+    assert has(problems, "c", "prompt", "constant id")
+    assert not [p for p in problems if p.node == "d"]
+    assert len(problems) == 5
+
+
+def test_unknown_model_and_tag() -> None:
+    problems = problems_of(
+        doc_with(
+            {
+                "a": {"type": "llm", "prompt": "x", "model": "gpt-9"},
+                "b": {"type": "fork", "prompt": "x", "samples": 2, "tag": "genius"},
+                "ok": {"type": "llm", "prompt": "x", "model": "smollm2", "temperature": 0},
+            }
+        )
+    )
+    assert has(problems, "a", "model", "unknown model 'gpt-9'", "smollm2-135m")
+    assert has(problems, "b", "tag", "unknown tag 'genius'", "simple")
+    assert len(problems) == 2
+
+
+def test_lib_dag_without_signature() -> None:
+    doc = {"dag": "/lib/x", "nodes": {"a": {"type": "llm", "prompt": "x"}}}
+    assert has(problems_of(doc), None, "signature", "must declare a signature")
+    # a signature's inputs are what templates read; inputs outside it are unreachable
+    doc["signature"] = {"inputs": ["q"], "outputs": ["a"]}
+    doc["inputs"] = {"extra": {"type": "string"}}
+    doc["nodes"]["a"]["prompt"] = "{{ inputs.q }}"
+    problems = problems_of(doc)
+    assert problems == [
+        Problem(
+            node=None,
+            field="inputs.extra",
+            message="not in the signature's inputs, so no caller can give it",
+        )
+    ]
+    doc["signature"]["outputs"] = {"nothing": {}, "bad": {"value": "nodes.zz.output"}}
+    del doc["inputs"]
+    problems = problems_of(doc)
+    assert has(problems, None, "signature.outputs.nothing", "no node 'nothing'")
+    assert has(problems, None, "signature.outputs.bad.value", "unknown node 'zz'")
+
+
+def test_invalid_output_schema() -> None:
+    problems = problems_of(
+        doc_with(
+            {
+                "a": {"type": "llm", "prompt": "x", "output_schema": {"type": "objekt"}},
+                "b": {
+                    "type": "llm",
+                    "prompt": "x",
+                    "output_schema": {"type": "object", "properties": {"n": {"minimum": "1"}}},
+                },
+                "ok": {"type": "llm", "prompt": "x", "output_schema": {"type": "object"}},
+            }
+        )
+    )
+    assert has(problems, "a", "output_schema.type", "invalid JSON schema")
+    assert has(problems, "b", "output_schema.properties.n.minimum", "invalid JSON schema")
+    assert len(problems) == 2
+
+
+def test_budget_that_cannot_be_met() -> None:
+    nodes = {
+        "a": {"type": "llm", "prompt": "x"},
+        "f": {"type": "fork", "prompt": "x", "samples": 4},
+        "s": {"type": "subgraph", "dag": "/lib/text/summarize", "inputs": {"text": "y"}},
+        "c": {"type": "assert", "that": "true"},
+    }
+    lib = {"/lib/text/summarize": summarize_lib()}
+    spec = parse_dag(doc_with(nodes, budget={"max_nodes": 6}))
+    assert count_nodes(spec, lib) == 1 + 4 + 1 + 1
+    problems = check(spec, lib)
+    assert problems == [
+        Problem(
+            node=None,
+            field="budget.max_nodes",
+            message="the DAG runs 7 nodes (a fork's samples count one each, a subgraph its "
+            "nodes) but max_nodes is 6",
+        )
+    ]
+    assert check(parse_dag(doc_with(nodes, budget={"max_nodes": 7})), lib) == []
+
+
+def test_context_must_be_an_upstream_llm_node() -> None:
+    problems = problems_of(
+        doc_with(
+            {
+                "a": {"type": "llm", "prompt": "x", "model": "smollm2"},
+                "f": {"type": "fork", "prompt": "x", "samples": 2},
+                "k": {"type": "assert", "that": "true"},
+                "on_fork": {"type": "llm", "prompt": "x", "context": "f"},
+                "on_assert": {"type": "llm", "prompt": "x", "context": "k"},
+                "on_ghost": {"type": "llm", "prompt": "x", "context": "ghost"},
+                "with_system": {"type": "llm", "prompt": "x", "context": "a", "system": "s"},
+                "other_model": {"type": "llm", "prompt": "x", "context": "a", "model": "default"},
+                "fine": {"type": "fork", "prompt": "x", "context": "a", "samples": 2},
+                "loop": {"type": "llm", "prompt": "{{ nodes.back.output }}"},
+                "back": {"type": "llm", "prompt": "x", "context": "loop"},
+            }
+        )
+    )
+    assert has(problems, "on_fork", "context", "'f' is a fork node")
+    assert has(problems, "on_assert", "context", "'k' is a assert node")
+    assert has(problems, "on_ghost", "context", "unknown node 'ghost'")
+    assert has(problems, "with_system", "system", "keeps its system prompt")
+    assert has(problems, "other_model", "model", "'default' differs from 'smollm2'")
+    assert has(problems, "loop", None, "loop -> back -> loop")
+    assert not [p for p in problems if p.node == "fine"]
+    assert len(problems) == 6
+
+
+def test_needs_and_branches_name_known_independent_nodes() -> None:
+    problems = problems_of(
+        doc_with(
+            {
+                "a": {"type": "llm", "prompt": "x", "needs": ["nope"]},
+                "b": {"type": "llm", "prompt": "{{ nodes.a.output }}"},
+                "c": {"type": "llm", "prompt": "x"},
+                "fan": {"type": "fork", "branches": ["a", "b", "ghost", "c", "c"]},
+            }
+        )
+    )
+    assert has(problems, "a", "needs", "unknown node 'nope'")
+    assert has(problems, "fan", "branches", "unknown node 'ghost'")
+    assert has(problems, "fan", "branches", "'c' is listed twice")
+    assert has(problems, "fan", "branches", "branch 'b' needs branch 'a'")
+    assert len(problems) == 4
+
+
+def test_output_fields_are_checked_against_what_nodes_produce() -> None:
+    closed = {
+        "type": "object",
+        "properties": {"n": {"type": "integer"}},
+        "additionalProperties": False,
+    }
+    problems = problems_of(
+        doc_with(
+            {
+                "text": {"type": "llm", "prompt": "x"},
+                "many": {"type": "fork", "prompt": "x", "samples": 2},
+                "obj": {"type": "llm", "prompt": "x", "output_schema": closed},
+                "use": {
+                    "type": "llm",
+                    "prompt": "{{ nodes.text.output.headline }} {{ nodes.text.output.strip() }}"
+                    " {{ nodes.many.output.best }} {{ nodes.many.output[1] }}"
+                    " {{ nodes.obj.output.m }} {{ nodes.obj.output.n }}",
+                },
+            }
+        )
+    )
+    assert has(problems, "use", "prompt", "'text' has no output_schema")
+    assert has(problems, "use", "prompt", "fork 'many' is a list", "output[0]")
+    assert has(problems, "use", "prompt", "no property 'm'")
+    assert len(problems) == 3
+
+
+def test_subgraph_inputs_and_outputs_match_the_signature() -> None:
+    bare = parse_dag({"dag": "/lib/bare", "nodes": {"a": {"type": "llm", "prompt": "x"}}})
+    lib = {"/lib/text/summarize": summarize_lib(), "/lib/bare": bare}
+    given: dict[str, Any] = {"text": "{{ inputs.q }}", "words": 12}
+    good: dict[str, Any] = {"type": "subgraph", "dag": "/lib/text/summarize", "inputs": given}
+    reader = {"type": "llm", "prompt": "{{ nodes.s.output.summary }} {{ nodes.s.output.length }}"}
+    assert problems_of(doc_with({"s": good, "t": reader}), lib) == []
+
+    problems = problems_of(
+        doc_with(
+            {
+                "missing": {"type": "subgraph", "dag": "/lib/text/summarize"},
+                "extra": {**good, "inputs": {**given, "style": "short"}},
+                "typed": {**good, "inputs": {"text": "x", "words": "twelve words"}},
+                "literal": {**good, "inputs": {"text": ["not", "a", "string"]}},
+                "unknown": {"type": "subgraph", "dag": "/lib/nowhere"},
+                "bare": {"type": "subgraph", "dag": "/lib/bare"},
+                "s": good,
+                "use": {"type": "llm", "prompt": "{{ nodes.s.output.title }}"},
+            }
+        ),
+        lib,
+    )
+    assert has(problems, "missing", "inputs.text", "requires this input")
+    assert has(problems, "extra", "inputs.style", "takes no input 'style'", "text, words")
+    assert not [p for p in problems if p.node == "typed"]  # a string is a template
+    assert has(problems, "literal", "inputs.text", "expects a string, got a list")
+    assert has(problems, "unknown", "dag", "no library subgraph /lib/nowhere")
+    assert has(problems, "bare", "dag", "has no signature")
+    assert has(problems, "use", "prompt", "has no output 'title'", "length, summary")
+    assert len(problems) == 6
+
+
+def test_subgraph_recursion_is_reported() -> None:
+    a = parse_dag(
+        {
+            "dag": "/lib/a",
+            "signature": {"inputs": [], "outputs": ["b"]},
+            "nodes": {"b": {"type": "subgraph", "dag": "/lib/b"}},
+        }
+    )
+    b = parse_dag(
+        {
+            "dag": "/lib/b",
+            "signature": {"inputs": [], "outputs": ["a"]},
+            "nodes": {"a": {"type": "subgraph", "dag": "/lib/a"}},
+        }
+    )
+    problems = check(a, {"/lib/a": a, "/lib/b": b})
+    assert has(problems, "b", "dag", "/lib/a -> /lib/b -> /lib/a")
+
+
+def test_assert_that_does_not_parse() -> None:
+    problems = problems_of(
+        doc_with(
+            {
+                "a": {"type": "assert", "that": "inputs.q ==="},
+                "b": {"type": "assert", "that": "inputs.q | no_such_filter"},
+                "c": {"type": "assert", "that": "inputs.q }} {% if 1 %}"},
+                "d": {"type": "llm", "prompt": "{% if inputs.q %}unclosed"},
+            }
+        )
+    )
+    assert has(problems, "a", "that", "does not parse")
+    assert has(problems, "b", "that", "does not parse", "no_such_filter")
+    assert has(problems, "c", "that", "does not parse")
+    assert has(problems, "d", "prompt", "does not parse")
+    assert len(problems) == 4
+
+
+def test_every_problem_is_reported_at_once_with_its_node() -> None:
+    doc = {
+        "dag": "/lib/planner",
+        "inputs": {"topic": {"type": "string"}},
+        "budget": {"max_nodes": 2},
+        "nodes": {
+            "a": {"type": "llm", "prompt": "{{ inputs.nope }}", "model": "gpt-9"},
+            "b": {"type": "llm", "prompt": "{{ nodes.c.output }}", "output_schema": {"type": 5}},
+            "c": {"type": "llm", "prompt": "{{ nodes.b.output }}", "context": "z"},
+            "d": {"type": "assert", "that": "nodes.a.output >"},
+        },
+    }
+    problems = problems_of(doc)
+    assert has(problems, None, "signature")
+    assert has(problems, None, "budget.max_nodes", "runs 4 nodes")
+    assert has(problems, "a", "prompt", "unknown input 'nope'")
+    assert has(problems, "a", "model", "unknown model 'gpt-9'")
+    assert has(problems, "b", "output_schema.type", "invalid JSON schema")
+    assert has(problems, "b", None, "b -> c -> b")
+    assert has(problems, "c", "context", "unknown node 'z'")
+    assert has(problems, "d", "that", "does not parse")
+    assert len(problems) == 8
+    with pytest.raises(DagInvalid) as info:
+        ensure_valid(parse_dag(doc), known_models=MODELS, known_tags=TAGS)
+    assert len(info.value.problems) == 8
+    assert {p["node"] for p in info.value.to_list()} == {None, "a", "b", "c", "d"}
+    assert "8 problems" in str(info.value)
+
+
+def test_input_defaults_and_binding() -> None:
+    spec = parse_dag(
+        doc_with(
+            {"a": {"type": "llm", "prompt": "{{ inputs.q }} {{ inputs.n }}"}},
+            inputs={
+                "q": {"type": "string"},
+                "n": {"type": "integer", "default": 3},
+                "bad": {"type": "integer", "default": "three"},
+            },
+        )
+    )
+    assert has(check(spec), None, "inputs.bad.default", "not a integer")
+    with pytest.raises(DagInvalid) as info:
+        bind_inputs(spec, {"n": True, "zz": 1})
+    assert {p.field for p in info.value.problems} == {"inputs.zz", "inputs.n", "inputs.q"}
+    assert bind_inputs(spec, {"q": "hi"}) == {"q": "hi", "n": 3, "bad": "three"}
+
+
+# -- dependencies ---------------------------------------------------------------------------
+
+
+def test_dependencies_and_levels() -> None:
+    spec = load_dag(ISSUE_YAML)
+    assert dependencies(spec) == {
+        "prefs": set(),
+        "ideas": {"prefs"},
+        "followup": {"prefs"},
+        "check": {"prefs"},
+    }
+    assert topological_order(spec) == [["prefs"], ["ideas", "followup", "check"]]
+
+    wide = parse_dag(
+        doc_with(
+            {
+                "join": {"type": "llm", "prompt": "{{ nodes.x.output }} {{ nodes.fan.output }}"},
+                "x": {"type": "llm", "prompt": "{{ inputs.q }}"},
+                "y": {"type": "llm", "prompt": "{{ inputs.q }}"},
+                "z": {"type": "llm", "prompt": "more", "context": "x"},
+                "fan": {"type": "fork", "branches": ["y", "z"]},
+                "ok": {"type": "assert", "that": "nodes.join.output", "needs": ["x"]},
+            }
+        )
+    )
+    assert check(wide) == []
+    assert dependencies(wide)["fan"] == {"y", "z"}
+    assert topological_order(wide) == [["x", "y"], ["z"], ["fan"], ["join"], ["ok"]]
+
+
+# -- templates ------------------------------------------------------------------------------
+
+
+def test_render_prompts_from_inputs_and_outputs() -> None:
+    env = make_environment()
+    scope = make_scope({"request": "museums and food"}, {"prefs": {"interests": ["art", "food"]}})
+    text = render(env, "Around {{ nodes.prefs.output.interests | join(', ') }}.\n", scope)
+    assert text == "Around art, food.\n"
+    assert render(env, "{{ inputs.request | upper }}", scope) == "MUSEUMS AND FOOD"
+    with pytest.raises(RenderFailed, match="UndefinedError") as info:
+        render(env, "{{ nodes.ideas.output }}", scope, node="later")
+    assert info.value.node == "later"
+    # a lone expression keeps its type (subgraph inputs); other strings render to text
+    assert render_value(env, "{{ nodes.prefs.output.interests }}", scope) == ["art", "food"]
+    assert render_value(env, "{{ inputs.request }}!", scope) == "museums and food!"
+    assert render_value(env, "{{ 1 }} and {{ 2 }}", scope) == "1 and 2"
+    assert render_value(env, 7, scope) == 7
+    assert evaluate(env, "nodes.prefs.output.interests | length", scope) == 2
+
+
+def test_assert_true_and_false_with_values() -> None:
+    env = make_environment()
+    scope = make_scope({"min": 1}, {"prefs": {"interests": []}})
+    check_assert(env, "inputs.min >= 1", scope)
+    with pytest.raises(AssertFailed) as info:
+        check_assert(
+            env, "nodes.prefs.output.interests | length >= inputs.min", scope, node="check"
+        )
+    failed = info.value
+    assert failed.node == "check"
+    assert failed.values == {"nodes.prefs.output.interests": "[]", "inputs.min": "1"}
+    assert "nodes.prefs.output.interests | length >= inputs.min" in str(failed)
+    assert "nodes.prefs.output.interests = []" in str(failed)
+    with pytest.raises(AssertFailed, match="could not evaluate") as info:
+        check_assert(env, "nodes.missing.output", scope, message="needs the missing node")
+    assert info.value.values == {"nodes.missing.output": "<undefined>"}
+    assert "needs the missing node" in str(info.value)
+
+
+def test_sandbox_refuses_unsafe_access() -> None:
+    env = make_environment()
+    scope = make_scope({"s": "x"}, {"a": ["one"]})
+    with pytest.raises(AssertFailed, match="SecurityError"):
+        check_assert(env, "''.__class__", scope)
+    with pytest.raises(RenderFailed, match="SecurityError"):
+        evaluate(env, "''.__class__.__mro__", scope)
+    with pytest.raises(RenderFailed, match="SecurityError"):
+        render(env, "{{ inputs.s.__class__.__subclasses__() }}", scope)
+    with pytest.raises(RenderFailed, match="SecurityError"):
+        render(env, "{{ nodes.a.output.append('two') }}", scope)  # outputs are immutable
+    with pytest.raises(RenderFailed, match="SecurityError"):
+        evaluate(env, "'a' * 10 ** 9", scope)
+    with pytest.raises(RenderFailed, match="SecurityError"):
+        evaluate(env, "9 ** 99999", scope)
+    assert evaluate(env, "2 ** 10", scope) == 1024
