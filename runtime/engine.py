@@ -65,6 +65,7 @@ if TYPE_CHECKING:
     from pcrt.device.offload import OffloadPlan
 
 __all__ = [
+    "CheckpointEvent",
     "Completion",
     "Engine",
     "EngineConfig",
@@ -127,6 +128,9 @@ class GenerateRequest:
     n: int = 1
     state: KVState | None = None  # restore this KV first (resume); its tokens prefix the prompt
     export_state: bool = False  # attach each finished sequence's KV state to the result
+    # every N generated tokens, emit a CheckpointEvent with the sequence's KV state, so a
+    # crash loses at most N tokens of a long generation (0: never)
+    checkpoint_every: int = 0
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
 
 
@@ -135,6 +139,15 @@ class TokenEvent:
     index: int  # fork branch
     text: str  # may be "" while text is held back (partial UTF-8 or a possible stop)
     token: int
+
+
+@dataclass(frozen=True)
+class CheckpointEvent:
+    """A resumable point: ``state.continuation`` re-creates this sequence exactly."""
+
+    index: int
+    state: KVState
+    tokens: list[int]  # generated so far (the last one is ``state.next_token``)
 
 
 @dataclass(frozen=True)
@@ -214,7 +227,7 @@ class RequestHandle:
         if not self._done:
             self._engine._inbox.put(("cancel", self.id))
 
-    async def __aiter__(self) -> AsyncIterator[TokenEvent | FinishEvent]:
+    async def __aiter__(self) -> AsyncIterator[TokenEvent | CheckpointEvent | FinishEvent]:
         """Events in order. Leaving the loop early cancels the request.
 
         Undelivered events stay in the handle (not in this generator), so a second
@@ -748,6 +761,18 @@ class Engine:
             or len(br.slot.tokens) + 1 >= self.context_per_slot  # the context is full
         ):
             self._finish(job, br, "length")
+        else:
+            every = job.handle.request.checkpoint_every
+            if every and len(br.choice.tokens) % every == 0:
+                self._checkpoint(job, br)
+
+    def _checkpoint(self, job: _Job, br: _Branch) -> None:
+        try:
+            state = self._export(br.slot, next_token=br.pending)
+        except PcrtError:  # a missed checkpoint costs recomputation after a crash, no more
+            log.exception("could not checkpoint request %s", job.handle.id)
+            return
+        job.outbox.append(CheckpointEvent(br.choice.index, state, list(br.choice.tokens)))
 
     def _finish(self, job: _Job, br: _Branch, reason: FinishReason) -> None:
         assert br.stream is not None

@@ -10,7 +10,13 @@ import jsonschema
 import pytest
 
 from pcrt.runtime.chat import ChatMessage
-from pcrt.runtime.engine import Engine, EngineConfig, GenerateRequest, TokenEvent
+from pcrt.runtime.engine import (
+    CheckpointEvent,
+    Engine,
+    EngineConfig,
+    GenerateRequest,
+    TokenEvent,
+)
 from pcrt.runtime.errors import (
     ChatTemplateMissing,
     ContextLengthExceeded,
@@ -319,3 +325,25 @@ async def test_events_survive_a_consumer_that_stops_and_comes_back(engine: Engin
         break
     result = await handle.completion()
     assert result.completion_tokens == 1
+
+
+async def test_checkpoints_resume_exactly(engine: Engine) -> None:
+    """A checkpoint taken mid-generation continues as if nothing had happened."""
+    prompt = "The story of the old lighthouse keeper begins"
+    sampling = SamplingParams(temperature=0.0, max_tokens=40, logit_bias=LONG.logit_bias)
+    handle = engine.submit(GenerateRequest(prompt=prompt, sampling=sampling, checkpoint_every=16))
+    checkpoints = [e async for e in handle if isinstance(e, CheckpointEvent)]
+    whole = await handle.completion()
+    assert [len(c.tokens) for c in checkpoints] == [16, 32]
+    second = checkpoints[1]
+    assert second.state.next_token == second.tokens[-1]
+    assert whole.choices[0].tokens[:32] == second.tokens
+    rest = await engine.generate(
+        GenerateRequest(
+            prompt=[],
+            state=second.state,
+            sampling=sampling.model_copy(update={"max_tokens": 40 - 32}),
+        )
+    )
+    assert rest.cached_tokens == len(second.state.tokens)
+    assert second.tokens + rest.choices[0].tokens == whole.choices[0].tokens
