@@ -141,3 +141,83 @@ def m003_usage(db: sqlite_utils.Database) -> None:
     )
     db.table("usage").create_index(["agent", "ts"])
     db.table("usage").create_index(["ts"])
+
+
+@migration
+def m004_runs_nodes_blobs(db: sqlite_utils.Database) -> None:
+    # DAG runs and their nodes (issue 5); KV state blobs and the subgraph result cache
+    db.table("runs").create(
+        {
+            "id": str,
+            "dag_path": str,
+            "spec": str,  # the DAG document, JSON
+            "inputs": str,  # JSON
+            "status": str,  # pending running interrupted succeeded failed budget_exceeded
+            #                 cancelled migrated
+            "error": str,
+            "tokens_used": int,
+            "nodes_executed": int,
+            "created_at": str,
+            "updated_at": str,
+            "finished_at": str,
+            "migrated_to": str,
+        },
+        pk="id",
+        not_null={"dag_path", "spec", "inputs", "status", "created_at", "updated_at"},
+    )
+    db.table("runs").create_index(["status"])
+    db.table("nodes").create(
+        {
+            "run_id": str,
+            "node_id": str,
+            "path": str,
+            "type": str,
+            "status": str,  # pending running succeeded failed skipped
+            "output": str,  # JSON
+            "prompt_tokens": int,
+            "cached_tokens": int,
+            "completion_tokens": int,
+            "started_at": str,
+            "finished_at": str,
+            "seconds": float,
+            "ran_on": str,
+            "model": str,
+            "state_sha256": str,  # the finished node's KV (prompt + output)
+            "checkpoint_sha256": str,  # the latest mid-generation checkpoint
+            "checkpoint_tokens": int,
+            "cache_hit": int,
+            "resumed_from_checkpoint": int,
+            "error": str,
+        },
+        pk=("run_id", "node_id"),
+        not_null={"run_id", "node_id", "path", "type", "status"},
+        foreign_keys=[("run_id", "runs", "id")],
+    )
+    db.table("blobs").create(
+        {
+            "sha256": str,
+            "size": int,
+            "kind": str,
+            "run_id": str,
+            "created_at": str,
+            "last_used_at": str,
+        },
+        pk="sha256",
+        not_null={"size", "kind", "created_at", "last_used_at"},
+    )
+    db.table("blobs").create_index(["run_id"])
+    db.table("blobs").create_index(["last_used_at"])
+    db.table("subgraph_cache").create(
+        {
+            "key": str,
+            "path": str,
+            "output": str,  # JSON
+            "tokens": int,
+            "size": int,
+            "created_at": str,
+            "last_used_at": str,
+        },
+        pk="key",
+        not_null={"path", "output", "created_at", "last_used_at"},
+    )
+    db.table("subgraph_cache").create_index(["last_used_at"])

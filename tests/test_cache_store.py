@@ -14,7 +14,7 @@ from pcrt.cache.store import Store
 from pcrt.runtime.hashing import file_sha256
 from tests.httpserver import sha256_hex
 
-SHIPPED = ["m001_file_hashes", "m002_bench_results", "m003_usage"]
+SHIPPED = ["m001_file_hashes", "m002_bench_results", "m003_usage", "m004_runs_nodes_blobs"]
 
 
 def test_new_database_is_migrated(tmp_path: Path) -> None:

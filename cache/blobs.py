@@ -1,0 +1,178 @@
+"""Content-addressed blob store for KV states: files named by their sha256.
+
+A blob is written to a temporary file, fsynced and renamed into place, then indexed in
+SQLite; so a blob that the index (or a node record) refers to is always complete, and
+a crash at any instant leaves at worst an unreferenced temporary file. Reads verify the
+hash: a blob whose bytes changed on disk is refused, never loaded.
+
+The store has a size bound. Eviction removes the least recently used blobs that no
+unfinished run needs; a blob pinned by a running or interrupted run is never evicted.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import os
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from pcrt.cache.store import Store
+
+__all__ = ["BlobCorrupt", "BlobInfo", "BlobMissing", "BlobStore"]
+
+_SHA = re.compile(r"^[0-9a-f]{64}$")
+# runs in these states may still need their blobs: never evict them
+UNFINISHED_RUN_STATES = ("pending", "running", "interrupted")
+
+
+class BlobMissing(KeyError):
+    """No blob with this hash (never stored, or evicted)."""
+
+
+class BlobCorrupt(ValueError):
+    """The blob's bytes no longer hash to its name."""
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds")
+
+
+@dataclass(frozen=True)
+class BlobInfo:
+    sha256: str
+    size: int
+    kind: str
+    run_id: str | None
+    created_at: str
+    last_used_at: str
+
+
+class BlobStore:
+    def __init__(self, store: Store, root: Path, max_bytes: int | None = None) -> None:
+        self.store = store
+        self.root = root
+        self.max_bytes = max_bytes
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()  # the sqlite connection is shared between threads
+
+    def path_of(self, sha256: str) -> Path:
+        if not _SHA.match(sha256):
+            raise BlobMissing(f"not a blob id: {sha256!r}")
+        return self.root / sha256[:2] / sha256
+
+    def put(self, data: bytes, *, kind: str = "kv-state", run_id: str | None = None) -> str:
+        """Store ``data`` (idempotent) and return its sha256."""
+        sha256 = hashlib.sha256(data).hexdigest()
+        path = self.path_of(sha256)
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{sha256}.{os.getpid()}.{threading.get_ident()}.tmp")
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            _fsync_dir(path.parent)
+        now = _now()
+        with self._lock:
+            self.store.db.execute(
+                "insert into blobs (sha256, size, kind, run_id, created_at, last_used_at)"
+                " values (?, ?, ?, ?, ?, ?) on conflict (sha256) do update set"
+                " last_used_at = excluded.last_used_at,"
+                " run_id = coalesce(excluded.run_id, blobs.run_id)",
+                [sha256, len(data), kind, run_id, now, now],
+            )
+        if self.max_bytes is not None:
+            self.evict(keep=sha256)
+        return sha256
+
+    def get(self, sha256: str) -> bytes:
+        """The blob's bytes, verified against its name."""
+        path = self.path_of(sha256)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise BlobMissing(f"no blob {sha256}") from None
+        if hashlib.sha256(data).hexdigest() != sha256:
+            raise BlobCorrupt(f"blob {sha256} is corrupt: its bytes no longer match its hash")
+        with self._lock:
+            self.store.db.execute(
+                "update blobs set last_used_at = ? where sha256 = ?", [_now(), sha256]
+            )
+        return data
+
+    def has(self, sha256: str) -> bool:
+        try:
+            return self.path_of(sha256).is_file()
+        except BlobMissing:
+            return False
+
+    def info(self, sha256: str) -> BlobInfo:
+        with self._lock:
+            rows = list(self.store.db.query("select * from blobs where sha256 = ?", [sha256]))
+        if not rows or not self.has(sha256):
+            raise BlobMissing(f"no blob {sha256}")
+        return BlobInfo(**rows[0])
+
+    def entries(self, run_id: str | None = None) -> list[BlobInfo]:
+        sql, params = "select * from blobs", []
+        if run_id is not None:
+            sql, params = sql + " where run_id = ?", [run_id]
+        with self._lock:
+            rows = list(self.store.db.query(sql + " order by created_at", params))
+        return [BlobInfo(**row) for row in rows]
+
+    def remove(self, sha256: str) -> bool:
+        path = self.path_of(sha256)
+        with self._lock:
+            self.store.db.execute("delete from blobs where sha256 = ?", [sha256])
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return False
+        return True
+
+    def total_bytes(self) -> int:
+        with self._lock:
+            rows = list(self.store.db.query("select coalesce(sum(size), 0) as n from blobs"))
+        return int(rows[0]["n"])
+
+    def evict(self, keep: str | None = None) -> list[str]:
+        """Drop least recently used evictable blobs until under ``max_bytes``; ``keep`` (the
+        blob just written) is never the victim."""
+        if self.max_bytes is None:
+            return []
+        total = self.total_bytes()
+        if total <= self.max_bytes:
+            return []
+        marks = ", ".join("?" for _ in UNFINISHED_RUN_STATES)
+        with self._lock:
+            candidates = list(
+                self.store.db.query(
+                    "select b.sha256, b.size from blobs b left join runs r on r.id = b.run_id"
+                    f" where r.id is null or r.status not in ({marks})"
+                    " order by b.last_used_at",
+                    list(UNFINISHED_RUN_STATES),
+                )
+            )
+        evicted = []
+        for row in candidates:
+            if total <= self.max_bytes:
+                break
+            if row["sha256"] == keep:
+                continue
+            self.remove(row["sha256"])
+            total -= row["size"]
+            evicted.append(row["sha256"])
+        return evicted
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

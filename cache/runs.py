@@ -1,0 +1,272 @@
+"""DAG runs and node records, written so that a crash at any instant leaves them consistent.
+
+Every change is one SQLite transaction, and blobs are stored (fsynced, renamed) before a
+record names them. A run the daemon was executing when it died still says ``running``;
+``mark_interrupted`` turns those into ``interrupted`` at start-up, and a resume picks up
+each node from its record: finished nodes keep their outputs, an interrupted node its
+last checkpoint.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
+from typing import Any
+
+from pcrt.cache.store import Store
+
+__all__ = ["NodeRecord", "RunNotFound", "RunRecord", "RunStore"]
+
+FINISHED_RUN_STATES = ("succeeded", "failed", "budget_exceeded", "cancelled", "migrated")
+
+
+class RunNotFound(KeyError):
+    pass
+
+
+def _now() -> str:
+    # microseconds: LRU order of cache entries must not tie within one millisecond
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="microseconds")
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    id: str
+    dag_path: str
+    spec: dict[str, Any]
+    inputs: dict[str, Any]
+    status: str
+    error: str | None
+    tokens_used: int
+    nodes_executed: int
+    created_at: str
+    updated_at: str
+    finished_at: str | None
+    migrated_to: str | None
+
+    @property
+    def finished(self) -> bool:
+        return self.status in FINISHED_RUN_STATES
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> RunRecord:
+        row = dict(row)
+        row["spec"] = json.loads(row["spec"])
+        row["inputs"] = json.loads(row["inputs"])
+        row["tokens_used"] = row["tokens_used"] or 0
+        row["nodes_executed"] = row["nodes_executed"] or 0
+        return cls(**row)
+
+
+@dataclass(frozen=True)
+class NodeRecord:
+    run_id: str
+    node_id: str
+    path: str
+    type: str
+    status: str
+    output: Any
+    prompt_tokens: int | None
+    cached_tokens: int | None
+    completion_tokens: int | None
+    started_at: str | None
+    finished_at: str | None
+    seconds: float | None
+    ran_on: str | None
+    model: str | None
+    state_sha256: str | None
+    checkpoint_sha256: str | None
+    checkpoint_tokens: int | None
+    cache_hit: bool
+    resumed_from_checkpoint: bool
+    error: str | None
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> NodeRecord:
+        row = dict(row)
+        row["output"] = json.loads(row["output"]) if row["output"] is not None else None
+        row["cache_hit"] = bool(row["cache_hit"])
+        row["resumed_from_checkpoint"] = bool(row["resumed_from_checkpoint"])
+        return cls(**row)
+
+
+_NODE_FIELDS = {f.name for f in fields(NodeRecord)}
+
+
+class RunStore:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._lock = threading.RLock()
+
+    @contextmanager
+    def _tx(self) -> Iterator[_Tx]:
+        """One transaction, committed on exit, rolled back on error. Plain SQL only:
+        sqlite-utils' table methods commit on their own and would split it."""
+        with self._lock, self.store.db.conn as conn:
+            yield _Tx(conn)
+
+    # -- runs -------------------------------------------------------------------------
+
+    def create_run(
+        self,
+        run_id: str,
+        dag_path: str,
+        spec: dict[str, Any],
+        inputs: dict[str, Any],
+        nodes: list[tuple[str, str, str]],
+    ) -> RunRecord:
+        """The run and one pending record per node (id, path, type), in one transaction."""
+        now = _now()
+        with self._tx() as db:
+            db.insert(
+                "runs",
+                {
+                    "id": run_id, "dag_path": dag_path, "spec": json.dumps(spec),
+                    "inputs": json.dumps(inputs), "status": "pending", "tokens_used": 0,
+                    "nodes_executed": 0, "created_at": now, "updated_at": now,
+                },
+            )  # fmt: skip
+            for node_id, path, kind in nodes:
+                db.insert(
+                    "nodes",
+                    {"run_id": run_id, "node_id": node_id, "path": path, "type": kind,
+                     "status": "pending", "cache_hit": 0, "resumed_from_checkpoint": 0},
+                )  # fmt: skip
+        return self.get_run(run_id)
+
+    def get_run(self, run_id: str) -> RunRecord:
+        with self._lock:
+            rows = list(self.store.db.query("select * from runs where id = ?", [run_id]))
+        if not rows:
+            raise RunNotFound(f"no run {run_id!r}")
+        return RunRecord.from_row(rows[0])
+
+    def list_runs(self, status: str | None = None, limit: int = 100) -> list[RunRecord]:
+        sql, params = "select * from runs", []
+        if status is not None:
+            sql, params = sql + " where status = ?", [status]
+        with self._lock:
+            rows = list(
+                self.store.db.query(sql + " order by created_at desc limit ?", [*params, limit])
+            )
+        return [RunRecord.from_row(r) for r in rows]
+
+    def set_status(
+        self, run_id: str, status: str, *, error: str | None = None, **extra: Any
+    ) -> None:
+        now = _now()
+        values = {"status": status, "updated_at": now, "error": error, **extra}
+        if status in FINISHED_RUN_STATES:
+            values["finished_at"] = now
+        with self._tx() as db:
+            db.update("runs", {"id": run_id}, values)
+
+    def mark_interrupted(self) -> list[str]:
+        """Runs left ``running`` by a daemon that died: now ``interrupted`` (resumable)."""
+        with self._tx() as db:
+            rows = db.execute("select id from runs where status = 'running'").fetchall()
+            ids = [row[0] for row in rows]
+            for run_id in ids:
+                db.update("runs", {"id": run_id}, {"status": "interrupted", "updated_at": _now()})
+                db.execute(
+                    "update nodes set status = 'interrupted'"
+                    " where run_id = ? and status = 'running'",
+                    [run_id],
+                )
+        return ids
+
+    # -- nodes ------------------------------------------------------------------------
+
+    def nodes(self, run_id: str) -> list[NodeRecord]:
+        with self._lock:
+            rows = self.store.db.query(
+                "select * from nodes where run_id = ? order by rowid", [run_id]
+            )
+            return [NodeRecord.from_row(r) for r in rows]
+
+    def node(self, run_id: str, node_id: str) -> NodeRecord:
+        with self._lock:
+            rows = list(
+                self.store.db.query(
+                    "select * from nodes where run_id = ? and node_id = ?", [run_id, node_id]
+                )
+            )
+        if not rows:
+            raise RunNotFound(f"no node {node_id!r} in run {run_id!r}")
+        return NodeRecord.from_row(rows[0])
+
+    def update_node(self, run_id: str, node_id: str, **values: Any) -> None:
+        unknown = set(values) - _NODE_FIELDS
+        if unknown:
+            raise ValueError(f"unknown node fields: {sorted(unknown)}")
+        if "output" in values:
+            values["output"] = json.dumps(values["output"])
+        with self._tx() as db:
+            db.update("nodes", {"run_id": run_id, "node_id": node_id}, values)
+
+    def finish_node(self, run_id: str, node_id: str, *, tokens: int, **values: Any) -> None:
+        """The node's final record and the run's counters, together."""
+        if "output" in values:
+            values["output"] = json.dumps(values["output"])
+        values.setdefault("finished_at", _now())
+        with self._tx() as db:
+            db.update("nodes", {"run_id": run_id, "node_id": node_id}, values)
+            db.execute(
+                "update runs set tokens_used = tokens_used + ?,"
+                " nodes_executed = nodes_executed + 1, updated_at = ? where id = ?",
+                [tokens, _now(), run_id],
+            )
+
+    # -- subgraph cache -----------------------------------------------------------------
+
+    def cache_get(self, key: str) -> Any | None:
+        with self._tx() as db:
+            row = db.execute("select output from subgraph_cache where key = ?", [key]).fetchone()
+            if row is None:
+                return None
+            db.execute("update subgraph_cache set last_used_at = ? where key = ?", [_now(), key])
+        return json.loads(row[0])
+
+    def cache_put(self, key: str, path: str, output: Any, tokens: int, max_entries: int) -> None:
+        text = json.dumps(output)
+        now = _now()
+        with self._tx() as db:
+            db.execute(
+                "insert into subgraph_cache (key, path, output, tokens, size, created_at,"
+                " last_used_at) values (?, ?, ?, ?, ?, ?, ?) on conflict (key) do update set"
+                " output = excluded.output, last_used_at = excluded.last_used_at",
+                [key, path, text, tokens, len(text), now, now],
+            )
+            db.execute(
+                "delete from subgraph_cache where key in (select key from subgraph_cache"
+                " order by last_used_at desc, rowid desc limit -1 offset ?)",
+                [max_entries],
+            )
+
+
+class _Tx:
+    """Plain-SQL helpers on one connection inside ``RunStore._tx``."""
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+
+    def execute(self, sql: str, params: list[Any] | tuple[Any, ...] = ()) -> Any:
+        return self.conn.execute(sql, params)
+
+    def insert(self, table: str, values: dict[str, Any]) -> None:
+        names = ", ".join(values)
+        marks = ", ".join("?" for _ in values)
+        self.conn.execute(f"insert into {table} ({names}) values ({marks})", list(values.values()))
+
+    def update(self, table: str, key: dict[str, Any], values: dict[str, Any]) -> None:
+        sets = ", ".join(f"{name} = ?" for name in values)
+        where = " and ".join(f"{name} = ?" for name in key)
+        cursor = self.conn.execute(
+            f"update {table} set {sets} where {where}", [*values.values(), *key.values()]
+        )
+        if cursor.rowcount == 0:
+            raise RunNotFound(f"no {table} row {key}")

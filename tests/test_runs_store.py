@@ -1,0 +1,68 @@
+"""Run and node records: one transaction per change, interrupted runs found at start."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from pcrt.cache.runs import RunNotFound, RunStore
+from pcrt.cache.store import Store
+
+NODES = [("a", "/dynamic/t/a", "llm"), ("b", "/dynamic/t/b", "fork")]
+
+
+@pytest.fixture
+def runs(tmp_path: Path) -> RunStore:
+    return RunStore(Store(tmp_path / "pcrt.db"))
+
+
+def test_run_lifecycle(runs: RunStore) -> None:
+    run = runs.create_run("r1", "/dynamic/t", {"dag": "/dynamic/t"}, {"x": 1}, NODES)
+    assert run.status == "pending" and run.inputs == {"x": 1}
+    assert [n.status for n in runs.nodes("r1")] == ["pending", "pending"]
+    runs.set_status("r1", "running")
+    runs.update_node("r1", "a", status="running", checkpoint_sha256="c" * 64, checkpoint_tokens=128)
+    runs.finish_node("r1", "a", tokens=200, status="succeeded", output={"k": [1, 2]})
+    node = runs.node("r1", "a")
+    assert node.output == {"k": [1, 2]} and node.checkpoint_tokens == 128 and node.finished_at
+    run = runs.get_run("r1")
+    assert run.tokens_used == 200 and run.nodes_executed == 1
+    runs.set_status("r1", "succeeded")
+    assert runs.get_run("r1").finished and runs.get_run("r1").finished_at
+
+
+def test_a_failed_create_leaves_nothing(runs: RunStore) -> None:
+    with pytest.raises(sqlite3.IntegrityError):
+        runs.create_run("r2", "/dynamic/t", {}, {}, [NODES[0], NODES[0]])  # duplicate node
+    with pytest.raises(RunNotFound):
+        runs.get_run("r2")
+    assert runs.nodes("r2") == []
+
+
+def test_running_runs_become_interrupted(runs: RunStore) -> None:
+    runs.create_run("r3", "/dynamic/t", {}, {}, NODES)
+    runs.set_status("r3", "running")
+    runs.update_node("r3", "a", status="succeeded")
+    runs.update_node("r3", "b", status="running")
+    assert runs.mark_interrupted() == ["r3"]
+    assert runs.get_run("r3").status == "interrupted"
+    assert [n.status for n in runs.nodes("r3")] == ["succeeded", "interrupted"]
+    assert runs.mark_interrupted() == []
+
+
+def test_unknown_records_and_fields(runs: RunStore) -> None:
+    with pytest.raises(RunNotFound):
+        runs.set_status("nope", "running")
+    runs.create_run("r4", "/dynamic/t", {}, {}, NODES)
+    with pytest.raises(ValueError, match="unknown node fields"):
+        runs.update_node("r4", "a", colour="red")
+
+
+def test_subgraph_cache_is_bounded_lru(runs: RunStore) -> None:
+    for i in range(3):
+        runs.cache_put(f"k{i}", "/lib/x", {"i": i}, tokens=5, max_entries=2)
+    assert runs.cache_get("k0") is None
+    assert runs.cache_get("k2") == {"i": 2}
+    assert runs.cache_get("k1") == {"i": 1}
