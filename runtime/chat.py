@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+import jinja2
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from pydantic import BaseModel, ConfigDict
 
-from pcrt.runtime.errors import ChatTemplateMissing, InvalidRequest
+from pcrt.runtime.errors import ChatTemplateMissing, InvalidRequest, ModelLoadError
 
 __all__ = ["ChatMessage", "ChatRenderer"]
 
@@ -44,11 +45,17 @@ class ChatRenderer:
         self, template: str | None, bos_token: str, eos_token: str, model_name: str
     ) -> None:
         self.model_name = model_name
-        self._formatter = (
-            Jinja2ChatFormatter(template=template, eos_token=eos_token, bos_token=bos_token)
-            if template
-            else None
-        )
+        try:
+            self._formatter = (
+                Jinja2ChatFormatter(template=template, eos_token=eos_token, bos_token=bos_token)
+                if template
+                else None
+            )
+        except jinja2.TemplateError as exc:
+            raise ModelLoadError(
+                f"the chat template of {model_name!r} does not compile: {exc} (fix or set "
+                "'chat_template' in models.toml)"
+            ) from None
         self.bos_token = bos_token
 
     @property

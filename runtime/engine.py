@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import llama_cpp
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pcrt.runtime.chat import ChatMessage, ChatRenderer
 from pcrt.runtime.errors import (
@@ -117,6 +117,14 @@ class EngineConfig(BaseModel):
     flash_attn: bool = False
     n_gpu_layers: int = 0
 
+    @model_validator(mode="after")
+    def _batch_holds_every_slot(self) -> EngineConfig:
+        if self.n_batch < self.parallel:
+            raise ValueError(
+                f"n_batch ({self.n_batch}) must be at least parallel ({self.parallel})"
+            )
+        return self
+
 
 @dataclass(frozen=True)
 class GenerateRequest:
@@ -127,6 +135,12 @@ class GenerateRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     n: int = 1
     state: KVState | None = None  # restore this KV first (resume); its tokens prefix the prompt
+    # restore this KV into the slot before matching the prompt against it: a prompt that
+    # extends the state's tokens (a DAG node continuing its parent) computes only the rest
+    context_state: KVState | None = None
+    # tokens this sequence generated before a checkpoint it resumes from: the sampler chain
+    # (grammar included) accepts them, so a schema-constrained output continues validly
+    generated_prefix: tuple[int, ...] = ()
     export_state: bool = False  # attach each finished sequence's KV state to the result
     # every N generated tokens, emit a CheckpointEvent with the sequence's KV state, so a
     # crash loses at most N tokens of a long generation (0: never)
@@ -210,6 +224,7 @@ class RequestHandle:
     def __init__(self, engine: Engine, request: GenerateRequest, prompt: list[int]) -> None:
         self.id = request.id
         self.request = request
+        self.t_submitted = time.perf_counter()  # queue wait counts in time to first token
         self.prompt_tokens = prompt
         self.cached_tokens = 0
         self.result: Completion | None = None
@@ -318,6 +333,13 @@ class Engine:
         self.name = name or model_path.stem
         self.model = LlamaModel(model_path, n_gpu_layers=self.config.n_gpu_layers)
         try:
+            # the template first: a broken one must fail before the big allocations
+            self.chat = ChatRenderer(
+                chat_template or self.model.chat_template(),
+                bos_token=self.model.token_text(self.model.bos_id),
+                eos_token=self.model.token_text(self.model.eos_id),
+                model_name=self.name,
+            )
             self.context_per_slot = min(self.config.context, self.model.n_ctx_train or 10**9)
             self._ctx = self._new_context()
         except BaseException:
@@ -335,12 +357,6 @@ class Engine:
             type_v=self.config.type_v,
             flash_attn=self.config.flash_attn,
             layout=PORTABLE_LAYOUT if self._portable_state else f"raw-{self.n_stream}",
-        )
-        self.chat = ChatRenderer(
-            chat_template or self.model.chat_template(),
-            bos_token=self.model.token_text(self.model.bos_id),
-            eos_token=self.model.token_text(self.model.eos_id),
-            model_name=self.name,
         )
         self._memory = llama_cpp.llama_get_memory(self._ctx)
         self._batch = llama_cpp.llama_batch_init(self.config.n_batch, 0, 1)
@@ -380,6 +396,18 @@ class Engine:
 
     def submit(self, request: GenerateRequest) -> RequestHandle:
         """Validate and queue a request. Must be called from a running event loop."""
+        prompt = self.prepare(request)
+        handle = RequestHandle(self, request, prompt)
+        self._inbox.put(("submit", handle))
+        return handle
+
+    def prepare(self, request: GenerateRequest) -> list[int]:
+        """Every check a request can fail before any work, and its prompt tokens.
+
+        Bad input (a grammar that does not parse, a logit bias outside the vocabulary, a
+        prompt over the context) fails here, in the caller's thread, with a clear error:
+        an HTTP client gets a 400 rather than an error event inside a started stream.
+        """
         if self._closed:
             raise EngineClosed(f"engine for {self.name!r} is shut down")
         if not 1 <= request.n <= self.config.parallel:
@@ -387,8 +415,9 @@ class Engine:
                 f"n={request.n} continuations need as many slots; this model has "
                 f"{self.config.parallel} (raise --parallel)"
             )
-        if request.state is not None:
-            request.state.check_compatible(self.compat_key)
+        for given in (request.state, request.context_state):
+            if given is not None:
+                given.check_compatible(self.compat_key)
         prompt = self.tokenize_request(request)
         if not prompt:
             raise InvalidRequest("the prompt is empty")
@@ -397,10 +426,8 @@ class Engine:
                 f"the prompt has {len(prompt)} tokens; {self.name!r} takes at most "
                 f"{self.context_per_slot - 1} per request (context {self.context_per_slot})"
             )
-        request.sampling.gbnf()  # a bad schema fails here, before any work
-        handle = RequestHandle(self, request, prompt)
-        self._inbox.put(("submit", handle))
-        return handle
+        Sampler(request.sampling, self.model.vocab, self.model.n_vocab, 0).free()
+        return prompt
 
     async def generate(self, request: GenerateRequest) -> Completion:
         return await self.submit(request).completion()
@@ -479,6 +506,11 @@ class Engine:
             _KV_BYTES_PER_ELEMENT[self.config.type_k] + _KV_BYTES_PER_ELEMENT[self.config.type_v]
         ) / 2
         return int(per_cell_elements * bytes_per * self.context_per_slot * self.config.parallel)
+
+    @property
+    def closed(self) -> bool:
+        """True once shut down, or after the scheduler thread died."""
+        return self._closed
 
     @property
     def busy_slots(self) -> int:
@@ -603,7 +635,7 @@ class Engine:
                 break
             if kind == "submit":
                 self._outgoing.append((payload, [error]))
-            elif kind == "call":
+            elif kind == "call" and payload[1].set_running_or_notify_cancel():
                 payload[1].set_exception(error)
         self._dispatch()
 
@@ -618,8 +650,16 @@ class Engine:
             self._waiting.popleft()
             try:
                 self._place(job, free)
-            except PcrtError as exc:
+            except Exception as exc:  # one bad request must not take the scheduler down
+                if not isinstance(exc, PcrtError):
+                    log.exception("could not start request %s", job.handle.id)
+                    exc = PcrtError(f"the request could not start: {type(exc).__name__}")
                 self._free_job(job)
+                for br in job.branches:
+                    if br.sampler is not None:
+                        br.sampler.free()
+                        br.sampler = None
+                    br.slot.busy = False
                 self._send(job, [exc])
                 continue
             self._running.append(job)
@@ -632,13 +672,17 @@ class Engine:
         for branch, slot in zip(job.branches, [main, *rest], strict=False):
             branch.slot = slot
             slot.busy = True
-        state = job.handle.request.state
-        if state is not None:
+        request = job.handle.request
+        state = request.state or request.context_state
+        if state is not None and _common_prefix(main.tokens, prompt) < len(state.tokens):
             self._restore(main, state)
         common = _common_prefix(main.tokens, prompt)
         donor = max(self._slots, key=lambda s: _common_prefix(s.tokens, prompt))
         donor_common = _common_prefix(donor.tokens, prompt)
-        if donor is not main and donor_common > common:
+        gain = donor_common - common
+        # a copy moves the donor's whole sequence (about 1/18 of recomputing per token,
+        # measured): worth it only when the tokens gained outweigh that
+        if donor is not main and gain >= 16 and gain * 16 > len(donor.tokens):
             self._copy_seq(donor, main, donor_common)
             common = len(main.tokens)
         common = min(common, len(prompt) - 1)  # the last prompt token must be decoded for logits
@@ -651,8 +695,12 @@ class Engine:
         job.t_admitted = time.perf_counter()
         for branch in job.branches:
             seed = resolve_seed(job.params.seed, branch.choice.index)
-            branch.sampler = Sampler(job.params, self.model.vocab, self.model.n_vocab, seed)
-            branch.sampler.accept_prompt(prompt)
+            branch.sampler = Sampler(
+                job.params, self.model.vocab, self.model.n_vocab, seed, self.context_per_slot
+            )
+            generated = request.generated_prefix
+            branch.sampler.accept_prompt(prompt[: len(prompt) - len(generated)])
+            branch.sampler.accept_generated(generated)
             branch.stream = TextStream(job.params.stop)
 
     def _copy_seq(self, src: _Slot, dst: _Slot, n_tokens: int) -> None:
@@ -810,7 +858,7 @@ class Engine:
             prompt_tokens=len(job.prompt),
             cached_tokens=job.handle.cached_tokens,
             completion_tokens=sum(len(b.choice.tokens) for b in job.branches),
-            t_submitted=job.t_admitted,
+            t_submitted=job.handle.t_submitted,
             t_first_token=first,
             t_done=now,
             prompt_seconds=(first - job.t_admitted) if first is not None else 0.0,

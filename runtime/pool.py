@@ -77,7 +77,7 @@ class ModelPool:
         self.settings = settings
         self._open = opener
         self._models: dict[str, LoadedModel] = {}
-        self._load_locks: dict[str, asyncio.Lock] = {}
+        self._load_lock = asyncio.Lock()
         self._draining = False
 
     # -- leases -------------------------------------------------------------------
@@ -111,11 +111,15 @@ class ModelPool:
 
     async def _get(self, entry: ModelEntry) -> LoadedModel:
         model = self._models.get(entry.name)
-        if model is not None:
+        if model is not None and not model.engine.closed:
             return model
-        lock = self._load_locks.setdefault(entry.name, asyncio.Lock())
-        async with lock:
+        # one load at a time: the loaded-model limit counts loads in progress too
+        async with self._load_lock:
             model = self._models.get(entry.name)
+            if model is not None and model.engine.closed:  # its scheduler died: replace it
+                log.error("the engine of %s had stopped; loading it again", entry.name)
+                self._models.pop(entry.name)
+                model = None
             if model is not None:
                 return model
             await self._make_room()

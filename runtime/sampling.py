@@ -73,8 +73,12 @@ def schema_to_grammar(schema: dict[str, Any]) -> str:
 class Sampler:
     """One llama.cpp sampler chain. Not thread-safe: the scheduler thread owns it."""
 
-    def __init__(self, params: SamplingParams, vocab: Any, n_vocab: int, seed: int) -> None:
+    def __init__(
+        self, params: SamplingParams, vocab: Any, n_vocab: int, seed: int, context: int = 4096
+    ) -> None:
         self.params = params
+        # llama.cpp clamps a negative window to 0 (off); -1 means "the whole context" here
+        self.penalty_window = context if params.penalty_last_n < 0 else params.penalty_last_n
         chain_params = llama_cpp.llama_sampler_chain_default_params()
         chain_params.no_perf = True
         self._chain = llama_cpp.llama_sampler_chain_init(chain_params)
@@ -110,7 +114,11 @@ class Sampler:
         if p.repeat_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
             self._penalties = self._add(
                 llama_cpp.llama_sampler_init_penalties(
-                    p.penalty_last_n, p.repeat_penalty, p.frequency_penalty, p.presence_penalty
+                    n_vocab,
+                    self.penalty_window,
+                    p.repeat_penalty,
+                    p.frequency_penalty,
+                    p.presence_penalty,
                 )
             )
         if p.greedy:
@@ -129,10 +137,15 @@ class Sampler:
         """Feed prompt tokens to the penalties (not the grammar, which constrains output only)."""
         if self._penalties is None:
             return
-        last_n = self.params.penalty_last_n
-        window = tokens if last_n < 0 else tokens[max(0, len(tokens) - last_n) :]
+        window = tokens[max(0, len(tokens) - self.penalty_window) :]
         for token in window:
             llama_cpp.llama_sampler_accept(self._penalties, token)
+
+    def accept_generated(self, tokens: tuple[int, ...] | list[int]) -> None:
+        """Replay tokens this sequence already generated (a resume) through the whole chain:
+        the grammar advances past them and the penalties count them."""
+        for token in tokens:
+            llama_cpp.llama_sampler_accept(self._chain, token)
 
     def sample(self, ctx: Any, batch_index: int) -> int:
         """Pick the next token from the logits at ``batch_index`` and accept it."""

@@ -42,8 +42,10 @@ _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 def parse_duration(value: str | float | int) -> float:
     """Seconds from Ollama-style durations: 300, "300", "5m", "1h", "-1" (forever)."""
     if isinstance(value, int | float):
+        if value != value or value in (float("inf"), float("-inf")):  # NaN or infinite
+            raise ValueError(f"not a duration: {value!r}")
         return float(value)
-    match = _DURATION.match(value)
+    match = _DURATION.match(str(value))
     if not match:
         raise ValueError(f"not a duration: {value!r} (examples: 30s, 5m, 1h, 0, -1)")
     return float(match[1]) * _UNITS[match[2]]
@@ -90,6 +92,10 @@ class ServerSettings(BaseModel):
     api_key_env: str = "PCRT_API_KEY"
     shutdown_grace: float = Field(default=10.0, ge=0)
     device_refresh: float = Field(default=5.0, gt=0)  # seconds between live device readings
+    # KV state blobs (issue 5): the store's size bound (LRU eviction of finished runs'
+    # states; None: unbounded) and the largest state PUT /v1/states accepts
+    blob_max_bytes: int | None = Field(default=10 * 1024**3, ge=1)
+    state_upload_max_bytes: int = Field(default=2 * 1024**3, ge=1)
     limits: LimitSettings = LimitSettings()
 
     @field_validator("keep_alive", mode="before")

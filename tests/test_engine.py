@@ -22,6 +22,7 @@ from pcrt.runtime.errors import (
     ContextLengthExceeded,
     IncompatibleState,
     InvalidRequest,
+    ModelLoadError,
     StateError,
 )
 from pcrt.runtime.sampling import SamplingParams
@@ -347,3 +348,15 @@ async def test_checkpoints_resume_exactly(engine: Engine) -> None:
     )
     assert rest.cached_tokens == len(second.state.tokens)
     assert second.tokens + rest.choices[0].tokens == whole.choices[0].tokens
+
+
+async def test_a_broken_chat_template_is_a_clear_load_error(
+    default_model_path: Path, default_model_sha256: str
+) -> None:
+    with pytest.raises(ModelLoadError, match="chat template"):
+        Engine(
+            default_model_path,
+            model_sha256=default_model_sha256,
+            config=EngineConfig(parallel=1, context=256, n_threads=2),
+            chat_template="{% if %}",
+        )

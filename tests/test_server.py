@@ -358,3 +358,25 @@ def test_device_profile_for_peers(server: LiveServer) -> None:
     assert profile["fingerprint"] and profile["cpu_only"] is True  # no GPU on this machine
     assert profile["cpu_only_reason"]
     assert server.services.monitor.running  # live fields keep refreshing while serving
+
+
+def test_penalties_and_early_validation(client: openai.OpenAI, server: LiveServer) -> None:
+    reply = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "List some words."}],
+        presence_penalty=0.5,
+        frequency_penalty=0.5,
+        max_tokens=8,
+    )
+    assert reply.choices[0].message.content is not None
+    # bad sampling input is a 400 before the stream starts, not an error event inside it
+    for extra in ({"logit_bias": {"999999": 5}}, {"grammar": "root ::= (("}):
+        with pytest.raises(openai.BadRequestError):
+            client.chat.completions.create(
+                model=MODEL,
+                messages=[{"role": "user", "content": "x"}],
+                stream=True,
+                extra_body=extra if "grammar" in extra else None,
+                **({} if "grammar" in extra else extra),
+            )
+    assert _busy(server) == 0

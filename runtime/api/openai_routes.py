@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import struct
 import time
@@ -65,8 +66,8 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
 async def _generate(request: Request, body: GenerationFields, route: str, *, chat: bool) -> Any:
     services = _services(request)
     acct = Accounting(services, agent=_agent(request, body.user), model=body.model, route=route)
-    lease = services.pool.lease(body.model, body.keep_alive_seconds())
     try:
+        lease = services.pool.lease(body.model, body.keep_alive_seconds())
         model = await lease.__aenter__()
     except PcrtError as exc:
         acct.failed(exc)
@@ -88,6 +89,9 @@ async def _generate(request: Request, body: GenerationFields, route: str, *, cha
         )
     try:
         result = await _collect(handle, request)
+    except PcrtError as exc:
+        acct.failed(exc)
+        raise
     finally:
         await lease.__aexit__(None, None, None)
     acct.finished(result, 200 if result is not None else 499)
@@ -108,7 +112,7 @@ def _submit(
     else:
         assert isinstance(body, CompletionRequest)
         request = GenerateRequest(prompt=body.prompt_value(), sampling=sampling, n=body.n)
-    tokens = engine.tokenize_request(request)  # once: the limiter needs the count
+    tokens = engine.prepare(request)  # every check first: a refused prompt costs no quota
     acct.admit(len(tokens))
     return engine.submit(GenerateRequest(prompt=tokens, sampling=sampling, n=body.n, id=request.id))
 
@@ -123,7 +127,9 @@ async def _collect(handle: RequestHandle, request: Request) -> Completion | None
                 return waiter.result()
             if await request.is_disconnected():
                 handle.cancel()
-                await waiter
+                # the cancel lands within a decode step; never wait on it without bound
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(waiter, timeout=30)
                 return None
     finally:
         if not waiter.done():
