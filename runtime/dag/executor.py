@@ -1,0 +1,417 @@
+"""Running a DAG: nodes in dependency order, independent ones at once, every step recorded.
+
+A run is created (validated, inputs bound, one pending record per node) and then
+executed; execution is also how it resumes. Nodes whose dependencies are done start
+together, so the engine batches them. Each ``llm`` node:
+
+- renders its prompt, or continues its ``context`` parent by restoring the parent's
+  saved KV and computing only the new turn;
+- checkpoints its KV every ``checkpoint_every`` tokens (blob first, record second), and
+  saves its final KV when done;
+- on resume, continues from its last checkpoint (the sampler replays the tokens it had
+  generated, so a schema-constrained output stays valid); a checkpoint or parent state
+  that is missing, corrupt or saved by an incompatible engine is refused with a logged
+  reason and the node recomputes: slower, never wrong.
+
+Deterministic nodes (temperature 0 or a fixed seed) are cached by their path, rendered
+prompt, parameters, model sha256 and engine version; a hit skips inference.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import hashlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+from typing import Any
+
+import llama_cpp
+
+from pcrt.cache.blobs import BlobCorrupt, BlobMissing, BlobStore
+from pcrt.cache.runs import NodeRecord, RunRecord, RunStore
+from pcrt.runtime.chat import ChatMessage
+from pcrt.runtime.dag.errors import AssertFailed, DagInvalid, Problem
+from pcrt.runtime.dag.load import parse_dag
+from pcrt.runtime.dag.spec import AssertNode, DagSpec, ForkNode, LlmNode, SubgraphNode
+from pcrt.runtime.dag.templates import check_assert, make_environment, make_scope, render
+from pcrt.runtime.dag.validate import bind_inputs, dependencies, ensure_valid
+from pcrt.runtime.engine import (
+    CheckpointEvent,
+    Engine,
+    GenerateRequest,
+    TokenEvent,
+)
+from pcrt.runtime.errors import InvalidRequest, PcrtError, StateError
+from pcrt.runtime.models import Registry
+from pcrt.runtime.sampling import SamplingParams
+from pcrt.runtime.state import KVState
+
+__all__ = ["BudgetExceeded", "DagEvent", "DagRunner", "EngineLease"]
+
+log = logging.getLogger(__name__)
+
+EngineLease = Callable[[str], AbstractAsyncContextManager[Engine]]
+"""Given a model name, an async context manager holding its loaded engine."""
+
+ENGINE_VERSION = f"pcrt-0.1/llama-cpp-python-{llama_cpp.__version__}"
+# a cancelled run keeps its checkpoints, so it can be resumed like an interrupted one
+RESUMABLE = ("pending", "running", "interrupted", "cancelled")
+
+
+class BudgetExceeded(PcrtError):
+    def __init__(self, limit: str, detail: str) -> None:
+        super().__init__(f"budget exceeded: {limit} ({detail})")
+        self.limit = limit
+
+
+@dataclass(frozen=True)
+class DagEvent:
+    """What a streaming client sees: run_started, node_started, token, checkpoint,
+    node_finished, run_finished."""
+
+    kind: str
+    run_id: str
+    node: str | None = None
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Run:
+    record: RunRecord
+    spec: DagSpec
+    outputs: dict[str, Any]
+    tokens_used: int
+    nodes_executed: int
+    emit: Callable[[DagEvent], None]
+
+
+class DagRunner:
+    def __init__(
+        self,
+        *,
+        registry: Registry,
+        runs: RunStore,
+        blobs: BlobStore,
+        lease: EngineLease,
+        ran_on: str = "local",
+        cache_entries: int = 10_000,
+    ) -> None:
+        self.registry = registry
+        self.runs = runs
+        self.blobs = blobs
+        self.lease = lease
+        self.ran_on = ran_on
+        self.cache_entries = cache_entries
+        self.env = make_environment()
+
+    # -- creating -----------------------------------------------------------------
+
+    def create(self, spec: DagSpec, inputs: dict[str, Any]) -> RunRecord:
+        """Validate (every problem at once: DagInvalid), bind inputs, record the run."""
+        names = set(self.registry.entries)
+        aliases = {a for e in self.registry.entries.values() for a in e.aliases}
+        tags = {t for e in self.registry.entries.values() for t in e.tags}
+        ensure_valid(spec, known_models=names | aliases, known_tags=tags)
+        subgraphs = [n.id for n in spec.nodes.values() if isinstance(n, SubgraphNode)]
+        if subgraphs:
+            raise DagInvalid(
+                [
+                    Problem(node=n, field="type", message="subgraph calls cannot run yet")
+                    for n in subgraphs
+                ],
+                source=spec.dag,
+            )
+        bound = bind_inputs(spec, inputs)
+        run_id = uuid.uuid4().hex[:12]
+        nodes = [(node_id, node.path, node.type) for node_id, node in spec.nodes.items()]
+        return self.runs.create_run(run_id, spec.dag, spec.document(), bound, nodes)
+
+    # -- executing ----------------------------------------------------------------
+
+    async def execute(
+        self, run_id: str, on_event: Callable[[DagEvent], None] | None = None
+    ) -> RunRecord:
+        """Run (or resume) until every node is done, a node fails, or a budget is hit."""
+        record = self.runs.get_run(run_id)
+        if record.status not in RESUMABLE:
+            return record
+        spec = parse_dag(record.spec)
+        done = {n.node_id: n.output for n in self.runs.nodes(run_id) if n.status == "succeeded"}
+        run = _Run(
+            record, spec, done, record.tokens_used, record.nodes_executed, on_event or _ignore
+        )
+        self.runs.set_status(run_id, "running")
+        run.emit(DagEvent("run_started", run_id, data={"resumed": bool(done)}))
+        timeout = spec.budget.timeout_sec
+        status, error = "succeeded", None
+        try:
+            async with asyncio.timeout(timeout):
+                await self._schedule(run)
+        except TimeoutError:
+            status, error = "budget_exceeded", f"budget exceeded: timeout_sec ({timeout} s)"
+        except BudgetExceeded as exc:
+            status, error = "budget_exceeded", str(exc)
+        except asyncio.CancelledError:
+            self.runs.set_status(run_id, "cancelled", error="cancelled; checkpoints kept")
+            run.emit(DagEvent("run_finished", run_id, data={"status": "cancelled"}))
+            raise
+        except (PcrtError, AssertFailed) as exc:
+            status, error = "failed", str(exc)
+        except Exception as exc:  # a bug must not leave the run "running" forever
+            log.exception("run %s failed unexpectedly", run_id)
+            status, error = "failed", f"internal error: {type(exc).__name__}: {exc}"
+        self.runs.set_status(run_id, status, error=error)
+        final = self.runs.get_run(run_id)
+        run.emit(
+            DagEvent("run_finished", run_id, data={"status": status, "error": error,
+                                                    "outputs": run.outputs})
+        )  # fmt: skip
+        return final
+
+    async def _schedule(self, run: _Run) -> None:
+        deps = dependencies(run.spec)
+        pending = [n for n in run.spec.nodes if n not in run.outputs]
+        running: dict[asyncio.Task[Any], str] = {}
+        try:
+            while pending or running:
+                ready = [n for n in pending if deps[n] <= run.outputs.keys()]
+                for node_id in ready:
+                    pending.remove(node_id)
+                    self._check_budget(run, starting=len(running))
+                    task = asyncio.create_task(self._node(run, node_id), name=f"dag-{node_id}")
+                    running[task] = node_id
+                if not running:
+                    stuck = ", ".join(pending)
+                    raise PcrtError(f"nodes {stuck} wait for nodes that failed or never ran")
+                finished, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                for task in finished:
+                    node_id = running.pop(task)
+                    run.outputs[node_id] = task.result()  # a failure propagates from here
+        finally:
+            for task in running:
+                task.cancel()
+            for task in running:
+                with contextlib.suppress(BaseException):
+                    await task
+
+    def _check_budget(self, run: _Run, starting: int) -> None:
+        budget = run.spec.budget
+        if budget.max_nodes is not None and run.nodes_executed + starting >= budget.max_nodes:
+            raise BudgetExceeded("max_nodes", f"{budget.max_nodes} nodes executed")
+        if budget.max_tokens is not None and run.tokens_used >= budget.max_tokens:
+            raise BudgetExceeded("max_tokens", f"{run.tokens_used} of {budget.max_tokens} used")
+
+    # -- nodes --------------------------------------------------------------------
+
+    async def _node(self, run: _Run, node_id: str) -> Any:
+        node = run.spec.nodes[node_id]
+        run_id = run.record.id
+        run.emit(DagEvent("node_started", run_id, node_id, {"type": node.type}))
+        started = time.perf_counter()
+        scope = make_scope(run.record.inputs, run.outputs)
+        try:
+            if isinstance(node, AssertNode):
+                check_assert(self.env, node.that, scope, node=node_id, message=node.message)
+                output: Any = True
+                tokens = 0
+            elif isinstance(node, ForkNode) and node.branches is not None:
+                output, tokens = [run.outputs[b] for b in node.branches], 0
+            elif isinstance(node, LlmNode | ForkNode):
+                output, tokens = await self._generate(run, node, scope)
+            else:
+                raise InvalidRequest(f"node {node_id}: type {node.type!r} cannot run")
+        except (PcrtError, AssertFailed) as exc:
+            self.runs.update_node(run_id, node_id, status="failed", error=str(exc))
+            run.emit(DagEvent("node_finished", run_id, node_id, {"status": "failed",
+                                                                  "error": str(exc)}))  # fmt: skip
+            raise
+        generated = isinstance(node, LlmNode) or (
+            isinstance(node, ForkNode) and node.branches is None
+        )
+        if not generated:  # generations write their own record (tokens, states, cache)
+            self.runs.finish_node(
+                run_id, node_id, tokens=0, status="succeeded", output=output,
+                seconds=time.perf_counter() - started, ran_on=self.ran_on,
+            )  # fmt: skip
+        run.nodes_executed += 1
+        run.tokens_used += tokens
+        run.emit(DagEvent("node_finished", run_id, node_id, {"status": "succeeded",
+                                                              "output": output}))  # fmt: skip
+        return output
+
+    async def _generate(
+        self, run: _Run, node: LlmNode | ForkNode, scope: dict[str, Any]
+    ) -> tuple[Any, int]:
+        run_id, node_id = run.record.id, node.id
+        entry = self.registry.resolve(node.model or node.tag)
+        params = dict(node.sampling())
+        budget = run.spec.budget.max_tokens
+        if budget is not None:
+            remaining = budget - run.tokens_used
+            params["max_tokens"] = min(params.get("max_tokens", remaining), remaining)
+        sampling = SamplingParams(**params)
+        samples = node.samples if isinstance(node, ForkNode) and node.samples else 1
+        record = self.runs.node(run_id, node_id)
+        async with self.lease(entry.name) as engine:
+            messages, context_state = await self._conversation(run, node, scope, engine)
+            base = GenerateRequest(messages=messages, sampling=sampling, n=samples)
+            prompt = engine.tokenize_request(base)
+            key = self._cache_key(node, prompt, sampling, engine)
+            if key is not None:
+                cached = self.runs.cache_get(key)
+                if cached is not None:
+                    self.runs.finish_node(
+                        run_id, node_id, tokens=0, status="succeeded", output=cached,
+                        cache_hit=1, ran_on=self.ran_on, model=entry.name,
+                        prompt_tokens=len(prompt), cached_tokens=None, completion_tokens=0,
+                        state_sha256=None, checkpoint_sha256=None, seconds=0.0,
+                    )  # fmt: skip
+                    return cached, 0
+            resume = await self._checkpoint_to_resume(record, engine) if samples == 1 else None
+            before: list[int] = []
+            if resume is not None:
+                before = resume.continuation[record.prompt_tokens or 0 :]
+                request = GenerateRequest(
+                    prompt=[], state=resume, generated_prefix=tuple(before),
+                    sampling=sampling.model_copy(
+                        update={"max_tokens": max(0, sampling.max_tokens - len(before))}
+                    ),
+                    export_state=True, checkpoint_every=node.checkpoint_every,
+                )  # fmt: skip
+            else:
+                request = GenerateRequest(
+                    prompt=prompt, sampling=sampling, n=samples, context_state=context_state,
+                    export_state=samples == 1, checkpoint_every=node.checkpoint_every,
+                )  # fmt: skip
+            self.runs.update_node(
+                run_id, node_id, status="running", model=entry.name,
+                started_at=record.started_at or _now(), ran_on=self.ran_on,
+                prompt_tokens=record.prompt_tokens if resume else len(prompt),
+                resumed_from_checkpoint=int(resume is not None),
+            )  # fmt: skip
+            started = time.perf_counter()
+            handle = engine.submit(request)
+            async for event in handle:
+                if isinstance(event, TokenEvent) and event.text:
+                    run.emit(DagEvent("token", run_id, node_id,
+                                      {"index": event.index, "text": event.text}))  # fmt: skip
+                elif isinstance(event, CheckpointEvent):
+                    sha = await asyncio.to_thread(
+                        self.blobs.put, event.state.to_bytes(), run_id=run_id
+                    )
+                    self.runs.update_node(
+                        run_id, node_id, checkpoint_sha256=sha,
+                        checkpoint_tokens=len(before) + len(event.tokens),
+                    )  # fmt: skip
+                    run.emit(DagEvent("checkpoint", run_id, node_id,
+                                      {"tokens": len(before) + len(event.tokens)}))  # fmt: skip
+            result = handle.result
+            assert result is not None
+            texts = [
+                (engine.model.detokenize(before) if before else "") + choice.text
+                for choice in result.choices
+            ]
+            outputs = [self._parse(node, text) for text in texts]
+            output: Any = outputs if isinstance(node, ForkNode) else outputs[0]
+            state = result.choices[0].state if samples == 1 else None
+            state_sha = (
+                await asyncio.to_thread(self.blobs.put, state.to_bytes(), run_id=run_id)
+                if state is not None
+                else None
+            )
+            tokens = result.completion_tokens
+            self.runs.finish_node(
+                run_id, node_id, tokens=tokens, status="succeeded", output=output,
+                completion_tokens=len(before) + tokens, cached_tokens=result.cached_tokens,
+                seconds=time.perf_counter() - started, state_sha256=state_sha,
+            )  # fmt: skip
+            if key is not None:
+                self.runs.cache_put(key, node.path, output, tokens, self.cache_entries)
+            if budget is not None and run.tokens_used + tokens > budget:
+                run.tokens_used += tokens
+                raise BudgetExceeded("max_tokens", f"{run.tokens_used} of {budget} used")
+            return output, tokens
+
+    async def _conversation(
+        self, run: _Run, node: LlmNode | ForkNode, scope: dict[str, Any], engine: Engine
+    ) -> tuple[list[ChatMessage], KVState | None]:
+        """The node's chat: its own turn, after its ``context`` parent's whole conversation."""
+        turns: list[ChatMessage] = []
+        state: KVState | None = None
+        if node.context is not None:
+            parent = run.spec.nodes[node.context]
+            assert isinstance(parent, LlmNode)
+            parent_turns, _ = await self._conversation(run, parent, scope, engine)
+            answer = run.outputs[node.context]
+            text = answer if isinstance(answer, str) else json.dumps(answer)
+            turns = [*parent_turns, ChatMessage(role="assistant", content=text)]
+            record = self.runs.node(run.record.id, node.context)
+            state = await self._load_state(record.state_sha256, engine, f"{node.context}'s KV")
+        elif node.system is not None:
+            system = render(self.env, node.system, scope, node=node.id)
+            turns = [ChatMessage(role="system", content=system)]
+        assert node.prompt is not None
+        prompt = render(self.env, node.prompt, scope, node=node.id)
+        return [*turns, ChatMessage(role="user", content=prompt)], state
+
+    async def _checkpoint_to_resume(self, record: NodeRecord, engine: Engine) -> KVState | None:
+        if record.status not in ("interrupted", "running") or not record.checkpoint_sha256:
+            return None
+        return await self._load_state(
+            record.checkpoint_sha256, engine, f"checkpoint of {record.node_id}"
+        )
+
+    async def _load_state(self, sha: str | None, engine: Engine, what: str) -> KVState | None:
+        """A saved state, or None (with the reason logged) when it cannot be trusted."""
+        if not sha:
+            return None
+        try:
+            state = KVState.from_bytes(await asyncio.to_thread(self.blobs.get, sha))
+            state.check_compatible(engine.compat_key)
+        except (BlobMissing, BlobCorrupt, StateError) as exc:
+            log.warning("not using the %s (%s): recomputing instead", what, exc)
+            return None
+        return state
+
+    def _cache_key(
+        self, node: LlmNode | ForkNode, prompt: list[int], sampling: SamplingParams, engine: Engine
+    ) -> str | None:
+        deterministic = sampling.temperature == 0 or sampling.seed is not None
+        if not node.cache or not deterministic:
+            return None
+        material = {
+            "path": node.path,
+            "prompt": prompt,
+            "sampling": sampling.model_dump(mode="json"),
+            "samples": node.samples if isinstance(node, ForkNode) else 1,
+            "model": engine.compat_key.model_sha256,
+            "engine": ENGINE_VERSION,
+        }
+        return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
+
+    @staticmethod
+    def _parse(node: LlmNode | ForkNode, text: str) -> Any:
+        if node.output_schema is None:
+            return text
+        try:
+            return json.loads(text)
+        except ValueError as exc:
+            raise PcrtError(
+                f"node {node.id}: the output is not the JSON its schema asks for ({exc}); "
+                "raise max_tokens if it was cut short"
+            ) from None
+
+
+def _ignore(_: DagEvent) -> None:
+    return None
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds")
