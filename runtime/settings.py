@@ -91,6 +91,7 @@ class ServerSettings(BaseModel):
     api_key: str | None = None
     api_key_env: str = "PCRT_API_KEY"
     shutdown_grace: float = Field(default=10.0, ge=0)
+    resume_on_start: bool = False  # resume interrupted DAG runs when the daemon starts
     device_refresh: float = Field(default=5.0, gt=0)  # seconds between live device readings
     # KV state blobs (issue 5): the store's size bound (LRU eviction of finished runs'
     # states; None: unbounded) and the largest state PUT /v1/states accepts

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import struct
 from dataclasses import dataclass, field
 
@@ -43,6 +44,7 @@ __all__ = [
     "STATE_FORMAT_VERSION",
     "CompatKey",
     "KVState",
+    "StateHeader",
     "native_payload",
     "portable_payload",
 ]
@@ -79,6 +81,22 @@ class CompatKey(BaseModel):
 
 
 @dataclass(frozen=True)
+class StateHeader:
+    """What a blob says about itself, read without loading or hashing its payload.
+
+    Listing many states (or answering a download with its key) must not read gigabytes;
+    the payload is verified only when a state is actually loaded (``KVState.from_bytes``).
+    """
+
+    key: CompatKey
+    model: str
+    n_tokens: int
+    next_token: int | None
+    payload_bytes: int
+    payload_sha256: str
+
+
+@dataclass(frozen=True)
 class KVState:
     """A sequence's KV cache plus what is needed to continue it."""
 
@@ -110,31 +128,46 @@ class KVState:
     @classmethod
     def from_bytes(cls, blob: bytes | memoryview) -> KVState:
         view = memoryview(blob)
-        if bytes(view[: len(_MAGIC)]) != _MAGIC:
-            raise StateError("not a pcrt KV state (bad magic or unknown format version)")
-        offset = len(_MAGIC)
-        if len(view) < offset + 4:
-            raise StateError("truncated KV state: no header")
-        (header_len,) = struct.unpack_from("<I", view, offset)
-        offset += 4
-        if header_len > _HEADER_LIMIT or len(view) < offset + header_len:
+        header_len = _header_length(bytes(view[:_PREFIX_LEN]))
+        if len(view) < _PREFIX_LEN + header_len:
             raise StateError("truncated or corrupt KV state header")
-        try:
-            header = json.loads(bytes(view[offset : offset + header_len]))
-            key = CompatKey.model_validate(header["key"])
-            tokens = [int(t) for t in header["tokens"]]
-            next_token = header["next_token"]
-            expected_hash, expected_len = header["payload_sha256"], int(header["payload_bytes"])
-        except (ValueError, KeyError, TypeError) as exc:
-            raise StateError(f"corrupt KV state header: {exc}") from None
-        payload = bytes(view[offset + header_len :])
-        if len(payload) != expected_len:
+        offset = _PREFIX_LEN + header_len
+        header, tokens = _decode_header(bytes(view[_PREFIX_LEN:offset]))
+        payload = bytes(view[offset:])
+        if len(payload) != header.payload_bytes:
             raise StateError(
-                f"truncated KV state: payload has {len(payload)} bytes, header says {expected_len}"
+                f"truncated KV state: payload has {len(payload)} bytes, "
+                f"header says {header.payload_bytes}"
             )
-        if hashlib.sha256(payload).hexdigest() != expected_hash:
+        if hashlib.sha256(payload).hexdigest() != header.payload_sha256:
             raise StateError("corrupt KV state: payload sha256 does not match its header")
-        return cls(key, tokens, next_token, payload, str(header.get("model", "")))
+        return cls(header.key, tokens, header.next_token, payload, header.model)
+
+    @staticmethod
+    def read_header(source: bytes | bytearray | memoryview | str | os.PathLike[str]) -> StateHeader:
+        """The header of a blob (its bytes, or a file read only as far as the header).
+
+        Checks the magic, the header and the total length; does not hash the payload.
+        """
+        if isinstance(source, bytes | bytearray | memoryview):
+            view = memoryview(source)
+            header_len = _header_length(bytes(view[:_PREFIX_LEN]))
+            raw = bytes(view[_PREFIX_LEN : _PREFIX_LEN + header_len])
+            total = len(view)
+        else:
+            with open(source, "rb") as f:
+                header_len = _header_length(f.read(_PREFIX_LEN))
+                raw = f.read(header_len)
+                total = os.fstat(f.fileno()).st_size
+        if len(raw) < header_len:
+            raise StateError("truncated or corrupt KV state header")
+        header, _ = _decode_header(raw)
+        if total != _PREFIX_LEN + header_len + header.payload_bytes:
+            raise StateError(
+                f"truncated KV state: {total} bytes, header says "
+                f"{_PREFIX_LEN + header_len + header.payload_bytes}"
+            )
+        return header
 
     def check_compatible(self, engine_key: CompatKey) -> None:
         problems = engine_key.mismatches(self.key)
@@ -142,6 +175,39 @@ class KVState:
             raise IncompatibleState(
                 "this KV state was saved by an incompatible engine: " + "; ".join(problems)
             )
+
+
+_PREFIX_LEN = len(_MAGIC) + _U32.size
+
+
+def _header_length(prefix: bytes) -> int:
+    """The JSON header's length from the blob's first ``_PREFIX_LEN`` bytes."""
+    if prefix[: len(_MAGIC)] != _MAGIC:
+        raise StateError("not a pcrt KV state (bad magic or unknown format version)")
+    if len(prefix) < _PREFIX_LEN:
+        raise StateError("truncated KV state: no header")
+    (header_len,) = _U32.unpack_from(prefix, len(_MAGIC))
+    if header_len > _HEADER_LIMIT:
+        raise StateError("truncated or corrupt KV state header")
+    return int(header_len)
+
+
+def _decode_header(raw: bytes) -> tuple[StateHeader, list[int]]:
+    try:
+        header = json.loads(raw)
+        tokens = [int(t) for t in header["tokens"]]
+        next_token = header["next_token"]
+        parsed = StateHeader(
+            key=CompatKey.model_validate(header["key"]),
+            model=str(header.get("model", "")),
+            n_tokens=len(tokens),
+            next_token=None if next_token is None else int(next_token),
+            payload_bytes=int(header["payload_bytes"]),
+            payload_sha256=str(header["payload_sha256"]),
+        )
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise StateError(f"corrupt KV state header: {exc}") from None
+    return parsed, tokens
 
 
 def portable_payload(raw: bytes, n_stream: int, seq_id: int) -> bytes:

@@ -26,7 +26,7 @@ def free_port() -> int:
 
 class LiveServer:
     def __init__(self, settings: ServerSettings, registry: Registry | None = None) -> None:
-        port = settings.port or free_port()
+        port = free_port()  # never the real daemon's port (the settings default)
         self.settings = settings.model_copy(update={"host": "127.0.0.1", "port": port})
         self.app = create_app(self.settings, registry=registry)
         config = uvicorn.Config(

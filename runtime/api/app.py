@@ -7,16 +7,21 @@ import contextlib
 import hmac
 import logging
 from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 
+from pcrt.cache.blobs import BlobStore
+from pcrt.cache.runs import RunStore
 from pcrt.cache.store import Store
 from pcrt.cache.usage import UsageLog
 from pcrt.device.monitor import DeviceMonitor
-from pcrt.runtime.api import admin_routes, openai_routes
+from pcrt.runtime.api import admin_routes, dag_routes, openai_routes, state_routes
+from pcrt.runtime.api.dag_routes import DagTasks
 from pcrt.runtime.api.errors import install_error_handlers
 from pcrt.runtime.api.service import Services
+from pcrt.runtime.dag.executor import DagRunner
 from pcrt.runtime.engine import Engine
 from pcrt.runtime.errors import Unauthorized
 from pcrt.runtime.limits import RateLimiter
@@ -52,6 +57,8 @@ def create_app(
             return opener(*args, profile=monitor.latest, **kwargs)
 
         pool = ModelPool(reg, settings, open_with_live_profile)
+        blobs = BlobStore(store, reg.paths.home / "blobs", max_bytes=settings.blob_max_bytes)
+        runs = RunStore(store)
         services = Services(
             settings=settings,
             pool=pool,
@@ -59,8 +66,18 @@ def create_app(
             usage=UsageLog(store),
             limiter=RateLimiter(settings.limits),
             metrics=Metrics(_live_gauges(pool)),
+            blobs=blobs,
+            dags=DagTasks(
+                DagRunner(registry=reg, runs=runs, blobs=blobs, lease=_engine_lease(pool))
+            ),
         )
         app.state.services = services
+        interrupted = runs.mark_interrupted()  # runs a dead daemon left "running"
+        if interrupted:
+            log.info("interrupted DAG runs: %s", ", ".join(interrupted))
+        if settings.resume_on_start:
+            for run in runs.list_runs(status="interrupted"):
+                services.dags.start(run.id)
         reaper = asyncio.create_task(pool.reap_forever(), name="pcrt-keep-alive-reaper")
         services.state = "serving"
         log.info("serving on %s:%d", settings.host, settings.port)
@@ -69,6 +86,7 @@ def create_app(
         finally:
             services.state = "draining"
             pool.start_draining()
+            await services.dags.close()  # running DAGs stop; their checkpoints stay
             reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reaper
@@ -92,7 +110,20 @@ def create_app(
     install_error_handlers(app)
     app.include_router(openai_routes.router)
     app.include_router(admin_routes.router)
+    app.include_router(state_routes.router)
+    app.include_router(dag_routes.router)
     return app
+
+
+def _engine_lease(pool: ModelPool) -> Callable[[str], AbstractAsyncContextManager[Engine]]:
+    """DAG nodes take their engine through the pool: loads, keep-alive and limits apply."""
+
+    @contextlib.asynccontextmanager
+    async def lease(name: str) -> AsyncIterator[Engine]:
+        async with pool.lease(name) as model:
+            yield model.engine
+
+    return lease
 
 
 def _live_gauges(pool: ModelPool) -> Callable[[], dict[str, list[tuple[dict[str, str], float]]]]:

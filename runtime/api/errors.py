@@ -17,6 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from pcrt.runtime.dag.errors import DagInvalid
 from pcrt.runtime.errors import (
     ChatTemplateMissing,
     ContextLengthExceeded,
@@ -54,6 +55,10 @@ def status_and_body(exc: PcrtError) -> tuple[int, dict[str, Any], dict[str, str]
         return 503, error_body(msg, "server_overloaded", None, "overloaded"), headers
     if isinstance(exc, ModelNotFound):
         return 404, error_body(msg, "invalid_request_error", "model", "model_not_found"), headers
+    if isinstance(exc, DagInvalid):
+        body = error_body(msg, "invalid_request_error", "dag", "invalid_dag")
+        body["error"]["problems"] = exc.to_list()
+        return 422, body, headers
     if isinstance(exc, ContextLengthExceeded):
         body = error_body(msg, "invalid_request_error", "messages", "context_length_exceeded")
         return 400, body, headers

@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
+from pcrt.cache.blobs import BlobStore
 from pcrt.cache.usage import UsageLog, UsageRecord
 from pcrt.device.monitor import DeviceMonitor
 from pcrt.runtime.api.errors import status_and_body
@@ -15,6 +17,9 @@ from pcrt.runtime.limits import RateLimiter
 from pcrt.runtime.metrics import Metrics
 from pcrt.runtime.pool import ModelPool
 from pcrt.runtime.settings import ServerSettings
+
+if TYPE_CHECKING:  # dag_routes imports this module: no cycle at run time
+    from pcrt.runtime.api.dag_routes import DagTasks
 
 __all__ = ["Accounting", "Services"]
 
@@ -31,6 +36,8 @@ class Services:
     limiter: RateLimiter
     metrics: Metrics
     monitor: DeviceMonitor
+    blobs: BlobStore  # KV state blobs under the home dir
+    dags: DagTasks  # running DAG executions
     state: str = "starting"  # starting | serving | draining
 
 

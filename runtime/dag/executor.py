@@ -274,7 +274,12 @@ class DagRunner:
                         state_sha256=None, checkpoint_sha256=None, seconds=0.0,
                     )  # fmt: skip
                     return cached, 0
-            resume = await self._checkpoint_to_resume(record, engine) if samples == 1 else None
+            if samples > 1:
+                forked, spent = await self._fork(run, node, engine, prompt, sampling, samples)
+                if key is not None:
+                    self.runs.cache_put(key, node.path, forked, spent, self.cache_entries)
+                return forked, spent
+            resume = await self._checkpoint_to_resume(record, engine)
             before: list[int] = []
             if resume is not None:
                 before = resume.continuation[record.prompt_tokens or 0 :]
@@ -338,6 +343,55 @@ class DagRunner:
                 run.tokens_used += tokens
                 raise BudgetExceeded("max_tokens", f"{run.tokens_used} of {budget} used")
             return output, tokens
+
+    async def _fork(
+        self,
+        run: _Run,
+        node: LlmNode | ForkNode,
+        engine: Engine,
+        prompt: list[int],
+        sampling: SamplingParams,
+        samples: int,
+    ) -> tuple[list[Any], int]:
+        """N continuations of one prompt. More samples than the engine has slots run as
+        several forks; chunk k's seed is offset by its first index, so sample i always
+        draws with seed + i, exactly as one big fork would."""
+        run_id, node_id = run.record.id, node.id
+        self.runs.update_node(
+            run_id, node_id, status="running", model=engine.name, started_at=_now(),
+            ran_on=self.ran_on, prompt_tokens=len(prompt),
+        )  # fmt: skip
+        started = time.perf_counter()
+        width = engine.config.parallel
+        handles = []
+        for first in range(0, samples, width):
+            chunk = sampling
+            if sampling.seed is not None:
+                chunk = sampling.model_copy(update={"seed": sampling.seed + first})
+            n = min(width, samples - first)
+            handles.append(
+                (first, engine.submit(GenerateRequest(prompt=prompt, sampling=chunk, n=n)))
+            )
+        texts: list[str] = [""] * samples
+        tokens = cached = 0
+        for first, handle in handles:
+            async for event in handle:
+                if isinstance(event, TokenEvent) and event.text:
+                    data = {"index": first + event.index, "text": event.text}
+                    run.emit(DagEvent("token", run_id, node_id, data))
+            result = handle.result
+            assert result is not None
+            for choice in result.choices:
+                texts[first + choice.index] = choice.text
+            tokens += result.completion_tokens
+            cached += result.cached_tokens
+        output = [self._parse(node, text) for text in texts]
+        self.runs.finish_node(
+            run_id, node_id, tokens=tokens, status="succeeded", output=output,
+            completion_tokens=tokens, cached_tokens=cached,
+            seconds=time.perf_counter() - started,
+        )  # fmt: skip
+        return output, tokens
 
     async def _conversation(
         self, run: _Run, node: LlmNode | ForkNode, scope: dict[str, Any], engine: Engine

@@ -1,0 +1,196 @@
+"""DAG runs over HTTP: start (optionally streamed), list, inspect, resume, cancel."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import asdict
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict
+
+from pcrt.cache.runs import RunNotFound, RunRecord
+from pcrt.runtime.api.service import Services
+from pcrt.runtime.dag import load_dag, parse_dag
+from pcrt.runtime.dag.executor import RESUMABLE, DagEvent, DagRunner
+from pcrt.runtime.dag.spec import DagSpec
+from pcrt.runtime.errors import InvalidRequest, ModelNotFound
+
+__all__ = ["DagTasks", "router", "run_view"]
+
+log = logging.getLogger(__name__)
+router = APIRouter()
+
+
+class StartRun(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    dag: dict[str, Any] | str  # the document, or its YAML / JSON / TOML text
+    inputs: dict[str, Any] = {}
+    stream: bool = False
+    wait: bool = True  # without stream: answer when the run ends (else 202 at once)
+
+
+class DagTasks:
+    """The daemon's running DAG executions, by run id (owned by the app's lifespan)."""
+
+    def __init__(self, runner: DagRunner) -> None:
+        self.runner = runner
+        self.tasks: dict[str, asyncio.Task[RunRecord]] = {}
+        self.listeners: dict[str, list[asyncio.Queue[DagEvent | None]]] = {}
+
+    def start(self, run_id: str) -> asyncio.Task[RunRecord]:
+        if run_id in self.tasks:
+            return self.tasks[run_id]
+
+        def emit(event: DagEvent) -> None:
+            for queue in self.listeners.get(run_id, []):
+                queue.put_nowait(event)
+
+        async def execute() -> RunRecord:
+            try:
+                return await self.runner.execute(run_id, emit)
+            finally:
+                self.tasks.pop(run_id, None)
+                for queue in self.listeners.pop(run_id, []):
+                    queue.put_nowait(None)
+
+        task = asyncio.create_task(execute(), name=f"dag-run-{run_id}")
+        self.tasks[run_id] = task
+        return task
+
+    def listen(self, run_id: str) -> asyncio.Queue[DagEvent | None]:
+        queue: asyncio.Queue[DagEvent | None] = asyncio.Queue()
+        self.listeners.setdefault(run_id, []).append(queue)
+        return queue
+
+    async def cancel(self, run_id: str) -> bool:
+        task = self.tasks.get(run_id)
+        if task is None:
+            return False
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return True
+
+    async def close(self) -> None:
+        for run_id in list(self.tasks):
+            await self.cancel(run_id)
+
+
+def _tasks(request: Request) -> DagTasks:
+    services: Services = request.app.state.services
+    return services.dags
+
+
+def run_view(runner: DagRunner, run: RunRecord) -> dict[str, Any]:
+    nodes = runner.runs.nodes(run.id)
+    return {
+        "id": run.id,
+        "dag": run.dag_path,
+        "status": run.status,
+        "error": run.error,
+        "inputs": run.inputs,
+        "tokens_used": run.tokens_used,
+        "nodes_executed": run.nodes_executed,
+        "created_at": run.created_at,
+        "finished_at": run.finished_at,
+        "outputs": {n.node_id: n.output for n in nodes if n.status == "succeeded"},
+        "nodes": [asdict(n) for n in nodes],
+    }
+
+
+def _spec(body: StartRun) -> DagSpec:
+    if isinstance(body.dag, str):
+        text = body.dag.strip()
+        if "\n" not in text and text.endswith((".yaml", ".yml", ".json", ".toml")):
+            raise InvalidRequest("send the DAG document itself, not a file name")
+        return load_dag(text if "\n" in text or text.startswith("{") else text + "\n")
+    return parse_dag(body.dag)
+
+
+def _get(runner: DagRunner, run_id: str) -> RunRecord:
+    try:
+        return runner.runs.get_run(run_id)
+    except RunNotFound:
+        raise ModelNotFound(f"no DAG run {run_id!r}") from None
+
+
+@router.post("/v1/dags")
+async def start_run(body: StartRun, request: Request) -> Any:
+    tasks = _tasks(request)
+    spec = _spec(body)  # DagInvalid: 422 with every problem
+    run = tasks.runner.create(spec, body.inputs)
+    if body.stream:
+        queue = tasks.listen(run.id)
+        tasks.start(run.id)
+        return StreamingResponse(
+            _events(queue, tasks, run.id), media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-PCRT-Run": run.id},
+        )  # fmt: skip
+    task = tasks.start(run.id)
+    if not body.wait:
+        return JSONResponse(run_view(tasks.runner, run), status_code=202)
+    final = await asyncio.shield(task)  # a client that leaves does not cancel the run
+    return run_view(tasks.runner, final)
+
+
+async def _events(
+    queue: asyncio.Queue[DagEvent | None], tasks: DagTasks, run_id: str
+) -> AsyncIterator[str]:
+    """node_started, token, checkpoint, node_finished, run_finished, with node ids."""
+    while True:
+        event = await queue.get()
+        if event is None:
+            break
+        data = {"run": event.run_id, "node": event.node, **event.data}
+        yield f"event: {event.kind}\ndata: {json.dumps(data, default=str)}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+@router.get("/v1/dags")
+async def list_runs(request: Request, status: str | None = None) -> dict[str, Any]:
+    runner = _tasks(request).runner
+    runs = runner.runs.list_runs(status=status)
+    return {
+        "object": "list",
+        "data": [
+            {"id": r.id, "dag": r.dag_path, "status": r.status, "error": r.error,
+             "tokens_used": r.tokens_used, "nodes_executed": r.nodes_executed,
+             "created_at": r.created_at, "finished_at": r.finished_at}
+            for r in runs
+        ],
+    }  # fmt: skip
+
+
+@router.get("/v1/dags/{run_id}")
+async def get_run(run_id: str, request: Request) -> dict[str, Any]:
+    runner = _tasks(request).runner
+    return run_view(runner, _get(runner, run_id))
+
+
+@router.post("/v1/dags/{run_id}/resume")
+async def resume_run(run_id: str, request: Request, wait: bool = False) -> Any:
+    tasks = _tasks(request)
+    run = _get(tasks.runner, run_id)
+    if run.status not in RESUMABLE:
+        raise InvalidRequest(f"run {run_id} is {run.status}; only {', '.join(RESUMABLE)} resume")
+    task = tasks.start(run_id)
+    if not wait:
+        return JSONResponse(run_view(tasks.runner, _get(tasks.runner, run_id)), status_code=202)
+    return run_view(tasks.runner, await asyncio.shield(task))
+
+
+@router.delete("/v1/dags/{run_id}")
+async def cancel_run(run_id: str, request: Request) -> dict[str, Any]:
+    """Stop a run now; its finished outputs and checkpoints are kept (resume continues)."""
+    tasks = _tasks(request)
+    run = _get(tasks.runner, run_id)
+    if not await tasks.cancel(run_id) and run.status in ("pending", "interrupted"):
+        tasks.runner.runs.set_status(run_id, "cancelled", error="cancelled; checkpoints kept")
+    return run_view(tasks.runner, _get(tasks.runner, run_id))

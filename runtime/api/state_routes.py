@@ -1,0 +1,199 @@
+"""KV-state routes: list, download, upload and delete the daemon's state blobs.
+
+These are how a run's states move between daemons (migration): the source answers GET
+with the blob and its compatibility key; the target's PUT verifies the payload hash and,
+given ``?model=NAME``, the key against that model's engine before it stores anything.
+
+Blob reads, writes and hashing run in worker threads, never on the event loop. An upload
+is bounded by its Content-Length and again while it streams, so a chunked or lying
+client cannot make the daemon buffer more than ``state_upload_max_bytes``.
+
+    GET    /v1/states            list: id, size, kind, run, times, model, tokens, key
+    GET    /v1/states/{id}       the blob (octet-stream) + X-PCRT-State-Key / -Tokens
+    PUT    /v1/states[?model=M]  upload raw blob bytes -> 201 {"id": sha256, ...}
+    DELETE /v1/states/{id}
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+
+from pcrt.cache.blobs import BlobCorrupt, BlobInfo, BlobMissing, BlobStore
+from pcrt.runtime.api.errors import error_body
+from pcrt.runtime.api.service import Services
+from pcrt.runtime.errors import IncompatibleState, StateError
+from pcrt.runtime.state import KVState, StateHeader
+
+__all__ = ["router"]
+
+log = logging.getLogger(__name__)
+
+router = APIRouter()
+
+
+def _services(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
+def _error(
+    status: int, message: str, code: str, param: str | None = None, **headers: str
+) -> JSONResponse:
+    body = error_body(message, "invalid_request_error", param, code)
+    return JSONResponse(body, status_code=status, headers=headers or None)
+
+
+def _not_found(state_id: str) -> JSONResponse:
+    return _error(404, f"no KV state {state_id!r}", "state_not_found", "id")
+
+
+def _corrupt(message: str) -> JSONResponse:
+    return _error(409, message, "state_corrupt", "state")
+
+
+def _too_large(limit: int, size: int | None = None) -> JSONResponse:
+    got = f"{size} bytes" if size is not None else "more"
+    # the rest of the body is never read: the connection cannot be reused
+    return _error(
+        413,
+        f"the state is too large: {got}, the limit is {limit} bytes (state_upload_max_bytes)",
+        "state_too_large",
+        Connection="close",
+    )
+
+
+def _describe(info: BlobInfo, header: StateHeader | None, problem: str | None) -> dict[str, Any]:
+    return {
+        "id": info.sha256,
+        "object": "state",
+        "size": info.size,
+        "kind": info.kind,
+        "run_id": info.run_id,
+        "created_at": info.created_at,
+        "last_used_at": info.last_used_at,
+        "model": header.model if header else None,
+        "tokens": header.n_tokens if header else None,
+        "key": header.key.model_dump() if header else None,
+        "error": problem,  # set when the header cannot be read: the blob is unusable
+    }
+
+
+def _list(blobs: BlobStore, run_id: str | None) -> list[dict[str, Any]]:
+    listed = []
+    for info in blobs.entries(run_id=run_id):
+        if not blobs.has(info.sha256):  # indexed, but the file is gone
+            continue
+        try:
+            header: StateHeader | None = KVState.read_header(blobs.path_of(info.sha256))
+            problem = None
+        except (StateError, OSError) as exc:
+            header, problem = None, str(exc)
+        listed.append(_describe(info, header, problem))
+    return listed
+
+
+@router.get("/v1/states")
+async def list_states(request: Request, run_id: str | None = None) -> dict[str, Any]:
+    """Every stored state (of one run with ``?run_id=``), oldest first; headers only."""
+    blobs = _services(request).blobs
+    return {"object": "list", "data": await asyncio.to_thread(_list, blobs, run_id)}
+
+
+@router.get("/v1/states/{state_id}", response_model=None)
+async def download_state(request: Request, state_id: str) -> Response:
+    """The blob's bytes, hash-verified, with its key and token count in headers."""
+    blobs = _services(request).blobs
+
+    def read() -> tuple[bytes, StateHeader]:
+        data = blobs.get(state_id)
+        return data, KVState.read_header(data)
+
+    try:
+        data, header = await asyncio.to_thread(read)
+    except BlobMissing:
+        return _not_found(state_id)
+    except (BlobCorrupt, StateError) as exc:
+        return _corrupt(str(exc))
+    key = json.dumps(header.key.model_dump(), separators=(",", ":"))
+    return Response(
+        data,
+        media_type="application/octet-stream",
+        headers={"X-PCRT-State-Key": key, "X-PCRT-State-Tokens": str(header.n_tokens)},
+    )
+
+
+@router.put("/v1/states", response_model=None)
+async def upload_state(request: Request, model: str | None = None) -> JSONResponse:
+    """Store a blob after checking its hash and, with ``?model=``, its compatibility key."""
+    services = _services(request)
+    limit = services.settings.state_upload_max_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            size = int(declared)
+        except ValueError:
+            return _error(400, f"bad Content-Length {declared!r}", "invalid_content_length")
+        if size > limit:
+            return _too_large(limit, size)
+    chunks: list[bytes] = []
+    received = 0
+    async for chunk in request.stream():
+        received += len(chunk)
+        if received > limit:
+            return _too_large(limit)
+        chunks.append(chunk)
+    if not received:
+        return _error(400, "the body is empty: send the state blob's bytes", "empty_body")
+
+    def parse() -> tuple[bytes, StateHeader]:
+        data = b"".join(chunks)
+        chunks.clear()
+        KVState.from_bytes(data)  # verifies the header, the length and the payload hash
+        return data, KVState.read_header(data)
+
+    try:
+        data, header = await asyncio.to_thread(parse)
+    except StateError as exc:
+        return _corrupt(str(exc))
+    if model is not None:
+        async with services.pool.lease(model) as loaded:
+            name, engine_key = loaded.name, loaded.engine.compat_key
+        problems = engine_key.mismatches(header.key)
+        if problems:  # 409 incompatible_state
+            raise IncompatibleState(f"this KV state does not fit {name!r}: " + "; ".join(problems))
+    state_id = await asyncio.to_thread(services.blobs.put, data)
+    log.info("stored KV state %s (%d bytes, %d tokens)", state_id, len(data), header.n_tokens)
+    return JSONResponse(
+        {
+            "id": state_id,
+            "object": "state",
+            "size": len(data),
+            "model": header.model,
+            "tokens": header.n_tokens,
+            "key": header.key.model_dump(),
+        },
+        status_code=201,
+        headers={"Location": f"/v1/states/{state_id}"},
+    )
+
+
+@router.delete("/v1/states/{state_id}", response_model=None)
+async def delete_state(request: Request, state_id: str) -> dict[str, Any] | JSONResponse:
+    """Remove a blob and its index row (a run that needed it recomputes instead)."""
+    blobs = _services(request).blobs
+
+    def remove() -> bool:
+        try:
+            return blobs.remove(state_id)
+        except BlobMissing:  # not even a well-formed id
+            return False
+
+    if not await asyncio.to_thread(remove):
+        return _not_found(state_id)
+    return {"id": state_id, "object": "state", "deleted": True}

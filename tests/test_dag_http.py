@@ -1,0 +1,162 @@
+"""DAG runs through the daemon: HTTP surface, and a SIGKILL in the middle of a long node."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from pcrt.runtime.paths import Paths
+from pcrt.runtime.settings import ServerSettings
+from tests.live_server import LiveServer, free_port
+
+ESSAY = {
+    "dag": "/dynamic/essay",
+    "nodes": {
+        "intro": {
+            "type": "llm", "tag": "simple", "prompt": "Name a sea creature.",
+            "temperature": 0, "max_tokens": 12, "cache": False,
+        },
+        "essay": {
+            "type": "llm", "tag": "simple", "temperature": 0, "max_tokens": 320,
+            "prompt": "Write a very long essay about {{ nodes.intro.output }}.",
+            "checkpoint_every": 64, "cache": False,
+        },
+    },
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def server(default_model_path: Path) -> Iterator[LiveServer]:
+    with LiveServer(ServerSettings(parallel=2, context=1024, n_threads=2)) as live:
+        yield live
+
+
+def test_validation_errors_are_422_with_every_problem(server: LiveServer) -> None:
+    bad = {
+        "dag": "/dynamic/bad",
+        "nodes": {
+            "a": {"type": "llm", "model": "nope", "prompt": "{{ nodes.b.output }}"},
+            "b": {"type": "llm", "tag": "simple", "prompt": "{{ nodes.a.output }}"},
+            "c": {"type": "assert", "that": "inputs.missing > 1"},
+        },
+    }
+    r = httpx.post(server.url + "/v1/dags", json={"dag": bad}, timeout=30)
+    assert r.status_code == 422
+    error = r.json()["error"]
+    assert error["code"] == "invalid_dag"
+    nodes = {p["node"] for p in error["problems"]}
+    assert {"a", "c"} <= nodes
+    text = json.dumps(error["problems"])
+    assert "cycle" in text and "nope" in text and "missing" in text
+
+
+def test_run_stream_list_get_and_yaml(server: LiveServer) -> None:
+    doc = Path(__file__).parent.parent.joinpath("examples/dags/summary_titles.yaml").read_text()
+    kinds: list[str] = []
+    with httpx.stream(
+        "POST", server.url + "/v1/dags", json={"dag": doc, "stream": True}, timeout=120
+    ) as r:
+        assert r.status_code == 200
+        run_id = r.headers["x-pcrt-run"]
+        for line in r.iter_lines():
+            if line.startswith("event: "):
+                kinds.append(line[7:])
+    assert kinds[0] == "run_started" and kinds[-1] == "run_finished"
+    assert {"node_started", "token", "node_finished"} <= set(kinds)
+    run = httpx.get(server.url + f"/v1/dags/{run_id}").json()
+    assert run["status"] == "succeeded" and len(run["outputs"]["titles"]) == 3
+    listed = httpx.get(server.url + "/v1/dags").json()["data"]
+    assert run_id in [r["id"] for r in listed]
+    assert httpx.get(server.url + "/v1/dags/nope").status_code == 404
+
+
+def test_cancel_keeps_checkpoints_and_resume_finishes(server: LiveServer) -> None:
+    started = httpx.post(
+        server.url + "/v1/dags", json={"dag": ESSAY, "wait": False}, timeout=30
+    ).json()
+    run_id = started["id"]
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        nodes = httpx.get(server.url + f"/v1/dags/{run_id}").json()["nodes"]
+        if (nodes[1]["checkpoint_tokens"] or 0) >= 64:
+            break
+        time.sleep(0.1)
+    cancelled = httpx.delete(server.url + f"/v1/dags/{run_id}", timeout=30).json()
+    assert cancelled["status"] == "cancelled"
+    assert cancelled["nodes"][1]["checkpoint_sha256"]
+    done = httpx.post(server.url + f"/v1/dags/{run_id}/resume?wait=true", timeout=180).json()
+    assert done["status"] == "succeeded"
+    assert done["nodes"][1]["resumed_from_checkpoint"]
+
+
+def _daemon(port: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    pcrt = Path(sys.executable).with_name("pcrt")
+    proc = subprocess.Popen(
+        [str(pcrt), "serve", "--port", str(port), "--parallel", "2", "--ctx", "1024",
+         "--threads", "2", "--log-level", "warning"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    proc.kill()
+    raise AssertionError("pcrt serve did not start")
+
+
+def test_sigkill_mid_node_then_resume_in_a_new_daemon(pcrt_env: Paths) -> None:
+    """The issue's crash test: finished nodes untouched, the interrupted node continues
+    from its checkpoint, and the outputs equal an uninterrupted greedy run."""
+    env = os.environ.copy()
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    daemon = _daemon(port, env)
+    try:
+        reference = httpx.post(url + "/v1/dags", json={"dag": ESSAY}, timeout=300).json()
+        assert reference["status"] == "succeeded"
+    finally:
+        daemon.kill()
+        daemon.wait()
+    # a fresh daemon (cold caches, like the reference), killed mid-essay
+    daemon = _daemon(port, env)
+    try:
+        run_id = httpx.post(url + "/v1/dags", json={"dag": ESSAY, "wait": False}).json()["id"]
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            run = httpx.get(url + f"/v1/dags/{run_id}").json()
+            if (run["nodes"][1]["checkpoint_tokens"] or 0) >= 128:
+                break
+            time.sleep(0.05)
+        daemon.send_signal(signal.SIGKILL)
+        daemon.wait()
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+    intro_before = run["nodes"][0]
+    daemon = _daemon(port, env)
+    try:
+        seen = httpx.get(url + f"/v1/dags/{run_id}").json()
+        assert seen["status"] == "interrupted"
+        done = httpx.post(url + f"/v1/dags/{run_id}/resume?wait=true", timeout=300).json()
+    finally:
+        daemon.terminate()
+        daemon.wait()
+    assert done["status"] == "succeeded", done["error"]
+    intro, essay = done["nodes"]
+    assert intro == intro_before  # finished nodes are untouched: same record, not re-run
+    assert essay["resumed_from_checkpoint"]
+    checkpoint = run["nodes"][1]["checkpoint_tokens"]
+    assert essay["cached_tokens"] >= essay["prompt_tokens"] + checkpoint - 1  # no recompute
+    assert done["outputs"] == reference["outputs"]
