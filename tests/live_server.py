@@ -26,6 +26,9 @@ def free_port() -> int:
 
 class LiveServer:
     def __init__(self, settings: ServerSettings, registry: Registry | None = None) -> None:
+        """Without ``registry`` the app loads one from the environment at start-up: only
+        right inside a test (after the per-test PCRT_HOME is set), never in a module or
+        session fixture."""
         port = free_port()  # never the real daemon's port (the settings default)
         self.settings = settings.model_copy(update={"host": "127.0.0.1", "port": port})
         self.app = create_app(self.settings, registry=registry)

@@ -14,8 +14,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from pcrt.runtime.models import Registry
 from pcrt.runtime.paths import Paths
 from pcrt.runtime.settings import ServerSettings
+from tests.conftest import shared_models_dir
 from tests.live_server import LiveServer, free_port
 
 ESSAY = {
@@ -35,8 +37,15 @@ ESSAY = {
 
 
 @pytest.fixture(scope="module")
-def server(default_model_path: Path) -> Iterator[LiveServer]:
-    with LiveServer(ServerSettings(parallel=2, context=1024, n_threads=2)) as live:
+def server(
+    default_model_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LiveServer]:
+    # a module fixture is set up before the per-test PCRT_HOME: give it its own home, or
+    # it would read (and cache into) the developer's real store
+    home = tmp_path_factory.mktemp("dag-server-home")
+    paths = Paths(home=home, models_dir=shared_models_dir(), user_models_file=home / "none")
+    settings = ServerSettings(parallel=2, context=1024, n_threads=2)
+    with LiveServer(settings, registry=Registry.load(paths)) as live:
         yield live
 
 

@@ -275,7 +275,9 @@ class DagRunner:
                     )  # fmt: skip
                     return cached, 0
             if samples > 1:
-                forked, spent = await self._fork(run, node, engine, prompt, sampling, samples)
+                forked, spent = await self._fork(
+                    run, node, engine, prompt, sampling, samples, context_state
+                )
                 if key is not None:
                     self.runs.cache_put(key, node.path, forked, spent, self.cache_entries)
                 return forked, spent
@@ -352,6 +354,7 @@ class DagRunner:
         prompt: list[int],
         sampling: SamplingParams,
         samples: int,
+        context_state: KVState | None,
     ) -> tuple[list[Any], int]:
         """N continuations of one prompt. More samples than the engine has slots run as
         several forks; chunk k's seed is offset by its first index, so sample i always
@@ -369,9 +372,10 @@ class DagRunner:
             if sampling.seed is not None:
                 chunk = sampling.model_copy(update={"seed": sampling.seed + first})
             n = min(width, samples - first)
-            handles.append(
-                (first, engine.submit(GenerateRequest(prompt=prompt, sampling=chunk, n=n)))
+            request = GenerateRequest(
+                prompt=prompt, sampling=chunk, n=n, context_state=context_state
             )
+            handles.append((first, engine.submit(request)))
         texts: list[str] = [""] * samples
         tokens = cached = 0
         for first, handle in handles:

@@ -1,0 +1,229 @@
+"""DAG benchmarks against references measured in the same run.
+
+    python -m bench.dag [--threads 2] [--repeats 2] [--out bench/results/dag.json]
+
+1. resume cost: a node continuing a 2,000-token context, time to its first token with
+   the parent's KV restored vs with no saved state (the context recomputed); and the
+   parent's blob bytes vs llama.cpp's own sequence-state size;
+2. a DAG of one 300-token shared context, a fork of 4 samples and 3 dependent nodes,
+   wall time vs the same prompts run one after another through llama-cpp-python's
+   high-level ``Llama`` (which reuses its own single cached prefix where it can).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from llama_cpp import Llama
+
+from pcrt.cache.blobs import BlobStore
+from pcrt.cache.runs import RunStore
+from pcrt.cache.store import Store
+from pcrt.runtime.dag import parse_dag
+from pcrt.runtime.dag.engines import LocalEngines
+from pcrt.runtime.dag.executor import DagEvent, DagRunner
+from pcrt.runtime.engine import Engine
+from pcrt.runtime.models import Registry
+from pcrt.runtime.paths import Paths
+from pcrt.runtime.pull import ensure_pulled
+
+FILLER = (
+    "The committee met on Tuesday to review the annual report. Members discussed the "
+    "budget, the hiring plan, the new office, and the timeline for the product launch. "
+)
+QUESTIONS = ["What was discussed?", "Who should act first?", "What is the main risk?"]
+
+
+def runner_for(registry: Registry, home: Path, engines: LocalEngines) -> DagRunner:
+    store = Store(home / "pcrt.db")
+    return DagRunner(
+        registry=registry, runs=RunStore(store), blobs=BlobStore(store, home / "blobs"),
+        lease=engines.lease,
+    )  # fmt: skip
+
+
+def context_text(engine: Engine, n_tokens: int) -> str:
+    """Filler text of about ``n_tokens`` tokens for the model."""
+    words = (FILLER * (n_tokens // 20 + 20)).split(" ")
+    lo, hi = 1, len(words)
+    while lo < hi:  # the longest prefix of words that stays within n_tokens
+        mid = (lo + hi + 1) // 2
+        if len(engine.model.tokenize(" ".join(words[:mid]))) <= n_tokens:
+            lo = mid
+        else:
+            hi = mid - 1
+    return " ".join(words[:lo])
+
+
+async def resume_cost(
+    registry: Registry, engines: LocalEngines, engine: Engine, home: Path
+) -> dict[str, Any]:
+    text = context_text(engine, 2000)
+    doc = {
+        "dag": "/dynamic/resume",
+        "inputs": {"text": {"type": "string"}},
+        "nodes": {
+            "read": {"type": "llm", "tag": "simple", "prompt": "{{ inputs.text }}",
+                     "temperature": 0, "max_tokens": 1, "cache": False},
+            "ask": {"type": "llm", "tag": "simple", "context": "read",
+                    "prompt": "Summarize.", "temperature": 0, "max_tokens": 8,
+                    "cache": False},
+        },
+    }  # fmt: skip
+    runner = runner_for(registry, home, engines)
+    run = runner.create(parse_dag(doc), {"text": text})
+    await engines.clear_caches()
+    await runner.execute(run.id)
+    read = runner.runs.node(run.id, "read")
+    assert read.state_sha256 is not None
+    blob_bytes = len(runner.blobs.get(read.state_sha256))
+
+    async def first_token(keep_state: bool) -> tuple[float, int]:
+        await engines.clear_caches()
+        runner.runs.update_node(run.id, "ask", status="pending")
+        if not keep_state:
+            runner.runs.update_node(run.id, "read", state_sha256=None)
+        runner.runs.set_status(run.id, "interrupted")
+        stamps: list[float] = []
+        start = time.perf_counter()
+
+        def on_event(event: DagEvent) -> None:
+            if event.kind == "token" and event.node == "ask" and not stamps:
+                stamps.append(time.perf_counter())
+
+        await runner.execute(run.id, on_event)
+        cached = runner.runs.node(run.id, "ask").cached_tokens or 0
+        return stamps[0] - start, cached
+
+    restored, cached_restored = await first_token(True)
+    recomputed, cached_recomputed = await first_token(False)
+    cells = engine.context_per_slot * engine.config.parallel
+    llama_bytes = engine.kv_bytes // cells * (read.prompt_tokens or 0)  # KV of its tokens
+    return {
+        "context_tokens": read.prompt_tokens,
+        "first_token_restored_s": restored,
+        "first_token_recomputed_s": recomputed,
+        "ratio": restored / recomputed,
+        "cached_tokens_restored": cached_restored,
+        "cached_tokens_recomputed": cached_recomputed,
+        "blob_bytes": blob_bytes,
+        "kv_bytes_estimate": llama_bytes,
+        "goal": "ratio <= 1/50",
+    }
+
+
+def shared_dag(text: str) -> dict[str, Any]:
+    nodes: dict[str, Any] = {
+        "brief": {"type": "llm", "tag": "simple", "prompt": f"Read this:\n{text}\nNoted?",
+                  "temperature": 0, "max_tokens": 32, "cache": False},
+        "ideas": {"type": "fork", "tag": "simple", "context": "brief", "samples": 4,
+                  "prompt": "Suggest one follow-up.", "temperature": 0.8, "seed": 7,
+                  "max_tokens": 32, "cache": False},
+    }  # fmt: skip
+    for i, question in enumerate(QUESTIONS):
+        nodes[f"q{i}"] = {
+            "type": "llm", "tag": "simple", "context": "brief", "prompt": question,
+            "temperature": 0, "max_tokens": 32, "cache": False,
+        }  # fmt: skip
+    return {"dag": "/dynamic/shared", "nodes": nodes}
+
+
+def reference_sequential(llm: Llama, text: str) -> float:
+    """The same prompts, one after another, through llama-cpp-python's high-level API."""
+    llm.reset()
+    start = time.perf_counter()
+    brief: list[Any] = [{"role": "user", "content": f"Read this:\n{text}\nNoted?"}]
+    reply: Any = llm.create_chat_completion(brief, temperature=0, max_tokens=32)
+    answer = reply["choices"][0]["message"]["content"]
+    base: list[Any] = [*brief, {"role": "assistant", "content": answer}]
+    for i in range(4):
+        llm.create_chat_completion(
+            [*base, {"role": "user", "content": "Suggest one follow-up."}],
+            temperature=0.8, seed=7 + i, max_tokens=32,
+        )  # fmt: skip
+    for question in QUESTIONS:
+        llm.create_chat_completion(
+            [*base, {"role": "user", "content": question}], temperature=0, max_tokens=32
+        )
+    return time.perf_counter() - start
+
+
+async def run(threads: int, repeats: int) -> dict[str, Any]:
+    registry = Registry.load()
+    entry = registry.resolve(None)
+    path = ensure_pulled(entry, registry)
+    results: dict[str, Any] = {"model": entry.name, "threads": threads}
+    with tempfile.TemporaryDirectory() as tmp:
+        home = Path(tmp)
+        paths = Paths(home=home, models_dir=registry.paths.models_dir,
+                      user_models_file=registry.paths.user_models_file)  # fmt: skip
+        registry = Registry.load(paths)
+        engines = LocalEngines(registry, parallel=4, context=2304, n_threads=threads)
+        try:
+            async with engines.lease(entry.name) as engine:  # loaded before any timing
+                pass
+            rounds = [await resume_cost(registry, engines, engine, home) for _ in range(repeats)]
+            results["resume"] = min(rounds, key=lambda r: r["ratio"])
+            text = context_text(engine, 300)
+            runner = runner_for(registry, home, engines)
+            llm = Llama(str(path), n_ctx=2304, n_threads=threads, verbose=False)
+            ours, theirs = [], []
+            for _ in range(repeats):
+                await engines.clear_caches()
+                start = time.perf_counter()
+                record = await runner.execute(runner.create(parse_dag(shared_dag(text)), {}).id)
+                assert record.status == "succeeded", record.error
+                ours.append(time.perf_counter() - start)
+                theirs.append(reference_sequential(llm, text))
+            llm.close()
+            results["shared_context_dag"] = {
+                "pcrt_s": min(ours),
+                "sequential_llama_s": min(theirs),
+                "ratio": min(ours) / min(theirs),
+                "goal": "<= 0.5",
+            }
+        finally:
+            engines.close()
+    return results
+
+
+def table(r: dict[str, Any]) -> str:
+    res, dag = r["resume"], r["shared_context_dag"]
+    rows = [
+        (f"resume after {res['context_tokens']} tokens",
+         f"{1000 * res['first_token_restored_s']:.0f} ms (KV restored)",
+         f"{1000 * res['first_token_recomputed_s']:.0f} ms (recomputed)",
+         f"1/{1 / res['ratio']:.0f} (<= 1/50)"),
+        ("parent state blob", f"{res['blob_bytes'] / 1e6:.2f} MB",
+         f"{res['kv_bytes_estimate'] / 1e6:.2f} MB (KV of its tokens)", ""),
+        ("300-token context, fork 4, 3 nodes", f"{dag['pcrt_s']:.2f} s (DAG)",
+         f"{dag['sequential_llama_s']:.2f} s (Llama, one by one)",
+         f"{dag['ratio']:.2f} (<= 0.5)"),
+    ]  # fmt: skip
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path("bench/results/dag.json"))
+    args = parser.parse_args()
+    results = asyncio.run(run(args.threads, args.repeats))
+    print(table(results))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
