@@ -116,6 +116,9 @@ class EngineConfig(BaseModel):
     type_v: Literal["f32", "f16", "q8_0", "q4_0"] = "f16"
     flash_attn: bool = False
     n_gpu_layers: int = 0
+    main_gpu: int = Field(default=0, ge=0)
+    # the share of layers per GPU (llama.cpp's tensor_split); None: llama.cpp decides
+    tensor_split: tuple[float, ...] | None = None
 
     @model_validator(mode="after")
     def _batch_holds_every_slot(self) -> EngineConfig:
@@ -331,7 +334,12 @@ class Engine:
     ) -> None:
         self.config = config or EngineConfig()
         self.name = name or model_path.stem
-        self.model = LlamaModel(model_path, n_gpu_layers=self.config.n_gpu_layers)
+        self.model = LlamaModel(
+            model_path,
+            n_gpu_layers=self.config.n_gpu_layers,
+            main_gpu=self.config.main_gpu,
+            tensor_split=self.config.tensor_split,
+        )
         try:
             # the template first: a broken one must fail before the big allocations
             self.chat = ChatRenderer(

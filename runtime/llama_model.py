@@ -46,14 +46,27 @@ def quiet_llama_logs() -> Any:
 class LlamaModel:
     """Weights plus vocabulary of one GGUF file."""
 
-    def __init__(self, path: Path, *, n_gpu_layers: int = 0, use_mmap: bool = True) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        n_gpu_layers: int = 0,
+        main_gpu: int = 0,
+        tensor_split: tuple[float, ...] | None = None,
+    ) -> None:
         ensure_backend()
         quiet_llama_logs()
         if not path.is_file():
             raise ModelLoadError(f"model file not found: {path}")
         params = llama_cpp.llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers
-        params.use_mmap = use_mmap
+        params.main_gpu = main_gpu
+        if tensor_split:
+            # llama.cpp reads up to llama_max_devices() floats; the array must outlive the
+            # load call, so it is kept on the object
+            n = max(len(tensor_split), int(llama_cpp.llama_max_devices()))
+            self._tensor_split = (ctypes.c_float * n)(*tensor_split)
+            params.tensor_split = self._tensor_split
         self.path = path
         self.ptr = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
         if not self.ptr:

@@ -47,6 +47,8 @@ def engine_config_from_plan(entry: ModelEntry, plan: OffloadPlan, **overrides: A
         "type_k": plan.type_k,
         "type_v": plan.type_v,
         "flash_attn": plan.flash_attn,
+        "main_gpu": plan.main_gpu,
+        "tensor_split": plan.tensor_split,
     }
     return EngineConfig(**{**base.model_dump(), **planned})
 

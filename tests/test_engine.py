@@ -360,3 +360,16 @@ async def test_a_broken_chat_template_is_a_clear_load_error(
             config=EngineConfig(parallel=1, context=256, n_threads=2),
             chat_template="{% if %}",
         )
+
+
+def test_gpu_placement_reaches_llama_cpp(
+    default_model_path: Path, default_model_sha256: str
+) -> None:
+    """A plan's main_gpu and tensor_split are passed to llama.cpp (a CPU-only build ignores
+    them and loads on the CPU, which is what must happen on this machine)."""
+    config = EngineConfig(
+        parallel=1, context=256, n_threads=2, main_gpu=0, tensor_split=(0.75, 0.25)
+    )
+    with Engine(default_model_path, model_sha256=default_model_sha256, config=config) as eng:
+        assert list(eng.model._tensor_split)[:2] == [0.75, 0.25]
+        assert eng.model.tokenize("hi")

@@ -431,7 +431,8 @@ class DagRunner:
         if not sha:
             return None
         try:
-            state = KVState.from_bytes(await asyncio.to_thread(self.blobs.get, sha))
+            # tens of MB read and hashed: off the event loop, which streams other nodes
+            state = await asyncio.to_thread(lambda: KVState.from_bytes(self.blobs.get(sha)))
             state.check_compatible(engine.compat_key)
         except (BlobMissing, BlobCorrupt, StateError) as exc:
             log.warning("not using the %s (%s): recomputing instead", what, exc)
