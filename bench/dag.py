@@ -12,9 +12,6 @@
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -22,6 +19,7 @@ from typing import Any
 
 from llama_cpp import Llama
 
+from bench.common import run_benchmark
 from pcrt.cache.blobs import BlobStore
 from pcrt.cache.runs import RunStore
 from pcrt.cache.store import Store
@@ -193,9 +191,9 @@ async def run(threads: int, repeats: int) -> dict[str, Any]:
     return results
 
 
-def table(r: dict[str, Any]) -> str:
+def rows(r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     res, dag = r["resume"], r["shared_context_dag"]
-    rows = [
+    table_rows = [
         (f"resume after {res['context_tokens']} tokens",
          f"{1000 * res['first_token_restored_s']:.0f} ms (KV restored)",
          f"{1000 * res['first_token_recomputed_s']:.0f} ms (recomputed)",
@@ -206,24 +204,8 @@ def table(r: dict[str, Any]) -> str:
          f"{dag['sequential_llama_s']:.2f} s (Llama, one by one)",
          f"{dag['ratio']:.2f} (<= 0.5)"),
     ]  # fmt: skip
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
-    return "\n".join(
-        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows
-    )
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=Path("bench/results/dag.json"))
-    args = parser.parse_args()
-    results = asyncio.run(run(args.threads, args.repeats))
-    print(table(results))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2))
-    print(f"\nwrote {args.out}")
+    return table_rows
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(__doc__ or "", "dag", run, rows, repeats=2)

@@ -16,16 +16,14 @@ disturbed by neighbours, and alternating exposes both sides to the same noise.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import llama_cpp
 
+from bench.common import run_benchmark
 from pcrt.runtime.engine import Engine, EngineConfig, GenerateRequest, TokenEvent
 from pcrt.runtime.llama_model import LlamaModel
 from pcrt.runtime.loader import open_engine
@@ -299,9 +297,9 @@ async def run(threads: int, repeats: int) -> dict[str, Any]:
     return results
 
 
-def table(results: dict[str, Any]) -> str:
+def rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     s, f, st, four = (results[k] for k in ("single_stream", "fork", "state", "four_streams"))
-    rows: list[tuple[str, str, str, str]] = [
+    table_rows: list[tuple[str, str, str, str]] = [
         (
             "single-stream decode",
             f"{s['pcrt_tok_s']:.1f} tok/s",
@@ -333,27 +331,8 @@ def table(results: dict[str, Any]) -> str:
             f"{st['bytes_ratio']:.4f} (within 5%)",
         ),
     ]
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    header = ("benchmark", "pcrt", "reference", "ratio (goal)")
-    widths = [max(w, len(h)) for w, h in zip(widths, header, strict=True)]
-    fmt: Callable[[tuple[str, ...]], str] = lambda r: "  ".join(  # noqa: E731
-        c.ljust(w) for c, w in zip(r, widths, strict=True)
-    )
-    return "\n".join([fmt(header), fmt(tuple("-" * w for w in widths)), *map(fmt, rows)])
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=Path("bench/results/engine.json"))
-    args = parser.parse_args()
-    results = asyncio.run(run(args.threads, args.repeats))
-    print(table(results))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2))
-    print(f"\nwrote {args.out}")
+    return table_rows
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(__doc__ or "", "engine", run, rows, repeats=3)

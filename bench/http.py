@@ -15,7 +15,6 @@ Both servers run as separate processes on loopback, one at a time.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import socket
@@ -28,6 +27,7 @@ from typing import Any
 import httpx
 import psutil
 
+from bench.common import run_benchmark
 from pcrt.runtime.chat import ChatMessage
 from pcrt.runtime.engine import Engine, GenerateRequest, TokenEvent
 from pcrt.runtime.loader import open_engine
@@ -228,9 +228,9 @@ async def run(threads: int, repeats: int) -> dict[str, Any]:
     return results
 
 
-def table(r: dict[str, Any]) -> str:
+def rows(r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     s, f, b = r["single_stream"], r["four_clients"], r["burst_32"]
-    rows = [
+    table_rows = [
         ("1 stream, decode", f"{s['http_tok_s']:.1f} tok/s (HTTP)",
          f"{s['in_process_tok_s']:.1f} tok/s (in-process)", f"{s['ratio']:.3f} (>= 0.97)"),
         ("1 stream, TTFT overhead", f"{s['ttft_overhead_ms']:.1f} ms", "", ""),
@@ -242,24 +242,8 @@ def table(r: dict[str, Any]) -> str:
          f"statuses {b['statuses']}",
          f"RSS {b['rss_before_mb']:.0f} -> {b['rss_after_mb']:.0f} MB"),
     ]  # fmt: skip
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
-    return "\n".join(
-        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows
-    )
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=Path("bench/results/http.json"))
-    args = parser.parse_args()
-    results = asyncio.run(run(args.threads, args.repeats))
-    print(table(results))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2))
-    print(f"\nwrote {args.out}")
+    return table_rows
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(__doc__ or "", "http", run, rows, repeats=2)
