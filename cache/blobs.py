@@ -11,7 +11,6 @@ unfinished run needs; a blob pinned by a running or interrupted run is never evi
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 import os
 import re
@@ -19,7 +18,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from pcrt.cache.store import Store
+from pcrt.cache.store import Store, utc_now
 
 __all__ = ["BlobCorrupt", "BlobInfo", "BlobMissing", "BlobStore"]
 
@@ -34,10 +33,6 @@ class BlobMissing(KeyError):
 
 class BlobCorrupt(ValueError):
     """The blob's bytes no longer hash to its name."""
-
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds")
 
 
 @dataclass(frozen=True)
@@ -76,7 +71,7 @@ class BlobStore:
                 os.fsync(f.fileno())
             os.replace(tmp, path)
             _fsync_dir(path.parent)
-        now = _now()
+        now = utc_now()
         with self._lock:
             self.store.db.execute(
                 "insert into blobs (sha256, size, kind, run_id, created_at, last_used_at)"
@@ -100,7 +95,7 @@ class BlobStore:
             raise BlobCorrupt(f"blob {sha256} is corrupt: its bytes no longer match its hash")
         with self._lock:
             self.store.db.execute(
-                "update blobs set last_used_at = ? where sha256 = ?", [_now(), sha256]
+                "update blobs set last_used_at = ? where sha256 = ?", [utc_now(), sha256]
             )
         return data
 

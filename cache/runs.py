@@ -9,7 +9,6 @@ last checkpoint.
 
 from __future__ import annotations
 
-import datetime
 import json
 import threading
 from collections.abc import Iterator
@@ -17,7 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from typing import Any
 
-from pcrt.cache.store import Store
+from pcrt.cache.store import Store, utc_now
 
 __all__ = ["NodeRecord", "RunNotFound", "RunRecord", "RunStore"]
 
@@ -26,11 +25,6 @@ FINISHED_RUN_STATES = ("succeeded", "failed", "budget_exceeded", "cancelled", "m
 
 class RunNotFound(KeyError):
     pass
-
-
-def _now() -> str:
-    # microseconds: LRU order of cache entries must not tie within one millisecond
-    return datetime.datetime.now(datetime.UTC).isoformat(timespec="microseconds")
 
 
 @dataclass(frozen=True)
@@ -120,7 +114,7 @@ class RunStore:
         nodes: list[tuple[str, str, str]],
     ) -> RunRecord:
         """The run and one pending record per node (id, path, type), in one transaction."""
-        now = _now()
+        now = utc_now()
         with self._tx() as db:
             db.insert(
                 "runs",
@@ -158,7 +152,7 @@ class RunStore:
     def set_status(
         self, run_id: str, status: str, *, error: str | None = None, **extra: Any
     ) -> None:
-        now = _now()
+        now = utc_now()
         values = {"status": status, "updated_at": now, "error": error, **extra}
         if status in FINISHED_RUN_STATES:
             values["finished_at"] = now
@@ -171,7 +165,9 @@ class RunStore:
             rows = db.execute("select id from runs where status = 'running'").fetchall()
             ids = [row[0] for row in rows]
             for run_id in ids:
-                db.update("runs", {"id": run_id}, {"status": "interrupted", "updated_at": _now()})
+                db.update(
+                    "runs", {"id": run_id}, {"status": "interrupted", "updated_at": utc_now()}
+                )
                 db.execute(
                     "update nodes set status = 'interrupted'"
                     " where run_id = ? and status = 'running'",
@@ -212,13 +208,13 @@ class RunStore:
         """The node's final record and the run's counters, together."""
         if "output" in values:
             values["output"] = json.dumps(values["output"])
-        values.setdefault("finished_at", _now())
+        values.setdefault("finished_at", utc_now())
         with self._tx() as db:
             db.update("nodes", {"run_id": run_id, "node_id": node_id}, values)
             db.execute(
                 "update runs set tokens_used = tokens_used + ?,"
                 " nodes_executed = nodes_executed + 1, updated_at = ? where id = ?",
-                [tokens, _now(), run_id],
+                [tokens, utc_now(), run_id],
             )
 
     # -- subgraph cache -----------------------------------------------------------------
@@ -228,12 +224,12 @@ class RunStore:
             row = db.execute("select output from subgraph_cache where key = ?", [key]).fetchone()
             if row is None:
                 return None
-            db.execute("update subgraph_cache set last_used_at = ? where key = ?", [_now(), key])
+            db.execute("update subgraph_cache set last_used_at = ? where key = ?", [utc_now(), key])
         return json.loads(row[0])
 
     def cache_put(self, key: str, path: str, output: Any, tokens: int, max_entries: int) -> None:
         text = json.dumps(output)
-        now = _now()
+        now = utc_now()
         with self._tx() as db:
             db.execute(
                 "insert into subgraph_cache (key, path, output, tokens, size, created_at,"

@@ -17,7 +17,13 @@ import sqlite_utils
 
 from pcrt.cache.migrations import migrate
 
-__all__ = ["BenchRecord", "FileHash", "Store"]
+__all__ = ["BenchRecord", "FileHash", "Store", "utc_now"]
+
+
+def utc_now() -> str:
+    """The store's timestamps: ISO 8601 in UTC, always to the microsecond, so that they
+    sort as strings and LRU order does not tie within a millisecond."""
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="microseconds")
 
 
 @dataclass(frozen=True)

@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import datetime
 import threading
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from pcrt.cache.store import Store
+from pcrt.cache.store import Store, utc_now
 
 __all__ = ["UsageLog", "UsageRecord"]
-
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds")
 
 
 @dataclass(frozen=True)
@@ -29,7 +24,7 @@ class UsageRecord:
     total_ms: float = 0.0
     ran_on: str = "local"  # "local" or the peer's name (routing, later)
     request_id: str = ""
-    ts: str = field(default_factory=_now)
+    ts: str = field(default_factory=utc_now)
 
 
 class UsageLog:

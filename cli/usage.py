@@ -33,7 +33,7 @@ def _since(value: str | None) -> str | None:
             f"--since takes a date (2026-11-01) or a duration (24h): {value!r}"
         ) from None
     moment = datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=seconds)
-    return moment.isoformat(timespec="milliseconds")
+    return moment.isoformat(timespec="microseconds")  # as the store writes them
 
 
 @click.command()

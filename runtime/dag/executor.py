@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
 import hashlib
 import json
 import logging
@@ -36,6 +35,7 @@ import llama_cpp
 
 from pcrt.cache.blobs import BlobCorrupt, BlobMissing, BlobStore
 from pcrt.cache.runs import NodeRecord, RunRecord, RunStore
+from pcrt.cache.store import utc_now
 from pcrt.runtime.chat import ChatMessage
 from pcrt.runtime.dag.errors import AssertFailed, DagInvalid, Problem
 from pcrt.runtime.dag.load import parse_dag
@@ -299,7 +299,7 @@ class DagRunner:
                 )  # fmt: skip
             self.runs.update_node(
                 run_id, node_id, status="running", model=entry.name,
-                started_at=record.started_at or _now(), ran_on=self.ran_on,
+                started_at=record.started_at or utc_now(), ran_on=self.ran_on,
                 prompt_tokens=record.prompt_tokens if resume else len(prompt),
                 resumed_from_checkpoint=int(resume is not None),
             )  # fmt: skip
@@ -361,7 +361,7 @@ class DagRunner:
         draws with seed + i, exactly as one big fork would."""
         run_id, node_id = run.record.id, node.id
         self.runs.update_node(
-            run_id, node_id, status="running", model=engine.name, started_at=_now(),
+            run_id, node_id, status="running", model=engine.name, started_at=utc_now(),
             ran_on=self.ran_on, prompt_tokens=len(prompt),
         )  # fmt: skip
         started = time.perf_counter()
@@ -470,7 +470,3 @@ class DagRunner:
 
 def _ignore(_: DagEvent) -> None:
     return None
-
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds")
