@@ -22,7 +22,7 @@ from pcrt.cache.blobs import BlobCorrupt, BlobMissing, BlobStore
 from pcrt.cache.store import Store
 from pcrt.runtime.errors import StateError
 from pcrt.runtime.paths import Paths
-from pcrt.runtime.state import KVState, StateHeader
+from pcrt.runtime.state import KVState, StateHeader, describe_state
 
 __all__ = ["state"]
 
@@ -83,20 +83,7 @@ def list_states(run_id: str | None, as_json: bool) -> None:
             if blobs.has(info.sha256)
         ]
     if as_json:
-        data = [
-            {
-                "id": info.sha256,
-                "size": info.size,
-                "kind": info.kind,
-                "run_id": info.run_id,
-                "created_at": info.created_at,
-                "last_used_at": info.last_used_at,
-                "model": header.model if header else None,
-                "tokens": header.n_tokens if header else None,
-                "key": header.key.model_dump() if header else None,
-            }
-            for info, header in rows
-        ]
+        data = [describe_state(info, header) for info, header in rows]
         click.echo(json.dumps(data, indent=2))
         return
     if not rows:

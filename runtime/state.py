@@ -33,10 +33,12 @@ import json
 import os
 import struct
 from dataclasses import dataclass, field
+from typing import Any
 
 import llama_cpp
 from pydantic import BaseModel, ConfigDict
 
+from pcrt.cache.blobs import BlobInfo
 from pcrt.runtime.errors import IncompatibleState, StateError
 
 __all__ = [
@@ -45,6 +47,7 @@ __all__ = [
     "CompatKey",
     "KVState",
     "StateHeader",
+    "describe_state",
     "native_payload",
     "portable_payload",
 ]
@@ -233,3 +236,22 @@ def native_payload(portable: bytes, n_stream: int, seq_id: int) -> bytes:
 
 def _llama_head(seq_id: int, n_stream: int) -> bytes:
     return struct.pack("<IiI", _LLAMA_SEQ_MAGIC, seq_id, n_stream)
+
+
+def describe_state(
+    info: BlobInfo, header: StateHeader | None, problem: str | None = None
+) -> dict[str, Any]:
+    """One stored state as the API and ``pcrt state list --json`` show it."""
+    return {
+        "id": info.sha256,
+        "object": "state",
+        "size": info.size,
+        "kind": info.kind,
+        "run_id": info.run_id,
+        "created_at": info.created_at,
+        "last_used_at": info.last_used_at,
+        "model": header.model if header else None,
+        "tokens": header.n_tokens if header else None,
+        "key": header.key.model_dump() if header else None,
+        "error": problem,  # set when the header cannot be read: the blob is unusable
+    }

@@ -24,11 +24,11 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
-from pcrt.cache.blobs import BlobCorrupt, BlobInfo, BlobMissing, BlobStore
+from pcrt.cache.blobs import BlobCorrupt, BlobMissing, BlobStore
 from pcrt.runtime.api.errors import error_body
 from pcrt.runtime.api.service import Services
 from pcrt.runtime.errors import IncompatibleState, StateError
-from pcrt.runtime.state import KVState, StateHeader
+from pcrt.runtime.state import KVState, StateHeader, describe_state
 
 __all__ = ["router"]
 
@@ -68,22 +68,6 @@ def _too_large(limit: int, size: int | None = None) -> JSONResponse:
     )
 
 
-def _describe(info: BlobInfo, header: StateHeader | None, problem: str | None) -> dict[str, Any]:
-    return {
-        "id": info.sha256,
-        "object": "state",
-        "size": info.size,
-        "kind": info.kind,
-        "run_id": info.run_id,
-        "created_at": info.created_at,
-        "last_used_at": info.last_used_at,
-        "model": header.model if header else None,
-        "tokens": header.n_tokens if header else None,
-        "key": header.key.model_dump() if header else None,
-        "error": problem,  # set when the header cannot be read: the blob is unusable
-    }
-
-
 def _list(blobs: BlobStore, run_id: str | None) -> list[dict[str, Any]]:
     listed = []
     for info in blobs.entries(run_id=run_id):
@@ -94,7 +78,7 @@ def _list(blobs: BlobStore, run_id: str | None) -> list[dict[str, Any]]:
             problem = None
         except (StateError, OSError) as exc:
             header, problem = None, str(exc)
-        listed.append(_describe(info, header, problem))
+        listed.append(describe_state(info, header, problem))
     return listed
 
 
