@@ -35,7 +35,7 @@ def main(log_level: str) -> None:
 
 
 def _register() -> None:
-    from pcrt.cli import bench, chat, device, models, ps, run, serve, state, usage
+    from pcrt.cli import bench, chat, dag, device, models, ps, run, serve, state, usage
 
     main.add_command(run.run)
     main.add_command(chat.chat)
@@ -47,6 +47,7 @@ def _register() -> None:
     main.add_command(device.device)
     main.add_command(bench.bench)
     main.add_command(state.state)
+    main.add_command(dag.dag)
 
 
 _register()

@@ -53,7 +53,7 @@ from pcrt.runtime.models import Registry
 from pcrt.runtime.sampling import SamplingParams
 from pcrt.runtime.state import KVState
 
-__all__ = ["BudgetExceeded", "DagEvent", "DagRunner", "EngineLease"]
+__all__ = ["BudgetExceeded", "DagEvent", "DagRunner", "EngineLease", "check_run"]
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +92,23 @@ class _Run:
     emit: Callable[[DagEvent], None]
 
 
+def check_run(spec: DagSpec, registry: Registry, inputs: dict[str, Any]) -> dict[str, Any]:
+    """Everything a run is checked for before it exists (DagInvalid lists every problem);
+    returns the bound inputs. The CLI calls it too, before loading or sending anything."""
+    names = set(registry.entries)
+    aliases = {a for e in registry.entries.values() for a in e.aliases}
+    tags = {t for e in registry.entries.values() for t in e.tags}
+    ensure_valid(spec, known_models=names | aliases, known_tags=tags)
+    subgraphs = [n.id for n in spec.nodes.values() if isinstance(n, SubgraphNode)]
+    if subgraphs:
+        problems = [
+            Problem(node=n, field="type", message="subgraph calls cannot run yet")
+            for n in subgraphs
+        ]
+        raise DagInvalid(problems, source=spec.dag)
+    return bind_inputs(spec, inputs)
+
+
 class DagRunner:
     def __init__(
         self,
@@ -115,20 +132,7 @@ class DagRunner:
 
     def create(self, spec: DagSpec, inputs: dict[str, Any]) -> RunRecord:
         """Validate (every problem at once: DagInvalid), bind inputs, record the run."""
-        names = set(self.registry.entries)
-        aliases = {a for e in self.registry.entries.values() for a in e.aliases}
-        tags = {t for e in self.registry.entries.values() for t in e.tags}
-        ensure_valid(spec, known_models=names | aliases, known_tags=tags)
-        subgraphs = [n.id for n in spec.nodes.values() if isinstance(n, SubgraphNode)]
-        if subgraphs:
-            raise DagInvalid(
-                [
-                    Problem(node=n, field="type", message="subgraph calls cannot run yet")
-                    for n in subgraphs
-                ],
-                source=spec.dag,
-            )
-        bound = bind_inputs(spec, inputs)
+        bound = check_run(spec, self.registry, inputs)
         run_id = uuid.uuid4().hex[:12]
         nodes = [(node_id, node.path, node.type) for node_id, node in spec.nodes.items()]
         return self.runs.create_run(run_id, spec.dag, spec.document(), bound, nodes)
