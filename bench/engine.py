@@ -17,6 +17,8 @@ disturbed by neighbours, and alternating exposes both sides to the same noise.
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -24,21 +26,13 @@ from typing import Any
 import llama_cpp
 
 from bench.common import run_benchmark
+from bench.engine_reference import PROMPTS4, STORY
 from pcrt.runtime.engine import Engine, EngineConfig, GenerateRequest, TokenEvent
-from pcrt.runtime.llama_model import LlamaModel
 from pcrt.runtime.loader import open_engine
 from pcrt.runtime.models import Registry
 from pcrt.runtime.pull import ensure_pulled
 from pcrt.runtime.sampling import SamplingParams
 from pcrt.runtime.state import KVState
-
-STORY = "Chapter 1\n\nThe rain had not stopped for three days when"
-PROMPTS4 = [
-    "Chapter 1\n\nThe rain had not stopped for three days when",
-    "Here is a detailed, step-by-step guide to baking bread at home.\n\nStep 1:",
-    "The following is a long essay on the history of Rome.\n\n",
-    "Dear diary, today was the strangest day of my life.",
-]
 
 
 def best(values: list[float], *, higher: bool) -> float:
@@ -58,15 +52,16 @@ async def ours_single(engine: Engine, max_tokens: int) -> tuple[float, int]:
     return (len(stamps) - 1) / (stamps[-1] - stamps[0]), len(stamps)
 
 
-def reference_single(llm: Any, max_tokens: int) -> tuple[float, int]:
-    stamps = []
-    llm.reset()  # no prefix reuse between repeats, like ours (different slots aside)
-    for chunk in llm.create_completion(
-        STORY, max_tokens=max_tokens, temperature=0.0, repeat_penalty=1.0, stream=True
-    ):
-        if chunk["choices"][0]["finish_reason"] is None:  # the last chunk carries no token
-            stamps.append(time.perf_counter())
-    return (len(stamps) - 1) / (stamps[-1] - stamps[0]), len(stamps)
+def reference(kind: str, path: Path, threads: int) -> tuple[float, int]:
+    """A reference measured in its own process: two llama.cpp contexts that have both
+    computed in one process slow each other down badly here (Llama alone: 75 tok/s;
+    beside an engine that had run: 16-33 tok/s), which would flatter pcrt."""
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.engine_reference", kind, str(path), str(threads)],
+        check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    rate, tokens = out.stdout.split()
+    return float(rate), int(tokens)
 
 
 # -- 2. four streams ----------------------------------------------------------------
@@ -91,61 +86,6 @@ async def ours_four(engine: Engine, n_tokens: int) -> float:
 
     ends = await asyncio.gather(*(one(i, p) for i, p in enumerate(PROMPTS4)))
     return (sum(counts) - len(counts)) / (max(ends) - max(firsts))
-
-
-def raw_four(model: LlamaModel, n_tokens: int, threads: int, context: int) -> float:
-    """llama.cpp alone: 4 sequences per llama_decode, greedy, EOS suppressed, no engine."""
-    params = llama_cpp.llama_context_default_params()
-    params.n_ctx = context * 4
-    params.n_batch = params.n_ubatch = 512
-    params.n_seq_max = 4
-    params.kv_unified = False
-    params.n_threads = params.n_threads_batch = threads
-    params.no_perf = True
-    ctx = llama_cpp.llama_init_from_model(model.ptr, params)
-    batch = llama_cpp.llama_batch_init(512, 0, 1)
-    bias = (llama_cpp.llama_logit_bias * 1)()
-    bias[0].token, bias[0].bias = model.eos_id, -1e9
-    samplers = []
-    for _ in range(4):
-        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
-        llama_cpp.llama_sampler_chain_add(
-            chain, llama_cpp.llama_sampler_init_logit_bias(model.n_vocab, 1, bias)
-        )
-        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
-        samplers.append(chain)
-
-    def put(i: int, token: int, pos: int, seq: int, logits: bool) -> None:
-        batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, pos, 1
-        batch.seq_id[i][0], batch.logits[i] = seq, logits
-
-    try:
-        prompts = [model.tokenize(p) for p in PROMPTS4]
-        n = 0
-        rows: list[int] = []
-        for seq, tokens in enumerate(prompts):
-            for pos, token in enumerate(tokens):
-                put(n, token, pos, seq, pos == len(tokens) - 1)
-                n += 1
-            rows.append(n - 1)
-        batch.n_tokens = n
-        assert llama_cpp.llama_decode(ctx, batch) == 0
-        nxt = [llama_cpp.llama_sampler_sample(samplers[s], ctx, rows[s]) for s in range(4)]
-        positions = [len(t) for t in prompts]
-        start = time.perf_counter()
-        for _ in range(n_tokens - 1):
-            for s in range(4):
-                put(s, nxt[s], positions[s], s, True)
-                positions[s] += 1
-            batch.n_tokens = 4
-            assert llama_cpp.llama_decode(ctx, batch) == 0
-            nxt = [llama_cpp.llama_sampler_sample(samplers[s], ctx, s) for s in range(4)]
-        return 4 * (n_tokens - 1) / (time.perf_counter() - start)
-    finally:
-        for chain in samplers:
-            llama_cpp.llama_sampler_free(chain)
-        llama_cpp.llama_batch_free(batch)
-        llama_cpp.llama_free(ctx)
 
 
 # -- 3. fork ------------------------------------------------------------------------
@@ -233,8 +173,6 @@ async def state_roundtrip(path: Path, sha256: str, threads: int, n_tokens: int) 
 
 
 async def run(threads: int, repeats: int) -> dict[str, Any]:
-    from llama_cpp import Llama
-
     registry = Registry.load()
     entry = registry.resolve(None)
     path = ensure_pulled(entry, registry)
@@ -242,15 +180,13 @@ async def run(threads: int, repeats: int) -> dict[str, Any]:
     results: dict[str, Any] = {"model": entry.name, "threads": threads, "repeats": repeats}
 
     # 1. single stream
-    llm = Llama(str(path), n_ctx=2048, n_threads=threads, n_batch=512, verbose=False)
     ours_rates, ref_rates = [], []
     with open_engine(registry, None, parallel=1, context=2048, n_threads=threads) as engine:
         for _ in range(repeats):
             rate, n_ours = await ours_single(engine, 128)
             ours_rates.append(rate)
-            rate, n_ref = reference_single(llm, 128)
+            rate, n_ref = reference("single", path, threads)
             ref_rates.append(rate)
-    llm.close()
     assert n_ours == n_ref, (n_ours, n_ref)
     ours, ref = best(ours_rates, higher=True), best(ref_rates, higher=True)
     results["single_stream"] = {
@@ -265,7 +201,7 @@ async def run(threads: int, repeats: int) -> dict[str, Any]:
     with open_engine(registry, None, parallel=4, context=1024, n_threads=threads) as engine:
         for _ in range(repeats):
             ours4.append(await ours_four(engine, 128))
-            raw4.append(raw_four(engine.model, 128, threads, 1024))
+            raw4.append(reference("four", path, threads)[0])
     o4, r4 = best(ours4, higher=True), best(raw4, higher=True)
     results["four_streams"] = {
         "pcrt_aggregate_tok_s": o4,
