@@ -12,14 +12,15 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from llama_cpp import Llama
-
 from bench.common import run_benchmark
+from bench.engine_reference import QUESTIONS
 from pcrt.cache.blobs import BlobStore
 from pcrt.cache.runs import RunStore
 from pcrt.cache.store import Store
@@ -35,7 +36,6 @@ FILLER = (
     "The committee met on Tuesday to review the annual report. Members discussed the "
     "budget, the hiring plan, the new office, and the timeline for the product launch. "
 )
-QUESTIONS = ["What was discussed?", "Who should act first?", "What is the main risk?"]
 
 
 def runner_for(registry: Registry, home: Path, engines: LocalEngines) -> DagRunner:
@@ -132,24 +132,14 @@ def shared_dag(text: str) -> dict[str, Any]:
     return {"dag": "/dynamic/shared", "nodes": nodes}
 
 
-def reference_sequential(llm: Llama, text: str) -> float:
-    """The same prompts, one after another, through llama-cpp-python's high-level API."""
-    llm.reset()
-    start = time.perf_counter()
-    brief: list[Any] = [{"role": "user", "content": f"Read this:\n{text}\nNoted?"}]
-    reply: Any = llm.create_chat_completion(brief, temperature=0, max_tokens=32)
-    answer = reply["choices"][0]["message"]["content"]
-    base: list[Any] = [*brief, {"role": "assistant", "content": answer}]
-    for i in range(4):
-        llm.create_chat_completion(
-            [*base, {"role": "user", "content": "Suggest one follow-up."}],
-            temperature=0.8, seed=7 + i, max_tokens=32,
-        )  # fmt: skip
-    for question in QUESTIONS:
-        llm.create_chat_completion(
-            [*base, {"role": "user", "content": question}], temperature=0, max_tokens=32
-        )
-    return time.perf_counter() - start
+def reference_sequential(path: Path, text: str, threads: int) -> float:
+    """The same prompts through llama-cpp-python's Llama, in a process of its own (two
+    llama.cpp contexts that both computed in one process slow each other down here)."""
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.engine_reference", "dag", str(path), str(threads)],
+        input=text, check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    return float(out.stdout.split()[0])
 
 
 async def run(threads: int, repeats: int) -> dict[str, Any]:
@@ -170,7 +160,6 @@ async def run(threads: int, repeats: int) -> dict[str, Any]:
             results["resume"] = min(rounds, key=lambda r: r["ratio"])
             text = context_text(engine, 300)
             runner = runner_for(registry, home, engines)
-            llm = Llama(str(path), n_ctx=2304, n_threads=threads, verbose=False)
             ours, theirs = [], []
             for _ in range(repeats):
                 await engines.clear_caches()
@@ -178,8 +167,7 @@ async def run(threads: int, repeats: int) -> dict[str, Any]:
                 record = await runner.execute(runner.create(parse_dag(shared_dag(text)), {}).id)
                 assert record.status == "succeeded", record.error
                 ours.append(time.perf_counter() - start)
-                theirs.append(reference_sequential(llm, text))
-            llm.close()
+                theirs.append(reference_sequential(path, text, threads))
             results["shared_context_dag"] = {
                 "pcrt_s": min(ours),
                 "sequential_llama_s": min(theirs),

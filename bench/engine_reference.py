@@ -1,10 +1,13 @@
-"""The references of bench.engine, each run in a process of its own.
+"""The references of bench.engine and bench.dag, each run in a process of its own.
 
-    python -m bench.engine_reference single|four MODEL_PATH THREADS
+    python -m bench.engine_reference single|four|dag MODEL_PATH THREADS
 
-prints "TOKENS_PER_SECOND TOKENS". ``single``: llama-cpp-python's high-level ``Llama``
-streaming 128 greedy tokens; ``four``: llama.cpp itself decoding 4 sequences per
-``llama_decode`` through the raw bindings (no engine around it).
+prints "TOKENS_PER_SECOND TOKENS" (for ``dag``: "SECONDS 0").
+- ``single``: llama-cpp-python's high-level ``Llama`` streaming 128 greedy tokens;
+- ``four``: llama.cpp itself decoding 4 sequences per ``llama_decode`` through the raw
+  bindings (no engine around it);
+- ``dag``: bench.dag's prompts one after another through ``Llama`` (the shared context
+  is read from stdin).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from llama_cpp import Llama
 from pcrt.runtime.llama_model import LlamaModel
 
 STORY = "Chapter 1\n\nThe rain had not stopped for three days when"
+QUESTIONS = ["What was discussed?", "Who should act first?", "What is the main risk?"]
 PROMPTS4 = [
     "Chapter 1\n\nThe rain had not stopped for three days when",
     "Here is a detailed, step-by-step guide to baking bread at home.\n\nStep 1:",
@@ -97,8 +101,32 @@ def raw_four(model: LlamaModel, n_tokens: int, threads: int, context: int) -> fl
         llama_cpp.llama_free(ctx)
 
 
+def dag_sequential(llm: Llama, text: str) -> float:
+    """The same prompts, one after another, through llama-cpp-python's high-level API."""
+    llm.reset()
+    start = time.perf_counter()
+    brief: list[Any] = [{"role": "user", "content": f"Read this:\n{text}\nNoted?"}]
+    reply: Any = llm.create_chat_completion(brief, temperature=0, max_tokens=32)
+    answer = reply["choices"][0]["message"]["content"]
+    base: list[Any] = [*brief, {"role": "assistant", "content": answer}]
+    for i in range(4):
+        llm.create_chat_completion(
+            [*base, {"role": "user", "content": "Suggest one follow-up."}],
+            temperature=0.8, seed=7 + i, max_tokens=32,
+        )  # fmt: skip
+    for question in QUESTIONS:
+        llm.create_chat_completion(
+            [*base, {"role": "user", "content": question}], temperature=0, max_tokens=32
+        )
+    return time.perf_counter() - start
+
+
 def main() -> None:
     kind, path, threads = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
+    if kind == "dag":
+        llm = Llama(str(path), n_ctx=2304, n_threads=threads, verbose=False)
+        print(dag_sequential(llm, sys.stdin.read()), 0)
+        return
     if kind == "single":
         llm = Llama(str(path), n_ctx=2048, n_threads=threads, n_batch=512, verbose=False)
         reference_single(llm, 4)  # warm up
