@@ -14,6 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from pcrt.cache.runs import RunStore
+from pcrt.cache.store import Store
 from pcrt.runtime.models import Registry
 from pcrt.runtime.paths import Paths
 from pcrt.runtime.settings import ServerSettings
@@ -169,3 +171,22 @@ def test_sigkill_mid_node_then_resume_in_a_new_daemon(pcrt_env: Paths) -> None:
     checkpoint = run["nodes"][1]["checkpoint_tokens"]
     assert essay["cached_tokens"] >= essay["prompt_tokens"] + checkpoint - 1  # no recompute
     assert done["outputs"] == reference["outputs"]
+
+
+def test_a_stopping_daemon_leaves_its_runs_interrupted(
+    default_model_path: Path, tmp_path: Path
+) -> None:
+    paths = Paths(home=tmp_path, models_dir=shared_models_dir(), user_models_file=tmp_path / "x")
+    settings = ServerSettings(parallel=2, context=1024, n_threads=2)
+    with LiveServer(settings, registry=Registry.load(paths)) as live:
+        run_id = httpx.post(live.url + "/v1/dags", json={"dag": ESSAY, "wait": False}).json()["id"]
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            nodes = httpx.get(live.url + f"/v1/dags/{run_id}").json()["nodes"]
+            if (nodes[1]["checkpoint_tokens"] or 0) >= 64:
+                break
+            time.sleep(0.05)
+    # the server has stopped: the run waits to be resumed, it was not cancelled
+    with Store(paths.db_path) as store:
+        run = RunStore(store).get_run(run_id)
+    assert run.status == "interrupted" and "resume" in (run.error or "")

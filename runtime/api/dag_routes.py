@@ -79,8 +79,13 @@ class DagTasks:
         return True
 
     async def close(self) -> None:
+        """The daemon is stopping: its runs are interrupted, not cancelled by anyone, so
+        that resume_on_start (or pcrt dag resume) picks them up from their checkpoints."""
         for run_id in list(self.tasks):
             await self.cancel(run_id)
+            self.runner.runs.set_status(
+                run_id, "interrupted", error="the daemon stopped; resume continues it"
+            )
 
 
 def _tasks(request: Request) -> DagTasks:
