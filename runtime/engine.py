@@ -402,9 +402,14 @@ class Engine:
             tokens = request.state.continuation + tokens
         return tokens
 
-    def submit(self, request: GenerateRequest) -> RequestHandle:
-        """Validate and queue a request. Must be called from a running event loop."""
-        prompt = self.prepare(request)
+    def submit(self, request: GenerateRequest, prepared: list[int] | None = None) -> RequestHandle:
+        """Validate and queue a request. Must be called from a running event loop.
+
+        ``prepared``: the tokens ``prepare(request)`` returned for this same request, when
+        the caller already ran the checks (the API does, before charging rate limits), so
+        the template, tokenizer and grammar are not run twice.
+        """
+        prompt = prepared if prepared is not None else self.prepare(request)
         handle = RequestHandle(self, request, prompt)
         self._inbox.put(("submit", handle))
         return handle

@@ -114,7 +114,7 @@ def _submit(
         request = GenerateRequest(prompt=body.prompt_value(), sampling=sampling, n=body.n)
     tokens = engine.prepare(request)  # every check first: a refused prompt costs no quota
     acct.admit(len(tokens))
-    return engine.submit(GenerateRequest(prompt=tokens, sampling=sampling, n=body.n, id=request.id))
+    return engine.submit(request, prepared=tokens)
 
 
 async def _collect(handle: RequestHandle, request: Request) -> Completion | None:
