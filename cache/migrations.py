@@ -221,3 +221,9 @@ def m004_runs_nodes_blobs(db: sqlite_utils.Database) -> None:
         not_null={"path", "output", "created_at", "last_used_at"},
     )
     db.table("subgraph_cache").create_index(["last_used_at"])
+
+
+@migration
+def m005_node_routing(db: sqlite_utils.Database) -> None:
+    """Where each node was sent and why, with every failed attempt before it (issue 6)."""
+    db.table("nodes").add_column("routing", str)  # JSON: {"reason", "attempts": [...]}

@@ -78,17 +78,25 @@ class NodeRecord:
     cache_hit: bool
     resumed_from_checkpoint: bool
     error: str | None
+    routing: Any = None  # where the node was sent and why, failed attempts first
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> NodeRecord:
         row = dict(row)
         row["output"] = json.loads(row["output"]) if row["output"] is not None else None
+        row["routing"] = json.loads(row["routing"]) if row.get("routing") else None
         row["cache_hit"] = bool(row["cache_hit"])
         row["resumed_from_checkpoint"] = bool(row["resumed_from_checkpoint"])
         return cls(**row)
 
 
 _NODE_FIELDS = {f.name for f in fields(NodeRecord)}
+
+
+def _encode_json_fields(values: dict[str, Any]) -> None:
+    for name in ("output", "routing"):
+        if name in values and (name == "output" or values[name] is not None):
+            values[name] = json.dumps(values[name])
 
 
 class RunStore:
@@ -199,15 +207,13 @@ class RunStore:
         unknown = set(values) - _NODE_FIELDS
         if unknown:
             raise ValueError(f"unknown node fields: {sorted(unknown)}")
-        if "output" in values:
-            values["output"] = json.dumps(values["output"])
+        _encode_json_fields(values)
         with self._tx() as db:
             db.update("nodes", {"run_id": run_id, "node_id": node_id}, values)
 
     def finish_node(self, run_id: str, node_id: str, *, tokens: int, **values: Any) -> None:
         """The node's final record and the run's counters, together."""
-        if "output" in values:
-            values["output"] = json.dumps(values["output"])
+        _encode_json_fields(values)
         values.setdefault("finished_at", utc_now())
         with self._tx() as db:
             db.update("nodes", {"run_id": run_id, "node_id": node_id}, values)

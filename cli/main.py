@@ -35,7 +35,20 @@ def main(log_level: str) -> None:
 
 
 def _register() -> None:
-    from pcrt.cli import bench, chat, dag, device, models, ps, run, serve, state, usage
+    from pcrt.cli import (
+        announce,
+        bench,
+        chat,
+        dag,
+        device,
+        models,
+        peers,
+        ps,
+        run,
+        serve,
+        state,
+        usage,
+    )
 
     main.add_command(run.run)
     main.add_command(chat.chat)
@@ -48,6 +61,8 @@ def _register() -> None:
     main.add_command(bench.bench)
     main.add_command(state.state)
     main.add_command(dag.dag)
+    main.add_command(peers.peers)
+    main.add_command(announce.announce)
 
 
 _register()

@@ -36,13 +36,33 @@ class _DrainingServer(uvicorn.Server):
 @click.option("--keep-alive", default=None, help="Keep idle models loaded this long (5m).")
 @click.option("--max-loaded", "max_loaded_models", type=int, default=None)
 @click.option("--queue-size", type=int, default=None, help="Waiting requests per model.")
+@click.option("--lan", is_flag=True, default=None, help="Announce and find peers by mDNS.")
+@click.option("--interfaces", default=None, help='mDNS interfaces: "all" or IPv4 addresses.')
+@click.option("--name", "node_name", default=None, help="This node's name for its peers.")
 @click.option(
     "--config", "config_file", type=click.Path(dir_okay=False, path_type=Path), default=None
 )
 @click.option("--log-level", "uvicorn_log", default="info", show_default=True)
-def serve(config_file: Path | None, uvicorn_log: str, **options: Any) -> None:
-    """Run the daemon: an OpenAI-compatible API for every configured model."""
+def serve(
+    config_file: Path | None,
+    uvicorn_log: str,
+    lan: bool | None,
+    interfaces: str | None,
+    node_name: str | None,
+    **options: Any,
+) -> None:
+    """Run the daemon: an OpenAI-compatible API for every configured model.
+
+    With --lan it announces itself and finds peers on the LAN; set the same cluster key
+    (env PCRT_CLUSTER_KEY) on every machine that should trust the others.
+    """
     settings = ServerSettings.load(config_file, **options)
+    peer_flags = {"lan": lan, "name": node_name,
+                  "interfaces": interfaces.split(",") if interfaces and interfaces != "all"
+                  else interfaces}  # fmt: skip
+    changed = {k: v for k, v in peer_flags.items() if v is not None}
+    if changed:
+        settings = settings.model_copy(update={"peers": settings.peers.model_copy(update=changed)})
     app = create_app(settings)
     config = uvicorn.Config(
         app,

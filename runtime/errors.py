@@ -17,12 +17,18 @@ shape and a status code; the CLI prints the message without a traceback.
     │   └── IncompatibleState  the compatibility key differs (other model, KV type, version)
     ├── EngineClosed           a request reached an engine that is shutting down
     ├── Unauthorized           a missing or wrong API key
-    └── RetryLater             the request may succeed later (carries retry_after seconds)
-        ├── RateLimited        the agent is over its requests or tokens per minute
-        └── Overloaded         the model's queue is full, or the daemon is draining
+    ├── RetryLater             the request may succeed later (carries retry_after seconds)
+    │   ├── RateLimited        the agent is over its requests or tokens per minute
+    │   └── Overloaded         the model's queue is full, or the daemon is draining
+    └── PeerError              work sent to a peer did not come back (names the peer)
+        ├── PeerUnavailable    no answer, a timeout or a server error: try the next candidate
+        ├── PeerRejected       the peer refused the request itself (carries its status, body)
+        └── NoRoute            nowhere qualifies to run the work (says why for each node)
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 __all__ = [
     "ChatTemplateMissing",
@@ -34,7 +40,11 @@ __all__ = [
     "InvalidRequest",
     "ModelLoadError",
     "ModelNotFound",
+    "NoRoute",
     "PcrtError",
+    "PeerError",
+    "PeerRejected",
+    "PeerUnavailable",
     "Overloaded",
     "PullError",
     "RateLimited",
@@ -111,4 +121,27 @@ class RateLimited(RetryLater):
 
 
 class Overloaded(RetryLater):
+    pass
+
+
+class PeerError(PcrtError):
+    def __init__(self, message: str, *, peer: str) -> None:
+        super().__init__(message)
+        self.peer = peer
+
+
+class PeerUnavailable(PeerError):
+    pass
+
+
+class PeerRejected(PeerError):
+    """The peer answered with a client error; its OpenAI-shaped body passes through."""
+
+    def __init__(self, message: str, *, peer: str, status: int, body: dict[str, Any]) -> None:
+        super().__init__(message, peer=peer)
+        self.status = status
+        self.body = body
+
+
+class NoRoute(PcrtError):
     pass

@@ -17,6 +17,19 @@ The config file is ``PCRT_CONFIG`` or ``config.toml`` in the platform's user con
 
     [limits.agents.crawler]       # X-PC-Agent-ID: crawler
     requests_per_minute = 30
+
+    [peers]                       # issue 6: LAN peers and upstream servers
+    lan = true                    # announce and browse by mDNS (pcrt serve --lan)
+    interfaces = "all"            # or a list of addresses, e.g. ["192.168.1.20"]
+    cluster_key_env = "PCRT_CLUSTER_KEY"
+
+    [[peers.static]]              # a server mDNS cannot see
+    name = "gpu-box"
+    url = "http://10.0.0.5:8000"
+    kind = "vllm"
+    api_key_env = "GPU_BOX_KEY"
+    models = ["qwen2.5-7b-instruct"]
+    tags = ["complex"]
 """
 
 from __future__ import annotations
@@ -26,14 +39,22 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import platformdirs
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from pcrt.runtime.errors import ConfigError
 
-__all__ = ["AgentLimits", "LimitSettings", "ServerSettings", "is_loopback", "parse_duration"]
+__all__ = [
+    "AgentLimits",
+    "LimitSettings",
+    "PeerSettings",
+    "ServerSettings",
+    "StaticPeer",
+    "is_loopback",
+    "parse_duration",
+]
 
 _DURATION = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
@@ -77,6 +98,39 @@ class LimitSettings(BaseModel):
         return self.agents.get(agent, self.default)
 
 
+class StaticPeer(BaseModel):
+    """A peer from config: a cloud endpoint or any server mDNS does not reach."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    url: str = Field(pattern=r"^https?://")
+    kind: Literal["pcrt", "vllm", "openai"] = "openai"
+    api_key_env: str | None = None  # the env var holding its API key (the key never in config)
+    models: tuple[str, ...] = ()  # empty: read from its /v1/models
+    tags: tuple[str, ...] = ()  # tags every model of this peer answers to, e.g. "complex"
+    strength: float | None = None  # larger is stronger (say, billions of parameters)
+
+
+class PeerSettings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    lan: bool = False  # announce and browse by mDNS
+    interfaces: str | list[str] = "all"  # where mDNS runs when lan is on: "all" or addresses
+    name: str | None = None  # this node's name for peers (default: the host name)
+    cluster_key: str | None = None
+    cluster_key_env: str = "PCRT_CLUSTER_KEY"
+    health_interval: float = Field(default=1.0, gt=0)  # seconds between peer health checks
+    health_timeout: float = Field(default=1.0, gt=0)
+    connect_timeout: float = Field(default=2.0, gt=0)  # forwarding: connect and first byte
+    battery_threshold: float = Field(default=30.0, ge=0, le=100)
+    migrate_on_drain: bool = False  # on SIGTERM, move unfinished DAG runs to a peer
+    static: tuple[StaticPeer, ...] = ()
+
+    def resolved_cluster_key(self) -> str | None:
+        return self.cluster_key or os.environ.get(self.cluster_key_env) or None
+
+
 class ServerSettings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -98,6 +152,7 @@ class ServerSettings(BaseModel):
     blob_max_bytes: int | None = Field(default=10 * 1024**3, ge=1)
     state_upload_max_bytes: int = Field(default=2 * 1024**3, ge=1)
     limits: LimitSettings = LimitSettings()
+    peers: PeerSettings = PeerSettings()
 
     @field_validator("keep_alive", mode="before")
     @classmethod
@@ -127,12 +182,13 @@ class ServerSettings(BaseModel):
                 raw = tomllib.loads(path.read_text(encoding="utf-8"))
             except (OSError, tomllib.TOMLDecodeError) as exc:
                 raise ConfigError(f"{path}: {exc}") from None
-            unknown = set(raw) - {"server", "limits"}
+            unknown = set(raw) - {"server", "limits", "peers"}
             if unknown:
                 raise ConfigError(f"{path}: unknown section(s) {sorted(unknown)}")
             values.update(raw.get("server", {}))
-            if "limits" in raw:
-                values["limits"] = raw["limits"]
+            for section in ("limits", "peers"):
+                if section in raw:
+                    values[section] = raw[section]
         values.update({k: v for k, v in overrides.items() if v is not None})
         try:
             return cls(**values)

@@ -14,7 +14,13 @@ from pcrt.cache.store import Store
 from pcrt.runtime.hashing import file_sha256
 from tests.httpserver import sha256_hex
 
-SHIPPED = ["m001_file_hashes", "m002_bench_results", "m003_usage", "m004_runs_nodes_blobs"]
+SHIPPED = [
+    "m001_file_hashes",
+    "m002_bench_results",
+    "m003_usage",
+    "m004_runs_nodes_blobs",
+    "m005_node_routing",
+]
 
 
 def test_new_database_is_migrated(tmp_path: Path) -> None:

@@ -6,10 +6,12 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
+import psutil
 from fastapi import Depends, FastAPI, Request
 
 from pcrt.cache.blobs import BlobStore
@@ -17,9 +19,13 @@ from pcrt.cache.runs import RunStore
 from pcrt.cache.store import Store
 from pcrt.cache.usage import UsageLog
 from pcrt.device.monitor import DeviceMonitor
-from pcrt.runtime.api import admin_routes, dag_routes, openai_routes, state_routes
+from pcrt.routing.auth import CLUSTER_HEADER
+from pcrt.routing.coordinator import Coordinator, load_node_id
+from pcrt.routing.remote import RemoteRunner
+from pcrt.runtime.api import admin_routes, dag_routes, openai_routes, peer_routes, state_routes
 from pcrt.runtime.api.dag_routes import DagTasks
 from pcrt.runtime.api.errors import install_error_handlers
+from pcrt.runtime.api.node_info import NodeInfo
 from pcrt.runtime.api.service import Services
 from pcrt.runtime.dag.executor import DagRunner
 from pcrt.runtime.engine import Engine
@@ -59,6 +65,14 @@ def create_app(
         pool = ModelPool(reg, settings, open_with_live_profile)
         blobs = BlobStore(store, reg.paths.home / "blobs", max_bytes=settings.blob_max_bytes)
         runs = RunStore(store)
+        node_id = load_node_id(reg.paths.home)
+        node_name = settings.peers.name or socket.gethostname().split(".")[0] or "pcrt"
+        node = NodeInfo(node_id, node_name, reg, pool, monitor, store)
+        coordinator = Coordinator(
+            settings.peers, node_id=node_id, node_name=node_name, api_port=settings.port,
+            announce_address=announce_address(settings),
+            local_view=node.local_view, local_models=lambda: sorted(reg.entries),
+        )  # fmt: skip
         services = Services(
             settings=settings,
             pool=pool,
@@ -68,8 +82,16 @@ def create_app(
             metrics=Metrics(_live_gauges(pool)),
             blobs=blobs,
             dags=DagTasks(
-                DagRunner(registry=reg, runs=runs, blobs=blobs, lease=_engine_lease(pool))
+                DagRunner(
+                    registry=reg,
+                    runs=runs,
+                    blobs=blobs,
+                    lease=_engine_lease(pool),
+                    remote=RemoteRunner(coordinator),
+                )  # fmt: skip
             ),
+            coordinator=coordinator,
+            node=node,
         )
         app.state.services = services
         interrupted = runs.mark_interrupted()  # runs a dead daemon left "running"
@@ -79,6 +101,7 @@ def create_app(
             for run in runs.list_runs(status="interrupted"):
                 services.dags.start(run.id)
         reaper = asyncio.create_task(pool.reap_forever(), name="pcrt-keep-alive-reaper")
+        await coordinator.start()
         services.state = "serving"
         log.info("serving on %s:%d", settings.host, settings.port)
         try:
@@ -87,6 +110,7 @@ def create_app(
             services.state = "draining"
             pool.start_draining()
             await services.dags.close()  # running DAGs stop; their checkpoints stay
+            await coordinator.close()  # goodbye packets: peers drop us at once
             reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reaper
@@ -95,6 +119,20 @@ def create_app(
             store.close()
 
     async def require_key(request: Request) -> None:
+        # a peer proves the cluster key instead of holding our API key; checked once here
+        # (the nonce is spent), the routes for peers read the verdict
+        request.state.peer_verified = False
+        signature = request.headers.get(CLUSTER_HEADER)
+        if signature is not None:
+            services: Services = request.app.state.services
+            why = services.coordinator.check_peer_request(
+                signature, request.method, request.url.path
+            )
+            if why is not None:
+                log.warning("refused a peer request to %s: %s", request.url.path, why)
+                raise Unauthorized(f"cluster signature refused: {why}")
+            request.state.peer_verified = True
+            return
         if api_key is None or request.url.path == "/health":
             return
         header = request.headers.get("authorization", "")
@@ -112,7 +150,24 @@ def create_app(
     app.include_router(admin_routes.router)
     app.include_router(state_routes.router)
     app.include_router(dag_routes.router)
+    app.include_router(peer_routes.router)
     return app
+
+
+def announce_address(settings: ServerSettings) -> str:
+    """The IPv4 address peers should call: the bound one, else the first mDNS interface,
+    else the first non-loopback address of this machine."""
+    if settings.host not in ("0.0.0.0", "", "::"):
+        with contextlib.suppress(OSError):
+            return socket.gethostbyname(settings.host)
+    interfaces = settings.peers.interfaces
+    if isinstance(interfaces, list) and interfaces:
+        return interfaces[0]
+    for addresses in psutil.net_if_addrs().values():
+        for address in addresses:
+            if address.family == socket.AF_INET and not address.address.startswith("127."):
+                return str(address.address)
+    return "127.0.0.1"
 
 
 def _engine_lease(pool: ModelPool) -> Callable[[str], AbstractAsyncContextManager[Engine]]:

@@ -1,7 +1,8 @@
 """Every error leaves the HTTP surface in OpenAI's shape, with the right status.
 
 ``{"error": {"message", "type", "param", "code"}}``; 400 bad request, 401 bad key,
-404 unknown model or route, 409 incompatible state, 429 rate limit, 503 overloaded.
+404 unknown model or route (or nowhere to run it), 502 a peer
+that did not answer, 409 incompatible state, 429 rate limit, 503 overloaded.
 Nothing answers a bare 500: an unexpected failure is logged and answered with a 500 in
 the same shape.
 """
@@ -25,7 +26,10 @@ from pcrt.runtime.errors import (
     InvalidRequest,
     ModelLoadError,
     ModelNotFound,
+    NoRoute,
     PcrtError,
+    PeerRejected,
+    PeerUnavailable,
     PullError,
     RateLimited,
     RetryLater,
@@ -53,6 +57,17 @@ def status_and_body(exc: PcrtError) -> tuple[int, dict[str, Any], dict[str, str]
         if isinstance(exc, RateLimited):
             return 429, error_body(msg, "rate_limit_error", None, "rate_limit_exceeded"), headers
         return 503, error_body(msg, "server_overloaded", None, "overloaded"), headers
+    if isinstance(exc, PeerRejected):  # the peer's own error passes through
+        body = (
+            exc.body
+            if isinstance(exc.body.get("error"), dict)
+            else error_body(msg, "invalid_request_error", None, None)
+        )
+        return exc.status, body, headers
+    if isinstance(exc, PeerUnavailable):
+        return 502, error_body(msg, "server_error", None, "peer_unavailable"), headers
+    if isinstance(exc, NoRoute):
+        return 404, error_body(msg, "invalid_request_error", "model", "no_route"), headers
     if isinstance(exc, ModelNotFound):
         return 404, error_body(msg, "invalid_request_error", "model", "model_not_found"), headers
     if isinstance(exc, DagInvalid):

@@ -15,6 +15,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from pcrt.runtime.api.errors import status_and_body
+from pcrt.runtime.api.forwarding import forward_if_routed
 from pcrt.runtime.api.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -67,6 +68,9 @@ async def _generate(request: Request, body: GenerationFields, route: str, *, cha
     services = _services(request)
     acct = Accounting(services, agent=_agent(request, body.user), model=body.model, route=route)
     try:
+        forwarded = await forward_if_routed(request, body, route, chat, acct)
+        if forwarded is not None:
+            return forwarded
         lease = services.pool.lease(body.model, body.keep_alive_seconds())
         model = await lease.__aenter__()
     except PcrtError as exc:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pcrt.cache.blobs import BlobStore
 from pcrt.cache.usage import UsageLog, UsageRecord
@@ -19,7 +19,9 @@ from pcrt.runtime.pool import ModelPool
 from pcrt.runtime.settings import ServerSettings
 
 if TYPE_CHECKING:  # dag_routes imports this module: no cycle at run time
+    from pcrt.routing.coordinator import Coordinator
     from pcrt.runtime.api.dag_routes import DagTasks
+    from pcrt.runtime.api.node_info import NodeInfo
 
 __all__ = ["Accounting", "Services"]
 
@@ -38,6 +40,8 @@ class Services:
     monitor: DeviceMonitor
     blobs: BlobStore  # KV state blobs under the home dir
     dags: DagTasks  # running DAG executions
+    coordinator: Coordinator  # peers: discovery, health, routing decisions
+    node: NodeInfo  # what this node offers, for peers and the policy
     state: str = "starting"  # starting | serving | draining
 
 
@@ -61,6 +65,32 @@ class Accounting:
 
     def finished(self, result: Completion | None, status: int) -> None:
         self._write(status, result)
+
+    def finished_remote(
+        self, status: int, usage: dict[str, Any] | None, ttft: float | None, ran_on: str
+    ) -> None:
+        """A request a peer served: its own usage counts, and where it ran."""
+        if self._done:
+            return
+        self._done = True
+        usage = usage or {}
+        details = usage.get("prompt_tokens_details") or {}
+        prompt = int(usage.get("prompt_tokens") or 0)
+        completion = int(usage.get("completion_tokens") or 0)
+        m = self.services.metrics
+        m.requests.labels(self.route, self.model, str(status)).inc()
+        m.prompt_tokens.labels(self.model).inc(prompt)
+        m.completion_tokens.labels(self.model).inc(completion)
+        if status == 200:
+            self.services.limiter.charge(self.agent, completion)
+        self._record(
+            UsageRecord(
+                self.agent, self.model, self.route, status, prompt_tokens=prompt,
+                cached_tokens=int(details.get("cached_tokens") or 0),
+                completion_tokens=completion, ttft_ms=None if ttft is None else ttft * 1000,
+                total_ms=self._elapsed_ms(), ran_on=ran_on,
+            )
+        )  # fmt: skip
 
     def finished_embeddings(self, tokens: int) -> None:
         if self._done:

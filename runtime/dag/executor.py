@@ -29,13 +29,15 @@ import uuid
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
+import jsonschema
 import llama_cpp
 
 from pcrt.cache.blobs import BlobCorrupt, BlobMissing, BlobStore
 from pcrt.cache.runs import NodeRecord, RunRecord, RunStore
 from pcrt.cache.store import utc_now
+from pcrt.routing.policy import Candidate, Decision, Work
 from pcrt.runtime.chat import ChatMessage
 from pcrt.runtime.dag.errors import AssertFailed, DagInvalid, Problem
 from pcrt.runtime.dag.load import parse_dag
@@ -48,12 +50,19 @@ from pcrt.runtime.engine import (
     GenerateRequest,
     TokenEvent,
 )
-from pcrt.runtime.errors import InvalidRequest, PcrtError, StateError
+from pcrt.runtime.errors import (
+    InvalidRequest,
+    NoRoute,
+    PcrtError,
+    PeerError,
+    PeerUnavailable,
+    StateError,
+)
 from pcrt.runtime.models import Registry
 from pcrt.runtime.sampling import SamplingParams
 from pcrt.runtime.state import KVState
 
-__all__ = ["BudgetExceeded", "DagEvent", "DagRunner", "EngineLease", "check_run"]
+__all__ = ["BudgetExceeded", "DagEvent", "DagRunner", "EngineLease", "Remote", "check_run"]
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +72,32 @@ EngineLease = Callable[[str], AbstractAsyncContextManager[Engine]]
 ENGINE_VERSION = f"pcrt-0.1/llama-cpp-python-{llama_cpp.__version__}"
 # a cancelled run keeps its checkpoints, so it can be resumed like an interrupted one
 RESUMABLE = ("pending", "running", "interrupted", "cancelled")
+
+
+class Remote(Protocol):
+    """Peers as the executor sees them (``pcrt.routing.remote.RemoteRunner``)."""
+
+    @property
+    def enabled(self) -> bool: ...
+
+    def decide(self, work: Work) -> Decision: ...
+
+    def known_names(self) -> tuple[set[str], set[str]]: ...
+
+    def failed(self, exc: PeerError) -> None: ...
+
+    async def chat(
+        self,
+        candidate: Candidate,
+        messages: list[dict[str, str]],
+        params: dict[str, Any],
+        schema: dict[str, Any] | None,
+        on_text: Callable[[int, str], None],
+    ) -> Any: ...
+
+    async def subgraph(
+        self, candidate: Candidate, payload: dict[str, Any], timeout: float | None
+    ) -> dict[str, Any]: ...
 
 
 class BudgetExceeded(PcrtError):
@@ -92,12 +127,21 @@ class _Run:
     emit: Callable[[DagEvent], None]
 
 
-def check_run(spec: DagSpec, registry: Registry, inputs: dict[str, Any]) -> dict[str, Any]:
+def check_run(
+    spec: DagSpec,
+    registry: Registry,
+    inputs: dict[str, Any],
+    remote: tuple[set[str], set[str]] | None = None,
+) -> dict[str, Any]:
     """Everything a run is checked for before it exists (DagInvalid lists every problem);
-    returns the bound inputs. The CLI calls it too, before loading or sending anything."""
+    returns the bound inputs. The CLI calls it too, before loading or sending anything.
+    ``remote`` adds the model names and tags trusted peers offer."""
     names = set(registry.entries)
     aliases = {a for e in registry.entries.values() for a in e.aliases}
     tags = {t for e in registry.entries.values() for t in e.tags}
+    if remote is not None:
+        names |= remote[0]
+        tags |= remote[1]
     ensure_valid(spec, known_models=names | aliases, known_tags=tags)
     subgraphs = [n.id for n in spec.nodes.values() if isinstance(n, SubgraphNode)]
     if subgraphs:
@@ -119,7 +163,9 @@ class DagRunner:
         lease: EngineLease,
         ran_on: str = "local",
         cache_entries: int = 10_000,
+        remote: Remote | None = None,
     ) -> None:
+        self.remote = remote
         self.registry = registry
         self.runs = runs
         self.blobs = blobs
@@ -132,10 +178,25 @@ class DagRunner:
 
     def create(self, spec: DagSpec, inputs: dict[str, Any]) -> RunRecord:
         """Validate (every problem at once: DagInvalid), bind inputs, record the run."""
-        bound = check_run(spec, self.registry, inputs)
+        remote = self.remote.known_names() if self.remote and self.remote.enabled else None
+        bound = check_run(spec, self.registry, inputs, remote)
         run_id = uuid.uuid4().hex[:12]
         nodes = [(node_id, node.path, node.type) for node_id, node in spec.nodes.items()]
         return self.runs.create_run(run_id, spec.dag, spec.document(), bound, nodes)
+
+    def create_partial(
+        self, spec: DagSpec, inputs: dict[str, Any], done: dict[str, Any], origin: str
+    ) -> RunRecord:
+        """A run of part of a DAG for a peer: ``done`` nodes are recorded as finished
+        (where ``origin`` ran them) and only the rest execute here."""
+        unknown = set(done) - set(spec.nodes)
+        if unknown:
+            raise InvalidRequest(f"outputs given for unknown nodes: {sorted(unknown)}")
+        record = self.create(spec, inputs)
+        for node_id, output in done.items():
+            self.runs.update_node(record.id, node_id, status="succeeded", output=output,
+                                  ran_on=origin, finished_at=utc_now())  # fmt: skip
+        return record
 
     # -- executing ----------------------------------------------------------------
 
@@ -182,7 +243,7 @@ class DagRunner:
     async def _schedule(self, run: _Run) -> None:
         deps = dependencies(run.spec)
         pending = [n for n in run.spec.nodes if n not in run.outputs]
-        running: dict[asyncio.Task[Any], str] = {}
+        running: dict[asyncio.Task[dict[str, Any]], str] = {}
         try:
             while pending or running:
                 ready = [n for n in pending if deps[n] <= run.outputs.keys()]
@@ -196,8 +257,13 @@ class DagRunner:
                     raise PcrtError(f"nodes {stuck} wait for nodes that failed or never ran")
                 finished, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
                 for task in finished:
-                    node_id = running.pop(task)
-                    run.outputs[node_id] = task.result()  # a failure propagates from here
+                    running.pop(task)
+                    # a failure propagates from here; a subgraph sent whole to a peer
+                    # answers for several nodes at once
+                    for node_id, output in task.result().items():
+                        run.outputs[node_id] = output
+                        if node_id in pending:
+                            pending.remove(node_id)
         finally:
             for task in running:
                 task.cancel()
@@ -214,12 +280,13 @@ class DagRunner:
 
     # -- nodes --------------------------------------------------------------------
 
-    async def _node(self, run: _Run, node_id: str) -> Any:
+    async def _node(self, run: _Run, node_id: str) -> dict[str, Any]:
         node = run.spec.nodes[node_id]
         run_id = run.record.id
         run.emit(DagEvent("node_started", run_id, node_id, {"type": node.type}))
         started = time.perf_counter()
         scope = make_scope(run.record.inputs, run.outputs)
+        others: dict[str, Any] = {}  # outputs of a subgraph that ran whole on a peer
         try:
             if isinstance(node, AssertNode):
                 check_assert(self.env, node.that, scope, node=node_id, message=node.message)
@@ -228,7 +295,13 @@ class DagRunner:
             elif isinstance(node, ForkNode) and node.branches is not None:
                 output, tokens = [run.outputs[b] for b in node.branches], 0
             elif isinstance(node, LlmNode | ForkNode):
-                output, tokens = await self._generate(run, node, scope)
+                decision = self._route(run, node, scope)
+                if decision is None:
+                    output, tokens = await self._generate(run, node, scope)
+                else:
+                    produced, tokens = await self._generate_routed(run, node, scope, decision)
+                    output = produced.pop(node_id)
+                    others = produced
             else:
                 raise InvalidRequest(f"node {node_id}: type {node.type!r} cannot run")
         except (PcrtError, AssertFailed) as exc:
@@ -244,11 +317,235 @@ class DagRunner:
                 run_id, node_id, tokens=0, status="succeeded", output=output,
                 seconds=time.perf_counter() - started, ran_on=self.ran_on,
             )  # fmt: skip
-        run.nodes_executed += 1
+        run.nodes_executed += 1 + len(others)
         run.tokens_used += tokens
         run.emit(DagEvent("node_finished", run_id, node_id, {"status": "succeeded",
                                                               "output": output}))  # fmt: skip
-        return output
+        return {node_id: output, **others}
+
+    # -- routing (issue 6) ----------------------------------------------------------
+
+    def _route(self, run: _Run, node: LlmNode | ForkNode, scope: dict[str, Any]) -> Decision | None:
+        """Where the node should run, or None for "here, no question" (no peers, or the
+        node says ``route: local``)."""
+        if self.remote is None or not self.remote.enabled or node.route == "local":
+            return None
+        text = (node.system or "") + (node.prompt or "")
+        with contextlib.suppress(PcrtError):
+            text = render(self.env, node.prompt or "", scope, node=node.id)
+        budget = run.spec.budget
+        work = Work(
+            # neither model nor tag: each node offers its best model (here, the default)
+            model=node.model,
+            tag=node.tag,
+            prompt_tokens=len(text) // 4 + 16,  # an estimate: no tokenizer for a peer's model
+            max_tokens=node.max_tokens or 512,
+            has_schema=node.output_schema is not None,
+            complexity=node.complexity,
+            route=node.route,
+            timeout_s=budget.timeout_sec,
+        )
+        return self.remote.decide(work)
+
+    async def _generate_routed(
+        self, run: _Run, node: LlmNode | ForkNode, scope: dict[str, Any], decision: Decision
+    ) -> tuple[dict[str, Any], int]:
+        """Try the decision's candidates in order; a peer that fails hands the node to the
+        next one (a DAG node's partial remote output is dropped and recomputed)."""
+        assert self.remote is not None
+        run_id = run.record.id
+        if decision.chosen is None:
+            if node.route == "peer":
+                raise NoRoute(f"node {node.id}: {decision.reason}")
+            output, tokens = await self._generate(run, node, scope)  # local decides: errors
+            return {node.id: output}, tokens
+        attempts: list[dict[str, str]] = []
+        for candidate in decision.candidates:
+            routing = {"reason": decision.reason, "ran_on": candidate.node,
+                       "attempts": list(attempts)}  # fmt: skip
+            if candidate.kind == "local":
+                self.runs.update_node(run_id, node.id, routing=routing)
+                output, tokens = await self._generate(run, node, scope)
+                return {node.id: output}, tokens
+            try:
+                if candidate.kind == "pcrt":
+                    return await self._subgraph_on_peer(run, node, candidate, routing)
+                output, tokens = await self._generate_on_peer(run, node, scope, candidate, routing)
+                return {node.id: output}, tokens
+            except PeerError as exc:
+                if isinstance(exc, PeerUnavailable):
+                    self.remote.failed(exc)  # out of rotation now, not at the next check
+                attempts.append({"node": candidate.node, "error": str(exc)})
+                log.warning("node %s: %s; trying the next candidate", node.id, exc)
+                run.emit(DagEvent("fallback", run_id, node.id,
+                                  {"from": candidate.node, "error": str(exc)}))  # fmt: skip
+        tried = "; ".join(f"{a['node']}: {a['error']}" for a in attempts)
+        raise PeerUnavailable(f"node {node.id}: every candidate failed ({tried})", peer="")
+
+    async def _generate_on_peer(
+        self,
+        run: _Run,
+        node: LlmNode | ForkNode,
+        scope: dict[str, Any],
+        candidate: Candidate,
+        routing: dict[str, Any],
+    ) -> tuple[Any, int]:
+        """One generation as a chat completion on an OpenAI-compatible peer."""
+        assert self.remote is not None
+        run_id, node_id = run.record.id, node.id
+        messages, _ = await self._conversation(run, node, scope, None)
+        sampling = SamplingParams(**node.sampling())
+        budget = run.spec.budget.max_tokens
+        max_tokens = sampling.max_tokens
+        if budget is not None:
+            max_tokens = min(max_tokens, budget - run.tokens_used)
+        params: dict[str, Any] = {"temperature": sampling.temperature,
+                                  "top_p": sampling.top_p, "max_tokens": max_tokens}  # fmt: skip
+        if sampling.seed is not None:
+            params["seed"] = sampling.seed
+        if sampling.stop:
+            params["stop"] = list(sampling.stop)
+        samples = node.samples if isinstance(node, ForkNode) and node.samples else 1
+        if samples > 1:
+            params["n"] = samples
+        self.runs.update_node(
+            run_id, node_id, status="running", model=candidate.model, started_at=utc_now(),
+            ran_on=candidate.node, routing=routing,
+        )  # fmt: skip
+
+        def on_text(index: int, text: str) -> None:
+            run.emit(DagEvent("token", run_id, node_id, {"index": index, "text": text}))
+
+        result = await self.remote.chat(
+            candidate, [{"role": m.role, "content": m.text()} for m in messages],
+            params, node.output_schema, on_text,
+        )  # fmt: skip
+        texts = list(result.texts) + [""] * (samples - len(result.texts))
+        try:
+            outputs = [self._parse(node, text) for text in texts[:samples]]
+        except PcrtError as exc:
+            raise PeerError(f"{exc} (from peer {candidate.node})", peer=candidate.node) from None
+        if node.output_schema is not None:
+            for value in outputs:
+                try:
+                    jsonschema.validate(value, node.output_schema)
+                except jsonschema.ValidationError as exc:
+                    # the peer's constrained decoding failed us (llama-cpp-python's server
+                    # ignores the grammar at temperature 0): the next candidate tries
+                    raise PeerError(
+                        f"node {node_id}: peer {candidate.node} answered JSON that breaks the "
+                        f"node's schema: {exc.message}",
+                        peer=candidate.node,
+                    ) from None
+        output: Any = outputs if isinstance(node, ForkNode) else outputs[0]
+        tokens = result.completion_tokens
+        self.runs.finish_node(
+            run_id, node_id, tokens=tokens, status="succeeded", output=output,
+            prompt_tokens=result.prompt_tokens, completion_tokens=tokens,
+            cached_tokens=result.cached_tokens, seconds=result.seconds,
+        )  # fmt: skip
+        if budget is not None and run.tokens_used + tokens > budget:
+            run.tokens_used += tokens
+            raise BudgetExceeded("max_tokens", f"{run.tokens_used} of {budget} used")
+        return output, tokens
+
+    def _peer_group(self, run: _Run, node: LlmNode | ForkNode) -> list[str]:
+        """The subgraph that goes whole with ``node``: it and the later nodes routed alike
+        (same route, complexity, model and tag) whose inputs all come from finished nodes
+        or from the group itself; asserts and branch forks over the group go along."""
+        deps = dependencies(run.spec)
+        hints = _hints(node)
+        group = [node.id]
+        changed = True
+        while changed:
+            changed = False
+            for other_id, other in run.spec.nodes.items():
+                if other_id in group or other_id in run.outputs:
+                    continue
+                if not deps[other_id] & set(group):
+                    continue  # not downstream of the group
+                if not deps[other_id] <= set(group) | run.outputs.keys():
+                    continue
+                if isinstance(other, LlmNode | ForkNode) and _hints(other) not in (None, hints):
+                    continue  # routed differently: it decides on its own
+                group.append(other_id)
+                changed = True
+        return group
+
+    async def _subgraph_on_peer(
+        self, run: _Run, node: LlmNode | ForkNode, candidate: Candidate, routing: dict[str, Any]
+    ) -> tuple[dict[str, Any], int]:
+        """Send the node's subgraph whole to a pcrt peer; record what comes back."""
+        assert self.remote is not None
+        run_id = run.record.id
+        group = self._peer_group(run, node)
+        deps = dependencies(run.spec)
+        needed: set[str] = set()
+        frontier = [d for g in group for d in deps[g]]
+        while frontier:  # every upstream node the group's templates and contexts reach
+            current = frontier.pop()
+            if current not in needed and current not in group:
+                needed.add(current)
+                frontier.extend(deps[current])
+        document = run.spec.document()
+        nodes_doc = {}
+        for node_id in [*sorted(needed), *group]:
+            raw = dict(document["nodes"][node_id])
+            if node_id in group and raw.get("type") in ("llm", "fork"):
+                raw["route"] = "local"  # it runs there, never sent on again
+            nodes_doc[node_id] = raw
+        budget = run.spec.budget
+        document["nodes"] = nodes_doc
+        document["budget"] = {
+            k: v for k, v in {
+                "max_tokens": None if budget.max_tokens is None
+                else max(1, budget.max_tokens - run.tokens_used),
+                "timeout_sec": budget.timeout_sec,
+            }.items() if v is not None
+        }  # fmt: skip
+        payload = {
+            "dag": document,
+            "inputs": run.record.inputs,
+            "done": {n: run.outputs[n] for n in sorted(needed)},
+            "nodes": group,
+        }
+        for node_id in group:
+            if node_id != node.id:
+                run.emit(DagEvent("node_started", run_id, node_id,
+                                  {"type": run.spec.nodes[node_id].type}))  # fmt: skip
+            self.runs.update_node(run_id, node_id, status="running", started_at=utc_now(),
+                                  ran_on=candidate.node, routing=routing)  # fmt: skip
+        result = await self.remote.subgraph(candidate, payload, budget.timeout_sec)
+        records = result["nodes"]
+        if result.get("status") != "succeeded":
+            raise PcrtError(
+                f"the subgraph from node {node.id} failed on peer {candidate.node}: "
+                f"{result.get('error') or result.get('status')}"
+            )
+        outputs: dict[str, Any] = {}
+        total = 0
+        for node_id in group:
+            rec = records.get(node_id)
+            if not isinstance(rec, dict) or rec.get("status") != "succeeded":
+                raise PcrtError(f"peer {candidate.node} did not finish node {node_id}")
+            tokens = int(rec.get("completion_tokens") or 0)
+            total += tokens
+            self.runs.finish_node(
+                run_id, node_id, tokens=tokens, status="succeeded", output=rec.get("output"),
+                prompt_tokens=rec.get("prompt_tokens"), completion_tokens=tokens,
+                cached_tokens=rec.get("cached_tokens"), seconds=rec.get("seconds"),
+                model=rec.get("model"), cache_hit=int(bool(rec.get("cache_hit"))),
+                ran_on=candidate.node,
+            )  # fmt: skip
+            outputs[node_id] = rec.get("output")
+            if node_id != node.id:
+                run.emit(DagEvent("node_finished", run_id, node_id,
+                                  {"status": "succeeded", "output": outputs[node_id]}))  # fmt: skip
+        budget_tokens = budget.max_tokens
+        if budget_tokens is not None and run.tokens_used + total > budget_tokens:
+            run.tokens_used += total
+            raise BudgetExceeded("max_tokens", f"{run.tokens_used} of {budget_tokens} used")
+        return outputs, total
 
     async def _generate(
         self, run: _Run, node: LlmNode | ForkNode, scope: dict[str, Any]
@@ -402,9 +699,10 @@ class DagRunner:
         return output, tokens
 
     async def _conversation(
-        self, run: _Run, node: LlmNode | ForkNode, scope: dict[str, Any], engine: Engine
+        self, run: _Run, node: LlmNode | ForkNode, scope: dict[str, Any], engine: Engine | None
     ) -> tuple[list[ChatMessage], KVState | None]:
-        """The node's chat: its own turn, after its ``context`` parent's whole conversation."""
+        """The node's chat: its own turn, after its ``context`` parent's whole conversation.
+        Without an engine (a peer runs it) the parent's state is not loaded."""
         turns: list[ChatMessage] = []
         state: KVState | None = None
         if node.context is not None:
@@ -415,7 +713,8 @@ class DagRunner:
             text = answer if isinstance(answer, str) else json.dumps(answer)
             turns = [*parent_turns, ChatMessage(role="assistant", content=text)]
             record = self.runs.node(run.record.id, node.context)
-            state = await self._load_state(record.state_sha256, engine, f"{node.context}'s KV")
+            if engine is not None:
+                state = await self._load_state(record.state_sha256, engine, f"{node.context}'s KV")
         elif node.system is not None:
             system = render(self.env, node.system, scope, node=node.id)
             turns = [ChatMessage(role="system", content=system)]
@@ -473,6 +772,13 @@ class DagRunner:
                 f"node {node.id}: the output is not the JSON its schema asks for ({exc}); "
                 "raise max_tokens if it was cut short"
             ) from None
+
+
+def _hints(node: LlmNode | ForkNode) -> tuple[Any, ...] | None:
+    """What routes a generating node; None for a fork of branches (it generates nothing)."""
+    if isinstance(node, ForkNode) and node.branches is not None:
+        return None
+    return (node.route, node.complexity, node.model, node.tag)
 
 
 def _ignore(_: DagEvent) -> None:

@@ -1,0 +1,138 @@
+"""The cluster key: how pcrt peers prove to each other that they belong together.
+
+The key is a shared secret from config or the environment. It never travels: not in the
+mDNS TXT record, not in a header. Instead:
+
+- a request to a peer carries ``X-PC-Cluster: v1:TS:NONCE:MAC``, the MAC an HMAC-SHA256
+  over the time, a fresh nonce, the method and the path; the peer checks the MAC, that the
+  time is within ``MAX_SKEW`` seconds, and that the nonce was not seen before (replay);
+- the answer to a node-info request carries ``X-PC-Cluster-Proof``, an HMAC over the
+  request's nonce and the body's sha256: the caller learns that the peer holds the key too
+  (a node that merely copies someone's mDNS record cannot produce it);
+- ``pcrt announce`` signs the TXT record of an upstream it announces (address, port and
+  fields), so an edge daemon trusts an announced vLLM box only if the announcer had the key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Mapping
+
+__all__ = [
+    "CLUSTER_HEADER",
+    "MAX_SKEW",
+    "PROOF_HEADER",
+    "NonceCache",
+    "announcement_signature",
+    "request_header",
+    "response_proof",
+    "verify_announcement",
+    "verify_proof",
+    "verify_request",
+]
+
+CLUSTER_HEADER = "X-PC-Cluster"
+PROOF_HEADER = "X-PC-Cluster-Proof"
+MAX_SKEW = 60.0  # seconds a signed request stays valid; peers' clocks must agree this well
+
+
+def _mac(key: str, *parts: str) -> str:
+    message = "\n".join(parts).encode()
+    return hmac.new(key.encode(), message, hashlib.sha256).hexdigest()
+
+
+def request_header(key: str, method: str, path: str, *, now: float | None = None) -> str:
+    """The ``X-PC-Cluster`` value for one request (a new nonce each time)."""
+    ts = f"{time.time() if now is None else now:.3f}"
+    nonce = secrets.token_hex(12)
+    return f"v1:{ts}:{nonce}:{_mac(key, ts, nonce, method.upper(), path)}"
+
+
+def nonce_of(header: str) -> str:
+    parts = header.split(":")
+    return parts[2] if len(parts) == 4 else ""
+
+
+class NonceCache:
+    """Nonces seen within the skew window, so a captured request cannot be replayed."""
+
+    def __init__(self, limit: int = 100_000) -> None:
+        self.limit = limit
+        self._seen: OrderedDict[str, float] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def first_use(self, nonce: str, now: float) -> bool:
+        with self._lock:
+            while self._seen and (
+                len(self._seen) >= self.limit or next(iter(self._seen.values())) < now - MAX_SKEW
+            ):
+                self._seen.popitem(last=False)
+            if nonce in self._seen:
+                return False
+            self._seen[nonce] = now
+            return True
+
+
+def verify_request(
+    key: str,
+    header: str | None,
+    method: str,
+    path: str,
+    nonces: NonceCache,
+    *,
+    now: float | None = None,
+) -> str | None:
+    """None when the header proves the key; else why not (for the log, not the caller)."""
+    if not header:
+        return "no cluster signature"
+    parts = header.split(":")
+    if len(parts) != 4 or parts[0] != "v1":
+        return "malformed cluster signature"
+    _, ts, nonce, mac = parts
+    try:
+        sent = float(ts)
+    except ValueError:
+        return "malformed cluster signature"
+    current = time.time() if now is None else now
+    if abs(current - sent) > MAX_SKEW:
+        return f"cluster signature {current - sent:+.0f} s off this clock"
+    if not hmac.compare_digest(mac, _mac(key, ts, nonce, method.upper(), path)):
+        return "wrong cluster key"
+    if not nonces.first_use(nonce, current):
+        return "replayed cluster signature"
+    return None
+
+
+def response_proof(key: str, request_header_value: str, body: bytes) -> str:
+    """The answerer's proof: HMAC over the caller's nonce and the body it sends back."""
+    return _mac(key, "proof", nonce_of(request_header_value), hashlib.sha256(body).hexdigest())
+
+
+def verify_proof(key: str, request_header_value: str, body: bytes, proof: str | None) -> bool:
+    if not proof:
+        return False
+    return hmac.compare_digest(proof, response_proof(key, request_header_value, body))
+
+
+def _announcement_material(address: str, port: int, fields: Mapping[str, str]) -> list[str]:
+    signed = sorted((k, v) for k, v in fields.items() if k != "sig")
+    return ["announce", address, str(port), *(f"{k}={v}" for k, v in signed)]
+
+
+def announcement_signature(key: str, address: str, port: int, fields: Mapping[str, str]) -> str:
+    """A short signature over an announced upstream's address, port and TXT fields."""
+    return _mac(key, *_announcement_material(address, port, fields))[:32]
+
+
+def verify_announcement(
+    key: str, address: str, port: int, fields: Mapping[str, str], signature: str | None
+) -> bool:
+    if not signature:
+        return False
+    expected = announcement_signature(key, address, port, fields)
+    return hmac.compare_digest(signature, expected)

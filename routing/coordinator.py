@@ -1,0 +1,366 @@
+"""The coordinator: discovery, the peer table, health checks and routing decisions together.
+
+The daemon's lifespan builds one and closes it. It
+
+- loads static peers from config and, with ``lan`` on, announces this daemon by mDNS and
+  browses for others (``discovery.py``);
+- asks every peer what it offers, proving the cluster key both ways (``auth.py``): a pcrt
+  peer that cannot prove the key, or an announced upstream whose TXT signature does not
+  verify, stays untrusted and is never sent work;
+- checks each peer every ``health_interval`` seconds; a failure takes it out of rotation at
+  once (cooldown with backoff), whatever mDNS TTLs say;
+- answers "where should this run?" with ``policy.decide`` over the local node's view and
+  the peer table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pcrt.routing.auth import (
+    CLUSTER_HEADER,
+    PROOF_HEADER,
+    NonceCache,
+    response_proof,
+    verify_announcement,
+    verify_proof,
+    verify_request,
+)
+from pcrt.routing.discovery import SERVICE_TYPE, Discovery, Sighting, interfaces_setting
+from pcrt.routing.discovery import txt_properties as make_txt
+from pcrt.routing.forward import Forwarder
+from pcrt.routing.peers import Peer, PeerTable, offers_from_models, offers_from_node_info
+from pcrt.routing.policy import Decision, NodeView, PolicySettings, Work, decide
+from pcrt.runtime.errors import PcrtError, PeerError, PeerRejected
+from pcrt.runtime.settings import PeerSettings
+
+__all__ = ["CLUSTER_HEADER", "NODE_INFO_PATH", "Coordinator", "capabilities_hash", "load_node_id"]
+
+log = logging.getLogger(__name__)
+
+NODE_INFO_PATH = "/v1/pcrt/node"
+
+
+def load_node_id(home: Path) -> str:
+    """This node's stable id, made once and kept in the home dir (written atomically)."""
+    path = home / "node_id"
+    try:
+        existing = path.read_text(encoding="utf-8").strip()
+        if existing:
+            return existing
+    except FileNotFoundError:
+        pass
+    node_id = uuid.uuid4().hex[:16]
+    home.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(node_id, encoding="utf-8")
+    tmp.replace(path)
+    return node_id
+
+
+def capabilities_hash(models: list[str]) -> str:
+    """A short hash of what a node offers: peers re-ask for node info when it changes."""
+    return hashlib.sha256("\n".join(sorted(models)).encode()).hexdigest()[:12]
+
+
+def _label(instance: str) -> str:
+    return instance.removesuffix("." + SERVICE_TYPE).removesuffix(SERVICE_TYPE).rstrip(".")
+
+
+class Coordinator:
+    def __init__(
+        self,
+        settings: PeerSettings,
+        *,
+        node_id: str,
+        node_name: str,
+        api_port: int,
+        announce_address: str,
+        local_view: Callable[[], NodeView],
+        local_models: Callable[[], list[str]],
+    ) -> None:
+        self.settings = settings
+        self.node_id = node_id
+        self.node_name = node_name
+        self.api_port = api_port
+        self.announce_address = announce_address
+        self.local_view = local_view
+        self.local_models = local_models
+        self.cluster_key = settings.resolved_cluster_key()
+        self.table = PeerTable()
+        self.nonces = NonceCache()
+        self.policy = PolicySettings(battery_threshold=settings.battery_threshold)
+        self.forwarder = Forwarder(
+            cluster_key=self.cluster_key,
+            connect_timeout=settings.connect_timeout,
+            node_id=node_id,
+        )
+        self.discovery: Discovery | None = None
+        self._instance: str | None = None
+        self._announced_caps = ""
+        self._loop_task: asyncio.Task[None] | None = None
+        self._announce_task: asyncio.Task[None] | None = None
+        self._probes: set[asyncio.Task[None]] = set()
+
+    # -- life cycle ---------------------------------------------------------------
+
+    async def start(self) -> None:
+        for static in self.settings.static:
+            self.table.upsert(
+                Peer(
+                    name=static.name, url=static.url.rstrip("/"), kind=static.kind,
+                    source="static", api_key_env=static.api_key_env,
+                    static_tags=static.tags, strength=static.strength,
+                    # the user configured it: an OpenAI-compatible peer is trusted; a pcrt
+                    # peer still has to prove the cluster key
+                    trusted=static.kind != "pcrt", trust_note="configured",
+                )
+            )  # fmt: skip
+        interfaces = interfaces_setting(self.settings.interfaces) if self.settings.lan else None
+        if interfaces is not None:
+            self.discovery = Discovery(interfaces=interfaces, on_change=self._on_sighting)
+            await self.discovery.start()
+            self._announce_task = asyncio.create_task(
+                self._announce_when_listening(), name="pcrt-announce"
+            )
+        self._loop_task = asyncio.create_task(self._health_loop(), name="pcrt-peer-health")
+
+    async def _announce_when_listening(self) -> None:
+        """Announce once our API accepts connections: the lifespan starts before uvicorn
+        binds, and a peer that called too early would put us in cooldown."""
+        assert self.discovery is not None
+        while True:
+            try:
+                _, writer = await asyncio.open_connection(self.announce_address, self.api_port)
+            except OSError:
+                await asyncio.sleep(0.05)
+                continue
+            writer.close()
+            break
+        self._announced_caps = capabilities_hash(self.local_models())
+        self._instance = await self.discovery.announce(
+            name=self.node_name,
+            address=self.announce_address,
+            port=self.api_port,
+            properties=make_txt(
+                node_id=self.node_id, port=self.api_port, caps=self._announced_caps
+            ),  # fmt: skip
+        )
+        log.info("announced as %s on %s", self._instance, self.settings.interfaces)
+
+    async def close(self) -> None:
+        for task in (self._announce_task, self._loop_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        for task in list(self._probes):
+            task.cancel()
+        if self.discovery is not None:
+            await self.discovery.close()  # goodbye packets: peers drop us at once
+        await self.forwarder.close()
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any peer could ever be used (static peers or discovery)."""
+        return self.discovery is not None or bool(self.settings.static)
+
+    # -- decisions ----------------------------------------------------------------
+
+    def decide(self, work: Work, *, include_local: bool = True) -> Decision:
+        local = self.local_view() if include_local else None
+        return decide(work, local, self.table.views(time.monotonic()), self.policy)
+
+    def peer(self, name: str) -> Peer | None:
+        return self.table.get(name)
+
+    def report_failure(self, exc: PeerError) -> None:
+        """A forward failed: the peer leaves rotation now, not at its next health check."""
+        self.table.record_failure(exc.peer, str(exc), time.monotonic())
+
+    def remote_names(self) -> tuple[set[str], set[str]]:
+        """Model names (and aliases) and tags offered by trusted peers: a DAG may name them."""
+        names: set[str] = set()
+        tags: set[str] = set()
+        for peer in self.table.all():
+            if not peer.trusted:
+                continue
+            for offer in peer.models:
+                names.add(offer.name)
+                names.update(offer.aliases)
+                tags.update(offer.tags)
+        return names, tags
+
+    def describe(self) -> list[dict[str, Any]]:
+        now = time.monotonic()
+        return [p.describe(now) for p in self.table.all()]
+
+    # -- authentication of incoming peer requests ---------------------------------
+
+    def check_peer_request(self, header: str | None, method: str, path: str) -> str | None:
+        """None if the request carries a valid cluster signature, else why not."""
+        if self.cluster_key is None:
+            return "this daemon has no cluster key"
+        return verify_request(self.cluster_key, header, method, path, self.nonces)
+
+    def proof_for(self, request_header_value: str, body: bytes) -> str | None:
+        if self.cluster_key is None:
+            return None
+        return response_proof(self.cluster_key, request_header_value, body)
+
+    # -- discovery ----------------------------------------------------------------
+
+    def _on_sighting(self, change: str, sighting: Sighting) -> None:
+        name = _label(sighting.instance)
+        if change == "removed":
+            peer = self.table.get(name)
+            if peer is not None and peer.source in ("mdns", "announce"):
+                self.table.remove(name)
+                log.info("peer %s said goodbye", name)
+            return
+        if not sighting.addresses or not sighting.port:
+            return
+        props = sighting.properties
+        kind = props.get("kind", "pcrt")
+        if kind not in ("pcrt", "vllm", "openai"):
+            log.info("ignoring %s: unknown kind %r", name, kind)
+            return
+        address, port = sighting.addresses[0], sighting.port
+        if kind == "pcrt":
+            peer = Peer(name=name, url=f"http://{address}:{port}", kind="pcrt", source="mdns",
+                        node_id=props.get("id"))  # fmt: skip
+        else:
+            signed = (
+                self.cluster_key is not None
+                and verify_announcement(
+                    self.cluster_key, address, port, props, props.get("sig")
+                )  # fmt: skip
+            )
+            base = props.get("path", "").rstrip("/")
+            peer = Peer(
+                name=name, url=f"http://{address}:{port}{base}", kind=kind,
+                source="announce", node_id=props.get("id"),
+                api_key_env=props.get("keyenv") or None,
+                static_tags=tuple(t for t in props.get("tags", "").split(",") if t),
+                strength=_float(props.get("strength")), signature_ok=signed,
+            )  # fmt: skip
+        known = self.table.get(name)
+        peer = self.table.upsert(peer)
+        if known is not peer:
+            log.info("peer %s at %s (%s)", name, peer.url, "moved" if known else "new")
+        peer.next_check = 0.0
+        self._probe_soon(peer)
+
+    def _probe_soon(self, peer: Peer) -> None:
+        task = asyncio.create_task(self._probe(peer), name=f"pcrt-probe-{peer.name}")
+        self._probes.add(task)
+        task.add_done_callback(self._probes.discard)
+
+    # -- health -------------------------------------------------------------------
+
+    async def _health_loop(self) -> None:
+        interval = self.settings.health_interval
+        while True:
+            now = time.monotonic()
+            for peer in self.table.due(now):
+                peer.next_check = now + interval  # no second probe while this one runs
+                self._probe_soon(peer)
+            await self._reannounce_if_changed()
+            await asyncio.sleep(min(0.25, interval))
+
+    async def _reannounce_if_changed(self) -> None:
+        if self.discovery is None or self._instance is None:
+            return
+        caps = capabilities_hash(self.local_models())
+        if caps != self._announced_caps:
+            self._announced_caps = caps
+            await self.discovery.update(
+                self._instance, make_txt(node_id=self.node_id, port=self.api_port, caps=caps)
+            )
+
+    async def _probe(self, peer: Peer) -> None:
+        try:
+            if peer.kind == "pcrt":
+                await self._probe_pcrt(peer)
+            else:
+                await self._probe_openai(peer)
+        except (PcrtError, ValueError, TypeError) as exc:
+            if self.table.get(peer.name) is peer:
+                self.table.record_failure(peer.name, str(exc), time.monotonic())
+                log.info("peer %s out of rotation: %s", peer.name, exc)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a bad peer must never stop the health loop
+            log.exception("probing peer %s failed unexpectedly", peer.name)
+            self.table.record_failure(peer.name, "probe failed", time.monotonic())
+
+    async def _probe_pcrt(self, peer: Peer) -> None:
+        timeout = self.settings.health_timeout
+        started = time.perf_counter()
+        try:
+            answer = await self.forwarder.request(peer, "GET", NODE_INFO_PATH, timeout=timeout)
+        except PeerRejected as exc:
+            if exc.status != 401:
+                raise
+            if self.table.get(peer.name) is not peer:
+                return  # replaced while we asked (it moved): its own probe is under way
+            # alive, but in another cluster (or none): listed, never sent work
+            peer.trusted, peer.trust_note = False, "refused our cluster key"
+            peer.models = ()
+            self.table.record_success(peer.name, time.perf_counter() - started)
+            return
+        if self.table.get(peer.name) is not peer:
+            return
+        info = answer.json()
+        if not isinstance(info, dict):
+            raise ValueError("node info is not an object")
+        if self.cluster_key is None:
+            peer.trusted, peer.trust_note = False, "no cluster key configured here"
+        elif not verify_proof(self.cluster_key, answer.sent_cluster_header or "", answer.body,
+                              answer.headers.get(PROOF_HEADER)):  # fmt: skip
+            peer.trusted, peer.trust_note = False, "could not prove the cluster key"
+        elif peer.node_id is not None and info.get("node_id") != peer.node_id:
+            peer.trusted, peer.trust_note = False, "node id differs from its mDNS record"
+        else:
+            peer.trusted, peer.trust_note = True, "cluster key proven"
+        peer.node_id = info.get("node_id") or peer.node_id
+        peer.models = offers_from_node_info(info)
+        peer.queue_depth = int(info.get("queue_depth") or 0)
+        peer.slots = int(info.get("slots") or 1)
+        battery = info.get("battery") or {}
+        peer.battery_percent = battery.get("percent")
+        peer.on_battery = battery.get("plugged_in") is False
+        peer.device = info.get("device") or {}
+        self.table.record_success(peer.name, answer.seconds)
+
+    async def _probe_openai(self, peer: Peer) -> None:
+        answer = await self.forwarder.request(
+            peer, "GET", "/v1/models", timeout=self.settings.health_timeout
+        )
+        if self.table.get(peer.name) is not peer:
+            return
+        listing = answer.json()
+        if not isinstance(listing, dict):
+            raise ValueError("/v1/models is not an object")
+        peer.models = offers_from_models(listing, peer.static_tags, peer.strength)
+        if peer.source == "announce":
+            if peer.signature_ok:
+                peer.trusted, peer.trust_note = True, "announcement signed with the cluster key"
+            else:
+                peer.trusted, peer.trust_note = False, "announcement not signed with our key"
+        self.table.record_success(peer.name, answer.seconds)
+
+
+def _float(value: str | None) -> float | None:
+    try:
+        return float(value) if value else None
+    except ValueError:
+        return None

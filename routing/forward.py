@@ -1,0 +1,224 @@
+"""Sending work to a peer over HTTP: one shared ``httpx.AsyncClient``, explicit timeouts.
+
+A pcrt peer is asked with the cluster signature (``auth.py``); an OpenAI-compatible peer
+with its own bearer key, read from the env var its config or announcement names.
+
+Failures map onto a small tree (``runtime.errors``): ``PeerUnavailable`` when the peer did
+not answer, timed out or failed on its side (the caller may try the next candidate), and
+``PeerRejected`` when it refused the request itself (a 4xx; its error body passes through
+to our client, since another peer would refuse it too).
+
+A stream is opened up to its first body chunk before the caller commits to it, so a peer
+that dies between its headers and its first token still counts as "failed before the first
+token" and the next candidate can take the work.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from pcrt.routing.auth import CLUSTER_HEADER, request_header
+from pcrt.routing.peers import Peer
+from pcrt.runtime.errors import PeerRejected, PeerUnavailable
+
+__all__ = ["ForwardedStream", "Forwarder", "PeerAnswer", "sse_events"]
+
+
+@dataclass
+class PeerAnswer:
+    status: int
+    headers: httpx.Headers
+    body: bytes
+    sent_cluster_header: str | None
+    seconds: float
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+class ForwardedStream:
+    """An open streamed answer whose first chunk has already arrived."""
+
+    def __init__(self, response: httpx.Response, first: bytes, chunks: AsyncIterator[bytes]):
+        self.response = response
+        self._first = first
+        self._chunks = chunks
+
+    @property
+    def status(self) -> int:
+        return self.response.status_code
+
+    @property
+    def media_type(self) -> str:
+        return self.response.headers.get("content-type", "text/event-stream")
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        try:
+            if self._first:
+                yield self._first
+            async for chunk in self._chunks:
+                yield chunk
+        finally:
+            await self.response.aclose()
+
+    async def aclose(self) -> None:
+        await self.response.aclose()
+
+
+class Forwarder:
+    def __init__(
+        self,
+        *,
+        cluster_key: str | None,
+        connect_timeout: float = 2.0,
+        read_timeout: float = 600.0,
+        node_id: str = "",
+    ) -> None:
+        self.cluster_key = cluster_key
+        self.node_id = node_id
+        # connect fails fast (a dead peer is skipped quickly); reads wait for long generations
+        self.timeout = httpx.Timeout(connect=connect_timeout, read=read_timeout,
+                                     write=30.0, pool=connect_timeout)  # fmt: skip
+        self.client = httpx.AsyncClient(
+            timeout=self.timeout,
+            limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
+            trust_env=False,  # a LAN peer is never reached through the user's proxy
+        )
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+    def headers_for(self, peer: Peer, method: str, path: str) -> dict[str, str]:
+        headers = {"X-PC-Forwarded-By": self.node_id or "pcrt"}
+        if peer.kind == "pcrt":
+            if self.cluster_key:
+                headers[CLUSTER_HEADER] = request_header(self.cluster_key, method, path)
+        elif peer.api_key_env:
+            key = os.environ.get(peer.api_key_env)
+            if key:
+                headers["Authorization"] = f"Bearer {key}"
+        return headers
+
+    async def request(
+        self,
+        peer: Peer,
+        method: str,
+        path: str,
+        *,
+        json_body: Any = None,
+        content: bytes | None = None,
+        headers: dict[str, str] | None = None,
+        timeout: float | httpx.Timeout | None = None,
+    ) -> PeerAnswer:
+        """One whole request; 5xx and transport errors raise PeerUnavailable, 4xx
+        PeerRejected, so a returned answer is always a success."""
+        sent = {**self.headers_for(peer, method, path), **(headers or {})}
+        started = time.perf_counter()
+        try:
+            response = await self.client.request(
+                method, peer.url + path, json=json_body, content=content, headers=sent,
+                timeout=self.timeout if timeout is None else timeout,
+            )  # fmt: skip
+        except httpx.HTTPError as exc:
+            raise PeerUnavailable(
+                f"peer {peer.name} ({peer.url}) did not answer {method} {path}: "
+                f"{type(exc).__name__}: {exc or 'no detail'}",
+                peer=peer.name,
+            ) from None
+        answer = PeerAnswer(response.status_code, response.headers, response.content,
+                            sent.get(CLUSTER_HEADER), time.perf_counter() - started)  # fmt: skip
+        _raise_for_status(peer, method, path, answer.status, answer.body)
+        return answer
+
+    async def open_stream(
+        self, peer: Peer, path: str, body: dict[str, Any], headers: dict[str, str] | None = None
+    ) -> ForwardedStream:
+        """POST and wait for the first body chunk; any failure up to there raises."""
+        sent = {**self.headers_for(peer, "POST", path), **(headers or {})}
+        request = self.client.build_request("POST", peer.url + path, json=body, headers=sent)
+        try:
+            response = await self.client.send(request, stream=True)
+        except httpx.HTTPError as exc:
+            raise PeerUnavailable(
+                f"peer {peer.name} ({peer.url}) did not answer: {type(exc).__name__}: {exc}",
+                peer=peer.name,
+            ) from None
+        try:
+            if response.status_code >= 400:
+                await response.aread()
+                _raise_for_status(peer, "POST", path, response.status_code, response.content)
+            chunks = response.aiter_raw()
+            first = b""
+            async for chunk in chunks:
+                if chunk:
+                    first = chunk
+                    break
+        except httpx.HTTPError as exc:
+            await response.aclose()
+            raise PeerUnavailable(
+                f"peer {peer.name} failed before its first token: {type(exc).__name__}: {exc}",
+                peer=peer.name,
+            ) from None
+        except BaseException:
+            await response.aclose()
+            raise
+        return ForwardedStream(response, first, chunks)
+
+
+def _raise_for_status(peer: Peer, method: str, path: str, status: int, body: bytes) -> None:
+    if status < 400:
+        return
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        parsed = None
+    detail = ""
+    if isinstance(parsed, dict):
+        error = parsed.get("error")
+        if isinstance(error, dict):
+            detail = str(error.get("message", ""))
+        elif "detail" in parsed:
+            detail = str(parsed["detail"])
+    if not detail:
+        detail = body[:200].decode("utf-8", "replace")
+    message = f"peer {peer.name} answered {status} to {method} {path}: {detail}"
+    if status >= 500 or status in (408, 429):
+        raise PeerUnavailable(message, peer=peer.name)
+    shaped = parsed if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict) else {}
+    raise PeerRejected(message, peer=peer.name, status=status, body=shaped)
+
+
+async def sse_events(chunks: AsyncIterator[bytes]) -> AsyncIterator[tuple[bytes, bytes | None]]:
+    """Server-sent events from raw chunks: (the event's raw bytes with its blank line, its
+    ``data`` payload or None). Events may span chunks; the raw bytes pass through as they
+    came, so a forwarded stream is unchanged."""
+    buffer = b""
+    async for chunk in chunks:
+        buffer += chunk
+        while True:
+            end, size = _event_end(buffer)
+            if end < 0:
+                break
+            raw, buffer = buffer[: end + size], buffer[end + size :]
+            yield raw, _data_of(raw)
+    if buffer.strip():
+        yield buffer, _data_of(buffer)
+
+
+def _data_of(raw: bytes) -> bytes | None:
+    lines = [line[5:].lstrip() for line in raw.splitlines() if line.startswith(b"data:")]
+    return b"\n".join(lines) if lines else None
+
+
+def _event_end(buffer: bytes) -> tuple[int, int]:
+    """Where the first event ends: a blank line, in LF or CRLF form (sse-starlette)."""
+    ends = [(buffer.find(sep), len(sep)) for sep in (b"\n\n", b"\r\n\r\n")]
+    found = [(i, n) for i, n in ends if i >= 0]
+    return min(found) if found else (-1, 0)

@@ -1,0 +1,216 @@
+"""The peer table: every known peer, what it offers, whether it is trusted and healthy.
+
+Peers arrive three ways: mDNS (other pcrt daemons, and upstreams announced by
+``pcrt announce``), static config (cloud endpoints), and nothing else. An mDNS record only
+says where to ask: models, speed and load come from an HTTP call to the peer, and trust
+from the cluster key (see ``auth.py``).
+
+Liveness comes from health checks, not mDNS TTLs (minutes long): a failed check or a failed
+forward puts the peer in cooldown at once, with exponential backoff as LiteLLM's router
+does, and a peer in cooldown is out of rotation until a check succeeds again.
+
+This module holds state and no I/O; ``coordinator.py`` does the network.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+from pcrt.routing.policy import ModelOffer, NodeView
+
+__all__ = ["Peer", "PeerTable", "cooldown_seconds", "offers_from_node_info", "offers_from_models"]
+
+PeerKind = Literal["pcrt", "vllm", "openai"]
+PeerSource = Literal["mdns", "static", "announce"]
+
+COOLDOWN_BASE = 1.0  # seconds after the first failure
+COOLDOWN_MAX = 30.0
+
+
+def cooldown_seconds(failures: int) -> float:
+    """1, 2, 4, ... seconds, capped: a flapping peer is asked less and less often."""
+    if failures <= 0:
+        return 0.0
+    return float(min(COOLDOWN_MAX, COOLDOWN_BASE * 2 ** (failures - 1)))
+
+
+@dataclass
+class Peer:
+    name: str
+    url: str  # base URL, no trailing slash: http://host:port
+    kind: PeerKind
+    source: PeerSource
+    node_id: str | None = None
+    api_key_env: str | None = None  # openai/vllm peers: env var holding their bearer key
+    trusted: bool = False
+    trust_note: str = "not asked yet"
+    models: tuple[ModelOffer, ...] = ()
+    static_tags: tuple[str, ...] = ()  # tags config or the announcer gave every model
+    strength: float | None = None
+    queue_depth: int = 0
+    slots: int = 1
+    on_battery: bool = False
+    battery_percent: float | None = None
+    device: dict[str, Any] = field(default_factory=dict)
+    healthy: bool = False  # true only after a successful check
+    latency_s: float | None = None
+    failures: int = 0
+    cooldown_until: float = 0.0
+    next_check: float = 0.0
+    last_seen: float | None = None  # wall clock of the last good answer
+    last_error: str | None = None
+    signature_ok: bool | None = None  # announced upstreams: the TXT signature verified
+
+    def in_rotation(self, now: float) -> bool:
+        return self.trusted and self.healthy and now >= self.cooldown_until
+
+    def view(self, now: float) -> NodeView:
+        return NodeView(
+            name=self.name,
+            kind=self.kind,
+            models=self.models,
+            trusted=self.trusted,
+            healthy=self.healthy and now >= self.cooldown_until,
+            queue_depth=self.queue_depth,
+            slots=max(1, self.slots),
+            latency_s=self.latency_s or 0.0,
+            on_battery=self.on_battery,
+            battery_percent=self.battery_percent,
+        )
+
+    def describe(self, now: float) -> dict[str, Any]:
+        """What ``pcrt peers`` and ``GET /v1/pcrt/peers`` show."""
+        # liveness only; whether work may go there is in_rotation (trust and health)
+        if self.failures:
+            health = "cooldown"
+        elif self.healthy:
+            health = "healthy"
+        else:
+            health = "unknown"  # not checked yet
+        return {
+            "name": self.name,
+            "url": self.url,
+            "kind": self.kind,
+            "source": self.source,
+            "node_id": self.node_id,
+            "trusted": self.trusted,
+            "trust": self.trust_note,
+            "health": health,
+            "in_rotation": self.in_rotation(now),
+            "models": [m.name for m in self.models],
+            "tokens_per_s": {m.name: m.tokens_per_s for m in self.models if m.tokens_per_s},
+            "latency_ms": None if self.latency_s is None else round(self.latency_s * 1000, 2),
+            "queue_depth": self.queue_depth,
+            "failures": self.failures,
+            "cooldown_s": round(max(0.0, self.cooldown_until - now), 2),
+            "last_seen": self.last_seen,
+            "last_error": self.last_error,
+            "battery_percent": self.battery_percent,
+        }
+
+
+def offers_from_node_info(info: dict[str, Any]) -> tuple[ModelOffer, ...]:
+    """A pcrt peer's ``/v1/pcrt/node`` models as policy offers; bad entries are skipped."""
+    offers = []
+    for m in info.get("models") or []:
+        if not isinstance(m, dict) or not isinstance(m.get("name"), str):
+            continue
+        offers.append(
+            ModelOffer(
+                name=m["name"],
+                sha256=m.get("sha256"),
+                aliases=tuple(m.get("aliases") or ()),
+                tags=tuple(m.get("tags") or ()),
+                context=m.get("context"),
+                size_bytes=m.get("size_bytes"),
+                strength=m.get("strength"),
+                tokens_per_s=m.get("tokens_per_s"),
+                prefill_tokens_per_s=m.get("prefill_tokens_per_s"),
+                loaded=bool(m.get("loaded")),
+            )
+        )
+    return tuple(offers)
+
+
+def offers_from_models(
+    listing: dict[str, Any], tags: tuple[str, ...], strength: float | None
+) -> tuple[ModelOffer, ...]:
+    """An OpenAI-compatible ``/v1/models`` answer as offers (vLLM adds ``max_model_len``)."""
+    offers = []
+    for m in listing.get("data") or []:
+        if isinstance(m, dict) and isinstance(m.get("id"), str):
+            context = m.get("max_model_len")
+            offers.append(
+                ModelOffer(
+                    name=m["id"],
+                    tags=tags,
+                    context=context if isinstance(context, int) else None,
+                    strength=strength,
+                    loaded=True,
+                )
+            )
+    return tuple(offers)
+
+
+class PeerTable:
+    """Peers by name. Mutated only on the event loop (discovery callbacks, health checks)."""
+
+    def __init__(self) -> None:
+        self._peers: dict[str, Peer] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._peers
+
+    def get(self, name: str) -> Peer | None:
+        return self._peers.get(name)
+
+    def all(self) -> list[Peer]:
+        return sorted(self._peers.values(), key=lambda p: p.name)
+
+    def upsert(self, peer: Peer) -> Peer:
+        """Add a peer, or refresh where it is; a known peer keeps its health and trust
+        unless its address or identity changed (then it must prove itself again)."""
+        old = self._peers.get(peer.name)
+        if old is not None and (old.url, old.node_id, old.kind) == (peer.url, peer.node_id,
+                                                                     peer.kind):  # fmt: skip
+            merged = replace(
+                old, static_tags=peer.static_tags, strength=peer.strength,
+                api_key_env=peer.api_key_env, signature_ok=peer.signature_ok,
+            )  # fmt: skip
+            self._peers[peer.name] = merged
+            return merged
+        self._peers[peer.name] = peer
+        return peer
+
+    def remove(self, name: str) -> Peer | None:
+        return self._peers.pop(name, None)
+
+    def record_success(self, name: str, latency_s: float) -> None:
+        peer = self._peers.get(name)
+        if peer is None:
+            return
+        peer.healthy = True
+        peer.failures = 0
+        peer.cooldown_until = 0.0
+        peer.latency_s = latency_s
+        peer.last_seen = time.time()
+        peer.last_error = None
+
+    def record_failure(self, name: str, error: str, now: float) -> None:
+        """Out of rotation at once; asked again after a backoff that doubles per failure."""
+        peer = self._peers.get(name)
+        if peer is None:
+            return
+        peer.failures += 1
+        peer.healthy = False
+        peer.last_error = error
+        peer.cooldown_until = now + cooldown_seconds(peer.failures)
+        peer.next_check = peer.cooldown_until
+
+    def views(self, now: float) -> list[NodeView]:
+        return [p.view(now) for p in self.all()]
+
+    def due(self, now: float) -> list[Peer]:
+        return [p for p in self.all() if p.next_check <= now]

@@ -1,0 +1,173 @@
+"""OpenAI requests that run on a peer: the routing decision, fallbacks, the passthrough.
+
+A request is forwarded when the policy says so: a ``model`` only a peer has, or the header
+``X-PC-Route: peer`` (``local`` pins it here, ``auto`` is the default). A request that a
+peer forwarded to us always runs here, so two daemons never bounce work between them.
+
+Streams pass through chunk by chunk. To account for them, the peer is always asked for
+the usage chunk; when our client did not ask for it, that one chunk is dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import Request, Response
+from fastapi.responses import StreamingResponse
+
+from pcrt.routing.forward import ForwardedStream, sse_events
+from pcrt.routing.policy import Candidate, Route, Work
+from pcrt.runtime.api.schemas import ChatCompletionRequest, GenerationFields
+from pcrt.runtime.api.service import Accounting, Services
+from pcrt.runtime.errors import InvalidRequest, NoRoute, PeerError, PeerUnavailable
+
+__all__ = ["ROUTE_HEADER", "forward_if_routed"]
+
+ROUTE_HEADER = "x-pc-route"
+
+
+def _route_hint(request: Request) -> Route:
+    hint = request.headers.get(ROUTE_HEADER, "auto").strip().lower()
+    if hint == "local" or hint == "peer" or hint == "auto":
+        return hint
+    raise InvalidRequest(f"X-PC-Route must be local, peer or auto (got {hint!r})")
+
+
+def _work(body: GenerationFields, raw: dict[str, Any], route: Route, chat: bool) -> Work:
+    text = json.dumps(raw.get("messages") if chat else raw.get("prompt"))
+    schema = body.output_schema() if isinstance(body, ChatCompletionRequest) else None
+    max_tokens = raw.get("max_completion_tokens") or raw.get("max_tokens")
+    return Work(
+        model=body.model,
+        prompt_tokens=len(text) // 4,  # an estimate: the peer's tokenizer is not here
+        max_tokens=int(max_tokens) if isinstance(max_tokens, int) else 256,
+        has_schema=schema is not None,
+        route=route,
+    )
+
+
+async def forward_if_routed(
+    request: Request, body: GenerationFields, route: str, chat: bool, acct: Accounting
+) -> Response | None:
+    """The peer's answer when the request goes to a peer; None to run it here."""
+    services: Services = request.app.state.services
+    coordinator = services.coordinator
+    hint = _route_hint(request)
+    forwarded = getattr(request.state, "peer_verified", False) or request.headers.get(
+        "x-pc-forwarded-by"
+    )
+    if forwarded or hint == "local" or not coordinator.enabled:
+        return None
+    raw = await request.json()
+    work = _work(body, raw, hint, chat)
+    decision = coordinator.decide(work)
+    if decision.chosen is None:
+        if hint == "peer" or not _known_locally(services, body.model):
+            raise NoRoute(decision.reason)
+        return None  # the local path gives the precise error (context, ...)
+    if decision.is_local:
+        return None
+    acct.admit(work.prompt_tokens)  # the agent's limits hold wherever the work runs
+    failures: list[str] = []
+    for candidate in decision.candidates:
+        if candidate.kind == "local":
+            return None  # every peer before it failed: local is the last resort
+        try:
+            return await _forward(services, request, raw, route, candidate, acct, body.stream)
+        except PeerUnavailable as exc:
+            coordinator.report_failure(exc)
+            failures.append(str(exc))
+    raise PeerUnavailable("; ".join(failures) or decision.reason, peer="")
+
+
+def _known_locally(services: Services, model: str | None) -> bool:
+    try:
+        services.pool.registry.resolve(model)
+    except Exception:
+        return False
+    return True
+
+
+async def _forward(
+    services: Services,
+    request: Request,
+    raw: dict[str, Any],
+    route: str,
+    candidate: Candidate,
+    acct: Accounting,
+    stream: bool,
+) -> Response:
+    peer = services.coordinator.peer(candidate.node)
+    if peer is None:
+        raise PeerUnavailable(f"peer {candidate.node} left the table", peer=candidate.node)
+    forwarder = services.coordinator.forwarder
+    body = {**raw, "model": candidate.model}
+    headers = {"X-PC-Route": "local"}
+    agent = request.headers.get("x-pc-agent-id")
+    if agent:
+        headers["X-PC-Agent-ID"] = agent
+    ran_on = {"X-PC-Ran-On": candidate.node}
+    if not stream:
+        try:
+            answer = await forwarder.request(peer, "POST", route, json_body=body, headers=headers)
+        except PeerError as exc:
+            if not isinstance(exc, PeerUnavailable):
+                acct.finished_remote(getattr(exc, "status", 502), None, None, candidate.node)
+            raise
+        payload = answer.json()
+        acct.finished_remote(200, payload.get("usage"), None, candidate.node)
+        return Response(answer.body, media_type="application/json", headers=ran_on)
+    wants_usage = bool((raw.get("stream_options") or {}).get("include_usage"))
+    body["stream_options"] = {**(raw.get("stream_options") or {}), "include_usage": True}
+    started = time.perf_counter()
+    opened = await forwarder.open_stream(peer, route, body, headers)
+    ttft = time.perf_counter() - started
+    return StreamingResponse(
+        _pass_through(opened, wants_usage, acct, ttft, candidate.node),
+        media_type=opened.media_type,
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **ran_on},
+    )
+
+
+async def _pass_through(
+    stream: ForwardedStream, wants_usage: bool, acct: Accounting, ttft: float, ran_on: str
+) -> AsyncIterator[bytes]:
+    usage: dict[str, Any] | None = None
+    pieces = 0  # for peers that send no usage chunk (llama-cpp-python's server)
+    status = 499  # until the peer's stream ends, the client is the one who left
+    try:
+        async for raw, data in sse_events(aiter(stream)):
+            if data is not None and _has_text(data):
+                pieces += 1
+            if data is not None and _has_usage(data):
+                event = json.loads(data)
+                if event.get("usage"):
+                    usage = event["usage"]
+                    if not event.get("choices") and not wants_usage:
+                        continue  # we asked for it, not our client
+            yield raw
+        status = 200
+    except Exception:
+        status = 502  # the peer broke mid-stream; the client sees the stream end
+        raise
+    finally:
+        await stream.aclose()
+        acct.finished_remote(status, usage or {"completion_tokens": pieces}, ttft, ran_on)
+
+
+def _has_usage(data: bytes) -> bool:
+    """Cheap check before parsing: chunks carry ``"usage": null`` until the last one."""
+    return b'"usage"' in data and b'"usage":null' not in data and b'"usage": null' not in data
+
+
+def _has_text(data: bytes) -> bool:
+    """A chunk that carries generated text (one token, for llama.cpp-based servers)."""
+    for key in (b'"content":', b'"text":'):
+        at = data.find(key)
+        if at >= 0:
+            rest = data[at + len(key) :].lstrip()
+            return not (rest.startswith(b'""') or rest.startswith(b"null"))
+    return False

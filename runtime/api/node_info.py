@@ -1,0 +1,124 @@
+"""What this node offers, for peers (``GET /v1/pcrt/node``) and for the routing policy.
+
+Models come from the registry; loaded ones report their live queue and slots; speeds come
+from ``pcrt bench`` results in the store (the newest run for that file on this machine);
+battery and free memory from the device monitor. A model's strength is its file size in
+GB, a rough proxy that orders models of one family and quantisation correctly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from pcrt.cache.store import Store
+from pcrt.device.monitor import DeviceMonitor
+from pcrt.routing.discovery import PROTOCOL_VERSION
+from pcrt.routing.policy import ModelOffer, NodeView
+from pcrt.runtime.models import ModelEntry, Registry
+from pcrt.runtime.pool import ModelPool
+
+__all__ = ["NodeInfo"]
+
+
+@dataclass
+class NodeInfo:
+    node_id: str
+    name: str
+    registry: Registry
+    pool: ModelPool
+    monitor: DeviceMonitor
+    store: Store
+
+    def _file_size(self, entry: ModelEntry) -> int | None:
+        with contextlib.suppress(OSError):
+            return os.stat(self.registry.path_of(entry)).st_size
+        return None
+
+    def _speeds(self, sha256: str | None) -> tuple[float | None, float | None]:
+        if sha256 is None:
+            return None, None
+        results = self.store.bench_results(sha256, limit=1)
+        if not results:
+            return None, None
+        return results[0].decode_tps, results[0].prefill_tps
+
+    def offers(self) -> tuple[ModelOffer, ...]:
+        loaded = {m.name: m for m in self.pool.loaded()}
+        offers = []
+        for entry in self.registry.entries.values():
+            size = self._file_size(entry)
+            model = loaded.get(entry.name)
+            sha = model.engine.compat_key.model_sha256 if model else entry.sha256
+            decode, prefill = self._speeds(sha)
+            offers.append(
+                ModelOffer(
+                    name=entry.name, sha256=sha, aliases=entry.aliases, tags=entry.tags,
+                    context=model.engine.context_per_slot if model else entry.context,
+                    size_bytes=size, strength=None if size is None else size / 1e9,
+                    tokens_per_s=decode, prefill_tokens_per_s=prefill, loaded=model is not None,
+                )
+            )  # fmt: skip
+        return tuple(offers)
+
+    def _load(self) -> tuple[int, int]:
+        queue = busy = slots = 0
+        for model in self.pool.loaded():
+            queue += model.engine.queue_depth
+            busy += model.engine.busy_slots
+            slots += model.engine.config.parallel
+        return queue, max(1, slots)
+
+    def local_view(self) -> NodeView:
+        profile = self.monitor.latest
+        battery = profile.battery
+        queue, slots = self._load()
+        return NodeView(
+            name="local",
+            kind="local",
+            models=self.offers(),
+            queue_depth=queue,
+            slots=slots,
+            on_battery=battery is not None and battery.plugged_in is False,
+            battery_percent=battery.percent if battery is not None else None,
+            available_memory=profile.memory.available,
+        )
+
+    def info(self, state: str) -> dict[str, Any]:
+        """The JSON a peer reads; everything but the TXT record's few fields lives here."""
+        profile = self.monitor.latest
+        queue, slots = self._load()
+        battery = profile.battery
+        return {
+            "node_id": self.node_id,
+            "name": self.name,
+            "protocol": PROTOCOL_VERSION,
+            "state": state,
+            "models": [
+                {
+                    "name": o.name,
+                    "sha256": o.sha256,
+                    "aliases": list(o.aliases),
+                    "tags": list(o.tags),
+                    "context": o.context,
+                    "size_bytes": o.size_bytes,
+                    "strength": o.strength,
+                    "tokens_per_s": o.tokens_per_s,
+                    "prefill_tokens_per_s": o.prefill_tokens_per_s,
+                    "loaded": o.loaded,
+                }  # fmt: skip
+                for o in self.offers()
+            ],
+            "queue_depth": queue,
+            "slots": slots,
+            "battery": None if battery is None else battery.model_dump(mode="json"),
+            "device": {
+                "hostname": profile.hostname,
+                "cpu": profile.cpu.model_dump(mode="json"),
+                "memory_total": profile.memory.total,
+                "memory_available": profile.memory.available,
+                "gpus": [g.model_dump(mode="json") for g in profile.gpus],
+            },
+        }

@@ -1,0 +1,399 @@
+"""LAN peers for real: daemons on loopback that find each other by mDNS pinned to 127.0.0.1,
+prove the cluster key, forward requests, send DAG subgraphs to each other, and to a
+server that is not ours (llama-cpp-python's), announced with ``pcrt announce``."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import jsonschema
+import openai
+import pytest
+
+from pcrt.routing.auth import CLUSTER_HEADER, request_header
+from pcrt.routing.policy import Work
+from pcrt.runtime.models import Registry
+from pcrt.runtime.paths import Paths
+from pcrt.runtime.settings import PeerSettings, ServerSettings
+from tests.conftest import shared_models_dir
+from tests.live_server import LiveServer
+from tests.upstream import LlamaCppServer, second_model
+
+LOOPBACK = ["127.0.0.1"]  # mDNS never leaves this machine's loopback in tests
+
+
+def _registry(home: Path, extra_models: str = "") -> Registry:
+    home.mkdir(parents=True, exist_ok=True)
+    user_file = home / "models.toml"
+    user_file.write_text(extra_models, encoding="utf-8")
+    paths = Paths(home=home, models_dir=shared_models_dir(), user_models_file=user_file)
+    paths.ensure()
+    return Registry.load(paths)
+
+
+def _daemon(
+    tmp_path: Path, name: str, key: str | None, *, extra_models: str = "", **peers: Any
+) -> LiveServer:
+    settings = ServerSettings(
+        peers=PeerSettings(
+            lan=True, interfaces=LOOPBACK, name=name, cluster_key=key, health_interval=0.5, **peers
+        )  # fmt: skip
+    )
+    return LiveServer(settings, registry=_registry(tmp_path / name, extra_models))
+
+
+def _peers(server: LiveServer) -> dict[str, dict[str, Any]]:
+    answer = httpx.get(server.url + "/v1/pcrt/peers", timeout=5).json()
+    return {p["name"]: p for p in answer["peers"]}
+
+
+def _wait_for(
+    condition: Callable[[], bool], timeout: float, what: str, interval: float = 0.05
+) -> float:
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if condition():
+            return time.monotonic() - started
+        time.sleep(interval)
+    raise AssertionError(f"not within {timeout} s: {what}")
+
+
+def _in_rotation(server: LiveServer, peer: str) -> bool:
+    return bool(_peers(server).get(peer, {}).get("in_rotation"))
+
+
+def _unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:6]}"
+
+
+@pytest.fixture(scope="module")
+def q8_model(default_model_path: Path) -> Path:
+    return second_model(default_model_path, shared_models_dir())
+
+
+def test_daemons_find_each_other_and_prove_the_key(tmp_path: Path) -> None:
+    key = uuid.uuid4().hex
+    a_name, b_name, c_name = _unique("a"), _unique("b"), _unique("c")
+    with (
+        _daemon(tmp_path, a_name, key) as a,
+        _daemon(tmp_path, b_name, key) as b,
+        _daemon(tmp_path, c_name, "not-the-cluster-key") as c,
+    ):
+        seconds = _wait_for(lambda: _in_rotation(a, b_name) and _in_rotation(b, a_name), 10,
+                            "a and b trust each other")  # fmt: skip
+        assert seconds < 5
+        peer_b = _peers(a)[b_name]
+        assert peer_b["trusted"] and peer_b["trust"] == "cluster key proven"
+        assert peer_b["models"] == ["smollm2-135m"]  # node info came over HTTP
+        assert peer_b["url"] == b.url
+        # c is seen by mDNS but cannot prove the key: listed, never trusted
+        _wait_for(lambda: c_name in _peers(a) and _peers(a)[c_name]["health"] != "unknown", 10,
+                  "a has asked c")  # fmt: skip
+        assert not _peers(a)[c_name]["trusted"]
+        assert _peers(a)[c_name]["trust"] == "refused our cluster key"
+        assert not _peers(c)[a_name]["trusted"]
+        decision = a.services.coordinator.decide(Work(route="peer"))
+        assert [cand.node for cand in decision.candidates] == [b_name]
+        assert (c_name, "untrusted: cluster key not proven") in decision.rejected
+
+        # work signed with the wrong key is refused, and so is unsigned peer traffic
+        path = "/v1/chat/completions"
+        body = {"model": "smollm2-135m", "messages": [{"role": "user", "content": "hi"}]}
+        wrong = {CLUSTER_HEADER: request_header("not-the-cluster-key", "POST", path)}
+        refused = httpx.post(a.url + path, json=body, headers=wrong, timeout=10)
+        assert refused.status_code == 401
+        assert "wrong cluster key" in refused.json()["error"]["message"]
+        unsigned = httpx.get(a.url + "/v1/pcrt/node", timeout=5)
+        assert unsigned.status_code == 401
+        # a replayed signature is refused too
+        signed = {CLUSTER_HEADER: request_header(key, "GET", "/v1/pcrt/node")}
+        assert httpx.get(a.url + "/v1/pcrt/node", headers=signed, timeout=5).status_code == 200
+        replay = httpx.get(a.url + "/v1/pcrt/node", headers=signed, timeout=5)
+        assert replay.status_code == 401
+
+    # goodbye packets: a stopped daemon leaves the others' tables at once
+    with _daemon(tmp_path, _unique("d"), key) as d, _daemon(tmp_path, _unique("e"), key) as e:
+        e_name = e.settings.peers.name
+        assert e_name is not None
+        _wait_for(lambda: _in_rotation(d, e_name), 10, "d trusts e")
+        e.__exit__(None, None, None)
+        gone = _wait_for(lambda: e_name not in _peers(d), 5, "e left d's table")
+        assert gone < 5
+
+
+@pytest.fixture
+def upstream(q8_model: Path) -> Iterator[LlamaCppServer]:
+    with LlamaCppServer(q8_model, "smollm2-q8") as server:
+        yield server
+
+
+def _announce(upstream: LlamaCppServer, name: str, key: str) -> subprocess.Popen[str]:
+    """``pcrt announce`` as a user runs it, pinned to loopback."""
+    pcrt = Path(sys.executable).with_name("pcrt")
+    env = {**os.environ, "PCRT_CLUSTER_KEY": key}
+    return subprocess.Popen(
+        [str(pcrt), "announce", "--upstream", upstream.url, "--name", name, "--tag", "complex",
+         "--strength", "8", "--interfaces", "127.0.0.1"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def _stop(proc: subprocess.Popen[str]) -> str:
+    proc.terminate()
+    out, err = proc.communicate(timeout=20)
+    return out + err
+
+
+SCHEMA = {
+    "type": "object",
+    "properties": {"color": {"type": "string"}, "sweet": {"type": "boolean"}},
+    "required": ["color", "sweet"],
+}
+
+SPLIT_DAG = {
+    "dag": "/dynamic/split",
+    "nodes": {
+        "fruit": {"type": "llm", "tag": "simple", "prompt": "Name one fruit.",
+                  "temperature": 0, "max_tokens": 8},
+        "describe": {"type": "llm", "tag": "complex", "complexity": "high",
+                     "prompt": "Describe {{ nodes.fruit.output }} as JSON.",
+                     # llama-cpp-python's server ignores grammars at temperature 0
+                     "temperature": 0.7, "seed": 3, "max_tokens": 48, "output_schema": SCHEMA},
+        "again": {"type": "llm", "tag": "complex", "complexity": "high",
+                  "prompt": "And the colour of {{ nodes.fruit.output }} as JSON?",
+                  "temperature": 0.7, "seed": 4, "max_tokens": 48, "output_schema": SCHEMA},
+    },
+}  # fmt: skip
+
+
+def test_announced_upstream_takes_complex_nodes_and_forwarded_requests(
+    tmp_path: Path, upstream: LlamaCppServer
+) -> None:
+    key = uuid.uuid4().hex
+    edge_name, box = _unique("edge"), _unique("gpu-box")
+    announcer = _announce(upstream, box, key)
+    try:
+        with _daemon(tmp_path, edge_name, key) as edge:
+            _wait_for(lambda: _in_rotation(edge, box), 15, "the announced server is trusted")
+            peer = _peers(edge)[box]
+            assert peer["kind"] == "vllm" and peer["models"] == ["smollm2-q8"]
+            assert peer["url"] == upstream.url
+
+            run = httpx.post(edge.url + "/v1/dags", json={"dag": SPLIT_DAG}, timeout=120).json()
+            assert run["status"] == "succeeded", run["error"]
+            nodes = {n["node_id"]: n for n in run["nodes"]}
+            assert nodes["fruit"]["ran_on"] == "local"
+            assert nodes["fruit"]["model"] == "smollm2-135m"
+            for node_id in ("describe", "again"):
+                assert nodes[node_id]["ran_on"] == box
+                assert nodes[node_id]["model"] == "smollm2-q8"
+                assert nodes[node_id]["completion_tokens"] > 0  # the peer's usage counts
+                assert box in nodes[node_id]["routing"]["reason"]
+                jsonschema.validate(run["outputs"][node_id], SCHEMA)
+
+            # an OpenAI request for a model only the peer has is forwarded, streams too
+            client = openai.OpenAI(base_url=edge.url + "/v1", api_key="x", max_retries=0)
+            reply = client.chat.completions.with_raw_response.create(
+                model="smollm2-q8", messages=[{"role": "user", "content": "Say hi."}],
+                max_tokens=8, temperature=0,
+            )  # fmt: skip
+            assert reply.headers["x-pc-ran-on"] == box
+            completion = reply.parse()
+            assert completion.model == "smollm2-q8" and completion.usage is not None
+            direct = openai.OpenAI(base_url=upstream.url + "/v1", api_key="x", max_retries=0)
+            expected = direct.chat.completions.create(
+                model="smollm2-q8", messages=[{"role": "user", "content": "Say hi."}],
+                max_tokens=8, temperature=0,
+            )  # fmt: skip
+            assert completion.choices[0].message.content == expected.choices[0].message.content
+            pieces: list[str] = []
+            stream = client.chat.completions.create(
+                model="smollm2-q8", messages=[{"role": "user", "content": "Say hi."}],
+                max_tokens=8, temperature=0, stream=True,
+            )  # fmt: skip
+            for chunk in stream:
+                assert chunk.usage is None  # we asked the peer for usage, the client did not
+                pieces.extend(c.delta.content or "" for c in chunk.choices)
+            assert "".join(pieces) == expected.choices[0].message.content
+
+            def forwarded_rows() -> list[dict[str, Any]]:
+                rows = edge.services.usage.store.db["usage"].rows
+                return [r for r in rows if r["ran_on"] == box]
+
+            # the stream's row is written as its response closes, just after [DONE]
+            _wait_for(lambda: len(forwarded_rows()) == 2, 5, "two usage rows for the peer")
+            forwarded = forwarded_rows()
+            assert all(r["status"] == 200 and r["completion_tokens"] > 0 for r in forwarded)
+
+            # pinned local: the model is unknown here
+            pinned = httpx.post(
+                edge.url + "/v1/chat/completions", headers={"X-PC-Route": "local"},
+                json={"model": "smollm2-q8", "messages": [{"role": "user", "content": "hi"}]},
+                timeout=10,
+            )  # fmt: skip
+            assert pinned.status_code == 404
+            bad_hint = httpx.post(
+                edge.url + "/v1/chat/completions", headers={"X-PC-Route": "elsewhere"},
+                json={"model": "smollm2-q8", "messages": [{"role": "user", "content": "hi"}]},
+                timeout=10,
+            )  # fmt: skip
+            assert bad_hint.status_code == 400
+    finally:
+        output = _stop(announcer)
+    assert "goodbye sent" in output
+
+
+def test_unsigned_announcement_is_never_trusted(tmp_path: Path, upstream: LlamaCppServer) -> None:
+    box = _unique("rogue")
+    announcer = _announce(upstream, box, "some-other-key")
+    try:
+        with _daemon(tmp_path, _unique("edge"), uuid.uuid4().hex) as edge:
+            _wait_for(lambda: box in _peers(edge) and _peers(edge)[box]["health"] == "healthy",
+                      15, "the rogue announcement was checked")  # fmt: skip
+            assert not _peers(edge)[box]["trusted"]
+            assert _peers(edge)[box]["trust"] == "announcement not signed with our key"
+            answer = httpx.post(
+                edge.url + "/v1/chat/completions",
+                json={"model": "smollm2-q8", "messages": [{"role": "user", "content": "hi"}]},
+                timeout=10,
+            )
+            assert answer.status_code == 404
+            assert answer.json()["error"]["code"] == "no_route"
+    finally:
+        _stop(announcer)
+
+
+LONG_DAG = {
+    "dag": "/dynamic/long",
+    "nodes": {
+        "essay": {"type": "llm", "complexity": "high", "temperature": 0, "max_tokens": 160,
+                  "prompt": "Write a long story about a lighthouse keeper."},
+    },
+}  # fmt: skip
+
+
+def test_killed_peer_falls_back_and_leaves_rotation(
+    tmp_path: Path, upstream: LlamaCppServer
+) -> None:
+    key = uuid.uuid4().hex
+    box = _unique("box")
+    announcer = _announce(upstream, box, key)
+    try:
+        with _daemon(tmp_path, _unique("edge"), key) as edge:
+            _wait_for(lambda: _in_rotation(edge, box), 15, "the announced server is trusted")
+            killed_at: float | None = None
+            left_after = float("inf")
+            events: list[tuple[str, dict[str, Any]]] = []
+            body = {"dag": LONG_DAG, "stream": True}
+            with httpx.stream("POST", edge.url + "/v1/dags", json=body, timeout=120) as response:
+                kind = ""
+                for line in response.iter_lines():
+                    if line.startswith("event: "):
+                        kind = line[7:]
+                    elif line.startswith("data: {"):
+                        data = json.loads(line[6:])
+                        events.append((kind, data))
+                        if kind == "token" and killed_at is None:
+                            upstream.kill()  # the peer dies mid-generation
+                            killed_at = time.monotonic()
+                        if kind == "fallback":  # out of rotation by now, not at a check
+                            assert killed_at is not None
+                            left_after = time.monotonic() - killed_at
+                            assert not _in_rotation(edge, box)
+            assert killed_at is not None
+            kinds = [k for k, _ in events]
+            assert "fallback" in kinds
+            fallback = next(d for k, d in events if k == "fallback")
+            assert fallback["from"] == box
+            finished = next(d for k, d in events if k == "run_finished")
+            assert finished["status"] == "succeeded"
+            run_id = finished["run"]
+            run = httpx.get(f"{edge.url}/v1/dags/{run_id}", timeout=10).json()
+            essay = run["nodes"][0]
+            assert essay["ran_on"] == "local" and essay["status"] == "succeeded"
+            assert essay["routing"]["attempts"][0]["node"] == box
+            assert essay["completion_tokens"] > 0
+            # out of rotation within 5 s of its death, and it stays out while it is dead
+            assert left_after < 5
+            time.sleep(1.5)
+            assert not _in_rotation(edge, box)
+            assert box in _peers(edge)  # mDNS still lists it: liveness is ours
+    finally:
+        _stop(announcer)
+
+
+def test_complex_subgraph_runs_whole_on_a_pcrt_peer(tmp_path: Path, q8_model: Path) -> None:
+    key = uuid.uuid4().hex
+    strong, edge_name = _unique("strong"), _unique("edge")
+    extra = f"""
+[models.smollm2-q8]
+source = "{q8_model}"
+context = 2048
+tags = ["complex"]
+"""
+    dag: dict[str, Any] = {
+        "dag": "/dynamic/plan",
+        "nodes": {
+            "topic": {"type": "llm", "prompt": "Name one fruit.", "temperature": 0,
+                      "max_tokens": 8},
+            "plan": {"type": "llm", "tag": "complex", "temperature": 0, "max_tokens": 16,
+                     "prompt": "Plan a meal around {{ nodes.topic.output }}."},
+            "shorter": {"type": "llm", "tag": "complex", "temperature": 0, "max_tokens": 12,
+                        "context": "plan", "prompt": "Now in five words."},
+            "check": {"type": "assert", "that": "nodes.shorter.output | length > 0"},
+        },
+    }  # fmt: skip
+    with (
+        _daemon(tmp_path, strong, key, extra_models=extra) as peer,
+        _daemon(tmp_path, edge_name, key) as edge,
+    ):
+        _wait_for(lambda: _in_rotation(edge, strong), 10, "edge trusts the strong peer")
+        run = httpx.post(edge.url + "/v1/dags", json={"dag": dag}, timeout=180).json()
+        assert run["status"] == "succeeded", run["error"]
+        nodes = {n["node_id"]: n for n in run["nodes"]}
+        assert nodes["topic"]["ran_on"] == "local"
+        for node_id in ("plan", "shorter", "check"):
+            assert nodes[node_id]["ran_on"] == strong, node_id
+        assert nodes["plan"]["model"] == "smollm2-q8"
+        # it went whole: one run on the peer holds the subgraph, with topic given
+        peer_runs = peer.services.dags.runner.runs.list_runs()
+        assert len(peer_runs) == 1
+        remote_nodes = {n.node_id: n for n in peer.services.dags.runner.runs.nodes(peer_runs[0].id)}
+        assert remote_nodes["topic"].ran_on == edge_name
+        assert remote_nodes["topic"].output == run["outputs"]["topic"]
+        assert remote_nodes["shorter"].output == run["outputs"]["shorter"]
+        # the same greedy subgraph run on the peer itself gives the same outputs
+        uncached = {**dag, "nodes": {k: {**v, "cache": False} if v["type"] == "llm" else v
+                                     for k, v in dag["nodes"].items()}}  # fmt: skip
+        direct = httpx.post(peer.url + "/v1/dags", json={"dag": uncached}, timeout=180).json()
+        assert direct["outputs"]["plan"] == run["outputs"]["plan"]
+        assert direct["outputs"]["shorter"] == run["outputs"]["shorter"]
+
+
+def test_idle_dead_peer_leaves_rotation_by_health_checks(
+    tmp_path: Path, upstream: LlamaCppServer
+) -> None:
+    """No work in flight: only the health checks can notice, and they do within 5 s even
+    though the announcement (a separate process) still stands."""
+    key = uuid.uuid4().hex
+    box = _unique("idle")
+    announcer = _announce(upstream, box, key)
+    try:
+        with _daemon(tmp_path, _unique("edge"), key) as edge:
+            _wait_for(lambda: _in_rotation(edge, box), 15, "the announced server is trusted")
+            upstream.kill()
+            gone = _wait_for(lambda: not _in_rotation(edge, box), 5, "the dead peer left")
+            assert gone < 5
+            peer = _peers(edge)[box]
+            assert peer["health"] == "cooldown" and "did not answer" in peer["last_error"]
+    finally:
+        _stop(announcer)
