@@ -18,9 +18,13 @@ from typing import Any
 
 from pcrt.cache.store import Store, utc_now
 
-__all__ = ["NodeRecord", "RunNotFound", "RunRecord", "RunStore"]
+__all__ = ["NodeRecord", "RunExists", "RunNotFound", "RunRecord", "RunStore"]
 
 FINISHED_RUN_STATES = ("succeeded", "failed", "budget_exceeded", "cancelled", "migrated")
+
+
+class RunExists(ValueError):
+    pass
 
 
 class RunNotFound(KeyError):
@@ -139,6 +143,32 @@ class RunStore:
                      "status": "pending", "cache_hit": 0, "resumed_from_checkpoint": 0},
                 )  # fmt: skip
         return self.get_run(run_id)
+
+    def import_run(self, run: dict[str, Any], nodes: list[dict[str, Any]]) -> RunRecord:
+        """A run moved here from a peer: its record and every node's, in one transaction.
+        It arrives ``interrupted`` (resuming continues it); unfinished nodes likewise."""
+        now = utc_now()
+        with self._tx() as db:
+            if db.execute("select 1 from runs where id = ?", [run["id"]]).fetchone():
+                raise RunExists(f"run {run['id']} already exists here")
+            db.insert(
+                "runs",
+                {
+                    "id": run["id"], "dag_path": run["dag_path"], "spec": json.dumps(run["spec"]),
+                    "inputs": json.dumps(run["inputs"]), "status": "interrupted",
+                    "tokens_used": int(run.get("tokens_used") or 0),
+                    "nodes_executed": int(run.get("nodes_executed") or 0),
+                    "created_at": run.get("created_at") or now, "updated_at": now,
+                    "error": "moved here from a peer; resuming continues it",
+                },
+            )  # fmt: skip
+            for node in nodes:
+                values = {k: v for k, v in node.items() if k in _NODE_FIELDS}
+                if values.get("status") == "running":
+                    values["status"] = "interrupted"
+                _encode_json_fields(values)
+                db.insert("nodes", {**values, "run_id": run["id"]})
+        return self.get_run(run["id"])
 
     def get_run(self, run_id: str) -> RunRecord:
         with self._lock:

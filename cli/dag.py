@@ -673,6 +673,29 @@ def cancel(run_id: str) -> None:
     click.echo(f"run {run_id} cancelled; checkpoints kept (resume: pcrt dag resume {run_id})")
 
 
+@dag.command()
+@click.argument("run_id", metavar="RUN")
+@click.option("--to", "peer", required=True, help="The pcrt peer's name (see pcrt peers).")
+@click.option("--json", "as_json", is_flag=True)
+def migrate(run_id: str, peer: str, as_json: bool) -> None:
+    """Move unfinished RUN, with its KV states, to PEER, which resumes it there."""
+    with DaemonClient() as client:
+        if not client.is_up():
+            raise click.ClickException(f"no daemon answers at {client.url}: migration needs one")
+        result = _request(client, "POST", f"/v1/dags/{run_id}/migrate", json={"to": peer})
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    size = result["bytes_sent"] / 1e6
+    click.echo(
+        f"run {run_id} moved to {result['peer']} in {result['seconds']:.2f} s: "
+        f"{result['states_sent']} KV states ({size:.1f} MB), {result['note']}"
+    )
+    for reason in result["states_left"]:
+        click.echo(f"  left behind: {reason}")
+    click.echo(f"follow it there: {result['peer_url']}/v1/dags/{run_id}")
+
+
 def _stdout() -> Console:
     """A console on stdout; a pipe or file gets long lines rather than a folded table."""
     console = Console(highlight=False)
@@ -742,6 +765,11 @@ def _node_facts(node: dict[str, Any], after: list[str]) -> list[Text]:
     if node["ran_on"]:
         model = f" ({node['model']})" if node["model"] else ""
         facts.append(Text(f"ran on: {node['ran_on']}{model}"))
+    routing = node.get("routing") or {}
+    for attempt in routing.get("attempts") or ():
+        facts.append(Text(f"fell back from {attempt['node']}: {attempt['error']}", style="yellow"))
+    if routing.get("reason"):
+        facts.append(Text(f"routed: {routing['reason']}", style="dim"))
     if node["cache_hit"]:
         facts.append(Text("cache hit: no inference", style="green"))
     if node["resumed_from_checkpoint"]:

@@ -19,6 +19,8 @@ import jsonschema
 import openai
 import pytest
 
+from pcrt.cache.runs import RunStore
+from pcrt.cache.store import Store
 from pcrt.routing.auth import CLUSTER_HEADER, request_header
 from pcrt.routing.policy import Work
 from pcrt.runtime.models import Registry
@@ -397,3 +399,130 @@ def test_idle_dead_peer_leaves_rotation_by_health_checks(
             assert peer["health"] == "cooldown" and "did not answer" in peer["last_error"]
     finally:
         _stop(announcer)
+
+
+MOVE_DAG: dict[str, Any] = {
+    "dag": "/dynamic/move",
+    "nodes": {
+        "intro": {"type": "llm", "prompt": "Describe a lighthouse in one sentence.",
+                  "temperature": 0, "max_tokens": 24, "cache": False},
+        "story": {"type": "llm", "context": "intro", "prompt": "Now tell a long story about it.",
+                  "temperature": 0, "max_tokens": 120, "checkpoint_every": 16, "cache": False},
+    },
+}  # fmt: skip
+
+
+def test_migration_mid_run_resumes_on_the_peer_with_its_states(tmp_path: Path) -> None:
+    key = uuid.uuid4().hex
+    here_name, there_name = _unique("here"), _unique("there")
+    with _daemon(tmp_path, here_name, key) as here, _daemon(tmp_path, there_name, key) as there:
+        _wait_for(lambda: _in_rotation(here, there_name), 10, "here trusts there")
+        reference = httpx.post(here.url + "/v1/dags", json={"dag": MOVE_DAG}, timeout=120).json()
+        assert reference["status"] == "succeeded"
+        # a cold start for the run that moves, as for the reference
+        httpx.post(here.url + "/api/stop", json={"model": "smollm2-135m"}, timeout=30)
+
+        moved = None
+        body = {"dag": MOVE_DAG, "stream": True}
+        with httpx.stream("POST", here.url + "/v1/dags", json=body, timeout=120) as response:
+            run_id = response.headers["x-pcrt-run"]
+            for kind, data in _events(response.iter_lines()):
+                if kind == "checkpoint" and data["node"] == "story" and moved is None:
+                    moved = httpx.post(f"{here.url}/v1/dags/{run_id}/migrate",
+                                       json={"to": there_name}, timeout=60).json()  # fmt: skip
+        assert moved is not None, "the story never checkpointed"
+        assert moved["peer"] == there_name and moved["with_states"], moved
+        assert moved["states_sent"] >= 2  # intro's state and story's checkpoint
+        assert moved["states_left"] == []
+        local = httpx.get(f"{here.url}/v1/dags/{run_id}", timeout=10).json()
+        assert local["status"] == "migrated"
+        assert local["migrated_to"].startswith(f"{there_name}:{there.url}")
+
+        def finished() -> bool:
+            view = httpx.get(f"{there.url}/v1/dags/{run_id}", timeout=10).json()
+            return bool(view.get("status") == "succeeded")
+
+        _wait_for(finished, 120, "the peer finished the moved run", interval=0.25)
+        view = httpx.get(f"{there.url}/v1/dags/{run_id}", timeout=10).json()
+        assert view["outputs"] == reference["outputs"]  # token for token, greedy
+        nodes = {n["node_id"]: n for n in view["nodes"]}
+        assert nodes["intro"]["ran_on"] == here_name  # finished here, never re-run there
+        assert nodes["story"]["resumed_from_checkpoint"]  # its KV came along: no recompute
+
+
+def _events(lines: Iterator[str]) -> Iterator[tuple[str, dict[str, Any]]]:
+    kind = ""
+    for line in lines:
+        if line.startswith("event: "):
+            kind = line[7:]
+        elif line.startswith("data: {"):
+            yield kind, json.loads(line[6:])
+
+
+def test_migration_to_a_peer_without_the_model_moves_without_states(
+    tmp_path: Path, q8_model: Path
+) -> None:
+    """The peer's "smollm2-135m" is another file (the Q8_0 one): the states cannot load
+    there, so the run moves without them and the peer recomputes, and says so."""
+    key = uuid.uuid4().hex
+    here_name, there_name = _unique("here"), _unique("other")
+    other_file = f"""
+[models.smollm2-135m]
+source = "{q8_model}"
+context = 2048
+"""
+    with (
+        _daemon(tmp_path, here_name, key) as here,
+        _daemon(tmp_path, there_name, key, extra_models=other_file) as there,
+    ):
+        _wait_for(lambda: _in_rotation(here, there_name), 10, "here trusts there")
+        run = httpx.post(here.url + "/v1/dags", json={"dag": MOVE_DAG, "wait": False},
+                         timeout=30).json()  # fmt: skip
+        run_id = run["id"]
+        _wait_for(lambda: httpx.get(f"{here.url}/v1/dags/{run_id}", timeout=10).json()
+                  ["outputs"].get("intro") is not None, 60, "intro finished here")  # fmt: skip
+        moved = httpx.post(f"{here.url}/v1/dags/{run_id}/migrate", json={"to": there_name},
+                           timeout=60).json()  # fmt: skip
+        assert moved["with_states"] is False and moved["states_sent"] == 0
+        assert any("lacks model" in reason for reason in moved["states_left"])
+        assert moved["note"] == "some nodes recompute on the peer"
+
+        def finished() -> bool:
+            view = httpx.get(f"{there.url}/v1/dags/{run_id}", timeout=10).json()
+            return bool(view.get("status") == "succeeded")
+
+        _wait_for(finished, 120, "the peer finished the moved run", interval=0.25)
+        view = httpx.get(f"{there.url}/v1/dags/{run_id}", timeout=10).json()
+        story = next(n for n in view["nodes"] if n["node_id"] == "story")
+        assert not story["resumed_from_checkpoint"] and story["ran_on"] == "local"
+        assert view["outputs"]["intro"] == run_intro(here, run_id)
+
+
+def run_intro(server: LiveServer, run_id: str) -> Any:
+    return httpx.get(f"{server.url}/v1/dags/{run_id}", timeout=10).json()["outputs"]["intro"]
+
+
+def test_a_draining_daemon_moves_its_runs_to_a_peer(tmp_path: Path) -> None:
+    key = uuid.uuid4().hex
+    here_name, there_name = _unique("leaving"), _unique("staying")
+    with _daemon(tmp_path, there_name, key) as there:
+        here = _daemon(tmp_path, here_name, key, migrate_on_drain=True)
+        with here:
+            _wait_for(lambda: _in_rotation(here, there_name), 10, "here trusts there")
+            run = httpx.post(here.url + "/v1/dags", json={"dag": MOVE_DAG, "wait": False},
+                             timeout=30).json()  # fmt: skip
+            run_id = run["id"]
+            _wait_for(lambda: httpx.get(f"{here.url}/v1/dags/{run_id}", timeout=10).json()
+                      ["status"] == "running", 30, "the run started")  # fmt: skip
+        # here has stopped (SIGTERM-like shutdown): the run went on to there
+        with Store(Paths(home=tmp_path / here_name, models_dir=shared_models_dir(),
+                         user_models_file=tmp_path / "none").db_path) as store:  # fmt: skip
+            record = RunStore(store).get_run(run_id)
+        assert record.status == "migrated" and record.migrated_to is not None
+        assert record.migrated_to.startswith(there_name)
+
+        def finished() -> bool:
+            view = httpx.get(f"{there.url}/v1/dags/{run_id}", timeout=10).json()
+            return bool(view.get("status") == "succeeded")
+
+        _wait_for(finished, 120, "the peer finished the run", interval=0.25)

@@ -23,7 +23,7 @@ from pcrt.routing.auth import CLUSTER_HEADER
 from pcrt.routing.coordinator import Coordinator, load_node_id
 from pcrt.routing.remote import RemoteRunner
 from pcrt.runtime.api import admin_routes, dag_routes, openai_routes, peer_routes, state_routes
-from pcrt.runtime.api.dag_routes import DagTasks
+from pcrt.runtime.api.dag_routes import DagTasks, migrate_on_drain
 from pcrt.runtime.api.errors import install_error_handlers
 from pcrt.runtime.api.node_info import NodeInfo
 from pcrt.runtime.api.service import Services
@@ -109,6 +109,10 @@ def create_app(
         finally:
             services.state = "draining"
             pool.start_draining()
+            if settings.peers.migrate_on_drain:
+                moved = await migrate_on_drain(services)
+                if moved:
+                    log.info("moved to peers on drain: %s", ", ".join(moved))
             await services.dags.close()  # running DAGs stop; their checkpoints stay
             await coordinator.close()  # goodbye packets: peers drop us at once
             reaper.cancel()
@@ -125,9 +129,8 @@ def create_app(
         signature = request.headers.get(CLUSTER_HEADER)
         if signature is not None:
             services: Services = request.app.state.services
-            why = services.coordinator.check_peer_request(
-                signature, request.method, request.url.path
-            )
+            target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+            why = services.coordinator.check_peer_request(signature, request.method, target)
             if why is not None:
                 log.warning("refused a peer request to %s: %s", request.url.path, why)
                 raise Unauthorized(f"cluster signature refused: {why}")

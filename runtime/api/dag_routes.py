@@ -15,11 +15,13 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 
 from pcrt.cache.runs import RunNotFound, RunRecord
+from pcrt.routing.migrate import migrate_run
+from pcrt.routing.policy import Work
 from pcrt.runtime.api.service import Services
 from pcrt.runtime.dag import load_dag, parse_dag
 from pcrt.runtime.dag.executor import RESUMABLE, DagEvent, DagRunner
 from pcrt.runtime.dag.spec import DagSpec
-from pcrt.runtime.errors import InvalidRequest, ModelNotFound
+from pcrt.runtime.errors import InvalidRequest, ModelNotFound, PcrtError
 
 __all__ = ["DagTasks", "router", "run_view"]
 
@@ -105,6 +107,7 @@ def run_view(runner: DagRunner, run: RunRecord) -> dict[str, Any]:
         "nodes_executed": run.nodes_executed,
         "created_at": run.created_at,
         "finished_at": run.finished_at,
+        "migrated_to": run.migrated_to,
         "outputs": {n.node_id: n.output for n in nodes if n.status == "succeeded"},
         "nodes": [asdict(n) for n in nodes],
     }
@@ -199,3 +202,61 @@ async def cancel_run(run_id: str, request: Request) -> dict[str, Any]:
     if not await tasks.cancel(run_id) and run.status in ("pending", "interrupted"):
         tasks.runner.runs.set_status(run_id, "cancelled", error="cancelled; checkpoints kept")
     return run_view(tasks.runner, _get(tasks.runner, run_id))
+
+
+class MigrateRun(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    to: str  # the pcrt peer's name, as pcrt peers shows it
+
+
+@router.post("/v1/dags/{run_id}/migrate")
+async def migrate(run_id: str, body: MigrateRun, request: Request) -> dict[str, Any]:
+    """Move an unfinished run, with its KV states, to a pcrt peer that resumes it there.
+
+    The run stops here first (its checkpoints are on disk). If the move fails the run stays
+    here, stopped and resumable; nothing is lost."""
+    services: Services = request.app.state.services
+    tasks = services.dags
+    run = _get(tasks.runner, run_id)
+    if run.status not in RESUMABLE:
+        raise InvalidRequest(f"run {run_id} is {run.status}; only unfinished runs move")
+    await tasks.cancel(run_id)
+    result = await migrate_run(
+        services.coordinator, tasks.runner.runs, services.blobs, run_id, body.to
+    )
+    tasks.runner.runs.set_status(
+        run_id, "migrated", error=f"moved to peer {result.peer}", migrated_to=result.pointer
+    )
+    log.info("run %s moved to %s (%d states)", run_id, result.peer, result.states_sent)
+    return {**result.summary(), "run": run_view(tasks.runner, _get(tasks.runner, run_id))}
+
+
+async def migrate_on_drain(services: Services) -> list[str]:
+    """The daemon is stopping with ``migrate_on_drain``: move each running DAG run to the
+    best trusted pcrt peer. A run that cannot move stays here, interrupted (resumable)."""
+    tasks = services.dags
+    moved = []
+    for run_id in list(tasks.tasks):
+        decision = services.coordinator.decide(
+            Work(route="peer", peer_kinds=frozenset({"pcrt"})), include_local=False
+        )
+        if decision.chosen is None:
+            log.warning("run %s stays here: %s", run_id, decision.reason)
+            continue
+        await tasks.cancel(run_id)
+        try:
+            result = await migrate_run(
+                services.coordinator, tasks.runner.runs, services.blobs, run_id,
+                decision.chosen.node,
+            )  # fmt: skip
+        except PcrtError as exc:
+            log.warning("run %s could not move to %s: %s", run_id, decision.chosen.node, exc)
+            tasks.runner.runs.set_status(run_id, "interrupted", error=f"move failed: {exc}")
+            continue
+        tasks.runner.runs.set_status(
+            run_id, "migrated", error=f"moved to peer {result.peer} on drain",
+            migrated_to=result.pointer,
+        )  # fmt: skip
+        moved.append(run_id)
+    return moved

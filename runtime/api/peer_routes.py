@@ -7,18 +7,24 @@ key (``require_key`` in ``app.py`` checks the signature once and leaves the verd
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
+from pcrt.cache.runs import RunExists
 from pcrt.routing.auth import CLUSTER_HEADER, PROOF_HEADER
 from pcrt.runtime.api.service import Services
 from pcrt.runtime.dag import parse_dag
-from pcrt.runtime.errors import Unauthorized
+from pcrt.runtime.errors import InvalidRequest, Unauthorized
+from pcrt.runtime.state import KVState
 
 __all__ = ["router"]
+
+log = logging.getLogger(__name__)
 
 router = APIRouter()
 
@@ -106,3 +112,54 @@ async def run_subgraph(body: SubgraphRequest, request: Request) -> dict[str, Any
             if node_id in nodes
         },
     }
+
+
+@router.put("/v1/pcrt/blobs")
+async def receive_blob(request: Request, run_id: str | None = None) -> dict[str, Any]:
+    """A KV state a peer moves here with a run; checked against its hash before stored."""
+    _require_peer(request)
+    services = _services(request)
+    limit = services.settings.state_upload_max_bytes
+    chunks: list[bytes] = []
+    received = 0
+    async for chunk in request.stream():
+        received += len(chunk)
+        if received > limit:
+            raise InvalidRequest(f"the state is over the {limit}-byte upload limit")
+        chunks.append(chunk)
+
+    def store() -> str:
+        data = b"".join(chunks)
+        KVState.from_bytes(data)  # header, length and payload hash, or StateError (409)
+        return services.blobs.put(data, run_id=run_id)
+
+    return {"id": await asyncio.to_thread(store), "size": received}
+
+
+class ImportRun(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    run: dict[str, Any]
+    nodes: list[dict[str, Any]]
+    origin: str = "peer"
+
+
+@router.post("/v1/pcrt/runs")
+async def import_run(body: ImportRun, request: Request) -> dict[str, Any]:
+    """A run migrated here: record it (its states arrived first) and resume it."""
+    _require_peer(request)
+    services = _services(request)
+    runner = services.dags.runner
+    spec = parse_dag(body.run.get("spec") or {})  # a malformed spec is refused before storing
+    for node in body.nodes:
+        for key in ("state_sha256", "checkpoint_sha256"):
+            sha = node.get(key)
+            if sha and not services.blobs.has(sha):
+                node[key] = None  # never point at a state that is not here: recompute
+    try:
+        record = runner.runs.import_run({**body.run, "dag_path": spec.dag}, body.nodes)
+    except RunExists as exc:
+        raise InvalidRequest(str(exc)) from None
+    log.info("run %s moved here from %s", record.id, body.origin)
+    services.dags.start(record.id)
+    return {"id": record.id, "status": "running", "url": f"/v1/dags/{record.id}"}

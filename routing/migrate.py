@@ -1,0 +1,128 @@
+"""Moving a DAG run to a pcrt peer with its KV states, so the peer resumes, not recomputes.
+
+The source side, step by step (the run is stopped first; its checkpoints are on disk):
+
+1. the peer must be a trusted pcrt peer in the table;
+2. every state the run references (finished nodes' states, in-flight checkpoints) is read
+   and its compatibility key checked against the peer's models by sha256: a state for a
+   model the peer lacks is left behind and that node recomputes there;
+3. the states go first (``PUT /v1/pcrt/blobs``, hash-checked by the peer), the run record
+   second (``POST /v1/pcrt/runs``): the peer never holds a record pointing at a missing
+   blob, and a failure anywhere leaves the local run as it was, resumable here;
+4. the peer starts the run; the caller marks the local one migrated, with a pointer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from pcrt.cache.blobs import BlobCorrupt, BlobMissing, BlobStore
+from pcrt.cache.runs import RunStore
+from pcrt.routing.coordinator import Coordinator
+from pcrt.runtime.errors import InvalidRequest, PeerUnavailable, StateError
+from pcrt.runtime.state import KVState
+
+__all__ = ["BLOBS_PATH", "RUNS_PATH", "Migration", "migrate_run"]
+
+BLOBS_PATH = "/v1/pcrt/blobs"
+RUNS_PATH = "/v1/pcrt/runs"
+
+
+@dataclass
+class Migration:
+    run_id: str
+    peer: str
+    peer_url: str
+    states_sent: int = 0
+    bytes_sent: int = 0
+    states_left: list[str] = field(default_factory=list)  # why each one stayed behind
+    seconds: float = 0.0
+    peer_status: str = ""
+
+    @property
+    def pointer(self) -> str:
+        return f"{self.peer}:{self.peer_url}/v1/dags/{self.run_id}"
+
+    def summary(self) -> dict[str, Any]:
+        recompute = bool(self.states_left)
+        return {
+            "run_id": self.run_id,
+            "peer": self.peer,
+            "peer_url": self.peer_url,
+            "migrated_to": self.pointer,
+            "states_sent": self.states_sent,
+            "bytes_sent": self.bytes_sent,
+            "states_left": self.states_left,
+            "with_states": self.states_sent > 0,
+            "note": "some nodes recompute on the peer" if recompute else "states reused",
+            "seconds": round(self.seconds, 3),
+            "peer_status": self.peer_status,
+        }
+
+
+async def migrate_run(
+    coordinator: Coordinator, runs: RunStore, blobs: BlobStore, run_id: str, peer_name: str
+) -> Migration:
+    started = time.perf_counter()
+    peer = coordinator.peer(peer_name)
+    if peer is None or peer.kind != "pcrt":
+        known = ", ".join(p.name for p in coordinator.table.all() if p.kind == "pcrt") or "none"
+        raise InvalidRequest(f"no pcrt peer {peer_name!r} (pcrt peers: {known})")
+    if not peer.trusted:
+        raise InvalidRequest(f"peer {peer_name} is not trusted ({peer.trust_note})")
+    record = runs.get_run(run_id)
+    nodes = runs.nodes(run_id)
+    offered = {m.sha256 for m in peer.models if m.sha256}
+    result = Migration(run_id=run_id, peer=peer.name, peer_url=peer.url)
+    sendable: set[str] = set()
+    for sha in sorted({s for n in nodes for s in (n.state_sha256, n.checkpoint_sha256) if s}):
+        try:
+            data = await asyncio.to_thread(blobs.get, sha)
+            header = KVState.read_header(data)
+        except (BlobMissing, BlobCorrupt, StateError) as exc:
+            result.states_left.append(f"{sha[:12]}: {exc}")
+            continue
+        if header.key.model_sha256 not in offered:
+            result.states_left.append(f"{sha[:12]}: the peer lacks model {header.model}")
+            continue
+        await coordinator.forwarder.request(
+            peer, "PUT", BLOBS_PATH + f"?run_id={run_id}", content=data,
+            headers={"Content-Type": "application/octet-stream"},
+        )  # fmt: skip
+        sendable.add(sha)
+        result.states_sent += 1
+        result.bytes_sent += len(data)
+    payload = {
+        "run": {
+            "id": record.id, "dag_path": record.dag_path, "spec": record.spec,
+            "inputs": record.inputs, "tokens_used": record.tokens_used,
+            "nodes_executed": record.nodes_executed, "created_at": record.created_at,
+        },
+        "nodes": [
+            {
+                "node_id": n.node_id, "path": n.path, "type": n.type, "status": n.status,
+                "output": n.output, "prompt_tokens": n.prompt_tokens,
+                "cached_tokens": n.cached_tokens, "completion_tokens": n.completion_tokens,
+                "started_at": n.started_at, "finished_at": n.finished_at, "seconds": n.seconds,
+                "ran_on": n.ran_on if n.ran_on != "local" else coordinator.node_name,
+                "model": n.model,
+                "state_sha256": n.state_sha256 if n.state_sha256 in sendable else None,
+                "checkpoint_sha256": n.checkpoint_sha256
+                if n.checkpoint_sha256 in sendable else None,
+                "checkpoint_tokens": n.checkpoint_tokens
+                if n.checkpoint_sha256 in sendable else None,
+            }
+            for n in nodes
+        ],
+        "origin": coordinator.node_name,
+    }  # fmt: skip
+    answer = await coordinator.forwarder.request(peer, "POST", RUNS_PATH, json_body=payload)
+    body = answer.json()
+    if not isinstance(body, dict) or body.get("id") != run_id:
+        raise PeerUnavailable(f"peer {peer.name} did not take run {run_id}", peer=peer.name)
+    result.peer_status = str(body.get("status", ""))
+    result.seconds = time.perf_counter() - started
+    return result
