@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import secrets
 import threading
 import time
@@ -39,6 +40,11 @@ __all__ = [
 CLUSTER_HEADER = "X-PC-Cluster"
 PROOF_HEADER = "X-PC-Cluster-Proof"
 MAX_SKEW = 60.0  # seconds a signed request stays valid; peers' clocks must agree this well
+
+
+def _same(given: str, expected: str) -> bool:
+    """Constant-time comparison that refuses, rather than raises on, non-ASCII input."""
+    return hmac.compare_digest(given.encode("utf-8", "replace"), expected.encode())
 
 
 def _mac(key: str, *parts: str) -> str:
@@ -67,9 +73,12 @@ class NonceCache:
         self._lock = threading.Lock()
 
     def first_use(self, nonce: str, now: float) -> bool:
+        # a request stamped up to MAX_SKEW ahead of our clock stays valid until MAX_SKEW
+        # after its stamp: its nonce must be remembered for twice the skew from receipt
         with self._lock:
             while self._seen and (
-                len(self._seen) >= self.limit or next(iter(self._seen.values())) < now - MAX_SKEW
+                len(self._seen) >= self.limit
+                or next(iter(self._seen.values())) < now - 2 * MAX_SKEW
             ):
                 self._seen.popitem(last=False)
             if nonce in self._seen:
@@ -101,7 +110,7 @@ def verify_request(
     current = time.time() if now is None else now
     if abs(current - sent) > MAX_SKEW:
         return f"cluster signature {current - sent:+.0f} s off this clock"
-    if not hmac.compare_digest(mac, _mac(key, ts, nonce, method.upper(), path)):
+    if not _same(mac, _mac(key, ts, nonce, method.upper(), path)):
         return "wrong cluster key"
     if not nonces.first_use(nonce, current):
         return "replayed cluster signature"
@@ -116,12 +125,13 @@ def response_proof(key: str, request_header_value: str, body: bytes) -> str:
 def verify_proof(key: str, request_header_value: str, body: bytes, proof: str | None) -> bool:
     if not proof:
         return False
-    return hmac.compare_digest(proof, response_proof(key, request_header_value, body))
+    return _same(proof, response_proof(key, request_header_value, body))
 
 
 def _announcement_material(address: str, port: int, fields: Mapping[str, str]) -> list[str]:
+    # JSON, not joined lines: a value with a newline cannot pass for two fields
     signed = sorted((k, v) for k, v in fields.items() if k != "sig")
-    return ["announce", address, str(port), *(f"{k}={v}" for k, v in signed)]
+    return ["announce", json.dumps([address, port, signed])]
 
 
 def announcement_signature(key: str, address: str, port: int, fields: Mapping[str, str]) -> str:
@@ -135,4 +145,4 @@ def verify_announcement(
     if not signature:
         return False
     expected = announcement_signature(key, address, port, fields)
-    return hmac.compare_digest(signature, expected)
+    return _same(signature, expected)

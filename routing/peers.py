@@ -33,7 +33,7 @@ def cooldown_seconds(failures: int) -> float:
     """1, 2, 4, ... seconds, capped: a flapping peer is asked less and less often."""
     if failures <= 0:
         return 0.0
-    return float(min(COOLDOWN_MAX, COOLDOWN_BASE * 2 ** (failures - 1)))
+    return float(min(COOLDOWN_MAX, COOLDOWN_BASE * 2 ** min(failures - 1, 32)))
 
 
 @dataclass

@@ -140,7 +140,9 @@ def create_app(
             return
         header = request.headers.get("authorization", "")
         scheme, _, given = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip(), api_key):
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            given.strip().encode("utf-8", "replace"), api_key.encode()
+        ):
             raise Unauthorized("missing or wrong API key (send Authorization: Bearer KEY)")
 
     app = FastAPI(
