@@ -64,7 +64,8 @@ class Store:
     def __init__(self, db_path: Path | str) -> None:
         if str(db_path) != ":memory:":
             Path(db_path).parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(str(db_path), timeout=30.0, check_same_thread=False)
+        self.path = str(db_path)
+        conn = sqlite3.connect(self.path, timeout=30.0, check_same_thread=False)
         self.db = sqlite_utils.Database(conn)
         if str(db_path) != ":memory:":
             # readers do not block the writer: the daemon and a CLI command share the file

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+import sqlite_utils
 
 from pcrt.cache.store import Store, utc_now
 
@@ -28,15 +31,36 @@ class UsageRecord:
 
 
 class UsageLog:
-    """Writes and summarises usage rows; safe to call from several threads."""
+    """Writes and summarises usage rows; safe to call from several threads.
+
+    Rows go through a connection of their own with ``synchronous=normal``: a usage row is
+    written on every request, on the event loop, and must not wait for an fsync (in WAL
+    mode the database stays consistent; a power cut may lose the last rows). Run and node
+    records keep the store's full durability.
+    """
 
     def __init__(self, store: Store) -> None:
         self.store = store
-        self._lock = threading.Lock()  # one sqlite connection, shared by the loop's workers
+        self._lock = threading.Lock()
+        self._own = store.path != ":memory:"
+        if self._own:
+            self._conn = sqlite3.connect(store.path, timeout=30.0, check_same_thread=False)
+            self._conn.execute("pragma synchronous = normal")
+        else:
+            self._conn = store.db.conn
+        self.db = sqlite_utils.Database(self._conn)
+
+    def close(self) -> None:
+        if self._own:
+            with self._lock:
+                self._conn.close()
 
     def record(self, record: UsageRecord) -> None:
-        with self._lock:
-            self.store.db["usage"].insert(asdict(record))
+        row = asdict(record)
+        names = ", ".join(row)
+        marks = ", ".join("?" for _ in row)
+        with self._lock, self._conn:
+            self._conn.execute(f"insert into usage ({names}) values ({marks})", list(row.values()))
 
     def rows(
         self, *, agent: str | None = None, since: str | None = None, limit: int | None = None
@@ -46,7 +70,7 @@ class UsageLog:
         if limit:
             sql += f" limit {int(limit)}"
         with self._lock:
-            return list(self.store.db.query(sql, params))
+            return list(self.db.query(sql, params))
 
     def summary(
         self, *, agent: str | None = None, since: str | None = None
@@ -63,7 +87,7 @@ class UsageLog:
             f" from usage{where} group by agent, model order by agent, model"
         )
         with self._lock:
-            return list(self.store.db.query(sql, params))
+            return list(self.db.query(sql, params))
 
     @staticmethod
     def _where(agent: str | None, since: str | None) -> tuple[str, list[Any]]:

@@ -676,13 +676,15 @@ def cancel(run_id: str) -> None:
 @dag.command()
 @click.argument("run_id", metavar="RUN")
 @click.option("--to", "peer", required=True, help="The pcrt peer's name (see pcrt peers).")
+@click.option("--no-states", is_flag=True, help="Send the record alone; the peer recomputes.")
 @click.option("--json", "as_json", is_flag=True)
-def migrate(run_id: str, peer: str, as_json: bool) -> None:
+def migrate(run_id: str, peer: str, no_states: bool, as_json: bool) -> None:
     """Move unfinished RUN, with its KV states, to PEER, which resumes it there."""
     with DaemonClient() as client:
         if not client.is_up():
             raise click.ClickException(f"no daemon answers at {client.url}: migration needs one")
-        result = _request(client, "POST", f"/v1/dags/{run_id}/migrate", json={"to": peer})
+        body = {"to": peer, "states": not no_states}
+        result = _request(client, "POST", f"/v1/dags/{run_id}/migrate", json=body)
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return

@@ -126,6 +126,12 @@ class Coordinator:
             )  # fmt: skip
         interfaces = interfaces_setting(self.settings.interfaces) if self.settings.lan else None
         if interfaces is not None:
+            if self.announce_address.startswith("127.") and self.settings.interfaces == "all":
+                log.warning(
+                    "announcing %s on the LAN: peers elsewhere cannot reach a daemon bound to "
+                    "loopback (pcrt serve --host 0.0.0.0 --api-key ...)",
+                    self.announce_address,
+                )
             self.discovery = Discovery(interfaces=interfaces, on_change=self._on_sighting)
             await self.discovery.start()
             self._announce_task = asyncio.create_task(

@@ -64,8 +64,16 @@ class Migration:
 
 
 async def migrate_run(
-    coordinator: Coordinator, runs: RunStore, blobs: BlobStore, run_id: str, peer_name: str
+    coordinator: Coordinator,
+    runs: RunStore,
+    blobs: BlobStore,
+    run_id: str,
+    peer_name: str,
+    *,
+    with_states: bool = True,
 ) -> Migration:
+    """Move the (stopped) run; ``with_states=False`` sends the record alone (the peer
+    recomputes every unfinished node: what a move costs without pcrt's states)."""
     started = time.perf_counter()
     peer = coordinator.peer(peer_name)
     if peer is None or peer.kind != "pcrt":
@@ -84,6 +92,9 @@ async def migrate_run(
             header = KVState.read_header(data)
         except (BlobMissing, BlobCorrupt, StateError) as exc:
             result.states_left.append(f"{sha[:12]}: {exc}")
+            continue
+        if not with_states:
+            result.states_left.append(f"{sha[:12]}: not sent (asked to move without states)")
             continue
         if header.key.model_sha256 not in offered:
             result.states_left.append(f"{sha[:12]}: the peer lacks model {header.model}")

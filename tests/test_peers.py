@@ -18,14 +18,16 @@ import httpx
 import jsonschema
 import openai
 import pytest
+from click.testing import CliRunner
 
 from pcrt.cache.runs import RunStore
 from pcrt.cache.store import Store
+from pcrt.cli.main import main
 from pcrt.routing.auth import CLUSTER_HEADER, request_header
 from pcrt.routing.policy import Work
 from pcrt.runtime.models import Registry
 from pcrt.runtime.paths import Paths
-from pcrt.runtime.settings import PeerSettings, ServerSettings
+from pcrt.runtime.settings import PeerSettings, ServerSettings, StaticPeer
 from tests.conftest import shared_models_dir
 from tests.live_server import LiveServer
 from tests.upstream import LlamaCppServer, second_model
@@ -103,6 +105,10 @@ def test_daemons_find_each_other_and_prove_the_key(tmp_path: Path) -> None:
         assert not _peers(a)[c_name]["trusted"]
         assert _peers(a)[c_name]["trust"] == "refused our cluster key"
         assert not _peers(c)[a_name]["trusted"]
+        shown = CliRunner().invoke(main, ["peers"], env={"PCRT_URL": a.url, "COLUMNS": "250"})
+        assert shown.exit_code == 0, shown.output
+        assert b_name in shown.output and c_name in shown.output
+        assert "refused our cluster key" in shown.output
         decision = a.services.coordinator.decide(Work(route="peer"))
         assert [cand.node for cand in decision.candidates] == [b_name]
         assert (c_name, "untrusted: cluster key not proven") in decision.rejected
@@ -228,7 +234,7 @@ def test_announced_upstream_takes_complex_nodes_and_forwarded_requests(
             assert "".join(pieces) == expected.choices[0].message.content
 
             def forwarded_rows() -> list[dict[str, Any]]:
-                rows = edge.services.usage.store.db["usage"].rows
+                rows = edge.services.usage.rows()
                 return [r for r in rows if r["ran_on"] == box]
 
             # the stream's row is written as its response closes, just after [DONE]
@@ -526,3 +532,32 @@ def test_a_draining_daemon_moves_its_runs_to_a_peer(tmp_path: Path) -> None:
             return bool(view.get("status") == "succeeded")
 
         _wait_for(finished, 120, "the peer finished the run", interval=0.25)
+
+
+def test_static_peer_from_config_takes_requests(
+    tmp_path: Path, q8_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No mDNS at all: a configured OpenAI-compatible peer, with its own API key."""
+    monkeypatch.setenv("CLOUD_KEY", "cloud-secret")
+    with LlamaCppServer(q8_model, "smollm2-q8", api_key="cloud-secret") as cloud:
+        static = StaticPeer(name="cloud", url=cloud.url, kind="openai", api_key_env="CLOUD_KEY")
+        settings = ServerSettings(peers=PeerSettings(static=(static,), health_interval=0.5))
+        _run_static(tmp_path, settings)
+
+
+def _run_static(tmp_path: Path, settings: ServerSettings) -> None:
+    with LiveServer(settings, registry=_registry(tmp_path / "edge")) as edge:
+        _wait_for(lambda: _in_rotation(edge, "cloud"), 10, "the static peer is up")
+        assert _peers(edge)["cloud"]["trust"] == "configured"
+        client = openai.OpenAI(base_url=edge.url + "/v1", api_key="x", max_retries=0)
+        reply = client.chat.completions.with_raw_response.create(
+            model="smollm2-q8", messages=[{"role": "user", "content": "Say hi."}],
+            max_tokens=4, temperature=0,
+        )  # fmt: skip
+        assert reply.headers["x-pc-ran-on"] == "cloud"
+        # the local model still runs here
+        local = client.chat.completions.with_raw_response.create(
+            model="smollm2-135m", messages=[{"role": "user", "content": "Say hi."}],
+            max_tokens=4, temperature=0,
+        )  # fmt: skip
+        assert "x-pc-ran-on" not in local.headers

@@ -67,17 +67,18 @@ def create_app(
         runs = RunStore(store)
         node_id = load_node_id(reg.paths.home)
         node_name = settings.peers.name or socket.gethostname().split(".")[0] or "pcrt"
-        node = NodeInfo(node_id, node_name, reg, pool, monitor, store)
+        node = NodeInfo(node_id, node_name, reg, pool, monitor, store, settings.context)
         coordinator = Coordinator(
             settings.peers, node_id=node_id, node_name=node_name, api_port=settings.port,
             announce_address=announce_address(settings),
             local_view=node.local_view, local_models=lambda: sorted(reg.entries),
         )  # fmt: skip
+        usage = UsageLog(store)
         services = Services(
             settings=settings,
             pool=pool,
             monitor=monitor,
-            usage=UsageLog(store),
+            usage=usage,
             limiter=RateLimiter(settings.limits),
             metrics=Metrics(_live_gauges(pool)),
             blobs=blobs,
@@ -120,6 +121,7 @@ def create_app(
                 await reaper
             await pool.close()
             await monitor.stop()
+            usage.close()
             store.close()
 
     async def require_key(request: Request) -> None:

@@ -208,6 +208,7 @@ class MigrateRun(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     to: str  # the pcrt peer's name, as pcrt peers shows it
+    states: bool = True  # false: the record alone, the peer recomputes unfinished nodes
 
 
 @router.post("/v1/dags/{run_id}/migrate")
@@ -223,8 +224,9 @@ async def migrate(run_id: str, body: MigrateRun, request: Request) -> dict[str, 
         raise InvalidRequest(f"run {run_id} is {run.status}; only unfinished runs move")
     await tasks.cancel(run_id)
     result = await migrate_run(
-        services.coordinator, tasks.runner.runs, services.blobs, run_id, body.to
-    )
+        services.coordinator, tasks.runner.runs, services.blobs, run_id, body.to,
+        with_states=body.states,
+    )  # fmt: skip
     tasks.runner.runs.set_status(
         run_id, "migrated", error=f"moved to peer {result.peer}", migrated_to=result.pointer
     )

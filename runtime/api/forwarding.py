@@ -17,6 +17,7 @@ from typing import Any
 
 from fastapi import Request, Response
 from fastapi.responses import StreamingResponse
+from starlette.background import BackgroundTask
 
 from pcrt.routing.forward import ForwardedStream, sse_events
 from pcrt.routing.policy import Candidate, Route, Work
@@ -111,15 +112,22 @@ async def _forward(
         headers["X-PC-Agent-ID"] = agent
     ran_on = {"X-PC-Ran-On": candidate.node}
     if not stream:
+        # the client's own bytes when the model name stands: no second serialization
+        same = raw.get("model") == candidate.model
+        content = await request.body() if same else json.dumps(body).encode()
+        headers["Content-Type"] = "application/json"
         try:
-            answer = await forwarder.request(peer, "POST", route, json_body=body, headers=headers)
+            answer = await forwarder.request(peer, "POST", route, content=content,
+                                             headers=headers)  # fmt: skip
         except PeerError as exc:
             if not isinstance(exc, PeerUnavailable):
                 acct.finished_remote(getattr(exc, "status", 502), None, None, candidate.node)
             raise
-        payload = answer.json()
-        acct.finished_remote(200, payload.get("usage"), None, candidate.node)
-        return Response(answer.body, media_type="application/json", headers=ran_on)
+        # the usage row is written after the answer has gone out: not on its latency
+        usage = _usage_of(answer.body)
+        task = BackgroundTask(acct.finished_remote, 200, usage, None, candidate.node)
+        return Response(answer.body, media_type="application/json", headers=ran_on,
+                        background=task)  # fmt: skip
     wants_usage = bool((raw.get("stream_options") or {}).get("include_usage"))
     body["stream_options"] = {**(raw.get("stream_options") or {}), "include_usage": True}
     started = time.perf_counter()
@@ -156,6 +164,14 @@ async def _pass_through(
     finally:
         await stream.aclose()
         acct.finished_remote(status, usage or {"completion_tokens": pieces}, ttft, ran_on)
+
+
+def _usage_of(body: bytes) -> dict[str, Any] | None:
+    try:
+        usage = json.loads(body).get("usage")
+    except (ValueError, AttributeError):
+        return None
+    return usage if isinstance(usage, dict) else None
 
 
 def _has_usage(data: bytes) -> bool:

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from pcrt.cache.store import Store
@@ -31,19 +33,43 @@ class NodeInfo:
     pool: ModelPool
     monitor: DeviceMonitor
     store: Store
+    context_override: int | None = None  # pcrt serve --ctx: what a load will give
+
+    # file sizes and measured speeds change rarely (a pull, a pcrt bench): read them at
+    # most every few seconds, not on every routing decision
+    _facts: dict[tuple[str, str | None], tuple[float, Any]] = field(default_factory=dict)
+    facts_ttl: float = 5.0
+
+    def _cached(self, key: tuple[str, str | None], read: Callable[[], Any]) -> Any:
+        now = time.monotonic()
+        hit = self._facts.get(key)
+        if hit is not None and now - hit[0] < self.facts_ttl:
+            return hit[1]
+        value = read()
+        self._facts[key] = (now, value)
+        return value
 
     def _file_size(self, entry: ModelEntry) -> int | None:
-        with contextlib.suppress(OSError):
-            return os.stat(self.registry.path_of(entry)).st_size
-        return None
+        def read() -> int | None:
+            with contextlib.suppress(OSError):
+                return os.stat(self.registry.path_of(entry)).st_size
+            return None
+
+        size: int | None = self._cached(("size", entry.name), read)
+        return size
 
     def _speeds(self, sha256: str | None) -> tuple[float | None, float | None]:
         if sha256 is None:
             return None, None
-        results = self.store.bench_results(sha256, limit=1)
-        if not results:
-            return None, None
-        return results[0].decode_tps, results[0].prefill_tps
+
+        def read() -> tuple[float | None, float | None]:
+            results = self.store.bench_results(sha256, limit=1)
+            if not results:
+                return None, None
+            return results[0].decode_tps, results[0].prefill_tps
+
+        speeds: tuple[float | None, float | None] = self._cached(("speed", sha256), read)
+        return speeds
 
     def offers(self) -> tuple[ModelOffer, ...]:
         loaded = {m.name: m for m in self.pool.loaded()}
@@ -56,7 +82,8 @@ class NodeInfo:
             offers.append(
                 ModelOffer(
                     name=entry.name, sha256=sha, aliases=entry.aliases, tags=entry.tags,
-                    context=model.engine.context_per_slot if model else entry.context,
+                    context=model.engine.context_per_slot if model
+                    else self.context_override or entry.context,
                     size_bytes=size, strength=None if size is None else size / 1e9,
                     tokens_per_s=decode, prefill_tokens_per_s=prefill, loaded=model is not None,
                 )

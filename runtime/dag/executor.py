@@ -338,7 +338,7 @@ class DagRunner:
             # neither model nor tag: each node offers its best model (here, the default)
             model=node.model,
             tag=node.tag,
-            prompt_tokens=len(text) // 4 + 16,  # an estimate: no tokenizer for a peer's model
+            prompt_tokens=len(text) // 4,  # an estimate: no tokenizer for a peer's model
             max_tokens=node.max_tokens or 512,
             has_schema=node.output_schema is not None,
             complexity=node.complexity,
@@ -515,7 +515,13 @@ class DagRunner:
                                   {"type": run.spec.nodes[node_id].type}))  # fmt: skip
             self.runs.update_node(run_id, node_id, status="running", started_at=utc_now(),
                                   ran_on=candidate.node, routing=routing)  # fmt: skip
-        result = await self.remote.subgraph(candidate, payload, budget.timeout_sec)
+        try:
+            result = await self.remote.subgraph(candidate, payload, budget.timeout_sec)
+        except PeerError:
+            for node_id in group:  # back to waiting: the next candidate decides for them
+                if node_id != node.id:
+                    self.runs.update_node(run_id, node_id, status="pending", ran_on=None)
+            raise
         records = result["nodes"]
         if result.get("status") != "succeeded":
             raise PcrtError(
