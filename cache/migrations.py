@@ -227,3 +227,12 @@ def m004_runs_nodes_blobs(db: sqlite_utils.Database) -> None:
 def m005_node_routing(db: sqlite_utils.Database) -> None:
     """Where each node was sent and why, with every failed attempt before it (issue 6)."""
     db.table("nodes").add_column("routing", str)  # JSON: {"reason", "attempts": [...]}
+
+
+@migration
+def m006_subgraph_runs(db: sqlite_utils.Database) -> None:
+    """A subgraph call runs as a child run, linked both ways to the node that called it."""
+    db.table("runs").add_column("parent_run_id", str)
+    db.table("runs").add_column("parent_node_id", str)
+    db.table("runs").create_index(["parent_run_id"])
+    db.table("nodes").add_column("child_run_id", str)

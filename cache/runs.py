@@ -5,6 +5,11 @@ record names them. A run the daemon was executing when it died still says ``runn
 ``mark_interrupted`` turns those into ``interrupted`` at start-up, and a resume picks up
 each node from its record: finished nodes keep their outputs, an interrupted node its
 last checkpoint.
+
+A subgraph call runs as a child run: its record names the calling run and node
+(``parent_run_id``, ``parent_node_id``) and the calling node's record names the child
+(``child_run_id``), both written in the transaction that creates the child. Listings show
+top-level runs unless asked for children: a child is resumed through its parent.
 """
 
 from __future__ import annotations
@@ -45,6 +50,8 @@ class RunRecord:
     updated_at: str
     finished_at: str | None
     migrated_to: str | None
+    parent_run_id: str | None = None  # a subgraph call's run: the caller's run and node
+    parent_node_id: str | None = None
 
     @property
     def finished(self) -> bool:
@@ -83,6 +90,7 @@ class NodeRecord:
     resumed_from_checkpoint: bool
     error: str | None
     routing: Any = None  # where the node was sent and why, failed attempts first
+    child_run_id: str | None = None  # a subgraph node: the run of the DAG it calls
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> NodeRecord:
@@ -124,8 +132,11 @@ class RunStore:
         spec: dict[str, Any],
         inputs: dict[str, Any],
         nodes: list[tuple[str, str, str]],
+        *,
+        parent: tuple[str, str] | None = None,
     ) -> RunRecord:
-        """The run and one pending record per node (id, path, type), in one transaction."""
+        """The run and one pending record per node (id, path, type), in one transaction.
+        ``parent`` (run id, node id): a subgraph call's run, linked both ways."""
         now = utc_now()
         with self._tx() as db:
             db.insert(
@@ -134,8 +145,14 @@ class RunStore:
                     "id": run_id, "dag_path": dag_path, "spec": json.dumps(spec),
                     "inputs": json.dumps(inputs), "status": "pending", "tokens_used": 0,
                     "nodes_executed": 0, "created_at": now, "updated_at": now,
+                    "parent_run_id": parent[0] if parent else None,
+                    "parent_node_id": parent[1] if parent else None,
                 },
             )  # fmt: skip
+            if parent is not None:
+                db.update(
+                    "nodes", {"run_id": parent[0], "node_id": parent[1]}, {"child_run_id": run_id}
+                )
             for node_id, path, kind in nodes:
                 db.insert(
                     "nodes",
@@ -177,10 +194,16 @@ class RunStore:
             raise RunNotFound(f"no run {run_id!r}")
         return RunRecord.from_row(rows[0])
 
-    def list_runs(self, status: str | None = None, limit: int = 100) -> list[RunRecord]:
-        sql, params = "select * from runs", []
+    def list_runs(
+        self, status: str | None = None, limit: int = 100, *, children: bool = False
+    ) -> list[RunRecord]:
+        """Runs, newest first; subgraph calls' child runs only with ``children``."""
+        where: list[str] = [] if children else ["parent_run_id is null"]
+        params: list[Any] = []
         if status is not None:
-            sql, params = sql + " where status = ?", [status]
+            where.append("status = ?")
+            params.append(status)
+        sql = "select * from runs" + (" where " + " and ".join(where) if where else "")
         with self._lock:
             rows = list(
                 self.store.db.query(sql + " order by created_at desc limit ?", [*params, limit])
@@ -241,16 +264,19 @@ class RunStore:
         with self._tx() as db:
             db.update("nodes", {"run_id": run_id, "node_id": node_id}, values)
 
-    def finish_node(self, run_id: str, node_id: str, *, tokens: int, **values: Any) -> None:
-        """The node's final record and the run's counters, together."""
+    def finish_node(
+        self, run_id: str, node_id: str, *, tokens: int, executed: int = 1, **values: Any
+    ) -> None:
+        """The node's final record and the run's counters, together. ``executed``: the
+        node executions it counts for (a subgraph call: its child run's)."""
         _encode_json_fields(values)
         values.setdefault("finished_at", utc_now())
         with self._tx() as db:
             db.update("nodes", {"run_id": run_id, "node_id": node_id}, values)
             db.execute(
                 "update runs set tokens_used = tokens_used + ?,"
-                " nodes_executed = nodes_executed + 1, updated_at = ? where id = ?",
-                [tokens, utc_now(), run_id],
+                " nodes_executed = nodes_executed + ?, updated_at = ? where id = ?",
+                [tokens, executed, utc_now(), run_id],
             )
 
     # -- subgraph cache -----------------------------------------------------------------

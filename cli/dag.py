@@ -1,5 +1,8 @@
 """``pcrt dag``: run agent DAGs, list and inspect their runs, resume and cancel them.
 
+``run --lib FILE_OR_DIR`` adds ``/lib`` DAGs for that run's subgraph nodes, over the
+library directories (``$PCRT_HOME/lib`` and ``PCRT_LIB_PATH``); ``lib`` lists the library.
+
 ``run`` and ``resume`` go through the daemon when one answers (``PCRT_URL``) unless
 ``--local`` is given; otherwise the run executes in this process on the local store, so a
 DAG works on a machine where no daemon was ever started. ``list`` and ``status`` read the
@@ -51,6 +54,15 @@ from pcrt.runtime.dag import (
 )
 from pcrt.runtime.dag.engines import LocalEngines
 from pcrt.runtime.dag.executor import RESUMABLE, DagEvent, DagRunner, check_run
+from pcrt.runtime.dag.library import (
+    Library,
+    library_from_documents,
+    load_library,
+    load_library_paths,
+    run_library,
+)
+from pcrt.runtime.dag.spec import SubgraphNode
+from pcrt.runtime.dag.subgraph import generating_nodes
 from pcrt.runtime.errors import InvalidRequest, PcrtError
 from pcrt.runtime.models import Registry
 from pcrt.runtime.paths import Paths
@@ -107,9 +119,11 @@ def parse_inputs(pairs: Sequence[str], spec: DagSpec | None = None) -> dict[str,
     return values
 
 
-def _check(spec: DagSpec, registry: Registry, inputs: dict[str, Any]) -> None:
+def _check(spec: DagSpec, registry: Registry, inputs: dict[str, Any], extra: Library) -> None:
     """What the runner checks on create, before anything is sent or loaded."""
-    check_run(spec, registry, inputs)
+    if extra.problems:  # files named with --lib are checked even if nothing calls them
+        raise DagInvalid(extra.problems)
+    check_run(spec, registry, inputs, library=run_library(spec, Paths.from_env().lib_dirs, extra))
 
 
 def _print_problems(exc: DagInvalid, source: str) -> None:
@@ -430,15 +444,20 @@ def _execute_local(local: _Local, run_id: str, follow: bool, console: Console) -
 
 
 def _models_needed(registry: Registry, spec: DagSpec, done: set[str]) -> list[str]:
+    carried = library_from_documents(spec.library)  # what subgraph nodes call
     names: list[str] = []
     for node_id, node in spec.nodes.items():
-        if node_id in done or not isinstance(node, LlmNode | ForkNode):
+        if node_id in done:
             continue
-        if isinstance(node, ForkNode) and node.branches is not None:
+        if isinstance(node, SubgraphNode) and node.dag in carried.dags:
+            wanted = [n.model or n.tag for n in generating_nodes(carried.dags[node.dag], carried)]
+        elif isinstance(node, LlmNode) or (isinstance(node, ForkNode) and node.branches is None):
+            wanted = [node.model or node.tag]
+        else:
             continue
-        name = registry.resolve(node.model or node.tag).name
-        if name not in names:
-            names.append(name)
+        for name in (registry.resolve(w).name for w in wanted):
+            if name not in names:
+                names.append(name)
     return names
 
 
@@ -527,7 +546,7 @@ def _poll_daemon(
 
 @click.group()
 def dag() -> None:
-    """Agent DAGs: run one, list runs, inspect, resume, cancel."""
+    """Agent DAGs: run one, list runs, inspect, resume, cancel; list the /lib library."""
 
 
 @dag.command("run")
@@ -539,23 +558,41 @@ def dag() -> None:
 @click.option("-f", "--follow", is_flag=True, help="Show node progress and streamed tokens.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run as JSON (GET /v1/dags/RUN).")
 @click.option("--local", is_flag=True, help="Run in this process even if a daemon is up.")
-def run_dag(file: Path, pairs: tuple[str, ...], follow: bool, as_json: bool, local: bool) -> None:
+@click.option(
+    "--lib", "libs", multiple=True, metavar="FILE_OR_DIR",
+    type=click.Path(exists=True, path_type=Path),
+    help="A /lib DAG, or a directory of them, for subgraph nodes (over the library dirs). "
+    "Repeatable.",
+)  # fmt: skip
+def run_dag(
+    file: Path,
+    pairs: tuple[str, ...],
+    follow: bool,
+    as_json: bool,
+    local: bool,
+    libs: tuple[Path, ...],
+) -> None:
     """Run the DAG in FILE (YAML, JSON or TOML) and print each node's output."""
     console = Console(stderr=as_json, highlight=False)
     try:
         spec = load_dag(file)
         inputs = parse_inputs(pairs, spec)
         registry = Registry.load()
-        _check(spec, registry, inputs)
+        extra = load_library_paths(libs)
+        _check(spec, registry, inputs, extra)
         view: dict[str, Any] | None = None
         if not local:
             with DaemonClient() as client:
                 if client.is_up():
-                    body = {"dag": spec.document(), "inputs": inputs}
+                    body = {
+                        "dag": spec.document(),
+                        "inputs": inputs,
+                        "library": [callee.document() for callee in extra.dags.values()],
+                    }
                     view = _stream_daemon(client, body, follow, console)
         if view is None:
             with _local() as here:
-                record = here.runner.create(spec, inputs)
+                record = here.runner.create(spec, inputs, extra)
                 view = _execute_local(here, record.id, follow, console)
     except DagInvalid as exc:
         _print_problems(exc, str(file))
@@ -594,6 +631,59 @@ def list_runs(status: str | None, as_json: bool) -> None:
             _when(r.created_at), _when(r.finished_at),
         )  # fmt: skip
     _stdout().print(table)
+
+
+@dag.command("lib")
+@click.option("--json", "as_json", is_flag=True)
+def list_library(as_json: bool) -> None:
+    """List the /lib subgraphs of the library directories, with their signatures."""
+    dirs = Paths.from_env().lib_dirs
+    library = load_library(dirs)
+    entries = [_signature_view(path, library) for path in sorted(library.dags)]
+    if as_json:
+        problems = [str(p) for p in library.problems]
+        click.echo(json.dumps({"dirs": [str(d) for d in dirs], "dags": entries,
+                               "problems": problems}, indent=2))  # fmt: skip
+    elif not entries:
+        click.echo(f"no /lib subgraphs in {', '.join(str(d) for d in dirs)}")
+    else:
+        table = Table(box=None, header_style="bold")
+        for column in ("PATH", "INPUTS", "OUTPUTS", "FILE"):
+            table.add_column(column, overflow="fold")
+        for entry in entries:
+            inputs = ", ".join(
+                f"{name}: {decl['type']}"
+                + ("" if decl["required"] else f" = {json.dumps(decl['default'])}")
+                for name, decl in entry["inputs"].items()
+            )
+            outputs = ", ".join(
+                name + (f": {decl['type']}" if decl["type"] else "")
+                for name, decl in entry["outputs"].items()
+            )
+            table.add_row(entry["path"], inputs, outputs, entry["file"])
+        _stdout().print(table)
+    if library.problems:
+        noun = "problem" if len(library.problems) == 1 else "problems"
+        click.secho(f"the library has {len(library.problems)} {noun}", fg="red", err=True)
+        for problem in library.problems:
+            click.echo(f"  {problem}", err=True)
+        sys.exit(1)
+
+
+def _signature_view(path: str, library: Library) -> dict[str, Any]:
+    spec = library.dags[path]
+    inputs = spec.signature.inputs if spec.signature else {}
+    outputs = spec.signature.outputs if spec.signature else {}
+    return {
+        "path": path,
+        "description": spec.description,
+        "file": library.sources[path],
+        "inputs": {
+            name: {"type": decl.type, "required": decl.required, "default": decl.default}
+            for name, decl in inputs.items()
+        },
+        "outputs": {name: {"type": decl.type} for name, decl in outputs.items()},
+    }
 
 
 @dag.command()
@@ -772,6 +862,8 @@ def _node_facts(node: dict[str, Any], after: list[str]) -> list[Text]:
         facts.append(Text(f"fell back from {attempt['node']}: {attempt['error']}", style="yellow"))
     if routing.get("reason"):
         facts.append(Text(f"routed: {routing['reason']}", style="dim"))
+    if node.get("child_run_id"):
+        facts.append(Text(f"subgraph run: {node['child_run_id']} (pcrt dag status it)"))
     if node["cache_hit"]:
         facts.append(Text("cache hit: no inference", style="green"))
     if node["resumed_from_checkpoint"]:

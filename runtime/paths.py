@@ -7,7 +7,9 @@ installations) can redirect it with one environment variable:
 - ``PCRT_MODELS_DIR``: pulled model files (default: ``$PCRT_HOME/models``); separate so
   that test sessions can share one download of the default model;
 - ``PCRT_MODELS_FILE``: the user's models file that adds to or overrides the built-in
-  ``models.toml`` (default: ``models.toml`` in the platform's user config dir).
+  ``models.toml`` (default: ``models.toml`` in the platform's user config dir);
+- ``PCRT_LIB_PATH``: more directories of reusable ``/lib`` DAGs, ``os.pathsep``-separated,
+  read after ``$PCRT_HOME/lib``.
 """
 
 from __future__ import annotations
@@ -26,10 +28,16 @@ class Paths:
     home: Path
     models_dir: Path
     user_models_file: Path
+    lib_path: tuple[Path, ...] = ()  # PCRT_LIB_PATH
 
     @property
     def db_path(self) -> Path:
         return self.home / "pcrt.db"
+
+    @property
+    def lib_dirs(self) -> tuple[Path, ...]:
+        """Where the library of ``/lib`` subgraphs lives (``pcrt.runtime.dag.library``)."""
+        return (self.home / "lib", *self.lib_path)
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Paths:
@@ -40,7 +48,12 @@ class Paths:
             env.get("PCRT_MODELS_FILE")
             or Path(platformdirs.user_config_dir("pcrt")) / "models.toml"
         ).expanduser()
-        return cls(home=home, models_dir=models_dir, user_models_file=user_file)
+        lib_path = tuple(
+            Path(part).expanduser()
+            for part in env.get("PCRT_LIB_PATH", "").split(os.pathsep)
+            if part
+        )
+        return cls(home=home, models_dir=models_dir, user_models_file=user_file, lib_path=lib_path)
 
     def ensure(self) -> Paths:
         self.home.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,7 @@ SHIPPED = [
     "m003_usage",
     "m004_runs_nodes_blobs",
     "m005_node_routing",
+    "m006_subgraph_runs",
 ]
 
 

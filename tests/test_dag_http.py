@@ -90,6 +90,31 @@ def test_run_stream_list_get_and_yaml(server: LiveServer) -> None:
     assert httpx.get(server.url + "/v1/dags/nope").status_code == 404
 
 
+def test_subgraph_calls_take_the_library_from_the_body(server: LiveServer) -> None:
+    callee = {
+        "dag": "/lib/test/word",
+        "signature": {"inputs": ["thing"],
+                      "outputs": {"word": {}, "loud": {"value": "inputs.thing | upper"}}},
+        "nodes": {"word": {"type": "llm", "tag": "simple", "temperature": 0, "max_tokens": 4,
+                           "prompt": "One word for {{ inputs.thing }}."}},
+    }  # fmt: skip
+    doc = {
+        "dag": "/dynamic/calls",
+        "nodes": {"c": {"type": "subgraph", "dag": "/lib/test/word", "inputs": {"thing": "salt"}}},
+    }
+    missing = httpx.post(server.url + "/v1/dags", json={"dag": doc}, timeout=30)
+    assert missing.status_code == 422
+    assert "no library subgraph /lib/test/word" in json.dumps(missing.json()["error"]["problems"])
+    body = {"dag": doc, "library": [json.dumps(callee)]}  # a document's text works too
+    run = httpx.post(server.url + "/v1/dags", json=body, timeout=120).json()
+    assert run["status"] == "succeeded", run["error"]
+    node = run["nodes"][0]
+    child = httpx.get(server.url + f"/v1/dags/{node['child_run_id']}").json()
+    assert child["dag"] == "/lib/test/word" and child["status"] == "succeeded"
+    assert run["outputs"]["c"] == {"word": child["outputs"]["word"], "loud": "SALT"}
+    assert node["ran_on"] == "local" and node["completion_tokens"] == child["tokens_used"]
+
+
 def test_cancel_keeps_checkpoints_and_resume_finishes(server: LiveServer) -> None:
     started = httpx.post(
         server.url + "/v1/dags", json={"dag": ESSAY, "wait": False}, timeout=30

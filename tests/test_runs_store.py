@@ -33,6 +33,21 @@ def test_run_lifecycle(runs: RunStore) -> None:
     assert runs.get_run("r1").finished and runs.get_run("r1").finished_at
 
 
+def test_a_child_run_is_linked_both_ways_and_listed_on_request(runs: RunStore) -> None:
+    runs.create_run("p", "/dynamic/t", {}, {}, NODES)
+    child = runs.create_run("c", "/lib/x", {}, {}, [NODES[0]], parent=("p", "b"))
+    assert (child.parent_run_id, child.parent_node_id) == ("p", "b")
+    assert runs.node("p", "b").child_run_id == "c"
+    assert [r.id for r in runs.list_runs()] == ["p"]
+    assert sorted(r.id for r in runs.list_runs(children=True)) == ["c", "p"]
+    runs.finish_node("p", "b", tokens=30, executed=4, status="succeeded", output={})
+    assert runs.get_run("p").nodes_executed == 4  # a call counts its child's executions
+    with pytest.raises(RunNotFound):  # no orphan: the caller's node must exist
+        runs.create_run("c2", "/lib/x", {}, {}, [NODES[0]], parent=("p", "nope"))
+    with pytest.raises(RunNotFound):
+        runs.get_run("c2")
+
+
 def test_a_failed_create_leaves_nothing(runs: RunStore) -> None:
     with pytest.raises(sqlite3.IntegrityError):
         runs.create_run("r2", "/dynamic/t", {}, {}, [NODES[0], NODES[0]])  # duplicate node

@@ -20,6 +20,7 @@ from pcrt.routing.policy import Work
 from pcrt.runtime.api.service import Services
 from pcrt.runtime.dag import load_dag, parse_dag
 from pcrt.runtime.dag.executor import RESUMABLE, DagEvent, DagRunner
+from pcrt.runtime.dag.library import library_from_documents
 from pcrt.runtime.dag.spec import DagSpec
 from pcrt.runtime.errors import InvalidRequest, ModelNotFound, PcrtError
 
@@ -34,6 +35,9 @@ class StartRun(BaseModel):
 
     dag: dict[str, Any] | str  # the document, or its YAML / JSON / TOML text
     inputs: dict[str, Any] = {}
+    # /lib DAGs (documents or their text) its subgraph nodes may call, over the daemon's
+    # library directories for this run
+    library: list[dict[str, Any] | str] = []
     stream: bool = False
     wait: bool = True  # without stream: answer when the run ends (else 202 at once)
 
@@ -133,7 +137,7 @@ def _get(runner: DagRunner, run_id: str) -> RunRecord:
 async def start_run(body: StartRun, request: Request) -> Any:
     tasks = _tasks(request)
     spec = _spec(body)  # DagInvalid: 422 with every problem
-    run = tasks.runner.create(spec, body.inputs)
+    run = tasks.runner.create(spec, body.inputs, library_from_documents(body.library))
     if body.stream:
         queue = tasks.listen(run.id)
         tasks.start(run.id)

@@ -15,6 +15,12 @@ together, so the engine batches them. Each ``llm`` node:
 
 Deterministic nodes (temperature 0 or a fixed seed) are cached by their path, rendered
 prompt, parameters, model sha256 and engine version; a hit skips inference.
+
+A ``subgraph`` node calls a ``/lib`` DAG from the run's library: it renders and binds its
+inputs to the callee's signature, then executes the callee as a child run in the same
+store (``subgraph.py`` has the pure parts), under what is left of the caller's budget. Its
+tokens and node executions count for the caller; a resume of the caller resumes the
+child, whose finished nodes stay finished. A deterministic call is cached whole.
 """
 
 from __future__ import annotations
@@ -26,24 +32,48 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import jsonschema
 import llama_cpp
 
 from pcrt.cache.blobs import BlobCorrupt, BlobMissing, BlobStore
-from pcrt.cache.runs import NodeRecord, RunRecord, RunStore
+from pcrt.cache.runs import NodeRecord, RunNotFound, RunRecord, RunStore
 from pcrt.cache.store import utc_now
 from pcrt.routing.policy import Candidate, Decision, Work
 from pcrt.runtime.chat import ChatMessage
-from pcrt.runtime.dag.errors import AssertFailed, DagInvalid, Problem
+from pcrt.runtime.dag.errors import AssertFailed, DagInvalid
+from pcrt.runtime.dag.library import (
+    Library,
+    calls_subgraphs,
+    library_from_documents,
+    run_library,
+    with_library,
+)
 from pcrt.runtime.dag.load import parse_dag
 from pcrt.runtime.dag.spec import AssertNode, DagSpec, ForkNode, LlmNode, SubgraphNode
-from pcrt.runtime.dag.templates import check_assert, make_environment, make_scope, render
-from pcrt.runtime.dag.validate import bind_inputs, dependencies, ensure_valid
+from pcrt.runtime.dag.subgraph import (
+    budget_limit,
+    call_cache_key,
+    call_outputs,
+    child_budget,
+    child_spec,
+    generating_nodes,
+    is_deterministic,
+    jsonable,
+)
+from pcrt.runtime.dag.templates import (
+    check_assert,
+    make_environment,
+    make_scope,
+    render,
+    render_value,
+)
+from pcrt.runtime.dag.validate import bind_inputs, dependencies, validate, validate_callees
 from pcrt.runtime.engine import (
     CheckpointEvent,
     Engine,
@@ -59,6 +89,7 @@ from pcrt.runtime.errors import (
     StateError,
 )
 from pcrt.runtime.models import Registry
+from pcrt.runtime.paths import Paths
 from pcrt.runtime.sampling import SamplingParams
 from pcrt.runtime.state import KVState
 
@@ -125,6 +156,16 @@ class _Run:
     tokens_used: int
     nodes_executed: int
     emit: Callable[[DagEvent], None]
+    library: Library  # what the run's subgraph nodes call: the documents it was created with
+
+
+@dataclass(frozen=True)
+class _Call:
+    """What a subgraph node produced and what it counts for in the caller's budget."""
+
+    output: dict[str, Any]
+    tokens: int
+    executed: int
 
 
 def check_run(
@@ -132,23 +173,30 @@ def check_run(
     registry: Registry,
     inputs: dict[str, Any],
     remote: tuple[set[str], set[str]] | None = None,
+    library: Library | None = None,
 ) -> dict[str, Any]:
     """Everything a run is checked for before it exists (DagInvalid lists every problem);
     returns the bound inputs. The CLI calls it too, before loading or sending anything.
-    ``remote`` adds the model names and tags trusted peers offer."""
+    ``remote`` adds the model names and tags trusted peers offer. ``library`` is what
+    subgraph nodes call (``run_library``; without it, the documents ``spec`` carries): the
+    callees are validated too, and a library that failed to load is reported when the DAG
+    calls subgraphs."""
     names = set(registry.entries)
     aliases = {a for e in registry.entries.values() for a in e.aliases}
     tags = {t for e in registry.entries.values() for t in e.tags}
     if remote is not None:
         names |= remote[0]
         tags |= remote[1]
-    ensure_valid(spec, known_models=names | aliases, known_tags=tags)
-    subgraphs = [n.id for n in spec.nodes.values() if isinstance(n, SubgraphNode)]
-    if subgraphs:
-        problems = [
-            Problem(node=n, field="type", message="subgraph calls cannot run yet")
-            for n in subgraphs
-        ]
+    if library is None:
+        library = run_library(spec, dirs=())
+    models = names | aliases
+    problems = list(library.problems) if calls_subgraphs(spec) else []
+    problems += validate(spec, known_models=models, known_tags=tags, library=library.dags)
+    problems += validate_callees(
+        library.closure(spec).values(), known_models=models, known_tags=tags,
+        library=library.dags,
+    )  # fmt: skip
+    if problems:
         raise DagInvalid(problems, source=spec.dag)
     return bind_inputs(spec, inputs)
 
@@ -164,8 +212,12 @@ class DagRunner:
         ran_on: str = "local",
         cache_entries: int = 10_000,
         remote: Remote | None = None,
+        library_dirs: Sequence[Path] | None = None,
     ) -> None:
         self.remote = remote
+        # None: the directories of the environment (Paths.lib_dirs), read at each run's
+        # creation, so library files added meanwhile count
+        self.library_dirs = library_dirs
         self.registry = registry
         self.runs = runs
         self.blobs = blobs
@@ -176,13 +228,24 @@ class DagRunner:
 
     # -- creating -----------------------------------------------------------------
 
-    def create(self, spec: DagSpec, inputs: dict[str, Any]) -> RunRecord:
-        """Validate (every problem at once: DagInvalid), bind inputs, record the run."""
+    def create(
+        self, spec: DagSpec, inputs: dict[str, Any], library: Library | None = None
+    ) -> RunRecord:
+        """Validate (every problem at once: DagInvalid), bind inputs, record the run.
+        ``library``: documents the request brought, over the library directories; the run
+        records every library DAG it can reach, for its resume."""
         remote = self.remote.known_names() if self.remote and self.remote.enabled else None
-        bound = check_run(spec, self.registry, inputs, remote)
+        dirs = self.library_dirs if self.library_dirs is not None else Paths.from_env().lib_dirs
+        resolved = run_library(spec, dirs, library)
+        bound = check_run(spec, self.registry, inputs, remote, resolved)
+        return self._record(with_library(spec, resolved.closure(spec)), bound)
+
+    def _record(
+        self, spec: DagSpec, inputs: dict[str, Any], parent: tuple[str, str] | None = None
+    ) -> RunRecord:
         run_id = uuid.uuid4().hex[:12]
         nodes = [(node_id, node.path, node.type) for node_id, node in spec.nodes.items()]
-        return self.runs.create_run(run_id, spec.dag, spec.document(), bound, nodes)
+        return self.runs.create_run(run_id, spec.dag, spec.document(), inputs, nodes, parent=parent)
 
     def create_partial(
         self, spec: DagSpec, inputs: dict[str, Any], done: dict[str, Any], origin: str
@@ -210,8 +273,9 @@ class DagRunner:
         spec = parse_dag(record.spec)
         done = {n.node_id: n.output for n in self.runs.nodes(run_id) if n.status == "succeeded"}
         run = _Run(
-            record, spec, done, record.tokens_used, record.nodes_executed, on_event or _ignore
-        )
+            record, spec, done, record.tokens_used, record.nodes_executed, on_event or _ignore,
+            library_from_documents(spec.library, origin=f"{spec.dag} library"),
+        )  # fmt: skip
         self.runs.set_status(run_id, "running")
         run.emit(DagEvent("run_started", run_id, data={"resumed": bool(done)}))
         timeout = spec.budget.timeout_sec
@@ -287,6 +351,7 @@ class DagRunner:
         started = time.perf_counter()
         scope = make_scope(run.record.inputs, run.outputs)
         others: dict[str, Any] = {}  # outputs of a subgraph that ran whole on a peer
+        executed = 1  # node executions it counts for in the budget
         try:
             if isinstance(node, AssertNode):
                 check_assert(self.env, node.that, scope, node=node_id, message=node.message)
@@ -294,6 +359,9 @@ class DagRunner:
                 tokens = 0
             elif isinstance(node, ForkNode) and node.branches is not None:
                 output, tokens = [run.outputs[b] for b in node.branches], 0
+            elif isinstance(node, SubgraphNode):
+                call = await self._call_subgraph(run, node, scope)
+                output, tokens, executed = call.output, call.tokens, call.executed
             elif isinstance(node, LlmNode | ForkNode):
                 decision = self._route(run, node, scope)
                 if decision is None:
@@ -309,19 +377,133 @@ class DagRunner:
             run.emit(DagEvent("node_finished", run_id, node_id, {"status": "failed",
                                                                   "error": str(exc)}))  # fmt: skip
             raise
-        generated = isinstance(node, LlmNode) or (
+        # generations and calls write their own record (tokens, states, cache)
+        own_record = isinstance(node, LlmNode | SubgraphNode) or (
             isinstance(node, ForkNode) and node.branches is None
         )
-        if not generated:  # generations write their own record (tokens, states, cache)
+        if not own_record:
             self.runs.finish_node(
                 run_id, node_id, tokens=0, status="succeeded", output=output,
                 seconds=time.perf_counter() - started, ran_on=self.ran_on,
             )  # fmt: skip
-        run.nodes_executed += 1 + len(others)
+        run.nodes_executed += executed + len(others)
         run.tokens_used += tokens
         run.emit(DagEvent("node_finished", run_id, node_id, {"status": "succeeded",
                                                               "output": output}))  # fmt: skip
         return {node_id: output, **others}
+
+    # -- subgraph calls -------------------------------------------------------------
+
+    async def _call_subgraph(self, run: _Run, node: SubgraphNode, scope: dict[str, Any]) -> _Call:
+        """Run the callee as a child run (or resume the one an earlier attempt started), or
+        answer from the subgraph cache; then record the call on the calling node."""
+        run_id = run.record.id
+        started = time.perf_counter()
+        prepared = await self._prepare_call(run, node, scope)
+        if isinstance(prepared, _Call):
+            return prepared  # a cache hit
+        child, spec, key = prepared
+        final = await self.execute(child.id, _forwarded(run.emit))
+        if final.status == "budget_exceeded":
+            limit, detail = budget_limit(final.error)
+            raise BudgetExceeded(limit, f"{detail}, in {node.dag} called by node {node.id!r}")
+        if final.status != "succeeded":
+            raise PcrtError(
+                f"node {node.id!r}: {node.dag} (run {child.id}) {final.status}: {final.error}"
+            )
+        records = self.runs.nodes(child.id)
+        outputs = {n.node_id: n.output for n in records if n.status == "succeeded"}
+        output = call_outputs(self.env, spec, final.inputs, outputs, node=node.id)
+        tokens = final.tokens_used
+        self.runs.finish_node(
+            run_id, node.id, tokens=tokens, executed=final.nodes_executed, status="succeeded",
+            output=output, cache_hit=0, ran_on=self.ran_on, completion_tokens=tokens,
+            prompt_tokens=sum(n.prompt_tokens or 0 for n in records),
+            cached_tokens=sum(n.cached_tokens or 0 for n in records),
+            seconds=time.perf_counter() - started,
+        )  # fmt: skip
+        if key is not None:
+            self.runs.cache_put(key, node.dag, output, tokens, self.cache_entries)
+        limit = run.spec.budget.max_tokens
+        if limit is not None and run.tokens_used + tokens > limit:
+            run.tokens_used += tokens
+            raise BudgetExceeded("max_tokens", f"{run.tokens_used} of {limit} used")
+        return _Call(output, tokens, final.nodes_executed)
+
+    async def _prepare_call(
+        self, run: _Run, node: SubgraphNode, scope: dict[str, Any]
+    ) -> _Call | tuple[RunRecord, DagSpec, str | None]:
+        """The child run to execute, its document and cache key: the child an earlier
+        attempt started, else a new one; or, for a new call the cache knows, its result."""
+        run_id = run.record.id
+        child = self._existing_child(self.runs.node(run_id, node.id))
+        if child is not None:  # resumed: the child knows its document and inputs
+            spec = parse_dag(child.spec, source=f"run {child.id}")
+            key = await self._call_key(node, spec, child.inputs)
+            self.runs.update_node(run_id, node.id, status="running", ran_on=self.ran_on)
+            return child, spec, key
+        callee = run.library.dags.get(node.dag)
+        if callee is None:
+            raise PcrtError(f"node {node.id!r}: the library of this run has no {node.dag}")
+        inputs = self._call_inputs(node, callee, scope)
+        budget = child_budget(callee.budget, run.spec.budget, run.tokens_used, run.nodes_executed)
+        spec = child_spec(callee, run.library, budget)
+        key = await self._call_key(node, spec, inputs)
+        cached = self.runs.cache_get(key) if key is not None else None
+        if cached is not None:
+            self.runs.finish_node(
+                run_id, node.id, tokens=0, status="succeeded", output=cached, cache_hit=1,
+                ran_on=self.ran_on, completion_tokens=0, seconds=0.0,
+            )  # fmt: skip
+            return _Call(cached, 0, 1)
+        self.runs.update_node(
+            run_id, node.id, status="running", started_at=utc_now(), ran_on=self.ran_on
+        )
+        return self._record(spec, inputs, parent=(run_id, node.id)), spec, key
+
+    def _existing_child(self, record: NodeRecord) -> RunRecord | None:
+        if record.child_run_id is None:
+            return None
+        try:
+            return self.runs.get_run(record.child_run_id)
+        except RunNotFound:  # a run moved here from a peer comes without its children
+            return None
+
+    def _call_inputs(
+        self, node: SubgraphNode, callee: DagSpec, scope: dict[str, Any]
+    ) -> dict[str, Any]:
+        """The node's inputs rendered over the caller's values, bound to the callee's
+        signature (defaults filled in, types checked)."""
+        rendered = {
+            name: jsonable(
+                render_value(self.env, value, scope, node=node.id),
+                f"node {node.id!r}: input {name!r}",
+            )
+            for name, value in node.inputs.items()
+        }
+        try:
+            return bind_inputs(callee, rendered)
+        except DagInvalid as exc:
+            reasons = "; ".join(str(p) for p in exc.problems)
+            raise InvalidRequest(
+                f"node {node.id!r}: the inputs do not fit {node.dag}'s signature: {reasons}"
+            ) from None
+
+    async def _call_key(
+        self, node: SubgraphNode, spec: DagSpec, inputs: dict[str, Any]
+    ) -> str | None:
+        """The call's subgraph cache key, or None when it must not be cached."""
+        carried = library_from_documents(spec.library)
+        if not node.cache or not is_deterministic(spec, carried):
+            return None
+        names = {
+            self.registry.resolve(n.model or n.tag).name for n in generating_nodes(spec, carried)
+        }
+        model_sha256s = []
+        for name in sorted(names):
+            async with self.lease(name) as engine:  # the sha256 the engine checked on load
+                model_sha256s.append(engine.compat_key.model_sha256)
+        return call_cache_key(node.dag, inputs, spec.document(), model_sha256s, ENGINE_VERSION)
 
     # -- routing (issue 6) ----------------------------------------------------------
 
@@ -789,3 +971,14 @@ def _hints(node: LlmNode | ForkNode) -> tuple[Any, ...] | None:
 
 def _ignore(_: DagEvent) -> None:
     return None
+
+
+def _forwarded(emit: Callable[[DagEvent], None]) -> Callable[[DagEvent], None]:
+    """A child run's events for the caller's listeners (they carry the child's run id),
+    without its start and end: the calling node's own events bracket them."""
+
+    def forward(event: DagEvent) -> None:
+        if event.kind not in ("run_started", "run_finished"):
+            emit(event)
+
+    return forward

@@ -22,7 +22,7 @@ from pydantic_core import ErrorDetails
 from pcrt.runtime.dag.errors import DagInvalid, Problem
 from pcrt.runtime.dag.spec import NODE_TYPES, DagSpec
 
-__all__ = ["DagFormat", "SUFFIXES", "load_dag", "parse_dag", "problems_from"]
+__all__ = ["DagFormat", "SUFFIXES", "load_dag", "parse_dag", "problems_from", "read_document"]
 
 DagFormat = Literal["yaml", "json", "toml"]
 
@@ -42,28 +42,27 @@ def load_dag(path_or_text: str | Path, format: DagFormat | None = None) -> DagSp
     with ``{``, TOML if a line sets ``dag = ...``, else YAML. Pass ``format`` for TOML text
     that does not say ``dag = `` at the top.
     """
-    source: str | None = None
     if isinstance(path_or_text, Path) or _looks_like_path(path_or_text):
         path = Path(path_or_text)
-        source = str(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise DagInvalid([Problem(message=f"cannot read {path}: {exc}")]) from None
-        fmt = format or SUFFIXES.get(path.suffix.lower())
-        if fmt is None:
-            raise DagInvalid(
-                [
-                    Problem(
-                        message=f"unknown DAG file type {path.suffix!r} (use .yaml, .json, .toml)"
-                    )
-                ],
-                source=source,
-            )
-    else:
-        text = path_or_text
-        fmt = format or _sniff(text)
-    return parse_dag(_decode(text, fmt, source), source=source)
+        return parse_dag(read_document(path, format), source=str(path))
+    return parse_dag(_decode(path_or_text, format or _sniff(path_or_text), None))
+
+
+def read_document(path: Path, format: DagFormat | None = None) -> Any:
+    """A DAG file decoded but not yet validated (the library peeks at its ``dag`` first);
+    a file that cannot be read or decoded raises ``DagInvalid`` naming it."""
+    source = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DagInvalid([Problem(message=f"cannot read {path}: {exc}")]) from None
+    fmt = format or SUFFIXES.get(path.suffix.lower())
+    if fmt is None:
+        raise DagInvalid(
+            [Problem(message=f"unknown DAG file type {path.suffix!r} (use .yaml, .json, .toml)")],
+            source=source,
+        )
+    return _decode(text, fmt, source)
 
 
 def parse_dag(obj: Mapping[str, Any], *, source: str | None = None) -> DagSpec:

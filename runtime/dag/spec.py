@@ -5,7 +5,7 @@ A DAG document names itself by path (``/dynamic/...`` for generated or one-off p
 (required under ``/lib``) and its nodes. Node types are a closed whitelist, parsed as a
 union discriminated on ``type``; unknown keys are errors everywhere, so a typo fails loudly
 instead of being ignored. Cross-node rules (references, cycles, models, budget) live in
-``validate.py``, which needs to know the models and the library.
+``validate.py``, which needs to know the models and the library (``library.py``).
 
 Each node carries its ``id`` (its key in ``nodes``) and its ``path`` (the DAG's path plus
 ``/`` plus the id unless given): both are filled in while parsing.
@@ -257,6 +257,10 @@ class DagSpec(BaseModel):
     budget: Budget = Budget()
     signature: Signature | None = None
     nodes: dict[str, Node] = Field(min_length=1)
+    # documents of /lib DAGs that come with this one; they take precedence over the library
+    # directories. A run stores here every callee it can reach (``library.with_library``), so
+    # a resume, or a peer it moves to, calls the same subgraphs. Parsed by ``library.py``.
+    library: tuple[dict[str, Any], ...] = ()
 
     @model_validator(mode="before")
     @classmethod

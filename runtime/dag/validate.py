@@ -63,6 +63,7 @@ __all__ = [
     "template_fields",
     "topological_order",
     "validate",
+    "validate_callees",
 ]
 
 _LISTED = 10  # names listed in an "unknown X (known: ...)" message
@@ -91,6 +92,32 @@ def ensure_valid(
     if problems:
         raise DagInvalid(problems, source=spec.dag)
     return spec
+
+
+def validate_callees(
+    callees: Iterable[DagSpec],
+    *,
+    known_models: set[str],
+    known_tags: set[str],
+    library: Mapping[str, DagSpec],
+) -> list[Problem]:
+    """The problems of the library DAGs a run calls, each on its node's path
+    (``/lib/x/node``) or the callee's path. Recursion is left out: the caller's own
+    validation reports every recursion it can reach, on the node that leads there."""
+    found: list[Problem] = []
+    for callee in callees:
+        problems = validate(
+            callee, known_models=known_models, known_tags=known_tags, library=library
+        )
+        for problem in problems:
+            if problem.field == "dag" and problem.message.startswith("subgraph recursion"):
+                continue
+            where = callee.dag
+            if problem.node is not None:
+                node = callee.nodes.get(problem.node)
+                where = node.path if node is not None else f"{callee.dag}/{problem.node}"
+            found.append(problem.model_copy(update={"node": where}))
+    return found
 
 
 def template_fields(node: Node) -> list[tuple[str, str, bool]]:
