@@ -7,9 +7,11 @@ from typing import Any
 
 import click
 import uvicorn
+from pydantic import ValidationError
 
 from pcrt.runtime.api.app import create_app
-from pcrt.runtime.settings import ServerSettings
+from pcrt.runtime.errors import ConfigError
+from pcrt.runtime.settings import PeerSettings, ServerSettings
 
 __all__ = ["serve"]
 
@@ -62,7 +64,11 @@ def serve(
                   else interfaces}  # fmt: skip
     changed = {k: v for k, v in peer_flags.items() if v is not None}
     if changed:
-        settings = settings.model_copy(update={"peers": settings.peers.model_copy(update=changed)})
+        try:  # validated, not copied: a bad --interfaces is a clear error, not a traceback
+            peers = PeerSettings.model_validate({**settings.peers.model_dump(), **changed})
+        except ValidationError as exc:
+            raise ConfigError(f"--lan/--interfaces/--name: {exc.errors()[0]['msg']}") from None
+        settings = settings.model_copy(update={"peers": peers})
     app = create_app(settings)
     config = uvicorn.Config(
         app,

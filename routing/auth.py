@@ -3,12 +3,16 @@
 The key is a shared secret from config or the environment. It never travels: not in the
 mDNS TXT record, not in a header. Instead:
 
-- a request to a peer carries ``X-PC-Cluster: v1:TS:NONCE:MAC``, the MAC an HMAC-SHA256
-  over the time, a fresh nonce, the method and the path; the peer checks the MAC, that the
-  time is within ``MAX_SKEW`` seconds, and that the nonce was not seen before (replay);
+- a request to a peer carries ``X-PC-Cluster: v2 TS NONCE HOST:PORT MAC``, the MAC an
+  HMAC-SHA256 over the time, a fresh nonce, the method, the path, the destination as
+  called and the body's sha256; the peer checks the MAC, that the time is within
+  ``MAX_SKEW`` seconds, that the destination is itself (a signed request cannot be relayed
+  to another member) and that the nonce was not seen before (replay);
 - the answer to a node-info request carries ``X-PC-Cluster-Proof``, an HMAC over the
   request's nonce and the body's sha256: the caller learns that the peer holds the key too
-  (a node that merely copies someone's mDNS record cannot produce it);
+  (a node that merely copies someone's mDNS record cannot produce it). The body names the
+  node's own addresses and port, and the caller checks the URL it called is one of them,
+  so a node relaying someone else's answer does not pass;
 - ``pcrt announce`` signs the TXT record of an upstream it announces (address, port and
   fields), so an edge daemon trusts an announced vLLM box only if the announcer had the key.
 """
@@ -22,9 +26,10 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 __all__ = [
+    "authority_of",
     "CLUSTER_HEADER",
     "MAX_SKEW",
     "PROOF_HEADER",
@@ -52,16 +57,37 @@ def _mac(key: str, *parts: str) -> str:
     return hmac.new(key.encode(), message, hashlib.sha256).hexdigest()
 
 
-def request_header(key: str, method: str, path: str, *, now: float | None = None) -> str:
-    """The ``X-PC-Cluster`` value for one request (a new nonce each time)."""
+def _body_hash(body: bytes) -> str:
+    return hashlib.sha256(body).hexdigest()
+
+
+def request_header(
+    key: str,
+    method: str,
+    path: str,
+    *,
+    authority: str = "",
+    body: bytes = b"",
+    now: float | None = None,
+) -> str:
+    """The ``X-PC-Cluster`` value for one request (a new nonce each time).
+
+    It binds the destination (``host:port`` as called) and the body: a peer that receives
+    it cannot relay it to another member, nor swap the body."""
     ts = f"{time.time() if now is None else now:.3f}"
     nonce = secrets.token_hex(12)
-    return f"v1:{ts}:{nonce}:{_mac(key, ts, nonce, method.upper(), path)}"
+    mac = _mac(key, ts, nonce, method.upper(), path, authority, _body_hash(body))
+    return f"v2 {ts} {nonce} {authority or '-'} {mac}"
 
 
 def nonce_of(header: str) -> str:
-    parts = header.split(":")
-    return parts[2] if len(parts) == 4 else ""
+    parts = header.split(" ")
+    return parts[2] if len(parts) == 5 else ""
+
+
+def authority_of(header: str) -> str:
+    parts = header.split(" ")
+    return parts[3] if len(parts) == 5 and parts[3] != "-" else ""
 
 
 class NonceCache:
@@ -94,15 +120,19 @@ def verify_request(
     path: str,
     nonces: NonceCache,
     *,
+    body: bytes = b"",
+    authority_ok: Callable[[str], bool] | None = None,
     now: float | None = None,
 ) -> str | None:
-    """None when the header proves the key; else why not (for the log, not the caller)."""
+    """None when the header proves the key; else why not (for the log, not the caller).
+    ``authority_ok`` says whether the signed destination is this node."""
     if not header:
         return "no cluster signature"
-    parts = header.split(":")
-    if len(parts) != 4 or parts[0] != "v1":
+    parts = header.split(" ")
+    if len(parts) != 5 or parts[0] != "v2":
         return "malformed cluster signature"
-    _, ts, nonce, mac = parts
+    _, ts, nonce, authority, mac = parts
+    authority = "" if authority == "-" else authority
     try:
         sent = float(ts)
     except ValueError:
@@ -110,8 +140,11 @@ def verify_request(
     current = time.time() if now is None else now
     if abs(current - sent) > MAX_SKEW:
         return f"cluster signature {current - sent:+.0f} s off this clock"
-    if not _same(mac, _mac(key, ts, nonce, method.upper(), path)):
-        return "wrong cluster key"
+    expected = _mac(key, ts, nonce, method.upper(), path, authority, _body_hash(body))
+    if not _same(mac, expected):
+        return "wrong cluster key (or a changed request)"
+    if authority_ok is not None and not authority_ok(authority):
+        return f"signed for {authority or 'no destination'}, not this node"
     if not nonces.first_use(nonce, current):
         return "replayed cluster signature"
     return None

@@ -19,11 +19,16 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import re
+import socket
 import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
+
+import psutil
 
 from pcrt.routing.auth import (
     CLUSTER_HEADER,
@@ -39,7 +44,7 @@ from pcrt.routing.discovery import txt_properties as make_txt
 from pcrt.routing.forward import Forwarder
 from pcrt.routing.peers import Peer, PeerTable, offers_from_models, offers_from_node_info
 from pcrt.routing.policy import Decision, NodeView, PolicySettings, Work, decide
-from pcrt.runtime.errors import PcrtError, PeerError, PeerRejected
+from pcrt.runtime.errors import PcrtError, PeerError, PeerUnavailable
 from pcrt.runtime.settings import PeerSettings
 
 __all__ = ["CLUSTER_HEADER", "NODE_INFO_PATH", "Coordinator", "capabilities_hash", "load_node_id"]
@@ -47,6 +52,9 @@ __all__ = ["CLUSTER_HEADER", "NODE_INFO_PATH", "Coordinator", "capabilities_hash
 log = logging.getLogger(__name__)
 
 NODE_INFO_PATH = "/v1/pcrt/node"
+MAX_PEERS = 64  # mDNS is open to anyone on the LAN: the table must not grow without bound
+PROBE_MAX_BYTES = 1 << 20  # node info and model lists are small
+_ENV_NAME = re.compile(r"^[A-Z_][A-Z0-9_]{0,63}$")
 
 
 def load_node_id(home: Path) -> str:
@@ -64,6 +72,15 @@ def load_node_id(home: Path) -> str:
     tmp.write_text(node_id, encoding="utf-8")
     tmp.replace(path)
     return node_id
+
+
+def own_hosts(announce_address: str) -> frozenset[str]:
+    """Every name and IPv4 address this machine answers to, for signed destinations."""
+    names = {announce_address, "127.0.0.1", "localhost", socket.gethostname().lower(),
+             socket.getfqdn().lower()}  # fmt: skip
+    for addresses in psutil.net_if_addrs().values():
+        names.update(a.address for a in addresses if a.family == socket.AF_INET)
+    return frozenset(n for n in names if n)
 
 
 def capabilities_hash(models: list[str]) -> str:
@@ -95,6 +112,7 @@ class Coordinator:
         self.local_view = local_view
         self.local_models = local_models
         self.cluster_key = settings.resolved_cluster_key()
+        self.own_hosts = own_hosts(announce_address)
         self.table = PeerTable()
         self.nonces = NonceCache()
         self.policy = PolicySettings(battery_threshold=settings.battery_threshold)
@@ -103,6 +121,12 @@ class Coordinator:
             connect_timeout=settings.connect_timeout,
             node_id=node_id,
         )
+        # health checks have a client of their own: slow peers cannot exhaust the pool
+        # that forwarded work uses
+        self.prober = Forwarder(
+            cluster_key=self.cluster_key, connect_timeout=settings.health_timeout,
+            read_timeout=settings.health_timeout, node_id=node_id, max_connections=32,
+        )  # fmt: skip
         self.discovery: Discovery | None = None
         self._instance: str | None = None
         self._announced_caps = ""
@@ -173,6 +197,7 @@ class Coordinator:
         if self.discovery is not None:
             await self.discovery.close()  # goodbye packets: peers drop us at once
         await self.forwarder.close()
+        await self.prober.close()
 
     @property
     def enabled(self) -> bool:
@@ -190,7 +215,8 @@ class Coordinator:
 
     def report_failure(self, exc: PeerError) -> None:
         """A forward failed: the peer leaves rotation now, not at its next health check."""
-        self.table.record_failure(exc.peer, str(exc), time.monotonic())
+        if getattr(exc, "cooldown", True):
+            self.table.record_failure(exc.peer, str(exc), time.monotonic())
 
     def remote_names(self) -> tuple[set[str], set[str]]:
         """Model names (and aliases) and tags offered by trusted peers: a DAG may name them."""
@@ -211,11 +237,20 @@ class Coordinator:
 
     # -- authentication of incoming peer requests ---------------------------------
 
-    def check_peer_request(self, header: str | None, method: str, path: str) -> str | None:
+    def check_peer_request(
+        self, header: str | None, method: str, path: str, body: bytes
+    ) -> str | None:
         """None if the request carries a valid cluster signature, else why not."""
         if self.cluster_key is None:
             return "this daemon has no cluster key"
-        return verify_request(self.cluster_key, header, method, path, self.nonces)
+        return verify_request(self.cluster_key, header, method, path, self.nonces, body=body,
+                              authority_ok=self.is_own_authority)  # fmt: skip
+
+    def is_own_authority(self, authority: str) -> bool:
+        """Whether ``host:port`` names this daemon (a request signed for another node
+        must not be accepted here)."""
+        host, _, port = authority.rpartition(":")
+        return port == str(self.api_port) and host.strip("[]").lower() in self.own_hosts
 
     def proof_for(self, request_header_value: str, body: bytes) -> str | None:
         if self.cluster_key is None:
@@ -226,11 +261,17 @@ class Coordinator:
 
     def _on_sighting(self, change: str, sighting: Sighting) -> None:
         name = _label(sighting.instance)
+        known = self.table.get(name)
+        if known is not None and known.source == "static":
+            return  # configured peers are not mDNS's to change or remove
         if change == "removed":
-            peer = self.table.get(name)
-            if peer is not None and peer.source in ("mdns", "announce"):
-                self.table.remove(name)
-                log.info("peer %s said goodbye", name)
+            # a goodbye is a hint anyone could send: the peer goes when it stops answering
+            if known is not None:
+                known.goodbye = True
+                self._probe_soon(known)
+            return
+        if known is None and len(self.table.all()) >= MAX_PEERS:
+            log.warning("ignoring %s: the peer table is full (%d)", name, MAX_PEERS)
             return
         if not sighting.addresses or not sighting.port:
             return
@@ -251,21 +292,31 @@ class Coordinator:
                 )  # fmt: skip
             )
             base = props.get("path", "").rstrip("/")
+            # an env var name from the LAN is only honoured when the announcement proved
+            # the cluster key, and never names the cluster key itself
+            keyenv = props.get("keyenv") or None
+            if not signed or (keyenv and not self._usable_key_env(keyenv)):
+                keyenv = None
             peer = Peer(
                 name=name, url=f"http://{address}:{port}{base}", kind=kind,
                 source="announce", node_id=props.get("id"),
-                api_key_env=props.get("keyenv") or None,
+                api_key_env=keyenv,
                 static_tags=tuple(t for t in props.get("tags", "").split(",") if t),
                 strength=_float(props.get("strength")), signature_ok=signed,
             )  # fmt: skip
-        known = self.table.get(name)
         peer = self.table.upsert(peer)
         if known is not peer:
             log.info("peer %s at %s (%s)", name, peer.url, "moved" if known else "new")
         peer.next_check = 0.0
         self._probe_soon(peer)
 
+    def _usable_key_env(self, name: str) -> bool:
+        return bool(_ENV_NAME.match(name)) and name != self.settings.cluster_key_env
+
     def _probe_soon(self, peer: Peer) -> None:
+        if peer.probing:
+            return  # one probe per peer at a time: a slow peer cannot pile them up
+        peer.probing = True
         task = asyncio.create_task(self._probe(peer), name=f"pcrt-probe-{peer.name}")
         self._probes.add(task)
         task.add_done_callback(self._probes.discard)
@@ -275,11 +326,16 @@ class Coordinator:
     async def _health_loop(self) -> None:
         interval = self.settings.health_interval
         while True:
-            now = time.monotonic()
-            for peer in self.table.due(now):
-                peer.next_check = now + interval  # no second probe while this one runs
-                self._probe_soon(peer)
-            await self._reannounce_if_changed()
+            try:
+                now = time.monotonic()
+                for peer in self.table.due(now):
+                    peer.next_check = now + interval
+                    self._probe_soon(peer)
+                await self._reannounce_if_changed()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the loop is liveness itself: it must outlive any error
+                log.exception("the peer health loop hit an error; it goes on")
             await asyncio.sleep(min(0.25, interval))
 
     async def _reannounce_if_changed(self) -> None:
@@ -294,26 +350,40 @@ class Coordinator:
 
     async def _probe(self, peer: Peer) -> None:
         try:
-            if peer.kind == "pcrt":
-                await self._probe_pcrt(peer)
-            else:
-                await self._probe_openai(peer)
-        except (PcrtError, ValueError, TypeError) as exc:
-            if self.table.get(peer.name) is peer:
-                self.table.record_failure(peer.name, str(exc), time.monotonic())
-                log.info("peer %s out of rotation: %s", peer.name, exc)
+            # one deadline for the whole answer: a peer trickling bytes cannot hold it
+            async with asyncio.timeout(self.settings.health_timeout * 2):
+                if peer.kind == "pcrt":
+                    await self._probe_pcrt(peer)
+                else:
+                    await self._probe_openai(peer)
+            peer.goodbye = False
+        except (PcrtError, ValueError, TypeError, AttributeError, TimeoutError) as exc:
+            self._probe_failed(peer, str(exc) or type(exc).__name__)
         except asyncio.CancelledError:
             raise
         except Exception:  # a bad peer must never stop the health loop
             log.exception("probing peer %s failed unexpectedly", peer.name)
-            self.table.record_failure(peer.name, "probe failed", time.monotonic())
+            self._probe_failed(peer, "probe failed")
+        finally:
+            peer.probing = False
+
+    def _probe_failed(self, peer: Peer, error: str) -> None:
+        if self.table.get(peer.name) is not peer:
+            return
+        if peer.goodbye:
+            self.table.remove(peer.name)  # it said goodbye and does not answer: gone
+            log.info("peer %s said goodbye", peer.name)
+            return
+        self.table.record_failure(peer.name, error, time.monotonic())
+        log.info("peer %s out of rotation: %s", peer.name, error)
 
     async def _probe_pcrt(self, peer: Peer) -> None:
         timeout = self.settings.health_timeout
         started = time.perf_counter()
         try:
-            answer = await self.forwarder.request(peer, "GET", NODE_INFO_PATH, timeout=timeout)
-        except PeerRejected as exc:
+            answer = await self.prober.request(peer, "GET", NODE_INFO_PATH, timeout=timeout,
+                                               max_bytes=PROBE_MAX_BYTES)  # fmt: skip
+        except PeerUnavailable as exc:
             if exc.status != 401:
                 raise
             if self.table.get(peer.name) is not peer:
@@ -335,22 +405,27 @@ class Coordinator:
             peer.trusted, peer.trust_note = False, "could not prove the cluster key"
         elif peer.node_id is not None and info.get("node_id") != peer.node_id:
             peer.trusted, peer.trust_note = False, "node id differs from its mDNS record"
+        elif not await _answers_for_itself(peer.url, info):
+            peer.trusted, peer.trust_note = False, "relayed: its answer names another node"
         else:
             peer.trusted, peer.trust_note = True, "cluster key proven"
         peer.node_id = info.get("node_id") or peer.node_id
         peer.models = offers_from_node_info(info)
         peer.queue_depth = int(info.get("queue_depth") or 0)
         peer.slots = int(info.get("slots") or 1)
-        battery = info.get("battery") or {}
-        peer.battery_percent = battery.get("percent")
+        battery = info.get("battery")
+        battery = battery if isinstance(battery, dict) else {}
+        peer.battery_percent = _number(battery.get("percent"))
         peer.on_battery = battery.get("plugged_in") is False
-        peer.device = info.get("device") or {}
+        device = info.get("device")
+        peer.device = device if isinstance(device, dict) else {}
         self.table.record_success(peer.name, answer.seconds)
 
     async def _probe_openai(self, peer: Peer) -> None:
-        answer = await self.forwarder.request(
-            peer, "GET", "/v1/models", timeout=self.settings.health_timeout
-        )
+        answer = await self.prober.request(
+            peer, "GET", "/v1/models", timeout=self.settings.health_timeout,
+            max_bytes=PROBE_MAX_BYTES,
+        )  # fmt: skip
         if self.table.get(peer.name) is not peer:
             return
         listing = answer.json()
@@ -365,8 +440,29 @@ class Coordinator:
         self.table.record_success(peer.name, answer.seconds)
 
 
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
 def _float(value: str | None) -> float | None:
     try:
         return float(value) if value else None
     except ValueError:
         return None
+
+
+async def _answers_for_itself(url: str, info: dict[str, Any]) -> bool:
+    """The proven node info names the node's own addresses and port; the URL we called
+    must be one of them, else someone relayed another member's answer."""
+    parts = urlsplit(url)
+    addresses = info.get("addresses")
+    if not isinstance(addresses, list) or info.get("port") != parts.port:
+        return False
+    host = parts.hostname or ""
+    if host in addresses:
+        return True
+    try:
+        resolved = await asyncio.get_running_loop().getaddrinfo(host, None, family=socket.AF_INET)
+    except OSError:
+        return False
+    return any(entry[4][0] in addresses for entry in resolved)

@@ -17,18 +17,22 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 
 from pcrt.routing.auth import CLUSTER_HEADER, request_header
 from pcrt.routing.peers import Peer
-from pcrt.runtime.errors import PeerRejected, PeerUnavailable
+from pcrt.runtime.errors import PeerRejected, PeerUnavailable, RetryLater
 
-__all__ = ["ForwardedStream", "Forwarder", "PeerAnswer", "sse_events"]
+__all__ = ["ForwardedStream", "Forwarder", "PeerAnswer", "has_text", "sse_events"]
+
+_FINISHED = re.compile(rb'"finish_reason":\s*"')
 
 
 @dataclass
@@ -80,6 +84,7 @@ class Forwarder:
         connect_timeout: float = 2.0,
         read_timeout: float = 600.0,
         node_id: str = "",
+        max_connections: int = 256,
     ) -> None:
         self.cluster_key = cluster_key
         self.node_id = node_id
@@ -88,18 +93,23 @@ class Forwarder:
                                      write=30.0, pool=connect_timeout)  # fmt: skip
         self.client = httpx.AsyncClient(
             timeout=self.timeout,
-            limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
+            limits=httpx.Limits(
+                max_connections=max_connections, max_keepalive_connections=min(64, max_connections)
+            ),  # fmt: skip
             trust_env=False,  # a LAN peer is never reached through the user's proxy
         )
 
     async def close(self) -> None:
         await self.client.aclose()
 
-    def headers_for(self, peer: Peer, method: str, path: str) -> dict[str, str]:
+    def headers_for(self, peer: Peer, method: str, path: str, body: bytes = b"") -> dict[str, str]:
         headers = {"X-PC-Forwarded-By": self.node_id or "pcrt"}
         if peer.kind == "pcrt":
             if self.cluster_key:
-                headers[CLUSTER_HEADER] = request_header(self.cluster_key, method, path)
+                authority = urlsplit(peer.url).netloc
+                headers[CLUSTER_HEADER] = request_header(
+                    self.cluster_key, method, path, authority=authority, body=body
+                )
         elif peer.api_key_env:
             key = os.environ.get(peer.api_key_env)
             if key:
@@ -116,23 +126,42 @@ class Forwarder:
         content: bytes | None = None,
         headers: dict[str, str] | None = None,
         timeout: float | httpx.Timeout | None = None,
+        max_bytes: int | None = None,
     ) -> PeerAnswer:
         """One whole request; 5xx and transport errors raise PeerUnavailable, 4xx
-        PeerRejected, so a returned answer is always a success."""
-        sent = {**self.headers_for(peer, method, path), **(headers or {})}
+        PeerRejected, so a returned answer is always a success. ``max_bytes`` bounds the
+        answer (a peer's health answer must not fill our memory)."""
+        if json_body is not None:  # serialized here: the signature covers these bytes
+            content = json.dumps(json_body).encode()
+            headers = {"Content-Type": "application/json", **(headers or {})}
+        sent = {**self.headers_for(peer, method, path, content or b""), **(headers or {})}
         started = time.perf_counter()
+        request = self.client.build_request(
+            method, peer.url + path, content=content, headers=sent,
+            timeout=self.timeout if timeout is None else timeout,
+        )  # fmt: skip
         try:
-            response = await self.client.request(
-                method, peer.url + path, json=json_body, content=content, headers=sent,
-                timeout=self.timeout if timeout is None else timeout,
-            )  # fmt: skip
+            response = await self.client.send(request, stream=True)
+            try:
+                body = bytearray()
+                async for chunk in response.aiter_bytes():
+                    body += chunk
+                    if max_bytes is not None and len(body) > max_bytes:
+                        raise PeerUnavailable(
+                            f"peer {peer.name} answered more than {max_bytes} bytes to "
+                            f"{method} {path}", peer=peer.name,
+                        )  # fmt: skip
+            finally:
+                await response.aclose()
+        except httpx.PoolTimeout:
+            raise RetryLater("too many requests to peers at once; try again", 1.0) from None
         except httpx.HTTPError as exc:
             raise PeerUnavailable(
                 f"peer {peer.name} ({peer.url}) did not answer {method} {path}: "
                 f"{type(exc).__name__}: {exc or 'no detail'}",
                 peer=peer.name,
             ) from None
-        answer = PeerAnswer(response.status_code, response.headers, response.content,
+        answer = PeerAnswer(response.status_code, response.headers, bytes(body),
                             sent.get(CLUSTER_HEADER), time.perf_counter() - started)  # fmt: skip
         _raise_for_status(peer, method, path, answer.status, answer.body)
         return answer
@@ -140,9 +169,13 @@ class Forwarder:
     async def open_stream(
         self, peer: Peer, path: str, body: dict[str, Any], headers: dict[str, str] | None = None
     ) -> ForwardedStream:
-        """POST and wait for the first body chunk; any failure up to there raises."""
-        sent = {**self.headers_for(peer, "POST", path), **(headers or {})}
-        request = self.client.build_request("POST", peer.url + path, json=body, headers=sent)
+        """POST and wait for the first generated text (or the stream's end); any failure up
+        to there raises, so the caller may still hand the work to another candidate."""
+        content = json.dumps(body).encode()
+        sent = {"Content-Type": "application/json",
+                **self.headers_for(peer, "POST", path, content), **(headers or {})}  # fmt: skip
+        request = self.client.build_request("POST", peer.url + path, content=content,
+                                            headers=sent)  # fmt: skip
         try:
             response = await self.client.send(request, stream=True)
         except httpx.HTTPError as exc:
@@ -155,10 +188,14 @@ class Forwarder:
                 await response.aread()
                 _raise_for_status(peer, "POST", path, response.status_code, response.content)
             chunks = response.aiter_raw()
+            # a server sends its role chunk before prefill: hold the stream until a chunk
+            # with text (or its end), so a peer dying during prefill is still a fallback
             first = b""
             async for chunk in chunks:
-                if chunk:
-                    first = chunk
+                first += chunk
+                if has_text(first) or b"[DONE]" in first or _FINISHED.search(first):
+                    break
+                if len(first) > 65536:
                     break
         except httpx.HTTPError as exc:
             await response.aclose()
@@ -189,7 +226,12 @@ def _raise_for_status(peer: Peer, method: str, path: str, status: int, body: byt
     if not detail:
         detail = body[:200].decode("utf-8", "replace")
     message = f"peer {peer.name} answered {status} to {method} {path}: {detail}"
-    if status >= 500 or status in (408, 429):
+    if status == 429:  # busy for now, not broken: try the next candidate, no cooldown
+        raise PeerUnavailable(message, peer=peer.name, cooldown=False)
+    if status in (401, 403):  # our key for it is wrong: the peer's config, not our client's
+        raise PeerUnavailable(f"{message} (check the key configured for it)", peer=peer.name,
+                              status=status)  # fmt: skip
+    if status >= 500 or status == 408:
         raise PeerUnavailable(message, peer=peer.name)
     shaped = parsed if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict) else {}
     raise PeerRejected(message, peer=peer.name, status=status, body=shaped)
@@ -222,3 +264,15 @@ def _event_end(buffer: bytes) -> tuple[int, int]:
     ends = [(buffer.find(sep), len(sep)) for sep in (b"\n\n", b"\r\n\r\n")]
     found = [(i, n) for i, n in ends if i >= 0]
     return min(found) if found else (-1, 0)
+
+
+def has_text(data: bytes) -> bool:
+    """Whether SSE bytes carry generated text (a non-empty content or text field)."""
+    for key in (b'"content":', b'"text":'):
+        start = 0
+        while (at := data.find(key, start)) >= 0:
+            rest = data[at + len(key) :].lstrip()
+            if rest and not (rest.startswith(b'""') or rest.startswith(b"null")):
+                return True
+            start = at + len(key)
+    return False

@@ -62,6 +62,8 @@ class Peer:
     last_seen: float | None = None  # wall clock of the last good answer
     last_error: str | None = None
     signature_ok: bool | None = None  # announced upstreams: the TXT signature verified
+    probing: bool = False  # a health check is under way
+    goodbye: bool = False  # mDNS said it left; it goes once a check fails
 
     def in_rotation(self, now: float) -> bool:
         return self.trusted and self.healthy and now >= self.cooldown_until
@@ -117,21 +119,35 @@ def offers_from_node_info(info: dict[str, Any]) -> tuple[ModelOffer, ...]:
     for m in info.get("models") or []:
         if not isinstance(m, dict) or not isinstance(m.get("name"), str):
             continue
+        # a peer's numbers feed arithmetic in the policy: anything not a number is dropped
         offers.append(
             ModelOffer(
                 name=m["name"],
-                sha256=m.get("sha256"),
-                aliases=tuple(m.get("aliases") or ()),
-                tags=tuple(m.get("tags") or ()),
-                context=m.get("context"),
-                size_bytes=m.get("size_bytes"),
-                strength=m.get("strength"),
-                tokens_per_s=m.get("tokens_per_s"),
-                prefill_tokens_per_s=m.get("prefill_tokens_per_s"),
-                loaded=bool(m.get("loaded")),
+                sha256=m["sha256"] if isinstance(m.get("sha256"), str) else None,
+                aliases=_strings(m.get("aliases")),
+                tags=_strings(m.get("tags")),
+                context=_int(m.get("context")),
+                size_bytes=_int(m.get("size_bytes")),
+                strength=_num(m.get("strength")),
+                tokens_per_s=_num(m.get("tokens_per_s")),
+                prefill_tokens_per_s=_num(m.get("prefill_tokens_per_s")),
+                loaded=m.get("loaded") is True,
             )
         )
     return tuple(offers)
+
+
+def _num(value: Any) -> float | None:
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and value == value
+    return float(value) if ok else None
+
+
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _strings(value: Any) -> tuple[str, ...]:
+    return tuple(v for v in value if isinstance(v, str)) if isinstance(value, list) else ()
 
 
 def offers_from_models(
@@ -141,12 +157,11 @@ def offers_from_models(
     offers = []
     for m in listing.get("data") or []:
         if isinstance(m, dict) and isinstance(m.get("id"), str):
-            context = m.get("max_model_len")
             offers.append(
                 ModelOffer(
                     name=m["id"],
                     tags=tags,
-                    context=context if isinstance(context, int) else None,
+                    context=_int(m.get("max_model_len")),
                     strength=strength,
                     loaded=True,
                 )

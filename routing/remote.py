@@ -87,7 +87,8 @@ class RemoteRunner:
             if form == "json_schema":
                 body["response_format"] = {
                     "type": "json_schema",
-                    "json_schema": {"name": "output", "schema": schema, "strict": True},
+                    # not strict: OpenAI's strict mode refuses most schemas as written
+                    "json_schema": {"name": "output", "schema": schema},
                 }
             elif form == "json_object":
                 body["response_format"] = {"type": "json_object", "schema": schema}
@@ -161,7 +162,10 @@ class RemoteRunner:
             peer, "POST", SUBGRAPH_PATH, json_body=payload,
             timeout=None if timeout is None else timeout + 30,
         )  # fmt: skip
-        result = answer.json()
+        try:
+            result = answer.json()
+        except ValueError:
+            result = None
         if not isinstance(result, dict) or not isinstance(result.get("nodes"), dict):
             raise PeerUnavailable(f"peer {peer.name} answered a malformed result", peer=peer.name)
         return result

@@ -131,7 +131,14 @@ class PeerError(PcrtError):
 
 
 class PeerUnavailable(PeerError):
-    pass
+    """``cooldown``: whether the peer should leave rotation (not for a plain "busy")."""
+
+    def __init__(
+        self, message: str, *, peer: str, cooldown: bool = True, status: int | None = None
+    ) -> None:
+        super().__init__(message, peer=peer)
+        self.cooldown = cooldown
+        self.status = status  # the peer's HTTP status, when it answered
 
 
 class PeerRejected(PeerError):

@@ -127,6 +127,14 @@ class PeerSettings(BaseModel):
     migrate_on_drain: bool = False  # on SIGTERM, move unfinished DAG runs to a peer
     static: tuple[StaticPeer, ...] = ()
 
+    @field_validator("interfaces")
+    @classmethod
+    def _interfaces(cls, value: str | list[str]) -> str | list[str]:
+        from pcrt.routing.discovery import interfaces_setting  # zeroconf: only when used
+
+        interfaces_setting(value)  # ValueError names the bad entry
+        return value
+
     def resolved_cluster_key(self) -> str | None:
         return self.cluster_key or os.environ.get(self.cluster_key_env) or None
 

@@ -116,17 +116,31 @@ def test_daemons_find_each_other_and_prove_the_key(tmp_path: Path) -> None:
         # work signed with the wrong key is refused, and so is unsigned peer traffic
         path = "/v1/chat/completions"
         body = {"model": "smollm2-135m", "messages": [{"role": "user", "content": "hi"}]}
-        wrong = {CLUSTER_HEADER: request_header("not-the-cluster-key", "POST", path)}
+        a_authority = a.url.removeprefix("http://")
+        wrong = {CLUSTER_HEADER: request_header("not-the-cluster-key", "POST", path,
+                                                authority=a_authority)}  # fmt: skip
         refused = httpx.post(a.url + path, json=body, headers=wrong, timeout=10)
         assert refused.status_code == 401
         assert "wrong cluster key" in refused.json()["error"]["message"]
         unsigned = httpx.get(a.url + "/v1/pcrt/node", timeout=5)
         assert unsigned.status_code == 401
         # a replayed signature is refused too
-        signed = {CLUSTER_HEADER: request_header(key, "GET", "/v1/pcrt/node")}
+        signed = {CLUSTER_HEADER: request_header(key, "GET", "/v1/pcrt/node",
+                                                 authority=a_authority)}  # fmt: skip
         assert httpx.get(a.url + "/v1/pcrt/node", headers=signed, timeout=5).status_code == 200
         replay = httpx.get(a.url + "/v1/pcrt/node", headers=signed, timeout=5)
         assert replay.status_code == 401
+        # a request signed for b cannot be relayed to a (b's signature, a's door)
+        b_authority = b.url.removeprefix("http://")
+        for_b = {CLUSTER_HEADER: request_header(key, "GET", "/v1/pcrt/node",
+                                                authority=b_authority)}  # fmt: skip
+        relayed = httpx.get(a.url + "/v1/pcrt/node", headers=for_b, timeout=5)
+        assert relayed.status_code == 401 and "not this node" in relayed.json()["error"]["message"]
+        # nor can its body be swapped
+        body_sig = request_header(key, "POST", path, authority=a_authority, body=b"{}")
+        swapped = httpx.post(a.url + path, json=body, headers={CLUSTER_HEADER: body_sig},
+                             timeout=10)  # fmt: skip
+        assert swapped.status_code == 401
 
     # goodbye packets: a stopped daemon leaves the others' tables at once
     with _daemon(tmp_path, _unique("d"), key) as d, _daemon(tmp_path, _unique("e"), key) as e:

@@ -10,7 +10,7 @@ import asyncio
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -44,6 +44,7 @@ from pcrt.routing.policy import ModelOffer, NodeView
 from pcrt.runtime.errors import ConfigError, PeerRejected, PeerUnavailable
 from pcrt.runtime.settings import PeerSettings, ServerSettings, StaticPeer
 
+WRONG = "wrong cluster key (or a changed request)"
 KEY = "correct horse battery staple"
 OTHER_KEY = "a different cluster"
 T0 = 1_700_000_000.0  # a fixed wall-clock time for the signature tests
@@ -62,14 +63,14 @@ def test_request_signed_with_the_key_verifies() -> None:
 def test_every_request_header_has_a_fresh_nonce() -> None:
     first = request_header(KEY, "GET", "/v1/pcrt/node", now=T0)
     second = request_header(KEY, "GET", "/v1/pcrt/node", now=T0)
-    assert first.split(":")[2] != second.split(":")[2]
+    assert first.split(" ")[2] != second.split(" ")[2]
     assert first != second
 
 
 def test_request_signed_with_another_key_is_refused() -> None:
     header = request_header(OTHER_KEY, "GET", "/v1/pcrt/node", now=T0)
     reason = verify_request(KEY, header, "GET", "/v1/pcrt/node", NonceCache(), now=T0)
-    assert reason == "wrong cluster key"
+    assert reason == WRONG
 
 
 @pytest.mark.parametrize(
@@ -78,7 +79,7 @@ def test_request_signed_with_another_key_is_refused() -> None:
 )
 def test_tampered_method_or_path_is_refused(method: str, path: str) -> None:
     header = request_header(KEY, "GET", "/v1/pcrt/node", now=T0)
-    assert verify_request(KEY, header, method, path, NonceCache(), now=T0) == "wrong cluster key"
+    assert verify_request(KEY, header, method, path, NonceCache(), now=T0) == WRONG
 
 
 @pytest.mark.parametrize("offset", [MAX_SKEW + 1, -(MAX_SKEW + 1), 3600.0, -3600.0])
@@ -110,11 +111,11 @@ def test_an_out_of_skew_request_does_not_burn_its_nonce() -> None:
         (None, "no cluster signature"),
         ("", "no cluster signature"),
         ("garbage", "malformed cluster signature"),
-        ("v1:1700000000.000:abc", "malformed cluster signature"),
-        ("v1:1700000000.000:abc:def:extra", "malformed cluster signature"),
-        ("v2:1700000000.000:abc:def", "malformed cluster signature"),
-        ("v1:yesterday:abc:def", "malformed cluster signature"),
-        ("v1:1700000000.000:abc:def", "wrong cluster key"),  # well-formed, bad MAC
+        ("v2 1700000000.000 abc -", "malformed cluster signature"),
+        ("v2 1700000000.000 abc - def extra", "malformed cluster signature"),
+        ("v1 1700000000.000 abc - def", "malformed cluster signature"),  # the old format
+        ("v2 yesterday abc - def", "malformed cluster signature"),
+        ("v2 1700000000.000 abc - def", WRONG),  # well-formed, bad MAC
     ],
 )
 def test_malformed_headers_are_refused_with_a_reason(header: str | None, reason: str) -> None:
@@ -136,9 +137,9 @@ def test_a_bad_mac_does_not_poison_the_nonce_of_the_real_request() -> None:
     """A forger who copies a nonce with a wrong MAC must not get the real request refused."""
     nonces = NonceCache()
     real = request_header(KEY, "GET", "/p", now=T0)
-    version, ts, nonce, _ = real.split(":")
-    forged = f"{version}:{ts}:{nonce}:{'0' * 64}"
-    assert verify_request(KEY, forged, "GET", "/p", nonces, now=T0) == "wrong cluster key"
+    version, ts, nonce, authority, _ = real.split(" ")
+    forged = f"{version} {ts} {nonce} {authority} {'0' * 64}"
+    assert verify_request(KEY, forged, "GET", "/p", nonces, now=T0) == WRONG
     assert verify_request(KEY, real, "GET", "/p", nonces, now=T0) is None
 
 
@@ -187,8 +188,23 @@ def test_a_future_stamped_request_cannot_be_replayed_after_its_nonce_is_evicted(
 
 
 def test_non_ascii_mac_is_refused_not_raised() -> None:
-    header = f"v1:{T0:.3f}:abc:\u00e9"
-    assert verify_request(KEY, header, "GET", "/p", NonceCache(), now=T0) == "wrong cluster key"
+    header = f"v2 {T0:.3f} abc - \u00e9"
+    assert verify_request(KEY, header, "GET", "/p", NonceCache(), now=T0) == WRONG
+
+
+def test_the_signature_binds_the_destination_and_the_body() -> None:
+    header = request_header(KEY, "POST", "/p", authority="10.0.0.2:11435", body=b"{}", now=T0)
+
+    def only(authority: str) -> Callable[[str], bool]:
+        return lambda signed: signed == authority
+
+    def check(body: bytes, mine: str) -> str | None:
+        return verify_request(KEY, header, "POST", "/p", NonceCache(), body=body,
+                              authority_ok=only(mine), now=T0)  # fmt: skip
+
+    assert check(b"{}", "10.0.0.2:11435") is None
+    assert check(b'{"x": 1}', "10.0.0.2:11435") == WRONG  # the body was swapped
+    assert "not this node" in (check(b"{}", "10.0.0.3:11435") or "")  # relayed elsewhere
 
 
 # ---------------------------------------------------------------------------------------
@@ -463,7 +479,7 @@ def test_offers_from_node_info_skips_malformed_entries() -> None:
         "models": [
             {"name": "smollm", "sha256": "ab" * 32, "aliases": ["small"], "tags": ["simple"],
              "context": 2048, "size_bytes": 100, "strength": 0.1, "tokens_per_s": 80.0,
-             "prefill_tokens_per_s": 900.0, "loaded": 1},
+             "prefill_tokens_per_s": 900.0, "loaded": True},
             "not a dict",
             {"name": 42},
             {"sha256": "no name"},

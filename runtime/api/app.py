@@ -73,6 +73,7 @@ def create_app(
             announce_address=announce_address(settings),
             local_view=node.local_view, local_models=lambda: sorted(reg.entries),
         )  # fmt: skip
+        node.addresses, node.port = coordinator.own_hosts, settings.port
         usage = UsageLog(store)
         services = Services(
             settings=settings,
@@ -132,7 +133,8 @@ def create_app(
         if signature is not None:
             services: Services = request.app.state.services
             target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-            why = services.coordinator.check_peer_request(signature, request.method, target)
+            body = await request.body()  # cached: the route reads it again
+            why = services.coordinator.check_peer_request(signature, request.method, target, body)
             if why is not None:
                 log.warning("refused a peer request to %s: %s", request.url.path, why)
                 raise Unauthorized(f"cluster signature refused: {why}")

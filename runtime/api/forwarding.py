@@ -19,7 +19,7 @@ from fastapi import Request, Response
 from fastapi.responses import StreamingResponse
 from starlette.background import BackgroundTask
 
-from pcrt.routing.forward import ForwardedStream, sse_events
+from pcrt.routing.forward import ForwardedStream, has_text, sse_events
 from pcrt.routing.policy import Candidate, Route, Work
 from pcrt.runtime.api.schemas import ChatCompletionRequest, GenerationFields
 from pcrt.runtime.api.service import Accounting, Services
@@ -60,7 +60,11 @@ async def forward_if_routed(
     forwarded = getattr(request.state, "peer_verified", False) or request.headers.get(
         "x-pc-forwarded-by"
     )
-    if forwarded or hint == "local" or not coordinator.enabled:
+    if forwarded or hint == "local":
+        return None
+    if not coordinator.enabled:
+        if hint == "peer":
+            raise NoRoute("X-PC-Route: peer, but this daemon has no peers (pcrt serve --lan)")
         return None
     raw = await request.json()
     work = _work(body, raw, hint, chat)
@@ -148,19 +152,27 @@ async def _pass_through(
     status = 499  # until the peer's stream ends, the client is the one who left
     try:
         async for raw, data in sse_events(aiter(stream)):
-            if data is not None and _has_text(data):
+            if data is not None and has_text(data):
                 pieces += 1
             if data is not None and _has_usage(data):
-                event = json.loads(data)
-                if event.get("usage"):
+                try:
+                    event = json.loads(data)
+                except ValueError:
+                    event = None  # not ours to judge: it passes through as it came
+                if isinstance(event, dict) and isinstance(event.get("usage"), dict):
                     usage = event["usage"]
                     if not event.get("choices") and not wants_usage:
                         continue  # we asked for it, not our client
             yield raw
         status = 200
-    except Exception:
-        status = 502  # the peer broke mid-stream; the client sees the stream end
-        raise
+    except Exception as exc:
+        # the peer broke mid-stream, after our client had bytes: end the stream with an
+        # error event in OpenAI's shape rather than a cut connection and a traceback
+        status = 502
+        message = f"peer {ran_on} failed mid-stream: {type(exc).__name__}"
+        payload = {"error": {"message": message, "type": "server_error", "param": None,
+                             "code": "peer_unavailable"}}  # fmt: skip
+        yield f"data: {json.dumps(payload)}\n\n".encode()
     finally:
         await stream.aclose()
         acct.finished_remote(status, usage or {"completion_tokens": pieces}, ttft, ran_on)
@@ -177,13 +189,3 @@ def _usage_of(body: bytes) -> dict[str, Any] | None:
 def _has_usage(data: bytes) -> bool:
     """Cheap check before parsing: chunks carry ``"usage": null`` until the last one."""
     return b'"usage"' in data and b'"usage":null' not in data and b'"usage": null' not in data
-
-
-def _has_text(data: bytes) -> bool:
-    """A chunk that carries generated text (one token, for llama.cpp-based servers)."""
-    for key in (b'"content":', b'"text":'):
-        at = data.find(key)
-        if at >= 0:
-            rest = data[at + len(key) :].lstrip()
-            return not (rest.startswith(b'""') or rest.startswith(b"null"))
-    return False

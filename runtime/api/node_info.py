@@ -34,6 +34,8 @@ class NodeInfo:
     monitor: DeviceMonitor
     store: Store
     context_override: int | None = None  # pcrt serve --ctx: what a load will give
+    addresses: frozenset[str] = frozenset()
+    port: int = 0
 
     # file sizes and measured speeds change rarely (a pull, a pcrt bench): read them at
     # most every few seconds, not on every routing decision
@@ -121,6 +123,9 @@ class NodeInfo:
         return {
             "node_id": self.node_id,
             "name": self.name,
+            # where it answers: a caller checks the URL it used is one of these
+            "addresses": sorted(self.addresses),
+            "port": self.port,
             "protocol": PROTOCOL_VERSION,
             "state": state,
             "models": [

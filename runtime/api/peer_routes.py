@@ -19,6 +19,7 @@ from pcrt.cache.runs import RunExists
 from pcrt.routing.auth import CLUSTER_HEADER, PROOF_HEADER
 from pcrt.runtime.api.service import Services
 from pcrt.runtime.dag import parse_dag
+from pcrt.runtime.dag.executor import check_run
 from pcrt.runtime.errors import InvalidRequest, Unauthorized
 from pcrt.runtime.state import KVState
 
@@ -136,10 +137,21 @@ async def receive_blob(request: Request, run_id: str | None = None) -> dict[str,
     return {"id": await asyncio.to_thread(store), "size": received}
 
 
+class MovedRun(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    id: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    spec: dict[str, Any]
+    inputs: dict[str, Any] = {}
+    tokens_used: int = Field(default=0, ge=0)
+    nodes_executed: int = Field(default=0, ge=0)
+    created_at: str | None = None
+
+
 class ImportRun(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    run: dict[str, Any]
+    run: MovedRun
     nodes: list[dict[str, Any]]
     origin: str = "peer"
 
@@ -150,14 +162,16 @@ async def import_run(body: ImportRun, request: Request) -> dict[str, Any]:
     _require_peer(request)
     services = _services(request)
     runner = services.dags.runner
-    spec = parse_dag(body.run.get("spec") or {})  # a malformed spec is refused before storing
+    spec = parse_dag(body.run.spec)  # a malformed spec is refused before storing
+    # and one this node cannot run (a model it lacks): the source keeps the run
+    check_run(spec, runner.registry, body.run.inputs)
     for node in body.nodes:
         for key in ("state_sha256", "checkpoint_sha256"):
             sha = node.get(key)
             if sha and not services.blobs.has(sha):
                 node[key] = None  # never point at a state that is not here: recompute
     try:
-        record = runner.runs.import_run({**body.run, "dag_path": spec.dag}, body.nodes)
+        record = runner.runs.import_run({**body.run.model_dump(), "dag_path": spec.dag}, body.nodes)
     except RunExists as exc:
         raise InvalidRequest(str(exc)) from None
     log.info("run %s moved here from %s", record.id, body.origin)

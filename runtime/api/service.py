@@ -55,9 +55,14 @@ class Accounting:
     route: str
     started: float = field(default_factory=time.perf_counter)
     _done: bool = False
+    _admitted: bool = False
 
     def admit(self, prompt_tokens: int) -> None:
+        """Charged once per request, even when a forward falls back to local."""
+        if self._admitted:
+            return
         self.services.limiter.admit(self.agent, prompt_tokens)
+        self._admitted = True
 
     def failed(self, exc: PcrtError) -> None:
         status, _, _ = status_and_body(exc)
@@ -73,10 +78,13 @@ class Accounting:
         if self._done:
             return
         self._done = True
-        usage = usage or {}
-        details = usage.get("prompt_tokens_details") or {}
-        prompt = int(usage.get("prompt_tokens") or 0)
-        completion = int(usage.get("completion_tokens") or 0)
+        usage = usage if isinstance(usage, dict) else {}
+        details = usage.get("prompt_tokens_details")
+        details = details if isinstance(details, dict) else {}
+        prompt, completion = (
+            _count(usage.get("prompt_tokens")),
+            _count(usage.get("completion_tokens")),
+        )
         m = self.services.metrics
         m.requests.labels(self.route, self.model, str(status)).inc()
         m.prompt_tokens.labels(self.model).inc(prompt)
@@ -86,7 +94,7 @@ class Accounting:
         self._record(
             UsageRecord(
                 self.agent, self.model, self.route, status, prompt_tokens=prompt,
-                cached_tokens=int(details.get("cached_tokens") or 0),
+                cached_tokens=_count(details.get("cached_tokens")),
                 completion_tokens=completion, ttft_ms=None if ttft is None else ttft * 1000,
                 total_ms=self._elapsed_ms(), ran_on=ran_on,
             )
@@ -142,3 +150,8 @@ class Accounting:
             self.services.usage.record(record)
         except Exception:  # accounting must never fail the request it accounts for
             log.exception("could not write a usage row")
+
+
+def _count(value: Any) -> int:
+    """A token count from a peer's usage: anything but a non-negative int counts 0."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0

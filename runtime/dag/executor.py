@@ -661,6 +661,9 @@ class DagRunner:
         assert self.remote is not None
         run_id = run.record.id
         group = self._peer_group(run, node)
+        limit = run.spec.budget.max_nodes
+        if limit is not None and run.nodes_executed + len(group) > limit:
+            group = group[: max(1, limit - run.nodes_executed)]  # no more than the budget
         deps = dependencies(run.spec)
         needed: set[str] = set()
         frontier = [d for g in group for d in deps[g]]
@@ -699,24 +702,26 @@ class DagRunner:
                                   ran_on=candidate.node, routing=routing)  # fmt: skip
         try:
             result = await self.remote.subgraph(candidate, payload, budget.timeout_sec)
+            if result.get("status") != "succeeded":  # the next candidate may do better
+                raise PeerError(
+                    f"the subgraph from node {node.id} failed on peer {candidate.node}: "
+                    f"{result.get('error') or result.get('status')}",
+                    peer=candidate.node,
+                )
         except PeerError:
             for node_id in group:  # back to waiting: the next candidate decides for them
                 if node_id != node.id:
                     self.runs.update_node(run_id, node_id, status="pending", ran_on=None)
             raise
         records = result["nodes"]
-        if result.get("status") != "succeeded":
-            raise PcrtError(
-                f"the subgraph from node {node.id} failed on peer {candidate.node}: "
-                f"{result.get('error') or result.get('status')}"
-            )
         outputs: dict[str, Any] = {}
         total = 0
         for node_id in group:
             rec = records.get(node_id)
             if not isinstance(rec, dict) or rec.get("status") != "succeeded":
                 raise PcrtError(f"peer {candidate.node} did not finish node {node_id}")
-            tokens = int(rec.get("completion_tokens") or 0)
+            tokens = rec.get("completion_tokens")
+            tokens = tokens if isinstance(tokens, int) else 0
             total += tokens
             self.runs.finish_node(
                 run_id, node_id, tokens=tokens, status="succeeded", output=rec.get("output"),
