@@ -10,12 +10,16 @@ once per machine and reused by every session (env ``PCRT_TEST_MODELS_DIR``, defa
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
+from pcrt.cache.blobs import BlobStore
+from pcrt.cache.runs import RunStore
 from pcrt.cache.store import Store
+from pcrt.runtime.dag.engines import LocalEngines
+from pcrt.runtime.dag.executor import DagRunner
 from pcrt.runtime.models import Registry
 from pcrt.runtime.paths import Paths
 from pcrt.runtime.pull import pull
@@ -55,3 +59,29 @@ def default_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     entry = Registry.load(paths).resolve(None)
     with Store(paths.db_path) as store:
         return pull(entry, paths, store=store)
+
+
+@pytest.fixture(scope="module")
+def engines(
+    default_model_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LocalEngines]:
+    """DAG tests: one engine set per test module (the model loads once per module)."""
+    home = tmp_path_factory.mktemp("dag-engines")
+    paths = Paths(home=home, models_dir=shared_models_dir(), user_models_file=home / "none")
+    local = LocalEngines(Registry.load(paths), parallel=4, context=1024, n_threads=2)
+    yield local
+    local.close()
+
+
+@pytest.fixture
+async def runner(engines: LocalEngines, tmp_path: Path) -> AsyncIterator[DagRunner]:
+    """A runner over a fresh store; no library_dirs: it reads the environment's
+    ($PCRT_HOME/lib, per test)."""
+    store = Store(tmp_path / "pcrt.db")
+    yield DagRunner(
+        registry=engines.registry,
+        runs=RunStore(store),
+        blobs=BlobStore(store, tmp_path / "blobs"),
+        lease=engines.lease,
+    )
+    store.close()

@@ -3,44 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from pcrt.cache.blobs import BlobStore
-from pcrt.cache.runs import RunStore
-from pcrt.cache.store import Store
 from pcrt.runtime.dag import DagInvalid, load_dag, parse_dag
 from pcrt.runtime.dag.engines import LocalEngines
 from pcrt.runtime.dag.executor import DagEvent, DagRunner
-from pcrt.runtime.models import Registry
-from pcrt.runtime.paths import Paths
 from pcrt.runtime.state import KVState
-from tests.conftest import shared_models_dir
 
 EXAMPLES = Path(__file__).parent.parent / "examples" / "dags"
-
-
-@pytest.fixture(scope="module")
-def engines(default_model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> LocalEngines:
-    home = tmp_path_factory.mktemp("dag-engines")
-    paths = Paths(home=home, models_dir=shared_models_dir(), user_models_file=home / "none")
-    local = LocalEngines(Registry.load(paths), parallel=4, context=1024, n_threads=2)
-    yield local
-    local.close()
-
-
-@pytest.fixture
-async def runner(engines: LocalEngines, tmp_path: Path) -> AsyncIterator[DagRunner]:
-    store = Store(tmp_path / "pcrt.db")
-    yield DagRunner(
-        registry=engines.registry,
-        runs=RunStore(store),
-        blobs=BlobStore(store, tmp_path / "blobs"),
-        lease=engines.lease,
-    )
-    store.close()
 
 
 def conversation_dag(**child: object) -> dict:

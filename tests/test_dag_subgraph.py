@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,17 +12,13 @@ import pytest
 import yaml
 from click.testing import CliRunner, Result
 
-from pcrt.cache.blobs import BlobStore
-from pcrt.cache.runs import RunRecord, RunStore
-from pcrt.cache.store import Store
+from pcrt.cache.runs import RunRecord
 from pcrt.cli.main import main
 from pcrt.runtime.dag import parse_dag
 from pcrt.runtime.dag.engines import LocalEngines
 from pcrt.runtime.dag.executor import DagEvent, DagRunner
 from pcrt.runtime.dag.library import Library, library_from_documents
-from pcrt.runtime.models import Registry
 from pcrt.runtime.paths import Paths
-from tests.conftest import shared_models_dir
 
 DESCRIBE = "/lib/test/describe"
 
@@ -54,30 +49,6 @@ def caller(**nodes: dict[str, Any]) -> dict[str, Any]:
 
 def call(cache: bool = True, **inputs: Any) -> dict[str, Any]:
     return {"type": "subgraph", "dag": DESCRIBE, "inputs": inputs, "cache": cache}
-
-
-@pytest.fixture(scope="module")
-def engines(
-    default_model_path: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[LocalEngines]:
-    home = tmp_path_factory.mktemp("subgraph-engines")
-    paths = Paths(home=home, models_dir=shared_models_dir(), user_models_file=home / "none")
-    local = LocalEngines(Registry.load(paths), parallel=4, context=1024, n_threads=2)
-    yield local
-    local.close()
-
-
-@pytest.fixture
-async def runner(engines: LocalEngines, tmp_path: Path) -> AsyncIterator[DagRunner]:
-    store = Store(tmp_path / "pcrt.db")
-    # no library_dirs: the runner reads the environment's ($PCRT_HOME/lib, per test)
-    yield DagRunner(
-        registry=engines.registry,
-        runs=RunStore(store),
-        blobs=BlobStore(store, tmp_path / "blobs"),
-        lease=engines.lease,
-    )
-    store.close()
 
 
 def inline(**generation: Any) -> Library:

@@ -9,7 +9,7 @@ import psutil
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
-from pcrt.runtime.api.service import Services
+from pcrt.runtime.api.service import services_of
 from pcrt.runtime.errors import InvalidRequest
 
 __all__ = ["router"]
@@ -17,28 +17,23 @@ __all__ = ["router"]
 router = APIRouter()
 
 
-def _services(request: Request) -> Services:
-    services: Services = request.app.state.services
-    return services
-
-
 @router.get("/health")
 async def health(request: Request) -> JSONResponse:
-    services = _services(request)
+    services = services_of(request)
     status = 200 if services.state == "serving" else 503
     return JSONResponse({"status": services.state}, status_code=status)
 
 
 @router.get("/metrics")
 async def metrics(request: Request) -> Response:
-    body = _services(request).metrics.render()
+    body = services_of(request).metrics.render()
     return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
 @router.get("/api/ps")
 async def ps(request: Request) -> dict[str, Any]:
     """What ``pcrt ps`` shows: loaded models, their memory, slots and keep-alive expiry."""
-    services = _services(request)
+    services = services_of(request)
     rss = psutil.Process(os.getpid()).memory_info().rss
     return {
         "models": [m.describe() for m in services.pool.loaded()],
@@ -50,7 +45,7 @@ async def ps(request: Request) -> dict[str, Any]:
 @router.get("/v1/pcrt/device")
 async def device(request: Request) -> dict[str, Any]:
     """This machine's device profile for peers; live fields refresh every few seconds."""
-    profile: dict[str, Any] = _services(request).monitor.latest.model_dump(mode="json")
+    profile: dict[str, Any] = services_of(request).monitor.latest.model_dump(mode="json")
     return profile
 
 
@@ -62,7 +57,7 @@ async def stop(request: Request) -> dict[str, Any]:
         name = body["model"]
     except (ValueError, KeyError, TypeError):
         raise InvalidRequest('send {"model": NAME}') from None
-    services = _services(request)
+    services = services_of(request)
     loaded = services.pool.get_loaded(str(name))  # an unknown name raises ModelNotFound (404)
     unloaded = await services.pool.unload(loaded.name) if loaded is not None else False
     return {"model": str(name), "unloaded": unloaded}

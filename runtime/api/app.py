@@ -26,7 +26,7 @@ from pcrt.runtime.api import admin_routes, dag_routes, openai_routes, peer_route
 from pcrt.runtime.api.dag_routes import DagTasks, migrate_on_drain
 from pcrt.runtime.api.errors import install_error_handlers
 from pcrt.runtime.api.node_info import NodeInfo
-from pcrt.runtime.api.service import Services
+from pcrt.runtime.api.service import Services, services_of
 from pcrt.runtime.dag.executor import DagRunner
 from pcrt.runtime.engine import Engine
 from pcrt.runtime.errors import Unauthorized
@@ -131,7 +131,7 @@ def create_app(
         request.state.peer_verified = False
         signature = request.headers.get(CLUSTER_HEADER)
         if signature is not None:
-            services: Services = request.app.state.services
+            services = services_of(request)
             target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
             body = await request.body()  # cached: the route reads it again
             why = services.coordinator.check_peer_request(signature, request.method, target, body)

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict
 from pcrt.cache.runs import RunNotFound, RunRecord
 from pcrt.routing.migrate import migrate_run
 from pcrt.routing.policy import Work
-from pcrt.runtime.api.service import Services
+from pcrt.runtime.api.service import Services, services_of
 from pcrt.runtime.dag import load_dag, parse_dag
 from pcrt.runtime.dag.executor import RESUMABLE, DagEvent, DagRunner
 from pcrt.runtime.dag.library import library_from_documents
@@ -95,7 +95,7 @@ class DagTasks:
 
 
 def _tasks(request: Request) -> DagTasks:
-    services: Services = request.app.state.services
+    services = services_of(request)
     return services.dags
 
 
@@ -221,7 +221,7 @@ async def migrate(run_id: str, body: MigrateRun, request: Request) -> dict[str, 
 
     The run stops here first (its checkpoints are on disk). If the move fails the run stays
     here, stopped and resumable; nothing is lost."""
-    services: Services = request.app.state.services
+    services = services_of(request)
     tasks = services.dags
     run = _get(tasks.runner, run_id)
     if run.status not in RESUMABLE:

@@ -22,7 +22,7 @@ from starlette.background import BackgroundTask
 from pcrt.routing.forward import ForwardedStream, has_text, sse_events
 from pcrt.routing.policy import Candidate, Route, Work
 from pcrt.runtime.api.schemas import ChatCompletionRequest, GenerationFields
-from pcrt.runtime.api.service import Accounting, Services
+from pcrt.runtime.api.service import Accounting, Services, services_of
 from pcrt.runtime.errors import InvalidRequest, NoRoute, PeerError, PeerUnavailable
 
 __all__ = ["ROUTE_HEADER", "forward_if_routed"]
@@ -54,7 +54,7 @@ async def forward_if_routed(
     request: Request, body: GenerationFields, route: str, chat: bool, acct: Accounting
 ) -> Response | None:
     """The peer's answer when the request goes to a peer; None to run it here."""
-    services: Services = request.app.state.services
+    services = services_of(request)
     coordinator = services.coordinator
     hint = _route_hint(request)
     forwarded = getattr(request.state, "peer_verified", False) or request.headers.get(

@@ -22,7 +22,7 @@ from pcrt.runtime.api.schemas import (
     EmbeddingRequest,
     GenerationFields,
 )
-from pcrt.runtime.api.service import Accounting, Services
+from pcrt.runtime.api.service import Accounting, services_of
 from pcrt.runtime.engine import Completion, FinishEvent, GenerateRequest, RequestHandle, TokenEvent
 from pcrt.runtime.errors import PcrtError
 from pcrt.runtime.pool import LoadedModel
@@ -30,11 +30,6 @@ from pcrt.runtime.pool import LoadedModel
 __all__ = ["router"]
 
 router = APIRouter()
-
-
-def _services(request: Request) -> Services:
-    services: Services = request.app.state.services
-    return services
 
 
 def _agent(request: Request, user: str | None) -> str:
@@ -65,7 +60,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
 
 
 async def _generate(request: Request, body: GenerationFields, route: str, *, chat: bool) -> Any:
-    services = _services(request)
+    services = services_of(request)
     acct = Accounting(services, agent=_agent(request, body.user), model=body.model, route=route)
     try:
         forwarded = await forward_if_routed(request, body, route, chat, acct)
@@ -245,7 +240,7 @@ async def _stream(
 
 @router.post("/v1/embeddings")
 async def embeddings(body: EmbeddingRequest, request: Request) -> Any:
-    services = _services(request)
+    services = services_of(request)
     acct = Accounting(services, agent=_agent(request, body.user), model=body.model,
                       route="/v1/embeddings")  # fmt: skip
     try:
@@ -278,7 +273,7 @@ def _base64_floats(vector: list[float]) -> str:
 
 @router.get("/v1/models")
 async def list_models(request: Request) -> dict[str, Any]:
-    services = _services(request)
+    services = services_of(request)
     registry = services.pool.registry
     loaded = {m.name for m in services.pool.loaded()}
     data = []

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pcrt.cache.runs import RunExists
 from pcrt.routing.auth import CLUSTER_HEADER, PROOF_HEADER
-from pcrt.runtime.api.service import Services
+from pcrt.runtime.api.service import services_of
 from pcrt.runtime.dag import parse_dag
 from pcrt.runtime.dag.executor import check_run
 from pcrt.runtime.errors import InvalidRequest, Unauthorized
@@ -28,11 +28,6 @@ __all__ = ["router"]
 log = logging.getLogger(__name__)
 
 router = APIRouter()
-
-
-def _services(request: Request) -> Services:
-    services: Services = request.app.state.services
-    return services
 
 
 def _require_peer(request: Request) -> None:
@@ -47,7 +42,7 @@ def _require_peer(request: Request) -> None:
 async def node_info(request: Request) -> Response:
     """What this node offers, with a proof that it holds the cluster key too."""
     _require_peer(request)
-    services = _services(request)
+    services = services_of(request)
     body = json.dumps(services.node.info(services.state)).encode()
     headers = {}
     proof = services.coordinator.proof_for(request.headers[CLUSTER_HEADER], body)
@@ -59,7 +54,7 @@ async def node_info(request: Request) -> Response:
 @router.get("/v1/pcrt/peers")
 async def peers(request: Request) -> dict[str, Any]:
     """The peer table, as ``pcrt peers`` shows it."""
-    services = _services(request)
+    services = services_of(request)
     coordinator = services.coordinator
     return {
         "node": {
@@ -86,7 +81,7 @@ class SubgraphRequest(BaseModel):
 async def run_subgraph(body: SubgraphRequest, request: Request) -> dict[str, Any]:
     """Run part of a peer's DAG here and answer with its node records."""
     _require_peer(request)
-    services = _services(request)
+    services = services_of(request)
     runner = services.dags.runner
     spec = parse_dag(body.dag)
     record = runner.create_partial(spec, body.inputs, body.done, body.origin)
@@ -119,7 +114,7 @@ async def run_subgraph(body: SubgraphRequest, request: Request) -> dict[str, Any
 async def receive_blob(request: Request, run_id: str | None = None) -> dict[str, Any]:
     """A KV state a peer moves here with a run; checked against its hash before stored."""
     _require_peer(request)
-    services = _services(request)
+    services = services_of(request)
     limit = services.settings.state_upload_max_bytes
     chunks: list[bytes] = []
     received = 0
@@ -160,7 +155,7 @@ class ImportRun(BaseModel):
 async def import_run(body: ImportRun, request: Request) -> dict[str, Any]:
     """A run migrated here: record it (its states arrived first) and resume it."""
     _require_peer(request)
-    services = _services(request)
+    services = services_of(request)
     runner = services.dags.runner
     spec = parse_dag(body.run.spec)  # a malformed spec is refused before storing
     # and one this node cannot run (a model it lacks): the source keeps the run

@@ -7,6 +7,8 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from fastapi import Request
+
 from pcrt.cache.blobs import BlobStore
 from pcrt.cache.usage import UsageLog, UsageRecord
 from pcrt.device.monitor import DeviceMonitor
@@ -23,7 +25,7 @@ if TYPE_CHECKING:  # dag_routes imports this module: no cycle at run time
     from pcrt.runtime.api.dag_routes import DagTasks
     from pcrt.runtime.api.node_info import NodeInfo
 
-__all__ = ["Accounting", "Services"]
+__all__ = ["Accounting", "Services", "services_of"]
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,12 @@ class Services:
     coordinator: Coordinator  # peers: discovery, health, routing decisions
     node: NodeInfo  # what this node offers, for peers and the policy
     state: str = "starting"  # starting | serving | draining
+
+
+def services_of(request: Request) -> Services:
+    """The app's services, which its lifespan put on ``app.state``."""
+    services: Services = request.app.state.services
+    return services
 
 
 @dataclass

@@ -26,7 +26,7 @@ from fastapi.responses import JSONResponse
 
 from pcrt.cache.blobs import BlobCorrupt, BlobMissing, BlobStore
 from pcrt.runtime.api.errors import error_body
-from pcrt.runtime.api.service import Services
+from pcrt.runtime.api.service import services_of
 from pcrt.runtime.errors import IncompatibleState, StateError
 from pcrt.runtime.state import KVState, StateHeader, describe_state
 
@@ -35,11 +35,6 @@ __all__ = ["router"]
 log = logging.getLogger(__name__)
 
 router = APIRouter()
-
-
-def _services(request: Request) -> Services:
-    services: Services = request.app.state.services
-    return services
 
 
 def _error(
@@ -85,14 +80,14 @@ def _list(blobs: BlobStore, run_id: str | None) -> list[dict[str, Any]]:
 @router.get("/v1/states")
 async def list_states(request: Request, run_id: str | None = None) -> dict[str, Any]:
     """Every stored state (of one run with ``?run_id=``), oldest first; headers only."""
-    blobs = _services(request).blobs
+    blobs = services_of(request).blobs
     return {"object": "list", "data": await asyncio.to_thread(_list, blobs, run_id)}
 
 
 @router.get("/v1/states/{state_id}", response_model=None)
 async def download_state(request: Request, state_id: str) -> Response:
     """The blob's bytes, hash-verified, with its key and token count in headers."""
-    blobs = _services(request).blobs
+    blobs = services_of(request).blobs
 
     def read() -> tuple[bytes, StateHeader]:
         data = blobs.get(state_id)
@@ -115,7 +110,7 @@ async def download_state(request: Request, state_id: str) -> Response:
 @router.put("/v1/states", response_model=None)
 async def upload_state(request: Request, model: str | None = None) -> JSONResponse:
     """Store a blob after checking its hash and, with ``?model=``, its compatibility key."""
-    services = _services(request)
+    services = services_of(request)
     limit = services.settings.state_upload_max_bytes
     declared = request.headers.get("content-length")
     if declared is not None:
@@ -170,7 +165,7 @@ async def upload_state(request: Request, model: str | None = None) -> JSONRespon
 @router.delete("/v1/states/{state_id}", response_model=None)
 async def delete_state(request: Request, state_id: str) -> dict[str, Any] | JSONResponse:
     """Remove a blob and its index row (a run that needed it recomputes instead)."""
-    blobs = _services(request).blobs
+    blobs = services_of(request).blobs
 
     def remove() -> bool:
         try:
