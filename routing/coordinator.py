@@ -357,8 +357,10 @@ class Coordinator:
                 else:
                     await self._probe_openai(peer)
             peer.goodbye = False
+            peer.slow_checks = 0
         except (PcrtError, ValueError, TypeError, AttributeError, TimeoutError) as exc:
-            self._probe_failed(peer, str(exc) or type(exc).__name__)
+            slow = isinstance(exc, TimeoutError) or getattr(exc, "timed_out", False)
+            self._probe_failed(peer, str(exc) or type(exc).__name__, slow=slow)
         except asyncio.CancelledError:
             raise
         except Exception:  # a bad peer must never stop the health loop
@@ -367,12 +369,18 @@ class Coordinator:
         finally:
             peer.probing = False
 
-    def _probe_failed(self, peer: Peer, error: str) -> None:
+    def _probe_failed(self, peer: Peer, error: str, *, slow: bool = False) -> None:
         if self.table.get(peer.name) is not peer:
             return
         if peer.goodbye:
             self.table.remove(peer.name)  # it said goodbye and does not answer: gone
             log.info("peer %s said goodbye", peer.name)
+            return
+        if slow and peer.healthy and not peer.slow_checks:
+            # one slow answer from a peer busy computing is not death: ask again at once;
+            # a second one in a row takes it out (within ~3 s of hanging)
+            peer.slow_checks = 1
+            peer.next_check = 0.0
             return
         self.table.record_failure(peer.name, error, time.monotonic())
         log.info("peer %s out of rotation: %s", peer.name, error)

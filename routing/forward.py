@@ -160,6 +160,7 @@ class Forwarder:
                 f"peer {peer.name} ({peer.url}) did not answer {method} {path}: "
                 f"{type(exc).__name__}: {exc or 'no detail'}",
                 peer=peer.name,
+                timed_out=isinstance(exc, httpx.TimeoutException),
             ) from None
         answer = PeerAnswer(response.status_code, response.headers, bytes(body),
                             sent.get(CLUSTER_HEADER), time.perf_counter() - started)  # fmt: skip

@@ -134,11 +134,18 @@ class PeerUnavailable(PeerError):
     """``cooldown``: whether the peer should leave rotation (not for a plain "busy")."""
 
     def __init__(
-        self, message: str, *, peer: str, cooldown: bool = True, status: int | None = None
+        self,
+        message: str,
+        *,
+        peer: str,
+        cooldown: bool = True,
+        status: int | None = None,
+        timed_out: bool = False,
     ) -> None:
         super().__init__(message, peer=peer)
         self.cooldown = cooldown
         self.status = status  # the peer's HTTP status, when it answered
+        self.timed_out = timed_out  # slow, not refused: it may just be busy
 
 
 class PeerRejected(PeerError):

@@ -1013,3 +1013,35 @@ def test_resolved_cluster_key_from_a_loaded_config(
     monkeypatch.setenv("ROUTING_UNITS_CLUSTER", "loaded-key")
     settings = ServerSettings.load(_config(tmp_path, PEERS_TOML))
     assert settings.peers.resolved_cluster_key() == "loaded-key"
+
+
+# ---------------------------------------------------------------------------------------
+# coordinator.py: what a failed health check does
+# ---------------------------------------------------------------------------------------
+
+
+async def test_one_slow_check_is_forgiven_a_second_takes_the_peer_out() -> None:
+    from pcrt.routing.coordinator import Coordinator
+    from pcrt.routing.policy import NodeView
+
+    coordinator = Coordinator(
+        PeerSettings(), node_id="n", node_name="n", api_port=1, announce_address="127.0.0.1",
+        local_view=lambda: NodeView(name="local", kind="local", models=()),
+        local_models=list,
+    )  # fmt: skip
+    try:
+        busy = coordinator.table.upsert(_peer(name="busy", trusted=True, healthy=True))
+        coordinator._probe_failed(busy, "ReadTimeout", slow=True)
+        assert busy.in_rotation(time.monotonic()) and busy.next_check == 0.0
+        coordinator._probe_failed(busy, "ReadTimeout", slow=True)
+        assert not busy.in_rotation(time.monotonic()) and busy.failures == 1
+        dead = coordinator.table.upsert(_peer(name="dead", trusted=True, healthy=True))
+        coordinator._probe_failed(dead, "ConnectError")  # refused: out at once
+        assert not dead.in_rotation(time.monotonic())
+        gone = coordinator.table.upsert(_peer(name="gone", trusted=True, healthy=True))
+        gone.goodbye = True  # it said goodbye and then did not answer: removed
+        coordinator._probe_failed(gone, "ConnectError")
+        assert coordinator.table.get("gone") is None
+    finally:
+        await coordinator.forwarder.close()
+        await coordinator.prober.close()
