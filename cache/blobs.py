@@ -24,7 +24,8 @@ __all__ = ["BlobCorrupt", "BlobInfo", "BlobMissing", "BlobStore"]
 
 _SHA = re.compile(r"^[0-9a-f]{64}$")
 # runs in these states may still need their blobs: never evict them
-UNFINISHED_RUN_STATES = ("pending", "running", "interrupted")
+# runs that may still need their states: a cancelled run resumes, a migrating one moves
+UNFINISHED_RUN_STATES = ("pending", "running", "interrupted", "cancelled", "migrating")
 
 
 class BlobMissing(KeyError):

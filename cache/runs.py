@@ -166,8 +166,13 @@ class RunStore:
         It arrives ``interrupted`` (resuming continues it); unfinished nodes likewise."""
         now = utc_now()
         with self._tx() as db:
-            if db.execute("select 1 from runs where id = ?", [run["id"]]).fetchone():
-                raise RunExists(f"run {run['id']} already exists here")
+            row = db.execute("select status from runs where id = ?", [run["id"]]).fetchone()
+            if row is not None and row[0] == "migrated":
+                # it left here once and comes back: the record that stayed is history
+                db.execute("delete from nodes where run_id = ?", [run["id"]])
+                db.execute("delete from runs where id = ?", [run["id"]])
+            elif row is not None:
+                raise RunExists(f"run {run['id']} already exists here ({row[0]})")
             db.insert(
                 "runs",
                 {
@@ -223,7 +228,10 @@ class RunStore:
     def mark_interrupted(self) -> list[str]:
         """Runs left ``running`` by a daemon that died: now ``interrupted`` (resumable)."""
         with self._tx() as db:
-            rows = db.execute("select id from runs where status = 'running'").fetchall()
+            # "migrating": the daemon died mid-move; the peer may not have it
+            rows = db.execute(
+                "select id from runs where status in ('running', 'migrating')"
+            ).fetchall()
             ids = [row[0] for row in rows]
             for run_id in ids:
                 db.update(

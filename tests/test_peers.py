@@ -501,6 +501,12 @@ context = 2048
         run_id = run["id"]
         _wait_for(lambda: httpx.get(f"{here.url}/v1/dags/{run_id}", timeout=10).json()
                   ["outputs"].get("intro") is not None, 60, "intro finished here")  # fmt: skip
+        # a move that cannot happen leaves the run here, stopped and resumable
+        nowhere = httpx.post(f"{here.url}/v1/dags/{run_id}/migrate", json={"to": "nobody"},
+                             timeout=60)  # fmt: skip
+        assert nowhere.status_code == 400 and "no pcrt peer 'nobody'" in nowhere.text
+        stayed = httpx.get(f"{here.url}/v1/dags/{run_id}", timeout=10).json()
+        assert stayed["status"] == "interrupted" and "failed" in stayed["error"]
         moved = httpx.post(f"{here.url}/v1/dags/{run_id}/migrate", json={"to": there_name},
                            timeout=60).json()  # fmt: skip
         assert moved["with_states"] is False and moved["states_sent"] == 0

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pcrt.cache.runs import RunNotFound, RunStore
+from pcrt.cache.runs import RunExists, RunNotFound, RunStore
 from pcrt.cache.store import Store
 
 NODES = [("a", "/dynamic/t/a", "llm"), ("b", "/dynamic/t/b", "fork")]
@@ -81,3 +81,24 @@ def test_subgraph_cache_is_bounded_lru(runs: RunStore) -> None:
     assert runs.cache_get("k0") is None
     assert runs.cache_get("k2") == {"i": 2}
     assert runs.cache_get("k1") == {"i": 1}
+
+
+def test_a_run_moved_away_and_back_replaces_its_old_record(runs: RunStore) -> None:
+    """A -> B -> A: the record A kept as "migrated" gives way to the one coming back; any
+    other run with that id is never overwritten; a crash mid-move leaves it resumable."""
+    runs.create_run("m", "/dynamic/t", {"dag": "/dynamic/t"}, {}, NODES)
+    runs.set_status("m", "migrating")
+    assert runs.mark_interrupted() == ["m"]  # the daemon died mid-move
+    runs.set_status("m", "migrated", migrated_to="b:http://b/v1/dags/m")
+    back = {"id": "m", "dag_path": "/dynamic/t", "spec": {"dag": "/dynamic/t"}, "inputs": {},
+            "tokens_used": 7}  # fmt: skip
+    nodes = [
+        {"node_id": "a", "path": "/dynamic/t/a", "type": "llm", "status": "succeeded",
+         "output": "hi"},
+        {"node_id": "b", "path": "/dynamic/t/b", "type": "fork", "status": "running"},
+    ]  # fmt: skip
+    record = runs.import_run(back, nodes)
+    assert record.status == "interrupted" and record.tokens_used == 7
+    assert [n.status for n in runs.nodes("m")] == ["succeeded", "interrupted"]
+    with pytest.raises(RunExists):
+        runs.import_run(back, nodes)  # it is here and unfinished: not overwritten

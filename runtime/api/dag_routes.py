@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 
 from pcrt.cache.runs import RunNotFound, RunRecord
-from pcrt.routing.migrate import migrate_run
+from pcrt.routing.migrate import Migration, migrate_run
 from pcrt.routing.policy import Work
 from pcrt.runtime.api.service import Services, services_of
 from pcrt.runtime.dag import load_dag, parse_dag
@@ -226,14 +226,7 @@ async def migrate(run_id: str, body: MigrateRun, request: Request) -> dict[str, 
     run = _get(tasks.runner, run_id)
     if run.status not in RESUMABLE:
         raise InvalidRequest(f"run {run_id} is {run.status}; only unfinished runs move")
-    await tasks.cancel(run_id)
-    result = await migrate_run(
-        services.coordinator, tasks.runner.runs, services.blobs, run_id, body.to,
-        with_states=body.states,
-    )  # fmt: skip
-    tasks.runner.runs.set_status(
-        run_id, "migrated", error=f"moved to peer {result.peer}", migrated_to=result.pointer
-    )
+    result = await _move(services, run_id, body.to, with_states=body.states)
     log.info("run %s moved to %s (%d states)", run_id, result.peer, result.states_sent)
     return {**result.summary(), "run": run_view(tasks.runner, _get(tasks.runner, run_id))}
 
@@ -250,19 +243,29 @@ async def migrate_on_drain(services: Services) -> list[str]:
         if decision.chosen is None:
             log.warning("run %s stays here: %s", run_id, decision.reason)
             continue
-        await tasks.cancel(run_id)
         try:
-            result = await migrate_run(
-                services.coordinator, tasks.runner.runs, services.blobs, run_id,
-                decision.chosen.node,
-            )  # fmt: skip
+            await _move(services, run_id, decision.chosen.node, with_states=True)
         except PcrtError as exc:
             log.warning("run %s could not move to %s: %s", run_id, decision.chosen.node, exc)
-            tasks.runner.runs.set_status(run_id, "interrupted", error=f"move failed: {exc}")
             continue
-        tasks.runner.runs.set_status(
-            run_id, "migrated", error=f"moved to peer {result.peer} on drain",
-            migrated_to=result.pointer,
-        )  # fmt: skip
         moved.append(run_id)
     return moved
+
+
+async def _move(services: Services, run_id: str, peer: str, *, with_states: bool) -> Migration:
+    """Stop the run, hold it as ``migrating`` (not resumable: no second move or resume can
+    start meanwhile), move it; on failure it is ``interrupted`` here again, resumable."""
+    runs = services.dags.runner.runs
+    await services.dags.cancel(run_id)
+    runs.set_status(run_id, "migrating", error=f"moving to peer {peer}")
+    try:
+        result = await migrate_run(
+            services.coordinator, runs, services.blobs, run_id, peer, with_states=with_states
+        )
+    except BaseException as exc:
+        runs.set_status(run_id, "interrupted", error=f"the move to {peer} failed: {exc}")
+        raise
+    runs.set_status(
+        run_id, "migrated", error=f"moved to peer {result.peer}", migrated_to=result.pointer
+    )
+    return result
