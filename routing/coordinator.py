@@ -44,7 +44,7 @@ from pcrt.routing.discovery import txt_properties as make_txt
 from pcrt.routing.forward import Forwarder
 from pcrt.routing.peers import Peer, PeerTable, offers_from_models, offers_from_node_info
 from pcrt.routing.policy import Decision, NodeView, PolicySettings, Work, decide
-from pcrt.runtime.errors import PcrtError, PeerError, PeerUnavailable
+from pcrt.runtime.errors import PcrtError, PeerError, PeerRejected, PeerUnavailable
 from pcrt.runtime.settings import PeerSettings
 
 __all__ = ["CLUSTER_HEADER", "NODE_INFO_PATH", "Coordinator", "capabilities_hash", "load_node_id"]
@@ -143,6 +143,7 @@ class Coordinator:
                     name=static.name, url=static.url.rstrip("/"), kind=static.kind,
                     source="static", api_key_env=static.api_key_env,
                     static_tags=static.tags, strength=static.strength,
+                    configured_models=static.models,
                     # the user configured it: an OpenAI-compatible peer is trusted; a pcrt
                     # peer still has to prove the cluster key
                     trusted=static.kind != "pcrt", trust_note="configured",
@@ -430,22 +431,36 @@ class Coordinator:
         self.table.record_success(peer.name, answer.seconds)
 
     async def _probe_openai(self, peer: Peer) -> None:
-        answer = await self.prober.request(
-            peer, "GET", "/v1/models", timeout=self.settings.health_timeout,
-            max_bytes=PROBE_MAX_BYTES,
-        )  # fmt: skip
+        started = time.perf_counter()
+        try:
+            answer = await self.prober.request(
+                peer, "GET", "/v1/models", timeout=self.settings.health_timeout,
+                max_bytes=PROBE_MAX_BYTES,
+            )  # fmt: skip
+        except PeerRejected as exc:
+            # models from config: any answer short of a server error means it is up
+            if not peer.configured_models or exc.status not in (404, 405):
+                raise
+            answer = None
         if self.table.get(peer.name) is not peer:
             return
-        listing = answer.json()
-        if not isinstance(listing, dict):
-            raise ValueError("/v1/models is not an object")
-        peer.models = offers_from_models(listing, peer.static_tags, peer.strength)
+        if peer.configured_models:
+            peer.models = offers_from_models(
+                {"data": [{"id": m} for m in peer.configured_models]},
+                peer.static_tags, peer.strength,
+            )  # fmt: skip
+        else:
+            assert answer is not None
+            listing = answer.json()
+            if not isinstance(listing, dict):
+                raise ValueError("/v1/models is not an object")
+            peer.models = offers_from_models(listing, peer.static_tags, peer.strength)
         if peer.source == "announce":
             if peer.signature_ok:
                 peer.trusted, peer.trust_note = True, "announcement signed with the cluster key"
             else:
                 peer.trusted, peer.trust_note = False, "announcement not signed with our key"
-        self.table.record_success(peer.name, answer.seconds)
+        self.table.record_success(peer.name, time.perf_counter() - started)
 
 
 def _number(value: Any) -> float | None:

@@ -48,6 +48,7 @@ class Peer:
     trust_note: str = "not asked yet"
     models: tuple[ModelOffer, ...] = ()
     static_tags: tuple[str, ...] = ()  # tags config or the announcer gave every model
+    configured_models: tuple[str, ...] = ()  # static peers: models from config, not polled
     strength: float | None = None
     queue_depth: int = 0
     slots: int = 1
@@ -193,6 +194,7 @@ class PeerTable:
                                                                      peer.kind):  # fmt: skip
             merged = replace(
                 old, static_tags=peer.static_tags, strength=peer.strength,
+                configured_models=peer.configured_models,
                 api_key_env=peer.api_key_env, signature_ok=peer.signature_ok,
             )  # fmt: skip
             self._peers[peer.name] = merged

@@ -107,7 +107,7 @@ class StaticPeer(BaseModel):
     url: str = Field(pattern=r"^https?://")
     kind: Literal["pcrt", "vllm", "openai"] = "openai"
     api_key_env: str | None = None  # the env var holding its API key (the key never in config)
-    models: tuple[str, ...] = ()  # empty: read from its /v1/models
+    models: tuple[str, ...] = ()  # its model names; empty: read from its /v1/models
     tags: tuple[str, ...] = ()  # tags every model of this peer answers to, e.g. "complex"
     strength: float | None = None  # larger is stronger (say, billions of parameters)
 

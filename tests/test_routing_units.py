@@ -1045,3 +1045,33 @@ async def test_one_slow_check_is_forgiven_a_second_takes_the_peer_out() -> None:
     finally:
         await coordinator.forwarder.close()
         await coordinator.prober.close()
+
+
+async def test_a_static_peer_with_configured_models_needs_no_model_list(server: _Server) -> None:
+    """A configured cloud endpoint may have no /v1/models: its models come from config and
+    any answer short of a server error keeps it up; without configured models it is down."""
+    from pcrt.routing.coordinator import Coordinator
+    from pcrt.routing.policy import NodeView
+
+    listed = StaticPeer(name="cloud", url=server.url, kind="openai", models=("big",),
+                        tags=("complex",))  # fmt: skip
+    unlisted = StaticPeer(name="bare", url=server.url, kind="openai")
+    coordinator = Coordinator(
+        PeerSettings(static=(listed, unlisted)), node_id="n", node_name="n", api_port=1,
+        announce_address="127.0.0.1",
+        local_view=lambda: NodeView(name="local", kind="local", models=()), local_models=list,
+    )  # fmt: skip
+    try:
+        await coordinator.start()
+        for name in ("cloud", "bare"):
+            peer = coordinator.table.get(name)
+            assert peer is not None
+            await coordinator._probe(peer)
+        now = time.monotonic()
+        cloud, bare = coordinator.table.get("cloud"), coordinator.table.get("bare")
+        assert cloud is not None and bare is not None
+        assert cloud.in_rotation(now) and [m.name for m in cloud.models] == ["big"]
+        assert cloud.models[0].tags == ("complex",)
+        assert not bare.in_rotation(now) and bare.failures >= 1  # the health loop asks too
+    finally:
+        await coordinator.close()
