@@ -39,7 +39,13 @@ from pcrt.routing.auth import (
     verify_proof,
     verify_request,
 )
-from pcrt.routing.discovery import SERVICE_TYPE, Discovery, Sighting, interfaces_setting
+from pcrt.routing.discovery import (
+    PROTOCOL_VERSION,
+    SERVICE_TYPE,
+    Discovery,
+    Sighting,
+    interfaces_setting,
+)
 from pcrt.routing.discovery import txt_properties as make_txt
 from pcrt.routing.forward import Forwarder
 from pcrt.routing.peers import Peer, PeerTable, offers_from_models, offers_from_node_info
@@ -280,6 +286,10 @@ class Coordinator:
         kind = props.get("kind", "pcrt")
         if kind not in ("pcrt", "vllm", "openai"):
             log.info("ignoring %s: unknown kind %r", name, kind)
+            return
+        if props.get("proto") != PROTOCOL_VERSION:
+            log.info("ignoring %s: protocol %r, this node speaks %s", name, props.get("proto"),
+                     PROTOCOL_VERSION)  # fmt: skip
             return
         address, port = sighting.addresses[0], sighting.port
         if kind == "pcrt":
