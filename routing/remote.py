@@ -143,12 +143,14 @@ class RemoteRunner:
         finally:
             await stream.aclose()
         n = max(texts) + 1 if texts else 1
-        details = usage.get("prompt_tokens_details") or {}
+        usage = usage if isinstance(usage, dict) else {}
+        details = usage.get("prompt_tokens_details")
+        details = details if isinstance(details, dict) else {}
         return RemoteGeneration(
             texts=[texts.get(i, "") for i in range(n)],
-            prompt_tokens=int(usage.get("prompt_tokens") or 0),
-            completion_tokens=int(usage.get("completion_tokens") or chunks),
-            cached_tokens=int(details.get("cached_tokens") or 0),
+            prompt_tokens=_count(usage.get("prompt_tokens")),
+            completion_tokens=_count(usage.get("completion_tokens")) or chunks,
+            cached_tokens=_count(details.get("cached_tokens")),
             seconds=time.perf_counter() - started,
         )
 
@@ -177,3 +179,8 @@ def _refused_the_form(exc: PeerError) -> bool:
     if isinstance(exc, PeerRejected):
         return exc.status in (400, 422)
     return "response_format" in str(exc)
+
+
+def _count(value: Any) -> int:
+    """A token count from a peer: anything but a positive int counts 0."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0

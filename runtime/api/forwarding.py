@@ -163,6 +163,9 @@ async def _pass_through(
                     usage = event["usage"]
                     if not event.get("choices") and not wants_usage:
                         continue  # we asked for it, not our client
+            if data == b"[DONE]":
+                # complete: a client that leaves now (as SDKs do) did not cut it short
+                status = 200
             yield raw
         status = 200
     except Exception as exc:
