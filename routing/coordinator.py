@@ -60,6 +60,7 @@ log = logging.getLogger(__name__)
 NODE_INFO_PATH = "/v1/pcrt/node"
 MAX_PEERS = 64  # mDNS is open to anyone on the LAN: the table must not grow without bound
 PROBE_MAX_BYTES = 1 << 20  # node info and model lists are small
+SLOW_CHECKS_FORGIVEN = 2  # timed-out health checks in a row before a peer leaves rotation
 _ENV_NAME = re.compile(r"^[A-Z_][A-Z0-9_]{0,63}$")
 
 
@@ -387,10 +388,10 @@ class Coordinator:
             self.table.remove(peer.name)  # it said goodbye and does not answer: gone
             log.info("peer %s said goodbye", peer.name)
             return
-        if slow and peer.healthy and not peer.slow_checks:
-            # one slow answer from a peer busy computing is not death: ask again at once;
-            # a second one in a row takes it out (within ~3 s of hanging)
-            peer.slow_checks = 1
+        if slow and peer.healthy and peer.slow_checks < SLOW_CHECKS_FORGIVEN:
+            # a slow answer from a peer busy computing is not death: ask again at once; the
+            # third in a row takes it out (within ~4 s of a hang, at 1 s per check)
+            peer.slow_checks += 1
             peer.next_check = 0.0
             return
         self.table.record_failure(peer.name, error, time.monotonic())

@@ -65,7 +65,7 @@ class Peer:
     signature_ok: bool | None = None  # announced upstreams: the TXT signature verified
     probing: bool = False  # a health check is under way
     goodbye: bool = False  # mDNS said it left; it goes once a check fails
-    slow_checks: int = 0  # health checks in a row that timed out (one is forgiven)
+    slow_checks: int = 0  # health checks in a row that timed out (two are forgiven)
 
     def in_rotation(self, now: float) -> bool:
         return self.trusted and self.healthy and now >= self.cooldown_until

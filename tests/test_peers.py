@@ -223,6 +223,8 @@ def test_announced_upstream_takes_complex_nodes_and_forwarded_requests(
                 jsonschema.validate(run["outputs"][node_id], SCHEMA)
 
             # an OpenAI request for a model only the peer has is forwarded, streams too
+            # (llama-cpp-python's server answers health checks late while it generates)
+            _wait_for(lambda: _in_rotation(edge, box), 10, "the peer is back in rotation")
             client = openai.OpenAI(base_url=edge.url + "/v1", api_key="x", max_retries=0)
             reply = client.chat.completions.with_raw_response.create(
                 model="smollm2-q8", messages=[{"role": "user", "content": "Say hi."}],
