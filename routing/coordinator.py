@@ -48,12 +48,25 @@ from pcrt.routing.discovery import (
 )
 from pcrt.routing.discovery import txt_properties as make_txt
 from pcrt.routing.forward import Forwarder
-from pcrt.routing.peers import Peer, PeerTable, offers_from_models, offers_from_node_info
+from pcrt.routing.peers import (
+    Peer,
+    PeerTable,
+    offers_from_models,
+    offers_from_node_info,
+    reported_number,
+)
 from pcrt.routing.policy import Decision, NodeView, PolicySettings, Work, decide
 from pcrt.runtime.errors import PcrtError, PeerError, PeerRejected, PeerUnavailable
 from pcrt.runtime.settings import PeerSettings
 
-__all__ = ["CLUSTER_HEADER", "NODE_INFO_PATH", "Coordinator", "capabilities_hash", "load_node_id"]
+__all__ = [
+    "CLUSTER_HEADER",
+    "NODE_INFO_PATH",
+    "Coordinator",
+    "announce_address",
+    "capabilities_hash",
+    "load_node_id",
+]
 
 log = logging.getLogger(__name__)
 
@@ -81,12 +94,31 @@ def load_node_id(home: Path) -> str:
     return node_id
 
 
+def ipv4_addresses() -> list[str]:
+    """This machine's IPv4 addresses, interface by interface (loopback included)."""
+    return [
+        str(a.address)
+        for addresses in psutil.net_if_addrs().values()
+        for a in addresses
+        if a.family == socket.AF_INET
+    ]
+
+
+def announce_address(host: str, interfaces: str | list[str]) -> str:
+    """The IPv4 address peers should call: the bound one, else the first mDNS interface,
+    else the first non-loopback address of this machine."""
+    if host not in ("0.0.0.0", "", "::"):
+        with contextlib.suppress(OSError):
+            return socket.gethostbyname(host)
+    if isinstance(interfaces, list) and interfaces:
+        return interfaces[0]
+    return next((a for a in ipv4_addresses() if not a.startswith("127.")), "127.0.0.1")
+
+
 def own_hosts(announce_address: str) -> frozenset[str]:
     """Every name and IPv4 address this machine answers to, for signed destinations."""
     names = {announce_address, "127.0.0.1", "localhost", socket.gethostname().lower(),
-             socket.getfqdn().lower()}  # fmt: skip
-    for addresses in psutil.net_if_addrs().values():
-        names.update(a.address for a in addresses if a.family == socket.AF_INET)
+             socket.getfqdn().lower(), *ipv4_addresses()}  # fmt: skip
     return frozenset(n for n in names if n)
 
 
@@ -435,7 +467,7 @@ class Coordinator:
         peer.slots = int(info.get("slots") or 1)
         battery = info.get("battery")
         battery = battery if isinstance(battery, dict) else {}
-        peer.battery_percent = _number(battery.get("percent"))
+        peer.battery_percent = reported_number(battery.get("percent"))
         peer.on_battery = battery.get("plugged_in") is False
         device = info.get("device")
         peer.device = device if isinstance(device, dict) else {}
@@ -472,10 +504,6 @@ class Coordinator:
             else:
                 peer.trusted, peer.trust_note = False, "announcement not signed with our key"
         self.table.record_success(peer.name, time.perf_counter() - started)
-
-
-def _number(value: Any) -> float | None:
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
 def _float(value: str | None) -> float | None:

@@ -20,7 +20,15 @@ from typing import Any, Literal
 
 from pcrt.routing.policy import ModelOffer, NodeView
 
-__all__ = ["Peer", "PeerTable", "cooldown_seconds", "offers_from_node_info", "offers_from_models"]
+__all__ = [
+    "Peer",
+    "PeerTable",
+    "cooldown_seconds",
+    "offers_from_models",
+    "offers_from_node_info",
+    "reported_count",
+    "reported_number",
+]
 
 PeerKind = Literal["pcrt", "vllm", "openai"]
 PeerSource = Literal["mdns", "static", "announce"]
@@ -130,18 +138,24 @@ def offers_from_node_info(info: dict[str, Any]) -> tuple[ModelOffer, ...]:
                 tags=_strings(m.get("tags")),
                 context=_int(m.get("context")),
                 size_bytes=_int(m.get("size_bytes")),
-                strength=_num(m.get("strength")),
-                tokens_per_s=_num(m.get("tokens_per_s")),
-                prefill_tokens_per_s=_num(m.get("prefill_tokens_per_s")),
+                strength=reported_number(m.get("strength")),
+                tokens_per_s=reported_number(m.get("tokens_per_s")),
+                prefill_tokens_per_s=reported_number(m.get("prefill_tokens_per_s")),
                 loaded=m.get("loaded") is True,
             )
         )
     return tuple(offers)
 
 
-def _num(value: Any) -> float | None:
+def reported_number(value: Any) -> float | None:
+    """A number a peer reported, or None: policy arithmetic must not meet a string."""
     ok = isinstance(value, int | float) and not isinstance(value, bool) and value == value
     return float(value) if ok else None
+
+
+def reported_count(value: Any) -> int:
+    """A token count a peer reported: anything but a positive int counts 0."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
 def _int(value: Any) -> int | None:

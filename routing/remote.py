@@ -20,7 +20,7 @@ from typing import Any
 
 from pcrt.routing.coordinator import Coordinator
 from pcrt.routing.forward import sse_events
-from pcrt.routing.peers import Peer
+from pcrt.routing.peers import Peer, reported_count
 from pcrt.routing.policy import Candidate, Decision, Work
 from pcrt.runtime.errors import PeerError, PeerRejected, PeerUnavailable
 
@@ -148,9 +148,9 @@ class RemoteRunner:
         details = details if isinstance(details, dict) else {}
         return RemoteGeneration(
             texts=[texts.get(i, "") for i in range(n)],
-            prompt_tokens=_count(usage.get("prompt_tokens")),
-            completion_tokens=_count(usage.get("completion_tokens")) or chunks,
-            cached_tokens=_count(details.get("cached_tokens")),
+            prompt_tokens=reported_count(usage.get("prompt_tokens")),
+            completion_tokens=reported_count(usage.get("completion_tokens")) or chunks,
+            cached_tokens=reported_count(details.get("cached_tokens")),
             seconds=time.perf_counter() - started,
         )
 
@@ -179,8 +179,3 @@ def _refused_the_form(exc: PeerError) -> bool:
     if isinstance(exc, PeerRejected):
         return exc.status in (400, 422)
     return "response_format" in str(exc)
-
-
-def _count(value: Any) -> int:
-    """A token count from a peer: anything but a positive int counts 0."""
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0

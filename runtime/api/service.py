@@ -12,6 +12,7 @@ from fastapi import Request
 from pcrt.cache.blobs import BlobStore
 from pcrt.cache.usage import UsageLog, UsageRecord
 from pcrt.device.monitor import DeviceMonitor
+from pcrt.routing.peers import reported_count
 from pcrt.runtime.api.errors import status_and_body
 from pcrt.runtime.engine import Completion
 from pcrt.runtime.errors import PcrtError
@@ -90,8 +91,8 @@ class Accounting:
         details = usage.get("prompt_tokens_details")
         details = details if isinstance(details, dict) else {}
         prompt, completion = (
-            _count(usage.get("prompt_tokens")),
-            _count(usage.get("completion_tokens")),
+            reported_count(usage.get("prompt_tokens")),
+            reported_count(usage.get("completion_tokens")),
         )
         m = self.services.metrics
         m.requests.labels(self.route, self.model, str(status)).inc()
@@ -102,7 +103,7 @@ class Accounting:
         self._record(
             UsageRecord(
                 self.agent, self.model, self.route, status, prompt_tokens=prompt,
-                cached_tokens=_count(details.get("cached_tokens")),
+                cached_tokens=reported_count(details.get("cached_tokens")),
                 completion_tokens=completion, ttft_ms=None if ttft is None else ttft * 1000,
                 total_ms=self._elapsed_ms(), ran_on=ran_on,
             )
@@ -158,8 +159,3 @@ class Accounting:
             self.services.usage.record(record)
         except Exception:  # accounting must never fail the request it accounts for
             log.exception("could not write a usage row")
-
-
-def _count(value: Any) -> int:
-    """A token count from a peer's usage: anything but a non-negative int counts 0."""
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
