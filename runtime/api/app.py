@@ -11,7 +11,6 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
-import psutil
 from fastapi import Depends, FastAPI, Request
 
 from pcrt.cache.blobs import BlobStore
@@ -20,7 +19,7 @@ from pcrt.cache.store import Store
 from pcrt.cache.usage import UsageLog
 from pcrt.device.monitor import DeviceMonitor
 from pcrt.routing.auth import CLUSTER_HEADER
-from pcrt.routing.coordinator import Coordinator, load_node_id
+from pcrt.routing.coordinator import Coordinator, announce_address, load_node_id
 from pcrt.routing.remote import RemoteRunner
 from pcrt.runtime.api import admin_routes, dag_routes, openai_routes, peer_routes, state_routes
 from pcrt.runtime.api.dag_routes import DagTasks, migrate_on_drain
@@ -70,7 +69,7 @@ def create_app(
         node = NodeInfo(node_id, node_name, reg, pool, monitor, store, settings.context)
         coordinator = Coordinator(
             settings.peers, node_id=node_id, node_name=node_name, api_port=settings.port,
-            announce_address=announce_address(settings),
+            announce_address=announce_address(settings.host, settings.peers.interfaces),
             local_view=node.local_view, local_models=lambda: sorted(reg.entries),
         )  # fmt: skip
         node.addresses, node.port = coordinator.own_hosts, settings.port
@@ -161,22 +160,6 @@ def create_app(
     app.include_router(dag_routes.router)
     app.include_router(peer_routes.router)
     return app
-
-
-def announce_address(settings: ServerSettings) -> str:
-    """The IPv4 address peers should call: the bound one, else the first mDNS interface,
-    else the first non-loopback address of this machine."""
-    if settings.host not in ("0.0.0.0", "", "::"):
-        with contextlib.suppress(OSError):
-            return socket.gethostbyname(settings.host)
-    interfaces = settings.peers.interfaces
-    if isinstance(interfaces, list) and interfaces:
-        return interfaces[0]
-    for addresses in psutil.net_if_addrs().values():
-        for address in addresses:
-            if address.family == socket.AF_INET and not address.address.startswith("127."):
-                return str(address.address)
-    return "127.0.0.1"
 
 
 def _engine_lease(pool: ModelPool) -> Callable[[str], AbstractAsyncContextManager[Engine]]:
