@@ -119,10 +119,7 @@ def library_from_documents(
         except DagInvalid as exc:
             problems.extend(_located(where, exc.problems))
             continue
-        if not spec.is_library:
-            problems.append(Problem(message=f"{where}: {spec.dag} is not a /lib/... subgraph"))
-            continue
-        _add(spec, where, dags, sources, problems)
+        _add(spec, where, where, dags, sources, problems)
     return Library(dags, sources, tuple(problems))
 
 
@@ -174,21 +171,23 @@ def _from_files(files: Iterable[Path], *, explicit: bool) -> Library:
         except DagInvalid as exc:
             problems.extend(_located(where, exc.problems))
             continue
-        if not spec.is_library:
-            problems.append(Problem(message=f"{where}: {spec.dag} is not a /lib/... subgraph"))
-            continue
-        _add(spec, str(path), dags, sources, problems)
+        _add(spec, where, str(path), dags, sources, problems)
     return Library(dags, sources, tuple(problems))
 
 
 def _add(
     spec: DagSpec,
+    where: str,
     source: str,
     dags: dict[str, DagSpec],
     sources: dict[str, str],
     problems: list[Problem],
 ) -> None:
-    """Keep the first of two documents with one path, and say so: neither silently wins."""
+    """Admit a /lib document; keep the first of two with one path, and say so: neither
+    silently wins."""
+    if not spec.is_library:
+        problems.append(Problem(message=f"{where}: {spec.dag} is not a /lib/... subgraph"))
+        return
     if spec.dag in dags:
         problems.append(
             Problem(message=f"{spec.dag} is defined twice: in {sources[spec.dag]} and {source}")
