@@ -460,12 +460,7 @@ def test_migration_mid_run_resumes_on_the_peer_with_its_states(tmp_path: Path) -
         assert local["status"] == "migrated"
         assert local["migrated_to"].startswith(f"{there_name}:{there.url}")
 
-        def finished() -> bool:
-            view = httpx.get(f"{there.url}/v1/dags/{run_id}", timeout=10).json()
-            return bool(view.get("status") == "succeeded")
-
-        _wait_for(finished, 120, "the peer finished the moved run", interval=0.25)
-        view = httpx.get(f"{there.url}/v1/dags/{run_id}", timeout=10).json()
+        view = _run_succeeds_on(there, run_id)
         assert view["outputs"] == reference["outputs"]  # token for token, greedy
         nodes = {n["node_id"]: n for n in view["nodes"]}
         assert nodes["intro"]["ran_on"] == here_name  # finished here, never re-run there
@@ -515,15 +510,22 @@ context = 2048
         assert any("lacks model" in reason for reason in moved["states_left"])
         assert moved["note"] == "some nodes recompute on the peer"
 
-        def finished() -> bool:
-            view = httpx.get(f"{there.url}/v1/dags/{run_id}", timeout=10).json()
-            return bool(view.get("status") == "succeeded")
-
-        _wait_for(finished, 120, "the peer finished the moved run", interval=0.25)
-        view = httpx.get(f"{there.url}/v1/dags/{run_id}", timeout=10).json()
+        view = _run_succeeds_on(there, run_id)
         story = next(n for n in view["nodes"] if n["node_id"] == "story")
         assert not story["resumed_from_checkpoint"] and story["ran_on"] == "local"
         assert view["outputs"]["intro"] == run_intro(here, run_id)
+
+
+def _run_succeeds_on(server: LiveServer, run_id: str) -> dict[str, Any]:
+    """Wait (up to 2 min) until the run succeeds on ``server``; its view."""
+    views: list[dict[str, Any]] = []
+
+    def succeeded() -> bool:
+        views.append(httpx.get(f"{server.url}/v1/dags/{run_id}", timeout=10).json())
+        return bool(views[-1].get("status") == "succeeded")
+
+    _wait_for(succeeded, 120, f"run {run_id} succeeded on {server.url}", interval=0.25)
+    return views[-1]
 
 
 def run_intro(server: LiveServer, run_id: str) -> Any:
@@ -549,11 +551,7 @@ def test_a_draining_daemon_moves_its_runs_to_a_peer(tmp_path: Path) -> None:
         assert record.status == "migrated" and record.migrated_to is not None
         assert record.migrated_to.startswith(there_name)
 
-        def finished() -> bool:
-            view = httpx.get(f"{there.url}/v1/dags/{run_id}", timeout=10).json()
-            return bool(view.get("status") == "succeeded")
-
-        _wait_for(finished, 120, "the peer finished the run", interval=0.25)
+        _run_succeeds_on(there, run_id)
 
 
 def test_static_peer_from_config_takes_requests(
