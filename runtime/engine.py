@@ -948,10 +948,15 @@ class Engine:
         return self._slots[seq_id]
 
     def _export(self, slot: _Slot, next_token: int | None) -> KVState:
+        # llama.cpp writes straight into a bytearray that the state then views: this runs
+        # on the scheduler thread, between decode steps, so every copy of tens of MB stalls
+        # every running sequence
         size = llama_cpp.llama_state_seq_get_size(self._ctx, slot.seq_id)
-        buf = (ctypes.c_uint8 * size)()
+        raw = bytearray(size)
+        buf = (ctypes.c_uint8 * size).from_buffer(raw)
         written = llama_cpp.llama_state_seq_get_data(self._ctx, buf, size, slot.seq_id)
-        payload = bytes(memoryview(buf)[:written])
+        del buf  # releases its export of ``raw``
+        payload = memoryview(raw)[:written].toreadonly()
         if self._portable_state:
             payload = portable_payload(payload, self.n_stream, slot.seq_id)
         return KVState(
@@ -970,11 +975,14 @@ class Engine:
             )
         self._seq_rm(slot.seq_id, 0)
         slot.tokens = []
-        payload = state.payload
         if self._portable_state:
-            payload = native_payload(payload, self.n_stream, slot.seq_id)
-        buf = (ctypes.c_uint8 * len(payload)).from_buffer_copy(payload)
-        if llama_cpp.llama_state_seq_set_data(self._ctx, buf, len(payload), slot.seq_id) == 0:
+            payload = native_payload(state, self.n_stream, slot.seq_id)
+        else:  # ctypes borrows only a writable buffer
+            payload = state.with_prefix(b"")
+        buf = (ctypes.c_uint8 * len(payload)).from_buffer(payload)
+        ok = llama_cpp.llama_state_seq_set_data(self._ctx, buf, len(payload), slot.seq_id)
+        del buf
+        if ok == 0:
             self._seq_rm(slot.seq_id, 0)
             raise StateError("llama.cpp refused the KV state (corrupt, or no room in the cache)")
         slot.tokens = list(state.tokens)

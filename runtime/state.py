@@ -106,13 +106,35 @@ class KVState:
     key: CompatKey
     tokens: list[int]  # tokens whose KV is in the payload, in order
     next_token: int | None  # sampled after tokens[-1], not decoded yet
-    payload: bytes = field(repr=False)
+    # bytes, or a read-only view into a larger buffer (a blob as read, an export): tens
+    # of MB that are never copied just to be sliced
+    payload: bytes | memoryview = field(repr=False)
     model: str = ""
+    # the private, writable buffer the payload is the tail of, when parsed from one (a
+    # mapped blob): its header bytes are spent, so llama.cpp's framing can go there
+    source: memoryview | None = field(default=None, repr=False, compare=False)
 
     @property
     def continuation(self) -> list[int]:
         """The prompt that continues this state: its tokens plus the pending one."""
         return self.tokens + ([self.next_token] if self.next_token is not None else [])
+
+    def with_prefix(self, prefix: bytes) -> bytearray | memoryview:
+        """``prefix + payload`` as one writable buffer, for llama.cpp to read in place.
+
+        Written into ``source`` when it has room before the payload (no copy); else built
+        with one copy.
+        """
+        n = len(self.payload)
+        room = self.source
+        if room is not None and len(room) - n >= len(prefix):
+            framed = room[len(room) - n - len(prefix) :]
+            framed[: len(prefix)] = prefix
+            return framed
+        built = bytearray(len(prefix) + n)
+        built[: len(prefix)] = prefix
+        built[len(prefix) :] = self.payload
+        return built
 
     def to_bytes(self) -> bytes:
         header = json.dumps(
@@ -129,17 +151,22 @@ class KVState:
         return b"".join([_MAGIC, struct.pack("<I", len(header)), header, self.payload])
 
     @classmethod
-    def from_bytes(cls, blob: bytes | memoryview, *, verify: bool = True) -> KVState:
+    def from_bytes(
+        cls, blob: bytes | memoryview, *, verify: bool = True, in_place: bool = False
+    ) -> KVState:
         """Parse a blob. ``verify=False`` skips hashing the payload, for bytes whose
         integrity was just checked another way (a content-addressed blob whose name is
-        the sha256 of all of it): 46 MB hashed twice costs ~0.1 s of a resume."""
+        the sha256 of all of it): 46 MB hashed twice costs ~0.1 s of a resume.
+        ``in_place=True`` lets an import overwrite the (writable, private) blob's header
+        bytes with llama.cpp's framing instead of copying the payload."""
         view = memoryview(blob)
         header_len = _header_length(bytes(view[:_PREFIX_LEN]))
         if len(view) < _PREFIX_LEN + header_len:
             raise StateError("truncated or corrupt KV state header")
         offset = _PREFIX_LEN + header_len
         header, tokens = _decode_header(bytes(view[_PREFIX_LEN:offset]))
-        payload = bytes(view[offset:])
+        payload = view[offset:].toreadonly()
+        source = view if in_place and not view.readonly else None
         if len(payload) != header.payload_bytes:
             raise StateError(
                 f"truncated KV state: payload has {len(payload)} bytes, "
@@ -147,7 +174,7 @@ class KVState:
             )
         if verify and hashlib.sha256(payload).hexdigest() != header.payload_sha256:
             raise StateError("corrupt KV state: payload sha256 does not match its header")
-        return cls(header.key, tokens, header.next_token, payload, header.model)
+        return cls(header.key, tokens, header.next_token, payload, header.model, source)
 
     @staticmethod
     def read_header(source: bytes | bytearray | memoryview | str | os.PathLike[str]) -> StateHeader:
@@ -216,8 +243,9 @@ def _decode_header(raw: bytes) -> tuple[StateHeader, list[int]]:
     return parsed, tokens
 
 
-def portable_payload(raw: bytes, n_stream: int, seq_id: int) -> bytes:
-    """Strip llama.cpp's framing from one sequence's state (see the module doc).
+def portable_payload(raw: memoryview, n_stream: int, seq_id: int) -> memoryview:
+    """Strip llama.cpp's framing from one sequence's state (see the module doc): a view of
+    ``raw``, not a copy.
 
     With one stream per slot, the sequence's stream index is its seq id.
     """
@@ -228,13 +256,14 @@ def portable_payload(raw: bytes, n_stream: int, seq_id: int) -> bytes:
     return raw[len(head) : len(raw) - tail]
 
 
-def native_payload(portable: bytes, n_stream: int, seq_id: int) -> bytes:
-    """Frame a portable section for sequence ``seq_id`` of an engine with ``n_stream`` streams.
+def native_payload(state: KVState, n_stream: int, seq_id: int) -> bytearray | memoryview:
+    """A portable state framed for sequence ``seq_id`` of an engine with ``n_stream`` streams.
 
-    llama.cpp restores the first non-empty section into the destination sequence's own
-    stream, whichever position it has, so the section goes first and empty ones follow.
+    llama.cpp restores a non-empty section into the destination sequence's own stream
+    whatever its position among the sections, so the empty ones go first: then all of
+    the framing precedes the payload, and fits in place of a mapped blob's header.
     """
-    return _llama_head(seq_id, n_stream) + portable + _U32.pack(0) * (n_stream - 1)
+    return state.with_prefix(_llama_head(seq_id, n_stream) + _U32.pack(0) * (n_stream - 1))
 
 
 def _llama_head(seq_id: int, n_stream: int) -> bytes:

@@ -37,12 +37,23 @@ def test_roundtrip_is_content_addressed_and_idempotent(blobs: BlobStore) -> None
 def test_corrupt_and_missing_blobs_are_refused(blobs: BlobStore) -> None:
     sha = blobs.put(b"original")
     blobs.path_of(sha).write_bytes(b"tampered")
-    with pytest.raises(BlobCorrupt):
-        blobs.get(sha)
-    with pytest.raises(BlobMissing):
-        blobs.get("0" * 64)
-    with pytest.raises(BlobMissing):
-        blobs.get("../../etc/passwd")
+    for read in (blobs.get, blobs.map):
+        with pytest.raises(BlobCorrupt):
+            read(sha)
+        with pytest.raises(BlobMissing):
+            read("0" * 64)
+        with pytest.raises(BlobMissing):
+            read("../../etc/passwd")
+
+
+def test_a_mapped_blob_is_private_to_the_reader(blobs: BlobStore) -> None:
+    data = b"header.." + b"payload" * 1000
+    sha = blobs.put(data)
+    view = blobs.map(sha)
+    assert bytes(view) == data and not view.readonly
+    view[:8] = b"REWRITTN"  # what a KV import does to a mapped blob's spent header
+    assert blobs.get(sha) == data  # the file, and every other reader, never sees it
+    assert bytes(blobs.map(sha)) == data
 
 
 def test_eviction_is_lru_and_spares_unfinished_runs(tmp_path: Path) -> None:

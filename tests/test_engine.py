@@ -212,8 +212,23 @@ async def test_export_import_continues_exactly(engine: Engine, default_model_pat
                 sampling=SamplingParams(temperature=0.0, max_tokens=24),
             )
         )
+        # the same blob as a private writable buffer: framed in place of its header
+        await fresh.clear_cache()
+        writable = bytearray(blob)
+        in_place = KVState.from_bytes(memoryview(writable), in_place=True)
+        again = await fresh.generate(
+            GenerateRequest(
+                prompt=[],
+                state=in_place,
+                sampling=SamplingParams(temperature=0.0, max_tokens=24),
+            )
+        )
     assert rest.cached_tokens == len(restored.tokens)  # nothing recomputed but the pending token
     assert half.choices[0].tokens + rest.choices[0].tokens == whole.choices[0].tokens
+    assert again.cached_tokens == len(restored.tokens)
+    assert again.choices[0].tokens == rest.choices[0].tokens
+    start = len(blob) - len(state.payload)  # only llama.cpp's 16-byte framing was written
+    assert writable[: start - 16] == blob[: start - 16] and writable[start:] == blob[start:]
 
 
 async def test_import_refuses_wrong_key_and_corrupt_blob(engine: Engine) -> None:

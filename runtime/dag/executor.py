@@ -804,9 +804,7 @@ class DagRunner:
                     run.emit(DagEvent("token", run_id, node_id,
                                       {"index": event.index, "text": event.text}))  # fmt: skip
                 elif isinstance(event, CheckpointEvent):
-                    sha = await asyncio.to_thread(
-                        self.blobs.put, event.state.to_bytes(), run_id=run_id
-                    )
+                    sha = await asyncio.to_thread(self._save_state, event.state, run_id)
                     self.runs.update_node(
                         run_id, node_id, checkpoint_sha256=sha,
                         checkpoint_tokens=len(before) + len(event.tokens),
@@ -823,7 +821,7 @@ class DagRunner:
             output: Any = outputs if isinstance(node, ForkNode) else outputs[0]
             state = result.choices[0].state if samples == 1 else None
             state_sha = (
-                await asyncio.to_thread(self.blobs.put, state.to_bytes(), run_id=run_id)
+                await asyncio.to_thread(self._save_state, state, run_id)
                 if state is not None
                 else None
             )
@@ -901,7 +899,8 @@ class DagRunner:
         if node.context is not None:
             parent = run.spec.nodes[node.context]
             assert isinstance(parent, LlmNode)
-            parent_turns, _ = await self._conversation(run, parent, scope, engine)
+            # only the direct parent's state is restored: its KV holds every ancestor's turns
+            parent_turns, _ = await self._conversation(run, parent, scope, None)
             answer = run.outputs[node.context]
             text = answer if isinstance(answer, str) else json.dumps(answer)
             turns = [*parent_turns, ChatMessage(role="assistant", content=text)]
@@ -915,6 +914,11 @@ class DagRunner:
         prompt = render(self.env, node.prompt, scope, node=node.id)
         return [*turns, ChatMessage(role="user", content=prompt)], state
 
+    def _save_state(self, state: KVState, run_id: str) -> str:
+        """Serialise and store a state: in a worker thread, since hashing and joining tens
+        of MB on the event loop would stall every other node's stream."""
+        return self.blobs.put(state.to_bytes(), run_id=run_id)
+
     async def _checkpoint_to_resume(self, record: NodeRecord, engine: Engine) -> KVState | None:
         if record.status not in ("interrupted", "running") or not record.checkpoint_sha256:
             return None
@@ -927,10 +931,11 @@ class DagRunner:
         if not sha:
             return None
         try:
-            # tens of MB read and hashed: off the event loop, which streams other nodes
-            # the blob store checks the whole blob against its sha256 name on read
+            # tens of MB mapped and hashed: off the event loop, which streams other nodes.
+            # The blob store checks the whole blob against its sha256 name; the map is
+            # private, so the import frames the payload in place of the header
             state = await asyncio.to_thread(
-                lambda: KVState.from_bytes(self.blobs.get(sha), verify=False)
+                lambda: KVState.from_bytes(self.blobs.map(sha), verify=False, in_place=True)
             )
             state.check_compatible(engine.compat_key)
         except (BlobMissing, BlobCorrupt, StateError) as exc:
