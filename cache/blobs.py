@@ -53,7 +53,7 @@ class BlobStore:
         self.root = root
         self.max_bytes = max_bytes
         self.root.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()  # the sqlite connection is shared between threads
+        self._lock = store.lock  # the sqlite connection is shared between threads
 
     def path_of(self, sha256: str) -> Path:
         if not _SHA.match(sha256):

@@ -15,7 +15,6 @@ top-level runs unless asked for children: a child is resumed through its parent.
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
@@ -114,7 +113,7 @@ def _encode_json_fields(values: dict[str, Any]) -> None:
 class RunStore:
     def __init__(self, store: Store) -> None:
         self.store = store
-        self._lock = threading.RLock()
+        self._lock = store.lock
 
     @contextmanager
     def _tx(self) -> Iterator[_Tx]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import sqlite3
+import threading
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from types import TracebackType
@@ -67,6 +68,10 @@ class Store:
         self.path = str(db_path)
         conn = sqlite3.connect(self.path, timeout=30.0, check_same_thread=False)
         self.db = sqlite_utils.Database(conn)
+        # one connection, used from the event loop and from worker threads (blob reads
+        # and writes): whoever uses ``db`` holds this lock, or one thread's statements
+        # land inside (or commit) another's transaction
+        self.lock = threading.RLock()
         if str(db_path) != ":memory:":
             # readers do not block the writer: the daemon and a CLI command share the file
             self.db.enable_wal()
@@ -90,52 +95,58 @@ class Store:
 
     def get_file_hash(self, path: str, size: int, mtime_ns: int) -> str | None:
         """The cached sha256 of ``path`` if it was computed for exactly this size and mtime."""
-        rows = list(
-            self.db.query(
-                "select sha256 from file_hashes where path = ? and size = ? and mtime_ns = ?",
-                [path, size, mtime_ns],
+        with self.lock:
+            rows = list(
+                self.db.query(
+                    "select sha256 from file_hashes where path = ? and size = ? and mtime_ns = ?",
+                    [path, size, mtime_ns],
+                )
             )
-        )
-        return rows[0]["sha256"] if rows else None
+            return rows[0]["sha256"] if rows else None
 
     def put_file_hash(self, path: str, size: int, mtime_ns: int, sha256: str) -> None:
         """Record (or replace) the sha256 of ``path`` for this size and mtime."""
-        # one statement, so a concurrent writer makes it wait (busy timeout), never fail
-        self.db.execute(
-            "insert into file_hashes (path, size, mtime_ns, sha256, computed_at)"
-            " values (?, ?, ?, ?, ?) on conflict (path) do update set size = excluded.size,"
-            " mtime_ns = excluded.mtime_ns, sha256 = excluded.sha256,"
-            " computed_at = excluded.computed_at",
-            [path, size, mtime_ns, sha256, datetime.datetime.now(datetime.UTC).isoformat()],
-        )
+        with self.lock:
+            # one statement, so a concurrent writer makes it wait (busy timeout), never fail
+            self.db.execute(
+                "insert into file_hashes (path, size, mtime_ns, sha256, computed_at)"
+                " values (?, ?, ?, ?, ?) on conflict (path) do update set size = excluded.size,"
+                " mtime_ns = excluded.mtime_ns, sha256 = excluded.sha256,"
+                " computed_at = excluded.computed_at",
+                [path, size, mtime_ns, sha256, datetime.datetime.now(datetime.UTC).isoformat()],
+            )
 
     def forget_file_hash(self, path: str) -> None:
-        self.db.execute("delete from file_hashes where path = ?", [path])
+        with self.lock:
+            self.db.execute("delete from file_hashes where path = ?", [path])
 
     def file_hashes(self) -> list[FileHash]:
-        return [FileHash(**row) for row in self.db.query("select * from file_hashes")]
+        with self.lock:
+            return [FileHash(**row) for row in self.db.query("select * from file_hashes")]
 
     # -- benchmark results ------------------------------------------------------------
 
     def add_bench_result(self, record: BenchRecord) -> BenchRecord:
         """Store a benchmark; returns it with its id."""
-        fields = {k: v for k, v in asdict(record).items() if k != "id"}
-        # one statement; the cursor's lastrowid is this insert's even with other writers
-        cursor = self.db.execute(
-            f"insert into bench_results ({', '.join(fields)})"
-            f" values ({', '.join('?' for _ in fields)})",
-            list(fields.values()),
-        )
-        return replace(record, id=cursor.lastrowid)
+        with self.lock:
+            fields = {k: v for k, v in asdict(record).items() if k != "id"}
+            # one statement; the cursor's lastrowid is this insert's even with other writers
+            cursor = self.db.execute(
+                f"insert into bench_results ({', '.join(fields)})"
+                f" values ({', '.join('?' for _ in fields)})",
+                list(fields.values()),
+            )
+            return replace(record, id=cursor.lastrowid)
 
     def bench_results(self, model_sha256: str | None = None, limit: int = 50) -> list[BenchRecord]:
         """Benchmarks, newest first (of one model file when ``model_sha256`` is given)."""
-        where, params = ("where model_sha256 = ?", [model_sha256]) if model_sha256 else ("", [])
-        rows = self.db.query(
-            f"select * from bench_results {where} order by measured_at desc, id desc limit ?",
-            [*params, limit],
-        )
-        return [BenchRecord(**row) for row in rows]
+        with self.lock:
+            where, params = ("where model_sha256 = ?", [model_sha256]) if model_sha256 else ("", [])
+            rows = self.db.query(
+                f"select * from bench_results {where} order by measured_at desc, id desc limit ?",
+                [*params, limit],
+            )
+            return [BenchRecord(**row) for row in rows]
 
     def latest_bench(
         self, model_sha256: str, fingerprint: str, plan_key: str, n_threads: int
@@ -145,11 +156,13 @@ class Store:
         A changed fingerprint (other hardware, another llama.cpp build) finds nothing, so
         callers re-measure instead of trusting figures from another machine.
         """
-        rows = list(
-            self.db.query(
-                "select * from bench_results where model_sha256 = ? and fingerprint = ?"
-                " and plan_key = ? and n_threads = ? order by measured_at desc, id desc limit 1",
-                [model_sha256, fingerprint, plan_key, n_threads],
+        with self.lock:
+            rows = list(
+                self.db.query(
+                    "select * from bench_results where model_sha256 = ? and fingerprint = ?"
+                    " and plan_key = ? and n_threads = ?"
+                    " order by measured_at desc, id desc limit 1",
+                    [model_sha256, fingerprint, plan_key, n_threads],
+                )
             )
-        )
-        return BenchRecord(**rows[0]) if rows else None
+            return BenchRecord(**rows[0]) if rows else None

@@ -41,8 +41,8 @@ class UsageLog:
 
     def __init__(self, store: Store) -> None:
         self.store = store
-        self._lock = threading.Lock()
         self._own = store.path != ":memory:"
+        self._lock = threading.Lock() if self._own else store.lock
         if self._own:
             self._conn = sqlite3.connect(store.path, timeout=30.0, check_same_thread=False)
             self._conn.execute("pragma synchronous = normal")

@@ -735,15 +735,21 @@ class Engine:
     def _step(self) -> None:
         batch = self._batch
         n = 0
-        decoding: list[tuple[_Job, _Branch]] = []
-        for job in self._running:
-            if job.prefilling:
-                continue
-            for br in job.branches:
-                if br.active and br.pending is not None:
-                    n = self._add(n, br.pending, len(br.slot.tokens), br.slot.seq_id, True)
-                    br.batch_index = n - 1
-                    decoding.append((job, br))
+        decoding = [
+            (job, br)
+            for job in self._running
+            if not job.prefilling
+            for br in job.branches
+            if br.active and br.pending is not None
+        ]
+        # in seq-id order: with a KV stream per slot, llama.cpp puts only consecutive,
+        # increasing seq ids into one ubatch, so [2, 0, 1, 3] would cost two forward passes
+        # (measured: a 4-wide step at 3.5x a single one instead of ~1.3x)
+        decoding.sort(key=lambda pair: pair[1].slot.seq_id)
+        for _job, br in decoding:
+            assert br.pending is not None
+            n = self._add(n, br.pending, len(br.slot.tokens), br.slot.seq_id, True)
+            br.batch_index = n - 1
         prefilling: list[_Job] = []
         budget = (
             self.config.n_batch
