@@ -796,12 +796,15 @@ async def test_request_to_a_closed_port_is_unavailable(forwarder: Forwarder) -> 
         await forwarder.request(_openai_peer(closed), "GET", "/v1/models")
     assert "did not answer" in str(caught.value)
     assert time.monotonic() - started < 2.0  # refused at once, no connect-timeout wait
+    assert not caught.value.timed_out  # refused is a hard failure, never a forgiven slow one
+    assert "Timeout" not in str(caught.value)  # named as what happened, not the adapter's map
 
 
 async def test_request_read_timeout_is_unavailable(server: _Server, forwarder: Forwarder) -> None:
     with pytest.raises(PeerUnavailable) as caught:
         await forwarder.request(_openai_peer(server.url), "GET", "/slow", timeout=0.1)
     assert "Timeout" in str(caught.value)
+    assert caught.value.timed_out
 
 
 async def test_request_to_a_pcrt_peer_carries_a_valid_cluster_signature(server: _Server) -> None:
@@ -843,7 +846,7 @@ async def test_open_stream_fails_when_the_peer_dies_before_the_first_chunk(
 ) -> None:
     with pytest.raises(PeerUnavailable) as caught:
         await forwarder.open_stream(_openai_peer(server.url), "/stream-dies", {})
-    assert caught.value.peer == "p"
+    assert caught.value.peer == "p" and not caught.value.timed_out
     # and the forwarder is still usable afterwards
     answer = await forwarder.request(_openai_peer(server.url), "GET", "/echo")
     assert answer.status == 200
@@ -861,8 +864,9 @@ async def test_open_stream_error_statuses(server: _Server, forwarder: Forwarder)
 
 async def test_open_stream_to_a_closed_port_is_unavailable(forwarder: Forwarder) -> None:
     closed = f"http://127.0.0.1:{_free_port()}"
-    with pytest.raises(PeerUnavailable):
+    with pytest.raises(PeerUnavailable) as caught:
         await forwarder.open_stream(_openai_peer(closed), "/stream", {})
+    assert not caught.value.timed_out
 
 
 # ---------------------------------------------------------------------------------------
