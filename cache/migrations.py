@@ -236,3 +236,9 @@ def m006_subgraph_runs(db: sqlite_utils.Database) -> None:
     db.table("runs").add_column("parent_node_id", str)
     db.table("runs").create_index(["parent_run_id"])
     db.table("nodes").add_column("child_run_id", str)
+
+
+@migration
+def m007_usage_fallbacks(db: sqlite_utils.Database) -> None:
+    """The peers a request tried and lost before the one that served it (issue 6)."""
+    db.table("usage").add_column("fallbacks", str)  # JSON: [{"node", "error"}, ...]

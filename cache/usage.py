@@ -25,9 +25,10 @@ class UsageRecord:
     completion_tokens: int = 0
     ttft_ms: float | None = None
     total_ms: float = 0.0
-    ran_on: str = "local"  # "local" or the peer's name (routing, later)
+    ran_on: str = "local"  # "local" or the peer's name
     request_id: str = ""
     ts: str = field(default_factory=utc_now)
+    fallbacks: str | None = None  # JSON [{"node", "error"}]: peers that failed it first
 
 
 class UsageLog:
@@ -79,7 +80,8 @@ class UsageLog:
         where, params = self._where(agent, since)
         sql = (
             "select agent, model, count(*) as requests,"
-            " sum(status >= 400) as errors,"
+            " sum(status >= 400) as errors, sum(ran_on != 'local') as on_peers,"
+            " sum(fallbacks is not null) as fell_back,"
             " sum(prompt_tokens) as prompt_tokens, sum(cached_tokens) as cached_tokens,"
             " sum(completion_tokens) as completion_tokens,"
             " avg(ttft_ms) as avg_ttft_ms, sum(total_ms) as total_ms,"

@@ -52,14 +52,15 @@ def usage(agent: str | None, since: str | None, as_json: bool) -> None:
         click.echo("no usage recorded")
         return
     table = Table(box=None, header_style="bold")
-    for column in ("AGENT", "MODEL", "REQUESTS", "ERRORS", "PROMPT", "CACHED", "COMPLETION",
-                   "AVG TTFT", "LAST"):  # fmt: skip
+    for column in ("AGENT", "MODEL", "REQUESTS", "ERRORS", "ON PEERS", "FELL BACK", "PROMPT",
+                   "CACHED", "COMPLETION", "AVG TTFT", "LAST"):  # fmt: skip
         table.add_column(column, overflow="fold")
     for r in rows:
         ttft = f"{r['avg_ttft_ms']:.0f} ms" if r["avg_ttft_ms"] is not None else "-"
         table.add_row(
             r["agent"], r["model"], str(r["requests"]), str(r["errors"]),
-            str(r["prompt_tokens"]), str(r["cached_tokens"]), str(r["completion_tokens"]),
+            str(r["on_peers"]), str(r["fell_back"]), str(r["prompt_tokens"]),
+            str(r["cached_tokens"]), str(r["completion_tokens"]),
             ttft, r["last"][:19],
         )  # fmt: skip
     Console().print(table)

@@ -62,6 +62,10 @@ class Metrics:
             "pcrt_time_per_output_token_seconds", "Mean time between tokens of a request",
             ["model"], buckets=_TOKEN_BUCKETS, registry=r,
         )  # fmt: skip
+        self.peer_fallbacks = Counter(
+            "pcrt_peer_fallbacks", "Forwards a peer failed before answering (the next "
+            "candidate took the request)", ["peer"], registry=r,
+        )  # fmt: skip
         r.register(_LiveCollector(live))
 
     def render(self) -> bytes:

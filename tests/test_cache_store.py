@@ -21,6 +21,7 @@ SHIPPED = [
     "m004_runs_nodes_blobs",
     "m005_node_routing",
     "m006_subgraph_runs",
+    "m007_usage_fallbacks",
 ]
 
 

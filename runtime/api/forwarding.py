@@ -25,7 +25,7 @@ from pcrt.runtime.api.schemas import ChatCompletionRequest, GenerationFields
 from pcrt.runtime.api.service import Accounting, Services, services_of
 from pcrt.runtime.errors import InvalidRequest, NoRoute, PeerError, PeerUnavailable
 
-__all__ = ["ROUTE_HEADER", "forward_if_routed"]
+__all__ = ["ROUTE_HEADER", "forward_if_routed", "route_headers"]
 
 ROUTE_HEADER = "x-pc-route"
 
@@ -76,7 +76,6 @@ async def forward_if_routed(
     if decision.is_local:
         return None
     acct.admit(work.prompt_tokens)  # the agent's limits hold wherever the work runs
-    failures: list[str] = []
     for candidate in decision.candidates:
         if candidate.kind == "local":
             return None  # every peer before it failed: local is the last resort
@@ -84,8 +83,17 @@ async def forward_if_routed(
             return await _forward(services, request, raw, route, candidate, acct, body.stream)
         except PeerUnavailable as exc:
             coordinator.report_failure(exc)
-            failures.append(str(exc))
-    raise PeerUnavailable("; ".join(failures) or decision.reason, peer="")
+            acct.fell_back(candidate.node, str(exc))  # in the usage row and the metrics
+    failures = "; ".join(f["error"] for f in acct.fallbacks)
+    raise PeerUnavailable(failures or decision.reason, peer="")
+
+
+def route_headers(acct: Accounting, ran_on: str) -> dict[str, str]:
+    """Where the request ran, and which peers failed it first (when any did)."""
+    headers = {"X-PC-Ran-On": ran_on}
+    if acct.fallbacks:
+        headers["X-PC-Fallbacks"] = ", ".join(f["node"] for f in acct.fallbacks)
+    return headers
 
 
 def _known_locally(services: Services, model: str | None) -> bool:
@@ -114,7 +122,7 @@ async def _forward(
     agent = request.headers.get("x-pc-agent-id")
     if agent:
         headers["X-PC-Agent-ID"] = agent
-    ran_on = {"X-PC-Ran-On": candidate.node}
+    ran_on = route_headers(acct, candidate.node)
     if not stream:
         # the client's own bytes when the model name stands: no second serialization
         same = raw.get("model") == candidate.model

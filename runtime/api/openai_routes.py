@@ -15,7 +15,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from pcrt.runtime.api.errors import status_and_body
-from pcrt.runtime.api.forwarding import forward_if_routed
+from pcrt.runtime.api.forwarding import forward_if_routed, route_headers
 from pcrt.runtime.api.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -81,10 +81,11 @@ async def _generate(request: Request, body: GenerationFields, route: str, *, cha
         raise
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        fell_back = route_headers(acct, "local") if acct.fallbacks else {}
         return StreamingResponse(
             _stream(handle, model, body, chat, include_usage, acct, lease),
             media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **fell_back},
         )
     try:
         result = await _collect(handle, request)
@@ -96,6 +97,9 @@ async def _generate(request: Request, body: GenerationFields, route: str, *, cha
     acct.finished(result, 200 if result is not None else 499)
     if result is None:  # the client went away; nobody reads this
         return JSONResponse({}, status_code=499)
+    if acct.fallbacks:  # every peer tried failed first: say so, as a forward would
+        return JSONResponse(_response(result, model.name, chat),
+                            headers=route_headers(acct, "local"))  # fmt: skip
     return _response(result, model.name, chat)
 
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
@@ -63,8 +64,15 @@ class Accounting:
     model: str
     route: str
     started: float = field(default_factory=time.perf_counter)
+    # peers that failed this request before whoever served it (their names and errors)
+    fallbacks: list[dict[str, str]] = field(default_factory=list)
     _done: bool = False
     _admitted: bool = False
+
+    def fell_back(self, node: str, error: str) -> None:
+        """A peer failed before answering; the next candidate takes the request."""
+        self.fallbacks.append({"node": node, "error": error})
+        self.services.metrics.peer_fallbacks.labels(node).inc()
 
     def admit(self, prompt_tokens: int) -> None:
         """Charged once per request, even when a forward falls back to local."""
@@ -155,6 +163,8 @@ class Accounting:
         self._record(record)
 
     def _record(self, record: UsageRecord) -> None:
+        if self.fallbacks:
+            record = replace(record, fallbacks=json.dumps(self.fallbacks))
         try:
             self.services.usage.record(record)
         except Exception:  # accounting must never fail the request it accounts for
