@@ -787,6 +787,7 @@ async def test_request_5xx_is_unavailable(
     assert not isinstance(caught.value, PeerRejected)
     assert caught.value.peer == "p"
     assert "answered 5" in str(caught.value) and detail in str(caught.value)
+    assert caught.value.status is not None  # it answered: not a lost connection
 
 
 async def test_request_to_a_closed_port_is_unavailable(forwarder: Forwarder) -> None:
@@ -797,6 +798,7 @@ async def test_request_to_a_closed_port_is_unavailable(forwarder: Forwarder) -> 
     assert "did not answer" in str(caught.value)
     assert time.monotonic() - started < 2.0  # refused at once, no connect-timeout wait
     assert not caught.value.timed_out  # refused is a hard failure, never a forgiven slow one
+    assert caught.value.status is None  # no answer at all
     assert "Timeout" not in str(caught.value)  # named as what happened, not the adapter's map
 
 
