@@ -54,6 +54,7 @@ from pcrt.routing.peers import (
     offers_from_models,
     offers_from_node_info,
     reported_number,
+    state_keys_from_node_info,
 )
 from pcrt.routing.policy import Decision, NodeView, PolicySettings, Work, decide
 from pcrt.runtime.errors import PcrtError, PeerError, PeerRejected, PeerUnavailable
@@ -442,7 +443,7 @@ class Coordinator:
                 return  # replaced while we asked (it moved): its own probe is under way
             # alive, but in another cluster (or none): listed, never sent work
             peer.trusted, peer.trust_note = False, "refused our cluster key"
-            peer.models = ()
+            peer.models, peer.state_keys = (), {}
             self.table.record_success(peer.name, time.perf_counter() - started)
             return
         if self.table.get(peer.name) is not peer:
@@ -463,6 +464,7 @@ class Coordinator:
             peer.trusted, peer.trust_note = True, "cluster key proven"
         peer.node_id = info.get("node_id") or peer.node_id
         peer.models = offers_from_node_info(info)
+        peer.state_keys = state_keys_from_node_info(info)
         peer.queue_depth = int(info.get("queue_depth") or 0)
         peer.slots = int(info.get("slots") or 1)
         battery = info.get("battery")

@@ -4,8 +4,10 @@ The source side, step by step (the run is stopped first; its checkpoints are on 
 
 1. the peer must be a trusted pcrt peer in the table;
 2. every state the run references (finished nodes' states, in-flight checkpoints) is read
-   and its compatibility key checked against the peer's models by sha256: a state for a
-   model the peer lacks is left behind and that node recomputes there;
+   and its compatibility key checked against what the peer's engine would use
+   (``statekey.py``): a state for a model the peer lacks, or one its engine would refuse
+   (another KV type, flash attention, layout or version), is left behind with the reason
+   and that node recomputes there;
 3. the states go first (``PUT /v1/pcrt/blobs``, hash-checked by the peer), the run record
    second (``POST /v1/pcrt/runs``): the peer never holds a record pointing at a missing
    blob, and a failure anywhere leaves the local run as it was, resumable here;
@@ -22,10 +24,12 @@ from typing import Any
 from pcrt.cache.blobs import BlobCorrupt, BlobMissing, BlobStore
 from pcrt.cache.runs import RunStore
 from pcrt.routing.coordinator import Coordinator
+from pcrt.routing.peers import Peer
+from pcrt.routing.statekey import key_mismatches
 from pcrt.runtime.errors import InvalidRequest, PeerUnavailable, StateError
-from pcrt.runtime.state import KVState
+from pcrt.runtime.state import KVState, StateHeader
 
-__all__ = ["BLOBS_PATH", "RUNS_PATH", "Migration", "migrate_run"]
+__all__ = ["BLOBS_PATH", "RUNS_PATH", "Migration", "migrate_run", "refusal_of"]
 
 BLOBS_PATH = "/v1/pcrt/blobs"
 RUNS_PATH = "/v1/pcrt/runs"
@@ -83,7 +87,6 @@ async def migrate_run(
         raise InvalidRequest(f"peer {peer_name} is not trusted ({peer.trust_note})")
     record = runs.get_run(run_id)
     nodes = runs.nodes(run_id)
-    offered = {m.sha256 for m in peer.models if m.sha256}
     result = Migration(run_id=run_id, peer=peer.name, peer_url=peer.url)
     sendable: set[str] = set()
     for sha in sorted({s for n in nodes for s in (n.state_sha256, n.checkpoint_sha256) if s}):
@@ -96,8 +99,9 @@ async def migrate_run(
         if not with_states:
             result.states_left.append(f"{sha[:12]}: not sent (asked to move without states)")
             continue
-        if header.key.model_sha256 not in offered:
-            result.states_left.append(f"{sha[:12]}: the peer lacks model {header.model}")
+        refusal = refusal_of(header, peer)
+        if refusal is not None:
+            result.states_left.append(f"{sha[:12]}: {refusal}")
             continue
         await coordinator.forwarder.request(
             peer, "PUT", BLOBS_PATH + f"?run_id={run_id}", content=data,
@@ -137,3 +141,25 @@ async def migrate_run(
     result.peer_status = str(body.get("status", ""))
     result.seconds = time.perf_counter() - started
     return result
+
+
+def refusal_of(header: StateHeader, peer: Peer) -> str | None:
+    """Why the peer would not load this state, or None when it would.
+
+    The peer's model of the same name decides when it has one (a resumed node asks for
+    that name); else any model with the state's sha256 that takes it. A peer that does not
+    report its engines' keys is judged by the sha256 alone."""
+    offers = [m for m in peer.models if m.sha256 == header.key.model_sha256]
+    if not offers:
+        return f"the peer lacks model {header.model}"
+    named = [m for m in offers if m.name == header.model]
+    problems = []
+    for offer in named or offers:
+        engine = peer.state_keys.get(offer.name)
+        if engine is None:
+            return None
+        mismatches = key_mismatches(header.key, engine)
+        if not mismatches:
+            return None
+        problems.append(mismatches)
+    return "the peer's KV cache differs (here vs there): " + ", ".join(problems[0])

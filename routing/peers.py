@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from pcrt.routing.policy import ModelOffer, NodeView
+from pcrt.routing.statekey import EngineKey
 
 __all__ = [
     "Peer",
@@ -28,6 +29,7 @@ __all__ = [
     "offers_from_node_info",
     "reported_count",
     "reported_number",
+    "state_keys_from_node_info",
 ]
 
 PeerKind = Literal["pcrt", "vllm", "openai"]
@@ -55,6 +57,9 @@ class Peer:
     trusted: bool = False
     trust_note: str = "not asked yet"
     models: tuple[ModelOffer, ...] = ()
+    # pcrt peers: the key each model's engine gives KV states, by model name (absent: an
+    # older peer that does not say; migration then goes by the sha256 alone)
+    state_keys: dict[str, EngineKey] = field(default_factory=dict)
     static_tags: tuple[str, ...] = ()  # tags config or the announcer gave every model
     configured_models: tuple[str, ...] = ()  # static peers: models from config, not polled
     strength: float | None = None
@@ -145,6 +150,17 @@ def offers_from_node_info(info: dict[str, Any]) -> tuple[ModelOffer, ...]:
             )
         )
     return tuple(offers)
+
+
+def state_keys_from_node_info(info: dict[str, Any]) -> dict[str, EngineKey]:
+    """The KV state keys a pcrt peer's node info reports, by model name."""
+    keys = {}
+    for m in info.get("models") or []:
+        if isinstance(m, dict) and isinstance(m.get("name"), str):
+            key = EngineKey.from_info(m.get("state_key"))
+            if key is not None:
+                keys[m["name"]] = key
+    return keys
 
 
 def reported_number(value: Any) -> float | None:

@@ -20,7 +20,7 @@ from pcrt.runtime.models import ModelEntry, Registry
 from pcrt.runtime.planning import PlanUnavailable, plan_for
 from pcrt.runtime.pull import ProgressFactory, ensure_pulled
 
-__all__ = ["engine_config_for", "engine_config_from_plan", "open_engine"]
+__all__ = ["engine_config_for", "engine_config_from_plan", "kv_settings_for", "open_engine"]
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,20 @@ def engine_config_for(entry: ModelEntry, **overrides: Any) -> EngineConfig:
         values["flash_attn"] = entry.flash_attn
     values.update({k: v for k, v in overrides.items() if v is not None})
     return EngineConfig(**values)
+
+
+def kv_settings_for(entry: ModelEntry) -> tuple[str, str, bool]:
+    """The K and V cache types and flash attention a load of ``entry`` will use, known
+    without loading it (peers compare them before sending KV states): the entry's pins over
+    the engine's defaults. The planner changes neither type and turns flash attention on
+    for a quantised V cache, which llama.cpp needs, unless the entry pins it off."""
+    defaults = EngineConfig.model_fields  # not an EngineConfig: that counts the cores
+    type_k = entry.kv_type or defaults["type_k"].default
+    type_v = entry.kv_type or defaults["type_v"].default
+    flash_attn = entry.flash_attn
+    if flash_attn is None:
+        flash_attn = type_v not in ("f16", "f32") or bool(defaults["flash_attn"].default)
+    return type_k, type_v, flash_attn
 
 
 def engine_config_from_plan(entry: ModelEntry, plan: OffloadPlan, **overrides: Any) -> EngineConfig:

@@ -439,6 +439,10 @@ def test_migration_mid_run_resumes_on_the_peer_with_its_states(tmp_path: Path) -
     here_name, there_name = _unique("here"), _unique("there")
     with _daemon(tmp_path, here_name, key) as here, _daemon(tmp_path, there_name, key) as there:
         _wait_for(lambda: _in_rotation(here, there_name), 10, "here trusts there")
+        # there says what key its engine will give smollm's states before it loads it: the
+        # states below go because the keys match, not for want of one to compare
+        peer = here.services.coordinator.peer(there_name)
+        assert peer is not None and "smollm2-135m" in peer.state_keys
         reference = httpx.post(here.url + "/v1/dags", json={"dag": MOVE_DAG}, timeout=120).json()
         assert reference["status"] == "succeeded"
         # a cold start for the run that moves, as for the reference

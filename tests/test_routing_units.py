@@ -1,12 +1,14 @@
 """Fast unit tests for the routing pieces: the cluster-key signatures (``auth.py``), the peer
 table (``peers.py``), SSE splitting and the HTTP forwarder (``forward.py``, against a tiny
-uvicorn server on loopback) and the ``[peers]`` config section (``runtime/settings.py``).
+uvicorn server on loopback), the ``[peers]`` config section (``runtime/settings.py``), and
+migration's state-key check (``statekey.py``, ``migrate.py``).
 
 No model, no mDNS, no daemon: the whole file runs in a few seconds."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import threading
 import time
@@ -14,6 +16,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
+import httpx
 import pytest
 import uvicorn
 from starlette.applications import Starlette
@@ -21,6 +24,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from pcrt.cache.blobs import BlobStore
+from pcrt.cache.runs import RunStore
+from pcrt.cache.store import Store
 from pcrt.routing.auth import (
     CLUSTER_HEADER,
     MAX_SKEW,
@@ -32,17 +38,22 @@ from pcrt.routing.auth import (
     verify_proof,
     verify_request,
 )
+from pcrt.routing.coordinator import Coordinator
 from pcrt.routing.forward import ForwardedStream, Forwarder, PeerAnswer, sse_events
+from pcrt.routing.migrate import RUNS_PATH, migrate_run, refusal_of
 from pcrt.routing.peers import (
     Peer,
     PeerTable,
     cooldown_seconds,
     offers_from_models,
     offers_from_node_info,
+    state_keys_from_node_info,
 )
 from pcrt.routing.policy import ModelOffer, NodeView
+from pcrt.routing.statekey import EngineKey, key_mismatches
 from pcrt.runtime.errors import ConfigError, PeerRejected, PeerUnavailable
 from pcrt.runtime.settings import PeerSettings, ServerSettings, StaticPeer
+from pcrt.runtime.state import CompatKey, KVState, StateHeader
 
 WRONG = "wrong cluster key (or a changed request)"
 KEY = "correct horse battery staple"
@@ -1109,3 +1120,137 @@ async def test_sightings_of_another_protocol_or_over_a_static_peer_are_ignored()
     finally:
         await coordinator.forwarder.close()
         await coordinator.prober.close()
+
+
+# ---------------------------------------------------------------------------------------
+# statekey.py and migrate.py: which states a peer would load
+# ---------------------------------------------------------------------------------------
+
+MODEL_SHA = "cd" * 32
+HERE_KEY = CompatKey(model_sha256=MODEL_SHA, type_k="f16", type_v="f16", flash_attn=False)
+
+
+def test_a_loaded_engine_key_takes_the_states_it_made() -> None:
+    assert key_mismatches(HERE_KEY, EngineKey.of(HERE_KEY, parallel=4)) == []
+    assert key_mismatches(HERE_KEY, EngineKey()) == []  # nothing reported: nothing to refuse
+
+
+def test_key_mismatches_name_every_differing_field_state_first() -> None:
+    there = EngineKey(type_k="q8_0", type_v="q8_0", flash_attn=True, llama_cpp_version="0.0.1",
+                      format_version=2)  # fmt: skip
+    assert key_mismatches(HERE_KEY, there) == [
+        "K type f16 vs q8_0",
+        "V type f16 vs q8_0",
+        "flash attention off vs on",
+        f"llama.cpp version {HERE_KEY.llama_cpp_version} vs 0.0.1",
+        "state format 1 vs 2",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("state_layout", "engine", "problem"),
+    [
+        ("portable", EngineKey(parallel=2), None),  # before a load: portable stays portable
+        ("raw-4", EngineKey(parallel=4), None),  # raw: one stream per slot
+        ("raw-4", EngineKey(parallel=2), "layout raw-4 vs raw-2"),
+        ("raw-4", EngineKey(), None),  # slots unknown: not refused on a guess
+        ("portable", EngineKey(layout="raw-2", parallel=2), "layout portable vs raw-2"),
+    ],
+)  # fmt: skip
+def test_layout_is_predicted_before_a_load_from_the_slots(
+    state_layout: str, engine: EngineKey, problem: str | None
+) -> None:
+    state = HERE_KEY.model_copy(update={"layout": state_layout})
+    assert key_mismatches(state, engine) == ([problem] if problem else [])
+
+
+def test_engine_key_from_info_round_trips_and_drops_badly_typed_fields() -> None:
+    key = EngineKey.of(HERE_KEY, parallel=4)
+    assert EngineKey.from_info(key.to_info()) == key
+    bad = {"type_k": 8, "flash_attn": "yes", "format_version": True, "parallel": 2.5,
+           "type_v": "q8_0"}  # fmt: skip
+    assert EngineKey.from_info(bad) == EngineKey(type_v="q8_0")
+    assert EngineKey.from_info("f16") is None and EngineKey.from_info(None) is None
+
+
+def test_state_keys_from_node_info_by_model_name() -> None:
+    info = {"models": [{"name": "a", "state_key": {"type_k": "q8_0"}}, {"name": "old"},
+                       {"name": 3, "state_key": {}}, "x"]}  # fmt: skip
+    assert state_keys_from_node_info(info) == {"a": EngineKey(type_k="q8_0")}
+
+
+def _header(model: str = "smollm", key: CompatKey = HERE_KEY) -> StateHeader:
+    return StateHeader(key=key, model=model, n_tokens=3, next_token=None, payload_bytes=1,
+                       payload_sha256="0" * 64)  # fmt: skip
+
+
+def test_refusal_of_a_state_by_model_and_by_engine_key() -> None:
+    offer = ModelOffer(name="smollm", sha256=MODEL_SHA)
+    q8 = EngineKey(type_k="q8_0", type_v="q8_0", flash_attn=True)
+    assert refusal_of(_header(), _peer(models=())) == "the peer lacks model smollm"
+    # an older peer says nothing of its engines: the sha256 decides, as it did
+    assert refusal_of(_header(), _peer(models=(offer,))) is None
+    refused = refusal_of(_header(), _peer(models=(offer,), state_keys={"smollm": q8}))
+    assert refused == (
+        "the peer's KV cache differs (here vs there): K type f16 vs q8_0, V type f16 vs q8_0, "
+        "flash attention off vs on"
+    )
+    ok = EngineKey.of(HERE_KEY, parallel=4)
+    assert refusal_of(_header(), _peer(models=(offer,), state_keys={"smollm": ok})) is None
+    # the same file under two names: the state's own name decides when the peer has it
+    twin = ModelOffer(name="twin", sha256=MODEL_SHA)
+    keys = {"smollm": q8, "twin": ok}
+    assert refusal_of(_header(), _peer(models=(offer, twin), state_keys=keys)) is not None
+    assert refusal_of(_header("other"), _peer(models=(offer, twin), state_keys=keys)) is None
+
+
+class _FakePeerCalls:
+    """Stands in for ``Forwarder.request``: records calls; the record POST fails as told."""
+
+    def __init__(self, post_failures: list[PeerUnavailable]) -> None:
+        self.calls: list[tuple[str, str, Any]] = []
+        self.post_failures = post_failures
+
+    async def __call__(self, peer: Peer, method: str, path: str, **kw: Any) -> PeerAnswer:
+        self.calls.append((method, path, kw.get("json_body")))
+        if method == "POST" and self.post_failures:
+            raise self.post_failures.pop(0)
+        body = {"id": kw["json_body"]["run"]["id"], "status": "running"} if method == "POST" else {}
+        return PeerAnswer(200, httpx.Headers(), json.dumps(body).encode(), None, 0.0)
+
+
+@pytest.fixture
+async def migration_setup(tmp_path: Path) -> AsyncIterator[tuple[Coordinator, RunStore, BlobStore]]:
+    """A run with one finished node's state, and a coordinator whose only peer is "p"."""
+    store = Store(tmp_path / "pcrt.db")
+    runs, blobs = RunStore(store), BlobStore(store, tmp_path / "blobs")
+    runs.create_run("r", "/dynamic/t", {"dag": "/dynamic/t"}, {}, [("a", "/dynamic/t/a", "llm")])
+    state = KVState(HERE_KEY, [1, 2, 3], 4, b"kv" * 32, model="smollm").to_bytes()
+    runs.update_node("r", "a", status="succeeded", state_sha256=blobs.put(state, run_id="r"),
+                     model="smollm", output="hi")  # fmt: skip
+    coordinator = Coordinator(
+        PeerSettings(), node_id="n", node_name="here", api_port=1,
+        announce_address="127.0.0.1",
+        local_view=lambda: NodeView(name="local", kind="local", models=()), local_models=list,
+    )  # fmt: skip
+    try:
+        yield coordinator, runs, blobs
+    finally:
+        await coordinator.close()
+        store.close()
+
+
+async def test_migrate_leaves_a_state_the_peers_engine_would_refuse(
+    migration_setup: tuple[Coordinator, RunStore, BlobStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    coordinator, runs, blobs = migration_setup
+    q8 = EngineKey(type_k="q8_0", type_v="q8_0", flash_attn=True)
+    coordinator.table.upsert(_peer(trusted=True, models=(ModelOffer("smollm", MODEL_SHA),),
+                                   state_keys={"smollm": q8}))  # fmt: skip
+    calls = _FakePeerCalls([])
+    monkeypatch.setattr(coordinator.forwarder, "request", calls)
+    result = await migrate_run(coordinator, runs, blobs, "r", "p")
+    assert result.states_sent == 0 and len(result.states_left) == 1
+    assert "K type f16 vs q8_0" in result.states_left[0]
+    assert [c[:2] for c in calls.calls] == [("POST", RUNS_PATH)]  # no state sent
+    assert calls.calls[0][2]["nodes"][0]["state_sha256"] is None  # the peer recomputes

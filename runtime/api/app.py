@@ -66,7 +66,8 @@ def create_app(
         runs = RunStore(store)
         node_id = load_node_id(reg.paths.home)
         node_name = settings.peers.name or socket.gethostname().split(".")[0] or "pcrt"
-        node = NodeInfo(node_id, node_name, reg, pool, monitor, store, settings.context)
+        node = NodeInfo(node_id, node_name, reg, pool, monitor, store, settings.context,
+                        parallel=settings.parallel)  # fmt: skip
         coordinator = Coordinator(
             settings.peers, node_id=node_id, node_name=node_name, api_port=settings.port,
             announce_address=announce_address(settings.host, settings.peers.interfaces),

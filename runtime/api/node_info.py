@@ -3,7 +3,9 @@
 Models come from the registry; loaded ones report their live queue and slots; speeds come
 from ``pcrt bench`` results in the store (the newest run for that file on this machine);
 battery and free memory from the device monitor. A model's strength is its file size in
-GB, a rough proxy that orders models of one family and quantisation correctly.
+GB, a rough proxy that orders models of one family and quantisation correctly. Each model
+also carries the compatibility key its engine gives KV states (``routing.statekey``), so a
+peer migrating a run here sends only states that will load.
 """
 
 from __future__ import annotations
@@ -15,12 +17,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import llama_cpp
+
 from pcrt.cache.store import Store
 from pcrt.device.monitor import DeviceMonitor
 from pcrt.routing.discovery import PROTOCOL_VERSION
 from pcrt.routing.policy import ModelOffer, NodeView
+from pcrt.routing.statekey import EngineKey
+from pcrt.runtime.loader import kv_settings_for
 from pcrt.runtime.models import ModelEntry, Registry
 from pcrt.runtime.pool import ModelPool
+from pcrt.runtime.state import STATE_FORMAT_VERSION
 
 __all__ = ["NodeInfo"]
 
@@ -34,6 +41,7 @@ class NodeInfo:
     monitor: DeviceMonitor
     store: Store
     context_override: int | None = None  # pcrt serve --ctx: what a load will give
+    parallel: int | None = None  # slots a load will give (the daemon's setting)
     addresses: frozenset[str] = frozenset()
     port: int = 0
 
@@ -92,6 +100,20 @@ class NodeInfo:
             )  # fmt: skip
         return tuple(offers)
 
+    def state_key(self, name: str) -> EngineKey:
+        """The key this node's engine gives the model's KV states: the engine's own once
+        loaded, else what a load will use (the layout only a load can tell)."""
+        entry = self.registry.entries[name]
+        model = self.pool.get_loaded(name)
+        if model is not None:
+            return EngineKey.of(model.engine.compat_key, model.engine.config.parallel)
+        type_k, type_v, flash_attn = kv_settings_for(entry)
+        return EngineKey(
+            type_k=type_k, type_v=type_v, flash_attn=flash_attn,
+            llama_cpp_version=llama_cpp.__version__, format_version=STATE_FORMAT_VERSION,
+            parallel=self.parallel,
+        )  # fmt: skip
+
     def _load(self) -> tuple[int, int]:
         queue = busy = slots = 0
         for model in self.pool.loaded():
@@ -140,6 +162,7 @@ class NodeInfo:
                     "tokens_per_s": o.tokens_per_s,
                     "prefill_tokens_per_s": o.prefill_tokens_per_s,
                     "loaded": o.loaded,
+                    "state_key": self.state_key(o.name).to_info(),
                 }  # fmt: skip
                 for o in self.offers()
             ],
