@@ -242,3 +242,9 @@ def m006_subgraph_runs(db: sqlite_utils.Database) -> None:
 def m007_usage_fallbacks(db: sqlite_utils.Database) -> None:
     """The peers a request tried and lost before the one that served it (issue 6)."""
     db.table("usage").add_column("fallbacks", str)  # JSON: [{"node", "error"}, ...]
+
+
+@migration
+def m008_run_origin(db: sqlite_utils.Database) -> None:
+    """The peer a migrated run came from: a repeat of the same import is recognised."""
+    db.table("runs").add_column("origin", str)

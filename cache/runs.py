@@ -51,6 +51,7 @@ class RunRecord:
     migrated_to: str | None
     parent_run_id: str | None = None  # a subgraph call's run: the caller's run and node
     parent_node_id: str | None = None
+    origin: str | None = None  # a run moved here: the node it came from
 
     @property
     def finished(self) -> bool:
@@ -160,36 +161,27 @@ class RunStore:
                 )  # fmt: skip
         return self.get_run(run_id)
 
-    def import_run(self, run: dict[str, Any], nodes: list[dict[str, Any]]) -> RunRecord:
-        """A run moved here from a peer: its record and every node's, in one transaction.
-        It arrives ``interrupted`` (resuming continues it); unfinished nodes likewise."""
-        now = utc_now()
+    def import_run(
+        self, run: dict[str, Any], nodes: list[dict[str, Any]], *, origin: str
+    ) -> tuple[RunRecord, bool]:
+        """A run moved here from the peer ``origin``: its record and every node's, in one
+        transaction. It arrives ``interrupted`` (resuming continues it); unfinished nodes
+        likewise. Returns the record and whether it is new: the same run from the same
+        origin again (its answer was lost and it asks again) changes nothing and gets the
+        record as it stands; any other run under that id raises ``RunExists``."""
         with self._tx() as db:
-            row = db.execute("select status from runs where id = ?", [run["id"]]).fetchone()
-            if row is not None and row[0] == "migrated":
-                # it left here once and comes back: the record that stayed is history
+            row = db.execute(
+                "select status, origin, spec, inputs from runs where id = ?", [run["id"]]
+            ).fetchone()
+            # a record that stayed here as "migrated" is history: the run comes back
+            fresh = row is None or row[0] == "migrated"
+            if not fresh:
+                _check_repeat(run, origin, *row)
+            else:
                 db.execute("delete from nodes where run_id = ?", [run["id"]])
                 db.execute("delete from runs where id = ?", [run["id"]])
-            elif row is not None:
-                raise RunExists(f"run {run['id']} already exists here ({row[0]})")
-            db.insert(
-                "runs",
-                {
-                    "id": run["id"], "dag_path": run["dag_path"], "spec": json.dumps(run["spec"]),
-                    "inputs": json.dumps(run["inputs"]), "status": "interrupted",
-                    "tokens_used": int(run.get("tokens_used") or 0),
-                    "nodes_executed": int(run.get("nodes_executed") or 0),
-                    "created_at": run.get("created_at") or now, "updated_at": now,
-                    "error": "moved here from a peer; resuming continues it",
-                },
-            )  # fmt: skip
-            for node in nodes:
-                values = {k: v for k, v in node.items() if k in _NODE_FIELDS}
-                if values.get("status") == "running":
-                    values["status"] = "interrupted"
-                _encode_json_fields(values)
-                db.insert("nodes", {**values, "run_id": run["id"]})
-        return self.get_run(run["id"])
+                _insert_import(db, run, nodes, origin)
+        return self.get_run(run["id"]), fresh
 
     def get_run(self, run_id: str) -> RunRecord:
         with self._lock:
@@ -311,6 +303,43 @@ class RunStore:
                 " order by last_used_at desc, rowid desc limit -1 offset ?)",
                 [max_entries],
             )
+
+
+def _check_repeat(
+    run: dict[str, Any], origin: str, status: str, had_origin: str | None, spec: str, inputs: str
+) -> None:
+    """Whether an import of a run id already here repeats the one that made it (else
+    ``RunExists``, saying what differs)."""
+    here = f"run {run['id']} already exists here ({status}"
+    if had_origin is None:
+        raise RunExists(f"{here}, started on this node): a run moved here needs an unused id")
+    if had_origin != origin:
+        raise RunExists(f"{here}, moved from {had_origin}, not {origin})")
+    if json.loads(spec) != run["spec"] or json.loads(inputs) != run["inputs"]:
+        raise RunExists(
+            f"{here}, moved from {origin}) with another DAG or inputs: one id cannot name two runs"
+        )
+
+
+def _insert_import(db: _Tx, run: dict[str, Any], nodes: list[dict[str, Any]], origin: str) -> None:
+    now = utc_now()
+    db.insert(
+        "runs",
+        {
+            "id": run["id"], "dag_path": run["dag_path"], "spec": json.dumps(run["spec"]),
+            "inputs": json.dumps(run["inputs"]), "status": "interrupted",
+            "tokens_used": int(run.get("tokens_used") or 0),
+            "nodes_executed": int(run.get("nodes_executed") or 0),
+            "created_at": run.get("created_at") or now, "updated_at": now,
+            "error": "moved here from a peer; resuming continues it", "origin": origin,
+        },
+    )  # fmt: skip
+    for node in nodes:
+        values = {k: v for k, v in node.items() if k in _NODE_FIELDS}
+        if values.get("status") == "running":
+            values["status"] = "interrupted"
+        _encode_json_fields(values)
+        db.insert("nodes", {**values, "run_id": run["id"]})
 
 
 class _Tx:

@@ -10,13 +10,16 @@ The source side, step by step (the run is stopped first; its checkpoints are on 
    and that node recomputes there;
 3. the states go first (``PUT /v1/pcrt/blobs``, hash-checked by the peer), the run record
    second (``POST /v1/pcrt/runs``): the peer never holds a record pointing at a missing
-   blob, and a failure anywhere leaves the local run as it was, resumable here;
+   blob, and a failure anywhere leaves the local run as it was, resumable here. A record
+   POST whose connection failed or timed out is sent once more: the peer may have taken
+   it and lost only the answer, and it answers a repeat of the same run as the first;
 4. the peer starts the run; the caller marks the local one migrated, with a pointer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +27,7 @@ from typing import Any
 from pcrt.cache.blobs import BlobCorrupt, BlobMissing, BlobStore
 from pcrt.cache.runs import RunStore
 from pcrt.routing.coordinator import Coordinator
+from pcrt.routing.forward import PeerAnswer
 from pcrt.routing.peers import Peer
 from pcrt.routing.statekey import key_mismatches
 from pcrt.runtime.errors import InvalidRequest, PeerUnavailable, StateError
@@ -31,8 +35,11 @@ from pcrt.runtime.state import KVState, StateHeader
 
 __all__ = ["BLOBS_PATH", "RUNS_PATH", "Migration", "migrate_run", "refusal_of"]
 
+log = logging.getLogger(__name__)
+
 BLOBS_PATH = "/v1/pcrt/blobs"
 RUNS_PATH = "/v1/pcrt/runs"
+RECORD_TIMEOUT = 30.0  # the peer stores a record and starts it: seconds, not minutes
 
 
 @dataclass
@@ -134,7 +141,7 @@ async def migrate_run(
         ],
         "origin": coordinator.node_name,
     }  # fmt: skip
-    answer = await coordinator.forwarder.request(peer, "POST", RUNS_PATH, json_body=payload)
+    answer = await _send_record(coordinator, peer, payload)
     body = answer.json()
     if not isinstance(body, dict) or body.get("id") != run_id:
         raise PeerUnavailable(f"peer {peer.name} did not take run {run_id}", peer=peer.name)
@@ -163,3 +170,19 @@ def refusal_of(header: StateHeader, peer: Peer) -> str | None:
             return None
         problems.append(mismatches)
     return "the peer's KV cache differs (here vs there): " + ", ".join(problems[0])
+
+
+async def _send_record(coordinator: Coordinator, peer: Peer, payload: dict[str, Any]) -> PeerAnswer:
+    """POST the run record; once more if no answer came (the connection failed or timed
+    out): the peer may hold the run already, and answers a repeat as it did the first."""
+    try:
+        return await coordinator.forwarder.request(
+            peer, "POST", RUNS_PATH, json_body=payload, timeout=RECORD_TIMEOUT
+        )
+    except PeerUnavailable as exc:
+        if exc.status is not None:  # it answered with an error: a repeat gets the same
+            raise
+        log.warning("sending run %s to %s again: %s", payload["run"]["id"], peer.name, exc)
+    return await coordinator.forwarder.request(
+        peer, "POST", RUNS_PATH, json_body=payload, timeout=RECORD_TIMEOUT
+    )

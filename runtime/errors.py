@@ -15,6 +15,7 @@ shape and a status code; the CLI prints the message without a traceback.
     │   └── ContextLengthExceeded  the prompt (plus what must be generated) does not fit
     ├── StateError             a KV state blob is malformed or does not belong to this model
     │   └── IncompatibleState  the compatibility key differs (other model, KV type, version)
+    ├── Conflict               clashes with what is here already (a run id another run holds)
     ├── EngineClosed           a request reached an engine that is shutting down
     ├── Unauthorized           a missing or wrong API key
     ├── RetryLater             the request may succeed later (carries retry_after seconds)
@@ -33,6 +34,7 @@ from typing import Any
 __all__ = [
     "ChatTemplateMissing",
     "ConfigError",
+    "Conflict",
     "ContextLengthExceeded",
     "DownloadError",
     "EngineClosed",
@@ -99,6 +101,10 @@ class StateError(PcrtError):
 
 
 class IncompatibleState(StateError):
+    pass
+
+
+class Conflict(PcrtError):
     pass
 
 

@@ -22,6 +22,7 @@ SHIPPED = [
     "m005_node_routing",
     "m006_subgraph_runs",
     "m007_usage_fallbacks",
+    "m008_run_origin",
 ]
 
 

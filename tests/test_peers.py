@@ -470,6 +470,29 @@ def test_migration_mid_run_resumes_on_the_peer_with_its_states(tmp_path: Path) -
         assert nodes["intro"]["ran_on"] == here_name  # finished here, never re-run there
         assert nodes["story"]["resumed_from_checkpoint"]  # its KV came along: no recompute
 
+        # here lost the answer and sends the run again: told how it stands, nothing reruns
+        spec = here.services.dags.runner.runs.get_run(run_id).spec
+        moved_run = {"run": {"id": run_id, "spec": spec}, "nodes": [], "origin": here_name}
+        again = _signed_post(there, key, "/v1/pcrt/runs", moved_run)
+        assert again.status_code == 200 and again.json()["status"] == "succeeded", again.text
+        assert httpx.get(f"{there.url}/v1/dags/{run_id}", timeout=10).json() == view
+        # another DAG under that id is a conflict
+        other = json.loads(json.dumps(spec))
+        other["nodes"]["story"]["max_tokens"] = 8
+        clash = _signed_post(
+            there, key, "/v1/pcrt/runs", {**moved_run, "run": {"id": run_id, "spec": other}}
+        )
+        assert clash.status_code == 409 and "another DAG" in clash.json()["error"]["message"]
+
+
+def _signed_post(server: LiveServer, key: str, path: str, body: dict[str, Any]) -> httpx.Response:
+    """A POST as a peer sends it: signed with the cluster key over its exact bytes."""
+    content = json.dumps(body).encode()
+    signature = request_header(key, "POST", path, authority=server.url.removeprefix("http://"),
+                               body=content)  # fmt: skip
+    headers = {CLUSTER_HEADER: signature, "Content-Type": "application/json"}
+    return httpx.post(server.url + path, content=content, headers=headers, timeout=30)
+
 
 def _events(lines: Iterator[str]) -> Iterator[tuple[str, dict[str, Any]]]:
     kind = ""

@@ -1,7 +1,7 @@
 """Fast unit tests for the routing pieces: the cluster-key signatures (``auth.py``), the peer
 table (``peers.py``), SSE splitting and the HTTP forwarder (``forward.py``, against a tiny
 uvicorn server on loopback), the ``[peers]`` config section (``runtime/settings.py``), and
-migration's state-key check (``statekey.py``, ``migrate.py``).
+migration's state-key check and record retry (``statekey.py``, ``migrate.py``).
 
 No model, no mDNS, no daemon: the whole file runs in a few seconds."""
 
@@ -40,7 +40,7 @@ from pcrt.routing.auth import (
 )
 from pcrt.routing.coordinator import Coordinator
 from pcrt.routing.forward import ForwardedStream, Forwarder, PeerAnswer, sse_events
-from pcrt.routing.migrate import RUNS_PATH, migrate_run, refusal_of
+from pcrt.routing.migrate import BLOBS_PATH, RUNS_PATH, migrate_run, refusal_of
 from pcrt.routing.peers import (
     Peer,
     PeerTable,
@@ -1123,7 +1123,7 @@ async def test_sightings_of_another_protocol_or_over_a_static_peer_are_ignored()
 
 
 # ---------------------------------------------------------------------------------------
-# statekey.py and migrate.py: which states a peer would load
+# statekey.py and migrate.py: which states a peer would load; a lost answer asked again
 # ---------------------------------------------------------------------------------------
 
 MODEL_SHA = "cd" * 32
@@ -1240,6 +1240,10 @@ async def migration_setup(tmp_path: Path) -> AsyncIterator[tuple[Coordinator, Ru
         store.close()
 
 
+def _lost(**kw: Any) -> PeerUnavailable:
+    return PeerUnavailable("peer p did not answer POST /v1/pcrt/runs", peer="p", **kw)
+
+
 async def test_migrate_leaves_a_state_the_peers_engine_would_refuse(
     migration_setup: tuple[Coordinator, RunStore, BlobStore], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1254,3 +1258,26 @@ async def test_migrate_leaves_a_state_the_peers_engine_would_refuse(
     assert "K type f16 vs q8_0" in result.states_left[0]
     assert [c[:2] for c in calls.calls] == [("POST", RUNS_PATH)]  # no state sent
     assert calls.calls[0][2]["nodes"][0]["state_sha256"] is None  # the peer recomputes
+
+
+async def test_migrate_sends_the_record_again_when_its_answer_was_lost(
+    migration_setup: tuple[Coordinator, RunStore, BlobStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    coordinator, runs, blobs = migration_setup
+    coordinator.table.upsert(_peer(trusted=True, models=(ModelOffer("smollm", MODEL_SHA),),
+                                   state_keys={"smollm": EngineKey.of(HERE_KEY, 4)}))  # fmt: skip
+    calls = _FakePeerCalls([_lost(timed_out=True)])
+    monkeypatch.setattr(coordinator.forwarder, "request", calls)
+    result = await migrate_run(coordinator, runs, blobs, "r", "p")
+    assert result.states_sent == 1 and result.peer_status == "running"
+    assert [c[:2] for c in calls.calls] == [("PUT", BLOBS_PATH + "?run_id=r"),
+                                            ("POST", RUNS_PATH), ("POST", RUNS_PATH)]  # fmt: skip
+    assert calls.calls[1][2] == calls.calls[2][2]  # the same record, byte for byte
+
+    # an answered error is not asked twice, and a second lost answer is the failure
+    for failures, posts in (([_lost(status=503)], 1), ([_lost(), _lost()], 2)):
+        calls = _FakePeerCalls(failures)
+        monkeypatch.setattr(coordinator.forwarder, "request", calls)
+        with pytest.raises(PeerUnavailable):
+            await migrate_run(coordinator, runs, blobs, "r", "p")
+        assert [c[0] for c in calls.calls].count("POST") == posts

@@ -97,8 +97,34 @@ def test_a_run_moved_away_and_back_replaces_its_old_record(runs: RunStore) -> No
          "output": "hi"},
         {"node_id": "b", "path": "/dynamic/t/b", "type": "fork", "status": "running"},
     ]  # fmt: skip
-    record = runs.import_run(back, nodes)
-    assert record.status == "interrupted" and record.tokens_used == 7
+    record, fresh = runs.import_run(back, nodes, origin="b")
+    assert fresh and record.status == "interrupted" and record.tokens_used == 7
+    assert record.origin == "b"
     assert [n.status for n in runs.nodes("m")] == ["succeeded", "interrupted"]
-    with pytest.raises(RunExists):
-        runs.import_run(back, nodes)  # it is here and unfinished: not overwritten
+    with pytest.raises(RunExists, match="moved from b, not c"):
+        runs.import_run(back, nodes, origin="c")  # it is here and unfinished: not overwritten
+
+
+def test_a_repeated_import_changes_nothing_and_another_run_under_its_id_is_refused(
+    runs: RunStore,
+) -> None:
+    """A sender that lost the answer sends the same run again: it gets the record as it
+    stands. Another DAG or other inputs under that id, or a run started here, conflict."""
+    moved = {"id": "r", "dag_path": "/dynamic/t", "spec": {"dag": "/dynamic/t", "n": 1},
+             "inputs": {"x": 1}}  # fmt: skip
+    nodes = [{"node_id": "a", "path": "/dynamic/t/a", "type": "llm", "status": "pending"}]
+    first, fresh = runs.import_run(moved, nodes, origin="a")
+    assert fresh
+    runs.set_status("r", "running")  # the peer resumed it meanwhile
+    runs.update_node("r", "a", status="succeeded", output="done")
+    again, fresh = runs.import_run(moved, [{**nodes[0], "status": "running"}], origin="a")
+    assert not fresh and again.id == first.id and again.status == "running"
+    assert runs.node("r", "a").output == "done"  # the repeat's nodes are not written
+
+    with pytest.raises(RunExists, match="another DAG or inputs"):
+        runs.import_run({**moved, "inputs": {"x": 2}}, nodes, origin="a")
+    with pytest.raises(RunExists, match="another DAG or inputs"):
+        runs.import_run({**moved, "spec": {"dag": "/dynamic/t", "n": 2}}, nodes, origin="a")
+    runs.create_run("local", "/dynamic/t", {"dag": "/dynamic/t"}, {}, NODES)
+    with pytest.raises(RunExists, match="started on this node"):
+        runs.import_run({**moved, "id": "local"}, nodes, origin="a")

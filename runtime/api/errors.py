@@ -2,7 +2,7 @@
 
 ``{"error": {"message", "type", "param", "code"}}``; 400 bad request, 401 bad key,
 404 unknown model or route (or nowhere to run it), 502 a peer
-that did not answer, 409 incompatible state, 429 rate limit, 503 overloaded.
+that did not answer, 409 incompatible state or a conflict, 429 rate limit, 503 overloaded.
 Nothing answers a bare 500: an unexpected failure is logged and answered with a 500 in
 the same shape.
 """
@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from pcrt.runtime.dag.errors import DagInvalid
 from pcrt.runtime.errors import (
     ChatTemplateMissing,
+    Conflict,
     ContextLengthExceeded,
     EngineClosed,
     InvalidRequest,
@@ -79,6 +80,8 @@ def status_and_body(exc: PcrtError) -> tuple[int, dict[str, Any], dict[str, str]
         return 400, body, headers
     if isinstance(exc, InvalidRequest | ChatTemplateMissing):
         return 400, error_body(msg, "invalid_request_error", None, None), headers
+    if isinstance(exc, Conflict):
+        return 409, error_body(msg, "invalid_request_error", None, "conflict"), headers
     if isinstance(exc, StateError):
         return 409, error_body(msg, "invalid_request_error", "state", "incompatible_state"), headers
     if isinstance(exc, Unauthorized):

@@ -20,7 +20,7 @@ from pcrt.routing.auth import CLUSTER_HEADER, PROOF_HEADER
 from pcrt.runtime.api.service import services_of
 from pcrt.runtime.dag import parse_dag
 from pcrt.runtime.dag.executor import check_run
-from pcrt.runtime.errors import InvalidRequest, Unauthorized
+from pcrt.runtime.errors import Conflict, InvalidRequest, Unauthorized
 from pcrt.runtime.state import KVState
 
 __all__ = ["router"]
@@ -153,7 +153,10 @@ class ImportRun(BaseModel):
 
 @router.post("/v1/pcrt/runs")
 async def import_run(body: ImportRun, request: Request) -> dict[str, Any]:
-    """A run migrated here: record it (its states arrived first) and resume it."""
+    """A run migrated here: record it (its states arrived first) and resume it.
+
+    The same run from the same origin again (the sender lost our answer and retried) is
+    answered as the first time, with the run as it stands; it does not start twice."""
     _require_peer(request)
     services = services_of(request)
     runner = services.dags.runner
@@ -166,9 +169,17 @@ async def import_run(body: ImportRun, request: Request) -> dict[str, Any]:
             if sha and not services.blobs.has(sha):
                 node[key] = None  # never point at a state that is not here: recompute
     try:
-        record = runner.runs.import_run({**body.run.model_dump(), "dag_path": spec.dag}, body.nodes)
+        record, fresh = runner.runs.import_run(
+            {**body.run.model_dump(), "dag_path": spec.dag}, body.nodes, origin=body.origin
+        )
     except RunExists as exc:
-        raise InvalidRequest(str(exc)) from None
-    log.info("run %s moved here from %s", record.id, body.origin)
-    services.dags.start(record.id)
-    return {"id": record.id, "status": "running", "url": f"/v1/dags/{record.id}"}
+        raise Conflict(str(exc)) from None
+    if fresh:
+        log.info("run %s moved here from %s", record.id, body.origin)
+        services.dags.start(record.id)
+        status = "running"
+    else:
+        log.info("run %s from %s again: it is here already (%s)", record.id, body.origin,
+                 record.status)  # fmt: skip
+        status = "running" if record.id in services.dags.tasks else record.status
+    return {"id": record.id, "status": status, "url": f"/v1/dags/{record.id}"}
