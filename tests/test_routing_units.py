@@ -1,20 +1,23 @@
 """Fast unit tests for the routing pieces: the cluster-key signatures (``auth.py``), the peer
 table (``peers.py``), SSE splitting and the HTTP forwarder (``forward.py``, against a tiny
 uvicorn server on loopback), the ``[peers]`` config section (``runtime/settings.py``), and
-migration's state-key check and record retry (``statekey.py``, ``migrate.py``).
+migration's state-key check, record retry and low-battery trigger (``statekey.py``,
+``migrate.py``, ``battery.py``).
 
 No model, no mDNS, no daemon: the whole file runs in a few seconds."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import Any, Literal
+from types import SimpleNamespace
+from typing import Any, Literal, cast
 
 import httpx
 import pytest
@@ -27,6 +30,7 @@ from starlette.routing import Route
 from pcrt.cache.blobs import BlobStore
 from pcrt.cache.runs import RunStore
 from pcrt.cache.store import Store
+from pcrt.device.profile import Battery
 from pcrt.routing.auth import (
     CLUSTER_HEADER,
     MAX_SKEW,
@@ -38,6 +42,7 @@ from pcrt.routing.auth import (
     verify_proof,
     verify_request,
 )
+from pcrt.routing.battery import LowBattery
 from pcrt.routing.coordinator import Coordinator
 from pcrt.routing.forward import ForwardedStream, Forwarder, PeerAnswer, sse_events
 from pcrt.routing.migrate import BLOBS_PATH, RUNS_PATH, migrate_run, refusal_of
@@ -51,6 +56,7 @@ from pcrt.routing.peers import (
 )
 from pcrt.routing.policy import ModelOffer, NodeView
 from pcrt.routing.statekey import EngineKey, key_mismatches
+from pcrt.runtime.api.service import Services
 from pcrt.runtime.errors import ConfigError, PeerRejected, PeerUnavailable
 from pcrt.runtime.settings import PeerSettings, ServerSettings, StaticPeer
 from pcrt.runtime.state import CompatKey, KVState, StateHeader
@@ -1281,3 +1287,75 @@ async def test_migrate_sends_the_record_again_when_its_answer_was_lost(
         with pytest.raises(PeerUnavailable):
             await migrate_run(coordinator, runs, blobs, "r", "p")
         assert [c[0] for c in calls.calls].count("POST") == posts
+
+
+# ---------------------------------------------------------------------------------------
+# battery.py and battery_watch.py: a low battery moves the runs once per discharge
+# ---------------------------------------------------------------------------------------
+
+
+def _battery(percent: float, plugged_in: bool | None = False) -> Battery:
+    return Battery(percent=percent, plugged_in=plugged_in, seconds_left=None)
+
+
+def test_low_battery_triggers_once_per_discharge() -> None:
+    trigger = LowBattery(threshold=30.0)
+    readings = [
+        (None, False),  # no battery at all
+        (_battery(80), False),
+        (_battery(29), True),  # crossed on battery: move
+        (_battery(25), False),  # still low: once only
+        (_battery(10), False),
+        (_battery(10, plugged_in=None), False),  # power state unknown: nothing changes
+        (_battery(12, plugged_in=True), False),  # plugged in: re-armed, not triggered
+        (_battery(12), True),  # unplugged again below the threshold: move again
+        (_battery(30), False),  # back at the threshold: re-armed
+        (_battery(29.5), True),
+        (_battery(5, plugged_in=None), False),
+    ]
+    assert [trigger.update(b) for b, _ in readings] == [want for _, want in readings]
+
+
+def test_low_battery_never_triggers_when_plugged_in_or_unknown() -> None:
+    trigger = LowBattery(threshold=30.0)
+    assert not any(trigger.update(_battery(p, plugged)) for p in (50, 10, 1)
+                   for plugged in (True, None))  # fmt: skip
+
+
+async def test_battery_watch_moves_the_runs_once_and_outlives_a_bad_reading(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from pcrt.runtime.api import battery_watch
+
+    readings: list[Battery | None | Exception] = [
+        _battery(50), OSError("sensor gone"), _battery(20), _battery(19), _battery(18)
+    ]  # fmt: skip
+    moves: list[str] = []
+    done = asyncio.Event()
+
+    def read() -> Battery | None:
+        reading = readings.pop(0) if readings else _battery(17)
+        if not readings:
+            done.set()
+        if isinstance(reading, Exception):
+            raise reading
+        return reading
+
+    async def move(services: Any, why: str, *, resume_unmoved: bool) -> list[str]:
+        assert resume_unmoved  # the daemon keeps serving: an unmoved run goes on here
+        moves.append(why)
+        return ["r"]
+
+    monkeypatch.setattr(battery_watch, "move_running_runs", move)
+    services = SimpleNamespace(settings=ServerSettings(peers=PeerSettings(battery_threshold=30)))
+    task = asyncio.create_task(
+        battery_watch.watch_battery(cast(Services, services), read, interval=0.001)
+    )
+    try:
+        await asyncio.wait_for(done.wait(), 5)
+        await asyncio.sleep(0.01)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert moves == ["on battery at 20%"]

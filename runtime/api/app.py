@@ -22,8 +22,10 @@ from pcrt.routing.auth import CLUSTER_HEADER
 from pcrt.routing.coordinator import Coordinator, announce_address, load_node_id
 from pcrt.routing.remote import RemoteRunner
 from pcrt.runtime.api import admin_routes, dag_routes, openai_routes, peer_routes, state_routes
-from pcrt.runtime.api.dag_routes import DagTasks, migrate_on_drain
+from pcrt.runtime.api.battery_watch import BatteryReader, watch_battery
+from pcrt.runtime.api.dag_routes import DagTasks
 from pcrt.runtime.api.errors import install_error_handlers
+from pcrt.runtime.api.moving import move_running_runs
 from pcrt.runtime.api.node_info import NodeInfo
 from pcrt.runtime.api.service import Services, services_of
 from pcrt.runtime.dag.executor import DagRunner
@@ -46,7 +48,10 @@ def create_app(
     *,
     registry: Registry | None = None,
     opener: EngineOpener = open_engine,
+    battery: BatteryReader | None = None,
 ) -> FastAPI:
+    """``battery``: where ``migrate_on_battery`` reads the battery (default: the device
+    monitor's latest reading); tests pass a synthetic one."""
     settings.check_exposure()
     api_key = settings.resolved_api_key()
 
@@ -104,15 +109,26 @@ def create_app(
                 services.dags.start(run.id)
         reaper = asyncio.create_task(pool.reap_forever(), name="pcrt-keep-alive-reaper")
         await coordinator.start()
+        watcher = None
+        if settings.peers.migrate_on_battery:
+            read = battery or (lambda: monitor.latest.battery)
+            watcher = asyncio.create_task(
+                watch_battery(services, read, settings.peers.battery_interval),
+                name="pcrt-battery-watch",
+            )
         services.state = "serving"
         log.info("serving on %s:%d", settings.host, settings.port)
         try:
             yield
         finally:
             services.state = "draining"
+            if watcher is not None:  # before the drain: one mover at a time
+                watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watcher
             pool.start_draining()
             if settings.peers.migrate_on_drain:
-                moved = await migrate_on_drain(services)
+                moved = await move_running_runs(services, "draining", resume_unmoved=False)
                 if moved:
                     log.info("moved to peers on drain: %s", ", ".join(moved))
             await services.dags.close()  # running DAGs stop; their checkpoints stay

@@ -15,14 +15,13 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 
 from pcrt.cache.runs import RunNotFound, RunRecord
-from pcrt.routing.migrate import Migration, migrate_run
-from pcrt.routing.policy import Work
-from pcrt.runtime.api.service import Services, services_of
+from pcrt.runtime.api.moving import move_run
+from pcrt.runtime.api.service import services_of
 from pcrt.runtime.dag import load_dag, parse_dag
 from pcrt.runtime.dag.executor import RESUMABLE, DagEvent, DagRunner
 from pcrt.runtime.dag.library import library_from_documents
 from pcrt.runtime.dag.spec import DagSpec
-from pcrt.runtime.errors import InvalidRequest, ModelNotFound, PcrtError
+from pcrt.runtime.errors import InvalidRequest, ModelNotFound
 
 __all__ = ["DagTasks", "router", "run_view"]
 
@@ -226,46 +225,6 @@ async def migrate(run_id: str, body: MigrateRun, request: Request) -> dict[str, 
     run = _get(tasks.runner, run_id)
     if run.status not in RESUMABLE:
         raise InvalidRequest(f"run {run_id} is {run.status}; only unfinished runs move")
-    result = await _move(services, run_id, body.to, with_states=body.states)
+    result = await move_run(services, run_id, body.to, with_states=body.states)
     log.info("run %s moved to %s (%d states)", run_id, result.peer, result.states_sent)
     return {**result.summary(), "run": run_view(tasks.runner, _get(tasks.runner, run_id))}
-
-
-async def migrate_on_drain(services: Services) -> list[str]:
-    """The daemon is stopping with ``migrate_on_drain``: move each running DAG run to the
-    best trusted pcrt peer. A run that cannot move stays here, interrupted (resumable)."""
-    tasks = services.dags
-    moved = []
-    for run_id in list(tasks.tasks):
-        decision = services.coordinator.decide(
-            Work(route="peer", peer_kinds=frozenset({"pcrt"})), include_local=False
-        )
-        if decision.chosen is None:
-            log.warning("run %s stays here: %s", run_id, decision.reason)
-            continue
-        try:
-            await _move(services, run_id, decision.chosen.node, with_states=True)
-        except PcrtError as exc:
-            log.warning("run %s could not move to %s: %s", run_id, decision.chosen.node, exc)
-            continue
-        moved.append(run_id)
-    return moved
-
-
-async def _move(services: Services, run_id: str, peer: str, *, with_states: bool) -> Migration:
-    """Stop the run, hold it as ``migrating`` (not resumable: no second move or resume can
-    start meanwhile), move it; on failure it is ``interrupted`` here again, resumable."""
-    runs = services.dags.runner.runs
-    await services.dags.cancel(run_id)
-    runs.set_status(run_id, "migrating", error=f"moving to peer {peer}")
-    try:
-        result = await migrate_run(
-            services.coordinator, runs, services.blobs, run_id, peer, with_states=with_states
-        )
-    except BaseException as exc:
-        runs.set_status(run_id, "interrupted", error=f"the move to {peer} failed: {exc}")
-        raise
-    runs.set_status(
-        run_id, "migrated", error=f"moved to peer {result.peer}", migrated_to=result.pointer
-    )
-    return result

@@ -1,0 +1,83 @@
+"""Moving this daemon's DAG runs to pcrt peers: one run when asked, or every running one
+when the daemon drains (``migrate_on_drain``) or its battery runs low
+(``migrate_on_battery``, ``battery_watch.py``).
+
+A moving run is stopped first (its checkpoints are on disk) and held as ``migrating``, so
+no resume or second move starts meanwhile; a failed move leaves it ``interrupted`` here,
+resumable. ``routing.migrate`` does the sending.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from pcrt.cache.runs import RunStore
+from pcrt.routing.migrate import Migration, migrate_run
+from pcrt.routing.policy import Work
+from pcrt.runtime.api.service import Services
+from pcrt.runtime.dag.executor import RESUMABLE
+from pcrt.runtime.errors import InvalidRequest, PcrtError
+
+__all__ = ["move_run", "move_running_runs"]
+
+log = logging.getLogger(__name__)
+
+
+async def move_run(services: Services, run_id: str, peer: str, *, with_states: bool) -> Migration:
+    """Stop the run, hold it as ``migrating``, move it to ``peer``; on failure it is
+    ``interrupted`` here again."""
+    runs = services.dags.runner.runs
+    await services.dags.cancel(run_id)
+    status = runs.get_run(run_id).status
+    if status not in RESUMABLE:  # it finished before it stopped: nothing left to move
+        raise InvalidRequest(f"run {run_id} is {status}; only unfinished runs move")
+    runs.set_status(run_id, "migrating", error=f"moving to peer {peer}")
+    try:
+        result = await migrate_run(
+            services.coordinator, runs, services.blobs, run_id, peer, with_states=with_states
+        )
+    except BaseException as exc:
+        runs.set_status(run_id, "interrupted", error=f"the move to {peer} failed: {exc}")
+        raise
+    runs.set_status(
+        run_id, "migrated", error=f"moved to peer {result.peer}", migrated_to=result.pointer
+    )
+    return result
+
+
+async def move_running_runs(services: Services, why: str, *, resume_unmoved: bool) -> list[str]:
+    """Move each running DAG run to the best trusted pcrt peer with its model (the next
+    candidate when a move fails); the ids moved. ``resume_unmoved``: a run that could not
+    move goes on here (a daemon that keeps serving); else it stays interrupted (a daemon
+    that is stopping: resume continues it later)."""
+    moved = []
+    for run_id in list(services.dags.tasks):
+        work = Work(
+            model=_run_model(services.dags.runner.runs, run_id), route="peer",
+            peer_kinds=frozenset({"pcrt"}),
+        )  # fmt: skip
+        decision = services.coordinator.decide(work, include_local=False)
+        for candidate in decision.candidates:
+            try:
+                result = await move_run(services, run_id, candidate.node, with_states=True)
+            except PcrtError as exc:
+                log.warning("run %s could not move to %s: %s", run_id, candidate.node, exc)
+                continue
+            log.info("%s: run %s moved to %s (%d states sent; left: %s)", why, run_id,
+                     result.peer, result.states_sent,
+                     "; ".join(result.states_left) or "none")  # fmt: skip
+            moved.append(run_id)
+            break
+        else:
+            reason = "every move failed" if decision.candidates else decision.reason
+            log.warning("%s: run %s stays here: %s", why, run_id, reason)
+            if resume_unmoved and services.dags.runner.runs.get_run(run_id).status in RESUMABLE:
+                services.dags.start(run_id)
+    return moved
+
+
+def _run_model(runs: RunStore, run_id: str) -> str | None:
+    """The model the run used last (its states are that model's), or None when no node
+    has started yet: then any pcrt peer's best model will do."""
+    models = [n.model for n in runs.nodes(run_id) if n.model and n.started_at]
+    return models[-1] if models else None
