@@ -258,6 +258,9 @@ class Coordinator:
         """A forward failed: the peer leaves rotation now, not at its next health check."""
         if getattr(exc, "cooldown", True):
             self.table.record_failure(exc.peer, str(exc), time.monotonic())
+            if getattr(exc, "status", None) is None:
+                # unreachable, not an error answer: its other long calls fall back too
+                self.forwarder.lost(exc.peer)
 
     def remote_names(self) -> tuple[set[str], set[str]]:
         """Model names (and aliases) and tags offered by trusted peers: a DAG may name them."""
@@ -428,6 +431,7 @@ class Coordinator:
             peer.next_check = 0.0
             return
         self.table.record_failure(peer.name, error, time.monotonic())
+        self.forwarder.lost(peer.name)  # a hung peer's subgraphs and streams fall back now
         log.info("peer %s out of rotation: %s", peer.name, error)
 
     async def _probe_pcrt(self, peer: Peer) -> None:

@@ -20,9 +20,9 @@ import json
 import os
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -34,6 +34,8 @@ from pcrt.routing.peers import Peer
 from pcrt.runtime.errors import PeerRejected, PeerUnavailable, RetryLater
 
 __all__ = ["ForwardedStream", "Forwarder", "PeerAnswer", "has_text", "sse_events"]
+
+T = TypeVar("T")
 
 _FINISHED = re.compile(rb'"finish_reason":\s*"')
 # what a transport failure can raise: httpx's tree, plus whatever of aiohttp's (the
@@ -116,9 +118,46 @@ class Forwarder:
         # call uses) another 0.1-0.3 ms, of the 2 ms a forward may add. One transport,
         # shared by every call; a LAN peer is never reached through the user's proxy.
         self._transport = AiohttpTransport(limits=limits, trust_env=False)
+        # per peer, set when its health checks declare it lost (see ``until_lost``)
+        self._lost: dict[str, asyncio.Event] = {}
 
     async def close(self) -> None:
         await self._transport.aclose()
+
+    def timeout_reading(self, seconds: float | None) -> httpx.Timeout:
+        """The usual timeouts with another read limit (None: none)."""
+        t = self.timeout
+        return httpx.Timeout(connect=t.connect, read=seconds, write=t.write, pool=t.pool)
+
+    def lost(self, peer_name: str) -> None:
+        """The peer stopped answering its health checks: long calls on it give up now."""
+        event = self._lost.pop(peer_name, None)
+        if event is not None:
+            event.set()
+
+    async def until_lost(self, peer: Peer, work: Awaitable[T]) -> T:
+        """Await ``work`` (a long call on ``peer``: a whole subgraph, a node's stream)
+        unless the peer is declared lost first; then ``work`` is cancelled and
+        PeerUnavailable raised. A hung peer sends no reset: without this, its callers
+        would wait out their read timeout (minutes) before falling back."""
+        lost = self._lost.setdefault(peer.name, asyncio.Event())
+        task = asyncio.ensure_future(work)
+        watcher = asyncio.ensure_future(lost.wait())
+        try:
+            await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # our caller was cancelled: the call must not outlive it
+            task.cancel()
+            raise
+        finally:
+            watcher.cancel()
+        if task.done():
+            return task.result()
+        task.cancel()
+        await asyncio.wait({task})  # let it unwind (closes its connection)
+        raise PeerUnavailable(
+            f"peer {peer.name} stopped answering its health checks; its work moves on",
+            peer=peer.name,
+        )
 
     async def _send(
         self,

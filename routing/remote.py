@@ -93,7 +93,8 @@ class RemoteRunner:
             elif form == "json_object":
                 body["response_format"] = {"type": "json_object", "schema": schema}
             try:
-                result = await self._stream_chat(peer, body, on_text)
+                forwarder = self.coordinator.forwarder
+                result = await forwarder.until_lost(peer, self._stream_chat(peer, body, on_text))
             except PeerError as exc:
                 if schema is None or not _refused_the_form(exc):
                     raise
@@ -160,10 +161,13 @@ class RemoteRunner:
         """Run a subgraph on a pcrt peer; its answer: status, error and node records."""
         peer = self._peer(candidate)
         payload = {**payload, "origin": self.coordinator.node_name}  # where upstream ran
-        answer = await self.coordinator.forwarder.request(
-            peer, "POST", SUBGRAPH_PATH, json_body=payload,
-            timeout=None if timeout is None else timeout + 30,
-        )  # fmt: skip
+        forwarder = self.coordinator.forwarder
+        # the whole subgraph runs before the answer: no read limit but the DAG's own (a
+        # hung peer is caught by its health checks instead); connecting stays quick
+        reading = forwarder.timeout_reading(None if timeout is None else timeout + 30)
+        answer = await forwarder.until_lost(peer, forwarder.request(
+            peer, "POST", SUBGRAPH_PATH, json_body=payload, timeout=reading,
+        ))  # fmt: skip
         try:
             result = answer.json()
         except ValueError:

@@ -826,6 +826,36 @@ async def test_request_read_timeout_is_unavailable(server: _Server, forwarder: F
     assert caught.value.timed_out
 
 
+async def test_a_lost_peer_gives_up_its_long_calls_at_once(
+    server: _Server, forwarder: Forwarder
+) -> None:
+    peer = _openai_peer(server.url)
+    other = Peer(name="q", url=server.url, kind="openai", source="static", trusted=True)
+    slow = asyncio.ensure_future(
+        forwarder.until_lost(peer, forwarder.request(peer, "GET", "/slow", timeout=30))
+    )
+    unrelated = asyncio.ensure_future(
+        forwarder.until_lost(other, forwarder.request(other, "GET", "/slow", timeout=30))
+    )
+    await asyncio.sleep(0.2)  # both are waiting on the server
+    started = time.monotonic()
+    forwarder.lost("p")  # what the health checks call when p stops answering
+    with pytest.raises(PeerUnavailable, match="stopped answering") as caught:
+        await slow
+    assert caught.value.peer == "p" and time.monotonic() - started < 1.0
+    assert not unrelated.done()  # another peer's call goes on
+    unrelated.cancel()
+    # the next call on p waits for p again (lost is an event, not a verdict)
+    answer = await forwarder.until_lost(peer, forwarder.request(peer, "GET", "/echo"))
+    assert answer.status == 200
+
+
+def test_timeout_reading_keeps_the_quick_connect() -> None:
+    fw = Forwarder(cluster_key=None, connect_timeout=2.0)
+    assert fw.timeout_reading(None) == httpx.Timeout(connect=2.0, read=None, write=30.0, pool=2.0)
+    assert fw.timeout_reading(90).read == 90
+
+
 async def test_request_to_a_pcrt_peer_carries_a_valid_cluster_signature(server: _Server) -> None:
     fw = Forwarder(cluster_key=KEY)
     try:
