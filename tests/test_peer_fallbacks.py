@@ -1,11 +1,17 @@
-"""An HTTP request whose peer fails before answering falls back, and says so: in the
-response headers, the usage row and the metrics (issue 6: "failures and fallbacks are
-recorded")."""
+"""Work whose peer fails falls back, and says so (issue 6): an HTTP request whose peer
+dies between health checks, recorded in its headers, usage row and metrics; and a DAG
+node on a peer that hangs (no reset, no answer), handed back within seconds rather
+than at its read timeout."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import time
+import uuid
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -17,7 +23,16 @@ from pcrt.runtime.settings import PeerSettings, ServerSettings, StaticPeer
 from tests.conftest import shared_models_dir
 from tests.httpserver import LocalServer
 from tests.live_server import LiveServer
-from tests.test_peers import _in_rotation, _registry, _wait_for
+from tests.test_peers import (
+    LONG_DAG,
+    _announce,
+    _daemon,
+    _in_rotation,
+    _registry,
+    _stop,
+    _unique,
+    _wait_for,
+)
 from tests.upstream import LlamaCppServer, second_model
 
 MODEL = "smollm2-q8"
@@ -36,11 +51,11 @@ def test_a_peer_that_dies_between_checks_hands_the_request_to_the_next(
     with LlamaCppServer(q8_model, MODEL) as cloud, LocalServer() as dying:
         dying.add_file("/v1/models", json.dumps(listing).encode(),
                        content_type="application/json")  # fmt: skip
-        # "a-dead" sorts first among equals, so it is tried before "cloud"; one health
-        # check at start, then none for a minute: its death goes unnoticed until used
+        # the stronger "a-dead" is tried first for complex work; one health check at
+        # start, then none for a minute: its death goes unnoticed until it is used
         static = (
-            StaticPeer(name="a-dead", url=dying.url, kind="openai"),
-            StaticPeer(name="cloud", url=cloud.url, kind="openai"),
+            StaticPeer(name="a-dead", url=dying.url, kind="openai", strength=10),
+            StaticPeer(name="cloud", url=cloud.url, kind="openai", strength=1),
         )
         settings = ServerSettings(peers=PeerSettings(static=static, health_interval=60))
         with LiveServer(settings, registry=registry) as edge:
@@ -49,13 +64,17 @@ def test_a_peer_that_dies_between_checks_hands_the_request_to_the_next(
             dying.__exit__(None, None, None)  # its port is closed from here on
             body = {"model": MODEL, "messages": [{"role": "user", "content": "Say hi."}],
                     "max_tokens": 4, "temperature": 0}  # fmt: skip
+            headers = {"X-PC-Complexity": "high", "X-PC-Agent-ID": "fb"}
             reply = httpx.post(edge.url + "/v1/chat/completions", json=body, timeout=60,
-                               headers={"X-PC-Route": "peer", "X-PC-Agent-ID": "fb"})  # fmt: skip
+                               headers=headers)  # fmt: skip
             assert reply.status_code == 200, reply.text
             assert reply.headers["x-pc-ran-on"] == "cloud"
             assert reply.headers["x-pc-fallbacks"] == "a-dead"
             assert not _in_rotation(edge, "a-dead")  # out at once, not at the next check
             metrics = httpx.get(edge.url + "/metrics", timeout=10).text
+            bad = httpx.post(edge.url + "/v1/chat/completions", json=body, timeout=10,
+                             headers={"X-PC-Complexity": "extreme"})  # fmt: skip
+            assert bad.status_code == 400 and "X-PC-Complexity" in bad.json()["error"]["message"]
 
     with Store(registry.paths.db_path) as store:
         rows = UsageLog(store).rows(agent="fb")
@@ -73,3 +92,41 @@ def test_a_peer_that_dies_between_checks_hands_the_request_to_the_next(
         if sample.name == "pcrt_peer_fallbacks_total"
     }
     assert fallback_counts == {"a-dead": 1.0}
+
+
+def test_a_hung_peer_hands_its_node_back_within_seconds(tmp_path: Path, q8_model: Path) -> None:
+    key = uuid.uuid4().hex
+    box = _unique("box")
+    with LlamaCppServer(q8_model, MODEL) as upstream:
+        announcer = _announce(upstream, box, key)
+        assert upstream.process is not None
+        pid = upstream.process.pid
+        try:
+            with _daemon(tmp_path, _unique("edge"), key) as edge:
+                _wait_for(lambda: _in_rotation(edge, box), 15, "the announced server is trusted")
+                hung_at: float | None = None
+                fell_back_after = float("inf")
+                events: list[tuple[str, dict[str, Any]]] = []
+                body = {"dag": LONG_DAG, "stream": True}
+                with httpx.stream("POST", edge.url + "/v1/dags", json=body, timeout=60) as reply:
+                    kind = ""
+                    for line in reply.iter_lines():
+                        if line.startswith("event: "):
+                            kind = line[7:]
+                        elif line.startswith("data: {"):
+                            events.append((kind, json.loads(line[6:])))
+                            if kind == "token" and hung_at is None:
+                                os.kill(pid, signal.SIGSTOP)  # alive, connected, silent
+                                hung_at = time.monotonic()
+                            if kind == "fallback" and hung_at is not None:
+                                fell_back_after = time.monotonic() - hung_at
+                assert hung_at is not None
+                # health checks: 0.5 s apart, 1 s each, two slow ones forgiven
+                assert fell_back_after < 10, [k for k, _ in events]
+                fallback = next(d for k, d in events if k == "fallback")
+                assert fallback["from"] == box and "stopped answering" in fallback["error"]
+                finished = next(d for k, d in events if k == "run_finished")
+                assert finished["status"] == "succeeded"
+        finally:
+            os.kill(pid, signal.SIGCONT)
+            _stop(announcer)

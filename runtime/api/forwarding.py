@@ -1,8 +1,10 @@
 """OpenAI requests that run on a peer: the routing decision, fallbacks, the passthrough.
 
 A request is forwarded when the policy says so: a ``model`` only a peer has, or the header
-``X-PC-Route: peer`` (``local`` pins it here, ``auto`` is the default). A request that a
-peer forwarded to us always runs here, so two daemons never bounce work between them.
+``X-PC-Route: peer`` (``local`` pins it here, ``auto`` is the default). ``X-PC-Complexity:
+low|medium|high`` declares the request's complexity as a DAG node does (``high`` tries the
+strongest model first). A request that a peer forwarded to us always runs here, so two
+daemons never bounce work between them.
 
 Streams pass through chunk by chunk. To account for them, the peer is always asked for
 the usage chunk; when our client did not ask for it, that one chunk is dropped.
@@ -20,7 +22,7 @@ from fastapi.responses import StreamingResponse
 from starlette.background import BackgroundTask
 
 from pcrt.routing.forward import ForwardedStream, has_text, sse_events
-from pcrt.routing.policy import Candidate, Route, Work
+from pcrt.routing.policy import Candidate, Complexity, Route, Work
 from pcrt.runtime.api.schemas import ChatCompletionRequest, GenerationFields
 from pcrt.runtime.api.service import Accounting, Services, services_of
 from pcrt.runtime.errors import InvalidRequest, NoRoute, PeerError, PeerUnavailable
@@ -28,6 +30,7 @@ from pcrt.runtime.errors import InvalidRequest, NoRoute, PeerError, PeerUnavaila
 __all__ = ["ROUTE_HEADER", "forward_if_routed", "route_headers"]
 
 ROUTE_HEADER = "x-pc-route"
+COMPLEXITY_HEADER = "x-pc-complexity"
 
 
 def _route_hint(request: Request) -> Route:
@@ -37,7 +40,23 @@ def _route_hint(request: Request) -> Route:
     raise InvalidRequest(f"X-PC-Route must be local, peer or auto (got {hint!r})")
 
 
-def _work(body: GenerationFields, raw: dict[str, Any], route: Route, chat: bool) -> Work:
+def _complexity(request: Request) -> Complexity | None:
+    declared = request.headers.get(COMPLEXITY_HEADER)
+    if declared is None:
+        return None
+    value = declared.strip().lower()
+    if value == "low" or value == "medium" or value == "high":
+        return value
+    raise InvalidRequest(f"X-PC-Complexity must be low, medium or high (got {declared!r})")
+
+
+def _work(
+    body: GenerationFields,
+    raw: dict[str, Any],
+    route: Route,
+    chat: bool,
+    complexity: Complexity | None,
+) -> Work:
     text = json.dumps(raw.get("messages") if chat else raw.get("prompt"))
     schema = body.output_schema() if isinstance(body, ChatCompletionRequest) else None
     max_tokens = raw.get("max_completion_tokens") or raw.get("max_tokens")
@@ -46,6 +65,7 @@ def _work(body: GenerationFields, raw: dict[str, Any], route: Route, chat: bool)
         prompt_tokens=len(text) // 4,  # an estimate: the peer's tokenizer is not here
         max_tokens=int(max_tokens) if isinstance(max_tokens, int) else 256,
         has_schema=schema is not None,
+        complexity=complexity,
         route=route,
     )
 
@@ -57,6 +77,7 @@ async def forward_if_routed(
     services = services_of(request)
     coordinator = services.coordinator
     hint = _route_hint(request)
+    complexity = _complexity(request)  # checked even when the request stays here
     forwarded = getattr(request.state, "peer_verified", False) or request.headers.get(
         "x-pc-forwarded-by"
     )
@@ -67,7 +88,7 @@ async def forward_if_routed(
             raise NoRoute("X-PC-Route: peer, but this daemon has no peers (pcrt serve --lan)")
         return None
     raw = await request.json()
-    work = _work(body, raw, hint, chat)
+    work = _work(body, raw, hint, chat, complexity)
     decision = coordinator.decide(work)
     if decision.chosen is None:
         if hint == "peer" or not _known_locally(services, body.model):
