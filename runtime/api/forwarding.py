@@ -156,9 +156,15 @@ async def _forward(
             if not isinstance(exc, PeerUnavailable):
                 acct.finished_remote(getattr(exc, "status", 502), None, None, candidate.node)
             raise
-        # the usage row is written after the answer has gone out: not on its latency
+        # the usage row is written after the answer has gone out: not on its latency. On
+        # the loop (a coroutine), as local requests write theirs: a thread pool hop costs
+        # more than the row
         usage = _usage_of(answer.body)
-        task = BackgroundTask(acct.finished_remote, 200, usage, None, candidate.node)
+
+        async def account() -> None:
+            acct.finished_remote(200, usage, None, candidate.node)
+
+        task = BackgroundTask(account)
         return Response(answer.body, media_type="application/json", headers=ran_on,
                         background=task)  # fmt: skip
     wants_usage = bool((raw.get("stream_options") or {}).get("include_usage"))
