@@ -314,6 +314,31 @@ LONG_DAG = {
 }  # fmt: skip
 
 
+def run_breaking_the_peer(
+    edge: LiveServer, box: str, break_peer: Callable[[], None], timeout: float = 120
+) -> tuple[list[tuple[str, dict[str, Any]]], float]:
+    """Stream LONG_DAG (its node goes to ``box``) and call ``break_peer`` at its first
+    token. The events, and the seconds from the break to the node's fallback, by when
+    ``box`` must be out of rotation (at once, not at its next check)."""
+    broken_at: float | None = None
+    fell_back_after = float("inf")
+    events: list[tuple[str, dict[str, Any]]] = []
+    body = {"dag": LONG_DAG, "stream": True}
+    with httpx.stream("POST", edge.url + "/v1/dags", json=body, timeout=timeout) as response:
+        for kind, data in _events(response.iter_lines()):
+            events.append((kind, data))
+            if kind == "token" and broken_at is None:
+                break_peer()
+                broken_at = time.monotonic()
+            if kind == "fallback" and broken_at is not None:
+                fell_back_after = time.monotonic() - broken_at
+                assert not _in_rotation(edge, box)
+    assert broken_at is not None, [k for k, _ in events]
+    fallback = next(d for k, d in events if k == "fallback")
+    assert fallback["from"] == box
+    return events, fell_back_after
+
+
 def test_killed_peer_falls_back_and_leaves_rotation(
     tmp_path: Path, upstream: LlamaCppServer
 ) -> None:
@@ -323,30 +348,8 @@ def test_killed_peer_falls_back_and_leaves_rotation(
     try:
         with _daemon(tmp_path, _unique("edge"), key) as edge:
             _wait_for(lambda: _in_rotation(edge, box), 15, "the announced server is trusted")
-            killed_at: float | None = None
-            left_after = float("inf")
-            events: list[tuple[str, dict[str, Any]]] = []
-            body = {"dag": LONG_DAG, "stream": True}
-            with httpx.stream("POST", edge.url + "/v1/dags", json=body, timeout=120) as response:
-                kind = ""
-                for line in response.iter_lines():
-                    if line.startswith("event: "):
-                        kind = line[7:]
-                    elif line.startswith("data: {"):
-                        data = json.loads(line[6:])
-                        events.append((kind, data))
-                        if kind == "token" and killed_at is None:
-                            upstream.kill()  # the peer dies mid-generation
-                            killed_at = time.monotonic()
-                        if kind == "fallback":  # out of rotation by now, not at a check
-                            assert killed_at is not None
-                            left_after = time.monotonic() - killed_at
-                            assert not _in_rotation(edge, box)
-            assert killed_at is not None
-            kinds = [k for k, _ in events]
-            assert "fallback" in kinds
-            fallback = next(d for k, d in events if k == "fallback")
-            assert fallback["from"] == box
+            # the peer dies mid-generation
+            events, left_after = run_breaking_the_peer(edge, box, upstream.kill)
             finished = next(d for k, d in events if k == "run_finished")
             assert finished["status"] == "succeeded"
             run_id = finished["run"]
