@@ -7,7 +7,11 @@ to 127.0.0.1 and one cluster key: the edge and the peer. The client is this proc
 
 1. Forwarding: the same request straight to the peer and through the edge (which
    forwards it, ``X-PC-Route: peer``), alternated: p50 added latency of a one-token
-   completion (goal <= 2 ms) and streamed tokens/s ratio (goal >= 0.98).
+   completion (goal <= 2 ms) and streamed tokens/s ratio (goal >= 0.98). The one-token
+   request carries the peer model's own jitter (about a millisecond of its ~17), so the
+   edge's overhead is also measured alone: a third edge in front of a peer that answers
+   at once (``bench.instant_peer``, a static peer in the edge's config), 3 x 300
+   requests each way.
 2. Discovery: from the peer's process start, and from its API answering, to routable on
    the edge (goal <= 2 s); from its SIGKILL to out of the edge's rotation (goal <= 5 s).
 3. Migration: a run whose node holds a 2,000-token prompt moves mid-generation to the
@@ -87,8 +91,12 @@ class Daemon:
 
 
 def in_rotation(edge: Daemon, peer: str, client: httpx.Client) -> bool:
+    return in_rotation_of(edge.url, peer, client)
+
+
+def in_rotation_of(edge_url: str, peer: str, client: httpx.Client) -> bool:
     try:
-        peers = client.get(edge.url + "/v1/pcrt/peers", timeout=2).json()["peers"]
+        peers = client.get(edge_url + "/v1/pcrt/peers", timeout=2).json()["peers"]
     except (httpx.HTTPError, KeyError, ValueError):
         return False
     return any(p["name"] == peer and p["in_rotation"] for p in peers)
@@ -149,6 +157,52 @@ def forwarding(edge: Daemon, peer: Daemon, repeats: int) -> dict[str, Any]:
         "stream_via_edge_tps": statistics.median(rates_via),
         "stream_ratio": statistics.median(rates_via) / statistics.median(rates_direct),
     }
+
+
+def edge_overhead(home: Path) -> dict[str, Any]:
+    """p50 of a request straight to an instant peer and through an edge in front of it."""
+    peer_port, edge_port = free_port(), free_port()
+    peer_url, edge_url = f"http://127.0.0.1:{peer_port}", f"http://127.0.0.1:{edge_port}"
+    (home / "overhead").mkdir()
+    config = home / "overhead" / "config.toml"
+    config.write_text(f'[[peers.static]]\nname = "instant"\nurl = "{peer_url}"\n'
+                      'kind = "openai"\nmodels = ["instant"]\n')  # fmt: skip
+    env = {**os.environ, "PCRT_HOME": str(home / "overhead")}
+    peer = subprocess.Popen([sys.executable, "-m", "bench.instant_peer", str(peer_port)])
+    edge = subprocess.Popen(
+        [PCRT, "serve", "--port", str(edge_port), "--config", str(config), "--log-level",
+         "warning"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    body = {"model": "instant", "messages": [{"role": "user", "content": "Hi"}],
+            "max_tokens": 1}  # fmt: skip
+    route = {"X-PC-Route": "peer"}
+    try:
+        with httpx.Client(timeout=10, trust_env=False) as client:
+
+            def post(url: str) -> float:
+                started = time.perf_counter()
+                client.post(url + "/v1/chat/completions", json=body,
+                            headers=route).raise_for_status()  # fmt: skip
+                return time.perf_counter() - started
+
+            wait_until(lambda: in_rotation_of(edge_url, "instant", client), 60, 0.1)
+            for _ in range(50):  # warm: connections open on both hops
+                post(peer_url), post(edge_url)
+            rounds = []
+            for _ in range(3):
+                direct, via = [], []
+                for _ in range(300):
+                    direct.append(post(peer_url))
+                    via.append(post(edge_url))
+                rounds.append((statistics.median(direct), statistics.median(via)))
+    finally:
+        for proc in (edge, peer):
+            proc.terminate()
+            proc.wait(timeout=30)
+    direct_s, via_s = min(rounds, key=lambda r: r[1] - r[0])
+    return {"p50_direct_ms": direct_s * 1000, "p50_via_edge_ms": via_s * 1000,
+            "added_ms": (via_s - direct_s) * 1000,
+            "added_ms_rounds": [(v - d) * 1000 for d, v in rounds]}  # fmt: skip
 
 
 NOTE = "the lighthouse keeper logged the weather, the ships and the lamp."
@@ -234,11 +288,14 @@ async def run(threads: int, repeats: int) -> dict[str, Any]:
             poll.close()
             peer.stop()
             edge.stop()
-    return {"forwarding": forward, "discovery": discovery, "migration": moves}
+        overhead = edge_overhead(home)
+    return {"forwarding": forward, "edge_overhead": overhead, "discovery": discovery,
+            "migration": moves}  # fmt: skip
 
 
 def rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     f = results["forwarding"]
+    o = results["edge_overhead"]
     d = results["discovery"]
     m = results["migration"]
     start = max(x["from_start_s"] for x in d)
@@ -253,6 +310,8 @@ def rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     return [
         ("forwarding: p50 one-token request", f"{f['p50_via_edge_ms']:.1f} ms via edge",
          f"{f['p50_direct_ms']:.1f} ms direct", f"+{f['added_ms']:.2f} ms (<= 2 ms)"),
+        ("forwarding: p50, instant peer", f"{o['p50_via_edge_ms']:.2f} ms via edge",
+         f"{o['p50_direct_ms']:.2f} ms direct", f"+{o['added_ms']:.2f} ms (<= 2 ms)"),
         ("forwarding: streamed tokens/s", f"{f['stream_via_edge_tps']:.1f}",
          f"{f['stream_direct_tps']:.1f}", f"{f['stream_ratio']:.3f} (>= 0.98)"),
         ("discovery: API up to routable (worst)", f"{api:.2f} s", "-", "(<= 2 s)"),
