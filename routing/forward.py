@@ -16,47 +16,43 @@ token" and the next candidate can take the work.
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import aiohttp
-import httpx
-from httpx_aiohttp import AiohttpTransport
 
 from pcrt.routing.auth import CLUSTER_HEADER, request_header
 from pcrt.routing.peers import Peer
-from pcrt.runtime.errors import PeerRejected, PeerUnavailable, RetryLater
+from pcrt.runtime.errors import PeerRejected, PeerUnavailable
 
 __all__ = ["ForwardedStream", "Forwarder", "PeerAnswer", "has_text", "sse_events"]
 
 T = TypeVar("T")
 
+_LARGE_BODY = 1 << 20  # aiohttp warns from 1 MiB sent as one bytes object
+
 _FINISHED = re.compile(rb'"finish_reason":\s*"')
-# what a transport failure can raise: httpx's tree, plus whatever of aiohttp's (the
-# transport under the client) its adapter does not translate
-TRANSPORT_ERRORS = (httpx.HTTPError, aiohttp.ClientError, asyncio.TimeoutError)
+# what a call can fail with short of an answer (aiohttp wraps the OS's errors)
+TRANSPORT_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError)
 
 
 def timed_out(exc: BaseException) -> bool:
     """Did the peer fail by being slow (forgiven twice by health checks) rather than by
-    refusing or dropping the connection? The adapter maps every aiohttp connection error
-    onto an httpx timeout, so the original cause decides."""
-    cause = exc.__cause__ if isinstance(exc.__cause__, aiohttp.ClientError) else exc
-    if isinstance(cause, aiohttp.ClientError):
-        return isinstance(cause, asyncio.TimeoutError)  # aiohttp's timeouts subclass it
-    return isinstance(exc, httpx.TimeoutException | asyncio.TimeoutError)
+    refusing or dropping the connection? aiohttp's timeouts subclass TimeoutError."""
+    return isinstance(exc, asyncio.TimeoutError)
 
 
 @dataclass
 class PeerAnswer:
     status: int
-    headers: httpx.Headers
+    headers: Mapping[str, str]
     body: bytes
     sent_cluster_header: str | None
     seconds: float
@@ -68,18 +64,24 @@ class PeerAnswer:
 class ForwardedStream:
     """An open streamed answer whose first chunk has already arrived."""
 
-    def __init__(self, response: httpx.Response, first: bytes, chunks: AsyncIterator[bytes]):
+    def __init__(
+        self, response: aiohttp.ClientResponse, first: bytes, chunks: AsyncIterator[bytes]
+    ) -> None:
         self.response = response
         self._first = first
         self._chunks = chunks
 
     @property
     def status(self) -> int:
-        return self.response.status_code
+        return self.response.status
 
     @property
     def media_type(self) -> str:
         return self.response.headers.get("content-type", "text/event-stream")
+
+    @property
+    def closed(self) -> bool:
+        return self.response.closed
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         try:
@@ -88,10 +90,15 @@ class ForwardedStream:
             async for chunk in self._chunks:
                 yield chunk
         finally:
-            await self.response.aclose()
+            self.aclose_now()
 
     async def aclose(self) -> None:
-        await self.response.aclose()
+        self.aclose_now()
+
+    def aclose_now(self) -> None:
+        # a stream left before its end closes its connection: the peer sees the client
+        # gone and stops generating; a finished one goes back to the pool
+        self.response.release()
 
 
 class Forwarder:
@@ -107,27 +114,29 @@ class Forwarder:
         self.cluster_key = cluster_key
         self.node_id = node_id
         # connect fails fast (a dead peer is skipped quickly); reads wait for long generations
-        self.timeout = httpx.Timeout(connect=connect_timeout, read=read_timeout,
-                                     write=30.0, pool=connect_timeout)  # fmt: skip
-        limits = httpx.Limits(
-            max_connections=max_connections, max_keepalive_connections=min(64, max_connections)
-        )
-        # httpx's requests and responses over aiohttp's C parser and connection pool, with
-        # no httpx.AsyncClient around them: httpcore's pure-Python HTTP/1.1 cost ~1.4 ms
-        # a request, and the client's cookie, auth and redirect layers (which no peer
-        # call uses) another 0.1-0.3 ms, of the 2 ms a forward may add. One transport,
-        # shared by every call; a LAN peer is never reached through the user's proxy.
-        self._transport = AiohttpTransport(limits=limits, trust_env=False)
+        self.timeout = self.timeout_reading(read_timeout, connect_timeout)
+        self._max_connections = max_connections
+        # one aiohttp session (its C HTTP parser and connection pool) for every call, made
+        # on first use inside the running loop. httpx (httpcore's pure-Python HTTP/1.1,
+        # the client's cookie, auth and redirect layers) cost 1.5-2 ms of the 2 ms a
+        # forward may add. A LAN peer is never reached through the user's proxy.
+        self._session: aiohttp.ClientSession | None = None
         # per peer, set when its health checks declare it lost (see ``until_lost``)
         self._lost: dict[str, asyncio.Event] = {}
 
     async def close(self) -> None:
-        await self._transport.aclose()
+        if self._session is not None:
+            await self._session.close()
 
-    def timeout_reading(self, seconds: float | None) -> httpx.Timeout:
-        """The usual timeouts with another read limit (None: none)."""
-        t = self.timeout
-        return httpx.Timeout(connect=t.connect, read=seconds, write=t.write, pool=t.pool)
+    def timeout_reading(
+        self, seconds: float | None, connect: float | None = None
+    ) -> aiohttp.ClientTimeout:
+        """The usual timeouts with another read limit (None: none): reading may wait,
+        connecting (and waiting for a pooled connection) stays quick."""
+        if connect is None:
+            connect = self.timeout.sock_connect
+        return aiohttp.ClientTimeout(total=None, connect=connect, sock_connect=connect,
+                                     sock_read=seconds)  # fmt: skip
 
     def lost(self, peer_name: str) -> None:
         """The peer stopped answering its health checks: long calls on it give up now."""
@@ -166,16 +175,24 @@ class Forwarder:
         *,
         content: bytes | None,
         headers: dict[str, str],
-        timeout: float | httpx.Timeout | None = None,
-    ) -> httpx.Response:
-        """One streamed request on the shared transport, with explicit timeouts."""
+        timeout: float | aiohttp.ClientTimeout | None = None,
+    ) -> aiohttp.ClientResponse:
+        """One request on the shared session; the answer's body is read by the caller.
+        A number is one deadline for the whole call (a health check's)."""
         if timeout is None:
             timeout = self.timeout
-        elif not isinstance(timeout, httpx.Timeout):
-            timeout = httpx.Timeout(timeout)
-        request = httpx.Request(method, url, content=content, headers=headers,
-                                extensions={"timeout": timeout.as_dict()})  # fmt: skip
-        return await self._transport.handle_async_request(request)
+        elif not isinstance(timeout, aiohttp.ClientTimeout):
+            timeout = aiohttp.ClientTimeout(total=timeout)
+        if self._session is None:
+            connector = aiohttp.TCPConnector(limit=self._max_connections, limit_per_host=0)
+            self._session = aiohttp.ClientSession(connector=connector, trust_env=False)
+        # tens of MB (a KV state) go out in chunks, not as one write that holds the loop
+        data: bytes | io.BytesIO | None = content
+        if content is not None and len(content) > _LARGE_BODY:
+            data = io.BytesIO(content)
+        return await self._session.request(
+            method, url, data=data, headers=headers, timeout=timeout, allow_redirects=False
+        )
 
     def headers_for(self, peer: Peer, method: str, path: str, body: bytes = b"") -> dict[str, str]:
         headers = {"X-PC-Forwarded-By": self.node_id or "pcrt"}
@@ -200,7 +217,7 @@ class Forwarder:
         json_body: Any = None,
         content: bytes | None = None,
         headers: dict[str, str] | None = None,
-        timeout: float | httpx.Timeout | None = None,
+        timeout: float | aiohttp.ClientTimeout | None = None,
         max_bytes: int | None = None,
     ) -> PeerAnswer:
         """One whole request; 5xx and transport errors raise PeerUnavailable, 4xx
@@ -216,7 +233,7 @@ class Forwarder:
                                         headers=sent, timeout=timeout)  # fmt: skip
             try:
                 body = bytearray()
-                async for chunk in response.aiter_bytes():
+                async for chunk in response.content.iter_any():
                     body += chunk
                     if max_bytes is not None and len(body) > max_bytes:
                         raise PeerUnavailable(
@@ -224,16 +241,14 @@ class Forwarder:
                             f"{method} {path}", peer=peer.name,
                         )  # fmt: skip
             finally:
-                await response.aclose()
-        except httpx.PoolTimeout:
-            raise RetryLater("too many requests to peers at once; try again", 1.0) from None
+                response.release()
         except TRANSPORT_ERRORS as exc:
             raise PeerUnavailable(
                 f"peer {peer.name} ({peer.url}) did not answer {method} {path}: {_describe(exc)}",
                 peer=peer.name,
                 timed_out=timed_out(exc),
             ) from None
-        answer = PeerAnswer(response.status_code, response.headers, bytes(body),
+        answer = PeerAnswer(response.status, response.headers, bytes(body),
                             sent.get(CLUSTER_HEADER), time.perf_counter() - started)  # fmt: skip
         _raise_for_status(peer, method, path, answer.status, answer.body)
         return answer
@@ -255,10 +270,9 @@ class Forwarder:
                 timed_out=timed_out(exc),
             ) from None
         try:
-            if response.status_code >= 400:
-                await response.aread()
-                _raise_for_status(peer, "POST", path, response.status_code, response.content)
-            chunks = response.aiter_raw()
+            if response.status >= 400:
+                _raise_for_status(peer, "POST", path, response.status, await response.read())
+            chunks = response.content.iter_any()
             # a server sends its role chunk before prefill: hold the stream until a chunk
             # with text (or its end), so a peer dying during prefill is still a fallback
             first = b""
@@ -269,23 +283,20 @@ class Forwarder:
                 if len(first) > 65536:
                     break
         except TRANSPORT_ERRORS as exc:
-            await response.aclose()
+            response.release()
             raise PeerUnavailable(
                 f"peer {peer.name} failed before its first token: {_describe(exc)}",
                 peer=peer.name,
                 timed_out=timed_out(exc),
             ) from None
         except BaseException:
-            await response.aclose()
+            response.release()
             raise
         return ForwardedStream(response, first, chunks)
 
 
 def _describe(exc: BaseException) -> str:
-    """The failure as the user should read it: the original error, not the adapter's
-    translation (which calls a refused connection a ConnectTimeout)."""
-    cause = exc.__cause__ if isinstance(exc.__cause__, aiohttp.ClientError) else exc
-    return f"{type(cause).__name__}: {cause or 'no detail'}"
+    return f"{type(exc).__name__}: {exc or 'no detail'}"
 
 
 def _raise_for_status(peer: Peer, method: str, path: str, status: int, body: bytes) -> None:
