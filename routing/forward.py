@@ -117,9 +117,9 @@ class Forwarder:
         self.timeout = self.timeout_reading(read_timeout, connect_timeout)
         self._max_connections = max_connections
         # one aiohttp session (its C HTTP parser and connection pool) for every call, made
-        # on first use inside the running loop. httpx (httpcore's pure-Python HTTP/1.1,
-        # the client's cookie, auth and redirect layers) cost 1.5-2 ms of the 2 ms a
-        # forward may add. A LAN peer is never reached through the user's proxy.
+        # on first use inside the running loop: httpx's pure-Python stack took 1.70 ms a
+        # small loopback POST where aiohttp takes 0.54, of the 2 ms a forward may add. A
+        # LAN peer is never reached through the user's proxy.
         self._session: aiohttp.ClientSession | None = None
         # per peer, set when its health checks declare it lost (see ``until_lost``)
         self._lost: dict[str, asyncio.Event] = {}
