@@ -744,7 +744,7 @@ class Engine:
         ]
         # in seq-id order: with a KV stream per slot, llama.cpp puts only consecutive,
         # increasing seq ids into one ubatch, so [2, 0, 1, 3] would cost two forward passes
-        # (measured: a 4-wide step at 3.5x a single one instead of ~1.3x)
+        # (measured in bench.dag's shared-context DAG: 4-wide steps 47-52 ms -> 43 ms)
         decoding.sort(key=lambda pair: pair[1].slot.seq_id)
         for _job, br in decoding:
             assert br.pending is not None
