@@ -255,12 +255,12 @@ class Coordinator:
         return self.table.get(name)
 
     def report_failure(self, exc: PeerError) -> None:
-        """A forward failed: the peer leaves rotation now, not at its next health check."""
+        """A forward failed: the peer leaves rotation now, not at its next health check.
+        Its other long calls go on: one broken stream or timed-out read says little about
+        the rest. The health check at the end of the cooldown (1 s) gives the verdict, and
+        only a failed check cancels them (``_probe_failed``)."""
         if getattr(exc, "cooldown", True):
             self.table.record_failure(exc.peer, str(exc), time.monotonic())
-            if getattr(exc, "status", None) is None:
-                # unreachable, not an error answer: its other long calls fall back too
-                self.forwarder.lost(exc.peer)
 
     def remote_names(self) -> tuple[set[str], set[str]]:
         """Model names (and aliases) and tags offered by trusted peers: a DAG may name them."""

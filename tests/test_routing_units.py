@@ -58,7 +58,7 @@ from pcrt.routing.peers import (
 from pcrt.routing.policy import ModelOffer, NodeView
 from pcrt.routing.statekey import EngineKey, key_mismatches
 from pcrt.runtime.api.service import Services
-from pcrt.runtime.errors import ConfigError, PeerRejected, PeerUnavailable
+from pcrt.runtime.errors import ConfigError, Overloaded, PeerRejected, PeerUnavailable
 from pcrt.runtime.settings import PeerSettings, ServerSettings, StaticPeer
 from pcrt.runtime.state import CompatKey, KVState, StateHeader
 
@@ -851,6 +851,25 @@ async def test_a_lost_peer_gives_up_its_long_calls_at_once(
     assert answer.status == 200
 
 
+async def test_a_full_connection_pool_is_retry_later_not_the_peers_fault(
+    server: _Server,
+) -> None:
+    """Waiting for one of our own pooled connections is not the peer failing to connect:
+    it says "try again", and the peer stays blameless."""
+    fw = Forwarder(cluster_key=None, connect_timeout=0.2, max_connections=1)
+    peer = _openai_peer(server.url)
+    try:
+        holding = asyncio.ensure_future(fw.request(peer, "GET", "/slow", timeout=30))
+        await asyncio.sleep(0.1)  # the one connection is in use
+        with pytest.raises(Overloaded, match="connections to peers are in use") as caught:
+            await fw.request(peer, "GET", "/echo")
+        assert caught.value.retry_after > 0
+        assert (await holding).status == 200
+        assert (await fw.request(peer, "GET", "/echo")).status == 200  # free again
+    finally:
+        await fw.close()
+
+
 def test_timeout_reading_keeps_the_quick_connect() -> None:
     fw = Forwarder(cluster_key=None, connect_timeout=2.0)
     assert fw.timeout_reading(None) == aiohttp.ClientTimeout(
@@ -1099,6 +1118,19 @@ async def test_two_slow_checks_are_forgiven_a_third_takes_the_peer_out() -> None
         gone.goodbye = True  # it said goodbye and then did not answer: removed
         coordinator._probe_failed(gone, "ConnectError")
         assert coordinator.table.get("gone") is None
+        # one failed forward (a broken stream, a malformed answer) takes a peer out of
+        # rotation but leaves its other long calls running; a failed check cancels them
+        flaky = coordinator.table.upsert(_peer(name="flaky", trusted=True, healthy=True))
+        long_call = asyncio.ensure_future(
+            coordinator.forwarder.until_lost(flaky, asyncio.sleep(30))
+        )
+        await asyncio.sleep(0)
+        coordinator.report_failure(PeerUnavailable("stream broke", peer="flaky"))
+        await asyncio.sleep(0.05)
+        assert not flaky.in_rotation(time.monotonic()) and not long_call.done()
+        coordinator._probe_failed(flaky, "ConnectError")
+        with pytest.raises(PeerUnavailable, match="stopped answering"):
+            await long_call
     finally:
         await coordinator.forwarder.close()
         await coordinator.prober.close()
