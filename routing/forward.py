@@ -23,6 +23,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Mapping
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -30,7 +31,7 @@ import aiohttp
 
 from pcrt.routing.auth import CLUSTER_HEADER, request_header
 from pcrt.routing.peers import Peer
-from pcrt.runtime.errors import PeerRejected, PeerUnavailable
+from pcrt.runtime.errors import Overloaded, PeerRejected, PeerUnavailable
 
 __all__ = ["ForwardedStream", "Forwarder", "PeerAnswer", "has_text", "sse_events"]
 
@@ -184,15 +185,33 @@ class Forwarder:
         elif not isinstance(timeout, aiohttp.ClientTimeout):
             timeout = aiohttp.ClientTimeout(total=timeout)
         if self._session is None:
-            connector = aiohttp.TCPConnector(limit=self._max_connections, limit_per_host=0)
-            self._session = aiohttp.ClientSession(connector=connector, trust_env=False)
+            # idle connections close before uvicorn's 5 s keep-alive does: a POST is not
+            # retried by aiohttp, so one sent on a connection the peer is closing would fail
+            connector = aiohttp.TCPConnector(
+                limit=self._max_connections, limit_per_host=0, keepalive_timeout=4.0
+            )
+            self._session = aiohttp.ClientSession(
+                connector=connector, trust_env=False, trace_configs=[_pool_waits()]
+            )
         # tens of MB (a KV state) go out in chunks, not as one write that holds the loop
         data: bytes | io.BytesIO | None = content
         if content is not None and len(content) > _LARGE_BODY:
             data = io.BytesIO(content)
-        return await self._session.request(
-            method, url, data=data, headers=headers, timeout=timeout, allow_redirects=False
-        )
+        waiting = SimpleNamespace(queued=False)
+        try:
+            return await self._session.request(
+                method, url, data=data, headers=headers, timeout=timeout,
+                allow_redirects=False, trace_request_ctx=waiting,
+            )  # fmt: skip
+        except TimeoutError:
+            if waiting.queued:
+                # aiohttp counts the wait for a pooled connection in the connect timeout:
+                # our own limit was hit, which says nothing about the peer
+                raise Overloaded(
+                    f"all {self._max_connections} connections to peers are in use; "
+                    "try again shortly", retry_after=1.0,
+                ) from None  # fmt: skip
+            raise
 
     def headers_for(self, peer: Peer, method: str, path: str, body: bytes = b"") -> dict[str, str]:
         headers = {"X-PC-Forwarded-By": self.node_id or "pcrt"}
@@ -295,8 +314,23 @@ class Forwarder:
         return ForwardedStream(response, first, chunks)
 
 
+def _pool_waits() -> aiohttp.TraceConfig:
+    """Marks a request's ``trace_request_ctx`` while it waits for a pooled connection."""
+
+    async def queued(_session: Any, context: Any, _params: Any) -> None:
+        context.trace_request_ctx.queued = True
+
+    async def dequeued(_session: Any, context: Any, _params: Any) -> None:
+        context.trace_request_ctx.queued = False
+
+    config = aiohttp.TraceConfig()
+    config.on_connection_queued_start.append(queued)
+    config.on_connection_queued_end.append(dequeued)
+    return config
+
+
 def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc or 'no detail'}"
+    return f"{type(exc).__name__}: {str(exc) or 'no detail'}"
 
 
 def _raise_for_status(peer: Peer, method: str, path: str, status: int, body: bytes) -> None:
