@@ -58,10 +58,12 @@ __all__ = [
     "PlanMargins",
     "PlanRequest",
     "RamPlacement",
+    "flash_attn_for",
     "graph_sizes",
     "human_bytes",
     "kv_bytes_per_layer",
     "kv_cells",
+    "needs_flash_attn",
     "plan_offload",
     "row_bytes",
 ]
@@ -83,6 +85,19 @@ _BLOCKS: dict[str, tuple[int, int]] = {
 }
 
 PINNABLE = ("n_gpu_layers", "context", "type_k", "type_v", "flash_attn")
+
+
+def needs_flash_attn(type_v: str) -> bool:
+    """llama.cpp needs flash attention for a V cache other than f16 or f32."""
+    return type_v not in ("f16", "f32")
+
+
+def flash_attn_for(type_v: str, pinned: bool | None) -> bool:
+    """Whether a load with a ``type_v`` V cache runs flash attention: ``pinned`` when set,
+    else on exactly when llama.cpp needs it (``needs_flash_attn``). A pin off with such a V
+    cache stays off here; ``plan_offload`` refuses that combination. The planner and
+    ``pcrt.runtime.loader.kv_settings_for`` both decide by this, so they agree."""
+    return pinned if pinned is not None else needs_flash_attn(type_v)
 
 
 class _Frozen(BaseModel):
@@ -533,15 +548,15 @@ def plan_offload(
     if request.flash_attn is not None:
         pinned.add("flash_attn")
 
-    flash_attn = bool(request.flash_attn)
-    if request.type_v not in ("f16", "f32") and not flash_attn:
-        if request.flash_attn is False:
+    flash_attn = flash_attn_for(request.type_v, request.flash_attn)
+    if needs_flash_attn(request.type_v):
+        if not flash_attn:
             raise PlanError(
                 f"a {request.type_v} V cache needs flash attention, which is pinned off: "
                 "pin flash_attn on or use an f16 KV cache"
             )
-        flash_attn = True
-        notes.append(f"flash attention on: llama.cpp needs it for a {request.type_v} V cache")
+        if request.flash_attn is None:
+            notes.append(f"flash attention on: llama.cpp needs it for a {request.type_v} V cache")
     request = request.model_copy(update={"flash_attn": flash_attn})
 
     wanted = request.context

@@ -12,7 +12,7 @@ import logging
 from typing import Any
 
 from pcrt.cache.store import Store
-from pcrt.device.offload import OffloadPlan, PlanMargins
+from pcrt.device.offload import OffloadPlan, PlanMargins, flash_attn_for
 from pcrt.device.profile import DeviceProfile
 from pcrt.runtime.engine import Engine, EngineConfig
 from pcrt.runtime.hashing import file_sha256
@@ -41,14 +41,12 @@ def engine_config_for(entry: ModelEntry, **overrides: Any) -> EngineConfig:
 def kv_settings_for(entry: ModelEntry) -> tuple[str, str, bool]:
     """The K and V cache types and flash attention a load of ``entry`` will use, known
     without loading it (peers compare them before sending KV states): the entry's pins over
-    the engine's defaults. The planner changes neither type and turns flash attention on
-    for a quantised V cache, which llama.cpp needs, unless the entry pins it off."""
+    the engine's defaults. The planner changes neither type and decides flash attention by
+    ``flash_attn_for``, as this does."""
     defaults = EngineConfig.model_fields  # not an EngineConfig: that counts the cores
     type_k = entry.kv_type or defaults["type_k"].default
     type_v = entry.kv_type or defaults["type_v"].default
-    flash_attn = entry.flash_attn
-    if flash_attn is None:
-        flash_attn = type_v not in ("f16", "f32") or bool(defaults["flash_attn"].default)
+    flash_attn = flash_attn_for(type_v, entry.flash_attn)
     return type_k, type_v, flash_attn
 
 

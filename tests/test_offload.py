@@ -31,12 +31,15 @@ from pcrt.device.offload import (
     ModelShape,
     PlanError,
     PlanRequest,
+    flash_attn_for,
     graph_sizes,
     kv_bytes_per_layer,
+    needs_flash_attn,
     plan_offload,
 )
 from pcrt.device.profile import BuildInfo, DeviceProfile, collect_profile
 from pcrt.runtime.gguf_info import read_gguf_info
+from pcrt.runtime.loader import kv_settings_for
 from pcrt.runtime.models import ModelEntry, parse_source
 from pcrt.runtime.planning import model_shape, plan_request
 
@@ -385,3 +388,22 @@ def test_entry_and_flag_pins() -> None:
     plan = plan_offload(SEVEN_B, machine(32 * GiB, 24 * GiB), request)
     assert plan.pinned == ("n_gpu_layers", "context")
     assert plan.n_gpu_layers == 0 and "n_gpu_layers pinned to 0" in plan.reason
+
+
+@pytest.mark.parametrize("kv_type", [None, "f16", "f32", "q8_0", "q4_0"])
+@pytest.mark.parametrize("flash_attn", [None, True, False])
+def test_kv_settings_agree_with_the_plan(kv_type: str | None, flash_attn: bool | None) -> None:
+    # peers compare kv_settings_for's answer before sending KV states: it must be what the
+    # plan loads, or the planner's refusal of a quantised V cache with flash attention off
+    entry = _entry(kv_type=kv_type, flash_attn=flash_attn)
+    type_k, type_v, flash = kv_settings_for(entry)
+    request = plan_request(entry)
+    assert (flash, type_v) == (flash_attn_for(type_v, flash_attn), request.type_v)
+    if needs_flash_attn(type_v) and flash_attn is False:
+        with pytest.raises(PlanError, match="needs flash attention, which is pinned off"):
+            plan_offload(SEVEN_B, machine(32 * GiB), request)
+        return
+    plan = plan_offload(SEVEN_B, machine(32 * GiB), request)
+    assert (plan.type_k, plan.type_v, plan.flash_attn) == (type_k, type_v, flash)
+    noted = any(note.startswith("flash attention on") for note in plan.notes)
+    assert noted == (needs_flash_attn(type_v) and flash_attn is None)
