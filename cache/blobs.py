@@ -15,6 +15,7 @@ import hashlib
 import mmap
 import os
 import re
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,13 +112,17 @@ class BlobStore:
                 size = os.fstat(f.fileno()).st_size
                 if size == 0:  # mmap cannot map an empty file
                     mapped: mmap.mmap | bytearray = bytearray()
-                elif hasattr(mmap, "MAP_POPULATE"):  # Linux: map every page in one call
-                    mapped = mmap.mmap(
-                        f.fileno(), 0, flags=mmap.MAP_PRIVATE | mmap.MAP_POPULATE,
-                        prot=mmap.PROT_READ | mmap.PROT_WRITE,
-                    )  # fmt: skip
                 else:
                     mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+                    # Prefault every page read-only, in one call. Not MAP_POPULATE: on a
+                    # private writable map it faults each page for write, i.e. copies the
+                    # whole blob into anonymous memory; this way pages stay shared page
+                    # cache and the later in-place header write copies one page.
+                    if sys.platform == "linux":
+                        try:  # MADV_POPULATE_READ (22): Linux >= 5.14, often not in mmap
+                            mapped.madvise(getattr(mmap, "MADV_POPULATE_READ", 22))
+                        except OSError:  # an older kernel: EINVAL
+                            mapped.madvise(mmap.MADV_WILLNEED)
         except FileNotFoundError:
             raise BlobMissing(f"no blob {sha256}") from None
         view = memoryview(mapped)

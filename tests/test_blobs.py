@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import pytest
@@ -54,6 +55,31 @@ def test_a_mapped_blob_is_private_to_the_reader(blobs: BlobStore) -> None:
     view[:8] = b"REWRITTN"  # what a KV import does to a mapped blob's spent header
     assert blobs.get(sha) == data  # the file, and every other reader, never sees it
     assert bytes(blobs.map(sha)) == data
+
+
+def _anonymous_bytes() -> int:
+    """This process's anonymous memory, from /proc/self/smaps_rollup (Linux)."""
+    for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
+        if line.startswith("Anonymous:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no Anonymous: line in smaps_rollup")
+
+
+@pytest.mark.skipif(
+    not Path("/proc/self/smaps_rollup").exists(), reason="needs /proc/self/smaps_rollup"
+)
+def test_a_mapped_blob_stays_page_cache_until_written(blobs: BlobStore) -> None:
+    # a private writable map must not copy the blob into anonymous memory up front
+    # (MAP_POPULATE did: +100% of its size); writing the header copies only its page
+    size = 32 << 20
+    sha = blobs.put(os.urandom(size))
+    before = _anonymous_bytes()
+    view = blobs.map(sha)  # map() itself reads every page to check the hash
+    assert hashlib.sha256(view).hexdigest() == sha
+    view[:16] = b"\0" * 16  # what a KV import writes over the blob's header
+    grown = _anonymous_bytes() - before
+    assert grown < size // 4, f"anonymous memory grew {grown >> 20} MiB for a 32 MiB blob"
+    view.release()
 
 
 def test_eviction_is_lru_and_spares_unfinished_runs(tmp_path: Path) -> None:
