@@ -22,8 +22,6 @@ if TYPE_CHECKING:  # attributes only: the peer table need not import llama.cpp
 
 __all__ = ["EngineKey", "key_mismatches"]
 
-RAW_LAYOUT_PREFIX = "raw-"
-
 _LABELS = {
     "type_k": "K type",
     "type_v": "V type",
@@ -89,8 +87,12 @@ class EngineKey:
         portable; a raw one has as many streams as the engine has slots."""
         if self.layout is not None:
             return self.layout
+        # imported here: runtime.state loads llama.cpp, which the peer table does without
+        # (a state to compare means it is loaded already)
+        from pcrt.runtime.state import RAW_LAYOUT_PREFIX, raw_layout
+
         if state_layout.startswith(RAW_LAYOUT_PREFIX):
-            return None if self.parallel is None else f"{RAW_LAYOUT_PREFIX}{self.parallel}"
+            return None if self.parallel is None else raw_layout(self.parallel)
         return state_layout
 
 

@@ -58,6 +58,7 @@ from pcrt.runtime.state import (
     KVState,
     native_payload,
     portable_payload,
+    raw_layout,
 )
 from pcrt.runtime.textstream import TextStream
 
@@ -364,7 +365,7 @@ class Engine:
             type_k=self.config.type_k,
             type_v=self.config.type_v,
             flash_attn=self.config.flash_attn,
-            layout=PORTABLE_LAYOUT if self._portable_state else f"raw-{self.n_stream}",
+            layout=PORTABLE_LAYOUT if self._portable_state else raw_layout(self.n_stream),
         )
         self._memory = llama_cpp.llama_get_memory(self._ctx)
         self._batch = llama_cpp.llama_batch_init(self.config.n_batch, 0, 1)

@@ -43,6 +43,7 @@ from pcrt.runtime.errors import IncompatibleState, StateError
 
 __all__ = [
     "PORTABLE_LAYOUT",
+    "RAW_LAYOUT_PREFIX",
     "STATE_FORMAT_VERSION",
     "CompatKey",
     "KVState",
@@ -50,14 +51,21 @@ __all__ = [
     "describe_state",
     "native_payload",
     "portable_payload",
+    "raw_layout",
 ]
 
 STATE_FORMAT_VERSION = 1
 _MAGIC = b"PCRTKV\x00\x01"
 _HEADER_LIMIT = 64 * 1024 * 1024  # a header is token ids: even 1M tokens fit
 PORTABLE_LAYOUT = "portable"
+RAW_LAYOUT_PREFIX = "raw-"
 _U32 = struct.Struct("<I")
 _LLAMA_SEQ_MAGIC = 0xAF143CD8  # llama-context.cpp: io_magic of sequence states
+
+
+def raw_layout(n_stream: int) -> str:
+    """The layout of a state kept in llama.cpp's own bytes: ``raw-N``, N its KV streams."""
+    return f"{RAW_LAYOUT_PREFIX}{n_stream}"
 
 
 class CompatKey(BaseModel):
