@@ -162,9 +162,13 @@ class RemoteRunner:
         peer = self._peer(candidate)
         payload = {**payload, "origin": self.coordinator.node_name}  # where upstream ran
         forwarder = self.coordinator.forwarder
-        # the whole subgraph runs before the answer: no read limit but the DAG's own (a
-        # hung peer is caught by its health checks instead); connecting stays quick
-        reading = forwarder.timeout_reading(None if timeout is None else timeout + 30)
+        # the whole subgraph runs before the answer, which is the first byte back: read for
+        # the DAG's own timeout (and a margin), or the forwarder's usual read limit (600 s
+        # by default) when the DAG has none, so a peer that took the call and then went
+        # silent while passing its health checks cannot hold it forever; connecting stays
+        # quick
+        limit = forwarder.timeout.sock_read if timeout is None else timeout + 30
+        reading = forwarder.timeout_reading(limit)
         answer = await forwarder.until_lost(peer, forwarder.request(
             peer, "POST", SUBGRAPH_PATH, json_body=payload, timeout=reading,
         ))  # fmt: skip

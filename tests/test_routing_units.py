@@ -1424,3 +1424,57 @@ async def test_battery_watch_moves_the_runs_once_and_outlives_a_bad_reading(
         with contextlib.suppress(asyncio.CancelledError):
             await task
     assert moves == ["on battery at 20%"]
+
+
+# ---------------------------------------------------------------------------------------
+# remote.py: a subgraph on a pcrt peer always has a read limit
+# ---------------------------------------------------------------------------------------
+
+
+async def _run_subgraph(fw: Forwarder, url: str, timeout: float | None) -> dict[str, Any]:
+    """``RemoteRunner.subgraph`` on a pcrt peer at ``url``, with ``timeout`` the DAG's."""
+    from pcrt.routing.policy import Candidate
+    from pcrt.routing.remote import RemoteRunner
+
+    peer = Peer(name="p", url=url, kind="pcrt", source="static", trusted=True)
+    coordinator = SimpleNamespace(forwarder=fw, node_name="edge", peer=lambda name: peer)
+    candidate = Candidate(node="p", kind="pcrt", model="m", est_seconds=1.0, score=1.0, why="")
+    return await RemoteRunner(cast(Coordinator, coordinator)).subgraph(candidate, {}, timeout)
+
+
+async def test_a_subgraph_reads_for_the_dag_timeout_or_the_forwarders_own_limit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fw = Forwarder(cluster_key=KEY)
+    limits: list[float | None] = []
+
+    async def request(peer: Peer, method: str, path: str, **kw: Any) -> Any:
+        limits.append(kw["timeout"].sock_read)
+        return SimpleNamespace(json=lambda: {"nodes": {}})
+
+    monkeypatch.setattr(fw, "request", request)
+    await _run_subgraph(fw, "http://127.0.0.1:9", None)  # no DAG timeout: the forwarder's
+    await _run_subgraph(fw, "http://127.0.0.1:9", 100.0)  # the DAG's own, with a margin
+    assert limits == [600.0, 130.0]
+
+
+async def test_a_subgraph_peer_that_goes_silent_is_given_up_on() -> None:
+    accepted = asyncio.Event()
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.set()
+        with contextlib.suppress(ConnectionError):
+            await reader.read()  # takes the request, never answers
+        writer.close()
+
+    listener = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    fw = Forwarder(cluster_key=KEY, read_timeout=0.2)  # the limit a DAG without a timeout gets
+    try:
+        with pytest.raises(PeerUnavailable):
+            await asyncio.wait_for(_run_subgraph(fw, f"http://127.0.0.1:{port}", None), 10)
+        assert accepted.is_set()
+    finally:
+        await fw.close()
+        listener.close()
+        await listener.wait_closed()
