@@ -12,6 +12,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -440,7 +441,10 @@ MOVE_DAG: dict[str, Any] = {
     "nodes": {
         "intro": {"type": "llm", "prompt": "Describe a lighthouse in one sentence.",
                   "temperature": 0, "max_tokens": 24, "cache": False},
-        "story": {"type": "llm", "context": "intro", "prompt": "Now tell a long story about it.",
+        # a prompt the model answers at length: a story may end after 20 tokens, before
+        # a test has moved the run
+        "story": {"type": "llm", "context": "intro",
+                  "prompt": "Now count from 1 to 200, one number per line.",
                   "temperature": 0, "max_tokens": 120, "checkpoint_every": 16, "cache": False},
     },
 }  # fmt: skip
@@ -484,7 +488,8 @@ def test_migration_mid_run_resumes_on_the_peer_with_its_states(tmp_path: Path) -
 
         # here lost the answer and sends the run again: told how it stands, nothing reruns
         spec = here.services.dags.runner.runs.get_run(run_id).spec
-        moved_run = {"run": {"id": run_id, "spec": spec}, "nodes": [], "origin": here_name}
+        moved_run = {"run": {"id": run_id, "spec": spec}, "nodes": [],
+                     "origin": here.services.node.node_id}  # fmt: skip
         again = _signed_post(there, key, "/v1/pcrt/runs", moved_run)
         assert again.status_code == 200 and again.json()["status"] == "succeeded", again.text
         assert httpx.get(f"{there.url}/v1/dags/{run_id}", timeout=10).json() == view
@@ -497,13 +502,15 @@ def test_migration_mid_run_resumes_on_the_peer_with_its_states(tmp_path: Path) -
         assert clash.status_code == 409 and "another DAG" in clash.json()["error"]["message"]
 
 
-def _signed_post(server: LiveServer, key: str, path: str, body: dict[str, Any]) -> httpx.Response:
+def _signed_post(
+    server: LiveServer, key: str, path: str, body: dict[str, Any], timeout: float = 30
+) -> httpx.Response:
     """A POST as a peer sends it: signed with the cluster key over its exact bytes."""
     content = json.dumps(body).encode()
     signature = request_header(key, "POST", path, authority=server.url.removeprefix("http://"),
                                body=content)  # fmt: skip
     headers = {CLUSTER_HEADER: signature, "Content-Type": "application/json"}
-    return httpx.post(server.url + path, content=content, headers=headers, timeout=30)
+    return httpx.post(server.url + path, content=content, headers=headers, timeout=timeout)
 
 
 def _events(lines: Iterator[str]) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -634,6 +641,83 @@ flash_attn = true
         story = next(n for n in view["nodes"] if n["node_id"] == "story")
         assert not story["resumed_from_checkpoint"]  # recomputed: its state stayed here
         assert view["outputs"]["intro"] == run_intro(here, run_id)
+
+
+def test_a_low_battery_moves_its_own_runs_not_a_subgraph_a_peer_waits_on(
+    tmp_path: Path, q8_model: Path
+) -> None:
+    """The strong daemon runs a subgraph for the edge and a run of its own when its battery
+    drops: its own run moves to the edge (and the client waiting on it is told so, not
+    given an error); the subgraph stays and its answer reaches the edge."""
+    key = uuid.uuid4().hex
+    strong_name, edge_name = _unique("strong"), _unique("edge")
+    extra = f"""
+[models.smollm2-q8]
+source = "{q8_model}"
+context = 2048
+tags = ["complex"]
+"""
+    delegated = {"dag": "/dynamic/delegated", "nodes": {
+        "plan": {"type": "llm", "tag": "complex", "temperature": 0, "max_tokens": 400,
+                 "cache": False, "prompt": "Write a long plan for a week of meals."},
+    }}  # fmt: skip
+    own = json.loads(json.dumps(MOVE_DAG))
+    own["nodes"]["story"]["max_tokens"] = 400
+    battery = [Battery(percent=80.0, plugged_in=True, seconds_left=None)]
+    with (
+        _daemon(tmp_path, strong_name, key, extra_models=extra, battery=lambda: battery[0],
+                migrate_on_battery=True, battery_interval=0.05, battery_threshold=30) as strong,
+        _daemon(tmp_path, edge_name, key) as edge,
+        ThreadPoolExecutor(2) as clients,
+    ):  # fmt: skip
+        _wait_for(lambda: _in_rotation(edge, strong_name), 10, "the edge trusts strong")
+        _wait_for(lambda: _in_rotation(strong, edge_name), 10, "strong trusts the edge")
+        dags = strong.services.dags
+        waiting = clients.submit(httpx.post, strong.url + "/v1/dags",
+                                 json={"dag": own, "wait": True}, timeout=180)  # fmt: skip
+        _wait_for(lambda: len(dags.tasks) == 1, 30, "strong's own run started")
+        own_id = next(iter(dags.tasks))
+        sent = clients.submit(httpx.post, edge.url + "/v1/dags", json={"dag": delegated},
+                              timeout=180)  # fmt: skip
+        _wait_for(lambda: len(dags.for_peers) == 1, 30, "the edge's subgraph runs on strong")
+        partial_id = next(iter(dags.for_peers))
+
+        battery[0] = Battery(percent=20.0, plugged_in=False, seconds_left=600)
+        answer = waiting.result(timeout=120)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["status"] == "migrated", answer.json()
+        assert answer.json()["migrated_to"].startswith(edge_name)
+        assert partial_id in dags.for_peers  # still running here when its neighbour left
+
+        run = sent.result(timeout=180).json()
+        assert run["status"] == "succeeded", run["error"]
+        plan = next(n for n in run["nodes"] if n["node_id"] == "plan")
+        assert plan["ran_on"] == strong_name and plan["model"] == "smollm2-q8"
+        assert dags.runner.runs.get_run(partial_id).status == "succeeded"
+        _run_succeeds_on(edge, own_id)
+
+
+def test_a_subgraph_whose_caller_leaves_is_cancelled(tmp_path: Path) -> None:
+    """A peer that stops waiting for a subgraph (it fell back elsewhere) leaves no orphan
+    generating here."""
+    key = uuid.uuid4().hex
+    name = _unique("worker")
+    dag = {"dag": "/dynamic/orphan", "nodes": {
+        "long": {"type": "llm", "prompt": "Tell a very long story.", "temperature": 0,
+                 "max_tokens": 1000, "cache": False},
+    }}  # fmt: skip
+    with _daemon(tmp_path, name, key) as worker:
+        dags = worker.services.dags
+        with pytest.raises(httpx.ReadTimeout):
+            _signed_post(worker, key, "/v1/pcrt/subgraphs",
+                         {"dag": dag, "nodes": ["long"], "origin": "gone"}, timeout=3)  # fmt: skip
+        runs = dags.runner.runs.list_runs()
+        assert len(runs) == 1
+        _wait_for(lambda: not dags.tasks, 10, "the orphaned subgraph stopped")
+        assert dags.runner.runs.get_run(runs[0].id).status == "cancelled"
+        assert not dags.for_peers
+        node = dags.runner.runs.nodes(runs[0].id)[0]
+        assert (node.completion_tokens or 0) < 1000
 
 
 def test_static_peer_from_config_takes_requests(

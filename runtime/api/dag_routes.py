@@ -48,8 +48,14 @@ class DagTasks:
         self.runner = runner
         self.tasks: dict[str, asyncio.Task[RunRecord]] = {}
         self.listeners: dict[str, list[asyncio.Queue[DagEvent | None]]] = {}
+        # runs a peer is waiting on (``/v1/pcrt/subgraphs``): theirs, never moved from here
+        self.for_peers: set[str] = set()
+        # runs being moved to a peer, set when the move ends (``moving.move_run``)
+        self.moves: dict[str, asyncio.Event] = {}
 
-    def start(self, run_id: str) -> asyncio.Task[RunRecord]:
+    def start(self, run_id: str, *, for_peer: bool = False) -> asyncio.Task[RunRecord]:
+        if for_peer:
+            self.for_peers.add(run_id)
         if run_id in self.tasks:
             return self.tasks[run_id]
 
@@ -62,6 +68,7 @@ class DagTasks:
                 return await self.runner.execute(run_id, emit)
             finally:
                 self.tasks.pop(run_id, None)
+                self.for_peers.discard(run_id)
                 for queue in self.listeners.pop(run_id, []):
                     queue.put_nowait(None)
 
@@ -73,6 +80,24 @@ class DagTasks:
         queue: asyncio.Queue[DagEvent | None] = asyncio.Queue()
         self.listeners.setdefault(run_id, []).append(queue)
         return queue
+
+    def movable(self) -> list[str]:
+        """The running runs that are this daemon's own (a drain or low battery moves them)."""
+        return [run_id for run_id in self.tasks if run_id not in self.for_peers]
+
+    async def outcome(self, run_id: str) -> RunRecord:
+        """The run's record once it stops running here, however it stops: finished,
+        failed, cancelled, or moved to a peer (a move under way is waited for, and a run
+        that could not move and goes on here is waited for again). The waiter leaving
+        does not stop the run."""
+        while True:
+            task, move = self.tasks.get(run_id), self.moves.get(run_id)
+            if task is not None:
+                await asyncio.wait({task})  # never raises the run's own cancellation
+            elif move is not None:
+                await move.wait()
+            else:
+                return self.runner.runs.get_run(run_id)
 
     async def cancel(self, run_id: str) -> bool:
         task = self.tasks.get(run_id)
@@ -144,11 +169,10 @@ async def start_run(body: StartRun, request: Request) -> Any:
             _events(queue, tasks, run.id), media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-PCRT-Run": run.id},
         )  # fmt: skip
-    task = tasks.start(run.id)
+    tasks.start(run.id)
     if not body.wait:
         return JSONResponse(run_view(tasks.runner, run), status_code=202)
-    final = await asyncio.shield(task)  # a client that leaves does not cancel the run
-    return run_view(tasks.runner, final)
+    return run_view(tasks.runner, await tasks.outcome(run.id))
 
 
 async def _events(
@@ -191,10 +215,10 @@ async def resume_run(run_id: str, request: Request, wait: bool = False) -> Any:
     run = _get(tasks.runner, run_id)
     if run.status not in RESUMABLE:
         raise InvalidRequest(f"run {run_id} is {run.status}; only {', '.join(RESUMABLE)} resume")
-    task = tasks.start(run_id)
+    tasks.start(run_id)
     if not wait:
         return JSONResponse(run_view(tasks.runner, _get(tasks.runner, run_id)), status_code=202)
-    return run_view(tasks.runner, await asyncio.shield(task))
+    return run_view(tasks.runner, await tasks.outcome(run_id))
 
 
 @router.delete("/v1/dags/{run_id}")

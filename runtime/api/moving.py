@@ -9,6 +9,8 @@ resumable. ``routing.migrate`` does the sending.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 
 from pcrt.cache.runs import RunStore
@@ -25,20 +27,50 @@ log = logging.getLogger(__name__)
 
 async def move_run(services: Services, run_id: str, peer: str, *, with_states: bool) -> Migration:
     """Stop the run, hold it as ``migrating``, move it to ``peer``; on failure it is
-    ``interrupted`` here again."""
-    runs = services.dags.runner.runs
-    await services.dags.cancel(run_id)
-    status = runs.get_run(run_id).status
-    if status not in RESUMABLE:  # it finished before it stopped: nothing left to move
-        raise InvalidRequest(f"run {run_id} is {status}; only unfinished runs move")
-    runs.set_status(run_id, "migrating", error=f"moving to peer {peer}")
+    ``interrupted`` here again. A move under way finishes even when its caller is
+    cancelled. Runs a peer waits on (partial runs) never move."""
+    dags = services.dags
+    runs = dags.runner.runs
+    if run_id in dags.for_peers:
+        raise InvalidRequest(f"run {run_id} runs here for a peer that waits on it; it stays")
+    if run_id in dags.moves:
+        raise InvalidRequest(f"run {run_id} is moving already")
+    moved = dags.moves[run_id] = asyncio.Event()  # waiters on the run wait for the move
     try:
-        result = await migrate_run(
+        await dags.cancel(run_id)
+        status = runs.get_run(run_id).status
+        if status not in RESUMABLE:  # it finished before it stopped: nothing left to move
+            raise InvalidRequest(f"run {run_id} is {status}; only unfinished runs move")
+        runs.set_status(run_id, "migrating", error=f"moving to peer {peer}")
+        sending = asyncio.ensure_future(migrate_run(
             services.coordinator, runs, services.blobs, run_id, peer, with_states=with_states
-        )
-    except BaseException as exc:
+        ))  # fmt: skip
+        try:
+            # a daemon stopping mid-move finishes the move first: cut short, the peer
+            # could hold the run while it also stays resumable here (it would run twice).
+            # (wait, unlike await, leaves ``sending`` running when we are cancelled)
+            await asyncio.wait({sending})
+        except asyncio.CancelledError:
+            await asyncio.wait({sending})
+            with contextlib.suppress(Exception):  # recorded; the cancellation goes on
+                _record_move(runs, run_id, peer, sending)
+            raise
+        return _record_move(runs, run_id, peer, sending)
+    finally:
+        del dags.moves[run_id]
+        moved.set()
+
+
+def _record_move(
+    runs: RunStore, run_id: str, peer: str, sending: asyncio.Future[Migration]
+) -> Migration:
+    """The run is ``migrated`` (with its pointer) or, when the move failed, ``interrupted``
+    here again; the move's result or error."""
+    exc = sending.exception()
+    if exc is not None:
         runs.set_status(run_id, "interrupted", error=f"the move to {peer} failed: {exc}")
-        raise
+        raise exc
+    result = sending.result()
     runs.set_status(
         run_id, "migrated", error=f"moved to peer {result.peer}", migrated_to=result.pointer
     )
@@ -51,7 +83,7 @@ async def move_running_runs(services: Services, why: str, *, resume_unmoved: boo
     move goes on here (a daemon that keeps serving); else it stays interrupted (a daemon
     that is stopping: resume continues it later)."""
     moved = []
-    for run_id in list(services.dags.tasks):
+    for run_id in services.dags.movable():
         work = Work(
             model=_run_model(services.dags.runner.runs, run_id), route="peer",
             peer_kinds=frozenset({"pcrt"}),
@@ -62,6 +94,9 @@ async def move_running_runs(services: Services, why: str, *, resume_unmoved: boo
                 result = await move_run(services, run_id, candidate.node, with_states=True)
             except PcrtError as exc:
                 log.warning("run %s could not move to %s: %s", run_id, candidate.node, exc)
+                continue
+            except Exception:  # a bug in one move must not stop the others, or the drain
+                log.exception("run %s could not move to %s", run_id, candidate.node)
                 continue
             log.info("%s: run %s moved to %s (%d states sent; left: %s)", why, run_id,
                      result.peer, result.states_sent,

@@ -85,8 +85,17 @@ async def run_subgraph(body: SubgraphRequest, request: Request) -> dict[str, Any
     runner = services.dags.runner
     spec = parse_dag(body.dag)
     record = runner.create_partial(spec, body.inputs, body.done, body.origin)
-    task = services.dags.start(record.id)
-    final = await task
+    task = services.dags.start(record.id, for_peer=True)
+    caller_left = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, caller_left}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        caller_left.cancel()
+    if not task.done():
+        # the peer gave up on us (it fell back elsewhere): no one will read this run
+        await services.dags.cancel(record.id)
+        log.info("subgraph run %s cancelled: %s stopped waiting for it", record.id, body.origin)
+    final = await services.dags.outcome(record.id)  # the daemon stopping: "cancelled"
     nodes = {n.node_id: n for n in runner.runs.nodes(record.id)}
     return {
         "run_id": final.id,
@@ -108,6 +117,13 @@ async def run_subgraph(body: SubgraphRequest, request: Request) -> dict[str, Any
             if node_id in nodes
         },
     }
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client closes its connection (the body has been read: the next
+    ASGI message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 @router.put("/v1/pcrt/blobs")
