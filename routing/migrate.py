@@ -139,10 +139,15 @@ async def migrate_run(
             }
             for n in nodes
         ],
-        "origin": coordinator.node_name,
+        # the peer knows a repeat of this move by it: the node id, unique where names
+        # (hostnames) may not be
+        "origin": coordinator.node_id,
     }  # fmt: skip
     answer = await _send_record(coordinator, peer, payload)
-    body = answer.json()
+    try:
+        body = answer.json()
+    except ValueError:  # a 200 that is not JSON: not a pcrt peer's answer
+        body = None
     if not isinstance(body, dict) or body.get("id") != run_id:
         raise PeerUnavailable(f"peer {peer.name} did not take run {run_id}", peer=peer.name)
     result.peer_status = str(body.get("status", ""))

@@ -1353,6 +1353,16 @@ async def test_migrate_sends_the_record_again_when_its_answer_was_lost(
             await migrate_run(coordinator, runs, blobs, "r", "p")
         assert [c[0] for c in calls.calls].count("POST") == posts
 
+    # a 200 whose body is not JSON is no pcrt peer's answer: unavailable, not a crash
+    async def html(peer: Peer, method: str, path: str, **kw: Any) -> PeerAnswer:
+        return PeerAnswer(200, httpx.Headers(), b"<html>captive portal</html>", None, 0.0)
+
+    monkeypatch.setattr(coordinator.forwarder, "request", html)
+    with pytest.raises(PeerUnavailable, match="did not take run r"):
+        await migrate_run(coordinator, runs, blobs, "r", "p")
+    # and the record says who sent it by node id, unique where hostnames may not be
+    assert calls.calls[-1][2]["origin"] == "n"
+
 
 # ---------------------------------------------------------------------------------------
 # battery.py and battery_watch.py: a low battery moves the runs once per discharge
