@@ -164,6 +164,8 @@ class Forwarder:
             return task.result()
         task.cancel()
         await asyncio.wait({task})  # let it unwind (closes its connection)
+        if not task.cancelled():
+            task.exception()  # it failed as it was cancelled: seen, not "never retrieved"
         raise PeerUnavailable(
             f"peer {peer.name} stopped answering its health checks; its work moves on",
             peer=peer.name,

@@ -79,9 +79,10 @@ async def _generate(request: Request, body: GenerationFields, route: str, *, cha
         if isinstance(exc, PcrtError):
             acct.failed(exc)
         raise
+    # every peer tried failed first: the answer says so, as a forward's would
+    fell_back = route_headers(acct, "local") if acct.fallbacks else {}
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        fell_back = route_headers(acct, "local") if acct.fallbacks else {}
         return StreamingResponse(
             _stream(handle, model, body, chat, include_usage, acct, lease),
             media_type="text/event-stream",
@@ -97,9 +98,8 @@ async def _generate(request: Request, body: GenerationFields, route: str, *, cha
     acct.finished(result, 200 if result is not None else 499)
     if result is None:  # the client went away; nobody reads this
         return JSONResponse({}, status_code=499)
-    if acct.fallbacks:  # every peer tried failed first: say so, as a forward would
-        return JSONResponse(_response(result, model.name, chat),
-                            headers=route_headers(acct, "local"))  # fmt: skip
+    if fell_back:
+        return JSONResponse(_response(result, model.name, chat), headers=fell_back)
     return _response(result, model.name, chat)
 
 
