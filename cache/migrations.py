@@ -248,3 +248,10 @@ def m007_usage_fallbacks(db: sqlite_utils.Database) -> None:
 def m008_run_origin(db: sqlite_utils.Database) -> None:
     """The peer a migrated run came from: a repeat of the same import is recognised."""
     db.table("runs").add_column("origin", str)
+
+
+@migration
+def m009_runs_for_peer(db: sqlite_utils.Database) -> None:
+    """A run a peer sent as a subgraph and waits on: the node waiting. Such a run is never
+    moved, and a restart does not resume it (its caller has moved on)."""
+    db.table("runs").add_column("for_peer", str)

@@ -52,6 +52,7 @@ class RunRecord:
     parent_run_id: str | None = None  # a subgraph call's run: the caller's run and node
     parent_node_id: str | None = None
     origin: str | None = None  # a run moved here: the node it came from
+    for_peer: str | None = None  # a subgraph a peer sent and waits on: that peer
 
     @property
     def finished(self) -> bool:
@@ -216,18 +217,29 @@ class RunStore:
         with self._tx() as db:
             db.update("runs", {"id": run_id}, values)
 
+    def mark_for_peer(self, run_id: str, peer: str) -> None:
+        """The run is a subgraph ``peer`` sent and waits on (see ``RunRecord.for_peer``)."""
+        with self._tx() as db:
+            db.update("runs", {"id": run_id}, {"for_peer": peer, "updated_at": utc_now()})
+
     def mark_interrupted(self) -> list[str]:
-        """Runs left ``running`` by a daemon that died: now ``interrupted`` (resumable)."""
+        """Runs left ``running`` by a daemon that died: now ``interrupted`` (resumable).
+        A subgraph a peer was waiting on is ``cancelled`` instead: that peer's call ended
+        with the daemon and it has run the work elsewhere, so no one would read it."""
         with self._tx() as db:
             # "migrating": the daemon died mid-move; the peer may not have it
             rows = db.execute(
-                "select id from runs where status in ('running', 'migrating')"
+                "select id, for_peer from runs where status in ('running', 'migrating')"
             ).fetchall()
-            ids = [row[0] for row in rows]
-            for run_id in ids:
-                db.update(
-                    "runs", {"id": run_id}, {"status": "interrupted", "updated_at": utc_now()}
-                )
+            ids = []
+            for run_id, for_peer in rows:
+                values: dict[str, Any] = {"status": "interrupted", "updated_at": utc_now()}
+                if for_peer is None:
+                    ids.append(run_id)
+                else:
+                    values["status"] = "cancelled"
+                    values["error"] = f"this daemon stopped while peer {for_peer} waited on it"
+                db.update("runs", {"id": run_id}, values)
                 db.execute(
                     "update nodes set status = 'interrupted'"
                     " where run_id = ? and status = 'running'",

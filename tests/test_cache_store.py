@@ -23,6 +23,7 @@ SHIPPED = [
     "m006_subgraph_runs",
     "m007_usage_fallbacks",
     "m008_run_origin",
+    "m009_runs_for_peer",
 ]
 
 

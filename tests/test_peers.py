@@ -403,7 +403,7 @@ tags = ["complex"]
         assert nodes["plan"]["model"] == "smollm2-q8"
         # it went whole: one run on the peer holds the subgraph, with topic given
         peer_runs = peer.services.dags.runner.runs.list_runs()
-        assert len(peer_runs) == 1
+        assert len(peer_runs) == 1 and peer_runs[0].for_peer == edge_name
         remote_nodes = {n.node_id: n for n in peer.services.dags.runner.runs.nodes(peer_runs[0].id)}
         assert remote_nodes["topic"].ran_on == edge_name
         assert remote_nodes["topic"].output == run["outputs"]["topic"]

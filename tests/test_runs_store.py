@@ -67,6 +67,20 @@ def test_running_runs_become_interrupted(runs: RunStore) -> None:
     assert runs.mark_interrupted() == []
 
 
+def test_a_subgraph_a_peer_waited_on_is_not_resumed_after_a_crash(runs: RunStore) -> None:
+    """The peer's call died with the daemon and it ran the work elsewhere: resuming the
+    run here would compute what no one reads."""
+    runs.create_run("p", "/dynamic/t", {}, {}, NODES)
+    runs.mark_for_peer("p", "edge-1")
+    runs.set_status("p", "running")
+    runs.update_node("p", "a", status="running")
+    assert runs.mark_interrupted() == []  # nothing to resume
+    record = runs.get_run("p")
+    assert record.status == "cancelled" and record.for_peer == "edge-1"
+    assert record.error is not None and "edge-1" in record.error
+    assert runs.nodes("p")[0].status == "interrupted"  # its checkpoint stays usable
+
+
 def test_unknown_records_and_fields(runs: RunStore) -> None:
     with pytest.raises(RunNotFound):
         runs.set_status("nope", "running")

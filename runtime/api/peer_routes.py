@@ -85,6 +85,7 @@ async def run_subgraph(body: SubgraphRequest, request: Request) -> dict[str, Any
     runner = services.dags.runner
     spec = parse_dag(body.dag)
     record = runner.create_partial(spec, body.inputs, body.done, body.origin)
+    runner.runs.mark_for_peer(record.id, body.origin)  # a restart does not resume it
     task = services.dags.start(record.id, for_peer=True)
     caller_left = asyncio.ensure_future(_disconnected(request))
     try:
