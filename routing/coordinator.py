@@ -240,6 +240,18 @@ class Coordinator:
         await self.forwarder.close()
         await self.prober.close()
 
+    async def settle(self, *, browse: float = 2.0, limit: float = 6.0) -> None:
+        """Return once the peers that answer at start-up are known: discovery has listened
+        for ``browse`` seconds (answers to its first query come within about one) and every
+        peer seen has passed or failed its first health check; at most ``limit`` seconds."""
+        started = time.monotonic()
+        listen_until = started + (browse if self.discovery is not None else 0.0)
+        while time.monotonic() < started + limit:
+            checked = all(p.healthy or p.failures for p in self.table.all())
+            if checked and time.monotonic() >= listen_until:
+                return
+            await asyncio.sleep(0.05)
+
     @property
     def enabled(self) -> bool:
         """Whether any peer could ever be used (static peers or discovery)."""

@@ -29,6 +29,7 @@ from pcrt.device.profile import Battery
 from pcrt.routing.auth import CLUSTER_HEADER, request_header
 from pcrt.routing.policy import Work
 from pcrt.runtime.api.battery_watch import BatteryReader
+from pcrt.runtime.dag import parse_dag
 from pcrt.runtime.models import Registry
 from pcrt.runtime.paths import Paths
 from pcrt.runtime.settings import PeerSettings, ServerSettings, StaticPeer
@@ -695,6 +696,42 @@ tags = ["complex"]
         assert plan["ran_on"] == strong_name and plan["model"] == "smollm2-q8"
         assert dags.runner.runs.get_run(partial_id).status == "succeeded"
         _run_succeeds_on(edge, own_id)
+
+
+def test_a_run_resumed_at_start_waits_for_its_peer(tmp_path: Path, q8_model: Path) -> None:
+    """A crash left a run whose node needs a model only a peer has. Resumed at start-up,
+    it waits until discovery has found that peer (not failing for want of one) and the
+    node runs there."""
+    key = uuid.uuid4().hex
+    strong_name, edge_name = _unique("strong"), _unique("edge")
+    extra = f"""
+[models.smollm2-q8]
+source = "{q8_model}"
+context = 2048
+tags = ["complex"]
+"""
+    dag = parse_dag({"dag": "/dynamic/resumed", "nodes": {
+        "plan": {"type": "llm", "tag": "complex", "temperature": 0, "max_tokens": 8,
+                 "prompt": "Name one fruit."},
+    }})  # fmt: skip
+    registry = _registry(tmp_path / edge_name)
+    with Store(registry.paths.db_path) as store:  # what the crash left behind
+        crashed = RunStore(store)
+        crashed.create_run("crashed", dag.dag, dag.document(), {},
+                           [("plan", "/dynamic/resumed/plan", "llm")])  # fmt: skip
+        crashed.set_status("crashed", "running")
+    settings = ServerSettings(
+        resume_on_start=True,
+        peers=PeerSettings(lan=True, interfaces=LOOPBACK, name=edge_name, cluster_key=key,
+                           health_interval=0.5),
+    )  # fmt: skip
+    with (
+        _daemon(tmp_path, strong_name, key, extra_models=extra),
+        LiveServer(settings, registry=registry) as edge,
+    ):
+        view = _run_succeeds_on(edge, "crashed")
+        plan = next(n for n in view["nodes"] if n["node_id"] == "plan")
+        assert plan["ran_on"] == strong_name and plan["model"] == "smollm2-q8"
 
 
 def test_a_subgraph_whose_caller_leaves_is_cancelled(tmp_path: Path) -> None:

@@ -104,11 +104,11 @@ def create_app(
         interrupted = runs.mark_interrupted()  # runs a dead daemon left "running"
         if interrupted:
             log.info("interrupted DAG runs: %s", ", ".join(interrupted))
-        if settings.resume_on_start:
-            for run in runs.list_runs(status="interrupted"):
-                services.dags.start(run.id)
         reaper = asyncio.create_task(pool.reap_forever(), name="pcrt-keep-alive-reaper")
         await coordinator.start()
+        resumer = None
+        if settings.resume_on_start:
+            resumer = asyncio.create_task(_resume_interrupted(services), name="pcrt-resume")
         watcher = None
         if settings.peers.migrate_on_battery:
             read = battery or (lambda: monitor.latest.battery)
@@ -122,6 +122,10 @@ def create_app(
             yield
         finally:
             services.state = "draining"
+            if resumer is not None:
+                resumer.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await resumer
             if watcher is not None:  # before the drain: one mover at a time
                 watcher.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -177,6 +181,17 @@ def create_app(
     app.include_router(dag_routes.router)
     app.include_router(peer_routes.router)
     return app
+
+
+async def _resume_interrupted(services: Services) -> None:
+    """``resume_on_start``: interrupted runs go on once the peers that answer are known;
+    resumed before discovery, a node meant for a peer would fail or run here for want of
+    one."""
+    if services.coordinator.enabled:
+        await services.coordinator.settle()
+    for run in services.dags.runner.runs.list_runs(status="interrupted"):
+        log.info("resuming DAG run %s", run.id)
+        services.dags.start(run.id)
 
 
 def _engine_lease(pool: ModelPool) -> Callable[[str], AbstractAsyncContextManager[Engine]]:
