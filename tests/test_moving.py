@@ -85,3 +85,29 @@ async def test_a_run_for_a_peer_does_not_move(runs: RunStore) -> None:
     with pytest.raises(InvalidRequest, match="for a peer"):
         await moving.move_run(services, "r", "p", with_states=True)
     assert services.dags.movable() == [] and runs.get_run("r").status == "pending"
+
+
+async def test_stopping_a_run_does_not_swallow_the_stoppers_own_cancellation(
+    runs: RunStore,
+) -> None:
+    """A shutdown cancels the battery watcher while it waits for a run to stop: that
+    cancellation must reach the watcher, or the shutdown would wait on it forever."""
+    services = _services(runs)
+    dags = services.dags
+    stopping = asyncio.Event()
+
+    async def run_that_stops_slowly() -> Any:
+        try:
+            await asyncio.sleep(30)
+        finally:
+            stopping.set()
+            await asyncio.sleep(0.2)  # writing its checkpoint, say
+
+    dags.tasks["r"] = asyncio.ensure_future(run_that_stops_slowly())
+    await asyncio.sleep(0)
+    watcher = asyncio.ensure_future(dags.cancel("r"))
+    await stopping.wait()
+    watcher.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await watcher
+    await asyncio.wait({dags.tasks["r"]})

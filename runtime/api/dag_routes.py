@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -104,8 +103,9 @@ class DagTasks:
         if task is None:
             return False
         task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        # wait, not await: the run's cancellation is not ours, and ours (a shutdown
+        # cancelling the battery watcher mid-move) must not be swallowed with it
+        await asyncio.wait({task})
         return True
 
     async def close(self) -> None:
