@@ -288,6 +288,71 @@ def test_subgraph_node_shape_and_paths() -> None:
     assert has(problems, "s", "dag")
 
 
+def hinted_callee() -> DagSpec:
+    return parse_dag(
+        {
+            "dag": "/lib/hinted",
+            "signature": {"inputs": [], "outputs": ["plain"]},
+            "nodes": {
+                "plain": {"type": "llm", "prompt": "x"},
+                "said_auto": {"type": "llm", "prompt": "x", "route": "auto"},
+                "own_route": {"type": "llm", "prompt": "x", "route": "peer"},
+                "own_complexity": {"type": "llm", "prompt": "x", "complexity": "low"},
+                "samples": {"type": "fork", "prompt": "x", "samples": 2},
+                "branches": {"type": "fork", "branches": ["plain", "own_route"]},
+                "call": {"type": "subgraph", "dag": "/lib/other"},
+                "check": {"type": "assert", "that": "true"},
+            },
+        }
+    )
+
+
+def test_a_calls_hints_are_the_defaults_of_the_callees_nodes() -> None:
+    callee = hinted_callee()
+    called = callee.called_with("local", "high")
+
+    def hints(node_id: str) -> tuple[str, str | None]:
+        node = called.nodes[node_id]
+        assert isinstance(node, LlmNode | ForkNode | SubgraphNode)
+        return node.route, node.complexity
+
+    assert hints("plain") == hints("said_auto") == hints("samples") == ("local", "high")
+    assert hints("call") == ("local", "high")  # passed on to its own callee in turn
+    assert hints("own_route") == ("peer", "high")  # the node's own setting wins
+    assert hints("own_complexity") == ("local", "low")
+    # nodes that run nothing anywhere take nothing: a fork of branches stays valid
+    assert called.document()["nodes"]["branches"] == callee.document()["nodes"]["branches"]
+    assert called.nodes["check"] == callee.nodes["check"]
+    # the hints are written in the document, which reads back equal; the rest is the same
+    assert parse_dag(called.document()) == called
+    assert called.model_copy(update={"nodes": callee.nodes}) == callee
+    other = parse_dag(
+        {"dag": "/lib/other", "signature": {"outputs": ["a"]},
+         "nodes": {"a": {"type": "llm", "prompt": "x"}}}
+    )  # fmt: skip
+    assert check(called, {"/lib/other": other}) == check(callee, {"/lib/other": other}) == []
+
+
+def test_a_call_with_one_hint_or_none() -> None:
+    callee = hinted_callee()
+    assert callee.called_with() is callee  # no hints: the same document, the same cache key
+    assert callee.called_with("auto", None) is callee
+    only_complexity = callee.called_with(complexity="medium")
+    plain = only_complexity.nodes["plain"]
+    assert isinstance(plain, LlmNode) and (plain.route, plain.complexity) == ("auto", "medium")
+    only_route = callee.called_with("peer")
+    plain = only_route.nodes["plain"]
+    assert isinstance(plain, LlmNode) and (plain.route, plain.complexity) == ("peer", None)
+    assert "complexity" not in only_route.document()["nodes"]["plain"]
+
+
+def test_hints_on_a_subgraph_node_are_checked_on_that_node() -> None:
+    call = {"type": "subgraph", "dag": "/lib/hinted", "route": "remote", "complexity": "huge"}
+    problems = parse_problems(doc_with({"s": call, "ok": {"type": "llm", "prompt": "x"}}))
+    assert has(problems, "s", "route") and has(problems, "s", "complexity")
+    assert len(problems) == 2
+
+
 # -- validation -----------------------------------------------------------------------------
 
 

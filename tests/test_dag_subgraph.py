@@ -1,10 +1,12 @@
 """Subgraph calls on the real default model: outputs by signature, child runs, budgets,
-the subgraph cache and resume. Generations are greedy and a few tokens long."""
+the subgraph cache, resume, and the routing hints a call gives its callee. Generations are
+greedy and a few tokens long."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,12 +14,17 @@ import pytest
 import yaml
 from click.testing import CliRunner, Result
 
-from pcrt.cache.runs import RunRecord
+from pcrt.cache.blobs import BlobStore
+from pcrt.cache.runs import RunRecord, RunStore
+from pcrt.cache.store import Store
 from pcrt.cli.main import main
+from pcrt.routing.policy import Candidate, Decision, ModelOffer, NodeView, Work, decide
 from pcrt.runtime.dag import parse_dag
 from pcrt.runtime.dag.engines import LocalEngines
 from pcrt.runtime.dag.executor import DagEvent, DagRunner
 from pcrt.runtime.dag.library import Library, library_from_documents
+from pcrt.runtime.errors import PeerError
+from pcrt.runtime.models import Registry
 from pcrt.runtime.paths import Paths
 
 DESCRIBE = "/lib/test/describe"
@@ -47,8 +54,8 @@ def caller(**nodes: dict[str, Any]) -> dict[str, Any]:
     return {"dag": "/dynamic/caller", "inputs": {"other": {"default": "the sea"}}, "nodes": nodes}
 
 
-def call(cache: bool = True, **inputs: Any) -> dict[str, Any]:
-    return {"type": "subgraph", "dag": DESCRIBE, "inputs": inputs, "cache": cache}
+def call(cache: bool = True, hints: dict[str, str] | None = None, **inputs: Any) -> dict[str, Any]:
+    return {"type": "subgraph", "dag": DESCRIBE, "inputs": inputs, "cache": cache, **(hints or {})}
 
 
 def inline(**generation: Any) -> Library:
@@ -188,6 +195,154 @@ def test_pcrt_dag_run_with_lib_and_status(default_model_path: Path, tmp_path: Pa
     child_id = view["nodes"][0]["child_run_id"]
     assert f"subgraph run: {child_id}" in pcrt("dag", "status", view["id"]).stdout
     assert "succeeded" in pcrt("dag", "status", child_id).stdout
+
+
+# -- routing hints of a call (issue 6) -------------------------------------------------------
+
+
+class NoPeers:
+    """Peers switched on and none found: the real routing policy over this machine alone.
+    It keeps every piece of work the runner asks it about; nothing may reach a peer."""
+
+    enabled = True
+
+    def __init__(self, registry: Registry) -> None:
+        offers = tuple(
+            ModelOffer(name=e.name, aliases=e.aliases, tags=e.tags)
+            for e in registry.entries.values()
+        )
+        self.local = NodeView(name="local", kind="local", models=offers)
+        self.asked: list[Work] = []
+
+    def decide(self, work: Work) -> Decision:
+        self.asked.append(work)
+        return decide(work, self.local, [])
+
+    def known_names(self) -> tuple[set[str], set[str]]:
+        return set(), set()
+
+    def failed(self, exc: PeerError) -> None:
+        raise AssertionError(f"no peer to fail: {exc}")
+
+    async def chat(
+        self,
+        candidate: Candidate,
+        messages: list[dict[str, str]],
+        params: dict[str, Any],
+        schema: dict[str, Any] | None,
+        on_text: Callable[[int, str], None],
+    ) -> Any:
+        raise AssertionError(f"no peer to chat with: {candidate}")
+
+    async def subgraph(
+        self, candidate: Candidate, payload: dict[str, Any], timeout: float | None
+    ) -> dict[str, Any]:
+        raise AssertionError(f"no peer to send a subgraph to: {candidate}")
+
+
+@pytest.fixture
+async def routed(engines: LocalEngines, tmp_path: Path) -> AsyncIterator[DagRunner]:
+    """A runner whose peers are on, with none there (``NoPeers``)."""
+    store = Store(tmp_path / "routed.db")
+    yield DagRunner(
+        registry=engines.registry,
+        runs=RunStore(store),
+        blobs=BlobStore(store, tmp_path / "routed-blobs"),
+        lease=engines.lease,
+        remote=NoPeers(engines.registry),
+    )
+    store.close()
+
+
+def asked(runner: DagRunner) -> list[Work]:
+    assert isinstance(runner.remote, NoPeers)
+    return runner.remote.asked
+
+
+async def test_route_peer_on_a_call_fails_its_callee_like_an_llm_node_with_route_peer(
+    routed: DagRunner,
+) -> None:
+    # an llm node with route: peer, where no peer is
+    alone = {"type": "llm", "tag": "simple", "temperature": 0, "max_tokens": 6,
+             "route": "peer", "prompt": "Describe a bell, plain."}  # fmt: skip
+    plain = routed.create(parse_dag(caller(first=alone)), {})
+    plain_final = await routed.execute(plain.id)
+    assert plain_final.status == "failed"
+    expected = routed.runs.node(plain.id, "first").error
+    assert expected == "node first: nowhere to run: local: route hint: peer only"
+
+    # the same node in a callee that leaves route unset, called with route: peer
+    run = routed.create(
+        parse_dag(caller(call=call(hints={"route": "peer"}, thing="a bell"))), {}, inline()
+    )
+    final = await routed.execute(run.id)
+    assert final.status == "failed"
+    child = routed.runs.node(run.id, "call").child_run_id
+    assert child is not None
+    first = routed.runs.node(child, "first")
+    assert first.status == "failed" and first.error == expected  # the same routing reason
+    assert expected in (final.error or "") and DESCRIBE in (final.error or "")
+    assert [(w.route, w.complexity) for w in asked(routed)] == [("peer", None)] * 2
+
+
+async def test_route_local_on_a_call_keeps_its_callee_here_unless_a_node_says_otherwise(
+    routed: DagRunner,
+) -> None:
+    run = routed.create(
+        parse_dag(caller(call=call(False, {"route": "local"}, thing="a bell"))), {}, inline()
+    )
+    final = await routed.execute(run.id)
+    assert final.status == "succeeded", final.error
+    child = routed.runs.node(run.id, "call").child_run_id
+    assert child is not None
+    assert {n.ran_on for n in routed.runs.nodes(child)} == {"local"}
+    assert asked(routed) == []  # "here, no question": the policy was never asked
+
+    # a callee node's own route: peer wins over the call's route: local
+    run = routed.create(
+        parse_dag(caller(call=call(False, {"route": "local"}, thing="a bell"))),
+        {},
+        inline(route="peer"),
+    )
+    assert (await routed.execute(run.id)).status == "failed"
+    assert [w.route for w in asked(routed)] == ["peer"]
+
+
+async def test_complexity_on_a_call_reaches_the_routing_of_its_callees_nodes(
+    routed: DagRunner,
+) -> None:
+    high = call(hints={"complexity": "high"}, thing="a bell")
+    run = routed.create(parse_dag(caller(call=high)), {}, inline())
+    final = await routed.execute(run.id)
+    assert final.status == "succeeded", final.error
+    assert [(w.route, w.complexity) for w in asked(routed)] == [("auto", "high")] * 2
+    child = routed.runs.node(run.id, "call").child_run_id
+    assert child is not None
+    for node in routed.runs.nodes(child):  # no peer: local decided, with its reason
+        assert node.ran_on == "local" and node.routing["ran_on"] == "local"
+        assert node.routing["reason"].startswith("local: ")
+    # a callee node's own complexity wins
+    asked(routed).clear()
+    run = routed.create(parse_dag(caller(call=high)), {}, inline(complexity="low", cache=False))
+    assert (await routed.execute(run.id)).status == "succeeded"
+    assert [w.complexity for w in asked(routed)] == ["low", "low"]
+
+
+async def test_hints_that_move_a_call_are_part_of_its_cache_key(routed: DagRunner) -> None:
+    """A peer may resolve a tag to another model: a call kept here must not be answered
+    with what one sent to a peer computed, and the other way round."""
+
+    async def run_call(hints: dict[str, str] | None) -> bool:
+        record = routed.create(parse_dag(caller(call=call(hints=hints, thing="a drum"))), {},
+                               inline())  # fmt: skip
+        assert (await routed.execute(record.id)).status == "succeeded"
+        return bool(routed.runs.node(record.id, "call").cache_hit)
+
+    assert not await run_call({"complexity": "high"})
+    assert not await run_call(None)  # another key
+    assert not await run_call({"route": "local"})  # another key
+    assert await run_call({"complexity": "high"})  # the same hints: the same key
+    assert await run_call(None)  # no hints: the document, so the key, of before
 
 
 def pcrt(*args: str) -> Result:

@@ -21,6 +21,12 @@ inputs to the callee's signature, then executes the callee as a child run in the
 store (``subgraph.py`` has the pure parts), under what is left of the caller's budget. Its
 tokens and node executions count for the caller; a resume of the caller resumes the
 child, whose finished nodes stay finished. A deterministic call is cached whole.
+
+The calling node's ``route`` and ``complexity`` are written into the child's document as
+the defaults of the callee's nodes (``DagSpec.called_with``; a callee node's own setting
+wins), so the child's nodes are routed like any node, its resume and a peer it moves to
+see the same hints, and the call's cache key (over that document) tells a call kept
+local from one sent to a peer, which may resolve a tag to another model.
 """
 
 from __future__ import annotations
@@ -447,7 +453,7 @@ class DagRunner:
             raise PcrtError(f"node {node.id!r}: the library of this run has no {node.dag}")
         inputs = self._call_inputs(node, callee, scope)
         budget = child_budget(callee.budget, run.spec.budget, run.tokens_used, run.nodes_executed)
-        spec = child_spec(callee, run.library, budget)
+        spec = child_spec(callee, run.library, budget).called_with(node.route, node.complexity)
         key = await self._call_key(node, spec, inputs)
         cached = self.runs.cache_get(key) if key is not None else None
         if cached is not None:
@@ -634,9 +640,11 @@ class DagRunner:
     def _peer_group(self, run: _Run, node: LlmNode | ForkNode) -> list[str]:
         """The subgraph that goes whole with ``node``: it and the later nodes routed alike
         (same route, complexity, model and tag) whose inputs all come from finished nodes
-        or from the group itself; asserts and branch forks over the group go along."""
+        or from the group itself; asserts and branch forks over the group go along, and so
+        do subgraph calls without routing hints or with the same route and complexity."""
         deps = dependencies(run.spec)
         hints = _hints(node)
+        assert hints is not None  # a node that generates
         group = [node.id]
         changed = True
         while changed:
@@ -650,6 +658,8 @@ class DagRunner:
                     continue
                 if isinstance(other, LlmNode | ForkNode) and _hints(other) not in (None, hints):
                     continue  # routed differently: it decides on its own
+                if isinstance(other, SubgraphNode) and _call_hints(other) not in (None, hints[:2]):
+                    continue  # its callee is routed by its own hints, from here
                 group.append(other_id)
                 changed = True
         return group
@@ -676,11 +686,16 @@ class DagRunner:
         nodes_doc = {}
         for node_id in [*sorted(needed), *group]:
             raw = dict(document["nodes"][node_id])
-            if node_id in group and raw.get("type") in ("llm", "fork"):
-                raw["route"] = "local"  # it runs there, never sent on again
+            if node_id in group and raw.get("type") in ("llm", "fork", "subgraph"):
+                # it runs there, never sent on again (a call's callee inherits it)
+                raw["route"] = "local"
             nodes_doc[node_id] = raw
         budget = run.spec.budget
         document["nodes"] = nodes_doc
+        if "signature" in document:
+            # part of a callee: the peer answers with node records, not the callee's
+            # outputs, which may name nodes it is not sent
+            document["signature"] = {**document["signature"], "outputs": {}}
         document["budget"] = {
             k: v for k, v in {
                 "max_tokens": None if budget.max_tokens is None
@@ -977,6 +992,13 @@ def _hints(node: LlmNode | ForkNode) -> tuple[Any, ...] | None:
     if isinstance(node, ForkNode) and node.branches is not None:
         return None
     return (node.route, node.complexity, node.model, node.tag)
+
+
+def _call_hints(node: SubgraphNode) -> tuple[Any, ...] | None:
+    """The routing hints a call gives its callee; None when it gives none."""
+    if node.route == "auto" and node.complexity is None:
+        return None
+    return (node.route, node.complexity)
 
 
 def _ignore(_: DagEvent) -> None:

@@ -5,7 +5,9 @@ A DAG document names itself by path (``/dynamic/...`` for generated or one-off p
 (required under ``/lib``) and its nodes. Node types are a closed whitelist, parsed as a
 union discriminated on ``type``; unknown keys are errors everywhere, so a typo fails loudly
 instead of being ignored. Cross-node rules (references, cycles, models, budget) live in
-``validate.py``, which needs to know the models and the library (``library.py``).
+``validate.py``, which needs to know the models and the library (``library.py``). One
+rewrite lives here, since it is about fields only: how a subgraph call hands its routing
+hints to the callee's nodes (``DagSpec.called_with``).
 
 Each node carries its ``id`` (its key in ``nodes``) and its ``path`` (the DAG's path plus
 ``/`` plus the id unless given): both are filled in while parsing.
@@ -20,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 __all__ = [
     "AssertNode",
     "Budget",
+    "Complexity",
     "DagSpec",
     "ForkNode",
     "GENERATION_FIELDS",
@@ -29,6 +32,7 @@ __all__ = [
     "NODE_TYPES",
     "Node",
     "OutputSpec",
+    "Route",
     "Signature",
     "SubgraphNode",
 ]
@@ -41,6 +45,9 @@ LIB_PATTERN = r"^/lib(/[A-Za-z0-9_.-]+)+$"
 NODE_TYPES: tuple[str, ...] = ("llm", "fork", "assert", "subgraph")
 
 JsonType = Literal["string", "integer", "number", "boolean", "array", "object"]
+# routing hints of a node that generates or calls: "auto" and None mean "not set"
+Route = Literal["local", "peer", "auto"]
+Complexity = Literal["low", "medium", "high"]
 
 _Ident = Annotated[str, Field(pattern=IDENT_PATTERN)]
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
@@ -152,8 +159,8 @@ class _Generation(_NodeBase):
     output_schema: dict[str, Any] | None = None
     context: str | None = None
     cache: bool = True
-    route: Literal["local", "peer", "auto"] = "auto"
-    complexity: Literal["low", "medium", "high"] | None = None
+    route: Route = "auto"
+    complexity: Complexity | None = None
     checkpoint_every: int = Field(default=128, ge=0)
 
     @field_validator("stop", mode="before")
@@ -233,14 +240,17 @@ class SubgraphNode(_NodeBase):
     A string input is a template (a lone ``{{ expression }}`` keeps the value's type, so a
     list stays a list); any other JSON value is passed as is. The output is a mapping of the
     callee's signature outputs.
+
+    ``route`` and ``complexity`` are the defaults of the callee's nodes that generate or
+    call (``DagSpec.called_with``): a callee node's own setting wins.
     """
 
     type: Literal["subgraph"]
     dag: str = Field(pattern=LIB_PATTERN)
     inputs: dict[str, Any] = {}
     cache: bool = True
-    route: Literal["local", "peer", "auto"] = "auto"
-    complexity: Literal["low", "medium", "high"] | None = None
+    route: Route = "auto"
+    complexity: Complexity | None = None
 
 
 Node = Annotated[LlmNode | ForkNode | AssertNode | SubgraphNode, Field(discriminator="type")]
@@ -281,6 +291,28 @@ class DagSpec(BaseModel):
         """The document as plain JSON data that ``parse_dag`` reads back to an equal spec
         (unset fields left out: an input without a default stays required)."""
         return self.model_dump(mode="json", exclude_unset=True)
+
+    def called_with(self, route: Route = "auto", complexity: Complexity | None = None) -> DagSpec:
+        """This DAG as a subgraph node with these routing hints calls it: every node that
+        generates or calls (``llm``, a ``fork`` with samples, ``subgraph``) and leaves
+        ``route`` at ``auto`` takes ``route``, and one that leaves ``complexity`` unset
+        takes ``complexity``. A node's own setting wins: a callee node that says
+        ``route: peer`` may leave the machine although its caller said ``route: local``.
+        Hints on ``subgraph`` nodes pass the defaults on to their own callees, so they
+        reach every depth. Without hints, the same spec (and the same document)."""
+        if route == "auto" and complexity is None:
+            return self
+        document = self.document()
+        for raw in document["nodes"].values():
+            if raw["type"] == "assert" or (
+                raw["type"] == "fork" and raw.get("branches") is not None
+            ):
+                continue  # runs nothing anywhere: no hints to take
+            if raw.get("route", "auto") == "auto" and route != "auto":
+                raw["route"] = route
+            if raw.get("complexity") is None and complexity is not None:
+                raw["complexity"] = complexity
+        return type(self).model_validate(document)
 
     @property
     def is_library(self) -> bool:

@@ -1,0 +1,142 @@
+"""A subgraph call's routing hints on two live daemons: the callee's nodes go where the
+calling node's ``complexity`` or ``route`` sends them. Discovery runs on 127.0.0.1 only;
+both daemons serve the real default model."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from pcrt.runtime.models import Registry
+from pcrt.runtime.paths import Paths
+from pcrt.runtime.settings import PeerSettings, ServerSettings
+from tests.conftest import shared_models_dir
+from tests.live_server import LiveServer
+
+LOOPBACK = ["127.0.0.1"]  # mDNS never leaves this machine's loopback in tests
+ROUTED = "/lib/test/routed"
+
+
+def routed_lib() -> dict[str, Any]:
+    """Two nodes that leave routing to their caller (the second continues the first), and
+    an independent one that insists on running where it is called."""
+    common = {"type": "llm", "tag": "simple", "temperature": 0}
+    return {
+        "dag": ROUTED,
+        "signature": {"inputs": ["thing"], "outputs": ["first", "second", "here"]},
+        "nodes": {
+            "first": {**common, "max_tokens": 6, "prompt": "Describe {{ inputs.thing }}."},
+            "second": {**common, "max_tokens": 6, "context": "first", "prompt": "Shorter."},
+            "here": {**common, "max_tokens": 4, "route": "local",
+                     "prompt": "Name {{ inputs.thing }}."},
+        },
+    }  # fmt: skip
+
+
+def calling(**hints: str) -> dict[str, Any]:
+    call = {"type": "subgraph", "dag": ROUTED, "inputs": {"thing": "a harp"}, **hints}
+    return {"dag": "/dynamic/calls", "nodes": {"call": call}}
+
+
+def test_a_calls_hints_send_its_callee_to_a_peer_or_keep_it_here(tmp_path: Path) -> None:
+    key = uuid.uuid4().hex
+    strong, edge_name = _unique("strong"), _unique("edge")
+    with _daemon(tmp_path, strong, key) as peer, _daemon(tmp_path, edge_name, key) as edge:
+        _wait_for(lambda: _in_rotation(edge, strong), 10, "edge trusts the strong peer")
+        edge_runs = edge.services.dags.runner.runs
+        peer_runs = peer.services.dags.runner.runs
+
+        # complexity: high sends the callee's unhinted nodes to the peer, whole; the node
+        # that says route: local stays
+        high = _run(edge, calling(complexity="high"))
+        child = edge_runs.node(high["id"], "call").child_run_id
+        assert child is not None
+        ran_on = {n.node_id: n.ran_on for n in edge_runs.nodes(child)}
+        assert ran_on == {"first": strong, "second": strong, "here": "local"}
+        remote = peer_runs.list_runs()
+        assert len(remote) == 1  # one run on the peer holds both nodes
+        sent = {n.node_id: n for n in peer_runs.nodes(remote[0].id)}
+        assert set(sent) == {"first", "second"}
+        assert sent["second"].output == high["outputs"]["call"]["second"]
+        assert edge_runs.node(child, "first").routing["reason"].startswith(f"peer {strong}")
+
+        # route: local keeps all of it here, with the peer there and willing
+        local = _run(edge, calling(route="local"))
+        child = edge_runs.node(local["id"], "call").child_run_id
+        assert child is not None
+        assert {n.ran_on for n in edge_runs.nodes(child)} == {"local"}
+        assert len(peer_runs.list_runs()) == 1
+        # the same greedy model on both machines: the same answer, wherever it ran
+        assert local["outputs"]["call"] == high["outputs"]["call"]
+
+        # a call routed like a node the peer takes goes along with it, and its callee runs
+        # there, never sent back; a call that says route: local stays out of that group
+        topic = {"type": "llm", "complexity": "high", "temperature": 0, "max_tokens": 4,
+                 "prompt": "Name one instrument."}  # fmt: skip
+        with_topic = {"thing": "{{ nodes.topic.output }}"}
+        chain = {"dag": "/dynamic/chain", "nodes": {
+            "topic": topic,
+            "along": {"type": "subgraph", "dag": ROUTED, "inputs": with_topic,
+                      "complexity": "high"},
+            "kept": {"type": "subgraph", "dag": ROUTED, "inputs": with_topic, "route": "local"},
+        }}  # fmt: skip
+        chained = _run(edge, chain)
+        nodes = {n.node_id: n for n in edge_runs.nodes(chained["id"])}
+        assert {k: n.ran_on for k, n in nodes.items()} == {
+            "topic": strong, "along": strong, "kept": "local"
+        }  # fmt: skip
+        assert nodes["along"].child_run_id is None  # its child run is on the peer
+        kept = nodes["kept"].child_run_id
+        assert kept is not None
+        assert {n.ran_on for n in edge_runs.nodes(kept)} == {"local"}
+        assert len(peer_runs.list_runs()) == 2
+        on_peer = [r for r in peer_runs.list_runs(children=True) if r.parent_node_id == "along"]
+        assert len(on_peer) == 1
+        assert {n.ran_on for n in peer_runs.nodes(on_peer[0].id)} == {
+            peer.services.dags.runner.ran_on
+        }
+        # nothing came back: the edge holds its own three runs only
+        assert {r.id for r in edge_runs.list_runs()} == {high["id"], local["id"], chained["id"]}
+
+
+def _run(edge: LiveServer, dag: dict[str, Any]) -> dict[str, Any]:
+    body = {"dag": dag, "library": [routed_lib()]}
+    run: dict[str, Any] = httpx.post(edge.url + "/v1/dags", json=body, timeout=120).json()
+    assert run["status"] == "succeeded", run.get("error")
+    return run
+
+
+def _daemon(tmp_path: Path, name: str, key: str) -> LiveServer:
+    home = tmp_path / name
+    home.mkdir(parents=True)
+    user_file = home / "models.toml"
+    user_file.write_text("", encoding="utf-8")
+    paths = Paths(home=home, models_dir=shared_models_dir(), user_models_file=user_file)
+    paths.ensure()
+    peers = PeerSettings(
+        lan=True, interfaces=LOOPBACK, name=name, cluster_key=key, health_interval=0.5
+    )
+    return LiveServer(ServerSettings(peers=peers), registry=Registry.load(paths))
+
+
+def _in_rotation(server: LiveServer, peer: str) -> bool:
+    answer = httpx.get(server.url + "/v1/pcrt/peers", timeout=5).json()
+    return any(p["name"] == peer and p.get("in_rotation") for p in answer["peers"])
+
+
+def _wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"not within {timeout} s: {what}")
+
+
+def _unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:6]}"
