@@ -127,16 +127,18 @@ def test_json_schema_response_validates(client: openai.OpenAI) -> None:
         messages=[{"role": "user", "content": "Name a film and its year as JSON."}],
         response_format={"type": "json_schema", "json_schema": {"name": "film", "schema": schema}},
         seed=5,
-        max_tokens=60,
+        max_tokens=200,
     )
+    assert reply.choices[0].finish_reason == "stop", reply.choices[0].message.content
     jsonschema.validate(json.loads(reply.choices[0].message.content or ""), schema)
     obj = client.chat.completions.create(
         model=MODEL,
-        messages=[{"role": "user", "content": "Reply with a JSON object."}],
+        messages=[{"role": "user", "content": 'Reply with a JSON object with one key, "name".'}],
         response_format={"type": "json_object"},
-        seed=5,
-        max_tokens=40,
+        temperature=0,
+        max_tokens=400,  # room to close the object: a cut one ends with "length", unparsed
     )
+    assert obj.choices[0].finish_reason == "stop", obj.choices[0].message.content
     assert isinstance(json.loads(obj.choices[0].message.content or ""), dict)
 
 
