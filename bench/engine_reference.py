@@ -1,11 +1,13 @@
 """The references of bench.engine and bench.dag, each run in a process of its own.
 
-    python -m bench.engine_reference single|four|dag MODEL_PATH THREADS
+    python -m bench.engine_reference single|four|fork|dag MODEL_PATH THREADS
 
-prints "TOKENS_PER_SECOND TOKENS" (for ``dag``: "SECONDS 0").
+prints "TOKENS_PER_SECOND TOKENS" (``dag``: "SECONDS 0"; ``fork``: "RATIO 0").
 - ``single``: llama-cpp-python's high-level ``Llama`` streaming 128 greedy tokens;
 - ``four``: llama.cpp itself decoding 4 sequences per ``llama_decode`` through the raw
   bindings (no engine around it);
+- ``fork``: llama.cpp itself doing bench.engine's fork and its 4 independent runs: the
+  fork ratio's floor on this machine;
 - ``dag``: bench.dag's prompts one after another through ``Llama`` (the shared context
   is read from stdin).
 """
@@ -101,6 +103,72 @@ def raw_four(model: LlamaModel, n_tokens: int, threads: int, context: int) -> fl
         llama_cpp.llama_free(ctx)
 
 
+FORK_TEXT = (
+    "The committee met on Tuesday to review the annual report. Members discussed the "
+    "budget, the hiring plan, the new office, and the timeline for the product launch. "
+)
+
+
+def raw_fork(model: LlamaModel, threads: int, n_prompt: int, n: int, max_tokens: int) -> float:
+    """llama.cpp alone doing what bench.engine's fork row times: one prefill of
+    ``n_prompt`` tokens copied to ``n`` sequences decoded together, over ``n`` prefills
+    each decoded alone. The ratio is this machine's floor for the fork: it is what the
+    CPU gives, with no engine around it."""
+    params = llama_cpp.llama_context_default_params()
+    params.n_ctx = 1024 * n
+    params.n_batch = params.n_ubatch = 512
+    params.n_seq_max = n
+    params.kv_unified = False
+    params.n_threads = params.n_threads_batch = threads
+    params.no_perf = True
+    params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED  # as the engine
+    ctx = llama_cpp.llama_init_from_model(model.ptr, params)
+    memory = llama_cpp.llama_get_memory(ctx)
+    batch = llama_cpp.llama_batch_init(512, 0, 1)
+    prompt = model.tokenize(FORK_TEXT * (n_prompt // 20 + 10))[:n_prompt]
+
+    def put(i: int, token: int, pos: int, seq: int, logits: bool) -> None:
+        batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, pos, 1
+        batch.seq_id[i][0], batch.logits[i] = seq, logits
+
+    def prefill() -> None:
+        for start in range(0, len(prompt), 512):
+            chunk = prompt[start : start + 512]
+            for i, token in enumerate(chunk):
+                put(i, token, start + i, 0, start + i == len(prompt) - 1)
+            batch.n_tokens = len(chunk)
+            assert llama_cpp.llama_decode(ctx, batch) == 0
+
+    def decode(seqs: int) -> None:  # the token is fixed: sampling is not what is timed
+        for step in range(max_tokens):
+            for s in range(seqs):
+                put(s, prompt[step], len(prompt) + step, s, True)
+            batch.n_tokens = seqs
+            assert llama_cpp.llama_decode(ctx, batch) == 0
+
+    try:
+        prefill()  # warm: the first decodes allocate; the fork must not pay for that
+        decode(1)
+        llama_cpp.llama_memory_clear(memory, True)
+        start = time.perf_counter()
+        prefill()
+        for s in range(1, n):
+            llama_cpp.llama_memory_seq_cp(memory, 0, s, -1, -1)
+        decode(n)
+        fork = time.perf_counter() - start
+        independent = 0.0
+        for _ in range(n):
+            llama_cpp.llama_memory_clear(memory, True)
+            start = time.perf_counter()
+            prefill()
+            decode(1)
+            independent += time.perf_counter() - start
+        return fork / independent
+    finally:
+        llama_cpp.llama_batch_free(batch)
+        llama_cpp.llama_free(ctx)
+
+
 def dag_sequential(llm: Llama, text: str) -> float:
     """The same prompts, one after another, through llama-cpp-python's high-level API."""
     llm.reset()
@@ -126,6 +194,9 @@ def main() -> None:
     if kind == "dag":
         llm = Llama(str(path), n_ctx=2304, n_threads=threads, verbose=False)
         print(dag_sequential(llm, sys.stdin.read()), 0)
+        return
+    if kind == "fork":
+        print(raw_fork(LlamaModel(path), threads, 500, 4, 64), 0)
         return
     if kind == "single":
         llm = Llama(str(path), n_ctx=2048, n_threads=threads, n_batch=512, verbose=False)
