@@ -53,7 +53,8 @@ def client(server: LiveServer) -> openai.OpenAI:
 
 
 def http(server: LiveServer) -> httpx.Client:
-    return httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"})
+    # httpx's default 5 s timeout flaked under load (a ReadTimeout mid-stream)
+    return httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
 
 
 def test_chat_completion(client: openai.OpenAI) -> None:
