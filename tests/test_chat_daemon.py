@@ -28,9 +28,10 @@ def daemon_url(
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     pcrt = Path(sys.executable).with_name("pcrt")
+    # one thread: immune to llama.cpp threads spinning at barriers on 2 shared cores
     proc = subprocess.Popen(
         [str(pcrt), "serve", "--port", str(port), "--parallel", "1", "--ctx", "1024",
-         "--threads", "2", "--log-level", "warning"],
+         "--threads", "1", "--log-level", "warning"],
         env=os.environ.copy(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:

@@ -16,6 +16,9 @@ from tests.live_server import LiveServer
 from tests.upstream import second_model
 
 MODEL = "smollm2-135m"
+# one thread: two llama.cpp threads spin at barriers, and with another model process on
+# the 2 shared cores a decode step slowed from ms to seconds (measured); one never waits
+THREADS = 1
 
 
 def _ask(h: httpx.Client, model: str, **extra: object) -> None:
@@ -30,7 +33,7 @@ def _loaded(h: httpx.Client) -> set[str]:
 def test_a_request_keep_alive_unloads_the_model_when_it_runs_out(
     default_model_path: Path,
 ) -> None:
-    settings = ServerSettings(parallel=1, context=512, n_threads=2, keep_alive="5m")
+    settings = ServerSettings(parallel=1, context=512, n_threads=THREADS, keep_alive="5m")
     with LiveServer(settings) as live, httpx.Client(base_url=live.url, timeout=60) as h:
         _ask(h, MODEL, keep_alive="2s")
         answered = time.monotonic()
@@ -62,7 +65,7 @@ def test_the_limit_evicts_the_least_recently_used_idle_model(
     paths = Paths(
         home=tmp_path / "home", models_dir=shared_models_dir(), user_models_file=user_file
     )
-    settings = ServerSettings(parallel=1, context=512, n_threads=2, max_loaded_models=2)
+    settings = ServerSettings(parallel=1, context=512, n_threads=THREADS, max_loaded_models=2)
     with (
         LiveServer(settings, registry=Registry.load(paths)) as live,
         httpx.Client(base_url=live.url, timeout=60) as h,

@@ -24,11 +24,14 @@ LENGTH = 30
 HOT = 1.5  # a temperature at which unconstrained sampling leaves the greedy path
 SEED = 1
 NO_EOS = {0: -1e9, 2: -1e9, 4: -1e9}  # SmolLM2's end-of-generation tokens
+# one thread: two llama.cpp threads spin at barriers, and with another model process on
+# the 2 shared cores a decode step slowed from ms to seconds (measured); one never waits
+THREADS = 1
 
 
 @pytest.fixture(scope="module")
 def engine(default_model_path: Path) -> Iterator[Engine]:
-    config = EngineConfig(parallel=2, context=512, n_threads=2)
+    config = EngineConfig(parallel=2, context=512, n_threads=THREADS)
     with Engine(default_model_path, model_sha256=SHA256, config=config) as eng:
         yield eng
 
@@ -83,7 +86,7 @@ async def test_a_fork_prefills_its_prompt_once(default_model_path: Path) -> None
     prompt = "Here is a long shared preamble about the sea and its ships. " * 12
     k = 6
     sampling = SamplingParams(temperature=0.0, max_tokens=k, logit_bias=NO_EOS)
-    config = EngineConfig(parallel=3, context=512, n_threads=2)
+    config = EngineConfig(parallel=3, context=512, n_threads=THREADS)
     with Engine(default_model_path, model_sha256=SHA256, config=config) as cold:
         assert await cold.call(lambda: _prompt_tokens_decoded(cold)) == 1  # nothing yet
         fork = await cold.generate(GenerateRequest(prompt=prompt, sampling=sampling, n=3))
