@@ -252,6 +252,8 @@ def test_a_non_streamed_client_that_leaves_frees_its_slot(server: LiveServer) ->
     assert max(s.n_tokens for s in engine.slots()) < 450
     rows = usage_rows(server, "leaver")
     assert [r["status"] for r in rows] == [499]
+    # what it generated before it left is accounted (and charged to its token budget)
+    assert 0 < (rows[0]["completion_tokens"] or 0) < 900
     with http(server) as h:
         after = h.post("/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 3})
     assert after.status_code == 200

@@ -95,7 +95,8 @@ async def _generate(request: Request, body: GenerationFields, route: str, *, cha
         raise
     finally:
         await lease.__aexit__(None, None, None)
-    acct.finished(result, 200 if result is not None else 499)
+    # a client that left is still charged for what was generated until it did
+    acct.finished(result or handle.result, 200 if result is not None else 499)
     if result is None:  # the client went away; nobody reads this
         return JSONResponse({}, status_code=499)
     if fell_back:
