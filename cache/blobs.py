@@ -11,6 +11,7 @@ unfinished run needs; a blob pinned by a running or interrupted run is never evi
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import mmap
 import os
@@ -28,6 +29,7 @@ _SHA = re.compile(r"^[0-9a-f]{64}$")
 # runs in these states may still need their blobs: never evict them
 # runs that may still need their states: a cancelled run resumes, a migrating one moves
 UNFINISHED_RUN_STATES = ("pending", "running", "interrupted", "cancelled", "migrating")
+ARRIVAL_GRACE = datetime.timedelta(minutes=10)  # a state sent ahead of its run's record
 
 
 class BlobMissing(KeyError):
@@ -182,13 +184,22 @@ class BlobStore:
         if total <= self.max_bytes:
             return []
         marks = ", ".join("?" for _ in UNFINISHED_RUN_STATES)
+        unfinished = list(UNFINISHED_RUN_STATES)
+        # the owner alone is not enough: identical bytes (a greedy re-run) re-own a blob,
+        # so no blob that a node of an unfinished run points at is evicted; and one sent
+        # ahead of its run (a migration sends states first) waits a while for the record
+        arriving = (datetime.datetime.now(datetime.UTC) - ARRIVAL_GRACE).isoformat()
         with self._lock:
             candidates = list(
                 self.store.db.query(
                     "select b.sha256, b.size from blobs b left join runs r on r.id = b.run_id"
-                    f" where r.id is null or r.status not in ({marks})"
+                    " where (b.run_id is null or (r.id is null and b.created_at < ?)"
+                    f"        or r.status not in ({marks}))"
+                    " and not exists (select 1 from nodes n join runs u on u.id = n.run_id"
+                    f"     where u.status in ({marks})"
+                    "      and (n.state_sha256 = b.sha256 or n.checkpoint_sha256 = b.sha256))"
                     " order by b.last_used_at",
-                    list(UNFINISHED_RUN_STATES),
+                    [arriving, *unfinished, *unfinished],
                 )
             )
         evicted = []

@@ -94,3 +94,28 @@ def test_eviction_is_lru_and_spares_unfinished_runs(tmp_path: Path) -> None:
     assert not blobs.has(old) and blobs.has(pinned) and blobs.has(new)
     newest = blobs.put(b"x" * 2000)  # only evictable blobs go, pinned stays over budget
     assert blobs.has(pinned) and blobs.has(newest) and not blobs.has(new)
+
+
+def test_a_state_an_unfinished_run_points_at_is_never_evicted(tmp_path: Path) -> None:
+    """A finished greedy re-run stores the same bytes and so re-owns the blob: the
+    interrupted run's node still needs it."""
+    store = Store(tmp_path / "pcrt.db")
+    _run(store, "live", "interrupted")
+    _run(store, "done", "succeeded")
+    blobs = BlobStore(store, tmp_path / "blobs", max_bytes=1500)
+    same = blobs.put(b"s" * 1000, run_id="live")
+    store.db["nodes"].insert({"run_id": "live", "node_id": "a", "path": "/dynamic/x/a",
+                              "type": "llm", "status": "interrupted",
+                              "checkpoint_sha256": same})  # fmt: skip
+    assert blobs.put(b"s" * 1000, run_id="done") == same
+    assert blobs.info(same).run_id == "done"  # re-owned by the finished run
+    blobs.put(b"z" * 1000, run_id="done")  # over budget
+    assert blobs.has(same)
+
+
+def test_a_state_sent_ahead_of_its_run_waits_for_the_record(tmp_path: Path) -> None:
+    store = Store(tmp_path / "pcrt.db")
+    blobs = BlobStore(store, tmp_path / "blobs", max_bytes=1500)
+    ahead = blobs.put(b"a" * 1000, run_id="moving-here")  # no such run yet
+    blobs.put(b"b" * 1000)
+    assert blobs.has(ahead)
