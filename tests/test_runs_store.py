@@ -90,11 +90,18 @@ def test_unknown_records_and_fields(runs: RunStore) -> None:
 
 
 def test_subgraph_cache_is_bounded_lru(runs: RunStore) -> None:
-    for i in range(3):
-        runs.cache_put(f"k{i}", "/lib/x", {"i": i}, tokens=5, max_entries=2)
-    assert runs.cache_get("k0") is None
+    """Least recently used, not first in: a read keeps the oldest entry alive."""
+    runs.cache_put("k0", "/lib/x", {"i": 0}, tokens=5, max_entries=2)
+    runs.cache_put("k1", "/lib/x", {"i": 1}, tokens=5, max_entries=2)
+    assert runs.cache_get("k0") == {"i": 0}  # the oldest insert, now the latest use
+    runs.cache_put("k2", "/lib/x", {"i": 2}, tokens=5, max_entries=2)
+    assert runs.cache_get("k1") is None  # untouched since its insert: evicted
+    assert runs.cache_get("k0") == {"i": 0}  # FIFO would have dropped this one
     assert runs.cache_get("k2") == {"i": 2}
-    assert runs.cache_get("k1") == {"i": 1}
+    # and again, the other way round: k2 was read last, so k0 goes
+    runs.cache_put("k3", "/lib/x", {"i": 3}, tokens=5, max_entries=2)
+    assert runs.cache_get("k0") is None
+    assert runs.cache_get("k2") == {"i": 2} and runs.cache_get("k3") == {"i": 3}
 
 
 def test_a_run_moved_away_and_back_replaces_its_old_record(runs: RunStore) -> None:
