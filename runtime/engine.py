@@ -222,6 +222,9 @@ class SlotInfo:
     n_tokens: int
 
 
+FOLLOW_MIN_TOKENS = 64  # a request waits for a sibling's prefill only to save this many
+
+
 class RequestHandle:
     """The caller's side of a request: iterate it for events, then read ``result``."""
 
@@ -312,6 +315,9 @@ class _Job:
     t_admitted: float = 0.0
     t_first_token: float | None = None
     outbox: list[Any] = field(default_factory=list)
+    # (leader, tokens): the leader is prefilling this job's first ``tokens`` prompt tokens
+    # right now; this job waits for them and copies them instead of computing them twice
+    follows: tuple[_Job, int] | None = None
 
     @property
     def prefilling(self) -> bool:
@@ -604,6 +610,7 @@ class Engine:
                     except queue.Empty:
                         message = None
                 self._admit()
+                self._take_from_leaders()
                 if self._running:
                     self._step()
                 self._dispatch()
@@ -706,6 +713,8 @@ class Engine:
         del main.tokens[common:]
         job.prefill_pos = common
         job.handle.cached_tokens = common
+        if state is None:
+            job.follows = self._leader_for(prompt, common)
         job.t_admitted = time.perf_counter()
         for branch in job.branches:
             seed = resolve_seed(job.params.seed, branch.choice.index)
@@ -716,6 +725,46 @@ class Engine:
             branch.sampler.accept_prompt(prompt[: len(prompt) - len(generated)])
             branch.sampler.accept_generated(generated)
             branch.stream = TextStream(job.params.stop)
+
+    def _leader_for(self, prompt: list[int], common: int) -> tuple[_Job, int] | None:
+        """A running job now prefilling a longer prefix of ``prompt`` than any slot holds
+        (sibling requests sent together: one system prompt, one DAG context), and how many
+        tokens to take from it; None when computing them here is as cheap."""
+        best: tuple[_Job, int] | None = None
+        for leader in self._running:
+            if not leader.prefilling or leader.follows is not None:
+                continue
+            shared = min(_common_prefix(leader.prompt, prompt), len(prompt) - 1)
+            gain = shared - max(common, leader.prefill_pos)
+            # as for a copy from a slot, the gain must outweigh moving the leader's
+            # sequence (about 1/18 of recomputing per token); and waiting costs a step,
+            # where a few tokens more in the leader's batch cost next to nothing
+            worth = gain >= FOLLOW_MIN_TOKENS and gain * 16 > len(leader.prompt)
+            if worth and (best is None or shared > best[1]):
+                best = (leader, shared)
+        return best
+
+    def _take_from_leaders(self) -> None:
+        """Followers whose leader has computed their shared prefix copy it and go on
+        prefilling from there; one whose leader stopped short prefills for itself."""
+        for job in self._running:
+            if job.follows is None:
+                continue
+            leader, shared = job.follows
+            source = leader.branches[0].slot
+            if _common_prefix(source.tokens, job.prompt) >= shared:
+                main = job.branches[0].slot
+                self._copy_seq(source, main, shared)
+                if _common_prefix(main.tokens, job.prompt) >= shared:
+                    job.prefill_pos = shared
+                    job.handle.cached_tokens = shared
+                else:  # the copy could not be trimmed (SWA): from the start
+                    self._seq_rm(main.seq_id, 0)
+                    main.tokens = []
+                    job.prefill_pos = job.handle.cached_tokens = 0
+                job.follows = None
+            elif leader not in self._running or not leader.prefilling:
+                job.follows = None  # cancelled or failed before it got there
 
     def _copy_seq(self, src: _Slot, dst: _Slot, n_tokens: int) -> None:
         """Make ``dst`` hold the first ``n_tokens`` of ``src``'s KV."""
@@ -758,7 +807,7 @@ class Engine:
             else min(self.config.n_batch, n + self.config.prefill_chunk)
         )
         for job in self._running:
-            if not job.prefilling or n >= budget:
+            if not job.prefilling or job.follows is not None or n >= budget:
                 continue
             main = job.branches[0].slot
             take = min(budget - n, len(job.prompt) - job.prefill_pos)
@@ -769,6 +818,8 @@ class Engine:
                 n = self._add(n, job.prompt[pos], pos, main.seq_id, pos == last)
             job.chunk = take
             prefilling.append(job)
+        if n == 0:  # every running job waits on another (cannot last: see _leader_for)
+            return
         batch.n_tokens = n
         rc = llama_cpp.llama_decode(self._ctx, batch)
         if rc != 0:

@@ -86,6 +86,35 @@ async def test_concurrent_requests_equal_each_alone(engine: Engine) -> None:
     assert [c.text for c in together] == alone
 
 
+async def test_requests_sent_together_compute_their_shared_prefix_once(engine: Engine) -> None:
+    """Three prompts with one long preamble, submitted at once into empty slots: the first
+    computes the preamble, the others wait for it and copy its KV, and every answer equals
+    the same prompt run alone."""
+    preamble = "Minutes: " + "The committee met on Tuesday to review the annual report. " * 20
+    prompts = [preamble + q for q in ("What was reviewed?", "When was it?", "Who met?")]
+    alone = []
+    for prompt in prompts:
+        await engine.clear_cache()
+        alone.append((await engine.generate(GenerateRequest(prompt=prompt, sampling=GREEDY))).text)
+    await engine.clear_cache()
+    together = await asyncio.gather(
+        *(engine.generate(GenerateRequest(prompt=p, sampling=GREEDY)) for p in prompts)
+    )
+    assert [c.text for c in together] == alone
+    tokens = [engine.prepare(GenerateRequest(prompt=p, sampling=GREEDY)) for p in prompts]
+    shared = min(_common(tokens[0], t) for t in tokens[1:])
+    assert shared > 200
+    cached = sorted(c.cached_tokens for c in together)
+    assert cached[0] == 0 and all(c >= shared for c in cached[1:]), (cached, shared)
+
+
+def _common(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
 async def test_fork_greedy_equals_separate_runs(engine: Engine) -> None:
     prompt = "Write a short poem about the sea."
     single = await engine.generate(GenerateRequest(prompt=prompt, sampling=GREEDY))
