@@ -68,6 +68,11 @@ def test_validation_errors_are_422_with_every_problem(server: LiveServer) -> Non
     assert {"a", "c"} <= nodes
     text = json.dumps(error["problems"])
     assert "cycle" in text and "nope" in text and "missing" in text
+    # a node of an unknown type does not hide the cycle and the unknown input (issue 5)
+    weird = json.loads(json.dumps(bad))
+    weird["nodes"]["d"] = {"type": "weird"}
+    r = httpx.post(server.url + "/v1/dags", json={"dag": weird}, timeout=30)
+    assert r.status_code == 422 and all(w in r.text for w in ("'weird'", "cycle", "missing"))
 
 
 def test_run_stream_list_get_and_yaml(server: LiveServer) -> None:

@@ -37,6 +37,7 @@ from pcrt.runtime.dag import (
     topological_order,
     validate,
 )
+from pcrt.runtime.dag.load import ShapeInvalid
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples" / "dags"
@@ -643,6 +644,116 @@ def test_every_problem_is_reported_at_once_with_its_node() -> None:
     assert len(info.value.problems) == 8
     assert {p["node"] for p in info.value.to_list()} == {None, "a", "b", "c", "d"}
     assert "8 problems" in str(info.value)
+
+
+def partial_of(doc: dict[str, Any]) -> ShapeInvalid:
+    with pytest.raises(ShapeInvalid) as info:
+        parse_dag(doc)
+    return info.value
+
+
+def test_a_shape_error_does_not_hide_a_cycle_or_an_unknown_model() -> None:
+    # the auditor's case: only the type was reported
+    doc = {
+        "dag": "/dynamic/x",
+        "nodes": {
+            "a": {"type": "llm", "model": "nope", "prompt": "{{ nodes.b.output }}"},
+            "b": {"type": "llm", "tag": "simple", "prompt": "{{ nodes.a.output }}"},
+            "c": {"type": "weird", "prompt": "x"},
+        },
+    }
+    error = partial_of(doc)  # parse_dag alone knows no models: the shape and the cycle
+    assert has(list(error.problems), "c", "type", "unknown node type 'weird'")
+    assert has(list(error.problems), "a", None, "a -> b -> a")
+    assert len(error.problems) == 2
+    assert set(error.partial.nodes) == {"a", "b"} and set(error.partial.rejected) == {"c"}
+    problems = check(error.partial)  # what check_run reports, the shape problem first
+    assert problems[0] == error.problems[0]
+    assert has(problems, "a", "model", "unknown model 'nope'")
+    assert has(problems, "a", None, "a -> b -> a")
+    assert len(problems) == 3
+    with pytest.raises(DagInvalid) as info:
+        ensure_valid(error.partial, known_models=MODELS, known_tags=TAGS)
+    assert len(info.value.problems) == 3
+
+
+def test_a_cycle_through_a_rejected_node_from_its_raw_needs_and_templates() -> None:
+    doc = doc_with(
+        {
+            "x": {"type": "llm", "prompt": "{{ nodes.y.output }}"},
+            "y": {"type": "llm", "needs": ["x"]},  # no prompt
+            "p": {"type": "llm", "prompt": "{{ nodes.q.output }}"},
+            "q": {"type": "assert", "that": "nodes.p.output", "temprature": 1},
+        }
+    )
+    problems = list(partial_of(doc).problems)
+    assert has(problems, "y", "prompt", "required")
+    assert has(problems, "q", "temprature", "unknown key")
+    assert has(problems, "x", None, "x -> y -> x")
+    assert has(problems, "p", None, "p -> q -> p")
+    assert len(problems) == 4
+
+
+def test_shape_error_unknown_model_schema_signature_and_budget_together() -> None:
+    doc = {
+        "dag": "/lib/planner",
+        "budget": {"max_nodes": 3},
+        "nodes": {
+            "a": {"type": "llm", "prompt": "x", "model": "gpt-9", "output_schema": {"type": 5}},
+            "b": {"type": "fork", "samples": 2, "prompt": "x", "temprature": 0.5},
+            "c": {"type": "llm", "prompt": "{{ nodes.b.output[0] }}", "needs": ["b"]},
+            "d": {"type": "llm", "prompt": "more", "context": "b"},
+            "e": {"type": "fork", "branches": ["b", "f"]},
+            "f": {"type": "llm", "prompt": "y"},
+        },
+    }
+    error = partial_of(doc)
+    parsed = list(error.problems)
+    assert has(parsed, "b", "temprature", "unknown key")
+    assert has(parsed, None, "signature", "must declare a signature")
+    assert has(parsed, "a", "output_schema.type", "invalid JSON schema")
+    # a, c, d, e, f and at least one for the rejected b: already over max_nodes
+    assert has(parsed, None, "budget.max_nodes", "at least 6 nodes", "max_nodes is 3")
+    # references to b (needs, template, context, branches) are not "unknown": no noise
+    assert not [p for p in parsed if p.node in ("c", "d", "e", "f")]
+    assert len(parsed) == 4
+    problems = check(error.partial)
+    assert has(problems, "a", "model", "unknown model 'gpt-9'")
+    assert len(problems) == 5
+    assert "5 problems" in str(DagInvalid(problems))
+
+
+def test_a_rejected_nodes_own_references_are_checked() -> None:
+    rejected = {
+        "type": "llm",
+        "needs": ["ghost"],
+        "context": "a",
+        "prompt": "{{ nodes.zz.output }} {{ inputs.nope }}",
+        "top_p": 7,
+    }
+    doc = doc_with({"a": {"type": "llm", "prompt": "{{ inputs.q }}"}, "r": rejected})
+    problems = list(partial_of(doc).problems)
+    assert has(problems, "r", "top_p")
+    assert has(problems, "r", "needs", "unknown node 'ghost'", "known: a, r")
+    assert has(problems, "r", "prompt", "unknown node 'zz'")
+    assert has(problems, "r", "prompt", "unknown input 'nope'")
+    assert len(problems) == 4
+
+
+def test_one_problem_alone_is_reported_as_before() -> None:
+    ok = {"type": "llm", "prompt": "{{ inputs.q }}"}
+    # one shape error beside valid nodes: that problem only, the same as without partials
+    problems = list(partial_of(doc_with({"a": ok, "b": {"type": "llm"}})).problems)
+    assert problems == [Problem(node="b", field="prompt", message="required")]
+    # no node parsed, or a problem outside the nodes: the shape problems, not a ShapeInvalid
+    for doc in (doc_with({"b": {"type": "llm"}}), doc_with({"a": ok}, budget={"wall": 1})):
+        with pytest.raises(DagInvalid) as info:
+            parse_dag(doc)
+        assert not isinstance(info.value, ShapeInvalid) and len(info.value.problems) == 1
+    # a valid DAG carries nothing rejected
+    spec = parse_dag(doc_with({"a": ok}))
+    assert spec.rejected == {} and spec.shape_problems == () and check(spec) == []
+    assert parse_dag(spec.document()) == spec
 
 
 def test_input_defaults_and_binding() -> None:

@@ -4,6 +4,13 @@ Every failure, a syntax error as much as a schema error, becomes one ``DagInvali
 list of problems naming node and field, so the CLI and the HTTP layer (422) report them the
 same way. Duplicate keys are errors in all three formats: YAML and JSON would otherwise
 keep the last one silently, and a duplicated node id would vanish.
+
+A shape problem confined to some nodes does not hide the rest: ``parse_dag`` then validates
+the DAG of the nodes that parsed (``validate_document``: cycles, references, schemas,
+signature, budget; the rejected nodes' raw ``needs`` and templates count) and raises
+``ShapeInvalid`` with all of it. Its ``partial`` lets a caller that knows the models and the
+library add the checks that need them: ``validate`` (or ``check_run``) of ``partial``
+reports every problem of the document, the shape problems first.
 """
 
 from __future__ import annotations
@@ -21,8 +28,17 @@ from pydantic_core import ErrorDetails
 
 from pcrt.runtime.dag.errors import DagInvalid, Problem
 from pcrt.runtime.dag.spec import NODE_TYPES, DagSpec
+from pcrt.runtime.dag.validate import validate_document
 
-__all__ = ["DagFormat", "SUFFIXES", "load_dag", "parse_dag", "problems_from", "read_document"]
+__all__ = [
+    "DagFormat",
+    "SUFFIXES",
+    "ShapeInvalid",
+    "load_dag",
+    "parse_dag",
+    "problems_from",
+    "read_document",
+]
 
 DagFormat = Literal["yaml", "json", "toml"]
 
@@ -77,7 +93,40 @@ def parse_dag(obj: Mapping[str, Any], *, source: str | None = None) -> DagSpec:
     try:
         return DagSpec.model_validate(dict(obj))
     except ValidationError as exc:
-        raise DagInvalid(problems_from(exc), source=source) from None
+        partial = _partial(obj, exc)
+        if partial is None:
+            raise DagInvalid(problems_from(exc), source=source) from None
+    raise ShapeInvalid(partial, source=source)
+
+
+class ShapeInvalid(DagInvalid):
+    """Some nodes failed their shape check, the others parsed into ``partial``: ``problems``
+    are the shape problems and those ``validate_document`` finds in ``partial``."""
+
+    def __init__(self, partial: DagSpec, *, source: str | None = None) -> None:
+        self.partial = partial
+        super().__init__(validate_document(partial), source=source)
+
+
+def _partial(obj: Mapping[str, Any], exc: ValidationError) -> DagSpec | None:
+    """The DAG of the nodes that passed their shape check, carrying the others' documents
+    and the shape problems; None unless every error is inside a node and a node passed."""
+    errors = exc.errors()
+    nodes = obj.get("nodes")
+    if not isinstance(nodes, Mapping) or any(
+        len(e["loc"]) < 2 or e["loc"][0] != "nodes" for e in errors
+    ):
+        return None
+    failed = {e["loc"][1] for e in errors}
+    try:
+        partial = DagSpec.model_validate(
+            {**obj, "nodes": {k: v for k, v in nodes.items() if k not in failed}}
+        )
+    except ValidationError:
+        return None  # no node passed
+    partial._rejected = {str(k): v for k, v in nodes.items() if k in failed}
+    partial._shape_problems = tuple(problems_from(exc))
+    return partial
 
 
 def problems_from(exc: ValidationError) -> list[Problem]:

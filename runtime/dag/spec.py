@@ -11,13 +11,20 @@ hints to the callee's nodes (``DagSpec.called_with``).
 
 Each node carries its ``id`` (its key in ``nodes``) and its ``path`` (the DAG's path plus
 ``/`` plus the id unless given): both are filled in while parsing.
+
+When some nodes fail their shape check, ``parse_dag`` still builds the DAG of the others, to
+validate it (never to run it): that partial DAG carries the failed nodes' raw documents
+(``rejected``) and their problems (``shape_problems``), which ``validate`` reports first.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+
+from pcrt.runtime.dag.errors import Problem
 
 __all__ = [
     "AssertNode",
@@ -271,6 +278,9 @@ class DagSpec(BaseModel):
     # directories. A run stores here every callee it can reach (``library.with_library``), so
     # a resume, or a peer it moves to, calls the same subgraphs. Parsed by ``library.py``.
     library: tuple[dict[str, Any], ...] = ()
+    # set by parse_dag on a partial DAG only (see the module docstring)
+    _rejected: dict[str, Any] = PrivateAttr(default_factory=dict)
+    _shape_problems: tuple[Problem, ...] = PrivateAttr(default=())
 
     @model_validator(mode="before")
     @classmethod
@@ -313,6 +323,17 @@ class DagSpec(BaseModel):
             if raw.get("complexity") is None and complexity is not None:
                 raw["complexity"] = complexity
         return type(self).model_validate(document)
+
+    @property
+    def rejected(self) -> Mapping[str, Any]:
+        """The raw documents of the nodes that failed their shape check, by id (a partial
+        DAG's; empty otherwise)."""
+        return self._rejected
+
+    @property
+    def shape_problems(self) -> tuple[Problem, ...]:
+        """What was wrong with the ``rejected`` nodes."""
+        return self._shape_problems
 
     @property
     def is_library(self) -> bool:

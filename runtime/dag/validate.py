@@ -24,6 +24,13 @@ Decisions where the issue is silent:
 - The branches of one fork must not depend on one another: they run side by side.
 - A ``/lib`` DAG's interface is its signature: an entry of ``inputs`` that the signature
   does not declare could never be given by a caller, so it is a problem.
+- A partial DAG (some nodes failed their shape check, ``DagSpec.rejected``) is checked as
+  far as it can be: its shape problems first, then everything about the nodes that parsed;
+  the rejected nodes' well-formed ``needs``, ``context``, ``branches`` and template strings
+  still count for cycles and unknown references, and each counts one toward ``max_nodes``.
+  A reference to a rejected node is not "unknown": its own problem is already reported.
+- ``validate_document`` is ``validate`` without the models, tags and library (what
+  ``parse_dag`` can check on its own): the checks that need them are left out.
 """
 
 from __future__ import annotations
@@ -64,6 +71,7 @@ __all__ = [
     "topological_order",
     "validate",
     "validate_callees",
+    "validate_document",
 ]
 
 _LISTED = 10  # names listed in an "unknown X (known: ...)" message
@@ -78,6 +86,12 @@ def validate(
 ) -> list[Problem]:
     """Every problem of ``spec``, in document order; an empty list means it may run."""
     return _Validator(spec, known_models, known_tags, library or {}).run()
+
+
+def validate_document(spec: DagSpec) -> list[Problem]:
+    """``validate`` without knowing the models, tags or library: what ``parse_dag`` reports
+    with the shape problems of a partial DAG."""
+    return _Validator(spec, None, None, None).run()
 
 
 def ensure_valid(
@@ -130,11 +144,38 @@ def template_fields(node: Node) -> list[tuple[str, str, bool]]:
     return [(name, source, False) for name, source, _ in fields if source is not None]
 
 
+def _raw_fields(raw: Any) -> list[tuple[str, str, bool]]:
+    """A rejected node's template strings, whatever its type: prompt, system, that (an
+    expression) and string inputs."""
+    if not isinstance(raw, Mapping):
+        return []
+    fields = [(k, raw.get(k), k == "that") for k in ("prompt", "system", "that")]
+    inputs = raw.get("inputs")
+    if isinstance(inputs, Mapping):
+        fields += [(f"inputs.{k}", v, False) for k, v in inputs.items()]
+    return [
+        (str(field), source, is_expr)
+        for field, source, is_expr in fields
+        if isinstance(source, str)
+    ]
+
+
+def _raw_edges(raw: Any) -> list[tuple[str, str]]:
+    """A rejected node's well-formed ``needs``, ``context`` and ``branches`` as (field, id)."""
+    if not isinstance(raw, Mapping):
+        return []
+    edges = [("context", raw["context"])] if isinstance(raw.get("context"), str) else []
+    for field in ("needs", "branches"):
+        if isinstance(raw.get(field), list | tuple):
+            edges += [(field, target) for target in raw[field] if isinstance(target, str)]
+    return edges
+
+
 def _scan_fields(
-    node: Node, env: DagSandbox
+    fields: list[tuple[str, str, bool]], env: DagSandbox
 ) -> list[tuple[str, TemplateInfo | TemplateSyntaxError]]:
     scanned: list[tuple[str, TemplateInfo | TemplateSyntaxError]] = []
-    for field, source, is_expression in template_fields(node):
+    for field, source, is_expression in fields:
         try:
             info = scan_expression(env, source) if is_expression else scan_template(env, source)
         except TemplateSyntaxError as exc:
@@ -156,15 +197,19 @@ def _explicit_edges(node: Node) -> list[str]:
 
 def dependencies(spec: DagSpec) -> dict[str, set[str]]:
     """For each node, the nodes it waits for: template reads, ``needs``, ``context`` and
-    ``branches``. Names of unknown nodes are left out (``validate`` reports them)."""
+    ``branches``. Names of unknown nodes are left out (``validate`` reports them). A partial
+    DAG's rejected nodes are in, with what their raw documents read."""
     env = make_environment()
+    parts = {i: (_explicit_edges(n), template_fields(n)) for i, n in spec.nodes.items()}
+    for node_id, raw in spec.rejected.items():
+        parts[node_id] = ([target for _, target in _raw_edges(raw)], _raw_fields(raw))
     deps: dict[str, set[str]] = {}
-    for node_id, node in spec.nodes.items():
-        wanted = set(_explicit_edges(node))
-        for _, info in _scan_fields(node, env):
+    for node_id, (edges, fields) in parts.items():
+        wanted = set(edges)
+        for _, info in _scan_fields(fields, env):
             if isinstance(info, TemplateInfo):
                 wanted |= info.node_ids()
-        deps[node_id] = {d for d in wanted if d in spec.nodes}
+        deps[node_id] = {d for d in wanted if d in parts}
     return deps
 
 
@@ -296,16 +341,18 @@ class _Validator:
     def __init__(
         self,
         spec: DagSpec,
-        known_models: set[str],
-        known_tags: set[str],
-        library: Mapping[str, DagSpec],
+        known_models: set[str] | None,
+        known_tags: set[str] | None,
+        library: Mapping[str, DagSpec] | None,
     ) -> None:
+        """None for models, tags or library: not known here, so not checked."""
         self.spec = spec
+        self.ids = [*spec.nodes, *spec.rejected]  # what a reference may name
         self.known_models = known_models
         self.known_tags = known_tags
         self.library = library
         self.env = make_environment()
-        self.problems: list[Problem] = []
+        self.problems: list[Problem] = list(spec.shape_problems)
 
     def add(self, node: str | None, field: str | None, message: str) -> None:
         self.problems.append(Problem(node=node, field=field, message=message))
@@ -326,7 +373,13 @@ class _Validator:
                 self.check_generation(node_id, node)
             if isinstance(node, SubgraphNode):
                 self.check_subgraph(node_id, node)
-            for field, info in _scan_fields(node, self.env):
+            for field, info in _scan_fields(template_fields(node), self.env):
+                self.check_template(node_id, field, info)
+        for node_id, raw in self.spec.rejected.items():
+            for field, target in _raw_edges(raw):
+                if target not in self.ids:
+                    self.add(node_id, field, f"unknown node {target!r}{_known(self.ids)}")
+            for field, info in _scan_fields(_raw_fields(raw), self.env):
                 self.check_template(node_id, field, info)
         self.check_signature_outputs()
         deps = dependencies(self.spec)
@@ -374,7 +427,7 @@ class _Validator:
         for name, out in signature.outputs.items():
             field = f"signature.outputs.{name}"
             if out.value is None:
-                if name not in self.spec.nodes:
+                if name not in self.ids:
                     self.add(
                         None,
                         field,
@@ -392,24 +445,23 @@ class _Validator:
 
     def check_edges(self, node_id: str, node: Node) -> None:
         for need in node.needs:
-            if need not in self.spec.nodes:
-                self.add(node_id, "needs", f"unknown node {need!r}{_known(self.spec.nodes)}")
+            if need not in self.ids:
+                self.add(node_id, "needs", f"unknown node {need!r}{_known(self.ids)}")
         if isinstance(node, ForkNode) and node.branches is not None:
             seen: set[str] = set()
             for branch in node.branches:
-                if branch not in self.spec.nodes:
-                    self.add(
-                        node_id, "branches", f"unknown node {branch!r}{_known(self.spec.nodes)}"
-                    )
+                if branch not in self.ids:
+                    self.add(node_id, "branches", f"unknown node {branch!r}{_known(self.ids)}")
                 elif branch in seen:
                     self.add(node_id, "branches", f"{branch!r} is listed twice")
                 seen.add(branch)
 
     def check_generation(self, node_id: str, node: LlmNode | ForkNode) -> None:
-        if node.model is not None and node.model not in self.known_models:
-            self.add(node_id, "model", f"unknown model {node.model!r}{_known(self.known_models)}")
-        if node.tag is not None and node.tag not in self.known_tags:
-            self.add(node_id, "tag", f"unknown tag {node.tag!r}{_known(self.known_tags)}")
+        models, tags = self.known_models, self.known_tags
+        if node.model is not None and models is not None and node.model not in models:
+            self.add(node_id, "model", f"unknown model {node.model!r}{_known(models)}")
+        if node.tag is not None and tags is not None and node.tag not in tags:
+            self.add(node_id, "tag", f"unknown tag {node.tag!r}{_known(tags)}")
         if node.output_schema is not None:
             for where, message in schema_problems(node.output_schema):
                 field = f"output_schema.{where}" if where else "output_schema"
@@ -420,7 +472,8 @@ class _Validator:
     def check_context(self, node_id: str, node: LlmNode | ForkNode, parent_id: str) -> None:
         parent = self.spec.nodes.get(parent_id)
         if parent is None:
-            self.add(node_id, "context", f"unknown node {parent_id!r}{_known(self.spec.nodes)}")
+            if parent_id not in self.ids:
+                self.add(node_id, "context", f"unknown node {parent_id!r}{_known(self.ids)}")
             return
         if parent_id == node_id:
             return  # reported as a cycle
@@ -448,6 +501,8 @@ class _Validator:
                 )
 
     def check_subgraph(self, node_id: str, node: SubgraphNode) -> None:
+        if self.library is None:
+            return
         callee = self.library.get(node.dag)
         if callee is None:
             self.add(node_id, "dag", f"no library subgraph {node.dag}{_known(self.library)}")
@@ -508,7 +563,7 @@ class _Validator:
             )
         target = self.spec.nodes.get(ref.name)
         if target is None:
-            return f"unknown node {ref.name!r}{_known(self.spec.nodes)}"
+            return None if ref.name in self.ids else f"unknown node {ref.name!r}{_known(self.ids)}"
         if len(ref.path) < 2:
             return None
         if ref.path[1] != "output":
@@ -520,7 +575,7 @@ class _Validator:
     def output_field_problem(self, ref: Reference, target: Node, field: str) -> str | None:
         name = ref.name
         if isinstance(target, SubgraphNode):
-            callee = self.library.get(target.dag)
+            callee = (self.library or {}).get(target.dag)
             if callee is None or callee.signature is None or hasattr(dict, field):
                 return None  # the unknown callee is reported on its own node
             outputs = callee.signature.outputs
@@ -575,16 +630,18 @@ class _Validator:
 
     def check_budget(self) -> None:
         recursions: list[tuple[str, tuple[str, ...]]] = []
-        total = _count(self.spec, self.library, (self.spec.dag,), recursions)
+        total = _count(self.spec, self.library or {}, (self.spec.dag,), recursions)
+        total += len(self.spec.rejected)  # every node runs one at least
         for node_id, chain in recursions:
             self.add(node_id, "dag", f"subgraph recursion: {' -> '.join(chain)}")
         limit = self.spec.budget.max_nodes
         if limit is not None and total > limit:
+            least = "at least " if self.spec.rejected else ""
             self.add(
                 None,
                 "budget.max_nodes",
-                f"the DAG runs {total} nodes (a fork's samples count one each, a subgraph "
-                f"its nodes) but max_nodes is {limit}",
+                f"the DAG runs {least}{total} nodes (a fork's samples count one each, a "
+                f"subgraph its nodes) but max_nodes is {limit}",
             )
 
 
