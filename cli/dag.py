@@ -61,6 +61,7 @@ from pcrt.runtime.dag.library import (
     load_library_paths,
     run_library,
 )
+from pcrt.runtime.dag.load import ShapeInvalid
 from pcrt.runtime.dag.spec import SubgraphNode
 from pcrt.runtime.dag.subgraph import generating_nodes
 from pcrt.runtime.errors import InvalidRequest, PcrtError
@@ -575,7 +576,10 @@ def run_dag(
     """Run the DAG in FILE (YAML, JSON or TOML) and print each node's output."""
     console = Console(stderr=as_json, highlight=False)
     try:
-        spec = load_dag(file)
+        try:
+            spec = load_dag(file)
+        except ShapeInvalid as exc:  # _check below refuses it with every problem at once
+            spec = exc.partial
         inputs = parse_inputs(pairs, spec)
         registry = Registry.load()
         extra = load_library_paths(libs)

@@ -158,6 +158,11 @@ def test_an_invalid_dag_lists_every_problem(tmp_path: Path) -> None:
     assert any("node 'a'" in line and "nope" in line for line in lines)
     assert any("node 'a'" in line and "cycle" in line for line in lines)
     assert any("node 'c'" in line and "missing" in line for line in lines)
+    # a node of an unknown type hides none of the others (nor the unknown model)
+    bad["nodes"]["d"] = {"type": "weird"}
+    weird = pcrt("dag", "run", str(write_dag(tmp_path / "weird.yaml", bad)))
+    assert weird.exit_code == 1 and "4 problems" in weird.stderr.splitlines()[0], weird.stderr
+    assert all(w in weird.stderr for w in ("'weird'", "nope", "cycle", "missing"))
     unknown_input = pcrt("dag", "run", str(EXAMPLE), "-i", "nope=1")
     assert unknown_input.exit_code == 1 and "inputs.nope: unknown input" in unknown_input.stderr
 

@@ -19,6 +19,7 @@ from pcrt.runtime.api.service import services_of
 from pcrt.runtime.dag import load_dag, parse_dag
 from pcrt.runtime.dag.executor import RESUMABLE, DagEvent, DagRunner
 from pcrt.runtime.dag.library import library_from_documents
+from pcrt.runtime.dag.load import ShapeInvalid
 from pcrt.runtime.dag.spec import DagSpec
 from pcrt.runtime.errors import InvalidRequest, ModelNotFound
 
@@ -142,12 +143,17 @@ def run_view(runner: DagRunner, run: RunRecord) -> dict[str, Any]:
 
 
 def _spec(body: StartRun) -> DagSpec:
-    if isinstance(body.dag, str):
-        text = body.dag.strip()
-        if "\n" not in text and text.endswith((".yaml", ".yml", ".json", ".toml")):
-            raise InvalidRequest("send the DAG document itself, not a file name")
-        return load_dag(text if "\n" in text or text.startswith("{") else text + "\n")
-    return parse_dag(body.dag)
+    """The DAG; with malformed nodes, the part that parsed, which ``runner.create`` then
+    refuses with every problem (the malformed nodes' and the models')."""
+    try:
+        if isinstance(body.dag, str):
+            text = body.dag.strip()
+            if "\n" not in text and text.endswith((".yaml", ".yml", ".json", ".toml")):
+                raise InvalidRequest("send the DAG document itself, not a file name")
+            return load_dag(text if "\n" in text or text.startswith("{") else text + "\n")
+        return parse_dag(body.dag)
+    except ShapeInvalid as exc:
+        return exc.partial
 
 
 def _get(runner: DagRunner, run_id: str) -> RunRecord:
