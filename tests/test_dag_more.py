@@ -90,11 +90,6 @@ async def test_a_timeout_stop_keeps_the_in_flight_nodes_checkpoint(runner: DagRu
     assert runner.blobs.get(story.checkpoint_sha256)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: the executor caps the last node at the tokens left and records the run as "
-    "succeeded; only a node after it trips the budget check (executor._generate/_check_budget)",
-)
 async def test_a_last_node_cut_by_max_tokens_is_a_budget_stop(runner: DagRunner) -> None:
     """The same cut in the run's last node: the output is short of what the node asked
     for because of the budget, so the run must not say it succeeded."""

@@ -379,6 +379,11 @@ class DagRunner:
             else:
                 raise InvalidRequest(f"node {node_id}: type {node.type!r} cannot run")
         except (PcrtError, AssertFailed) as exc:
+            if isinstance(exc, BudgetExceeded) and self._finished(run_id, node_id):
+                # it finished, and spent the last of the budget: its output is kept
+                run.nodes_executed += executed
+                run.emit(DagEvent("node_finished", run_id, node_id, {"status": "succeeded"}))
+                raise
             self.runs.update_node(run_id, node_id, status="failed", error=str(exc))
             run.emit(DagEvent("node_finished", run_id, node_id, {"status": "failed",
                                                                   "error": str(exc)}))  # fmt: skip
@@ -397,6 +402,9 @@ class DagRunner:
         run.emit(DagEvent("node_finished", run_id, node_id, {"status": "succeeded",
                                                               "output": output}))  # fmt: skip
         return {node_id: output, **others}
+
+    def _finished(self, run_id: str, node_id: str) -> bool:
+        return self.runs.node(run_id, node_id).status == "succeeded"
 
     # -- subgraph calls -------------------------------------------------------------
 
@@ -762,8 +770,10 @@ class DagRunner:
         entry = self.registry.resolve(node.model or node.tag)
         params = dict(node.sampling())
         budget = run.spec.budget.max_tokens
+        capped = False  # the budget, not the node, sets how far it may generate
         if budget is not None:
             remaining = budget - run.tokens_used
+            capped = remaining < params.get("max_tokens", remaining + 1)
             params["max_tokens"] = min(params.get("max_tokens", remaining), remaining)
         sampling = SamplingParams(**params)
         samples = node.samples if isinstance(node, ForkNode) and node.samples else 1
@@ -848,7 +858,9 @@ class DagRunner:
             )  # fmt: skip
             if key is not None:
                 self.runs.cache_put(key, node.path, output, tokens, self.cache_entries)
-            if budget is not None and run.tokens_used + tokens > budget:
+            # cut short by the budget (even as the run's last node): the run stops there
+            cut = capped and any(c.finish_reason == "length" for c in result.choices)
+            if budget is not None and (cut or run.tokens_used + tokens > budget):
                 run.tokens_used += tokens
                 raise BudgetExceeded("max_tokens", f"{run.tokens_used} of {budget} used")
             return output, tokens
