@@ -25,6 +25,8 @@ class _DrainingServer(uvicorn.Server):
         if services is not None:
             services.state = "draining"
             services.pool.start_draining()
+            if services.begin_drain is not None:  # migrate_on_drain: moves start now
+                services.begin_drain()
         super().handle_exit(sig, frame)
 
 

@@ -84,10 +84,11 @@ class ModelPool:
 
     @contextlib.asynccontextmanager
     async def lease(
-        self, name: str | None, keep_alive: float | None = None
+        self, name: str | None, keep_alive: float | None = None, *, while_draining: bool = False
     ) -> AsyncIterator[LoadedModel]:
-        """The loaded model for one request; admission control happens here."""
-        if self._draining:
+        """The loaded model for one request; admission control happens here.
+        ``while_draining``: work already admitted (a DAG run's next node) goes on."""
+        if self._draining and not while_draining:
             raise Overloaded("the daemon is shutting down", retry_after=5)
         entry = self.registry.resolve(name)
         model = await self._get(entry)

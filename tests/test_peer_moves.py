@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 from click.testing import CliRunner
 
 from pcrt.cache.runs import RunStore
@@ -164,12 +163,6 @@ def _in_rotation_at(url: str, peer: str) -> bool:
     return any(p["name"] == peer and p["in_rotation"] for p in answer["peers"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: on SIGTERM uvicorn first waits for open connections (the client waiting on "
-    "the run) while the pool already refuses leases, so the run's next node fails with 'the "
-    "daemon is shutting down' and the run ends failed: never moved, not resumable",
-)
 def test_sigterm_moves_a_run_whose_client_waits_on_it(tmp_path: Path) -> None:
     """The same drain while a client waits on the run (POST /v1/dags, wait is the default)
     and a node follows the one generating: the run moves, and the client is told so."""

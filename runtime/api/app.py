@@ -25,7 +25,7 @@ from pcrt.runtime.api import admin_routes, dag_routes, openai_routes, peer_route
 from pcrt.runtime.api.battery_watch import BatteryReader, watch_battery
 from pcrt.runtime.api.dag_routes import DagTasks
 from pcrt.runtime.api.errors import install_error_handlers
-from pcrt.runtime.api.moving import move_running_runs
+from pcrt.runtime.api.moving import Drain
 from pcrt.runtime.api.node_info import NodeInfo
 from pcrt.runtime.api.service import Services, services_of
 from pcrt.runtime.dag.executor import DagRunner
@@ -116,25 +116,21 @@ def create_app(
                 watch_battery(services, read, settings.peers.battery_interval),
                 name="pcrt-battery-watch",
             )
+        drain = Drain(services, watcher)
+        loop = asyncio.get_running_loop()
+        services.begin_drain = lambda: loop.call_soon_threadsafe(drain.begin)  # SIGTERM
         services.state = "serving"
         log.info("serving on %s:%d", settings.host, settings.port)
         try:
             yield
         finally:
-            services.state = "draining"
             if resumer is not None:
                 resumer.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await resumer
-            if watcher is not None:  # before the drain: one mover at a time
-                watcher.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await watcher
-            pool.start_draining()
-            if settings.peers.migrate_on_drain:
-                moved = await move_running_runs(services, "draining", resume_unmoved=False)
-                if moved:
-                    log.info("moved to peers on drain: %s", ", ".join(moved))
+            moved = await drain.finish()
+            if moved:
+                log.info("moved to peers on drain: %s", ", ".join(moved))
             await services.dags.close()  # running DAGs stop; their checkpoints stay
             await coordinator.close()  # goodbye packets: peers drop us at once
             reaper.cancel()
@@ -199,7 +195,9 @@ def _engine_lease(pool: ModelPool) -> Callable[[str], AbstractAsyncContextManage
 
     @contextlib.asynccontextmanager
     async def lease(name: str) -> AsyncIterator[Engine]:
-        async with pool.lease(name) as model:
+        # a running DAG's next node is not refused while the daemon drains: the drain
+        # moves the run or stops it as interrupted (resumable), never fails it
+        async with pool.lease(name, while_draining=True) as model:
             yield model.engine
 
     return lease

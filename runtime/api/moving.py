@@ -20,7 +20,7 @@ from pcrt.runtime.api.service import Services
 from pcrt.runtime.dag.executor import RESUMABLE
 from pcrt.runtime.errors import InvalidRequest, PcrtError
 
-__all__ = ["move_run", "move_running_runs"]
+__all__ = ["Drain", "move_run", "move_running_runs"]
 
 log = logging.getLogger(__name__)
 
@@ -116,3 +116,39 @@ def _run_model(runs: RunStore, run_id: str) -> str | None:
     has started yet: then any pcrt peer's best model will do."""
     models = [n.model for n in runs.nodes(run_id) if n.model and n.started_at]
     return models[-1] if models else None
+
+
+class Drain:
+    """The daemon stopping: admit no new requests and, with ``migrate_on_drain``, move the
+    running runs to peers at once, so that clients waiting on them are answered
+    "migrated" instead of holding the shutdown (uvicorn waits for open connections before
+    the lifespan ends). Begun by SIGTERM (``cli/serve.py``) or by the lifespan's end,
+    whichever comes first. The battery watcher stops first: one mover at a time."""
+
+    def __init__(self, services: Services, battery_watcher: asyncio.Task[None] | None) -> None:
+        self.services = services
+        self.battery_watcher = battery_watcher
+        self._moves: asyncio.Task[list[str]] | None = None
+
+    def begin(self) -> None:
+        """Idempotent; on the event loop."""
+        self.services.state = "draining"
+        self.services.pool.start_draining()
+        if self._moves is None and self.services.settings.peers.migrate_on_drain:
+            self._moves = asyncio.create_task(self._move(), name="pcrt-drain-moves")
+
+    async def finish(self) -> list[str]:
+        """Begin (if SIGTERM did not) and wait for the moves; the ids moved."""
+        self.begin()
+        await self._stop_battery_watcher()
+        return await self._moves if self._moves is not None else []
+
+    async def _move(self) -> list[str]:
+        await self._stop_battery_watcher()
+        return await move_running_runs(self.services, "draining", resume_unmoved=False)
+
+    async def _stop_battery_watcher(self) -> None:
+        if self.battery_watcher is not None:
+            self.battery_watcher.cancel()  # a move it has under way finishes first
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.battery_watcher

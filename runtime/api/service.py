@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -47,6 +48,8 @@ class Services:
     coordinator: Coordinator  # peers: discovery, health, routing decisions
     node: NodeInfo  # what this node offers, for peers and the policy
     state: str = "starting"  # starting | serving | draining
+    # begins the drain from a signal handler (cli/serve.py); set by the lifespan
+    begin_drain: Callable[[], object] | None = None
 
 
 def services_of(request: Request) -> Services:
