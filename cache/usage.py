@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import statistics
 import threading
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -62,6 +63,26 @@ class UsageLog:
         marks = ", ".join("?" for _ in row)
         with self._lock, self._conn:
             self._conn.execute(f"insert into usage ({names}) values ({marks})", list(row.values()))
+
+    def served_speeds(self, model: str, last: int = 20) -> tuple[float | None, float | None]:
+        """Decode and prefill tokens/s of this node's recent answers with ``model`` (the
+        medians of its last ``last`` local successes long enough to tell); None without.
+        Measured under whatever load there was: what a peer would get now."""
+        sql = (
+            "select prompt_tokens - coalesce(cached_tokens, 0) as computed, completion_tokens,"
+            " ttft_ms, total_ms from usage where model = ? and status = 200"
+            " and ran_on = 'local' and ttft_ms > 0 and completion_tokens >= 16"
+            " order by id desc limit ?"
+        )
+        with self._lock:
+            rows = list(self.db.query(sql, [model, last]))
+        decode = [(r["completion_tokens"] - 1) / ((r["total_ms"] - r["ttft_ms"]) / 1000)
+                  for r in rows if r["total_ms"] > r["ttft_ms"]]  # fmt: skip
+        prefill = [r["computed"] / (r["ttft_ms"] / 1000) for r in rows if r["computed"] >= 32]
+        return (
+            statistics.median(decode) if decode else None,
+            statistics.median(prefill) if prefill else None,
+        )
 
     def rows(
         self, *, agent: str | None = None, since: str | None = None, limit: int | None = None

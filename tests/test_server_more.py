@@ -257,3 +257,23 @@ def test_a_non_streamed_client_that_leaves_frees_its_slot(server: LiveServer) ->
     with http(server) as h:
         after = h.post("/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 3})
     assert after.status_code == 200
+
+
+def test_node_info_reports_the_speed_its_answers_measured(server: LiveServer) -> None:
+    """Never benched (no ``pcrt bench`` result), the node still tells peers and the
+    policy a measured tokens/s: the median of its recent answers with the model."""
+    node = server.services.node
+    node.facts_ttl = 0.0  # read afresh
+    with http(server) as h:
+        for _ in range(3):
+            answer = h.post("/v1/chat/completions", json={
+                "model": MODEL, "messages": [{"role": "user", "content": "Count to fifty."}],
+                "max_tokens": 40, "logit_bias": NO_EOS, "temperature": 0,
+            })  # fmt: skip
+            assert answer.status_code == 200
+    offer = next(o for o in node.offers() if o.name == MODEL)
+    rows = [r for r in server.services.usage.rows() if r["model"] == MODEL and r["status"] == 200]
+    decode = [(r["completion_tokens"] - 1) / ((r["total_ms"] - r["ttft_ms"]) / 1000)
+              for r in rows[-20:] if r["completion_tokens"] >= 16]  # fmt: skip
+    assert offer.tokens_per_s is not None and 10 < offer.tokens_per_s < 2000
+    assert min(decode) <= offer.tokens_per_s <= max(decode)

@@ -80,6 +80,7 @@ def create_app(
         )  # fmt: skip
         node.addresses, node.port = coordinator.own_hosts, settings.port
         usage = UsageLog(store)
+        node.usage = usage
         services = Services(
             settings=settings,
             pool=pool,

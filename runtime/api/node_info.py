@@ -1,7 +1,8 @@
 """What this node offers, for peers (``GET /v1/pcrt/node``) and for the routing policy.
 
 Models come from the registry; loaded ones report their live queue and slots; speeds come
-from ``pcrt bench`` results in the store (the newest run for that file on this machine);
+from ``pcrt bench`` results in the store (the newest run for that file on this machine),
+else from the answers this node served recently (``UsageLog.served_speeds``);
 battery and free memory from the device monitor. A model's strength is its file size in
 GB, a rough proxy that orders models of one family and quantisation correctly. Each model
 also carries the compatibility key its engine gives KV states (``routing.statekey``), so a
@@ -20,6 +21,7 @@ from typing import Any
 import llama_cpp
 
 from pcrt.cache.store import Store
+from pcrt.cache.usage import UsageLog
 from pcrt.device.monitor import DeviceMonitor
 from pcrt.routing.discovery import PROTOCOL_VERSION
 from pcrt.routing.policy import ModelOffer, NodeView
@@ -44,6 +46,7 @@ class NodeInfo:
     parallel: int | None = None  # slots a load will give (the daemon's setting)
     addresses: frozenset[str] = frozenset()
     port: int = 0
+    usage: UsageLog | None = None  # speeds measured on served answers, without a bench
 
     # file sizes and measured speeds change rarely (a pull, a pcrt bench): read them at
     # most every few seconds, not on every routing decision
@@ -68,17 +71,19 @@ class NodeInfo:
         size: int | None = self._cached(("size", entry.name), read)
         return size
 
-    def _speeds(self, sha256: str | None) -> tuple[float | None, float | None]:
-        if sha256 is None:
-            return None, None
+    def _speeds(self, name: str, sha256: str | None) -> tuple[float | None, float | None]:
+        """Decode and prefill tokens/s: the newest ``pcrt bench`` of the file, else what
+        this node's recent answers with the model measured."""
 
         def read() -> tuple[float | None, float | None]:
-            results = self.store.bench_results(sha256, limit=1)
-            if not results:
-                return None, None
-            return results[0].decode_tps, results[0].prefill_tps
+            results = self.store.bench_results(sha256, limit=1) if sha256 else []
+            if results:
+                return results[0].decode_tps, results[0].prefill_tps
+            if self.usage is not None:
+                return self.usage.served_speeds(name)
+            return None, None
 
-        speeds: tuple[float | None, float | None] = self._cached(("speed", sha256), read)
+        speeds: tuple[float | None, float | None] = self._cached(("speed", name), read)
         return speeds
 
     def offers(self) -> tuple[ModelOffer, ...]:
@@ -88,7 +93,7 @@ class NodeInfo:
             size = self._file_size(entry)
             model = loaded.get(entry.name)
             sha = model.engine.compat_key.model_sha256 if model else entry.sha256
-            decode, prefill = self._speeds(sha)
+            decode, prefill = self._speeds(entry.name, sha)
             offers.append(
                 ModelOffer(
                     name=entry.name, sha256=sha, aliases=entry.aliases, tags=entry.tags,
