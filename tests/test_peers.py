@@ -95,6 +95,17 @@ def q8_model(default_model_path: Path) -> Path:
     return second_model(default_model_path, shared_models_dir())
 
 
+def complex_model(q8_model: Path) -> str:
+    """A models.toml entry that makes a daemon the strong peer: the Q8_0 file, tagged
+    complex (the edge has no model with that tag)."""
+    return f"""
+[models.smollm2-q8]
+source = "{q8_model}"
+context = 2048
+tags = ["complex"]
+"""
+
+
 def test_daemons_find_each_other_and_prove_the_key(tmp_path: Path) -> None:
     key = uuid.uuid4().hex
     a_name, b_name, c_name = _unique("a"), _unique("b"), _unique("c")
@@ -372,12 +383,7 @@ def test_killed_peer_falls_back_and_leaves_rotation(
 def test_complex_subgraph_runs_whole_on_a_pcrt_peer(tmp_path: Path, q8_model: Path) -> None:
     key = uuid.uuid4().hex
     strong, edge_name = _unique("strong"), _unique("edge")
-    extra = f"""
-[models.smollm2-q8]
-source = "{q8_model}"
-context = 2048
-tags = ["complex"]
-"""
+    extra = complex_model(q8_model)
     dag: dict[str, Any] = {
         "dag": "/dynamic/plan",
         "nodes": {
@@ -652,12 +658,7 @@ def test_a_low_battery_moves_its_own_runs_not_a_subgraph_a_peer_waits_on(
     given an error); the subgraph stays and its answer reaches the edge."""
     key = uuid.uuid4().hex
     strong_name, edge_name = _unique("strong"), _unique("edge")
-    extra = f"""
-[models.smollm2-q8]
-source = "{q8_model}"
-context = 2048
-tags = ["complex"]
-"""
+    extra = complex_model(q8_model)
     delegated = {"dag": "/dynamic/delegated", "nodes": {
         "plan": {"type": "llm", "tag": "complex", "temperature": 0, "max_tokens": 400,
                  "cache": False, "prompt": "Write a long plan for a week of meals."},
@@ -704,12 +705,7 @@ def test_a_run_resumed_at_start_waits_for_its_peer(tmp_path: Path, q8_model: Pat
     node runs there."""
     key = uuid.uuid4().hex
     strong_name, edge_name = _unique("strong"), _unique("edge")
-    extra = f"""
-[models.smollm2-q8]
-source = "{q8_model}"
-context = 2048
-tags = ["complex"]
-"""
+    extra = complex_model(q8_model)
     dag = parse_dag({"dag": "/dynamic/resumed", "nodes": {
         "plan": {"type": "llm", "tag": "complex", "temperature": 0, "max_tokens": 8,
                  "prompt": "Name one fruit."},
