@@ -100,3 +100,24 @@ async def test_a_last_node_cut_by_max_tokens_is_a_budget_stop(runner: DagRunner)
         runner.runs.node(run.id, "intro").completion_tokens or 0
     )
     assert final.status == "budget_exceeded", (final.status, final.error)
+
+
+async def test_a_fork_cut_by_max_tokens_shares_the_budget_and_stops_the_run(
+    runner: DagRunner,
+) -> None:
+    """A fork of 3 samples as the run's last node, with 30 tokens left: the samples share
+    them (10 each, not 30 each), and the cut stops the run as budget_exceeded."""
+    doc = {
+        "dag": "/dynamic/forked",
+        "budget": {"max_tokens": 30},
+        "nodes": {
+            "ideas": {"type": "fork", "samples": 3, "temperature": 0.8, "seed": 3,
+                      "max_tokens": 64, "cache": False,
+                      "prompt": "Count from 1 to 100, one number per line."},
+        },
+    }  # fmt: skip
+    final = await runner.execute(runner.create(parse_dag(doc), {}).id)
+    assert final.status == "budget_exceeded" and "max_tokens" in (final.error or ""), final
+    assert final.tokens_used <= 30
+    ideas = runner.runs.node(final.id, "ideas")
+    assert ideas.status == "succeeded" and len(ideas.output) == 3  # the cut outputs stay

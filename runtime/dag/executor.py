@@ -770,13 +770,13 @@ class DagRunner:
         entry = self.registry.resolve(node.model or node.tag)
         params = dict(node.sampling())
         budget = run.spec.budget.max_tokens
+        samples = node.samples if isinstance(node, ForkNode) and node.samples else 1
         capped = False  # the budget, not the node, sets how far it may generate
         if budget is not None:
-            remaining = budget - run.tokens_used
+            remaining = max(1, (budget - run.tokens_used) // samples)  # shared by samples
             capped = remaining < params.get("max_tokens", remaining + 1)
             params["max_tokens"] = min(params.get("max_tokens", remaining), remaining)
         sampling = SamplingParams(**params)
-        samples = node.samples if isinstance(node, ForkNode) and node.samples else 1
         record = self.runs.node(run_id, node_id)
         async with self.lease(entry.name) as engine:
             messages, context_state = await self._conversation(run, node, scope, engine)
@@ -794,11 +794,14 @@ class DagRunner:
                     )  # fmt: skip
                     return cached, 0
             if samples > 1:
-                forked, spent = await self._fork(
+                forked, spent, cut = await self._fork(
                     run, node, engine, prompt, sampling, samples, context_state
                 )
                 if key is not None:
                     self.runs.cache_put(key, node.path, forked, spent, self.cache_entries)
+                if budget is not None and ((capped and cut) or run.tokens_used + spent > budget):
+                    run.tokens_used += spent
+                    raise BudgetExceeded("max_tokens", f"{run.tokens_used} of {budget} used")
                 return forked, spent
             resume = await self._checkpoint_to_resume(record, engine)
             before: list[int] = []
@@ -874,10 +877,11 @@ class DagRunner:
         sampling: SamplingParams,
         samples: int,
         context_state: KVState | None,
-    ) -> tuple[list[Any], int]:
-        """N continuations of one prompt. More samples than the engine has slots run as
-        several forks; chunk k's seed is offset by its first index, so sample i always
-        draws with seed + i, exactly as one big fork would."""
+    ) -> tuple[list[Any], int, bool]:
+        """N continuations of one prompt: outputs, tokens, and whether any sample ended
+        on its token limit. More samples than the engine has slots run as several forks;
+        chunk k's seed is offset by its first index, so sample i always draws with seed + i,
+        exactly as one big fork would."""
         run_id, node_id = run.record.id, node.id
         self.runs.update_node(
             run_id, node_id, status="running", model=engine.name, started_at=utc_now(),
@@ -897,6 +901,7 @@ class DagRunner:
             handles.append((first, engine.submit(request)))
         texts: list[str] = [""] * samples
         tokens = cached = 0
+        cut = False
         for first, handle in handles:
             async for event in handle:
                 if isinstance(event, TokenEvent) and event.text:
@@ -906,6 +911,7 @@ class DagRunner:
             assert result is not None
             for choice in result.choices:
                 texts[first + choice.index] = choice.text
+                cut = cut or choice.finish_reason == "length"
             tokens += result.completion_tokens
             cached += result.cached_tokens
         output = [self._parse(node, text) for text in texts]
@@ -914,7 +920,7 @@ class DagRunner:
             completion_tokens=tokens, cached_tokens=cached,
             seconds=time.perf_counter() - started,
         )  # fmt: skip
-        return output, tokens
+        return output, tokens, cut
 
     async def _conversation(
         self, run: _Run, node: LlmNode | ForkNode, scope: dict[str, Any], engine: Engine | None
