@@ -438,10 +438,7 @@ class DagRunner:
         )  # fmt: skip
         if key is not None:
             self.runs.cache_put(key, node.dag, output, tokens, self.cache_entries)
-        limit = run.spec.budget.max_tokens
-        if limit is not None and run.tokens_used + tokens > limit:
-            run.tokens_used += tokens
-            raise BudgetExceeded("max_tokens", f"{run.tokens_used} of {limit} used")
+        _stop_past_budget(run, tokens)
         return _Call(output, tokens, final.nodes_executed)
 
     async def _prepare_call(
@@ -640,9 +637,7 @@ class DagRunner:
             prompt_tokens=result.prompt_tokens, completion_tokens=tokens,
             cached_tokens=result.cached_tokens, seconds=result.seconds,
         )  # fmt: skip
-        if budget is not None and run.tokens_used + tokens > budget:
-            run.tokens_used += tokens
-            raise BudgetExceeded("max_tokens", f"{run.tokens_used} of {budget} used")
+        _stop_past_budget(run, tokens)
         return output, tokens
 
     def _peer_group(self, run: _Run, node: LlmNode | ForkNode) -> list[str]:
@@ -757,10 +752,7 @@ class DagRunner:
             if node_id != node.id:
                 run.emit(DagEvent("node_finished", run_id, node_id,
                                   {"status": "succeeded", "output": outputs[node_id]}))  # fmt: skip
-        budget_tokens = budget.max_tokens
-        if budget_tokens is not None and run.tokens_used + total > budget_tokens:
-            run.tokens_used += total
-            raise BudgetExceeded("max_tokens", f"{run.tokens_used} of {budget_tokens} used")
+        _stop_past_budget(run, total)
         return outputs, total
 
     async def _generate(
@@ -799,9 +791,7 @@ class DagRunner:
                 )
                 if key is not None:
                     self.runs.cache_put(key, node.path, forked, spent, self.cache_entries)
-                if budget is not None and ((capped and cut) or run.tokens_used + spent > budget):
-                    run.tokens_used += spent
-                    raise BudgetExceeded("max_tokens", f"{run.tokens_used} of {budget} used")
+                _stop_past_budget(run, spent, cut=capped and cut)
                 return forked, spent
             resume = await self._checkpoint_to_resume(record, engine)
             before: list[int] = []
@@ -861,11 +851,8 @@ class DagRunner:
             )  # fmt: skip
             if key is not None:
                 self.runs.cache_put(key, node.path, output, tokens, self.cache_entries)
-            # cut short by the budget (even as the run's last node): the run stops there
-            cut = capped and any(c.finish_reason == "length" for c in result.choices)
-            if budget is not None and (cut or run.tokens_used + tokens > budget):
-                run.tokens_used += tokens
-                raise BudgetExceeded("max_tokens", f"{run.tokens_used} of {budget} used")
+            cut = any(c.finish_reason == "length" for c in result.choices)
+            _stop_past_budget(run, tokens, cut=capped and cut)
             return output, tokens
 
     async def _fork(
@@ -1010,6 +997,15 @@ def _hints(node: LlmNode | ForkNode) -> tuple[Any, ...] | None:
     if isinstance(node, ForkNode) and node.branches is not None:
         return None
     return (node.route, node.complexity, node.model, node.tag)
+
+
+def _stop_past_budget(run: _Run, tokens: int, *, cut: bool = False) -> None:
+    """A node that spent ``tokens`` past the run's token budget, or that the budget cut
+    short (``cut``, even as the run's last node), stops the run: its tokens count."""
+    limit = run.spec.budget.max_tokens
+    if limit is not None and (cut or run.tokens_used + tokens > limit):
+        run.tokens_used += tokens
+        raise BudgetExceeded("max_tokens", f"{run.tokens_used} of {limit} used")
 
 
 def _call_hints(node: SubgraphNode) -> tuple[Any, ...] | None:
