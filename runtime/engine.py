@@ -754,14 +754,8 @@ class Engine:
             source = leader.branches[0].slot
             if _common_prefix(source.tokens, job.prompt) >= shared:
                 main = job.branches[0].slot
-                self._copy_seq(source, main, shared)
-                if _common_prefix(main.tokens, job.prompt) >= shared:
-                    job.prefill_pos = shared
-                    job.handle.cached_tokens = shared
-                else:  # the copy could not be trimmed (SWA): from the start
-                    self._seq_rm(main.seq_id, 0)
-                    main.tokens = []
-                    job.prefill_pos = job.handle.cached_tokens = 0
+                self._copy_seq(source, main, shared)  # empty when it cannot trim (SWA)
+                job.prefill_pos = job.handle.cached_tokens = len(main.tokens)
                 job.follows = None
             elif leader not in self._running or not leader.prefilling:
                 job.follows = None  # cancelled or failed before it got there
