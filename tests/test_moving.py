@@ -81,7 +81,7 @@ async def test_a_failed_move_leaves_the_run_resumable_and_wakes_its_waiters(
 
 async def test_a_run_for_a_peer_does_not_move(runs: RunStore) -> None:
     services = _services(runs)
-    services.dags.for_peers.add("r")
+    runs.mark_for_peer("r", "edge")
     with pytest.raises(InvalidRequest, match="for a peer"):
         await moving.move_run(services, "r", "p", with_states=True)
     assert services.dags.movable() == [] and runs.get_run("r").status == "pending"

@@ -48,14 +48,10 @@ class DagTasks:
         self.runner = runner
         self.tasks: dict[str, asyncio.Task[RunRecord]] = {}
         self.listeners: dict[str, list[asyncio.Queue[DagEvent | None]]] = {}
-        # runs a peer is waiting on (``/v1/pcrt/subgraphs``): theirs, never moved from here
-        self.for_peers: set[str] = set()
         # runs being moved to a peer, set when the move ends (``moving.move_run``)
         self.moves: dict[str, asyncio.Event] = {}
 
-    def start(self, run_id: str, *, for_peer: bool = False) -> asyncio.Task[RunRecord]:
-        if for_peer:
-            self.for_peers.add(run_id)
+    def start(self, run_id: str) -> asyncio.Task[RunRecord]:
         if run_id in self.tasks:
             return self.tasks[run_id]
 
@@ -68,7 +64,6 @@ class DagTasks:
                 return await self.runner.execute(run_id, emit)
             finally:
                 self.tasks.pop(run_id, None)
-                self.for_peers.discard(run_id)
                 for queue in self.listeners.pop(run_id, []):
                     queue.put_nowait(None)
 
@@ -81,9 +76,17 @@ class DagTasks:
         self.listeners.setdefault(run_id, []).append(queue)
         return queue
 
+    @property
+    def for_peers(self) -> set[str]:
+        """The running runs a peer sent and waits on (``RunRecord.for_peer``): never
+        moved from here."""
+        runs = self.runner.runs
+        return {run_id for run_id in list(self.tasks) if runs.get_run(run_id).for_peer}
+
     def movable(self) -> list[str]:
         """The running runs that are this daemon's own (a drain or low battery moves them)."""
-        return [run_id for run_id in self.tasks if run_id not in self.for_peers]
+        theirs = self.for_peers
+        return [run_id for run_id in self.tasks if run_id not in theirs]
 
     async def outcome(self, run_id: str) -> RunRecord:
         """The run's record once it stops running here, however it stops: finished,

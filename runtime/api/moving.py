@@ -31,7 +31,7 @@ async def move_run(services: Services, run_id: str, peer: str, *, with_states: b
     cancelled. Runs a peer waits on (partial runs) never move."""
     dags = services.dags
     runs = dags.runner.runs
-    if run_id in dags.for_peers:
+    if runs.get_run(run_id).for_peer is not None:
         raise InvalidRequest(f"run {run_id} runs here for a peer that waits on it; it stays")
     if run_id in dags.moves:
         raise InvalidRequest(f"run {run_id} is moving already")

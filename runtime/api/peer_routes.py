@@ -85,8 +85,9 @@ async def run_subgraph(body: SubgraphRequest, request: Request) -> dict[str, Any
     runner = services.dags.runner
     spec = parse_dag(body.dag)
     record = runner.create_partial(spec, body.inputs, body.done, body.origin)
-    runner.runs.mark_for_peer(record.id, body.origin)  # a restart does not resume it
-    task = services.dags.start(record.id, for_peer=True)
+    # the peer's: never moved from here, and not resumed after a restart
+    runner.runs.mark_for_peer(record.id, body.origin)
+    task = services.dags.start(record.id)
     caller_left = asyncio.ensure_future(_disconnected(request))
     try:
         await asyncio.wait({task, caller_left}, return_when=asyncio.FIRST_COMPLETED)
