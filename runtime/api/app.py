@@ -71,16 +71,15 @@ def create_app(
         runs = RunStore(store)
         node_id = load_node_id(reg.paths.home)
         node_name = settings.peers.name or socket.gethostname().split(".")[0] or "pcrt"
+        usage = UsageLog(store)
         node = NodeInfo(node_id, node_name, reg, pool, monitor, store, settings.context,
-                        parallel=settings.parallel)  # fmt: skip
+                        parallel=settings.parallel, usage=usage)  # fmt: skip
         coordinator = Coordinator(
             settings.peers, node_id=node_id, node_name=node_name, api_port=settings.port,
             announce_address=announce_address(settings.host, settings.peers.interfaces),
             local_view=node.local_view, local_models=lambda: sorted(reg.entries),
         )  # fmt: skip
         node.addresses, node.port = coordinator.own_hosts, settings.port
-        usage = UsageLog(store)
-        node.usage = usage
         services = Services(
             settings=settings,
             pool=pool,
