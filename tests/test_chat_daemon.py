@@ -3,10 +3,7 @@ second turn finds the first one's tokens in the daemon's slot."""
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,30 +14,16 @@ from pcrt.cache.store import Store
 from pcrt.cache.usage import UsageLog
 from pcrt.cli.main import main
 from pcrt.runtime.paths import Paths
-from tests.live_server import free_port
-from tests.test_daemon_cli import wait_healthy
+from tests.test_daemon_cli import running_serve
 
 
 @pytest.fixture
 def daemon_url(
     default_model_path: Path, pcrt_env: Paths, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[str]:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    pcrt = Path(sys.executable).with_name("pcrt")
     # one thread: immune to llama.cpp threads spinning at barriers on 2 shared cores
-    proc = subprocess.Popen(
-        [str(pcrt), "serve", "--port", str(port), "--parallel", "1", "--ctx", "1024",
-         "--threads", "1", "--log-level", "warning"],
-        env=os.environ.copy(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        wait_healthy(url, proc)
-        monkeypatch.setenv("PCRT_URL", url)
+    with running_serve(monkeypatch, parallel=1, threads=1) as (url, _):
         yield url
-    finally:
-        proc.kill()
-        proc.wait()
 
 
 def _figures(output: str, label: str) -> list[int]:

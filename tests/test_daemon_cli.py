@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -46,12 +47,22 @@ def wait_healthy(url: str, proc: subprocess.Popen[str], timeout: float = 60) -> 
 def daemon(
     default_model_path: Path, pcrt_env: Paths, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[tuple[str, subprocess.Popen[str]]]:
+    with running_serve(monkeypatch, parallel=2, threads=2) as running:
+        yield running
+
+
+@contextlib.contextmanager
+def running_serve(
+    monkeypatch: pytest.MonkeyPatch, *, parallel: int, threads: int
+) -> Iterator[tuple[str, subprocess.Popen[str]]]:
+    """A real ``pcrt serve`` on a free port, healthy, with ``PCRT_URL`` pointing the CLI
+    at it; killed on exit."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     pcrt = Path(sys.executable).with_name("pcrt")
     proc = subprocess.Popen(
-        [str(pcrt), "serve", "--port", str(port), "--parallel", "2", "--ctx", "1024",
-         "--threads", "2", "--log-level", "warning"],
+        [str(pcrt), "serve", "--port", str(port), "--parallel", str(parallel), "--ctx",
+         "1024", "--threads", str(threads), "--log-level", "warning"],
         env=os.environ.copy(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
