@@ -78,7 +78,10 @@ class Store:
         migrate(self.db)
 
     def close(self) -> None:
-        self.db.close()
+        # under the lock: closing the connection while a worker thread runs a statement
+        # on it crashes the process; after this, a late statement is a clean error
+        with self.lock:
+            self.db.close()
 
     def __enter__(self) -> Store:
         return self

@@ -18,7 +18,6 @@ The source side, step by step (the run is stopped first; its checkpoints are on 
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from pcrt.routing.peers import Peer
 from pcrt.routing.statekey import key_mismatches
 from pcrt.runtime.errors import InvalidRequest, PeerUnavailable, StateError
 from pcrt.runtime.state import KVState, StateHeader
+from pcrt.runtime.threads import to_thread_to_completion
 
 __all__ = ["BLOBS_PATH", "RUNS_PATH", "Migration", "migrate_run", "refusal_of"]
 
@@ -98,7 +98,7 @@ async def migrate_run(
     sendable: set[str] = set()
     for sha in sorted({s for n in nodes for s in (n.state_sha256, n.checkpoint_sha256) if s}):
         try:
-            data = await asyncio.to_thread(blobs.get, sha)
+            data = await to_thread_to_completion(blobs.get, sha)
             header = KVState.read_header(data)
         except (BlobMissing, BlobCorrupt, StateError) as exc:
             result.states_left.append(f"{sha[:12]}: {exc}")

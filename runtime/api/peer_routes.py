@@ -22,6 +22,7 @@ from pcrt.runtime.dag import parse_dag
 from pcrt.runtime.dag.executor import check_run
 from pcrt.runtime.errors import Conflict, InvalidRequest, Unauthorized
 from pcrt.runtime.state import KVState
+from pcrt.runtime.threads import to_thread_to_completion
 
 __all__ = ["router"]
 
@@ -147,7 +148,7 @@ async def receive_blob(request: Request, run_id: str | None = None) -> dict[str,
         KVState.from_bytes(data)  # header, length and payload hash, or StateError (409)
         return services.blobs.put(data, run_id=run_id)
 
-    return {"id": await asyncio.to_thread(store), "size": received}
+    return {"id": await to_thread_to_completion(store), "size": received}
 
 
 class MovedRun(BaseModel):

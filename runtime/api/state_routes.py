@@ -16,7 +16,6 @@ client cannot make the daemon buffer more than ``state_upload_max_bytes``.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from typing import Any
@@ -29,6 +28,7 @@ from pcrt.runtime.api.errors import error_body
 from pcrt.runtime.api.service import services_of
 from pcrt.runtime.errors import IncompatibleState, StateError
 from pcrt.runtime.state import KVState, StateHeader, describe_state
+from pcrt.runtime.threads import to_thread_to_completion
 
 __all__ = ["router"]
 
@@ -81,7 +81,7 @@ def _list(blobs: BlobStore, run_id: str | None) -> list[dict[str, Any]]:
 async def list_states(request: Request, run_id: str | None = None) -> dict[str, Any]:
     """Every stored state (of one run with ``?run_id=``), oldest first; headers only."""
     blobs = services_of(request).blobs
-    return {"object": "list", "data": await asyncio.to_thread(_list, blobs, run_id)}
+    return {"object": "list", "data": await to_thread_to_completion(_list, blobs, run_id)}
 
 
 @router.get("/v1/states/{state_id}", response_model=None)
@@ -94,7 +94,7 @@ async def download_state(request: Request, state_id: str) -> Response:
         return data, KVState.read_header(data)
 
     try:
-        data, header = await asyncio.to_thread(read)
+        data, header = await to_thread_to_completion(read)
     except BlobMissing:
         return _not_found(state_id)
     except (BlobCorrupt, StateError) as exc:
@@ -137,7 +137,7 @@ async def upload_state(request: Request, model: str | None = None) -> JSONRespon
         return data, KVState.read_header(data)
 
     try:
-        data, header = await asyncio.to_thread(parse)
+        data, header = await to_thread_to_completion(parse)
     except StateError as exc:
         return _corrupt(str(exc))
     if model is not None:
@@ -146,7 +146,7 @@ async def upload_state(request: Request, model: str | None = None) -> JSONRespon
         problems = engine_key.mismatches(header.key)
         if problems:  # 409 incompatible_state
             raise IncompatibleState(f"this KV state does not fit {name!r}: " + "; ".join(problems))
-    state_id = await asyncio.to_thread(services.blobs.put, data)
+    state_id = await to_thread_to_completion(services.blobs.put, data)
     log.info("stored KV state %s (%d bytes, %d tokens)", state_id, len(data), header.n_tokens)
     return JSONResponse(
         {
@@ -173,6 +173,6 @@ async def delete_state(request: Request, state_id: str) -> dict[str, Any] | JSON
         except BlobMissing:  # not even a well-formed id
             return False
 
-    if not await asyncio.to_thread(remove):
+    if not await to_thread_to_completion(remove):
         return _not_found(state_id)
     return {"id": state_id, "object": "state", "deleted": True}

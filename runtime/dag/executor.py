@@ -98,6 +98,7 @@ from pcrt.runtime.models import Registry
 from pcrt.runtime.paths import Paths
 from pcrt.runtime.sampling import SamplingParams
 from pcrt.runtime.state import KVState
+from pcrt.runtime.threads import to_thread_to_completion
 
 __all__ = ["BudgetExceeded", "DagEvent", "DagRunner", "EngineLease", "Remote", "check_run"]
 
@@ -822,10 +823,11 @@ class DagRunner:
                     run.emit(DagEvent("token", run_id, node_id,
                                       {"index": event.index, "text": event.text}))  # fmt: skip
                 elif isinstance(event, CheckpointEvent):
-                    sha = await asyncio.to_thread(self._save_state, event.state, run_id)
-                    self.runs.update_node(
-                        run_id, node_id, checkpoint_sha256=sha,
-                        checkpoint_tokens=len(before) + len(event.tokens),
+                    # blob and record in one thread: a run stopped meanwhile (timeout,
+                    # cancel) still keeps this checkpoint on the node's record
+                    await to_thread_to_completion(
+                        self._save_checkpoint, event.state, run_id, node_id,
+                        len(before) + len(event.tokens),
                     )  # fmt: skip
                     run.emit(DagEvent("checkpoint", run_id, node_id,
                                       {"tokens": len(before) + len(event.tokens)}))  # fmt: skip
@@ -839,7 +841,7 @@ class DagRunner:
             output: Any = outputs if isinstance(node, ForkNode) else outputs[0]
             state = result.choices[0].state if samples == 1 else None
             state_sha = (
-                await asyncio.to_thread(self._save_state, state, run_id)
+                await to_thread_to_completion(self._save_state, state, run_id)
                 if state is not None
                 else None
             )
@@ -939,6 +941,10 @@ class DagRunner:
         of MB on the event loop would stall every other node's stream."""
         return self.blobs.put(state.to_bytes(), run_id=run_id)
 
+    def _save_checkpoint(self, state: KVState, run_id: str, node_id: str, tokens: int) -> None:
+        sha = self._save_state(state, run_id)
+        self.runs.update_node(run_id, node_id, checkpoint_sha256=sha, checkpoint_tokens=tokens)
+
     async def _checkpoint_to_resume(self, record: NodeRecord, engine: Engine) -> KVState | None:
         if record.status not in ("interrupted", "running") or not record.checkpoint_sha256:
             return None
@@ -954,7 +960,7 @@ class DagRunner:
             # tens of MB mapped and hashed: off the event loop, which streams other nodes.
             # The blob store checks the whole blob against its sha256 name; the map is
             # private, so the import frames the payload in place of the header
-            state = await asyncio.to_thread(
+            state = await to_thread_to_completion(
                 lambda: KVState.from_bytes(self.blobs.map(sha), verify=False, in_place=True)
             )
             state.check_compatible(engine.compat_key)
