@@ -255,3 +255,10 @@ def m009_runs_for_peer(db: sqlite_utils.Database) -> None:
     """A run a peer sent as a subgraph and waits on: the node waiting. Such a run is never
     moved, and a restart does not resume it (its caller has moved on)."""
     db.table("runs").add_column("for_peer", str)
+
+
+@migration
+def m010_run_agent(db: sqlite_utils.Database) -> None:
+    """The agent a run works for (the X-PC-Agent-ID of the request that started it):
+    each generation it makes is a usage row billed to that agent."""
+    db.table("runs").add_column("agent", str)

@@ -53,6 +53,7 @@ class RunRecord:
     parent_node_id: str | None = None
     origin: str | None = None  # a run moved here: the node it came from
     for_peer: str | None = None  # a subgraph a peer sent and waits on: that peer
+    agent: str | None = None  # whom the run's generations are billed to (usage rows)
 
     @property
     def finished(self) -> bool:
@@ -135,6 +136,7 @@ class RunStore:
         nodes: list[tuple[str, str, str]],
         *,
         parent: tuple[str, str] | None = None,
+        agent: str | None = None,
     ) -> RunRecord:
         """The run and one pending record per node (id, path, type), in one transaction.
         ``parent`` (run id, node id): a subgraph call's run, linked both ways."""
@@ -147,7 +149,7 @@ class RunStore:
                     "inputs": json.dumps(inputs), "status": "pending", "tokens_used": 0,
                     "nodes_executed": 0, "created_at": now, "updated_at": now,
                     "parent_run_id": parent[0] if parent else None,
-                    "parent_node_id": parent[1] if parent else None,
+                    "parent_node_id": parent[1] if parent else None, "agent": agent,
                 },
             )  # fmt: skip
             if parent is not None:
@@ -344,6 +346,7 @@ def _insert_import(db: _Tx, run: dict[str, Any], nodes: list[dict[str, Any]], or
             "nodes_executed": int(run.get("nodes_executed") or 0),
             "created_at": run.get("created_at") or now, "updated_at": now,
             "error": "moved here from a peer; resuming continues it", "origin": origin,
+            "agent": run["agent"] if isinstance(run.get("agent"), str) else None,
         },
     )  # fmt: skip
     for node in nodes:

@@ -1,4 +1,4 @@
-"""Usage records: one row per request, and the summaries ``pcrt usage`` prints."""
+"""Usage records: one row per request or DAG generation, and what ``pcrt usage`` prints."""
 
 from __future__ import annotations
 

@@ -33,10 +33,14 @@ from pcrt.routing.auth import CLUSTER_HEADER, request_header
 from pcrt.routing.peers import Peer
 from pcrt.runtime.errors import Overloaded, PeerRejected, PeerUnavailable
 
-__all__ = ["ForwardedStream", "Forwarder", "PeerAnswer", "has_text", "sse_events"]
+__all__ = [
+    "AGENT_HEADER", "ForwardedStream", "Forwarder", "PeerAnswer", "has_text", "sse_events"
+]  # fmt: skip
 
 T = TypeVar("T")
 
+# who a request works for: usage rows and rate limits are per agent, on every node
+AGENT_HEADER = "X-PC-Agent-ID"
 _LARGE_BODY = 1 << 20  # aiohttp warns from 1 MiB sent as one bytes object
 
 _FINISHED = re.compile(rb'"finish_reason":\s*"')

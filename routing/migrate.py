@@ -122,6 +122,7 @@ async def migrate_run(
             "id": record.id, "dag_path": record.dag_path, "spec": record.spec,
             "inputs": record.inputs, "tokens_used": record.tokens_used,
             "nodes_executed": record.nodes_executed, "created_at": record.created_at,
+            "agent": record.agent,  # the peer bills the rest of the run to the same agent
         },
         "nodes": [
             {

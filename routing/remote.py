@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pcrt.routing.coordinator import Coordinator
-from pcrt.routing.forward import sse_events
+from pcrt.routing.forward import AGENT_HEADER, sse_events
 from pcrt.routing.peers import Peer, reported_count
 from pcrt.routing.policy import Candidate, Decision, Work
 from pcrt.runtime.errors import PeerError, PeerRejected, PeerUnavailable
@@ -156,9 +156,14 @@ class RemoteRunner:
         )
 
     async def subgraph(
-        self, candidate: Candidate, payload: dict[str, Any], timeout: float | None
+        self,
+        candidate: Candidate,
+        payload: dict[str, Any],
+        timeout: float | None,
+        agent: str | None = None,
     ) -> dict[str, Any]:
-        """Run a subgraph on a pcrt peer; its answer: status, error and node records."""
+        """Run a subgraph on a pcrt peer; its answer: status, error and node records. The
+        peer bills its generations to ``agent``, as a forwarded request's are."""
         peer = self._peer(candidate)
         payload = {**payload, "origin": self.coordinator.node_name}  # where upstream ran
         forwarder = self.coordinator.forwarder
@@ -171,6 +176,7 @@ class RemoteRunner:
         reading = forwarder.timeout_reading(limit)
         answer = await forwarder.until_lost(peer, forwarder.request(
             peer, "POST", SUBGRAPH_PATH, json_body=payload, timeout=reading,
+            headers={AGENT_HEADER: agent} if agent else None,
         ))  # fmt: skip
         try:
             result = answer.json()

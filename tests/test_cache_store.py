@@ -24,6 +24,7 @@ SHIPPED = [
     "m007_usage_fallbacks",
     "m008_run_origin",
     "m009_runs_for_peer",
+    "m010_run_agent",
 ]
 
 

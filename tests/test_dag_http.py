@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -119,6 +120,58 @@ def test_subgraph_calls_take_the_library_from_the_body(server: LiveServer) -> No
     assert child["dag"] == "/lib/test/word" and child["status"] == "succeeded"
     assert run["outputs"]["c"] == {"word": child["outputs"]["word"], "loud": "SALT"}
     assert node["ran_on"] == "local" and node["completion_tokens"] == child["tokens_used"]
+
+
+def test_each_generation_is_a_usage_row_billed_to_the_runs_agent(server: LiveServer) -> None:
+    """A DAG's generations are accounted as requests are: one usage row per llm or fork
+    node (a subgraph call's nodes too), billed to the X-PC-Agent-ID that started the run,
+    with the node's own token counts. A cache hit spent nothing and bills nothing."""
+    callee = {
+        "dag": "/lib/test/billed",
+        "signature": {"inputs": ["thing"], "outputs": {"word": {}}},
+        "nodes": {"word": {"type": "llm", "tag": "simple", "temperature": 0, "max_tokens": 4,
+                           "prompt": "One word for {{ inputs.thing }}.", "cache": False}},
+    }  # fmt: skip
+    doc = {
+        "dag": "/dynamic/billed",
+        "nodes": {
+            "name": {"type": "llm", "tag": "simple", "temperature": 0, "max_tokens": 6,
+                     "prompt": "Name a colour."},
+            "ideas": {"type": "fork", "tag": "simple", "samples": 2, "temperature": 0.8,
+                      "seed": 5, "max_tokens": 6, "cache": False,
+                      "prompt": "A word that rhymes with {{ nodes.name.output }}:"},
+            "call": {"type": "subgraph", "dag": "/lib/test/billed",
+                     "inputs": {"thing": "{{ nodes.name.output }}"}, "cache": False},
+        },
+    }  # fmt: skip
+    agent = f"billing-{uuid.uuid4().hex[:8]}"
+    body = {"dag": doc, "library": [callee]}
+    headers = {"X-PC-Agent-ID": agent}
+    run = httpx.post(server.url + "/v1/dags", json=body, headers=headers, timeout=120).json()
+    assert run["status"] == "succeeded", run["error"]
+    nodes = {n["node_id"]: n for n in run["nodes"]}
+    child_id = nodes["call"]["child_run_id"]
+    (word,) = httpx.get(server.url + f"/v1/dags/{child_id}", timeout=10).json()["nodes"]
+    expected = {f"{run['id']}/name": nodes["name"], f"{run['id']}/ideas": nodes["ideas"],
+                f"{child_id}/word": word}  # fmt: skip
+    rows = server.services.usage.rows(agent=agent)
+    assert sorted(r["request_id"] for r in rows) == sorted(expected)
+    for row in rows:
+        node = expected[row["request_id"]]
+        assert (row["route"], row["status"], row["ran_on"]) == ("/v1/dags", 200, "local")
+        assert row["model"] == node["model"] == "smollm2-135m"
+        assert row["completion_tokens"] == node["completion_tokens"] > 0
+        assert row["prompt_tokens"] == node["prompt_tokens"] > 0
+        assert row["cached_tokens"] == (node["cached_tokens"] or 0)
+    # the same DAG again: "name" is a cache hit (no row), the rest generate again
+    again = httpx.post(server.url + "/v1/dags", json=body, headers=headers, timeout=120).json()
+    assert again["status"] == "succeeded", again["error"]
+    assert {n["node_id"]: n["cache_hit"] for n in again["nodes"]}["name"]
+    billed_again = [r for r in server.services.usage.rows(agent=agent) if r not in rows]
+    assert sorted(r["request_id"].split("/")[1] for r in billed_again) == ["ideas", "word"]
+    # pcrt usage counts them with the agent's requests
+    summary = {s["agent"]: s for s in server.services.usage.summary(agent=agent)}
+    assert summary[agent]["requests"] == 5
 
 
 def test_cancel_keeps_checkpoints_and_resume_finishes(server: LiveServer) -> None:

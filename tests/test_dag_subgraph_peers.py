@@ -53,7 +53,8 @@ def test_a_calls_hints_send_its_callee_to_a_peer_or_keep_it_here(tmp_path: Path)
 
         # complexity: high sends the callee's unhinted nodes to the peer, whole; the node
         # that says route: local stays
-        high = _run(edge, calling(complexity="high"))
+        agent = _unique("agent")
+        high = _run(edge, calling(complexity="high"), agent)
         child = edge_runs.node(high["id"], "call").child_run_id
         assert child is not None
         ran_on = {n.node_id: n.ran_on for n in edge_runs.nodes(child)}
@@ -62,6 +63,19 @@ def test_a_calls_hints_send_its_callee_to_a_peer_or_keep_it_here(tmp_path: Path)
         assert len(remote) == 1  # one run on the peer holds both nodes
         sent = {n.node_id: n for n in peer_runs.nodes(remote[0].id)}
         assert set(sent) == {"first", "second"}
+        # each generation is billed to the agent on both machines: here with where it ran,
+        # on the peer (which got the agent with the subgraph) as its own local work
+        billed = {r["request_id"]: r for r in edge.services.usage.rows(agent=agent)}
+        assert {k: r["ran_on"] for k, r in billed.items()} == {
+            f"{child}/first": strong, f"{child}/second": strong, f"{child}/here": "local"
+        }  # fmt: skip
+        peer_rows = {r["request_id"]: r for r in peer.services.usage.rows(agent=agent)}
+        assert {k: r["ran_on"] for k, r in peer_rows.items()} == {
+            f"{remote[0].id}/first": "local", f"{remote[0].id}/second": "local"
+        }  # fmt: skip
+        for node_id in ("first", "second"):
+            here, there = billed[f"{child}/{node_id}"], peer_rows[f"{remote[0].id}/{node_id}"]
+            assert here["completion_tokens"] == there["completion_tokens"] > 0
         assert sent["second"].output == high["outputs"]["call"]["second"]
         assert edge_runs.node(child, "first").routing["reason"].startswith(f"peer {strong}")
 
@@ -104,9 +118,12 @@ def test_a_calls_hints_send_its_callee_to_a_peer_or_keep_it_here(tmp_path: Path)
         assert {r.id for r in edge_runs.list_runs()} == {high["id"], local["id"], chained["id"]}
 
 
-def _run(edge: LiveServer, dag: dict[str, Any]) -> dict[str, Any]:
+def _run(edge: LiveServer, dag: dict[str, Any], agent: str = "anonymous") -> dict[str, Any]:
     body = {"dag": dag, "library": [routed_lib()]}
-    run: dict[str, Any] = httpx.post(edge.url + "/v1/dags", json=body, timeout=120).json()
+    headers = {"X-PC-Agent-ID": agent}
+    run: dict[str, Any] = httpx.post(
+        edge.url + "/v1/dags", json=body, headers=headers, timeout=120
+    ).json()
     assert run["status"] == "succeeded", run.get("error")
     return run
 

@@ -273,7 +273,14 @@ def test_announced_upstream_takes_complex_nodes_and_forwarded_requests(
 
             def forwarded_rows() -> list[dict[str, Any]]:
                 rows = edge.services.usage.rows()
-                return [r for r in rows if r["ran_on"] == box]
+                return [r for r in rows if r["ran_on"] == box and r["route"] != "/v1/dags"]
+
+            # the DAG's two nodes on the peer were billed as they finished
+            dag_rows = [r for r in edge.services.usage.rows() if r["route"] == "/v1/dags"]
+            assert {(r["request_id"], r["ran_on"]) for r in dag_rows} == {
+                (f"{run['id']}/fruit", "local"), (f"{run['id']}/describe", box),
+                (f"{run['id']}/again", box),
+            }  # fmt: skip
 
             # the stream's row is written as its response closes, just after [DONE]
             _wait_for(lambda: len(forwarded_rows()) == 2, 5, "two usage rows for the peer")

@@ -141,7 +141,9 @@ def test_dag_nodes_on_a_static_openai_peer_use_json_schema_and_its_usage_chunk(
             }}  # fmt: skip
             pieces = {"kana": 0, "named": 0}
             body = {"dag": dag, "stream": True}
-            with httpx.stream("POST", edge.url + "/v1/dags", json=body, timeout=120) as response:
+            agent = _unique("kana-agent")
+            with httpx.stream("POST", edge.url + "/v1/dags", json=body, timeout=120,
+                              headers={"X-PC-Agent-ID": agent}) as response:  # fmt: skip
                 run_id = response.headers["x-pcrt-run"]
                 for kind, data in _events(response.iter_lines()):
                     if kind == "token":
@@ -159,9 +161,13 @@ def test_dag_nodes_on_a_static_openai_peer_use_json_schema_and_its_usage_chunk(
             assert [(r["route"], r["model"], r["status"]) for r in rows] == [
                 (CHAT, "smol-big", 200), (CHAT, "smol-big", 200)
             ]  # fmt: skip
-            for row, node_id in zip(rows, ("kana", "named"), strict=True):
+            billed = edge.services.usage.rows(agent=agent)  # the edge bills the same agent
+            for row, here, node_id in zip(rows, billed, ("kana", "named"), strict=True):
                 assert nodes[node_id]["completion_tokens"] == row["completion_tokens"] > 0
                 assert nodes[node_id]["prompt_tokens"] == row["prompt_tokens"] > 0
+                assert row["agent"] == agent  # sent as OpenAI's "user"
+                assert (here["request_id"], here["ran_on"]) == (f"{run_id}/{node_id}", "strong")
+                assert here["completion_tokens"] == row["completion_tokens"]
             assert pieces["kana"] < nodes["kana"]["completion_tokens"]  # not chunks counted
             # the peer took OpenAI's form of the schema at once, and it is remembered
             remote = vars(edge.services.dags.runner.remote)

@@ -112,7 +112,7 @@ def test_a_run_moved_away_and_back_replaces_its_old_record(runs: RunStore) -> No
     assert runs.mark_interrupted() == ["m"]  # the daemon died mid-move
     runs.set_status("m", "migrated", migrated_to="b:http://b/v1/dags/m")
     back = {"id": "m", "dag_path": "/dynamic/t", "spec": {"dag": "/dynamic/t"}, "inputs": {},
-            "tokens_used": 7}  # fmt: skip
+            "tokens_used": 7, "agent": "planner"}  # fmt: skip
     nodes = [
         {"node_id": "a", "path": "/dynamic/t/a", "type": "llm", "status": "succeeded",
          "output": "hi"},
@@ -120,7 +120,7 @@ def test_a_run_moved_away_and_back_replaces_its_old_record(runs: RunStore) -> No
     ]  # fmt: skip
     record, fresh = runs.import_run(back, nodes, origin="b")
     assert fresh and record.status == "interrupted" and record.tokens_used == 7
-    assert record.origin == "b"
+    assert record.origin == "b" and record.agent == "planner"  # still billed to its agent
     assert [n.status for n in runs.nodes("m")] == ["succeeded", "interrupted"]
     with pytest.raises(RunExists, match="moved from b, not c"):
         runs.import_run(back, nodes, origin="c")  # it is here and unfinished: not overwritten

@@ -40,7 +40,10 @@ def server(
         queue_size=1,
         api_key=KEY,
         limits=LimitSettings(
-            agents={"limited": AgentLimits(requests_per_minute=2)},
+            agents={
+                "limited": AgentLimits(requests_per_minute=2),
+                "dag-limited": AgentLimits(requests_per_minute=1),
+            },
         ),
     )
     with LiveServer(settings, registry=Registry.load(paths)) as live:
@@ -383,3 +386,22 @@ def test_penalties_and_early_validation(client: openai.OpenAI, server: LiveServe
                 **({} if "grammar" in extra else extra),
             )
     assert _busy(server) == 0
+
+
+def test_a_dag_run_counts_as_one_of_its_agents_requests(server: LiveServer) -> None:
+    """Starting a run is admitted like a request: over the agent's rate it is a 429 with
+    Retry-After, and no run is recorded."""
+    dag = {"dag": "/dynamic/limited", "nodes": {"ok": {"type": "assert", "that": "1 < 2"}}}
+    headers = {"X-PC-Agent-ID": "dag-limited"}
+    with http(server) as h:
+        first = h.post("/v1/dags", json={"dag": dag}, headers=headers)
+        assert first.status_code == 200 and first.json()["status"] == "succeeded"
+        before = h.get("/v1/dags").json()["data"]
+        second = h.post("/v1/dags", json={"dag": dag}, headers=headers)
+        assert second.status_code == 429, second.text
+        assert second.json()["error"]["code"] == "rate_limit_exceeded"
+        assert float(second.headers["retry-after"]) > 0
+        assert h.get("/v1/dags").json()["data"] == before
+        # another agent is not held back
+        other = h.post("/v1/dags", json={"dag": dag}, headers={"X-PC-Agent-ID": "free"})
+        assert other.status_code == 200

@@ -27,7 +27,7 @@ from pcrt.runtime.api.dag_routes import DagTasks
 from pcrt.runtime.api.errors import install_error_handlers
 from pcrt.runtime.api.moving import Drain
 from pcrt.runtime.api.node_info import NodeInfo
-from pcrt.runtime.api.service import Services, services_of
+from pcrt.runtime.api.service import Services, dag_billing, services_of
 from pcrt.runtime.dag.executor import DagRunner
 from pcrt.runtime.engine import Engine
 from pcrt.runtime.errors import Unauthorized
@@ -72,6 +72,7 @@ def create_app(
         node_id = load_node_id(reg.paths.home)
         node_name = settings.peers.name or socket.gethostname().split(".")[0] or "pcrt"
         usage = UsageLog(store)
+        limiter, metrics = RateLimiter(settings.limits), Metrics(_live_gauges(pool))
         node = NodeInfo(node_id, node_name, reg, pool, monitor, store, settings.context,
                         parallel=settings.parallel, usage=usage)  # fmt: skip
         coordinator = Coordinator(
@@ -85,8 +86,8 @@ def create_app(
             pool=pool,
             monitor=monitor,
             usage=usage,
-            limiter=RateLimiter(settings.limits),
-            metrics=Metrics(_live_gauges(pool)),
+            limiter=limiter,
+            metrics=metrics,
             blobs=blobs,
             dags=DagTasks(
                 DagRunner(
@@ -95,6 +96,7 @@ def create_app(
                     blobs=blobs,
                     lease=_engine_lease(pool),
                     remote=RemoteRunner(coordinator),
+                    usage=dag_billing(usage, limiter, metrics),
                 )  # fmt: skip
             ),
             coordinator=coordinator,

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict
 
 from pcrt.cache.runs import RunNotFound, RunRecord
 from pcrt.runtime.api.moving import move_run
-from pcrt.runtime.api.service import services_of
+from pcrt.runtime.api.service import agent_of, services_of
 from pcrt.runtime.dag import load_dag, parse_dag
 from pcrt.runtime.dag.executor import RESUMABLE, DagEvent, DagRunner
 from pcrt.runtime.dag.library import library_from_documents
@@ -170,7 +170,11 @@ def _get(runner: DagRunner, run_id: str) -> RunRecord:
 async def start_run(body: StartRun, request: Request) -> Any:
     tasks = _tasks(request)
     spec = _spec(body)  # DagInvalid: 422 with every problem
-    run = tasks.runner.create(spec, body.inputs, library_from_documents(body.library))
+    agent = agent_of(request)
+    # a run is one request of its agent's (429 before anything is recorded); its
+    # generations' tokens are charged as they finish (DagRunner.usage)
+    services_of(request).limiter.admit(agent, 0)
+    run = tasks.runner.create(spec, body.inputs, library_from_documents(body.library), agent=agent)
     if body.stream:
         queue = tasks.listen(run.id)
         tasks.start(run.id)

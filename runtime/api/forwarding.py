@@ -21,7 +21,7 @@ from fastapi import Request, Response
 from fastapi.responses import StreamingResponse
 from starlette.background import BackgroundTask
 
-from pcrt.routing.forward import ForwardedStream, has_text, sse_events
+from pcrt.routing.forward import AGENT_HEADER, ForwardedStream, has_text, sse_events
 from pcrt.routing.policy import Candidate, Complexity, Route, Work
 from pcrt.runtime.api.schemas import ChatCompletionRequest, GenerationFields
 from pcrt.runtime.api.service import Accounting, Services, services_of
@@ -140,9 +140,9 @@ async def _forward(
     forwarder = services.coordinator.forwarder
     body = {**raw, "model": candidate.model}
     headers = {"X-PC-Route": "local"}
-    agent = request.headers.get("x-pc-agent-id")
+    agent = request.headers.get(AGENT_HEADER)
     if agent:
-        headers["X-PC-Agent-ID"] = agent
+        headers[AGENT_HEADER] = agent
     ran_on = route_headers(acct, candidate.node)
     if not stream:
         # the client's own bytes when the model name stands: no second serialization

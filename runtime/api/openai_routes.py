@@ -22,7 +22,7 @@ from pcrt.runtime.api.schemas import (
     EmbeddingRequest,
     GenerationFields,
 )
-from pcrt.runtime.api.service import Accounting, services_of
+from pcrt.runtime.api.service import Accounting, agent_of, services_of
 from pcrt.runtime.engine import Completion, FinishEvent, GenerateRequest, RequestHandle, TokenEvent
 from pcrt.runtime.errors import PcrtError
 from pcrt.runtime.pool import LoadedModel
@@ -30,10 +30,6 @@ from pcrt.runtime.pool import LoadedModel
 __all__ = ["router"]
 
 router = APIRouter()
-
-
-def _agent(request: Request, user: str | None) -> str:
-    return request.headers.get("x-pc-agent-id") or user or "anonymous"
 
 
 def _usage(result: Completion) -> dict[str, Any]:
@@ -61,7 +57,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
 
 async def _generate(request: Request, body: GenerationFields, route: str, *, chat: bool) -> Any:
     services = services_of(request)
-    acct = Accounting(services, agent=_agent(request, body.user), model=body.model, route=route)
+    acct = Accounting(services, agent=agent_of(request, body.user), model=body.model, route=route)
     try:
         forwarded = await forward_if_routed(request, body, route, chat, acct)
         if forwarded is not None:
@@ -246,7 +242,7 @@ async def _stream(
 @router.post("/v1/embeddings")
 async def embeddings(body: EmbeddingRequest, request: Request) -> Any:
     services = services_of(request)
-    acct = Accounting(services, agent=_agent(request, body.user), model=body.model,
+    acct = Accounting(services, agent=agent_of(request, body.user), model=body.model,
                       route="/v1/embeddings")  # fmt: skip
     try:
         async with services.pool.lease(body.model) as model:

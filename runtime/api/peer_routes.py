@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pcrt.cache.runs import RunExists
 from pcrt.routing.auth import CLUSTER_HEADER, PROOF_HEADER
-from pcrt.runtime.api.service import services_of
+from pcrt.runtime.api.service import agent_of, services_of
 from pcrt.runtime.dag import parse_dag
 from pcrt.runtime.dag.executor import check_run
 from pcrt.runtime.errors import Conflict, InvalidRequest, Unauthorized
@@ -85,7 +85,9 @@ async def run_subgraph(body: SubgraphRequest, request: Request) -> dict[str, Any
     services = services_of(request)
     runner = services.dags.runner
     spec = parse_dag(body.dag)
-    record = runner.create_partial(spec, body.inputs, body.done, body.origin)
+    record = runner.create_partial(
+        spec, body.inputs, body.done, body.origin, agent=agent_of(request)
+    )
     # the peer's: never moved from here, and not resumed after a restart
     runner.runs.mark_for_peer(record.id, body.origin)
     task = services.dags.start(record.id)
@@ -160,6 +162,7 @@ class MovedRun(BaseModel):
     tokens_used: int = Field(default=0, ge=0)
     nodes_executed: int = Field(default=0, ge=0)
     created_at: str | None = None
+    agent: str | None = Field(default=None, max_length=200)
 
 
 class ImportRun(BaseModel):

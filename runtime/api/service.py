@@ -14,6 +14,7 @@ from fastapi import Request
 from pcrt.cache.blobs import BlobStore
 from pcrt.cache.usage import UsageLog, UsageRecord
 from pcrt.device.monitor import DeviceMonitor
+from pcrt.routing.forward import AGENT_HEADER
 from pcrt.routing.peers import reported_count
 from pcrt.runtime.api.errors import status_and_body
 from pcrt.runtime.engine import Completion
@@ -28,7 +29,7 @@ if TYPE_CHECKING:  # dag_routes imports this module: no cycle at run time
     from pcrt.runtime.api.dag_routes import DagTasks
     from pcrt.runtime.api.node_info import NodeInfo
 
-__all__ = ["Accounting", "Services", "services_of"]
+__all__ = ["Accounting", "Services", "agent_of", "dag_billing", "services_of"]
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,28 @@ class Services:
     state: str = "starting"  # starting | serving | draining
     # begins the drain from a signal handler (cli/serve.py); set by the lifespan
     begin_drain: Callable[[], object] | None = None
+
+
+def agent_of(request: Request, user: str | None = None) -> str:
+    """Whom a request works for: its X-PC-Agent-ID, else the OpenAI ``user`` field."""
+    return request.headers.get(AGENT_HEADER) or user or "anonymous"
+
+
+def dag_billing(
+    usage: UsageLog, limiter: RateLimiter, metrics: Metrics
+) -> Callable[[UsageRecord], None]:
+    """What the DAG runner does with each generation's usage row: what ``Accounting``
+    does with a request's (the row, the agent's token bucket, the counters)."""
+
+    def bill(record: UsageRecord) -> None:
+        metrics.requests.labels(record.route, record.model, str(record.status)).inc()
+        metrics.prompt_tokens.labels(record.model).inc(record.prompt_tokens)
+        metrics.cached_tokens.labels(record.model).inc(record.cached_tokens)
+        metrics.completion_tokens.labels(record.model).inc(record.completion_tokens)
+        limiter.charge(record.agent, record.completion_tokens)
+        usage.record(record)
+
+    return bill
 
 
 def services_of(request: Request) -> Services:

@@ -50,6 +50,7 @@ import llama_cpp
 from pcrt.cache.blobs import BlobCorrupt, BlobMissing, BlobStore
 from pcrt.cache.runs import NodeRecord, RunNotFound, RunRecord, RunStore
 from pcrt.cache.store import utc_now
+from pcrt.cache.usage import UsageRecord
 from pcrt.routing.policy import Candidate, Decision, Work
 from pcrt.runtime.chat import ChatMessage
 from pcrt.runtime.dag.errors import AssertFailed, DagInvalid
@@ -104,6 +105,8 @@ __all__ = ["BudgetExceeded", "DagEvent", "DagRunner", "EngineLease", "Remote", "
 
 log = logging.getLogger(__name__)
 
+DAG_ROUTE = "/v1/dags"  # the route usage rows of DAG generations are filed under
+
 EngineLease = Callable[[str], AbstractAsyncContextManager[Engine]]
 """Given a model name, an async context manager holding its loaded engine."""
 
@@ -134,7 +137,11 @@ class Remote(Protocol):
     ) -> Any: ...
 
     async def subgraph(
-        self, candidate: Candidate, payload: dict[str, Any], timeout: float | None
+        self,
+        candidate: Candidate,
+        payload: dict[str, Any],
+        timeout: float | None,
+        agent: str | None = None,
     ) -> dict[str, Any]: ...
 
 
@@ -220,8 +227,12 @@ class DagRunner:
         cache_entries: int = 10_000,
         remote: Remote | None = None,
         library_dirs: Sequence[Path] | None = None,
+        usage: Callable[[UsageRecord], None] | None = None,
     ) -> None:
         self.remote = remote
+        # the daemon's accounting: one row per generation, as for an HTTP request (None:
+        # the CLI runs DAGs unaccounted, as it runs single prompts)
+        self.usage = usage
         # None: the directories of the environment (Paths.lib_dirs), read at each run's
         # creation, so library files added meanwhile count
         self.library_dirs = library_dirs
@@ -236,33 +247,51 @@ class DagRunner:
     # -- creating -----------------------------------------------------------------
 
     def create(
-        self, spec: DagSpec, inputs: dict[str, Any], library: Library | None = None
+        self,
+        spec: DagSpec,
+        inputs: dict[str, Any],
+        library: Library | None = None,
+        *,
+        agent: str | None = None,
     ) -> RunRecord:
         """Validate (every problem at once: DagInvalid), bind inputs, record the run.
         ``library``: documents the request brought, over the library directories; the run
-        records every library DAG it can reach, for its resume."""
+        records every library DAG it can reach, for its resume. ``agent``: whom its
+        generations are billed to."""
         remote = self.remote.known_names() if self.remote and self.remote.enabled else None
         dirs = self.library_dirs if self.library_dirs is not None else Paths.from_env().lib_dirs
         resolved = run_library(spec, dirs, library)
         bound = check_run(spec, self.registry, inputs, remote, resolved)
-        return self._record(with_library(spec, resolved.closure(spec)), bound)
+        return self._record(with_library(spec, resolved.closure(spec)), bound, agent=agent)
 
     def _record(
-        self, spec: DagSpec, inputs: dict[str, Any], parent: tuple[str, str] | None = None
+        self,
+        spec: DagSpec,
+        inputs: dict[str, Any],
+        parent: tuple[str, str] | None = None,
+        agent: str | None = None,
     ) -> RunRecord:
         run_id = uuid.uuid4().hex[:12]
         nodes = [(node_id, node.path, node.type) for node_id, node in spec.nodes.items()]
-        return self.runs.create_run(run_id, spec.dag, spec.document(), inputs, nodes, parent=parent)
+        return self.runs.create_run(
+            run_id, spec.dag, spec.document(), inputs, nodes, parent=parent, agent=agent
+        )
 
     def create_partial(
-        self, spec: DagSpec, inputs: dict[str, Any], done: dict[str, Any], origin: str
+        self,
+        spec: DagSpec,
+        inputs: dict[str, Any],
+        done: dict[str, Any],
+        origin: str,
+        *,
+        agent: str | None = None,
     ) -> RunRecord:
         """A run of part of a DAG for a peer: ``done`` nodes are recorded as finished
         (where ``origin`` ran them) and only the rest execute here."""
         unknown = set(done) - set(spec.nodes)
         if unknown:
             raise InvalidRequest(f"outputs given for unknown nodes: {sorted(unknown)}")
-        record = self.create(spec, inputs)
+        record = self.create(spec, inputs, agent=agent)
         for node_id, output in done.items():
             self.runs.update_node(record.id, node_id, status="succeeded", output=output,
                                   ran_on=origin, finished_at=utc_now())  # fmt: skip
@@ -471,7 +500,8 @@ class DagRunner:
         self.runs.update_node(
             run_id, node.id, status="running", started_at=utc_now(), ran_on=self.ran_on
         )
-        return self._record(spec, inputs, parent=(run_id, node.id)), spec, key
+        # a call's generations bill the caller's agent
+        return self._record(spec, inputs, (run_id, node.id), run.record.agent), spec, key
 
     def _existing_child(self, record: NodeRecord) -> RunRecord | None:
         if record.child_run_id is None:
@@ -599,6 +629,8 @@ class DagRunner:
             params["seed"] = sampling.seed
         if sampling.stop:
             params["stop"] = list(sampling.stop)
+        if run.record.agent:
+            params["user"] = run.record.agent  # OpenAI's end-user field: the peer's billing
         samples = node.samples if isinstance(node, ForkNode) and node.samples else 1
         if samples > 1:
             params["n"] = samples
@@ -638,6 +670,7 @@ class DagRunner:
             prompt_tokens=result.prompt_tokens, completion_tokens=tokens,
             cached_tokens=result.cached_tokens, seconds=result.seconds,
         )  # fmt: skip
+        self._bill(run, node_id)
         _stop_past_budget(run, tokens)
         return output, tokens
 
@@ -720,7 +753,9 @@ class DagRunner:
             self.runs.update_node(run_id, node_id, status="running", started_at=utc_now(),
                                   ran_on=candidate.node, routing=routing)  # fmt: skip
         try:
-            result = await self.remote.subgraph(candidate, payload, budget.timeout_sec)
+            result = await self.remote.subgraph(
+                candidate, payload, budget.timeout_sec, run.record.agent
+            )
             if result.get("status") != "succeeded":  # the next candidate may do better
                 raise PeerError(
                     f"the subgraph from node {node.id} failed on peer {candidate.node}: "
@@ -749,6 +784,8 @@ class DagRunner:
                 model=rec.get("model"), cache_hit=int(bool(rec.get("cache_hit"))),
                 ran_on=candidate.node,
             )  # fmt: skip
+            if isinstance(run.spec.nodes[node_id], LlmNode | ForkNode):
+                self._bill(run, node_id)
             outputs[node_id] = rec.get("output")
             if node_id != node.id:
                 run.emit(DagEvent("node_finished", run_id, node_id,
@@ -851,6 +888,7 @@ class DagRunner:
                 completion_tokens=len(before) + tokens, cached_tokens=result.cached_tokens,
                 seconds=time.perf_counter() - started, state_sha256=state_sha,
             )  # fmt: skip
+            self._bill(run, node_id)
             if key is not None:
                 self.runs.cache_put(key, node.path, output, tokens, self.cache_entries)
             cut = any(c.finish_reason == "length" for c in result.choices)
@@ -909,6 +947,7 @@ class DagRunner:
             completion_tokens=tokens, cached_tokens=cached,
             seconds=time.perf_counter() - started,
         )  # fmt: skip
+        self._bill(run, node_id)
         return output, tokens, cut
 
     async def _conversation(
@@ -935,6 +974,29 @@ class DagRunner:
         assert node.prompt is not None
         prompt = render(self.env, node.prompt, scope, node=node.id)
         return [*turns, ChatMessage(role="user", content=prompt)], state
+
+    def _bill(self, run: _Run, node_id: str) -> None:
+        """The usage row of a generation that just finished, from its node record: billed
+        to the run's agent, ``ran_on`` the machine that did the work. A cache hit spent
+        nothing and bills nothing; accounting never fails the run."""
+        if self.usage is None:
+            return
+        try:
+            rec = self.runs.node(run.record.id, node_id)
+            if rec.cache_hit:
+                return
+            self.usage(
+                UsageRecord(
+                    agent=run.record.agent or "anonymous", model=rec.model or "",
+                    route=DAG_ROUTE, status=200, prompt_tokens=rec.prompt_tokens or 0,
+                    cached_tokens=rec.cached_tokens or 0,
+                    completion_tokens=rec.completion_tokens or 0,
+                    total_ms=(rec.seconds or 0.0) * 1000, ran_on=rec.ran_on or self.ran_on,
+                    request_id=f"{run.record.id}/{node_id}",
+                )
+            )  # fmt: skip
+        except Exception:
+            log.exception("could not bill node %s of run %s", node_id, run.record.id)
 
     def _save_state(self, state: KVState, run_id: str) -> str:
         """Serialise and store a state: in a worker thread, since hashing and joining tens
