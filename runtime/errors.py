@@ -93,7 +93,9 @@ class InvalidRequest(PcrtError):
 
 
 class ContextLengthExceeded(InvalidRequest):
-    pass
+    # the request field that holds the text ("messages", "prompt", "input"): the engine
+    # cannot know it, the HTTP route that catches this sets it for the OpenAI error's param
+    param: str | None = None
 
 
 class StateError(PcrtError):

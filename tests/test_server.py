@@ -169,12 +169,25 @@ def test_unknown_model_is_404(client: openai.OpenAI) -> None:
     assert _error(info.value)["code"] == "model_not_found"
 
 
-def test_context_length_is_400(client: openai.OpenAI) -> None:
+def test_context_length_is_400_naming_the_field(client: openai.OpenAI) -> None:
+    """Each endpoint's error names its own text field as the OpenAI ``param``."""
+    too_long = "word " * 3000
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": "word " * 3000}]
+            model=MODEL, messages=[{"role": "user", "content": too_long}]
         )
     assert _error(info.value)["code"] == "context_length_exceeded"
+    assert _error(info.value)["param"] == "messages"
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=MODEL, prompt=too_long)
+    assert (_error(info.value)["code"], _error(info.value)["param"]) == (
+        "context_length_exceeded", "prompt"
+    )  # fmt: skip
+    with pytest.raises(openai.BadRequestError) as info:
+        client.embeddings.create(model=MODEL, input=["short", too_long])
+    assert (_error(info.value)["code"], _error(info.value)["param"]) == (
+        "context_length_exceeded", "input"
+    )  # fmt: skip
 
 
 def test_invalid_fields_are_400(client: openai.OpenAI, server: LiveServer) -> None:

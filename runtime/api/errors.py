@@ -76,7 +76,7 @@ def status_and_body(exc: PcrtError) -> tuple[int, dict[str, Any], dict[str, str]
         body["error"]["problems"] = exc.to_list()
         return 422, body, headers
     if isinstance(exc, ContextLengthExceeded):
-        body = error_body(msg, "invalid_request_error", "messages", "context_length_exceeded")
+        body = error_body(msg, "invalid_request_error", exc.param, "context_length_exceeded")
         return 400, body, headers
     if isinstance(exc, InvalidRequest | ChatTemplateMissing):
         return 400, error_body(msg, "invalid_request_error", None, None), headers

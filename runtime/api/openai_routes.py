@@ -24,7 +24,7 @@ from pcrt.runtime.api.schemas import (
 )
 from pcrt.runtime.api.service import Accounting, agent_of, services_of
 from pcrt.runtime.engine import Completion, FinishEvent, GenerateRequest, RequestHandle, TokenEvent
-from pcrt.runtime.errors import PcrtError
+from pcrt.runtime.errors import ContextLengthExceeded, PcrtError
 from pcrt.runtime.pool import LoadedModel
 
 __all__ = ["router"]
@@ -72,6 +72,8 @@ async def _generate(request: Request, body: GenerationFields, route: str, *, cha
         handle = _submit(model, body, chat, acct)
     except BaseException as exc:
         await lease.__aexit__(type(exc), exc, exc.__traceback__)
+        if isinstance(exc, ContextLengthExceeded):
+            exc.param = "messages" if chat else "prompt"
         if isinstance(exc, PcrtError):
             acct.failed(exc)
         raise
@@ -252,6 +254,8 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> Any:
             acct.admit(sum(counts))
             vectors = await model.engine.embed(inputs)
     except PcrtError as exc:
+        if isinstance(exc, ContextLengthExceeded):
+            exc.param = "input"
         acct.failed(exc)
         raise
     acct.finished_embeddings(sum(counts))
