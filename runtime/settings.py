@@ -161,6 +161,9 @@ class ServerSettings(BaseModel):
     api_key_env: str = "PCRT_API_KEY"
     shutdown_grace: float = Field(default=10.0, ge=0)
     resume_on_start: bool = False  # resume interrupted DAG runs when the daemon starts
+    # deterministic DAG nodes and calls remembered by their inputs (least recently used
+    # go first; 0 remembers none)
+    dag_cache_entries: int = Field(default=10_000, ge=0)
     device_refresh: float = Field(default=5.0, gt=0)  # seconds between live device readings
     # KV state blobs (issue 5): the store's size bound (LRU eviction of finished runs'
     # states; None: unbounded) and the largest state PUT /v1/states accepts

@@ -274,3 +274,29 @@ def test_a_stopping_daemon_leaves_its_runs_interrupted(
     with Store(paths.db_path) as store:
         run = RunStore(store).get_run(run_id)
     assert run.status == "interrupted" and "resume" in (run.error or "")
+
+
+def test_dag_cache_entries_bounds_what_the_daemon_remembers(
+    default_model_path: Path, tmp_path: Path
+) -> None:
+    """``dag_cache_entries`` reaches the runner: at 1, a second deterministic node pushes
+    the first out, so the first runs again instead of being a cache hit."""
+    paths = Paths(home=tmp_path, models_dir=shared_models_dir(), user_models_file=tmp_path / "x")
+    settings = ServerSettings(parallel=1, context=512, n_threads=2, dag_cache_entries=1)
+
+    def node(prompt: str) -> dict[str, object]:
+        return {"dag": "/dynamic/one", "nodes": {"n": {
+            "type": "llm", "tag": "simple", "temperature": 0, "max_tokens": 2, "prompt": prompt,
+        }}}  # fmt: skip
+
+    def cache_hit(url: str, prompt: str) -> bool:
+        run = httpx.post(url + "/v1/dags", json={"dag": node(prompt)}, timeout=60).json()
+        assert run["status"] == "succeeded", run["error"]
+        return bool(run["nodes"][0]["cache_hit"])
+
+    with LiveServer(settings, registry=Registry.load(paths)) as live:
+        assert live.services.dags.runner.cache_entries == 1
+        assert not cache_hit(live.url, "Say one.")
+        assert cache_hit(live.url, "Say one.")
+        assert not cache_hit(live.url, "Say two.")  # pushes "one" out
+        assert not cache_hit(live.url, "Say one.")

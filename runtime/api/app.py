@@ -97,6 +97,7 @@ def create_app(
                     lease=_engine_lease(pool),
                     remote=RemoteRunner(coordinator),
                     usage=dag_billing(usage, limiter, metrics),
+                    cache_entries=settings.dag_cache_entries,
                 )  # fmt: skip
             ),
             coordinator=coordinator,
