@@ -23,13 +23,18 @@ from pathlib import Path
 
 from pcrt.cache.store import Store, utc_now
 
-__all__ = ["BlobCorrupt", "BlobInfo", "BlobMissing", "BlobStore"]
+__all__ = ["BlobCorrupt", "BlobInfo", "BlobMissing", "BlobStore", "IncomingBlob", "is_blob_id"]
 
 _SHA = re.compile(r"^[0-9a-f]{64}$")
 # runs in these states may still need their blobs: never evict them
 # runs that may still need their states: a cancelled run resumes, a migrating one moves
 UNFINISHED_RUN_STATES = ("pending", "running", "interrupted", "cancelled", "migrating")
 ARRIVAL_GRACE = datetime.timedelta(minutes=10)  # a state sent ahead of its run's record
+
+
+def is_blob_id(text: str) -> bool:
+    """Whether ``text`` can name a blob: a lowercase hex sha256."""
+    return _SHA.match(text) is not None
 
 
 class BlobMissing(KeyError):
@@ -57,6 +62,7 @@ class BlobStore:
         self.max_bytes = max_bytes
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock = store.lock  # the sqlite connection is shared between threads
+        self._remove_abandoned_uploads()
 
     def path_of(self, sha256: str) -> Path:
         if not _SHA.match(sha256):
@@ -76,6 +82,28 @@ class BlobStore:
                 os.fsync(f.fileno())
             os.replace(tmp, path)
             _fsync_dir(path.parent)
+        self._index(sha256, len(data), kind, run_id)
+        return sha256
+
+    def _remove_abandoned_uploads(self) -> None:
+        """Uploads a dead process left half-written (its pid is in the name); a live
+        process's are its own business."""
+        for tmp in self.root.glob(".incoming.*.tmp"):
+            try:
+                pid = int(tmp.name.split(".")[2])
+                os.kill(pid, 0)
+            except (ValueError, IndexError, ProcessLookupError):
+                tmp.unlink(missing_ok=True)
+            except PermissionError:  # alive, someone else's
+                pass
+
+    def incoming(self) -> IncomingBlob:
+        """A blob that arrives in pieces (an upload): written to disk as it comes, never
+        held whole in memory. ``commit`` stores it under its hash, as ``put`` would."""
+        return IncomingBlob(self)
+
+    def _index(self, sha256: str, size: int, kind: str, run_id: str | None) -> None:
+        """The blob's row (its file is in place), then eviction down to the bound."""
         now = utc_now()
         with self._lock:
             self.store.db.execute(
@@ -83,11 +111,10 @@ class BlobStore:
                 " values (?, ?, ?, ?, ?, ?) on conflict (sha256) do update set"
                 " last_used_at = excluded.last_used_at,"
                 " run_id = coalesce(excluded.run_id, blobs.run_id)",
-                [sha256, len(data), kind, run_id, now, now],
+                [sha256, size, kind, run_id, now, now],
             )
         if self.max_bytes is not None:
             self.evict(keep=sha256)
-        return sha256
 
     def get(self, sha256: str) -> bytes:
         """The blob's bytes, verified against its name."""
@@ -212,6 +239,68 @@ class BlobStore:
             total -= row["size"]
             evicted.append(row["sha256"])
         return evicted
+
+
+class IncomingBlob:
+    """An upload on its way into the store: each piece is appended to a temporary file and
+    hashed as it arrives, so a state of gigabytes costs a chunk of memory, not its size.
+    Use as a context manager: leaving it uncommitted (an error, a refusal) deletes the
+    temporary file."""
+
+    def __init__(self, blobs: BlobStore) -> None:
+        self._blobs = blobs
+        self._hash = hashlib.sha256()
+        self.size = 0
+        self.path = blobs.root / f".incoming.{os.getpid()}.{os.urandom(8).hex()}.tmp"
+        self._file = open(self.path, "w+b")  # noqa: SIM115 - closed by commit or discard
+        self._done = False
+
+    def __enter__(self) -> IncomingBlob:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self._done:
+            self.discard()
+
+    def write(self, chunk: bytes) -> None:
+        """Append one piece (small: an HTTP body chunk; the page cache takes it at once)."""
+        self._file.write(chunk)
+        self._hash.update(chunk)
+        self.size += len(chunk)
+
+    @property
+    def sha256(self) -> str:
+        """The hash of what was written so far."""
+        return self._hash.hexdigest()
+
+    def finish(self) -> memoryview:
+        """No more pieces: the file is flushed to disk and mapped read-only, so that its
+        content can be checked (a KV state's header and payload hash) before ``commit``."""
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        if self.size == 0:
+            return memoryview(b"")
+        return memoryview(mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ))
+
+    def commit(self, *, kind: str = "kv-state", run_id: str | None = None) -> str:
+        """Move the file into place under its hash and index it; its sha256."""
+        sha256 = self.sha256
+        self._file.close()
+        path = self._blobs.path_of(sha256)
+        if path.exists():  # the same bytes are stored already
+            self.path.unlink()
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(self.path, path)
+            _fsync_dir(path.parent)
+        self._done = True
+        self._blobs._index(sha256, self.size, kind, run_id)
+        return sha256
+
+    def discard(self) -> None:
+        self._file.close()
+        self.path.unlink(missing_ok=True)
+        self._done = True
 
 
 def _fsync_dir(path: Path) -> None:

@@ -68,15 +68,18 @@ def request_header(
     *,
     authority: str = "",
     body: bytes = b"",
+    body_sha256: str | None = None,
     now: float | None = None,
 ) -> str:
     """The ``X-PC-Cluster`` value for one request (a new nonce each time).
 
     It binds the destination (``host:port`` as called) and the body: a peer that receives
-    it cannot relay it to another member, nor swap the body."""
+    it cannot relay it to another member, nor swap the body. ``body_sha256``: the body's
+    hash when it is already known (a blob streamed from disk under its sha256 name)."""
     ts = f"{time.time() if now is None else now:.3f}"
     nonce = secrets.token_hex(12)
-    mac = _mac(key, ts, nonce, method.upper(), path, authority, _body_hash(body))
+    digest = body_sha256 if body_sha256 is not None else _body_hash(body)
+    mac = _mac(key, ts, nonce, method.upper(), path, authority, digest)
     return f"v2 {ts} {nonce} {authority or '-'} {mac}"
 
 
@@ -121,11 +124,14 @@ def verify_request(
     nonces: NonceCache,
     *,
     body: bytes = b"",
+    body_sha256: str | None = None,
     authority_ok: Callable[[str], bool] | None = None,
     now: float | None = None,
 ) -> str | None:
     """None when the header proves the key; else why not (for the log, not the caller).
-    ``authority_ok`` says whether the signed destination is this node."""
+    ``authority_ok`` says whether the signed destination is this node. ``body_sha256``:
+    the hash the body is declared to have, for a body streamed to disk unread; whoever
+    passes it must then check that the body really hashes to it."""
     if not header:
         return "no cluster signature"
     parts = header.split(" ")
@@ -140,7 +146,8 @@ def verify_request(
     current = time.time() if now is None else now
     if abs(current - sent) > MAX_SKEW:
         return f"cluster signature {current - sent:+.0f} s off this clock"
-    expected = _mac(key, ts, nonce, method.upper(), path, authority, _body_hash(body))
+    digest = body_sha256 if body_sha256 is not None else _body_hash(body)
+    expected = _mac(key, ts, nonce, method.upper(), path, authority, digest)
     if not _same(mac, expected):
         return "wrong cluster key (or a changed request)"
     if authority_ok is not None and not authority_ok(authority):

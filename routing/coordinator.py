@@ -294,13 +294,20 @@ class Coordinator:
     # -- authentication of incoming peer requests ---------------------------------
 
     def check_peer_request(
-        self, header: str | None, method: str, path: str, body: bytes
+        self,
+        header: str | None,
+        method: str,
+        path: str,
+        body: bytes = b"",
+        body_sha256: str | None = None,
     ) -> str | None:
         """None if the request carries a valid cluster signature, else why not."""
         if self.cluster_key is None:
             return "this daemon has no cluster key"
-        return verify_request(self.cluster_key, header, method, path, self.nonces, body=body,
-                              authority_ok=self.is_own_authority)  # fmt: skip
+        return verify_request(
+            self.cluster_key, header, method, path, self.nonces, body=body,
+            body_sha256=body_sha256, authority_ok=self.is_own_authority,
+        )  # fmt: skip
 
     def is_own_authority(self, authority: str) -> bool:
         """Whether ``host:port`` names this daemon (a request signed for another node

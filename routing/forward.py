@@ -16,6 +16,7 @@ token" and the next candidate can take the work.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import os
@@ -23,8 +24,9 @@ import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -180,7 +182,7 @@ class Forwarder:
         method: str,
         url: str,
         *,
-        content: bytes | None,
+        content: bytes | BinaryIO | None,
         headers: dict[str, str],
         timeout: float | aiohttp.ClientTimeout | None = None,
     ) -> aiohttp.ClientResponse:
@@ -200,8 +202,8 @@ class Forwarder:
                 connector=connector, trust_env=False, trace_configs=[_pool_waits()]
             )
         # tens of MB (a KV state) go out in chunks, not as one write that holds the loop
-        data: bytes | io.BytesIO | None = content
-        if content is not None and len(content) > _LARGE_BODY:
+        data: bytes | BinaryIO | None = content
+        if isinstance(content, bytes) and len(content) > _LARGE_BODY:
             data = io.BytesIO(content)
         waiting = SimpleNamespace(queued=False)
         try:
@@ -219,14 +221,22 @@ class Forwarder:
                 ) from None  # fmt: skip
             raise
 
-    def headers_for(self, peer: Peer, method: str, path: str, body: bytes = b"") -> dict[str, str]:
+    def headers_for(
+        self,
+        peer: Peer,
+        method: str,
+        path: str,
+        body: bytes = b"",
+        body_sha256: str | None = None,
+    ) -> dict[str, str]:
         headers = {"X-PC-Forwarded-By": self.node_id or "pcrt"}
         if peer.kind == "pcrt":
             if self.cluster_key:
                 authority = urlsplit(peer.url).netloc
                 headers[CLUSTER_HEADER] = request_header(
-                    self.cluster_key, method, path, authority=authority, body=body
-                )
+                    self.cluster_key, method, path, authority=authority, body=body,
+                    body_sha256=body_sha256,
+                )  # fmt: skip
         elif peer.api_key_env:
             key = os.environ.get(peer.api_key_env)
             if key:
@@ -240,33 +250,48 @@ class Forwarder:
         path: str,
         *,
         json_body: Any = None,
-        content: bytes | None = None,
+        content: bytes | Path | None = None,
+        content_sha256: str | None = None,
         headers: dict[str, str] | None = None,
         timeout: float | aiohttp.ClientTimeout | None = None,
         max_bytes: int | None = None,
     ) -> PeerAnswer:
         """One whole request; 5xx and transport errors raise PeerUnavailable, 4xx
         PeerRejected, so a returned answer is always a success. ``max_bytes`` bounds the
-        answer (a peer's health answer must not fill our memory)."""
+        answer (a peer's health answer must not fill our memory). A ``Path`` as content
+        streams the file from disk; ``content_sha256``, its known hash, is what the
+        signature covers (FileNotFoundError if it is gone)."""
         if json_body is not None:  # serialized here: the signature covers these bytes
             content = json.dumps(json_body).encode()
             headers = {"Content-Type": "application/json", **(headers or {})}
-        sent = {**self.headers_for(peer, method, path, content or b""), **(headers or {})}
+        if isinstance(content, Path):
+            if content_sha256 is None:
+                raise ValueError("a file sent to a peer needs its sha256: the signature covers it")
+            signed = self.headers_for(peer, method, path, body_sha256=content_sha256)
+        else:
+            signed = self.headers_for(peer, method, path, content or b"")
+        sent = {**signed, **(headers or {})}
         started = time.perf_counter()
         try:
-            response = await self._send(method, peer.url + path, content=content,
-                                        headers=sent, timeout=timeout)  # fmt: skip
-            try:
-                body = bytearray()
-                async for chunk in response.content.iter_any():
-                    body += chunk
-                    if max_bytes is not None and len(body) > max_bytes:
-                        raise PeerUnavailable(
-                            f"peer {peer.name} answered more than {max_bytes} bytes to "
-                            f"{method} {path}", peer=peer.name,
-                        )  # fmt: skip
-            finally:
-                response.release()
+            # a file stays open until the answer is read: aiohttp may still be sending it
+            # when a peer answers early (a refusal before the whole body)
+            with contextlib.ExitStack() as opened:
+                data = opened.enter_context(open(content, "rb")) if isinstance(
+                    content, Path
+                ) else content  # fmt: skip
+                response = await self._send(method, peer.url + path, content=data,
+                                            headers=sent, timeout=timeout)  # fmt: skip
+                try:
+                    body = bytearray()
+                    async for chunk in response.content.iter_any():
+                        body += chunk
+                        if max_bytes is not None and len(body) > max_bytes:
+                            raise PeerUnavailable(
+                                f"peer {peer.name} answered more than {max_bytes} bytes to "
+                                f"{method} {path}", peer=peer.name,
+                            )  # fmt: skip
+                finally:
+                    response.release()
         except TRANSPORT_ERRORS as exc:
             raise PeerUnavailable(
                 f"peer {peer.name} ({peer.url}) did not answer {method} {path}: {_describe(exc)}",

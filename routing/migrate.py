@@ -98,8 +98,8 @@ async def migrate_run(
     sendable: set[str] = set()
     for sha in sorted({s for n in nodes for s in (n.state_sha256, n.checkpoint_sha256) if s}):
         try:
-            data = await to_thread_to_completion(blobs.get, sha)
-            header = KVState.read_header(data)
+            # mapped and hashed, not read into memory: the file itself is what goes out
+            header, size = await to_thread_to_completion(_verified_header, blobs, sha)
         except (BlobMissing, BlobCorrupt, StateError) as exc:
             result.states_left.append(f"{sha[:12]}: {exc}")
             continue
@@ -110,13 +110,20 @@ async def migrate_run(
         if refusal is not None:
             result.states_left.append(f"{sha[:12]}: {refusal}")
             continue
-        await coordinator.forwarder.request(
-            peer, "PUT", BLOBS_PATH + f"?run_id={run_id}", content=data,
-            headers={"Content-Type": "application/octet-stream"},
-        )  # fmt: skip
+        try:
+            # streamed from disk; the signature covers the blob's name, its sha256, and
+            # the peer holds the body to it
+            await coordinator.forwarder.request(
+                peer, "PUT", BLOBS_PATH + f"?run_id={run_id}&sha256={sha}",
+                content=blobs.path_of(sha), content_sha256=sha,
+                headers={"Content-Type": "application/octet-stream"},
+            )  # fmt: skip
+        except FileNotFoundError:  # removed since (pcrt state rm): the peer recomputes
+            result.states_left.append(f"{sha[:12]}: removed while the run moved")
+            continue
         sendable.add(sha)
         result.states_sent += 1
-        result.bytes_sent += len(data)
+        result.bytes_sent += size
     payload = {
         "run": {
             "id": record.id, "dag_path": record.dag_path, "spec": record.spec,
@@ -154,6 +161,12 @@ async def migrate_run(
     result.peer_status = str(body.get("status", ""))
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _verified_header(blobs: BlobStore, sha: str) -> tuple[StateHeader, int]:
+    """The state's header and size, once its bytes are checked against its name."""
+    view = blobs.map(sha)
+    return KVState.read_header(view), len(view)
 
 
 def refusal_of(header: StateHeader, peer: Peer) -> str | None:

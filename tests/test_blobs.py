@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -119,3 +121,44 @@ def test_a_state_sent_ahead_of_its_run_waits_for_the_record(tmp_path: Path) -> N
     ahead = blobs.put(b"a" * 1000, run_id="moving-here")  # no such run yet
     blobs.put(b"b" * 1000)
     assert blobs.has(ahead)
+
+
+def test_an_upload_in_pieces_is_stored_as_put_would_store_it(blobs: BlobStore) -> None:
+    pieces = [os.urandom(65536) for _ in range(5)] + [b"tail"]
+    data = b"".join(pieces)
+    with blobs.incoming() as blob:
+        for piece in pieces:
+            blob.write(piece)
+        assert blob.sha256 == hashlib.sha256(data).hexdigest() and blob.size == len(data)
+        assert bytes(blob.finish()) == data  # mapped for checking before it is kept
+        sha = blob.commit(run_id="r1")
+    assert sha == hashlib.sha256(data).hexdigest()
+    assert blobs.get(sha) == data and blobs.info(sha).run_id == "r1"
+    with blobs.incoming() as again:  # the same bytes again: one blob, no leftover
+        again.write(data)
+        assert again.commit() == sha
+    assert [b.sha256 for b in blobs.entries()] == [sha]
+    assert not list(blobs.root.glob(".incoming.*"))
+
+
+def test_an_upload_left_uncommitted_leaves_nothing(blobs: BlobStore) -> None:
+    with pytest.raises(RuntimeError), blobs.incoming() as blob:
+        blob.write(b"half a state")
+        raise RuntimeError("the client went away")
+    with blobs.incoming() as refused:
+        refused.write(b"not what was signed")  # the caller decides not to keep it
+    assert not list(blobs.root.glob(".incoming.*")) and blobs.entries() == []
+
+
+def test_uploads_a_dead_process_left_are_removed_on_open(tmp_path: Path) -> None:
+    root = tmp_path / "blobs"
+    root.mkdir()
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                              capture_output=True, text=True, check=True)  # fmt: skip
+    dead = int(finished.stdout)
+    abandoned = root / f".incoming.{dead}.0123456789abcdef.tmp"
+    ours = root / f".incoming.{os.getpid()}.fedcba9876543210.tmp"  # a live upload
+    abandoned.write_bytes(b"x")
+    ours.write_bytes(b"y")
+    BlobStore(Store(tmp_path / "pcrt.db"), root)
+    assert not abandoned.exists() and ours.exists()

@@ -1283,7 +1283,7 @@ class _FakePeerCalls:
         self.post_failures = post_failures
 
     async def __call__(self, peer: Peer, method: str, path: str, **kw: Any) -> PeerAnswer:
-        self.calls.append((method, path, kw.get("json_body")))
+        self.calls.append((method, path, kw.get("json_body") if method == "POST" else kw))
         if method == "POST" and self.post_failures:
             raise self.post_failures.pop(0)
         body = {"id": kw["json_body"]["run"]["id"], "status": "running"} if method == "POST" else {}
@@ -1341,8 +1341,12 @@ async def test_migrate_sends_the_record_again_when_its_answer_was_lost(
     monkeypatch.setattr(coordinator.forwarder, "request", calls)
     result = await migrate_run(coordinator, runs, blobs, "r", "p")
     assert result.states_sent == 1 and result.peer_status == "running"
-    assert [c[:2] for c in calls.calls] == [("PUT", BLOBS_PATH + "?run_id=r"),
+    sha = runs.node("r", "a").state_sha256
+    # the state goes from its file, signed over its name (the peer checks the body)
+    assert [c[:2] for c in calls.calls] == [("PUT", f"{BLOBS_PATH}?run_id=r&sha256={sha}"),
                                             ("POST", RUNS_PATH), ("POST", RUNS_PATH)]  # fmt: skip
+    sent = calls.calls[0][2]
+    assert sent["content"] == blobs.path_of(sha or "") and sent["content_sha256"] == sha
     assert calls.calls[1][2] == calls.calls[2][2]  # the same record, byte for byte
 
     # an answered error is not asked twice, and a second lost answer is the failure

@@ -27,6 +27,7 @@ from pcrt.runtime.api.dag_routes import DagTasks
 from pcrt.runtime.api.errors import install_error_handlers
 from pcrt.runtime.api.moving import Drain
 from pcrt.runtime.api.node_info import NodeInfo
+from pcrt.runtime.api.peer_routes import streamed_body_sha256
 from pcrt.runtime.api.service import Services, dag_billing, services_of
 from pcrt.runtime.dag.executor import DagRunner
 from pcrt.runtime.engine import Engine
@@ -152,8 +153,16 @@ def create_app(
         if signature is not None:
             services = services_of(request)
             target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-            body = await request.body()  # cached: the route reads it again
-            why = services.coordinator.check_peer_request(signature, request.method, target, body)
+            declared = streamed_body_sha256(request)
+            if declared is not None:  # a blob: the route streams it and checks its hash
+                why = services.coordinator.check_peer_request(
+                    signature, request.method, target, body_sha256=declared
+                )
+            else:
+                body = await request.body()  # cached: the route reads it again
+                why = services.coordinator.check_peer_request(
+                    signature, request.method, target, body
+                )
             if why is not None:
                 log.warning("refused a peer request to %s: %s", request.url.path, why)
                 raise Unauthorized(f"cluster signature refused: {why}")

@@ -15,8 +15,10 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
+from pcrt.cache.blobs import is_blob_id
 from pcrt.cache.runs import RunExists
 from pcrt.routing.auth import CLUSTER_HEADER, PROOF_HEADER
+from pcrt.routing.migrate import BLOBS_PATH
 from pcrt.runtime.api.service import agent_of, services_of
 from pcrt.runtime.dag import parse_dag
 from pcrt.runtime.dag.executor import check_run
@@ -24,7 +26,7 @@ from pcrt.runtime.errors import Conflict, InvalidRequest, Unauthorized
 from pcrt.runtime.state import KVState
 from pcrt.runtime.threads import to_thread_to_completion
 
-__all__ = ["router"]
+__all__ = ["router", "streamed_body_sha256"]
 
 log = logging.getLogger(__name__)
 
@@ -131,26 +133,44 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-@router.put("/v1/pcrt/blobs")
-async def receive_blob(request: Request, run_id: str | None = None) -> dict[str, Any]:
-    """A KV state a peer moves here with a run; checked against its hash before stored."""
+def streamed_body_sha256(request: Request) -> str | None:
+    """The sha256 a blob upload declares (``PUT /v1/pcrt/blobs?sha256=...``): its cluster
+    signature covers that hash, so the body is streamed to disk rather than read into
+    memory to be checked, and ``receive_blob`` holds it to the hash. None for any other
+    request (and for a sender that declares none: it is read and checked whole)."""
+    if request.method != "PUT" or request.url.path != BLOBS_PATH:
+        return None
+    declared = request.query_params.get("sha256")
+    return declared if declared is not None and is_blob_id(declared) else None
+
+
+@router.put(BLOBS_PATH)
+async def receive_blob(
+    request: Request, run_id: str | None = None, sha256: str | None = None
+) -> dict[str, Any]:
+    """A KV state a peer moves here with a run, streamed to disk as it arrives (a state
+    of gigabytes costs a chunk of memory), then checked before it is stored: the hash
+    the signature covers, the header, the length and the payload hash."""
     _require_peer(request)
     services = services_of(request)
     limit = services.settings.state_upload_max_bytes
-    chunks: list[bytes] = []
-    received = 0
-    async for chunk in request.stream():
-        received += len(chunk)
-        if received > limit:
-            raise InvalidRequest(f"the state is over the {limit}-byte upload limit")
-        chunks.append(chunk)
+    declared = streamed_body_sha256(request)
+    with services.blobs.incoming() as blob:
+        async for chunk in request.stream():
+            if blob.size + len(chunk) > limit:
+                raise InvalidRequest(f"the state is over the {limit}-byte upload limit")
+            blob.write(chunk)
+        if declared is not None and blob.sha256 != declared:
+            raise Unauthorized(
+                f"the body hashes to {blob.sha256[:12]}, not the signed {declared[:12]}"
+                " (changed on the way?)"
+            )
 
-    def store() -> str:
-        data = b"".join(chunks)
-        KVState.from_bytes(data)  # header, length and payload hash, or StateError (409)
-        return services.blobs.put(data, run_id=run_id)
+        def store() -> str:
+            KVState.from_bytes(blob.finish())  # header, length, payload hash: StateError
+            return blob.commit(run_id=run_id)
 
-    return {"id": await to_thread_to_completion(store), "size": received}
+        return {"id": await to_thread_to_completion(store), "size": blob.size}
 
 
 class MovedRun(BaseModel):

@@ -120,39 +120,40 @@ async def upload_state(request: Request, model: str | None = None) -> JSONRespon
             return _error(400, f"bad Content-Length {declared!r}", "invalid_content_length")
         if size > limit:
             return _too_large(limit, size)
-    chunks: list[bytes] = []
-    received = 0
-    async for chunk in request.stream():
-        received += len(chunk)
-        if received > limit:
-            return _too_large(limit)
-        chunks.append(chunk)
-    if not received:
-        return _error(400, "the body is empty: send the state blob's bytes", "empty_body")
+    # streamed to disk as it arrives: a state of gigabytes costs a chunk of memory
+    with services.blobs.incoming() as blob:
+        async for chunk in request.stream():
+            if blob.size + len(chunk) > limit:
+                return _too_large(limit)
+            blob.write(chunk)
+        if not blob.size:
+            return _error(400, "the body is empty: send the state blob's bytes", "empty_body")
 
-    def parse() -> tuple[bytes, StateHeader]:
-        data = b"".join(chunks)
-        chunks.clear()
-        KVState.from_bytes(data)  # verifies the header, the length and the payload hash
-        return data, KVState.read_header(data)
+        def parse() -> StateHeader:
+            view = blob.finish()
+            KVState.from_bytes(view)  # verifies the header, the length and the payload hash
+            return KVState.read_header(view)
 
-    try:
-        data, header = await to_thread_to_completion(parse)
-    except StateError as exc:
-        return _corrupt(str(exc))
-    if model is not None:
-        async with services.pool.lease(model) as loaded:
-            name, engine_key = loaded.name, loaded.engine.compat_key
-        problems = engine_key.mismatches(header.key)
-        if problems:  # 409 incompatible_state
-            raise IncompatibleState(f"this KV state does not fit {name!r}: " + "; ".join(problems))
-    state_id = await to_thread_to_completion(services.blobs.put, data)
-    log.info("stored KV state %s (%d bytes, %d tokens)", state_id, len(data), header.n_tokens)
+        try:
+            header = await to_thread_to_completion(parse)
+        except StateError as exc:
+            return _corrupt(str(exc))
+        if model is not None:
+            async with services.pool.lease(model) as loaded:
+                name, engine_key = loaded.name, loaded.engine.compat_key
+            problems = engine_key.mismatches(header.key)
+            if problems:  # 409 incompatible_state
+                raise IncompatibleState(
+                    f"this KV state does not fit {name!r}: " + "; ".join(problems)
+                )
+        state_id = await to_thread_to_completion(blob.commit)
+        size = blob.size
+    log.info("stored KV state %s (%d bytes, %d tokens)", state_id, size, header.n_tokens)
     return JSONResponse(
         {
             "id": state_id,
             "object": "state",
-            "size": len(data),
+            "size": size,
             "model": header.model,
             "tokens": header.n_tokens,
             "key": header.key.model_dump(),
