@@ -72,7 +72,7 @@ def _leftovers(server: LiveServer) -> list[Path]:
     return list(server.services.blobs.root.glob(".incoming.*"))
 
 
-def test_a_users_upload_is_streamed_to_disk(
+def test_a_users_upload_and_download_stream_through_disk(
     server: LiveServer, state_file: tuple[Path, str]
 ) -> None:
     path, sha = state_file
@@ -83,6 +83,20 @@ def test_a_users_upload_is_streamed_to_disk(
     assert put.json()["id"] == sha and put.json()["size"] == path.stat().st_size
     assert peak < LIMIT, f"{peak / 2**20:.1f} MiB of Python memory to receive 32 MiB"
     assert server.services.blobs.get(sha) == path.read_bytes()
+    # and back: sent from a map of the file a piece at a time, never whole in memory
+
+    def download() -> httpx.Response:
+        digest = hashlib.sha256()
+        with httpx.stream("GET", f"{server.url}/v1/states/{sha}", timeout=120) as response:
+            for piece in response.iter_bytes():
+                digest.update(piece)
+        assert digest.hexdigest() == sha
+        return response
+
+    got, peak = _peak(download)
+    assert got.status_code == 200 and got.headers["content-length"] == str(path.stat().st_size)
+    assert got.headers["x-pcrt-state-tokens"] == "3"
+    assert peak < LIMIT, f"{peak / 2**20:.1f} MiB of Python memory to send 32 MiB"
     # a state broken in its payload is refused and leaves nothing behind
     broken = httpx.put(server.url + "/v1/states", content=_chunks(path, SIZE // 2), timeout=120)
     assert broken.status_code == 409 and "sha256" in broken.json()["error"]["message"]

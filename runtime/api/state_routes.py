@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from pcrt.cache.blobs import BlobCorrupt, BlobMissing, BlobStore
 from pcrt.runtime.api.errors import error_body
@@ -86,25 +87,38 @@ async def list_states(request: Request, run_id: str | None = None) -> dict[str, 
 
 @router.get("/v1/states/{state_id}", response_model=None)
 async def download_state(request: Request, state_id: str) -> Response:
-    """The blob's bytes, hash-verified, with its key and token count in headers."""
+    """The blob's bytes, hash-verified, with its key and token count in headers.
+
+    Sent from a verified map of the file, a piece at a time: a state of gigabytes is never
+    copied into memory whole, and the map keeps the bytes it checked even if the blob is
+    removed while it goes out."""
     blobs = services_of(request).blobs
 
-    def read() -> tuple[bytes, StateHeader]:
-        data = blobs.get(state_id)
-        return data, KVState.read_header(data)
+    def read() -> tuple[memoryview, StateHeader]:
+        view = blobs.map(state_id)
+        return view, KVState.read_header(view)
 
     try:
-        data, header = await to_thread_to_completion(read)
+        view, header = await to_thread_to_completion(read)
     except BlobMissing:
         return _not_found(state_id)
     except (BlobCorrupt, StateError) as exc:
         return _corrupt(str(exc))
     key = json.dumps(header.key.model_dump(), separators=(",", ":"))
-    return Response(
-        data,
+    return StreamingResponse(
+        _pieces(view),
         media_type="application/octet-stream",
-        headers={"X-PCRT-State-Key": key, "X-PCRT-State-Tokens": str(header.n_tokens)},
+        headers={
+            "Content-Length": str(len(view)),
+            "X-PCRT-State-Key": key,
+            "X-PCRT-State-Tokens": str(header.n_tokens),
+        },
     )
+
+
+def _pieces(view: memoryview, size: int = 1 << 20) -> Iterator[bytes]:
+    for start in range(0, len(view), size):
+        yield bytes(view[start : start + size])
 
 
 @router.put("/v1/states", response_model=None)
