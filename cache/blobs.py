@@ -197,6 +197,23 @@ class BlobStore:
             return False
         return True
 
+    def drop_superseded(self, sha256: str) -> bool:
+        """Remove a blob its writer has replaced (a node's previous checkpoint), unless
+        someone else may want it: a node record points at it, or it was put again or read
+        since it was written (its last use is not its creation). True when removed.
+
+        Without this a running node's checkpoints pile up: they belong to an unfinished
+        run, which eviction never touches, so a long generation would keep every one."""
+        with self._lock:
+            removed = self.store.db.execute(
+                "delete from blobs where sha256 = ? and last_used_at = created_at and not"
+                " exists (select 1 from nodes where state_sha256 = ? or checkpoint_sha256 = ?)",
+                [sha256, sha256, sha256],
+            ).rowcount
+            if removed:
+                self.path_of(sha256).unlink(missing_ok=True)
+        return bool(removed)
+
     def total_bytes(self) -> int:
         with self._lock:
             rows = list(self.store.db.query("select coalesce(sum(size), 0) as n from blobs"))

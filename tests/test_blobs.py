@@ -162,3 +162,20 @@ def test_uploads_a_dead_process_left_are_removed_on_open(tmp_path: Path) -> None
     ours.write_bytes(b"y")
     BlobStore(Store(tmp_path / "pcrt.db"), root)
     assert not abandoned.exists() and ours.exists()
+
+
+def test_a_superseded_blob_goes_unless_someone_else_may_want_it(tmp_path: Path) -> None:
+    store = Store(tmp_path / "pcrt.db")
+    blobs = BlobStore(store, tmp_path / "blobs")
+    _run(store, "r", "running")
+    old, pointed, read, again = (blobs.put(f"checkpoint {i}".encode(), run_id="r")
+                                 for i in range(4))  # fmt: skip
+    store.db["nodes"].insert({"run_id": "r", "node_id": "n", "path": "/x/n", "type": "llm",
+                              "status": "running", "checkpoint_sha256": pointed})  # fmt: skip
+    blobs.get(read)  # somebody read it since it was written
+    blobs.put(b"checkpoint 3")  # somebody else wrote the same bytes
+    assert blobs.drop_superseded(old)
+    assert not blobs.has(old) and old not in {b.sha256 for b in blobs.entries()}
+    for kept in (pointed, read, again):
+        assert not blobs.drop_superseded(kept) and blobs.has(kept)
+    assert not blobs.drop_superseded(old)  # gone already: nothing to do

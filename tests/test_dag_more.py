@@ -72,6 +72,10 @@ async def test_a_max_tokens_stop_keeps_outputs_and_the_cut_nodes_checkpoints(
     assert story.checkpoint_tokens % 4 == 0
     assert runner.blobs.get(story.checkpoint_sha256)  # the checkpoint's state is kept
     assert nodes["after"].status == "pending" and nodes["after"].output is None
+    # each new checkpoint replaced the one before (8 were taken): the run's blobs are
+    # the ones its records point at, not every checkpoint ever written
+    pointed = {sha for n in nodes.values() for sha in (n.state_sha256, n.checkpoint_sha256)}
+    assert {b.sha256 for b in runner.blobs.entries(run.id)} == pointed - {None}
 
 
 async def test_a_timeout_stop_keeps_the_in_flight_nodes_checkpoint(runner: DagRunner) -> None:

@@ -1004,8 +1004,12 @@ class DagRunner:
         return self.blobs.put(state.to_bytes(), run_id=run_id)
 
     def _save_checkpoint(self, state: KVState, run_id: str, node_id: str, tokens: int) -> None:
+        """The node's newest checkpoint replaces its previous one, on record and on disk."""
+        previous = self.runs.node(run_id, node_id).checkpoint_sha256
         sha = self._save_state(state, run_id)
         self.runs.update_node(run_id, node_id, checkpoint_sha256=sha, checkpoint_tokens=tokens)
+        if previous is not None and previous != sha:
+            self.blobs.drop_superseded(previous)
 
     async def _checkpoint_to_resume(self, record: NodeRecord, engine: Engine) -> KVState | None:
         if record.status not in ("interrupted", "running") or not record.checkpoint_sha256:
