@@ -99,11 +99,22 @@ def test_a_calls_hints_send_its_callee_to_a_peer_or_keep_it_here(tmp_path: Path)
                       "complexity": "high"},
             "kept": {"type": "subgraph", "dag": ROUTED, "inputs": with_topic, "route": "local"},
         }}  # fmt: skip
-        chained = _run(edge, chain)
+        chain_agent = _unique("chain")
+        chained = _run(edge, chain, chain_agent)
         nodes = {n.node_id: n for n in edge_runs.nodes(chained["id"])}
         assert {k: n.ran_on for k, n in nodes.items()} == {
             "topic": strong, "along": strong, "kept": "local"
         }  # fmt: skip
+        # the call that ran on the peer is one row here with its callee's tokens (its
+        # generations are rows there); the call kept here is billed through its nodes
+        billed = {r["request_id"]: r for r in edge.services.usage.rows(agent=chain_agent)}
+        kept_child = nodes["kept"].child_run_id
+        assert set(billed) == {f"{chained['id']}/topic", f"{chained['id']}/along"} | {
+            f"{kept_child}/{n}" for n in ("first", "second", "here")
+        }  # fmt: skip
+        along = billed[f"{chained['id']}/along"]
+        assert (along["ran_on"], along["model"]) == (strong, f"subgraph {ROUTED}")
+        assert along["completion_tokens"] == nodes["along"].completion_tokens > 0
         assert nodes["along"].child_run_id is None  # its child run is on the peer
         kept = nodes["kept"].child_run_id
         assert kept is not None
@@ -114,8 +125,26 @@ def test_a_calls_hints_send_its_callee_to_a_peer_or_keep_it_here(tmp_path: Path)
         assert {n.ran_on for n in peer_runs.nodes(on_peer[0].id)} == {
             peer.services.dags.runner.ran_on
         }
-        # nothing came back: the edge holds its own three runs only
-        assert {r.id for r in edge_runs.list_runs()} == {high["id"], local["id"], chained["id"]}
+        # a branch fork sent along with its branches (one group: both read "place") bills
+        # nothing of its own
+        fork_agent = _unique("fork")
+        pair = {"type": "llm", "complexity": "high", "temperature": 0, "max_tokens": 3}
+        forked = _run(edge, {"dag": "/dynamic/forked", "nodes": {
+            "place": {**pair, "prompt": "Name a lake."},
+            "bird": {**pair, "prompt": "A bird of {{ nodes.place.output }}:"},
+            "fish": {**pair, "prompt": "A fish of {{ nodes.place.output }}:"},
+            "both": {"type": "fork", "branches": ["bird", "fish"]},
+        }}, fork_agent)  # fmt: skip
+        ran = {n.node_id: n.ran_on for n in edge_runs.nodes(forked["id"])}
+        rows = edge.services.usage.rows(agent=fork_agent)
+        assert sorted(r["request_id"] for r in rows) == [
+            f"{forked['id']}/{n}" for n in ("bird", "fish", "place")
+        ], ran  # fmt: skip
+        assert {r["ran_on"] for r in rows} == {strong} and ran["both"] == strong
+        # nothing came back: the edge holds its own runs only
+        assert {r.id for r in edge_runs.list_runs()} == {
+            high["id"], local["id"], chained["id"], forked["id"]
+        }  # fmt: skip
 
 
 def _run(edge: LiveServer, dag: dict[str, Any], agent: str = "anonymous") -> dict[str, Any]:

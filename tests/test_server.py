@@ -418,3 +418,9 @@ def test_a_dag_run_counts_as_one_of_its_agents_requests(server: LiveServer) -> N
         # another agent is not held back
         other = h.post("/v1/dags", json={"dag": dag}, headers={"X-PC-Agent-ID": "free"})
         assert other.status_code == 200
+        # resuming a run is a request of the agent it bills, whoever asks
+        run_id = first.json()["id"]
+        server.services.dags.runner.runs.set_status(run_id, "interrupted")
+        resumed = h.post(f"/v1/dags/{run_id}/resume", headers={"X-PC-Agent-ID": "free"})
+        assert resumed.status_code == 429, resumed.text
+        assert h.get(f"/v1/dags/{run_id}").json()["status"] == "interrupted"

@@ -228,6 +228,8 @@ async def resume_run(run_id: str, request: Request, wait: bool = False) -> Any:
     run = _get(tasks.runner, run_id)
     if run.status not in RESUMABLE:
         raise InvalidRequest(f"run {run_id} is {run.status}; only {', '.join(RESUMABLE)} resume")
+    # a request of the agent the run bills, as starting it was
+    services_of(request).limiter.admit(run.agent or agent_of(request), 0)
     tasks.start(run_id)
     if not wait:
         return JSONResponse(run_view(tasks.runner, _get(tasks.runner, run_id)), status_code=202)

@@ -182,7 +182,7 @@ class MovedRun(BaseModel):
     tokens_used: int = Field(default=0, ge=0)
     nodes_executed: int = Field(default=0, ge=0)
     created_at: str | None = None
-    agent: str | None = Field(default=None, max_length=200)
+    agent: str | None = None  # as long as the header it came from: never a reason to refuse
 
 
 class ImportRun(BaseModel):

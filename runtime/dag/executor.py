@@ -419,10 +419,7 @@ class DagRunner:
                                                                   "error": str(exc)}))  # fmt: skip
             raise
         # generations and calls write their own record (tokens, states, cache)
-        own_record = isinstance(node, LlmNode | SubgraphNode) or (
-            isinstance(node, ForkNode) and node.branches is None
-        )
-        if not own_record:
+        if not (_generates(node) or isinstance(node, SubgraphNode)):
             self.runs.finish_node(
                 run_id, node_id, tokens=0, status="succeeded", output=output,
                 seconds=time.perf_counter() - started, ran_on=self.ran_on,
@@ -784,7 +781,10 @@ class DagRunner:
                 model=rec.get("model"), cache_hit=int(bool(rec.get("cache_hit"))),
                 ran_on=candidate.node,
             )  # fmt: skip
-            if isinstance(run.spec.nodes[node_id], LlmNode | ForkNode):
+            sent = run.spec.nodes[node_id]
+            # generations, and calls whose generations all ran inside them there; not
+            # branch forks or asserts, which generate nothing of their own
+            if _generates(sent) or isinstance(sent, SubgraphNode):
                 self._bill(run, node_id)
             outputs[node_id] = rec.get("output")
             if node_id != node.id:
@@ -985,9 +985,11 @@ class DagRunner:
             rec = self.runs.node(run.record.id, node_id)
             if rec.cache_hit:
                 return
+            spec = run.spec.nodes[node_id]
+            model = rec.model or (f"subgraph {spec.dag}" if isinstance(spec, SubgraphNode) else "")
             self.usage(
                 UsageRecord(
-                    agent=run.record.agent or "anonymous", model=rec.model or "",
+                    agent=run.record.agent or "anonymous", model=model,
                     route=DAG_ROUTE, status=200, prompt_tokens=rec.prompt_tokens or 0,
                     cached_tokens=rec.cached_tokens or 0,
                     completion_tokens=rec.completion_tokens or 0,
@@ -1100,3 +1102,8 @@ def _forwarded(emit: Callable[[DagEvent], None]) -> Callable[[DagEvent], None]:
             emit(event)
 
     return forward
+
+
+def _generates(node: Any) -> bool:
+    """Whether the node is one generation of its own (a branch fork runs other nodes)."""
+    return isinstance(node, LlmNode) or (isinstance(node, ForkNode) and node.branches is None)
