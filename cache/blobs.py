@@ -11,13 +11,16 @@ unfinished run needs; a blob pinned by a running or interrupted run is never evi
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import fcntl
 import hashlib
 import mmap
 import os
 import re
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,49 +75,72 @@ class BlobStore:
     def put(self, data: bytes, *, kind: str = "kv-state", run_id: str | None = None) -> str:
         """Store ``data`` (idempotent) and return its sha256."""
         sha256 = hashlib.sha256(data).hexdigest()
-        path = self.path_of(sha256)
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
+
+        def write(path: Path) -> None:
             tmp = path.with_name(f".{sha256}.{os.getpid()}.{threading.get_ident()}.tmp")
             with open(tmp, "wb") as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
-            _fsync_dir(path.parent)
-        self._index(sha256, len(data), kind, run_id)
+
+        self._adopt(sha256, len(data), kind, run_id, write)
         return sha256
 
     def _remove_abandoned_uploads(self) -> None:
-        """Uploads a dead process left half-written (its pid is in the name); a live
-        process's are its own business."""
+        """Uploads a crashed process left half-written. An upload in progress holds a lock
+        on its file (whatever process or container it is in), so only a file nobody holds
+        is removed."""
         for tmp in self.root.glob(".incoming.*.tmp"):
             try:
-                pid = int(tmp.name.split(".")[2])
-                os.kill(pid, 0)
-            except (ValueError, IndexError, ProcessLookupError):
-                tmp.unlink(missing_ok=True)
-            except PermissionError:  # alive, someone else's
-                pass
+                with open(tmp, "rb") as f:
+                    fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    tmp.unlink(missing_ok=True)
+            except BlockingIOError:  # being written
+                continue
+            except FileNotFoundError:  # its writer finished meanwhile
+                continue
 
     def incoming(self) -> IncomingBlob:
         """A blob that arrives in pieces (an upload): written to disk as it comes, never
         held whole in memory. ``commit`` stores it under its hash, as ``put`` would."""
         return IncomingBlob(self)
 
-    def _index(self, sha256: str, size: int, kind: str, run_id: str | None) -> None:
-        """The blob's row (its file is in place), then eviction down to the bound."""
-        now = utc_now()
+    def _adopt(
+        self,
+        sha256: str,
+        size: int,
+        kind: str,
+        run_id: str | None,
+        place: Callable[[Path], None],
+    ) -> bool:
+        """Index a blob, first putting its file in place with ``place`` unless the same
+        bytes are stored already (then: True). Finding it stored and indexing it are one
+        step under the lock, so ``drop_superseded`` cannot remove the file in between."""
+        path = self.path_of(sha256)
         with self._lock:
-            self.store.db.execute(
-                "insert into blobs (sha256, size, kind, run_id, created_at, last_used_at)"
-                " values (?, ?, ?, ?, ?, ?) on conflict (sha256) do update set"
-                " last_used_at = excluded.last_used_at,"
-                " run_id = coalesce(excluded.run_id, blobs.run_id)",
-                [sha256, size, kind, run_id, now, now],
-            )
+            stored = path.exists()
+            if stored:
+                self._upsert(sha256, size, kind, run_id)
+        if not stored:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            place(path)
+            _fsync_dir(path.parent)
+            with self._lock:
+                self._upsert(sha256, size, kind, run_id)
         if self.max_bytes is not None:
             self.evict(keep=sha256)
+        return stored
+
+    def _upsert(self, sha256: str, size: int, kind: str, run_id: str | None) -> None:
+        now = utc_now()
+        self.store.db.execute(
+            "insert into blobs (sha256, size, kind, run_id, created_at, last_used_at)"
+            " values (?, ?, ?, ?, ?, ?) on conflict (sha256) do update set"
+            " last_used_at = excluded.last_used_at,"
+            " run_id = coalesce(excluded.run_id, blobs.run_id)",
+            [sha256, size, kind, run_id, now, now],
+        )
 
     def get(self, sha256: str) -> bytes:
         """The blob's bytes, verified against its name."""
@@ -270,6 +296,9 @@ class IncomingBlob:
         self.size = 0
         self.path = blobs.root / f".incoming.{os.getpid()}.{os.urandom(8).hex()}.tmp"
         self._file = open(self.path, "w+b")  # noqa: SIM115 - closed by commit or discard
+        # held while the file is open: the store's clean-up leaves locked files alone
+        fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self._map: mmap.mmap | None = None
         self._done = False
 
     def __enter__(self) -> IncomingBlob:
@@ -297,27 +326,33 @@ class IncomingBlob:
         os.fsync(self._file.fileno())
         if self.size == 0:
             return memoryview(b"")
-        return memoryview(mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ))
+        self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
+        return memoryview(self._map)
 
     def commit(self, *, kind: str = "kv-state", run_id: str | None = None) -> str:
         """Move the file into place under its hash and index it; its sha256."""
         sha256 = self.sha256
-        self._file.close()
-        path = self._blobs.path_of(sha256)
-        if path.exists():  # the same bytes are stored already
-            self.path.unlink()
-        else:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(self.path, path)
-            _fsync_dir(path.parent)
+        self._close()
+        if self._blobs._adopt(
+            sha256, self.size, kind, run_id, lambda path: os.replace(self.path, path)
+        ):
+            self.path.unlink()  # the same bytes were stored already
         self._done = True
-        self._blobs._index(sha256, self.size, kind, run_id)
         return sha256
 
     def discard(self) -> None:
-        self._file.close()
+        self._close()
         self.path.unlink(missing_ok=True)
         self._done = True
+
+    def _close(self) -> None:
+        if self._map is not None:
+            # at once, or a refused upload's disk space waits for the GC; unless a view
+            # of it is still alive (then the GC closes it)
+            with contextlib.suppress(BufferError):
+                self._map.close()
+            self._map = None
+        self._file.close()
 
 
 def _fsync_dir(path: Path) -> None:

@@ -16,6 +16,7 @@ shape and a status code; the CLI prints the message without a traceback.
     ├── StateError             a KV state blob is malformed or does not belong to this model
     │   └── IncompatibleState  the compatibility key differs (other model, KV type, version)
     ├── Conflict               clashes with what is here already (a run id another run holds)
+    ├── StorageFull            the disk under PCRT_HOME refused a write (full or read-only)
     ├── EngineClosed           a request reached an engine that is shutting down
     ├── Unauthorized           a missing or wrong API key
     ├── RetryLater             the request may succeed later (carries retry_after seconds)
@@ -52,6 +53,7 @@ __all__ = [
     "RateLimited",
     "RetryLater",
     "StateError",
+    "StorageFull",
     "Unauthorized",
 ]
 
@@ -99,6 +101,10 @@ class ContextLengthExceeded(InvalidRequest):
 
 
 class StateError(PcrtError):
+    pass
+
+
+class StorageFull(PcrtError):
     pass
 
 

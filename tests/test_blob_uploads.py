@@ -8,6 +8,7 @@ allocations, in this process where the daemon runs): a count, not a timing.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import tracemalloc
@@ -17,6 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from pcrt.cache.blobs import IncomingBlob
 from pcrt.routing.auth import CLUSTER_HEADER, request_header
 from pcrt.runtime.models import Registry
 from pcrt.runtime.paths import Paths
@@ -145,3 +147,20 @@ def test_a_peers_blob_is_streamed_and_held_to_its_signed_sha256(
     old = httpx.put(server.url + plain, content=data, timeout=120,
                     headers=_signed_put(server, plain, body=data))  # fmt: skip
     assert old.status_code == 200 and old.json()["id"] == sha
+
+
+def test_a_disk_that_refuses_the_write_is_a_507_and_leaves_nothing(
+    server: LiveServer, state_file: tuple[Path, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ENOSPC cannot be made here without root mounts: the write fails as the OS fails it."""
+    path, _ = state_file
+
+    def full(self: IncomingBlob, piece: bytes) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(IncomingBlob, "write", full)
+    put = httpx.put(server.url + "/v1/states", content=_chunks(path), timeout=120)
+    assert put.status_code == 507, put.text
+    error = put.json()["error"]
+    assert error["code"] == "insufficient_storage" and "the disk is full" in error["message"]
+    assert _leftovers(server) == []

@@ -35,6 +35,7 @@ from pcrt.runtime.errors import (
     RateLimited,
     RetryLater,
     StateError,
+    StorageFull,
     Unauthorized,
 )
 
@@ -84,6 +85,8 @@ def status_and_body(exc: PcrtError) -> tuple[int, dict[str, Any], dict[str, str]
         return 409, error_body(msg, "invalid_request_error", None, "conflict"), headers
     if isinstance(exc, StateError):
         return 409, error_body(msg, "invalid_request_error", "state", "incompatible_state"), headers
+    if isinstance(exc, StorageFull):
+        return 507, error_body(msg, "server_error", None, "insufficient_storage"), headers
     if isinstance(exc, Unauthorized):
         return 401, error_body(msg, "invalid_request_error", None, "invalid_api_key"), headers
     if isinstance(exc, PullError | EngineClosed):

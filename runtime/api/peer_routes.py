@@ -20,9 +20,10 @@ from pcrt.cache.runs import RunExists
 from pcrt.routing.auth import CLUSTER_HEADER, PROOF_HEADER
 from pcrt.routing.migrate import BLOBS_PATH
 from pcrt.runtime.api.service import agent_of, services_of
+from pcrt.runtime.api.uploads import disk_errors, receive_into
 from pcrt.runtime.dag import parse_dag
 from pcrt.runtime.dag.executor import check_run
-from pcrt.runtime.errors import Conflict, InvalidRequest, Unauthorized
+from pcrt.runtime.errors import Conflict, Unauthorized
 from pcrt.runtime.state import KVState
 from pcrt.runtime.threads import to_thread_to_completion
 
@@ -155,11 +156,8 @@ async def receive_blob(
     services = services_of(request)
     limit = services.settings.state_upload_max_bytes
     declared = streamed_body_sha256(request)
-    with services.blobs.incoming() as blob:
-        async for chunk in request.stream():
-            if blob.size + len(chunk) > limit:
-                raise InvalidRequest(f"the state is over the {limit}-byte upload limit")
-            blob.write(chunk)
+    with disk_errors(services.blobs), services.blobs.incoming() as blob:
+        await receive_into(request, blob, limit)  # BodyTooLarge: 400
         if declared is not None and blob.sha256 != declared:
             raise Unauthorized(
                 f"the body hashes to {blob.sha256[:12]}, not the signed {declared[:12]}"

@@ -27,6 +27,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pcrt.cache.blobs import BlobCorrupt, BlobMissing, BlobStore
 from pcrt.runtime.api.errors import error_body
 from pcrt.runtime.api.service import services_of
+from pcrt.runtime.api.uploads import BodyTooLarge, disk_errors, receive_into
 from pcrt.runtime.errors import IncompatibleState, StateError
 from pcrt.runtime.state import KVState, StateHeader, describe_state
 from pcrt.runtime.threads import to_thread_to_completion
@@ -135,11 +136,11 @@ async def upload_state(request: Request, model: str | None = None) -> JSONRespon
         if size > limit:
             return _too_large(limit, size)
     # streamed to disk as it arrives: a state of gigabytes costs a chunk of memory
-    with services.blobs.incoming() as blob:
-        async for chunk in request.stream():
-            if blob.size + len(chunk) > limit:
-                return _too_large(limit)
-            blob.write(chunk)
+    with disk_errors(services.blobs), services.blobs.incoming() as blob:
+        try:
+            await receive_into(request, blob, limit)
+        except BodyTooLarge:
+            return _too_large(limit)
         if not blob.size:
             return _error(400, "the body is empty: send the state blob's bytes", "empty_body")
 
