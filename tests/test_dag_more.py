@@ -4,6 +4,8 @@ node's checkpoints)."""
 
 from __future__ import annotations
 
+import errno
+import os
 from typing import Any
 
 import pytest
@@ -125,3 +127,22 @@ async def test_a_fork_cut_by_max_tokens_shares_the_budget_and_stops_the_run(
     assert final.tokens_used <= 30
     ideas = runner.runs.node(final.id, "ideas")
     assert ideas.status == "succeeded" and len(ideas.output) == 3  # the cut outputs stay
+
+
+async def test_a_disk_that_refuses_states_costs_the_run_nothing_but_its_states(
+    runner: DagRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """States are insurance: when the disk refuses them (full; the write fails as the OS
+    fails it), every node still finishes, with no state or checkpoint on its record, and
+    ``story`` continues ``intro``'s conversation by recomputing it."""
+
+    def full(data: bytes, **kw: Any) -> str:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(runner.blobs, "put", full)
+    run = runner.create(_long_dag({}, story_tokens=12), {})
+    final = await runner.execute(run.id)
+    assert final.status == "succeeded", final.error
+    nodes = runner.runs.nodes(run.id)
+    assert all(n.status == "succeeded" and n.output for n in nodes)
+    assert all(n.state_sha256 is None and n.checkpoint_sha256 is None for n in nodes)

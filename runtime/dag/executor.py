@@ -862,12 +862,13 @@ class DagRunner:
                 elif isinstance(event, CheckpointEvent):
                     # blob and record in one thread: a run stopped meanwhile (timeout,
                     # cancel) still keeps this checkpoint on the node's record
-                    await to_thread_to_completion(
+                    saved = await to_thread_to_completion(
                         self._save_checkpoint, event.state, run_id, node_id,
                         len(before) + len(event.tokens),
                     )  # fmt: skip
-                    run.emit(DagEvent("checkpoint", run_id, node_id,
-                                      {"tokens": len(before) + len(event.tokens)}))  # fmt: skip
+                    if saved:
+                        run.emit(DagEvent("checkpoint", run_id, node_id,
+                                          {"tokens": len(before) + len(event.tokens)}))  # fmt: skip
             result = handle.result
             assert result is not None
             texts = [
@@ -1000,18 +1001,29 @@ class DagRunner:
         except Exception:
             log.exception("could not bill node %s of run %s", node_id, run.record.id)
 
-    def _save_state(self, state: KVState, run_id: str) -> str:
+    def _save_state(self, state: KVState, run_id: str) -> str | None:
         """Serialise and store a state: in a worker thread, since hashing and joining tens
-        of MB on the event loop would stall every other node's stream."""
-        return self.blobs.put(state.to_bytes(), run_id=run_id)
+        of MB on the event loop would stall every other node's stream. None when the disk
+        refuses it (full, read-only): a state is insurance, and losing it must not fail
+        the generation it insures (whatever needed it recomputes instead)."""
+        try:
+            return self.blobs.put(state.to_bytes(), run_id=run_id)
+        except OSError as exc:
+            log.warning("run %s: a KV state could not be saved (%s); going on without it",
+                        run_id, exc)  # fmt: skip
+            return None
 
-    def _save_checkpoint(self, state: KVState, run_id: str, node_id: str, tokens: int) -> None:
-        """The node's newest checkpoint replaces its previous one, on record and on disk."""
+    def _save_checkpoint(self, state: KVState, run_id: str, node_id: str, tokens: int) -> bool:
+        """The node's newest checkpoint replaces its previous one, on record and on disk;
+        False when it could not be saved (the previous one stays)."""
         previous = self.runs.node(run_id, node_id).checkpoint_sha256
         sha = self._save_state(state, run_id)
+        if sha is None:
+            return False
         self.runs.update_node(run_id, node_id, checkpoint_sha256=sha, checkpoint_tokens=tokens)
         if previous is not None and previous != sha:
             self.blobs.drop_superseded(previous)
+        return True
 
     async def _checkpoint_to_resume(self, record: NodeRecord, engine: Engine) -> KVState | None:
         if record.status not in ("interrupted", "running") or not record.checkpoint_sha256:
