@@ -9,6 +9,7 @@ temperature 0, a seeded distribution otherwise).
 from __future__ import annotations
 
 import json
+import math
 import random
 from typing import Any
 
@@ -18,7 +19,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pcrt.runtime.errors import InvalidRequest
 
-__all__ = ["Sampler", "SamplingParams", "resolve_seed", "schema_to_grammar"]
+__all__ = [
+    "MAX_GRAMMAR_DEPTH", "MAX_GRAMMAR_RULES", "Sampler", "SamplingParams", "grammar_problem",
+    "grammar_shape", "resolve_seed", "schema_to_grammar",
+]  # fmt: skip
 
 
 class SamplingParams(BaseModel):
@@ -47,6 +51,11 @@ class SamplingParams(BaseModel):
             raise ValueError("give either json_schema or grammar, not both")
         if any(s == "" for s in self.stop):
             raise ValueError("stop strings must not be empty")
+        if any(math.isnan(bias) for bias in self.logit_bias.values()):
+            raise ValueError("a logit_bias value is NaN")
+        problem = grammar_problem(self.grammar) if self.grammar is not None else None
+        if problem is not None:
+            raise ValueError(problem)
         return self
 
     @property
@@ -60,6 +69,49 @@ class SamplingParams(BaseModel):
         if self.json_schema is not None:
             return schema_to_grammar(self.json_schema)
         return None
+
+
+# llama.cpp parses nested groups and checks chains of rules by recursion: some 20,000
+# nested ( ) or 200,000 chained rules run its thread out of stack and kill the whole
+# process, not just the request. Real grammars (a JSON schema's too) stay far below.
+MAX_GRAMMAR_DEPTH = 1000  # nested ( ) groups
+MAX_GRAMMAR_RULES = 5000
+
+
+def grammar_problem(gbnf: str) -> str | None:
+    """Why llama.cpp must not be given this grammar, or None."""
+    depth, rules = grammar_shape(gbnf)
+    if depth > MAX_GRAMMAR_DEPTH:
+        return f"the grammar nests groups {depth} deep; at most {MAX_GRAMMAR_DEPTH}"
+    if rules > MAX_GRAMMAR_RULES:
+        return f"the grammar has {rules} rules; at most {MAX_GRAMMAR_RULES}"
+    return None
+
+
+def grammar_shape(gbnf: str) -> tuple[int, int]:
+    """How deeply a GBNF text nests ``( )`` groups and how many rules (``::=``) it has,
+    outside strings, character classes and comments."""
+    depth = deepest = rules = 0
+    i, n = 0, len(gbnf)
+    while i < n:
+        c = gbnf[i]
+        if c in '"[':
+            close = '"' if c == '"' else "]"
+            i += 1
+            while i < n and gbnf[i] != close:
+                i += 2 if gbnf[i] == "\\" else 1
+        elif c == "#":
+            while i < n and gbnf[i] not in "\r\n":
+                i += 1
+        elif c == "(":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif c == ")":
+            depth -= 1
+        elif gbnf.startswith("::=", i):
+            rules += 1
+        i += 1
+    return deepest, rules
 
 
 def schema_to_grammar(schema: dict[str, Any]) -> str:
@@ -98,6 +150,9 @@ class Sampler:
     def _build(self, p: SamplingParams, vocab: Any, n_vocab: int, seed: int) -> None:
         gbnf = p.gbnf()
         if gbnf is not None:
+            problem = grammar_problem(gbnf)  # a JSON schema's grammar too
+            if problem is not None:
+                raise InvalidRequest(problem)
             grammar = llama_cpp.llama_sampler_init_grammar(vocab, gbnf.encode(), b"root")
             if not grammar:
                 raise InvalidRequest("the grammar does not parse (GBNF syntax error)")

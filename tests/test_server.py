@@ -424,3 +424,27 @@ def test_a_dag_run_counts_as_one_of_its_agents_requests(server: LiveServer) -> N
         resumed = h.post(f"/v1/dags/{run_id}/resume", headers={"X-PC-Agent-ID": "free"})
         assert resumed.status_code == 429, resumed.text
         assert h.get(f"/v1/dags/{run_id}").json()["status"] == "interrupted"
+
+
+def test_grammars_that_would_crash_llama_cpp_are_refused(server: LiveServer) -> None:
+    """llama.cpp recurses per nested group and per chained rule: deep enough, it dies of
+    a stack overflow and takes the daemon with it. Such grammars are a 400 (the same
+    grammar at 20,000 levels killed the process before), and the daemon answers on."""
+    deep = 20_000
+    nested = "root ::= " + "(" * deep + '"a"' + ")" * deep
+    chained = (
+        "root ::= r0\n" + "".join(f"r{i} ::= r{i + 1}\n" for i in range(6000)) + 'r6000 ::= "a"\n'
+    )
+    messages = [{"role": "user", "content": "hi"}]
+    body = {"model": MODEL, "messages": messages, "max_tokens": 2}
+    with http(server) as h:
+        for grammar, why in ((nested, "nests groups 20000 deep"), (chained, "6002 rules")):
+            r = h.post("/v1/chat/completions", json={**body, "grammar": grammar})
+            assert r.status_code == 400 and why in r.json()["error"]["message"], r.text
+        raw = json.dumps({**body, "logit_bias": {"5": "BIAS"}}).replace('"BIAS"', "NaN")
+        nan = h.post("/v1/chat/completions", content=raw.encode(),
+                     headers={"content-type": "application/json"})  # fmt: skip
+        assert nan.status_code == 400 and "NaN" in nan.json()["error"]["message"], nan.text
+        ok = h.post("/v1/chat/completions", json={**body, "grammar": 'root ::= (("a" | "b"))+'})
+        assert ok.status_code == 200
+        assert set(ok.json()["choices"][0]["message"]["content"]) <= {"a", "b"}
