@@ -437,7 +437,7 @@ class Engine:
             )
         for given in (request.state, request.context_state):
             if given is not None:
-                given.check_compatible(self.compat_key)
+                self._check_state(given)
         prompt = self.tokenize_request(request)
         if not prompt:
             raise InvalidRequest("the prompt is empty")
@@ -471,9 +471,18 @@ class Engine:
 
         return await self.call(export)
 
+    def _check_state(self, state: KVState) -> None:
+        """StateError unless the state is this engine's kind and its tokens are this
+        vocabulary's: a forged header with the right key must not hand llama.cpp ids it
+        would index out of bounds."""
+        state.check_compatible(self.compat_key)
+        ids = [*state.tokens, *([state.next_token] if state.next_token is not None else [])]
+        if any(not 0 <= t < self.model.n_vocab for t in ids):
+            raise StateError("the state's tokens are outside this model's vocabulary")
+
     async def import_state(self, state: KVState) -> int:
         """Load a state into the least recently used idle slot; returns its seq id."""
-        state.check_compatible(self.compat_key)
+        self._check_state(state)
 
         def restore() -> int:
             idle = [s for s in self._slots if not s.busy]

@@ -7,6 +7,7 @@ shape and a status code; the CLI prints the message without a traceback.
     PcrtError
     ├── ConfigError            bad models.toml / user file / settings (names file and key)
     ├── ModelNotFound          unknown model name, alias or tag
+    ├── NotFound               no such thing of another kind (a DAG run); names the param
     ├── PullError              a model file could not be fetched or verified
     │   └── DownloadError      an HTTP download failed or its sha256 did not match
     ├── ModelLoadError         llama.cpp could not load the file or create a context
@@ -44,6 +45,7 @@ __all__ = [
     "ModelLoadError",
     "ModelNotFound",
     "NoRoute",
+    "NotFound",
     "PcrtError",
     "PeerError",
     "PeerRejected",
@@ -68,6 +70,12 @@ class ConfigError(PcrtError):
 
 class ModelNotFound(PcrtError):
     pass
+
+
+class NotFound(PcrtError):
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param  # the request field that named it
 
 
 class PullError(PcrtError):

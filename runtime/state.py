@@ -234,21 +234,44 @@ def _header_length(prefix: bytes) -> int:
 
 
 def _decode_header(raw: bytes) -> tuple[StateHeader, list[int]]:
+    """The header, every field checked for its type and range: a blob comes from a user
+    or a peer, and its header is read before anything else about it is trusted."""
     try:
         header = json.loads(raw)
-        tokens = [int(t) for t in header["tokens"]]
+        if not isinstance(header, dict):
+            raise ValueError("not a JSON object")
+        # an escaped lone surrogate ("\\ud800") decodes to a str that is no UTF-8 text:
+        # it could never be answered, listed or logged
+        json.dumps(header, ensure_ascii=False).encode("utf-8")
+        tokens = [_token_id(t) for t in header["tokens"]]
         next_token = header["next_token"]
+        model = header.get("model", "")
+        sha = header["payload_sha256"]
+        if not isinstance(model, str) or not isinstance(sha, str):
+            raise ValueError("model and payload_sha256 must be strings")
         parsed = StateHeader(
             key=CompatKey.model_validate(header["key"]),
-            model=str(header.get("model", "")),
+            model=model,
             n_tokens=len(tokens),
-            next_token=None if next_token is None else int(next_token),
-            payload_bytes=int(header["payload_bytes"]),
-            payload_sha256=str(header["payload_sha256"]),
+            next_token=None if next_token is None else _token_id(next_token),
+            payload_bytes=_count(header["payload_bytes"]),
+            payload_sha256=sha,
         )
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise StateError(f"corrupt KV state header: {exc}") from None
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+        raise StateError(f"corrupt KV state header: {type(exc).__name__}: {exc}") from None
     return parsed, tokens
+
+
+def _token_id(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**31:
+        raise ValueError(f"not a token id: {str(value)[:40]}")
+    return value
+
+
+def _count(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"not a byte count: {str(value)[:40]}")
+    return value
 
 
 def portable_payload(raw: memoryview, n_stream: int, seq_id: int) -> memoryview:

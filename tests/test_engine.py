@@ -283,6 +283,12 @@ async def test_import_refuses_wrong_key_and_corrupt_blob(engine: Engine) -> None
         KVState.from_bytes(bytes(blob))
     with pytest.raises(StateError):
         KVState.from_bytes(b"garbage")
+    # the right key, forged token ids: refused before llama.cpp would index with them
+    forged = KVState(state.key, [*state.tokens[:-1], 10**6], state.next_token, state.payload)
+    with pytest.raises(StateError, match="vocabulary"):
+        await engine.import_state(forged)
+    with pytest.raises(StateError, match="vocabulary"):
+        engine.submit(GenerateRequest(prompt=[], state=KVState(state.key, state.tokens, -1, b"")))
 
 
 async def test_cancel_frees_the_slot_at_once(engine: Engine) -> None:

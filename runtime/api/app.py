@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import json
 import logging
 import socket
 from collections.abc import AsyncIterator, Callable
@@ -31,7 +32,7 @@ from pcrt.runtime.api.peer_routes import streamed_body_sha256
 from pcrt.runtime.api.service import Services, dag_billing, services_of
 from pcrt.runtime.dag.executor import DagRunner
 from pcrt.runtime.engine import Engine
-from pcrt.runtime.errors import Unauthorized
+from pcrt.runtime.errors import InvalidRequest, Unauthorized
 from pcrt.runtime.limits import RateLimiter
 from pcrt.runtime.loader import open_engine
 from pcrt.runtime.metrics import Metrics
@@ -180,7 +181,7 @@ def create_app(
     app = FastAPI(
         title="pcrt",
         lifespan=lifespan,
-        dependencies=[Depends(require_key)],
+        dependencies=[Depends(require_key), Depends(refuse_broken_text)],
     )
     install_error_handlers(app)
     app.include_router(openai_routes.router)
@@ -189,6 +190,51 @@ def create_app(
     app.include_router(dag_routes.router)
     app.include_router(peer_routes.router)
     return app
+
+
+async def refuse_broken_text(request: Request) -> None:
+    """A JSON body may escape half of a UTF-16 pair ("\\ud800"). Python decodes it to a
+    str that is no UTF-8 text: the tokenizer, SQLite and the answer would each fail on it
+    later, some after work was done or recorded. It is a 400 before anything runs."""
+    if "json" not in request.headers.get("content-type", ""):
+        return  # blob uploads stream past this unread
+    body = await request.body()  # FastAPI has read it already
+    if b"\\ud" not in body and b"\\uD" not in body:
+        return
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        return  # FastAPI answers malformed JSON itself
+    where = broken_text_at(data)
+    if where is not None:
+        raise InvalidRequest(
+            f"{where} holds an unpaired UTF-16 surrogate escape (like \\ud800): not text"
+        )
+
+
+def broken_text_at(value: Any, where: str = "the body") -> str | None:
+    """Where in a decoded JSON value a string (or key) cannot be encoded as UTF-8."""
+    stack = [(value, where)]
+    while stack:
+        item, at = stack.pop()
+        if isinstance(item, str) and not _is_text(item):
+            return at
+        if isinstance(item, dict):
+            for key, inner in item.items():
+                if not _is_text(key):
+                    return f"a key in {at}"  # never quoted: it would break the message too
+                stack.append((inner, f"{at}.{key}"))
+        elif isinstance(item, list):
+            stack.extend((inner, f"{at}[{i}]") for i, inner in enumerate(item))
+    return None
+
+
+def _is_text(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 async def _resume_interrupted(services: Services) -> None:

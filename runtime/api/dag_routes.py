@@ -21,7 +21,7 @@ from pcrt.runtime.dag.executor import RESUMABLE, DagEvent, DagRunner
 from pcrt.runtime.dag.library import library_from_documents
 from pcrt.runtime.dag.load import ShapeInvalid
 from pcrt.runtime.dag.spec import DagSpec
-from pcrt.runtime.errors import InvalidRequest, ModelNotFound
+from pcrt.runtime.errors import InvalidRequest, NotFound
 
 __all__ = ["DagTasks", "router", "run_view"]
 
@@ -163,7 +163,7 @@ def _get(runner: DagRunner, run_id: str) -> RunRecord:
     try:
         return runner.runs.get_run(run_id)
     except RunNotFound:
-        raise ModelNotFound(f"no DAG run {run_id!r}") from None
+        raise NotFound(f"no DAG run {run_id!r}", param="run_id") from None
 
 
 @router.post("/v1/dags")

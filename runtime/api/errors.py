@@ -28,6 +28,7 @@ from pcrt.runtime.errors import (
     ModelLoadError,
     ModelNotFound,
     NoRoute,
+    NotFound,
     PcrtError,
     PeerRejected,
     PeerUnavailable,
@@ -70,6 +71,8 @@ def status_and_body(exc: PcrtError) -> tuple[int, dict[str, Any], dict[str, str]
         return 502, error_body(msg, "server_error", None, "peer_unavailable"), headers
     if isinstance(exc, NoRoute):
         return 404, error_body(msg, "invalid_request_error", "model", "no_route"), headers
+    if isinstance(exc, NotFound):
+        return 404, error_body(msg, "invalid_request_error", exc.param, "not_found"), headers
     if isinstance(exc, ModelNotFound):
         return 404, error_body(msg, "invalid_request_error", "model", "model_not_found"), headers
     if isinstance(exc, DagInvalid):
@@ -116,7 +119,8 @@ def install_error_handlers(app: FastAPI) -> None:
                 f"{e['msg'].removeprefix('Value error, ')}"
                 for e in errors
             )
-        param = ".".join(loc) or None
+        # a JSON syntax error's location is a character offset, not a field
+        param = None if first.get("type") == "json_invalid" else ".".join(loc) or None
         return JSONResponse(
             error_body(message, "invalid_request_error", param, None), status_code=400
         )
@@ -132,6 +136,13 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        if isinstance(exc, RecursionError):  # a document nested past Python's stack
+            log.warning("refused a request nested too deeply to process")
+            return JSONResponse(
+                error_body("the request nests too deeply to process", "invalid_request_error",
+                           None, "nested_too_deeply"),
+                status_code=400,
+            )  # fmt: skip
         log.exception("unexpected error while serving a request")
         return JSONResponse(
             error_body(f"internal error: {type(exc).__name__}", "server_error", None, None),

@@ -197,6 +197,8 @@ def _decode(text: str, fmt: DagFormat, source: str | None) -> Any:
         message = f"YAML syntax error{at}: {exc.problem or exc}"
     except (yaml.YAMLError, _DuplicateKey) as exc:
         message = f"{fmt.upper()} error: {exc}"
+    except RecursionError:
+        message = f"the {fmt.upper()} document nests too deeply to read"
     raise DagInvalid([Problem(message=message)], source=source)
 
 
@@ -220,7 +222,14 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         seen: set[Any] = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
-            if isinstance(key, Hashable) and key in seen:
+            if not isinstance(key, Hashable):  # "? [a, b]": a list or mapping as a key
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping",
+                    node.start_mark,
+                    f"a key must be a plain value, not a {type(key).__name__}",
+                    key_node.start_mark,
+                )
+            if key in seen:
                 raise yaml.constructor.ConstructorError(
                     "while constructing a mapping",
                     node.start_mark,
