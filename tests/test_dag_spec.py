@@ -859,3 +859,48 @@ def test_sandbox_refuses_unsafe_access() -> None:
     with pytest.raises(RenderFailed, match="SecurityError"):
         evaluate(env, "9 ** 99999", scope)
     assert evaluate(env, "2 ** 10", scope) == 1024
+
+
+@pytest.mark.parametrize(
+    ("template", "says"),
+    [
+        # each took seconds to minutes, or built 100 MB, on the daemon's event loop
+        ("{% for i in range(20000) %}{% for j in range(20000) %}{% endfor %}{% endfor %}",
+         "loops more than"),
+        ("{% for c in 'x' * 100000 %}{% for d in 'x' * 100000 %}{% endfor %}{% endfor %}",
+         "loops more than"),
+        ("{{ '%0100000000d' % 1 }}", "'%' with a width"),
+        ("{{ '%*d' % (100000000, 1) }}", "'%' with a width"),
+        ("{{ '%0100000000d' | format(1) }}", "'format' with a width"),
+        ("{{ 'a' | center(100000000) }}", "'center' with a width"),
+        ("{{ 'x'.ljust(100000000) }}", "str.ljust with a width"),
+        ("{{ '{:>100000000}'.format(1) }}", "str.format with a width"),
+        ("{{ '{0:>{1}}'.format(1, 100000000) }}", "str.format with a width"),
+        ("{{ ((2 ** 1024) ** 1024) ** 64 > 0 }}", "over 1000000 bits"),
+    ],
+)  # fmt: skip
+def test_the_sandbox_bounds_what_one_template_costs(template: str, says: str) -> None:
+    with pytest.raises(RenderFailed, match="SecurityError") as info:
+        render(make_environment(), template, {})
+    assert says in info.value.reason
+
+
+def test_bounded_templates_still_do_what_they_say() -> None:
+    """The bounds leave ordinary templates alone: loops up to the limit, widths and
+    numbers that are only printed, and formats that pad a little."""
+    env = make_environment()
+    many = "{% for i in range(1000) %}{% for j in range(999) %}{% endfor %}{% endfor %}ok"
+    assert render(env, many, {}) == "ok"  # 1,000 + 999,000 steps: exactly the limit
+    text = (
+        "{{ '%05d' % 3 }} {{ 'a' | center(5) }} {{ '{:>4}'.format(7) }} {{ '%d' % 10 ** 9 }} "
+        "{{ '{}'.format(10 ** 9) }} {% for x in [1, 2] %}{{ loop.index }}{% endfor %}"
+    )
+    assert render(env, text, {}) == "00003   a      7 1000000000 1000000000 12"
+    assert evaluate(env, "(2 ** 1024) ** 2 > 0", {})
+
+
+def test_a_dag_has_at_most_a_thousand_nodes() -> None:
+    nodes = {f"n{i}": {"type": "assert", "that": "true"} for i in range(1001)}
+    with pytest.raises(DagInvalid, match="at most 1000 nodes; this one has 1001"):
+        parse_dag({"dag": "/dynamic/wide", "nodes": nodes})
+    parse_dag({"dag": "/dynamic/wide", "nodes": dict(list(nodes.items())[:1000])})

@@ -106,6 +106,7 @@ __all__ = ["BudgetExceeded", "DagEvent", "DagRunner", "EngineLease", "Remote", "
 log = logging.getLogger(__name__)
 
 DAG_ROUTE = "/v1/dags"  # the route usage rows of DAG generations are filed under
+MAX_NODES_IN_FLIGHT = 32  # nodes of one run started and not finished
 
 EngineLease = Callable[[str], AbstractAsyncContextManager[Engine]]
 """Given a model name, an async context manager holding its loaded engine."""
@@ -346,7 +347,10 @@ class DagRunner:
         running: dict[asyncio.Task[dict[str, Any]], str] = {}
         try:
             while pending or running:
-                ready = [n for n in pending if deps[n] <= run.outputs.keys()]
+                # a bounded number at a time: a thousand ready asserts started at once
+                # would queue a thousand steps ahead of every other request on the loop
+                room = MAX_NODES_IN_FLIGHT - len(running)
+                ready = [n for n in pending if deps[n] <= run.outputs.keys()][:room]
                 for node_id in ready:
                     pending.remove(node_id)
                     self._check_budget(run, starting=len(running))

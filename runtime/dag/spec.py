@@ -45,6 +45,7 @@ __all__ = [
 ]
 
 IDENT_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
+MAX_NODES = 1_000  # in one DAG document (a subgraph call counts as one)
 # /lib/... or /dynamic/..., segments of letters, digits, '_', '-', '.'
 PATH_PATTERN = r"^/(lib|dynamic)(/[A-Za-z0-9_.-]+)+$"
 LIB_PATTERN = r"^/lib(/[A-Za-z0-9_.-]+)+$"
@@ -288,6 +289,11 @@ class DagSpec(BaseModel):
         """Give each node its id (its key) and default path; the caller's dict is not changed."""
         if not isinstance(data, dict) or not isinstance(data.get("nodes"), dict):
             return data
+        if len(data["nodes"]) > MAX_NODES:
+            # checked before the nodes are: each costs the daemon's event loop its turn
+            raise ValueError(
+                f"a DAG has at most {MAX_NODES} nodes; this one has {len(data['nodes'])}"
+            )
         dag = data.get("dag")
         base = dag if isinstance(dag, str) and dag.startswith("/") else "/dynamic"
         filled: dict[Any, Any] = {}

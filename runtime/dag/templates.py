@@ -14,7 +14,10 @@ dependencies are implied without ``needs``.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -43,15 +46,66 @@ __all__ = [
 ROOTS: frozenset[str] = frozenset({"inputs", "nodes"})
 MAX_SEQUENCE = 100_000  # longest string or list a template may build with '*'
 MAX_EXPONENT = 1_024
+MAX_INT_BITS = 1_000_000  # '**' results: ((2**1024)**1024)**64 would be 8 GB
+MAX_STEPS = 1_000_000  # loop iterations in one render or evaluation
+MAX_SECONDS = 1.0  # and the wall time it may take, however it spends it
+_METERED = "__pcrt_metered__"
+_NESTED_WIDTH = re.compile(r"\{[^{}]*:[^{}]*\{")
+# widths that pad text: 'x'|center(10**8) or '%0100000000d' % 1 build 100 MB
+_WIDTH_FILTERS = {"center": 0, "indent": 0, "wordwrap": 0, "truncate": 0}
+_WIDTH_METHODS = frozenset({"center", "ljust", "rjust", "zfill", "expandtabs"})
+_FORMAT_WIDTH = re.compile(r"[%:][-#0 +<>=^,_]*(\d+)?(?:\.(\d+))?")
+_METER: ContextVar[_Meter | None] = ContextVar("pcrt_template_meter", default=None)
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _LONE = re.compile(r"\{\{[-+]?(.*?)[-+]?\}\}", re.S)
 _SHOWN = 200  # characters of a value shown in an assertion message
 
 
 class DagSandbox(ImmutableSandboxedEnvironment):
-    """The immutable sandbox with bounded repetition and powers (``'a' * 10**9`` refused)."""
+    """The immutable sandbox, bounded in what one template may cost: repetition, powers,
+    padding widths and loop iterations (``'a' * 10**9``, ``'x'|center(10**8)`` and nested
+    ``range`` loops are refused). Templates render on the daemon's event loop, so an
+    unbounded one would stall every other request."""
 
-    intercepted_binops = frozenset({"*", "**"})
+    intercepted_binops = frozenset({"*", "**", "%"})
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.globals[_METERED] = _metered
+        for name, width_at in _WIDTH_FILTERS.items():
+            self.filters[name] = _bounded_filter(self.filters[name], name, width_at)
+        self.filters["format"] = _bounded_format(self.filters["format"])
+
+    def _parse(self, source: str, name: str | None, filename: str | None) -> nodes.Template:
+        """Every ``for`` loop iterates through the meter (see ``_metered``)."""
+        tree = super()._parse(source, name, filename)
+        for loop in tree.find_all(nodes.For):
+            loop.iter = nodes.Call(
+                nodes.Name(_METERED, "load", lineno=loop.lineno), [loop.iter], [], None, None,
+                lineno=loop.lineno,
+            )  # fmt: skip
+        return tree
+
+    def call(__self, __context: Context, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
+        owner = getattr(__obj, "__self__", None)
+        if isinstance(owner, str) and getattr(__obj, "__name__", "") in _WIDTH_METHODS:
+            _check_widths((*args, *kwargs.values()), f"str.{__obj.__name__}")
+        return super().call(__context, __obj, *args, **kwargs)
+
+    def wrap_str_format(self, value: Any) -> Callable[..., str] | None:
+        """``'{:>9}'.format(x)``: the sandbox's own wrapper, after the widths are checked."""
+        wrapped = super().wrap_str_format(value)
+        if wrapped is None:
+            return None
+        text: str = value.__self__
+
+        def checked(*args: Any, **kwargs: Any) -> str:
+            _check_format(text, "str.format")
+            if _NESTED_WIDTH.search(text):  # '{0:>{1}}': an argument is a width
+                _check_widths((*args, *kwargs.values()), "str.format")
+            return wrapped(*args, **kwargs)
+
+        return checked
 
     def call_binop(self, context: Context, operator: str, left: Any, right: Any) -> Any:
         if operator == "*":
@@ -70,7 +124,87 @@ class DagSandbox(ImmutableSandboxedEnvironment):
             and abs(right) > MAX_EXPONENT
         ):
             raise SecurityError(f"'**' with an exponent above {MAX_EXPONENT}")
+        if (
+            operator == "**"
+            and isinstance(left, int)
+            and isinstance(right, int)
+            and left.bit_length() * abs(right) > MAX_INT_BITS
+        ):
+            raise SecurityError(f"'**' would build an integer over {MAX_INT_BITS} bits")
+        if operator == "%" and isinstance(left, str):
+            _check_percent(left, right, "'%'")
         return super().call_binop(context, operator, left, right)
+
+
+class _Meter:
+    """What one render has spent so far."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self.deadline = time.monotonic() + MAX_SECONDS
+
+    def step(self) -> None:
+        self.steps += 1
+        if self.steps > MAX_STEPS:
+            raise SecurityError(f"the template loops more than {MAX_STEPS} times")
+        if self.steps % 1024 == 0 and time.monotonic() > self.deadline:
+            raise SecurityError(f"the template took over {MAX_SECONDS:g} s to render")
+
+
+def _metered(iterable: Any) -> Iterator[Any]:
+    meter = _METER.get()
+    for item in iterable:
+        if meter is not None:
+            meter.step()
+        yield item
+
+
+@contextmanager
+def _metering() -> Iterator[None]:
+    token = _METER.set(_Meter())
+    try:
+        yield
+    finally:
+        _METER.reset(token)
+
+
+def _check_widths(values: tuple[Any, ...], what: str) -> None:
+    for value in values:
+        if isinstance(value, int) and value > MAX_SEQUENCE:
+            raise SecurityError(f"{what} with a width over {MAX_SEQUENCE}")
+
+
+def _check_percent(text: str, values: Any, what: str) -> None:
+    """``text % values``: its literal widths, and the values a ``*`` takes as widths."""
+    _check_format(text, what)
+    if "*" in text:
+        _check_widths(values if isinstance(values, tuple) else (values,), what)
+
+
+def _check_format(text: str, what: str) -> None:
+    for match in _FORMAT_WIDTH.finditer(text):
+        for number in match.groups():
+            if number is not None and int(number) > MAX_SEQUENCE:
+                raise SecurityError(f"{what} with a width over {MAX_SEQUENCE}")
+
+
+def _bounded_filter(filter_: Callable[..., Any], name: str, width_at: int) -> Callable[..., Any]:
+    def bounded(value: Any, *args: Any, **kwargs: Any) -> Any:
+        width = args[width_at] if len(args) > width_at else kwargs.get("width")
+        if isinstance(width, int) and width > MAX_SEQUENCE:
+            raise SecurityError(f"'{name}' with a width over {MAX_SEQUENCE}")
+        return filter_(value, *args, **kwargs)
+
+    return bounded
+
+
+def _bounded_format(filter_: Callable[..., Any]) -> Callable[..., Any]:
+    def bounded(value: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(value, str):
+            _check_percent(value, args, "'format'")
+        return filter_(value, *args, **kwargs)
+
+    return bounded
 
 
 def make_environment() -> DagSandbox:
@@ -189,7 +323,8 @@ def render(
 ) -> str:
     """Render a template to text; any failure is a ``RenderFailed`` naming the node."""
     try:
-        return env.from_string(source).render(scope)
+        with _metering():
+            return env.from_string(source).render(scope)
     except Exception as exc:  # jinja errors, and whatever a filter raises on odd values
         raise RenderFailed(source, _reason(exc), node=node) from None
 
@@ -199,7 +334,8 @@ def evaluate(
 ) -> Any:
     """Evaluate an expression to a Python value; undefined results are errors, not None."""
     try:
-        result = env.compile_expression(expression, undefined_to_none=False)(**scope)
+        with _metering():
+            result = env.compile_expression(expression, undefined_to_none=False)(**scope)
         if isinstance(result, Undefined):
             bool(result)  # StrictUndefined raises here, with the sandbox's reason if any
         return result
