@@ -178,10 +178,15 @@ def create_app(
         ):
             raise Unauthorized("missing or wrong API key (send Authorization: Bearer KEY)")
 
+    async def guard(request: Request) -> None:
+        # one dependency, not two: each costs every request its resolution
+        await require_key(request)
+        await refuse_broken_text(request)
+
     app = FastAPI(
         title="pcrt",
         lifespan=lifespan,
-        dependencies=[Depends(require_key), Depends(refuse_broken_text)],
+        dependencies=[Depends(guard)],
     )
     install_error_handlers(app)
     app.include_router(openai_routes.router)
