@@ -877,12 +877,31 @@ def test_sandbox_refuses_unsafe_access() -> None:
         ("{{ '{:>100000000}'.format(1) }}", "str.format with a width"),
         ("{{ '{0:>{1}}'.format(1, 100000000) }}", "str.format with a width"),
         ("{{ ((2 ** 1024) ** 1024) ** 64 > 0 }}", "over 1000000 bits"),
+        # what no per-operation bound catches: the template worker's limits do
+        ("{{ (['x' * 100000] * 100000) | join }}", "more memory than its sandbox has"),
+        ("{{ ([[0] * 100000] * 1000) | sum(start=[]) }}", "took over 2 s"),
+        ("{% macro f(n) %}{% if n %}{{ f(n - 1) }}{{ f(n - 1) }}{% endif %}{% endmacro %}"
+         "{{ f(40) }}", "took over 2 s"),
+        ("{% set __pcrt_metered__ = {}.fromkeys %}"
+         "{% for i in range(3000) %}{% for j in range(1000) %}{% endfor %}{% endfor %}",
+         "loops more than"),
     ],
 )  # fmt: skip
 def test_the_sandbox_bounds_what_one_template_costs(template: str, says: str) -> None:
     with pytest.raises(RenderFailed, match="SecurityError") as info:
         render(make_environment(), template, {})
     assert says in info.value.reason
+
+
+def test_a_sandbox_whose_worker_was_killed_renders_on() -> None:
+    """A template over the deadline kills the worker process; the next render starts a
+    new one, and the daemon's own process never ran the template at all."""
+    env = make_environment()
+    with pytest.raises(RenderFailed, match="took over"):
+        render(env, "{% macro f(n) %}{% if n %}{{ f(n - 1) }}{{ f(n - 1) }}{% endif %}"
+                    "{% endmacro %}{{ f(40) }}", {})  # fmt: skip
+    assert render(env, "{{ inputs.a }} again", {"inputs": {"a": 1}}) == "1 again"
+    assert evaluate(env, "(1, 2)", {}) == [1, 2]  # values come back as JSON data
 
 
 def test_bounded_templates_still_do_what_they_say() -> None:

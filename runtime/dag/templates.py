@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 import time
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -28,6 +29,7 @@ from jinja2.runtime import Context
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from pcrt.runtime.dag.errors import AssertFailed, RenderFailed
+from pcrt.runtime.dag.template_worker import TemplateWorker
 
 __all__ = [
     "DagSandbox",
@@ -49,7 +51,6 @@ MAX_EXPONENT = 1_024
 MAX_INT_BITS = 1_000_000  # '**' results: ((2**1024)**1024)**64 would be 8 GB
 MAX_STEPS = 1_000_000  # loop iterations in one render or evaluation
 MAX_SECONDS = 1.0  # and the wall time it may take, however it spends it
-_METERED = "__pcrt_metered__"
 _NESTED_WIDTH = re.compile(r"\{[^{}]*:[^{}]*\{")
 # widths that pad text: 'x'|center(10**8) or '%0100000000d' % 1 build 100 MB
 _WIDTH_FILTERS = {"center": 0, "indent": 0, "wordwrap": 0, "truncate": 0}
@@ -68,10 +69,10 @@ class DagSandbox(ImmutableSandboxedEnvironment):
     unbounded one would stall every other request."""
 
     intercepted_binops = frozenset({"*", "**", "%"})
+    worker: TemplateWorker | None = None  # None: templates run in this process
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
-        self.globals[_METERED] = _metered
         for name, width_at in _WIDTH_FILTERS.items():
             self.filters[name] = _bounded_filter(self.filters[name], name, width_at)
         self.filters["format"] = _bounded_format(self.filters["format"])
@@ -80,9 +81,10 @@ class DagSandbox(ImmutableSandboxedEnvironment):
         """Every ``for`` loop iterates through the meter (see ``_metered``)."""
         tree = super()._parse(source, name, filename)
         for loop in tree.find_all(nodes.For):
+            # imported by its module path: a name, a template could assign over
             loop.iter = nodes.Call(
-                nodes.Name(_METERED, "load", lineno=loop.lineno), [loop.iter], [], None, None,
-                lineno=loop.lineno,
+                nodes.ImportedName(f"{__name__}._metered", lineno=loop.lineno), [loop.iter],
+                [], None, None, lineno=loop.lineno,
             )  # fmt: skip
         return tree
 
@@ -208,8 +210,25 @@ def _bounded_format(filter_: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def make_environment() -> DagSandbox:
-    """A fresh sandbox: strict undefined, no autoescape, prompts kept byte for byte."""
-    return DagSandbox(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=True)
+    """A fresh sandbox: strict undefined, no autoescape, prompts kept byte for byte.
+
+    It parses and checks templates here; it runs them in a child process of its own (see
+    ``template_worker``), started on the first render and stopped with the sandbox."""
+    env = sandbox_here()
+    worker = TemplateWorker()
+    env.worker = worker
+    weakref.finalize(env, worker.close)
+    return env
+
+
+def sandbox_here() -> DagSandbox:
+    """A sandbox that runs templates in this process: the template worker's own.
+    Not optimised: the optimiser folds constant expressions, i.e. runs template code,
+    while a template is only being compiled to check it."""
+    return DagSandbox(
+        undefined=StrictUndefined, autoescape=False, keep_trailing_newline=True,
+        optimized=False,
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -322,6 +341,11 @@ def render(
     env: DagSandbox, source: str, scope: Mapping[str, Any], *, node: str | None = None
 ) -> str:
     """Render a template to text; any failure is a ``RenderFailed`` naming the node."""
+    if env.worker is not None:
+        reply = env.worker.call({"op": "render", "source": source, "scope": scope})
+        if "error" in reply:
+            raise RenderFailed(source, reply["error"], node=node)
+        return str(reply["ok"])
     try:
         with _metering():
             return env.from_string(source).render(scope)
@@ -333,6 +357,11 @@ def evaluate(
     env: DagSandbox, expression: str, scope: Mapping[str, Any], *, node: str | None = None
 ) -> Any:
     """Evaluate an expression to a Python value; undefined results are errors, not None."""
+    if env.worker is not None:
+        reply = env.worker.call({"op": "evaluate", "source": expression, "scope": scope})
+        if "error" in reply:
+            raise RenderFailed(expression, reply["error"], node=node)
+        return reply["ok"]
     try:
         with _metering():
             result = env.compile_expression(expression, undefined_to_none=False)(**scope)
@@ -375,17 +404,43 @@ def check_assert(
     message: str | None = None,
 ) -> None:
     """Raise ``AssertFailed`` (with the values the expression read) unless it is true."""
-    try:
-        result = evaluate(env, expression, scope, node=node)
-        holds = bool(result)
-        reason = None
-    except RenderFailed as exc:
-        holds, reason = False, exc.reason
-    if holds:
+    if env.worker is not None:
+        reply = env.worker.call({"op": "assert", "source": expression, "scope": scope})
+        if "error" in reply:
+            verdict = {"holds": False, "values": {}, "reason": reply["error"]}
+        else:
+            verdict = reply["ok"]
+    else:
+        verdict = _assert_here(env, expression, scope)
+    if verdict["holds"]:
         return
     raise AssertFailed(
-        expression, _values(env, expression, scope), node=node, reason=reason, message=message
+        expression, verdict["values"], node=node, reason=verdict["reason"], message=message
     )
+
+
+def _assert_here(env: DagSandbox, expression: str, scope: Mapping[str, Any]) -> dict[str, Any]:
+    try:
+        holds, reason = bool(evaluate(env, expression, scope)), None
+    except RenderFailed as exc:
+        holds, reason = False, exc.reason
+    values = {} if holds else _values(env, expression, scope)
+    return {"holds": holds, "values": values, "reason": reason}
+
+
+def serve_request(env: DagSandbox, request: dict[str, Any]) -> dict[str, Any]:
+    """One request in the template worker (``env`` runs templates here)."""
+    op, source, scope = request["op"], request["source"], request["scope"]
+    try:
+        if op == "render":
+            return {"ok": render(env, source, scope)}
+        if op == "evaluate":
+            return {"ok": evaluate(env, source, scope)}
+        if op == "assert":
+            return {"ok": _assert_here(env, source, scope)}
+    except RenderFailed as exc:
+        return {"error": exc.reason}
+    return {"error": f"unknown operation {op!r}"}
 
 
 def _values(env: DagSandbox, expression: str, scope: Mapping[str, Any]) -> dict[str, str]:
@@ -404,4 +459,6 @@ def _values(env: DagSandbox, expression: str, scope: Mapping[str, Any]) -> dict[
 
 
 def _reason(exc: Exception) -> str:
+    if isinstance(exc, MemoryError):  # the template worker's limit
+        return "SecurityError: the template needs more memory than its sandbox has"
     return f"{type(exc).__name__}: {exc}"
