@@ -20,6 +20,7 @@ import os
 import re
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ _SHA = re.compile(r"^[0-9a-f]{64}$")
 # runs that may still need their states: a cancelled run resumes, a migrating one moves
 UNFINISHED_RUN_STATES = ("pending", "running", "interrupted", "cancelled", "migrating")
 ARRIVAL_GRACE = datetime.timedelta(minutes=10)  # a state sent ahead of its run's record
+UPLOAD_GRACE = 60.0  # seconds an unlocked upload file is left alone (between open and lock)
 
 
 def is_blob_id(text: str) -> bool:
@@ -78,11 +80,15 @@ class BlobStore:
 
         def write(path: Path) -> None:
             tmp = path.with_name(f".{sha256}.{os.getpid()}.{threading.get_ident()}.tmp")
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            except BaseException:  # a full disk: no partial file left to fill it further
+                tmp.unlink(missing_ok=True)
+                raise
 
         self._adopt(sha256, len(data), kind, run_id, write)
         return sha256
@@ -93,6 +99,8 @@ class BlobStore:
         is removed."""
         for tmp in self.root.glob(".incoming.*.tmp"):
             try:
+                if time.time() - tmp.stat().st_mtime < UPLOAD_GRACE:
+                    continue  # maybe created a moment ago and not locked yet
                 with open(tmp, "rb") as f:
                     fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
                     tmp.unlink(missing_ok=True)

@@ -95,8 +95,8 @@ def grammar_shape(gbnf: str) -> tuple[int, int]:
     i, n = 0, len(gbnf)
     while i < n:
         c = gbnf[i]
-        if c in '"[':
-            close = '"' if c == '"' else "]"
+        if c in '"[<':  # a string, a character class, a token literal (<think>, <[42]>)
+            close = {'"': '"', "[": "]", "<": ">"}[c]
             i += 1
             while i < n and gbnf[i] != close:
                 i += 2 if gbnf[i] == "\\" else 1
@@ -107,7 +107,7 @@ def grammar_shape(gbnf: str) -> tuple[int, int]:
             depth += 1
             deepest = max(deepest, depth)
         elif c == ")":
-            depth -= 1
+            depth = max(0, depth - 1)  # a stray ")" must not hide the nesting after it
         elif gbnf.startswith("::=", i):
             rules += 1
         i += 1

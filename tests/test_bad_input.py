@@ -80,6 +80,22 @@ def test_an_unpaired_surrogate_is_a_400_before_anything_runs(
         ('{"a":' + "[" * 1000 + "]" * 1000 + "}", "JSON document nests too deeply"),
         ("a: " + "[" * 1000 + "]" * 1000 + "\n", "YAML document nests too deeply"),
         ('dag = "/dynamic/x"\na = ' + "[" * 1000 + "]" * 1000 + "\n", "TOML document nests"),
+        # a YAML escape inside the JSON string: text for JSON, a lone surrogate for YAML
+        (
+            'dag: /dynamic/t\ninputs: {s: {type: string, default: "\\ud800"}}\n'
+            "nodes: {n: {type: assert, that: 'true'}}\n",
+            "inputs.s.default holds an unpaired",
+        ),
+        # nine levels of ten aliases: 10**9 values once expanded ("billion laughs")
+        (
+            "a: &a [x, x, x, x, x, x, x, x, x, x]\n"
+            + "".join(
+                f"{chr(98 + i)}: &{chr(98 + i)} [" + ", ".join([f"*{chr(97 + i)}"] * 10) + "]\n"
+                for i in range(8)
+            )
+            + "dag: /dynamic/t\n",
+            "expands to over 1000000 values",
+        ),
     ],
 )
 def test_dag_texts_that_break_the_parsers_are_422(server: LiveServer, text: str, says: str) -> None:
@@ -126,6 +142,13 @@ def test_a_state_with_a_forged_header_is_refused_and_not_stored(
     assert r.status_code == 409 and "header" in _error(r)["message"], r.text
     assert server.services.blobs.entries() == before
     assert httpx.get(server.url + "/v1/states", timeout=10).status_code == 200
+
+
+def test_the_text_check_reads_the_content_type_as_fastapi_does(server: LiveServer) -> None:
+    raw = f'{{"model": "{MODEL}", "prompt": "{LONE}", "max_tokens": 1}}'
+    r = httpx.post(server.url + "/v1/completions", content=raw.encode(), timeout=30,
+                   headers={"content-type": "Application/JSON; charset=utf-8"})  # fmt: skip
+    assert r.status_code == 400 and "surrogate" in _error(r)["message"], r.text
 
 
 def test_malformed_json_names_no_param_and_an_unknown_run_is_not_a_model(

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -155,12 +157,16 @@ def test_uploads_a_crashed_process_left_are_removed_on_open(tmp_path: Path) -> N
     blobs = BlobStore(store, tmp_path / "blobs")
     abandoned = blobs.root / ".incoming.1.0123456789abcdef.tmp"  # pid 1: alive, but not it
     abandoned.write_bytes(b"half")
+    young = blobs.root / ".incoming.1.fedcba9876543210.tmp"  # just created, not locked yet
+    young.write_bytes(b"")
+    an_hour_ago = time.time() - 3600
+    os.utime(abandoned, (an_hour_ago, an_hour_ago))
     with blobs.incoming() as live:
         live.write(b"on its way")
         BlobStore(store, blobs.root)
-        assert not abandoned.exists() and live.path.exists()
+        assert not abandoned.exists() and live.path.exists() and young.exists()
         live.commit()
-    assert not list(blobs.root.glob(".incoming.*"))
+    assert list(blobs.root.glob(".incoming.*")) == [young]
 
 
 def test_a_superseded_blob_goes_unless_someone_else_may_want_it(tmp_path: Path) -> None:
@@ -178,3 +184,15 @@ def test_a_superseded_blob_goes_unless_someone_else_may_want_it(tmp_path: Path) 
     for kept in (pointed, read, again):
         assert not blobs.drop_superseded(kept) and blobs.has(kept)
     assert not blobs.drop_superseded(old)  # gone already: nothing to do
+
+
+def test_a_write_the_disk_refuses_leaves_no_partial_file(
+    blobs: BlobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError):
+        blobs.put(b"a state")
+    assert [p for p in blobs.root.rglob("*") if p.is_file()] == [] and blobs.entries() == []

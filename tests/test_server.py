@@ -432,13 +432,18 @@ def test_grammars_that_would_crash_llama_cpp_are_refused(server: LiveServer) -> 
     grammar at 20,000 levels killed the process before), and the daemon answers on."""
     deep = 20_000
     nested = "root ::= " + "(" * deep + '"a"' + ")" * deep
+    # token literals may hold ")" (<)>): they must not hide the groups after them
+    hidden = "root ::= " + "<)>" * 3000 + "(" * 2500 + '"a"' + ")" * 2500
     chained = (
         "root ::= r0\n" + "".join(f"r{i} ::= r{i + 1}\n" for i in range(6000)) + 'r6000 ::= "a"\n'
     )
     messages = [{"role": "user", "content": "hi"}]
     body = {"model": MODEL, "messages": messages, "max_tokens": 2}
     with http(server) as h:
-        for grammar, why in ((nested, "nests groups 20000 deep"), (chained, "6002 rules")):
+        for grammar, why in (
+            (nested, "nests groups 20000 deep"), (hidden, "nests groups 2500 deep"),
+            (chained, "6002 rules"),
+        ):  # fmt: skip
             r = h.post("/v1/chat/completions", json={**body, "grammar": grammar})
             assert r.status_code == 400 and why in r.json()["error"]["message"], r.text
         raw = json.dumps({**body, "logit_bias": {"5": "BIAS"}}).replace('"BIAS"', "NaN")

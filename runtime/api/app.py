@@ -39,6 +39,7 @@ from pcrt.runtime.metrics import Metrics
 from pcrt.runtime.models import Registry
 from pcrt.runtime.pool import EngineOpener, ModelPool
 from pcrt.runtime.settings import ServerSettings
+from pcrt.runtime.textcheck import broken_text_at
 
 __all__ = ["create_app"]
 
@@ -201,8 +202,8 @@ async def refuse_broken_text(request: Request) -> None:
     """A JSON body may escape half of a UTF-16 pair ("\\ud800"). Python decodes it to a
     str that is no UTF-8 text: the tokenizer, SQLite and the answer would each fail on it
     later, some after work was done or recorded. It is a 400 before anything runs."""
-    if "json" not in request.headers.get("content-type", ""):
-        return  # blob uploads stream past this unread
+    if request.method != "POST" or "json" not in request.headers.get("content-type", "").lower():
+        return  # uploads (PUT) stream past this unread, whatever they call themselves
     body = await request.body()  # FastAPI has read it already
     if b"\\ud" not in body and b"\\uD" not in body:
         return
@@ -215,31 +216,6 @@ async def refuse_broken_text(request: Request) -> None:
         raise InvalidRequest(
             f"{where} holds an unpaired UTF-16 surrogate escape (like \\ud800): not text"
         )
-
-
-def broken_text_at(value: Any, where: str = "the body") -> str | None:
-    """Where in a decoded JSON value a string (or key) cannot be encoded as UTF-8."""
-    stack = [(value, where)]
-    while stack:
-        item, at = stack.pop()
-        if isinstance(item, str) and not _is_text(item):
-            return at
-        if isinstance(item, dict):
-            for key, inner in item.items():
-                if not _is_text(key):
-                    return f"a key in {at}"  # never quoted: it would break the message too
-                stack.append((inner, f"{at}.{key}"))
-        elif isinstance(item, list):
-            stack.extend((inner, f"{at}[{i}]") for i, inner in enumerate(item))
-    return None
-
-
-def _is_text(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 async def _resume_interrupted(services: Services) -> None:

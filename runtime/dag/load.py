@@ -29,6 +29,7 @@ from pydantic_core import ErrorDetails
 from pcrt.runtime.dag.errors import DagInvalid, Problem
 from pcrt.runtime.dag.spec import NODE_TYPES, DagSpec
 from pcrt.runtime.dag.validate import validate_document
+from pcrt.runtime.textcheck import broken_text_at
 
 __all__ = [
     "DagFormat",
@@ -42,6 +43,7 @@ __all__ = [
 
 DagFormat = Literal["yaml", "json", "toml"]
 
+MAX_EXPANDED = 1_000_000  # values in a decoded document, shared ones counted each time
 SUFFIXES: dict[str, DagFormat] = {
     ".yaml": "yaml",
     ".yml": "yaml",
@@ -167,6 +169,20 @@ def _suffixes() -> str:
     return ", ".join(SUFFIXES)
 
 
+def _expanded_size(data: Any) -> int:
+    """How many values ``data`` holds when shared parts count each time they are reached
+    (as a dump would write them); counting stops just past ``MAX_EXPANDED``."""
+    count, stack = 0, [data]
+    while stack and count <= MAX_EXPANDED:
+        item = stack.pop()
+        count += 1
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return count
+
+
 def _looks_like_path(text: str) -> bool:
     return "\n" not in text and Path(text.strip()).suffix.lower() in SUFFIXES
 
@@ -181,12 +197,21 @@ def _sniff(text: str) -> DagFormat:
 
 
 def _decode(text: str, fmt: DagFormat, source: str | None) -> Any:
+    """The document as data, or DagInvalid: syntax errors, escapes that are not text, and
+    YAML aliases that expand past ``MAX_EXPANDED`` values (a "billion laughs")."""
     try:
         if fmt == "json":
-            return json.loads(text, object_pairs_hook=_unique_pairs)
-        if fmt == "toml":
-            return tomllib.loads(text)
-        return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass
+            data = json.loads(text, object_pairs_hook=_unique_pairs)
+        elif fmt == "toml":
+            data = tomllib.loads(text)
+        else:
+            data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass
+        if _expanded_size(data) > MAX_EXPANDED:
+            message = f"the document expands to over {MAX_EXPANDED} values (YAML aliases?)"
+        elif (where := broken_text_at(data, "the document")) is not None:
+            message = f"{where} holds an unpaired UTF-16 surrogate escape: not text"
+        else:
+            return data
     except json.JSONDecodeError as exc:
         message = f"JSON syntax error at line {exc.lineno}, column {exc.colno}: {exc.msg}"
     except tomllib.TOMLDecodeError as exc:
