@@ -21,6 +21,7 @@ import logging
 import os
 import resource
 import select
+import signal
 import subprocess
 import sys
 import threading
@@ -115,6 +116,9 @@ def main() -> None:
     """The child: serve requests from stdin until it closes."""
     from pcrt.runtime.dag.templates import sandbox_here, serve_request
 
+    # Ctrl-C at the terminal reaches the whole process group: the daemon stops us (or
+    # our stdin closes when it dies); a traceback from here would only confuse
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
     env = sandbox_here()
     for line in sys.stdin.buffer:
