@@ -904,6 +904,24 @@ def test_a_sandbox_whose_worker_was_killed_renders_on() -> None:
     assert evaluate(env, "(1, 2)", {}) == [1, 2]  # values come back as JSON data
 
 
+def test_plain_templates_render_here_and_the_rest_in_the_worker() -> None:
+    """Lookups, cheap filters, tests and ifs cost what their inputs cost: they render in
+    this process, with no round trip. Anything else goes to the worker."""
+    env = make_environment()
+    scope = make_scope({"a": "hi", "b": 2}, {"x": ["p", "q"]})
+    text = (
+        "Say {{ inputs.a | upper }} {{ nodes.x.output | join('+') }}{% if inputs.b %}!{% endif %}"
+    )
+    assert render(env, text, scope) == "Say HI p+q!"
+    check_assert(env, "inputs.b > 1 and nodes.x.output | length == 2", scope)
+    assert evaluate(env, "nodes.x.output[0] ~ inputs.a", scope) == "phi"
+    assert env.worker is not None and not env.worker.running
+    assert render(env, "{% for i in range(2) %}{{ i }}{% endfor %}", scope) == "01"
+    assert env.worker.running
+    with pytest.raises(AssertFailed, match="inputs.b = 2"):
+        check_assert(env, "inputs.b * 1 > 5", scope)  # '*': not plain, checked there
+
+
 def test_bounded_templates_still_do_what_they_say() -> None:
     """The bounds leave ordinary templates alone: loops up to the limit, widths and
     numbers that are only printed, and formats that pad a little."""

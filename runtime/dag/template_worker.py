@@ -27,7 +27,7 @@ import sys
 import threading
 from typing import IO, Any
 
-__all__ = ["DEADLINE", "MAX_RESULT", "MEMORY_LIMIT", "TemplateWorker", "main"]
+__all__ = ["DEADLINE", "MAX_RESULT", "MEMORY_LIMIT", "TemplateWorker", "jsonable", "main"]
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class TemplateWorker:
 
     def call(self, request: dict[str, Any]) -> dict[str, Any]:
         """The child's reply to ``request``: ``{"ok": ...}``, or ``{"error": reason}``."""
-        line = json.dumps(request, default=_jsonable).encode() + b"\n"
+        line = json.dumps(request, default=jsonable).encode() + b"\n"
         with self._lock:
             child = self._started()
             assert child.stdin is not None and child.stdout is not None
@@ -67,6 +67,11 @@ class TemplateWorker:
                 }
         answer: dict[str, Any] = json.loads(reply)
         return answer
+
+    @property
+    def running(self) -> bool:
+        """Whether the child is up (it starts on the first template that needs it)."""
+        return self._child is not None and self._child.poll() is None
 
     def close(self) -> None:
         with self._lock:
@@ -101,7 +106,7 @@ def _read_line(stream: IO[bytes], timeout: float) -> bytes | None:
     return stream.readline()
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     """Sets, ranges and other iterables a template may produce, as lists."""
     if isinstance(value, str | bytes):
         raise TypeError(f"{type(value).__name__} is not JSON")
@@ -124,7 +129,7 @@ def main() -> None:
     for line in sys.stdin.buffer:
         try:
             reply = serve_request(env, json.loads(line))
-            out = json.dumps(reply, default=_jsonable)
+            out = json.dumps(reply, default=jsonable)
         except MemoryError:
             out = json.dumps(
                 {"error": f"SecurityError: the template needs over {MEMORY_LIMIT >> 20} MiB"}

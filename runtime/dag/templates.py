@@ -13,6 +13,7 @@ dependencies are implied without ``needs``.
 
 from __future__ import annotations
 
+import json
 import re
 import time
 import weakref
@@ -29,7 +30,7 @@ from jinja2.runtime import Context
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from pcrt.runtime.dag.errors import AssertFailed, RenderFailed
-from pcrt.runtime.dag.template_worker import TemplateWorker
+from pcrt.runtime.dag.template_worker import TemplateWorker, jsonable
 
 __all__ = [
     "DagSandbox",
@@ -73,9 +74,30 @@ class DagSandbox(ImmutableSandboxedEnvironment):
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
+        self._plain: dict[tuple[str, bool], bool] = {}
         for name, width_at in _WIDTH_FILTERS.items():
             self.filters[name] = _bounded_filter(self.filters[name], name, width_at)
         self.filters["format"] = _bounded_format(self.filters["format"])
+
+    def is_plain(self, source: str, expression: bool = False) -> bool:
+        """Whether a template (or expression) can cost no more than its inputs: no loops,
+        macros, calls, repetition, padding or formatting, only lookups, cheap filters,
+        tests, comparisons and concatenation. Such a template, which is what most prompts
+        are ("Summarise {{ nodes.draft.output }}"), renders in this process: a round trip
+        to the worker waits for a core, and llama.cpp is using both."""
+        key = (source, expression)
+        if key not in self._plain:
+            if len(self._plain) >= 4096:
+                self._plain.clear()
+            try:
+                tree: nodes.Node = (
+                    _parse_expression(self, source) if expression else self.parse(source)
+                )
+            except Exception:
+                self._plain[key] = False  # the worker gives its error
+            else:
+                self._plain[key] = all(_plain_node(n) for n in (tree, *tree.find_all(nodes.Node)))
+        return self._plain[key]
 
     def _parse(self, source: str, name: str | None, filename: str | None) -> nodes.Template:
         """Every ``for`` loop iterates through the meter (see ``_metered``)."""
@@ -207,6 +229,29 @@ def _bounded_format(filter_: Callable[..., Any]) -> Callable[..., Any]:
         return filter_(value, *args, **kwargs)
 
     return bounded
+
+
+_PLAIN_NODES = (
+    nodes.Template, nodes.Output, nodes.TemplateData, nodes.Name, nodes.Getattr,
+    nodes.Getitem, nodes.Slice, nodes.Const, nodes.Compare, nodes.Operand, nodes.And,
+    nodes.Or, nodes.Not, nodes.Neg, nodes.Pos, nodes.CondExpr, nodes.Concat, nodes.Add,
+    nodes.Sub, nodes.Div, nodes.FloorDiv, nodes.List, nodes.Tuple, nodes.Dict, nodes.Pair,
+    nodes.Test, nodes.Keyword, nodes.If,  # not Assign: {% set a = a ~ a %} doubles per line
+)  # fmt: skip
+# filters whose cost is linear in their input: no widths, no growth, nothing quadratic
+# (not replace, center, indent, wordwrap, format, map, batch, sum over lists, striptags)
+_PLAIN_FILTERS = frozenset({
+    "abs", "capitalize", "count", "d", "default", "dictsort", "e", "escape", "first",
+    "float", "int", "join", "last", "length", "list", "lower", "max", "min", "reverse",
+    "round", "safe", "sort", "string", "title", "tojson", "trim",
+    "truncate", "unique", "upper", "urlencode", "wordcount",
+})  # fmt: skip
+
+
+def _plain_node(node: nodes.Node) -> bool:
+    if isinstance(node, nodes.Filter):
+        return node.name in _PLAIN_FILTERS
+    return isinstance(node, _PLAIN_NODES)
 
 
 def make_environment() -> DagSandbox:
@@ -341,7 +386,7 @@ def render(
     env: DagSandbox, source: str, scope: Mapping[str, Any], *, node: str | None = None
 ) -> str:
     """Render a template to text; any failure is a ``RenderFailed`` naming the node."""
-    if env.worker is not None:
+    if env.worker is not None and not env.is_plain(source):
         reply = env.worker.call({"op": "render", "source": source, "scope": scope})
         if "error" in reply:
             raise RenderFailed(source, reply["error"], node=node)
@@ -357,7 +402,7 @@ def evaluate(
     env: DagSandbox, expression: str, scope: Mapping[str, Any], *, node: str | None = None
 ) -> Any:
     """Evaluate an expression to a Python value; undefined results are errors, not None."""
-    if env.worker is not None:
+    if env.worker is not None and not env.is_plain(expression, expression=True):
         reply = env.worker.call({"op": "evaluate", "source": expression, "scope": scope})
         if "error" in reply:
             raise RenderFailed(expression, reply["error"], node=node)
@@ -367,6 +412,8 @@ def evaluate(
             result = env.compile_expression(expression, undefined_to_none=False)(**scope)
         if isinstance(result, Undefined):
             bool(result)  # StrictUndefined raises here, with the sandbox's reason if any
+        if env.worker is not None:  # the same data the worker would have answered
+            return json.loads(json.dumps(result, default=jsonable))
         return result
     except Exception as exc:
         raise RenderFailed(expression, _reason(exc), node=node) from None
@@ -404,7 +451,7 @@ def check_assert(
     message: str | None = None,
 ) -> None:
     """Raise ``AssertFailed`` (with the values the expression read) unless it is true."""
-    if env.worker is not None:
+    if env.worker is not None and not env.is_plain(expression, expression=True):
         reply = env.worker.call({"op": "assert", "source": expression, "scope": scope})
         if "error" in reply:
             verdict = {"holds": False, "values": {}, "reason": reply["error"]}
