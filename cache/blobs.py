@@ -27,7 +27,10 @@ from pathlib import Path
 
 from pcrt.cache.store import Store, utc_now
 
-__all__ = ["BlobCorrupt", "BlobInfo", "BlobMissing", "BlobStore", "IncomingBlob", "is_blob_id"]
+__all__ = [
+    "BlobCorrupt", "BlobInfo", "BlobMissing", "BlobStore", "IncomingBlob", "is_blob_id",
+    "write_atomically",
+]  # fmt: skip
 
 _SHA = re.compile(r"^[0-9a-f]{64}$")
 # runs in these states may still need their blobs: never evict them
@@ -79,16 +82,7 @@ class BlobStore:
         sha256 = hashlib.sha256(data).hexdigest()
 
         def write(path: Path) -> None:
-            tmp = path.with_name(f".{sha256}.{os.getpid()}.{threading.get_ident()}.tmp")
-            try:
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, path)
-            except BaseException:  # a full disk: no partial file left to fill it further
-                tmp.unlink(missing_ok=True)
-                raise
+            write_atomically(path, data, sync_dir=False)  # _adopt syncs the directory
 
         self._adopt(sha256, len(data), kind, run_id, write)
         return sha256
@@ -361,6 +355,24 @@ class IncomingBlob:
                 self._map.close()
             self._map = None
         self._file.close()
+
+
+def write_atomically(path: Path, data: bytes, *, sync_dir: bool = True) -> None:
+    """``data`` as the file ``path``, whole or not at all: a temporary file beside it,
+    fsynced and renamed over it (removed if anything fails: a full disk must not keep a
+    partial file), then the directory fsynced unless the caller does that itself."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if sync_dir:
+        _fsync_dir(path.parent)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +17,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from pcrt.cache.blobs import BlobCorrupt, BlobMissing, BlobStore
+from pcrt.cache.blobs import BlobCorrupt, BlobMissing, BlobStore, write_atomically
 from pcrt.cache.store import Store
 from pcrt.runtime.errors import StateError
 from pcrt.runtime.paths import Paths
@@ -117,7 +116,7 @@ def export(state_id: str, file: Path) -> None:
             raise StateError(str(exc)) from None
     header = KVState.read_header(data)
     try:
-        _write_atomically(file, data)
+        write_atomically(file.expanduser(), data)
     except OSError as exc:
         raise StateError(f"cannot write {file}: {exc.strerror or exc}") from None
     click.echo(f"wrote {file} ({_size(len(data))}, {header.n_tokens} tokens, state {sha256})")
@@ -148,24 +147,3 @@ def rm(state_id: str) -> None:
         sha256 = _resolve(blobs, state_id)
         blobs.remove(sha256)
     click.echo(f"removed {sha256}")
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    """Temp file beside ``path``, fsynced, renamed over it, directory fsynced."""
-    path = path.expanduser()
-    directory = path.parent
-    tmp = directory / f".{path.name}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
