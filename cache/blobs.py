@@ -73,7 +73,7 @@ class BlobStore:
         self._remove_abandoned_uploads()
 
     def path_of(self, sha256: str) -> Path:
-        if not _SHA.match(sha256):
+        if not is_blob_id(sha256):
             raise BlobMissing(f"not a blob id: {sha256!r}")
         return self.root / sha256[:2] / sha256
 
@@ -311,7 +311,7 @@ class IncomingBlob:
             self.discard()
 
     def write(self, chunk: bytes) -> None:
-        """Append one piece (small: an HTTP body chunk; the page cache takes it at once)."""
+        """Append one piece (about 1 MiB, from a worker thread: see runtime/api/uploads)."""
         self._file.write(chunk)
         self._hash.update(chunk)
         self.size += len(chunk)

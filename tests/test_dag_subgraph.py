@@ -235,7 +235,11 @@ class NoPeers:
         raise AssertionError(f"no peer to chat with: {candidate}")
 
     async def subgraph(
-        self, candidate: Candidate, payload: dict[str, Any], timeout: float | None
+        self,
+        candidate: Candidate,
+        payload: dict[str, Any],
+        timeout: float | None,
+        agent: str | None = None,
     ) -> dict[str, Any]:
         raise AssertionError(f"no peer to send a subgraph to: {candidate}")
 

@@ -66,8 +66,10 @@ _SHOWN = 200  # characters of a value shown in an assertion message
 class DagSandbox(ImmutableSandboxedEnvironment):
     """The immutable sandbox, bounded in what one template may cost: repetition, powers,
     padding widths and loop iterations (``'a' * 10**9``, ``'x'|center(10**8)`` and nested
-    ``range`` loops are refused). Templates render on the daemon's event loop, so an
-    unbounded one would stall every other request."""
+    ``range`` loops are refused), with messages that say which. What holds a template to
+    its time and memory whatever it does is the worker process it runs in (see
+    ``template_worker``); plain templates, which cannot cost more than their inputs, run
+    in the daemon's process."""
 
     intercepted_binops = frozenset({"*", "**", "%"})
     worker: TemplateWorker | None = None  # None: templates run in this process
@@ -382,12 +384,21 @@ def make_scope(inputs: Mapping[str, Any], outputs: Mapping[str, Any]) -> dict[st
     return {"inputs": dict(inputs), "nodes": {k: {"output": v} for k, v in outputs.items()}}
 
 
+def _ask_worker(
+    env: DagSandbox, op: str, source: str, scope: Mapping[str, Any], *, expression: bool
+) -> dict[str, Any] | None:
+    """The worker's reply for a template that is not plain; None: it runs here."""
+    if env.worker is None or env.is_plain(source, expression=expression):
+        return None
+    return env.worker.call({"op": op, "source": source, "scope": scope})
+
+
 def render(
     env: DagSandbox, source: str, scope: Mapping[str, Any], *, node: str | None = None
 ) -> str:
     """Render a template to text; any failure is a ``RenderFailed`` naming the node."""
-    if env.worker is not None and not env.is_plain(source):
-        reply = env.worker.call({"op": "render", "source": source, "scope": scope})
+    reply = _ask_worker(env, "render", source, scope, expression=False)
+    if reply is not None:
         if "error" in reply:
             raise RenderFailed(source, reply["error"], node=node)
         return str(reply["ok"])
@@ -402,8 +413,8 @@ def evaluate(
     env: DagSandbox, expression: str, scope: Mapping[str, Any], *, node: str | None = None
 ) -> Any:
     """Evaluate an expression to a Python value; undefined results are errors, not None."""
-    if env.worker is not None and not env.is_plain(expression, expression=True):
-        reply = env.worker.call({"op": "evaluate", "source": expression, "scope": scope})
+    reply = _ask_worker(env, "evaluate", expression, scope, expression=True)
+    if reply is not None:
         if "error" in reply:
             raise RenderFailed(expression, reply["error"], node=node)
         return reply["ok"]
@@ -451,14 +462,13 @@ def check_assert(
     message: str | None = None,
 ) -> None:
     """Raise ``AssertFailed`` (with the values the expression read) unless it is true."""
-    if env.worker is not None and not env.is_plain(expression, expression=True):
-        reply = env.worker.call({"op": "assert", "source": expression, "scope": scope})
-        if "error" in reply:
-            verdict = {"holds": False, "values": {}, "reason": reply["error"]}
-        else:
-            verdict = reply["ok"]
-    else:
+    reply = _ask_worker(env, "assert", expression, scope, expression=True)
+    if reply is None:
         verdict = _assert_here(env, expression, scope)
+    elif "error" in reply:
+        verdict = {"holds": False, "values": {}, "reason": reply["error"]}
+    else:
+        verdict = reply["ok"]
     if verdict["holds"]:
         return
     raise AssertFailed(
