@@ -31,9 +31,9 @@ from pcrt.runtime.dag import parse_dag
 from pcrt.runtime.dag.engines import LocalEngines
 from pcrt.runtime.dag.executor import DagEvent, DagRunner
 from pcrt.runtime.engine import Engine
-from pcrt.runtime.models import Registry
+from pcrt.runtime.models.pull import ensure_pulled
+from pcrt.runtime.models.registry import Registry
 from pcrt.runtime.paths import Paths
-from pcrt.runtime.pull import ensure_pulled
 
 FILLER = (
     "The committee met on Tuesday to review the annual report. Members discussed the "
@@ -44,9 +44,11 @@ FILLER = (
 def runner_for(registry: Registry, home: Path, engines: LocalEngines) -> DagRunner:
     store = Store(home / "pcrt.db")
     return DagRunner(
-        registry=registry, runs=RunStore(store), blobs=BlobStore(store, home / "blobs"),
+        registry=registry,
+        runs=RunStore(store),
+        blobs=BlobStore(store, home / "blobs"),
         lease=engines.lease,
-    )  # fmt: skip
+    )
 
 
 class CountingBlobStore(BlobStore):
@@ -80,13 +82,25 @@ async def resume_cost(
         "dag": "/dynamic/resume",
         "inputs": {"text": {"type": "string"}},
         "nodes": {
-            "read": {"type": "llm", "tag": "simple", "prompt": "{{ inputs.text }}",
-                     "temperature": 0, "max_tokens": 1, "cache": False},
-            "ask": {"type": "llm", "tag": "simple", "context": "read",
-                    "prompt": "Summarize.", "temperature": 0, "max_tokens": 8,
-                    "cache": False},
+            "read": {
+                "type": "llm",
+                "tag": "simple",
+                "prompt": "{{ inputs.text }}",
+                "temperature": 0,
+                "max_tokens": 1,
+                "cache": False,
+            },
+            "ask": {
+                "type": "llm",
+                "tag": "simple",
+                "context": "read",
+                "prompt": "Summarize.",
+                "temperature": 0,
+                "max_tokens": 8,
+                "cache": False,
+            },
         },
-    }  # fmt: skip
+    }
     runner = runner_for(registry, home, engines)
     run = runner.create(parse_dag(doc), {"text": text})
     await engines.clear_caches()
@@ -135,17 +149,22 @@ async def checkpoint_disk(
     doc = {
         "dag": "/dynamic/long",
         "inputs": {"text": {"type": "string"}},
-        "nodes": {"write": {
-            "type": "llm", "tag": "simple", "temperature": 0, "max_tokens": 512,
-            "prompt": "{{ inputs.text }}\nNow count from 1 to 1000, one number per line.",
-            "checkpoint_every": 64, "cache": False,
-        }},
-    }  # fmt: skip
+        "nodes": {
+            "write": {
+                "type": "llm",
+                "tag": "simple",
+                "temperature": 0,
+                "max_tokens": 512,
+                "prompt": "{{ inputs.text }}\nNow count from 1 to 1000, one number per line.",
+                "checkpoint_every": 64,
+                "cache": False,
+            }
+        },
+    }
     store = Store(home / "disk.db")
     blobs = CountingBlobStore(store, home / "disk-blobs")
     blobs.written = []
-    runner = DagRunner(registry=registry, runs=RunStore(store), blobs=blobs,
-                       lease=engines.lease)  # fmt: skip
+    runner = DagRunner(registry=registry, runs=RunStore(store), blobs=blobs, lease=engines.lease)
     run = runner.create(parse_dag(doc), {"text": context_text(engine, 1000)})
     record = await runner.execute(run.id)
     assert record.status == "succeeded", record.error
@@ -164,17 +183,36 @@ async def checkpoint_disk(
 
 def shared_dag(text: str) -> dict[str, Any]:
     nodes: dict[str, Any] = {
-        "brief": {"type": "llm", "tag": "simple", "prompt": f"Read this:\n{text}\nNoted?",
-                  "temperature": 0, "max_tokens": 32, "cache": False},
-        "ideas": {"type": "fork", "tag": "simple", "context": "brief", "samples": 4,
-                  "prompt": "Suggest one follow-up.", "temperature": 0.8, "seed": 7,
-                  "max_tokens": 32, "cache": False},
-    }  # fmt: skip
+        "brief": {
+            "type": "llm",
+            "tag": "simple",
+            "prompt": f"Read this:\n{text}\nNoted?",
+            "temperature": 0,
+            "max_tokens": 32,
+            "cache": False,
+        },
+        "ideas": {
+            "type": "fork",
+            "tag": "simple",
+            "context": "brief",
+            "samples": 4,
+            "prompt": "Suggest one follow-up.",
+            "temperature": 0.8,
+            "seed": 7,
+            "max_tokens": 32,
+            "cache": False,
+        },
+    }
     for i, question in enumerate(QUESTIONS):
         nodes[f"q{i}"] = {
-            "type": "llm", "tag": "simple", "context": "brief", "prompt": question,
-            "temperature": 0, "max_tokens": 32, "cache": False,
-        }  # fmt: skip
+            "type": "llm",
+            "tag": "simple",
+            "context": "brief",
+            "prompt": question,
+            "temperature": 0,
+            "max_tokens": 32,
+            "cache": False,
+        }
     return {"dag": "/dynamic/shared", "nodes": nodes}
 
 
@@ -183,8 +221,11 @@ def reference_sequential(path: Path, text: str, threads: int) -> float:
     llama.cpp contexts that both computed in one process slow each other down here)."""
     out = subprocess.run(
         [sys.executable, "-m", "bench.engine_reference", "dag", str(path), str(threads)],
-        input=text, check=True, capture_output=True, text=True,
-    )  # fmt: skip
+        input=text,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return float(out.stdout.split()[0])
 
 
@@ -195,8 +236,11 @@ async def run(threads: int, repeats: int) -> dict[str, Any]:
     results: dict[str, Any] = {"model": entry.name, "threads": threads}
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp)
-        paths = Paths(home=home, models_dir=registry.paths.models_dir,
-                      user_models_file=registry.paths.user_models_file)  # fmt: skip
+        paths = Paths(
+            home=home,
+            models_dir=registry.paths.models_dir,
+            user_models_file=registry.paths.user_models_file,
+        )
         registry = Registry.load(paths)
         engines = LocalEngines(registry, parallel=4, context=2304, n_threads=threads)
         try:
@@ -229,23 +273,34 @@ async def run(threads: int, repeats: int) -> dict[str, Any]:
 def rows(r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     res, dag = r["resume"], r["shared_context_dag"]
     table_rows = [
-        (f"resume after {res['context_tokens']} tokens",
-         f"{1000 * res['first_token_restored_s']:.0f} ms (KV restored)",
-         f"{1000 * res['first_token_recomputed_s']:.0f} ms (recomputed)",
-         f"1/{1 / res['ratio']:.0f} (<= 1/50)"),
-        ("parent state blob", f"{res['blob_bytes'] / 1e6:.2f} MB",
-         f"{res['kv_bytes_estimate'] / 1e6:.2f} MB (KV of its tokens)", ""),
-        ("300-token context, fork 4, 3 nodes", f"{dag['pcrt_s']:.2f} s (DAG)",
-         f"{dag['sequential_llama_s']:.2f} s (Llama, one by one)",
-         f"{dag['ratio']:.2f} (<= 0.5)"),
-    ]  # fmt: skip
+        (
+            f"resume after {res['context_tokens']} tokens",
+            f"{1000 * res['first_token_restored_s']:.0f} ms (KV restored)",
+            f"{1000 * res['first_token_recomputed_s']:.0f} ms (recomputed)",
+            f"1/{1 / res['ratio']:.0f} (<= 1/50)",
+        ),
+        (
+            "parent state blob",
+            f"{res['blob_bytes'] / 1e6:.2f} MB",
+            f"{res['kv_bytes_estimate'] / 1e6:.2f} MB (KV of its tokens)",
+            "",
+        ),
+        (
+            "300-token context, fork 4, 3 nodes",
+            f"{dag['pcrt_s']:.2f} s (DAG)",
+            f"{dag['sequential_llama_s']:.2f} s (Llama, one by one)",
+            f"{dag['ratio']:.2f} (<= 0.5)",
+        ),
+    ]
     disk = r["checkpoint_disk"]
     table_rows.append(
-        (f"checkpoints: {disk['generated_tokens']} tokens after {disk['context_tokens']}",
-         f"{disk['bytes_kept'] / 1e6:.1f} MB kept",
-         f"{disk['bytes_written'] / 1e6:.1f} MB written ({disk['states_written']} states)",
-         f"{disk['ratio']:.2f}")
-    )  # fmt: skip
+        (
+            f"checkpoints: {disk['generated_tokens']} tokens after {disk['context_tokens']}",
+            f"{disk['bytes_kept'] / 1e6:.1f} MB kept",
+            f"{disk['bytes_written'] / 1e6:.1f} MB written ({disk['states_written']} states)",
+            f"{disk['ratio']:.2f}",
+        )
+    )
     return table_rows
 
 

@@ -29,11 +29,11 @@ import llama_cpp
 from bench.common import run_benchmark
 from bench.engine_reference import PROMPTS4, STORY
 from pcrt.runtime.engine import Engine, EngineConfig, GenerateRequest, TokenEvent
-from pcrt.runtime.loader import open_engine
-from pcrt.runtime.models import Registry
-from pcrt.runtime.pull import ensure_pulled
-from pcrt.runtime.sampling import SamplingParams
-from pcrt.runtime.state import KVState
+from pcrt.runtime.engine.sampling import SamplingParams
+from pcrt.runtime.engine.state import KVState
+from pcrt.runtime.models.loader import open_engine
+from pcrt.runtime.models.pull import ensure_pulled
+from pcrt.runtime.models.registry import Registry
 
 
 def best(values: list[float], *, higher: bool) -> float:
@@ -59,8 +59,10 @@ def reference(kind: str, path: Path, threads: int) -> tuple[float, int]:
     beside an engine that had run: 16-33 tok/s), which would flatter pcrt."""
     out = subprocess.run(
         [sys.executable, "-m", "bench.engine_reference", kind, str(path), str(threads)],
-        check=True, capture_output=True, text=True,
-    )  # fmt: skip
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     rate, tokens = out.stdout.split()
     return float(rate), int(tokens)
 

@@ -22,7 +22,7 @@ from typing import Any
 import llama_cpp
 from llama_cpp import Llama
 
-from pcrt.runtime.llama_model import LlamaModel
+from pcrt.runtime.engine.llama_model import LlamaModel
 
 STORY = "Chapter 1\n\nThe rain had not stopped for three days when"
 QUESTIONS = ["What was discussed?", "Who should act first?", "What is the main risk?"]
@@ -180,8 +180,10 @@ def dag_sequential(llm: Llama, text: str) -> float:
     for i in range(4):
         llm.create_chat_completion(
             [*base, {"role": "user", "content": "Suggest one follow-up."}],
-            temperature=0.8, seed=7 + i, max_tokens=32,
-        )  # fmt: skip
+            temperature=0.8,
+            seed=7 + i,
+            max_tokens=32,
+        )
     for question in QUESTIONS:
         llm.create_chat_completion(
             [*base, {"role": "user", "content": question}], temperature=0, max_tokens=32

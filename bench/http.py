@@ -30,12 +30,12 @@ import httpx
 import psutil
 
 from bench.common import run_benchmark
-from pcrt.runtime.chat import ChatMessage
 from pcrt.runtime.engine import Engine, GenerateRequest, TokenEvent
-from pcrt.runtime.loader import open_engine
-from pcrt.runtime.models import Registry
-from pcrt.runtime.pull import ensure_pulled
-from pcrt.runtime.sampling import SamplingParams
+from pcrt.runtime.engine.chat import ChatMessage
+from pcrt.runtime.engine.sampling import SamplingParams
+from pcrt.runtime.models.loader import open_engine
+from pcrt.runtime.models.pull import ensure_pulled
+from pcrt.runtime.models.registry import Registry
 
 SINGLE_PAIRS = 5  # HTTP / in-process pairs for the single-stream ratio (odd: a median)
 
@@ -126,9 +126,11 @@ async def concurrent(url: str, model: str, n: int, max_tokens: int) -> dict[str,
     async with session() as client:
         t0 = time.perf_counter()
         results = await asyncio.gather(
-            *(stream_one(client, url, model, PROMPTS[i % len(PROMPTS)], max_tokens)
-              for i in range(n))
-        )  # fmt: skip
+            *(
+                stream_one(client, url, model, PROMPTS[i % len(PROMPTS)], max_tokens)
+                for i in range(n)
+            )
+        )
         wall = time.perf_counter() - t0
     ok = [r for r in results if r["status"] == 200 and r["stamps"]]
     tokens = sum(len(r["stamps"]) for r in ok)
@@ -169,9 +171,21 @@ async def run(threads: int, repeats: int) -> dict[str, Any]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     daemon_cmd = [
-        pcrt, "serve", "--port", str(port), "--threads", str(threads), "--parallel", "4",
-        "--ctx", "2048", "--queue-size", "8", "--log-level", "warning",
-    ]  # fmt: skip
+        pcrt,
+        "serve",
+        "--port",
+        str(port),
+        "--threads",
+        str(threads),
+        "--parallel",
+        "4",
+        "--ctx",
+        "2048",
+        "--queue-size",
+        "8",
+        "--log-level",
+        "warning",
+    ]
     daemon = start(daemon_cmd, url)
     try:
         # 1. single stream: daemon vs in-process, alternating; both warm (model loaded,
@@ -223,10 +237,24 @@ async def run(threads: int, repeats: int) -> dict[str, Any]:
     port = free_port()
     ref_url = f"http://127.0.0.1:{port}"
     ref_cmd = [
-        sys.executable, "-m", "llama_cpp.server", "--model", str(path), "--model_alias",
-        entry.name, "--host", "127.0.0.1", "--port", str(port), "--n_threads", str(threads),
-        "--n_ctx", "2048", "--interrupt_requests", "false",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "llama_cpp.server",
+        "--model",
+        str(path),
+        "--model_alias",
+        entry.name,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--n_threads",
+        str(threads),
+        "--n_ctx",
+        "2048",
+        "--interrupt_requests",
+        "false",
+    ]
     ref = start(ref_cmd, ref_url)
     try:
         theirs = [await concurrent(ref_url, entry.name, 4, 128) for _ in range(repeats)]
@@ -251,17 +279,32 @@ async def run(threads: int, repeats: int) -> dict[str, Any]:
 def rows(r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     s, f, b = r["single_stream"], r["four_clients"], r["burst_32"]
     table_rows = [
-        ("1 stream, decode", f"{s['http_tok_s']:.1f} tok/s (HTTP)",
-         f"{s['in_process_tok_s']:.1f} tok/s (in-process)", f"{s['ratio']:.3f} (>= 0.97)"),
+        (
+            "1 stream, decode",
+            f"{s['http_tok_s']:.1f} tok/s (HTTP)",
+            f"{s['in_process_tok_s']:.1f} tok/s (in-process)",
+            f"{s['ratio']:.3f} (>= 0.97)",
+        ),
         ("1 stream, TTFT overhead", f"{s['ttft_overhead_ms']:.1f} ms", "", ""),
-        ("4 clients, aggregate", f"{f['pcrt_tok_s']:.1f} tok/s",
-         f"{f['reference_tok_s']:.1f} tok/s (llama_cpp.server)", f"{f['ratio']:.2f} (>= 2)"),
-        ("4 clients, worst TTFT", f"{f['pcrt_worst_ttft_s']:.3f} s",
-         f"{f['reference_worst_ttft_s']:.3f} s", "(< 0.5 s)"),
-        ("32 clients, queue 8", f"{b['ok']} ok, {b['refused_503']} x 503",
-         f"statuses {b['statuses']}",
-         f"RSS {b['rss_before_mb']:.0f} -> {b['rss_after_mb']:.0f} MB"),
-    ]  # fmt: skip
+        (
+            "4 clients, aggregate",
+            f"{f['pcrt_tok_s']:.1f} tok/s",
+            f"{f['reference_tok_s']:.1f} tok/s (llama_cpp.server)",
+            f"{f['ratio']:.2f} (>= 2)",
+        ),
+        (
+            "4 clients, worst TTFT",
+            f"{f['pcrt_worst_ttft_s']:.3f} s",
+            f"{f['reference_worst_ttft_s']:.3f} s",
+            "(< 0.5 s)",
+        ),
+        (
+            "32 clients, queue 8",
+            f"{b['ok']} ok, {b['refused_503']} x 503",
+            f"statuses {b['statuses']}",
+            f"RSS {b['rss_before_mb']:.0f} -> {b['rss_after_mb']:.0f} MB",
+        ),
+    ]
     return table_rows
 
 

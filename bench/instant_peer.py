@@ -37,8 +37,12 @@ async def _models(_: Request) -> Response:
 
 
 def main() -> None:
-    app = Starlette(routes=[Route("/v1/chat/completions", _chat, methods=["POST"]),
-                            Route("/v1/models", _models)])  # fmt: skip
+    app = Starlette(
+        routes=[
+            Route("/v1/chat/completions", _chat, methods=["POST"]),
+            Route("/v1/models", _models),
+        ]
+    )
     uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")
 
 

@@ -35,8 +35,8 @@ import httpx
 
 from bench.common import run_benchmark
 from bench.http import free_port
-from pcrt.runtime.models import Registry
-from pcrt.runtime.pull import ensure_pulled
+from pcrt.runtime.models.pull import ensure_pulled
+from pcrt.runtime.models.registry import Registry
 
 MODEL = "smollm2-135m"
 ROUNDS = 3  # edge overhead rounds; odd, so the median is one of them
@@ -51,9 +51,23 @@ class Daemon:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, "PCRT_HOME": str(home / name), "PCRT_CLUSTER_KEY": key}
-        self.cmd = [PCRT, "serve", "--port", str(self.port), "--lan", "--interfaces",
-                    "127.0.0.1", "--name", name, "--threads", str(threads), "--ctx", "4096",
-                    "--log-level", "warning"]  # fmt: skip
+        self.cmd = [
+            PCRT,
+            "serve",
+            "--port",
+            str(self.port),
+            "--lan",
+            "--interfaces",
+            "127.0.0.1",
+            "--name",
+            name,
+            "--threads",
+            str(threads),
+            "--ctx",
+            "4096",
+            "--log-level",
+            "warning",
+        ]
         self.proc: subprocess.Popen[bytes] | None = None
         self.started = 0.0
 
@@ -113,8 +127,12 @@ def wait_until(condition: Any, timeout: float, interval: float = 0.01) -> float:
 
 
 def one_token(client: httpx.Client, url: str, headers: dict[str, str]) -> float:
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}],
-            "max_tokens": 1, "temperature": 0}  # fmt: skip
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Hi"}],
+        "max_tokens": 1,
+        "temperature": 0,
+    }
     started = time.perf_counter()
     response = client.post(url + "/v1/chat/completions", json=body, headers=headers)
     response.raise_for_status()
@@ -124,8 +142,13 @@ def one_token(client: httpx.Client, url: str, headers: dict[str, str]) -> float:
 def stream_rate(client: httpx.Client, url: str, headers: dict[str, str]) -> float:
     """Tokens/s between the first and the last streamed token of 128."""
     prompt = "Write a long story about a lighthouse."
-    body = {"model": MODEL, "stream": True, "max_tokens": 128, "temperature": 0,
-            "messages": [{"role": "user", "content": prompt}]}  # fmt: skip
+    body = {
+        "model": MODEL,
+        "stream": True,
+        "max_tokens": 128,
+        "temperature": 0,
+        "messages": [{"role": "user", "content": prompt}],
+    }
     stamps = []
     with client.stream("POST", url + "/v1/chat/completions", json=body, headers=headers) as r:
         for line in r.iter_lines():
@@ -168,24 +191,37 @@ def edge_overhead(home: Path) -> dict[str, Any]:
     peer_url, edge_url = f"http://127.0.0.1:{peer_port}", f"http://127.0.0.1:{edge_port}"
     (home / "overhead").mkdir()
     config = home / "overhead" / "config.toml"
-    config.write_text(f'[[peers.static]]\nname = "instant"\nurl = "{peer_url}"\n'
-                      'kind = "openai"\nmodels = ["instant"]\n')  # fmt: skip
+    config.write_text(
+        f'[[peers.static]]\nname = "instant"\nurl = "{peer_url}"\n'
+        'kind = "openai"\nmodels = ["instant"]\n'
+    )
     env = {**os.environ, "PCRT_HOME": str(home / "overhead")}
     peer = subprocess.Popen([sys.executable, "-m", "bench.instant_peer", str(peer_port)])
     edge = subprocess.Popen(
-        [PCRT, "serve", "--port", str(edge_port), "--config", str(config), "--log-level",
-         "warning"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    body = {"model": "instant", "messages": [{"role": "user", "content": "Hi"}],
-            "max_tokens": 1}  # fmt: skip
+        [
+            PCRT,
+            "serve",
+            "--port",
+            str(edge_port),
+            "--config",
+            str(config),
+            "--log-level",
+            "warning",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    body = {"model": "instant", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
     route = {"X-PC-Route": "peer"}
     try:
         with httpx.Client(timeout=10, trust_env=False) as client:
 
             def post(url: str) -> float:
                 started = time.perf_counter()
-                client.post(url + "/v1/chat/completions", json=body,
-                            headers=route).raise_for_status()  # fmt: skip
+                client.post(
+                    url + "/v1/chat/completions", json=body, headers=route
+                ).raise_for_status()
                 return time.perf_counter() - started
 
             wait_until(lambda: in_rotation_of(edge_url, "instant", client), 60, 0.1)
@@ -205,11 +241,14 @@ def edge_overhead(home: Path) -> dict[str, Any]:
     # the middle round by added latency: the median, as ROUNDS is odd; its own p50s are
     # reported so that via - direct is still the added figure
     direct_s, via_s = sorted(rounds, key=lambda r: r[1] - r[0])[len(rounds) // 2]
-    return {"p50_direct_ms": direct_s * 1000, "p50_via_edge_ms": via_s * 1000,
-            "added_ms": (via_s - direct_s) * 1000,
-            "added_ms_rounds": [(v - d) * 1000 for d, v in rounds],
-            "p50_direct_ms_rounds": [d * 1000 for d, _ in rounds],
-            "p50_via_edge_ms_rounds": [v * 1000 for _, v in rounds]}  # fmt: skip
+    return {
+        "p50_direct_ms": direct_s * 1000,
+        "p50_via_edge_ms": via_s * 1000,
+        "added_ms": (via_s - direct_s) * 1000,
+        "added_ms_rounds": [(v - d) * 1000 for d, v in rounds],
+        "p50_direct_ms_rounds": [d * 1000 for d, _ in rounds],
+        "p50_via_edge_ms_rounds": [v * 1000 for _, v in rounds],
+    }
 
 
 NOTE = "the lighthouse keeper logged the weather, the ships and the lamp."
@@ -223,10 +262,17 @@ def migration_dag() -> dict[str, Any]:
         "dag": "/dynamic/bench-move",
         "nodes": {
             # route local: it starts on the edge; the move is the benchmark's to make
-            "long": {"type": "llm", "prompt": prompt, "route": "local", "temperature": 0,
-                     "max_tokens": 64, "checkpoint_every": 32, "cache": False},
+            "long": {
+                "type": "llm",
+                "prompt": prompt,
+                "route": "local",
+                "temperature": 0,
+                "max_tokens": 64,
+                "checkpoint_every": 32,
+                "cache": False,
+            },
         },
-    }  # fmt: skip
+    }
 
 
 def move_once(edge: Daemon, peer: Daemon, states: bool) -> dict[str, Any]:
@@ -257,10 +303,14 @@ def move_once(edge: Daemon, peer: Daemon, states: bool) -> dict[str, Any]:
         done = time.perf_counter() - started
         node = view["nodes"][0]
         return {
-            "states": states, "move_call_s": moved["call_s"], "to_finished_s": done,
-            "bytes_sent": moved["bytes_sent"], "resumed": node["resumed_from_checkpoint"],
-            "prompt_tokens": node["prompt_tokens"], "status": view["status"],
-        }  # fmt: skip
+            "states": states,
+            "move_call_s": moved["call_s"],
+            "to_finished_s": done,
+            "bytes_sent": moved["bytes_sent"],
+            "resumed": node["resumed_from_checkpoint"],
+            "prompt_tokens": node["prompt_tokens"],
+            "status": view["status"],
+        }
 
 
 async def run(threads: int, repeats: int) -> dict[str, Any]:
@@ -282,8 +332,12 @@ async def run(threads: int, repeats: int) -> dict[str, Any]:
                 peer.start()
                 up = peer.wait_up()
                 routable = wait_until(lambda: in_rotation(edge, peer.name, poll), 30)
-                discovery.append({"from_start_s": routable - peer.started,
-                                  "from_api_up_s": routable - peer.started - up})  # fmt: skip
+                discovery.append(
+                    {
+                        "from_start_s": routable - peer.started,
+                        "from_api_up_s": routable - peer.started - up,
+                    }
+                )
                 if i == 0:  # the peer is up and routable: measure work through it
                     forward = forwarding(edge, peer, repeats)
                     moves = [move_once(edge, peer, states) for states in (True, False) * 2]
@@ -296,8 +350,12 @@ async def run(threads: int, repeats: int) -> dict[str, Any]:
             peer.stop()
             edge.stop()
         overhead = edge_overhead(home)
-    return {"forwarding": forward, "edge_overhead": overhead, "discovery": discovery,
-            "migration": moves}  # fmt: skip
+    return {
+        "forwarding": forward,
+        "edge_overhead": overhead,
+        "discovery": discovery,
+        "migration": moves,
+    }
 
 
 def rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
@@ -315,18 +373,34 @@ def rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     call = statistics.median(x["move_call_s"] for x in with_states)
     mb = with_states[0]["bytes_sent"] / 1e6
     return [
-        ("forwarding: p50 one-token request", f"{f['p50_via_edge_ms']:.1f} ms via edge",
-         f"{f['p50_direct_ms']:.1f} ms direct", f"+{f['added_ms']:.2f} ms (<= 2 ms)"),
-        ("forwarding: p50, instant peer", f"{o['p50_via_edge_ms']:.2f} ms via edge",
-         f"{o['p50_direct_ms']:.2f} ms direct", f"+{o['added_ms']:.2f} ms (<= 2 ms)"),
-        ("forwarding: streamed tokens/s", f"{f['stream_via_edge_tps']:.1f}",
-         f"{f['stream_direct_tps']:.1f}", f"{f['stream_ratio']:.3f} (>= 0.98)"),
+        (
+            "forwarding: p50 one-token request",
+            f"{f['p50_via_edge_ms']:.1f} ms via edge",
+            f"{f['p50_direct_ms']:.1f} ms direct",
+            f"+{f['added_ms']:.2f} ms (<= 2 ms)",
+        ),
+        (
+            "forwarding: p50, instant peer",
+            f"{o['p50_via_edge_ms']:.2f} ms via edge",
+            f"{o['p50_direct_ms']:.2f} ms direct",
+            f"+{o['added_ms']:.2f} ms (<= 2 ms)",
+        ),
+        (
+            "forwarding: streamed tokens/s",
+            f"{f['stream_via_edge_tps']:.1f}",
+            f"{f['stream_direct_tps']:.1f}",
+            f"{f['stream_ratio']:.3f} (>= 0.98)",
+        ),
         ("discovery: API up to routable (worst)", f"{api:.2f} s", "-", "(<= 2 s)"),
         ("discovery: process start to routable", f"{start:.2f} s", "-", "(includes start-up)"),
         ("death (SIGKILL) to out of rotation", f"{death:.2f} s", "-", "(<= 5 s)"),
-        ("migration: move + finish, with states", f"{moved:.2f} s ({mb:.0f} MB, "
-         f"call {call:.2f} s)", f"{recomputed:.2f} s recomputed", f"{moved / recomputed:.2f}"),
-    ]  # fmt: skip
+        (
+            "migration: move + finish, with states",
+            f"{moved:.2f} s ({mb:.0f} MB, call {call:.2f} s)",
+            f"{recomputed:.2f} s recomputed",
+            f"{moved / recomputed:.2f}",
+        ),
+    ]
 
 
 if __name__ == "__main__":

@@ -25,17 +25,22 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from pcrt.cache.status import UNFINISHED_RUN_STATES
 from pcrt.cache.store import Store, utc_now
 
 __all__ = [
-    "BlobCorrupt", "BlobInfo", "BlobMissing", "BlobStore", "IncomingBlob", "is_blob_id",
+    "BlobCorrupt",
+    "BlobInfo",
+    "BlobMissing",
+    "BlobStore",
+    "IncomingBlob",
+    "is_blob_id",
     "write_atomically",
-]  # fmt: skip
+]
 
 _SHA = re.compile(r"^[0-9a-f]{64}$")
 # runs in these states may still need their blobs: never evict them
 # runs that may still need their states: a cancelled run resumes, a migrating one moves
-UNFINISHED_RUN_STATES = ("pending", "running", "interrupted", "cancelled", "migrating")
 ARRIVAL_GRACE = datetime.timedelta(minutes=10)  # a state sent ahead of its run's record
 UPLOAD_GRACE = 60.0  # seconds an unlocked upload file is left alone (between open and lock)
 

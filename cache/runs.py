@@ -20,11 +20,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from typing import Any
 
+from pcrt.cache.status import FINISHED_RUN_STATES, NodeStatus, RunStatus
 from pcrt.cache.store import Store, utc_now
 
 __all__ = ["NodeRecord", "RunExists", "RunNotFound", "RunRecord", "RunStore"]
-
-FINISHED_RUN_STATES = ("succeeded", "failed", "budget_exceeded", "cancelled", "migrated")
 
 
 class RunExists(ValueError):
@@ -41,7 +40,7 @@ class RunRecord:
     dag_path: str
     spec: dict[str, Any]
     inputs: dict[str, Any]
-    status: str
+    status: RunStatus
     error: str | None
     tokens_used: int
     nodes_executed: int
@@ -64,6 +63,7 @@ class RunRecord:
         row = dict(row)
         row["spec"] = json.loads(row["spec"])
         row["inputs"] = json.loads(row["inputs"])
+        row["status"] = RunStatus(row["status"])
         row["tokens_used"] = row["tokens_used"] or 0
         row["nodes_executed"] = row["nodes_executed"] or 0
         return cls(**row)
@@ -75,7 +75,7 @@ class NodeRecord:
     node_id: str
     path: str
     type: str
-    status: str
+    status: NodeStatus
     output: Any
     prompt_tokens: int | None
     cached_tokens: int | None
@@ -97,6 +97,7 @@ class NodeRecord:
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> NodeRecord:
         row = dict(row)
+        row["status"] = NodeStatus(row["status"])
         row["output"] = json.loads(row["output"]) if row["output"] is not None else None
         row["routing"] = json.loads(row["routing"]) if row.get("routing") else None
         row["cache_hit"] = bool(row["cache_hit"])
@@ -145,13 +146,20 @@ class RunStore:
             db.insert(
                 "runs",
                 {
-                    "id": run_id, "dag_path": dag_path, "spec": json.dumps(spec),
-                    "inputs": json.dumps(inputs), "status": "pending", "tokens_used": 0,
-                    "nodes_executed": 0, "created_at": now, "updated_at": now,
+                    "id": run_id,
+                    "dag_path": dag_path,
+                    "spec": json.dumps(spec),
+                    "inputs": json.dumps(inputs),
+                    "status": RunStatus.PENDING,
+                    "tokens_used": 0,
+                    "nodes_executed": 0,
+                    "created_at": now,
+                    "updated_at": now,
                     "parent_run_id": parent[0] if parent else None,
-                    "parent_node_id": parent[1] if parent else None, "agent": agent,
+                    "parent_node_id": parent[1] if parent else None,
+                    "agent": agent,
                 },
-            )  # fmt: skip
+            )
             if parent is not None:
                 db.update(
                     "nodes", {"run_id": parent[0], "node_id": parent[1]}, {"child_run_id": run_id}
@@ -159,9 +167,16 @@ class RunStore:
             for node_id, path, kind in nodes:
                 db.insert(
                     "nodes",
-                    {"run_id": run_id, "node_id": node_id, "path": path, "type": kind,
-                     "status": "pending", "cache_hit": 0, "resumed_from_checkpoint": 0},
-                )  # fmt: skip
+                    {
+                        "run_id": run_id,
+                        "node_id": node_id,
+                        "path": path,
+                        "type": kind,
+                        "status": NodeStatus.PENDING,
+                        "cache_hit": 0,
+                        "resumed_from_checkpoint": 0,
+                    },
+                )
         return self.get_run(run_id)
 
     def import_run(
@@ -177,7 +192,7 @@ class RunStore:
                 "select status, origin, spec, inputs from runs where id = ?", [run["id"]]
             ).fetchone()
             # a record that stayed here as "migrated" is history: the run comes back
-            fresh = row is None or row[0] == "migrated"
+            fresh = row is None or row[0] == RunStatus.MIGRATED
             if not fresh:
                 _check_repeat(run, origin, *row)
             else:
@@ -194,7 +209,7 @@ class RunStore:
         return RunRecord.from_row(rows[0])
 
     def list_runs(
-        self, status: str | None = None, limit: int = 100, *, children: bool = False
+        self, status: RunStatus | None = None, limit: int = 100, *, children: bool = False
     ) -> list[RunRecord]:
         """Runs, newest first; subgraph calls' child runs only with ``children``."""
         where: list[str] = [] if children else ["parent_run_id is null"]
@@ -210,7 +225,7 @@ class RunStore:
         return [RunRecord.from_row(r) for r in rows]
 
     def set_status(
-        self, run_id: str, status: str, *, error: str | None = None, **extra: Any
+        self, run_id: str, status: RunStatus, *, error: str | None = None, **extra: Any
     ) -> None:
         now = utc_now()
         values = {"status": status, "updated_at": now, "error": error, **extra}
@@ -231,21 +246,21 @@ class RunStore:
         with self._tx() as db:
             # "migrating": the daemon died mid-move; the peer may not have it
             rows = db.execute(
-                "select id, for_peer from runs where status in ('running', 'migrating')"
+                "select id, for_peer from runs where status in (?, ?)",
+                [RunStatus.RUNNING, RunStatus.MIGRATING],
             ).fetchall()
             ids = []
             for run_id, for_peer in rows:
-                values: dict[str, Any] = {"status": "interrupted", "updated_at": utc_now()}
+                values: dict[str, Any] = {"status": RunStatus.INTERRUPTED, "updated_at": utc_now()}
                 if for_peer is None:
                     ids.append(run_id)
                 else:
-                    values["status"] = "cancelled"
+                    values["status"] = RunStatus.CANCELLED
                     values["error"] = f"this daemon stopped while peer {for_peer} waited on it"
                 db.update("runs", {"id": run_id}, values)
                 db.execute(
-                    "update nodes set status = 'interrupted'"
-                    " where run_id = ? and status = 'running'",
-                    [run_id],
+                    "update nodes set status = ? where run_id = ? and status = ?",
+                    [NodeStatus.INTERRUPTED, run_id, NodeStatus.RUNNING],
                 )
         return ids
 
@@ -340,19 +355,24 @@ def _insert_import(db: _Tx, run: dict[str, Any], nodes: list[dict[str, Any]], or
     db.insert(
         "runs",
         {
-            "id": run["id"], "dag_path": run["dag_path"], "spec": json.dumps(run["spec"]),
-            "inputs": json.dumps(run["inputs"]), "status": "interrupted",
+            "id": run["id"],
+            "dag_path": run["dag_path"],
+            "spec": json.dumps(run["spec"]),
+            "inputs": json.dumps(run["inputs"]),
+            "status": "interrupted",
             "tokens_used": int(run.get("tokens_used") or 0),
             "nodes_executed": int(run.get("nodes_executed") or 0),
-            "created_at": run.get("created_at") or now, "updated_at": now,
-            "error": "moved here from a peer; resuming continues it", "origin": origin,
+            "created_at": run.get("created_at") or now,
+            "updated_at": now,
+            "error": "moved here from a peer; resuming continues it",
+            "origin": origin,
             "agent": run["agent"] if isinstance(run.get("agent"), str) else None,
         },
-    )  # fmt: skip
+    )
     for node in nodes:
         values = {k: v for k, v in node.items() if k in _NODE_FIELDS}
-        if values.get("status") == "running":
-            values["status"] = "interrupted"
+        if values.get("status") == NodeStatus.RUNNING:
+            values["status"] = NodeStatus.INTERRUPTED
         _encode_json_fields(values)
         db.insert("nodes", {**values, "run_id": run["id"]})
 

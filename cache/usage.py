@@ -76,8 +76,11 @@ class UsageLog:
         )
         with self._lock:
             rows = list(self.db.query(sql, [model, last]))
-        decode = [(r["completion_tokens"] - 1) / ((r["total_ms"] - r["ttft_ms"]) / 1000)
-                  for r in rows if r["total_ms"] > r["ttft_ms"]]  # fmt: skip
+        decode = [
+            (r["completion_tokens"] - 1) / ((r["total_ms"] - r["ttft_ms"]) / 1000)
+            for r in rows
+            if r["total_ms"] > r["ttft_ms"]
+        ]
         prefill = [r["computed"] / (r["ttft_ms"] / 1000) for r in rows if r["computed"] >= 32]
         return (
             statistics.median(decode) if decode else None,

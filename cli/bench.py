@@ -25,13 +25,13 @@ from pcrt.cache.store import BenchRecord, Store
 from pcrt.cli.progress import download_progress
 from pcrt.device.offload import OffloadPlan
 from pcrt.device.profile import DeviceProfile, collect_profile
-from pcrt.runtime.benchmark import BenchProgress, run_bench
 from pcrt.runtime.engine import EngineConfig
-from pcrt.runtime.hashing import file_sha256
-from pcrt.runtime.loader import open_engine
-from pcrt.runtime.models import Registry
-from pcrt.runtime.planning import plan_for
-from pcrt.runtime.pull import ensure_pulled
+from pcrt.runtime.models.benchmark import BenchProgress, run_bench
+from pcrt.runtime.models.hashing import file_sha256
+from pcrt.runtime.models.loader import open_engine
+from pcrt.runtime.models.planning import plan_for
+from pcrt.runtime.models.pull import ensure_pulled
+from pcrt.runtime.models.registry import Registry
 
 __all__ = ["bench"]
 
@@ -73,10 +73,18 @@ def bench(
         measured = record is None
         if record is None:
             record = _measure(
-                registry, entry.name, sha256, profile, plan, overrides, store,
-                prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, repeats=repeats,
+                registry,
+                entry.name,
+                sha256,
+                profile,
+                plan,
+                overrides,
+                store,
+                prompt_tokens=prompt_tokens,
+                gen_tokens=gen_tokens,
+                repeats=repeats,
                 quiet=as_json,
-            )  # fmt: skip
+            )
         past = store.bench_results(sha256, limit=history)
     if as_json:
         data = {

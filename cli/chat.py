@@ -22,12 +22,12 @@ from pcrt.cli.run import (
     stream_to_terminal,
     verbose_report,
 )
-from pcrt.runtime.chat import ChatMessage
 from pcrt.runtime.engine import Engine, GenerateRequest
+from pcrt.runtime.engine.chat import ChatMessage
+from pcrt.runtime.engine.sampling import SamplingParams
 from pcrt.runtime.errors import InvalidRequest
-from pcrt.runtime.loader import open_engine
-from pcrt.runtime.models import Registry
-from pcrt.runtime.sampling import SamplingParams
+from pcrt.runtime.models.loader import open_engine
+from pcrt.runtime.models.registry import Registry
 
 __all__ = ["chat"]
 
@@ -64,9 +64,13 @@ def chat(
             return
         client.close()
     engine = open_engine(
-        registry, model, progress=download_progress, parallel=1, context=context,
+        registry,
+        model,
+        progress=download_progress,
+        parallel=1,
+        context=context,
         n_threads=threads,
-    )  # fmt: skip
+    )
     if not engine.chat.available:
         engine.close()
         raise InvalidRequest(f"{engine.name!r} has no chat template; use `pcrt run --raw`")

@@ -37,21 +37,13 @@ from rich.text import Text
 from rich.tree import Tree
 
 from pcrt.cache.blobs import BlobStore
-from pcrt.cache.runs import FINISHED_RUN_STATES, RunNotFound, RunRecord, RunStore
+from pcrt.cache.runs import RunNotFound, RunRecord, RunStore
+from pcrt.cache.status import FINISHED_RUN_STATES, RunStatus
 from pcrt.cache.store import Store
 from pcrt.cli.client import DaemonClient
 from pcrt.cli.progress import download_progress
-from pcrt.runtime.api.dag_routes import run_view
-from pcrt.runtime.dag import (
-    DagInvalid,
-    DagSpec,
-    ForkNode,
-    LlmNode,
-    Problem,
-    dependencies,
-    load_dag,
-    parse_dag,
-)
+from pcrt.device.units import format_bytes
+from pcrt.runtime.dag import DagSpec, ForkNode, LlmNode, dependencies, load_dag, parse_dag
 from pcrt.runtime.dag.engines import LocalEngines
 from pcrt.runtime.dag.executor import RESUMABLE, DagEvent, DagRunner, check_run
 from pcrt.runtime.dag.library import (
@@ -61,16 +53,16 @@ from pcrt.runtime.dag.library import (
     load_library_paths,
     run_library,
 )
-from pcrt.runtime.dag.load import ShapeInvalid
 from pcrt.runtime.dag.spec import SubgraphNode
 from pcrt.runtime.dag.subgraph import generating_nodes
-from pcrt.runtime.errors import InvalidRequest, PcrtError
-from pcrt.runtime.models import Registry
+from pcrt.runtime.dag.tasks import run_view
+from pcrt.runtime.errors import DagInvalid, InvalidRequest, PcrtError, Problem, ShapeInvalid
+from pcrt.runtime.models.registry import Registry
 from pcrt.runtime.paths import Paths
 
 __all__ = ["dag", "parse_inputs"]
 
-RUN_STATES = ("pending", "running", "interrupted", *FINISHED_RUN_STATES)
+RUN_STATES = [status.value for status in RunStatus]  # values: click matches enums by name
 _STYLE = {
     "succeeded": "green",
     "failed": "red",
@@ -247,9 +239,11 @@ class _Progress:
     def __enter__(self) -> _Progress:
         if self.enabled and self.console.is_terminal:
             self.live = Live(
-                console=self.console, auto_refresh=False, transient=True,
+                console=self.console,
+                auto_refresh=False,
+                transient=True,
                 get_renderable=self._render,
-            )  # fmt: skip
+            )
             self.live.start()
         return self
 
@@ -553,18 +547,25 @@ def dag() -> None:
 @dag.command("run")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option(
-    "-i", "--input", "pairs", multiple=True, metavar="KEY=VALUE",
+    "-i",
+    "--input",
+    "pairs",
+    multiple=True,
+    metavar="KEY=VALUE",
     help="An input: JSON or text; KEY=@FILE reads a file. Repeatable.",
-)  # fmt: skip
+)
 @click.option("-f", "--follow", is_flag=True, help="Show node progress and streamed tokens.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run as JSON (GET /v1/dags/RUN).")
 @click.option("--local", is_flag=True, help="Run in this process even if a daemon is up.")
 @click.option(
-    "--lib", "libs", multiple=True, metavar="FILE_OR_DIR",
+    "--lib",
+    "libs",
+    multiple=True,
+    metavar="FILE_OR_DIR",
     type=click.Path(exists=True, path_type=Path),
     help="A /lib DAG, or a directory of them, for subgraph nodes (over the library dirs). "
     "Repeatable.",
-)  # fmt: skip
+)
 def run_dag(
     file: Path,
     pairs: tuple[str, ...],
@@ -614,12 +615,20 @@ def list_runs(status: str | None, as_json: bool) -> None:
         done = {r.id: _done(n.status for n in runs.nodes(r.id)) for r in records}
     if as_json:
         data = [
-            {"id": r.id, "dag": r.dag_path, "status": r.status, "error": r.error,
-             "tokens_used": r.tokens_used, "nodes_executed": r.nodes_executed,
-             "nodes": len(r.spec.get("nodes", {})), "nodes_done": done[r.id],
-             "created_at": r.created_at, "finished_at": r.finished_at}
+            {
+                "id": r.id,
+                "dag": r.dag_path,
+                "status": r.status,
+                "error": r.error,
+                "tokens_used": r.tokens_used,
+                "nodes_executed": r.nodes_executed,
+                "nodes": len(r.spec.get("nodes", {})),
+                "nodes_done": done[r.id],
+                "created_at": r.created_at,
+                "finished_at": r.finished_at,
+            }
             for r in records
-        ]  # fmt: skip
+        ]
         click.echo(json.dumps(data, indent=2))
         return
     if not records:
@@ -630,10 +639,14 @@ def list_runs(status: str | None, as_json: bool) -> None:
         table.add_column(column, overflow="fold")
     for r in records:
         table.add_row(
-            r.id, r.dag_path, Text(r.status, style=_STYLE.get(r.status, "")),
-            f"{done[r.id]}/{len(r.spec.get('nodes', {}))}", str(r.tokens_used),
-            _when(r.created_at), _when(r.finished_at),
-        )  # fmt: skip
+            r.id,
+            r.dag_path,
+            Text(r.status, style=_STYLE.get(r.status, "")),
+            f"{done[r.id]}/{len(r.spec.get('nodes', {}))}",
+            str(r.tokens_used),
+            _when(r.created_at),
+            _when(r.finished_at),
+        )
     _stdout().print(table)
 
 
@@ -646,8 +659,11 @@ def list_library(as_json: bool) -> None:
     entries = [_signature_view(path, library) for path in sorted(library.dags)]
     if as_json:
         problems = [str(p) for p in library.problems]
-        click.echo(json.dumps({"dirs": [str(d) for d in dirs], "dags": entries,
-                               "problems": problems}, indent=2))  # fmt: skip
+        click.echo(
+            json.dumps(
+                {"dirs": [str(d) for d in dirs], "dags": entries, "problems": problems}, indent=2
+            )
+        )
     elif not entries:
         click.echo(f"no /lib subgraphs in {', '.join(str(d) for d in dirs)}")
     else:
@@ -782,10 +798,10 @@ def migrate(run_id: str, peer: str, no_states: bool, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
-    size = result["bytes_sent"] / 1e6
     click.echo(
         f"run {run_id} moved to {result['peer']} in {result['seconds']:.2f} s: "
-        f"{result['states_sent']} KV states ({size:.1f} MB), {result['note']}"
+        f"{result['states_sent']} KV states ({format_bytes(result['bytes_sent'])}), "
+        f"{result['note']}"
     )
     for reason in result["states_left"]:
         click.echo(f"  left behind: {reason}")

@@ -12,12 +12,13 @@ from rich.console import Console
 from rich.table import Table
 
 from pcrt.cli.progress import download_progress
-from pcrt.device.offload import OffloadPlan, PlanMargins, human_bytes
+from pcrt.device.offload import OffloadPlan, PlanMargins
 from pcrt.device.profile import DeviceProfile, collect_profile
+from pcrt.device.units import format_bytes
 from pcrt.runtime.errors import ConfigError
-from pcrt.runtime.models import Registry
-from pcrt.runtime.planning import plan_for
-from pcrt.runtime.pull import ensure_pulled
+from pcrt.runtime.models.planning import plan_for
+from pcrt.runtime.models.pull import ensure_pulled
+from pcrt.runtime.models.registry import Registry
 
 __all__ = ["device", "plan_lines", "plan_table", "profile_table"]
 
@@ -119,9 +120,11 @@ def profile_table(profile: DeviceProfile) -> Table:
     if cpu.load_avg:
         busy = f", {cpu.percent:.0f}% busy" if cpu.percent is not None else ""
         table.add_row("load", " ".join(f"{x:.2f}" for x in cpu.load_avg) + busy)
-    table.add_row("RAM", f"{human_bytes(mem.available)} available of {human_bytes(mem.total)}")
+    table.add_row("RAM", f"{format_bytes(mem.available)} available of {format_bytes(mem.total)}")
     if mem.swap_total:
-        table.add_row("swap", f"{human_bytes(mem.swap_used)} used of {human_bytes(mem.swap_total)}")
+        table.add_row(
+            "swap", f"{format_bytes(mem.swap_used)} used of {format_bytes(mem.swap_total)}"
+        )
     if profile.battery:
         b = profile.battery
         state = "plugged in" if b.plugged_in else "on battery"
@@ -137,7 +140,7 @@ def profile_table(profile: DeviceProfile) -> Table:
     gpu = profile.gpu
     for g in gpu.gpus:
         readings = [
-            f"{human_bytes(g.memory_free)} free of {human_bytes(g.memory_total)}",
+            f"{format_bytes(g.memory_free)} free of {format_bytes(g.memory_total)}",
             f"{g.utilization_percent:.0f}% busy" if g.utilization_percent is not None else "",
             f"{g.temperature_c:.0f} °C" if g.temperature_c is not None else "",
             f"{g.power_draw_w:.0f}/{g.power_limit_w:.0f} W"
@@ -159,7 +162,7 @@ def profile_table(profile: DeviceProfile) -> Table:
         f" GPU offload {'yes' if build.gpu_offload else 'no'} (GPU backends: {supports})",
     )
     for dev in build.devices:
-        memory = f", {human_bytes(dev.memory_total)}" if dev.memory_total else ""
+        memory = f", {format_bytes(dev.memory_total)}" if dev.memory_total else ""
         table.add_row("device", f"{dev.name} ({dev.type}): {dev.description}{memory}")
     reason = profile.cpu_only_reason
     table.add_row("offload", f"CPU only: {reason}" if reason else "GPU")
@@ -174,21 +177,21 @@ def plan_table(plan: OffloadPlan) -> Table:
         table.add_row(
             f"GPU {g.index} {g.name}",
             str(g.layers),
-            human_bytes(g.weights),
-            human_bytes(g.kv),
-            human_bytes(g.compute),
-            human_bytes(g.total),
-            human_bytes(g.free),
+            format_bytes(g.weights),
+            format_bytes(g.kv),
+            format_bytes(g.compute),
+            format_bytes(g.total),
+            format_bytes(g.free),
         )
     r = plan.ram
     table.add_row(
         "RAM",
         str(r.layers),
-        human_bytes(r.weights),
-        human_bytes(r.kv),
-        human_bytes(r.compute),
-        human_bytes(r.total),
-        human_bytes(r.available),
+        format_bytes(r.weights),
+        format_bytes(r.kv),
+        format_bytes(r.compute),
+        format_bytes(r.total),
+        format_bytes(r.available),
     )
     return table
 
@@ -202,7 +205,7 @@ def plan_lines(plan: OffloadPlan, profile: DeviceProfile | None) -> list[str]:
         f"n_gpu_layers {plan.n_gpu_layers} of {plan.n_layers}"
         + (f", tensor_split {list(plan.tensor_split)}" if plan.tensor_split else "")
         + (f", main_gpu {plan.main_gpu}" if plan.gpus else ""),
-        f"context {context}; KV {plan.type_k}/{plan.type_v}, {human_bytes(plan.kv_bytes)}; "
+        f"context {context}; KV {plan.type_k}/{plan.type_v}, {format_bytes(plan.kv_bytes)}; "
         f"flash attention {'on' if plan.flash_attn else 'off'}",
         f"pinned: {', '.join(plan.pinned) or 'nothing'}",
     ]

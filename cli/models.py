@@ -11,10 +11,11 @@ from rich.table import Table
 
 from pcrt.cache.store import Store
 from pcrt.cli.progress import download_progress
-from pcrt.runtime.gguf_info import GgufInfo, read_gguf_info
-from pcrt.runtime.hashing import file_sha256
-from pcrt.runtime.models import LocalSource, ModelEntry, Registry
-from pcrt.runtime.pull import ensure_pulled, is_present, remove
+from pcrt.device.units import format_bytes
+from pcrt.runtime.models.gguf_info import GgufInfo, read_gguf_info
+from pcrt.runtime.models.hashing import file_sha256
+from pcrt.runtime.models.pull import ensure_pulled, is_present, remove
+from pcrt.runtime.models.registry import LocalSource, ModelEntry, Registry
 
 __all__ = ["models"]
 
@@ -43,7 +44,7 @@ def list_models(as_json: bool) -> None:
             ", ".join(row["tags"]),
             row["source"],
             "yes" if row["pulled"] else "no",
-            _human(row["size"]) if row["size"] is not None else "-",
+            format_bytes(row["size"]) if row["size"] is not None else "-",
             str(row["context"]),
         )
     _console().print(table)
@@ -94,7 +95,7 @@ def show(name: str, as_json: bool) -> None:
     assert info is not None and sha256 is not None
     check = {True: "verified", False: f"MISMATCH, expected {entry.sha256}", None: "no sha256 set"}
     table.add_row("sha256", f"{sha256} ({check[data['sha256_ok']]})")
-    table.add_row("size", _human(info.file_size))
+    table.add_row("size", format_bytes(info.file_size))
     table.add_row("architecture", info.architecture)
     if info.name:
         table.add_row("model name", info.name)
@@ -176,12 +177,3 @@ def _pair(a: int | None, b: int | None) -> str | None:
     if a is None and b is None:
         return None
     return f"{a if a is not None else '?'}/{b if b is not None else '?'}"
-
-
-def _human(size: int) -> str:
-    value = float(size)
-    for unit in ("B", "KB", "MB", "GB"):
-        if value < 1000 or unit == "GB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1000
-    return f"{size} B"

@@ -43,8 +43,18 @@ def peers(as_json: bool) -> None:
         console.print("no peers")
         return
     table = Table(box=None, header_style="bold")
-    columns = ("NAME", "ADDRESS", "KIND", "TRUSTED", "HEALTH", "MODELS", "LATENCY", "TOK/S",
-               "QUEUE", "LAST SEEN")  # fmt: skip
+    columns = (
+        "NAME",
+        "ADDRESS",
+        "KIND",
+        "TRUSTED",
+        "HEALTH",
+        "MODELS",
+        "LATENCY",
+        "TOK/S",
+        "QUEUE",
+        "LAST SEEN",
+    )
     for column in columns:
         table.add_column(column, overflow="fold")
     for p in data["peers"]:
@@ -52,7 +62,15 @@ def peers(as_json: bool) -> None:
         health = p["health"] + (f" {p['cooldown_s']:.0f}s" if p["health"] == "cooldown" else "")
         latency = "-" if p["latency_ms"] is None else f"{p['latency_ms']:.1f} ms"
         table.add_row(
-            p["name"], p["url"], p["kind"], trusted, health, ", ".join(p["models"]) or "-",
-            latency, _speed(p["tokens_per_s"]), str(p["queue_depth"]), _ago(p["last_seen"]),
-        )  # fmt: skip
+            p["name"],
+            p["url"],
+            p["kind"],
+            trusted,
+            health,
+            ", ".join(p["models"]) or "-",
+            latency,
+            _speed(p["tokens_per_s"]),
+            str(p["queue_depth"]),
+            _ago(p["last_seen"]),
+        )
     console.print(table)

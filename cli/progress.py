@@ -19,7 +19,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from pcrt.runtime.download import ProgressCallback
+from pcrt.runtime.models.download import ProgressCallback
 
 __all__ = ["download_progress"]
 

@@ -10,16 +10,9 @@ from rich.console import Console
 from rich.table import Table
 
 from pcrt.cli.client import DaemonClient
+from pcrt.device.units import format_bytes
 
 __all__ = ["ps", "stop"]
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
 
 
 def _until(expires_at: float | None, in_flight: int) -> str:
@@ -45,16 +38,20 @@ def ps(as_json: bool) -> None:
         table.add_column(column, overflow="fold")
     for m in data["models"]:
         table.add_row(
-            m["name"], _size(m["size_bytes"]), _size(m["kv_bytes"]),
-            f"{m['busy_slots']}/{m['parallel']}", str(m["queue_depth"]), str(m["context"]),
+            m["name"],
+            format_bytes(m["size_bytes"]),
+            format_bytes(m["kv_bytes"]),
+            f"{m['busy_slots']}/{m['parallel']}",
+            str(m["queue_depth"]),
+            str(m["context"]),
             _until(m["expires_at"], m["in_flight"]),
-        )  # fmt: skip
+        )
     console = Console()
     if data["models"]:
         console.print(table)
     else:
         console.print("no models loaded")
-    console.print(f"daemon memory (RSS): {_size(data['process_rss_bytes'])}")
+    console.print(f"daemon memory (RSS): {format_bytes(data['process_rss_bytes'])}")
 
 
 @click.command()

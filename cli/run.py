@@ -12,12 +12,12 @@ import click
 
 from pcrt.cli.client import DaemonClient, StreamResult
 from pcrt.cli.progress import download_progress
-from pcrt.runtime.chat import ChatMessage
 from pcrt.runtime.engine import Completion, Engine, GenerateRequest, TokenEvent
+from pcrt.runtime.engine.chat import ChatMessage
+from pcrt.runtime.engine.sampling import SamplingParams
 from pcrt.runtime.errors import InvalidRequest
-from pcrt.runtime.loader import open_engine
-from pcrt.runtime.models import Registry
-from pcrt.runtime.sampling import SamplingParams
+from pcrt.runtime.models.loader import open_engine
+from pcrt.runtime.models.registry import Registry
 
 __all__ = [
     "remote_body",

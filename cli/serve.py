@@ -9,9 +9,10 @@ import click
 import uvicorn
 from pydantic import ValidationError
 
-from pcrt.runtime.api.app import create_app
+from pcrt.routing.settings import PeerSettings
 from pcrt.runtime.errors import ConfigError
-from pcrt.runtime.settings import PeerSettings, ServerSettings
+from pcrt.runtime.server.app import create_app
+from pcrt.runtime.server.settings import ServerSettings
 
 __all__ = ["serve"]
 
@@ -61,9 +62,11 @@ def serve(
     (env PCRT_CLUSTER_KEY) on every machine that should trust the others.
     """
     settings = ServerSettings.load(config_file, **options)
-    peer_flags = {"lan": lan, "name": node_name,
-                  "interfaces": interfaces.split(",") if interfaces and interfaces != "all"
-                  else interfaces}  # fmt: skip
+    peer_flags = {
+        "lan": lan,
+        "name": node_name,
+        "interfaces": interfaces.split(",") if interfaces and interfaces != "all" else interfaces,
+    }
     changed = {k: v for k, v in peer_flags.items() if v is not None}
     if changed:
         try:  # validated, not copied: a bad --interfaces is a clear error, not a traceback

@@ -19,9 +19,10 @@ from rich.table import Table
 
 from pcrt.cache.blobs import BlobCorrupt, BlobMissing, BlobStore, write_atomically
 from pcrt.cache.store import Store
+from pcrt.device.units import format_bytes
+from pcrt.runtime.engine.state import KVState, StateHeader, describe_state
 from pcrt.runtime.errors import StateError
 from pcrt.runtime.paths import Paths
-from pcrt.runtime.state import KVState, StateHeader, describe_state
 
 __all__ = ["state"]
 
@@ -57,14 +58,6 @@ def _header(blobs: BlobStore, sha256: str) -> StateHeader | None:
         return None
 
 
-def _size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
-
-
 @click.group()
 def state() -> None:
     """KV states in the local store: list, export, import, remove."""
@@ -93,11 +86,13 @@ def list_states(run_id: str | None, as_json: bool) -> None:
         table.add_column(column, overflow="fold")
     for info, header in rows:
         table.add_row(
-            info.sha256[:_SHOWN], _size(info.size),
+            info.sha256[:_SHOWN],
+            format_bytes(info.size),
             str(header.n_tokens) if header else "unreadable",
-            (header.model or "-") if header else "-", info.run_id or "-",
+            (header.model or "-") if header else "-",
+            info.run_id or "-",
             info.last_used_at[:19],
-        )  # fmt: skip
+        )
     Console().print(table)
 
 
@@ -119,7 +114,9 @@ def export(state_id: str, file: Path) -> None:
         write_atomically(file.expanduser(), data)
     except OSError as exc:
         raise StateError(f"cannot write {file}: {exc.strerror or exc}") from None
-    click.echo(f"wrote {file} ({_size(len(data))}, {header.n_tokens} tokens, state {sha256})")
+    click.echo(
+        f"wrote {file} ({format_bytes(len(data))}, {header.n_tokens} tokens, state {sha256})"
+    )
 
 
 @state.command("import")

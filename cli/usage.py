@@ -13,7 +13,7 @@ from pcrt.cache.store import Store
 from pcrt.cache.usage import UsageLog
 from pcrt.runtime.errors import InvalidRequest
 from pcrt.runtime.paths import Paths
-from pcrt.runtime.settings import parse_duration
+from pcrt.runtime.server.settings import parse_duration
 
 __all__ = ["usage"]
 
@@ -52,15 +52,33 @@ def usage(agent: str | None, since: str | None, as_json: bool) -> None:
         click.echo("no usage recorded")
         return
     table = Table(box=None, header_style="bold")
-    for column in ("AGENT", "MODEL", "REQUESTS", "ERRORS", "ON PEERS", "FELL BACK", "PROMPT",
-                   "CACHED", "COMPLETION", "AVG TTFT", "LAST"):  # fmt: skip
+    for column in (
+        "AGENT",
+        "MODEL",
+        "REQUESTS",
+        "ERRORS",
+        "ON PEERS",
+        "FELL BACK",
+        "PROMPT",
+        "CACHED",
+        "COMPLETION",
+        "AVG TTFT",
+        "LAST",
+    ):
         table.add_column(column, overflow="fold")
     for r in rows:
         ttft = f"{r['avg_ttft_ms']:.0f} ms" if r["avg_ttft_ms"] is not None else "-"
         table.add_row(
-            r["agent"], r["model"], str(r["requests"]), str(r["errors"]),
-            str(r["on_peers"]), str(r["fell_back"]), str(r["prompt_tokens"]),
-            str(r["cached_tokens"]), str(r["completion_tokens"]),
-            ttft, r["last"][:19],
-        )  # fmt: skip
+            r["agent"],
+            r["model"],
+            str(r["requests"]),
+            str(r["errors"]),
+            str(r["on_peers"]),
+            str(r["fell_back"]),
+            str(r["prompt_tokens"]),
+            str(r["cached_tokens"]),
+            str(r["completion_tokens"]),
+            ttft,
+            r["last"][:19],
+        )
     Console().print(table)

@@ -1,6 +1,6 @@
 """Benchmark figures: prefill and decode speed of one model with one plan on one machine.
 
-The measurement itself drives the engine (``pcrt.runtime.benchmark``); this module holds
+The measurement itself drives the engine (``pcrt.runtime.models.benchmark``); this module holds
 the figures and how repeated runs combine, as plain data that routing can read to predict
 latency. Figures are only comparable for the same model file, device fingerprint, offload
 plan and thread count: the store keys them so.

@@ -1,7 +1,7 @@
 """The offload planner: how many layers go to which GPU, and how much context fits.
 
 Pure functions over plain data: a ``ModelShape`` (GGUF metadata and per-tensor byte
-counts; ``pcrt.runtime.planning`` builds it from a GGUF file), a ``DeviceMemory`` (free
+counts; ``pcrt.runtime.models.planning`` builds it from a GGUF file), a ``DeviceMemory`` (free
 RAM and VRAM; ``DeviceMemory.from_profile`` reads a ``DeviceProfile``), a ``PlanRequest``
 (wanted context, slots, KV types, pins) and ``PlanMargins``. No I/O, no llama.cpp.
 
@@ -42,6 +42,8 @@ from typing import TYPE_CHECKING, Literal, NoReturn
 
 from pydantic import BaseModel, ConfigDict, Field, computed_field, model_validator
 
+from pcrt.device.units import MiB, format_bytes
+
 if TYPE_CHECKING:
     from pcrt.device.profile import DeviceProfile
 
@@ -60,7 +62,6 @@ __all__ = [
     "RamPlacement",
     "flash_attn_for",
     "graph_sizes",
-    "human_bytes",
     "kv_bytes_per_layer",
     "kv_cells",
     "needs_flash_attn",
@@ -68,8 +69,6 @@ __all__ = [
     "row_bytes",
 ]
 
-MiB = 1024**2
-GiB = 1024**3
 
 KV_CELL_PADDING = 256
 """llama.cpp rounds each sequence's KV cells up to a multiple of this."""
@@ -96,7 +95,7 @@ def flash_attn_for(type_v: str, pinned: bool | None) -> bool:
     """Whether a load with a ``type_v`` V cache runs flash attention: ``pinned`` when set,
     else on exactly when llama.cpp needs it (``needs_flash_attn``). A pin off with such a V
     cache stays off here; ``plan_offload`` refuses that combination. The planner and
-    ``pcrt.runtime.loader.kv_settings_for`` both decide by this, so they agree."""
+    ``pcrt.runtime.models.loader.kv_settings_for`` both decide by this, so they agree."""
     return pinned if pinned is not None else needs_flash_attn(type_v)
 
 
@@ -395,16 +394,6 @@ def graph_sizes(shape: ModelShape, cells: int, batch: int) -> tuple[int, int]:
     return partial, full
 
 
-def human_bytes(n: int | float) -> str:
-    if n == 0:
-        return "0 B"
-    if abs(n) >= GiB:
-        return f"{n / GiB:.1f} GiB"
-    if abs(n) >= MiB:
-        return f"{n / MiB:.1f} MiB"
-    return f"{n / 1024:.1f} KiB"
-
-
 # -- the fit ----------------------------------------------------------------------------
 
 
@@ -501,8 +490,8 @@ def _layout(
         placements.append(placement)
         if mine and placement.total + margins.gpu_reserve > gpu.free:
             over.append(
-                f"GPU {gpu.index}: {human_bytes(placement.total)} planned + "
-                f"{human_bytes(margins.gpu_reserve)} reserve > {human_bytes(gpu.free)} free"
+                f"GPU {gpu.index}: {format_bytes(placement.total)} planned + "
+                f"{format_bytes(margins.gpu_reserve)} reserve > {format_bytes(gpu.free)} free"
             )
 
     cpu_blocks = [i for i in range(n) if i not in on_gpu]
@@ -590,8 +579,8 @@ def plan_offload(
                 hi = mid - 1
         notes.append(
             f"context reduced from {wanted} to {best.context}: {wanted} needs "
-            f"{human_bytes(asked.ram_needed)} of RAM, "
-            f"{human_bytes(budget)} available after the reserve"
+            f"{format_bytes(asked.ram_needed)} of RAM, "
+            f"{format_bytes(budget)} available after the reserve"
         )
     notes.extend(f"pinned n_gpu_layers overcommits {text}" for text in best.over_gpu)
 
@@ -640,15 +629,15 @@ def _fail(
     shape: ModelShape, layout: _Layout, budget: int, margins: PlanMargins, which: str
 ) -> NoReturn:
     on_gpu = sum(p.total for p in layout.gpus if p.layers)
-    gpu_text = f" besides {human_bytes(on_gpu)} on the GPU" if on_gpu else ""
+    gpu_text = f" besides {format_bytes(on_gpu)} on the GPU" if on_gpu else ""
     short = layout.ram_needed - budget
     raise PlanError(
         f"{shape.name or 'the model'} does not fit even at {which} context {layout.context}: "
-        f"it needs {human_bytes(layout.ram_needed)} of RAM{gpu_text} "
-        f"(weights {human_bytes(layout.ram.weights)}, KV {human_bytes(layout.ram.kv)}, "
-        f"compute {human_bytes(layout.ram.compute)}), and {human_bytes(max(budget, 0))} is "
-        f"available after a {human_bytes(margins.ram_reserve)} reserve: "
-        f"{human_bytes(short)} short"
+        f"it needs {format_bytes(layout.ram_needed)} of RAM{gpu_text} "
+        f"(weights {format_bytes(layout.ram.weights)}, KV {format_bytes(layout.ram.kv)}, "
+        f"compute {format_bytes(layout.ram.compute)}), and {format_bytes(max(budget, 0))} is "
+        f"available after a {format_bytes(margins.ram_reserve)} reserve: "
+        f"{format_bytes(short)} short"
         + ("; lower the pinned context or unpin it" if which == "pinned" else ""),
         context=layout.context,
         needed=layout.ram_needed,
@@ -661,7 +650,7 @@ def _reason(
 ) -> str:
     n_gpu = len(layout.on_gpu)
     ram = layout.ram
-    ram_text = f"{human_bytes(ram.total)} in RAM of {human_bytes(ram.available)} available"
+    ram_text = f"{format_bytes(ram.total)} in RAM of {format_bytes(ram.available)} available"
     if n_gpu == 0:
         if req.n_gpu_layers == 0:
             why = "n_gpu_layers pinned to 0"
@@ -673,12 +662,12 @@ def _reason(
     else:
         used = [p for p in layout.gpus if p.layers]
         where = "; ".join(
-            f"GPU {p.index}: {p.layers} layers, {human_bytes(p.total)} of {human_bytes(p.free)}"
+            f"GPU {p.index}: {p.layers} layers, {format_bytes(p.total)} of {format_bytes(p.free)}"
             for p in used
         )
         if len(used) == 1:
             p = used[0]
-            where = f"GPU {p.index} ({p.name}): {human_bytes(p.total)} of {human_bytes(p.free)}"
+            where = f"GPU {p.index} ({p.name}): {format_bytes(p.total)} of {format_bytes(p.free)}"
         else:
             where = f"{len(used)} GPUs ({where})"
         text = f"{n_gpu}/{n_total} layers on {where}"

@@ -91,9 +91,12 @@ def upstream_txt(upstream: Upstream, models: list[str], cluster_key: str | None)
     if upstream.strength is not None:
         extra["strength"] = f"{upstream.strength:g}"
     fields = txt_properties(
-        node_id=node_id, port=port, kind=upstream.kind, caps=capabilities_hash(models),
+        node_id=node_id,
+        port=port,
+        kind=upstream.kind,
+        caps=capabilities_hash(models),
         extra=extra,
-    )  # fmt: skip
+    )
     if cluster_key:
         fields["sig"] = announcement_signature(cluster_key, address, port, fields)
     return fields
@@ -117,9 +120,11 @@ async def announce_upstream(
         discovery = Discovery(interfaces=interfaces, on_change=_ignore, browse=False)
         async with discovery:
             instance = await discovery.announce(
-                name=upstream.name, address=address, port=port,
+                name=upstream.name,
+                address=address,
+                port=port,
                 properties=upstream_txt(upstream, models, cluster_key),
-            )  # fmt: skip
+            )
             log.info("announced %s as %s", upstream.url, instance)
             while not stop.is_set():
                 with contextlib.suppress(TimeoutError):

@@ -57,8 +57,8 @@ from pcrt.routing.peers import (
     state_keys_from_node_info,
 )
 from pcrt.routing.policy import Decision, NodeView, PolicySettings, Work, decide
+from pcrt.routing.settings import PeerSettings
 from pcrt.runtime.errors import PcrtError, PeerError, PeerRejected, PeerUnavailable
-from pcrt.runtime.settings import PeerSettings
 
 __all__ = [
     "CLUSTER_HEADER",
@@ -118,8 +118,14 @@ def announce_address(host: str, interfaces: str | list[str]) -> str:
 
 def own_hosts(announce_address: str) -> frozenset[str]:
     """Every name and IPv4 address this machine answers to, for signed destinations."""
-    names = {announce_address, "127.0.0.1", "localhost", socket.gethostname().lower(),
-             socket.getfqdn().lower(), *ipv4_addresses()}  # fmt: skip
+    names = {
+        announce_address,
+        "127.0.0.1",
+        "localhost",
+        socket.gethostname().lower(),
+        socket.getfqdn().lower(),
+        *ipv4_addresses(),
+    }
     return frozenset(n for n in names if n)
 
 
@@ -164,9 +170,12 @@ class Coordinator:
         # health checks have a client of their own: slow peers cannot exhaust the pool
         # that forwarded work uses
         self.prober = Forwarder(
-            cluster_key=self.cluster_key, connect_timeout=settings.health_timeout,
-            read_timeout=settings.health_timeout, node_id=node_id, max_connections=32,
-        )  # fmt: skip
+            cluster_key=self.cluster_key,
+            connect_timeout=settings.health_timeout,
+            read_timeout=settings.health_timeout,
+            node_id=node_id,
+            max_connections=32,
+        )
         self.discovery: Discovery | None = None
         self._instance: str | None = None
         self._announced_caps = ""
@@ -180,15 +189,20 @@ class Coordinator:
         for static in self.settings.static:
             self.table.upsert(
                 Peer(
-                    name=static.name, url=static.url.rstrip("/"), kind=static.kind,
-                    source="static", api_key_env=static.api_key_env,
-                    static_tags=static.tags, strength=static.strength,
+                    name=static.name,
+                    url=static.url.rstrip("/"),
+                    kind=static.kind,
+                    source="static",
+                    api_key_env=static.api_key_env,
+                    static_tags=static.tags,
+                    strength=static.strength,
                     configured_models=static.models,
                     # the user configured it: an OpenAI-compatible peer is trusted; a pcrt
                     # peer still has to prove the cluster key
-                    trusted=static.kind != "pcrt", trust_note="configured",
+                    trusted=static.kind != "pcrt",
+                    trust_note="configured",
                 )
-            )  # fmt: skip
+            )
         interfaces = interfaces_setting(self.settings.interfaces) if self.settings.lan else None
         if interfaces is not None:
             if self.announce_address.startswith("127.") and self.settings.interfaces == "all":
@@ -223,7 +237,7 @@ class Coordinator:
             port=self.api_port,
             properties=make_txt(
                 node_id=self.node_id, port=self.api_port, caps=self._announced_caps
-            ),  # fmt: skip
+            ),
         )
         log.info("announced as %s on %s", self._instance, self.settings.interfaces)
 
@@ -305,9 +319,15 @@ class Coordinator:
         if self.cluster_key is None:
             return "this daemon has no cluster key"
         return verify_request(
-            self.cluster_key, header, method, path, self.nonces, body=body,
-            body_sha256=body_sha256, authority_ok=self.is_own_authority,
-        )  # fmt: skip
+            self.cluster_key,
+            header,
+            method,
+            path,
+            self.nonces,
+            body=body,
+            body_sha256=body_sha256,
+            authority_ok=self.is_own_authority,
+        )
 
     def is_own_authority(self, authority: str) -> bool:
         """Whether ``host:port`` names this daemon (a request signed for another node
@@ -344,19 +364,25 @@ class Coordinator:
             log.info("ignoring %s: unknown kind %r", name, kind)
             return
         if props.get("proto") != PROTOCOL_VERSION:
-            log.info("ignoring %s: protocol %r, this node speaks %s", name, props.get("proto"),
-                     PROTOCOL_VERSION)  # fmt: skip
+            log.info(
+                "ignoring %s: protocol %r, this node speaks %s",
+                name,
+                props.get("proto"),
+                PROTOCOL_VERSION,
+            )
             return
         address, port = sighting.addresses[0], sighting.port
         if kind == "pcrt":
-            peer = Peer(name=name, url=f"http://{address}:{port}", kind="pcrt", source="mdns",
-                        node_id=props.get("id"))  # fmt: skip
+            peer = Peer(
+                name=name,
+                url=f"http://{address}:{port}",
+                kind="pcrt",
+                source="mdns",
+                node_id=props.get("id"),
+            )
         else:
-            signed = (
-                self.cluster_key is not None
-                and verify_announcement(
-                    self.cluster_key, address, port, props, props.get("sig")
-                )  # fmt: skip
+            signed = self.cluster_key is not None and verify_announcement(
+                self.cluster_key, address, port, props, props.get("sig")
             )
             base = props.get("path", "").rstrip("/")
             # an env var name from the LAN is only honoured when the announcement proved
@@ -365,12 +391,16 @@ class Coordinator:
             if not signed or (keyenv and not self._usable_key_env(keyenv)):
                 keyenv = None
             peer = Peer(
-                name=name, url=f"http://{address}:{port}{base}", kind=kind,
-                source="announce", node_id=props.get("id"),
+                name=name,
+                url=f"http://{address}:{port}{base}",
+                kind=kind,
+                source="announce",
+                node_id=props.get("id"),
                 api_key_env=keyenv,
                 static_tags=tuple(t for t in props.get("tags", "").split(",") if t),
-                strength=_float(props.get("strength")), signature_ok=signed,
-            )  # fmt: skip
+                strength=_float(props.get("strength")),
+                signature_ok=signed,
+            )
         peer = self.table.upsert(peer)
         if known is not peer:
             log.info("peer %s at %s (%s)", name, peer.url, "moved" if known else "new")
@@ -457,8 +487,9 @@ class Coordinator:
         timeout = self.settings.health_timeout
         started = time.perf_counter()
         try:
-            answer = await self.prober.request(peer, "GET", NODE_INFO_PATH, timeout=timeout,
-                                               max_bytes=PROBE_MAX_BYTES)  # fmt: skip
+            answer = await self.prober.request(
+                peer, "GET", NODE_INFO_PATH, timeout=timeout, max_bytes=PROBE_MAX_BYTES
+            )
         except PeerUnavailable as exc:
             if exc.status != 401:
                 raise
@@ -476,8 +507,12 @@ class Coordinator:
             raise ValueError("node info is not an object")
         if self.cluster_key is None:
             peer.trusted, peer.trust_note = False, "no cluster key configured here"
-        elif not verify_proof(self.cluster_key, answer.sent_cluster_header or "", answer.body,
-                              answer.headers.get(PROOF_HEADER)):  # fmt: skip
+        elif not verify_proof(
+            self.cluster_key,
+            answer.sent_cluster_header or "",
+            answer.body,
+            answer.headers.get(PROOF_HEADER),
+        ):
             peer.trusted, peer.trust_note = False, "could not prove the cluster key"
         elif peer.node_id is not None and info.get("node_id") != peer.node_id:
             peer.trusted, peer.trust_note = False, "node id differs from its mDNS record"
@@ -502,9 +537,12 @@ class Coordinator:
         started = time.perf_counter()
         try:
             answer = await self.prober.request(
-                peer, "GET", "/v1/models", timeout=self.settings.health_timeout,
+                peer,
+                "GET",
+                "/v1/models",
+                timeout=self.settings.health_timeout,
                 max_bytes=PROBE_MAX_BYTES,
-            )  # fmt: skip
+            )
         except PeerRejected as exc:
             # models from config: any answer short of a server error means it is up
             if not peer.configured_models or exc.status not in (404, 405):
@@ -515,8 +553,9 @@ class Coordinator:
         if peer.configured_models:
             peer.models = offers_from_models(
                 {"data": [{"id": m} for m in peer.configured_models]},
-                peer.static_tags, peer.strength,
-            )  # fmt: skip
+                peer.static_tags,
+                peer.strength,
+            )
         else:
             assert answer is not None
             listing = answer.json()

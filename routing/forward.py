@@ -34,10 +34,9 @@ import aiohttp
 from pcrt.routing.auth import CLUSTER_HEADER, request_header
 from pcrt.routing.peers import Peer
 from pcrt.runtime.errors import Overloaded, PeerRejected, PeerUnavailable
+from pcrt.runtime.sse import aevents
 
-__all__ = [
-    "AGENT_HEADER", "ForwardedStream", "Forwarder", "PeerAnswer", "has_text", "sse_events"
-]  # fmt: skip
+__all__ = ["AGENT_HEADER", "ForwardedStream", "Forwarder", "PeerAnswer", "has_text", "sse_events"]
 
 T = TypeVar("T")
 
@@ -142,8 +141,9 @@ class Forwarder:
         connecting (and waiting for a pooled connection) stays quick."""
         if connect is None:
             connect = self.timeout.sock_connect
-        return aiohttp.ClientTimeout(total=None, connect=connect, sock_connect=connect,
-                                     sock_read=seconds)  # fmt: skip
+        return aiohttp.ClientTimeout(
+            total=None, connect=connect, sock_connect=connect, sock_read=seconds
+        )
 
     def lost(self, peer_name: str) -> None:
         """The peer stopped answering its health checks: long calls on it give up now."""
@@ -208,17 +208,23 @@ class Forwarder:
         waiting = SimpleNamespace(queued=False)
         try:
             return await self._session.request(
-                method, url, data=data, headers=headers, timeout=timeout,
-                allow_redirects=False, trace_request_ctx=waiting,
-            )  # fmt: skip
+                method,
+                url,
+                data=data,
+                headers=headers,
+                timeout=timeout,
+                allow_redirects=False,
+                trace_request_ctx=waiting,
+            )
         except TimeoutError:
             if waiting.queued:
                 # aiohttp counts the wait for a pooled connection in the connect timeout:
                 # our own limit was hit, which says nothing about the peer
                 raise Overloaded(
                     f"all {self._max_connections} connections to peers are in use; "
-                    "try again shortly", retry_after=1.0,
-                ) from None  # fmt: skip
+                    "try again shortly",
+                    retry_after=1.0,
+                ) from None
             raise
 
     def headers_for(
@@ -234,9 +240,13 @@ class Forwarder:
             if self.cluster_key:
                 authority = urlsplit(peer.url).netloc
                 headers[CLUSTER_HEADER] = request_header(
-                    self.cluster_key, method, path, authority=authority, body=body,
+                    self.cluster_key,
+                    method,
+                    path,
+                    authority=authority,
+                    body=body,
                     body_sha256=body_sha256,
-                )  # fmt: skip
+                )
         elif peer.api_key_env:
             key = os.environ.get(peer.api_key_env)
             if key:
@@ -276,11 +286,14 @@ class Forwarder:
             # a file stays open until the answer is read: aiohttp may still be sending it
             # when a peer answers early (a refusal before the whole body)
             with contextlib.ExitStack() as opened:
-                data = opened.enter_context(open(content, "rb")) if isinstance(
-                    content, Path
-                ) else content  # fmt: skip
-                response = await self._send(method, peer.url + path, content=data,
-                                            headers=sent, timeout=timeout)  # fmt: skip
+                data = (
+                    opened.enter_context(open(content, "rb"))
+                    if isinstance(content, Path)
+                    else content
+                )
+                response = await self._send(
+                    method, peer.url + path, content=data, headers=sent, timeout=timeout
+                )
                 try:
                     body = bytearray()
                     async for chunk in response.content.iter_any():
@@ -288,8 +301,9 @@ class Forwarder:
                         if max_bytes is not None and len(body) > max_bytes:
                             raise PeerUnavailable(
                                 f"peer {peer.name} answered more than {max_bytes} bytes to "
-                                f"{method} {path}", peer=peer.name,
-                            )  # fmt: skip
+                                f"{method} {path}",
+                                peer=peer.name,
+                            )
                 finally:
                     response.release()
         except TRANSPORT_ERRORS as exc:
@@ -298,8 +312,13 @@ class Forwarder:
                 peer=peer.name,
                 timed_out=timed_out(exc),
             ) from None
-        answer = PeerAnswer(response.status, response.headers, bytes(body),
-                            sent.get(CLUSTER_HEADER), time.perf_counter() - started)  # fmt: skip
+        answer = PeerAnswer(
+            response.status,
+            response.headers,
+            bytes(body),
+            sent.get(CLUSTER_HEADER),
+            time.perf_counter() - started,
+        )
         _raise_for_status(peer, method, path, answer.status, answer.body)
         return answer
 
@@ -309,8 +328,11 @@ class Forwarder:
         """POST and wait for the first generated text (or the stream's end); any failure up
         to there raises, so the caller may still hand the work to another candidate."""
         content = json.dumps(body).encode()
-        sent = {"Content-Type": "application/json",
-                **self.headers_for(peer, "POST", path, content), **(headers or {})}  # fmt: skip
+        sent = {
+            "Content-Type": "application/json",
+            **self.headers_for(peer, "POST", path, content),
+            **(headers or {}),
+        }
         try:
             response = await self._send("POST", peer.url + path, content=content, headers=sent)
         except TRANSPORT_ERRORS as exc:
@@ -384,8 +406,9 @@ def _raise_for_status(peer: Peer, method: str, path: str, status: int, body: byt
     if status == 429:  # busy for now, not broken: try the next candidate, no cooldown
         raise PeerUnavailable(message, peer=peer.name, cooldown=False, status=status)
     if status in (401, 403):  # our key for it is wrong: the peer's config, not our client's
-        raise PeerUnavailable(f"{message} (check the key configured for it)", peer=peer.name,
-                              status=status)  # fmt: skip
+        raise PeerUnavailable(
+            f"{message} (check the key configured for it)", peer=peer.name, status=status
+        )
     if status >= 500 or status == 408:
         raise PeerUnavailable(message, peer=peer.name, status=status)
     shaped = parsed if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict) else {}
@@ -394,31 +417,10 @@ def _raise_for_status(peer: Peer, method: str, path: str, status: int, body: byt
 
 async def sse_events(chunks: AsyncIterator[bytes]) -> AsyncIterator[tuple[bytes, bytes | None]]:
     """Server-sent events from raw chunks: (the event's raw bytes with its blank line, its
-    ``data`` payload or None). Events may span chunks; the raw bytes pass through as they
-    came, so a forwarded stream is unchanged."""
-    buffer = b""
-    async for chunk in chunks:
-        buffer += chunk
-        while True:
-            end, size = _event_end(buffer)
-            if end < 0:
-                break
-            raw, buffer = buffer[: end + size], buffer[end + size :]
-            yield raw, _data_of(raw)
-    if buffer.strip():
-        yield buffer, _data_of(buffer)
-
-
-def _data_of(raw: bytes) -> bytes | None:
-    lines = [line[5:].lstrip() for line in raw.splitlines() if line.startswith(b"data:")]
-    return b"\n".join(lines) if lines else None
-
-
-def _event_end(buffer: bytes) -> tuple[int, int]:
-    """Where the first event ends: a blank line, in LF or CRLF form (sse-starlette)."""
-    ends = [(buffer.find(sep), len(sep)) for sep in (b"\n\n", b"\r\n\r\n")]
-    found = [(i, n) for i, n in ends if i >= 0]
-    return min(found) if found else (-1, 0)
+    ``data`` payload or None). The raw bytes pass through as they came, so a forwarded
+    stream is unchanged."""
+    async for event in aevents(chunks):
+        yield event.raw, event.data
 
 
 def has_text(data: bytes) -> bool:

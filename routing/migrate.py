@@ -29,8 +29,8 @@ from pcrt.routing.coordinator import Coordinator
 from pcrt.routing.forward import PeerAnswer
 from pcrt.routing.peers import Peer
 from pcrt.routing.statekey import key_mismatches
+from pcrt.runtime.engine.state import KVState, StateHeader
 from pcrt.runtime.errors import InvalidRequest, PeerUnavailable, StateError
-from pcrt.runtime.state import KVState, StateHeader
 from pcrt.runtime.threads import to_thread_to_completion
 
 __all__ = ["BLOBS_PATH", "RUNS_PATH", "Migration", "migrate_run", "refusal_of"]
@@ -114,10 +114,13 @@ async def migrate_run(
             # streamed from disk; the signature covers the blob's name, its sha256, and
             # the peer holds the body to it
             await coordinator.forwarder.request(
-                peer, "PUT", BLOBS_PATH + f"?run_id={run_id}&sha256={sha}",
-                content=blobs.path_of(sha), content_sha256=sha,
+                peer,
+                "PUT",
+                BLOBS_PATH + f"?run_id={run_id}&sha256={sha}",
+                content=blobs.path_of(sha),
+                content_sha256=sha,
                 headers={"Content-Type": "application/octet-stream"},
-            )  # fmt: skip
+            )
         except FileNotFoundError:  # removed since (pcrt state rm): the peer recomputes
             result.states_left.append(f"{sha[:12]}: removed while the run moved")
             continue
@@ -126,31 +129,44 @@ async def migrate_run(
         result.bytes_sent += size
     payload = {
         "run": {
-            "id": record.id, "dag_path": record.dag_path, "spec": record.spec,
-            "inputs": record.inputs, "tokens_used": record.tokens_used,
-            "nodes_executed": record.nodes_executed, "created_at": record.created_at,
+            "id": record.id,
+            "dag_path": record.dag_path,
+            "spec": record.spec,
+            "inputs": record.inputs,
+            "tokens_used": record.tokens_used,
+            "nodes_executed": record.nodes_executed,
+            "created_at": record.created_at,
             "agent": record.agent,  # the peer bills the rest of the run to the same agent
         },
         "nodes": [
             {
-                "node_id": n.node_id, "path": n.path, "type": n.type, "status": n.status,
-                "output": n.output, "prompt_tokens": n.prompt_tokens,
-                "cached_tokens": n.cached_tokens, "completion_tokens": n.completion_tokens,
-                "started_at": n.started_at, "finished_at": n.finished_at, "seconds": n.seconds,
+                "node_id": n.node_id,
+                "path": n.path,
+                "type": n.type,
+                "status": n.status,
+                "output": n.output,
+                "prompt_tokens": n.prompt_tokens,
+                "cached_tokens": n.cached_tokens,
+                "completion_tokens": n.completion_tokens,
+                "started_at": n.started_at,
+                "finished_at": n.finished_at,
+                "seconds": n.seconds,
                 "ran_on": n.ran_on if n.ran_on != "local" else coordinator.node_name,
                 "model": n.model,
                 "state_sha256": n.state_sha256 if n.state_sha256 in sendable else None,
                 "checkpoint_sha256": n.checkpoint_sha256
-                if n.checkpoint_sha256 in sendable else None,
+                if n.checkpoint_sha256 in sendable
+                else None,
                 "checkpoint_tokens": n.checkpoint_tokens
-                if n.checkpoint_sha256 in sendable else None,
+                if n.checkpoint_sha256 in sendable
+                else None,
             }
             for n in nodes
         ],
         # the peer knows a repeat of this move by it: the node id, unique where names
         # (hostnames) may not be
         "origin": coordinator.node_id,
-    }  # fmt: skip
+    }
     answer = await _send_record(coordinator, peer, payload)
     try:
         body = answer.json()

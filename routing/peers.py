@@ -220,13 +220,19 @@ class PeerTable:
         """Add a peer, or refresh where it is; a known peer keeps its health and trust
         unless its address or identity changed (then it must prove itself again)."""
         old = self._peers.get(peer.name)
-        if old is not None and (old.url, old.node_id, old.kind) == (peer.url, peer.node_id,
-                                                                     peer.kind):  # fmt: skip
+        if old is not None and (old.url, old.node_id, old.kind) == (
+            peer.url,
+            peer.node_id,
+            peer.kind,
+        ):
             merged = replace(
-                old, static_tags=peer.static_tags, strength=peer.strength,
+                old,
+                static_tags=peer.static_tags,
+                strength=peer.strength,
                 configured_models=peer.configured_models,
-                api_key_env=peer.api_key_env, signature_ok=peer.signature_ok,
-            )  # fmt: skip
+                api_key_env=peer.api_key_env,
+                signature_ok=peer.signature_ok,
+            )
             self._peers[peer.name] = merged
             return merged
         self._peers[peer.name] = peer

@@ -46,6 +46,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from pcrt.device.units import format_bytes
+
 __all__ = [
     "Candidate",
     "Complexity",
@@ -204,10 +206,6 @@ def estimate_seconds(
     return max(0.0, node.latency_s) + queue_wait + prefill + decode
 
 
-def _fmt_bytes(n: int) -> str:
-    return f"{n / 1024**3:.1f} GB"
-
-
 def _missing_model(work: Work) -> str:
     if work.model is not None and work.tag is not None:
         return f"no such model {work.model} or model tagged {work.tag}"
@@ -262,8 +260,8 @@ def _check(
         and offer.size_bytes > node.available_memory
     ):
         return (
-            f"not enough memory: {offer.name} needs {_fmt_bytes(offer.size_bytes)}, "
-            f"{_fmt_bytes(node.available_memory)} free"
+            f"not enough memory: {offer.name} needs {format_bytes(offer.size_bytes)}, "
+            f"{format_bytes(node.available_memory)} free"
         )
     est = estimate_seconds(node, offer, work, settings)
     if work.timeout_s is not None and est > work.timeout_s:

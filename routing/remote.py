@@ -174,10 +174,17 @@ class RemoteRunner:
         # quick
         limit = forwarder.timeout.sock_read if timeout is None else timeout + 30
         reading = forwarder.timeout_reading(limit)
-        answer = await forwarder.until_lost(peer, forwarder.request(
-            peer, "POST", SUBGRAPH_PATH, json_body=payload, timeout=reading,
-            headers={AGENT_HEADER: agent} if agent else None,
-        ))  # fmt: skip
+        answer = await forwarder.until_lost(
+            peer,
+            forwarder.request(
+                peer,
+                "POST",
+                SUBGRAPH_PATH,
+                json_body=payload,
+                timeout=reading,
+                headers={AGENT_HEADER: agent} if agent else None,
+            ),
+        )
         try:
             result = answer.json()
         except ValueError:

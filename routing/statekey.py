@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # attributes only: the peer table need not import llama.cpp
-    from pcrt.runtime.state import CompatKey
+    from pcrt.runtime.engine.state import CompatKey
 
 __all__ = ["EngineKey", "key_mismatches"]
 
@@ -49,10 +49,14 @@ class EngineKey:
     def of(cls, key: CompatKey, parallel: int) -> EngineKey:
         """A loaded engine's key, whole."""
         return cls(
-            type_k=key.type_k, type_v=key.type_v, flash_attn=key.flash_attn,
-            llama_cpp_version=key.llama_cpp_version, format_version=key.format_version,
-            layout=key.layout, parallel=parallel,
-        )  # fmt: skip
+            type_k=key.type_k,
+            type_v=key.type_v,
+            flash_attn=key.flash_attn,
+            llama_cpp_version=key.llama_cpp_version,
+            format_version=key.format_version,
+            layout=key.layout,
+            parallel=parallel,
+        )
 
     def to_info(self) -> dict[str, Any]:
         return asdict(self)
@@ -74,11 +78,14 @@ class EngineKey:
 
         flash = value.get("flash_attn")
         return cls(
-            type_k=text("type_k"), type_v=text("type_v"),
+            type_k=text("type_k"),
+            type_v=text("type_v"),
             flash_attn=flash if isinstance(flash, bool) else None,
-            llama_cpp_version=text("llama_cpp_version"), format_version=count("format_version"),
-            layout=text("layout"), parallel=count("parallel"),
-        )  # fmt: skip
+            llama_cpp_version=text("llama_cpp_version"),
+            format_version=count("format_version"),
+            layout=text("layout"),
+            parallel=count("parallel"),
+        )
 
     def expected_layout(self, state_layout: str) -> str | None:
         """The layout this engine would give a state of the same model (None: unknown).
@@ -89,7 +96,7 @@ class EngineKey:
             return self.layout
         # imported here: runtime.state loads llama.cpp, which the peer table does without
         # (a state to compare means it is loaded already)
-        from pcrt.runtime.state import RAW_LAYOUT_PREFIX, raw_layout
+        from pcrt.runtime.engine.state import RAW_LAYOUT_PREFIX, raw_layout
 
         if state_layout.startswith(RAW_LAYOUT_PREFIX):
             return None if self.parallel is None else raw_layout(self.parallel)

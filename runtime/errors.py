@@ -1,8 +1,9 @@
-"""pcrt's exception tree.
+"""pcrt's exception tree: every error pcrt raises on purpose, in one place.
 
 Every error a user can cause or meet is a subclass of ``PcrtError`` with a message that
-says what went wrong and what to do. The HTTP layer maps each class onto OpenAI's error
-shape and a status code; the CLI prints the message without a traceback.
+says what went wrong and what to do. ``pcrt.runtime.server.http_errors`` maps each class
+onto OpenAI's error shape and a status code (the one place that does); the CLI prints the
+message without a traceback.
 
     PcrtError
     ├── ConfigError            bad models.toml / user file / settings (names file and key)
@@ -11,9 +12,16 @@ shape and a status code; the CLI prints the message without a traceback.
     ├── PullError              a model file could not be fetched or verified
     │   └── DownloadError      an HTTP download failed or its sha256 did not match
     ├── ModelLoadError         llama.cpp could not load the file or create a context
+    │   └── PlanUnavailable    the GGUF lacks what the offload planner needs
     ├── ChatTemplateMissing    a chat request for a model without a template and no override
     ├── InvalidRequest         bad sampling parameters, bad schema or grammar, too many forks
-    │   └── ContextLengthExceeded  the prompt (plus what must be generated) does not fit
+    │   ├── ContextLengthExceeded  the prompt (plus what must be generated) does not fit
+    │   ├── BodyTooLarge       an upload over its size bound (carries the limit)
+    │   ├── DagInvalid         a DAG that does not parse or validate: every Problem (422)
+    │   │   └── ShapeInvalid   some nodes failed their shape check; the rest parsed
+    │   └── RenderFailed       a template could not be rendered with the run's values
+    ├── AssertFailed           an ``assert`` node's expression was false (fails the run)
+    ├── BudgetExceeded         a DAG run spent its max_nodes, max_tokens or timeout
     ├── StateError             a KV state blob is malformed or does not belong to this model
     │   └── IncompatibleState  the compatibility key differs (other model, KV type, version)
     ├── Conflict               clashes with what is here already (a run id another run holds)
@@ -27,17 +35,29 @@ shape and a status code; the CLI prints the message without a traceback.
         ├── PeerUnavailable    no answer, a timeout or a server error: try the next candidate
         ├── PeerRejected       the peer refused the request itself (carries its status, body)
         └── NoRoute            nowhere qualifies to run the work (says why for each node)
+
+Outside the tree, because ``cache`` and ``device`` import nothing of pcrt's: the stores
+raise ``RunNotFound`` and ``RunExists`` (``cache.runs``), ``BlobMissing`` and
+``BlobCorrupt`` (``cache.blobs``); the offload planner raises ``PlanError``
+(``device.offload``). Their callers turn them into the errors above where a user meets
+them (a missing run is ``NotFound``, a corrupt blob a ``StateError`` or a recompute).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
+    "AssertFailed",
+    "BodyTooLarge",
+    "BudgetExceeded",
     "ChatTemplateMissing",
     "ConfigError",
     "Conflict",
     "ContextLengthExceeded",
+    "DagInvalid",
     "DownloadError",
     "EngineClosed",
     "IncompatibleState",
@@ -50,10 +70,14 @@ __all__ = [
     "PeerError",
     "PeerRejected",
     "PeerUnavailable",
+    "PlanUnavailable",
+    "Problem",
     "Overloaded",
     "PullError",
     "RateLimited",
+    "RenderFailed",
     "RetryLater",
+    "ShapeInvalid",
     "StateError",
     "StorageFull",
     "Unauthorized",
@@ -94,6 +118,10 @@ class ModelLoadError(PcrtError):
     pass
 
 
+class PlanUnavailable(ModelLoadError):
+    """The GGUF lacks what the planner needs (e.g. per-layer head counts given as arrays)."""
+
+
 class ChatTemplateMissing(PcrtError):
     pass
 
@@ -106,6 +134,103 @@ class ContextLengthExceeded(InvalidRequest):
     # the request field that holds the text ("messages", "prompt", "input"): the engine
     # cannot know it, the HTTP route that catches this sets it for the OpenAI error's param
     param: str | None = None
+
+
+class BodyTooLarge(InvalidRequest):
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"the state is over the {limit}-byte upload limit")
+        self.limit = limit
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a DAG: which node (None for the document), which field, what."""
+
+    message: str
+    node: str | None = None
+    field: str | None = None
+
+    def __str__(self) -> str:
+        where = []
+        if self.node is not None:
+            where.append(f"node {self.node!r}")
+        if self.field is not None:
+            where.append(self.field)
+        return f"{', '.join(where)}: {self.message}" if where else self.message
+
+
+class DagInvalid(InvalidRequest):
+    """A DAG that does not parse or does not validate; ``problems`` lists all of it, not
+    only the first, so that an author (or an agent generating DAGs) fixes them in one
+    round."""
+
+    def __init__(self, problems: Iterable[Problem], *, source: str | None = None) -> None:
+        self.problems: tuple[Problem, ...] = tuple(problems)
+        self.source = source
+        head = f"invalid DAG{f' {source}' if source else ''}"
+        count = len(self.problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        noun = "problem" if count == 1 else "problems"
+        super().__init__(f"{head}: {count} {noun}\n{lines}" if count else head)
+
+    def to_list(self) -> list[dict[str, Any]]:
+        """The problems as plain dicts (the body of an HTTP 422)."""
+        return [{"node": p.node, "field": p.field, "message": p.message} for p in self.problems]
+
+
+class ShapeInvalid(DagInvalid):
+    """Some nodes failed their shape check, the others parsed into ``partial`` (a
+    ``DagSpec``): ``problems`` are the shape problems and those found in ``partial``."""
+
+    def __init__(
+        self, partial: Any, problems: Iterable[Problem], *, source: str | None = None
+    ) -> None:
+        self.partial = partial
+        super().__init__(problems, source=source)
+
+
+class RenderFailed(InvalidRequest):
+    """A prompt or input template failed at run time (an undefined value, a sandbox refusal)."""
+
+    def __init__(self, template: str, reason: str, *, node: str | None = None) -> None:
+        self.template = template
+        self.reason = reason
+        self.node = node
+        where = f"node {node!r}: " if node else ""
+        super().__init__(f"{where}cannot render {_clip(template)!r}: {reason}")
+
+
+class AssertFailed(PcrtError):
+    """An assertion did not hold; the message shows the expression and the values it read."""
+
+    def __init__(
+        self,
+        expression: str,
+        values: Mapping[str, str],
+        *,
+        node: str | None = None,
+        reason: str | None = None,
+        message: str | None = None,
+    ) -> None:
+        self.expression = expression
+        self.values = dict(values)
+        self.node = node
+        self.reason = reason
+        where = f"node {node!r}: " if node else ""
+        if message:
+            where += f"{message}: "
+        what = f"could not evaluate ({reason})" if reason else "is false"
+        shown = "; ".join(f"{name} = {value}" for name, value in self.values.items())
+        tail = f" with {shown}" if shown else ""
+        super().__init__(f"{where}assertion {expression!r} {what}{tail}")
+
+
+class BudgetExceeded(PcrtError):
+    """``limit``: which of the run's budget ran out (max_nodes, max_tokens, timeout_sec)."""
+
+    def __init__(self, limit: str, detail: str) -> None:
+        super().__init__(f"budget exceeded: {limit} ({detail})")
+        self.limit = limit
 
 
 class StateError(PcrtError):
@@ -181,3 +306,7 @@ class PeerRejected(PeerError):
 
 class NoRoute(PcrtError):
     pass
+
+
+def _clip(text: str, limit: int = 120) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."

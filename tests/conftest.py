@@ -20,9 +20,9 @@ from pcrt.cache.runs import RunStore
 from pcrt.cache.store import Store
 from pcrt.runtime.dag.engines import LocalEngines
 from pcrt.runtime.dag.executor import DagRunner
-from pcrt.runtime.models import Registry
+from pcrt.runtime.models.pull import pull
+from pcrt.runtime.models.registry import Registry
 from pcrt.runtime.paths import Paths
-from pcrt.runtime.pull import pull
 
 # settings of the developer's shell that would change what the tests talk to
 _LEAKY_ENV = ("HF_TOKEN", "HF_ENDPOINT", "PCRT_PYPI_INDEX_URL", "PCRT_API_KEY", "PCRT_CONFIG")

@@ -11,10 +11,10 @@ from typing import Any
 import httpx
 import uvicorn
 
-from pcrt.runtime.api.app import create_app
-from pcrt.runtime.api.service import Services
-from pcrt.runtime.models import Registry
-from pcrt.runtime.settings import ServerSettings
+from pcrt.runtime.models.registry import Registry
+from pcrt.runtime.server.app import create_app
+from pcrt.runtime.server.services import Services
+from pcrt.runtime.server.settings import ServerSettings
 
 __all__ = ["LiveServer", "free_port"]
 

@@ -12,10 +12,10 @@ from typing import Any
 import httpx
 import pytest
 
-from pcrt.runtime.models import Registry
+from pcrt.runtime.engine.state import CompatKey, KVState
+from pcrt.runtime.models.registry import Registry
 from pcrt.runtime.paths import Paths
-from pcrt.runtime.settings import ServerSettings
-from pcrt.runtime.state import CompatKey, KVState
+from pcrt.runtime.server.settings import ServerSettings
 from tests.conftest import shared_models_dir
 from tests.live_server import LiveServer
 
@@ -32,8 +32,12 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
 
 
 def _post(server: LiveServer, path: str, raw: str) -> httpx.Response:
-    return httpx.post(server.url + path, content=raw.encode(), timeout=60,
-                      headers={"content-type": "application/json"})  # fmt: skip
+    return httpx.post(
+        server.url + path,
+        content=raw.encode(),
+        timeout=60,
+        headers={"content-type": "application/json"},
+    )
 
 
 def _error(response: httpx.Response) -> dict[str, Any]:
@@ -44,21 +48,41 @@ def _error(response: httpx.Response) -> dict[str, Any]:
 @pytest.mark.parametrize(
     ("path", "raw", "where"),
     [
-        ("/v1/completions", f'{{"model": "{MODEL}", "prompt": "{LONE}", "max_tokens": 1}}',
-         "the body.prompt"),
-        ("/v1/chat/completions", f'{{"model": "{MODEL}", "max_tokens": 1, "messages": '
-         f'[{{"role": "user", "content": "a{LONE}b"}}]}}', "the body.messages[0].content"),
-        ("/v1/chat/completions", f'{{"model": "{MODEL}", "max_tokens": 1, "user": "{LONE}", '
-         '"messages": [{"role": "user", "content": "hi"}]}', "the body.user"),
-        ("/v1/embeddings", f'{{"model": "{MODEL}", "input": ["ok", "{LONE}"]}}',
-         "the body.input[1]"),
-        ("/v1/dags", '{"dag": {"dag": "/dynamic/t", "inputs": {"x": {}}, "nodes": {"a": '
-         f'{{"type": "assert", "that": "true"}}}}}}, "inputs": {{"x": "{LONE}"}}}}',
-         "the body.inputs.x"),
-        ("/v1/dags", f'{{"dag": {{"dag": "/dynamic/t", "nodes": {{"{LONE}": {{}}}}}}}}',
-         "a key in the body.dag.nodes"),
+        (
+            "/v1/completions",
+            f'{{"model": "{MODEL}", "prompt": "{LONE}", "max_tokens": 1}}',
+            "the body.prompt",
+        ),
+        (
+            "/v1/chat/completions",
+            f'{{"model": "{MODEL}", "max_tokens": 1, "messages": '
+            f'[{{"role": "user", "content": "a{LONE}b"}}]}}',
+            "the body.messages[0].content",
+        ),
+        (
+            "/v1/chat/completions",
+            f'{{"model": "{MODEL}", "max_tokens": 1, "user": "{LONE}", '
+            '"messages": [{"role": "user", "content": "hi"}]}',
+            "the body.user",
+        ),
+        (
+            "/v1/embeddings",
+            f'{{"model": "{MODEL}", "input": ["ok", "{LONE}"]}}',
+            "the body.input[1]",
+        ),
+        (
+            "/v1/dags",
+            '{"dag": {"dag": "/dynamic/t", "inputs": {"x": {}}, "nodes": {"a": '
+            f'{{"type": "assert", "that": "true"}}}}}}, "inputs": {{"x": "{LONE}"}}}}',
+            "the body.inputs.x",
+        ),
+        (
+            "/v1/dags",
+            f'{{"dag": {{"dag": "/dynamic/t", "nodes": {{"{LONE}": {{}}}}}}}}',
+            "a key in the body.dag.nodes",
+        ),
     ],
-)  # fmt: skip
+)
 def test_an_unpaired_surrogate_is_a_400_before_anything_runs(
     server: LiveServer, path: str, raw: str, where: str
 ) -> None:
@@ -114,9 +138,14 @@ def _state_with_header(header: dict[str, Any] | str, payload: bytes = b"kv") -> 
 
 
 def _header(**changes: Any) -> dict[str, Any]:
-    header = {"key": KEY.model_dump(), "tokens": [1, 2], "next_token": 3,
-              "payload_sha256": hashlib.sha256(b"kv").hexdigest(), "payload_bytes": 2,
-              "model": MODEL}  # fmt: skip
+    header = {
+        "key": KEY.model_dump(),
+        "tokens": [1, 2],
+        "next_token": 3,
+        "payload_sha256": hashlib.sha256(b"kv").hexdigest(),
+        "payload_bytes": 2,
+        "model": MODEL,
+    }
     return {**header, **changes}
 
 
@@ -146,8 +175,12 @@ def test_a_state_with_a_forged_header_is_refused_and_not_stored(
 
 def test_the_text_check_reads_the_content_type_as_fastapi_does(server: LiveServer) -> None:
     raw = f'{{"model": "{MODEL}", "prompt": "{LONE}", "max_tokens": 1}}'
-    r = httpx.post(server.url + "/v1/completions", content=raw.encode(), timeout=30,
-                   headers={"content-type": "Application/JSON; charset=utf-8"})  # fmt: skip
+    r = httpx.post(
+        server.url + "/v1/completions",
+        content=raw.encode(),
+        timeout=30,
+        headers={"content-type": "Application/JSON; charset=utf-8"},
+    )
     assert r.status_code == 400 and "surrogate" in _error(r)["message"], r.text
 
 

@@ -20,10 +20,11 @@ import pytest
 
 from pcrt.cache.blobs import IncomingBlob
 from pcrt.routing.auth import CLUSTER_HEADER, request_header
-from pcrt.runtime.models import Registry
+from pcrt.routing.settings import PeerSettings
+from pcrt.runtime.engine.state import CompatKey, KVState
+from pcrt.runtime.models.registry import Registry
 from pcrt.runtime.paths import Paths
-from pcrt.runtime.settings import PeerSettings, ServerSettings
-from pcrt.runtime.state import CompatKey, KVState
+from pcrt.runtime.server.settings import ServerSettings
 from tests.conftest import shared_models_dir
 from tests.live_server import LiveServer
 
@@ -127,7 +128,7 @@ def test_a_peers_blob_is_streamed_and_held_to_its_signed_sha256(
             content=_chunks(path),
             timeout=120,
             headers=_signed_put(server, target, body_sha256=sha),
-        )  # fmt: skip
+        )
     )
     assert put.status_code == 200, put.text
     assert put.json() == {"id": sha, "size": path.stat().st_size}
@@ -136,16 +137,21 @@ def test_a_peers_blob_is_streamed_and_held_to_its_signed_sha256(
 
     # one byte changed on the way: the body is not what the signature covers
     server.services.blobs.remove(sha)
-    changed = httpx.put(server.url + target, content=_chunks(path, 1000), timeout=120,
-                        headers=_signed_put(server, target, body_sha256=sha))  # fmt: skip
+    changed = httpx.put(
+        server.url + target,
+        content=_chunks(path, 1000),
+        timeout=120,
+        headers=_signed_put(server, target, body_sha256=sha),
+    )
     assert changed.status_code == 401 and "signed" in changed.json()["error"]["message"]
     assert not server.services.blobs.has(sha) and _leftovers(server) == []
 
     # a sender that declares no hash signs the body itself, which is read and checked whole
     plain = "/v1/pcrt/blobs?run_id=moved"
     data = path.read_bytes()
-    old = httpx.put(server.url + plain, content=data, timeout=120,
-                    headers=_signed_put(server, plain, body=data))  # fmt: skip
+    old = httpx.put(
+        server.url + plain, content=data, timeout=120, headers=_signed_put(server, plain, body=data)
+    )
     assert old.status_code == 200 and old.json()["id"] == sha
 
 

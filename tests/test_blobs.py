@@ -21,9 +21,16 @@ def blobs(tmp_path: Path) -> BlobStore:
 
 def _run(store: Store, run_id: str, status: str) -> None:
     store.db["runs"].insert(
-        {"id": run_id, "dag_path": "/dynamic/x", "spec": "{}", "inputs": "{}",
-         "status": status, "created_at": "t", "updated_at": "t"}
-    )  # fmt: skip
+        {
+            "id": run_id,
+            "dag_path": "/dynamic/x",
+            "spec": "{}",
+            "inputs": "{}",
+            "status": status,
+            "created_at": "t",
+            "updated_at": "t",
+        }
+    )
 
 
 def test_roundtrip_is_content_addressed_and_idempotent(blobs: BlobStore) -> None:
@@ -106,9 +113,16 @@ def test_a_state_an_unfinished_run_points_at_is_never_evicted(tmp_path: Path) ->
     _run(store, "done", "succeeded")
     blobs = BlobStore(store, tmp_path / "blobs", max_bytes=1500)
     same = blobs.put(b"s" * 1000, run_id="live")
-    store.db["nodes"].insert({"run_id": "live", "node_id": "a", "path": "/dynamic/x/a",
-                              "type": "llm", "status": "interrupted",
-                              "checkpoint_sha256": same})  # fmt: skip
+    store.db["nodes"].insert(
+        {
+            "run_id": "live",
+            "node_id": "a",
+            "path": "/dynamic/x/a",
+            "type": "llm",
+            "status": "interrupted",
+            "checkpoint_sha256": same,
+        }
+    )
     assert blobs.put(b"s" * 1000, run_id="done") == same
     assert blobs.info(same).run_id == "done"  # re-owned by the finished run
     blobs.put(b"z" * 1000, run_id="done")  # over budget
@@ -173,10 +187,19 @@ def test_a_superseded_blob_goes_unless_someone_else_may_want_it(tmp_path: Path) 
     store = Store(tmp_path / "pcrt.db")
     blobs = BlobStore(store, tmp_path / "blobs")
     _run(store, "r", "running")
-    old, pointed, read, again = (blobs.put(f"checkpoint {i}".encode(), run_id="r")
-                                 for i in range(4))  # fmt: skip
-    store.db["nodes"].insert({"run_id": "r", "node_id": "n", "path": "/x/n", "type": "llm",
-                              "status": "running", "checkpoint_sha256": pointed})  # fmt: skip
+    old, pointed, read, again = (
+        blobs.put(f"checkpoint {i}".encode(), run_id="r") for i in range(4)
+    )
+    store.db["nodes"].insert(
+        {
+            "run_id": "r",
+            "node_id": "n",
+            "path": "/x/n",
+            "type": "llm",
+            "status": "running",
+            "checkpoint_sha256": pointed,
+        }
+    )
     blobs.get(read)  # somebody read it since it was written
     blobs.put(b"checkpoint 3")  # somebody else wrote the same bytes
     assert blobs.drop_superseded(old)

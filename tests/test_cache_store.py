@@ -11,7 +11,7 @@ import sqlite_utils
 
 from pcrt.cache import migrations
 from pcrt.cache.store import Store
-from pcrt.runtime.hashing import file_sha256
+from pcrt.runtime.models.hashing import file_sha256
 from tests.httpserver import sha256_hex
 
 SHIPPED = [

@@ -43,18 +43,32 @@ def test_run_with_schema_gives_valid_json(default_model_path: Path, tmp_path: Pa
     schema_file = tmp_path / "schema.json"
     schema_file.write_text(json.dumps(schema))
     result = invoke(
-        "run", "--json", "--schema", str(schema_file), "--seed", "1", "--max-tokens", "60",
+        "run",
+        "--json",
+        "--schema",
+        str(schema_file),
+        "--seed",
+        "1",
+        "--max-tokens",
+        "60",
         "Describe a city as JSON.",
-    )  # fmt: skip
+    )
     assert result.exit_code == 0, result.output
     jsonschema.validate(json.loads(json.loads(result.output)["text"]), schema)
 
 
 def test_run_named_model_and_raw_prompt(default_model_path: Path) -> None:
     result = invoke(
-        "run", "smollm2", "--raw", "--json", "--temperature", "0", "--max-tokens", "5",
+        "run",
+        "smollm2",
+        "--raw",
+        "--json",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "5",
         "The capital of France is",
-    )  # fmt: skip
+    )
     assert result.exit_code == 0, result.output
     assert "Paris" in json.loads(result.output)["text"]
 
@@ -92,9 +106,14 @@ def test_run_verbose_in_a_real_process(default_model_path: Path) -> None:
 
 def test_chat_keeps_the_conversation_and_reuses_its_kv(default_model_path: Path) -> None:
     result = invoke(
-        "chat", "--verbose", "--temperature", "0", "--max-tokens", "16",
+        "chat",
+        "--verbose",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "16",
         input="My name is Ada.\nWhat is my name?\n/bye\n",
-    )  # fmt: skip
+    )
     assert result.exit_code == 0, result.output
     reused = [
         int(line.split(":")[1])

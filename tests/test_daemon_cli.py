@@ -18,9 +18,9 @@ import pytest
 from click.testing import CliRunner
 
 from pcrt.cli.main import main
-from pcrt.runtime.models import Registry
+from pcrt.runtime.models.registry import Registry
 from pcrt.runtime.paths import Paths
-from pcrt.runtime.settings import ServerSettings
+from pcrt.runtime.server.settings import ServerSettings
 from tests.conftest import shared_models_dir
 from tests.live_server import LiveServer, free_port
 
@@ -61,10 +61,25 @@ def running_serve(
     url = f"http://127.0.0.1:{port}"
     pcrt = Path(sys.executable).with_name("pcrt")
     proc = subprocess.Popen(
-        [str(pcrt), "serve", "--port", str(port), "--parallel", str(parallel), "--ctx",
-         "1024", "--threads", str(threads), "--log-level", "warning"],
-        env=os.environ.copy(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            str(pcrt),
+            "serve",
+            "--port",
+            str(port),
+            "--parallel",
+            str(parallel),
+            "--ctx",
+            "1024",
+            "--threads",
+            str(threads),
+            "--log-level",
+            "warning",
+        ],
+        env=os.environ.copy(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         wait_healthy(url, proc)
         monkeypatch.setenv("PCRT_URL", url)

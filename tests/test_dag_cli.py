@@ -26,12 +26,16 @@ SMALL = {
     "inputs": {"topic": {"type": "string"}, "n": {"type": "integer", "default": 1}},
     "nodes": {
         "fact": {
-            "type": "llm", "tag": "simple", "temperature": 0, "max_tokens": 8,
-            "cache": False, "prompt": "Say one fact about {{ inputs.topic }}.",
+            "type": "llm",
+            "tag": "simple",
+            "temperature": 0,
+            "max_tokens": 8,
+            "cache": False,
+            "prompt": "Say one fact about {{ inputs.topic }}.",
         },
         "check": {"type": "assert", "that": "inputs.n == 3 and nodes.fact.output | length > 0"},
     },
-}  # fmt: skip
+}
 
 
 def pcrt(*args: str) -> Result:
@@ -93,8 +97,9 @@ def test_inputs_override_then_cancel_and_resume(
 ) -> None:
     file = write_dag(tmp_path / "small.yaml", SMALL)
     (tmp_path / "topic.txt").write_text("owls")
-    result = pcrt("dag", "run", str(file), "-i", f"topic=@{tmp_path / 'topic.txt'}", "-i", "n=3",
-                  "--json")  # fmt: skip
+    result = pcrt(
+        "dag", "run", str(file), "-i", f"topic=@{tmp_path / 'topic.txt'}", "-i", "n=3", "--json"
+    )
     assert result.exit_code == 0, result.output
     view = json.loads(result.stdout)
     assert view["status"] == "succeeded" and view["inputs"] == {"topic": "owls", "n": 3}

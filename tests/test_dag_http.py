@@ -17,9 +17,9 @@ import pytest
 
 from pcrt.cache.runs import RunStore
 from pcrt.cache.store import Store
-from pcrt.runtime.models import Registry
+from pcrt.runtime.models.registry import Registry
 from pcrt.runtime.paths import Paths
-from pcrt.runtime.settings import ServerSettings
+from pcrt.runtime.server.settings import ServerSettings
 from tests.conftest import shared_models_dir
 from tests.live_server import LiveServer, free_port
 
@@ -27,16 +27,24 @@ ESSAY = {
     "dag": "/dynamic/essay",
     "nodes": {
         "intro": {
-            "type": "llm", "tag": "simple", "prompt": "Name a sea creature.",
-            "temperature": 0, "max_tokens": 12, "cache": False,
+            "type": "llm",
+            "tag": "simple",
+            "prompt": "Name a sea creature.",
+            "temperature": 0,
+            "max_tokens": 12,
+            "cache": False,
         },
         "essay": {
-            "type": "llm", "tag": "simple", "temperature": 0, "max_tokens": 320,
+            "type": "llm",
+            "tag": "simple",
+            "temperature": 0,
+            "max_tokens": 320,
             "prompt": "Write a very long essay about {{ nodes.intro.output }}.",
-            "checkpoint_every": 64, "cache": False,
+            "checkpoint_every": 64,
+            "cache": False,
         },
     },
-}  # fmt: skip
+}
 
 
 @pytest.fixture(scope="module")
@@ -100,11 +108,20 @@ def test_run_stream_list_get_and_yaml(server: LiveServer) -> None:
 def test_subgraph_calls_take_the_library_from_the_body(server: LiveServer) -> None:
     callee = {
         "dag": "/lib/test/word",
-        "signature": {"inputs": ["thing"],
-                      "outputs": {"word": {}, "loud": {"value": "inputs.thing | upper"}}},
-        "nodes": {"word": {"type": "llm", "tag": "simple", "temperature": 0, "max_tokens": 4,
-                           "prompt": "One word for {{ inputs.thing }}."}},
-    }  # fmt: skip
+        "signature": {
+            "inputs": ["thing"],
+            "outputs": {"word": {}, "loud": {"value": "inputs.thing | upper"}},
+        },
+        "nodes": {
+            "word": {
+                "type": "llm",
+                "tag": "simple",
+                "temperature": 0,
+                "max_tokens": 4,
+                "prompt": "One word for {{ inputs.thing }}.",
+            }
+        },
+    }
     doc = {
         "dag": "/dynamic/calls",
         "nodes": {"c": {"type": "subgraph", "dag": "/lib/test/word", "inputs": {"thing": "salt"}}},
@@ -129,21 +146,45 @@ def test_each_generation_is_a_usage_row_billed_to_the_runs_agent(server: LiveSer
     callee = {
         "dag": "/lib/test/billed",
         "signature": {"inputs": ["thing"], "outputs": {"word": {}}},
-        "nodes": {"word": {"type": "llm", "tag": "simple", "temperature": 0, "max_tokens": 4,
-                           "prompt": "One word for {{ inputs.thing }}.", "cache": False}},
-    }  # fmt: skip
+        "nodes": {
+            "word": {
+                "type": "llm",
+                "tag": "simple",
+                "temperature": 0,
+                "max_tokens": 4,
+                "prompt": "One word for {{ inputs.thing }}.",
+                "cache": False,
+            }
+        },
+    }
     doc = {
         "dag": "/dynamic/billed",
         "nodes": {
-            "name": {"type": "llm", "tag": "simple", "temperature": 0, "max_tokens": 6,
-                     "prompt": "Name a colour."},
-            "ideas": {"type": "fork", "tag": "simple", "samples": 2, "temperature": 0.8,
-                      "seed": 5, "max_tokens": 6, "cache": False,
-                      "prompt": "A word that rhymes with {{ nodes.name.output }}:"},
-            "call": {"type": "subgraph", "dag": "/lib/test/billed",
-                     "inputs": {"thing": "{{ nodes.name.output }}"}, "cache": False},
+            "name": {
+                "type": "llm",
+                "tag": "simple",
+                "temperature": 0,
+                "max_tokens": 6,
+                "prompt": "Name a colour.",
+            },
+            "ideas": {
+                "type": "fork",
+                "tag": "simple",
+                "samples": 2,
+                "temperature": 0.8,
+                "seed": 5,
+                "max_tokens": 6,
+                "cache": False,
+                "prompt": "A word that rhymes with {{ nodes.name.output }}:",
+            },
+            "call": {
+                "type": "subgraph",
+                "dag": "/lib/test/billed",
+                "inputs": {"thing": "{{ nodes.name.output }}"},
+                "cache": False,
+            },
         },
-    }  # fmt: skip
+    }
     agent = f"billing-{uuid.uuid4().hex[:8]}"
     body = {"dag": doc, "library": [callee]}
     headers = {"X-PC-Agent-ID": agent}
@@ -152,8 +193,11 @@ def test_each_generation_is_a_usage_row_billed_to_the_runs_agent(server: LiveSer
     nodes = {n["node_id"]: n for n in run["nodes"]}
     child_id = nodes["call"]["child_run_id"]
     (word,) = httpx.get(server.url + f"/v1/dags/{child_id}", timeout=10).json()["nodes"]
-    expected = {f"{run['id']}/name": nodes["name"], f"{run['id']}/ideas": nodes["ideas"],
-                f"{child_id}/word": word}  # fmt: skip
+    expected = {
+        f"{run['id']}/name": nodes["name"],
+        f"{run['id']}/ideas": nodes["ideas"],
+        f"{child_id}/word": word,
+    }
     rows = server.services.usage.rows(agent=agent)
     assert sorted(r["request_id"] for r in rows) == sorted(expected)
     for row in rows:
@@ -196,10 +240,24 @@ def test_cancel_keeps_checkpoints_and_resume_finishes(server: LiveServer) -> Non
 def _daemon(port: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
     pcrt = Path(sys.executable).with_name("pcrt")
     proc = subprocess.Popen(
-        [str(pcrt), "serve", "--port", str(port), "--parallel", "2", "--ctx", "1024",
-         "--threads", "2", "--log-level", "warning"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+        [
+            str(pcrt),
+            "serve",
+            "--port",
+            str(port),
+            "--parallel",
+            "2",
+            "--ctx",
+            "1024",
+            "--threads",
+            "2",
+            "--log-level",
+            "warning",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
@@ -285,9 +343,18 @@ def test_dag_cache_entries_bounds_what_the_daemon_remembers(
     settings = ServerSettings(parallel=1, context=512, n_threads=2, dag_cache_entries=1)
 
     def node(prompt: str) -> dict[str, object]:
-        return {"dag": "/dynamic/one", "nodes": {"n": {
-            "type": "llm", "tag": "simple", "temperature": 0, "max_tokens": 2, "prompt": prompt,
-        }}}  # fmt: skip
+        return {
+            "dag": "/dynamic/one",
+            "nodes": {
+                "n": {
+                    "type": "llm",
+                    "tag": "simple",
+                    "temperature": 0,
+                    "max_tokens": 2,
+                    "prompt": prompt,
+                }
+            },
+        }
 
     def cache_hit(url: str, prompt: str) -> bool:
         run = httpx.post(url + "/v1/dags", json={"dag": node(prompt)}, timeout=60).json()

@@ -15,7 +15,7 @@ import yaml
 from click.testing import CliRunner, Result
 
 from pcrt.cli.main import main
-from pcrt.runtime.dag import DagInvalid, Problem, make_environment, parse_dag
+from pcrt.runtime.dag import make_environment, parse_dag
 from pcrt.runtime.dag.executor import check_run
 from pcrt.runtime.dag.library import (
     Library,
@@ -34,7 +34,8 @@ from pcrt.runtime.dag.subgraph import (
     child_spec,
     is_deterministic,
 )
-from pcrt.runtime.models import Registry
+from pcrt.runtime.errors import DagInvalid, Problem
+from pcrt.runtime.models.registry import Registry
 from pcrt.runtime.paths import Paths
 
 
@@ -47,11 +48,15 @@ def describe_lib(path: str = "/lib/text/describe", **node: Any) -> dict[str, Any
         },
         "nodes": {
             "line": {
-                "type": "llm", "tag": "simple", "temperature": 0, "max_tokens": 8,
-                "prompt": "Describe {{ inputs.thing }} in one {{ inputs.style }} line.", **node,
+                "type": "llm",
+                "tag": "simple",
+                "temperature": 0,
+                "max_tokens": 8,
+                "prompt": "Describe {{ inputs.thing }} in one {{ inputs.style }} line.",
+                **node,
             }
         },
-    }  # fmt: skip
+    }
 
 
 def caller(**nodes: dict[str, Any]) -> dict[str, Any]:
@@ -125,9 +130,13 @@ def test_a_bad_file_is_a_problem_naming_it_and_hides_nothing(tmp_path: Path) -> 
 def test_documents_from_a_request_are_text_or_data_never_file_names(tmp_path: Path) -> None:
     secret = write(tmp_path / "secret.yaml", describe_lib("/lib/secret"))
     library = library_from_documents(
-        [yaml.safe_dump(describe_lib("/lib/a")), describe_lib("/lib/b"), str(secret),
-         {"dag": "/dynamic/x", "nodes": {"a": {"type": "assert", "that": "true"}}}]
-    )  # fmt: skip
+        [
+            yaml.safe_dump(describe_lib("/lib/a")),
+            describe_lib("/lib/b"),
+            str(secret),
+            {"dag": "/dynamic/x", "nodes": {"a": {"type": "assert", "that": "true"}}},
+        ]
+    )
     assert sorted(library.dags) == ["/lib/a", "/lib/b"]
     text = messages(library.problems)
     assert "library[2]: a DAG document is a mapping, not str" in text  # not read
@@ -143,9 +152,13 @@ def test_run_library_layers_directories_document_and_request(tmp_path: Path) -> 
     assert layered.dags["/lib/text/describe"].nodes["line"].max_tokens == 5
     assert layered.sources["/lib/text/describe"] == "/dynamic/caller library[0]"
     request = library_from_documents([describe_lib(max_tokens=3)])
-    assert run_library(spec, [tmp_path / "lib"], request).dags[
-        "/lib/text/describe"
-    ].nodes["line"].max_tokens == 3  # fmt: skip
+    assert (
+        run_library(spec, [tmp_path / "lib"], request)
+        .dags["/lib/text/describe"]
+        .nodes["line"]
+        .max_tokens
+        == 3
+    )
     # a DAG that calls nothing does not read the directories at all
     write(tmp_path / "lib" / "broken.yaml", "dag: [")
     plain = parse_dag({"dag": "/dynamic/p", "nodes": {"a": {"type": "assert", "that": "true"}}})
@@ -154,9 +167,10 @@ def test_run_library_layers_directories_document_and_request(tmp_path: Path) -> 
 
 def test_a_run_stores_the_library_it_can_reach_and_round_trips() -> None:
     inner = {
-        "dag": "/lib/outer", "signature": {"outputs": ["d"]},
+        "dag": "/lib/outer",
+        "signature": {"outputs": ["d"]},
         "nodes": {"d": call(thing="{{ 'y' }}")},
-    }  # fmt: skip
+    }
     library = library_from_documents([describe_lib(), inner, describe_lib("/lib/unused")])
     spec = parse_dag(caller(a=call("/lib/outer")))
     stored = with_library(spec, library.closure(spec))
@@ -171,10 +185,22 @@ def test_validation_lists_library_and_call_problems_together(tmp_path: Path) -> 
     lib = tmp_path / "lib"
     write(lib / "describe.yaml", describe_lib())
     write(lib / "broken.yaml", "dag: /lib/broken\nnodes: {a: {type: llm, prompt: [}}\n")
-    write(lib / "loop_a.yaml", {"dag": "/lib/loop/a", "signature": {"outputs": ["b"]},
-                                "nodes": {"b": call("/lib/loop/b")}})  # fmt: skip
-    write(lib / "loop_b.yaml", {"dag": "/lib/loop/b", "signature": {"outputs": ["a"]},
-                                "nodes": {"a": call("/lib/loop/a")}})  # fmt: skip
+    write(
+        lib / "loop_a.yaml",
+        {
+            "dag": "/lib/loop/a",
+            "signature": {"outputs": ["b"]},
+            "nodes": {"b": call("/lib/loop/b")},
+        },
+    )
+    write(
+        lib / "loop_b.yaml",
+        {
+            "dag": "/lib/loop/b",
+            "signature": {"outputs": ["a"]},
+            "nodes": {"a": call("/lib/loop/a")},
+        },
+    )
     write(lib / "bad_model.yaml", describe_lib("/lib/bad_model", tag=None, model="nope"))
     spec = parse_dag(
         caller(
@@ -205,8 +231,9 @@ def test_budget_outputs_determinism_and_cache_key() -> None:
         max_tokens=20, timeout_sec=5
     )
     assert budget_limit("budget exceeded: max_tokens (12 of 10 used)") == (
-        "max_tokens", "12 of 10 used",
-    )  # fmt: skip
+        "max_tokens",
+        "12 of 10 used",
+    )
 
     library = library_from_documents([describe_lib()])
     callee = library.dags["/lib/text/describe"]

@@ -10,8 +10,9 @@ from typing import Any
 
 import pytest
 
-from pcrt.runtime.dag import DagInvalid, parse_dag
+from pcrt.runtime.dag import parse_dag
 from pcrt.runtime.dag.executor import DagRunner
+from pcrt.runtime.errors import DagInvalid
 from tests.test_dag_subgraph import DESCRIBE, call, caller, inline
 
 
@@ -42,16 +43,31 @@ async def test_max_nodes_at_the_validated_bound_never_stops_a_run_with_calls(
 
 def _long_dag(budget: dict[str, Any], *, then: bool = True, story_tokens: int = 200) -> Any:
     nodes: dict[str, Any] = {
-        "intro": {"type": "llm", "prompt": "Describe a lighthouse in one sentence.",
-                  "temperature": 0, "max_tokens": 8, "cache": False},
-        "story": {"type": "llm", "context": "intro",
-                  "prompt": "Now count from 1 to 200, one number per line.",
-                  "temperature": 0, "max_tokens": story_tokens, "checkpoint_every": 4,
-                  "cache": False},
-    }  # fmt: skip
+        "intro": {
+            "type": "llm",
+            "prompt": "Describe a lighthouse in one sentence.",
+            "temperature": 0,
+            "max_tokens": 8,
+            "cache": False,
+        },
+        "story": {
+            "type": "llm",
+            "context": "intro",
+            "prompt": "Now count from 1 to 200, one number per line.",
+            "temperature": 0,
+            "max_tokens": story_tokens,
+            "checkpoint_every": 4,
+            "cache": False,
+        },
+    }
     if then:
-        nodes["after"] = {"type": "llm", "prompt": "Sum up: {{ nodes.story.output }}",
-                          "temperature": 0, "max_tokens": 4, "cache": False}  # fmt: skip
+        nodes["after"] = {
+            "type": "llm",
+            "prompt": "Sum up: {{ nodes.story.output }}",
+            "temperature": 0,
+            "max_tokens": 4,
+            "cache": False,
+        }
     return parse_dag({"dag": "/dynamic/long", "nodes": nodes, "budget": budget})
 
 
@@ -117,11 +133,17 @@ async def test_a_fork_cut_by_max_tokens_shares_the_budget_and_stops_the_run(
         "dag": "/dynamic/forked",
         "budget": {"max_tokens": 30},
         "nodes": {
-            "ideas": {"type": "fork", "samples": 3, "temperature": 0.8, "seed": 3,
-                      "max_tokens": 64, "cache": False,
-                      "prompt": "Count from 1 to 100, one number per line."},
+            "ideas": {
+                "type": "fork",
+                "samples": 3,
+                "temperature": 0.8,
+                "seed": 3,
+                "max_tokens": 64,
+                "cache": False,
+                "prompt": "Count from 1 to 100, one number per line.",
+            },
         },
-    }  # fmt: skip
+    }
     final = await runner.execute(runner.create(parse_dag(doc), {}).id)
     assert final.status == "budget_exceeded" and "max_tokens" in (final.error or ""), final
     assert final.tokens_used <= 30

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from pcrt.runtime.dag import DagInvalid, load_dag, parse_dag
+from pcrt.runtime.dag import load_dag, parse_dag
 from pcrt.runtime.dag.engines import LocalEngines
 from pcrt.runtime.dag.executor import DagEvent, DagRunner
-from pcrt.runtime.state import KVState
+from pcrt.runtime.engine.state import KVState
+from pcrt.runtime.errors import DagInvalid
 
 EXAMPLES = Path(__file__).parent.parent / "examples" / "dags"
 
@@ -94,8 +95,10 @@ async def test_corrupt_and_foreign_states_are_refused_then_recomputed(
             )
             foreign = KVState(
                 state.key.model_copy(update={"model_sha256": "f" * 64}),
-                state.tokens, state.next_token, state.payload,
-            )  # fmt: skip
+                state.tokens,
+                state.next_token,
+                state.payload,
+            )
             runner.runs.update_node(
                 run.id, "first", state_sha256=runner.blobs.put(foreign.to_bytes())
             )

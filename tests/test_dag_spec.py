@@ -14,13 +14,9 @@ import pytest
 import yaml
 
 from pcrt.runtime.dag import (
-    AssertFailed,
-    DagInvalid,
     DagSpec,
     ForkNode,
     LlmNode,
-    Problem,
-    RenderFailed,
     SubgraphNode,
     bind_inputs,
     check_assert,
@@ -37,7 +33,7 @@ from pcrt.runtime.dag import (
     topological_order,
     validate,
 )
-from pcrt.runtime.dag.load import ShapeInvalid
+from pcrt.runtime.errors import AssertFailed, DagInvalid, Problem, RenderFailed, ShapeInvalid
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples" / "dags"
@@ -207,12 +203,15 @@ def test_example_files_validate_clean() -> None:
         ("dag: /dynamic/x\nnodes: {a: {type: llm, prompt: [}\n", None, "YAML syntax error"),
         ('{"dag": "/dynamic/x", "nodes": {', None, "JSON syntax error at line 1"),
         ('dag = "/dynamic/x"\n[nodes.a\n', None, "TOML syntax error"),
-        ("dag: /dynamic/x\nnodes:\n  a: {type: llm, prompt: x}\n  a: {type: llm, prompt: y}\n",
-         None, "duplicate key 'a'"),
+        (
+            "dag: /dynamic/x\nnodes:\n  a: {type: llm, prompt: x}\n  a: {type: llm, prompt: y}\n",
+            None,
+            "duplicate key 'a'",
+        ),
         ('{"dag": "/dynamic/x", "dag": "/dynamic/y", "nodes": {}}', None, "duplicate key 'dag'"),
         ("- just\n- a list\n", None, "a DAG document is a mapping"),
     ],
-)  # fmt: skip
+)
 def test_syntax_errors_are_dag_invalid(text: str, fmt: Any, words: str) -> None:
     with pytest.raises(DagInvalid) as info:
         load_dag(text, format=fmt)
@@ -328,9 +327,12 @@ def test_a_calls_hints_are_the_defaults_of_the_callees_nodes() -> None:
     assert parse_dag(called.document()) == called
     assert called.model_copy(update={"nodes": callee.nodes}) == callee
     other = parse_dag(
-        {"dag": "/lib/other", "signature": {"outputs": ["a"]},
-         "nodes": {"a": {"type": "llm", "prompt": "x"}}}
-    )  # fmt: skip
+        {
+            "dag": "/lib/other",
+            "signature": {"outputs": ["a"]},
+            "nodes": {"a": {"type": "llm", "prompt": "x"}},
+        }
+    )
     assert check(called, {"/lib/other": other}) == check(callee, {"/lib/other": other}) == []
 
 
@@ -865,10 +867,14 @@ def test_sandbox_refuses_unsafe_access() -> None:
     ("template", "says"),
     [
         # each took seconds to minutes, or built 100 MB, on the daemon's event loop
-        ("{% for i in range(20000) %}{% for j in range(20000) %}{% endfor %}{% endfor %}",
-         "loops more than"),
-        ("{% for c in 'x' * 100000 %}{% for d in 'x' * 100000 %}{% endfor %}{% endfor %}",
-         "loops more than"),
+        (
+            "{% for i in range(20000) %}{% for j in range(20000) %}{% endfor %}{% endfor %}",
+            "loops more than",
+        ),
+        (
+            "{% for c in 'x' * 100000 %}{% for d in 'x' * 100000 %}{% endfor %}{% endfor %}",
+            "loops more than",
+        ),
         ("{{ '%0100000000d' % 1 }}", "'%' with a width"),
         ("{{ '%*d' % (100000000, 1) }}", "'%' with a width"),
         ("{{ '%0100000000d' | format(1) }}", "'format' with a width"),
@@ -880,13 +886,18 @@ def test_sandbox_refuses_unsafe_access() -> None:
         # what no per-operation bound catches: the template worker's limits do
         ("{{ (['x' * 100000] * 100000) | join }}", "more memory than its sandbox has"),
         ("{{ ([[0] * 100000] * 1000) | sum(start=[]) }}", "took over 2 s"),
-        ("{% macro f(n) %}{% if n %}{{ f(n - 1) }}{{ f(n - 1) }}{% endif %}{% endmacro %}"
-         "{{ f(40) }}", "took over 2 s"),
-        ("{% set __pcrt_metered__ = {}.fromkeys %}"
-         "{% for i in range(3000) %}{% for j in range(1000) %}{% endfor %}{% endfor %}",
-         "loops more than"),
+        (
+            "{% macro f(n) %}{% if n %}{{ f(n - 1) }}{{ f(n - 1) }}{% endif %}{% endmacro %}"
+            "{{ f(40) }}",
+            "took over 2 s",
+        ),
+        (
+            "{% set __pcrt_metered__ = {}.fromkeys %}"
+            "{% for i in range(3000) %}{% for j in range(1000) %}{% endfor %}{% endfor %}",
+            "loops more than",
+        ),
     ],
-)  # fmt: skip
+)
 def test_the_sandbox_bounds_what_one_template_costs(template: str, says: str) -> None:
     with pytest.raises(RenderFailed, match="SecurityError") as info:
         render(make_environment(), template, {})
@@ -898,8 +909,12 @@ def test_a_sandbox_whose_worker_was_killed_renders_on() -> None:
     new one, and the daemon's own process never ran the template at all."""
     env = make_environment()
     with pytest.raises(RenderFailed, match="took over"):
-        render(env, "{% macro f(n) %}{% if n %}{{ f(n - 1) }}{{ f(n - 1) }}{% endif %}"
-                    "{% endmacro %}{{ f(40) }}", {})  # fmt: skip
+        render(
+            env,
+            "{% macro f(n) %}{% if n %}{{ f(n - 1) }}{{ f(n - 1) }}{% endif %}"
+            "{% endmacro %}{{ f(40) }}",
+            {},
+        )
     assert render(env, "{{ inputs.a }} again", {"inputs": {"a": 1}}) == "1 again"
     assert evaluate(env, "(1, 2)", {}) == [1, 2]  # values come back as JSON data
 

@@ -24,7 +24,7 @@ from pcrt.runtime.dag.engines import LocalEngines
 from pcrt.runtime.dag.executor import DagEvent, DagRunner
 from pcrt.runtime.dag.library import Library, library_from_documents
 from pcrt.runtime.errors import PeerError
-from pcrt.runtime.models import Registry
+from pcrt.runtime.models.registry import Registry
 from pcrt.runtime.paths import Paths
 
 DESCRIBE = "/lib/test/describe"
@@ -47,7 +47,7 @@ def describe_lib(**generation: Any) -> dict[str, Any]:
             "first": {**common, "prompt": "Describe {{ inputs.thing }}, {{ inputs.style }}."},
             "second": {**common, "context": "first", "prompt": "Shorter."},
         },
-    }  # fmt: skip
+    }
 
 
 def caller(**nodes: dict[str, Any]) -> dict[str, Any]:
@@ -267,8 +267,14 @@ async def test_route_peer_on_a_call_fails_its_callee_like_an_llm_node_with_route
     routed: DagRunner,
 ) -> None:
     # an llm node with route: peer, where no peer is
-    alone = {"type": "llm", "tag": "simple", "temperature": 0, "max_tokens": 6,
-             "route": "peer", "prompt": "Describe a bell, plain."}  # fmt: skip
+    alone = {
+        "type": "llm",
+        "tag": "simple",
+        "temperature": 0,
+        "max_tokens": 6,
+        "route": "peer",
+        "prompt": "Describe a bell, plain.",
+    }
     plain = routed.create(parse_dag(caller(first=alone)), {})
     plain_final = await routed.execute(plain.id)
     assert plain_final.status == "failed"
@@ -337,8 +343,9 @@ async def test_hints_that_move_a_call_are_part_of_its_cache_key(routed: DagRunne
     with what one sent to a peer computed, and the other way round."""
 
     async def run_call(hints: dict[str, str] | None) -> bool:
-        record = routed.create(parse_dag(caller(call=call(hints=hints, thing="a drum"))), {},
-                               inline())  # fmt: skip
+        record = routed.create(
+            parse_dag(caller(call=call(hints=hints, thing="a drum"))), {}, inline()
+        )
         assert (await routed.execute(record.id)).status == "succeeded"
         return bool(routed.runs.node(record.id, "call").cache_hit)
 

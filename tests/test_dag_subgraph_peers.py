@@ -12,9 +12,10 @@ from typing import Any
 
 import httpx
 
-from pcrt.runtime.models import Registry
+from pcrt.routing.settings import PeerSettings
+from pcrt.runtime.models.registry import Registry
 from pcrt.runtime.paths import Paths
-from pcrt.runtime.settings import PeerSettings, ServerSettings
+from pcrt.runtime.server.settings import ServerSettings
 from tests.conftest import shared_models_dir
 from tests.live_server import LiveServer
 
@@ -32,10 +33,14 @@ def routed_lib() -> dict[str, Any]:
         "nodes": {
             "first": {**common, "max_tokens": 6, "prompt": "Describe {{ inputs.thing }}."},
             "second": {**common, "max_tokens": 6, "context": "first", "prompt": "Shorter."},
-            "here": {**common, "max_tokens": 4, "route": "local",
-                     "prompt": "Name {{ inputs.thing }}."},
+            "here": {
+                **common,
+                "max_tokens": 4,
+                "route": "local",
+                "prompt": "Name {{ inputs.thing }}.",
+            },
         },
-    }  # fmt: skip
+    }
 
 
 def calling(**hints: str) -> dict[str, Any]:
@@ -67,12 +72,15 @@ def test_a_calls_hints_send_its_callee_to_a_peer_or_keep_it_here(tmp_path: Path)
         # on the peer (which got the agent with the subgraph) as its own local work
         billed = {r["request_id"]: r for r in edge.services.usage.rows(agent=agent)}
         assert {k: r["ran_on"] for k, r in billed.items()} == {
-            f"{child}/first": strong, f"{child}/second": strong, f"{child}/here": "local"
-        }  # fmt: skip
+            f"{child}/first": strong,
+            f"{child}/second": strong,
+            f"{child}/here": "local",
+        }
         peer_rows = {r["request_id"]: r for r in peer.services.usage.rows(agent=agent)}
         assert {k: r["ran_on"] for k, r in peer_rows.items()} == {
-            f"{remote[0].id}/first": "local", f"{remote[0].id}/second": "local"
-        }  # fmt: skip
+            f"{remote[0].id}/first": "local",
+            f"{remote[0].id}/second": "local",
+        }
         for node_id in ("first", "second"):
             here, there = billed[f"{child}/{node_id}"], peer_rows[f"{remote[0].id}/{node_id}"]
             assert here["completion_tokens"] == there["completion_tokens"] > 0
@@ -90,28 +98,42 @@ def test_a_calls_hints_send_its_callee_to_a_peer_or_keep_it_here(tmp_path: Path)
 
         # a call routed like a node the peer takes goes along with it, and its callee runs
         # there, never sent back; a call that says route: local stays out of that group
-        topic = {"type": "llm", "complexity": "high", "temperature": 0, "max_tokens": 4,
-                 "prompt": "Name one instrument."}  # fmt: skip
+        topic = {
+            "type": "llm",
+            "complexity": "high",
+            "temperature": 0,
+            "max_tokens": 4,
+            "prompt": "Name one instrument.",
+        }
         with_topic = {"thing": "{{ nodes.topic.output }}"}
-        chain = {"dag": "/dynamic/chain", "nodes": {
-            "topic": topic,
-            "along": {"type": "subgraph", "dag": ROUTED, "inputs": with_topic,
-                      "complexity": "high"},
-            "kept": {"type": "subgraph", "dag": ROUTED, "inputs": with_topic, "route": "local"},
-        }}  # fmt: skip
+        chain = {
+            "dag": "/dynamic/chain",
+            "nodes": {
+                "topic": topic,
+                "along": {
+                    "type": "subgraph",
+                    "dag": ROUTED,
+                    "inputs": with_topic,
+                    "complexity": "high",
+                },
+                "kept": {"type": "subgraph", "dag": ROUTED, "inputs": with_topic, "route": "local"},
+            },
+        }
         chain_agent = _unique("chain")
         chained = _run(edge, chain, chain_agent)
         nodes = {n.node_id: n for n in edge_runs.nodes(chained["id"])}
         assert {k: n.ran_on for k, n in nodes.items()} == {
-            "topic": strong, "along": strong, "kept": "local"
-        }  # fmt: skip
+            "topic": strong,
+            "along": strong,
+            "kept": "local",
+        }
         # the call that ran on the peer is one row here with its callee's tokens (its
         # generations are rows there); the call kept here is billed through its nodes
         billed = {r["request_id"]: r for r in edge.services.usage.rows(agent=chain_agent)}
         kept_child = nodes["kept"].child_run_id
         assert set(billed) == {f"{chained['id']}/topic", f"{chained['id']}/along"} | {
             f"{kept_child}/{n}" for n in ("first", "second", "here")
-        }  # fmt: skip
+        }
         along = billed[f"{chained['id']}/along"]
         assert (along["ran_on"], along["model"]) == (strong, f"subgraph {ROUTED}")
         assert along["completion_tokens"] == nodes["along"].completion_tokens > 0
@@ -129,22 +151,32 @@ def test_a_calls_hints_send_its_callee_to_a_peer_or_keep_it_here(tmp_path: Path)
         # nothing of its own
         fork_agent = _unique("fork")
         pair = {"type": "llm", "complexity": "high", "temperature": 0, "max_tokens": 3}
-        forked = _run(edge, {"dag": "/dynamic/forked", "nodes": {
-            "place": {**pair, "prompt": "Name a lake."},
-            "bird": {**pair, "prompt": "A bird of {{ nodes.place.output }}:"},
-            "fish": {**pair, "prompt": "A fish of {{ nodes.place.output }}:"},
-            "both": {"type": "fork", "branches": ["bird", "fish"]},
-        }}, fork_agent)  # fmt: skip
+        forked = _run(
+            edge,
+            {
+                "dag": "/dynamic/forked",
+                "nodes": {
+                    "place": {**pair, "prompt": "Name a lake."},
+                    "bird": {**pair, "prompt": "A bird of {{ nodes.place.output }}:"},
+                    "fish": {**pair, "prompt": "A fish of {{ nodes.place.output }}:"},
+                    "both": {"type": "fork", "branches": ["bird", "fish"]},
+                },
+            },
+            fork_agent,
+        )
         ran = {n.node_id: n.ran_on for n in edge_runs.nodes(forked["id"])}
         rows = edge.services.usage.rows(agent=fork_agent)
         assert sorted(r["request_id"] for r in rows) == [
             f"{forked['id']}/{n}" for n in ("bird", "fish", "place")
-        ], ran  # fmt: skip
+        ], ran
         assert {r["ran_on"] for r in rows} == {strong} and ran["both"] == strong
         # nothing came back: the edge holds its own runs only
         assert {r.id for r in edge_runs.list_runs()} == {
-            high["id"], local["id"], chained["id"], forked["id"]
-        }  # fmt: skip
+            high["id"],
+            local["id"],
+            chained["id"],
+            forked["id"],
+        }
 
 
 def _run(edge: LiveServer, dag: dict[str, Any], agent: str = "anonymous") -> dict[str, Any]:

@@ -48,9 +48,17 @@ def test_device_plan_for_this_machine(default_model_path: Path) -> None:
 
 def test_device_plan_json_with_flags(default_model_path: Path) -> None:
     result = invoke(
-        "device", "plan", "smollm2", "--ctx", "4096", "--parallel", "2", "--kv-type", "q8_0",
+        "device",
+        "plan",
+        "smollm2",
+        "--ctx",
+        "4096",
+        "--parallel",
+        "2",
+        "--kv-type",
+        "q8_0",
         "--json",
-    )  # fmt: skip
+    )
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
     plan = data["plan"]

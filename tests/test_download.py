@@ -14,8 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from pcrt.runtime.download import _host, download, part_path
 from pcrt.runtime.errors import DownloadError
+from pcrt.runtime.models.download import _host, download, part_path
 from tests.httpserver import LocalServer, Resource, sha256_hex
 
 BODY = os.urandom(3 * 1024 * 1024 + 123)  # a few chunks and a ragged end

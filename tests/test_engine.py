@@ -9,7 +9,6 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from pcrt.runtime.chat import ChatMessage
 from pcrt.runtime.engine import (
     CheckpointEvent,
     Engine,
@@ -17,6 +16,9 @@ from pcrt.runtime.engine import (
     GenerateRequest,
     TokenEvent,
 )
+from pcrt.runtime.engine.chat import ChatMessage
+from pcrt.runtime.engine.sampling import SamplingParams
+from pcrt.runtime.engine.state import KVState
 from pcrt.runtime.errors import (
     ChatTemplateMissing,
     ContextLengthExceeded,
@@ -25,8 +27,6 @@ from pcrt.runtime.errors import (
     ModelLoadError,
     StateError,
 )
-from pcrt.runtime.sampling import SamplingParams
-from pcrt.runtime.state import KVState
 
 PROMPTS = [
     "The capital of France is",

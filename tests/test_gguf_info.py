@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from pcrt.runtime.errors import ModelLoadError
-from pcrt.runtime.gguf_info import read_gguf_info
+from pcrt.runtime.models.gguf_info import read_gguf_info
 
 
 def write_tiny_gguf(path: Path, *, tied: bool = False, template: bool = True) -> None:

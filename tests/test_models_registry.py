@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from pcrt.runtime.errors import ConfigError, ModelNotFound
-from pcrt.runtime.models import HfSource, LocalSource, PypiSource, Registry, parse_source
+from pcrt.runtime.models.registry import HfSource, LocalSource, PypiSource, Registry, parse_source
 from pcrt.runtime.paths import Paths
 
 DEFAULT_SHA = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"

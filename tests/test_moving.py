@@ -14,9 +14,9 @@ import pytest
 from pcrt.cache.runs import RunStore
 from pcrt.cache.store import Store
 from pcrt.routing.migrate import Migration
-from pcrt.runtime.api import moving
-from pcrt.runtime.api.dag_routes import DagTasks
+from pcrt.runtime.dag.tasks import DagTasks
 from pcrt.runtime.errors import InvalidRequest, PeerUnavailable
+from pcrt.runtime.server import moving
 
 
 @pytest.fixture

@@ -38,10 +38,10 @@ from pcrt.device.offload import (
     plan_offload,
 )
 from pcrt.device.profile import BuildInfo, DeviceProfile, collect_profile
-from pcrt.runtime.gguf_info import read_gguf_info
-from pcrt.runtime.loader import kv_settings_for
-from pcrt.runtime.models import ModelEntry, parse_source
-from pcrt.runtime.planning import model_shape, plan_request
+from pcrt.runtime.models.gguf_info import read_gguf_info
+from pcrt.runtime.models.loader import kv_settings_for
+from pcrt.runtime.models.planning import model_shape, plan_request
+from pcrt.runtime.models.registry import ModelEntry, parse_source
 
 MiB = 1024**2
 GiB = 1024**3

@@ -13,14 +13,14 @@ import pytest
 from pcrt.device.offload import DeviceMemory, PlanRequest, plan_offload
 from pcrt.device.profile import collect_profile
 from pcrt.runtime.engine import Engine, EngineConfig, GenerateRequest
-from pcrt.runtime.gguf_info import read_gguf_info
-from pcrt.runtime.loader import open_engine
-from pcrt.runtime.models import Registry
-from pcrt.runtime.planning import model_shape
-from pcrt.runtime.sampling import SamplingParams
+from pcrt.runtime.engine.sampling import SamplingParams
+from pcrt.runtime.models.gguf_info import read_gguf_info
+from pcrt.runtime.models.loader import open_engine
+from pcrt.runtime.models.planning import model_shape
+from pcrt.runtime.models.registry import Registry
 
 MiB = 1024**2
-LLAMA_LOG = "pcrt.runtime.llama_model"  # llama.cpp's own log lines arrive here at DEBUG
+LLAMA_LOG = "pcrt.runtime.engine.llama_model"  # llama.cpp's own log lines arrive here at DEBUG
 
 
 def llama_figure(records: list[logging.LogRecord], pattern: str) -> float:

@@ -17,7 +17,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pcrt.cache.store import Store
 from pcrt.cache.usage import UsageLog
-from pcrt.runtime.settings import PeerSettings, ServerSettings, StaticPeer
+from pcrt.routing.settings import PeerSettings, StaticPeer
+from pcrt.runtime.server.settings import ServerSettings
 from tests.conftest import shared_models_dir
 from tests.httpserver import LocalServer
 from tests.live_server import LiveServer
@@ -47,8 +48,7 @@ def test_a_peer_that_dies_between_checks_hands_the_request_to_the_next(
     listing = {"object": "list", "data": [{"id": MODEL, "object": "model"}]}
     registry = _registry(tmp_path / "edge")
     with LlamaCppServer(q8_model, MODEL) as cloud, LocalServer() as dying:
-        dying.add_file("/v1/models", json.dumps(listing).encode(),
-                       content_type="application/json")  # fmt: skip
+        dying.add_file("/v1/models", json.dumps(listing).encode(), content_type="application/json")
         # the stronger "a-dead" is tried first for complex work; one health check at
         # start, then none for a minute: its death goes unnoticed until it is used
         static = (
@@ -57,21 +57,33 @@ def test_a_peer_that_dies_between_checks_hands_the_request_to_the_next(
         )
         settings = ServerSettings(peers=PeerSettings(static=static, health_interval=60))
         with LiveServer(settings, registry=registry) as edge:
-            _wait_for(lambda: _in_rotation(edge, "a-dead") and _in_rotation(edge, "cloud"),
-                      15, "both static peers are up")  # fmt: skip
+            _wait_for(
+                lambda: _in_rotation(edge, "a-dead") and _in_rotation(edge, "cloud"),
+                15,
+                "both static peers are up",
+            )
             dying.__exit__(None, None, None)  # its port is closed from here on
-            body = {"model": MODEL, "messages": [{"role": "user", "content": "Say hi."}],
-                    "max_tokens": 4, "temperature": 0}  # fmt: skip
+            body = {
+                "model": MODEL,
+                "messages": [{"role": "user", "content": "Say hi."}],
+                "max_tokens": 4,
+                "temperature": 0,
+            }
             headers = {"X-PC-Complexity": "high", "X-PC-Agent-ID": "fb"}
-            reply = httpx.post(edge.url + "/v1/chat/completions", json=body, timeout=60,
-                               headers=headers)  # fmt: skip
+            reply = httpx.post(
+                edge.url + "/v1/chat/completions", json=body, timeout=60, headers=headers
+            )
             assert reply.status_code == 200, reply.text
             assert reply.headers["x-pc-ran-on"] == "cloud"
             assert reply.headers["x-pc-fallbacks"] == "a-dead"
             assert not _in_rotation(edge, "a-dead")  # out at once, not at the next check
             metrics = httpx.get(edge.url + "/metrics", timeout=10).text
-            bad = httpx.post(edge.url + "/v1/chat/completions", json=body, timeout=10,
-                             headers={"X-PC-Complexity": "extreme"})  # fmt: skip
+            bad = httpx.post(
+                edge.url + "/v1/chat/completions",
+                json=body,
+                timeout=10,
+                headers={"X-PC-Complexity": "extreme"},
+            )
             assert bad.status_code == 400 and "X-PC-Complexity" in bad.json()["error"]["message"]
 
     with Store(registry.paths.db_path) as store:

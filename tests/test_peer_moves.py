@@ -91,8 +91,9 @@ def test_dag_migrate_through_the_cli_with_and_without_states(tmp_path: Path) -> 
         assert view["outputs"]["intro"] == local["outputs"]["intro"]
 
         # a peer nobody knows: a clear error, and the run stays here, resumable
-        run_id = httpx.post(here.url + "/v1/dags", json={"dag": MOVE_DAG, "wait": False},
-                            timeout=30).json()["id"]  # fmt: skip
+        run_id = httpx.post(
+            here.url + "/v1/dags", json={"dag": MOVE_DAG, "wait": False}, timeout=30
+        ).json()["id"]
         refused = cli.invoke(main, ["dag", "migrate", run_id, "--to", "nobody"], env=env)
         assert refused.exit_code != 0 and "no pcrt peer 'nobody'" in refused.output
         status = httpx.get(f"{here.url}/v1/dags/{run_id}", timeout=10).json()["status"]
@@ -120,10 +121,24 @@ migrate_on_drain = true
     port = free_port()
     pcrt = Path(sys.executable).with_name("pcrt")
     proc = subprocess.Popen(
-        [str(pcrt), "serve", "--port", str(port), "--config", str(config), "--lan",
-         "--name", name, "--log-level", "warning"],
-        env=os.environ.copy(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            str(pcrt),
+            "serve",
+            "--port",
+            str(port),
+            "--config",
+            str(config),
+            "--lan",
+            "--name",
+            name,
+            "--log-level",
+            "warning",
+        ],
+        env=os.environ.copy(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     return f"http://127.0.0.1:{port}", proc
 
 
@@ -169,8 +184,14 @@ def test_sigterm_moves_a_run_whose_client_waits_on_it(tmp_path: Path) -> None:
     key = uuid.uuid4().hex
     here_name, there_name = _unique("leaving"), _unique("staying")
     dag = json.loads(json.dumps(MOVE_DAG))
-    dag["nodes"]["after"] = {"type": "llm", "context": "story", "prompt": "Say yes.",
-                             "temperature": 0, "max_tokens": 4, "cache": False}  # fmt: skip
+    dag["nodes"]["after"] = {
+        "type": "llm",
+        "context": "story",
+        "prompt": "Say yes.",
+        "temperature": 0,
+        "max_tokens": 4,
+        "cache": False,
+    }
     answers: list[httpx.Response] = []
     with _daemon(tmp_path, there_name, key) as there:
         url, proc = _draining_serve(tmp_path, key, here_name)
@@ -184,8 +205,11 @@ def test_sigterm_moves_a_run_whose_client_waits_on_it(tmp_path: Path) -> None:
             wait_healthy(url, proc)
             _wait_for(lambda: _in_rotation_at(url, there_name), 15, "here trusts there")
             waiting.start()
-            _wait_for(lambda: bool(httpx.get(url + "/v1/dags", timeout=5).json()["data"]), 30,
-                      "the run exists")  # fmt: skip
+            _wait_for(
+                lambda: bool(httpx.get(url + "/v1/dags", timeout=5).json()["data"]),
+                30,
+                "the run exists",
+            )
             run_id = httpx.get(url + "/v1/dags", timeout=5).json()["data"][0]["id"]
 
             def story_checkpointed() -> bool:

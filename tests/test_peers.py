@@ -28,11 +28,12 @@ from pcrt.cli.main import main
 from pcrt.device.profile import Battery
 from pcrt.routing.auth import CLUSTER_HEADER, request_header
 from pcrt.routing.policy import Work
-from pcrt.runtime.api.battery_watch import BatteryReader
+from pcrt.routing.settings import PeerSettings, StaticPeer
 from pcrt.runtime.dag import parse_dag
-from pcrt.runtime.models import Registry
+from pcrt.runtime.models.registry import Registry
 from pcrt.runtime.paths import Paths
-from pcrt.runtime.settings import PeerSettings, ServerSettings, StaticPeer
+from pcrt.runtime.server.battery_watch import BatteryReader
+from pcrt.runtime.server.settings import ServerSettings
 from tests.conftest import shared_models_dir
 from tests.live_server import LiveServer
 from tests.upstream import LlamaCppServer, second_model
@@ -61,7 +62,7 @@ def _daemon(
     settings = ServerSettings(
         peers=PeerSettings(
             lan=True, interfaces=LOOPBACK, name=name, cluster_key=key, health_interval=0.5, **peers
-        )  # fmt: skip
+        )
     )
     return LiveServer(settings, registry=_registry(tmp_path / name, extra_models), battery=battery)
 
@@ -114,16 +115,22 @@ def test_daemons_find_each_other_and_prove_the_key(tmp_path: Path) -> None:
         _daemon(tmp_path, b_name, key) as b,
         _daemon(tmp_path, c_name, "not-the-cluster-key") as c,
     ):
-        seconds = _wait_for(lambda: _in_rotation(a, b_name) and _in_rotation(b, a_name), 10,
-                            "a and b trust each other")  # fmt: skip
+        seconds = _wait_for(
+            lambda: _in_rotation(a, b_name) and _in_rotation(b, a_name),
+            10,
+            "a and b trust each other",
+        )
         assert seconds < 5
         peer_b = _peers(a)[b_name]
         assert peer_b["trusted"] and peer_b["trust"] == "cluster key proven"
         assert peer_b["models"] == ["smollm2-135m"]  # node info came over HTTP
         assert peer_b["url"] == b.url
         # c is seen by mDNS but cannot prove the key: listed, never trusted
-        _wait_for(lambda: c_name in _peers(a) and _peers(a)[c_name]["health"] != "unknown", 10,
-                  "a has asked c")  # fmt: skip
+        _wait_for(
+            lambda: c_name in _peers(a) and _peers(a)[c_name]["health"] != "unknown",
+            10,
+            "a has asked c",
+        )
         assert not _peers(a)[c_name]["trusted"]
         assert _peers(a)[c_name]["trust"] == "refused our cluster key"
         assert not _peers(c)[a_name]["trusted"]
@@ -139,29 +146,33 @@ def test_daemons_find_each_other_and_prove_the_key(tmp_path: Path) -> None:
         path = "/v1/chat/completions"
         body = {"model": "smollm2-135m", "messages": [{"role": "user", "content": "hi"}]}
         a_authority = a.url.removeprefix("http://")
-        wrong = {CLUSTER_HEADER: request_header("not-the-cluster-key", "POST", path,
-                                                authority=a_authority)}  # fmt: skip
+        wrong = {
+            CLUSTER_HEADER: request_header(
+                "not-the-cluster-key", "POST", path, authority=a_authority
+            )
+        }
         refused = httpx.post(a.url + path, json=body, headers=wrong, timeout=10)
         assert refused.status_code == 401
         assert "wrong cluster key" in refused.json()["error"]["message"]
         unsigned = httpx.get(a.url + "/v1/pcrt/node", timeout=5)
         assert unsigned.status_code == 401
         # a replayed signature is refused too
-        signed = {CLUSTER_HEADER: request_header(key, "GET", "/v1/pcrt/node",
-                                                 authority=a_authority)}  # fmt: skip
+        signed = {
+            CLUSTER_HEADER: request_header(key, "GET", "/v1/pcrt/node", authority=a_authority)
+        }
         assert httpx.get(a.url + "/v1/pcrt/node", headers=signed, timeout=5).status_code == 200
         replay = httpx.get(a.url + "/v1/pcrt/node", headers=signed, timeout=5)
         assert replay.status_code == 401
         # a request signed for b cannot be relayed to a (b's signature, a's door)
         b_authority = b.url.removeprefix("http://")
-        for_b = {CLUSTER_HEADER: request_header(key, "GET", "/v1/pcrt/node",
-                                                authority=b_authority)}  # fmt: skip
+        for_b = {CLUSTER_HEADER: request_header(key, "GET", "/v1/pcrt/node", authority=b_authority)}
         relayed = httpx.get(a.url + "/v1/pcrt/node", headers=for_b, timeout=5)
         assert relayed.status_code == 401 and "not this node" in relayed.json()["error"]["message"]
         # nor can its body be swapped
         body_sig = request_header(key, "POST", path, authority=a_authority, body=b"{}")
-        swapped = httpx.post(a.url + path, json=body, headers={CLUSTER_HEADER: body_sig},
-                             timeout=10)  # fmt: skip
+        swapped = httpx.post(
+            a.url + path, json=body, headers={CLUSTER_HEADER: body_sig}, timeout=10
+        )
         assert swapped.status_code == 401
 
     # goodbye packets: a stopped daemon leaves the others' tables at once
@@ -185,10 +196,25 @@ def _announce(upstream: LlamaCppServer, name: str, key: str) -> subprocess.Popen
     pcrt = Path(sys.executable).with_name("pcrt")
     env = {**os.environ, "PCRT_CLUSTER_KEY": key}
     return subprocess.Popen(
-        [str(pcrt), "announce", "--upstream", upstream.url, "--name", name, "--tag", "complex",
-         "--strength", "8", "--interfaces", "127.0.0.1"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            str(pcrt),
+            "announce",
+            "--upstream",
+            upstream.url,
+            "--name",
+            name,
+            "--tag",
+            "complex",
+            "--strength",
+            "8",
+            "--interfaces",
+            "127.0.0.1",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _stop(proc: subprocess.Popen[str]) -> str:
@@ -206,17 +232,36 @@ SCHEMA = {
 SPLIT_DAG = {
     "dag": "/dynamic/split",
     "nodes": {
-        "fruit": {"type": "llm", "tag": "simple", "prompt": "Name one fruit.",
-                  "temperature": 0, "max_tokens": 8},
-        "describe": {"type": "llm", "tag": "complex", "complexity": "high",
-                     "prompt": "Describe {{ nodes.fruit.output }} as JSON.",
-                     # llama-cpp-python's server ignores grammars at temperature 0
-                     "temperature": 0.7, "seed": 3, "max_tokens": 48, "output_schema": SCHEMA},
-        "again": {"type": "llm", "tag": "complex", "complexity": "high",
-                  "prompt": "And the colour of {{ nodes.fruit.output }} as JSON?",
-                  "temperature": 0.7, "seed": 4, "max_tokens": 48, "output_schema": SCHEMA},
+        "fruit": {
+            "type": "llm",
+            "tag": "simple",
+            "prompt": "Name one fruit.",
+            "temperature": 0,
+            "max_tokens": 8,
+        },
+        "describe": {
+            "type": "llm",
+            "tag": "complex",
+            "complexity": "high",
+            "prompt": "Describe {{ nodes.fruit.output }} as JSON.",
+            # llama-cpp-python's server ignores grammars at temperature 0
+            "temperature": 0.7,
+            "seed": 3,
+            "max_tokens": 48,
+            "output_schema": SCHEMA,
+        },
+        "again": {
+            "type": "llm",
+            "tag": "complex",
+            "complexity": "high",
+            "prompt": "And the colour of {{ nodes.fruit.output }} as JSON?",
+            "temperature": 0.7,
+            "seed": 4,
+            "max_tokens": 48,
+            "output_schema": SCHEMA,
+        },
     },
-}  # fmt: skip
+}
 
 
 def test_announced_upstream_takes_complex_nodes_and_forwarded_requests(
@@ -249,23 +294,30 @@ def test_announced_upstream_takes_complex_nodes_and_forwarded_requests(
             _wait_for(lambda: _in_rotation(edge, box), 10, "the peer is back in rotation")
             client = openai.OpenAI(base_url=edge.url + "/v1", api_key="x", max_retries=0)
             reply = client.chat.completions.with_raw_response.create(
-                model="smollm2-q8", messages=[{"role": "user", "content": "Say hi."}],
-                max_tokens=8, temperature=0,
-            )  # fmt: skip
+                model="smollm2-q8",
+                messages=[{"role": "user", "content": "Say hi."}],
+                max_tokens=8,
+                temperature=0,
+            )
             assert reply.headers["x-pc-ran-on"] == box
             completion = reply.parse()
             assert completion.model == "smollm2-q8" and completion.usage is not None
             direct = openai.OpenAI(base_url=upstream.url + "/v1", api_key="x", max_retries=0)
             expected = direct.chat.completions.create(
-                model="smollm2-q8", messages=[{"role": "user", "content": "Say hi."}],
-                max_tokens=8, temperature=0,
-            )  # fmt: skip
+                model="smollm2-q8",
+                messages=[{"role": "user", "content": "Say hi."}],
+                max_tokens=8,
+                temperature=0,
+            )
             assert completion.choices[0].message.content == expected.choices[0].message.content
             pieces: list[str] = []
             stream = client.chat.completions.create(
-                model="smollm2-q8", messages=[{"role": "user", "content": "Say hi."}],
-                max_tokens=8, temperature=0, stream=True,
-            )  # fmt: skip
+                model="smollm2-q8",
+                messages=[{"role": "user", "content": "Say hi."}],
+                max_tokens=8,
+                temperature=0,
+                stream=True,
+            )
             for chunk in stream:
                 assert chunk.usage is None  # we asked the peer for usage, the client did not
                 pieces.extend(c.delta.content or "" for c in chunk.choices)
@@ -278,9 +330,10 @@ def test_announced_upstream_takes_complex_nodes_and_forwarded_requests(
             # the DAG's two nodes on the peer were billed as they finished
             dag_rows = [r for r in edge.services.usage.rows() if r["route"] == "/v1/dags"]
             assert {(r["request_id"], r["ran_on"]) for r in dag_rows} == {
-                (f"{run['id']}/fruit", "local"), (f"{run['id']}/describe", box),
+                (f"{run['id']}/fruit", "local"),
+                (f"{run['id']}/describe", box),
                 (f"{run['id']}/again", box),
-            }  # fmt: skip
+            }
 
             # the stream's row is written as its response closes, just after [DONE]
             _wait_for(lambda: len(forwarded_rows()) == 2, 5, "two usage rows for the peer")
@@ -289,16 +342,18 @@ def test_announced_upstream_takes_complex_nodes_and_forwarded_requests(
 
             # pinned local: the model is unknown here
             pinned = httpx.post(
-                edge.url + "/v1/chat/completions", headers={"X-PC-Route": "local"},
+                edge.url + "/v1/chat/completions",
+                headers={"X-PC-Route": "local"},
                 json={"model": "smollm2-q8", "messages": [{"role": "user", "content": "hi"}]},
                 timeout=10,
-            )  # fmt: skip
+            )
             assert pinned.status_code == 404
             bad_hint = httpx.post(
-                edge.url + "/v1/chat/completions", headers={"X-PC-Route": "elsewhere"},
+                edge.url + "/v1/chat/completions",
+                headers={"X-PC-Route": "elsewhere"},
                 json={"model": "smollm2-q8", "messages": [{"role": "user", "content": "hi"}]},
                 timeout=10,
-            )  # fmt: skip
+            )
             assert bad_hint.status_code == 400
     finally:
         output = _stop(announcer)
@@ -310,8 +365,11 @@ def test_unsigned_announcement_is_never_trusted(tmp_path: Path, upstream: LlamaC
     announcer = _announce(upstream, box, "some-other-key")
     try:
         with _daemon(tmp_path, _unique("edge"), uuid.uuid4().hex) as edge:
-            _wait_for(lambda: box in _peers(edge) and _peers(edge)[box]["health"] == "healthy",
-                      15, "the rogue announcement was checked")  # fmt: skip
+            _wait_for(
+                lambda: box in _peers(edge) and _peers(edge)[box]["health"] == "healthy",
+                15,
+                "the rogue announcement was checked",
+            )
             assert not _peers(edge)[box]["trusted"]
             assert _peers(edge)[box]["trust"] == "announcement not signed with our key"
             answer = httpx.post(
@@ -328,10 +386,15 @@ def test_unsigned_announcement_is_never_trusted(tmp_path: Path, upstream: LlamaC
 LONG_DAG = {
     "dag": "/dynamic/long",
     "nodes": {
-        "essay": {"type": "llm", "complexity": "high", "temperature": 0, "max_tokens": 160,
-                  "prompt": "Write a long story about a lighthouse keeper."},
+        "essay": {
+            "type": "llm",
+            "complexity": "high",
+            "temperature": 0,
+            "max_tokens": 160,
+            "prompt": "Write a long story about a lighthouse keeper.",
+        },
     },
-}  # fmt: skip
+}
 
 
 def run_breaking_the_peer(
@@ -394,15 +457,30 @@ def test_complex_subgraph_runs_whole_on_a_pcrt_peer(tmp_path: Path, q8_model: Pa
     dag: dict[str, Any] = {
         "dag": "/dynamic/plan",
         "nodes": {
-            "topic": {"type": "llm", "prompt": "Name one fruit.", "temperature": 0,
-                      "max_tokens": 8},
-            "plan": {"type": "llm", "tag": "complex", "temperature": 0, "max_tokens": 16,
-                     "prompt": "Plan a meal around {{ nodes.topic.output }}."},
-            "shorter": {"type": "llm", "tag": "complex", "temperature": 0, "max_tokens": 12,
-                        "context": "plan", "prompt": "Now in five words."},
+            "topic": {
+                "type": "llm",
+                "prompt": "Name one fruit.",
+                "temperature": 0,
+                "max_tokens": 8,
+            },
+            "plan": {
+                "type": "llm",
+                "tag": "complex",
+                "temperature": 0,
+                "max_tokens": 16,
+                "prompt": "Plan a meal around {{ nodes.topic.output }}.",
+            },
+            "shorter": {
+                "type": "llm",
+                "tag": "complex",
+                "temperature": 0,
+                "max_tokens": 12,
+                "context": "plan",
+                "prompt": "Now in five words.",
+            },
             "check": {"type": "assert", "that": "nodes.shorter.output | length > 0"},
         },
-    }  # fmt: skip
+    }
     with (
         _daemon(tmp_path, strong, key, extra_models=extra) as peer,
         _daemon(tmp_path, edge_name, key) as edge,
@@ -423,8 +501,13 @@ def test_complex_subgraph_runs_whole_on_a_pcrt_peer(tmp_path: Path, q8_model: Pa
         assert remote_nodes["topic"].output == run["outputs"]["topic"]
         assert remote_nodes["shorter"].output == run["outputs"]["shorter"]
         # the same greedy subgraph run on the peer itself gives the same outputs
-        uncached = {**dag, "nodes": {k: {**v, "cache": False} if v["type"] == "llm" else v
-                                     for k, v in dag["nodes"].items()}}  # fmt: skip
+        uncached = {
+            **dag,
+            "nodes": {
+                k: {**v, "cache": False} if v["type"] == "llm" else v
+                for k, v in dag["nodes"].items()
+            },
+        }
         direct = httpx.post(peer.url + "/v1/dags", json={"dag": uncached}, timeout=180).json()
         assert direct["outputs"]["plan"] == run["outputs"]["plan"]
         assert direct["outputs"]["shorter"] == run["outputs"]["shorter"]
@@ -453,15 +536,26 @@ def test_idle_dead_peer_leaves_rotation_by_health_checks(
 MOVE_DAG: dict[str, Any] = {
     "dag": "/dynamic/move",
     "nodes": {
-        "intro": {"type": "llm", "prompt": "Describe a lighthouse in one sentence.",
-                  "temperature": 0, "max_tokens": 24, "cache": False},
+        "intro": {
+            "type": "llm",
+            "prompt": "Describe a lighthouse in one sentence.",
+            "temperature": 0,
+            "max_tokens": 24,
+            "cache": False,
+        },
         # a prompt the model answers at length: a story may end after 20 tokens, before
         # a test has moved the run
-        "story": {"type": "llm", "context": "intro",
-                  "prompt": "Now count from 1 to 200, one number per line.",
-                  "temperature": 0, "max_tokens": 120, "checkpoint_every": 16, "cache": False},
+        "story": {
+            "type": "llm",
+            "context": "intro",
+            "prompt": "Now count from 1 to 200, one number per line.",
+            "temperature": 0,
+            "max_tokens": 120,
+            "checkpoint_every": 16,
+            "cache": False,
+        },
     },
-}  # fmt: skip
+}
 
 
 def test_migration_mid_run_resumes_on_the_peer_with_its_states(tmp_path: Path) -> None:
@@ -484,8 +578,9 @@ def test_migration_mid_run_resumes_on_the_peer_with_its_states(tmp_path: Path) -
             run_id = response.headers["x-pcrt-run"]
             for kind, data in _events(response.iter_lines()):
                 if kind == "checkpoint" and data["node"] == "story" and moved is None:
-                    moved = httpx.post(f"{here.url}/v1/dags/{run_id}/migrate",
-                                       json={"to": there_name}, timeout=60).json()  # fmt: skip
+                    moved = httpx.post(
+                        f"{here.url}/v1/dags/{run_id}/migrate", json={"to": there_name}, timeout=60
+                    ).json()
         assert moved is not None, "the story never checkpointed"
         assert moved["peer"] == there_name and moved["with_states"], moved
         assert moved["states_sent"] >= 2  # intro's state and story's checkpoint
@@ -502,8 +597,11 @@ def test_migration_mid_run_resumes_on_the_peer_with_its_states(tmp_path: Path) -
 
         # here lost the answer and sends the run again: told how it stands, nothing reruns
         spec = here.services.dags.runner.runs.get_run(run_id).spec
-        moved_run = {"run": {"id": run_id, "spec": spec}, "nodes": [],
-                     "origin": here.services.node.node_id}  # fmt: skip
+        moved_run = {
+            "run": {"id": run_id, "spec": spec},
+            "nodes": [],
+            "origin": here.services.node.node_id,
+        }
         again = _signed_post(there, key, "/v1/pcrt/runs", moved_run)
         assert again.status_code == 200 and again.json()["status"] == "succeeded", again.text
         assert httpx.get(f"{there.url}/v1/dags/{run_id}", timeout=10).json() == view
@@ -521,8 +619,9 @@ def _signed_post(
 ) -> httpx.Response:
     """A POST as a peer sends it: signed with the cluster key over its exact bytes."""
     content = json.dumps(body).encode()
-    signature = request_header(key, "POST", path, authority=server.url.removeprefix("http://"),
-                               body=content)  # fmt: skip
+    signature = request_header(
+        key, "POST", path, authority=server.url.removeprefix("http://"), body=content
+    )
     headers = {CLUSTER_HEADER: signature, "Content-Type": "application/json"}
     return httpx.post(server.url + path, content=content, headers=headers, timeout=timeout)
 
@@ -553,19 +652,28 @@ context = 2048
         _daemon(tmp_path, there_name, key, extra_models=other_file) as there,
     ):
         _wait_for(lambda: _in_rotation(here, there_name), 10, "here trusts there")
-        run = httpx.post(here.url + "/v1/dags", json={"dag": MOVE_DAG, "wait": False},
-                         timeout=30).json()  # fmt: skip
+        run = httpx.post(
+            here.url + "/v1/dags", json={"dag": MOVE_DAG, "wait": False}, timeout=30
+        ).json()
         run_id = run["id"]
-        _wait_for(lambda: httpx.get(f"{here.url}/v1/dags/{run_id}", timeout=10).json()
-                  ["outputs"].get("intro") is not None, 60, "intro finished here")  # fmt: skip
+        _wait_for(
+            lambda: (
+                httpx.get(f"{here.url}/v1/dags/{run_id}", timeout=10).json()["outputs"].get("intro")
+                is not None
+            ),
+            60,
+            "intro finished here",
+        )
         # a move that cannot happen leaves the run here, stopped and resumable
-        nowhere = httpx.post(f"{here.url}/v1/dags/{run_id}/migrate", json={"to": "nobody"},
-                             timeout=60)  # fmt: skip
+        nowhere = httpx.post(
+            f"{here.url}/v1/dags/{run_id}/migrate", json={"to": "nobody"}, timeout=60
+        )
         assert nowhere.status_code == 400 and "no pcrt peer 'nobody'" in nowhere.text
         stayed = httpx.get(f"{here.url}/v1/dags/{run_id}", timeout=10).json()
         assert stayed["status"] == "interrupted" and "failed" in stayed["error"]
-        moved = httpx.post(f"{here.url}/v1/dags/{run_id}/migrate", json={"to": there_name},
-                           timeout=60).json()  # fmt: skip
+        moved = httpx.post(
+            f"{here.url}/v1/dags/{run_id}/migrate", json={"to": there_name}, timeout=60
+        ).json()
         assert moved["with_states"] is False and moved["states_sent"] == 0
         assert any("lacks model" in reason for reason in moved["states_left"])
         assert moved["note"] == "some nodes recompute on the peer"
@@ -599,14 +707,26 @@ def test_a_draining_daemon_moves_its_runs_to_a_peer(tmp_path: Path) -> None:
         here = _daemon(tmp_path, here_name, key, migrate_on_drain=True)
         with here:
             _wait_for(lambda: _in_rotation(here, there_name), 10, "here trusts there")
-            run = httpx.post(here.url + "/v1/dags", json={"dag": MOVE_DAG, "wait": False},
-                             timeout=30).json()  # fmt: skip
+            run = httpx.post(
+                here.url + "/v1/dags", json={"dag": MOVE_DAG, "wait": False}, timeout=30
+            ).json()
             run_id = run["id"]
-            _wait_for(lambda: httpx.get(f"{here.url}/v1/dags/{run_id}", timeout=10).json()
-                      ["status"] == "running", 30, "the run started")  # fmt: skip
+            _wait_for(
+                lambda: (
+                    httpx.get(f"{here.url}/v1/dags/{run_id}", timeout=10).json()["status"]
+                    == "running"
+                ),
+                30,
+                "the run started",
+            )
         # here has stopped (SIGTERM-like shutdown): the run went on to there
-        with Store(Paths(home=tmp_path / here_name, models_dir=shared_models_dir(),
-                         user_models_file=tmp_path / "none").db_path) as store:  # fmt: skip
+        with Store(
+            Paths(
+                home=tmp_path / here_name,
+                models_dir=shared_models_dir(),
+                user_models_file=tmp_path / "none",
+            ).db_path
+        ) as store:
             record = RunStore(store).get_run(run_id)
         assert record.status == "migrated" and record.migrated_to is not None
         assert record.migrated_to.startswith(there_name)
@@ -620,7 +740,7 @@ def test_a_low_battery_moves_the_running_run_to_a_peer_that_keys_states_differen
     """migrate_on_battery, with a battery the test holds: unplugged below the threshold, the
     running run moves. The peer runs the same file with flash attention on, so its engine
     would refuse our states: they stay here, with that reason, and the peer recomputes."""
-    caplog.set_level(logging.INFO, logger="pcrt.runtime.api.moving")
+    caplog.set_level(logging.INFO, logger="pcrt.runtime.server.moving")
     key = uuid.uuid4().hex
     here_name, there_name = _unique("laptop"), _unique("desk")
     flash_attn = """
@@ -635,9 +755,16 @@ flash_attn = true
     dag["nodes"]["story"]["max_tokens"] = 240  # time for a reading while it runs
     with (
         _daemon(tmp_path, there_name, key, extra_models=flash_attn) as there,
-        _daemon(tmp_path, here_name, key, battery=lambda: battery[0], migrate_on_battery=True,
-                battery_interval=0.05, battery_threshold=30) as here,
-    ):  # fmt: skip
+        _daemon(
+            tmp_path,
+            here_name,
+            key,
+            battery=lambda: battery[0],
+            migrate_on_battery=True,
+            battery_interval=0.05,
+            battery_threshold=30,
+        ) as here,
+    ):
         _wait_for(lambda: _in_rotation(here, there_name), 10, "here trusts there")
         body = {"dag": dag, "stream": True}
         with httpx.stream("POST", here.url + "/v1/dags", json=body, timeout=120) as response:
@@ -645,8 +772,13 @@ flash_attn = true
             for kind, data in _events(response.iter_lines()):
                 if kind == "checkpoint" and data["node"] == "story":
                     battery[0] = Battery(percent=20.0, plugged_in=False, seconds_left=600)
-        _wait_for(lambda: httpx.get(f"{here.url}/v1/dags/{run_id}", timeout=10).json()
-                  ["status"] == "migrated", 30, "the run moved")  # fmt: skip
+        _wait_for(
+            lambda: (
+                httpx.get(f"{here.url}/v1/dags/{run_id}", timeout=10).json()["status"] == "migrated"
+            ),
+            30,
+            "the run moved",
+        )
         moved = [r.getMessage() for r in caplog.records if run_id in r.getMessage()]
         assert any(f"moved to {there_name} (0 states sent" in m for m in moved), moved
         assert any("flash attention off vs on" in m for m in moved), moved
@@ -666,28 +798,47 @@ def test_a_low_battery_moves_its_own_runs_not_a_subgraph_a_peer_waits_on(
     key = uuid.uuid4().hex
     strong_name, edge_name = _unique("strong"), _unique("edge")
     extra = complex_model(q8_model)
-    delegated = {"dag": "/dynamic/delegated", "nodes": {
-        "plan": {"type": "llm", "tag": "complex", "temperature": 0, "max_tokens": 400,
-                 "cache": False, "prompt": "Write a long plan for a week of meals."},
-    }}  # fmt: skip
+    delegated = {
+        "dag": "/dynamic/delegated",
+        "nodes": {
+            "plan": {
+                "type": "llm",
+                "tag": "complex",
+                "temperature": 0,
+                "max_tokens": 400,
+                "cache": False,
+                "prompt": "Write a long plan for a week of meals.",
+            },
+        },
+    }
     own = json.loads(json.dumps(MOVE_DAG))
     own["nodes"]["story"]["max_tokens"] = 400
     battery = [Battery(percent=80.0, plugged_in=True, seconds_left=None)]
     with (
-        _daemon(tmp_path, strong_name, key, extra_models=extra, battery=lambda: battery[0],
-                migrate_on_battery=True, battery_interval=0.05, battery_threshold=30) as strong,
+        _daemon(
+            tmp_path,
+            strong_name,
+            key,
+            extra_models=extra,
+            battery=lambda: battery[0],
+            migrate_on_battery=True,
+            battery_interval=0.05,
+            battery_threshold=30,
+        ) as strong,
         _daemon(tmp_path, edge_name, key) as edge,
         ThreadPoolExecutor(2) as clients,
-    ):  # fmt: skip
+    ):
         _wait_for(lambda: _in_rotation(edge, strong_name), 10, "the edge trusts strong")
         _wait_for(lambda: _in_rotation(strong, edge_name), 10, "strong trusts the edge")
         dags = strong.services.dags
-        waiting = clients.submit(httpx.post, strong.url + "/v1/dags",
-                                 json={"dag": own, "wait": True}, timeout=180)  # fmt: skip
+        waiting = clients.submit(
+            httpx.post, strong.url + "/v1/dags", json={"dag": own, "wait": True}, timeout=180
+        )
         _wait_for(lambda: len(dags.tasks) == 1, 30, "strong's own run started")
         own_id = next(iter(dags.tasks))
-        sent = clients.submit(httpx.post, edge.url + "/v1/dags", json={"dag": delegated},
-                              timeout=180)  # fmt: skip
+        sent = clients.submit(
+            httpx.post, edge.url + "/v1/dags", json={"dag": delegated}, timeout=180
+        )
         _wait_for(lambda: len(dags.for_peers) == 1, 30, "the edge's subgraph runs on strong")
         partial_id = next(iter(dags.for_peers))
 
@@ -713,21 +864,33 @@ def test_a_run_resumed_at_start_waits_for_its_peer(tmp_path: Path, q8_model: Pat
     key = uuid.uuid4().hex
     strong_name, edge_name = _unique("strong"), _unique("edge")
     extra = complex_model(q8_model)
-    dag = parse_dag({"dag": "/dynamic/resumed", "nodes": {
-        "plan": {"type": "llm", "tag": "complex", "temperature": 0, "max_tokens": 8,
-                 "prompt": "Name one fruit."},
-    }})  # fmt: skip
+    dag = parse_dag(
+        {
+            "dag": "/dynamic/resumed",
+            "nodes": {
+                "plan": {
+                    "type": "llm",
+                    "tag": "complex",
+                    "temperature": 0,
+                    "max_tokens": 8,
+                    "prompt": "Name one fruit.",
+                },
+            },
+        }
+    )
     registry = _registry(tmp_path / edge_name)
     with Store(registry.paths.db_path) as store:  # what the crash left behind
         crashed = RunStore(store)
-        crashed.create_run("crashed", dag.dag, dag.document(), {},
-                           [("plan", "/dynamic/resumed/plan", "llm")])  # fmt: skip
+        crashed.create_run(
+            "crashed", dag.dag, dag.document(), {}, [("plan", "/dynamic/resumed/plan", "llm")]
+        )
         crashed.set_status("crashed", "running")
     settings = ServerSettings(
         resume_on_start=True,
-        peers=PeerSettings(lan=True, interfaces=LOOPBACK, name=edge_name, cluster_key=key,
-                           health_interval=0.5),
-    )  # fmt: skip
+        peers=PeerSettings(
+            lan=True, interfaces=LOOPBACK, name=edge_name, cluster_key=key, health_interval=0.5
+        ),
+    )
     with (
         _daemon(tmp_path, strong_name, key, extra_models=extra),
         LiveServer(settings, registry=registry) as edge,
@@ -742,15 +905,28 @@ def test_a_subgraph_whose_caller_leaves_is_cancelled(tmp_path: Path) -> None:
     generating here."""
     key = uuid.uuid4().hex
     name = _unique("worker")
-    dag = {"dag": "/dynamic/orphan", "nodes": {
-        "long": {"type": "llm", "prompt": "Tell a very long story.", "temperature": 0,
-                 "max_tokens": 1000, "cache": False},
-    }}  # fmt: skip
+    dag = {
+        "dag": "/dynamic/orphan",
+        "nodes": {
+            "long": {
+                "type": "llm",
+                "prompt": "Tell a very long story.",
+                "temperature": 0,
+                "max_tokens": 1000,
+                "cache": False,
+            },
+        },
+    }
     with _daemon(tmp_path, name, key) as worker:
         dags = worker.services.dags
         with pytest.raises(httpx.ReadTimeout):
-            _signed_post(worker, key, "/v1/pcrt/subgraphs",
-                         {"dag": dag, "nodes": ["long"], "origin": "gone"}, timeout=3)  # fmt: skip
+            _signed_post(
+                worker,
+                key,
+                "/v1/pcrt/subgraphs",
+                {"dag": dag, "nodes": ["long"], "origin": "gone"},
+                timeout=3,
+            )
         runs = dags.runner.runs.list_runs()
         assert len(runs) == 1
         _wait_for(lambda: not dags.tasks, 10, "the orphaned subgraph stopped")
@@ -777,13 +953,17 @@ def _run_static(tmp_path: Path, settings: ServerSettings) -> None:
         assert _peers(edge)["cloud"]["trust"] == "configured"
         client = openai.OpenAI(base_url=edge.url + "/v1", api_key="x", max_retries=0)
         reply = client.chat.completions.with_raw_response.create(
-            model="smollm2-q8", messages=[{"role": "user", "content": "Say hi."}],
-            max_tokens=4, temperature=0,
-        )  # fmt: skip
+            model="smollm2-q8",
+            messages=[{"role": "user", "content": "Say hi."}],
+            max_tokens=4,
+            temperature=0,
+        )
         assert reply.headers["x-pc-ran-on"] == "cloud"
         # the local model still runs here
         local = client.chat.completions.with_raw_response.create(
-            model="smollm2-135m", messages=[{"role": "user", "content": "Say hi."}],
-            max_tokens=4, temperature=0,
-        )  # fmt: skip
+            model="smollm2-135m",
+            messages=[{"role": "user", "content": "Say hi."}],
+            max_tokens=4,
+            temperature=0,
+        )
         assert "x-pc-ran-on" not in local.headers

@@ -11,7 +11,8 @@ from typing import Any
 import httpx
 import jsonschema
 
-from pcrt.runtime.settings import PeerSettings, ServerSettings, StaticPeer
+from pcrt.routing.settings import PeerSettings, StaticPeer
+from pcrt.runtime.server.settings import ServerSettings
 from tests.live_server import LiveServer
 from tests.test_peers import _daemon, _events, _in_rotation, _registry, _unique, _wait_for
 
@@ -36,15 +37,23 @@ def test_route_peer_runs_the_request_on_the_pcrt_peer_and_local_keeps_it(
 ) -> None:
     key = uuid.uuid4().hex
     a_name, b_name = _unique("a"), _unique("b")
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "Say hi."}],
-            "max_tokens": 8, "temperature": 0}  # fmt: skip
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Say hi."}],
+        "max_tokens": 8,
+        "temperature": 0,
+    }
     with _daemon(tmp_path, a_name, key) as a, _daemon(tmp_path, b_name, key) as b:
         _wait_for(lambda: _in_rotation(a, b_name), 10, "a trusts b")
 
         # not streamed: b answers, a's row says so with b's counts
         agent = _unique("plain")
-        reply = httpx.post(a.url + CHAT, json=body, timeout=60,
-                           headers={"X-PC-Route": "peer", "X-PC-Agent-ID": agent})  # fmt: skip
+        reply = httpx.post(
+            a.url + CHAT,
+            json=body,
+            timeout=60,
+            headers={"X-PC-Route": "peer", "X-PC-Agent-ID": agent},
+        )
         assert reply.status_code == 200, reply.text
         assert reply.headers["x-pc-ran-on"] == b_name
         usage = reply.json()["usage"]
@@ -59,8 +68,9 @@ def test_route_peer_runs_the_request_on_the_pcrt_peer_and_local_keeps_it(
         assert on_a["completion_tokens"] == usage["completion_tokens"]
         assert on_a["prompt_tokens"] == usage["prompt_tokens"]
         assert _loaded(a.url) == [] and _loaded(b.url) == [MODEL]  # a generated nothing
-        direct = httpx.post(b.url + CHAT, json=body, headers={"X-PC-Route": "local"},
-                            timeout=60).json()  # fmt: skip
+        direct = httpx.post(
+            b.url + CHAT, json=body, headers={"X-PC-Route": "local"}, timeout=60
+        ).json()
         content = direct["choices"][0]["message"]["content"]
         assert reply.json()["choices"][0]["message"]["content"] == content
 
@@ -71,8 +81,9 @@ def test_route_peer_runs_the_request_on_the_pcrt_peer_and_local_keeps_it(
             if wants_usage:
                 streamed["stream_options"] = {"include_usage": True}
             headers = {"X-PC-Route": "peer", "X-PC-Agent-ID": agent}
-            with httpx.stream("POST", a.url + CHAT, json=streamed, headers=headers,
-                              timeout=60) as response:  # fmt: skip
+            with httpx.stream(
+                "POST", a.url + CHAT, json=streamed, headers=headers, timeout=60
+            ) as response:
                 assert response.status_code == 200
                 assert response.headers["x-pc-ran-on"] == b_name
                 lines = [line for line in response.iter_lines() if line]
@@ -97,8 +108,12 @@ def test_route_peer_runs_the_request_on_the_pcrt_peer_and_local_keeps_it(
 
         # local: the same request stays on a
         agent = _unique("local")
-        here = httpx.post(a.url + CHAT, json=body, timeout=60,
-                          headers={"X-PC-Route": "local", "X-PC-Agent-ID": agent})  # fmt: skip
+        here = httpx.post(
+            a.url + CHAT,
+            json=body,
+            timeout=60,
+            headers={"X-PC-Route": "local", "X-PC-Agent-ID": agent},
+        )
         assert here.status_code == 200 and "x-pc-ran-on" not in here.headers
         assert here.json()["choices"][0]["message"]["content"] == content
         (on_a,) = _rows(a, agent)
@@ -128,22 +143,42 @@ def test_dag_nodes_on_a_static_openai_peer_use_json_schema_and_its_usage_chunk(
     big = f'[models.smol-big]\nsource = "{default_model_path}"\ncontext = 1024\n'
     strong_settings = ServerSettings(parallel=2, context=1024)
     with LiveServer(strong_settings, registry=_registry(tmp_path / "strong", big)) as strong:
-        peer = StaticPeer(name="strong", url=strong.url, kind="openai", models=("smol-big",),
-                          tags=("complex",))  # fmt: skip
+        peer = StaticPeer(
+            name="strong", url=strong.url, kind="openai", models=("smol-big",), tags=("complex",)
+        )
         settings = ServerSettings(peers=PeerSettings(static=(peer,), health_interval=0.5))
         with LiveServer(settings, registry=_registry(tmp_path / "edge")) as edge:
             _wait_for(lambda: _in_rotation(edge, "strong"), 10, "the static peer is up")
-            dag = {"dag": "/dynamic/kana", "nodes": {
-                "kana": {"type": "llm", "tag": "complex", "prompt": KANA_PROMPT,
-                         "temperature": 0, "max_tokens": 48, "output_schema": KANA},
-                "named": {"type": "llm", "model": "smol-big", "temperature": 0,
-                          "max_tokens": 8, "prompt": "Say {{ nodes.kana.output.english }}."},
-            }}  # fmt: skip
+            dag = {
+                "dag": "/dynamic/kana",
+                "nodes": {
+                    "kana": {
+                        "type": "llm",
+                        "tag": "complex",
+                        "prompt": KANA_PROMPT,
+                        "temperature": 0,
+                        "max_tokens": 48,
+                        "output_schema": KANA,
+                    },
+                    "named": {
+                        "type": "llm",
+                        "model": "smol-big",
+                        "temperature": 0,
+                        "max_tokens": 8,
+                        "prompt": "Say {{ nodes.kana.output.english }}.",
+                    },
+                },
+            }
             pieces = {"kana": 0, "named": 0}
             body = {"dag": dag, "stream": True}
             agent = _unique("kana-agent")
-            with httpx.stream("POST", edge.url + "/v1/dags", json=body, timeout=120,
-                              headers={"X-PC-Agent-ID": agent}) as response:  # fmt: skip
+            with httpx.stream(
+                "POST",
+                edge.url + "/v1/dags",
+                json=body,
+                timeout=120,
+                headers={"X-PC-Agent-ID": agent},
+            ) as response:
                 run_id = response.headers["x-pcrt-run"]
                 for kind, data in _events(response.iter_lines()):
                     if kind == "token":
@@ -159,8 +194,9 @@ def test_dag_nodes_on_a_static_openai_peer_use_json_schema_and_its_usage_chunk(
             # one request per node on the peer, in order (named waits for kana)
             rows = strong.services.usage.rows()
             assert [(r["route"], r["model"], r["status"]) for r in rows] == [
-                (CHAT, "smol-big", 200), (CHAT, "smol-big", 200)
-            ]  # fmt: skip
+                (CHAT, "smol-big", 200),
+                (CHAT, "smol-big", 200),
+            ]
             billed = edge.services.usage.rows(agent=agent)  # the edge bills the same agent
             for row, here, node_id in zip(rows, billed, ("kana", "named"), strict=True):
                 assert nodes[node_id]["completion_tokens"] == row["completion_tokens"] > 0

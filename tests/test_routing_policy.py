@@ -213,7 +213,7 @@ def test_memory_is_checked_only_for_a_local_model_not_yet_loaded() -> None:
     work = Work(route="local")
     short = decide(work, local(big, available_memory=4 * GB), [])
     assert short.candidates == ()
-    assert rejected(short) == {"laptop": "not enough memory: qwen-7b needs 8.0 GB, 4.0 GB free"}
+    assert rejected(short) == {"laptop": "not enough memory: qwen-7b needs 8.0 GiB, 4.0 GiB free"}
     loaded = offer(size_bytes=8 * GB, loaded=True)
     assert decide(work, local(loaded, available_memory=4 * GB), []).is_local
     assert decide(work, local(big, available_memory=None), []).is_local

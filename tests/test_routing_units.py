@@ -56,11 +56,12 @@ from pcrt.routing.peers import (
     state_keys_from_node_info,
 )
 from pcrt.routing.policy import ModelOffer, NodeView
+from pcrt.routing.settings import PeerSettings, StaticPeer
 from pcrt.routing.statekey import EngineKey, key_mismatches
-from pcrt.runtime.api.service import Services
+from pcrt.runtime.engine.state import CompatKey, KVState, StateHeader
 from pcrt.runtime.errors import ConfigError, Overloaded, PeerRejected, PeerUnavailable
-from pcrt.runtime.settings import PeerSettings, ServerSettings, StaticPeer
-from pcrt.runtime.state import CompatKey, KVState, StateHeader
+from pcrt.runtime.server.services import Services
+from pcrt.runtime.server.settings import ServerSettings
 
 WRONG = "wrong cluster key (or a changed request)"
 KEY = "correct horse battery staple"
@@ -217,8 +218,9 @@ def test_the_signature_binds_the_destination_and_the_body() -> None:
         return lambda signed: signed == authority
 
     def check(body: bytes, mine: str) -> str | None:
-        return verify_request(KEY, header, "POST", "/p", NonceCache(), body=body,
-                              authority_ok=only(mine), now=T0)  # fmt: skip
+        return verify_request(
+            KEY, header, "POST", "/p", NonceCache(), body=body, authority_ok=only(mine), now=T0
+        )
 
     assert check(b"{}", "10.0.0.2:11435") is None
     assert check(b'{"x": 1}', "10.0.0.2:11435") == WRONG  # the body was swapped
@@ -345,9 +347,19 @@ def _peer(
 
 @pytest.mark.parametrize(
     ("failures", "seconds"),
-    [(-1, 0.0), (0, 0.0), (1, 1.0), (2, 2.0), (3, 4.0), (4, 8.0), (5, 16.0), (6, 30.0),
-     (7, 30.0), (50, 30.0)],
-)  # fmt: skip
+    [
+        (-1, 0.0),
+        (0, 0.0),
+        (1, 1.0),
+        (2, 2.0),
+        (3, 4.0),
+        (4, 8.0),
+        (5, 16.0),
+        (6, 30.0),
+        (7, 30.0),
+        (50, 30.0),
+    ],
+)
 def test_cooldown_backoff_doubles_and_is_capped(failures: int, seconds: float) -> None:
     assert cooldown_seconds(failures) == seconds
 
@@ -430,13 +442,30 @@ def test_in_rotation_needs_trust_health_and_no_cooldown(
 def test_view_maps_the_peer_into_a_policy_node_view() -> None:
     models = (ModelOffer(name="qwen", context=8192, tokens_per_s=42.0),)
     peer = _peer(
-        name="gpu", kind="vllm", trusted=True, healthy=True, models=models, queue_depth=3,
-        slots=0, latency_s=None, on_battery=True, battery_percent=55.0, cooldown_until=50.0,
-    )  # fmt: skip
+        name="gpu",
+        kind="vllm",
+        trusted=True,
+        healthy=True,
+        models=models,
+        queue_depth=3,
+        slots=0,
+        latency_s=None,
+        on_battery=True,
+        battery_percent=55.0,
+        cooldown_until=50.0,
+    )
     expected = NodeView(
-        name="gpu", kind="vllm", models=models, trusted=True, healthy=True, queue_depth=3,
-        slots=1, latency_s=0.0, on_battery=True, battery_percent=55.0,
-    )  # fmt: skip
+        name="gpu",
+        kind="vllm",
+        models=models,
+        trusted=True,
+        healthy=True,
+        queue_depth=3,
+        slots=1,
+        latency_s=0.0,
+        on_battery=True,
+        battery_percent=55.0,
+    )
     assert peer.view(now=60.0) == expected
     # while in cooldown the same peer looks unhealthy to the policy
     assert peer.view(now=40.0).healthy is False
@@ -458,17 +487,29 @@ def test_upsert_of_the_same_peer_keeps_trust_and_health() -> None:
     models = (ModelOffer(name="m"),)
     first = table.upsert(_peer(kind="vllm", node_id="n1", api_key_env="OLD", strength=1.0))
     first.trusted, first.trust_note, first.healthy, first.models = True, "signed", True, models
-    again = _peer(kind="vllm", node_id="n1", api_key_env="NEW", strength=7.0,
-                  static_tags=("complex",), signature_ok=True)  # fmt: skip
+    again = _peer(
+        kind="vllm",
+        node_id="n1",
+        api_key_env="NEW",
+        strength=7.0,
+        static_tags=("complex",),
+        signature_ok=True,
+    )
     kept = table.upsert(again)
     assert kept is table.get("p")
     assert (kept.trusted, kept.trust_note, kept.healthy, kept.models) == (
-        True, "signed", True, models,
-    )  # fmt: skip
+        True,
+        "signed",
+        True,
+        models,
+    )
     # what the announcement/config says is refreshed
     assert (kept.api_key_env, kept.strength, kept.static_tags, kept.signature_ok) == (
-        "NEW", 7.0, ("complex",), True,
-    )  # fmt: skip
+        "NEW",
+        7.0,
+        ("complex",),
+        True,
+    )
 
 
 @pytest.mark.parametrize(
@@ -495,25 +536,41 @@ def test_upsert_with_another_address_or_identity_replaces_the_record(
 def test_offers_from_node_info_skips_malformed_entries() -> None:
     info = {
         "models": [
-            {"name": "smollm", "sha256": "ab" * 32, "aliases": ["small"], "tags": ["simple"],
-             "context": 2048, "size_bytes": 100, "strength": 0.1, "tokens_per_s": 80.0,
-             "prefill_tokens_per_s": 900.0, "loaded": True},
+            {
+                "name": "smollm",
+                "sha256": "ab" * 32,
+                "aliases": ["small"],
+                "tags": ["simple"],
+                "context": 2048,
+                "size_bytes": 100,
+                "strength": 0.1,
+                "tokens_per_s": 80.0,
+                "prefill_tokens_per_s": 900.0,
+                "loaded": True,
+            },
             "not a dict",
             {"name": 42},
             {"sha256": "no name"},
             None,
             {"name": "bare"},
         ]
-    }  # fmt: skip
+    }
     offers = offers_from_node_info(info)
     assert offers == (
         ModelOffer(
-            name="smollm", sha256="ab" * 32, aliases=("small",), tags=("simple",), context=2048,
-            size_bytes=100, strength=0.1, tokens_per_s=80.0, prefill_tokens_per_s=900.0,
+            name="smollm",
+            sha256="ab" * 32,
+            aliases=("small",),
+            tags=("simple",),
+            context=2048,
+            size_bytes=100,
+            strength=0.1,
+            tokens_per_s=80.0,
+            prefill_tokens_per_s=900.0,
             loaded=True,
         ),
         ModelOffer(name="bare"),
-    )  # fmt: skip
+    )
 
 
 @pytest.mark.parametrize("info", [{}, {"models": None}, {"models": []}])
@@ -534,8 +591,10 @@ def test_offers_from_models_reads_vllm_context_and_applies_tags_and_strength() -
     }
     offers = offers_from_models(listing, ("complex",), 7.0)
     assert [(o.name, o.context) for o in offers] == [
-        ("qwen2.5-7b", 32768), ("gpt-x", None), ("odd", None),
-    ]  # fmt: skip
+        ("qwen2.5-7b", 32768),
+        ("gpt-x", None),
+        ("odd", None),
+    ]
     assert all(o.tags == ("complex",) and o.strength == 7.0 and o.loaded for o in offers)
     assert offers_from_models({"data": None}, (), None) == ()
 
@@ -629,8 +688,10 @@ async def test_sse_events_raw_parts_concatenate_to_the_input() -> None:
     events = await _events(chunks)
     assert b"".join(raw for raw, _ in events) == stream
     assert [d for _, d in events if d is not None] == [
-        b'{"x": "\xc3\xa9"}', b"nospace", b"[DONE]",
-    ]  # fmt: skip
+        b'{"x": "\xc3\xa9"}',
+        b"nospace",
+        b"[DONE]",
+    ]
 
 
 async def test_sse_events_trailing_event_without_blank_line_is_still_yielded() -> None:
@@ -1033,11 +1094,16 @@ def test_load_parses_peers_and_static_peers(tmp_path: Path) -> None:
     assert peers.cluster_key_env == "ROUTING_UNITS_CLUSTER"
     assert peers.static == (
         StaticPeer(
-            name="gpu-box", url="http://10.0.0.5:8000", kind="vllm", api_key_env="GPU_BOX_KEY",
-            models=("qwen2.5-7b-instruct",), tags=("complex",), strength=7.0,
+            name="gpu-box",
+            url="http://10.0.0.5:8000",
+            kind="vllm",
+            api_key_env="GPU_BOX_KEY",
+            models=("qwen2.5-7b-instruct",),
+            tags=("complex",),
+            strength=7.0,
         ),
         StaticPeer(name="cloud", url="https://api.example.com/v1"),
-    )  # fmt: skip
+    )
     assert peers.static[1].kind == "openai"  # the default for a static peer
 
 
@@ -1100,10 +1166,14 @@ async def test_two_slow_checks_are_forgiven_a_third_takes_the_peer_out() -> None
     from pcrt.routing.policy import NodeView
 
     coordinator = Coordinator(
-        PeerSettings(), node_id="n", node_name="n", api_port=1, announce_address="127.0.0.1",
+        PeerSettings(),
+        node_id="n",
+        node_name="n",
+        api_port=1,
+        announce_address="127.0.0.1",
         local_view=lambda: NodeView(name="local", kind="local", models=()),
         local_models=list,
-    )  # fmt: skip
+    )
     try:
         busy = coordinator.table.upsert(_peer(name="busy", trusted=True, healthy=True))
         for _ in range(2):
@@ -1142,14 +1212,19 @@ async def test_a_static_peer_with_configured_models_needs_no_model_list(server: 
     from pcrt.routing.coordinator import Coordinator
     from pcrt.routing.policy import NodeView
 
-    listed = StaticPeer(name="cloud", url=server.url, kind="openai", models=("big",),
-                        tags=("complex",))  # fmt: skip
+    listed = StaticPeer(
+        name="cloud", url=server.url, kind="openai", models=("big",), tags=("complex",)
+    )
     unlisted = StaticPeer(name="bare", url=server.url, kind="openai")
     coordinator = Coordinator(
-        PeerSettings(static=(listed, unlisted)), node_id="n", node_name="n", api_port=1,
+        PeerSettings(static=(listed, unlisted)),
+        node_id="n",
+        node_name="n",
+        api_port=1,
         announce_address="127.0.0.1",
-        local_view=lambda: NodeView(name="local", kind="local", models=()), local_models=list,
-    )  # fmt: skip
+        local_view=lambda: NodeView(name="local", kind="local", models=()),
+        local_models=list,
+    )
     try:
         await coordinator.start()
         for name in ("cloud", "bare"):
@@ -1173,10 +1248,14 @@ async def test_sightings_of_another_protocol_or_over_a_static_peer_are_ignored()
 
     static = StaticPeer(name="gpu-box", url="http://10.0.0.5:8000", kind="vllm")
     coordinator = Coordinator(
-        PeerSettings(static=(static,)), node_id="n", node_name="n", api_port=1,
+        PeerSettings(static=(static,)),
+        node_id="n",
+        node_name="n",
+        api_port=1,
         announce_address="127.0.0.1",
-        local_view=lambda: NodeView(name="local", kind="local", models=()), local_models=list,
-    )  # fmt: skip
+        local_view=lambda: NodeView(name="local", kind="local", models=()),
+        local_models=list,
+    )
     try:
         # as start() would put it
         coordinator.table.upsert(Peer(name="gpu-box", url=static.url, kind="vllm", source="static"))
@@ -1207,8 +1286,9 @@ def test_a_loaded_engine_key_takes_the_states_it_made() -> None:
 
 
 def test_key_mismatches_name_every_differing_field_state_first() -> None:
-    there = EngineKey(type_k="q8_0", type_v="q8_0", flash_attn=True, llama_cpp_version="0.0.1",
-                      format_version=2)  # fmt: skip
+    there = EngineKey(
+        type_k="q8_0", type_v="q8_0", flash_attn=True, llama_cpp_version="0.0.1", format_version=2
+    )
     assert key_mismatches(HERE_KEY, there) == [
         "K type f16 vs q8_0",
         "V type f16 vs q8_0",
@@ -1227,7 +1307,7 @@ def test_key_mismatches_name_every_differing_field_state_first() -> None:
         ("raw-4", EngineKey(), None),  # slots unknown: not refused on a guess
         ("portable", EngineKey(layout="raw-2", parallel=2), "layout portable vs raw-2"),
     ],
-)  # fmt: skip
+)
 def test_layout_is_predicted_before_a_load_from_the_slots(
     state_layout: str, engine: EngineKey, problem: str | None
 ) -> None:
@@ -1238,21 +1318,33 @@ def test_layout_is_predicted_before_a_load_from_the_slots(
 def test_engine_key_from_info_round_trips_and_drops_badly_typed_fields() -> None:
     key = EngineKey.of(HERE_KEY, parallel=4)
     assert EngineKey.from_info(key.to_info()) == key
-    bad = {"type_k": 8, "flash_attn": "yes", "format_version": True, "parallel": 2.5,
-           "type_v": "q8_0"}  # fmt: skip
+    bad = {
+        "type_k": 8,
+        "flash_attn": "yes",
+        "format_version": True,
+        "parallel": 2.5,
+        "type_v": "q8_0",
+    }
     assert EngineKey.from_info(bad) == EngineKey(type_v="q8_0")
     assert EngineKey.from_info("f16") is None and EngineKey.from_info(None) is None
 
 
 def test_state_keys_from_node_info_by_model_name() -> None:
-    info = {"models": [{"name": "a", "state_key": {"type_k": "q8_0"}}, {"name": "old"},
-                       {"name": 3, "state_key": {}}, "x"]}  # fmt: skip
+    info = {
+        "models": [
+            {"name": "a", "state_key": {"type_k": "q8_0"}},
+            {"name": "old"},
+            {"name": 3, "state_key": {}},
+            "x",
+        ]
+    }
     assert state_keys_from_node_info(info) == {"a": EngineKey(type_k="q8_0")}
 
 
 def _header(model: str = "smollm", key: CompatKey = HERE_KEY) -> StateHeader:
-    return StateHeader(key=key, model=model, n_tokens=3, next_token=None, payload_bytes=1,
-                       payload_sha256="0" * 64)  # fmt: skip
+    return StateHeader(
+        key=key, model=model, n_tokens=3, next_token=None, payload_bytes=1, payload_sha256="0" * 64
+    )
 
 
 def test_refusal_of_a_state_by_model_and_by_engine_key() -> None:
@@ -1297,13 +1389,23 @@ async def migration_setup(tmp_path: Path) -> AsyncIterator[tuple[Coordinator, Ru
     runs, blobs = RunStore(store), BlobStore(store, tmp_path / "blobs")
     runs.create_run("r", "/dynamic/t", {"dag": "/dynamic/t"}, {}, [("a", "/dynamic/t/a", "llm")])
     state = KVState(HERE_KEY, [1, 2, 3], 4, b"kv" * 32, model="smollm").to_bytes()
-    runs.update_node("r", "a", status="succeeded", state_sha256=blobs.put(state, run_id="r"),
-                     model="smollm", output="hi")  # fmt: skip
+    runs.update_node(
+        "r",
+        "a",
+        status="succeeded",
+        state_sha256=blobs.put(state, run_id="r"),
+        model="smollm",
+        output="hi",
+    )
     coordinator = Coordinator(
-        PeerSettings(), node_id="n", node_name="here", api_port=1,
+        PeerSettings(),
+        node_id="n",
+        node_name="here",
+        api_port=1,
         announce_address="127.0.0.1",
-        local_view=lambda: NodeView(name="local", kind="local", models=()), local_models=list,
-    )  # fmt: skip
+        local_view=lambda: NodeView(name="local", kind="local", models=()),
+        local_models=list,
+    )
     try:
         yield coordinator, runs, blobs
     finally:
@@ -1320,8 +1422,9 @@ async def test_migrate_leaves_a_state_the_peers_engine_would_refuse(
 ) -> None:
     coordinator, runs, blobs = migration_setup
     q8 = EngineKey(type_k="q8_0", type_v="q8_0", flash_attn=True)
-    coordinator.table.upsert(_peer(trusted=True, models=(ModelOffer("smollm", MODEL_SHA),),
-                                   state_keys={"smollm": q8}))  # fmt: skip
+    coordinator.table.upsert(
+        _peer(trusted=True, models=(ModelOffer("smollm", MODEL_SHA),), state_keys={"smollm": q8})
+    )
     calls = _FakePeerCalls([])
     monkeypatch.setattr(coordinator.forwarder, "request", calls)
     result = await migrate_run(coordinator, runs, blobs, "r", "p")
@@ -1335,16 +1438,24 @@ async def test_migrate_sends_the_record_again_when_its_answer_was_lost(
     migration_setup: tuple[Coordinator, RunStore, BlobStore], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     coordinator, runs, blobs = migration_setup
-    coordinator.table.upsert(_peer(trusted=True, models=(ModelOffer("smollm", MODEL_SHA),),
-                                   state_keys={"smollm": EngineKey.of(HERE_KEY, 4)}))  # fmt: skip
+    coordinator.table.upsert(
+        _peer(
+            trusted=True,
+            models=(ModelOffer("smollm", MODEL_SHA),),
+            state_keys={"smollm": EngineKey.of(HERE_KEY, 4)},
+        )
+    )
     calls = _FakePeerCalls([_lost(timed_out=True)])
     monkeypatch.setattr(coordinator.forwarder, "request", calls)
     result = await migrate_run(coordinator, runs, blobs, "r", "p")
     assert result.states_sent == 1 and result.peer_status == "running"
     sha = runs.node("r", "a").state_sha256
     # the state goes from its file, signed over its name (the peer checks the body)
-    assert [c[:2] for c in calls.calls] == [("PUT", f"{BLOBS_PATH}?run_id=r&sha256={sha}"),
-                                            ("POST", RUNS_PATH), ("POST", RUNS_PATH)]  # fmt: skip
+    assert [c[:2] for c in calls.calls] == [
+        ("PUT", f"{BLOBS_PATH}?run_id=r&sha256={sha}"),
+        ("POST", RUNS_PATH),
+        ("POST", RUNS_PATH),
+    ]
     sent = calls.calls[0][2]
     assert sent["content"] == blobs.path_of(sha or "") and sent["content_sha256"] == sha
     assert calls.calls[1][2] == calls.calls[2][2]  # the same record, byte for byte
@@ -1397,18 +1508,23 @@ def test_low_battery_triggers_once_per_discharge() -> None:
 
 def test_low_battery_never_triggers_when_plugged_in_or_unknown() -> None:
     trigger = LowBattery(threshold=30.0)
-    assert not any(trigger.update(_battery(p, plugged)) for p in (50, 10, 1)
-                   for plugged in (True, None))  # fmt: skip
+    assert not any(
+        trigger.update(_battery(p, plugged)) for p in (50, 10, 1) for plugged in (True, None)
+    )
 
 
 async def test_battery_watch_moves_the_runs_once_and_outlives_a_bad_reading(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from pcrt.runtime.api import battery_watch
+    from pcrt.runtime.server import battery_watch
 
     readings: list[Battery | None | Exception] = [
-        _battery(50), OSError("sensor gone"), _battery(20), _battery(19), _battery(18)
-    ]  # fmt: skip
+        _battery(50),
+        OSError("sensor gone"),
+        _battery(20),
+        _battery(19),
+        _battery(18),
+    ]
     moves: list[str] = []
     done = asyncio.Event()
 

@@ -111,13 +111,24 @@ def test_a_run_moved_away_and_back_replaces_its_old_record(runs: RunStore) -> No
     runs.set_status("m", "migrating")
     assert runs.mark_interrupted() == ["m"]  # the daemon died mid-move
     runs.set_status("m", "migrated", migrated_to="b:http://b/v1/dags/m")
-    back = {"id": "m", "dag_path": "/dynamic/t", "spec": {"dag": "/dynamic/t"}, "inputs": {},
-            "tokens_used": 7, "agent": "planner"}  # fmt: skip
+    back = {
+        "id": "m",
+        "dag_path": "/dynamic/t",
+        "spec": {"dag": "/dynamic/t"},
+        "inputs": {},
+        "tokens_used": 7,
+        "agent": "planner",
+    }
     nodes = [
-        {"node_id": "a", "path": "/dynamic/t/a", "type": "llm", "status": "succeeded",
-         "output": "hi"},
+        {
+            "node_id": "a",
+            "path": "/dynamic/t/a",
+            "type": "llm",
+            "status": "succeeded",
+            "output": "hi",
+        },
         {"node_id": "b", "path": "/dynamic/t/b", "type": "fork", "status": "running"},
-    ]  # fmt: skip
+    ]
     record, fresh = runs.import_run(back, nodes, origin="b")
     assert fresh and record.status == "interrupted" and record.tokens_used == 7
     assert record.origin == "b" and record.agent == "planner"  # still billed to its agent
@@ -131,8 +142,12 @@ def test_a_repeated_import_changes_nothing_and_another_run_under_its_id_is_refus
 ) -> None:
     """A sender that lost the answer sends the same run again: it gets the record as it
     stands. Another DAG or other inputs under that id, or a run started here, conflict."""
-    moved = {"id": "r", "dag_path": "/dynamic/t", "spec": {"dag": "/dynamic/t", "n": 1},
-             "inputs": {"x": 1}}  # fmt: skip
+    moved = {
+        "id": "r",
+        "dag_path": "/dynamic/t",
+        "spec": {"dag": "/dynamic/t", "n": 1},
+        "inputs": {"x": 1},
+    }
     nodes = [{"node_id": "a", "path": "/dynamic/t/a", "type": "llm", "status": "pending"}]
     first, fresh = runs.import_run(moved, nodes, origin="a")
     assert fresh

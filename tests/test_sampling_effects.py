@@ -15,7 +15,7 @@ import llama_cpp
 import pytest
 
 from pcrt.runtime.engine import Engine, EngineConfig, GenerateRequest
-from pcrt.runtime.sampling import SamplingParams
+from pcrt.runtime.engine.sampling import SamplingParams
 
 SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 # greedy decoding of this prompt loops on " pear," (3 distinct tokens in 30)

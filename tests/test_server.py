@@ -16,9 +16,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pcrt.cache.store import Store
 from pcrt.cache.usage import UsageLog
-from pcrt.runtime.models import Registry
+from pcrt.runtime.models.registry import Registry
 from pcrt.runtime.paths import Paths
-from pcrt.runtime.settings import AgentLimits, LimitSettings, ServerSettings
+from pcrt.runtime.server.settings import AgentLimits, LimitSettings, ServerSettings
 from tests.conftest import shared_models_dir
 from tests.live_server import LiveServer
 
@@ -181,13 +181,15 @@ def test_context_length_is_400_naming_the_field(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as info:
         client.completions.create(model=MODEL, prompt=too_long)
     assert (_error(info.value)["code"], _error(info.value)["param"]) == (
-        "context_length_exceeded", "prompt"
-    )  # fmt: skip
+        "context_length_exceeded",
+        "prompt",
+    )
     with pytest.raises(openai.BadRequestError) as info:
         client.embeddings.create(model=MODEL, input=["short", too_long])
     assert (_error(info.value)["code"], _error(info.value)["param"]) == (
-        "context_length_exceeded", "input"
-    )  # fmt: skip
+        "context_length_exceeded",
+        "input",
+    )
 
 
 def test_invalid_fields_are_400(client: openai.OpenAI, server: LiveServer) -> None:
@@ -441,14 +443,18 @@ def test_grammars_that_would_crash_llama_cpp_are_refused(server: LiveServer) -> 
     body = {"model": MODEL, "messages": messages, "max_tokens": 2}
     with http(server) as h:
         for grammar, why in (
-            (nested, "nests groups 20000 deep"), (hidden, "nests groups 2500 deep"),
+            (nested, "nests groups 20000 deep"),
+            (hidden, "nests groups 2500 deep"),
             (chained, "6002 rules"),
-        ):  # fmt: skip
+        ):
             r = h.post("/v1/chat/completions", json={**body, "grammar": grammar})
             assert r.status_code == 400 and why in r.json()["error"]["message"], r.text
         raw = json.dumps({**body, "logit_bias": {"5": "BIAS"}}).replace('"BIAS"', "NaN")
-        nan = h.post("/v1/chat/completions", content=raw.encode(),
-                     headers={"content-type": "application/json"})  # fmt: skip
+        nan = h.post(
+            "/v1/chat/completions",
+            content=raw.encode(),
+            headers={"content-type": "application/json"},
+        )
         assert nan.status_code == 400 and "NaN" in nan.json()["error"]["message"], nan.text
         ok = h.post("/v1/chat/completions", json={**body, "grammar": 'root ::= (("a" | "b"))+'})
         assert ok.status_code == 200

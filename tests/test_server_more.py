@@ -19,9 +19,9 @@ import pytest
 
 from pcrt.cache.store import Store
 from pcrt.cache.usage import UsageLog
-from pcrt.runtime.models import Registry
+from pcrt.runtime.models.registry import Registry
 from pcrt.runtime.paths import Paths
-from pcrt.runtime.settings import AgentLimits, LimitSettings, ServerSettings
+from pcrt.runtime.server.settings import AgentLimits, LimitSettings, ServerSettings
 from tests.conftest import shared_models_dir
 from tests.live_server import LiveServer
 
@@ -154,8 +154,7 @@ def test_stop_cuts_the_text(client: openai.OpenAI) -> None:
 def test_streamed_text_completion_has_openai_chunk_shape(
     client: openai.OpenAI, server: LiveServer
 ) -> None:
-    body = {"model": MODEL, "prompt": "The capital of France is", "max_tokens": 6,
-            "temperature": 0}  # fmt: skip
+    body = {"model": MODEL, "prompt": "The capital of France is", "max_tokens": 6, "temperature": 0}
     plain = client.completions.create(**body)
     stream = {**body, "stream": True, "stream_options": {"include_usage": True}}
     with http(server) as h, h.stream("POST", "/v1/completions", json=stream) as r:
@@ -266,14 +265,23 @@ def test_node_info_reports_the_speed_its_answers_measured(server: LiveServer) ->
     node.facts_ttl = 0.0  # read afresh
     with http(server) as h:
         for _ in range(3):
-            answer = h.post("/v1/chat/completions", json={
-                "model": MODEL, "messages": [{"role": "user", "content": "Count to fifty."}],
-                "max_tokens": 40, "logit_bias": NO_EOS, "temperature": 0,
-            })  # fmt: skip
+            answer = h.post(
+                "/v1/chat/completions",
+                json={
+                    "model": MODEL,
+                    "messages": [{"role": "user", "content": "Count to fifty."}],
+                    "max_tokens": 40,
+                    "logit_bias": NO_EOS,
+                    "temperature": 0,
+                },
+            )
             assert answer.status_code == 200
     offer = next(o for o in node.offers() if o.name == MODEL)
     rows = [r for r in server.services.usage.rows() if r["model"] == MODEL and r["status"] == 200]
-    decode = [(r["completion_tokens"] - 1) / ((r["total_ms"] - r["ttft_ms"]) / 1000)
-              for r in rows[-20:] if r["completion_tokens"] >= 16]  # fmt: skip
+    decode = [
+        (r["completion_tokens"] - 1) / ((r["total_ms"] - r["ttft_ms"]) / 1000)
+        for r in rows[-20:]
+        if r["completion_tokens"] >= 16
+    ]
     assert offer.tokens_per_s is not None and 10 < offer.tokens_per_s < 2000
     assert min(decode) <= offer.tokens_per_s <= max(decode)

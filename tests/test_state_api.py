@@ -14,12 +14,12 @@ import httpx
 import pytest
 
 from pcrt.runtime.engine import Engine, GenerateRequest
+from pcrt.runtime.engine.sampling import SamplingParams
+from pcrt.runtime.engine.state import KVState
 from pcrt.runtime.errors import StateError
-from pcrt.runtime.models import Registry
+from pcrt.runtime.models.registry import Registry
 from pcrt.runtime.paths import Paths
-from pcrt.runtime.sampling import SamplingParams
-from pcrt.runtime.settings import ServerSettings
-from pcrt.runtime.state import KVState
+from pcrt.runtime.server.settings import ServerSettings
 from tests.conftest import shared_models_dir
 from tests.live_server import LiveServer
 

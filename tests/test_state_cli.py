@@ -12,8 +12,8 @@ from click.testing import CliRunner, Result
 from pcrt.cache.blobs import BlobStore
 from pcrt.cache.store import Store
 from pcrt.cli.main import main
+from pcrt.runtime.engine.state import CompatKey, KVState
 from pcrt.runtime.paths import Paths
-from pcrt.runtime.state import CompatKey, KVState
 
 KEY = CompatKey(model_sha256="ab" * 32, type_k="f16", type_v="f16", flash_attn=False)
 

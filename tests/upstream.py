@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import llama_cpp
 
-from pcrt.runtime.llama_model import quiet_llama_logs
+from pcrt.runtime.engine.llama_model import quiet_llama_logs
 from tests.live_server import free_port
 
 __all__ = ["LlamaCppServer", "second_model"]
@@ -58,11 +58,26 @@ class LlamaCppServer:
         self.alias = alias
         self.api_key = api_key
         self.args = [
-            sys.executable, "-m", "llama_cpp.server", "--model", str(model),
-            "--host", "127.0.0.1", "--port", str(self.port), "--model_alias", alias,
-            "--n_ctx", "2048", "--n_threads", "2", "--interrupt_requests", "false",
-            "--verbose", "false",
-        ]  # fmt: skip
+            sys.executable,
+            "-m",
+            "llama_cpp.server",
+            "--model",
+            str(model),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--model_alias",
+            alias,
+            "--n_ctx",
+            "2048",
+            "--n_threads",
+            "2",
+            "--interrupt_requests",
+            "false",
+            "--verbose",
+            "false",
+        ]
         if api_key:
             self.args += ["--api_key", api_key]
         self.process: subprocess.Popen[bytes] | None = None

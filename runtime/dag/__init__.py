@@ -8,7 +8,6 @@ make_environment(), render(), check_assert()                (the Jinja2 sandbox)
 
 from __future__ import annotations
 
-from pcrt.runtime.dag.errors import AssertFailed, DagInvalid, Problem, RenderFailed
 from pcrt.runtime.dag.load import load_dag, parse_dag
 from pcrt.runtime.dag.spec import (
     AssertNode,
@@ -40,18 +39,14 @@ from pcrt.runtime.dag.validate import (
 )
 
 __all__ = [
-    "AssertFailed",
     "AssertNode",
     "Budget",
-    "DagInvalid",
     "DagSpec",
     "ForkNode",
     "InputSpec",
     "LlmNode",
     "Node",
     "OutputSpec",
-    "Problem",
-    "RenderFailed",
     "Signature",
     "SubgraphNode",
     "bind_inputs",

@@ -8,8 +8,8 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from pcrt.runtime.engine import Engine
-from pcrt.runtime.loader import open_engine
-from pcrt.runtime.models import Registry
+from pcrt.runtime.models.loader import open_engine
+from pcrt.runtime.models.registry import Registry
 
 __all__ = ["LocalEngines"]
 

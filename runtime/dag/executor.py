@@ -52,8 +52,6 @@ from pcrt.cache.runs import NodeRecord, RunNotFound, RunRecord, RunStore
 from pcrt.cache.store import utc_now
 from pcrt.cache.usage import UsageRecord
 from pcrt.routing.policy import Candidate, Decision, Work
-from pcrt.runtime.chat import ChatMessage
-from pcrt.runtime.dag.errors import AssertFailed, DagInvalid
 from pcrt.runtime.dag.library import (
     Library,
     calls_subgraphs,
@@ -87,7 +85,13 @@ from pcrt.runtime.engine import (
     GenerateRequest,
     TokenEvent,
 )
+from pcrt.runtime.engine.chat import ChatMessage
+from pcrt.runtime.engine.sampling import SamplingParams
+from pcrt.runtime.engine.state import KVState
 from pcrt.runtime.errors import (
+    AssertFailed,
+    BudgetExceeded,
+    DagInvalid,
     InvalidRequest,
     NoRoute,
     PcrtError,
@@ -95,10 +99,8 @@ from pcrt.runtime.errors import (
     PeerUnavailable,
     StateError,
 )
-from pcrt.runtime.models import Registry
+from pcrt.runtime.models.registry import Registry
 from pcrt.runtime.paths import Paths
-from pcrt.runtime.sampling import SamplingParams
-from pcrt.runtime.state import KVState
 from pcrt.runtime.threads import to_thread_to_completion
 
 __all__ = ["BudgetExceeded", "DagEvent", "DagRunner", "EngineLease", "Remote", "check_run"]
@@ -144,12 +146,6 @@ class Remote(Protocol):
         timeout: float | None,
         agent: str | None = None,
     ) -> dict[str, Any]: ...
-
-
-class BudgetExceeded(PcrtError):
-    def __init__(self, limit: str, detail: str) -> None:
-        super().__init__(f"budget exceeded: {limit} ({detail})")
-        self.limit = limit
 
 
 @dataclass(frozen=True)
@@ -208,9 +204,11 @@ def check_run(
     problems = list(library.problems) if calls_subgraphs(spec) else []
     problems += validate(spec, known_models=models, known_tags=tags, library=library.dags)
     problems += validate_callees(
-        library.closure(spec).values(), known_models=models, known_tags=tags,
+        library.closure(spec).values(),
+        known_models=models,
+        known_tags=tags,
         library=library.dags,
-    )  # fmt: skip
+    )
     if problems:
         raise DagInvalid(problems, source=spec.dag)
     return bind_inputs(spec, inputs)
@@ -294,8 +292,14 @@ class DagRunner:
             raise InvalidRequest(f"outputs given for unknown nodes: {sorted(unknown)}")
         record = self.create(spec, inputs, agent=agent)
         for node_id, output in done.items():
-            self.runs.update_node(record.id, node_id, status="succeeded", output=output,
-                                  ran_on=origin, finished_at=utc_now())  # fmt: skip
+            self.runs.update_node(
+                record.id,
+                node_id,
+                status="succeeded",
+                output=output,
+                ran_on=origin,
+                finished_at=utc_now(),
+            )
         return record
 
     # -- executing ----------------------------------------------------------------
@@ -310,9 +314,14 @@ class DagRunner:
         spec = parse_dag(record.spec)
         done = {n.node_id: n.output for n in self.runs.nodes(run_id) if n.status == "succeeded"}
         run = _Run(
-            record, spec, done, record.tokens_used, record.nodes_executed, on_event or _ignore,
+            record,
+            spec,
+            done,
+            record.tokens_used,
+            record.nodes_executed,
+            on_event or _ignore,
             library_from_documents(spec.library, origin=f"{spec.dag} library"),
-        )  # fmt: skip
+        )
         self.runs.set_status(run_id, "running")
         run.emit(DagEvent("run_started", run_id, data={"resumed": bool(done)}))
         timeout = spec.budget.timeout_sec
@@ -336,9 +345,12 @@ class DagRunner:
         self.runs.set_status(run_id, status, error=error)
         final = self.runs.get_run(run_id)
         run.emit(
-            DagEvent("run_finished", run_id, data={"status": status, "error": error,
-                                                    "outputs": run.outputs})
-        )  # fmt: skip
+            DagEvent(
+                "run_finished",
+                run_id,
+                data={"status": status, "error": error, "outputs": run.outputs},
+            )
+        )
         return final
 
     async def _schedule(self, run: _Run) -> None:
@@ -419,19 +431,26 @@ class DagRunner:
                 run.emit(DagEvent("node_finished", run_id, node_id, {"status": "succeeded"}))
                 raise
             self.runs.update_node(run_id, node_id, status="failed", error=str(exc))
-            run.emit(DagEvent("node_finished", run_id, node_id, {"status": "failed",
-                                                                  "error": str(exc)}))  # fmt: skip
+            run.emit(
+                DagEvent("node_finished", run_id, node_id, {"status": "failed", "error": str(exc)})
+            )
             raise
         # generations and calls write their own record (tokens, states, cache)
         if not (_generates(node) or isinstance(node, SubgraphNode)):
             self.runs.finish_node(
-                run_id, node_id, tokens=0, status="succeeded", output=output,
-                seconds=time.perf_counter() - started, ran_on=self.ran_on,
-            )  # fmt: skip
+                run_id,
+                node_id,
+                tokens=0,
+                status="succeeded",
+                output=output,
+                seconds=time.perf_counter() - started,
+                ran_on=self.ran_on,
+            )
         run.nodes_executed += executed + len(others)
         run.tokens_used += tokens
-        run.emit(DagEvent("node_finished", run_id, node_id, {"status": "succeeded",
-                                                              "output": output}))  # fmt: skip
+        run.emit(
+            DagEvent("node_finished", run_id, node_id, {"status": "succeeded", "output": output})
+        )
         return {node_id: output, **others}
 
     def _finished(self, run_id: str, node_id: str) -> bool:
@@ -461,12 +480,19 @@ class DagRunner:
         output = call_outputs(self.env, spec, final.inputs, outputs, node=node.id)
         tokens = final.tokens_used
         self.runs.finish_node(
-            run_id, node.id, tokens=tokens, executed=final.nodes_executed, status="succeeded",
-            output=output, cache_hit=0, ran_on=self.ran_on, completion_tokens=tokens,
+            run_id,
+            node.id,
+            tokens=tokens,
+            executed=final.nodes_executed,
+            status="succeeded",
+            output=output,
+            cache_hit=0,
+            ran_on=self.ran_on,
+            completion_tokens=tokens,
             prompt_tokens=sum(n.prompt_tokens or 0 for n in records),
             cached_tokens=sum(n.cached_tokens or 0 for n in records),
             seconds=time.perf_counter() - started,
-        )  # fmt: skip
+        )
         if key is not None:
             self.runs.cache_put(key, node.dag, output, tokens, self.cache_entries)
         _stop_past_budget(run, tokens)
@@ -494,9 +520,16 @@ class DagRunner:
         cached = self.runs.cache_get(key) if key is not None else None
         if cached is not None:
             self.runs.finish_node(
-                run_id, node.id, tokens=0, status="succeeded", output=cached, cache_hit=1,
-                ran_on=self.ran_on, completion_tokens=0, seconds=0.0,
-            )  # fmt: skip
+                run_id,
+                node.id,
+                tokens=0,
+                status="succeeded",
+                output=cached,
+                cache_hit=1,
+                ran_on=self.ran_on,
+                completion_tokens=0,
+                seconds=0.0,
+            )
             return _Call(cached, 0, 1)
         self.runs.update_node(
             run_id, node.id, status="running", started_at=utc_now(), ran_on=self.ran_on
@@ -586,8 +619,11 @@ class DagRunner:
             return {node.id: output}, tokens
         attempts: list[dict[str, str]] = []
         for candidate in decision.candidates:
-            routing = {"reason": decision.reason, "ran_on": candidate.node,
-                       "attempts": list(attempts)}  # fmt: skip
+            routing = {
+                "reason": decision.reason,
+                "ran_on": candidate.node,
+                "attempts": list(attempts),
+            }
             if candidate.kind == "local":
                 self.runs.update_node(run_id, node.id, routing=routing)
                 output, tokens = await self._generate(run, node, scope)
@@ -602,8 +638,11 @@ class DagRunner:
                     self.remote.failed(exc)  # out of rotation now, not at the next check
                 attempts.append({"node": candidate.node, "error": str(exc)})
                 log.warning("node %s: %s; trying the next candidate", node.id, exc)
-                run.emit(DagEvent("fallback", run_id, node.id,
-                                  {"from": candidate.node, "error": str(exc)}))  # fmt: skip
+                run.emit(
+                    DagEvent(
+                        "fallback", run_id, node.id, {"from": candidate.node, "error": str(exc)}
+                    )
+                )
         tried = "; ".join(f"{a['node']}: {a['error']}" for a in attempts)
         raise PeerUnavailable(f"node {node.id}: every candidate failed ({tried})", peer="")
 
@@ -624,8 +663,11 @@ class DagRunner:
         max_tokens = sampling.max_tokens
         if budget is not None:
             max_tokens = min(max_tokens, budget - run.tokens_used)
-        params: dict[str, Any] = {"temperature": sampling.temperature,
-                                  "top_p": sampling.top_p, "max_tokens": max_tokens}  # fmt: skip
+        params: dict[str, Any] = {
+            "temperature": sampling.temperature,
+            "top_p": sampling.top_p,
+            "max_tokens": max_tokens,
+        }
         if sampling.seed is not None:
             params["seed"] = sampling.seed
         if sampling.stop:
@@ -636,17 +678,25 @@ class DagRunner:
         if samples > 1:
             params["n"] = samples
         self.runs.update_node(
-            run_id, node_id, status="running", model=candidate.model, started_at=utc_now(),
-            ran_on=candidate.node, routing=routing,
-        )  # fmt: skip
+            run_id,
+            node_id,
+            status="running",
+            model=candidate.model,
+            started_at=utc_now(),
+            ran_on=candidate.node,
+            routing=routing,
+        )
 
         def on_text(index: int, text: str) -> None:
             run.emit(DagEvent("token", run_id, node_id, {"index": index, "text": text}))
 
         result = await self.remote.chat(
-            candidate, [{"role": m.role, "content": m.text()} for m in messages],
-            params, node.output_schema, on_text,
-        )  # fmt: skip
+            candidate,
+            [{"role": m.role, "content": m.text()} for m in messages],
+            params,
+            node.output_schema,
+            on_text,
+        )
         texts = list(result.texts) + [""] * (samples - len(result.texts))
         try:
             outputs = [self._parse(node, text) for text in texts[:samples]]
@@ -667,10 +717,16 @@ class DagRunner:
         output: Any = outputs if isinstance(node, ForkNode) else outputs[0]
         tokens = result.completion_tokens
         self.runs.finish_node(
-            run_id, node_id, tokens=tokens, status="succeeded", output=output,
-            prompt_tokens=result.prompt_tokens, completion_tokens=tokens,
-            cached_tokens=result.cached_tokens, seconds=result.seconds,
-        )  # fmt: skip
+            run_id,
+            node_id,
+            tokens=tokens,
+            status="succeeded",
+            output=output,
+            prompt_tokens=result.prompt_tokens,
+            completion_tokens=tokens,
+            cached_tokens=result.cached_tokens,
+            seconds=result.seconds,
+        )
         self._bill(run, node_id)
         _stop_past_budget(run, tokens)
         return output, tokens
@@ -735,12 +791,15 @@ class DagRunner:
             # outputs, which may name nodes it is not sent
             document["signature"] = {**document["signature"], "outputs": {}}
         document["budget"] = {
-            k: v for k, v in {
-                "max_tokens": None if budget.max_tokens is None
+            k: v
+            for k, v in {
+                "max_tokens": None
+                if budget.max_tokens is None
                 else max(1, budget.max_tokens - run.tokens_used),
                 "timeout_sec": budget.timeout_sec,
-            }.items() if v is not None
-        }  # fmt: skip
+            }.items()
+            if v is not None
+        }
         payload = {
             "dag": document,
             "inputs": run.record.inputs,
@@ -749,10 +808,19 @@ class DagRunner:
         }
         for node_id in group:
             if node_id != node.id:
-                run.emit(DagEvent("node_started", run_id, node_id,
-                                  {"type": run.spec.nodes[node_id].type}))  # fmt: skip
-            self.runs.update_node(run_id, node_id, status="running", started_at=utc_now(),
-                                  ran_on=candidate.node, routing=routing)  # fmt: skip
+                run.emit(
+                    DagEvent(
+                        "node_started", run_id, node_id, {"type": run.spec.nodes[node_id].type}
+                    )
+                )
+            self.runs.update_node(
+                run_id,
+                node_id,
+                status="running",
+                started_at=utc_now(),
+                ran_on=candidate.node,
+                routing=routing,
+            )
         try:
             result = await self.remote.subgraph(
                 candidate, payload, budget.timeout_sec, run.record.agent
@@ -779,12 +847,19 @@ class DagRunner:
             tokens = tokens if isinstance(tokens, int) else 0
             total += tokens
             self.runs.finish_node(
-                run_id, node_id, tokens=tokens, status="succeeded", output=rec.get("output"),
-                prompt_tokens=rec.get("prompt_tokens"), completion_tokens=tokens,
-                cached_tokens=rec.get("cached_tokens"), seconds=rec.get("seconds"),
-                model=rec.get("model"), cache_hit=int(bool(rec.get("cache_hit"))),
+                run_id,
+                node_id,
+                tokens=tokens,
+                status="succeeded",
+                output=rec.get("output"),
+                prompt_tokens=rec.get("prompt_tokens"),
+                completion_tokens=tokens,
+                cached_tokens=rec.get("cached_tokens"),
+                seconds=rec.get("seconds"),
+                model=rec.get("model"),
+                cache_hit=int(bool(rec.get("cache_hit"))),
                 ran_on=candidate.node,
-            )  # fmt: skip
+            )
             sent = run.spec.nodes[node_id]
             # generations, and calls whose generations all ran inside them there; not
             # branch forks or asserts, which generate nothing of their own
@@ -792,8 +867,14 @@ class DagRunner:
                 self._bill(run, node_id)
             outputs[node_id] = rec.get("output")
             if node_id != node.id:
-                run.emit(DagEvent("node_finished", run_id, node_id,
-                                  {"status": "succeeded", "output": outputs[node_id]}))  # fmt: skip
+                run.emit(
+                    DagEvent(
+                        "node_finished",
+                        run_id,
+                        node_id,
+                        {"status": "succeeded", "output": outputs[node_id]},
+                    )
+                )
         _stop_past_budget(run, total)
         return outputs, total
 
@@ -821,11 +902,21 @@ class DagRunner:
                 cached = self.runs.cache_get(key)
                 if cached is not None:
                     self.runs.finish_node(
-                        run_id, node_id, tokens=0, status="succeeded", output=cached,
-                        cache_hit=1, ran_on=self.ran_on, model=entry.name,
-                        prompt_tokens=len(prompt), cached_tokens=None, completion_tokens=0,
-                        state_sha256=None, checkpoint_sha256=None, seconds=0.0,
-                    )  # fmt: skip
+                        run_id,
+                        node_id,
+                        tokens=0,
+                        status="succeeded",
+                        output=cached,
+                        cache_hit=1,
+                        ran_on=self.ran_on,
+                        model=entry.name,
+                        prompt_tokens=len(prompt),
+                        cached_tokens=None,
+                        completion_tokens=0,
+                        state_sha256=None,
+                        checkpoint_sha256=None,
+                        seconds=0.0,
+                    )
                     return cached, 0
             if samples > 1:
                 forked, spent, cut = await self._fork(
@@ -840,39 +931,62 @@ class DagRunner:
             if resume is not None:
                 before = resume.continuation[record.prompt_tokens or 0 :]
                 request = GenerateRequest(
-                    prompt=[], state=resume, generated_prefix=tuple(before),
+                    prompt=[],
+                    state=resume,
+                    generated_prefix=tuple(before),
                     sampling=sampling.model_copy(
                         update={"max_tokens": max(0, sampling.max_tokens - len(before))}
                     ),
-                    export_state=True, checkpoint_every=node.checkpoint_every,
-                )  # fmt: skip
+                    export_state=True,
+                    checkpoint_every=node.checkpoint_every,
+                )
             else:
                 request = GenerateRequest(
-                    prompt=prompt, sampling=sampling, n=samples, context_state=context_state,
-                    export_state=samples == 1, checkpoint_every=node.checkpoint_every,
-                )  # fmt: skip
+                    prompt=prompt,
+                    sampling=sampling,
+                    n=samples,
+                    context_state=context_state,
+                    export_state=samples == 1,
+                    checkpoint_every=node.checkpoint_every,
+                )
             self.runs.update_node(
-                run_id, node_id, status="running", model=entry.name,
-                started_at=record.started_at or utc_now(), ran_on=self.ran_on,
+                run_id,
+                node_id,
+                status="running",
+                model=entry.name,
+                started_at=record.started_at or utc_now(),
+                ran_on=self.ran_on,
                 prompt_tokens=record.prompt_tokens if resume else len(prompt),
                 resumed_from_checkpoint=int(resume is not None),
-            )  # fmt: skip
+            )
             started = time.perf_counter()
             handle = engine.submit(request)
             async for event in handle:
                 if isinstance(event, TokenEvent) and event.text:
-                    run.emit(DagEvent("token", run_id, node_id,
-                                      {"index": event.index, "text": event.text}))  # fmt: skip
+                    run.emit(
+                        DagEvent(
+                            "token", run_id, node_id, {"index": event.index, "text": event.text}
+                        )
+                    )
                 elif isinstance(event, CheckpointEvent):
                     # blob and record in one thread: a run stopped meanwhile (timeout,
                     # cancel) still keeps this checkpoint on the node's record
                     saved = await to_thread_to_completion(
-                        self._save_checkpoint, event.state, run_id, node_id,
+                        self._save_checkpoint,
+                        event.state,
+                        run_id,
+                        node_id,
                         len(before) + len(event.tokens),
-                    )  # fmt: skip
+                    )
                     if saved:
-                        run.emit(DagEvent("checkpoint", run_id, node_id,
-                                          {"tokens": len(before) + len(event.tokens)}))  # fmt: skip
+                        run.emit(
+                            DagEvent(
+                                "checkpoint",
+                                run_id,
+                                node_id,
+                                {"tokens": len(before) + len(event.tokens)},
+                            )
+                        )
             result = handle.result
             assert result is not None
             texts = [
@@ -889,10 +1003,16 @@ class DagRunner:
             )
             tokens = result.completion_tokens
             self.runs.finish_node(
-                run_id, node_id, tokens=tokens, status="succeeded", output=output,
-                completion_tokens=len(before) + tokens, cached_tokens=result.cached_tokens,
-                seconds=time.perf_counter() - started, state_sha256=state_sha,
-            )  # fmt: skip
+                run_id,
+                node_id,
+                tokens=tokens,
+                status="succeeded",
+                output=output,
+                completion_tokens=len(before) + tokens,
+                cached_tokens=result.cached_tokens,
+                seconds=time.perf_counter() - started,
+                state_sha256=state_sha,
+            )
             self._bill(run, node_id)
             if key is not None:
                 self.runs.cache_put(key, node.path, output, tokens, self.cache_entries)
@@ -916,9 +1036,14 @@ class DagRunner:
         exactly as one big fork would."""
         run_id, node_id = run.record.id, node.id
         self.runs.update_node(
-            run_id, node_id, status="running", model=engine.name, started_at=utc_now(),
-            ran_on=self.ran_on, prompt_tokens=len(prompt),
-        )  # fmt: skip
+            run_id,
+            node_id,
+            status="running",
+            model=engine.name,
+            started_at=utc_now(),
+            ran_on=self.ran_on,
+            prompt_tokens=len(prompt),
+        )
         started = time.perf_counter()
         width = engine.config.parallel
         handles = []
@@ -948,10 +1073,15 @@ class DagRunner:
             cached += result.cached_tokens
         output = [self._parse(node, text) for text in texts]
         self.runs.finish_node(
-            run_id, node_id, tokens=tokens, status="succeeded", output=output,
-            completion_tokens=tokens, cached_tokens=cached,
+            run_id,
+            node_id,
+            tokens=tokens,
+            status="succeeded",
+            output=output,
+            completion_tokens=tokens,
+            cached_tokens=cached,
             seconds=time.perf_counter() - started,
-        )  # fmt: skip
+        )
         self._bill(run, node_id)
         return output, tokens, cut
 
@@ -994,14 +1124,18 @@ class DagRunner:
             model = rec.model or (f"subgraph {spec.dag}" if isinstance(spec, SubgraphNode) else "")
             self.usage(
                 UsageRecord(
-                    agent=run.record.agent or "anonymous", model=model,
-                    route=DAG_ROUTE, status=200, prompt_tokens=rec.prompt_tokens or 0,
+                    agent=run.record.agent or "anonymous",
+                    model=model,
+                    route=DAG_ROUTE,
+                    status=200,
+                    prompt_tokens=rec.prompt_tokens or 0,
                     cached_tokens=rec.cached_tokens or 0,
                     completion_tokens=rec.completion_tokens or 0,
-                    total_ms=(rec.seconds or 0.0) * 1000, ran_on=rec.ran_on or self.ran_on,
+                    total_ms=(rec.seconds or 0.0) * 1000,
+                    ran_on=rec.ran_on or self.ran_on,
                     request_id=f"{run.record.id}/{node_id}",
                 )
-            )  # fmt: skip
+            )
         except Exception:
             log.exception("could not bill node %s of run %s", node_id, run.record.id)
 
@@ -1013,8 +1147,9 @@ class DagRunner:
         try:
             return self.blobs.put(state.to_bytes(), run_id=run_id)
         except OSError as exc:
-            log.warning("run %s: a KV state could not be saved (%s); going on without it",
-                        run_id, exc)  # fmt: skip
+            log.warning(
+                "run %s: a KV state could not be saved (%s); going on without it", run_id, exc
+            )
             return None
 
     def _save_checkpoint(self, state: KVState, run_id: str, node_id: str, tokens: int) -> bool:

@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pcrt.runtime.dag.errors import DagInvalid, Problem
 from pcrt.runtime.dag.load import SUFFIXES, load_dag, parse_dag, read_document
 from pcrt.runtime.dag.spec import DagSpec, SubgraphNode
+from pcrt.runtime.errors import DagInvalid, Problem
 
 __all__ = [
     "Library",

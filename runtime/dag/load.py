@@ -26,15 +26,14 @@ import yaml
 from pydantic import ValidationError
 from pydantic_core import ErrorDetails
 
-from pcrt.runtime.dag.errors import DagInvalid, Problem
 from pcrt.runtime.dag.spec import NODE_TYPES, DagSpec
 from pcrt.runtime.dag.validate import validate_document
+from pcrt.runtime.errors import DagInvalid, Problem, ShapeInvalid
 from pcrt.runtime.textcheck import broken_text_at
 
 __all__ = [
     "DagFormat",
     "SUFFIXES",
-    "ShapeInvalid",
     "load_dag",
     "parse_dag",
     "problems_from",
@@ -98,16 +97,7 @@ def parse_dag(obj: Mapping[str, Any], *, source: str | None = None) -> DagSpec:
         partial = _partial(obj, exc)
         if partial is None:
             raise DagInvalid(problems_from(exc), source=source) from None
-    raise ShapeInvalid(partial, source=source)
-
-
-class ShapeInvalid(DagInvalid):
-    """Some nodes failed their shape check, the others parsed into ``partial``: ``problems``
-    are the shape problems and those ``validate_document`` finds in ``partial``."""
-
-    def __init__(self, partial: DagSpec, *, source: str | None = None) -> None:
-        self.partial = partial
-        super().__init__(validate_document(partial), source=source)
+    raise ShapeInvalid(partial, validate_document(partial), source=source)
 
 
 def _partial(obj: Mapping[str, Any], exc: ValidationError) -> DagSpec | None:

@@ -24,7 +24,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
-from pcrt.runtime.dag.errors import Problem
+from pcrt.runtime.errors import Problem
 
 __all__ = [
     "AssertNode",

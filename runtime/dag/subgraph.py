@@ -19,8 +19,8 @@ from typing import Any
 from pcrt.runtime.dag.library import Library, with_library
 from pcrt.runtime.dag.spec import Budget, DagSpec, ForkNode, LlmNode
 from pcrt.runtime.dag.templates import DagSandbox, evaluate, make_scope
+from pcrt.runtime.engine.sampling import SamplingParams
 from pcrt.runtime.errors import InvalidRequest
-from pcrt.runtime.sampling import SamplingParams
 
 __all__ = [
     "budget_limit",

@@ -8,10 +8,10 @@ one such template stalled every request for minutes or could exhaust the machine
 memory. Here it costs at most ``DEADLINE`` seconds and ``MEMORY_LIMIT`` bytes of a child
 process, which is killed and replaced when it overruns; the daemon answers on.
 
-The parent (``TemplateWorker``) and the child (``main``) speak one JSON object per line:
-requests carry the template and the scope (JSON: inputs and node outputs), replies the
-result or the reason it failed. JSON, not pickle: a child that ran hostile code must not
-be able to hand the daemon anything but data.
+The parent (``TemplateWorker``, here) and the child (``template_child``) speak one JSON
+object per line: requests carry the template and the scope (JSON: inputs and node
+outputs), replies the result or the reason it failed. JSON, not pickle: a child that ran
+hostile code must not be able to hand the daemon anything but data.
 """
 
 from __future__ import annotations
@@ -19,15 +19,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import resource
 import select
-import signal
 import subprocess
 import sys
 import threading
 from typing import IO, Any
 
-__all__ = ["DEADLINE", "MAX_RESULT", "MEMORY_LIMIT", "TemplateWorker", "jsonable", "main"]
+__all__ = ["DEADLINE", "MAX_RESULT", "MEMORY_LIMIT", "TemplateWorker", "jsonable"]
 
 log = logging.getLogger(__name__)
 
@@ -80,11 +78,11 @@ class TemplateWorker:
     def _started(self) -> subprocess.Popen[bytes]:
         if self._child is None or self._child.poll() is not None:
             self._child = subprocess.Popen(
-                # not "-m": the package imports this module before runpy would run it
-                [sys.executable, "-c", "from pcrt.runtime.dag.template_worker import main; main()"],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                [sys.executable, "-m", "pcrt.runtime.dag.template_child"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )  # fmt: skip
+            )
         return self._child
 
     def _stop(self) -> None:
@@ -115,34 +113,3 @@ def jsonable(value: Any) -> Any:
     except TypeError:
         kind = type(value).__name__
         raise TypeError(f"a value of type {kind} cannot leave the sandbox") from None
-
-
-def main() -> None:
-    """The child: serve requests from stdin until it closes."""
-    from pcrt.runtime.dag.templates import sandbox_here, serve_request
-
-    # Ctrl-C at the terminal reaches the whole process group: the daemon stops us (or
-    # our stdin closes when it dies); a traceback from here would only confuse
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
-    env = sandbox_here()
-    for line in sys.stdin.buffer:
-        try:
-            reply = serve_request(env, json.loads(line))
-            out = json.dumps(reply, default=jsonable)
-        except MemoryError:
-            out = json.dumps(
-                {"error": f"SecurityError: the template needs over {MEMORY_LIMIT >> 20} MiB"}
-            )
-        except Exception as exc:  # a reply for every request, whatever went wrong
-            out = json.dumps({"error": f"{type(exc).__name__}: {exc}"})
-        if len(out) > MAX_RESULT:
-            out = json.dumps(
-                {"error": f"SecurityError: the template's result is over {MAX_RESULT >> 20} MB"}
-            )
-        sys.stdout.write(out + "\n")
-        sys.stdout.flush()
-
-
-if __name__ == "__main__":
-    main()

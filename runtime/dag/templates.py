@@ -29,8 +29,8 @@ from jinja2.parser import Parser
 from jinja2.runtime import Context
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from pcrt.runtime.dag.errors import AssertFailed, RenderFailed
 from pcrt.runtime.dag.template_worker import TemplateWorker, jsonable
+from pcrt.runtime.errors import AssertFailed, RenderFailed
 
 __all__ = [
     "DagSandbox",
@@ -107,9 +107,13 @@ class DagSandbox(ImmutableSandboxedEnvironment):
         for loop in tree.find_all(nodes.For):
             # imported by its module path: a name, a template could assign over
             loop.iter = nodes.Call(
-                nodes.ImportedName(f"{__name__}._metered", lineno=loop.lineno), [loop.iter],
-                [], None, None, lineno=loop.lineno,
-            )  # fmt: skip
+                nodes.ImportedName(f"{__name__}._metered", lineno=loop.lineno),
+                [loop.iter],
+                [],
+                None,
+                None,
+                lineno=loop.lineno,
+            )
         return tree
 
     def call(__self, __context: Context, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
@@ -234,20 +238,72 @@ def _bounded_format(filter_: Callable[..., Any]) -> Callable[..., Any]:
 
 
 _PLAIN_NODES = (
-    nodes.Template, nodes.Output, nodes.TemplateData, nodes.Name, nodes.Getattr,
-    nodes.Getitem, nodes.Slice, nodes.Const, nodes.Compare, nodes.Operand, nodes.And,
-    nodes.Or, nodes.Not, nodes.Neg, nodes.Pos, nodes.CondExpr, nodes.Concat, nodes.Add,
-    nodes.Sub, nodes.Div, nodes.FloorDiv, nodes.List, nodes.Tuple, nodes.Dict, nodes.Pair,
-    nodes.Test, nodes.Keyword, nodes.If,  # not Assign: {% set a = a ~ a %} doubles per line
-)  # fmt: skip
+    nodes.Template,
+    nodes.Output,
+    nodes.TemplateData,
+    nodes.Name,
+    nodes.Getattr,
+    nodes.Getitem,
+    nodes.Slice,
+    nodes.Const,
+    nodes.Compare,
+    nodes.Operand,
+    nodes.And,
+    nodes.Or,
+    nodes.Not,
+    nodes.Neg,
+    nodes.Pos,
+    nodes.CondExpr,
+    nodes.Concat,
+    nodes.Add,
+    nodes.Sub,
+    nodes.Div,
+    nodes.FloorDiv,
+    nodes.List,
+    nodes.Tuple,
+    nodes.Dict,
+    nodes.Pair,
+    nodes.Test,
+    nodes.Keyword,
+    nodes.If,  # not Assign: {% set a = a ~ a %} doubles per line
+)
 # filters whose cost is linear in their input: no widths, no growth, nothing quadratic
 # (not replace, center, indent, wordwrap, format, map, batch, sum over lists, striptags)
-_PLAIN_FILTERS = frozenset({
-    "abs", "capitalize", "count", "d", "default", "dictsort", "e", "escape", "first",
-    "float", "int", "join", "last", "length", "list", "lower", "max", "min", "reverse",
-    "round", "safe", "sort", "string", "title", "tojson", "trim",
-    "truncate", "unique", "upper", "urlencode", "wordcount",
-})  # fmt: skip
+_PLAIN_FILTERS = frozenset(
+    {
+        "abs",
+        "capitalize",
+        "count",
+        "d",
+        "default",
+        "dictsort",
+        "e",
+        "escape",
+        "first",
+        "float",
+        "int",
+        "join",
+        "last",
+        "length",
+        "list",
+        "lower",
+        "max",
+        "min",
+        "reverse",
+        "round",
+        "safe",
+        "sort",
+        "string",
+        "title",
+        "tojson",
+        "trim",
+        "truncate",
+        "unique",
+        "upper",
+        "urlencode",
+        "wordcount",
+    }
+)
 
 
 def _plain_node(node: nodes.Node) -> bool:
@@ -273,9 +329,11 @@ def sandbox_here() -> DagSandbox:
     Not optimised: the optimiser folds constant expressions, i.e. runs template code,
     while a template is only being compiled to check it."""
     return DagSandbox(
-        undefined=StrictUndefined, autoescape=False, keep_trailing_newline=True,
+        undefined=StrictUndefined,
+        autoescape=False,
+        keep_trailing_newline=True,
         optimized=False,
-    )  # fmt: skip
+    )
 
 
 @dataclass(frozen=True)

@@ -35,13 +35,13 @@ Decisions where the issue is silent:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from jinja2.exceptions import TemplateSyntaxError
 from jsonschema.validators import Draft202012Validator, validator_for
 
-from pcrt.runtime.dag.errors import DagInvalid, Problem
 from pcrt.runtime.dag.spec import (
     AssertNode,
     DagSpec,
@@ -59,6 +59,7 @@ from pcrt.runtime.dag.templates import (
     scan_expression,
     scan_template,
 )
+from pcrt.runtime.errors import DagInvalid, Problem
 
 __all__ = [
     "bind_inputs",
@@ -130,7 +131,7 @@ def validate_callees(
             if problem.node is not None:
                 node = callee.nodes.get(problem.node)
                 where = node.path if node is not None else f"{callee.dag}/{problem.node}"
-            found.append(problem.model_copy(update={"node": where}))
+            found.append(dataclasses.replace(problem, node=where))
     return found
 
 

@@ -1,0 +1,112 @@
+"""The daemon's DAG runs in flight: one task per run, the listeners of its events, the
+moves under way; and the view of a run that the API and the CLI show."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import asdict
+from typing import Any
+
+from pcrt.cache.runs import RunRecord
+from pcrt.runtime.dag.executor import DagEvent, DagRunner
+
+__all__ = ["DagTasks", "run_view"]
+
+
+class DagTasks:
+    """The daemon's running DAG executions, by run id (owned by the app's lifespan)."""
+
+    def __init__(self, runner: DagRunner) -> None:
+        self.runner = runner
+        self.tasks: dict[str, asyncio.Task[RunRecord]] = {}
+        self.listeners: dict[str, list[asyncio.Queue[DagEvent | None]]] = {}
+        # runs being moved to a peer, set when the move ends (``moving.move_run``)
+        self.moves: dict[str, asyncio.Event] = {}
+
+    def start(self, run_id: str) -> asyncio.Task[RunRecord]:
+        if run_id in self.tasks:
+            return self.tasks[run_id]
+
+        def emit(event: DagEvent) -> None:
+            for queue in self.listeners.get(run_id, []):
+                queue.put_nowait(event)
+
+        async def execute() -> RunRecord:
+            try:
+                return await self.runner.execute(run_id, emit)
+            finally:
+                self.tasks.pop(run_id, None)
+                for queue in self.listeners.pop(run_id, []):
+                    queue.put_nowait(None)
+
+        task = asyncio.create_task(execute(), name=f"dag-run-{run_id}")
+        self.tasks[run_id] = task
+        return task
+
+    def listen(self, run_id: str) -> asyncio.Queue[DagEvent | None]:
+        queue: asyncio.Queue[DagEvent | None] = asyncio.Queue()
+        self.listeners.setdefault(run_id, []).append(queue)
+        return queue
+
+    @property
+    def for_peers(self) -> set[str]:
+        """The running runs a peer sent and waits on (``RunRecord.for_peer``): never
+        moved from here."""
+        runs = self.runner.runs
+        return {run_id for run_id in list(self.tasks) if runs.get_run(run_id).for_peer}
+
+    def movable(self) -> list[str]:
+        """The running runs that are this daemon's own (a drain or low battery moves them)."""
+        theirs = self.for_peers
+        return [run_id for run_id in self.tasks if run_id not in theirs]
+
+    async def outcome(self, run_id: str) -> RunRecord:
+        """The run's record once it stops running here, however it stops: finished,
+        failed, cancelled, or moved to a peer (a move under way is waited for, and a run
+        that could not move and goes on here is waited for again). The waiter leaving
+        does not stop the run."""
+        while True:
+            task, move = self.tasks.get(run_id), self.moves.get(run_id)
+            if task is not None:
+                await asyncio.wait({task})  # never raises the run's own cancellation
+            elif move is not None:
+                await move.wait()
+            else:
+                return self.runner.runs.get_run(run_id)
+
+    async def cancel(self, run_id: str) -> bool:
+        task = self.tasks.get(run_id)
+        if task is None:
+            return False
+        task.cancel()
+        # wait, not await: the run's cancellation is not ours, and ours (a shutdown
+        # cancelling the battery watcher mid-move) must not be swallowed with it
+        await asyncio.wait({task})
+        return True
+
+    async def close(self) -> None:
+        """The daemon is stopping: its runs are interrupted, not cancelled by anyone, so
+        that resume_on_start (or pcrt dag resume) picks them up from their checkpoints."""
+        for run_id in list(self.tasks):
+            await self.cancel(run_id)
+            self.runner.runs.set_status(
+                run_id, "interrupted", error="the daemon stopped; resume continues it"
+            )
+
+
+def run_view(runner: DagRunner, run: RunRecord) -> dict[str, Any]:
+    nodes = runner.runs.nodes(run.id)
+    return {
+        "id": run.id,
+        "dag": run.dag_path,
+        "status": run.status,
+        "error": run.error,
+        "inputs": run.inputs,
+        "tokens_used": run.tokens_used,
+        "nodes_executed": run.nodes_executed,
+        "created_at": run.created_at,
+        "finished_at": run.finished_at,
+        "migrated_to": run.migrated_to,
+        "outputs": {n.node_id: n.output for n in nodes if n.status == "succeeded"},
+        "nodes": [asdict(n) for n in nodes],
+    }

@@ -1,0 +1,154 @@
+"""Every error leaves the HTTP surface in OpenAI's shape, with the right status.
+
+``{"error": {"message", "type", "param", "code"}}``; 400 bad request, 401 bad key,
+404 unknown model or route (or nowhere to run it), 502 a peer
+that did not answer, 409 incompatible state or a conflict, 429 rate limit, 503 overloaded.
+Nothing answers a bare 500: an unexpected failure is logged and answered with a 500 in
+the same shape.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from pcrt.runtime.errors import (
+    ChatTemplateMissing,
+    Conflict,
+    ContextLengthExceeded,
+    DagInvalid,
+    EngineClosed,
+    InvalidRequest,
+    ModelLoadError,
+    ModelNotFound,
+    NoRoute,
+    NotFound,
+    PcrtError,
+    PeerRejected,
+    PeerUnavailable,
+    PullError,
+    RateLimited,
+    RetryLater,
+    StateError,
+    StorageFull,
+    Unauthorized,
+)
+
+__all__ = ["error_body", "install_error_handlers", "status_and_body"]
+
+log = logging.getLogger(__name__)
+
+
+def error_body(
+    message: str, type_: str, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def status_and_body(exc: PcrtError) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """HTTP status, body and headers for one of pcrt's errors."""
+    msg = str(exc)
+    headers: dict[str, str] = {}
+    if isinstance(exc, RetryLater):
+        headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
+        if isinstance(exc, RateLimited):
+            return 429, error_body(msg, "rate_limit_error", None, "rate_limit_exceeded"), headers
+        return 503, error_body(msg, "server_overloaded", None, "overloaded"), headers
+    if isinstance(exc, PeerRejected):  # the peer's own error passes through
+        body = (
+            exc.body
+            if isinstance(exc.body.get("error"), dict)
+            else error_body(msg, "invalid_request_error", None, None)
+        )
+        return exc.status, body, headers
+    if isinstance(exc, PeerUnavailable):
+        return 502, error_body(msg, "server_error", None, "peer_unavailable"), headers
+    if isinstance(exc, NoRoute):
+        return 404, error_body(msg, "invalid_request_error", "model", "no_route"), headers
+    if isinstance(exc, NotFound):
+        return 404, error_body(msg, "invalid_request_error", exc.param, "not_found"), headers
+    if isinstance(exc, ModelNotFound):
+        return 404, error_body(msg, "invalid_request_error", "model", "model_not_found"), headers
+    if isinstance(exc, DagInvalid):
+        body = error_body(msg, "invalid_request_error", "dag", "invalid_dag")
+        body["error"]["problems"] = exc.to_list()
+        return 422, body, headers
+    if isinstance(exc, ContextLengthExceeded):
+        body = error_body(msg, "invalid_request_error", exc.param, "context_length_exceeded")
+        return 400, body, headers
+    if isinstance(exc, InvalidRequest | ChatTemplateMissing):
+        return 400, error_body(msg, "invalid_request_error", None, None), headers
+    if isinstance(exc, Conflict):
+        return 409, error_body(msg, "invalid_request_error", None, "conflict"), headers
+    if isinstance(exc, StateError):
+        return 409, error_body(msg, "invalid_request_error", "state", "incompatible_state"), headers
+    if isinstance(exc, StorageFull):
+        return 507, error_body(msg, "server_error", None, "insufficient_storage"), headers
+    if isinstance(exc, Unauthorized):
+        return 401, error_body(msg, "invalid_request_error", None, "invalid_api_key"), headers
+    if isinstance(exc, PullError | EngineClosed):
+        headers["Retry-After"] = "5"
+        return 503, error_body(msg, "server_error", None, "model_unavailable"), headers
+    if isinstance(exc, ModelLoadError):
+        return 500, error_body(msg, "server_error", None, "model_load_failed"), headers
+    return 500, error_body(msg, "server_error", None, None), headers
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(PcrtError)
+    async def _pcrt(_: Request, exc: PcrtError) -> JSONResponse:
+        status, body, headers = status_and_body(exc)
+        return JSONResponse(body, status_code=status, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        loc = [str(p) for p in first.get("loc", ()) if p not in ("body",)]
+        if first.get("type") == "json_invalid":
+            message = "the request body is not valid JSON"
+        else:
+            message = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: "
+                f"{e['msg'].removeprefix('Value error, ')}"
+                for e in errors
+            )
+        # a JSON syntax error's location is a character offset, not a field
+        param = None if first.get("type") == "json_invalid" else ".".join(loc) or None
+        return JSONResponse(
+            error_body(message, "invalid_request_error", param, None), status_code=400
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return JSONResponse(
+            error_body(str(exc.detail), "invalid_request_error", None, code),
+            status_code=exc.status_code,
+            headers=getattr(exc, "headers", None),
+        )
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        if isinstance(exc, RecursionError):  # a document nested past Python's stack
+            log.warning("refused a request nested too deeply to process")
+            return JSONResponse(
+                error_body(
+                    "the request nests too deeply to process",
+                    "invalid_request_error",
+                    None,
+                    "nested_too_deeply",
+                ),
+                status_code=400,
+            )
+        log.exception("unexpected error while serving a request")
+        return JSONResponse(
+            error_body(f"internal error: {type(exc).__name__}", "server_error", None, None),
+            status_code=500,
+        )

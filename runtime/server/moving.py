@@ -1,0 +1,162 @@
+"""Moving this daemon's DAG runs to pcrt peers: one run when asked, or every running one
+when the daemon drains (``migrate_on_drain``) or its battery runs low
+(``migrate_on_battery``, ``battery_watch.py``).
+
+A moving run is stopped first (its checkpoints are on disk) and held as ``migrating``, so
+no resume or second move starts meanwhile; a failed move leaves it ``interrupted`` here,
+resumable. ``routing.migrate`` does the sending.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from pcrt.cache.runs import RunStore
+from pcrt.routing.migrate import Migration, migrate_run
+from pcrt.routing.policy import Work
+from pcrt.runtime.dag.executor import RESUMABLE
+from pcrt.runtime.errors import InvalidRequest, PcrtError
+from pcrt.runtime.server.services import Services
+
+__all__ = ["Drain", "move_run", "move_running_runs"]
+
+log = logging.getLogger(__name__)
+
+
+async def move_run(services: Services, run_id: str, peer: str, *, with_states: bool) -> Migration:
+    """Stop the run, hold it as ``migrating``, move it to ``peer``; on failure it is
+    ``interrupted`` here again. A move under way finishes even when its caller is
+    cancelled. Runs a peer waits on (partial runs) never move."""
+    dags = services.dags
+    runs = dags.runner.runs
+    if runs.get_run(run_id).for_peer is not None:
+        raise InvalidRequest(f"run {run_id} runs here for a peer that waits on it; it stays")
+    if run_id in dags.moves:
+        raise InvalidRequest(f"run {run_id} is moving already")
+    moved = dags.moves[run_id] = asyncio.Event()  # waiters on the run wait for the move
+    try:
+        await dags.cancel(run_id)
+        status = runs.get_run(run_id).status
+        if status not in RESUMABLE:  # it finished before it stopped: nothing left to move
+            raise InvalidRequest(f"run {run_id} is {status}; only unfinished runs move")
+        runs.set_status(run_id, "migrating", error=f"moving to peer {peer}")
+        sending = asyncio.ensure_future(
+            migrate_run(
+                services.coordinator, runs, services.blobs, run_id, peer, with_states=with_states
+            )
+        )
+        try:
+            # a daemon stopping mid-move finishes the move first: cut short, the peer
+            # could hold the run while it also stays resumable here (it would run twice).
+            # (wait, unlike await, leaves ``sending`` running when we are cancelled)
+            await asyncio.wait({sending})
+        except asyncio.CancelledError:
+            await asyncio.wait({sending})
+            with contextlib.suppress(Exception):  # recorded; the cancellation goes on
+                _record_move(runs, run_id, peer, sending)
+            raise
+        return _record_move(runs, run_id, peer, sending)
+    finally:
+        del dags.moves[run_id]
+        moved.set()
+
+
+def _record_move(
+    runs: RunStore, run_id: str, peer: str, sending: asyncio.Future[Migration]
+) -> Migration:
+    """The run is ``migrated`` (with its pointer) or, when the move failed, ``interrupted``
+    here again; the move's result or error."""
+    exc = sending.exception()
+    if exc is not None:
+        runs.set_status(run_id, "interrupted", error=f"the move to {peer} failed: {exc}")
+        raise exc
+    result = sending.result()
+    runs.set_status(
+        run_id, "migrated", error=f"moved to peer {result.peer}", migrated_to=result.pointer
+    )
+    return result
+
+
+async def move_running_runs(services: Services, why: str, *, resume_unmoved: bool) -> list[str]:
+    """Move each running DAG run to the best trusted pcrt peer with its model (the next
+    candidate when a move fails); the ids moved. ``resume_unmoved``: a run that could not
+    move goes on here (a daemon that keeps serving); else it stays interrupted (a daemon
+    that is stopping: resume continues it later)."""
+    moved = []
+    for run_id in services.dags.movable():
+        work = Work(
+            model=_run_model(services.dags.runner.runs, run_id),
+            route="peer",
+            peer_kinds=frozenset({"pcrt"}),
+        )
+        decision = services.coordinator.decide(work, include_local=False)
+        for candidate in decision.candidates:
+            try:
+                result = await move_run(services, run_id, candidate.node, with_states=True)
+            except PcrtError as exc:
+                log.warning("run %s could not move to %s: %s", run_id, candidate.node, exc)
+                continue
+            except Exception:  # a bug in one move must not stop the others, or the drain
+                log.exception("run %s could not move to %s", run_id, candidate.node)
+                continue
+            log.info(
+                "%s: run %s moved to %s (%d states sent; left: %s)",
+                why,
+                run_id,
+                result.peer,
+                result.states_sent,
+                "; ".join(result.states_left) or "none",
+            )
+            moved.append(run_id)
+            break
+        else:
+            reason = "every move failed" if decision.candidates else decision.reason
+            log.warning("%s: run %s stays here: %s", why, run_id, reason)
+            if resume_unmoved and services.dags.runner.runs.get_run(run_id).status in RESUMABLE:
+                services.dags.start(run_id)
+    return moved
+
+
+def _run_model(runs: RunStore, run_id: str) -> str | None:
+    """The model the run used last (its states are that model's), or None when no node
+    has started yet: then any pcrt peer's best model will do."""
+    models = [n.model for n in runs.nodes(run_id) if n.model and n.started_at]
+    return models[-1] if models else None
+
+
+class Drain:
+    """The daemon stopping: admit no new requests and, with ``migrate_on_drain``, move the
+    running runs to peers at once, so that clients waiting on them are answered
+    "migrated" instead of holding the shutdown (uvicorn waits for open connections before
+    the lifespan ends). Begun by SIGTERM (``cli/serve.py``) or by the lifespan's end,
+    whichever comes first. The battery watcher stops first: one mover at a time."""
+
+    def __init__(self, services: Services, battery_watcher: asyncio.Task[None] | None) -> None:
+        self.services = services
+        self.battery_watcher = battery_watcher
+        self._moves: asyncio.Task[list[str]] | None = None
+
+    def begin(self) -> None:
+        """Idempotent; on the event loop."""
+        self.services.state = "draining"
+        self.services.pool.start_draining()
+        if self._moves is None and self.services.settings.peers.migrate_on_drain:
+            self._moves = asyncio.create_task(self._move(), name="pcrt-drain-moves")
+
+    async def finish(self) -> list[str]:
+        """Begin (if SIGTERM did not) and wait for the moves; the ids moved."""
+        self.begin()
+        await self._stop_battery_watcher()
+        return await self._moves if self._moves is not None else []
+
+    async def _move(self) -> list[str]:
+        await self._stop_battery_watcher()
+        return await move_running_runs(self.services, "draining", resume_unmoved=False)
+
+    async def _stop_battery_watcher(self) -> None:
+        if self.battery_watcher is not None:
+            self.battery_watcher.cancel()  # a move it has under way finishes first
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.battery_watcher

@@ -1,0 +1,63 @@
+"""Daemon routes beyond OpenAI's: health, Prometheus metrics, loaded models, unload."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import psutil
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+
+from pcrt.runtime.errors import InvalidRequest
+from pcrt.runtime.server.services import services_of
+
+__all__ = ["router"]
+
+router = APIRouter()
+
+
+@router.get("/health")
+async def health(request: Request) -> JSONResponse:
+    services = services_of(request)
+    status = 200 if services.state == "serving" else 503
+    return JSONResponse({"status": services.state}, status_code=status)
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    body = services_of(request).metrics.render()
+    return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+@router.get("/api/ps")
+async def ps(request: Request) -> dict[str, Any]:
+    """What ``pcrt ps`` shows: loaded models, their memory, slots and keep-alive expiry."""
+    services = services_of(request)
+    rss = psutil.Process(os.getpid()).memory_info().rss
+    return {
+        "models": [m.describe() for m in services.pool.loaded()],
+        "process_rss_bytes": rss,
+        "state": services.state,
+    }
+
+
+@router.get("/v1/pcrt/device")
+async def device(request: Request) -> dict[str, Any]:
+    """This machine's device profile for peers; live fields refresh every few seconds."""
+    profile: dict[str, Any] = services_of(request).monitor.latest.model_dump(mode="json")
+    return profile
+
+
+@router.post("/api/stop")
+async def stop(request: Request) -> dict[str, Any]:
+    """Unload a model now (``pcrt stop MODEL``); running requests on it fail."""
+    try:
+        body = await request.json()
+        name = body["model"]
+    except (ValueError, KeyError, TypeError):
+        raise InvalidRequest('send {"model": NAME}') from None
+    services = services_of(request)
+    loaded = services.pool.get_loaded(str(name))  # an unknown name raises ModelNotFound (404)
+    unloaded = await services.pool.unload(loaded.name) if loaded is not None else False
+    return {"model": str(name), "unloaded": unloaded}

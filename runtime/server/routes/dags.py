@@ -1,0 +1,177 @@
+"""DAG runs over HTTP: start (optionally streamed), list, inspect, resume, cancel."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict
+
+from pcrt.cache.runs import RunNotFound, RunRecord
+from pcrt.runtime.dag import load_dag, parse_dag
+from pcrt.runtime.dag.executor import RESUMABLE, DagEvent, DagRunner
+from pcrt.runtime.dag.library import library_from_documents
+from pcrt.runtime.dag.spec import DagSpec
+from pcrt.runtime.dag.tasks import DagTasks, run_view
+from pcrt.runtime.errors import InvalidRequest, NotFound, ShapeInvalid
+from pcrt.runtime.server.moving import move_run
+from pcrt.runtime.server.services import agent_of, services_of
+
+__all__ = ["router"]
+
+log = logging.getLogger(__name__)
+router = APIRouter()
+
+
+class StartRun(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    dag: dict[str, Any] | str  # the document, or its YAML / JSON / TOML text
+    inputs: dict[str, Any] = {}
+    # /lib DAGs (documents or their text) its subgraph nodes may call, over the daemon's
+    # library directories for this run
+    library: list[dict[str, Any] | str] = []
+    stream: bool = False
+    wait: bool = True  # without stream: answer when the run ends (else 202 at once)
+
+
+def _tasks(request: Request) -> DagTasks:
+    services = services_of(request)
+    return services.dags
+
+
+def _spec(body: StartRun) -> DagSpec:
+    """The DAG; with malformed nodes, the part that parsed, which ``runner.create`` then
+    refuses with every problem (the malformed nodes' and the models')."""
+    try:
+        if isinstance(body.dag, str):
+            text = body.dag.strip()
+            if "\n" not in text and text.endswith((".yaml", ".yml", ".json", ".toml")):
+                raise InvalidRequest("send the DAG document itself, not a file name")
+            return load_dag(text if "\n" in text or text.startswith("{") else text + "\n")
+        return parse_dag(body.dag)
+    except ShapeInvalid as exc:
+        return exc.partial
+
+
+def _get(runner: DagRunner, run_id: str) -> RunRecord:
+    try:
+        return runner.runs.get_run(run_id)
+    except RunNotFound:
+        raise NotFound(f"no DAG run {run_id!r}", param="run_id") from None
+
+
+@router.post("/v1/dags")
+async def start_run(body: StartRun, request: Request) -> Any:
+    tasks = _tasks(request)
+    spec = _spec(body)  # DagInvalid: 422 with every problem
+    agent = agent_of(request)
+    # a run is one request of its agent's (429 before anything is recorded); its
+    # generations' tokens are charged as they finish (DagRunner.usage)
+    services_of(request).limiter.admit(agent, 0)
+    run = tasks.runner.create(spec, body.inputs, library_from_documents(body.library), agent=agent)
+    if body.stream:
+        queue = tasks.listen(run.id)
+        tasks.start(run.id)
+        return StreamingResponse(
+            _events(queue, tasks, run.id),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-PCRT-Run": run.id},
+        )
+    tasks.start(run.id)
+    if not body.wait:
+        return JSONResponse(run_view(tasks.runner, run), status_code=202)
+    return run_view(tasks.runner, await tasks.outcome(run.id))
+
+
+async def _events(
+    queue: asyncio.Queue[DagEvent | None], tasks: DagTasks, run_id: str
+) -> AsyncIterator[str]:
+    """node_started, token, checkpoint, node_finished, run_finished, with node ids."""
+    while True:
+        event = await queue.get()
+        if event is None:
+            break
+        data = {"run": event.run_id, "node": event.node, **event.data}
+        yield f"event: {event.kind}\ndata: {json.dumps(data, default=str)}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+@router.get("/v1/dags")
+async def list_runs(request: Request, status: str | None = None) -> dict[str, Any]:
+    runner = _tasks(request).runner
+    runs = runner.runs.list_runs(status=status)
+    return {
+        "object": "list",
+        "data": [
+            {
+                "id": r.id,
+                "dag": r.dag_path,
+                "status": r.status,
+                "error": r.error,
+                "tokens_used": r.tokens_used,
+                "nodes_executed": r.nodes_executed,
+                "created_at": r.created_at,
+                "finished_at": r.finished_at,
+            }
+            for r in runs
+        ],
+    }
+
+
+@router.get("/v1/dags/{run_id}")
+async def get_run(run_id: str, request: Request) -> dict[str, Any]:
+    runner = _tasks(request).runner
+    return run_view(runner, _get(runner, run_id))
+
+
+@router.post("/v1/dags/{run_id}/resume")
+async def resume_run(run_id: str, request: Request, wait: bool = False) -> Any:
+    tasks = _tasks(request)
+    run = _get(tasks.runner, run_id)
+    if run.status not in RESUMABLE:
+        raise InvalidRequest(f"run {run_id} is {run.status}; only {', '.join(RESUMABLE)} resume")
+    # a request of the agent the run bills, as starting it was
+    services_of(request).limiter.admit(run.agent or agent_of(request), 0)
+    tasks.start(run_id)
+    if not wait:
+        return JSONResponse(run_view(tasks.runner, _get(tasks.runner, run_id)), status_code=202)
+    return run_view(tasks.runner, await tasks.outcome(run_id))
+
+
+@router.delete("/v1/dags/{run_id}")
+async def cancel_run(run_id: str, request: Request) -> dict[str, Any]:
+    """Stop a run now; its finished outputs and checkpoints are kept (resume continues)."""
+    tasks = _tasks(request)
+    run = _get(tasks.runner, run_id)
+    if not await tasks.cancel(run_id) and run.status in ("pending", "interrupted"):
+        tasks.runner.runs.set_status(run_id, "cancelled", error="cancelled; checkpoints kept")
+    return run_view(tasks.runner, _get(tasks.runner, run_id))
+
+
+class MigrateRun(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    to: str  # the pcrt peer's name, as pcrt peers shows it
+    states: bool = True  # false: the record alone, the peer recomputes unfinished nodes
+
+
+@router.post("/v1/dags/{run_id}/migrate")
+async def migrate(run_id: str, body: MigrateRun, request: Request) -> dict[str, Any]:
+    """Move an unfinished run, with its KV states, to a pcrt peer that resumes it there.
+
+    The run stops here first (its checkpoints are on disk). If the move fails the run stays
+    here, stopped and resumable; nothing is lost."""
+    services = services_of(request)
+    tasks = services.dags
+    run = _get(tasks.runner, run_id)
+    if run.status not in RESUMABLE:
+        raise InvalidRequest(f"run {run_id} is {run.status}; only unfinished runs move")
+    result = await move_run(services, run_id, body.to, with_states=body.states)
+    log.info("run %s moved to %s (%d states)", run_id, result.peer, result.states_sent)
+    return {**result.summary(), "run": run_view(tasks.runner, _get(tasks.runner, run_id))}

@@ -1,0 +1,226 @@
+"""Routes between peers: node info, the peer table, subgraphs run for another daemon.
+
+``/v1/pcrt/node`` and ``/v1/pcrt/subgraphs`` answer only requests signed with the cluster
+key (``require_key`` in ``app.py`` checks the signature once and leaves the verdict in
+``request.state.peer_verified``). ``/v1/pcrt/peers`` is for this node's own users.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from pcrt.cache.blobs import is_blob_id
+from pcrt.cache.runs import RunExists
+from pcrt.routing.auth import CLUSTER_HEADER, PROOF_HEADER
+from pcrt.routing.migrate import BLOBS_PATH
+from pcrt.runtime.dag import parse_dag
+from pcrt.runtime.dag.executor import check_run
+from pcrt.runtime.engine.state import KVState
+from pcrt.runtime.errors import Conflict, Unauthorized
+from pcrt.runtime.server.services import agent_of, services_of
+from pcrt.runtime.server.uploads import disk_errors, receive_into
+from pcrt.runtime.threads import to_thread_to_completion
+
+__all__ = ["router", "streamed_body_sha256"]
+
+log = logging.getLogger(__name__)
+
+router = APIRouter()
+
+
+def _require_peer(request: Request) -> None:
+    if not getattr(request.state, "peer_verified", False):
+        raise Unauthorized(
+            "this route is for pcrt peers: sign the request with the cluster key "
+            f"({CLUSTER_HEADER})"
+        )
+
+
+@router.get("/v1/pcrt/node")
+async def node_info(request: Request) -> Response:
+    """What this node offers, with a proof that it holds the cluster key too."""
+    _require_peer(request)
+    services = services_of(request)
+    body = json.dumps(services.node.info(services.state)).encode()
+    headers = {}
+    proof = services.coordinator.proof_for(request.headers[CLUSTER_HEADER], body)
+    if proof is not None:
+        headers[PROOF_HEADER] = proof
+    return Response(body, media_type="application/json", headers=headers)
+
+
+@router.get("/v1/pcrt/peers")
+async def peers(request: Request) -> dict[str, Any]:
+    """The peer table, as ``pcrt peers`` shows it."""
+    services = services_of(request)
+    coordinator = services.coordinator
+    return {
+        "node": {
+            "node_id": services.node.node_id,
+            "name": services.node.name,
+            "lan": coordinator.discovery is not None,
+            "cluster_key": coordinator.cluster_key is not None,
+        },
+        "peers": coordinator.describe(),
+    }
+
+
+class SubgraphRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    dag: dict[str, Any]  # the DAG restricted to the subgraph and the nodes it reads
+    inputs: dict[str, Any] = {}
+    done: dict[str, Any] = {}  # outputs of upstream nodes, computed by the caller
+    nodes: list[str] = Field(min_length=1)  # the subgraph: what runs here
+    origin: str = "peer"
+
+
+@router.post("/v1/pcrt/subgraphs")
+async def run_subgraph(body: SubgraphRequest, request: Request) -> dict[str, Any]:
+    """Run part of a peer's DAG here and answer with its node records."""
+    _require_peer(request)
+    services = services_of(request)
+    runner = services.dags.runner
+    spec = parse_dag(body.dag)
+    record = runner.create_partial(
+        spec, body.inputs, body.done, body.origin, agent=agent_of(request)
+    )
+    # the peer's: never moved from here, and not resumed after a restart
+    runner.runs.mark_for_peer(record.id, body.origin)
+    task = services.dags.start(record.id)
+    caller_left = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, caller_left}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        caller_left.cancel()
+    if not task.done():
+        # the peer gave up on us (it fell back elsewhere): no one will read this run
+        await services.dags.cancel(record.id)
+        log.info("subgraph run %s cancelled: %s stopped waiting for it", record.id, body.origin)
+    final = await services.dags.outcome(record.id)  # the daemon stopping: "cancelled"
+    nodes = {n.node_id: n for n in runner.runs.nodes(record.id)}
+    return {
+        "run_id": final.id,
+        "status": final.status,
+        "error": final.error,
+        "nodes": {
+            node_id: {
+                "status": nodes[node_id].status,
+                "output": nodes[node_id].output,
+                "prompt_tokens": nodes[node_id].prompt_tokens,
+                "cached_tokens": nodes[node_id].cached_tokens,
+                "completion_tokens": nodes[node_id].completion_tokens,
+                "seconds": nodes[node_id].seconds,
+                "model": nodes[node_id].model,
+                "cache_hit": nodes[node_id].cache_hit,
+                "ran_on": nodes[node_id].ran_on,
+            }
+            for node_id in body.nodes
+            if node_id in nodes
+        },
+    }
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client closes its connection (the body has been read: the next
+    ASGI message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def streamed_body_sha256(request: Request) -> str | None:
+    """The sha256 a blob upload declares (``PUT /v1/pcrt/blobs?sha256=...``): its cluster
+    signature covers that hash, so the body is streamed to disk rather than read into
+    memory to be checked, and ``receive_blob`` holds it to the hash. None for any other
+    request (and for a sender that declares none: it is read and checked whole)."""
+    if request.method != "PUT" or request.url.path != BLOBS_PATH:
+        return None
+    declared = request.query_params.get("sha256")
+    return declared if declared is not None and is_blob_id(declared) else None
+
+
+@router.put(BLOBS_PATH)
+async def receive_blob(
+    request: Request, run_id: str | None = None, sha256: str | None = None
+) -> dict[str, Any]:
+    """A KV state a peer moves here with a run, streamed to disk as it arrives (a state
+    of gigabytes costs a chunk of memory), then checked before it is stored: the hash
+    the signature covers, the header, the length and the payload hash."""
+    _require_peer(request)
+    services = services_of(request)
+    limit = services.settings.state_upload_max_bytes
+    declared = streamed_body_sha256(request)
+    with disk_errors(services.blobs), services.blobs.incoming() as blob:
+        await receive_into(request, blob, limit)  # BodyTooLarge: 400
+        if declared is not None and blob.sha256 != declared:
+            raise Unauthorized(
+                f"the body hashes to {blob.sha256[:12]}, not the signed {declared[:12]}"
+                " (changed on the way?)"
+            )
+
+        def store() -> str:
+            KVState.from_bytes(blob.finish())  # header, length, payload hash: StateError
+            return blob.commit(run_id=run_id)
+
+        return {"id": await to_thread_to_completion(store), "size": blob.size}
+
+
+class MovedRun(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    id: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    spec: dict[str, Any]
+    inputs: dict[str, Any] = {}
+    tokens_used: int = Field(default=0, ge=0)
+    nodes_executed: int = Field(default=0, ge=0)
+    created_at: str | None = None
+    agent: str | None = None  # as long as the header it came from: never a reason to refuse
+
+
+class ImportRun(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    run: MovedRun
+    nodes: list[dict[str, Any]]
+    origin: str = "peer"
+
+
+@router.post("/v1/pcrt/runs")
+async def import_run(body: ImportRun, request: Request) -> dict[str, Any]:
+    """A run migrated here: record it (its states arrived first) and resume it.
+
+    The same run from the same origin again (the sender lost our answer and retried) is
+    answered as the first time, with the run as it stands; it does not start twice."""
+    _require_peer(request)
+    services = services_of(request)
+    runner = services.dags.runner
+    spec = parse_dag(body.run.spec)  # a malformed spec is refused before storing
+    # and one this node cannot run (a model it lacks): the source keeps the run
+    check_run(spec, runner.registry, body.run.inputs)
+    for node in body.nodes:
+        for key in ("state_sha256", "checkpoint_sha256"):
+            sha = node.get(key)
+            if sha and not services.blobs.has(sha):
+                node[key] = None  # never point at a state that is not here: recompute
+    try:
+        record, fresh = runner.runs.import_run(
+            {**body.run.model_dump(), "dag_path": spec.dag}, body.nodes, origin=body.origin
+        )
+    except RunExists as exc:
+        raise Conflict(str(exc)) from None
+    if fresh:
+        log.info("run %s moved here from %s", record.id, body.origin)
+        services.dags.start(record.id)
+        status = "running"
+    else:
+        log.info(
+            "run %s from %s again: it is here already (%s)", record.id, body.origin, record.status
+        )
+        status = "running" if record.id in services.dags.tasks else record.status
+    return {"id": record.id, "status": status, "url": f"/v1/dags/{record.id}"}

@@ -1,0 +1,173 @@
+"""The daemon's settings: CLI flags over a TOML config file over defaults.
+
+The config file is ``PCRT_CONFIG`` or ``config.toml`` in the platform's user config dir::
+
+    [server]
+    host = "127.0.0.1"
+    port = 11435
+    parallel = 4
+    keep_alive = "5m"
+    max_loaded_models = 2
+    queue_size = 16
+    api_key_env = "PCRT_API_KEY"
+
+    [limits.default]              # every agent not named below
+    requests_per_minute = 600
+    tokens_per_minute = 200000
+
+    [limits.agents.crawler]       # X-PC-Agent-ID: crawler
+    requests_per_minute = 30
+
+    [peers]                       # issue 6: LAN peers and upstream servers
+    lan = true                    # announce and browse by mDNS (pcrt serve --lan)
+    interfaces = "all"            # or a list of addresses, e.g. ["192.168.1.20"]
+    cluster_key_env = "PCRT_CLUSTER_KEY"
+    migrate_on_drain = true       # on SIGTERM, move running DAG runs to a peer
+    migrate_on_battery = true     # and once per discharge on battery below battery_threshold
+    battery_threshold = 30        # percent
+
+    [[peers.static]]              # a server mDNS cannot see
+    name = "gpu-box"
+    url = "http://10.0.0.5:8000"
+    kind = "vllm"
+    api_key_env = "GPU_BOX_KEY"
+    models = ["qwen2.5-7b-instruct"]
+    tags = ["complex"]
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import platformdirs
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from pcrt.routing.settings import PeerSettings
+from pcrt.runtime.errors import ConfigError
+
+__all__ = [
+    "AgentLimits",
+    "LimitSettings",
+    "ServerSettings",
+    "is_loopback",
+    "parse_duration",
+]
+
+_DURATION = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_duration(value: str | float | int) -> float:
+    """Seconds from Ollama-style durations: 300, "300", "5m", "1h", "-1" (forever)."""
+    if isinstance(value, int | float):
+        if value != value or value in (float("inf"), float("-inf")):  # NaN or infinite
+            raise ValueError(f"not a duration: {value!r}")
+        return float(value)
+    match = _DURATION.match(str(value))
+    if not match:
+        raise ValueError(f"not a duration: {value!r} (examples: 30s, 5m, 1h, 0, -1)")
+    return float(match[1]) * _UNITS[match[2]]
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class AgentLimits(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    requests_per_minute: float | None = Field(default=None, gt=0)
+    tokens_per_minute: float | None = Field(default=None, gt=0)
+
+
+class LimitSettings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    default: AgentLimits = AgentLimits()
+    agents: dict[str, AgentLimits] = {}
+
+    def for_agent(self, agent: str) -> AgentLimits:
+        return self.agents.get(agent, self.default)
+
+
+class ServerSettings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=11435, ge=0, le=65535)
+    parallel: int = Field(default=4, ge=1, le=64)
+    context: int | None = Field(default=None, ge=64)
+    n_threads: int | None = Field(default=None, ge=1)
+    keep_alive: float = 300.0  # seconds; 0 unloads after each request, < 0 keeps forever
+    max_loaded_models: int = Field(default=2, ge=1)
+    queue_size: int = Field(default=16, ge=0)  # waiting requests per model beyond its slots
+    api_key: str | None = None
+    api_key_env: str = "PCRT_API_KEY"
+    shutdown_grace: float = Field(default=10.0, ge=0)
+    resume_on_start: bool = False  # resume interrupted DAG runs when the daemon starts
+    # deterministic DAG nodes and calls remembered by their inputs (least recently used
+    # go first; 0 remembers none)
+    dag_cache_entries: int = Field(default=10_000, ge=0)
+    device_refresh: float = Field(default=5.0, gt=0)  # seconds between live device readings
+    # KV state blobs (issue 5): the store's size bound (LRU eviction of finished runs'
+    # states; None: unbounded) and the largest state PUT /v1/states accepts
+    blob_max_bytes: int | None = Field(default=10 * 1024**3, ge=1)
+    state_upload_max_bytes: int = Field(default=2 * 1024**3, ge=1)
+    limits: LimitSettings = LimitSettings()
+    peers: PeerSettings = PeerSettings()
+
+    @field_validator("keep_alive", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> float:
+        return parse_duration(value)
+
+    def resolved_api_key(self) -> str | None:
+        return self.api_key or os.environ.get(self.api_key_env) or None
+
+    def check_exposure(self) -> None:
+        """Anything but loopback must have an API key: a LAN is not a trust boundary."""
+        if not is_loopback(self.host) and not self.resolved_api_key():
+            raise ConfigError(
+                f"binding to {self.host} exposes the API beyond this machine: set an API key "
+                f"(--api-key, env {self.api_key_env}, or api_key in the config file)"
+            )
+
+    @classmethod
+    def load(cls, config_file: Path | None = None, **overrides: Any) -> ServerSettings:
+        path = config_file or Path(
+            os.environ.get("PCRT_CONFIG")
+            or Path(platformdirs.user_config_dir("pcrt")) / "config.toml"
+        )
+        values: dict[str, Any] = {}
+        if path.exists():
+            try:
+                raw = tomllib.loads(path.read_text(encoding="utf-8"))
+            except (OSError, tomllib.TOMLDecodeError) as exc:
+                raise ConfigError(f"{path}: {exc}") from None
+            unknown = set(raw) - {"server", "limits", "peers"}
+            if unknown:
+                raise ConfigError(f"{path}: unknown section(s) {sorted(unknown)}")
+            values.update(raw.get("server", {}))
+            for section in ("limits", "peers"):
+                if section in raw:
+                    values[section] = raw[section]
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        try:
+            return cls(**values)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(map(str, e['loc']))}: "
+                f"{'unknown key' if e['type'] == 'extra_forbidden' else e['msg']}"
+                for e in exc.errors()
+            )
+            raise ConfigError(f"{path}: {problems}") from None
