@@ -2,14 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import signal
-
 import click
 
-from pcrt.routing.announce import Upstream, announce_upstream
-from pcrt.routing.discovery import interfaces_setting
 from pcrt.runtime.errors import ConfigError
 
 __all__ = ["announce"]
@@ -47,8 +41,14 @@ def announce(
     cluster_key_env: str,
 ) -> None:
     """Announce UPSTREAM by mDNS until interrupted, with the models its /v1/models lists."""
+    import asyncio
+    import contextlib
     import os
+    import signal
     from urllib.parse import urlsplit
+
+    from pcrt.routing.announce import Upstream, announce_upstream
+    from pcrt.routing.discovery import interfaces_setting
 
     host = urlsplit(upstream).hostname or "upstream"
     target = Upstream(

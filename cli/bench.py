@@ -8,30 +8,24 @@ routing only trusts fresh ones, and ``--if-stale`` re-measures exactly when none
 
 from __future__ import annotations
 
-import asyncio
 import datetime
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
-from pcrt.cache.store import BenchRecord, Store
-from pcrt.cli.progress import download_progress
-from pcrt.device.offload import OffloadPlan
-from pcrt.device.profile import DeviceProfile, collect_profile
-from pcrt.runtime.engine import EngineConfig
-from pcrt.runtime.models.benchmark import BenchProgress, run_bench
-from pcrt.runtime.models.hashing import file_sha256
-from pcrt.runtime.models.loader import open_engine
-from pcrt.runtime.models.planning import plan_for
-from pcrt.runtime.models.pull import ensure_pulled
-from pcrt.runtime.models.registry import Registry
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table
+
+    from pcrt.cache.store import BenchRecord, Store
+    from pcrt.device.offload import OffloadPlan
+    from pcrt.device.profile import DeviceProfile
+    from pcrt.runtime.models.benchmark import BenchProgress
+    from pcrt.runtime.models.registry import Registry
 
 __all__ = ["bench"]
 
@@ -58,6 +52,15 @@ def bench(
     as_json: bool,
 ) -> None:
     """Measure MODEL's prefill and decode speed here and store it."""
+    from pcrt.cache.store import Store
+    from pcrt.cli.progress import download_progress
+    from pcrt.device.profile import collect_profile
+    from pcrt.runtime.engine import EngineConfig
+    from pcrt.runtime.models.hashing import file_sha256
+    from pcrt.runtime.models.planning import plan_for
+    from pcrt.runtime.models.pull import ensure_pulled
+    from pcrt.runtime.models.registry import Registry
+
     registry = Registry.load()
     entry = registry.resolve(model)
     n_threads = threads or EngineConfig().n_threads
@@ -121,6 +124,12 @@ def _measure(
     repeats: int,
     quiet: bool,
 ) -> BenchRecord:
+    import asyncio
+
+    from pcrt.cache.store import BenchRecord
+    from pcrt.runtime.models.benchmark import run_bench
+    from pcrt.runtime.models.loader import open_engine
+
     engine = open_engine(registry, name, store=store, profile=profile, **overrides)
     with engine, _progress(quiet) as progress:
         figures = asyncio.run(
@@ -159,6 +168,15 @@ def _progress(quiet: bool) -> Iterator[BenchProgress]:
     if quiet:
         yield lambda phase, done, total: None
         return
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
     bars = Progress(
         TextColumn("[bold]{task.description:<8}"),
         BarColumn(),
@@ -197,6 +215,8 @@ def _as_dict(
 def _history_table(
     records: list[BenchRecord], profile: DeviceProfile, plan: OffloadPlan, threads: int
 ) -> Table:
+    from rich.table import Table
+
     table = Table(box=None, header_style="bold", title="results for this model")
     for column in ("MEASURED", "PREFILL T/S", "DECODE T/S", "THREADS", "PLAN", "DEVICE", "STATUS"):
         table.add_column(column)
@@ -214,5 +234,7 @@ def _history_table(
 
 
 def _console() -> Console:
+    from rich.console import Console
+
     console = Console()
     return console if console.is_terminal else Console(width=200)

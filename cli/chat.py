@@ -6,13 +6,11 @@ previous turns' tokens in the slot and only computes the new ones.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import click
 
-from pcrt.cli.client import DaemonClient
-from pcrt.cli.progress import download_progress
 from pcrt.cli.run import (
     build_sampling,
     remote_body,
@@ -22,12 +20,13 @@ from pcrt.cli.run import (
     stream_to_terminal,
     verbose_report,
 )
-from pcrt.runtime.engine import Engine, GenerateRequest
-from pcrt.runtime.engine.chat import ChatMessage
-from pcrt.runtime.engine.sampling import SamplingParams
 from pcrt.runtime.errors import InvalidRequest
-from pcrt.runtime.models.loader import open_engine
-from pcrt.runtime.models.registry import Registry
+
+if TYPE_CHECKING:
+    from pcrt.cli.client import DaemonClient
+    from pcrt.runtime.engine import Engine
+    from pcrt.runtime.engine.chat import ChatMessage
+    from pcrt.runtime.engine.sampling import SamplingParams
 
 __all__ = ["chat"]
 
@@ -53,6 +52,9 @@ def chat(
 
     Talks to a running daemon (PCRT_URL) when one answers, else runs in this process.
     """
+    from pcrt.cli.client import DaemonClient
+    from pcrt.runtime.models.registry import Registry
+
     sampling = build_sampling(temperature, max_tokens, seed)
     registry = Registry.load()
     name = registry.resolve(model).name
@@ -63,6 +65,9 @@ def chat(
                 _loop(name, system, _remote_turn(client, name, sampling, verbose))
             return
         client.close()
+    from pcrt.cli.progress import download_progress
+    from pcrt.runtime.models.loader import open_engine
+
     engine = open_engine(
         registry,
         model,
@@ -78,10 +83,14 @@ def chat(
         _loop(name, system, _local_turn(engine, sampling, verbose))
 
 
-Turn = Callable[[list[ChatMessage]], str]
+Turn = Callable[[list["ChatMessage"]], str]
 
 
 def _local_turn(engine: Engine, sampling: SamplingParams, verbose: bool) -> Turn:
+    import asyncio
+
+    from pcrt.runtime.engine import GenerateRequest
+
     def turn(messages: list[ChatMessage]) -> str:
         request = GenerateRequest(messages=list(messages), sampling=sampling)
         result = asyncio.run(stream_to_terminal(engine, request, echo=True))
@@ -107,6 +116,8 @@ def _remote_turn(client: DaemonClient, name: str, sampling: SamplingParams, verb
 
 
 def _loop(name: str, system: str | None, turn: Turn) -> None:
+    from pcrt.runtime.engine.chat import ChatMessage
+
     base = [ChatMessage(role="system", content=system)] if system else []
     messages = list(base)
     click.echo(f"chatting with {name}. {_HELP}", err=True)

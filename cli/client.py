@@ -1,19 +1,26 @@
-"""Talking to a running daemon: where it is, whether it answers, and a streamed chat."""
+"""The CLI's one HTTP client for a running daemon: where it is, whether it answers, its
+JSON answers (errors as PcrtError, a refused DAG as DagInvalid) and its SSE streams.
+
+Commands import this module inside their functions: httpx costs a tenth of a second
+to import, which ``pcrt --help`` should not pay.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 
-from pcrt.runtime.errors import PcrtError
+from pcrt.runtime.errors import DagInvalid, PcrtError, Problem
+from pcrt.runtime.sse import SseEvent, events
 
-__all__ = ["DaemonClient", "StreamResult"]
+__all__ = ["DaemonClient", "EventStream", "StreamResult"]
 
 
 @dataclass
@@ -24,6 +31,14 @@ class StreamResult:
     t_start: float
     t_first: float | None
     t_done: float
+
+
+@dataclass
+class EventStream:
+    """An SSE answer being read: its headers, and its events up to ``[DONE]``."""
+
+    headers: Mapping[str, str]
+    events: Iterator[SseEvent]
 
 
 class DaemonClient:
@@ -54,31 +69,56 @@ class DaemonClient:
             return False
 
     def get(self, path: str) -> Any:
-        return self._json(self._call("GET", path))
+        return self.request("GET", path)
 
-    def post(self, path: str, body: dict[str, Any]) -> Any:
-        return self._json(self._call("POST", path, json=body))
+    def post(self, path: str, body: dict[str, Any] | None = None) -> Any:
+        return self.request("POST", path, body)
 
-    def _call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    def delete(self, path: str) -> Any:
+        return self.request("DELETE", path)
+
+    def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        """The JSON of the daemon's answer; an error answer raises (see ``_json``)."""
         try:
-            return self.http.request(method, path, **kwargs)
+            response = self.http.request(method, path, json=body)
         except httpx.ConnectError:
             raise PcrtError(
                 f"no pcrt daemon answers at {self.url} (start one: pcrt serve)"
             ) from None
         except httpx.HTTPError as exc:
             raise PcrtError(f"the daemon at {self.url} failed: {exc}") from None
+        return self._json(response)
 
     @staticmethod
     def _json(response: httpx.Response) -> Any:
+        """A 4xx/5xx becomes one line; one with a DAG's problems becomes DagInvalid."""
         try:
             data = response.json()
         except ValueError:
             raise PcrtError(f"the daemon answered {response.status_code} without JSON") from None
         if response.status_code >= 400:
-            message = data.get("error", {}).get("message") if isinstance(data, dict) else None
-            raise PcrtError(f"daemon: {message or response.status_code}")
+            error = data.get("error", {}) if isinstance(data, dict) else {}
+            if error.get("problems"):
+                raise DagInvalid([Problem(**p) for p in error["problems"]])
+            raise PcrtError(f"daemon: {error.get('message') or response.status_code}")
         return data
+
+    @contextlib.contextmanager
+    def events(self, path: str, body: dict[str, Any]) -> Iterator[EventStream]:
+        """POST ``body`` and read the answer as server-sent events (``pcrt.runtime.sse``).
+
+        A broken connection while the events are read raises PcrtError here too.
+        """
+        try:
+            with self.http.stream("POST", path, json=body) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    self._json(response)
+                yield EventStream(response.headers, _until_done(response.iter_bytes()))
+        except httpx.ConnectError:
+            raise PcrtError(f"no pcrt daemon answers at {self.url}") from None
+        except httpx.HTTPError as exc:
+            raise PcrtError(f"the stream from {self.url} broke: {exc}") from None
 
     def stream(self, path: str, body: dict[str, Any]) -> Iterator[str | StreamResult]:
         """Stream a chat or text completion: yields text deltas, then one StreamResult."""
@@ -88,28 +128,27 @@ class DaemonClient:
         text: list[str] = []
         finish: str | None = None
         usage: dict[str, Any] = {}
-        try:
-            with self.http.stream("POST", path, json=body) as response:
-                if response.status_code >= 400:
-                    response.read()
-                    self._json(response)
-                for line in response.iter_lines():
-                    if not line.startswith("data: ") or line == "data: [DONE]":
-                        continue
-                    chunk = json.loads(line[6:])
-                    if "error" in chunk:
-                        raise PcrtError(f"daemon: {chunk['error'].get('message')}")
-                    if chunk.get("usage"):
-                        usage = chunk["usage"]
-                    for choice in chunk.get("choices", []):
-                        delta = choice.get("delta", {}).get("content") or choice.get("text")
-                        if delta:
-                            first = first or time.perf_counter()
-                            text.append(delta)
-                            yield delta
-                        finish = choice.get("finish_reason") or finish
-        except httpx.ConnectError:
-            raise PcrtError(f"no pcrt daemon answers at {self.url}") from None
-        except httpx.HTTPError as exc:
-            raise PcrtError(f"the stream from {self.url} broke: {exc}") from None
+        with self.events(path, body) as stream:
+            for event in stream.events:
+                chunk = json.loads(event.data or b"{}")
+                if "error" in chunk:
+                    raise PcrtError(f"daemon: {chunk['error'].get('message')}")
+                if chunk.get("usage"):
+                    usage = chunk["usage"]
+                for choice in chunk.get("choices", []):
+                    delta = choice.get("delta", {}).get("content") or choice.get("text")
+                    if delta:
+                        first = first or time.perf_counter()
+                        text.append(delta)
+                        yield delta
+                    finish = choice.get("finish_reason") or finish
         yield StreamResult("".join(text), finish, usage, start, first, time.perf_counter())
+
+
+def _until_done(chunks: Iterator[bytes]) -> Iterator[SseEvent]:
+    """The events that carry data, up to (not including) ``[DONE]``."""
+    for event in events(chunks):
+        if event.done:
+            return
+        if event.data:
+            yield event

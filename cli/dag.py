@@ -16,68 +16,29 @@ the DAG declares as a string keeps the text exactly as typed (``-i year=1999`` s
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import datetime
 import json
 import sys
-import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-import httpx
-from rich.console import Console, Group, RenderableType
-from rich.live import Live
-from rich.table import Table
-from rich.text import Text
-from rich.tree import Tree
 
-from pcrt.cache.blobs import BlobStore
-from pcrt.cache.runs import RunNotFound, RunRecord, RunStore
-from pcrt.cache.status import FINISHED_RUN_STATES, RunStatus
-from pcrt.cache.store import Store
-from pcrt.cli.client import DaemonClient
-from pcrt.cli.progress import download_progress
+from pcrt.cache.status import RESUMABLE_RUN_STATES, NodeStatus, RunStatus
 from pcrt.device.units import format_bytes
-from pcrt.runtime.dag import DagSpec, ForkNode, LlmNode, dependencies, load_dag, parse_dag
-from pcrt.runtime.dag.engines import LocalEngines
-from pcrt.runtime.dag.executor import RESUMABLE, DagEvent, DagRunner, check_run
-from pcrt.runtime.dag.library import (
-    Library,
-    library_from_documents,
-    load_library,
-    load_library_paths,
-    run_library,
-)
-from pcrt.runtime.dag.spec import SubgraphNode
-from pcrt.runtime.dag.subgraph import generating_nodes
-from pcrt.runtime.dag.tasks import run_view
-from pcrt.runtime.errors import DagInvalid, InvalidRequest, PcrtError, Problem, ShapeInvalid
-from pcrt.runtime.models.registry import Registry
-from pcrt.runtime.paths import Paths
+from pcrt.runtime.errors import DagInvalid, InvalidRequest, ShapeInvalid
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from pcrt.runtime.dag import DagSpec
+    from pcrt.runtime.dag.library import Library
+    from pcrt.runtime.models.registry import Registry
 
 __all__ = ["dag", "parse_inputs"]
 
 RUN_STATES = [status.value for status in RunStatus]  # values: click matches enums by name
-_STYLE = {
-    "succeeded": "green",
-    "failed": "red",
-    "budget_exceeded": "red",
-    "cancelled": "yellow",
-    "interrupted": "magenta",
-    "running": "cyan",
-    "pending": "dim",
-    "migrated": "blue",
-}
-_POLL_SECONDS = 0.5
-_TAIL = 400  # characters of streamed text kept per stream for the live view
-
-NodeLookup = Callable[[str, str], dict[str, Any] | None]
-"""(run id, node id) -> the node's record as a dict (the ``nodes`` items of a run view)."""
 
 
 # -- inputs and validation ---------------------------------------------------------------
@@ -114,6 +75,10 @@ def parse_inputs(pairs: Sequence[str], spec: DagSpec | None = None) -> dict[str,
 
 def _check(spec: DagSpec, registry: Registry, inputs: dict[str, Any], extra: Library) -> None:
     """What the runner checks on create, before anything is sent or loaded."""
+    from pcrt.runtime.dag.executor import check_run
+    from pcrt.runtime.dag.library import run_library
+    from pcrt.runtime.paths import Paths
+
     if extra.problems:  # files named with --lib are checked even if nothing calls them
         raise DagInvalid(extra.problems)
     check_run(spec, registry, inputs, library=run_library(spec, Paths.from_env().lib_dirs, extra))
@@ -127,247 +92,7 @@ def _print_problems(exc: DagInvalid, source: str) -> None:
         click.echo(f"  {problem}", err=True)
 
 
-# -- the local store ---------------------------------------------------------------------
-
-
-@dataclass
-class _Local:
-    runner: DagRunner
-    engines: LocalEngines
-
-    @property
-    def runs(self) -> RunStore:
-        return self.runner.runs
-
-
-@contextlib.contextmanager
-def _local() -> Iterator[_Local]:
-    """The store under PCRT_HOME and a runner whose engines load on first use."""
-    paths = Paths.from_env()
-    registry = Registry.load(paths)
-    with Store(paths.db_path) as store:
-        engines = LocalEngines(registry, parallel=4, progress=download_progress)
-        runner = DagRunner(
-            registry=registry,
-            runs=RunStore(store),
-            blobs=BlobStore(store, paths.home / "blobs"),
-            lease=engines.lease,
-        )
-        try:
-            yield _Local(runner, engines)
-        finally:
-            engines.close()
-
-
-@contextlib.contextmanager
-def _runs() -> Iterator[RunStore]:
-    with Store(Paths.from_env().db_path) as store:
-        yield RunStore(store)
-
-
-def _get_run(runs: RunStore, run_id: str) -> RunRecord:
-    try:
-        return runs.get_run(run_id)
-    except RunNotFound:
-        raise PcrtError(f"no DAG run {run_id!r} (see `pcrt dag list`)") from None
-
-
-# -- the daemon --------------------------------------------------------------------------
-
-
-def _answer(response: httpx.Response) -> Any:
-    """The JSON of a daemon's answer; a 422 becomes DagInvalid, other errors one line."""
-    try:
-        data = response.json()
-    except ValueError:
-        raise PcrtError(f"the daemon answered {response.status_code} without JSON") from None
-    if response.status_code >= 400:
-        error = data.get("error", {}) if isinstance(data, dict) else {}
-        if error.get("problems"):
-            raise DagInvalid([Problem(**p) for p in error["problems"]])
-        raise PcrtError(f"daemon: {error.get('message') or response.status_code}")
-    return data
-
-
-def _request(client: DaemonClient, method: str, path: str, **kwargs: Any) -> Any:
-    try:
-        return _answer(client.http.request(method, path, **kwargs))
-    except httpx.ConnectError:
-        raise PcrtError(f"no pcrt daemon answers at {client.url}") from None
-    except httpx.HTTPError as exc:
-        raise PcrtError(f"the daemon at {client.url} failed: {exc}") from None
-
-
-def _sse(lines: Iterable[str]) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(event, data) pairs of a server-sent event stream; ``[DONE]`` ends it."""
-    kind, data = "message", ""
-    for line in lines:
-        if line.startswith("event:"):
-            kind = line[6:].strip()
-        elif line.startswith("data:"):
-            data += line[5:].strip()
-        elif not line and data:
-            if data == "[DONE]":
-                return
-            yield kind, json.loads(data)
-            kind, data = "message", ""
-
-
-def _node_from_view(view: dict[str, Any], node_id: str) -> dict[str, Any] | None:
-    return next((n for n in view.get("nodes", []) if n["node_id"] == node_id), None)
-
-
-# -- live progress -----------------------------------------------------------------------
-
-
-class _Progress:
-    """``--follow``: a line when a node starts and when it finishes (tokens, time, cache
-    hit, checkpoint), and the text being generated: on a terminal a live view of every
-    stream, elsewhere one stream at a time printed inline, so logs stay readable."""
-
-    def __init__(self, console: Console, lookup: NodeLookup, enabled: bool = True) -> None:
-        self.console = console
-        self.lookup = lookup
-        self.enabled = enabled
-        self.live: Live | None = None
-        self.started: dict[str, float] = {}
-        self.counts: dict[str, int] = {}
-        self.tails: dict[tuple[str, int], str] = {}
-        self.inline: tuple[str, int] | None = None
-        self.refreshed = 0.0
-
-    def __enter__(self) -> _Progress:
-        if self.enabled and self.console.is_terminal:
-            self.live = Live(
-                console=self.console,
-                auto_refresh=False,
-                transient=True,
-                get_renderable=self._render,
-            )
-            self.live.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._end_inline()
-        if self.live is not None:
-            self.live.stop()
-            self.live = None
-
-    def local_event(self, event: DagEvent) -> None:
-        self.event(event.kind, event.run_id, event.node, event.data)
-
-    def event(self, kind: str, run_id: str, node: str | None, data: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        if kind == "token" and node is not None:
-            self._token(node, int(data.get("index") or 0), str(data.get("text") or ""))
-        elif kind == "run_started":
-            verb = "resumed" if data.get("resumed") else "started"
-            self._line(Text.assemble(("run ", "bold"), (run_id, "bold"), f" {verb}"))
-        elif kind == "node_started" and node is not None:
-            self.started[node] = time.perf_counter()
-            self.counts[node] = 0
-            kind_text = f" ({data['type']})" if data.get("type") else ""
-            self._line(Text.assemble(("→ ", "cyan"), (node, "bold"), kind_text))
-        elif kind == "checkpoint" and node is not None:
-            self._line(Text(f"  {node}: checkpoint at {data.get('tokens')} tokens", style="dim"))
-        elif kind == "node_finished" and node is not None:
-            self._finished(run_id, node, data)
-
-    def _finished(self, run_id: str, node: str, data: dict[str, Any]) -> None:
-        elapsed = time.perf_counter() - self.started.pop(node, time.perf_counter())
-        counted = self.counts.pop(node, 0)
-        for key in [k for k in self.tails if k[0] == node]:
-            del self.tails[key]
-        if self.inline is not None and self.inline[0] == node:
-            self._end_inline()
-        if data.get("status") == "failed":
-            self._line(
-                Text.assemble(("✗ ", "red"), (node, "bold"), f" failed: {data.get('error')}")
-            )
-            return
-        record = self.lookup(run_id, node) or {}
-        tokens = record.get("completion_tokens")
-        seconds = record.get("seconds")
-        facts = [f"{elapsed if seconds is None else seconds:.2f} s"]
-        if record.get("type") != "assert":
-            facts.insert(0, f"{counted if tokens is None else tokens} tokens")
-        if record.get("prompt_tokens"):
-            facts.append(
-                f"prompt {record['prompt_tokens']} ({record.get('cached_tokens') or 0} reused)"
-            )
-        if record.get("cache_hit"):
-            facts.append("cache hit")
-        if record.get("resumed_from_checkpoint"):
-            facts.append("resumed from checkpoint")
-        self._line(Text.assemble(("✓ ", "green"), (node, "bold"), ("  " + ", ".join(facts), "dim")))
-
-    def _token(self, node: str, index: int, text: str) -> None:
-        self.counts[node] = self.counts.get(node, 0) + 1
-        key = (node, index)
-        if self.live is not None:
-            self.tails[key] = (self.tails.get(key, "") + text)[-_TAIL:]
-            now = time.perf_counter()
-            if now - self.refreshed > 0.08:
-                self.refreshed = now
-                self.live.refresh()
-            return
-        if self.inline is None:
-            self.inline = key
-            label = node if index == 0 else f"{node}[{index}]"
-            self._write(f"  {label}> ")
-        if self.inline == key:
-            self._write(text.replace("\n", "\n    "))
-
-    def _line(self, text: Text) -> None:
-        self._end_inline()
-        if self.live is not None:
-            self.live.refresh()  # the live area printed below the line shows the news
-        self.console.print(text, highlight=False)
-
-    def _write(self, text: str) -> None:
-        self.console.file.write(text)
-        self.console.file.flush()
-
-    def _end_inline(self) -> None:
-        if self.inline is not None:
-            self._write("\n")
-            self.inline = None
-
-    def _render(self) -> RenderableType:
-        now = time.perf_counter()
-        width = self.console.width
-        lines: list[Text] = []
-        for node, started in self.started.items():
-            head = f" {self.counts.get(node, 0)} tok {now - started:.1f}s "
-            streams = sorted(k for k in self.tails if k[0] == node)
-            if not streams:
-                lines.append(
-                    Text.assemble(("… ", "yellow"), (node, "bold"), (head + "prefill", "dim"))
-                )
-            for key in streams:
-                label = node if len(streams) == 1 else f"{node}[{key[1]}]"
-                room = max(10, width - len(label) - len(head) - 3)
-                tail = " ".join(self.tails[key].split())[-room:]
-                lines.append(
-                    Text.assemble(
-                        ("… ", "yellow"),
-                        (label, "bold"),
-                        (head, "dim"),
-                        tail,
-                        no_wrap=True,
-                        overflow="ellipsis",
-                    )
-                )
-        return Group(*lines)
-
-
-# -- results -----------------------------------------------------------------------------
+# -- results ---------------------------------------------------------------------------
 
 
 def _format_output(output: Any) -> str:
@@ -384,156 +109,25 @@ def _print_outputs(view: dict[str, Any]) -> None:
 
 def _finish(view: dict[str, Any], as_json: bool) -> None:
     """The run's result on stdout; exit 1 with the error on stderr unless it succeeded."""
+    from pcrt.cli.dag_tree import STATUS_STYLE, nodes_done
+
     if as_json:
         click.echo(json.dumps(view, indent=2, ensure_ascii=False, default=str))
     else:
-        done = _done(n["status"] for n in view["nodes"])
+        done = nodes_done(n["status"] for n in view["nodes"])
         click.echo(
             f"run {view['id']}: "
-            + click.style(view["status"], fg=_STYLE.get(view["status"], "white"), bold=True)
+            + click.style(view["status"], fg=STATUS_STYLE.get(view["status"], "white"), bold=True)
             + f"  ({done}/{len(view['nodes'])} nodes done, {view['tokens_used']} tokens)"
         )
         _print_outputs(view)
     status = view["status"]
-    if status != "succeeded":
-        hint = f" (resume: pcrt dag resume {view['id']})" if status in RESUMABLE else ""
+    if status != RunStatus.SUCCEEDED:
+        hint = f" (resume: pcrt dag resume {view['id']})" if status in RESUMABLE_RUN_STATES else ""
         error = view.get("error") or status
         what = error if error.startswith(status) else f"{status}: {error}"
         click.secho(f"error: run {view['id']} {what}{hint}", fg="red", err=True)
         sys.exit(1)
-
-
-# -- executing ---------------------------------------------------------------------------
-
-
-def _execute_local(local: _Local, run_id: str, follow: bool, console: Console) -> dict[str, Any]:
-    """Run (or resume) in this process; Ctrl-C cancels the run and keeps its checkpoints."""
-    runs = local.runs
-
-    def lookup(run: str, node: str) -> dict[str, Any] | None:
-        return asdict(runs.node(run, node))
-
-    record = runs.get_run(run_id)
-    spec = parse_dag(record.spec)
-    done = {n.node_id for n in runs.nodes(run_id) if n.status == "succeeded"}
-
-    async def go() -> RunRecord:
-        # load the models first: a first pull's progress bar must not fight the live view
-        for name in _models_needed(local.runner.registry, spec, done):
-            async with local.engines.lease(name):
-                pass
-        with _Progress(console, lookup, enabled=follow) as progress:
-            return await local.runner.execute(run_id, progress.local_event)
-
-    try:
-        final = asyncio.run(go())
-    except KeyboardInterrupt:
-        if runs.get_run(run_id).status == "pending":  # stopped while its models loaded
-            runs.set_status(run_id, "cancelled", error="cancelled; checkpoints kept")
-        click.echo(
-            f"run {run_id} cancelled; its checkpoints are kept (resume: pcrt dag resume {run_id})",
-            err=True,
-        )
-        sys.exit(130)
-    return run_view(local.runner, final)
-
-
-def _models_needed(registry: Registry, spec: DagSpec, done: set[str]) -> list[str]:
-    carried = library_from_documents(spec.library)  # what subgraph nodes call
-    names: list[str] = []
-    for node_id, node in spec.nodes.items():
-        if node_id in done:
-            continue
-        if isinstance(node, SubgraphNode) and node.dag in carried.dags:
-            wanted = [n.model or n.tag for n in generating_nodes(carried.dags[node.dag], carried)]
-        elif isinstance(node, LlmNode) or (isinstance(node, ForkNode) and node.branches is None):
-            wanted = [node.model or node.tag]
-        else:
-            continue
-        for name in (registry.resolve(w).name for w in wanted):
-            if name not in names:
-                names.append(name)
-    return names
-
-
-def _stream_daemon(
-    client: DaemonClient, body: dict[str, Any], follow: bool, console: Console
-) -> dict[str, Any]:
-    """POST /v1/dags with stream=true; the events drive the progress view."""
-    run_id: str | None = None
-
-    def lookup(run: str, node: str) -> dict[str, Any] | None:
-        return _node_from_view(_request(client, "GET", f"/v1/dags/{run}"), node)
-
-    try:
-        with (
-            _Progress(console, lookup, enabled=follow) as progress,
-            client.http.stream("POST", "/v1/dags", json={**body, "stream": True}) as response,
-        ):
-            if response.status_code >= 400:
-                response.read()
-                _answer(response)
-            run_id = response.headers.get("x-pcrt-run")
-            for kind, data in _sse(response.iter_lines()):
-                run_id = run_id or data.get("run")
-                progress.event(kind, str(data.get("run") or run_id), data.get("node"), data)
-    except httpx.ConnectError:
-        raise PcrtError(f"no pcrt daemon answers at {client.url}") from None
-    except httpx.HTTPError as exc:
-        raise PcrtError(f"the stream from {client.url} broke: {exc}") from None
-    except KeyboardInterrupt:
-        if run_id:
-            click.echo(
-                f"the daemon keeps running {run_id}: pcrt dag status {run_id}, "
-                f"pcrt dag cancel {run_id}",
-                err=True,
-            )
-        sys.exit(130)
-    if run_id is None:
-        raise PcrtError("the daemon's stream ended without naming the run")
-    view: dict[str, Any] = _request(client, "GET", f"/v1/dags/{run_id}")
-    return view
-
-
-def _poll_daemon(
-    client: DaemonClient, run_id: str, before: dict[str, Any], console: Console
-) -> dict[str, Any]:
-    """Follow a resumed run by polling its view: node changes become progress lines."""
-    finished = {n["node_id"] for n in before["nodes"] if n["status"] == "succeeded"}
-    checkpoints = {n["node_id"]: n["checkpoint_tokens"] for n in before["nodes"]}
-    announced: set[str] = set()
-    latest = before
-
-    def lookup(_: str, node: str) -> dict[str, Any] | None:
-        return _node_from_view(latest, node)
-
-    with _Progress(console, lookup) as progress:
-        progress.event("run_started", run_id, None, {"resumed": True})
-        while True:
-            latest = _request(client, "GET", f"/v1/dags/{run_id}")
-            for node in latest["nodes"]:
-                node_id, status = node["node_id"], node["status"]
-                if node_id in finished:
-                    continue
-                if status in ("running", "succeeded", "failed") and node_id not in announced:
-                    announced.add(node_id)
-                    progress.event("node_started", run_id, node_id, node)
-                if node["checkpoint_tokens"] and node["checkpoint_tokens"] != checkpoints.get(
-                    node_id
-                ):
-                    checkpoints[node_id] = node["checkpoint_tokens"]
-                    progress.event(
-                        "checkpoint", run_id, node_id, {"tokens": node["checkpoint_tokens"]}
-                    )
-                if status in ("succeeded", "failed"):
-                    finished.add(node_id)
-                    progress.event("node_finished", run_id, node_id, node)
-            ended = latest["status"] in FINISHED_RUN_STATES
-            if ended and latest["finished_at"] != before["finished_at"]:
-                return latest
-            if latest["status"] == "interrupted" and before["status"] != "interrupted":
-                return latest  # the daemon stopped under it
-            time.sleep(_POLL_SECONDS)
 
 
 # -- commands ----------------------------------------------------------------------------
@@ -575,6 +169,14 @@ def run_dag(
     libs: tuple[Path, ...],
 ) -> None:
     """Run the DAG in FILE (YAML, JSON or TOML) and print each node's output."""
+    from rich.console import Console
+
+    from pcrt.cli import dag_daemon, dag_local
+    from pcrt.cli.client import DaemonClient
+    from pcrt.runtime.dag import load_dag
+    from pcrt.runtime.dag.library import load_library_paths
+    from pcrt.runtime.models.registry import Registry
+
     console = Console(stderr=as_json, highlight=False)
     try:
         try:
@@ -594,11 +196,11 @@ def run_dag(
                         "inputs": inputs,
                         "library": [callee.document() for callee in extra.dags.values()],
                     }
-                    view = _stream_daemon(client, body, follow, console)
+                    view = dag_daemon.stream_daemon(client, body, follow, console)
         if view is None:
-            with _local() as here:
+            with dag_local.local() as here:
                 record = here.runner.create(spec, inputs, extra)
-                view = _execute_local(here, record.id, follow, console)
+                view = dag_local.execute_local(here, record.id, follow, console)
     except DagInvalid as exc:
         _print_problems(exc, str(file))
         sys.exit(1)
@@ -610,9 +212,15 @@ def run_dag(
 @click.option("--json", "as_json", is_flag=True)
 def list_runs(status: str | None, as_json: bool) -> None:
     """List DAG runs in the local store, newest first."""
-    with _runs() as runs:
-        records = runs.list_runs(status=status)
-        done = {r.id: _done(n.status for n in runs.nodes(r.id)) for r in records}
+    from rich.table import Table
+    from rich.text import Text
+
+    from pcrt.cli.dag_local import local_runs
+    from pcrt.cli.dag_tree import STATUS_STYLE, nodes_done
+
+    with local_runs() as runs:
+        records = runs.list_runs(status=RunStatus(status) if status else None)
+        done = {r.id: nodes_done(n.status for n in runs.nodes(r.id)) for r in records}
     if as_json:
         data = [
             {
@@ -641,7 +249,7 @@ def list_runs(status: str | None, as_json: bool) -> None:
         table.add_row(
             r.id,
             r.dag_path,
-            Text(r.status, style=_STYLE.get(r.status, "")),
+            Text(r.status, style=STATUS_STYLE.get(r.status, "")),
             f"{done[r.id]}/{len(r.spec.get('nodes', {}))}",
             str(r.tokens_used),
             _when(r.created_at),
@@ -654,6 +262,11 @@ def list_runs(status: str | None, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def list_library(as_json: bool) -> None:
     """List the /lib subgraphs of the library directories, with their signatures."""
+    from rich.table import Table
+
+    from pcrt.runtime.dag.library import load_library
+    from pcrt.runtime.paths import Paths
+
     dirs = Paths.from_env().lib_dirs
     library = load_library(dirs)
     entries = [_signature_view(path, library) for path in sorted(library.dags)]
@@ -711,13 +324,17 @@ def _signature_view(path: str, library: Library) -> dict[str, Any]:
 @click.option("--json", "as_json", is_flag=True, help="Print the run as JSON (GET /v1/dags/RUN).")
 def status(run_id: str, as_json: bool) -> None:
     """Show RUN as a tree of its nodes, then its outputs."""
-    with _local() as here:
-        record = _get_run(here.runs, run_id)
+    from pcrt.cli.dag_local import get_run, local
+    from pcrt.cli.dag_tree import run_tree
+    from pcrt.runtime.dag.tasks import run_view
+
+    with local() as here:
+        record = get_run(here.runs, run_id)
         view = run_view(here.runner, record)
     if as_json:
         click.echo(json.dumps(view, indent=2, ensure_ascii=False, default=str))
         return
-    _stdout().print(_tree(view, record.spec))
+    _stdout().print(run_tree(view, record.spec))
     if view["outputs"]:
         click.echo()
         _print_outputs(view)
@@ -731,25 +348,29 @@ def status(run_id: str, as_json: bool) -> None:
 def resume(run_id: str, follow: bool, as_json: bool, local: bool) -> None:
     """Resume RUN: finished nodes are kept, an interrupted node continues from its
     checkpoint."""
+    from rich.console import Console
+
+    from pcrt.cli import dag_daemon, dag_local
+    from pcrt.cli.client import DaemonClient
+
     console = Console(stderr=as_json, highlight=False)
     view: dict[str, Any] | None = None
     if not local:
         with DaemonClient() as client:
             if client.is_up():
                 if follow:
-                    before = _request(client, "GET", f"/v1/dags/{run_id}")
-                    _request(client, "POST", f"/v1/dags/{run_id}/resume")
-                    view = _poll_daemon(client, run_id, before, console)
+                    before = client.get(f"/v1/dags/{run_id}")
+                    client.post(f"/v1/dags/{run_id}/resume")
+                    view = dag_daemon.poll_daemon(client, run_id, before, console)
                 else:
-                    view = _request(client, "POST", f"/v1/dags/{run_id}/resume?wait=true")
+                    view = client.post(f"/v1/dags/{run_id}/resume?wait=true")
     if view is None:
-        with _local() as here:
-            record = _get_run(here.runs, run_id)
-            if record.status not in RESUMABLE:
-                raise InvalidRequest(
-                    f"run {run_id} is {record.status}; only {', '.join(RESUMABLE)} runs resume"
-                )
-            view = _execute_local(here, run_id, follow, console)
+        with dag_local.local() as here:
+            record = dag_local.get_run(here.runs, run_id)
+            if record.status not in RESUMABLE_RUN_STATES:
+                states = ", ".join(RESUMABLE_RUN_STATES)
+                raise InvalidRequest(f"run {run_id} is {record.status}; only {states} runs resume")
+            view = dag_local.execute_local(here, run_id, follow, console)
     _finish(view, as_json)
 
 
@@ -757,29 +378,32 @@ def resume(run_id: str, follow: bool, as_json: bool, local: bool) -> None:
 @click.argument("run_id", metavar="RUN")
 def cancel(run_id: str) -> None:
     """Cancel RUN: it stops now, its outputs and checkpoints are kept (resume continues)."""
+    from pcrt.cli.client import DaemonClient
+    from pcrt.cli.dag_local import get_run, local_runs
+
     with DaemonClient() as client:
         if client.is_up():
-            view = _request(client, "DELETE", f"/v1/dags/{run_id}")
-            if view["status"] == "cancelled":
+            view = client.delete(f"/v1/dags/{run_id}")
+            if view["status"] == RunStatus.CANCELLED:
                 click.echo(f"run {run_id} cancelled; checkpoints kept")
             else:
                 click.echo(f"run {run_id} is {view['status']}; nothing to cancel")
             return
         url = client.url
-    with _runs() as runs:
-        record = _get_run(runs, run_id)
+    with local_runs() as runs:
+        record = get_run(runs, run_id)
         if record.finished:
             click.echo(f"run {run_id} is {record.status}; nothing to cancel")
             return
-        if record.status == "running":
+        if record.status == RunStatus.RUNNING:
             click.echo(
                 f"run {run_id} says running but no daemon answers at {url}: "
                 "the daemon that ran it is gone, so it was interrupted"
             )
             for node in runs.nodes(run_id):
-                if node.status == "running":
-                    runs.update_node(run_id, node.node_id, status="interrupted")
-        runs.set_status(run_id, "cancelled", error="cancelled; checkpoints kept")
+                if node.status == NodeStatus.RUNNING:
+                    runs.update_node(run_id, node.node_id, status=NodeStatus.INTERRUPTED)
+        runs.set_status(run_id, RunStatus.CANCELLED, error="cancelled; checkpoints kept")
     click.echo(f"run {run_id} cancelled; checkpoints kept (resume: pcrt dag resume {run_id})")
 
 
@@ -790,11 +414,13 @@ def cancel(run_id: str) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def migrate(run_id: str, peer: str, no_states: bool, as_json: bool) -> None:
     """Move unfinished RUN, with its KV states, to PEER, which resumes it there."""
+    from pcrt.cli.client import DaemonClient
+
     with DaemonClient() as client:
         if not client.is_up():
             raise click.ClickException(f"no daemon answers at {client.url}: migration needs one")
         body = {"to": peer, "states": not no_states}
-        result = _request(client, "POST", f"/v1/dags/{run_id}/migrate", json=body)
+        result = client.post(f"/v1/dags/{run_id}/migrate", body)
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
@@ -810,13 +436,10 @@ def migrate(run_id: str, peer: str, no_states: bool, as_json: bool) -> None:
 
 def _stdout() -> Console:
     """A console on stdout; a pipe or file gets long lines rather than a folded table."""
+    from rich.console import Console
+
     console = Console(highlight=False)
     return console if console.is_terminal else Console(highlight=False, width=160)
-
-
-def _done(statuses: Iterable[str]) -> int:
-    """Nodes with an output (``nodes_executed`` counts executions: resumes add to it)."""
-    return sum(1 for status in statuses if status == "succeeded")
 
 
 def _when(stamp: str | None) -> str:
@@ -824,72 +447,3 @@ def _when(stamp: str | None) -> str:
     if not stamp:
         return "-"
     return datetime.datetime.fromisoformat(stamp).astimezone().strftime("%Y-%m-%d %H:%M:%S")
-
-
-def _tree(view: dict[str, Any], document: dict[str, Any]) -> Tree:
-    """The run and one branch per node: status, tokens, time, where, cache, checkpoint."""
-    status = view["status"]
-    root = Tree(
-        Text.assemble(
-            ("run ", "bold"),
-            (view["id"], "bold"),
-            f"  {view['dag']}  ",
-            (status, f"bold {_STYLE.get(status, '')}"),
-            (
-                f"  {_done(n['status'] for n in view['nodes'])}/{len(view['nodes'])} nodes done, "
-                f"{view['tokens_used']} tokens",
-                "dim",
-            ),
-        )
-    )
-    if view.get("error"):
-        root.add(Text(f"error: {view['error']}", style="red"))
-    try:
-        deps = dependencies(parse_dag(document))
-    except DagInvalid:
-        deps = {}
-    for node in view["nodes"]:
-        st = node["status"]
-        branch = root.add(
-            Text.assemble(
-                (node["node_id"], "bold"), f"  {node['type']}  ", (st, _STYLE.get(st, ""))
-            )
-        )
-        for fact in _node_facts(node, sorted(deps.get(node["node_id"], ()))):
-            branch.add(fact)
-    return root
-
-
-def _node_facts(node: dict[str, Any], after: list[str]) -> list[Text]:
-    facts: list[Text] = []
-    if after:
-        facts.append(Text(f"after: {', '.join(after)}", style="dim"))
-    if node["prompt_tokens"] is not None or node["completion_tokens"] is not None:
-        facts.append(
-            Text(
-                f"tokens: prompt {node['prompt_tokens'] or 0}, "
-                f"cached {node['cached_tokens'] or 0}, "
-                f"completion {node['completion_tokens'] or 0}"
-            )
-        )
-    if node["seconds"] is not None:
-        facts.append(Text(f"time: {node['seconds']:.2f} s"))
-    if node["ran_on"]:
-        model = f" ({node['model']})" if node["model"] else ""
-        facts.append(Text(f"ran on: {node['ran_on']}{model}"))
-    routing = node.get("routing") or {}
-    for attempt in routing.get("attempts") or ():
-        facts.append(Text(f"fell back from {attempt['node']}: {attempt['error']}", style="yellow"))
-    if routing.get("reason"):
-        facts.append(Text(f"routed: {routing['reason']}", style="dim"))
-    if node.get("child_run_id"):
-        facts.append(Text(f"subgraph run: {node['child_run_id']} (pcrt dag status it)"))
-    if node["cache_hit"]:
-        facts.append(Text("cache hit: no inference", style="green"))
-    if node["resumed_from_checkpoint"]:
-        facts.append(Text("resumed from its checkpoint", style="magenta"))
-    if node["checkpoint_tokens"]:
-        facts.append(Text(f"checkpoint: {node['checkpoint_tokens']} tokens"))
-    if node["error"]:
-        facts.append(Text(f"error: {node['error']}", style="red"))
-    return facts

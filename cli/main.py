@@ -1,7 +1,14 @@
-"""The ``pcrt`` command: a click group; each area lives in its own module."""
+"""The ``pcrt`` command: a click group whose commands each live in their own module.
+
+The group imports a command's module only when that command runs (or when ``--help``
+lists it), so ``pcrt ps`` does not pay for llama.cpp, FastAPI or mDNS. Command modules
+keep their top-level imports light (click, the standard library, light pcrt modules) and
+import what does the work inside the command; tests/test_cli_startup.py holds that.
+"""
 
 from __future__ import annotations
 
+import importlib
 import logging
 import sys
 from typing import Any
@@ -10,11 +17,48 @@ import click
 
 from pcrt.runtime.errors import PcrtError
 
-__all__ = ["main"]
+__all__ = ["COMMANDS", "main"]
+
+# command name -> "module:attribute" of its click command
+COMMANDS = {
+    "announce": "pcrt.cli.announce:announce",
+    "bench": "pcrt.cli.bench:bench",
+    "chat": "pcrt.cli.chat:chat",
+    "dag": "pcrt.cli.dag:dag",
+    "device": "pcrt.cli.device:device",
+    "models": "pcrt.cli.models:models",
+    "peers": "pcrt.cli.peers:peers",
+    "ps": "pcrt.cli.ps:ps",
+    "run": "pcrt.cli.run:run",
+    "serve": "pcrt.cli.serve:serve",
+    "state": "pcrt.cli.state:state",
+    "stop": "pcrt.cli.ps:stop",
+    "usage": "pcrt.cli.usage:usage",
+}
 
 
-class _Group(click.Group):
-    """Turns pcrt's own errors into one clear line on stderr instead of a traceback."""
+class _LazyGroup(click.Group):
+    """click's LazyGroup pattern: commands named up front, their modules imported on use.
+
+    It also turns pcrt's own errors into one clear line on stderr instead of a traceback.
+    """
+
+    def __init__(self, *args: Any, lazy_commands: dict[str, str], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lazy_commands = lazy_commands
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy_commands})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        target = self.lazy_commands.get(cmd_name)
+        if target is None:
+            return super().get_command(ctx, cmd_name)
+        module, _, attribute = target.partition(":")
+        command = getattr(importlib.import_module(module), attribute)
+        if not isinstance(command, click.Command):
+            raise TypeError(f"{target} is not a click command")
+        return command
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -27,42 +71,8 @@ class _Group(click.Group):
             sys.exit(130)
 
 
-@click.group(cls=_Group)
+@click.group(cls=_LazyGroup, lazy_commands=COMMANDS)
 @click.option("--log-level", default="WARNING", show_default=True, help="Python logging level.")
 def main(log_level: str) -> None:
     """pcrt: an edge-first LLM runtime over llama.cpp."""
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-
-
-def _register() -> None:
-    from pcrt.cli import (
-        announce,
-        bench,
-        chat,
-        dag,
-        device,
-        models,
-        peers,
-        ps,
-        run,
-        serve,
-        state,
-        usage,
-    )
-
-    main.add_command(run.run)
-    main.add_command(chat.chat)
-    main.add_command(models.models)
-    main.add_command(serve.serve)
-    main.add_command(ps.ps)
-    main.add_command(ps.stop)
-    main.add_command(usage.usage)
-    main.add_command(device.device)
-    main.add_command(bench.bench)
-    main.add_command(state.state)
-    main.add_command(dag.dag)
-    main.add_command(peers.peers)
-    main.add_command(announce.announce)
-
-
-_register()

@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-from rich.console import Console
-from rich.table import Table
 
-from pcrt.cache.store import Store
-from pcrt.cli.progress import download_progress
 from pcrt.device.units import format_bytes
-from pcrt.runtime.models.gguf_info import GgufInfo, read_gguf_info
-from pcrt.runtime.models.hashing import file_sha256
-from pcrt.runtime.models.pull import ensure_pulled, is_present, remove
-from pcrt.runtime.models.registry import LocalSource, ModelEntry, Registry
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from pcrt.runtime.models.gguf_info import GgufInfo
+    from pcrt.runtime.models.registry import ModelEntry, Registry
 
 __all__ = ["models"]
 
@@ -29,6 +27,10 @@ def models() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def list_models(as_json: bool) -> None:
     """List the configured models and whether they are pulled."""
+    from rich.table import Table
+
+    from pcrt.runtime.models.registry import Registry
+
     registry = Registry.load()
     rows = [_summary(registry, entry) for entry in registry.entries.values()]
     if as_json:
@@ -55,6 +57,13 @@ def list_models(as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def show(name: str, as_json: bool) -> None:
     """Show a model's configuration, GGUF metadata and sha256."""
+    from rich.table import Table
+
+    from pcrt.cache.store import Store
+    from pcrt.runtime.models.gguf_info import read_gguf_info
+    from pcrt.runtime.models.hashing import file_sha256
+    from pcrt.runtime.models.registry import Registry
+
     registry = Registry.load()
     entry = registry.resolve(name)
     path = registry.path_of(entry)
@@ -124,6 +133,11 @@ def show(name: str, as_json: bool) -> None:
 @click.argument("name")
 def pull(name: str) -> None:
     """Download a model (resumable; verified by sha256)."""
+    from pcrt.cache.store import Store
+    from pcrt.cli.progress import download_progress
+    from pcrt.runtime.models.pull import ensure_pulled, is_present
+    from pcrt.runtime.models.registry import Registry
+
     registry = Registry.load()
     entry = registry.resolve(name)
     with Store(registry.paths.db_path) as store:
@@ -139,6 +153,10 @@ def pull(name: str) -> None:
 @click.argument("name")
 def rm(name: str) -> None:
     """Delete a pulled model file (never a local file you configured yourself)."""
+    from pcrt.cache.store import Store
+    from pcrt.runtime.models.pull import remove
+    from pcrt.runtime.models.registry import Registry
+
     registry = Registry.load()
     entry = registry.resolve(name)
     with Store(registry.paths.db_path) as store:
@@ -151,6 +169,8 @@ def rm(name: str) -> None:
 
 
 def _summary(registry: Registry, entry: ModelEntry) -> dict[str, Any]:
+    from pcrt.runtime.models.registry import LocalSource
+
     path = registry.path_of(entry)
     pulled = path.is_file()
     return {
@@ -168,6 +188,8 @@ def _summary(registry: Registry, entry: ModelEntry) -> dict[str, Any]:
 
 
 def _console() -> Console:
+    from rich.console import Console
+
     console = Console()
     # piped output keeps one row per line instead of folding at 80 columns
     return console if console.is_terminal else Console(width=250)

@@ -6,10 +6,6 @@ import json
 import time
 
 import click
-from rich.console import Console
-from rich.table import Table
-
-from pcrt.cli.client import DaemonClient
 
 __all__ = ["peers"]
 
@@ -29,11 +25,16 @@ def _speed(rates: dict[str, float]) -> str:
 @click.option("--json", "as_json", is_flag=True)
 def peers(as_json: bool) -> None:
     """Show the peers a running daemon knows: trust, health, models, speed, load."""
+    from pcrt.cli.client import DaemonClient
+
     with DaemonClient() as client:
         data = client.get("/v1/pcrt/peers")
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
+    from rich.console import Console  # only once there is something to show
+    from rich.table import Table
+
     console = Console()
     node = data["node"]
     lan = "mDNS on" if node["lan"] else "mDNS off"

@@ -1,27 +1,54 @@
 """Rich progress bars on stderr, shared by the commands that may download a model.
 
 stdout stays clean for the command's own output (``--json`` above all); the bar goes to
-stderr and only appears when a download actually runs.
+stderr and only appears when a download actually runs. Sizes and speeds are written by
+``format_bytes``, in the binary units every other size pcrt prints uses (rich's own
+download columns would write decimal MB).
+
+Commands import this module inside their functions: it imports rich.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.progress import (
     BarColumn,
-    DownloadColumn,
     Progress,
+    ProgressColumn,
+    Task,
     TextColumn,
     TimeRemainingColumn,
-    TransferSpeedColumn,
 )
+from rich.text import Text
 
-from pcrt.runtime.models.download import ProgressCallback
+from pcrt.device.units import format_bytes
+
+if TYPE_CHECKING:
+    from pcrt.runtime.models.download import ProgressCallback
 
 __all__ = ["download_progress"]
+
+
+class _SizeColumn(ProgressColumn):
+    """``12.5 MiB/98.2 MiB``, or the bytes so far when the size is unknown."""
+
+    def render(self, task: Task) -> Text:
+        done = format_bytes(task.completed)
+        text = done if task.total is None else f"{done}/{format_bytes(task.total)}"
+        return Text(text, style="progress.download")
+
+
+class _SpeedColumn(ProgressColumn):
+    """``4.2 MiB/s``."""
+
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        text = "?" if speed is None else f"{format_bytes(speed)}/s"
+        return Text(text, style="progress.data.speed")
 
 
 @contextmanager
@@ -32,8 +59,8 @@ def download_progress(
     progress = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
+        _SizeColumn(),
+        _SpeedColumn(),
         TimeRemainingColumn(),
         console=console or Console(stderr=True),
     )

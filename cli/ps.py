@@ -6,10 +6,7 @@ import json
 import time
 
 import click
-from rich.console import Console
-from rich.table import Table
 
-from pcrt.cli.client import DaemonClient
 from pcrt.device.units import format_bytes
 
 __all__ = ["ps", "stop"]
@@ -28,11 +25,16 @@ def _until(expires_at: float | None, in_flight: int) -> str:
 @click.option("--json", "as_json", is_flag=True)
 def ps(as_json: bool) -> None:
     """Show the models a running daemon has loaded."""
+    from pcrt.cli.client import DaemonClient
+
     with DaemonClient() as client:
         data = client.get("/api/ps")
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
+    from rich.console import Console  # only once there is something to show
+    from rich.table import Table
+
     table = Table(box=None, header_style="bold")
     for column in ("NAME", "WEIGHTS", "KV CACHE", "SLOTS", "QUEUE", "CONTEXT", "UNTIL"):
         table.add_column(column, overflow="fold")
@@ -58,6 +60,8 @@ def ps(as_json: bool) -> None:
 @click.argument("model")
 def stop(model: str) -> None:
     """Unload MODEL from a running daemon now."""
+    from pcrt.cli.client import DaemonClient
+
     with DaemonClient() as client:
         result = client.post("/api/stop", {"model": model})
     click.echo(f"unloaded {model}" if result["unloaded"] else f"{model} was not loaded")

@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from pcrt.cli.client import DaemonClient, StreamResult
-from pcrt.cli.progress import download_progress
-from pcrt.runtime.engine import Completion, Engine, GenerateRequest, TokenEvent
-from pcrt.runtime.engine.chat import ChatMessage
-from pcrt.runtime.engine.sampling import SamplingParams
 from pcrt.runtime.errors import InvalidRequest
-from pcrt.runtime.models.loader import open_engine
-from pcrt.runtime.models.registry import Registry
+
+if TYPE_CHECKING:
+    from pcrt.cli.client import DaemonClient, StreamResult
+    from pcrt.runtime.engine import Completion, Engine, GenerateRequest
+    from pcrt.runtime.engine.sampling import SamplingParams
 
 __all__ = [
     "remote_body",
@@ -52,6 +49,8 @@ def build_sampling(
     seed: int | None,
     schema: dict[str, Any] | None = None,
 ) -> SamplingParams:
+    from pcrt.runtime.engine.sampling import SamplingParams
+
     values: dict[str, Any] = {"json_schema": schema}
     if temperature is not None:
         values["temperature"] = temperature
@@ -66,6 +65,8 @@ def build_sampling(
 
 
 async def stream_to_terminal(engine: Engine, request: GenerateRequest, echo: bool) -> Completion:
+    from pcrt.runtime.engine import TokenEvent
+
     handle = engine.submit(request)
     async for event in handle:
         if echo and isinstance(event, TokenEvent) and event.text:
@@ -120,6 +121,9 @@ def run(
 
     Talks to a running daemon (PCRT_URL) when one answers, else runs in this process.
     """
+    from pcrt.cli.client import DaemonClient
+    from pcrt.runtime.models.registry import Registry
+
     if len(args) > 2:
         raise click.UsageError("give at most MODEL and PROMPT (quote the prompt)")
     model_name, prompt = (None, args[0]) if len(args) == 1 else args
@@ -138,6 +142,13 @@ def run(
                 result = stream_remote(client, path, body, echo=not as_json)
                 _report_remote(name, result, as_json, verbose)
                 return
+    import asyncio
+
+    from pcrt.cli.progress import download_progress
+    from pcrt.runtime.engine import GenerateRequest
+    from pcrt.runtime.engine.chat import ChatMessage
+    from pcrt.runtime.models.loader import open_engine
+
     engine = open_engine(
         registry,
         model_name,
@@ -183,6 +194,8 @@ def remote_body(
 def stream_remote(
     client: DaemonClient, path: str, body: dict[str, Any], echo: bool
 ) -> StreamResult:
+    from pcrt.cli.client import StreamResult
+
     for item in client.stream(path, body):
         if isinstance(item, StreamResult):
             return item

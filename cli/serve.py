@@ -1,4 +1,4 @@
-"""``pcrt serve``: the daemon, FastAPI under uvicorn."""
+"""``pcrt serve``: the daemon, FastAPI under uvicorn (``pcrt.cli.daemon`` runs it)."""
 
 from __future__ import annotations
 
@@ -6,29 +6,10 @@ from pathlib import Path
 from typing import Any
 
 import click
-import uvicorn
-from pydantic import ValidationError
 
-from pcrt.routing.settings import PeerSettings
 from pcrt.runtime.errors import ConfigError
-from pcrt.runtime.server.app import create_app
-from pcrt.runtime.server.settings import ServerSettings
 
 __all__ = ["serve"]
-
-
-class _DrainingServer(uvicorn.Server):
-    """On SIGTERM/SIGINT, stop admitting at once; uvicorn then lets running requests
-    finish within the grace period and the lifespan closes the models."""
-
-    def handle_exit(self, sig: int, frame: Any) -> None:
-        services = getattr(self.config.app.state, "services", None)  # type: ignore[union-attr]
-        if services is not None:
-            services.state = "draining"
-            services.pool.start_draining()
-            if services.begin_drain is not None:  # migrate_on_drain: moves start now
-                services.begin_drain()
-        super().handle_exit(sig, frame)
 
 
 @click.command()
@@ -61,6 +42,12 @@ def serve(
     With --lan it announces itself and finds peers on the LAN; set the same cluster key
     (env PCRT_CLUSTER_KEY) on every machine that should trust the others.
     """
+    from pydantic import ValidationError
+
+    from pcrt.cli.daemon import run_daemon
+    from pcrt.routing.settings import PeerSettings
+    from pcrt.runtime.server.settings import ServerSettings
+
     settings = ServerSettings.load(config_file, **options)
     peer_flags = {
         "lan": lan,
@@ -74,12 +61,4 @@ def serve(
         except ValidationError as exc:
             raise ConfigError(f"--lan/--interfaces/--name: {exc.errors()[0]['msg']}") from None
         settings = settings.model_copy(update={"peers": peers})
-    app = create_app(settings)
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=uvicorn_log,
-        timeout_graceful_shutdown=int(settings.shutdown_grace),
-    )
-    _DrainingServer(config).run()
+    run_daemon(settings, uvicorn_log)

@@ -12,17 +12,17 @@ import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
-from rich.console import Console
-from rich.table import Table
 
-from pcrt.cache.blobs import BlobCorrupt, BlobMissing, BlobStore, write_atomically
-from pcrt.cache.store import Store
 from pcrt.device.units import format_bytes
-from pcrt.runtime.engine.state import KVState, StateHeader, describe_state
 from pcrt.runtime.errors import StateError
 from pcrt.runtime.paths import Paths
+
+if TYPE_CHECKING:
+    from pcrt.cache.blobs import BlobStore
+    from pcrt.runtime.engine.state import StateHeader
 
 __all__ = ["state"]
 
@@ -32,6 +32,9 @@ _SHOWN = 12  # id characters shown by `list`
 
 @contextlib.contextmanager
 def _blobs() -> Iterator[BlobStore]:
+    from pcrt.cache.blobs import BlobStore
+    from pcrt.cache.store import Store
+
     paths = Paths.from_env()
     with Store(paths.db_path) as store:
         yield BlobStore(store, paths.home / "blobs")
@@ -52,6 +55,8 @@ def _resolve(blobs: BlobStore, given: str) -> str:
 
 
 def _header(blobs: BlobStore, sha256: str) -> StateHeader | None:
+    from pcrt.runtime.engine.state import KVState
+
     try:
         return KVState.read_header(blobs.path_of(sha256))
     except (StateError, OSError):
@@ -68,6 +73,11 @@ def state() -> None:
 @click.option("--json", "as_json", is_flag=True)
 def list_states(run_id: str | None, as_json: bool) -> None:
     """List stored states, oldest first."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from pcrt.runtime.engine.state import describe_state
+
     with _blobs() as blobs:
         rows = [
             (info, _header(blobs, info.sha256))
@@ -101,6 +111,9 @@ def list_states(run_id: str | None, as_json: bool) -> None:
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
 def export(state_id: str, file: Path) -> None:
     """Write state ID to FILE (atomically: FILE is complete or untouched)."""
+    from pcrt.cache.blobs import BlobCorrupt, BlobMissing, write_atomically
+    from pcrt.runtime.engine.state import KVState
+
     with _blobs() as blobs:
         sha256 = _resolve(blobs, state_id)
         try:
@@ -123,6 +136,8 @@ def export(state_id: str, file: Path) -> None:
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
 def import_(file: Path) -> None:
     """Verify FILE as a KV state and store it; prints its id."""
+    from pcrt.runtime.engine.state import KVState
+
     try:
         data = file.read_bytes()
     except OSError as exc:

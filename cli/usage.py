@@ -6,14 +6,9 @@ import datetime
 import json
 
 import click
-from rich.console import Console
-from rich.table import Table
 
-from pcrt.cache.store import Store
-from pcrt.cache.usage import UsageLog
 from pcrt.runtime.errors import InvalidRequest
 from pcrt.runtime.paths import Paths
-from pcrt.runtime.server.settings import parse_duration
 
 __all__ = ["usage"]
 
@@ -26,6 +21,8 @@ def _since(value: str | None) -> str | None:
         return datetime.datetime.fromisoformat(value).isoformat()
     except ValueError:
         pass
+    from pcrt.runtime.server.settings import parse_duration
+
     try:
         seconds = parse_duration(value)
     except ValueError:
@@ -42,6 +39,12 @@ def _since(value: str | None) -> str | None:
 @click.option("--json", "as_json", is_flag=True)
 def usage(agent: str | None, since: str | None, as_json: bool) -> None:
     """Summarise requests and tokens per agent and model."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from pcrt.cache.store import Store
+    from pcrt.cache.usage import UsageLog
+
     paths = Paths.from_env()
     with Store(paths.db_path) as store:
         rows = UsageLog(store).summary(agent=agent, since=_since(since))

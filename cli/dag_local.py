@@ -1,0 +1,127 @@
+"""DAG runs in this process, on the local store under ``PCRT_HOME``: what ``pcrt dag``
+does when no daemon answers (or with ``--local``), and what ``list`` and ``status`` read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import click
+from rich.console import Console
+
+from pcrt.cache.blobs import BlobStore
+from pcrt.cache.runs import RunNotFound, RunRecord, RunStore
+from pcrt.cache.status import NodeStatus, RunStatus
+from pcrt.cache.store import Store
+from pcrt.cli.dag_view import FollowView
+from pcrt.cli.progress import download_progress
+from pcrt.runtime.dag import DagSpec, ForkNode, LlmNode, parse_dag
+from pcrt.runtime.dag.engines import LocalEngines
+from pcrt.runtime.dag.executor import DagRunner
+from pcrt.runtime.dag.library import library_from_documents
+from pcrt.runtime.dag.spec import SubgraphNode
+from pcrt.runtime.dag.subgraph import generating_nodes
+from pcrt.runtime.dag.tasks import run_view
+from pcrt.runtime.errors import PcrtError
+from pcrt.runtime.models.registry import Registry
+from pcrt.runtime.paths import Paths
+
+__all__ = ["Local", "execute_local", "get_run", "local", "local_runs"]
+
+
+@dataclass
+class Local:
+    runner: DagRunner
+    engines: LocalEngines
+
+    @property
+    def runs(self) -> RunStore:
+        return self.runner.runs
+
+
+@contextlib.contextmanager
+def local() -> Iterator[Local]:
+    """The store under PCRT_HOME and a runner whose engines load on first use."""
+    paths = Paths.from_env()
+    registry = Registry.load(paths)
+    with Store(paths.db_path) as store:
+        engines = LocalEngines(registry, parallel=4, progress=download_progress)
+        runner = DagRunner(
+            registry=registry,
+            runs=RunStore(store),
+            blobs=BlobStore(store, paths.home / "blobs"),
+            lease=engines.lease,
+        )
+        try:
+            yield Local(runner, engines)
+        finally:
+            engines.close()
+
+
+@contextlib.contextmanager
+def local_runs() -> Iterator[RunStore]:
+    """The run records alone: no registry, no runner."""
+    with Store(Paths.from_env().db_path) as store:
+        yield RunStore(store)
+
+
+def get_run(runs: RunStore, run_id: str) -> RunRecord:
+    try:
+        return runs.get_run(run_id)
+    except RunNotFound:
+        raise PcrtError(f"no DAG run {run_id!r} (see `pcrt dag list`)") from None
+
+
+def execute_local(here: Local, run_id: str, follow: bool, console: Console) -> dict[str, Any]:
+    """Run (or resume) in this process; Ctrl-C cancels the run and keeps its checkpoints."""
+    runs = here.runs
+
+    def lookup(run: str, node: str) -> dict[str, Any] | None:
+        return asdict(runs.node(run, node))
+
+    record = runs.get_run(run_id)
+    spec = parse_dag(record.spec)
+    done = {n.node_id for n in runs.nodes(run_id) if n.status == NodeStatus.SUCCEEDED}
+
+    async def go() -> RunRecord:
+        # load the models first: a first pull's progress bar must not fight the live view
+        for name in _models_needed(here.runner.registry, spec, done):
+            async with here.engines.lease(name):
+                pass
+        with FollowView(console, lookup, enabled=follow) as view:
+            return await here.runner.execute(run_id, view.local_event)
+
+    try:
+        final = asyncio.run(go())
+    except KeyboardInterrupt:
+        if runs.get_run(run_id).status == RunStatus.PENDING:  # stopped while its models loaded
+            runs.set_status(run_id, RunStatus.CANCELLED, error="cancelled; checkpoints kept")
+        click.echo(
+            f"run {run_id} cancelled; its checkpoints are kept (resume: pcrt dag resume {run_id})",
+            err=True,
+        )
+        sys.exit(130)
+    return run_view(here.runner, final)
+
+
+def _models_needed(registry: Registry, spec: DagSpec, done: set[str]) -> list[str]:
+    carried = library_from_documents(spec.library)  # what subgraph nodes call
+    names: list[str] = []
+    for node_id, node in spec.nodes.items():
+        if node_id in done:
+            continue
+        if isinstance(node, SubgraphNode) and node.dag in carried.dags:
+            wanted = [n.model or n.tag for n in generating_nodes(carried.dags[node.dag], carried)]
+        elif isinstance(node, LlmNode) or (isinstance(node, ForkNode) and node.branches is None):
+            wanted = [node.model or node.tag]
+        else:
+            continue
+        for name in (registry.resolve(w).name for w in wanted):
+            if name not in names:
+                names.append(name)
+    return names
