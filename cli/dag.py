@@ -43,7 +43,7 @@ from pcrt.cache.store import Store
 from pcrt.cli.client import DaemonClient
 from pcrt.cli.progress import download_progress
 from pcrt.device.units import format_bytes
-from pcrt.runtime.dag import DagSpec, ForkNode, LlmNode, dependencies, load_dag, parse_dag
+from pcrt.runtime.dag import DagSpec, dependencies, load_dag, parse_dag
 from pcrt.runtime.dag.engines import LocalEngines
 from pcrt.runtime.dag.executor import RESUMABLE, DagEvent, DagRunner, check_run
 from pcrt.runtime.dag.library import (
@@ -446,7 +446,7 @@ def _models_needed(registry: Registry, spec: DagSpec, done: set[str]) -> list[st
             continue
         if isinstance(node, SubgraphNode) and node.dag in carried.dags:
             wanted = [n.model or n.tag for n in generating_nodes(carried.dags[node.dag], carried)]
-        elif isinstance(node, LlmNode) or (isinstance(node, ForkNode) and node.branches is None):
+        elif node.generates:
             wanted = [node.model or node.tag]
         else:
             continue
