@@ -37,15 +37,15 @@ from rich.text import Text
 from rich.tree import Tree
 
 from pcrt.cache.blobs import BlobStore
-from pcrt.cache.runs import RunNotFound, RunRecord, RunStore
-from pcrt.cache.status import FINISHED_RUN_STATES, RunStatus
+from pcrt.cache.runs import NodeInterrupted, RunNotFound, RunRecord, RunStore
+from pcrt.cache.status import FINISHED_RUN_STATES, RESUMABLE_RUN_STATES, RunStatus
 from pcrt.cache.store import Store
 from pcrt.cli.client import DaemonClient
 from pcrt.cli.progress import download_progress
 from pcrt.device.units import format_bytes
 from pcrt.runtime.dag import DagSpec, dependencies, load_dag, parse_dag
 from pcrt.runtime.dag.engines import LocalEngines
-from pcrt.runtime.dag.executor import RESUMABLE, DagEvent, DagRunner, check_run
+from pcrt.runtime.dag.events import DagEvent
 from pcrt.runtime.dag.library import (
     Library,
     library_from_documents,
@@ -53,6 +53,7 @@ from pcrt.runtime.dag.library import (
     load_library_paths,
     run_library,
 )
+from pcrt.runtime.dag.runner import DagRunner, check_run
 from pcrt.runtime.dag.spec import SubgraphNode
 from pcrt.runtime.dag.subgraph import generating_nodes
 from pcrt.runtime.dag.tasks import run_view
@@ -396,7 +397,7 @@ def _finish(view: dict[str, Any], as_json: bool) -> None:
         _print_outputs(view)
     status = view["status"]
     if status != "succeeded":
-        hint = f" (resume: pcrt dag resume {view['id']})" if status in RESUMABLE else ""
+        hint = f" (resume: pcrt dag resume {view['id']})" if status in RESUMABLE_RUN_STATES else ""
         error = view.get("error") or status
         what = error if error.startswith(status) else f"{status}: {error}"
         click.secho(f"error: run {view['id']} {what}{hint}", fg="red", err=True)
@@ -435,7 +436,7 @@ def _execute_local(local: _Local, run_id: str, follow: bool, console: Console) -
             err=True,
         )
         sys.exit(130)
-    return run_view(local.runner, final)
+    return run_view(local.runner.runs, final)
 
 
 def _models_needed(registry: Registry, spec: DagSpec, done: set[str]) -> list[str]:
@@ -713,7 +714,7 @@ def status(run_id: str, as_json: bool) -> None:
     """Show RUN as a tree of its nodes, then its outputs."""
     with _local() as here:
         record = _get_run(here.runs, run_id)
-        view = run_view(here.runner, record)
+        view = run_view(here.runner.runs, record)
     if as_json:
         click.echo(json.dumps(view, indent=2, ensure_ascii=False, default=str))
         return
@@ -745,9 +746,10 @@ def resume(run_id: str, follow: bool, as_json: bool, local: bool) -> None:
     if view is None:
         with _local() as here:
             record = _get_run(here.runs, run_id)
-            if record.status not in RESUMABLE:
+            if record.status not in RESUMABLE_RUN_STATES:
                 raise InvalidRequest(
-                    f"run {run_id} is {record.status}; only {', '.join(RESUMABLE)} runs resume"
+                    f"run {run_id} is {record.status}; "
+                    f"only {', '.join(RESUMABLE_RUN_STATES)} runs resume"
                 )
             view = _execute_local(here, run_id, follow, console)
     _finish(view, as_json)
@@ -778,7 +780,7 @@ def cancel(run_id: str) -> None:
             )
             for node in runs.nodes(run_id):
                 if node.status == "running":
-                    runs.update_node(run_id, node.node_id, status="interrupted")
+                    runs.update_node(run_id, node.node_id, NodeInterrupted())
         runs.set_status(run_id, "cancelled", error="cancelled; checkpoints kept")
     click.echo(f"run {run_id} cancelled; checkpoints kept (resume: pcrt dag resume {run_id})")
 

@@ -1,4 +1,4 @@
-"""The pure parts of a subgraph call; ``DagRunner`` does the running.
+"""The pure parts of a subgraph call; ``calls.py`` does the running.
 
 A ``type: subgraph`` node runs its callee as a child run of its own (recorded with a
 pointer to the calling run and node), so checkpoints, budgets, resume and context
