@@ -29,7 +29,8 @@ from pcrt.cache.runs import RunStore
 from pcrt.cache.store import Store
 from pcrt.runtime.dag import parse_dag
 from pcrt.runtime.dag.engines import LocalEngines
-from pcrt.runtime.dag.executor import DagEvent, DagRunner
+from pcrt.runtime.dag.events import DagEvent
+from pcrt.runtime.dag.runner import DagRunner
 from pcrt.runtime.engine import Engine
 from pcrt.runtime.models.pull import ensure_pulled
 from pcrt.runtime.models.registry import Registry
@@ -111,9 +112,9 @@ async def resume_cost(
 
     async def first_token(keep_state: bool) -> tuple[float, int]:
         await engines.clear_caches()
-        runner.runs.update_node(run.id, "ask", status="pending")
+        runner.runs.patch_node(run.id, "ask", status="pending")
         if not keep_state:
-            runner.runs.update_node(run.id, "read", state_sha256=None)
+            runner.runs.patch_node(run.id, "read", state_sha256=None)
         runner.runs.set_status(run.id, "interrupted")
         stamps: list[float] = []
         start = time.perf_counter()

@@ -6,6 +6,14 @@ record names them. A run the daemon was executing when it died still says ``runn
 each node from its record: finished nodes keep their outputs, an interrupted node its
 last checkpoint.
 
+What happens to a node is written by ``update_node`` with one of the typed updates
+(``NodeStarted``, ``NodeRouted``, ``NodeCheckpointed``, ``NodeFailed``, ``NodeRequeued``,
+``NodeInterrupted``, ``NodeFinishedElsewhere``), and its successful end by ``finish_node``
+with a ``NodeFinished``, which adds to the run's counters in the same transaction and
+returns their new totals: the counters in ``runs`` are the run's one count of what it
+spent. ``patch_node`` writes any fields, checked at run time: for tests that stage a
+record and for repairs, never for the executor.
+
 A subgraph call runs as a child run: its record names the calling run and node
 (``parent_run_id``, ``parent_node_id``) and the calling node's record names the child
 (``child_run_id``), both written in the transaction that creates the child. Listings show
@@ -18,12 +26,28 @@ import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, TypeAlias
 
 from pcrt.cache.status import FINISHED_RUN_STATES, NodeStatus, RunStatus
 from pcrt.cache.store import Store, utc_now
 
-__all__ = ["NodeRecord", "RunExists", "RunNotFound", "RunRecord", "RunStore"]
+__all__ = [
+    "NodeCheckpointed",
+    "NodeFailed",
+    "NodeFinished",
+    "NodeFinishedElsewhere",
+    "NodeInterrupted",
+    "NodeRecord",
+    "NodeRequeued",
+    "NodeRouted",
+    "NodeStarted",
+    "NodeUpdate",
+    "RunCounters",
+    "RunExists",
+    "RunNotFound",
+    "RunRecord",
+    "RunStore",
+]
 
 
 class RunExists(ValueError):
@@ -106,6 +130,165 @@ class NodeRecord:
 
 
 _NODE_FIELDS = {f.name for f in fields(NodeRecord)}
+
+
+@dataclass(frozen=True)
+class RunCounters:
+    """What a run has spent: tokens generated and node executions (a subgraph call counts
+    its child run's)."""
+
+    tokens_used: int
+    nodes_executed: int
+
+
+# -- what happens to a node: one typed update per event ------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class NodeStarted:
+    """The node runs (again), on ``ran_on``. A field left None keeps what the record says
+    (a resumed call keeps its first start; a fork says nothing of checkpoints)."""
+
+    ran_on: str
+    started_at: str | None = None
+    model: str | None = None
+    prompt_tokens: int | None = None
+    resumed_from_checkpoint: bool | None = None
+    routing: dict[str, Any] | None = None  # where it was sent and why
+
+    def columns(self) -> dict[str, Any]:
+        given = {
+            "started_at": self.started_at,
+            "model": self.model,
+            "prompt_tokens": self.prompt_tokens,
+            "resumed_from_checkpoint": self.resumed_from_checkpoint,
+            "routing": _json(self.routing),
+        }
+        kept = {name: value for name, value in given.items() if value is not None}
+        return {"status": NodeStatus.RUNNING, "ran_on": self.ran_on, **kept}
+
+
+@dataclass(frozen=True)
+class NodeRouted:
+    """Where routing sent the node, and why (a local candidate: it runs here)."""
+
+    routing: dict[str, Any]
+
+    def columns(self) -> dict[str, Any]:
+        return {"routing": _json(self.routing)}
+
+
+@dataclass(frozen=True)
+class NodeCheckpointed:
+    """The node's newest checkpoint: its KV state's blob and the tokens it had generated."""
+
+    checkpoint_sha256: str
+    checkpoint_tokens: int
+
+    def columns(self) -> dict[str, Any]:
+        return {
+            "checkpoint_sha256": self.checkpoint_sha256,
+            "checkpoint_tokens": self.checkpoint_tokens,
+        }
+
+
+@dataclass(frozen=True)
+class NodeFailed:
+    error: str
+
+    def columns(self) -> dict[str, Any]:
+        return {"status": NodeStatus.FAILED, "error": self.error}
+
+
+@dataclass(frozen=True)
+class NodeRequeued:
+    """Back to waiting, nowhere: the peer it went to with its group failed, and the next
+    candidate decides for it."""
+
+    def columns(self) -> dict[str, Any]:
+        return {"status": NodeStatus.PENDING, "ran_on": None}
+
+
+@dataclass(frozen=True)
+class NodeInterrupted:
+    """It was running when its run stopped with no daemon left to say so."""
+
+    def columns(self) -> dict[str, Any]:
+        return {"status": NodeStatus.INTERRUPTED}
+
+
+@dataclass(frozen=True, kw_only=True)
+class NodeFinishedElsewhere:
+    """Done before this run began, on ``ran_on`` (a peer that sends part of a DAG ran it):
+    its output is recorded, and nothing is added to this run's counters (the run that did
+    the work counted it)."""
+
+    output: Any
+    ran_on: str
+
+    def columns(self) -> dict[str, Any]:
+        return {
+            "status": NodeStatus.SUCCEEDED,
+            "output": json.dumps(self.output),
+            "ran_on": self.ran_on,
+            "finished_at": utc_now(),
+        }
+
+
+NodeUpdate: TypeAlias = (
+    NodeStarted
+    | NodeRouted
+    | NodeCheckpointed
+    | NodeFailed
+    | NodeRequeued
+    | NodeInterrupted
+    | NodeFinishedElsewhere
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class NodeFinished:
+    """A node's execution succeeded: its final record, and what it adds to its run's
+    counters (``spent_tokens``, the tokens this execution generated, which a resumed
+    node's ``completion_tokens`` exceeds by those generated before; ``executions``, one,
+    or a subgraph call's child run's). Every field is written: None is NULL. Its
+    ``routing``, ``error``, ``resumed_from_checkpoint`` and checkpoint stay as they are,
+    unless ``drops_checkpoint`` (a cache hit, which has no checkpoint of its own)."""
+
+    output: Any
+    ran_on: str
+    spent_tokens: int
+    executions: int = 1
+    model: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    cached_tokens: int | None = None
+    seconds: float | None = None
+    cache_hit: bool = False
+    state_sha256: str | None = None
+    drops_checkpoint: bool = False
+
+    def columns(self) -> dict[str, Any]:
+        values = {
+            "status": NodeStatus.SUCCEEDED,
+            "output": json.dumps(self.output),
+            "ran_on": self.ran_on,
+            "model": self.model,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "cached_tokens": self.cached_tokens,
+            "seconds": self.seconds,
+            "cache_hit": int(self.cache_hit),
+            "state_sha256": self.state_sha256,
+            "finished_at": utc_now(),
+        }
+        if self.drops_checkpoint:
+            values["checkpoint_sha256"] = None
+        return values
+
+
+def _json(value: Any) -> str | None:
+    return None if value is None else json.dumps(value)
 
 
 def _encode_json_fields(values: dict[str, Any]) -> None:
@@ -284,28 +467,37 @@ class RunStore:
             raise RunNotFound(f"no node {node_id!r} in run {run_id!r}")
         return NodeRecord.from_row(rows[0])
 
-    def update_node(self, run_id: str, node_id: str, **values: Any) -> None:
+    def update_node(self, run_id: str, node_id: str, update: NodeUpdate) -> None:
+        """What just happened to the node, in one transaction."""
+        with self._tx() as db:
+            db.update("nodes", {"run_id": run_id, "node_id": node_id}, update.columns())
+
+    def finish_node(self, run_id: str, node_id: str, finished: NodeFinished) -> RunCounters:
+        """The node's final record and the run's counters, together; returns the run's
+        counters as this transaction left them."""
+        with self._tx() as db:
+            db.update("nodes", {"run_id": run_id, "node_id": node_id}, finished.columns())
+            db.execute(
+                "update runs set tokens_used = tokens_used + ?,"
+                " nodes_executed = nodes_executed + ?, updated_at = ? where id = ?",
+                [finished.spent_tokens, finished.executions, utc_now(), run_id],
+            )
+            return _counters(db, run_id)
+
+    def counters(self, run_id: str) -> RunCounters:
+        """What the run has spent so far (``finish_node`` keeps the count)."""
+        with self._tx() as db:
+            return _counters(db, run_id)
+
+    def patch_node(self, run_id: str, node_id: str, **values: Any) -> None:
+        """Any of the node's fields, as given (checked at run time): for tests that stage
+        a record and for repairs. What happens to a node in a run is ``update_node``'s."""
         unknown = set(values) - _NODE_FIELDS
         if unknown:
             raise ValueError(f"unknown node fields: {sorted(unknown)}")
         _encode_json_fields(values)
         with self._tx() as db:
             db.update("nodes", {"run_id": run_id, "node_id": node_id}, values)
-
-    def finish_node(
-        self, run_id: str, node_id: str, *, tokens: int, executed: int = 1, **values: Any
-    ) -> None:
-        """The node's final record and the run's counters, together. ``executed``: the
-        node executions it counts for (a subgraph call: its child run's)."""
-        _encode_json_fields(values)
-        values.setdefault("finished_at", utc_now())
-        with self._tx() as db:
-            db.update("nodes", {"run_id": run_id, "node_id": node_id}, values)
-            db.execute(
-                "update runs set tokens_used = tokens_used + ?,"
-                " nodes_executed = nodes_executed + ?, updated_at = ? where id = ?",
-                [tokens, executed, utc_now(), run_id],
-            )
 
     # -- subgraph cache -----------------------------------------------------------------
 
@@ -334,6 +526,14 @@ class RunStore:
             )
 
 
+def _counters(db: _Tx, run_id: str) -> RunCounters:
+    sql = "select tokens_used, nodes_executed from runs where id = ?"
+    row = db.execute(sql, [run_id]).fetchone()
+    if row is None:
+        raise RunNotFound(f"no run {run_id!r}")
+    return RunCounters(tokens_used=row[0] or 0, nodes_executed=row[1] or 0)
+
+
 def _check_repeat(
     run: dict[str, Any], origin: str, status: str, had_origin: str | None, spec: str, inputs: str
 ) -> None:
@@ -359,7 +559,7 @@ def _insert_import(db: _Tx, run: dict[str, Any], nodes: list[dict[str, Any]], or
             "dag_path": run["dag_path"],
             "spec": json.dumps(run["spec"]),
             "inputs": json.dumps(run["inputs"]),
-            "status": "interrupted",
+            "status": RunStatus.INTERRUPTED,
             "tokens_used": int(run.get("tokens_used") or 0),
             "nodes_executed": int(run.get("nodes_executed") or 0),
             "created_at": run.get("created_at") or now,

@@ -75,8 +75,8 @@ def parse_inputs(pairs: Sequence[str], spec: DagSpec | None = None) -> dict[str,
 
 def _check(spec: DagSpec, registry: Registry, inputs: dict[str, Any], extra: Library) -> None:
     """What the runner checks on create, before anything is sent or loaded."""
-    from pcrt.runtime.dag.executor import check_run
     from pcrt.runtime.dag.library import run_library
+    from pcrt.runtime.dag.runner import check_run
     from pcrt.runtime.paths import Paths
 
     if extra.problems:  # files named with --lib are checked even if nothing calls them
@@ -330,7 +330,7 @@ def status(run_id: str, as_json: bool) -> None:
 
     with local() as here:
         record = get_run(here.runs, run_id)
-        view = run_view(here.runner, record)
+        view = run_view(here.runner.runs, record)
     if as_json:
         click.echo(json.dumps(view, indent=2, ensure_ascii=False, default=str))
         return
@@ -378,6 +378,7 @@ def resume(run_id: str, follow: bool, as_json: bool, local: bool) -> None:
 @click.argument("run_id", metavar="RUN")
 def cancel(run_id: str) -> None:
     """Cancel RUN: it stops now, its outputs and checkpoints are kept (resume continues)."""
+    from pcrt.cache.runs import NodeInterrupted
     from pcrt.cli.client import DaemonClient
     from pcrt.cli.dag_local import get_run, local_runs
 
@@ -402,7 +403,7 @@ def cancel(run_id: str) -> None:
             )
             for node in runs.nodes(run_id):
                 if node.status == NodeStatus.RUNNING:
-                    runs.update_node(run_id, node.node_id, status=NodeStatus.INTERRUPTED)
+                    runs.update_node(run_id, node.node_id, NodeInterrupted())
         runs.set_status(run_id, RunStatus.CANCELLED, error="cancelled; checkpoints kept")
     click.echo(f"run {run_id} cancelled; checkpoints kept (resume: pcrt dag resume {run_id})")
 

@@ -20,10 +20,10 @@ from pcrt.cache.status import NodeStatus, RunStatus
 from pcrt.cache.store import Store
 from pcrt.cli.dag_view import FollowView
 from pcrt.cli.progress import download_progress
-from pcrt.runtime.dag import DagSpec, ForkNode, LlmNode, parse_dag
+from pcrt.runtime.dag import DagSpec, parse_dag
 from pcrt.runtime.dag.engines import LocalEngines
-from pcrt.runtime.dag.executor import DagRunner
 from pcrt.runtime.dag.library import library_from_documents
+from pcrt.runtime.dag.runner import DagRunner
 from pcrt.runtime.dag.spec import SubgraphNode
 from pcrt.runtime.dag.subgraph import generating_nodes
 from pcrt.runtime.dag.tasks import run_view
@@ -106,7 +106,7 @@ def execute_local(here: Local, run_id: str, follow: bool, console: Console) -> d
             err=True,
         )
         sys.exit(130)
-    return run_view(here.runner, final)
+    return run_view(here.runner.runs, final)
 
 
 def _models_needed(registry: Registry, spec: DagSpec, done: set[str]) -> list[str]:
@@ -117,7 +117,7 @@ def _models_needed(registry: Registry, spec: DagSpec, done: set[str]) -> list[st
             continue
         if isinstance(node, SubgraphNode) and node.dag in carried.dags:
             wanted = [n.model or n.tag for n in generating_nodes(carried.dags[node.dag], carried)]
-        elif isinstance(node, LlmNode) or (isinstance(node, ForkNode) and node.branches is None):
+        elif node.generates:
             wanted = [node.model or node.tag]
         else:
             continue

@@ -18,7 +18,7 @@ from rich.text import Text
 from pcrt.cache.status import NodeStatus
 
 if TYPE_CHECKING:
-    from pcrt.runtime.dag.executor import DagEvent
+    from pcrt.runtime.dag.events import DagEvent
 
 __all__ = ["FollowView", "NodeLookup"]
 

@@ -19,7 +19,7 @@ from pcrt.cache.blobs import BlobStore
 from pcrt.cache.runs import RunStore
 from pcrt.cache.store import Store
 from pcrt.runtime.dag.engines import LocalEngines
-from pcrt.runtime.dag.executor import DagRunner
+from pcrt.runtime.dag.runner import DagRunner
 from pcrt.runtime.models.pull import pull
 from pcrt.runtime.models.registry import Registry
 from pcrt.runtime.paths import Paths

@@ -107,8 +107,8 @@ def test_inputs_override_then_cancel_and_resume(
 
     with Store(pcrt_env.db_path) as store:  # as if a daemon died in the middle of `fact`
         runs = RunStore(store)
-        runs.update_node(run_id, "fact", status="interrupted", output=None)
-        runs.update_node(run_id, "check", status="pending", output=None)
+        runs.patch_node(run_id, "fact", status="interrupted", output=None)
+        runs.patch_node(run_id, "check", status="pending", output=None)
         runs.set_status(run_id, "interrupted")
     cancelled = pcrt("dag", "cancel", run_id)
     assert cancelled.exit_code == 0 and "cancelled" in cancelled.stdout
@@ -135,7 +135,7 @@ def test_a_run_left_running_without_a_daemon_is_cancelled(pcrt_env: Paths) -> No
         runs = RunStore(store)
         nodes = [(node_id, node.path, node.type) for node_id, node in spec.nodes.items()]
         runs.create_run("deadbeef0001", spec.dag, spec.document(), {"topic": "x"}, nodes)
-        runs.update_node("deadbeef0001", "fact", status="running")
+        runs.patch_node("deadbeef0001", "fact", status="running")
         runs.set_status("deadbeef0001", "running")
     result = pcrt("dag", "cancel", "deadbeef0001")
     assert result.exit_code == 0

@@ -16,7 +16,6 @@ from click.testing import CliRunner, Result
 
 from pcrt.cli.main import main
 from pcrt.runtime.dag import make_environment, parse_dag
-from pcrt.runtime.dag.executor import check_run
 from pcrt.runtime.dag.library import (
     Library,
     library_from_documents,
@@ -25,6 +24,7 @@ from pcrt.runtime.dag.library import (
     run_library,
     with_library,
 )
+from pcrt.runtime.dag.runner import check_run
 from pcrt.runtime.dag.spec import Budget
 from pcrt.runtime.dag.subgraph import (
     budget_limit,

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from pcrt.runtime.dag import parse_dag
-from pcrt.runtime.dag.executor import DagRunner
+from pcrt.runtime.dag.runner import DagRunner
 from pcrt.runtime.errors import DagInvalid
 from tests.test_dag_subgraph import DESCRIBE, call, caller, inline
 

@@ -9,7 +9,8 @@ import pytest
 
 from pcrt.runtime.dag import load_dag, parse_dag
 from pcrt.runtime.dag.engines import LocalEngines
-from pcrt.runtime.dag.executor import DagEvent, DagRunner
+from pcrt.runtime.dag.events import DagEvent
+from pcrt.runtime.dag.runner import DagRunner
 from pcrt.runtime.engine.state import KVState
 from pcrt.runtime.errors import DagInvalid
 
@@ -69,8 +70,8 @@ async def test_context_continues_the_parents_kv(runner: DagRunner, engines: Loca
     assert second.cached_tokens == len(parent_state.tokens)
     # and it answers as recomputing the whole conversation does
     await engines.clear_caches()
-    runner.runs.update_node(run.id, "first", state_sha256=None)
-    runner.runs.update_node(run.id, "second", status="pending")
+    runner.runs.patch_node(run.id, "first", state_sha256=None)
+    runner.runs.patch_node(run.id, "second", status="pending")
     runner.runs.set_status(run.id, "interrupted")
     await runner.execute(run.id)
     redo = runner.runs.node(run.id, "second")
@@ -99,10 +100,10 @@ async def test_corrupt_and_foreign_states_are_refused_then_recomputed(
                 state.next_token,
                 state.payload,
             )
-            runner.runs.update_node(
+            runner.runs.patch_node(
                 run.id, "first", state_sha256=runner.blobs.put(foreign.to_bytes())
             )
-        runner.runs.update_node(run.id, "second", status="pending")
+        runner.runs.patch_node(run.id, "second", status="pending")
         runner.runs.set_status(run.id, "interrupted")
         await engines.clear_caches()  # no slot may still hold the parent's tokens
         again = await runner.execute(run.id)

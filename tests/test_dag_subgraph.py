@@ -21,8 +21,9 @@ from pcrt.cli.main import main
 from pcrt.routing.policy import Candidate, Decision, ModelOffer, NodeView, Work, decide
 from pcrt.runtime.dag import parse_dag
 from pcrt.runtime.dag.engines import LocalEngines
-from pcrt.runtime.dag.executor import DagEvent, DagRunner
+from pcrt.runtime.dag.events import DagEvent
 from pcrt.runtime.dag.library import Library, library_from_documents
+from pcrt.runtime.dag.runner import DagRunner
 from pcrt.runtime.errors import PeerError
 from pcrt.runtime.models.registry import Registry
 from pcrt.runtime.paths import Paths

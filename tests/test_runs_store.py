@@ -7,7 +7,17 @@ from pathlib import Path
 
 import pytest
 
-from pcrt.cache.runs import RunExists, RunNotFound, RunStore
+from pcrt.cache.runs import (
+    NodeCheckpointed,
+    NodeFailed,
+    NodeFinished,
+    NodeRequeued,
+    NodeStarted,
+    RunCounters,
+    RunExists,
+    RunNotFound,
+    RunStore,
+)
 from pcrt.cache.store import Store
 
 NODES = [("a", "/dynamic/t/a", "llm"), ("b", "/dynamic/t/b", "fork")]
@@ -23,8 +33,9 @@ def test_run_lifecycle(runs: RunStore) -> None:
     assert run.status == "pending" and run.inputs == {"x": 1}
     assert [n.status for n in runs.nodes("r1")] == ["pending", "pending"]
     runs.set_status("r1", "running")
-    runs.update_node("r1", "a", status="running", checkpoint_sha256="c" * 64, checkpoint_tokens=128)
-    runs.finish_node("r1", "a", tokens=200, status="succeeded", output={"k": [1, 2]})
+    runs.update_node("r1", "a", NodeStarted(ran_on="here"))
+    runs.update_node("r1", "a", NodeCheckpointed("c" * 64, 128))
+    runs.finish_node("r1", "a", NodeFinished(output={"k": [1, 2]}, ran_on="here", spent_tokens=200))
     node = runs.node("r1", "a")
     assert node.output == {"k": [1, 2]} and node.checkpoint_tokens == 128 and node.finished_at
     run = runs.get_run("r1")
@@ -40,12 +51,47 @@ def test_a_child_run_is_linked_both_ways_and_listed_on_request(runs: RunStore) -
     assert runs.node("p", "b").child_run_id == "c"
     assert [r.id for r in runs.list_runs()] == ["p"]
     assert sorted(r.id for r in runs.list_runs(children=True)) == ["c", "p"]
-    runs.finish_node("p", "b", tokens=30, executed=4, status="succeeded", output={})
+    call = NodeFinished(output={}, ran_on="here", spent_tokens=30, executions=4)
+    runs.finish_node("p", "b", call)
     assert runs.get_run("p").nodes_executed == 4  # a call counts its child's executions
     with pytest.raises(RunNotFound):  # no orphan: the caller's node must exist
         runs.create_run("c2", "/lib/x", {}, {}, [NODES[0]], parent=("p", "nope"))
     with pytest.raises(RunNotFound):
         runs.get_run("c2")
+
+
+def test_typed_updates_write_what_happened_and_finishing_returns_the_new_counters(
+    runs: RunStore,
+) -> None:
+    """Each update writes its own fields (a start keeps what it leaves None); a finish
+    adds to the run's counters in its transaction and answers with their totals."""
+    runs.create_run("t", "/dynamic/t", {}, {}, NODES)
+    runs.update_node("t", "a", NodeStarted(ran_on="here", started_at="then", model="m"))
+    runs.update_node("t", "a", NodeStarted(ran_on="there", routing={"reason": "r"}))
+    node = runs.node("t", "a")
+    assert (node.status, node.ran_on, node.started_at, node.model) == (
+        "running",
+        "there",
+        "then",
+        "m",
+    )
+    assert node.routing == {"reason": "r"}
+    runs.update_node("t", "a", NodeCheckpointed("c" * 64, 8))
+    assert runs.counters("t") == RunCounters(tokens_used=0, nodes_executed=0)
+    done = NodeFinished(output="x", ran_on="here", spent_tokens=5, completion_tokens=9)
+    assert runs.finish_node("t", "a", done) == RunCounters(tokens_used=5, nodes_executed=1)
+    node = runs.node("t", "a")
+    assert node.completion_tokens == 9 and node.checkpoint_sha256 == "c" * 64  # kept
+    hit = NodeFinished(output=[], ran_on="here", spent_tokens=0, executions=2, cache_hit=True)
+    assert runs.finish_node("t", "b", hit) == RunCounters(tokens_used=5, nodes_executed=3)
+    assert runs.node("t", "b").cache_hit
+    runs.update_node("t", "a", NodeFailed("boom"))
+    assert (runs.node("t", "a").status, runs.node("t", "a").error) == ("failed", "boom")
+    runs.update_node("t", "b", NodeRequeued())
+    assert (runs.node("t", "b").status, runs.node("t", "b").ran_on) == ("pending", None)
+    with pytest.raises(RunNotFound):  # nothing half-written: the counters stay
+        runs.finish_node("t", "nope", done)
+    assert runs.counters("t") == RunCounters(tokens_used=5, nodes_executed=3)
 
 
 def test_a_failed_create_leaves_nothing(runs: RunStore) -> None:
@@ -59,8 +105,8 @@ def test_a_failed_create_leaves_nothing(runs: RunStore) -> None:
 def test_running_runs_become_interrupted(runs: RunStore) -> None:
     runs.create_run("r3", "/dynamic/t", {}, {}, NODES)
     runs.set_status("r3", "running")
-    runs.update_node("r3", "a", status="succeeded")
-    runs.update_node("r3", "b", status="running")
+    runs.patch_node("r3", "a", status="succeeded")
+    runs.patch_node("r3", "b", status="running")
     assert runs.mark_interrupted() == ["r3"]
     assert runs.get_run("r3").status == "interrupted"
     assert [n.status for n in runs.nodes("r3")] == ["succeeded", "interrupted"]
@@ -73,7 +119,7 @@ def test_a_subgraph_a_peer_waited_on_is_not_resumed_after_a_crash(runs: RunStore
     runs.create_run("p", "/dynamic/t", {}, {}, NODES)
     runs.mark_for_peer("p", "edge-1")
     runs.set_status("p", "running")
-    runs.update_node("p", "a", status="running")
+    runs.patch_node("p", "a", status="running")
     assert runs.mark_interrupted() == []  # nothing to resume
     record = runs.get_run("p")
     assert record.status == "cancelled" and record.for_peer == "edge-1"
@@ -86,7 +132,7 @@ def test_unknown_records_and_fields(runs: RunStore) -> None:
         runs.set_status("nope", "running")
     runs.create_run("r4", "/dynamic/t", {}, {}, NODES)
     with pytest.raises(ValueError, match="unknown node fields"):
-        runs.update_node("r4", "a", colour="red")
+        runs.patch_node("r4", "a", colour="red")
 
 
 def test_subgraph_cache_is_bounded_lru(runs: RunStore) -> None:
@@ -152,7 +198,7 @@ def test_a_repeated_import_changes_nothing_and_another_run_under_its_id_is_refus
     first, fresh = runs.import_run(moved, nodes, origin="a")
     assert fresh
     runs.set_status("r", "running")  # the peer resumed it meanwhile
-    runs.update_node("r", "a", status="succeeded", output="done")
+    runs.patch_node("r", "a", status="succeeded", output="done")
     again, fresh = runs.import_run(moved, [{**nodes[0], "status": "running"}], origin="a")
     assert not fresh and again.id == first.id and again.status == "running"
     assert runs.node("r", "a").output == "done"  # the repeat's nodes are not written

@@ -1,4 +1,5 @@
-"""Agent DAGs: the document format, its parsing and validation (execution comes later).
+"""Agent DAGs: the document format, its parsing and validation. Running them is
+``runner.DagRunner``'s, imported from its module (it loads the engine, which these do not).
 
 load_dag(path_or_text) / parse_dag(obj)   -> DagSpec        (shape; DagInvalid)
 validate(spec, known_models=..., ...)     -> list[Problem]  (semantics, all at once)

@@ -205,6 +205,13 @@ class LlmNode(_Generation):
     type: Literal["llm"]
     prompt: str = Field(min_length=1)
 
+    @property
+    def generates(self) -> Literal[True]:
+        """Whether running the node is one generation of its own: the one place that
+        says which nodes generate (a ``Literal`` where the type alone answers, so that a
+        check of it narrows a ``Node`` to ``LlmNode | ForkNode``)."""
+        return True
+
 
 class ForkNode(_Generation):
     """Work side by side: ``samples`` continuations of one prompt (one prefill), or the
@@ -233,6 +240,12 @@ class ForkNode(_Generation):
                 )
         return self
 
+    @property
+    def generates(self) -> bool:
+        """A fork of samples is one generation of its own; a fork of branches generates
+        nothing itself (its branches are nodes of their own)."""
+        return self.branches is None
+
 
 class AssertNode(_NodeBase):
     """A Jinja2 expression over ``inputs`` and ``nodes`` that must be true, else the run fails."""
@@ -240,6 +253,10 @@ class AssertNode(_NodeBase):
     type: Literal["assert"]
     that: str = Field(min_length=1)
     message: str | None = None
+
+    @property
+    def generates(self) -> Literal[False]:
+        return False
 
 
 class SubgraphNode(_NodeBase):
@@ -259,6 +276,11 @@ class SubgraphNode(_NodeBase):
     cache: bool = True
     route: Route = "auto"
     complexity: Complexity | None = None
+
+    @property
+    def generates(self) -> Literal[False]:
+        """Its callee's nodes generate, in a run of their own."""
+        return False
 
 
 Node = Annotated[LlmNode | ForkNode | AssertNode | SubgraphNode, Field(discriminator="type")]
@@ -319,10 +341,9 @@ class DagSpec(BaseModel):
         if route == "auto" and complexity is None:
             return self
         document = self.document()
-        for raw in document["nodes"].values():
-            if raw["type"] == "assert" or (
-                raw["type"] == "fork" and raw.get("branches") is not None
-            ):
+        for node_id, raw in document["nodes"].items():
+            node = self.nodes[node_id]
+            if not (node.generates or isinstance(node, SubgraphNode)):
                 continue  # runs nothing anywhere: no hints to take
             if raw.get("route", "auto") == "auto" and route != "auto":
                 raw["route"] = route

@@ -1,4 +1,4 @@
-"""The pure parts of a subgraph call; ``DagRunner`` does the running.
+"""The pure parts of a subgraph call; ``calls.py`` does the running.
 
 A ``type: subgraph`` node runs its callee as a child run of its own (recorded with a
 pointer to the calling run and node), so checkpoints, budgets, resume and context
@@ -62,7 +62,7 @@ def generating_nodes(spec: DagSpec, library: Library) -> Iterator[LlmNode | Fork
     """Every node that generates in ``spec`` and the library DAGs it reaches."""
     for dag in (spec, *library.closure(spec).values()):
         for node in dag.nodes.values():
-            if isinstance(node, LlmNode) or (isinstance(node, ForkNode) and node.branches is None):
+            if node.generates:
                 yield node
 
 

@@ -7,8 +7,10 @@ import asyncio
 from dataclasses import asdict
 from typing import Any
 
-from pcrt.cache.runs import RunRecord
-from pcrt.runtime.dag.executor import DagEvent, DagRunner
+from pcrt.cache.runs import RunRecord, RunStore
+from pcrt.cache.status import NodeStatus, RunStatus
+from pcrt.runtime.dag.events import DagEvent
+from pcrt.runtime.dag.runner import DagRunner
 
 __all__ = ["DagTasks", "run_view"]
 
@@ -90,12 +92,14 @@ class DagTasks:
         for run_id in list(self.tasks):
             await self.cancel(run_id)
             self.runner.runs.set_status(
-                run_id, "interrupted", error="the daemon stopped; resume continues it"
+                run_id, RunStatus.INTERRUPTED, error="the daemon stopped; resume continues it"
             )
 
 
-def run_view(runner: DagRunner, run: RunRecord) -> dict[str, Any]:
-    nodes = runner.runs.nodes(run.id)
+def run_view(runs: RunStore, run: RunRecord) -> dict[str, Any]:
+    """The run as the API answers it and the CLI shows it: its record, its finished
+    nodes' outputs and every node's record."""
+    nodes = runs.nodes(run.id)
     return {
         "id": run.id,
         "dag": run.dag_path,
@@ -107,6 +111,6 @@ def run_view(runner: DagRunner, run: RunRecord) -> dict[str, Any]:
         "created_at": run.created_at,
         "finished_at": run.finished_at,
         "migrated_to": run.migrated_to,
-        "outputs": {n.node_id: n.output for n in nodes if n.status == "succeeded"},
+        "outputs": {n.node_id: n.output for n in nodes if n.status == NodeStatus.SUCCEEDED},
         "nodes": [asdict(n) for n in nodes],
     }

@@ -22,7 +22,7 @@ from pcrt.device.monitor import DeviceMonitor
 from pcrt.routing.auth import CLUSTER_HEADER
 from pcrt.routing.coordinator import Coordinator, announce_address, load_node_id
 from pcrt.routing.remote import RemoteRunner
-from pcrt.runtime.dag.executor import DagRunner
+from pcrt.runtime.dag.runner import DagRunner
 from pcrt.runtime.dag.tasks import DagTasks
 from pcrt.runtime.engine import Engine
 from pcrt.runtime.errors import InvalidRequest, Unauthorized

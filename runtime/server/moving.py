@@ -14,9 +14,9 @@ import contextlib
 import logging
 
 from pcrt.cache.runs import RunStore
+from pcrt.cache.status import RESUMABLE_RUN_STATES
 from pcrt.routing.migrate import Migration, migrate_run
 from pcrt.routing.policy import Work
-from pcrt.runtime.dag.executor import RESUMABLE
 from pcrt.runtime.errors import InvalidRequest, PcrtError
 from pcrt.runtime.server.services import Services
 
@@ -39,7 +39,8 @@ async def move_run(services: Services, run_id: str, peer: str, *, with_states: b
     try:
         await dags.cancel(run_id)
         status = runs.get_run(run_id).status
-        if status not in RESUMABLE:  # it finished before it stopped: nothing left to move
+        # it finished before it stopped: nothing left to move
+        if status not in RESUMABLE_RUN_STATES:
             raise InvalidRequest(f"run {run_id} is {status}; only unfinished runs move")
         runs.set_status(run_id, "migrating", error=f"moving to peer {peer}")
         sending = asyncio.ensure_future(
@@ -114,7 +115,10 @@ async def move_running_runs(services: Services, why: str, *, resume_unmoved: boo
         else:
             reason = "every move failed" if decision.candidates else decision.reason
             log.warning("%s: run %s stays here: %s", why, run_id, reason)
-            if resume_unmoved and services.dags.runner.runs.get_run(run_id).status in RESUMABLE:
+            if (
+                resume_unmoved
+                and services.dags.runner.runs.get_run(run_id).status in RESUMABLE_RUN_STATES
+            ):
                 services.dags.start(run_id)
     return moved
 

@@ -13,9 +13,11 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 
 from pcrt.cache.runs import RunNotFound, RunRecord
+from pcrt.cache.status import RESUMABLE_RUN_STATES
 from pcrt.runtime.dag import load_dag, parse_dag
-from pcrt.runtime.dag.executor import RESUMABLE, DagEvent, DagRunner
+from pcrt.runtime.dag.events import DagEvent
 from pcrt.runtime.dag.library import library_from_documents
+from pcrt.runtime.dag.runner import DagRunner
 from pcrt.runtime.dag.spec import DagSpec
 from pcrt.runtime.dag.tasks import DagTasks, run_view
 from pcrt.runtime.errors import InvalidRequest, NotFound, ShapeInvalid
@@ -85,8 +87,8 @@ async def start_run(body: StartRun, request: Request) -> Any:
         )
     tasks.start(run.id)
     if not body.wait:
-        return JSONResponse(run_view(tasks.runner, run), status_code=202)
-    return run_view(tasks.runner, await tasks.outcome(run.id))
+        return JSONResponse(run_view(tasks.runner.runs, run), status_code=202)
+    return run_view(tasks.runner.runs, await tasks.outcome(run.id))
 
 
 async def _events(
@@ -127,21 +129,25 @@ async def list_runs(request: Request, status: str | None = None) -> dict[str, An
 @router.get("/v1/dags/{run_id}")
 async def get_run(run_id: str, request: Request) -> dict[str, Any]:
     runner = _tasks(request).runner
-    return run_view(runner, _get(runner, run_id))
+    return run_view(runner.runs, _get(runner, run_id))
 
 
 @router.post("/v1/dags/{run_id}/resume")
 async def resume_run(run_id: str, request: Request, wait: bool = False) -> Any:
     tasks = _tasks(request)
     run = _get(tasks.runner, run_id)
-    if run.status not in RESUMABLE:
-        raise InvalidRequest(f"run {run_id} is {run.status}; only {', '.join(RESUMABLE)} resume")
+    if run.status not in RESUMABLE_RUN_STATES:
+        raise InvalidRequest(
+            f"run {run_id} is {run.status}; only {', '.join(RESUMABLE_RUN_STATES)} resume"
+        )
     # a request of the agent the run bills, as starting it was
     services_of(request).limiter.admit(run.agent or agent_of(request), 0)
     tasks.start(run_id)
     if not wait:
-        return JSONResponse(run_view(tasks.runner, _get(tasks.runner, run_id)), status_code=202)
-    return run_view(tasks.runner, await tasks.outcome(run_id))
+        return JSONResponse(
+            run_view(tasks.runner.runs, _get(tasks.runner, run_id)), status_code=202
+        )
+    return run_view(tasks.runner.runs, await tasks.outcome(run_id))
 
 
 @router.delete("/v1/dags/{run_id}")
@@ -151,7 +157,7 @@ async def cancel_run(run_id: str, request: Request) -> dict[str, Any]:
     run = _get(tasks.runner, run_id)
     if not await tasks.cancel(run_id) and run.status in ("pending", "interrupted"):
         tasks.runner.runs.set_status(run_id, "cancelled", error="cancelled; checkpoints kept")
-    return run_view(tasks.runner, _get(tasks.runner, run_id))
+    return run_view(tasks.runner.runs, _get(tasks.runner, run_id))
 
 
 class MigrateRun(BaseModel):
@@ -170,8 +176,8 @@ async def migrate(run_id: str, body: MigrateRun, request: Request) -> dict[str, 
     services = services_of(request)
     tasks = services.dags
     run = _get(tasks.runner, run_id)
-    if run.status not in RESUMABLE:
+    if run.status not in RESUMABLE_RUN_STATES:
         raise InvalidRequest(f"run {run_id} is {run.status}; only unfinished runs move")
     result = await move_run(services, run_id, body.to, with_states=body.states)
     log.info("run %s moved to %s (%d states)", run_id, result.peer, result.states_sent)
-    return {**result.summary(), "run": run_view(tasks.runner, _get(tasks.runner, run_id))}
+    return {**result.summary(), "run": run_view(tasks.runner.runs, _get(tasks.runner, run_id))}

@@ -20,7 +20,7 @@ from pcrt.cache.runs import RunExists
 from pcrt.routing.auth import CLUSTER_HEADER, PROOF_HEADER
 from pcrt.routing.migrate import BLOBS_PATH
 from pcrt.runtime.dag import parse_dag
-from pcrt.runtime.dag.executor import check_run
+from pcrt.runtime.dag.runner import check_run
 from pcrt.runtime.engine.state import KVState
 from pcrt.runtime.errors import Conflict, Unauthorized
 from pcrt.runtime.server.services import agent_of, services_of

@@ -1,0 +1,326 @@
+"""Running a DAG: nodes in dependency order, independent ones at once, every step recorded.
+
+A run is created (validated, inputs bound, one pending record per node) and then
+executed; execution is also how it resumes: finished nodes keep their outputs, an
+interrupted node continues from its last checkpoint. Nodes whose dependencies are done
+start together, so the engine batches them, within the run's budget (``max_nodes``,
+``max_tokens``, ``timeout_sec``).
+
+This module schedules and dispatches; each kind of node runs elsewhere: a generation
+where routing sends it (``offsite.py``; here, ``local.py``), a subgraph call as a child
+run (``calls.py``), an assert and a fork of branches here. They share the run's context
+and the runner's services (``context.py``) and tell listeners what happens
+(``events.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from pcrt.cache.blobs import BlobStore
+from pcrt.cache.runs import (
+    NodeFailed,
+    NodeFinished,
+    NodeFinishedElsewhere,
+    RunCounters,
+    RunRecord,
+    RunStore,
+)
+from pcrt.cache.status import RESUMABLE_RUN_STATES, NodeStatus, RunStatus
+from pcrt.cache.usage import UsageRecord
+from pcrt.runtime.dag.calls import call_subgraph
+from pcrt.runtime.dag.context import EngineLease, Remote, RunContext, RunnerDeps
+from pcrt.runtime.dag.events import DagEvent, DagEventKind, EventSink, ignore
+from pcrt.runtime.dag.library import (
+    Library,
+    calls_subgraphs,
+    library_from_documents,
+    run_library,
+    with_library,
+)
+from pcrt.runtime.dag.load import parse_dag
+from pcrt.runtime.dag.offsite import generate_routed
+from pcrt.runtime.dag.spec import AssertNode, Budget, DagSpec, ForkNode, SubgraphNode
+from pcrt.runtime.dag.templates import check_assert, make_environment, make_scope
+from pcrt.runtime.dag.validate import bind_inputs, dependencies, validate, validate_callees
+from pcrt.runtime.errors import AssertFailed, BudgetExceeded, DagInvalid, InvalidRequest, PcrtError
+from pcrt.runtime.models.registry import Registry
+from pcrt.runtime.paths import Paths
+
+__all__ = ["DagRunner", "check_run"]
+
+log = logging.getLogger(__name__)
+
+MAX_NODES_IN_FLIGHT = 32  # nodes of one run started and not finished
+
+
+def check_run(
+    spec: DagSpec,
+    registry: Registry,
+    inputs: dict[str, Any],
+    remote: tuple[set[str], set[str]] | None = None,
+    library: Library | None = None,
+) -> dict[str, Any]:
+    """Everything a run is checked for before it exists (DagInvalid lists every problem);
+    returns the bound inputs. The CLI calls it too, before loading or sending anything.
+    ``remote`` adds the model names and tags trusted peers offer. ``library`` is what
+    subgraph nodes call (``run_library``; without it, the documents ``spec`` carries): the
+    callees are validated too, and a library that failed to load is reported when the DAG
+    calls subgraphs."""
+    names = set(registry.entries)
+    aliases = {a for e in registry.entries.values() for a in e.aliases}
+    tags = {t for e in registry.entries.values() for t in e.tags}
+    if remote is not None:
+        names |= remote[0]
+        tags |= remote[1]
+    if library is None:
+        library = run_library(spec, dirs=())
+    models = names | aliases
+    problems = list(library.problems) if calls_subgraphs(spec) else []
+    problems += validate(spec, known_models=models, known_tags=tags, library=library.dags)
+    problems += validate_callees(
+        library.closure(spec).values(),
+        known_models=models,
+        known_tags=tags,
+        library=library.dags,
+    )
+    if problems:
+        raise DagInvalid(problems, source=spec.dag)
+    return bind_inputs(spec, inputs)
+
+
+class DagRunner:
+    """Creates runs and executes them (a resume is an execution), one task per node."""
+
+    def __init__(
+        self,
+        *,
+        registry: Registry,
+        runs: RunStore,
+        blobs: BlobStore,
+        lease: EngineLease,
+        ran_on: str = "local",
+        cache_entries: int = 10_000,
+        remote: Remote | None = None,
+        library_dirs: Sequence[Path] | None = None,
+        usage: Callable[[UsageRecord], None] | None = None,
+    ) -> None:
+        self.deps = RunnerDeps(
+            registry=registry,
+            runs=runs,
+            blobs=blobs,
+            lease=lease,
+            env=make_environment(),
+            ran_on=ran_on,
+            cache_entries=cache_entries,
+            remote=remote,
+            usage=usage,
+        )
+        # None: the directories of the environment (Paths.lib_dirs), read at each run's
+        # creation, so library files added meanwhile count
+        self.library_dirs = library_dirs
+
+    @property
+    def registry(self) -> Registry:
+        return self.deps.registry
+
+    @property
+    def runs(self) -> RunStore:
+        return self.deps.runs
+
+    @property
+    def blobs(self) -> BlobStore:
+        return self.deps.blobs
+
+    @property
+    def remote(self) -> Remote | None:
+        return self.deps.remote
+
+    @property
+    def ran_on(self) -> str:
+        return self.deps.ran_on
+
+    @property
+    def cache_entries(self) -> int:
+        return self.deps.cache_entries
+
+    # -- creating -----------------------------------------------------------------
+
+    def create(
+        self,
+        spec: DagSpec,
+        inputs: dict[str, Any],
+        library: Library | None = None,
+        *,
+        agent: str | None = None,
+    ) -> RunRecord:
+        """Validate (every problem at once: DagInvalid), bind inputs, record the run.
+        ``library``: documents the request brought, over the library directories; the run
+        records every library DAG it can reach, for its resume. ``agent``: whom its
+        generations are billed to."""
+        peers = self.deps.peers
+        remote = peers.known_names() if peers is not None else None
+        dirs = self.library_dirs if self.library_dirs is not None else Paths.from_env().lib_dirs
+        resolved = run_library(spec, dirs, library)
+        bound = check_run(spec, self.deps.registry, inputs, remote, resolved)
+        carried = with_library(spec, resolved.closure(spec))
+        return self.deps.record_run(carried, bound, agent=agent)
+
+    def create_partial(
+        self,
+        spec: DagSpec,
+        inputs: dict[str, Any],
+        done: dict[str, Any],
+        origin: str,
+        *,
+        agent: str | None = None,
+    ) -> RunRecord:
+        """A run of part of a DAG for a peer: ``done`` nodes are recorded as finished
+        (where ``origin`` ran them) and only the rest execute here."""
+        unknown = set(done) - set(spec.nodes)
+        if unknown:
+            raise InvalidRequest(f"outputs given for unknown nodes: {sorted(unknown)}")
+        record = self.create(spec, inputs, agent=agent)
+        for node_id, output in done.items():
+            given = NodeFinishedElsewhere(output=output, ran_on=origin)
+            self.deps.runs.update_node(record.id, node_id, given)
+        return record
+
+    # -- executing ----------------------------------------------------------------
+
+    async def execute(self, run_id: str, on_event: EventSink | None = None) -> RunRecord:
+        """Run (or resume) until every node is done, a node fails, or a budget is hit."""
+        runs = self.deps.runs
+        record = runs.get_run(run_id)
+        if record.status not in RESUMABLE_RUN_STATES:
+            return record
+        spec = parse_dag(record.spec)
+        done = {n.node_id: n.output for n in runs.nodes(run_id) if n.status == NodeStatus.SUCCEEDED}
+        library = library_from_documents(spec.library, origin=f"{spec.dag} library")
+        run = RunContext(self.deps, record, spec, done, on_event or ignore, library)
+        runs.set_status(run_id, RunStatus.RUNNING)
+        run.emit(DagEvent(DagEventKind.RUN_STARTED, run_id, data={"resumed": bool(done)}))
+        timeout = spec.budget.timeout_sec
+        status, error = RunStatus.SUCCEEDED, None
+        try:
+            async with asyncio.timeout(timeout):
+                await self._schedule(run)
+        except TimeoutError:
+            status = RunStatus.BUDGET_EXCEEDED
+            error = f"budget exceeded: timeout_sec ({timeout} s)"
+        except BudgetExceeded as exc:
+            status, error = RunStatus.BUDGET_EXCEEDED, str(exc)
+        except asyncio.CancelledError:
+            runs.set_status(run_id, RunStatus.CANCELLED, error="cancelled; checkpoints kept")
+            data = {"status": RunStatus.CANCELLED}
+            run.emit(DagEvent(DagEventKind.RUN_FINISHED, run_id, data=data))
+            raise
+        except (PcrtError, AssertFailed) as exc:
+            status, error = RunStatus.FAILED, str(exc)
+        except Exception as exc:  # a bug must not leave the run "running" forever
+            log.exception("run %s failed unexpectedly", run_id)
+            status, error = RunStatus.FAILED, f"internal error: {type(exc).__name__}: {exc}"
+        runs.set_status(run_id, status, error=error)
+        final = runs.get_run(run_id)
+        data = {"status": status, "error": error, "outputs": run.outputs}
+        run.emit(DagEvent(DagEventKind.RUN_FINISHED, run_id, data=data))
+        return final
+
+    async def _schedule(self, run: RunContext) -> None:
+        deps = dependencies(run.spec)
+        pending = [n for n in run.spec.nodes if n not in run.outputs]
+        running: dict[asyncio.Task[dict[str, Any]], str] = {}
+        try:
+            while pending or running:
+                # a bounded number at a time: a thousand ready asserts started at once
+                # would queue a thousand steps ahead of every other request on the loop
+                room = MAX_NODES_IN_FLIGHT - len(running)
+                ready = [n for n in pending if deps[n] <= run.outputs.keys()][:room]
+                for node_id in ready:
+                    pending.remove(node_id)
+                    _check_budget(run.spec.budget, run.counters(), starting=len(running))
+                    task = asyncio.create_task(self._node(run, node_id), name=f"dag-{node_id}")
+                    running[task] = node_id
+                if not running:
+                    stuck = ", ".join(pending)
+                    raise PcrtError(f"nodes {stuck} wait for nodes that failed or never ran")
+                finished, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                for task in finished:
+                    running.pop(task)
+                    # a failure propagates from here; a subgraph sent whole to a peer
+                    # answers for several nodes at once
+                    for node_id, output in task.result().items():
+                        run.outputs[node_id] = output
+                        if node_id in pending:
+                            pending.remove(node_id)
+        finally:
+            for task in running:
+                task.cancel()
+            for task in running:
+                with contextlib.suppress(BaseException):
+                    await task
+
+    async def _node(self, run: RunContext, node_id: str) -> dict[str, Any]:
+        """Run one node: its output, by its id, with those of the nodes that ran with it
+        on a peer. Generations and calls write their own records (tokens, states,
+        cache); an assert or a fork of branches is recorded here."""
+        node = run.spec.nodes[node_id]
+        runs = self.deps.runs
+        run.emit(DagEvent(DagEventKind.NODE_STARTED, run.id, node_id, {"type": node.type}))
+        started = time.perf_counter()
+        scope = make_scope(run.record.inputs, run.outputs)
+        produced: dict[str, Any]
+        try:
+            if isinstance(node, AssertNode):
+                env = self.deps.env
+                check_assert(env, node.that, scope, node=node_id, message=node.message)
+                produced = {node_id: True}
+            elif isinstance(node, SubgraphNode):
+                produced = {node_id: await call_subgraph(run, node, scope, self.execute)}
+            elif node.generates:
+                produced = await generate_routed(run, node, scope)
+            elif isinstance(node, ForkNode) and node.branches is not None:
+                produced = {node_id: [run.outputs[b] for b in node.branches]}
+            else:
+                raise InvalidRequest(f"node {node_id}: type {node.type!r} cannot run")
+        except (PcrtError, AssertFailed) as exc:
+            if isinstance(exc, BudgetExceeded) and _succeeded(runs, run.id, node_id):
+                # it finished, and spent the last of the budget: its output is kept
+                data = {"status": NodeStatus.SUCCEEDED}
+                run.emit(DagEvent(DagEventKind.NODE_FINISHED, run.id, node_id, data))
+                raise
+            runs.update_node(run.id, node_id, NodeFailed(str(exc)))
+            data = {"status": NodeStatus.FAILED, "error": str(exc)}
+            run.emit(DagEvent(DagEventKind.NODE_FINISHED, run.id, node_id, data))
+            raise
+        output = produced[node_id]
+        if not (node.generates or isinstance(node, SubgraphNode)):
+            finished = NodeFinished(
+                output=output,
+                ran_on=self.deps.ran_on,
+                spent_tokens=0,
+                seconds=time.perf_counter() - started,
+            )
+            runs.finish_node(run.id, node_id, finished)
+        data = {"status": NodeStatus.SUCCEEDED, "output": output}
+        run.emit(DagEvent(DagEventKind.NODE_FINISHED, run.id, node_id, data))
+        return produced
+
+
+def _check_budget(budget: Budget, spent: RunCounters, starting: int) -> None:
+    """One more node may start, or the budget stops the run: ``starting``, the nodes
+    running, are not in the counters yet."""
+    if budget.max_nodes is not None and spent.nodes_executed + starting >= budget.max_nodes:
+        raise BudgetExceeded("max_nodes", f"{budget.max_nodes} nodes executed")
+    if budget.max_tokens is not None and spent.tokens_used >= budget.max_tokens:
+        raise BudgetExceeded("max_tokens", f"{spent.tokens_used} of {budget.max_tokens} used")
+
+
+def _succeeded(runs: RunStore, run_id: str, node_id: str) -> bool:
+    return runs.node(run_id, node_id).status == NodeStatus.SUCCEEDED
