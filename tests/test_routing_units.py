@@ -1157,7 +1157,7 @@ def test_resolved_cluster_key_from_a_loaded_config(
 
 
 # ---------------------------------------------------------------------------------------
-# coordinator.py: what a failed health check does
+# health.py (through the coordinator): what a failed health check does
 # ---------------------------------------------------------------------------------------
 
 
@@ -1177,16 +1177,16 @@ async def test_two_slow_checks_are_forgiven_a_third_takes_the_peer_out() -> None
     try:
         busy = coordinator.table.upsert(_peer(name="busy", trusted=True, healthy=True))
         for _ in range(2):
-            coordinator._probe_failed(busy, "ReadTimeout", slow=True)
+            coordinator.health.probe_failed(busy, "ReadTimeout", slow=True)
             assert busy.in_rotation(time.monotonic()) and busy.next_check == 0.0
-        coordinator._probe_failed(busy, "ReadTimeout", slow=True)
+        coordinator.health.probe_failed(busy, "ReadTimeout", slow=True)
         assert not busy.in_rotation(time.monotonic()) and busy.failures == 1
         dead = coordinator.table.upsert(_peer(name="dead", trusted=True, healthy=True))
-        coordinator._probe_failed(dead, "ConnectError")  # refused: out at once
+        coordinator.health.probe_failed(dead, "ConnectError")  # refused: out at once
         assert not dead.in_rotation(time.monotonic())
         gone = coordinator.table.upsert(_peer(name="gone", trusted=True, healthy=True))
         gone.goodbye = True  # it said goodbye and then did not answer: removed
-        coordinator._probe_failed(gone, "ConnectError")
+        coordinator.health.probe_failed(gone, "ConnectError")
         assert coordinator.table.get("gone") is None
         # one failed forward (a broken stream, a malformed answer) takes a peer out of
         # rotation but leaves its other long calls running; a failed check cancels them
@@ -1198,7 +1198,7 @@ async def test_two_slow_checks_are_forgiven_a_third_takes_the_peer_out() -> None
         coordinator.report_failure(PeerUnavailable("stream broke", peer="flaky"))
         await asyncio.sleep(0.05)
         assert not flaky.in_rotation(time.monotonic()) and not long_call.done()
-        coordinator._probe_failed(flaky, "ConnectError")
+        coordinator.health.probe_failed(flaky, "ConnectError")
         with pytest.raises(PeerUnavailable, match="stopped answering"):
             await long_call
     finally:
@@ -1230,7 +1230,7 @@ async def test_a_static_peer_with_configured_models_needs_no_model_list(server: 
         for name in ("cloud", "bare"):
             peer = coordinator.table.get(name)
             assert peer is not None
-            await coordinator._probe(peer)
+            await coordinator.health.probe(peer)
         now = time.monotonic()
         cloud, bare = coordinator.table.get("cloud"), coordinator.table.get("bare")
         assert cloud is not None and bare is not None
