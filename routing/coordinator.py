@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 
 
 class Coordinator:
+    """``forwarder`` carries forwarded work, ``prober`` the health checks (default: a
+    client each, made from ``settings``); ``clock`` is the monotonic time of cooldowns."""
+
     def __init__(
         self,
         settings: PeerSettings,
@@ -48,6 +51,9 @@ class Coordinator:
         announce_address: str,
         local_view: Callable[[], NodeView],
         local_models: Callable[[], list[str]],
+        forwarder: Forwarder | None = None,
+        prober: Forwarder | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings
         self.node_id = node_id
@@ -56,31 +62,36 @@ class Coordinator:
         self.announce_address = announce_address
         self.local_view = local_view
         self.local_models = local_models
+        self.clock = clock
         self.cluster_key = settings.resolved_cluster_key()
         self.own_hosts = own_hosts(announce_address)
         self.table = PeerTable()
         self.nonces = NonceCache()
         self.policy = PolicySettings(battery_threshold=settings.battery_threshold)
-        self.forwarder = Forwarder(
-            cluster_key=self.cluster_key,
-            connect_timeout=settings.connect_timeout,
-            node_id=node_id,
-        )
+        if forwarder is None:
+            forwarder = Forwarder(
+                cluster_key=self.cluster_key,
+                connect_timeout=settings.connect_timeout,
+                node_id=node_id,
+            )
         # health checks have a client of their own: slow peers cannot exhaust the pool
         # that forwarded work uses
-        self.prober = Forwarder(
-            cluster_key=self.cluster_key,
-            connect_timeout=settings.health_timeout,
-            read_timeout=settings.health_timeout,
-            node_id=node_id,
-            max_connections=32,
-        )
+        if prober is None:
+            prober = Forwarder(
+                cluster_key=self.cluster_key,
+                connect_timeout=settings.health_timeout,
+                read_timeout=settings.health_timeout,
+                node_id=node_id,
+                max_connections=32,
+            )
+        self.forwarder, self.prober = forwarder, prober
         self.health = HealthChecker(
             self.table,
             settings,
             cluster_key=self.cluster_key,
             prober=self.prober,
             forwarder=self.forwarder,
+            clock=clock,
         )
         self.discovery: Discovery | None = None
         self._instance: str | None = None
@@ -136,7 +147,7 @@ class Coordinator:
 
     def decide(self, work: Work, *, include_local: bool = True) -> Decision:
         local = self.local_view() if include_local else None
-        return decide(work, local, self.table.views(time.monotonic()), self.policy)
+        return decide(work, local, self.table.views(self.clock()), self.policy)
 
     def peer(self, name: str) -> Peer | None:
         return self.table.get(name)
@@ -150,7 +161,7 @@ class Coordinator:
         return self.table.remote_names()
 
     def describe(self) -> list[dict[str, Any]]:
-        return self.table.describe(time.monotonic())
+        return self.table.describe(self.clock())
 
     # -- authentication of incoming peer requests ---------------------------------
 

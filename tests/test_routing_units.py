@@ -14,7 +14,7 @@ import json
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Literal, cast
@@ -1382,9 +1382,27 @@ class _FakePeerCalls:
         return PeerAnswer(200, httpx.Headers(), json.dumps(body).encode(), None, 0.0)
 
 
+PeerCall = Callable[..., Awaitable[PeerAnswer]]
+
+
+class _FakeForwarder(Forwarder):
+    """The coordinator's forwarder without the network: each request goes to ``answer``."""
+
+    def __init__(self) -> None:
+        super().__init__(cluster_key=None)
+        self.answer: PeerCall = _FakePeerCalls([])
+
+    async def request(self, peer: Peer, method: str, path: str, **kw: Any) -> PeerAnswer:
+        return await self.answer(peer, method, path, **kw)
+
+
+MigrationSetup = tuple[Coordinator, _FakeForwarder, RunStore, BlobStore]
+
+
 @pytest.fixture
-async def migration_setup(tmp_path: Path) -> AsyncIterator[tuple[Coordinator, RunStore, BlobStore]]:
-    """A run with one finished node's state, and a coordinator whose only peer is "p"."""
+async def migration_setup(tmp_path: Path) -> AsyncIterator[MigrationSetup]:
+    """A run with one finished node's state, and a coordinator whose only peer is "p",
+    reached through a fake forwarder."""
     store = Store(tmp_path / "pcrt.db")
     runs, blobs = RunStore(store), BlobStore(store, tmp_path / "blobs")
     runs.create_run("r", "/dynamic/t", {"dag": "/dynamic/t"}, {}, [("a", "/dynamic/t/a", "llm")])
@@ -1397,6 +1415,7 @@ async def migration_setup(tmp_path: Path) -> AsyncIterator[tuple[Coordinator, Ru
         model="smollm",
         output="hi",
     )
+    forwarder = _FakeForwarder()
     coordinator = Coordinator(
         PeerSettings(),
         node_id="n",
@@ -1405,9 +1424,10 @@ async def migration_setup(tmp_path: Path) -> AsyncIterator[tuple[Coordinator, Ru
         announce_address="127.0.0.1",
         local_view=lambda: NodeView(name="local", kind="local", models=()),
         local_models=list,
+        forwarder=forwarder,
     )
     try:
-        yield coordinator, runs, blobs
+        yield coordinator, forwarder, runs, blobs
     finally:
         await coordinator.close()
         store.close()
@@ -1418,15 +1438,15 @@ def _lost(**kw: Any) -> PeerUnavailable:
 
 
 async def test_migrate_leaves_a_state_the_peers_engine_would_refuse(
-    migration_setup: tuple[Coordinator, RunStore, BlobStore], monkeypatch: pytest.MonkeyPatch
+    migration_setup: MigrationSetup,
 ) -> None:
-    coordinator, runs, blobs = migration_setup
+    coordinator, forwarder, runs, blobs = migration_setup
     q8 = EngineKey(type_k="q8_0", type_v="q8_0", flash_attn=True)
     coordinator.table.upsert(
         _peer(trusted=True, models=(ModelOffer("smollm", MODEL_SHA),), state_keys={"smollm": q8})
     )
     calls = _FakePeerCalls([])
-    monkeypatch.setattr(coordinator.forwarder, "request", calls)
+    forwarder.answer = calls
     result = await migrate_run(coordinator, runs, blobs, "r", "p")
     assert result.states_sent == 0 and len(result.states_left) == 1
     assert "K type f16 vs q8_0" in result.states_left[0]
@@ -1435,9 +1455,9 @@ async def test_migrate_leaves_a_state_the_peers_engine_would_refuse(
 
 
 async def test_migrate_sends_the_record_again_when_its_answer_was_lost(
-    migration_setup: tuple[Coordinator, RunStore, BlobStore], monkeypatch: pytest.MonkeyPatch
+    migration_setup: MigrationSetup,
 ) -> None:
-    coordinator, runs, blobs = migration_setup
+    coordinator, forwarder, runs, blobs = migration_setup
     coordinator.table.upsert(
         _peer(
             trusted=True,
@@ -1446,7 +1466,7 @@ async def test_migrate_sends_the_record_again_when_its_answer_was_lost(
         )
     )
     calls = _FakePeerCalls([_lost(timed_out=True)])
-    monkeypatch.setattr(coordinator.forwarder, "request", calls)
+    forwarder.answer = calls
     result = await migrate_run(coordinator, runs, blobs, "r", "p")
     assert result.states_sent == 1 and result.peer_status == "running"
     sha = runs.node("r", "a").state_sha256
@@ -1463,7 +1483,7 @@ async def test_migrate_sends_the_record_again_when_its_answer_was_lost(
     # an answered error is not asked twice, and a second lost answer is the failure
     for failures, posts in (([_lost(status=503)], 1), ([_lost(), _lost()], 2)):
         calls = _FakePeerCalls(failures)
-        monkeypatch.setattr(coordinator.forwarder, "request", calls)
+        forwarder.answer = calls
         with pytest.raises(PeerUnavailable):
             await migrate_run(coordinator, runs, blobs, "r", "p")
         assert [c[0] for c in calls.calls].count("POST") == posts
@@ -1472,7 +1492,7 @@ async def test_migrate_sends_the_record_again_when_its_answer_was_lost(
     async def html(peer: Peer, method: str, path: str, **kw: Any) -> PeerAnswer:
         return PeerAnswer(200, httpx.Headers(), b"<html>captive portal</html>", None, 0.0)
 
-    monkeypatch.setattr(coordinator.forwarder, "request", html)
+    forwarder.answer = html
     with pytest.raises(PeerUnavailable, match="did not take run r"):
         await migrate_run(coordinator, runs, blobs, "r", "p")
     # and the record says who sent it by node id, unique where hostnames may not be
@@ -1572,20 +1592,24 @@ async def _run_subgraph(fw: Forwarder, url: str, timeout: float | None) -> dict[
     return await RemoteRunner(cast(Coordinator, coordinator)).subgraph(candidate, {}, timeout)
 
 
-async def test_a_subgraph_reads_for_the_dag_timeout_or_the_forwarders_own_limit(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    fw = Forwarder(cluster_key=KEY)
-    limits: list[float | None] = []
+class _ReadLimits(Forwarder):
+    """A forwarder that sends nothing: it notes each request's read limit and answers
+    with no nodes."""
 
-    async def request(peer: Peer, method: str, path: str, **kw: Any) -> Any:
-        limits.append(kw["timeout"].sock_read)
+    def __init__(self) -> None:
+        super().__init__(cluster_key=KEY)
+        self.limits: list[float | None] = []
+
+    async def request(self, peer: Peer, method: str, path: str, **kw: Any) -> Any:
+        self.limits.append(kw["timeout"].sock_read)
         return SimpleNamespace(json=lambda: {"nodes": {}})
 
-    monkeypatch.setattr(fw, "request", request)
+
+async def test_a_subgraph_reads_for_the_dag_timeout_or_the_forwarders_own_limit() -> None:
+    fw = _ReadLimits()
     await _run_subgraph(fw, "http://127.0.0.1:9", None)  # no DAG timeout: the forwarder's
     await _run_subgraph(fw, "http://127.0.0.1:9", 100.0)  # the DAG's own, with a margin
-    assert limits == [600.0, 130.0]
+    assert fw.limits == [600.0, 130.0]
 
 
 async def test_a_subgraph_peer_that_goes_silent_is_given_up_on() -> None:
