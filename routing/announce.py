@@ -27,8 +27,8 @@ import httpx
 from zeroconf import InterfacesType
 
 from pcrt.routing.auth import announcement_signature
-from pcrt.routing.coordinator import capabilities_hash
 from pcrt.routing.discovery import Discovery, Sighting, txt_properties
+from pcrt.routing.identity import capabilities_hash
 from pcrt.runtime.errors import ConfigError, PeerUnavailable
 
 __all__ = ["Upstream", "announce_upstream", "fetch_models", "upstream_txt"]

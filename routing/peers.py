@@ -9,7 +9,8 @@ Liveness comes from health checks, not mDNS TTLs (minutes long): a failed check 
 forward puts the peer in cooldown at once, with exponential backoff as LiteLLM's router
 does, and a peer in cooldown is out of rotation until a check succeeds again.
 
-This module holds state and no I/O; ``coordinator.py`` does the network.
+This module holds state and no I/O: ``health.py`` asks the peers, ``coordinator.py`` wires
+discovery to the table.
 """
 
 from __future__ import annotations
@@ -19,10 +20,13 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from pcrt.routing.policy import ModelOffer, NodeView
+from pcrt.routing.settings import StaticPeer
 from pcrt.routing.statekey import EngineKey
 
 __all__ = [
+    "MAX_PEERS",
     "Peer",
+    "PeerKind",
     "PeerTable",
     "cooldown_seconds",
     "offers_from_models",
@@ -37,6 +41,7 @@ PeerSource = Literal["mdns", "static", "announce"]
 
 COOLDOWN_BASE = 1.0  # seconds after the first failure
 COOLDOWN_MAX = 30.0
+MAX_PEERS = 64  # mDNS is open to anyone on the LAN: the table must not grow without bound
 
 
 def cooldown_seconds(failures: int) -> float:
@@ -79,6 +84,39 @@ class Peer:
     probing: bool = False  # a health check is under way
     goodbye: bool = False  # mDNS said it left; it goes once a check fails
     slow_checks: int = 0  # health checks in a row that timed out (two are forgiven)
+
+    @classmethod
+    def from_static(cls, static: StaticPeer) -> Peer:
+        """A peer from config, as the table first holds it (not checked yet)."""
+        return cls(
+            name=static.name,
+            url=static.url.rstrip("/"),
+            kind=static.kind,
+            source="static",
+            api_key_env=static.api_key_env,
+            static_tags=static.tags,
+            strength=static.strength,
+            configured_models=static.models,
+            # the user configured it: an OpenAI-compatible peer is trusted; a pcrt peer
+            # still has to prove the cluster key
+            trusted=static.kind != "pcrt",
+            trust_note="configured",
+        )
+
+    def take_node_info(self, info: dict[str, Any]) -> None:
+        """What a pcrt peer's ``/v1/pcrt/node`` says of it: id, models, load, battery,
+        device. Raises ValueError or TypeError on a count that is not one."""
+        self.node_id = info.get("node_id") or self.node_id
+        self.models = offers_from_node_info(info)
+        self.state_keys = state_keys_from_node_info(info)
+        self.queue_depth = int(info.get("queue_depth") or 0)
+        self.slots = int(info.get("slots") or 1)
+        battery = info.get("battery")
+        battery = battery if isinstance(battery, dict) else {}
+        self.battery_percent = reported_number(battery.get("percent"))
+        self.on_battery = battery.get("plugged_in") is False
+        device = info.get("device")
+        self.device = device if isinstance(device, dict) else {}
 
     def in_rotation(self, now: float) -> bool:
         return self.trusted and self.healthy and now >= self.cooldown_until
@@ -238,6 +276,11 @@ class PeerTable:
         self._peers[peer.name] = peer
         return peer
 
+    @property
+    def full(self) -> bool:
+        """No room for another peer: a new mDNS sighting is ignored."""
+        return len(self._peers) >= MAX_PEERS
+
     def remove(self, name: str) -> Peer | None:
         return self._peers.pop(name, None)
 
@@ -268,3 +311,23 @@ class PeerTable:
 
     def due(self, now: float) -> list[Peer]:
         return [p for p in self.all() if p.next_check <= now]
+
+    def all_checked(self) -> bool:
+        """Every peer has passed or failed a health check."""
+        return all(p.healthy or p.failures for p in self.all())
+
+    def describe(self, now: float) -> list[dict[str, Any]]:
+        return [p.describe(now) for p in self.all()]
+
+    def remote_names(self) -> tuple[set[str], set[str]]:
+        """Model names (and aliases) and tags offered by trusted peers: a DAG may name them."""
+        names: set[str] = set()
+        tags: set[str] = set()
+        for peer in self.all():
+            if not peer.trusted:
+                continue
+            for offer in peer.models:
+                names.add(offer.name)
+                names.update(offer.aliases)
+                tags.update(offer.tags)
+        return names, tags

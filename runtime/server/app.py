@@ -20,7 +20,8 @@ from pcrt.cache.store import Store
 from pcrt.cache.usage import UsageLog
 from pcrt.device.monitor import DeviceMonitor
 from pcrt.routing.auth import CLUSTER_HEADER
-from pcrt.routing.coordinator import Coordinator, announce_address, load_node_id
+from pcrt.routing.coordinator import Coordinator
+from pcrt.routing.identity import announce_address, load_node_id
 from pcrt.routing.remote import RemoteRunner
 from pcrt.runtime.dag.runner import DagRunner
 from pcrt.runtime.dag.tasks import DagTasks
