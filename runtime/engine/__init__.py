@@ -1,17 +1,19 @@
 """The engine room: one loaded model, one llama.cpp context, continuous batching over slots.
 
-Callers use what this package exports; the modules behind it are the engine's own.
+Callers use what this package exports; the modules behind it are the engine's own
+(``engine`` says which does what).
 """
 
-from pcrt.runtime.engine.engine import (
+from pcrt.runtime.engine.config import EngineConfig
+from pcrt.runtime.engine.engine import Engine
+from pcrt.runtime.engine.handoff import RequestHandle
+from pcrt.runtime.engine.requests import (
     CheckpointEvent,
     Choice,
     Completion,
-    Engine,
-    EngineConfig,
     FinishEvent,
+    FinishReason,
     GenerateRequest,
-    RequestHandle,
     SlotInfo,
     TokenEvent,
 )
@@ -23,6 +25,7 @@ __all__ = [
     "Engine",
     "EngineConfig",
     "FinishEvent",
+    "FinishReason",
     "GenerateRequest",
     "RequestHandle",
     "SlotInfo",
