@@ -214,7 +214,8 @@ class Engine:
             raise StateError("the state's tokens are outside this model's vocabulary")
 
     async def import_state(self, state: KVState) -> int:
-        """Load a state into the least recently used idle slot; returns its seq id."""
+        """Load a state into the idle slot with least to lose (an empty one, else the
+        least recently used); returns its seq id."""
         self._check_state(state)
         return await self.call(lambda: self._scheduler.import_idle(state))
 

@@ -55,6 +55,7 @@ from pcrt.runtime.engine.handoff import (
 from pcrt.runtime.engine.kv import SlotKV
 from pcrt.runtime.engine.llama_model import LlamaModel
 from pcrt.runtime.engine.prefix import (
+    by_value,
     choose_donor,
     choose_leader,
     choose_slots,
@@ -240,11 +241,11 @@ class Scheduler:
         return self._kv.export(slot, next_token=None)
 
     def import_idle(self, state: KVState) -> int:
-        """Load a (checked) state into the least recently used idle slot; its seq id."""
+        """Load a (checked) state into the idle slot with least to lose; its seq id."""
         idle = [s for s in self.slots if not s.busy]
         if not idle:
             raise StateError("every slot is busy; retry when one is free")
-        slot = min(idle, key=lambda s: s.last_used)
+        slot = by_value(idle)[0]
         self._kv.restore(slot, state)
         return slot.seq_id
 
