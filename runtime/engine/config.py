@@ -2,7 +2,8 @@
 
 ``context`` is per slot: the engine asks llama.cpp for ``context x parallel`` cells split
 into ``parallel`` separate KV streams (``kv_unified`` off, see ``scheduler``). The KV
-cache types are the planner's ``KVType`` (one vocabulary with ``pcrt device plan``).
+cache types are the planner's ``KVType`` (one vocabulary with ``pcrt device plan``); what
+they cost in bytes is the planner's business too (``pcrt.device.offload.row_bytes``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pcrt.device.offload import KVType
 from pcrt.runtime.engine.llama_model import LlamaModel
 from pcrt.runtime.errors import ModelLoadError
 
-__all__ = ["KV_BYTES_PER_ELEMENT", "KV_TYPES", "EngineConfig", "default_threads", "new_context"]
+__all__ = ["KV_TYPES", "EngineConfig", "default_threads", "new_context"]
 
 KV_TYPES: dict[KVType, int] = {
     "f32": llama_cpp.GGML_TYPE_F32,
@@ -26,13 +27,6 @@ KV_TYPES: dict[KVType, int] = {
     "q4_0": llama_cpp.GGML_TYPE_Q4_0,
 }
 """The ggml type of each KV cache type an ``EngineConfig`` may name."""
-
-KV_BYTES_PER_ELEMENT: dict[KVType, float] = {
-    "f32": 4.0,
-    "f16": 2.0,
-    "q8_0": 34 / 32,
-    "q4_0": 18 / 32,
-}
 
 
 def default_threads() -> int:

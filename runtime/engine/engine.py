@@ -30,10 +30,10 @@ from typing import TYPE_CHECKING, TypeVar
 import llama_cpp
 
 from pcrt.runtime.engine.chat import ChatRenderer
-from pcrt.runtime.engine.config import KV_BYTES_PER_ELEMENT, EngineConfig, new_context
+from pcrt.runtime.engine.config import EngineConfig, new_context
 from pcrt.runtime.engine.embeddings import Embedder
 from pcrt.runtime.engine.handoff import Call, Close, Inbox, RequestHandle, Submit
-from pcrt.runtime.engine.kv import SlotKV, has_portable_state
+from pcrt.runtime.engine.kv import SlotKV, has_portable_state, kv_cache_bytes, kv_shape
 from pcrt.runtime.engine.llama_model import LlamaModel
 from pcrt.runtime.engine.requests import Completion, GenerateRequest, SlotInfo
 from pcrt.runtime.engine.sampling import Sampler
@@ -242,16 +242,15 @@ class Engine:
 
     @property
     def kv_bytes(self) -> int:
-        """Bytes of the KV cache allocated for all slots (an estimate from the shapes)."""
-        m = self.model.ptr
-        head_dim = llama_cpp.llama_model_n_embd(m) // max(1, llama_cpp.llama_model_n_head(m))
-        per_cell_elements = (
-            2 * llama_cpp.llama_model_n_layer(m) * llama_cpp.llama_model_n_head_kv(m) * head_dim
+        """Bytes of the KV cache allocated for all slots: the device planner's figure
+        (``OffloadPlan.kv_bytes``) for this model, context and ``parallel``."""
+        return kv_cache_bytes(
+            kv_shape(self.model, self.name),
+            self.context_per_slot,
+            self.config.parallel,
+            self.config.type_k,
+            self.config.type_v,
         )
-        bytes_per = (
-            KV_BYTES_PER_ELEMENT[self.config.type_k] + KV_BYTES_PER_ELEMENT[self.config.type_v]
-        ) / 2
-        return int(per_cell_elements * bytes_per * self.context_per_slot * self.config.parallel)
 
     @property
     def closed(self) -> bool:

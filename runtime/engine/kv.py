@@ -14,6 +14,11 @@ An exported state is the engine-independent ``KVState`` (``state``): for plain K
 the ``portable`` layout, which imports into an engine with any ``parallel``; for
 sliding-window, recurrent and hybrid caches llama.cpp's raw bytes, tied to the stream
 count.
+
+``kv_cache_bytes`` is the size of the whole cache by the device planner's formula
+(``pcrt.device.offload.kv_bytes_per_layer``: cells padded per stream, ggml row sizes), on
+a shape built from what llama.cpp and the GGUF say, so ``pcrt ps`` and ``pcrt device plan``
+give one figure.
 """
 
 from __future__ import annotations
@@ -24,12 +29,13 @@ from typing import Any
 
 import llama_cpp
 
+from pcrt.device.offload import KVType, ModelShape, kv_bytes_per_layer
 from pcrt.runtime.engine.llama_model import LlamaModel
 from pcrt.runtime.engine.slots import Slot
 from pcrt.runtime.engine.state import CompatKey, KVState, native_payload, portable_payload
 from pcrt.runtime.errors import ContextLengthExceeded, StateError
 
-__all__ = ["SlotKV", "has_portable_state"]
+__all__ = ["SlotKV", "has_portable_state", "kv_cache_bytes", "kv_shape"]
 
 
 def has_portable_state(model: LlamaModel) -> bool:
@@ -122,3 +128,51 @@ class SlotKV:
         (a partial removal from a sliding-window or recurrent cache). The caller keeps
         ``Slot.tokens`` in step."""
         return bool(llama_cpp.llama_memory_seq_rm(self._memory, seq_id, start, -1))
+
+
+# -- the KV cache's size ----------------------------------------------------------------
+
+
+def kv_shape(model: LlamaModel, name: str = "") -> ModelShape:
+    """The planner's ``ModelShape`` of a loaded model, for sizing its KV cache.
+
+    Dimensions from llama.cpp; the key and value head sizes from the GGUF metadata
+    (``<arch>.attention.key_length`` / ``value_length``), else ``n_embd / n_head``, as
+    ``pcrt.runtime.models.planning.model_shape`` reads them from the file (Gemma 3's heads
+    are 256 wide whatever n_embd / n_head is). Weight bytes are not known here and are 0:
+    only the KV formula reads this shape.
+    """
+    arch = model.metadata("general.architecture") or "unknown"
+    n_head = max(1, model.n_head)  # recurrent models have no attention heads: no KV
+    derived = model.n_embd // n_head
+    n_layers = max(1, model.n_layer)
+    return ModelShape(
+        name=name,
+        architecture=arch,
+        n_layers=n_layers,
+        n_embd=max(1, model.n_embd),
+        n_head=n_head,
+        n_head_kv=model.n_head_kv,
+        head_dim_k=_positive_int(model.metadata(f"{arch}.attention.key_length")) or derived,
+        head_dim_v=_positive_int(model.metadata(f"{arch}.attention.value_length")) or derived,
+        n_vocab=max(1, model.n_vocab),
+        n_ctx_train=model.n_ctx_train or None,
+        layer_bytes=(0,) * n_layers,
+        token_embd_bytes=0,
+    )
+
+
+def kv_cache_bytes(
+    shape: ModelShape, context: int, parallel: int, type_k: KVType, type_v: KVType
+) -> int:
+    """Bytes of the KV cache of ``parallel`` slots of ``context`` tokens each, every layer:
+    what ``OffloadPlan.kv_bytes`` says for the same model, context and slots."""
+    return kv_bytes_per_layer(shape, context, parallel, type_k, type_v) * shape.n_layers
+
+
+def _positive_int(text: str | None) -> int | None:
+    try:
+        value = int(text) if text is not None else 0
+    except ValueError:  # an array or a float where a count was expected
+        return None
+    return value if value > 0 else None
