@@ -75,6 +75,9 @@ class LlamaModel:
         self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self.vocab))
         self.n_ctx_train = int(llama_cpp.llama_model_n_ctx_train(self.ptr))
         self.n_embd = int(llama_cpp.llama_model_n_embd(self.ptr))
+        self.n_layer = int(llama_cpp.llama_model_n_layer(self.ptr))
+        self.n_head = int(llama_cpp.llama_model_n_head(self.ptr))
+        self.n_head_kv = int(llama_cpp.llama_model_n_head_kv(self.ptr))
         self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self.vocab))
         self.bos_id = int(llama_cpp.llama_vocab_bos(self.vocab))
         self.eos_id = int(llama_cpp.llama_vocab_eos(self.vocab))
@@ -86,6 +89,18 @@ class LlamaModel:
     def chat_template(self) -> str | None:
         raw = llama_cpp.llama_model_chat_template(self.ptr, None)
         return raw.decode("utf-8") if raw else None
+
+    def metadata(self, key: str) -> str | None:
+        """A GGUF metadata value as text (llama.cpp's ``llama_model_meta_val_str``); None
+        when the file does not have the key."""
+        buf = ctypes.create_string_buffer(256)
+        n = llama_cpp.llama_model_meta_val_str(self.ptr, key.encode(), buf, len(buf))
+        if n < 0:
+            return None
+        if n >= len(buf):  # longer than the buffer: llama.cpp says how long
+            buf = ctypes.create_string_buffer(n + 1)
+            n = llama_cpp.llama_model_meta_val_str(self.ptr, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", "replace")
 
     def token_text(self, token: int) -> str:
         """A special token's text (e.g. ``<|im_end|>``), for chat templates."""

@@ -1,0 +1,544 @@
+"""The scheduler: continuous batching over slots, on the engine's one scheduler thread.
+
+Everything here runs on that thread, which owns the llama.cpp context; nothing here is
+called from anywhere else, except the read-only counters (``slot_infos``, ``busy_slots``,
+``queue_depth``) that other threads may read at any time. The loop (``run``):
+
+1. drain the inbox (``handoff``): a ``Submit`` queues a job, a ``Cancel`` finishes one, a
+   ``Call`` runs a function here, a ``Close`` fails what is pending and stops;
+2. admit waiting jobs, first come first served, while there are free slots for them:
+   pick slots and reuse a cached prefix (``prefix`` decides, ``kv`` copies);
+3. one batched decode step: the next token of every decoding sequence, in seq-id order,
+   plus a chunk of any pending prompt, in one ``llama_decode``; then sample each sequence
+   from its own logits row with its own sampler chain;
+4. hand the step's events to the callers' event loops (``handoff.Deliveries``).
+
+A job is one request; its branches are the ``n`` sequences of a fork, one slot each. The
+job's first branch (its main slot) computes the prompt; when the prompt is in, its KV is
+copied into the other branches' slots and every branch samples on its own. A job that
+shares a long prefix with another job's running prefill may ``follow`` it: wait until the
+leader has computed that prefix, copy it, and prefill only the rest.
+
+Each slot has its own KV stream of ``context`` cells (``kv_unified`` off). In a unified
+pool a sequence's attention runs over cells interleaved with other sequences', and the
+changed summation order flips greedy near-ties: with separate streams a request decodes
+exactly as it would alone, and exactly as llama-cpp-python's ``Llama`` decodes it. That
+is also why copies between slots go through sequence state (see ``kv``).
+
+The decode step is the hot path, measured against llama-cpp-python by ``bench.engine``:
+no allocation, lookup or type test in it that the work does not need.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import llama_cpp
+
+from pcrt.runtime.engine.config import EngineConfig
+from pcrt.runtime.engine.handoff import (
+    Call,
+    Cancel,
+    Close,
+    Deliveries,
+    Inbox,
+    Message,
+    Outgoing,
+    RequestHandle,
+    Submit,
+)
+from pcrt.runtime.engine.kv import SlotKV
+from pcrt.runtime.engine.llama_model import LlamaModel
+from pcrt.runtime.engine.prefix import (
+    by_value,
+    choose_donor,
+    choose_leader,
+    choose_slots,
+    common_prefix,
+)
+from pcrt.runtime.engine.requests import (
+    CheckpointEvent,
+    Choice,
+    Completion,
+    FinishEvent,
+    FinishReason,
+    SlotInfo,
+    TokenEvent,
+)
+from pcrt.runtime.engine.sampling import Sampler, SamplingParams, resolve_seed
+from pcrt.runtime.engine.slots import Slot
+from pcrt.runtime.engine.state import KVState
+from pcrt.runtime.engine.textstream import TextStream
+from pcrt.runtime.errors import EngineClosed, InvalidRequest, PcrtError, StateError
+
+__all__ = ["Scheduler"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class _Branch:
+    choice: Choice
+    slot: Slot
+    sampler: Sampler | None = None
+    stream: TextStream | None = None
+    pending: int | None = None  # sampled, not yet decoded
+    batch_index: int = -1
+
+    @property
+    def active(self) -> bool:
+        return self.choice.finish_reason is None
+
+
+@dataclass(eq=False)
+class _Job:
+    handle: RequestHandle
+    params: SamplingParams
+    prompt: list[int]
+    branches: list[_Branch] = field(default_factory=list)
+    prefill_pos: int = 0
+    chunk: int = 0  # prompt tokens in the current batch
+    logits_row: int = -1  # batch row of the last prompt token, once it is in a batch
+    t_admitted: float = 0.0
+    t_first_token: float | None = None
+    outbox: list[Outgoing] = field(default_factory=list)
+    # (leader, tokens): the leader is prefilling this job's first ``tokens`` prompt tokens
+    # right now; this job waits for them and copies them instead of computing them twice
+    follows: tuple[_Job, int] | None = None
+
+    @property
+    def prefilling(self) -> bool:
+        return self.prefill_pos < len(self.prompt)
+
+
+class Scheduler:
+    """Slots, jobs and the decode loop of one context."""
+
+    def __init__(
+        self,
+        ctx: Any,
+        *,
+        model: LlamaModel,
+        config: EngineConfig,
+        context_per_slot: int,
+        kv: SlotKV,
+        inbox: Inbox,
+        name: str,
+    ) -> None:
+        self._ctx = ctx
+        self.model = model
+        self.config = config
+        self.context_per_slot = context_per_slot
+        self._kv = kv
+        self._inbox = inbox
+        self._name = name
+        self._batch = llama_cpp.llama_batch_init(config.n_batch, 0, 1)
+        self.slots = [Slot(i) for i in range(config.parallel)]
+        self._waiting: deque[_Job] = deque()
+        self._running: list[_Job] = []
+        deliveries = Deliveries()
+        # bound once: every step sends and dispatches
+        self._send = deliveries.send
+        self._dispatch = deliveries.dispatch
+
+    # -- read from any thread -----------------------------------------------------------
+
+    def slot_infos(self) -> list[SlotInfo]:
+        return [SlotInfo(s.seq_id, s.busy, len(s.tokens)) for s in self.slots]
+
+    @property
+    def busy_slots(self) -> int:
+        return sum(s.busy for s in self.slots)
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting) + self._inbox.qsize()
+
+    # -- the loop -------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Serve the inbox until ``Close``. Raises only on a bug; the caller then calls
+        ``shutdown`` with the error every pending caller gets."""
+        while True:
+            idle = not self._running and not self._waiting
+            try:
+                message = self._inbox.get() if idle else self._inbox.get_nowait()
+            except queue.Empty:
+                message = None
+            while message is not None:
+                if isinstance(message, Close):
+                    self.shutdown()
+                    return
+                self._handle(message)
+                try:
+                    message = self._inbox.get_nowait()
+                except queue.Empty:
+                    message = None
+            self._admit()
+            self._take_from_leaders()
+            if self._running:
+                self._step()
+            self._dispatch()
+
+    def _handle(self, message: Message) -> None:
+        match message:
+            case Submit(handle=handle):
+                self._waiting.append(self._new_job(handle))
+            case Cancel(request_id=request_id):
+                self._cancel(request_id)
+            case Call():
+                message.run()
+
+    def _new_job(self, handle: RequestHandle) -> _Job:
+        request = handle.request
+        return _Job(
+            handle=handle,
+            params=request.sampling,
+            prompt=handle.prompt_tokens,
+            branches=[_Branch(Choice(i), slot=self.slots[0]) for i in range(request.n)],
+        )
+
+    def shutdown(self, error: PcrtError | None = None) -> None:
+        """Fail every pending request and call (``EngineClosed`` unless ``error``)."""
+        error = error or EngineClosed(f"engine for {self._name!r} shut down")
+        for job in [*self._running, *self._waiting]:
+            self._free_job(job)
+            self._send(job.handle, [error])
+        self._running.clear()
+        self._waiting.clear()
+        while True:  # fail calls and submissions that raced with close
+            try:
+                message = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(message, Submit):
+                self._send(message.handle, [error])
+            elif isinstance(message, Call):
+                message.fail(error)
+        self._dispatch()
+
+    def free(self) -> None:
+        """Free the batch (after the thread has stopped)."""
+        llama_cpp.llama_batch_free(self._batch)
+
+    # -- idle slots (through Call, between steps) -----------------------------------------
+
+    def slot(self, seq_id: int) -> Slot:
+        if not 0 <= seq_id < len(self.slots):
+            raise InvalidRequest(f"no slot {seq_id}: slots are 0..{len(self.slots) - 1}")
+        return self.slots[seq_id]
+
+    def export_idle(self, seq_id: int) -> KVState:
+        """The KV state of an idle slot (what its last request left there)."""
+        slot = self.slot(seq_id)
+        if slot.busy:
+            raise StateError(f"slot {seq_id} is busy; export it when its request ends")
+        return self._kv.export(slot, next_token=None)
+
+    def import_idle(self, state: KVState) -> int:
+        """Load a (checked) state into the idle slot with least to lose; its seq id."""
+        idle = [s for s in self.slots if not s.busy]
+        if not idle:
+            raise StateError("every slot is busy; retry when one is free")
+        slot = by_value(idle)[0]
+        self._kv.restore(slot, state)
+        return slot.seq_id
+
+    def clear_idle(self) -> int:
+        """Drop the cached KV of every idle slot; how many tokens were dropped."""
+        dropped = 0
+        for slot in self.slots:
+            if not slot.busy and slot.tokens:
+                self._kv.trim(slot.seq_id, 0)
+                dropped += len(slot.tokens)
+                slot.tokens = []
+        return dropped
+
+    # -- admission and prefix reuse -------------------------------------------------------
+
+    def _admit(self) -> None:
+        while self._waiting:
+            job = self._waiting[0]
+            free = [s for s in self.slots if not s.busy]
+            if len(free) < len(job.branches):
+                return  # FIFO: a fork waiting for slots is not overtaken
+            self._waiting.popleft()
+            try:
+                self._place(job, free)
+            except Exception as exc:  # one bad request must not take the scheduler down
+                if not isinstance(exc, PcrtError):
+                    log.exception("could not start request %s", job.handle.id)
+                    exc = PcrtError(f"the request could not start: {type(exc).__name__}")
+                self._free_job(job)
+                for br in job.branches:
+                    if br.sampler is not None:
+                        br.sampler.free()
+                        br.sampler = None
+                    br.slot.busy = False
+                self._send(job.handle, [exc])
+                continue
+            self._running.append(job)
+
+    def _place(self, job: _Job, free: list[Slot]) -> None:
+        """Pick slots, restore a state or reuse the longest cached prefix."""
+        prompt = job.prompt
+        chosen = choose_slots(prompt, free, len(job.branches))
+        for branch, slot in zip(job.branches, chosen, strict=True):
+            branch.slot = slot
+            slot.busy = True
+        main = chosen[0]
+        request = job.handle.request
+        state = request.state or request.context_state
+        if state is not None and common_prefix(main.tokens, prompt) < len(state.tokens):
+            self._kv.restore(main, state)
+        common = common_prefix(main.tokens, prompt)
+        donor = choose_donor(prompt, self.slots, main, common)
+        if donor is not None:
+            source, shared = donor
+            self._kv.copy(source, main, shared)
+            common = len(main.tokens)
+        common = min(common, len(prompt) - 1)  # the last prompt token must be decoded for logits
+        if not self._kv.trim(main.seq_id, common):
+            self._kv.trim(main.seq_id, 0)  # partial removal unsupported (e.g. SWA): start over
+            common = 0
+        del main.tokens[common:]
+        job.prefill_pos = common
+        job.handle.cached_tokens = common
+        if state is None:
+            job.follows = choose_leader(
+                prompt,
+                common,
+                (j for j in self._running if j.prefilling and j.follows is None),
+            )
+        job.t_admitted = time.perf_counter()
+        for branch in job.branches:
+            seed = resolve_seed(job.params.seed, branch.choice.index)
+            branch.sampler = Sampler(
+                job.params, self.model.vocab, self.model.n_vocab, seed, self.context_per_slot
+            )
+            generated = request.generated_prefix
+            branch.sampler.accept_prompt(prompt[: len(prompt) - len(generated)])
+            branch.sampler.accept_generated(generated)
+            branch.stream = TextStream(job.params.stop)
+
+    def _take_from_leaders(self) -> None:
+        """Followers whose leader has computed their shared prefix copy it and go on
+        prefilling from there; one whose leader stopped short prefills for itself."""
+        for job in self._running:
+            if job.follows is None:
+                continue
+            leader, shared = job.follows
+            source = leader.branches[0].slot
+            if common_prefix(source.tokens, job.prompt) >= shared:
+                main = job.branches[0].slot
+                self._kv.copy(source, main, shared)  # empty when it cannot trim (SWA)
+                job.prefill_pos = job.handle.cached_tokens = len(main.tokens)
+                job.follows = None
+            elif leader not in self._running or not leader.prefilling:
+                job.follows = None  # cancelled or failed before it got there
+
+    # -- one batched decode step -----------------------------------------------------
+
+    def _step(self) -> None:
+        batch = self._batch
+        n = 0
+        decoding = [
+            (job, br)
+            for job in self._running
+            if not job.prefilling
+            for br in job.branches
+            if br.active and br.pending is not None
+        ]
+        # in seq-id order: with a KV stream per slot, llama.cpp puts only consecutive,
+        # increasing seq ids into one ubatch, so [2, 0, 1, 3] would cost two forward passes
+        # (measured in bench.dag's shared-context DAG: 4-wide steps 47-52 ms -> 43 ms)
+        decoding.sort(key=lambda pair: pair[1].slot.seq_id)
+        for _job, br in decoding:
+            assert br.pending is not None
+            n = self._add(n, br.pending, len(br.slot.tokens), br.slot.seq_id, True)
+            br.batch_index = n - 1
+        prefilling: list[_Job] = []
+        budget = (
+            self.config.n_batch
+            if not decoding
+            else min(self.config.n_batch, n + self.config.prefill_chunk)
+        )
+        for job in self._running:
+            if not job.prefilling or job.follows is not None or n >= budget:
+                continue
+            main = job.branches[0].slot
+            take = min(budget - n, len(job.prompt) - job.prefill_pos)
+            last = len(job.prompt) - 1
+            for pos in range(job.prefill_pos, job.prefill_pos + take):
+                if pos == last:
+                    job.logits_row = n
+                n = self._add(n, job.prompt[pos], pos, main.seq_id, pos == last)
+            job.chunk = take
+            prefilling.append(job)
+        if n == 0:  # every running job waits on another (cannot last: see choose_leader)
+            return
+        batch.n_tokens = n
+        rc = llama_cpp.llama_decode(self._ctx, batch)
+        if rc != 0:
+            self._fail_step(rc, decoding, prefilling)
+            return
+        now = time.perf_counter()
+        for job, br in decoding:
+            assert br.pending is not None
+            br.slot.tokens.append(br.pending)
+            br.pending = None
+            self._sample(job, br, br.batch_index, now)
+        for job in prefilling:
+            main = job.branches[0].slot
+            main.tokens.extend(job.prompt[job.prefill_pos : job.prefill_pos + job.chunk])
+            job.prefill_pos += job.chunk
+            if not job.prefilling:
+                self._start_decoding(job, job.logits_row)
+        self._flush_events()
+
+    def _add(self, n: int, token: int, pos: int, seq_id: int, logits: bool) -> int:
+        batch = self._batch
+        batch.token[n] = token
+        batch.pos[n] = pos
+        batch.n_seq_id[n] = 1
+        batch.seq_id[n][0] = seq_id
+        batch.logits[n] = logits
+        return n + 1
+
+    def _start_decoding(self, job: _Job, logits_index: int) -> None:
+        """The prompt is in: copy its KV into the fork's other slots and sample each."""
+        main = job.branches[0].slot
+        for br in job.branches[1:]:
+            self._kv.copy(main, br.slot, len(main.tokens))
+        now = time.perf_counter()
+        for br in job.branches:
+            if job.params.max_tokens == 0:
+                self._finish(job, br, "length")
+            else:
+                self._sample(job, br, logits_index, now)
+
+    def _sample(self, job: _Job, br: _Branch, batch_index: int, now: float) -> None:
+        assert br.sampler is not None and br.stream is not None
+        token = br.sampler.sample(self._ctx, batch_index)
+        if job.t_first_token is None:
+            job.t_first_token = now
+        br.pending = token
+        if self.model.is_eog(token):
+            self._finish(job, br, "stop")
+            return
+        br.choice.tokens.append(token)
+        text = br.stream.feed(self.model.piece(token))
+        br.choice.text += text
+        job.outbox.append(TokenEvent(br.choice.index, text, token))
+        if br.stream.stopped:
+            self._finish(job, br, "stop")
+        elif (
+            len(br.choice.tokens) >= job.params.max_tokens
+            or len(br.slot.tokens) + 1 >= self.context_per_slot  # the context is full
+        ):
+            self._finish(job, br, "length")
+        else:
+            every = job.handle.request.checkpoint_every
+            if every and len(br.choice.tokens) % every == 0:
+                self._checkpoint(job, br)
+
+    def _checkpoint(self, job: _Job, br: _Branch) -> None:
+        try:
+            state = self._kv.export(br.slot, next_token=br.pending)
+        except PcrtError:  # a missed checkpoint costs recomputation after a crash, no more
+            log.exception("could not checkpoint request %s", job.handle.id)
+            return
+        job.outbox.append(CheckpointEvent(br.choice.index, state, list(br.choice.tokens)))
+
+    # -- finishing, cancelling, failing ---------------------------------------------------
+
+    def _finish(self, job: _Job, br: _Branch, reason: FinishReason) -> None:
+        assert br.stream is not None
+        tail = br.stream.flush()
+        if tail:
+            br.choice.text += tail
+            job.outbox.append(TokenEvent(br.choice.index, tail, -1))
+        br.choice.finish_reason = reason
+        if job.handle.request.export_state:
+            try:
+                br.choice.state = self._kv.export(br.slot, next_token=br.pending)
+            except PcrtError:  # the output stands; a missing state only costs a recompute
+                log.exception("could not export the KV state of request %s", job.handle.id)
+        self._release(br)
+        job.outbox.append(FinishEvent(br.choice.index, reason, br.choice.text))
+        if not any(b.active for b in job.branches):
+            self._running.remove(job)
+            job.outbox.append(self._completion(job))
+            self._send(job.handle, job.outbox)  # it leaves _running, so flush it here
+            job.outbox = []
+
+    def _release(self, br: _Branch) -> None:
+        if br.sampler is not None:
+            br.sampler.free()
+            br.sampler = None
+        br.slot.busy = False
+        br.slot.last_used = time.monotonic()
+
+    def _completion(self, job: _Job) -> Completion:
+        now = time.perf_counter()
+        first = job.t_first_token
+        return Completion(
+            id=job.handle.id,
+            choices=[b.choice for b in job.branches],
+            prompt_tokens=len(job.prompt),
+            cached_tokens=job.handle.cached_tokens,
+            completion_tokens=sum(len(b.choice.tokens) for b in job.branches),
+            t_submitted=job.handle.t_submitted,
+            t_first_token=first,
+            t_done=now,
+            prompt_seconds=(first - job.t_admitted) if first is not None else 0.0,
+        )
+
+    def _fail_step(
+        self, rc: int, decoding: list[tuple[_Job, _Branch]], prefilling: list[_Job]
+    ) -> None:
+        jobs = {id(j): j for j in prefilling}
+        for job, _ in decoding:
+            jobs[id(job)] = job
+        error = PcrtError(f"llama_decode failed (code {rc}); the request was stopped")
+        log.error("llama_decode returned %d for %d sequences", rc, len(jobs))
+        for job in jobs.values():
+            for br in job.branches:
+                self._kv.trim(br.slot.seq_id, 0)
+                br.slot.tokens.clear()
+            self._free_job(job)
+            self._running.remove(job)
+            self._send(job.handle, [error])
+        self._flush_events()
+
+    def _cancel(self, request_id: str) -> None:
+        for job in list(self._waiting):
+            if job.handle.id == request_id:
+                self._waiting.remove(job)
+                for br in job.branches:
+                    br.choice.finish_reason = "cancelled"
+                self._send(job.handle, [self._completion(job)])
+                return
+        for job in list(self._running):
+            if job.handle.id == request_id:
+                for br in job.branches:
+                    if br.active:
+                        self._finish(job, br, "cancelled")
+                self._flush_events()
+                return
+
+    def _free_job(self, job: _Job) -> None:
+        for br in job.branches:
+            if br.active and br.slot.busy:
+                self._release(br)
+
+    def _flush_events(self) -> None:
+        for job in self._running:
+            if job.outbox:
+                self._send(job.handle, job.outbox)
+                job.outbox = []
