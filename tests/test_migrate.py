@@ -96,7 +96,7 @@ async def migration_setup(tmp_path: Path) -> AsyncIterator[MigrationSetup]:
     runs, blobs = RunStore(store), BlobStore(store, tmp_path / "blobs")
     runs.create_run("r", "/dynamic/t", {"dag": "/dynamic/t"}, {}, [("a", "/dynamic/t/a", "llm")])
     state = KVState(HERE_KEY, [1, 2, 3], 4, b"kv" * 32, model="smollm").to_bytes()
-    runs.update_node(
+    runs.patch_node(
         "r",
         "a",
         status="succeeded",
