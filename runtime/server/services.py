@@ -7,6 +7,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from enum import StrEnum
 from typing import Any
 
 from fastapi import Request
@@ -27,9 +28,17 @@ from pcrt.runtime.server.node_info import NodeInfo
 from pcrt.runtime.server.pool import ModelPool
 from pcrt.runtime.server.settings import ServerSettings
 
-__all__ = ["Accounting", "Services", "agent_of", "dag_billing", "services_of"]
+__all__ = ["Accounting", "DaemonState", "Services", "agent_of", "dag_billing", "services_of"]
 
 log = logging.getLogger(__name__)
+
+
+class DaemonState(StrEnum):
+    """Where the daemon is in its life: ``/health`` answers 200 only while serving."""
+
+    STARTING = "starting"
+    SERVING = "serving"
+    DRAINING = "draining"  # no new requests; running ones finish, DAG runs may move
 
 
 @dataclass
@@ -46,7 +55,7 @@ class Services:
     dags: DagTasks  # running DAG executions
     coordinator: Coordinator  # peers: discovery, health, routing decisions
     node: NodeInfo  # what this node offers, for peers and the policy
-    state: str = "starting"  # starting | serving | draining
+    state: str = DaemonState.STARTING
     # begins the drain from a signal handler (cli/serve.py); set by the lifespan
     begin_drain: Callable[[], object] | None = None
 

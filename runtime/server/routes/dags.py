@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 
 from pcrt.cache.runs import RunNotFound, RunRecord
+from pcrt.cache.status import RunStatus
 from pcrt.runtime.dag import load_dag, parse_dag
 from pcrt.runtime.dag.executor import RESUMABLE, DagEvent, DagRunner
 from pcrt.runtime.dag.library import library_from_documents
@@ -149,8 +150,11 @@ async def cancel_run(run_id: str, request: Request) -> dict[str, Any]:
     """Stop a run now; its finished outputs and checkpoints are kept (resume continues)."""
     tasks = _tasks(request)
     run = _get(tasks.runner, run_id)
-    if not await tasks.cancel(run_id) and run.status in ("pending", "interrupted"):
-        tasks.runner.runs.set_status(run_id, "cancelled", error="cancelled; checkpoints kept")
+    stopped = await tasks.cancel(run_id)  # a stopped run records its own status
+    if not stopped and run.status in (RunStatus.PENDING, RunStatus.INTERRUPTED):
+        tasks.runner.runs.set_status(
+            run_id, RunStatus.CANCELLED, error="cancelled; checkpoints kept"
+        )
     return run_view(tasks.runner, _get(tasks.runner, run_id))
 
 

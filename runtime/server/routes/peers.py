@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pcrt.cache.blobs import is_blob_id
 from pcrt.cache.runs import RunExists
+from pcrt.cache.status import RunStatus
 from pcrt.routing.auth import CLUSTER_HEADER, PROOF_HEADER
 from pcrt.routing.migrate import BLOBS_PATH
 from pcrt.runtime.dag import parse_dag
@@ -217,10 +218,10 @@ async def import_run(body: ImportRun, request: Request) -> dict[str, Any]:
     if fresh:
         log.info("run %s moved here from %s", record.id, body.origin)
         services.dags.start(record.id)
-        status = "running"
+        status = RunStatus.RUNNING
     else:
         log.info(
             "run %s from %s again: it is here already (%s)", record.id, body.origin, record.status
         )
-        status = "running" if record.id in services.dags.tasks else record.status
+        status = RunStatus.RUNNING if record.id in services.dags.tasks else record.status
     return {"id": record.id, "status": status, "url": f"/v1/dags/{record.id}"}
