@@ -43,7 +43,12 @@ class DaemonState(StrEnum):
 
 @dataclass
 class Services:
-    """Built by the app's lifespan, closed by it; routes reach it via app.state."""
+    """Built and closed by ``lifespan.running_services``; routes reach it via app.state.
+
+    Set once at construction, but for two fields: ``state`` moves on with the daemon's
+    life (a drain begins from a signal handler, ``cli/serve.py``), and ``begin_drain`` is
+    set by the lifespan once the drain exists (the drain is built from these services).
+    """
 
     settings: ServerSettings
     pool: ModelPool
@@ -56,7 +61,7 @@ class Services:
     coordinator: Coordinator  # peers: discovery, health, routing decisions
     node: NodeInfo  # what this node offers, for peers and the policy
     state: str = DaemonState.STARTING
-    # begins the drain from a signal handler (cli/serve.py); set by the lifespan
+    # begins the drain from a signal handler, thread-safe (cli/serve.py)
     begin_drain: Callable[[], object] | None = None
 
 

@@ -1,7 +1,7 @@
 """Routes between peers: node info, the peer table, subgraphs run for another daemon.
 
 ``/v1/pcrt/node`` and ``/v1/pcrt/subgraphs`` answer only requests signed with the cluster
-key (``require_key`` in ``app.py`` checks the signature once and leaves the verdict in
+key (``require_key`` in ``guard.py`` checks the signature once and leaves the verdict in
 ``request.state.peer_verified``). ``/v1/pcrt/peers`` is for this node's own users.
 """
 
@@ -15,7 +15,6 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from pcrt.cache.blobs import is_blob_id
 from pcrt.cache.runs import RunExists
 from pcrt.cache.status import RunStatus
 from pcrt.routing.auth import CLUSTER_HEADER, PROOF_HEADER
@@ -25,10 +24,10 @@ from pcrt.runtime.dag.executor import check_run
 from pcrt.runtime.engine.state import KVState
 from pcrt.runtime.errors import Conflict, Unauthorized
 from pcrt.runtime.server.services import agent_of, services_of
-from pcrt.runtime.server.uploads import disk_errors, receive_into
+from pcrt.runtime.server.uploads import disk_errors, receive_into, streamed_body_sha256
 from pcrt.runtime.threads import to_thread_to_completion
 
-__all__ = ["router", "streamed_body_sha256"]
+__all__ = ["router"]
 
 log = logging.getLogger(__name__)
 
@@ -133,17 +132,6 @@ async def _disconnected(request: Request) -> None:
     ASGI message is the disconnect)."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
-
-
-def streamed_body_sha256(request: Request) -> str | None:
-    """The sha256 a blob upload declares (``PUT /v1/pcrt/blobs?sha256=...``): its cluster
-    signature covers that hash, so the body is streamed to disk rather than read into
-    memory to be checked, and ``receive_blob`` holds it to the hash. None for any other
-    request (and for a sender that declares none: it is read and checked whole)."""
-    if request.method != "PUT" or request.url.path != BLOBS_PATH:
-        return None
-    declared = request.query_params.get("sha256")
-    return declared if declared is not None and is_blob_id(declared) else None
 
 
 @router.put(BLOBS_PATH)
