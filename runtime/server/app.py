@@ -17,6 +17,7 @@ from pcrt.runtime.server.http_errors import install_error_handlers
 from pcrt.runtime.server.lifespan import running_services
 from pcrt.runtime.server.pool import EngineOpener
 from pcrt.runtime.server.routes import admin, dags, openai, peers, states
+from pcrt.runtime.server.serving import Serving
 from pcrt.runtime.server.settings import ServerSettings
 
 __all__ = ["create_app"]
@@ -39,6 +40,7 @@ def create_app(
             settings, registry=registry, opener=opener, battery=battery
         ) as services:
             app.state.services = services
+            app.state.serving = Serving.of(services)
             yield
 
     app = FastAPI(
