@@ -22,6 +22,7 @@ from pcrt.runtime.dag.tasks import DagTasks, run_view
 from pcrt.runtime.errors import InvalidRequest, NotFound, ShapeInvalid
 from pcrt.runtime.server.moving import move_run
 from pcrt.runtime.server.services import agent_of, services_of
+from pcrt.runtime.sse import encode
 
 __all__ = ["router"]
 
@@ -99,8 +100,8 @@ async def _events(
         if event is None:
             break
         data = {"run": event.run_id, "node": event.node, **event.data}
-        yield f"event: {event.kind}\ndata: {json.dumps(data, default=str)}\n\n"
-    yield "data: [DONE]\n\n"
+        yield encode(json.dumps(data, default=str), event=event.kind)
+    yield encode("[DONE]")
 
 
 @router.get("/v1/dags")
