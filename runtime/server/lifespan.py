@@ -1,9 +1,10 @@
 """The daemon's services from start to stop (``running_services``).
 
 Each resource is registered on one ``AsyncExitStack`` the moment it exists, so a start
-that fails midway (a bad registry, a coordinator that cannot start, mDNS refused) closes
-what it had opened, and a stop closes everything in reverse order of creation. That order
-is the shutdown's:
+that fails midway (a node id it cannot write, a coordinator that cannot start, mDNS
+refused) closes what it had opened, and a stop closes everything in reverse order of
+creation, each close running even when one before it failed. That order is the
+shutdown's:
 
     resumer          cancelled first: no run starts while the daemon stops
     drain            stops the battery watcher, moves running runs to peers (migrate_on_drain)
@@ -74,7 +75,9 @@ async def running_services(
         await monitor.start()
         pool = ModelPool(reg, settings, _with_live_profile(opener, monitor))
         stack.push_async_callback(pool.close)
-        _keep(stack, asyncio.create_task(pool.reap_forever(), name="pcrt-keep-alive-reaper"))
+        _cancel_on_close(
+            stack, asyncio.create_task(pool.reap_forever(), name="pcrt-keep-alive-reaper")
+        )
 
         blobs = BlobStore(store, reg.paths.home / "blobs", max_bytes=settings.blob_max_bytes)
         runs = RunStore(store)
@@ -140,12 +143,12 @@ async def running_services(
                 watch_battery(services, read, settings.peers.battery_interval),
                 name="pcrt-battery-watch",
             )
-            _keep(stack, watcher)
+            _cancel_on_close(stack, watcher)
         drain = Drain(services, watcher)
-        stack.push_async_callback(_finish, drain)
+        stack.push_async_callback(_finish_drain, drain)
         if settings.resume_on_start:
             resumer = asyncio.create_task(_resume_interrupted(services), name="pcrt-resume")
-            _keep(stack, resumer)
+            _cancel_on_close(stack, resumer)
 
         loop = asyncio.get_running_loop()
         services.begin_drain = lambda: loop.call_soon_threadsafe(drain.begin)  # SIGTERM
@@ -154,7 +157,7 @@ async def running_services(
         yield services
 
 
-def _keep(stack: AsyncExitStack, task: asyncio.Task[Any]) -> None:
+def _cancel_on_close(stack: AsyncExitStack, task: asyncio.Task[Any]) -> None:
     """``task`` is cancelled, and waited for, when the stack closes."""
 
     async def cancel() -> None:
@@ -165,7 +168,7 @@ def _keep(stack: AsyncExitStack, task: asyncio.Task[Any]) -> None:
     stack.push_async_callback(cancel)
 
 
-async def _finish(drain: Drain) -> None:
+async def _finish_drain(drain: Drain) -> None:
     moved = await drain.finish()
     if moved:
         log.info("moved to peers on drain: %s", ", ".join(moved))
