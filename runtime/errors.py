@@ -9,6 +9,7 @@ message without a traceback.
     ├── ConfigError            bad models.toml / user file / settings (names file and key)
     ├── ModelNotFound          unknown model name, alias or tag
     ├── NotFound               no such thing of another kind (a DAG run); names the param
+    │   └── StateNotFound      no KV state blob with that id
     ├── PullError              a model file could not be fetched or verified
     │   └── DownloadError      an HTTP download failed or its sha256 did not match
     ├── ModelLoadError         llama.cpp could not load the file or create a context
@@ -17,13 +18,17 @@ message without a traceback.
     ├── InvalidRequest         bad sampling parameters, bad schema or grammar, too many forks
     │   ├── ContextLengthExceeded  the prompt (plus what must be generated) does not fit
     │   ├── BodyTooLarge       an upload over its size bound (carries the limit)
+    │   ├── StateTooLarge      a KV state upload over state_upload_max_bytes (413)
+    │   ├── EmptyBody          an upload without a byte
+    │   ├── BadContentLength   a Content-Length header that is not a number
     │   ├── DagInvalid         a DAG that does not parse or validate: every Problem (422)
     │   │   └── ShapeInvalid   some nodes failed their shape check; the rest parsed
     │   └── RenderFailed       a template could not be rendered with the run's values
     ├── AssertFailed           an ``assert`` node's expression was false (fails the run)
     ├── BudgetExceeded         a DAG run spent its max_nodes, max_tokens or timeout
     ├── StateError             a KV state blob is malformed or does not belong to this model
-    │   └── IncompatibleState  the compatibility key differs (other model, KV type, version)
+    │   ├── IncompatibleState  the compatibility key differs (other model, KV type, version)
+    │   └── StateCorrupt       a stored or uploaded state fails its own checks (hash, header)
     ├── Conflict               clashes with what is here already (a run id another run holds)
     ├── StorageFull            the disk under PCRT_HOME refused a write (full or read-only)
     ├── EngineClosed           a request reached an engine that is shutting down
@@ -51,6 +56,7 @@ from typing import Any
 
 __all__ = [
     "AssertFailed",
+    "BadContentLength",
     "BodyTooLarge",
     "BudgetExceeded",
     "ChatTemplateMissing",
@@ -59,6 +65,7 @@ __all__ = [
     "ContextLengthExceeded",
     "DagInvalid",
     "DownloadError",
+    "EmptyBody",
     "EngineClosed",
     "IncompatibleState",
     "InvalidRequest",
@@ -78,7 +85,10 @@ __all__ = [
     "RenderFailed",
     "RetryLater",
     "ShapeInvalid",
+    "StateCorrupt",
     "StateError",
+    "StateNotFound",
+    "StateTooLarge",
     "StorageFull",
     "Unauthorized",
 ]
@@ -100,6 +110,12 @@ class NotFound(PcrtError):
     def __init__(self, message: str, param: str | None = None) -> None:
         super().__init__(message)
         self.param = param  # the request field that named it
+
+
+class StateNotFound(NotFound):
+    def __init__(self, state_id: str) -> None:
+        super().__init__(f"no KV state {state_id!r}", param="id")
+        self.state_id = state_id
 
 
 class PullError(PcrtError):
@@ -140,6 +156,27 @@ class BodyTooLarge(InvalidRequest):
     def __init__(self, limit: int) -> None:
         super().__init__(f"the state is over the {limit}-byte upload limit")
         self.limit = limit
+
+
+class StateTooLarge(InvalidRequest):
+    """A KV state upload over ``state_upload_max_bytes``, by its Content-Length (``size``)
+    or while it streams (``size`` None): the rest of its body is never read."""
+
+    def __init__(self, limit: int, size: int | None = None) -> None:
+        got = f"{size} bytes" if size is not None else "more"
+        super().__init__(
+            f"the state is too large: {got}, the limit is {limit} bytes (state_upload_max_bytes)"
+        )
+        self.limit = limit
+        self.size = size
+
+
+class EmptyBody(InvalidRequest):
+    pass
+
+
+class BadContentLength(InvalidRequest):
+    pass
 
 
 @dataclass(frozen=True)
@@ -242,6 +279,10 @@ class StorageFull(PcrtError):
 
 
 class IncompatibleState(StateError):
+    pass
+
+
+class StateCorrupt(StateError):
     pass
 
 

@@ -24,8 +24,10 @@ from starlette.background import BackgroundTask
 from pcrt.routing.forward import AGENT_HEADER, ForwardedStream, has_text, sse_events
 from pcrt.routing.policy import Candidate, Complexity, Route, Work
 from pcrt.runtime.errors import InvalidRequest, NoRoute, PeerError, PeerUnavailable
+from pcrt.runtime.server.http_errors import CLIENT_CLOSED_REQUEST, status_and_body
 from pcrt.runtime.server.schemas import ChatCompletionRequest, GenerationFields
 from pcrt.runtime.server.services import Accounting, Services, services_of
+from pcrt.runtime.sse import encode
 
 __all__ = ["ROUTE_HEADER", "forward_if_routed", "route_headers"]
 
@@ -153,7 +155,8 @@ async def _forward(
             answer = await forwarder.request(peer, "POST", route, content=content, headers=headers)
         except PeerError as exc:
             if not isinstance(exc, PeerUnavailable):
-                acct.finished_remote(getattr(exc, "status", 502), None, None, candidate.node)
+                status, _, _ = status_and_body(exc)  # the peer's own, for a refusal
+                acct.finished_remote(status, None, None, candidate.node)
             raise
         # the usage row is written after the answer has gone out: not on its latency. On
         # the loop (a coroutine), as local requests write theirs: a thread pool hop costs
@@ -182,7 +185,7 @@ async def _pass_through(
 ) -> AsyncIterator[bytes]:
     usage: dict[str, Any] | None = None
     pieces = 0  # for peers that send no usage chunk (llama-cpp-python's server)
-    status = 499  # until the peer's stream ends, the client is the one who left
+    status = CLIENT_CLOSED_REQUEST  # until the peer's stream ends, the client is the one who left
     try:
         async for raw, data in sse_events(aiter(stream)):
             if data is not None and has_text(data):
@@ -204,17 +207,9 @@ async def _pass_through(
     except Exception as exc:
         # the peer broke mid-stream, after our client had bytes: end the stream with an
         # error event in OpenAI's shape rather than a cut connection and a traceback
-        status = 502
         message = f"peer {ran_on} failed mid-stream: {type(exc).__name__}"
-        payload = {
-            "error": {
-                "message": message,
-                "type": "server_error",
-                "param": None,
-                "code": "peer_unavailable",
-            }
-        }
-        yield f"data: {json.dumps(payload)}\n\n".encode()
+        status, payload, _ = status_and_body(PeerUnavailable(message, peer=ran_on))
+        yield encode(json.dumps(payload)).encode()
     finally:
         await stream.aclose()
         acct.finished_remote(status, usage or {"completion_tokens": pieces}, ttft, ran_on)

@@ -2,9 +2,13 @@
 
 ``{"error": {"message", "type", "param", "code"}}``; 400 bad request, 401 bad key,
 404 unknown model or route (or nowhere to run it), 502 a peer
-that did not answer, 409 incompatible state or a conflict, 429 rate limit, 503 overloaded.
-Nothing answers a bare 500: an unexpected failure is logged and answered with a 500 in
-the same shape.
+that did not answer, 409 incompatible state or a conflict, 413 a state upload over its
+limit, 429 rate limit, 503 overloaded. Nothing answers a bare 500: an unexpected failure
+is logged and answered with a 500 in the same shape. A client that left before its answer
+is accounted (and, when anything is still sent, answered) 499, as nginx logs it.
+
+This is the one module that knows status codes: routes and the serving layer raise
+pcrt's errors and let the handlers installed here answer them.
 """
 
 from __future__ import annotations
@@ -19,10 +23,12 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pcrt.runtime.errors import (
+    BadContentLength,
     ChatTemplateMissing,
     Conflict,
     ContextLengthExceeded,
     DagInvalid,
+    EmptyBody,
     EngineClosed,
     InvalidRequest,
     ModelLoadError,
@@ -35,14 +41,25 @@ from pcrt.runtime.errors import (
     PullError,
     RateLimited,
     RetryLater,
+    StateCorrupt,
     StateError,
+    StateNotFound,
+    StateTooLarge,
     StorageFull,
     Unauthorized,
 )
 
-__all__ = ["error_body", "install_error_handlers", "status_and_body"]
+__all__ = [
+    "CLIENT_CLOSED_REQUEST",
+    "client_left",
+    "error_body",
+    "install_error_handlers",
+    "status_and_body",
+]
 
 log = logging.getLogger(__name__)
+
+CLIENT_CLOSED_REQUEST = 499  # nginx's: the client went away before its answer
 
 
 def error_body(
@@ -71,6 +88,8 @@ def status_and_body(exc: PcrtError) -> tuple[int, dict[str, Any], dict[str, str]
         return 502, error_body(msg, "server_error", None, "peer_unavailable"), headers
     if isinstance(exc, NoRoute):
         return 404, error_body(msg, "invalid_request_error", "model", "no_route"), headers
+    if isinstance(exc, StateNotFound):
+        return 404, error_body(msg, "invalid_request_error", exc.param, "state_not_found"), headers
     if isinstance(exc, NotFound):
         return 404, error_body(msg, "invalid_request_error", exc.param, "not_found"), headers
     if isinstance(exc, ModelNotFound):
@@ -82,10 +101,21 @@ def status_and_body(exc: PcrtError) -> tuple[int, dict[str, Any], dict[str, str]
     if isinstance(exc, ContextLengthExceeded):
         body = error_body(msg, "invalid_request_error", exc.param, "context_length_exceeded")
         return 400, body, headers
+    if isinstance(exc, StateTooLarge):
+        # the rest of the body is never read: the connection cannot be reused
+        headers["Connection"] = "close"
+        return 413, error_body(msg, "invalid_request_error", None, "state_too_large"), headers
+    if isinstance(exc, EmptyBody):
+        return 400, error_body(msg, "invalid_request_error", None, "empty_body"), headers
+    if isinstance(exc, BadContentLength):
+        body = error_body(msg, "invalid_request_error", None, "invalid_content_length")
+        return 400, body, headers
     if isinstance(exc, InvalidRequest | ChatTemplateMissing):
         return 400, error_body(msg, "invalid_request_error", None, None), headers
     if isinstance(exc, Conflict):
         return 409, error_body(msg, "invalid_request_error", None, "conflict"), headers
+    if isinstance(exc, StateCorrupt):
+        return 409, error_body(msg, "invalid_request_error", "state", "state_corrupt"), headers
     if isinstance(exc, StateError):
         return 409, error_body(msg, "invalid_request_error", "state", "incompatible_state"), headers
     if isinstance(exc, StorageFull):
@@ -98,6 +128,11 @@ def status_and_body(exc: PcrtError) -> tuple[int, dict[str, Any], dict[str, str]
     if isinstance(exc, ModelLoadError):
         return 500, error_body(msg, "server_error", None, "model_load_failed"), headers
     return 500, error_body(msg, "server_error", None, None), headers
+
+
+def client_left() -> JSONResponse:
+    """The answer to a request whose client disconnected while it ran: nobody reads it."""
+    return JSONResponse({}, status_code=CLIENT_CLOSED_REQUEST)
 
 
 def install_error_handlers(app: FastAPI) -> None:

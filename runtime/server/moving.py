@@ -14,11 +14,11 @@ import contextlib
 import logging
 
 from pcrt.cache.runs import RunStore
-from pcrt.cache.status import RESUMABLE_RUN_STATES
+from pcrt.cache.status import RESUMABLE_RUN_STATES, RunStatus
 from pcrt.routing.migrate import Migration, migrate_run
 from pcrt.routing.policy import Work
 from pcrt.runtime.errors import InvalidRequest, PcrtError
-from pcrt.runtime.server.services import Services
+from pcrt.runtime.server.services import DaemonState, Services
 
 __all__ = ["Drain", "move_run", "move_running_runs"]
 
@@ -42,7 +42,7 @@ async def move_run(services: Services, run_id: str, peer: str, *, with_states: b
         # it finished before it stopped: nothing left to move
         if status not in RESUMABLE_RUN_STATES:
             raise InvalidRequest(f"run {run_id} is {status}; only unfinished runs move")
-        runs.set_status(run_id, "migrating", error=f"moving to peer {peer}")
+        runs.set_status(run_id, RunStatus.MIGRATING, error=f"moving to peer {peer}")
         sending = asyncio.ensure_future(
             migrate_run(
                 services.coordinator, runs, services.blobs, run_id, peer, with_states=with_states
@@ -71,11 +71,11 @@ def _record_move(
     here again; the move's result or error."""
     exc = sending.exception()
     if exc is not None:
-        runs.set_status(run_id, "interrupted", error=f"the move to {peer} failed: {exc}")
+        runs.set_status(run_id, RunStatus.INTERRUPTED, error=f"the move to {peer} failed: {exc}")
         raise exc
     result = sending.result()
     runs.set_status(
-        run_id, "migrated", error=f"moved to peer {result.peer}", migrated_to=result.pointer
+        run_id, RunStatus.MIGRATED, error=f"moved to peer {result.peer}", migrated_to=result.pointer
     )
     return result
 
@@ -144,7 +144,7 @@ class Drain:
 
     def begin(self) -> None:
         """Idempotent; on the event loop."""
-        self.services.state = "draining"
+        self.services.state = DaemonState.DRAINING
         self.services.pool.start_draining()
         if self._moves is None and self.services.settings.peers.migrate_on_drain:
             self._moves = asyncio.create_task(self._move(), name="pcrt-drain-moves")

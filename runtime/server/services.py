@@ -7,6 +7,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from enum import StrEnum
 from typing import Any
 
 from fastapi import Request
@@ -27,14 +28,27 @@ from pcrt.runtime.server.node_info import NodeInfo
 from pcrt.runtime.server.pool import ModelPool
 from pcrt.runtime.server.settings import ServerSettings
 
-__all__ = ["Accounting", "Services", "agent_of", "dag_billing", "services_of"]
+__all__ = ["Accounting", "DaemonState", "Services", "agent_of", "dag_billing", "services_of"]
 
 log = logging.getLogger(__name__)
 
 
+class DaemonState(StrEnum):
+    """Where the daemon is in its life: ``/health`` answers 200 only while serving."""
+
+    STARTING = "starting"
+    SERVING = "serving"
+    DRAINING = "draining"  # no new requests; running ones finish, DAG runs may move
+
+
 @dataclass
 class Services:
-    """Built by the app's lifespan, closed by it; routes reach it via app.state."""
+    """Built and closed by ``lifespan.running_services``; routes reach it via app.state.
+
+    Set once at construction, but for two fields: ``state`` moves on with the daemon's
+    life (a drain begins from a signal handler, ``cli/serve.py``), and ``begin_drain`` is
+    set by the lifespan once the drain exists (the drain is built from these services).
+    """
 
     settings: ServerSettings
     pool: ModelPool
@@ -46,8 +60,8 @@ class Services:
     dags: DagTasks  # running DAG executions
     coordinator: Coordinator  # peers: discovery, health, routing decisions
     node: NodeInfo  # what this node offers, for peers and the policy
-    state: str = "starting"  # starting | serving | draining
-    # begins the drain from a signal handler (cli/serve.py); set by the lifespan
+    state: str = DaemonState.STARTING
+    # begins the drain from a signal handler, thread-safe (cli/serve.py)
     begin_drain: Callable[[], object] | None = None
 
 

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from pcrt.runtime.errors import InvalidRequest
-from pcrt.runtime.server.services import services_of
+from pcrt.runtime.server.services import DaemonState, services_of
 
 __all__ = ["router"]
 
@@ -20,7 +20,7 @@ router = APIRouter()
 @router.get("/health")
 async def health(request: Request) -> JSONResponse:
     services = services_of(request)
-    status = 200 if services.state == "serving" else 503
+    status = 200 if services.state == DaemonState.SERVING else 503
     return JSONResponse({"status": services.state}, status_code=status)
 
 

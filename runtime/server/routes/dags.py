@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 
 from pcrt.cache.runs import RunNotFound, RunRecord
-from pcrt.cache.status import RESUMABLE_RUN_STATES
+from pcrt.cache.status import RESUMABLE_RUN_STATES, RunStatus
 from pcrt.runtime.dag import load_dag, parse_dag
 from pcrt.runtime.dag.events import DagEvent
 from pcrt.runtime.dag.library import library_from_documents
@@ -23,6 +23,7 @@ from pcrt.runtime.dag.tasks import DagTasks, run_view
 from pcrt.runtime.errors import InvalidRequest, NotFound, ShapeInvalid
 from pcrt.runtime.server.moving import move_run
 from pcrt.runtime.server.services import agent_of, services_of
+from pcrt.runtime.sse import encode
 
 __all__ = ["router"]
 
@@ -100,8 +101,8 @@ async def _events(
         if event is None:
             break
         data = {"run": event.run_id, "node": event.node, **event.data}
-        yield f"event: {event.kind}\ndata: {json.dumps(data, default=str)}\n\n"
-    yield "data: [DONE]\n\n"
+        yield encode(json.dumps(data, default=str), event=event.kind)
+    yield encode("[DONE]")
 
 
 @router.get("/v1/dags")
@@ -155,8 +156,11 @@ async def cancel_run(run_id: str, request: Request) -> dict[str, Any]:
     """Stop a run now; its finished outputs and checkpoints are kept (resume continues)."""
     tasks = _tasks(request)
     run = _get(tasks.runner, run_id)
-    if not await tasks.cancel(run_id) and run.status in ("pending", "interrupted"):
-        tasks.runner.runs.set_status(run_id, "cancelled", error="cancelled; checkpoints kept")
+    stopped = await tasks.cancel(run_id)  # a stopped run records its own status
+    if not stopped and run.status in (RunStatus.PENDING, RunStatus.INTERRUPTED):
+        tasks.runner.runs.set_status(
+            run_id, RunStatus.CANCELLED, error="cancelled; checkpoints kept"
+        )
     return run_view(tasks.runner.runs, _get(tasks.runner, run_id))
 
 

@@ -1,7 +1,7 @@
 """Routes between peers: node info, the peer table, subgraphs run for another daemon.
 
 ``/v1/pcrt/node`` and ``/v1/pcrt/subgraphs`` answer only requests signed with the cluster
-key (``require_key`` in ``app.py`` checks the signature once and leaves the verdict in
+key (``require_key`` in ``guard.py`` checks the signature once and leaves the verdict in
 ``request.state.peer_verified``). ``/v1/pcrt/peers`` is for this node's own users.
 """
 
@@ -15,8 +15,8 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from pcrt.cache.blobs import is_blob_id
 from pcrt.cache.runs import RunExists
+from pcrt.cache.status import RunStatus
 from pcrt.routing.auth import CLUSTER_HEADER, PROOF_HEADER
 from pcrt.routing.migrate import BLOBS_PATH
 from pcrt.runtime.dag import parse_dag
@@ -24,10 +24,10 @@ from pcrt.runtime.dag.runner import check_run
 from pcrt.runtime.engine.state import KVState
 from pcrt.runtime.errors import Conflict, Unauthorized
 from pcrt.runtime.server.services import agent_of, services_of
-from pcrt.runtime.server.uploads import disk_errors, receive_into
+from pcrt.runtime.server.uploads import disk_errors, receive_into, streamed_body_sha256
 from pcrt.runtime.threads import to_thread_to_completion
 
-__all__ = ["router", "streamed_body_sha256"]
+__all__ = ["router"]
 
 log = logging.getLogger(__name__)
 
@@ -134,17 +134,6 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-def streamed_body_sha256(request: Request) -> str | None:
-    """The sha256 a blob upload declares (``PUT /v1/pcrt/blobs?sha256=...``): its cluster
-    signature covers that hash, so the body is streamed to disk rather than read into
-    memory to be checked, and ``receive_blob`` holds it to the hash. None for any other
-    request (and for a sender that declares none: it is read and checked whole)."""
-    if request.method != "PUT" or request.url.path != BLOBS_PATH:
-        return None
-    declared = request.query_params.get("sha256")
-    return declared if declared is not None and is_blob_id(declared) else None
-
-
 @router.put(BLOBS_PATH)
 async def receive_blob(
     request: Request, run_id: str | None = None, sha256: str | None = None
@@ -217,10 +206,10 @@ async def import_run(body: ImportRun, request: Request) -> dict[str, Any]:
     if fresh:
         log.info("run %s moved here from %s", record.id, body.origin)
         services.dags.start(record.id)
-        status = "running"
+        status = RunStatus.RUNNING
     else:
         log.info(
             "run %s from %s again: it is here already (%s)", record.id, body.origin, record.status
         )
-        status = "running" if record.id in services.dags.tasks else record.status
+        status = RunStatus.RUNNING if record.id in services.dags.tasks else record.status
     return {"id": record.id, "status": status, "url": f"/v1/dags/{record.id}"}

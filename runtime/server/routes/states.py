@@ -26,8 +26,16 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from pcrt.cache.blobs import BlobCorrupt, BlobMissing, BlobStore
 from pcrt.runtime.engine.state import KVState, StateHeader, describe_state
-from pcrt.runtime.errors import BodyTooLarge, IncompatibleState, StateError
-from pcrt.runtime.server.http_errors import error_body
+from pcrt.runtime.errors import (
+    BadContentLength,
+    BodyTooLarge,
+    EmptyBody,
+    IncompatibleState,
+    StateCorrupt,
+    StateError,
+    StateNotFound,
+    StateTooLarge,
+)
 from pcrt.runtime.server.services import services_of
 from pcrt.runtime.server.uploads import disk_errors, receive_into
 from pcrt.runtime.threads import to_thread_to_completion
@@ -37,32 +45,6 @@ __all__ = ["router"]
 log = logging.getLogger(__name__)
 
 router = APIRouter()
-
-
-def _error(
-    status: int, message: str, code: str, param: str | None = None, **headers: str
-) -> JSONResponse:
-    body = error_body(message, "invalid_request_error", param, code)
-    return JSONResponse(body, status_code=status, headers=headers or None)
-
-
-def _not_found(state_id: str) -> JSONResponse:
-    return _error(404, f"no KV state {state_id!r}", "state_not_found", "id")
-
-
-def _corrupt(message: str) -> JSONResponse:
-    return _error(409, message, "state_corrupt", "state")
-
-
-def _too_large(limit: int, size: int | None = None) -> JSONResponse:
-    got = f"{size} bytes" if size is not None else "more"
-    # the rest of the body is never read: the connection cannot be reused
-    return _error(
-        413,
-        f"the state is too large: {got}, the limit is {limit} bytes (state_upload_max_bytes)",
-        "state_too_large",
-        Connection="close",
-    )
 
 
 def _list(blobs: BlobStore, run_id: str | None) -> list[dict[str, Any]]:
@@ -102,9 +84,9 @@ async def download_state(request: Request, state_id: str) -> Response:
     try:
         view, header = await to_thread_to_completion(read)
     except BlobMissing:
-        return _not_found(state_id)
+        raise StateNotFound(state_id) from None
     except (BlobCorrupt, StateError) as exc:
-        return _corrupt(str(exc))
+        raise StateCorrupt(str(exc)) from None
     key = json.dumps(header.key.model_dump(), separators=(",", ":"))
     return StreamingResponse(
         _pieces(view),
@@ -132,17 +114,17 @@ async def upload_state(request: Request, model: str | None = None) -> JSONRespon
         try:
             size = int(declared)
         except ValueError:
-            return _error(400, f"bad Content-Length {declared!r}", "invalid_content_length")
+            raise BadContentLength(f"bad Content-Length {declared!r}") from None
         if size > limit:
-            return _too_large(limit, size)
+            raise StateTooLarge(limit, size)
     # streamed to disk as it arrives: a state of gigabytes costs a chunk of memory
     with disk_errors(services.blobs), services.blobs.incoming() as blob:
         try:
             await receive_into(request, blob, limit)
         except BodyTooLarge:
-            return _too_large(limit)
+            raise StateTooLarge(limit) from None
         if not blob.size:
-            return _error(400, "the body is empty: send the state blob's bytes", "empty_body")
+            raise EmptyBody("the body is empty: send the state blob's bytes")
 
         def parse() -> StateHeader:
             view = blob.finish()
@@ -152,7 +134,7 @@ async def upload_state(request: Request, model: str | None = None) -> JSONRespon
         try:
             header = await to_thread_to_completion(parse)
         except StateError as exc:
-            return _corrupt(str(exc))
+            raise StateCorrupt(str(exc)) from None
         if model is not None:
             async with services.pool.lease(model) as loaded:
                 name, engine_key = loaded.name, loaded.engine.compat_key
@@ -179,7 +161,7 @@ async def upload_state(request: Request, model: str | None = None) -> JSONRespon
 
 
 @router.delete("/v1/states/{state_id}", response_model=None)
-async def delete_state(request: Request, state_id: str) -> dict[str, Any] | JSONResponse:
+async def delete_state(request: Request, state_id: str) -> dict[str, Any]:
     """Remove a blob and its index row (a run that needed it recomputes instead)."""
     blobs = services_of(request).blobs
 
@@ -190,5 +172,5 @@ async def delete_state(request: Request, state_id: str) -> dict[str, Any] | JSON
             return False
 
     if not await to_thread_to_completion(remove):
-        return _not_found(state_id)
+        raise StateNotFound(state_id)
     return {"id": state_id, "object": "state", "deleted": True}

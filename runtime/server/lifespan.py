@@ -1,0 +1,223 @@
+"""The daemon's services from start to stop (``running_services``).
+
+Each resource is registered on one ``AsyncExitStack`` the moment it exists, so a start
+that fails midway (a node id it cannot write, a coordinator that cannot start, mDNS
+refused) closes what it had opened, and a stop closes everything in reverse order of
+creation, each close running even when one before it failed. That order is the
+shutdown's:
+
+    resumer          cancelled first: no run starts while the daemon stops
+    drain            stops the battery watcher, moves running runs to peers (migrate_on_drain)
+    battery watcher  (stopped by the drain already; cancelled here when the start failed)
+    DAG tasks        running DAGs stop as interrupted; their checkpoints stay
+    coordinator      goodbye packets: peers drop us at once; its HTTP clients close
+    reaper           the keep-alive reaper stops before the pool it reaps
+    pool             every loaded model closes
+    device monitor, usage log, store
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, AsyncExitStack
+from typing import Any
+
+from pcrt.cache.blobs import BlobStore
+from pcrt.cache.runs import RunStore
+from pcrt.cache.status import RunStatus
+from pcrt.cache.store import Store
+from pcrt.cache.usage import UsageLog
+from pcrt.device.monitor import DeviceMonitor
+from pcrt.routing.coordinator import Coordinator
+from pcrt.routing.identity import announce_address, load_node_id
+from pcrt.routing.remote import RemoteRunner
+from pcrt.runtime.dag.runner import DagRunner
+from pcrt.runtime.dag.tasks import DagTasks
+from pcrt.runtime.engine import Engine
+from pcrt.runtime.models.loader import open_engine
+from pcrt.runtime.models.registry import Registry
+from pcrt.runtime.server.battery_watch import BatteryReader, watch_battery
+from pcrt.runtime.server.limits import RateLimiter
+from pcrt.runtime.server.metrics import Metrics
+from pcrt.runtime.server.moving import Drain
+from pcrt.runtime.server.node_info import NodeInfo
+from pcrt.runtime.server.pool import EngineOpener, ModelPool
+from pcrt.runtime.server.services import DaemonState, Services, dag_billing
+from pcrt.runtime.server.settings import ServerSettings
+
+__all__ = ["running_services"]
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.asynccontextmanager
+async def running_services(
+    settings: ServerSettings,
+    *,
+    registry: Registry | None = None,
+    opener: EngineOpener = open_engine,
+    battery: BatteryReader | None = None,
+) -> AsyncIterator[Services]:
+    """The daemon's services, serving until the block ends; then closed (also when the
+    start fails). ``registry`` None: loaded from the environment now. ``battery``: where
+    ``migrate_on_battery`` reads the battery (default: the device monitor's reading)."""
+    async with AsyncExitStack() as stack:
+        reg = registry or Registry.load()
+        store = Store(reg.paths.db_path)
+        stack.callback(store.close)
+        usage = UsageLog(store)
+        stack.callback(usage.close)
+        monitor = DeviceMonitor(interval=settings.device_refresh)
+        stack.push_async_callback(monitor.stop)  # a no-op unless it started
+        await monitor.start()
+        pool = ModelPool(reg, settings, _with_live_profile(opener, monitor))
+        stack.push_async_callback(pool.close)
+        _cancel_on_close(
+            stack, asyncio.create_task(pool.reap_forever(), name="pcrt-keep-alive-reaper")
+        )
+
+        blobs = BlobStore(store, reg.paths.home / "blobs", max_bytes=settings.blob_max_bytes)
+        runs = RunStore(store)
+        limiter, metrics = RateLimiter(settings.limits), Metrics(_live_gauges(pool))
+        node_id, node_name = load_node_id(reg.paths.home), _node_name(settings)
+        node: NodeInfo  # the coordinator asks it for the local view once started, not here
+        coordinator = Coordinator(
+            settings.peers,
+            node_id=node_id,
+            node_name=node_name,
+            api_port=settings.port,
+            announce_address=announce_address(settings.host, settings.peers.interfaces),
+            local_view=lambda: node.local_view(),
+            local_models=lambda: sorted(reg.entries),
+        )
+        stack.push_async_callback(coordinator.close)  # its HTTP clients exist already
+        node = NodeInfo(
+            node_id,
+            node_name,
+            reg,
+            pool,
+            monitor,
+            store,
+            settings.context,
+            parallel=settings.parallel,
+            addresses=coordinator.own_hosts,
+            port=settings.port,
+            usage=usage,
+        )
+        dags = DagTasks(
+            DagRunner(
+                registry=reg,
+                runs=runs,
+                blobs=blobs,
+                lease=_engine_lease(pool),
+                remote=RemoteRunner(coordinator),
+                usage=dag_billing(usage, limiter, metrics),
+                cache_entries=settings.dag_cache_entries,
+            )
+        )
+        stack.push_async_callback(dags.close)  # running DAGs stop; their checkpoints stay
+        services = Services(
+            settings=settings,
+            pool=pool,
+            monitor=monitor,
+            usage=usage,
+            limiter=limiter,
+            metrics=metrics,
+            blobs=blobs,
+            dags=dags,
+            coordinator=coordinator,
+            node=node,
+        )
+
+        interrupted = runs.mark_interrupted()  # runs a dead daemon left "running"
+        if interrupted:
+            log.info("interrupted DAG runs: %s", ", ".join(interrupted))
+        await coordinator.start()
+        watcher = None
+        if settings.peers.migrate_on_battery:
+            read = battery or (lambda: monitor.latest.battery)
+            watcher = asyncio.create_task(
+                watch_battery(services, read, settings.peers.battery_interval),
+                name="pcrt-battery-watch",
+            )
+            _cancel_on_close(stack, watcher)
+        drain = Drain(services, watcher)
+        stack.push_async_callback(_finish_drain, drain)
+        if settings.resume_on_start:
+            resumer = asyncio.create_task(_resume_interrupted(services), name="pcrt-resume")
+            _cancel_on_close(stack, resumer)
+
+        loop = asyncio.get_running_loop()
+        services.begin_drain = lambda: loop.call_soon_threadsafe(drain.begin)  # SIGTERM
+        services.state = DaemonState.SERVING
+        log.info("serving on %s:%d", settings.host, settings.port)
+        yield services
+
+
+def _cancel_on_close(stack: AsyncExitStack, task: asyncio.Task[Any]) -> None:
+    """``task`` is cancelled, and waited for, when the stack closes."""
+
+    async def cancel() -> None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    stack.push_async_callback(cancel)
+
+
+async def _finish_drain(drain: Drain) -> None:
+    moved = await drain.finish()
+    if moved:
+        log.info("moved to peers on drain: %s", ", ".join(moved))
+
+
+def _node_name(settings: ServerSettings) -> str:
+    return settings.peers.name or socket.gethostname().split(".")[0] or "pcrt"
+
+
+def _with_live_profile(opener: EngineOpener, monitor: DeviceMonitor) -> EngineOpener:
+    def open_with_live_profile(*args: Any, **kwargs: Any) -> Engine:
+        # plan offload from free memory now, not at start-up
+        return opener(*args, profile=monitor.latest, **kwargs)
+
+    return open_with_live_profile
+
+
+async def _resume_interrupted(services: Services) -> None:
+    """``resume_on_start``: interrupted runs go on once the peers that answer are known;
+    resumed before discovery, a node meant for a peer would fail or run here for want of
+    one."""
+    if services.coordinator.enabled:
+        await services.coordinator.settle()
+    for run in services.dags.runner.runs.list_runs(status=RunStatus.INTERRUPTED):
+        log.info("resuming DAG run %s", run.id)
+        services.dags.start(run.id)
+
+
+def _engine_lease(pool: ModelPool) -> Callable[[str], AbstractAsyncContextManager[Engine]]:
+    """DAG nodes take their engine through the pool: loads, keep-alive and limits apply."""
+
+    @contextlib.asynccontextmanager
+    async def lease(name: str) -> AsyncIterator[Engine]:
+        # a running DAG's next node is not refused while the daemon drains: the drain
+        # moves the run or stops it as interrupted (resumable), never fails it
+        async with pool.lease(name, while_draining=True) as model:
+            yield model.engine
+
+    return lease
+
+
+def _live_gauges(pool: ModelPool) -> Callable[[], dict[str, list[tuple[dict[str, str], float]]]]:
+    def read() -> dict[str, list[tuple[dict[str, str], float]]]:
+        models = pool.loaded()
+        return {
+            "pcrt_queue_depth": [({"model": m.name}, m.engine.queue_depth) for m in models],
+            "pcrt_busy_slots": [({"model": m.name}, m.engine.busy_slots) for m in models],
+            "pcrt_loaded_models": [({}, len(models))],
+        }
+
+    return read

@@ -1,0 +1,281 @@
+"""Chat and text completions on this node (``/v1/chat/completions``, ``/v1/completions``).
+
+OpenAI's request becomes a ``GenerateRequest``, checked (``prepare``), admitted against
+the agent's limits and submitted to a model leased from the pool; the answer, or its
+stream of chunks, leaves in OpenAI's exact shape. A request the routing policy sends to a
+peer goes there instead (``forwarding``). The lease is held by a ``Generation``, which
+the stream (or the wait for the whole answer) closes: the route never touches it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from pcrt.runtime.engine import Completion, FinishEvent, GenerateRequest, RequestHandle, TokenEvent
+from pcrt.runtime.errors import ContextLengthExceeded, PcrtError
+from pcrt.runtime.server.forwarding import forward_if_routed, route_headers
+from pcrt.runtime.server.http_errors import CLIENT_CLOSED_REQUEST, client_left, status_and_body
+from pcrt.runtime.server.pool import LoadedModel, ModelPool
+from pcrt.runtime.server.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    GenerationFields,
+)
+from pcrt.runtime.server.services import Accounting, Services, agent_of
+from pcrt.runtime.sse import encode
+
+__all__ = ["CompletionsServing", "Generation"]
+
+CHAT_ROUTE = "/v1/chat/completions"
+COMPLETIONS_ROUTE = "/v1/completions"
+_DONE = encode("[DONE]")
+
+
+class CompletionsServing:
+    """OpenAI's completions APIs over the daemon's pool (and its peers)."""
+
+    def __init__(self, services: Services) -> None:
+        self.services = services
+
+    async def create_chat_completion(self, body: ChatCompletionRequest, request: Request) -> Any:
+        return await self._generate(request, body, CHAT_ROUTE, chat=True)
+
+    async def create_completion(self, body: CompletionRequest, request: Request) -> Any:
+        return await self._generate(request, body, COMPLETIONS_ROUTE, chat=False)
+
+    async def _generate(
+        self, request: Request, body: GenerationFields, route: str, *, chat: bool
+    ) -> Any:
+        """The answer: a peer's, a stream of chunks, or the whole completion (a dict)."""
+        acct = Accounting(
+            self.services, agent=agent_of(request, body.user), model=body.model, route=route
+        )
+        try:
+            forwarded = await forward_if_routed(request, body, route, chat, acct)
+            if forwarded is not None:
+                return forwarded
+            generation = await Generation.start(self.services.pool, body, chat, acct)
+        except PcrtError as exc:
+            acct.failed(exc)
+            raise
+        # every peer tried failed first: the answer says so, as a forward's would
+        fell_back = route_headers(acct, "local") if acct.fallbacks else {}
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(
+                _stream(generation, body, chat, include_usage, acct),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **fell_back},
+            )
+        async with generation:
+            try:
+                result = await _collect(generation.handle, request)
+            except PcrtError as exc:
+                acct.failed(exc)
+                raise
+        # a client that left is still charged for what was generated until it did
+        status = 200 if result is not None else CLIENT_CLOSED_REQUEST
+        acct.finished(result or generation.handle.result, status)
+        if result is None:  # the client went away; nobody reads this
+            return client_left()
+        name = generation.model.name
+        if fell_back:
+            return JSONResponse(_response(result, name, chat), headers=fell_back)
+        return _response(result, name, chat)
+
+
+class Generation:
+    """A generation running here: the model leased for it and the engine's handle.
+
+    It holds the lease until its owner closes it (``async with``), once: the stream when
+    the answer streams (from its first chunk to its end, however it ends), else the wait
+    for the whole answer."""
+
+    def __init__(self, model: LoadedModel, handle: RequestHandle, lease: AsyncExitStack) -> None:
+        self.model = model
+        self.handle = handle
+        self._lease = lease
+
+    @classmethod
+    async def start(
+        cls, pool: ModelPool, body: GenerationFields, chat: bool, acct: Accounting
+    ) -> Generation:
+        """Lease the model and submit the request; a refusal gives the lease back."""
+        async with AsyncExitStack() as lease:
+            model = await lease.enter_async_context(
+                pool.lease(body.model, body.keep_alive_seconds())
+            )
+            acct.model = model.name
+            handle = _submit(model, body, chat, acct)
+            return cls(model, handle, lease.pop_all())
+
+    async def __aenter__(self) -> Generation:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self._lease.aclose()  # the model's slot goes back to the pool
+
+
+def _submit(
+    model: LoadedModel, body: GenerationFields, chat: bool, acct: Accounting
+) -> RequestHandle:
+    engine = model.engine
+    try:
+        schema = body.output_schema() if isinstance(body, ChatCompletionRequest) else None
+        default_max = engine.context_per_slot if chat else 16  # OpenAI's legacy default is 16
+        sampling = body.sampling(default_max, schema)
+        if isinstance(body, ChatCompletionRequest):
+            request = GenerateRequest(messages=body.messages, sampling=sampling, n=body.n)
+        else:
+            assert isinstance(body, CompletionRequest)
+            request = GenerateRequest(prompt=body.prompt_value(), sampling=sampling, n=body.n)
+        tokens = engine.prepare(request)  # every check first: a refused prompt costs no quota
+        acct.admit(len(tokens))
+        return engine.submit(request, prepared=tokens)
+    except ContextLengthExceeded as exc:
+        exc.param = "messages" if chat else "prompt"  # the field that holds the text
+        raise
+
+
+async def _collect(handle: RequestHandle, request: Request) -> Completion | None:
+    """Wait for the result; a client that disconnects meanwhile cancels the request."""
+    waiter = asyncio.ensure_future(handle.completion())
+    try:
+        while True:
+            done, _ = await asyncio.wait({waiter}, timeout=0.25)
+            if done:
+                return waiter.result()
+            if await request.is_disconnected():
+                handle.cancel()
+                # the cancel lands within a decode step; never wait on it without bound
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(waiter, timeout=30)
+                return None
+    finally:
+        if not waiter.done():
+            waiter.cancel()
+
+
+def _usage(result: Completion) -> dict[str, Any]:
+    return {
+        "prompt_tokens": result.prompt_tokens,
+        "completion_tokens": result.completion_tokens,
+        "total_tokens": result.prompt_tokens + result.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": result.cached_tokens},
+    }
+
+
+def _finish_reason(reason: str | None) -> str:
+    return "length" if reason == "cancelled" else (reason or "stop")
+
+
+def _response(result: Completion, model: str, chat: bool) -> dict[str, Any]:
+    created = int(time.time())
+    if chat:
+        choices: list[dict[str, Any]] = [
+            {
+                "index": c.index,
+                "message": {"role": "assistant", "content": c.text},
+                "logprobs": None,
+                "finish_reason": _finish_reason(c.finish_reason),
+            }
+            for c in result.choices
+        ]
+        kind, prefix = "chat.completion", "chatcmpl-"
+    else:
+        choices = [
+            {
+                "index": c.index,
+                "text": c.text,
+                "logprobs": None,
+                "finish_reason": _finish_reason(c.finish_reason),
+            }
+            for c in result.choices
+        ]
+        kind, prefix = "text_completion", "cmpl-"
+    return {
+        "id": prefix + result.id,
+        "object": kind,
+        "created": created,
+        "model": model,
+        "system_fingerprint": None,
+        "choices": choices,
+        "usage": _usage(result),
+    }
+
+
+async def _stream(
+    generation: Generation,
+    body: GenerationFields,
+    chat: bool,
+    include_usage: bool,
+    acct: Accounting,
+) -> AsyncIterator[str]:
+    """Server-sent events in OpenAI's exact chunk shape; the stream owns ``generation``
+    and closes it when it ends, whether done, failed or cut short by the client."""
+    handle = generation.handle
+    created = int(time.time())
+    base: dict[str, Any] = {
+        "id": ("chatcmpl-" if chat else "cmpl-") + handle.id,
+        "object": "chat.completion.chunk" if chat else "text_completion",
+        "created": created,
+        "model": generation.model.name,
+        "system_fingerprint": None,
+    }
+
+    def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
+        data = {**base, "choices": choices, **extra}
+        if include_usage and "usage" not in extra:
+            data["usage"] = None
+        # sse.encode's framing, written out: this runs once per token
+        return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+    def choice(index: int, text: str | None, finish: str | None, role: bool = False) -> dict:
+        if chat:
+            delta: dict[str, Any] = {}
+            if role:
+                delta = {"role": "assistant", "content": ""}
+            elif text is not None:
+                delta = {"content": text}
+            return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+        return {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
+
+    async with generation:
+        status = CLIENT_CLOSED_REQUEST  # until the stream ends normally, the client left
+        try:
+            if chat:
+                for i in range(body.n):
+                    yield chunk([choice(i, None, None, role=True)])
+            try:
+                async for event in handle:
+                    if isinstance(event, TokenEvent):
+                        if event.text:
+                            yield chunk([choice(event.index, event.text, None)])
+                    elif isinstance(event, FinishEvent):
+                        reason = _finish_reason(event.finish_reason)
+                        yield chunk([choice(event.index, None if chat else "", reason)])
+            except PcrtError as exc:  # the engine failed mid-stream: say so in the stream
+                status, payload, _ = status_and_body(exc)
+                acct.failed(exc)
+                yield encode(json.dumps(payload))
+                return
+            result = handle.result
+            assert result is not None
+            if include_usage:
+                yield chunk([], usage=_usage(result))
+            yield _DONE
+            status = 200
+            acct.finished(result, status)
+        finally:
+            if status == CLIENT_CLOSED_REQUEST:
+                handle.cancel()
+                acct.finished(handle.result, CLIENT_CLOSED_REQUEST)
