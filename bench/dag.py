@@ -26,6 +26,7 @@ from bench.common import run_benchmark
 from bench.engine_reference import QUESTIONS
 from pcrt.cache.blobs import BlobStore
 from pcrt.cache.runs import RunStore
+from pcrt.cache.status import RunStatus
 from pcrt.cache.store import Store
 from pcrt.runtime.dag import parse_dag
 from pcrt.runtime.dag.engines import LocalEngines
@@ -115,7 +116,7 @@ async def resume_cost(
         runner.runs.patch_node(run.id, "ask", status="pending")
         if not keep_state:
             runner.runs.patch_node(run.id, "read", state_sha256=None)
-        runner.runs.set_status(run.id, "interrupted")
+        runner.runs.set_status(run.id, RunStatus.INTERRUPTED)
         stamps: list[float] = []
         start = time.perf_counter()
 

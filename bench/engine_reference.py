@@ -60,7 +60,7 @@ def raw_four(model: LlamaModel, n_tokens: int, threads: int, context: int) -> fl
     ctx = llama_cpp.llama_init_from_model(model.ptr, params)
     batch = llama_cpp.llama_batch_init(512, 0, 1)
     bias = (llama_cpp.llama_logit_bias * 1)()
-    bias[0].token, bias[0].bias = model.eos_id, -1e9
+    bias[0].token, bias[0].bias = llama_cpp.llama_token(model.eos_id), -1e9
     samplers = []
     for _ in range(4):
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())

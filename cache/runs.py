@@ -23,7 +23,7 @@ top-level runs unless asked for children: a child is resumed through its parent.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from typing import Any, TypeAlias
@@ -317,7 +317,7 @@ class RunStore:
         dag_path: str,
         spec: dict[str, Any],
         inputs: dict[str, Any],
-        nodes: list[tuple[str, str, str]],
+        nodes: Sequence[tuple[str, str, str]],
         *,
         parent: tuple[str, str] | None = None,
         agent: str | None = None,
@@ -392,7 +392,7 @@ class RunStore:
         return RunRecord.from_row(rows[0])
 
     def list_runs(
-        self, status: RunStatus | None = None, limit: int = 100, *, children: bool = False
+        self, status: str | None = None, limit: int = 100, *, children: bool = False
     ) -> list[RunRecord]:
         """Runs, newest first; subgraph calls' child runs only with ``children``."""
         where: list[str] = [] if children else ["parent_run_id is null"]

@@ -135,12 +135,12 @@ def run(
     if not local:
         with DaemonClient() as client:
             if client.is_up():
-                messages = [{"role": "system", "content": system}] if system else []
-                messages.append({"role": "user", "content": prompt})
+                wire = [{"role": "system", "content": system}] if system else []
+                wire.append({"role": "user", "content": prompt})
                 name = registry.resolve(model_name).name
-                path, body = remote_body(name, sampling, messages, None if not raw else prompt)
-                result = stream_remote(client, path, body, echo=not as_json)
-                _report_remote(name, result, as_json, verbose)
+                path, body = remote_body(name, sampling, wire, None if not raw else prompt)
+                answered = stream_remote(client, path, body, echo=not as_json)
+                _report_remote(name, answered, as_json, verbose)
                 return
     import asyncio
 

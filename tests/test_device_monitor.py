@@ -14,7 +14,7 @@ from tests.test_device_profile import FakeNvml, FakeNVMLError, GiB, two_gpus
 async def wait_for(condition: object, timeout: float = 5.0) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    while not condition():  # type: ignore[operator]
+    while not condition():
         if loop.time() > deadline:
             raise AssertionError("condition not met in time")
         await asyncio.sleep(0.01)

@@ -219,7 +219,7 @@ def test_txt_properties_size_limit() -> None:
     with pytest.raises(ValueError, match="255"):
         txt_properties(node_id="n", port=1, caps="c" * 260)
     with pytest.raises(ValueError, match="str"):
-        txt_properties(node_id="n", port=1, extra={"a": 1})
+        txt_properties(node_id="n", port=1, extra={"a": 1})  # type: ignore[dict-item]
     with pytest.raises(ValueError, match="key"):
         txt_properties(node_id="n", port=1, extra={"a=b": "c"})
     with pytest.raises(ValueError, match="key"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import jsonschema
@@ -45,7 +46,7 @@ def default_model_sha256() -> str:
 
 
 @pytest.fixture(scope="module")
-def engine(default_model_path: Path, default_model_sha256: str) -> Engine:
+def engine(default_model_path: Path, default_model_sha256: str) -> Iterator[Engine]:
     eng = Engine(
         default_model_path,
         model_sha256=default_model_sha256,

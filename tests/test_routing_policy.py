@@ -448,7 +448,7 @@ def test_decisions_are_repeatable_and_inputs_untouched() -> None:
     assert decide(work, here, peers) == decide(work, here, peers)
     assert (here, peers, work) == before
     with pytest.raises(dataclasses.FrozenInstanceError):
-        here.queue_depth = 3
+        here.queue_depth = 3  # type: ignore[misc]  # the point: it is frozen
 
 
 # -- what the caller reads --------------------------------------------------------------

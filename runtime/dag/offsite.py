@@ -215,7 +215,7 @@ async def _subgraph_on_peer(
     payload = _payload(run, group)
     for node_id in group:
         if node_id != node.id:
-            data = {"type": run.spec.nodes[node_id].type}
+            data: dict[str, Any] = {"type": run.spec.nodes[node_id].type}
             run.emit(DagEvent(DagEventKind.NODE_STARTED, run_id, node_id, data))
         start = NodeStarted(ran_on=candidate.node, started_at=utc_now(), routing=routing)
         deps.runs.update_node(run_id, node_id, start)

@@ -218,7 +218,7 @@ class DagRunner:
             status, error = RunStatus.BUDGET_EXCEEDED, str(exc)
         except asyncio.CancelledError:
             runs.set_status(run_id, RunStatus.CANCELLED, error="cancelled; checkpoints kept")
-            data = {"status": RunStatus.CANCELLED}
+            data: dict[str, Any] = {"status": RunStatus.CANCELLED}
             run.emit(DagEvent(DagEventKind.RUN_FINISHED, run_id, data=data))
             raise
         except (PcrtError, AssertFailed) as exc:
@@ -292,7 +292,7 @@ class DagRunner:
         except (PcrtError, AssertFailed) as exc:
             if isinstance(exc, BudgetExceeded) and _succeeded(runs, run.id, node_id):
                 # it finished, and spent the last of the budget: its output is kept
-                data = {"status": NodeStatus.SUCCEEDED}
+                data: dict[str, Any] = {"status": NodeStatus.SUCCEEDED}
                 run.emit(DagEvent(DagEventKind.NODE_FINISHED, run.id, node_id, data))
                 raise
             runs.update_node(run.id, node_id, NodeFailed(str(exc)))

@@ -43,12 +43,11 @@ def child_budget(own: Budget, caller: Budget, tokens_used: int, nodes_executed: 
     bounds the call, so the callee keeps its own."""
     tokens_left = None if caller.max_tokens is None else max(1, caller.max_tokens - tokens_used)
     nodes_left = None if caller.max_nodes is None else max(1, caller.max_nodes - nodes_executed)
-    limits = {
-        "max_tokens": _tighter(own.max_tokens, tokens_left),
-        "max_nodes": _tighter(own.max_nodes, nodes_left),
-        "timeout_sec": own.timeout_sec,
-    }
-    return Budget(**{name: value for name, value in limits.items() if value is not None})
+    return Budget(
+        max_tokens=_tighter(own.max_tokens, tokens_left),
+        max_nodes=_tighter(own.max_nodes, nodes_left),
+        timeout_sec=own.timeout_sec,
+    )
 
 
 def child_spec(callee: DagSpec, library: Library, budget: Budget) -> DagSpec:

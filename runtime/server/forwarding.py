@@ -33,12 +33,15 @@ __all__ = ["ROUTE_HEADER", "forward_if_routed", "route_headers"]
 
 ROUTE_HEADER = "x-pc-route"
 COMPLEXITY_HEADER = "x-pc-complexity"
+# the header values each hint takes, typed as the policy reads them
+_ROUTES: dict[str, Route] = {"local": "local", "peer": "peer", "auto": "auto"}
+_COMPLEXITIES: dict[str, Complexity] = {"low": "low", "medium": "medium", "high": "high"}
 
 
 def _route_hint(request: Request) -> Route:
     hint = request.headers.get(ROUTE_HEADER, "auto").strip().lower()
-    if hint == "local" or hint == "peer" or hint == "auto":
-        return hint
+    if hint in _ROUTES:
+        return _ROUTES[hint]
     raise InvalidRequest(f"X-PC-Route must be local, peer or auto (got {hint!r})")
 
 
@@ -47,8 +50,8 @@ def _complexity(request: Request) -> Complexity | None:
     if declared is None:
         return None
     value = declared.strip().lower()
-    if value == "low" or value == "medium" or value == "high":
-        return value
+    if value in _COMPLEXITIES:
+        return _COMPLEXITIES[value]
     raise InvalidRequest(f"X-PC-Complexity must be low, medium or high (got {declared!r})")
 
 
