@@ -28,6 +28,7 @@ from pcrt.cache.blobs import BlobStore
 from pcrt.cache.runs import RunStore
 from pcrt.cache.status import RunStatus
 from pcrt.cache.store import Store
+from pcrt.device.units import format_bytes
 from pcrt.runtime.dag import parse_dag
 from pcrt.runtime.dag.engines import LocalEngines
 from pcrt.runtime.dag.events import DagEvent
@@ -283,8 +284,8 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         ),
         (
             "parent state blob",
-            f"{res['blob_bytes'] / 1e6:.2f} MB",
-            f"{res['kv_bytes_estimate'] / 1e6:.2f} MB (KV of its tokens)",
+            format_bytes(res["blob_bytes"]),
+            f"{format_bytes(res['kv_bytes_estimate'])} (KV of its tokens)",
             "",
         ),
         (
@@ -298,8 +299,8 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     table_rows.append(
         (
             f"checkpoints: {disk['generated_tokens']} tokens after {disk['context_tokens']}",
-            f"{disk['bytes_kept'] / 1e6:.1f} MB kept",
-            f"{disk['bytes_written'] / 1e6:.1f} MB written ({disk['states_written']} states)",
+            f"{format_bytes(disk['bytes_kept'])} kept",
+            f"{format_bytes(disk['bytes_written'])} written ({disk['states_written']} states)",
             f"{disk['ratio']:.2f}",
         )
     )

@@ -28,6 +28,7 @@ import llama_cpp
 
 from bench.common import run_benchmark
 from bench.engine_reference import PROMPTS4, STORY
+from pcrt.device.units import format_bytes
 from pcrt.runtime.engine import Engine, EngineConfig, GenerateRequest, TokenEvent
 from pcrt.runtime.engine.sampling import SamplingParams
 from pcrt.runtime.engine.state import KVState
@@ -269,8 +270,8 @@ def rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         ),
         (
             "state bytes",
-            f"{st['blob_bytes'] / 1e6:.2f} MB",
-            f"{st['llama_state_bytes'] / 1e6:.2f} MB (llama.cpp)",
+            format_bytes(st["blob_bytes"]),
+            f"{format_bytes(st['llama_state_bytes'])} (llama.cpp)",
             f"{st['bytes_ratio']:.4f} (within 5%)",
         ),
     ]

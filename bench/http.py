@@ -30,6 +30,7 @@ import httpx
 import psutil
 
 from bench.common import run_benchmark
+from pcrt.device.units import format_bytes
 from pcrt.runtime.engine import Engine, GenerateRequest, TokenEvent
 from pcrt.runtime.engine.chat import ChatMessage
 from pcrt.runtime.engine.sampling import SamplingParams
@@ -302,7 +303,8 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             "32 clients, queue 8",
             f"{b['ok']} ok, {b['refused_503']} x 503",
             f"statuses {b['statuses']}",
-            f"RSS {b['rss_before_mb']:.0f} -> {b['rss_after_mb']:.0f} MB",
+            "RSS "
+            + " -> ".join(format_bytes(b[k] * 1e6) for k in ("rss_before_mb", "rss_after_mb")),
         ),
     ]
     return table_rows

@@ -35,6 +35,7 @@ import httpx
 
 from bench.common import run_benchmark
 from bench.http import free_port
+from pcrt.device.units import format_bytes
 from pcrt.runtime.models.pull import ensure_pulled
 from pcrt.runtime.models.registry import Registry
 
@@ -371,7 +372,7 @@ def rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     moved = statistics.median(x["to_finished_s"] for x in with_states)
     recomputed = statistics.median(x["to_finished_s"] for x in without)
     call = statistics.median(x["move_call_s"] for x in with_states)
-    mb = with_states[0]["bytes_sent"] / 1e6
+    sent = format_bytes(with_states[0]["bytes_sent"])
     return [
         (
             "forwarding: p50 one-token request",
@@ -396,7 +397,7 @@ def rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         ("death (SIGKILL) to out of rotation", f"{death:.2f} s", "-", "(<= 5 s)"),
         (
             "migration: move + finish, with states",
-            f"{moved:.2f} s ({mb:.0f} MB, call {call:.2f} s)",
+            f"{moved:.2f} s ({sent}, call {call:.2f} s)",
             f"{recomputed:.2f} s recomputed",
             f"{moved / recomputed:.2f}",
         ),
