@@ -17,8 +17,8 @@ message without a traceback.
     ├── ChatTemplateMissing    a chat request for a model without a template and no override
     ├── InvalidRequest         bad sampling parameters, bad schema or grammar, too many forks
     │   ├── ContextLengthExceeded  the prompt (plus what must be generated) does not fit
-    │   ├── BodyTooLarge       an upload over its size bound (carries the limit)
-    │   ├── StateTooLarge      a KV state upload over state_upload_max_bytes (413)
+    │   ├── BodyTooLarge       a streamed upload past its bound (a peer's blob: 400)
+    │   ├── StateTooLarge      a user's KV state upload over state_upload_max_bytes (413)
     │   ├── EmptyBody          an upload without a byte
     │   ├── BadContentLength   a Content-Length header that is not a number
     │   ├── DagInvalid         a DAG that does not parse or validate: every Problem (422)
@@ -36,10 +36,10 @@ message without a traceback.
     ├── RetryLater             the request may succeed later (carries retry_after seconds)
     │   ├── RateLimited        the agent is over its requests or tokens per minute
     │   └── Overloaded         the model's queue is full, or the daemon is draining
-    └── PeerError              work sent to a peer did not come back (names the peer)
-        ├── PeerUnavailable    no answer, a timeout or a server error: try the next candidate
-        ├── PeerRejected       the peer refused the request itself (carries its status, body)
-        └── NoRoute            nowhere qualifies to run the work (says why for each node)
+    ├── PeerError              work sent to a peer did not come back (names the peer)
+    │   ├── PeerUnavailable    no answer, a timeout or a server error: try the next candidate
+    │   └── PeerRejected       the peer refused the request itself (carries its status, body)
+    └── NoRoute                nowhere qualifies to run the work (says why for each node)
 
 Outside the tree, because ``cache`` and ``device`` import nothing of pcrt's: the stores
 raise ``RunNotFound`` and ``RunExists`` (``cache.runs``), ``BlobMissing`` and
