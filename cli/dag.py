@@ -217,24 +217,14 @@ def list_runs(status: str | None, as_json: bool) -> None:
 
     from pcrt.cli.dag_local import local_runs
     from pcrt.cli.dag_tree import STATUS_STYLE, nodes_done
+    from pcrt.runtime.dag.tasks import run_summary
 
     with local_runs() as runs:
         records = runs.list_runs(status=RunStatus(status) if status else None)
         done = {r.id: nodes_done(n.status for n in runs.nodes(r.id)) for r in records}
     if as_json:
         data = [
-            {
-                "id": r.id,
-                "dag": r.dag_path,
-                "status": r.status,
-                "error": r.error,
-                "tokens_used": r.tokens_used,
-                "nodes_executed": r.nodes_executed,
-                "nodes": len(r.spec.get("nodes", {})),
-                "nodes_done": done[r.id],
-                "created_at": r.created_at,
-                "finished_at": r.finished_at,
-            }
+            {**run_summary(r), "nodes": len(r.spec.get("nodes", {})), "nodes_done": done[r.id]}
             for r in records
         ]
         click.echo(json.dumps(data, indent=2))

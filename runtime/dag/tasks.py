@@ -12,7 +12,7 @@ from pcrt.cache.status import NodeStatus, RunStatus
 from pcrt.runtime.dag.events import DagEvent
 from pcrt.runtime.dag.runner import DagRunner
 
-__all__ = ["DagTasks", "run_view"]
+__all__ = ["DagTasks", "run_summary", "run_view"]
 
 
 class DagTasks:
@@ -94,6 +94,20 @@ class DagTasks:
             self.runner.runs.set_status(
                 run_id, RunStatus.INTERRUPTED, error="the daemon stopped; resume continues it"
             )
+
+
+def run_summary(run: RunRecord) -> dict[str, Any]:
+    """The run in a listing: its record without inputs, outputs or nodes."""
+    return {
+        "id": run.id,
+        "dag": run.dag_path,
+        "status": run.status,
+        "error": run.error,
+        "tokens_used": run.tokens_used,
+        "nodes_executed": run.nodes_executed,
+        "created_at": run.created_at,
+        "finished_at": run.finished_at,
+    }
 
 
 def run_view(runs: RunStore, run: RunRecord) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from pcrt.runtime.dag.events import DagEvent
 from pcrt.runtime.dag.library import library_from_documents
 from pcrt.runtime.dag.runner import DagRunner
 from pcrt.runtime.dag.spec import DagSpec
-from pcrt.runtime.dag.tasks import DagTasks, run_view
+from pcrt.runtime.dag.tasks import DagTasks, run_summary, run_view
 from pcrt.runtime.errors import InvalidRequest, NotFound, ShapeInvalid
 from pcrt.runtime.server.moving import move_run
 from pcrt.runtime.server.services import agent_of, services_of
@@ -109,22 +109,7 @@ async def _events(
 async def list_runs(request: Request, status: str | None = None) -> dict[str, Any]:
     runner = _tasks(request).runner
     runs = runner.runs.list_runs(status=status)
-    return {
-        "object": "list",
-        "data": [
-            {
-                "id": r.id,
-                "dag": r.dag_path,
-                "status": r.status,
-                "error": r.error,
-                "tokens_used": r.tokens_used,
-                "nodes_executed": r.nodes_executed,
-                "created_at": r.created_at,
-                "finished_at": r.finished_at,
-            }
-            for r in runs
-        ],
-    }
+    return {"object": "list", "data": [run_summary(r) for r in runs]}
 
 
 @router.get("/v1/dags/{run_id}")
