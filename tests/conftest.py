@@ -24,6 +24,10 @@ from pcrt.runtime.models.pull import pull
 from pcrt.runtime.models.registry import Registry
 from pcrt.runtime.paths import Paths
 
+# the ``model`` marker and its guard: a test that loads a real model asks for
+# ``default_model_path`` (below), which marks it
+pytest_plugins = ["tests.model_guard"]
+
 # settings of the developer's shell that would change what the tests talk to
 _LEAKY_ENV = ("HF_TOKEN", "HF_ENDPOINT", "PCRT_PYPI_INDEX_URL", "PCRT_API_KEY", "PCRT_CONFIG")
 

@@ -269,6 +269,7 @@ def _daemon(port: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
     raise AssertionError("pcrt serve did not start")
 
 
+@pytest.mark.usefixtures("default_model_path")
 def test_sigkill_mid_node_then_resume_in_a_new_daemon(pcrt_env: Paths) -> None:
     """The issue's crash test: finished nodes untouched, the interrupted node continues
     from its checkpoint, and the outputs equal an uninterrupted greedy run."""

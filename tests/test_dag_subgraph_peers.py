@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from pcrt.routing.settings import PeerSettings
 from pcrt.runtime.models.registry import Registry
@@ -18,6 +19,9 @@ from pcrt.runtime.paths import Paths
 from pcrt.runtime.server.settings import ServerSettings
 from tests.conftest import shared_models_dir
 from tests.live_server import LiveServer
+
+# both daemons load the default model (conftest marks the tests "model")
+pytestmark = pytest.mark.usefixtures("default_model_path")
 
 LOOPBACK = ["127.0.0.1"]  # mDNS never leaves this machine's loopback in tests
 ROUTED = "/lib/test/routed"

@@ -558,6 +558,7 @@ MOVE_DAG: dict[str, Any] = {
 }
 
 
+@pytest.mark.usefixtures("default_model_path")
 def test_migration_mid_run_resumes_on_the_peer_with_its_states(tmp_path: Path) -> None:
     key = uuid.uuid4().hex
     here_name, there_name = _unique("here"), _unique("there")
@@ -700,6 +701,7 @@ def run_intro(server: LiveServer, run_id: str) -> Any:
     return httpx.get(f"{server.url}/v1/dags/{run_id}", timeout=10).json()["outputs"]["intro"]
 
 
+@pytest.mark.usefixtures("default_model_path")
 def test_a_draining_daemon_moves_its_runs_to_a_peer(tmp_path: Path) -> None:
     key = uuid.uuid4().hex
     here_name, there_name = _unique("leaving"), _unique("staying")
@@ -734,6 +736,7 @@ def test_a_draining_daemon_moves_its_runs_to_a_peer(tmp_path: Path) -> None:
         _run_succeeds_on(there, run_id)
 
 
+@pytest.mark.usefixtures("default_model_path")
 def test_a_low_battery_moves_the_running_run_to_a_peer_that_keys_states_differently(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -900,6 +903,7 @@ def test_a_run_resumed_at_start_waits_for_its_peer(tmp_path: Path, q8_model: Pat
         assert plan["ran_on"] == strong_name and plan["model"] == "smollm2-q8"
 
 
+@pytest.mark.usefixtures("default_model_path")
 def test_a_subgraph_whose_caller_leaves_is_cancelled(tmp_path: Path) -> None:
     """A peer that stops waiting for a subgraph (it fell back elsewhere) leaves no orphan
     generating here."""
