@@ -4,8 +4,6 @@ and whoever waits on the run is told where it went."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -20,13 +18,10 @@ from pcrt.runtime.server import moving
 
 
 @pytest.fixture
-def runs(tmp_path: Path) -> Iterator[RunStore]:
-    with Store(tmp_path / "pcrt.db") as store:
-        runs = RunStore(store)
-        runs.create_run(
-            "r", "/dynamic/t", {"dag": "/dynamic/t"}, {}, [("a", "/dynamic/t/a", "llm")]
-        )
-        yield runs
+def runs(store: Store) -> RunStore:
+    runs = RunStore(store)
+    runs.create_run("r", "/dynamic/t", {"dag": "/dynamic/t"}, {}, [("a", "/dynamic/t/a", "llm")])
+    return runs
 
 
 def _services(runs: RunStore) -> Any:

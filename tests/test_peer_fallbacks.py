@@ -19,7 +19,7 @@ from pcrt.cache.store import Store
 from pcrt.cache.usage import UsageLog
 from pcrt.routing.settings import PeerSettings, StaticPeer
 from pcrt.runtime.server.settings import ServerSettings
-from tests.conftest import shared_models_dir
+from tests.homes import shared_models_dir
 from tests.httpserver import LocalServer
 from tests.live_server import LiveServer
 from tests.test_peers import (
