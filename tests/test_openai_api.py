@@ -1,26 +1,26 @@
-"""The daemon over real HTTP on loopback, driven by the official OpenAI SDK."""
+"""The OpenAI-compatible API on the real default model, over real HTTP on loopback,
+driven by the official OpenAI SDK: chat and text completions, streams with usage, forks
+(``n``), JSON output, embeddings and the model list, sampling input checked before a
+stream starts, grammars too deep for llama.cpp, and a client that disconnects mid-stream.
+
+What the daemon counts and refuses whatever the model (usage rows, rate limits, metrics,
+error shapes) is in ``test_openai_accounting.py`` and ``test_openai_errors.py``, on a fake
+engine.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import jsonschema
 import openai
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from pcrt.cache.store import Store
-from pcrt.cache.usage import UsageLog
-from pcrt.runtime.models.registry import Registry
-from pcrt.runtime.paths import Paths
-from pcrt.runtime.server.settings import AgentLimits, LimitSettings, ServerSettings
-from tests.conftest import shared_models_dir
-from tests.live_server import LiveServer
+from pcrt.runtime.server.settings import ServerSettings
+from tests.live_server import LiveServer, ServerFactory
 
 KEY = "test-key"
 MODEL = "smollm2-135m"
@@ -28,26 +28,9 @@ NO_EOS = {"0": -100, "2": -100, "4": -100}  # SmolLM2's end-of-generation tokens
 
 
 @pytest.fixture(scope="module")
-def server(
-    default_model_path: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[LiveServer]:
-    home = tmp_path_factory.mktemp("server-home")
-    paths = Paths(home=home, models_dir=shared_models_dir(), user_models_file=home / "none.toml")
-    settings = ServerSettings(
-        parallel=2,
-        context=1024,
-        n_threads=2,
-        queue_size=1,
-        api_key=KEY,
-        limits=LimitSettings(
-            agents={
-                "limited": AgentLimits(requests_per_minute=2),
-                "dag-limited": AgentLimits(requests_per_minute=1),
-            },
-        ),
-    )
-    with LiveServer(settings, registry=Registry.load(paths)) as live:
-        yield live
+def server(default_model_path: Path, module_live_server: ServerFactory) -> LiveServer:
+    settings = ServerSettings(parallel=2, context=1024, n_threads=2, queue_size=1, api_key=KEY)
+    return module_live_server(settings)
 
 
 @pytest.fixture
@@ -157,121 +140,6 @@ def test_embeddings_and_models(client: openai.OpenAI) -> None:
     assert extra["pcrt"]["pulled"] is True and extra["pcrt"]["default"] is True
 
 
-def _error(exc: openai.APIStatusError) -> dict:
-    body = exc.response.json()
-    assert set(body["error"]) == {"message", "type", "param", "code"}
-    return body["error"]
-
-
-def test_unknown_model_is_404(client: openai.OpenAI) -> None:
-    with pytest.raises(openai.NotFoundError) as info:
-        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
-    assert _error(info.value)["code"] == "model_not_found"
-
-
-def test_context_length_is_400_naming_the_field(client: openai.OpenAI) -> None:
-    """Each endpoint's error names its own text field as the OpenAI ``param``."""
-    too_long = "word " * 3000
-    with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": too_long}]
-        )
-    assert _error(info.value)["code"] == "context_length_exceeded"
-    assert _error(info.value)["param"] == "messages"
-    with pytest.raises(openai.BadRequestError) as info:
-        client.completions.create(model=MODEL, prompt=too_long)
-    assert (_error(info.value)["code"], _error(info.value)["param"]) == (
-        "context_length_exceeded",
-        "prompt",
-    )
-    with pytest.raises(openai.BadRequestError) as info:
-        client.embeddings.create(model=MODEL, input=["short", too_long])
-    assert (_error(info.value)["code"], _error(info.value)["param"]) == (
-        "context_length_exceeded",
-        "input",
-    )
-
-
-def test_invalid_fields_are_400(client: openai.OpenAI, server: LiveServer) -> None:
-    with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": "x"}], temperature=9
-        )
-    assert _error(info.value)["param"] == "temperature"
-    with http(server) as h:
-        bad = h.post(
-            "/v1/chat/completions",
-            content=b"{not json",
-            headers={"content-type": "application/json"},
-        )
-        assert bad.status_code == 400
-        assert bad.json()["error"]["message"] == "the request body is not valid JSON"
-        missing = h.post("/v1/chat/completions", json={"model": MODEL})
-        assert missing.status_code == 400 and "messages" in missing.json()["error"]["message"]
-        tools = h.post(
-            "/v1/chat/completions",
-            json={"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tools": [{}]},
-        )
-        assert tools.status_code == 400 and "not supported" in tools.json()["error"]["message"]
-        route = h.get("/v1/nothing-here")
-        assert route.status_code == 404 and "error" in route.json()
-
-
-def test_bad_key_is_401(server: LiveServer) -> None:
-    wrong = openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0)
-    with pytest.raises(openai.AuthenticationError) as info:
-        wrong.models.list()
-    assert _error(info.value)["code"] == "invalid_api_key"
-    assert httpx.get(server.url + "/health").status_code == 200  # health needs no key
-
-
-def test_rate_limit_is_429_and_recovers(client: openai.OpenAI, server: LiveServer) -> None:
-    limiter = server.services.limiter
-    clock = [0.0]
-    limiter.clock = lambda: clock[0]  # a controllable clock: no sleeping in tests
-    limiter._requests.clear()
-    headers = {"X-PC-Agent-ID": "limited"}
-    messages = [{"role": "user", "content": "hi"}]
-    for _ in range(2):
-        client.chat.completions.create(
-            model=MODEL, messages=messages, max_tokens=2, extra_headers=headers
-        )
-    with pytest.raises(openai.RateLimitError) as info:
-        client.chat.completions.create(
-            model=MODEL, messages=messages, max_tokens=2, extra_headers=headers
-        )
-    assert _error(info.value)["code"] == "rate_limit_exceeded"
-    assert int(info.value.response.headers["retry-after"]) >= 1
-    clock[0] += 31  # half a minute refills one request of a 2-per-minute bucket
-    client.chat.completions.create(
-        model=MODEL, messages=messages, max_tokens=2, extra_headers=headers
-    )
-
-
-async def test_queue_full_is_503(server: LiveServer) -> None:
-    """2 slots + a queue of 1: of 6 long requests at once, the last 3 are refused."""
-    body = {
-        "model": MODEL,
-        "messages": [{"role": "user", "content": "Write a long story."}],
-        "max_tokens": 60,
-        "stream": True,
-        "logit_bias": NO_EOS,
-    }
-    async with httpx.AsyncClient(
-        base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60
-    ) as h:
-
-        async def one() -> tuple[int, str | None]:
-            async with h.stream("POST", "/v1/chat/completions", json=body) as r:
-                await r.aread()
-                return r.status_code, r.headers.get("retry-after")
-
-        results = await asyncio.gather(*(one() for _ in range(6)))
-    statuses = sorted(s for s, _ in results)
-    assert statuses == [200, 200, 200, 503, 503, 503], results
-    assert all(ra is not None for s, ra in results if s == 503)
-
-
 def _busy(server: LiveServer) -> int:
     with http(server) as h:
         return sum(m["busy_slots"] for m in h.get("/api/ps").json()["models"])
@@ -301,86 +169,6 @@ def test_disconnect_mid_stream_frees_the_slot(server: LiveServer, client: openai
     assert reply.choices[0].message.content is not None
 
 
-def test_usage_rows_match_responses(client: openai.OpenAI, server: LiveServer) -> None:
-    headers = {"X-PC-Agent-ID": "auditor"}
-    replies = [
-        client.chat.completions.create(
-            model=MODEL,
-            messages=[{"role": "user", "content": f"Say the number {i}."}],
-            max_tokens=8,
-            extra_headers=headers,
-        )
-        for i in range(3)
-    ]
-    with pytest.raises(openai.NotFoundError):
-        client.chat.completions.create(
-            model="nope", messages=[{"role": "user", "content": "x"}], extra_headers=headers
-        )
-    with Store(server.services.pool.registry.paths.db_path) as store:
-        rows = UsageLog(store).rows(agent="auditor")
-    assert [r["status"] for r in rows] == [200, 200, 200, 404]
-    for row, reply in zip(rows, replies, strict=False):
-        assert reply.usage is not None
-        assert row["prompt_tokens"] == reply.usage.prompt_tokens
-        assert row["completion_tokens"] == reply.usage.completion_tokens
-        assert row["cached_tokens"] == reply.usage.prompt_tokens_details.cached_tokens
-        assert row["model"] == MODEL and row["ran_on"] == "local"
-        assert row["ttft_ms"] is not None and row["total_ms"] >= row["ttft_ms"]
-
-
-def test_metrics_parse_and_move(client: openai.OpenAI, server: LiveServer) -> None:
-    def scrape() -> dict[str, float]:
-        with http(server) as h:
-            text = h.get("/metrics").text
-        values: dict[str, float] = {}
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if sample.labels.get("model", MODEL) == MODEL:
-                    key = sample.name + (
-                        f"[{sample.labels['status']}]" if "status" in sample.labels else ""
-                    )
-                    values[key] = values.get(key, 0.0) + sample.value
-        return values
-
-    before = scrape()
-    client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=5
-    )
-    after = scrape()
-    assert after["pcrt_requests_total[200]"] == before.get("pcrt_requests_total[200]", 0) + 1
-    assert after["pcrt_completion_tokens_total"] > before.get("pcrt_completion_tokens_total", 0)
-    assert after["pcrt_time_to_first_token_seconds_count"] == (
-        before.get("pcrt_time_to_first_token_seconds_count", 0) + 1
-    )
-    assert after["pcrt_loaded_models"] == 1
-    assert "pcrt_busy_slots" in after and "pcrt_queue_depth" in after
-
-
-def test_ps_and_stop(server: LiveServer, client: openai.OpenAI) -> None:
-    client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=1
-    )
-    with http(server) as h:
-        models = h.get("/api/ps").json()["models"]
-        assert models[0]["name"] == MODEL and models[0]["parallel"] == 2
-        assert models[0]["expires_at"] > time.time()
-        assert h.post("/api/stop", json={"model": MODEL}).json()["unloaded"] is True
-        assert h.get("/api/ps").json()["models"] == []
-        assert h.post("/api/stop", json={"model": "nope"}).status_code == 404
-    # the next request loads it again
-    client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=1
-    )
-
-
-def test_device_profile_for_peers(server: LiveServer) -> None:
-    with http(server) as h:
-        profile = h.get("/v1/pcrt/device").json()
-    assert profile["fingerprint"] and profile["cpu_only"] is True  # no GPU on this machine
-    assert profile["cpu_only_reason"]
-    assert server.services.monitor.running  # live fields keep refreshing while serving
-
-
 def test_penalties_and_early_validation(client: openai.OpenAI, server: LiveServer) -> None:
     reply = client.chat.completions.create(
         model=MODEL,
@@ -401,31 +189,6 @@ def test_penalties_and_early_validation(client: openai.OpenAI, server: LiveServe
                 **({} if "grammar" in extra else extra),
             )
     assert _busy(server) == 0
-
-
-def test_a_dag_run_counts_as_one_of_its_agents_requests(server: LiveServer) -> None:
-    """Starting a run is admitted like a request: over the agent's rate it is a 429 with
-    Retry-After, and no run is recorded."""
-    dag = {"dag": "/dynamic/limited", "nodes": {"ok": {"type": "assert", "that": "1 < 2"}}}
-    headers = {"X-PC-Agent-ID": "dag-limited"}
-    with http(server) as h:
-        first = h.post("/v1/dags", json={"dag": dag}, headers=headers)
-        assert first.status_code == 200 and first.json()["status"] == "succeeded"
-        before = h.get("/v1/dags").json()["data"]
-        second = h.post("/v1/dags", json={"dag": dag}, headers=headers)
-        assert second.status_code == 429, second.text
-        assert second.json()["error"]["code"] == "rate_limit_exceeded"
-        assert float(second.headers["retry-after"]) > 0
-        assert h.get("/v1/dags").json()["data"] == before
-        # another agent is not held back
-        other = h.post("/v1/dags", json={"dag": dag}, headers={"X-PC-Agent-ID": "free"})
-        assert other.status_code == 200
-        # resuming a run is a request of the agent it bills, whoever asks
-        run_id = first.json()["id"]
-        server.services.dags.runner.runs.set_status(run_id, "interrupted")
-        resumed = h.post(f"/v1/dags/{run_id}/resume", headers={"X-PC-Agent-ID": "free"})
-        assert resumed.status_code == 429, resumed.text
-        assert h.get(f"/v1/dags/{run_id}").json()["status"] == "interrupted"
 
 
 def test_grammars_that_would_crash_llama_cpp_are_refused(server: LiveServer) -> None:
