@@ -1,10 +1,14 @@
-"""A real pcrt daemon (uvicorn) on a free loopback port, in a thread, for tests and benches."""
+"""A real pcrt daemon (uvicorn) on a free loopback port, in a thread, for tests and benches;
+and ``ServerFactory``, what conftest's ``live_server`` fixtures hand a test."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
+from collections.abc import Callable
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -15,8 +19,9 @@ from pcrt.runtime.models.registry import Registry
 from pcrt.runtime.server.app import create_app
 from pcrt.runtime.server.services import Services
 from pcrt.runtime.server.settings import ServerSettings
+from tests.homes import isolated_paths
 
-__all__ = ["LiveServer", "free_port"]
+__all__ = ["LiveServer", "ServerFactory", "free_port"]
 
 
 def free_port() -> int:
@@ -69,3 +74,28 @@ class LiveServer:
     def services(self) -> Services:
         services: Services = self.app.state.services
         return services
+
+
+class ServerFactory:
+    """Starts daemons that stop when its scope ends (a test's, or a module's), last
+    started first stopped."""
+
+    def __init__(self, stack: contextlib.ExitStack, new_home: Callable[[str], Path]) -> None:
+        self._stack = stack
+        self._new_home = new_home
+
+    def __call__(
+        self,
+        settings: ServerSettings | None = None,
+        *,
+        registry: Registry | None = None,
+        models: str = "",
+        **app_options: Any,
+    ) -> LiveServer:
+        """A started daemon. Without ``registry``, one over a home of its own (a fresh
+        temporary dir) with ``models`` as its models.toml. ``app_options`` go to
+        ``create_app``: ``opener`` (``tests.fakes.FakeEngines``), ``battery``, ``clock``."""
+        if registry is None:
+            registry = Registry.load(isolated_paths(self._new_home("daemon-home"), models))
+        server = LiveServer(settings or ServerSettings(), registry=registry, **app_options)
+        return self._stack.enter_context(server)

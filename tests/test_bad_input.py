@@ -1,34 +1,28 @@
 """Input that once reached a bare 500 (found by fuzzing the API): each is a clear 4xx
-now, and nothing it touched is half-recorded. On the real default model."""
+now, and nothing it touched is half-recorded. The daemon would load the real default
+model, but each request is refused before it gets that far."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import struct
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 
 from pcrt.runtime.engine.state import CompatKey, KVState
-from pcrt.runtime.models.registry import Registry
-from pcrt.runtime.paths import Paths
 from pcrt.runtime.server.settings import ServerSettings
-from tests.conftest import shared_models_dir
-from tests.live_server import LiveServer
+from tests.live_server import LiveServer, ServerFactory
 
 MODEL = "smollm2-135m"
 LONE = "\\ud800"  # as JSON escapes it: half of a UTF-16 pair, no text on its own
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    home = tmp_path_factory.mktemp("bad-input-home")
-    paths = Paths(home=home, models_dir=shared_models_dir(), user_models_file=home / "none")
-    with LiveServer(ServerSettings(parallel=1, context=512), registry=Registry.load(paths)) as live:
-        yield live
+def server(module_live_server: ServerFactory) -> LiveServer:
+    return module_live_server(ServerSettings(parallel=1, context=512))
 
 
 def _post(server: LiveServer, path: str, raw: str) -> httpx.Response:

@@ -8,11 +8,10 @@ import contextlib
 from types import SimpleNamespace
 from typing import Any, cast
 
-import pytest
-
 from pcrt.device.profile import Battery
 from pcrt.routing.battery import LowBattery
 from pcrt.routing.settings import PeerSettings
+from pcrt.runtime.server.battery_watch import watch_battery
 from pcrt.runtime.server.services import Services
 from pcrt.runtime.server.settings import ServerSettings
 
@@ -46,11 +45,7 @@ def test_low_battery_never_triggers_when_plugged_in_or_unknown() -> None:
     )
 
 
-async def test_battery_watch_moves_the_runs_once_and_outlives_a_bad_reading(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    from pcrt.runtime.server import battery_watch
-
+async def test_battery_watch_moves_the_runs_once_and_outlives_a_bad_reading() -> None:
     readings: list[Battery | None | Exception] = [
         _battery(50),
         OSError("sensor gone"),
@@ -74,10 +69,9 @@ async def test_battery_watch_moves_the_runs_once_and_outlives_a_bad_reading(
         moves.append(why)
         return ["r"]
 
-    monkeypatch.setattr(battery_watch, "move_running_runs", move)
     services = SimpleNamespace(settings=ServerSettings(peers=PeerSettings(battery_threshold=30)))
     task = asyncio.create_task(
-        battery_watch.watch_battery(cast(Services, services), read, interval=0.001)
+        watch_battery(cast(Services, services), read, interval=0.001, move=move)
     )
     try:
         await asyncio.wait_for(done.wait(), 5)

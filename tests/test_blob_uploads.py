@@ -22,11 +22,8 @@ from pcrt.cache.blobs import IncomingBlob
 from pcrt.routing.auth import CLUSTER_HEADER, request_header
 from pcrt.routing.settings import PeerSettings
 from pcrt.runtime.engine.state import CompatKey, KVState
-from pcrt.runtime.models.registry import Registry
-from pcrt.runtime.paths import Paths
 from pcrt.runtime.server.settings import ServerSettings
-from tests.conftest import shared_models_dir
-from tests.live_server import LiveServer
+from tests.live_server import LiveServer, ServerFactory
 
 CLUSTER_KEY = "blob-upload-test-key"
 KEY = CompatKey(model_sha256="ab" * 32, type_k="f16", type_v="f16", flash_attn=False)
@@ -43,12 +40,8 @@ def state_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    home = tmp_path_factory.mktemp("upload-home")
-    paths = Paths(home=home, models_dir=shared_models_dir(), user_models_file=home / "none")
-    settings = ServerSettings(peers=PeerSettings(cluster_key=CLUSTER_KEY))
-    with LiveServer(settings, registry=Registry.load(paths)) as live:
-        yield live
+def server(module_live_server: ServerFactory) -> LiveServer:
+    return module_live_server(ServerSettings(peers=PeerSettings(cluster_key=CLUSTER_KEY)))
 
 
 def _chunks(path: Path, tamper_at: int | None = None) -> Iterator[bytes]:

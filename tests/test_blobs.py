@@ -15,8 +15,8 @@ from pcrt.cache.store import Store
 
 
 @pytest.fixture
-def blobs(tmp_path: Path) -> BlobStore:
-    return BlobStore(Store(tmp_path / "pcrt.db"), tmp_path / "blobs")
+def blobs(store: Store, tmp_path: Path) -> BlobStore:
+    return BlobStore(store, tmp_path / "blobs")
 
 
 def _run(store: Store, run_id: str, status: str) -> None:
@@ -91,8 +91,7 @@ def test_a_mapped_blob_stays_page_cache_until_written(blobs: BlobStore) -> None:
     view.release()
 
 
-def test_eviction_is_lru_and_spares_unfinished_runs(tmp_path: Path) -> None:
-    store = Store(tmp_path / "pcrt.db")
+def test_eviction_is_lru_and_spares_unfinished_runs(store: Store, tmp_path: Path) -> None:
     _run(store, "done", "succeeded")
     _run(store, "live", "interrupted")
     blobs = BlobStore(store, tmp_path / "blobs", max_bytes=2500)
@@ -105,10 +104,9 @@ def test_eviction_is_lru_and_spares_unfinished_runs(tmp_path: Path) -> None:
     assert blobs.has(pinned) and blobs.has(newest) and not blobs.has(new)
 
 
-def test_a_state_an_unfinished_run_points_at_is_never_evicted(tmp_path: Path) -> None:
+def test_a_state_an_unfinished_run_points_at_is_never_evicted(store: Store, tmp_path: Path) -> None:
     """A finished greedy re-run stores the same bytes and so re-owns the blob: the
     interrupted run's node still needs it."""
-    store = Store(tmp_path / "pcrt.db")
     _run(store, "live", "interrupted")
     _run(store, "done", "succeeded")
     blobs = BlobStore(store, tmp_path / "blobs", max_bytes=1500)
@@ -129,8 +127,7 @@ def test_a_state_an_unfinished_run_points_at_is_never_evicted(tmp_path: Path) ->
     assert blobs.has(same)
 
 
-def test_a_state_sent_ahead_of_its_run_waits_for_the_record(tmp_path: Path) -> None:
-    store = Store(tmp_path / "pcrt.db")
+def test_a_state_sent_ahead_of_its_run_waits_for_the_record(store: Store, tmp_path: Path) -> None:
     blobs = BlobStore(store, tmp_path / "blobs", max_bytes=1500)
     ahead = blobs.put(b"a" * 1000, run_id="moving-here")  # no such run yet
     blobs.put(b"b" * 1000)
@@ -164,10 +161,9 @@ def test_an_upload_left_uncommitted_leaves_nothing(blobs: BlobStore) -> None:
     assert not list(blobs.root.glob(".incoming.*")) and blobs.entries() == []
 
 
-def test_uploads_a_crashed_process_left_are_removed_on_open(tmp_path: Path) -> None:
+def test_uploads_a_crashed_process_left_are_removed_on_open(store: Store, tmp_path: Path) -> None:
     """A file nobody holds is a crashed upload's; one being written holds a lock on it,
     which a store opened meanwhile (another process, another container) respects."""
-    store = Store(tmp_path / "pcrt.db")
     blobs = BlobStore(store, tmp_path / "blobs")
     abandoned = blobs.root / ".incoming.1.0123456789abcdef.tmp"  # pid 1: alive, but not it
     abandoned.write_bytes(b"half")
@@ -183,8 +179,9 @@ def test_uploads_a_crashed_process_left_are_removed_on_open(tmp_path: Path) -> N
     assert list(blobs.root.glob(".incoming.*")) == [young]
 
 
-def test_a_superseded_blob_goes_unless_someone_else_may_want_it(tmp_path: Path) -> None:
-    store = Store(tmp_path / "pcrt.db")
+def test_a_superseded_blob_goes_unless_someone_else_may_want_it(
+    store: Store, tmp_path: Path
+) -> None:
     blobs = BlobStore(store, tmp_path / "blobs")
     _run(store, "r", "running")
     old, pointed, read, again = (

@@ -1,4 +1,5 @@
-"""``pcrt serve`` as a real process: CLI clients, graceful shutdown, keep-alive, eviction."""
+"""``pcrt serve`` as a real process: CLI clients, graceful shutdown, a public bind refused
+without a key. (Keep-alive and eviction: ``test_model_pool.py``.)"""
 
 from __future__ import annotations
 
@@ -18,11 +19,8 @@ import pytest
 from click.testing import CliRunner
 
 from pcrt.cli.main import main
-from pcrt.runtime.models.registry import Registry
 from pcrt.runtime.paths import Paths
-from pcrt.runtime.server.settings import ServerSettings
-from tests.conftest import shared_models_dir
-from tests.live_server import LiveServer, free_port
+from tests.live_server import free_port
 
 MODEL = "smollm2-135m"
 
@@ -152,53 +150,3 @@ def test_serve_refuses_a_public_bind_without_a_key() -> None:
     result = CliRunner().invoke(main, ["serve", "--host", "0.0.0.0"])
     assert result.exit_code == 1
     assert "API key" in result.output
-
-
-def _two_model_registry(tmp_path: Path, default_model_path: Path) -> Registry:
-    """The same GGUF under a second name: two 'models' without a second download."""
-    user_file = tmp_path / "models.toml"
-    user_file.write_text(f'[models.smol-copy]\nsource = "{default_model_path}"\ncontext = 512\n')
-    paths = Paths(
-        home=tmp_path / "home", models_dir=shared_models_dir(), user_models_file=user_file
-    )
-    return Registry.load(paths)
-
-
-def test_keep_alive_zero_unloads_and_the_limit_evicts_lru(
-    tmp_path: Path, default_model_path: Path
-) -> None:
-    settings = ServerSettings(parallel=1, context=512, n_threads=2, max_loaded_models=1)
-    registry = _two_model_registry(tmp_path, default_model_path)
-    with (
-        LiveServer(settings, registry=registry) as live,
-        httpx.Client(base_url=live.url, timeout=60) as h,
-    ):
-
-        def ask(model: str, **extra: object) -> None:
-            body = {"model": model, "prompt": "Hi", "max_tokens": 2, **extra}
-            assert h.post("/v1/completions", json=body).status_code == 200
-
-        def loaded() -> list[str]:
-            return [m["name"] for m in h.get("/api/ps").json()["models"]]
-
-        ask(MODEL)
-        assert loaded() == [MODEL]
-        ask("smol-copy")  # the limit is one model: the idle one is evicted
-        assert loaded() == ["smol-copy"]
-        ask(MODEL, keep_alive=0)
-        assert loaded() == []
-        ask(MODEL, keep_alive="1h")
-        expires = h.get("/api/ps").json()["models"][0]["expires_at"]
-        assert 3500 < expires - time.time() <= 3600
-
-
-def test_health_is_503_while_draining(default_model_path: Path) -> None:
-    settings = ServerSettings(parallel=1, context=512, n_threads=2)
-    with LiveServer(settings) as live:
-        live.services.state = "draining"
-        live.services.pool.start_draining()
-        assert httpx.get(live.url + "/health").status_code == 503
-        refused = httpx.post(
-            live.url + "/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 1}
-        )
-        assert refused.status_code == 503 and "Retry-After" in refused.headers

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -20,8 +20,7 @@ from pcrt.cache.store import Store
 from pcrt.runtime.models.registry import Registry
 from pcrt.runtime.paths import Paths
 from pcrt.runtime.server.settings import ServerSettings
-from tests.conftest import shared_models_dir
-from tests.live_server import LiveServer, free_port
+from tests.live_server import LiveServer, ServerFactory, free_port
 
 ESSAY = {
     "dag": "/dynamic/essay",
@@ -48,16 +47,8 @@ ESSAY = {
 
 
 @pytest.fixture(scope="module")
-def server(
-    default_model_path: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[LiveServer]:
-    # a module fixture is set up before the per-test PCRT_HOME: give it its own home, or
-    # it would read (and cache into) the developer's real store
-    home = tmp_path_factory.mktemp("dag-server-home")
-    paths = Paths(home=home, models_dir=shared_models_dir(), user_models_file=home / "none")
-    settings = ServerSettings(parallel=2, context=1024, n_threads=2)
-    with LiveServer(settings, registry=Registry.load(paths)) as live:
-        yield live
+def server(default_model_path: Path, module_live_server: ServerFactory) -> LiveServer:
+    return module_live_server(ServerSettings(parallel=2, context=1024, n_threads=2))
 
 
 def test_validation_errors_are_422_with_every_problem(server: LiveServer) -> None:
@@ -269,6 +260,7 @@ def _daemon(port: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
     raise AssertionError("pcrt serve did not start")
 
 
+@pytest.mark.usefixtures("default_model_path")
 def test_sigkill_mid_node_then_resume_in_a_new_daemon(pcrt_env: Paths) -> None:
     """The issue's crash test: finished nodes untouched, the interrupted node continues
     from its checkpoint, and the outputs equal an uninterrupted greedy run."""
@@ -316,9 +308,9 @@ def test_sigkill_mid_node_then_resume_in_a_new_daemon(pcrt_env: Paths) -> None:
 
 
 def test_a_stopping_daemon_leaves_its_runs_interrupted(
-    default_model_path: Path, tmp_path: Path
+    default_model_path: Path, daemon_paths: Callable[..., Paths]
 ) -> None:
-    paths = Paths(home=tmp_path, models_dir=shared_models_dir(), user_models_file=tmp_path / "x")
+    paths = daemon_paths()
     settings = ServerSettings(parallel=2, context=1024, n_threads=2)
     with LiveServer(settings, registry=Registry.load(paths)) as live:
         run_id = httpx.post(live.url + "/v1/dags", json={"dag": ESSAY, "wait": False}).json()["id"]
@@ -335,11 +327,10 @@ def test_a_stopping_daemon_leaves_its_runs_interrupted(
 
 
 def test_dag_cache_entries_bounds_what_the_daemon_remembers(
-    default_model_path: Path, tmp_path: Path
+    default_model_path: Path, live_server: ServerFactory
 ) -> None:
     """``dag_cache_entries`` reaches the runner: at 1, a second deterministic node pushes
     the first out, so the first runs again instead of being a cache hit."""
-    paths = Paths(home=tmp_path, models_dir=shared_models_dir(), user_models_file=tmp_path / "x")
     settings = ServerSettings(parallel=1, context=512, n_threads=2, dag_cache_entries=1)
 
     def node(prompt: str) -> dict[str, object]:
@@ -361,9 +352,9 @@ def test_dag_cache_entries_bounds_what_the_daemon_remembers(
         assert run["status"] == "succeeded", run["error"]
         return bool(run["nodes"][0]["cache_hit"])
 
-    with LiveServer(settings, registry=Registry.load(paths)) as live:
-        assert live.services.dags.runner.cache_entries == 1
-        assert not cache_hit(live.url, "Say one.")
-        assert cache_hit(live.url, "Say one.")
-        assert not cache_hit(live.url, "Say two.")  # pushes "one" out
-        assert not cache_hit(live.url, "Say one.")
+    live = live_server(settings)
+    assert live.services.dags.runner.cache_entries == 1
+    assert not cache_hit(live.url, "Say one.")
+    assert cache_hit(live.url, "Say one.")
+    assert not cache_hit(live.url, "Say two.")  # pushes "one" out
+    assert not cache_hit(live.url, "Say one.")

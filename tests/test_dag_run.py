@@ -1,18 +1,25 @@
-"""Running DAGs in-process on the real default model: records, states, resume, budgets."""
+"""Running DAGs in-process on the real default model: records, states (refused when corrupt
+or foreign, and a disk that refuses them), resume, the cache, asserts. (Budgets:
+``test_dag_budgets.py``.)"""
 
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from pcrt.cache.blobs import BlobStore
+from pcrt.cache.runs import RunStore
+from pcrt.cache.store import Store
 from pcrt.runtime.dag import load_dag, parse_dag
 from pcrt.runtime.dag.engines import LocalEngines
 from pcrt.runtime.dag.events import DagEvent
 from pcrt.runtime.dag.runner import DagRunner
 from pcrt.runtime.engine.state import KVState
-from pcrt.runtime.errors import DagInvalid
 
 EXAMPLES = Path(__file__).parent.parent / "examples" / "dags"
 
@@ -39,6 +46,36 @@ def conversation_dag(**child: object) -> dict:
             },
         },
     }
+
+
+def long_dag(budget: dict[str, Any], *, then: bool = True, story_tokens: int = 200) -> Any:
+    nodes: dict[str, Any] = {
+        "intro": {
+            "type": "llm",
+            "prompt": "Describe a lighthouse in one sentence.",
+            "temperature": 0,
+            "max_tokens": 8,
+            "cache": False,
+        },
+        "story": {
+            "type": "llm",
+            "context": "intro",
+            "prompt": "Now count from 1 to 200, one number per line.",
+            "temperature": 0,
+            "max_tokens": story_tokens,
+            "checkpoint_every": 4,
+            "cache": False,
+        },
+    }
+    if then:
+        nodes["after"] = {
+            "type": "llm",
+            "prompt": "Sum up: {{ nodes.story.output }}",
+            "temperature": 0,
+            "max_tokens": 4,
+            "cache": False,
+        }
+    return parse_dag({"dag": "/dynamic/long", "nodes": nodes, "budget": budget})
 
 
 async def test_example_dag_runs_and_records_everything(runner: DagRunner) -> None:
@@ -180,22 +217,6 @@ async def test_cache_hit_and_miss(runner: DagRunner) -> None:
     assert not runner.runs.node(sampled.id, "second").cache_hit
 
 
-async def test_budgets_stop_the_run_and_keep_outputs(runner: DagRunner) -> None:
-    doc = conversation_dag(cache=False)
-    doc["budget"] = {"max_tokens": 10}  # the first answer alone needs more
-    run = runner.create(parse_dag({**doc, "nodes": {**doc["nodes"]}}), {})
-    final = await runner.execute(run.id)
-    assert final.status == "budget_exceeded" and "max_tokens" in (final.error or "")
-    assert runner.runs.node(run.id, "first").status == "succeeded"  # kept
-    timed = dict(conversation_dag(cache=False), budget={"timeout_sec": 0.05})
-    timed["nodes"]["first"] = {**timed["nodes"]["first"], "max_tokens": 500, "cache": False}
-    final = await runner.execute(runner.create(parse_dag(timed), {}).id)
-    assert final.status == "budget_exceeded" and "timeout" in (final.error or "")
-    nodes = dict(conversation_dag(), budget={"max_nodes": 1})
-    with pytest.raises(DagInvalid, match="max_nodes"):
-        runner.create(parse_dag(nodes), {})
-
-
 async def test_assert_false_fails_with_the_expression(runner: DagRunner) -> None:
     doc = {
         "dag": "/dynamic/check",
@@ -206,3 +227,31 @@ async def test_assert_false_fails_with_the_expression(runner: DagRunner) -> None
     assert final.status == "failed" and "inputs.n > 5" in (final.error or "")
     ok = await runner.execute(runner.create(parse_dag(doc), {"n": 9}).id)
     assert ok.status == "succeeded"
+
+
+class FullDiskBlobs(BlobStore):
+    """A blob store on a full disk: each write fails as the OS fails it (a full disk
+    cannot be made here without root mounts)."""
+
+    def put(self, data: bytes, *, kind: str = "kv-state", run_id: str | None = None) -> str:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+async def test_a_disk_that_refuses_states_costs_the_run_nothing_but_its_states(
+    engines: LocalEngines, store: Store, tmp_path: Path
+) -> None:
+    """States are insurance: when the disk refuses them (full; the write fails as the OS
+    fails it), every node still finishes, with no state or checkpoint on its record, and
+    ``story`` continues ``intro``'s conversation by recomputing it."""
+    runner = DagRunner(
+        registry=engines.registry,
+        runs=RunStore(store),
+        blobs=FullDiskBlobs(store, tmp_path / "blobs"),
+        lease=engines.lease,
+    )
+    run = runner.create(long_dag({}, story_tokens=12), {})
+    final = await runner.execute(run.id)
+    assert final.status == "succeeded", final.error
+    nodes = runner.runs.nodes(run.id)
+    assert all(n.status == "succeeded" and n.output for n in nodes)
+    assert all(n.state_sha256 is None and n.checkpoint_sha256 is None for n in nodes)

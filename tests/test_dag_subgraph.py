@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -246,17 +246,15 @@ class NoPeers:
 
 
 @pytest.fixture
-async def routed(engines: LocalEngines, tmp_path: Path) -> AsyncIterator[DagRunner]:
+async def routed(engines: LocalEngines, store: Store, tmp_path: Path) -> DagRunner:
     """A runner whose peers are on, with none there (``NoPeers``)."""
-    store = Store(tmp_path / "routed.db")
-    yield DagRunner(
+    return DagRunner(
         registry=engines.registry,
         runs=RunStore(store),
-        blobs=BlobStore(store, tmp_path / "routed-blobs"),
+        blobs=BlobStore(store, tmp_path / "blobs"),
         lease=engines.lease,
         remote=NoPeers(engines.registry),
     )
-    store.close()
 
 
 def asked(runner: DagRunner) -> list[Work]:

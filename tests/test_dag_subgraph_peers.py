@@ -11,13 +11,16 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from pcrt.routing.settings import PeerSettings
 from pcrt.runtime.models.registry import Registry
-from pcrt.runtime.paths import Paths
 from pcrt.runtime.server.settings import ServerSettings
-from tests.conftest import shared_models_dir
+from tests.homes import isolated_paths
 from tests.live_server import LiveServer
+
+# both daemons load the default model (conftest marks the tests "model")
+pytestmark = pytest.mark.usefixtures("default_model_path")
 
 LOOPBACK = ["127.0.0.1"]  # mDNS never leaves this machine's loopback in tests
 ROUTED = "/lib/test/routed"
@@ -190,12 +193,7 @@ def _run(edge: LiveServer, dag: dict[str, Any], agent: str = "anonymous") -> dic
 
 
 def _daemon(tmp_path: Path, name: str, key: str) -> LiveServer:
-    home = tmp_path / name
-    home.mkdir(parents=True)
-    user_file = home / "models.toml"
-    user_file.write_text("", encoding="utf-8")
-    paths = Paths(home=home, models_dir=shared_models_dir(), user_models_file=user_file)
-    paths.ensure()
+    paths = isolated_paths(tmp_path / name)
     peers = PeerSettings(
         lan=True, interfaces=LOOPBACK, name=name, cluster_key=key, health_interval=0.5
     )

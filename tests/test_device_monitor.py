@@ -1,13 +1,17 @@
-"""The daemon's live device profile: collected once, refreshed on a timer, stopped cleanly."""
+"""The daemon's live device profile: collected once, refreshed on a timer, stopped cleanly,
+and served to peers while the daemon runs."""
 
 from __future__ import annotations
 
 import asyncio
 
+import httpx
 import pytest
 
 from pcrt.device.monitor import DeviceMonitor
 from pcrt.device.profile import read_build_info
+from pcrt.runtime.server.settings import ServerSettings
+from tests.live_server import ServerFactory
 from tests.test_device_profile import FakeNvml, FakeNVMLError, GiB, two_gpus
 
 
@@ -55,3 +59,12 @@ async def test_monitor_without_nvml_and_as_context_manager() -> None:
 def test_monitor_rejects_a_bad_interval() -> None:
     with pytest.raises(ValueError, match="positive"):
         DeviceMonitor(interval=0)
+
+
+def test_device_profile_for_peers(live_server: ServerFactory) -> None:
+    server = live_server(ServerSettings())
+    with httpx.Client(base_url=server.url, timeout=60) as h:
+        profile = h.get("/v1/pcrt/device").json()
+    assert profile["fingerprint"] and profile["cpu_only"] is True  # no GPU on this machine
+    assert profile["cpu_only_reason"]
+    assert server.services.monitor.running  # live fields keep refreshing while serving

@@ -89,10 +89,9 @@ MigrationSetup = tuple[Coordinator, _FakeForwarder, RunStore, BlobStore]
 
 
 @pytest.fixture
-async def migration_setup(tmp_path: Path) -> AsyncIterator[MigrationSetup]:
+async def migration_setup(store: Store, tmp_path: Path) -> AsyncIterator[MigrationSetup]:
     """A run with one finished node's state, and a coordinator whose only peer is "p",
     reached through a fake forwarder."""
-    store = Store(tmp_path / "pcrt.db")
     runs, blobs = RunStore(store), BlobStore(store, tmp_path / "blobs")
     runs.create_run("r", "/dynamic/t", {"dag": "/dynamic/t"}, {}, [("a", "/dynamic/t/a", "llm")])
     state = KVState(HERE_KEY, [1, 2, 3], 4, b"kv" * 32, model="smollm").to_bytes()
@@ -119,7 +118,6 @@ async def migration_setup(tmp_path: Path) -> AsyncIterator[MigrationSetup]:
         yield coordinator, forwarder, runs, blobs
     finally:
         await coordinator.close()
-        store.close()
 
 
 def _lost(**kw: Any) -> PeerUnavailable:

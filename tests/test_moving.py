@@ -4,8 +4,6 @@ and whoever waits on the run is told where it went."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -20,17 +18,14 @@ from pcrt.runtime.server import moving
 
 
 @pytest.fixture
-def runs(tmp_path: Path) -> Iterator[RunStore]:
-    with Store(tmp_path / "pcrt.db") as store:
-        runs = RunStore(store)
-        runs.create_run(
-            "r", "/dynamic/t", {"dag": "/dynamic/t"}, {}, [("a", "/dynamic/t/a", "llm")]
-        )
-        yield runs
+def runs(store: Store) -> RunStore:
+    runs = RunStore(store)
+    runs.create_run("r", "/dynamic/t", {"dag": "/dynamic/t"}, {}, [("a", "/dynamic/t/a", "llm")])
+    return runs
 
 
 def _services(runs: RunStore) -> Any:
-    # move_run reads the run store and the DAG tasks; the sending itself is patched
+    # move_run reads the run store and the DAG tasks; the sending is a fake (below)
     return SimpleNamespace(dags=DagTasks(SimpleNamespace(runs=runs)), coordinator=None, blobs=None)
 
 
@@ -44,15 +39,14 @@ def _slow_migration(seconds: float, fails: bool = False) -> Any:
     return migrate_run
 
 
-async def test_a_move_cut_short_by_shutdown_is_finished_first(
-    runs: RunStore, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_a_move_cut_short_by_shutdown_is_finished_first(runs: RunStore) -> None:
     """Cancelled mid-send, the move completes and is recorded before the cancellation goes
     on: the peer has the run, so here it must say "migrated", not "interrupted" (which a
     restart would resume: the run would run twice)."""
-    monkeypatch.setattr(moving, "migrate_run", _slow_migration(0.3))
     services = _services(runs)
-    move = asyncio.ensure_future(moving.move_run(services, "r", "p", with_states=True))
+    move = asyncio.ensure_future(
+        moving.move_run(services, "r", "p", with_states=True, migrate=_slow_migration(0.3))
+    )
     await asyncio.sleep(0.1)
     assert runs.get_run("r").status == "migrating" and "r" in services.dags.moves
     move.cancel()
@@ -64,15 +58,17 @@ async def test_a_move_cut_short_by_shutdown_is_finished_first(
 
 
 async def test_a_failed_move_leaves_the_run_resumable_and_wakes_its_waiters(
-    runs: RunStore, monkeypatch: pytest.MonkeyPatch
+    runs: RunStore,
 ) -> None:
-    monkeypatch.setattr(moving, "migrate_run", _slow_migration(0.2, fails=True))
+    failing = _slow_migration(0.2, fails=True)
     services = _services(runs)
-    move = asyncio.ensure_future(moving.move_run(services, "r", "p", with_states=True))
+    move = asyncio.ensure_future(
+        moving.move_run(services, "r", "p", with_states=True, migrate=failing)
+    )
     await asyncio.sleep(0.05)
     waiter = asyncio.ensure_future(services.dags.outcome("r"))  # as a wait=true client
     with pytest.raises(InvalidRequest, match="moving already"):
-        await moving.move_run(services, "r", "q", with_states=True)
+        await moving.move_run(services, "r", "q", with_states=True, migrate=failing)
     with pytest.raises(PeerUnavailable):
         await move
     record = await asyncio.wait_for(waiter, 5)

@@ -1,6 +1,7 @@
 """Work whose peer fails falls back, and says so (issue 6): an HTTP request whose peer
-dies between health checks, recorded in its headers, usage row and metrics; and a DAG
-node on a peer that hangs (no reset, no answer), handed back within seconds rather
+dies between health checks, recorded in its headers, usage row and metrics (the peer it
+falls back to is a pcrt daemon on a fake engine: the forwarding is the subject); and a
+DAG node on a peer that hangs (no reset, no answer), handed back within seconds rather
 than at its read timeout."""
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ from pcrt.cache.store import Store
 from pcrt.cache.usage import UsageLog
 from pcrt.routing.settings import PeerSettings, StaticPeer
 from pcrt.runtime.server.settings import ServerSettings
-from tests.conftest import shared_models_dir
+from tests.fakes import FakeEngines
+from tests.homes import shared_models_dir
 from tests.httpserver import LocalServer
-from tests.live_server import LiveServer
+from tests.live_server import LiveServer, ServerFactory
 from tests.test_peers import (
     _announce,
     _daemon,
@@ -43,11 +45,13 @@ def q8_model(default_model_path: Path) -> Path:
 
 
 def test_a_peer_that_dies_between_checks_hands_the_request_to_the_next(
-    tmp_path: Path, q8_model: Path
+    tmp_path: Path, live_server: ServerFactory
 ) -> None:
     listing = {"object": "list", "data": [{"id": MODEL, "object": "model"}]}
     registry = _registry(tmp_path / "edge")
-    with LlamaCppServer(q8_model, MODEL) as cloud, LocalServer() as dying:
+    served = f'[models.{MODEL}]\nsource = "{tmp_path / MODEL}.gguf"\ncontext = 512\n'
+    cloud = live_server(ServerSettings(), models=served, opener=FakeEngines())
+    with LocalServer() as dying:
         dying.add_file("/v1/models", json.dumps(listing).encode(), content_type="application/json")
         # the stronger "a-dead" is tried first for complex work; one health check at
         # start, then none for a minute: its death goes unnoticed until it is used

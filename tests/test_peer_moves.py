@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from click.testing import CliRunner
 
 from pcrt.cache.runs import RunStore
@@ -31,6 +32,9 @@ from tests.test_peers import (
     _unique,
     _wait_for,
 )
+
+# every daemon here, in this process or a `pcrt serve`, loads the default model
+pytestmark = pytest.mark.usefixtures("default_model_path")
 
 
 def _start_move_dag(server_url: str, dag: dict[str, Any] = MOVE_DAG) -> str:

@@ -30,11 +30,12 @@ from pcrt.routing.auth import CLUSTER_HEADER, request_header
 from pcrt.routing.policy import Work
 from pcrt.routing.settings import PeerSettings, StaticPeer
 from pcrt.runtime.dag import parse_dag
+from pcrt.runtime.models.loader import open_engine
 from pcrt.runtime.models.registry import Registry
-from pcrt.runtime.paths import Paths
 from pcrt.runtime.server.battery_watch import BatteryReader
+from pcrt.runtime.server.pool import EngineOpener
 from pcrt.runtime.server.settings import ServerSettings
-from tests.conftest import shared_models_dir
+from tests.homes import isolated_paths, shared_models_dir
 from tests.live_server import LiveServer
 from tests.upstream import LlamaCppServer, second_model
 
@@ -42,12 +43,7 @@ LOOPBACK = ["127.0.0.1"]  # mDNS never leaves this machine's loopback in tests
 
 
 def _registry(home: Path, extra_models: str = "") -> Registry:
-    home.mkdir(parents=True, exist_ok=True)
-    user_file = home / "models.toml"
-    user_file.write_text(extra_models, encoding="utf-8")
-    paths = Paths(home=home, models_dir=shared_models_dir(), user_models_file=user_file)
-    paths.ensure()
-    return Registry.load(paths)
+    return Registry.load(isolated_paths(home, extra_models))
 
 
 def _daemon(
@@ -57,14 +53,18 @@ def _daemon(
     *,
     extra_models: str = "",
     battery: BatteryReader | None = None,
+    opener: EngineOpener = open_engine,
     **peers: Any,
 ) -> LiveServer:
+    """A LAN daemon (mDNS on loopback) with a home of its own; not started (``with``).
+    ``opener``: ``tests.fakes.FakeEngines`` where the model is not what a test tests."""
     settings = ServerSettings(
         peers=PeerSettings(
             lan=True, interfaces=LOOPBACK, name=name, cluster_key=key, health_interval=0.5, **peers
         )
     )
-    return LiveServer(settings, registry=_registry(tmp_path / name, extra_models), battery=battery)
+    registry = _registry(tmp_path / name, extra_models)
+    return LiveServer(settings, registry=registry, battery=battery, opener=opener)
 
 
 def _peers(server: LiveServer) -> dict[str, dict[str, Any]]:
@@ -558,6 +558,7 @@ MOVE_DAG: dict[str, Any] = {
 }
 
 
+@pytest.mark.usefixtures("default_model_path")
 def test_migration_mid_run_resumes_on_the_peer_with_its_states(tmp_path: Path) -> None:
     key = uuid.uuid4().hex
     here_name, there_name = _unique("here"), _unique("there")
@@ -700,6 +701,7 @@ def run_intro(server: LiveServer, run_id: str) -> Any:
     return httpx.get(f"{server.url}/v1/dags/{run_id}", timeout=10).json()["outputs"]["intro"]
 
 
+@pytest.mark.usefixtures("default_model_path")
 def test_a_draining_daemon_moves_its_runs_to_a_peer(tmp_path: Path) -> None:
     key = uuid.uuid4().hex
     here_name, there_name = _unique("leaving"), _unique("staying")
@@ -720,13 +722,7 @@ def test_a_draining_daemon_moves_its_runs_to_a_peer(tmp_path: Path) -> None:
                 "the run started",
             )
         # here has stopped (SIGTERM-like shutdown): the run went on to there
-        with Store(
-            Paths(
-                home=tmp_path / here_name,
-                models_dir=shared_models_dir(),
-                user_models_file=tmp_path / "none",
-            ).db_path
-        ) as store:
+        with Store(here.services.pool.registry.paths.db_path) as store:
             record = RunStore(store).get_run(run_id)
         assert record.status == "migrated" and record.migrated_to is not None
         assert record.migrated_to.startswith(there_name)
@@ -734,6 +730,7 @@ def test_a_draining_daemon_moves_its_runs_to_a_peer(tmp_path: Path) -> None:
         _run_succeeds_on(there, run_id)
 
 
+@pytest.mark.usefixtures("default_model_path")
 def test_a_low_battery_moves_the_running_run_to_a_peer_that_keys_states_differently(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -900,6 +897,7 @@ def test_a_run_resumed_at_start_waits_for_its_peer(tmp_path: Path, q8_model: Pat
         assert plan["ran_on"] == strong_name and plan["model"] == "smollm2-q8"
 
 
+@pytest.mark.usefixtures("default_model_path")
 def test_a_subgraph_whose_caller_leaves_is_cancelled(tmp_path: Path) -> None:
     """A peer that stops waiting for a subgraph (it fell back elsewhere) leaves no orphan
     generating here."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sqlite3
-from pathlib import Path
 
 import pytest
 
@@ -24,8 +23,8 @@ NODES = [("a", "/dynamic/t/a", "llm"), ("b", "/dynamic/t/b", "fork")]
 
 
 @pytest.fixture
-def runs(tmp_path: Path) -> RunStore:
-    return RunStore(Store(tmp_path / "pcrt.db"))
+def runs(store: Store) -> RunStore:
+    return RunStore(store)
 
 
 def test_run_lifecycle(runs: RunStore) -> None:

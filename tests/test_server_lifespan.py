@@ -1,5 +1,6 @@
 """The daemon's lifespan: a start that fails midway closes what it had opened (no task of
-pcrt left running, the store closed), and a normal start and stop still work.
+pcrt left running, the store closed), a normal start and stop still work, and a draining
+daemon is unhealthy and refuses new requests.
 
 The lifespan runs in the test's own event loop (``app.router.lifespan_context``), so its
 tasks are visible; no model is loaded."""
@@ -19,8 +20,9 @@ from pcrt.runtime.paths import Paths
 from pcrt.runtime.server.app import create_app
 from pcrt.runtime.server.services import Services
 from pcrt.runtime.server.settings import ServerSettings
-from tests.live_server import free_port
+from tests.live_server import ServerFactory, free_port
 
+MODEL = "smollm2-135m"
 # TEST-NET-1 (RFC 5737): never an address of this machine, so mDNS cannot bind to it
 NOT_HERE = "192.0.2.1"
 
@@ -86,3 +88,15 @@ async def test_a_normal_start_serves_and_a_stop_closes_everything(pcrt_env: Path
     assert _new_tasks(before) == []
     assert _open_under(pcrt_env.home) == []
     assert not services.monitor.running
+
+
+def test_health_is_503_while_draining(live_server: ServerFactory) -> None:
+    settings = ServerSettings(parallel=1, context=512, n_threads=2)
+    live = live_server(settings)
+    live.services.state = "draining"
+    live.services.pool.start_draining()
+    assert httpx.get(live.url + "/health").status_code == 503
+    refused = httpx.post(
+        live.url + "/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 1}
+    )
+    assert refused.status_code == 503 and "Retry-After" in refused.headers

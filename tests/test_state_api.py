@@ -17,11 +17,8 @@ from pcrt.runtime.engine import Engine, GenerateRequest
 from pcrt.runtime.engine.sampling import SamplingParams
 from pcrt.runtime.engine.state import KVState
 from pcrt.runtime.errors import StateError
-from pcrt.runtime.models.registry import Registry
-from pcrt.runtime.paths import Paths
 from pcrt.runtime.server.settings import ServerSettings
-from tests.conftest import shared_models_dir
-from tests.live_server import LiveServer
+from tests.live_server import LiveServer, ServerFactory
 
 MODEL = "smollm2-135m"
 LIMIT = 1024 * 1024  # a few-token state of the default model is about 250 KB
@@ -29,17 +26,9 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=4)
 
 
 @pytest.fixture(scope="module")
-def server(
-    default_model_path: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[LiveServer]:
-    home = tmp_path_factory.mktemp("state-server-home")
-    paths = Paths(home=home, models_dir=shared_models_dir(), user_models_file=home / "none.toml")
-    # port 0: a free port (the default, 11435, may be a real daemon's)
-    settings = ServerSettings(
-        port=0, parallel=2, context=512, n_threads=1, state_upload_max_bytes=LIMIT
-    )
-    with LiveServer(settings, registry=Registry.load(paths)) as live:
-        yield live
+def server(default_model_path: Path, module_live_server: ServerFactory) -> LiveServer:
+    settings = ServerSettings(parallel=2, context=512, n_threads=1, state_upload_max_bytes=LIMIT)
+    return module_live_server(settings)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,8 @@ in OpenAI's shape (``http_errors.py``)."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 
 from fastapi import Depends, FastAPI
 
@@ -29,15 +30,18 @@ def create_app(
     registry: Registry | None = None,
     opener: EngineOpener = open_engine,
     battery: BatteryReader | None = None,
+    clock: Callable[[], float] = time.monotonic,
 ) -> FastAPI:
-    """``battery``: where ``migrate_on_battery`` reads the battery (default: the device
-    monitor's latest reading); tests pass a synthetic one."""
+    """``opener``: what loads a model (tests pass a fake engine's); ``battery``: where
+    ``migrate_on_battery`` reads the battery (default: the device monitor's latest
+    reading), tests pass a synthetic one; ``clock``: the monotonic clock the rate limits
+    refill by, tests pass one they move by hand."""
     settings.check_exposure()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with running_services(
-            settings, registry=registry, opener=opener, battery=battery
+            settings, registry=registry, opener=opener, battery=battery, clock=clock
         ) as services:
             app.state.services = services
             app.state.serving = Serving.of(services)

@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from typing import Any
@@ -61,10 +62,12 @@ async def running_services(
     registry: Registry | None = None,
     opener: EngineOpener = open_engine,
     battery: BatteryReader | None = None,
+    clock: Callable[[], float] = time.monotonic,
 ) -> AsyncIterator[Services]:
     """The daemon's services, serving until the block ends; then closed (also when the
     start fails). ``registry`` None: loaded from the environment now. ``battery``: where
-    ``migrate_on_battery`` reads the battery (default: the device monitor's reading)."""
+    ``migrate_on_battery`` reads the battery (default: the device monitor's reading).
+    ``clock``: what the rate limits refill by."""
     async with AsyncExitStack() as stack:
         reg = registry or Registry.load()
         store = Store(reg.paths.db_path)
@@ -82,7 +85,7 @@ async def running_services(
 
         blobs = BlobStore(store, reg.paths.home / "blobs", max_bytes=settings.blob_max_bytes)
         runs = RunStore(store)
-        limiter, metrics = RateLimiter(settings.limits), Metrics(_live_gauges(pool))
+        limiter, metrics = RateLimiter(settings.limits, clock), Metrics(_live_gauges(pool))
         node_id, node_name = load_node_id(reg.paths.home), _node_name(settings)
         node: NodeInfo  # the coordinator asks it for the local view once started, not here
         coordinator = Coordinator(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 
 from pcrt.cache.runs import RunStore
 from pcrt.cache.status import RESUMABLE_RUN_STATES, RunStatus
@@ -20,15 +21,26 @@ from pcrt.routing.policy import Work
 from pcrt.runtime.errors import InvalidRequest, PcrtError
 from pcrt.runtime.server.services import DaemonState, Services
 
-__all__ = ["Drain", "move_run", "move_running_runs"]
+__all__ = ["Drain", "MigrateRun", "move_run", "move_running_runs"]
 
 log = logging.getLogger(__name__)
 
+MigrateRun = Callable[..., Awaitable[Migration]]
+"""What sends a stopped run to a peer: ``routing.migrate.migrate_run``'s signature."""
 
-async def move_run(services: Services, run_id: str, peer: str, *, with_states: bool) -> Migration:
+
+async def move_run(
+    services: Services,
+    run_id: str,
+    peer: str,
+    *,
+    with_states: bool,
+    migrate: MigrateRun = migrate_run,
+) -> Migration:
     """Stop the run, hold it as ``migrating``, move it to ``peer``; on failure it is
     ``interrupted`` here again. A move under way finishes even when its caller is
-    cancelled. Runs a peer waits on (partial runs) never move."""
+    cancelled. Runs a peer waits on (partial runs) never move. ``migrate``: what does
+    the sending (tests pass a fake peer's)."""
     dags = services.dags
     runs = dags.runner.runs
     if runs.get_run(run_id).for_peer is not None:
@@ -44,7 +56,7 @@ async def move_run(services: Services, run_id: str, peer: str, *, with_states: b
             raise InvalidRequest(f"run {run_id} is {status}; only unfinished runs move")
         runs.set_status(run_id, RunStatus.MIGRATING, error=f"moving to peer {peer}")
         sending = asyncio.ensure_future(
-            migrate_run(
+            migrate(
                 services.coordinator, runs, services.blobs, run_id, peer, with_states=with_states
             )
         )

@@ -1,11 +1,9 @@
-"""DAG budgets at run time, on the real default model: ``max_nodes`` with subgraph calls
-at exactly the validated bound, and what a budget stop keeps (finished outputs, the cut
-node's checkpoints)."""
+"""DAG budgets at run time, on the real default model: ``max_tokens``, ``timeout_sec`` and
+``max_nodes`` (with subgraph calls at exactly the validated bound), and what a budget stop
+keeps (finished outputs, the cut node's checkpoints)."""
 
 from __future__ import annotations
 
-import errno
-import os
 from typing import Any
 
 import pytest
@@ -13,6 +11,7 @@ import pytest
 from pcrt.runtime.dag import parse_dag
 from pcrt.runtime.dag.runner import DagRunner
 from pcrt.runtime.errors import DagInvalid
+from tests.test_dag_run import conversation_dag, long_dag
 from tests.test_dag_subgraph import DESCRIBE, call, caller, inline
 
 
@@ -41,43 +40,13 @@ async def test_max_nodes_at_the_validated_bound_never_stops_a_run_with_calls(
     assert second.nodes_executed == 2
 
 
-def _long_dag(budget: dict[str, Any], *, then: bool = True, story_tokens: int = 200) -> Any:
-    nodes: dict[str, Any] = {
-        "intro": {
-            "type": "llm",
-            "prompt": "Describe a lighthouse in one sentence.",
-            "temperature": 0,
-            "max_tokens": 8,
-            "cache": False,
-        },
-        "story": {
-            "type": "llm",
-            "context": "intro",
-            "prompt": "Now count from 1 to 200, one number per line.",
-            "temperature": 0,
-            "max_tokens": story_tokens,
-            "checkpoint_every": 4,
-            "cache": False,
-        },
-    }
-    if then:
-        nodes["after"] = {
-            "type": "llm",
-            "prompt": "Sum up: {{ nodes.story.output }}",
-            "temperature": 0,
-            "max_tokens": 4,
-            "cache": False,
-        }
-    return parse_dag({"dag": "/dynamic/long", "nodes": nodes, "budget": budget})
-
-
 async def test_a_max_tokens_stop_keeps_outputs_and_the_cut_nodes_checkpoints(
     runner: DagRunner,
 ) -> None:
     """The budget runs out inside ``story``: it is cut at what was left, its checkpoints
     (every 4 tokens) stay on its record with their blobs, ``intro``'s output stays, and
     ``after`` never starts."""
-    run = runner.create(_long_dag({"max_tokens": 40}), {})
+    run = runner.create(long_dag({"max_tokens": 40}), {})
     final = await runner.execute(run.id)
     assert final.status == "budget_exceeded" and "max_tokens" in (final.error or ""), final
     assert final.tokens_used == 40
@@ -99,9 +68,9 @@ async def test_a_max_tokens_stop_keeps_outputs_and_the_cut_nodes_checkpoints(
 async def test_a_timeout_stop_keeps_the_in_flight_nodes_checkpoint(runner: DagRunner) -> None:
     """timeout_sec ends the run while ``story`` generates: the run says budget_exceeded,
     ``intro``'s output stays, and ``story``'s latest checkpoint stays on its record."""
-    warm = runner.create(_long_dag({}, then=False, story_tokens=4), {})
+    warm = runner.create(long_dag({}, then=False, story_tokens=4), {})
     assert (await runner.execute(warm.id)).status == "succeeded"  # the model is loaded
-    run = runner.create(_long_dag({"timeout_sec": 3}, then=False, story_tokens=2000), {})
+    run = runner.create(long_dag({"timeout_sec": 3}, then=False, story_tokens=2000), {})
     final = await runner.execute(run.id)
     assert final.status == "budget_exceeded" and "timeout_sec" in (final.error or ""), final
     nodes = {n.node_id: n for n in runner.runs.nodes(run.id)}
@@ -115,7 +84,7 @@ async def test_a_timeout_stop_keeps_the_in_flight_nodes_checkpoint(runner: DagRu
 async def test_a_last_node_cut_by_max_tokens_is_a_budget_stop(runner: DagRunner) -> None:
     """The same cut in the run's last node: the output is short of what the node asked
     for because of the budget, so the run must not say it succeeded."""
-    run = runner.create(_long_dag({"max_tokens": 40}, then=False), {})
+    run = runner.create(long_dag({"max_tokens": 40}, then=False), {})
     final = await runner.execute(run.id)
     story = runner.runs.node(run.id, "story")
     assert final.tokens_used == 40 and story.completion_tokens == 40 - (
@@ -151,20 +120,17 @@ async def test_a_fork_cut_by_max_tokens_shares_the_budget_and_stops_the_run(
     assert ideas.status == "succeeded" and len(ideas.output) == 3  # the cut outputs stay
 
 
-async def test_a_disk_that_refuses_states_costs_the_run_nothing_but_its_states(
-    runner: DagRunner, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """States are insurance: when the disk refuses them (full; the write fails as the OS
-    fails it), every node still finishes, with no state or checkpoint on its record, and
-    ``story`` continues ``intro``'s conversation by recomputing it."""
-
-    def full(data: bytes, **kw: Any) -> str:
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    monkeypatch.setattr(runner.blobs, "put", full)
-    run = runner.create(_long_dag({}, story_tokens=12), {})
+async def test_budgets_stop_the_run_and_keep_outputs(runner: DagRunner) -> None:
+    doc = conversation_dag(cache=False)
+    doc["budget"] = {"max_tokens": 10}  # the first answer alone needs more
+    run = runner.create(parse_dag({**doc, "nodes": {**doc["nodes"]}}), {})
     final = await runner.execute(run.id)
-    assert final.status == "succeeded", final.error
-    nodes = runner.runs.nodes(run.id)
-    assert all(n.status == "succeeded" and n.output for n in nodes)
-    assert all(n.state_sha256 is None and n.checkpoint_sha256 is None for n in nodes)
+    assert final.status == "budget_exceeded" and "max_tokens" in (final.error or "")
+    assert runner.runs.node(run.id, "first").status == "succeeded"  # kept
+    timed = dict(conversation_dag(cache=False), budget={"timeout_sec": 0.05})
+    timed["nodes"]["first"] = {**timed["nodes"]["first"], "max_tokens": 500, "cache": False}
+    final = await runner.execute(runner.create(parse_dag(timed), {}).id)
+    assert final.status == "budget_exceeded" and "timeout" in (final.error or "")
+    nodes = dict(conversation_dag(), budget={"max_nodes": 1})
+    with pytest.raises(DagInvalid, match="max_nodes"):
+        runner.create(parse_dag(nodes), {})

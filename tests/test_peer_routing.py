@@ -1,5 +1,8 @@
-"""More of issue 6 end to end on loopback: ``X-PC-Route`` between two pcrt daemons, and a
-pcrt daemon as a static OpenAI-compatible peer for DAG nodes (JSON schema, usage chunk)."""
+"""Work routed to peers, end to end on loopback: the ``X-PC-Route`` header between two
+pcrt daemons (the answer, its ``X-PC-Ran-On``, both daemons' usage rows, streamed or not;
+on fake engines, since the routing and its accounting are the subject), and DAG nodes
+routed by tag and by model to a pcrt daemon configured as a static OpenAI-compatible peer
+(on the real model: JSON schema output, token counts from the stream's usage chunk)."""
 
 from __future__ import annotations
 
@@ -13,8 +16,9 @@ import jsonschema
 
 from pcrt.routing.settings import PeerSettings, StaticPeer
 from pcrt.runtime.server.settings import ServerSettings
-from tests.live_server import LiveServer
-from tests.test_peers import _daemon, _events, _in_rotation, _registry, _unique, _wait_for
+from tests.fakes import FakeEngines
+from tests.live_server import LiveServer, ServerFactory
+from tests.test_peers import _daemon, _events, _in_rotation, _unique, _wait_for
 
 MODEL = "smollm2-135m"
 CHAT = "/v1/chat/completions"
@@ -43,7 +47,10 @@ def test_route_peer_runs_the_request_on_the_pcrt_peer_and_local_keeps_it(
         "max_tokens": 8,
         "temperature": 0,
     }
-    with _daemon(tmp_path, a_name, key) as a, _daemon(tmp_path, b_name, key) as b:
+    with (
+        _daemon(tmp_path, a_name, key, opener=FakeEngines()) as a,
+        _daemon(tmp_path, b_name, key, opener=FakeEngines()) as b,
+    ):
         _wait_for(lambda: _in_rotation(a, b_name), 10, "a trusts b")
 
         # not streamed: b answers, a's row says so with b's counts
@@ -134,78 +141,77 @@ KANA = {
 
 
 def test_dag_nodes_on_a_static_openai_peer_use_json_schema_and_its_usage_chunk(
-    tmp_path: Path, default_model_path: Path
+    default_model_path: Path, live_server: ServerFactory
 ) -> None:
     """A pcrt daemon configured as a static peer of kind "openai": it takes the node with
     tag "complex" (its tags) and the node naming a model only it lists. The schema node's
     output validates, and its token count is the one the peer logged, read from the
     stream's usage chunk: more than the text pieces it streamed."""
     big = f'[models.smol-big]\nsource = "{default_model_path}"\ncontext = 1024\n'
-    strong_settings = ServerSettings(parallel=2, context=1024)
-    with LiveServer(strong_settings, registry=_registry(tmp_path / "strong", big)) as strong:
-        peer = StaticPeer(
-            name="strong", url=strong.url, kind="openai", models=("smol-big",), tags=("complex",)
-        )
-        settings = ServerSettings(peers=PeerSettings(static=(peer,), health_interval=0.5))
-        with LiveServer(settings, registry=_registry(tmp_path / "edge")) as edge:
-            _wait_for(lambda: _in_rotation(edge, "strong"), 10, "the static peer is up")
-            dag = {
-                "dag": "/dynamic/kana",
-                "nodes": {
-                    "kana": {
-                        "type": "llm",
-                        "tag": "complex",
-                        "prompt": KANA_PROMPT,
-                        "temperature": 0,
-                        "max_tokens": 48,
-                        "output_schema": KANA,
-                    },
-                    "named": {
-                        "type": "llm",
-                        "model": "smol-big",
-                        "temperature": 0,
-                        "max_tokens": 8,
-                        "prompt": "Say {{ nodes.kana.output.english }}.",
-                    },
-                },
-            }
-            pieces = {"kana": 0, "named": 0}
-            body = {"dag": dag, "stream": True}
-            agent = _unique("kana-agent")
-            with httpx.stream(
-                "POST",
-                edge.url + "/v1/dags",
-                json=body,
-                timeout=120,
-                headers={"X-PC-Agent-ID": agent},
-            ) as response:
-                run_id = response.headers["x-pcrt-run"]
-                for kind, data in _events(response.iter_lines()):
-                    if kind == "token":
-                        pieces[data["node"]] += 1
-            run = httpx.get(f"{edge.url}/v1/dags/{run_id}", timeout=10).json()
-            assert run["status"] == "succeeded", run["error"]
-            nodes = {n["node_id"]: n for n in run["nodes"]}
-            jsonschema.validate(run["outputs"]["kana"], KANA)
-            for node_id in ("kana", "named"):
-                assert nodes[node_id]["ran_on"] == "strong", node_id
-                assert nodes[node_id]["model"] == "smol-big"
-                assert "strong" in nodes[node_id]["routing"]["reason"]
-            # one request per node on the peer, in order (named waits for kana)
-            rows = strong.services.usage.rows()
-            assert [(r["route"], r["model"], r["status"]) for r in rows] == [
-                (CHAT, "smol-big", 200),
-                (CHAT, "smol-big", 200),
-            ]
-            billed = edge.services.usage.rows(agent=agent)  # the edge bills the same agent
-            for row, here, node_id in zip(rows, billed, ("kana", "named"), strict=True):
-                assert nodes[node_id]["completion_tokens"] == row["completion_tokens"] > 0
-                assert nodes[node_id]["prompt_tokens"] == row["prompt_tokens"] > 0
-                assert row["agent"] == agent  # sent as OpenAI's "user"
-                assert (here["request_id"], here["ran_on"]) == (f"{run_id}/{node_id}", "strong")
-                assert here["completion_tokens"] == row["completion_tokens"]
-            assert pieces["kana"] < nodes["kana"]["completion_tokens"]  # not chunks counted
-            # the peer took OpenAI's form of the schema at once, and it is remembered
-            remote = vars(edge.services.dags.runner.remote)
-            assert remote["_schema_form"] == {"strong": "json_schema"}
-            assert _loaded(edge.url) == []  # nothing ran on the edge
+    strong = live_server(ServerSettings(parallel=2, context=1024), models=big)
+    peer = StaticPeer(
+        name="strong", url=strong.url, kind="openai", models=("smol-big",), tags=("complex",)
+    )
+    settings = ServerSettings(peers=PeerSettings(static=(peer,), health_interval=0.5))
+    edge = live_server(settings)
+    _wait_for(lambda: _in_rotation(edge, "strong"), 10, "the static peer is up")
+    dag = {
+        "dag": "/dynamic/kana",
+        "nodes": {
+            "kana": {
+                "type": "llm",
+                "tag": "complex",
+                "prompt": KANA_PROMPT,
+                "temperature": 0,
+                "max_tokens": 48,
+                "output_schema": KANA,
+            },
+            "named": {
+                "type": "llm",
+                "model": "smol-big",
+                "temperature": 0,
+                "max_tokens": 8,
+                "prompt": "Say {{ nodes.kana.output.english }}.",
+            },
+        },
+    }
+    pieces = {"kana": 0, "named": 0}
+    body = {"dag": dag, "stream": True}
+    agent = _unique("kana-agent")
+    with httpx.stream(
+        "POST",
+        edge.url + "/v1/dags",
+        json=body,
+        timeout=120,
+        headers={"X-PC-Agent-ID": agent},
+    ) as response:
+        run_id = response.headers["x-pcrt-run"]
+        for kind, data in _events(response.iter_lines()):
+            if kind == "token":
+                pieces[data["node"]] += 1
+    run = httpx.get(f"{edge.url}/v1/dags/{run_id}", timeout=10).json()
+    assert run["status"] == "succeeded", run["error"]
+    nodes = {n["node_id"]: n for n in run["nodes"]}
+    jsonschema.validate(run["outputs"]["kana"], KANA)
+    for node_id in ("kana", "named"):
+        assert nodes[node_id]["ran_on"] == "strong", node_id
+        assert nodes[node_id]["model"] == "smol-big"
+        assert "strong" in nodes[node_id]["routing"]["reason"]
+    # one request per node on the peer, in order (named waits for kana)
+    rows = strong.services.usage.rows()
+    assert [(r["route"], r["model"], r["status"]) for r in rows] == [
+        (CHAT, "smol-big", 200),
+        (CHAT, "smol-big", 200),
+    ]
+    billed = edge.services.usage.rows(agent=agent)  # the edge bills the same agent
+    for row, here, node_id in zip(rows, billed, ("kana", "named"), strict=True):
+        assert nodes[node_id]["completion_tokens"] == row["completion_tokens"] > 0
+        assert nodes[node_id]["prompt_tokens"] == row["prompt_tokens"] > 0
+        assert row["agent"] == agent  # sent as OpenAI's "user"
+        assert (here["request_id"], here["ran_on"]) == (f"{run_id}/{node_id}", "strong")
+        assert here["completion_tokens"] == row["completion_tokens"]
+    assert pieces["kana"] < nodes["kana"]["completion_tokens"]  # not chunks counted
+    # the peer took OpenAI's form of the schema at once, and it is remembered
+    remote = vars(edge.services.dags.runner.remote)
+    assert remote["_schema_form"] == {"strong": "json_schema"}
+    assert _loaded(edge.url) == []  # nothing ran on the edge
