@@ -31,13 +31,13 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from pcrt.device.offload import OffloadPlan
 from pcrt.runtime.engine import (
     Choice,
     Completion,
-    Engine,
+    EngineClient,
     EngineConfig,
     FinishEvent,
     FinishReason,
@@ -344,7 +344,7 @@ class FakeEngines(Script):
         context: int | None = None,
         n_threads: int | None = None,
         **_: Any,
-    ) -> Engine:
+    ) -> EngineClient:
         entry = registry.resolve(name)
         config = EngineConfig(
             parallel=parallel, context=context or entry.context, n_threads=n_threads or 1
@@ -352,8 +352,7 @@ class FakeEngines(Script):
         sha256 = entry.sha256 or hashlib.sha256(entry.name.encode()).hexdigest()
         engine = FakeEngine(entry.name, config, script=self, model_sha256=sha256)
         self.opened.append(engine)
-        # the pool holds an Engine; a FakeEngine offers what the pool uses of one
-        return cast(Engine, engine)
+        return engine
 
 
 def _send(handle: RequestHandle, items: list[Outgoing]) -> None:

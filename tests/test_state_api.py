@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from pcrt.runtime.engine import Engine, GenerateRequest
+from pcrt.runtime.engine import EngineClient, GenerateRequest
 from pcrt.runtime.engine.sampling import SamplingParams
 from pcrt.runtime.engine.state import KVState
 from pcrt.runtime.errors import StateError
@@ -32,7 +32,7 @@ def server(default_model_path: Path, module_live_server: ServerFactory) -> LiveS
 
 
 @pytest.fixture(scope="module")
-def engine(server: LiveServer) -> Engine:
+def engine(server: LiveServer) -> EngineClient:
     """The daemon's own engine for the default model (loaded by a first request)."""
     reply = httpx.post(
         server.url + "/v1/completions",
@@ -46,7 +46,7 @@ def engine(server: LiveServer) -> Engine:
 
 
 @pytest.fixture(scope="module")
-def state(engine: Engine) -> KVState:
+def state(engine: EngineClient) -> KVState:
     result = asyncio.run(
         engine.generate(
             GenerateRequest(prompt="The capital of France is", sampling=GREEDY, export_state=True)
@@ -71,7 +71,7 @@ def error_of(reply: httpx.Response, status: int, code: str) -> dict[str, Any]:
 
 
 def test_upload_list_download_and_resume(
-    http: httpx.Client, engine: Engine, state: KVState
+    http: httpx.Client, engine: EngineClient, state: KVState
 ) -> None:
     blob = state.to_bytes()
     assert len(blob) < LIMIT

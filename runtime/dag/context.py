@@ -29,7 +29,7 @@ from pcrt.runtime.dag.events import EventSink
 from pcrt.runtime.dag.library import Library
 from pcrt.runtime.dag.spec import DagSpec, SubgraphNode
 from pcrt.runtime.dag.templates import DagSandbox
-from pcrt.runtime.engine import Engine
+from pcrt.runtime.engine import EngineClient
 from pcrt.runtime.errors import BudgetExceeded, PeerError
 from pcrt.runtime.models.registry import Registry
 
@@ -48,7 +48,7 @@ DAG_ROUTE = "/v1/dags"  # the route usage rows of DAG generations are filed unde
 # in every cache key: another engine may generate otherwise
 ENGINE_VERSION = f"pcrt-0.1/llama-cpp-python-{llama_cpp.__version__}"
 
-EngineLease: TypeAlias = Callable[[str], AbstractAsyncContextManager[Engine]]
+EngineLease: TypeAlias = Callable[[str], AbstractAsyncContextManager[EngineClient]]
 """Given a model name, an async context manager holding its loaded engine."""
 
 

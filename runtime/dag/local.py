@@ -24,7 +24,7 @@ from pcrt.runtime.dag.events import DagEvent, DagEventKind
 from pcrt.runtime.dag.spec import ForkNode, LlmNode
 from pcrt.runtime.dag.states import checkpoint_to_resume, load_state, save_checkpoint, save_state
 from pcrt.runtime.dag.templates import render
-from pcrt.runtime.engine import CheckpointEvent, Engine, GenerateRequest, TokenEvent
+from pcrt.runtime.engine import CheckpointEvent, EngineClient, GenerateRequest, TokenEvent
 from pcrt.runtime.engine.chat import ChatMessage
 from pcrt.runtime.engine.sampling import SamplingParams
 from pcrt.runtime.engine.state import KVState
@@ -99,7 +99,7 @@ def _sampling(
 async def _generate_one(
     run: RunContext,
     node: LlmNode | ForkNode,
-    engine: Engine,
+    engine: EngineClient,
     record: NodeRecord,
     prompt: list[int],
     sampling: SamplingParams,
@@ -184,7 +184,7 @@ async def _generate_one(
 async def _fork(
     run: RunContext,
     node: LlmNode | ForkNode,
-    engine: Engine,
+    engine: EngineClient,
     prompt: list[int],
     sampling: SamplingParams,
     samples: int,
@@ -240,7 +240,7 @@ async def _fork(
 
 
 async def conversation(
-    run: RunContext, node: LlmNode | ForkNode, scope: dict[str, Any], engine: Engine | None
+    run: RunContext, node: LlmNode | ForkNode, scope: dict[str, Any], engine: EngineClient | None
 ) -> tuple[list[ChatMessage], KVState | None]:
     """The node's chat: its own turn, after its ``context`` parent's whole conversation,
     and the parent's saved KV for ``engine`` when it can use it. Without an engine (a
@@ -282,7 +282,7 @@ def parse_output(node: LlmNode | ForkNode, text: str) -> Any:
 
 
 def _cache_key(
-    node: LlmNode | ForkNode, prompt: list[int], sampling: SamplingParams, engine: Engine
+    node: LlmNode | ForkNode, prompt: list[int], sampling: SamplingParams, engine: EngineClient
 ) -> str | None:
     """The node cache key of a deterministic node, or None when it must not be cached."""
     deterministic = sampling.temperature == 0 or sampling.seed is not None

@@ -13,7 +13,7 @@ import logging
 from pcrt.cache.blobs import BlobCorrupt, BlobMissing, BlobStore
 from pcrt.cache.runs import NodeCheckpointed, NodeRecord, RunStore
 from pcrt.cache.status import NodeStatus
-from pcrt.runtime.engine import Engine
+from pcrt.runtime.engine import EngineClient
 from pcrt.runtime.engine.state import KVState
 from pcrt.runtime.errors import StateError
 from pcrt.runtime.threads import to_thread_to_completion
@@ -56,7 +56,7 @@ def save_checkpoint(
 
 
 async def checkpoint_to_resume(
-    blobs: BlobStore, record: NodeRecord, engine: Engine
+    blobs: BlobStore, record: NodeRecord, engine: EngineClient
 ) -> KVState | None:
     """The checkpoint a node stopped mid-generation continues from, if it has one that
     ``engine`` can use."""
@@ -68,7 +68,7 @@ async def checkpoint_to_resume(
 
 
 async def load_state(
-    blobs: BlobStore, sha: str | None, engine: Engine, what: str
+    blobs: BlobStore, sha: str | None, engine: EngineClient, what: str
 ) -> KVState | None:
     """A saved state, or None (with the reason logged) when it cannot be trusted."""
     if not sha:

@@ -38,7 +38,7 @@ from pcrt.routing.identity import announce_address, load_node_id
 from pcrt.routing.remote import RemoteRunner
 from pcrt.runtime.dag.runner import DagRunner
 from pcrt.runtime.dag.tasks import DagTasks
-from pcrt.runtime.engine import Engine
+from pcrt.runtime.engine import EngineClient
 from pcrt.runtime.models.loader import open_engine
 from pcrt.runtime.models.registry import Registry
 from pcrt.runtime.server.battery_watch import BatteryReader, watch_battery
@@ -183,7 +183,7 @@ def _node_name(settings: ServerSettings) -> str:
 
 
 def _with_live_profile(opener: EngineOpener, monitor: DeviceMonitor) -> EngineOpener:
-    def open_with_live_profile(*args: Any, **kwargs: Any) -> Engine:
+    def open_with_live_profile(*args: Any, **kwargs: Any) -> EngineClient:
         # plan offload from free memory now, not at start-up
         return opener(*args, profile=monitor.latest, **kwargs)
 
@@ -201,11 +201,11 @@ async def _resume_interrupted(services: Services) -> None:
         services.dags.start(run.id)
 
 
-def _engine_lease(pool: ModelPool) -> Callable[[str], AbstractAsyncContextManager[Engine]]:
+def _engine_lease(pool: ModelPool) -> Callable[[str], AbstractAsyncContextManager[EngineClient]]:
     """DAG nodes take their engine through the pool: loads, keep-alive and limits apply."""
 
     @contextlib.asynccontextmanager
-    async def lease(name: str) -> AsyncIterator[Engine]:
+    async def lease(name: str) -> AsyncIterator[EngineClient]:
         # a running DAG's next node is not refused while the daemon drains: the drain
         # moves the run or stops it as interrupted (resumable), never fails it
         async with pool.lease(name, while_draining=True) as model:

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pcrt.runtime.engine import Engine
+from pcrt.runtime.engine import EngineClient
 from pcrt.runtime.errors import Overloaded
 from pcrt.runtime.models.registry import ModelEntry, Registry
 from pcrt.runtime.server.settings import ServerSettings
@@ -26,13 +26,13 @@ __all__ = ["LoadedModel", "ModelPool"]
 
 log = logging.getLogger(__name__)
 
-EngineOpener = Callable[..., Engine]
+EngineOpener = Callable[..., EngineClient]
 
 
 @dataclass(eq=False)
 class LoadedModel:
     entry: ModelEntry
-    engine: Engine
+    engine: EngineClient
     keep_alive: float
     loaded_at: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.monotonic)
