@@ -13,11 +13,11 @@ migration that fails leaves the database as it was.
 from __future__ import annotations
 
 import datetime
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import sqlite_utils
 
-__all__ = ["MIGRATIONS", "MIGRATIONS_TABLE", "applied", "migrate", "migration"]
+__all__ = ["MIGRATIONS", "MIGRATIONS_TABLE", "Migration", "applied", "migrate", "migration"]
 
 MIGRATIONS_TABLE = "_pcrt_migrations"
 
@@ -41,17 +41,19 @@ def applied(db: sqlite_utils.Database) -> list[str]:
     return [row["name"] for row in db.query(f"select name from {MIGRATIONS_TABLE} order by rowid")]
 
 
-def migrate(db: sqlite_utils.Database) -> list[str]:
-    """Apply every migration not yet recorded; return the names of those it ran."""
+def migrate(db: sqlite_utils.Database, migrations: Sequence[Migration] | None = None) -> list[str]:
+    """Apply every migration not yet recorded; return the names of those it ran.
+    ``migrations``: the list to apply (default: pcrt's own, ``MIGRATIONS``)."""
+    migrations = MIGRATIONS if migrations is None else migrations
     recorded = set(applied(db))
-    if all(fn.__name__ in recorded for fn in MIGRATIONS):
+    if all(fn.__name__ in recorded for fn in migrations):
         return []  # the usual case: no write lock taken
     db.conn.execute("BEGIN IMMEDIATE")  # one migrator at a time; the others wait
     try:
         _ensure_migrations_table(db)
         done = set(applied(db))  # again, under the lock
         ran = []
-        for fn in MIGRATIONS:
+        for fn in migrations:
             if fn.__name__ in done:
                 continue
             fn(db)

@@ -10,13 +10,14 @@ from __future__ import annotations
 import datetime
 import sqlite3
 import threading
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from types import TracebackType
 
 import sqlite_utils
 
-from pcrt.cache.migrations import migrate
+from pcrt.cache.migrations import Migration, migrate
 
 __all__ = ["BenchRecord", "FileHash", "Store", "utc_now"]
 
@@ -60,9 +61,12 @@ class BenchRecord:
 
 
 class Store:
-    """The SQLite database at ``db_path`` (or ``":memory:"``), migrated on open."""
+    """The SQLite database at ``db_path`` (or ``":memory:"``), migrated on open (by
+    ``migrations``: pcrt's own unless a test brings its list)."""
 
-    def __init__(self, db_path: Path | str) -> None:
+    def __init__(
+        self, db_path: Path | str, *, migrations: Sequence[Migration] | None = None
+    ) -> None:
         if str(db_path) != ":memory:":
             Path(db_path).parent.mkdir(parents=True, exist_ok=True)
         self.path = str(db_path)
@@ -75,7 +79,7 @@ class Store:
         if str(db_path) != ":memory:":
             # readers do not block the writer: the daemon and a CLI command share the file
             self.db.enable_wal()
-        migrate(self.db)
+        migrate(self.db, migrations)
 
     def close(self) -> None:
         # under the lock: closing the connection while a worker thread runs a statement

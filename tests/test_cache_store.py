@@ -6,7 +6,6 @@ import os
 import threading
 from pathlib import Path
 
-import pytest
 import sqlite_utils
 
 from pcrt.cache import migrations
@@ -45,9 +44,7 @@ def test_new_database_is_migrated(tmp_path: Path) -> None:
         assert migrations.migrate(store.db) == []
 
 
-def test_later_migrations_run_once_in_order(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_later_migrations_run_once_in_order(tmp_path: Path) -> None:
     db_path = tmp_path / "pcrt.db"
     Store(db_path).close()  # a database made by the current version
 
@@ -57,11 +54,11 @@ def test_later_migrations_run_once_in_order(
         calls.append("m004")
         db.table("example").create({"id": int}, pk="id")
 
-    monkeypatch.setattr(migrations, "MIGRATIONS", (*migrations.MIGRATIONS, m004_example))
-    with Store(db_path) as store:
+    later = (*migrations.MIGRATIONS, m004_example)
+    with Store(db_path, migrations=later) as store:
         assert migrations.applied(store.db) == [*SHIPPED, "m004_example"]
         assert store.db.table("example").exists()
-    with Store(db_path):
+    with Store(db_path, migrations=later):
         pass
     assert calls == ["m004"]
 
