@@ -47,6 +47,7 @@ from pcrt.runtime.engine import (
     TokenEvent,
 )
 from pcrt.runtime.engine.chat import ChatMessage
+from pcrt.runtime.engine.checks import check_open, check_prompt, check_slots
 from pcrt.runtime.engine.handoff import Cancel, Deliveries, Inbox, Outgoing
 from pcrt.runtime.engine.state import CompatKey, KVState
 from pcrt.runtime.errors import ContextLengthExceeded, EngineClosed, InvalidRequest, StateError
@@ -179,21 +180,10 @@ class FakeEngine:
 
     def prepare(self, request: GenerateRequest) -> list[int]:
         """The real engine's checks that do not need a model: closed, ``n``, the length."""
-        if self._closed:
-            raise EngineClosed(f"engine for {self.name!r} is shut down")
-        if not 1 <= request.n <= self.config.parallel:
-            raise InvalidRequest(
-                f"n={request.n} continuations need as many slots; this model has "
-                f"{self.config.parallel} (raise --parallel)"
-            )
+        check_open(self._closed, self.name)
+        check_slots(request.n, self.config.parallel)
         prompt = self.tokenize_request(request)
-        if not prompt:
-            raise InvalidRequest("the prompt is empty")
-        if len(prompt) >= self.context_per_slot:
-            raise ContextLengthExceeded(
-                f"the prompt has {len(prompt)} tokens; {self.name!r} takes at most "
-                f"{self.context_per_slot - 1} per request (context {self.context_per_slot})"
-            )
+        check_prompt(prompt, self.name, self.context_per_slot)
         return prompt
 
     def submit(self, request: GenerateRequest, prepared: list[int] | None = None) -> RequestHandle:

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, TypeVar
 import llama_cpp
 
 from pcrt.runtime.engine.chat import ChatRenderer
+from pcrt.runtime.engine.checks import check_open, check_prompt, check_slots
 from pcrt.runtime.engine.config import EngineConfig, new_context
 from pcrt.runtime.engine.embeddings import Embedder
 from pcrt.runtime.engine.handoff import Call, Close, Inbox, RequestHandle, Submit
@@ -166,24 +167,13 @@ class Engine:
         prompt over the context) fails here, in the caller's thread, with a clear error:
         an HTTP client gets a 400 rather than an error event inside a started stream.
         """
-        if self._closed:
-            raise EngineClosed(f"engine for {self.name!r} is shut down")
-        if not 1 <= request.n <= self.config.parallel:
-            raise InvalidRequest(
-                f"n={request.n} continuations need as many slots; this model has "
-                f"{self.config.parallel} (raise --parallel)"
-            )
+        check_open(self._closed, self.name)
+        check_slots(request.n, self.config.parallel)
         for given in (request.state, request.context_state):
             if given is not None:
                 self._check_state(given)
         prompt = self.tokenize_request(request)
-        if not prompt:
-            raise InvalidRequest("the prompt is empty")
-        if len(prompt) >= self.context_per_slot:
-            raise ContextLengthExceeded(
-                f"the prompt has {len(prompt)} tokens; {self.name!r} takes at most "
-                f"{self.context_per_slot - 1} per request (context {self.context_per_slot})"
-            )
+        check_prompt(prompt, self.name, self.context_per_slot)
         Sampler(request.sampling, self.model.vocab, self.model.n_vocab, 0).free()
         return prompt
 
