@@ -19,6 +19,7 @@ message without a traceback.
     │   ├── ContextLengthExceeded  the prompt (plus what must be generated) does not fit
     │   ├── BodyTooLarge       a streamed upload past its bound (a peer's blob: 400)
     │   ├── StateTooLarge      a user's KV state upload over state_upload_max_bytes (413)
+    │   ├── RequestTooLarge    a request body over its route's bound (413, before it is read)
     │   ├── EmptyBody          an upload without a byte
     │   ├── BadContentLength   a Content-Length header that is not a number
     │   ├── DagInvalid         a DAG that does not parse or validate: every Problem (422)
@@ -83,6 +84,7 @@ __all__ = [
     "PullError",
     "RateLimited",
     "RenderFailed",
+    "RequestTooLarge",
     "RetryLater",
     "ShapeInvalid",
     "StateCorrupt",
@@ -169,6 +171,23 @@ class StateTooLarge(InvalidRequest):
         )
         self.limit = limit
         self.size = size
+
+
+class RequestTooLarge(InvalidRequest):
+    """A request body over the bound of its route (``limit`` bytes, the setting that sets
+    it named in ``setting``), by its Content-Length (``size``) or while it streams
+    (``size`` None): the rest of the body is never read."""
+
+    def __init__(self, limit: int, size: int | None = None, setting: str | None = None) -> None:
+        got = f"{size} bytes" if size is not None else f"over {limit} bytes"
+        where = f" ({setting} in [server])" if setting else ""
+        super().__init__(
+            f"the request body is too large: {got}, the limit for this route is "
+            f"{limit} bytes{where}"
+        )
+        self.limit = limit
+        self.size = size
+        self.setting = setting
 
 
 class EmptyBody(InvalidRequest):

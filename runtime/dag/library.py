@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pcrt.runtime.dag.load import SUFFIXES, load_dag, parse_dag, read_document
+from pcrt.runtime.dag.load import SUFFIXES, parse_dag, parse_dag_text, read_document
 from pcrt.runtime.dag.spec import DagSpec, SubgraphNode
 from pcrt.runtime.errors import DagInvalid, Problem
 
@@ -112,8 +112,7 @@ def library_from_documents(
         where = f"{origin}[{index}]"
         try:
             if isinstance(document, str):
-                # a trailing newline keeps load_dag from taking a one-line text for a path
-                spec = load_dag(document if "\n" in document else document + "\n")
+                spec = parse_dag_text(document)
             else:
                 spec = parse_dag(document, source=where)
         except DagInvalid as exc:

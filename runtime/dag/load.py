@@ -1,5 +1,9 @@
 """Reading DAG documents from YAML, JSON or TOML into a ``DagSpec``.
 
+Two doors: ``parse_dag_text`` parses the text it is given and never touches the
+filesystem (what arrives over HTTP is a document, never a path); ``load_dag`` is the CLI's,
+and reads a file when it is given a path (or a one-line string that names one).
+
 Every failure, a syntax error as much as a schema error, becomes one ``DagInvalid`` with a
 list of problems naming node and field, so the CLI and the HTTP layer (422) report them the
 same way. Duplicate keys are errors in all three formats: YAML and JSON would otherwise
@@ -35,7 +39,9 @@ __all__ = [
     "DagFormat",
     "SUFFIXES",
     "load_dag",
+    "looks_like_file_name",
     "parse_dag",
+    "parse_dag_text",
     "problems_from",
     "read_document",
 ]
@@ -59,10 +65,17 @@ def load_dag(path_or_text: str | Path, format: DagFormat | None = None) -> DagSp
     with ``{``, TOML if a line sets ``dag = ...``, else YAML. Pass ``format`` for TOML text
     that does not say ``dag = `` at the top.
     """
-    if isinstance(path_or_text, Path) or _looks_like_path(path_or_text):
+    if isinstance(path_or_text, Path) or looks_like_file_name(path_or_text):
         path = Path(path_or_text)
         return parse_dag(read_document(path, format), source=str(path))
-    return parse_dag(_decode(path_or_text, format or _sniff(path_or_text), None))
+    return parse_dag_text(path_or_text, format)
+
+
+def parse_dag_text(text: str, format: DagFormat | None = None) -> DagSpec:
+    """The DAG that ``text`` holds, never a file: a one-line text that names one is parsed
+    as the document it is (and fails as one). JSON if it starts with ``{``, TOML if a line
+    sets ``dag = ...``, else YAML, unless ``format`` says."""
+    return parse_dag(_decode(text, format or _sniff(text), None))
 
 
 def read_document(path: Path, format: DagFormat | None = None) -> Any:
@@ -173,7 +186,9 @@ def _expanded_size(data: Any) -> int:
     return count
 
 
-def _looks_like_path(text: str) -> bool:
+def looks_like_file_name(text: str) -> bool:
+    """A one-line text ending in a DAG file's suffix (``plan.yaml``, ``{x.JSON``): what
+    ``load_dag`` reads as a path. Pure: it looks at the text, not at the disk."""
     return "\n" not in text and Path(text.strip()).suffix.lower() in SUFFIXES
 
 

@@ -1,6 +1,7 @@
 """The daemon's FastAPI app, built by a factory; its lifespan runs the services
-(``lifespan.py``), every request passes the guard (``guard.py``) and every error leaves
-in OpenAI's shape (``http_errors.py``)."""
+(``lifespan.py``), every request passes the guard (``guard.py``, a middleware in front of
+the app: before any body is read) and every error leaves in OpenAI's shape
+(``http_errors.py``)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,13 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
 
-from fastapi import Depends, FastAPI
+from fastapi import FastAPI
 
 from pcrt.runtime.models.loader import open_engine
 from pcrt.runtime.models.registry import Registry
 from pcrt.runtime.server.battery_watch import BatteryReader
-from pcrt.runtime.server.guard import request_guard
+from pcrt.runtime.server.bodies import BodyBounds
+from pcrt.runtime.server.guard import Guard
 from pcrt.runtime.server.http_errors import install_error_handlers
 from pcrt.runtime.server.lifespan import running_services
 from pcrt.runtime.server.pool import EngineOpener
@@ -47,11 +49,8 @@ def create_app(
             app.state.serving = Serving.of(services)
             yield
 
-    app = FastAPI(
-        title="pcrt",
-        lifespan=lifespan,
-        dependencies=[Depends(request_guard(settings.resolved_api_key()))],
-    )
+    app = FastAPI(title="pcrt", lifespan=lifespan)
+    app.add_middleware(Guard, api_key=settings.resolved_api_key(), bounds=BodyBounds(settings))
     install_error_handlers(app)
     for routes in (openai, admin, states, dags, peers):
         app.include_router(routes.router)

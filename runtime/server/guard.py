@@ -1,88 +1,208 @@
-"""The check every request passes before its route runs: who may call (the API key, or a
-peer's cluster signature) and whether its JSON body is text at all.
+"""The check every request passes before any route sees it: who may call (the API key, or a
+peer's cluster signature), how large its body may be, and whether its JSON body is text.
 
-One FastAPI dependency does both (``request_guard``): each dependency costs every request
-its resolution.
+``Guard`` is a pure ASGI middleware in front of FastAPI: it sees a request's headers
+before anything reads its body, so a request without the key is a 401 that costs no body
+(its ``Connection: close`` tells the client not to send one), and a Content-Length over
+the route's bound (``bodies.py``) a 413 before a byte is read. A request that passed reads
+its body here, under that bound, and the app gets it replayed: FastAPI parses nothing
+that was not admitted. Responses are never wrapped, so a token stream pays one call per
+request, not per token.
+
+A peer proves the cluster key instead of holding our API key: the signature covers the
+body's sha256, so the body is read (under the route's bound) and hashed as it arrives,
+and checked before anything parses it. A blob upload declares its sha256 up front and is
+checked before it is read; its route streams it to disk and holds it to that hash. The
+verdict is left in ``request.state.peer_verified`` for the routes for peers (the nonce is
+spent here, once).
+
+Every path needs the key, ``/health`` alone excepted: the OpenAPI schema and its pages
+(``/openapi.json``, ``/docs``, ``/redoc``) too, since they list every route.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
-from fastapi import Request
+from starlette.requests import Request
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from pcrt.routing.auth import CLUSTER_HEADER
-from pcrt.runtime.errors import InvalidRequest, Unauthorized
+from pcrt.runtime.errors import BadContentLength, InvalidRequest, PcrtError, Unauthorized
+from pcrt.runtime.server.bodies import Body, BodyBounds, Bound, ClientLeft, read_body, replaying
+from pcrt.runtime.server.http_errors import error_response
 from pcrt.runtime.server.services import services_of
 from pcrt.runtime.server.uploads import streamed_body_sha256
 from pcrt.runtime.textcheck import broken_text_at
+from pcrt.runtime.threads import to_thread_to_completion
 
-__all__ = ["refuse_broken_text", "request_guard", "require_key"]
+__all__ = ["OPEN_PATHS", "Guard", "key_matches", "refuse_broken_text"]
 
 log = logging.getLogger(__name__)
 
-
-def request_guard(api_key: str | None) -> Callable[[Request], Awaitable[None]]:
-    """The app's one dependency; ``api_key`` None: no key is asked of local users."""
-
-    async def guard(request: Request) -> None:
-        await require_key(request, api_key)
-        await refuse_broken_text(request)
-
-    return guard
+OPEN_PATHS = frozenset({"/health"})  # what answers without the key
+_SIGNATURE = CLUSTER_HEADER.lower().encode()
+_EMPTY = Body(b"", hashlib.sha256(b"").hexdigest(), escapes=False)
 
 
-async def require_key(request: Request, api_key: str | None) -> None:
-    """``Unauthorized`` unless the request carries the API key or a valid cluster
-    signature. A peer proves the cluster key instead of holding our API key; it is checked
-    once here (the nonce is spent) and the routes for peers read the verdict in
-    ``request.state.peer_verified``."""
-    request.state.peer_verified = False
-    signature = request.headers.get(CLUSTER_HEADER)
-    if signature is not None:
+def key_matches(authorization: bytes | None, api_key: str) -> bool:
+    """Whether an ``Authorization`` header's value is ``Bearer <api_key>``. The key is
+    compared in constant time (``hmac.compare_digest``): how long a wrong key takes to
+    refuse says nothing about how much of it was right."""
+    scheme, _, given = (authorization or b"").partition(b" ")
+    # both sides are compared whatever the scheme, so a wrong scheme costs the same time
+    same = hmac.compare_digest(given.strip(), api_key.encode())
+    return same and scheme.lower() == b"bearer"
+
+
+@dataclass(frozen=True)
+class _Head:
+    """What the guard reads of a request's headers, in one pass over them."""
+
+    authorization: bytes | None = None
+    signature: str | None = None
+    content_length: bytes | None = None
+    chunked: bool = False
+    content_type: bytes | None = None
+
+    @classmethod
+    def of(cls, scope: Scope) -> _Head:
+        found: dict[str, bytes] = {}
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                found["authorization"] = value
+            elif name == _SIGNATURE:
+                found["signature"] = value
+            elif name == b"content-length":
+                found["content_length"] = value
+            elif name == b"transfer-encoding":
+                found["transfer_encoding"] = value
+            elif name == b"content-type":
+                found["content_type"] = value
+        signature = found.get("signature")
+        return cls(
+            authorization=found.get("authorization"),
+            signature=signature.decode("latin-1") if signature is not None else None,
+            content_length=found.get("content_length"),
+            chunked=b"chunked" in found.get("transfer_encoding", b"").lower(),
+            content_type=found.get("content_type"),
+        )
+
+    def declared_size(self) -> int | None:
+        if self.content_length is None:
+            return None
+        try:
+            size = int(self.content_length)
+        except ValueError:
+            size = -1
+        if size < 0:
+            shown = self.content_length.decode("latin-1")
+            raise BadContentLength(f"bad Content-Length {shown!r}")
+        return size
+
+    @property
+    def has_body(self) -> bool:
+        return self.chunked or (self.content_length is not None and self.content_length != b"0")
+
+    @property
+    def may_be_json(self) -> bool:
+        """FastAPI parses a body without a Content-Type as JSON too."""
+        return self.content_type is None or b"json" in self.content_type.lower()
+
+
+class Guard:
+    """The middleware (``app.add_middleware(Guard, api_key=..., bounds=...)``);
+    ``api_key`` None: no key is asked of local users."""
+
+    def __init__(self, app: ASGIApp, *, api_key: str | None, bounds: BodyBounds) -> None:
+        self.app = app
+        self.api_key = api_key
+        self.bounds = bounds
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        head = _Head.of(scope)
+        try:
+            receive = await self._admit(scope, receive, head)
+        except ClientLeft:
+            return  # nobody to answer
+        except PcrtError as exc:
+            response = error_response(exc)
+            if head.has_body:  # the body was not read: the connection cannot carry another
+                response.headers["Connection"] = "close"
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    async def _admit(self, scope: Scope, receive: Receive, head: _Head) -> Receive:
+        """The ``receive`` the app gets (the body replayed), or the error that refuses it."""
+        bound = self.bounds.of(scope["method"], scope["path"])
+        if head.signature is not None:
+            return await self._admit_peer(scope, receive, head, bound)
+        if self.api_key is not None and not key_matches(head.authorization, self.api_key):
+            raise Unauthorized("missing or wrong API key (send Authorization: Bearer KEY)")
+        size = head.declared_size()
+        if not head.has_body or bound.streamed:
+            return receive  # nothing to read, or the route streams it under its own bound
+        bound.refuse_declared(size)
+        body = await read_body(receive, bound)
+        return await _admitted(body, head, receive)
+
+    async def _admit_peer(
+        self, scope: Scope, receive: Receive, head: _Head, bound: Bound
+    ) -> Receive:
+        assert head.signature is not None
+        request = Request(scope)
         coordinator = services_of(request).coordinator
+        if coordinator.cluster_key is None:  # nothing could pass: read nothing
+            raise Unauthorized("cluster signature refused: this daemon has no cluster key")
         target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-        declared = streamed_body_sha256(request)
-        if declared is not None:  # a blob: the route streams it and checks its hash
-            why = coordinator.check_peer_request(
-                signature, request.method, target, body_sha256=declared
-            )
-        else:
-            body = await request.body()  # cached: the route reads it again
-            why = coordinator.check_peer_request(signature, request.method, target, body)
+        size = head.declared_size()
+        declared = streamed_body_sha256(request) if bound.streamed else None
+        body: Body | None = None
+        if declared is None:
+            bound.refuse_declared(size)
+            body = await read_body(receive, bound, hashed=True) if head.has_body else _EMPTY
+            declared = body.sha256
+        why = coordinator.check_peer_request(
+            head.signature, scope["method"], target, body_sha256=declared
+        )
         if why is not None:
-            log.warning("refused a peer request to %s: %s", request.url.path, why)
+            log.warning("refused a peer request to %s: %s", scope["path"], why)
             raise Unauthorized(f"cluster signature refused: {why}")
         request.state.peer_verified = True
-        return
-    if api_key is None or request.url.path == "/health":
-        return
-    header = request.headers.get("authorization", "")
-    scheme, _, given = header.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(
-        given.strip().encode("utf-8", "replace"), api_key.encode()
-    ):
-        raise Unauthorized("missing or wrong API key (send Authorization: Bearer KEY)")
+        if body is None:  # a blob: its route streams it and holds it to the signed hash
+            return receive
+        return await _admitted(body, head, receive)
 
 
-async def refuse_broken_text(request: Request) -> None:
+async def _admitted(body: Body, head: _Head, receive: Receive) -> Receive:
+    if body.escapes and head.may_be_json:
+        await refuse_broken_text(body.data)
+    return replaying(body.data, receive)
+
+
+async def refuse_broken_text(body: bytes) -> None:
     """A JSON body may escape half of a UTF-16 pair ("\\ud800"). Python decodes it to a
     str that is no UTF-8 text: the tokenizer, SQLite and the answer would each fail on it
-    later, some after work was done or recorded. It is a 400 before anything runs."""
-    if request.method != "POST" or "json" not in request.headers.get("content-type", "").lower():
-        return  # uploads (PUT) stream past this unread, whatever they call themselves
-    body = await request.body()  # FastAPI has read it already
-    if b"\\ud" not in body and b"\\uD" not in body:
-        return
-    try:
-        data = json.loads(body)
-    except (ValueError, RecursionError):
-        return  # FastAPI answers malformed JSON itself
-    where = broken_text_at(data)
+    later, some after work was done or recorded. It is a 400 before anything runs. Only a
+    body that holds such an escape is decoded here, in a worker thread."""
+    where = await to_thread_to_completion(_broken_text_in, body)
     if where is not None:
         raise InvalidRequest(
             f"{where} holds an unpaired UTF-16 surrogate escape (like \\ud800): not text"
         )
+
+
+def _broken_text_in(body: bytes) -> str | None:
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        return None  # FastAPI answers malformed JSON itself
+    return broken_text_at(data)

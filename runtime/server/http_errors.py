@@ -1,11 +1,11 @@
 """Every error leaves the HTTP surface in OpenAI's shape, with the right status.
 
 ``{"error": {"message", "type", "param", "code"}}``; 400 bad request, 401 bad key,
-404 unknown model or route (or nowhere to run it), 502 a peer
-that did not answer, 409 incompatible state or a conflict, 413 a state upload over its
-limit, 429 rate limit, 503 overloaded. Nothing answers a bare 500: an unexpected failure
-is logged and answered with a 500 in the same shape. A client that left before its answer
-is accounted (and, when anything is still sent, answered) 499, as nginx logs it.
+404 unknown model or route (or nowhere to run it), 502 a peer that did not answer, 409
+incompatible state or a conflict, 413 a request body or a state upload over its limit,
+429 rate limit, 503 overloaded. Nothing answers a bare 500: an unexpected failure is logged
+and answered with a 500 in the same shape. A client that left before its answer is
+accounted (and, when anything is still sent, answered) 499, as nginx logs it.
 
 This is the one module that knows status codes: routes and the serving layer raise
 pcrt's errors and let the handlers installed here answer them.
@@ -40,6 +40,7 @@ from pcrt.runtime.errors import (
     PeerUnavailable,
     PullError,
     RateLimited,
+    RequestTooLarge,
     RetryLater,
     StateCorrupt,
     StateError,
@@ -53,6 +54,7 @@ __all__ = [
     "CLIENT_CLOSED_REQUEST",
     "client_left",
     "error_body",
+    "error_response",
     "install_error_handlers",
     "status_and_body",
 ]
@@ -105,6 +107,9 @@ def status_and_body(exc: PcrtError) -> tuple[int, dict[str, Any], dict[str, str]
         # the rest of the body is never read: the connection cannot be reused
         headers["Connection"] = "close"
         return 413, error_body(msg, "invalid_request_error", None, "state_too_large"), headers
+    if isinstance(exc, RequestTooLarge):
+        headers["Connection"] = "close"  # as above
+        return 413, error_body(msg, "invalid_request_error", None, "request_too_large"), headers
     if isinstance(exc, EmptyBody):
         return 400, error_body(msg, "invalid_request_error", None, "empty_body"), headers
     if isinstance(exc, BadContentLength):
@@ -130,6 +135,12 @@ def status_and_body(exc: PcrtError) -> tuple[int, dict[str, Any], dict[str, str]
     return 500, error_body(msg, "server_error", None, None), headers
 
 
+def error_response(exc: PcrtError) -> JSONResponse:
+    """One of pcrt's errors as the response that answers it."""
+    status, body, headers = status_and_body(exc)
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
 def client_left() -> JSONResponse:
     """The answer to a request whose client disconnected while it ran: nobody reads it."""
     return JSONResponse({}, status_code=CLIENT_CLOSED_REQUEST)
@@ -138,8 +149,7 @@ def client_left() -> JSONResponse:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(PcrtError)
     async def _pcrt(_: Request, exc: PcrtError) -> JSONResponse:
-        status, body, headers = status_and_body(exc)
-        return JSONResponse(body, status_code=status, headers=headers)
+        return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -10,6 +10,10 @@ The config file is ``PCRT_CONFIG`` or ``config.toml`` in the platform's user con
     max_loaded_models = 2
     queue_size = 16
     api_key_env = "PCRT_API_KEY"
+    max_body_bytes = 16777216     # a chat or text completion request's body (16 MiB)
+    embeddings_max_body_bytes = 16777216
+    dag_max_body_bytes = 8388608  # POST /v1/dags: the document, its inputs and library
+    peer_max_body_bytes = 67108864  # subgraphs and runs a peer sends here
 
     [limits.default]              # every agent not named below
     requests_per_minute = 600
@@ -123,6 +127,13 @@ class ServerSettings(BaseModel):
     # states; None: unbounded) and the largest state PUT /v1/states accepts
     blob_max_bytes: int | None = Field(default=10 * 1024**3, ge=1)
     state_upload_max_bytes: int = Field(default=2 * 1024**3, ge=1)
+    # request bodies, by route (issue 16): what the daemon reads before it refuses with a
+    # 413; other routes take a few fields and are held to guard's SMALL_BODY_BYTES
+    max_body_bytes: int = Field(default=16 * 1024**2, ge=1)  # chat and text completions
+    embeddings_max_body_bytes: int = Field(default=16 * 1024**2, ge=1)
+    dag_max_body_bytes: int = Field(default=8 * 1024**2, ge=1)  # POST /v1/dags
+    # subgraphs and migrated runs: they carry every finished node's output
+    peer_max_body_bytes: int = Field(default=64 * 1024**2, ge=1)
     limits: LimitSettings = LimitSettings()
     peers: PeerSettings = PeerSettings()
 

@@ -1,4 +1,7 @@
-"""DAG runs over HTTP: start (optionally streamed), list, inspect, resume, cancel."""
+"""DAG runs over HTTP: start (optionally streamed), list, inspect, resume, cancel.
+
+A DAG arrives as a document (a mapping, or its YAML / JSON / TOML text), never as a path:
+the daemon reads no file a request names (only the CLI reads DAG files)."""
 
 from __future__ import annotations
 
@@ -14,9 +17,9 @@ from pydantic import BaseModel, ConfigDict
 
 from pcrt.cache.runs import RunNotFound, RunRecord
 from pcrt.cache.status import RESUMABLE_RUN_STATES, RunStatus
-from pcrt.runtime.dag import load_dag, parse_dag
 from pcrt.runtime.dag.events import DagEvent
 from pcrt.runtime.dag.library import library_from_documents
+from pcrt.runtime.dag.load import looks_like_file_name, parse_dag, parse_dag_text
 from pcrt.runtime.dag.runner import DagRunner
 from pcrt.runtime.dag.spec import DagSpec
 from pcrt.runtime.dag.tasks import DagTasks, run_summary, run_view
@@ -53,10 +56,12 @@ def _spec(body: StartRun) -> DagSpec:
     refuses with every problem (the malformed nodes' and the models')."""
     try:
         if isinstance(body.dag, str):
-            text = body.dag.strip()
-            if "\n" not in text and text.endswith((".yaml", ".yml", ".json", ".toml")):
-                raise InvalidRequest("send the DAG document itself, not a file name")
-            return load_dag(text if "\n" in text or text.startswith("{") else text + "\n")
+            if looks_like_file_name(body.dag):  # refused by its look, whether it exists or not
+                raise InvalidRequest(
+                    "send the DAG document itself (a mapping, or its YAML, JSON or TOML "
+                    "text), not a file name: the daemon reads no files for a request"
+                )
+            return parse_dag_text(body.dag)
         return parse_dag(body.dag)
     except ShapeInvalid as exc:
         return exc.partial

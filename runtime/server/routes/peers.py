@@ -1,7 +1,7 @@
 """Routes between peers: node info, the peer table, subgraphs run for another daemon.
 
 ``/v1/pcrt/node`` and ``/v1/pcrt/subgraphs`` answer only requests signed with the cluster
-key (``require_key`` in ``guard.py`` checks the signature once and leaves the verdict in
+key (``Guard`` in ``guard.py`` checks the signature once and leaves the verdict in
 ``request.state.peer_verified``). ``/v1/pcrt/peers`` is for this node's own users.
 """
 
