@@ -134,7 +134,7 @@ def test_a_client_that_leaves_mid_embeddings_frees_the_engine(server: LiveServer
     took = time.perf_counter() - started
     print(f"one text: {baseline:.2f} s; the request after the one that left: {took:.2f} s")
     assert response.status_code == 200, response.text
-    assert took < 10 * baseline + 1
+    assert took < 20 * baseline + 2  # waiting for the 200 would take some 200 times
 
 
 async def test_close_during_embeddings_ends_them_promptly(default_model_path: Path) -> None:
@@ -155,4 +155,4 @@ async def test_close_during_embeddings_ends_them_promptly(default_model_path: Pa
     print(f"one text: {baseline:.2f} s; close: {took:.2f} s")
     with pytest.raises(EngineClosed):
         await job
-    assert took < 5 * baseline + 1  # the text under way, not the 200
+    assert took < 10 * baseline + 2  # the text under way, not the 200
