@@ -139,6 +139,7 @@ class Engine:
             embed=self._embedder.embed,
         )
         self._closed = False
+        self._sending = threading.Lock()  # see _send
         self._thread = threading.Thread(
             target=self._run, name=f"pcrt-engine-{self.name}", daemon=True
         )
@@ -164,7 +165,7 @@ class Engine:
         """
         prompt = prepared if prepared is not None else self.prepare(request)
         handle = RequestHandle(self._inbox, request, prompt)
-        self._inbox.put(Submit(handle))
+        self._send(Submit(handle))
         return handle
 
     def prepare(self, request: GenerateRequest) -> list[int]:
@@ -192,10 +193,8 @@ class Engine:
 
     async def call(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` on the scheduler thread between two steps (it owns the context)."""
-        if self._closed:
-            raise EngineClosed(f"engine for {self.name!r} is shut down")
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
-        self._inbox.put(Call(fn, future))
+        self._send(Call(fn, future))
         return await asyncio.wrap_future(future)
 
     async def export_slot(self, seq_id: int) -> KVState:
@@ -230,10 +229,16 @@ class Engine:
         inputs = prepared if prepared is not None else await self.prepare_embeddings(texts)
         if not inputs:
             return []
-        check_open(self._closed, self.name)
         job = EmbeddingJob(inputs)
-        self._inbox.put(Embed(job))
+        self._send(Embed(job))
         return await asyncio.wrap_future(job.future)
+
+    def _send(self, message: Submit | Call[T] | Embed) -> None:
+        """Into the inbox, unless closed: under the lock ``close`` takes, so a message is
+        either in before ``Close`` (and answered, if only with EngineClosed) or refused."""
+        with self._sending:
+            check_open(self._closed, self.name)
+            self._inbox.put(message)
 
     async def clear_cache(self) -> int:
         """Drop the cached KV of every idle slot; returns how many tokens were dropped."""
@@ -271,11 +276,12 @@ class Engine:
 
     def close(self) -> None:
         """Stop the scheduler (pending requests fail with EngineClosed) and free memory."""
-        if self._closed:
-            return
-        self._closed = True
+        with self._sending:
+            if self._closed:
+                return
+            self._closed = True
+            self._inbox.put(Close())
         self._preparer.users.close()  # prepares under way in other threads end first
-        self._inbox.put(Close())
         self._thread.join()
         self._scheduler.free()
         self._embedder.close()
@@ -295,7 +301,8 @@ class Engine:
             self._scheduler.run()
         except BaseException:  # a bug there must not hang every caller forever
             log.exception("engine scheduler crashed")
-            self._closed = True
+            with self._sending:
+                self._closed = True
             self._scheduler.shutdown(
                 EngineClosed(f"the engine for {self.name!r} crashed; see the log")
             )
