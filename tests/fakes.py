@@ -13,6 +13,9 @@ What a fake answers: the next queued reply (``enqueue("Hello", "!")``: one token
 piece, then ``stop``); with none queued, the words of ``FILLER`` over and over until
 ``max_tokens`` (``length``), like a model that never stops. Sampling (temperature, seed,
 stop strings, grammars, logit bias) is ignored, KV states are refused, nothing is cached.
+Embeddings go one text per ``token_seconds`` and stop, as the real engine's do, when their
+caller is cancelled or the engine closes. ``prepare`` and the embeddings' checks run in a
+worker thread when awaited (``prepare_in_thread``), as the real engine's do.
 A test of what the real model generates, of prefix reuse, KV states or speed uses the
 real engine.
 
@@ -52,6 +55,7 @@ from pcrt.runtime.engine.handoff import Cancel, Deliveries, Inbox, Outgoing
 from pcrt.runtime.engine.state import CompatKey, KVState
 from pcrt.runtime.errors import ContextLengthExceeded, EngineClosed, InvalidRequest, StateError
 from pcrt.runtime.models.registry import Registry
+from pcrt.runtime.threads import to_thread_to_completion
 
 __all__ = ["FILLER", "FakeEngine", "FakeEngines", "FakeModel", "ManualClock", "Script"]
 
@@ -79,6 +83,8 @@ class Script:
 
     replies: deque[tuple[str, ...]] = field(default_factory=deque)
     token_seconds: float = 0.0  # a pause before each token (0: as fast as the loop runs)
+    # how long ``prepare`` blocks its thread (a slow template, tokenizer or grammar)
+    prepare_seconds: float = 0.0
 
     def enqueue(self, *pieces: str) -> None:
         """The next request's answer, one token per piece."""
@@ -178,13 +184,20 @@ class FakeEngine:
             tokens = request.state.continuation + tokens
         return tokens
 
+    async def tokenize_request_in_thread(self, request: GenerateRequest) -> list[int]:
+        return await to_thread_to_completion(self.tokenize_request, request)
+
     def prepare(self, request: GenerateRequest) -> list[int]:
         """The real engine's checks that do not need a model: closed, ``n``, the length."""
+        time.sleep(self.script.prepare_seconds)
         check_open(self._closed, self.name)
         check_slots(request.n, self.config.parallel)
         prompt = self.tokenize_request(request)
         check_prompt(prompt, self.name, self.context_per_slot)
         return prompt
+
+    async def prepare_in_thread(self, request: GenerateRequest) -> list[int]:
+        return await to_thread_to_completion(self.prepare, request)
 
     def submit(self, request: GenerateRequest, prepared: list[int] | None = None) -> RequestHandle:
         prompt = prepared if prepared is not None else self.prepare(request)
@@ -195,7 +208,8 @@ class FakeEngine:
         return handle
 
     async def generate(self, request: GenerateRequest) -> Completion:
-        return await self.submit(request).completion()
+        prepared = await self.prepare_in_thread(request)
+        return await self.submit(request, prepared).completion()
 
     async def _answer(self, handle: RequestHandle) -> None:
         """What the scheduler thread does for one request, on the caller's loop."""
@@ -267,8 +281,15 @@ class FakeEngine:
                 self._cancelled.add(message.request_id)
         return request_id in self._cancelled
 
-    async def embed(self, texts: list[str]) -> list[list[float]]:
-        """A unit vector per text, from its hash: the same text, the same vector."""
+    async def prepare_embeddings(
+        self, texts: list[str], *, max_total_tokens: int | None = None
+    ) -> list[list[int]]:
+        check_open(self._closed, self.name)
+        return await to_thread_to_completion(self._tokenize_inputs, texts, max_total_tokens)
+
+    def _tokenize_inputs(self, texts: list[str], max_total_tokens: int | None) -> list[list[int]]:
+        """The real engine's checks, in its order: each text's length, then the total."""
+        inputs: list[list[int]] = []
         for i, text in enumerate(texts):
             tokens = self.model.tokenize(text, parse_special=False)
             if not tokens:
@@ -277,7 +298,29 @@ class FakeEngine:
                 raise ContextLengthExceeded(
                     f"input {i} has {len(tokens)} tokens; at most {self.context_per_slot}"
                 )
-        return [_unit_vector(text) for text in texts]
+            inputs.append(tokens)
+            total = sum(map(len, inputs))
+            if max_total_tokens is not None and total > max_total_tokens:
+                raise InvalidRequest(
+                    f"the inputs take at least {total} tokens; one request embeds at most "
+                    f"{max_total_tokens}: split them over several requests"
+                )
+        return inputs
+
+    async def embed(
+        self, texts: list[str], prepared: list[list[int]] | None = None
+    ) -> list[list[float]]:
+        """A unit vector per text, from its hash: the same text, the same vector; one text
+        per ``token_seconds``, so a cancelled caller or a close stops it between texts."""
+        if prepared is None:
+            await self.prepare_embeddings(texts)
+        vectors: list[list[float]] = []
+        for text in texts:
+            await asyncio.sleep(self.script.token_seconds)
+            if self._closed:
+                raise EngineClosed(f"engine for {self.name!r} is shut down")
+            vectors.append(_unit_vector(text))
+        return vectors
 
     # -- KV states: a fake holds none ---------------------------------------------------
 

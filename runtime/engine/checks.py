@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from pcrt.runtime.errors import ContextLengthExceeded, EngineClosed, InvalidRequest
 
-__all__ = ["check_open", "check_prompt", "check_slots"]
+__all__ = ["check_open", "check_prompt", "check_slots", "prompt_too_long"]
 
 
 def check_open(closed: bool, name: str) -> None:
@@ -29,7 +29,16 @@ def check_prompt(prompt: Sequence[int], name: str, context_per_slot: int) -> Non
     if not prompt:
         raise InvalidRequest("the prompt is empty")
     if len(prompt) >= context_per_slot:
-        raise ContextLengthExceeded(
-            f"the prompt has {len(prompt)} tokens; {name!r} takes at most "
-            f"{context_per_slot - 1} per request (context {context_per_slot})"
-        )
+        raise prompt_too_long(len(prompt), name, context_per_slot)
+
+
+def prompt_too_long(
+    tokens: int, name: str, context_per_slot: int, *, at_least: bool = False
+) -> ContextLengthExceeded:
+    """The refusal of a prompt of ``tokens`` tokens (``at_least``: a lower bound, when the
+    prompt was refused before it was tokenized whole)."""
+    count = f"at least {tokens}" if at_least else str(tokens)
+    return ContextLengthExceeded(
+        f"the prompt has {count} tokens; {name!r} takes at most "
+        f"{context_per_slot - 1} per request (context {context_per_slot})"
+    )

@@ -4,17 +4,22 @@
 the context, and starts the one scheduler thread that owns that context from then on
 (``scheduler``). Its methods run on the caller's thread or event loop and never block it:
 
-- checks and tokenization (``prepare``, ``tokenize_request``) run right here, so a bad
-  request fails before any work (an HTTP client gets a 400, not an error mid-stream);
+- checks and tokenization (``prepare``, ``tokenize_request``, ``prepare_embeddings``)
+  run before any work, so a bad request fails first (an HTTP client gets a 400, not an
+  error mid-stream); they can take seconds, so a caller on an event loop awaits them in a
+  worker thread (``prepare_in_thread``, ``tokenize_request_in_thread``), once per request;
 - ``submit`` queues a request and returns its ``RequestHandle`` (``handoff``): iterate it
   for events, or await ``completion()``;
 - everything that touches the context (``export_slot``, ``import_state``,
-  ``clear_cache``, ``embed``, ``call``) is sent to the scheduler thread and awaited.
+  ``clear_cache``, ``embed``, ``call``) is sent to the scheduler thread and awaited;
+  ``embed`` goes one text per step, between decode steps, and stops when its caller does.
 
 The modules behind it, one job each: ``requests`` (the public types), ``config`` (how a
-model is loaded), ``handoff`` (messages in, events out), ``slots`` (what a slot holds),
-``prefix`` (which slot, which prefix to reuse: pure), ``kv`` (a slot's KV in and out, the
-cache's size), ``scheduler`` (admission, the decode step, sampling), ``embeddings``.
+model is loaded), ``prepare`` (templates, tokens and checks before any work), ``bounds``
+(how few tokens a text can take), ``handoff`` (messages in, events out), ``slots`` (what
+a slot holds), ``prefix`` (which slot, which prefix to reuse: pure), ``kv`` (a slot's KV
+in and out, the cache's size), ``scheduler`` (admission, the decode step, sampling, the
+embedding steps), ``embeddings``.
 """
 
 from __future__ import annotations
@@ -30,22 +35,26 @@ from typing import TYPE_CHECKING, TypeVar
 import llama_cpp
 
 from pcrt.runtime.engine.chat import ChatRenderer
-from pcrt.runtime.engine.checks import check_open, check_prompt, check_slots
+from pcrt.runtime.engine.checks import check_open
 from pcrt.runtime.engine.config import EngineConfig, new_context
 from pcrt.runtime.engine.embeddings import Embedder
-from pcrt.runtime.engine.handoff import Call, Close, Inbox, RequestHandle, Submit
+from pcrt.runtime.engine.handoff import (
+    Call,
+    Close,
+    Embed,
+    EmbeddingJob,
+    Inbox,
+    RequestHandle,
+    Submit,
+)
 from pcrt.runtime.engine.kv import SlotKV, has_portable_state, kv_cache_bytes, kv_shape
 from pcrt.runtime.engine.llama_model import LlamaModel
+from pcrt.runtime.engine.prepare import Preparer
 from pcrt.runtime.engine.requests import Completion, GenerateRequest, SlotInfo
-from pcrt.runtime.engine.sampling import Sampler
 from pcrt.runtime.engine.scheduler import Scheduler
 from pcrt.runtime.engine.state import PORTABLE_LAYOUT, CompatKey, KVState, raw_layout
-from pcrt.runtime.errors import (
-    ContextLengthExceeded,
-    EngineClosed,
-    InvalidRequest,
-    StateError,
-)
+from pcrt.runtime.errors import EngineClosed
+from pcrt.runtime.threads import to_thread_to_completion
 
 if TYPE_CHECKING:
     from pcrt.device.offload import OffloadPlan
@@ -109,6 +118,15 @@ class Engine:
             context_per_slot=self.context_per_slot,
             model_name=self.name,
         )
+        self._preparer = Preparer(
+            self.model,
+            self.chat,
+            name=self.name,
+            context_per_slot=self.context_per_slot,
+            parallel=self.config.parallel,
+            compat_key=self.compat_key,
+        )
+        self._embedder = Embedder(self.model, self.config, self.context_per_slot, self.name)
         self._inbox: Inbox = Inbox()
         self._scheduler = Scheduler(
             self._ctx,
@@ -118,9 +136,10 @@ class Engine:
             kv=kv,
             inbox=self._inbox,
             name=self.name,
+            embed=self._embedder.embed,
         )
-        self._embedder = Embedder(self.model, self.config, self.context_per_slot, self.name)
         self._closed = False
+        self._sending = threading.Lock()  # see _send
         self._thread = threading.Thread(
             target=self._run, name=f"pcrt-engine-{self.name}", daemon=True
         )
@@ -129,24 +148,13 @@ class Engine:
     # -- requests (the caller's thread or event loop) ---------------------------------
 
     def tokenize_request(self, request: GenerateRequest) -> list[int]:
-        """The prompt tokens a request will run, after its chat template and state."""
-        if (request.prompt is None) == (request.messages is None):
-            raise InvalidRequest("give exactly one of prompt or messages")
-        if request.messages is not None:
-            text = self.chat.render(request.messages)
-            # a template that writes the BOS text itself must not get a second BOS
-            add_special = not (self.model.add_bos and text.startswith(self.chat.bos_token or "\0"))
-            tokens = self.model.tokenize(text, add_special=add_special, parse_special=True)
-        elif isinstance(request.prompt, str):
-            tokens = self.model.tokenize(request.prompt, add_special=True, parse_special=True)
-        else:
-            tokens = list(request.prompt or [])
-            bad = [t for t in tokens if not 0 <= t < self.model.n_vocab]
-            if bad:
-                raise InvalidRequest(f"prompt holds token ids outside the vocabulary: {bad[:5]}")
-        if request.state is not None:
-            tokens = request.state.continuation + tokens
-        return tokens
+        """The prompt tokens a request will run, after its chat template and state
+        (``ContextLengthExceeded`` when they cannot fit). Blocks: see ``prepare``."""
+        return self._preparer.tokenize_request(request)
+
+    async def tokenize_request_in_thread(self, request: GenerateRequest) -> list[int]:
+        """``tokenize_request`` in a worker thread: what an event loop awaits."""
+        return await to_thread_to_completion(self.tokenize_request, request)
 
     def submit(self, request: GenerateRequest, prepared: list[int] | None = None) -> RequestHandle:
         """Validate and queue a request. Must be called from a running event loop.
@@ -157,7 +165,7 @@ class Engine:
         """
         prompt = prepared if prepared is not None else self.prepare(request)
         handle = RequestHandle(self._inbox, request, prompt)
-        self._inbox.put(Submit(handle))
+        self._send(Submit(handle))
         return handle
 
     def prepare(self, request: GenerateRequest) -> list[int]:
@@ -166,60 +174,71 @@ class Engine:
         Bad input (a grammar that does not parse, a logit bias outside the vocabulary, a
         prompt over the context) fails here, in the caller's thread, with a clear error:
         an HTTP client gets a 400 rather than an error event inside a started stream.
+        It blocks for as long as the template, the tokenizer and the grammar take (a long
+        prompt, a large grammar: seconds), so an event loop calls ``prepare_in_thread``.
         """
         check_open(self._closed, self.name)
-        check_slots(request.n, self.config.parallel)
-        for given in (request.state, request.context_state):
-            if given is not None:
-                self._check_state(given)
-        prompt = self.tokenize_request(request)
-        check_prompt(prompt, self.name, self.context_per_slot)
-        Sampler(request.sampling, self.model.vocab, self.model.n_vocab, 0).free()
-        return prompt
+        return self._preparer.prepare(request)
+
+    async def prepare_in_thread(self, request: GenerateRequest) -> list[int]:
+        """``prepare`` in a worker thread, for callers on an event loop. A cancelled caller
+        waits for the thread to end (it reads the model, which must outlive it)."""
+        return await to_thread_to_completion(self.prepare, request)
 
     async def generate(self, request: GenerateRequest) -> Completion:
-        return await self.submit(request).completion()
+        prepared = await self.prepare_in_thread(request)
+        return await self.submit(request, prepared).completion()
 
     # -- work on the scheduler thread -------------------------------------------------
 
     async def call(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` on the scheduler thread between two steps (it owns the context)."""
-        if self._closed:
-            raise EngineClosed(f"engine for {self.name!r} is shut down")
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
-        self._inbox.put(Call(fn, future))
+        self._send(Call(fn, future))
         return await asyncio.wrap_future(future)
 
     async def export_slot(self, seq_id: int) -> KVState:
         """The KV state of an idle slot (what its last request left there)."""
         return await self.call(lambda: self._scheduler.export_idle(seq_id))
 
-    def _check_state(self, state: KVState) -> None:
-        """StateError unless the state is this engine's kind and its tokens are this
-        vocabulary's: a forged header with the right key must not hand llama.cpp ids it
-        would index out of bounds."""
-        state.check_compatible(self.compat_key)
-        ids = [*state.tokens, *([state.next_token] if state.next_token is not None else [])]
-        if any(not 0 <= t < self.model.n_vocab for t in ids):
-            raise StateError("the state's tokens are outside this model's vocabulary")
-
     async def import_state(self, state: KVState) -> int:
         """Load a state into the idle slot with least to lose (an empty one, else the
         least recently used); returns its seq id."""
-        self._check_state(state)
+        self._preparer.check_state(state)
         return await self.call(lambda: self._scheduler.import_idle(state))
 
-    async def embed(self, texts: list[str]) -> list[list[float]]:
-        """Mean-pooled, L2-normalised embeddings, one per text."""
-        token_lists = [self.model.tokenize(t, add_special=True, parse_special=False) for t in texts]
-        for i, tokens in enumerate(token_lists):
-            if not tokens:
-                raise InvalidRequest(f"input {i} is empty")
-            if len(tokens) > self.context_per_slot:
-                raise ContextLengthExceeded(
-                    f"input {i} has {len(tokens)} tokens; at most {self.context_per_slot}"
-                )
-        return await self.call(lambda: [self._embedder.embed(t) for t in token_lists])
+    async def prepare_embeddings(
+        self, texts: list[str], *, max_total_tokens: int | None = None
+    ) -> list[list[int]]:
+        """The tokens of each text to embed, in a worker thread: none empty, none over
+        the context (``ContextLengthExceeded``), at most ``max_total_tokens`` in all."""
+        check_open(self._closed, self.name)
+        return await to_thread_to_completion(
+            self._preparer.tokenize_inputs, texts, max_total_tokens
+        )
+
+    async def embed(
+        self, texts: list[str], prepared: list[list[int]] | None = None
+    ) -> list[list[float]]:
+        """Mean-pooled, L2-normalised embeddings, one per text.
+
+        ``prepared``: what ``prepare_embeddings(texts)`` returned, when the caller already
+        ran the checks. The texts are embedded one per scheduler step, between decode
+        steps; cancelling the caller stops the job after the text under way, and
+        ``close`` ends it with ``EngineClosed``."""
+        inputs = prepared if prepared is not None else await self.prepare_embeddings(texts)
+        if not inputs:
+            return []
+        job = EmbeddingJob(inputs)
+        self._send(Embed(job))
+        return await asyncio.wrap_future(job.future)
+
+    def _send(self, message: Submit | Call[T] | Embed) -> None:
+        """Into the inbox, unless closed: under the lock ``close`` takes, so a message is
+        either in before ``Close`` (and answered, if only with EngineClosed) or refused."""
+        with self._sending:
+            check_open(self._closed, self.name)
+            self._inbox.put(message)
 
     async def clear_cache(self) -> int:
         """Drop the cached KV of every idle slot; returns how many tokens were dropped."""
@@ -257,10 +276,12 @@ class Engine:
 
     def close(self) -> None:
         """Stop the scheduler (pending requests fail with EngineClosed) and free memory."""
-        if self._closed:
-            return
-        self._closed = True
-        self._inbox.put(Close())
+        with self._sending:
+            if self._closed:
+                return
+            self._closed = True
+            self._inbox.put(Close())
+        self._preparer.users.close()  # prepares under way in other threads end first
         self._thread.join()
         self._scheduler.free()
         self._embedder.close()
@@ -280,7 +301,8 @@ class Engine:
             self._scheduler.run()
         except BaseException:  # a bug there must not hang every caller forever
             log.exception("engine scheduler crashed")
-            self._closed = True
+            with self._sending:
+                self._closed = True
             self._scheduler.shutdown(
                 EngineClosed(f"the engine for {self.name!r} crashed; see the log")
             )

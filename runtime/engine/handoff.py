@@ -4,9 +4,10 @@ Two one-way channels, as llama.cpp's server has its task queue and result queue
 (``tools/server/server-queue.cpp``):
 
 - in: callers put typed messages into the engine's ``Inbox`` (a thread-safe queue):
-  ``Submit`` a request, ``Cancel`` one, ``Call`` a function on the scheduler thread (it
-  owns the llama.cpp context: exports, imports and embeddings run there), ``Close`` the
-  engine. The scheduler drains the inbox between two decode steps.
+  ``Submit`` a request, ``Cancel`` one, ``Embed`` texts (an ``EmbeddingJob``: one text
+  per scheduler step, between decode steps), ``Call`` a function on the scheduler thread
+  (it owns the llama.cpp context: exports and imports run there), ``Close`` the engine.
+  The scheduler drains the inbox between two decode steps.
 - out: the scheduler collects each step's events per request in ``Deliveries`` and, after
   the step, hands them to each caller's event loop with one ``call_soon_threadsafe`` per
   loop. ``RequestHandle`` is the caller's end: it queues what arrives and yields it.
@@ -39,6 +40,8 @@ __all__ = [
     "Cancel",
     "Close",
     "Deliveries",
+    "Embed",
+    "EmbeddingJob",
     "Inbox",
     "Message",
     "Outgoing",
@@ -145,12 +148,41 @@ class Call(Generic[T]):
             self.future.set_exception(error)
 
 
+class EmbeddingJob:
+    """Tokenized texts to embed, one per scheduler step; ``future`` gets their vectors.
+
+    The caller awaits ``future`` through ``asyncio.wrap_future``: a caller that is
+    cancelled (its client left) cancels the future, and the scheduler, which looks before
+    each text, drops the rest. The scheduler sets the future running only to finish it.
+    """
+
+    def __init__(self, inputs: list[list[int]]) -> None:
+        self.inputs = inputs
+        self.vectors: list[list[float]] = []
+        self.future: concurrent.futures.Future[list[list[float]]] = concurrent.futures.Future()
+
+    def succeed(self) -> None:
+        if self.future.set_running_or_notify_cancel():
+            self.future.set_result(self.vectors)
+
+    def fail(self, error: BaseException) -> None:
+        if self.future.set_running_or_notify_cancel():
+            self.future.set_exception(error)
+
+
+@dataclass(frozen=True, slots=True)
+class Embed:
+    """Queue an embedding job (already tokenized and checked by the engine)."""
+
+    job: EmbeddingJob
+
+
 @dataclass(frozen=True, slots=True)
 class Close:
     """Fail what is pending and stop the scheduler thread."""
 
 
-Message: TypeAlias = Submit | Cancel | Call[Any] | Close
+Message: TypeAlias = Submit | Cancel | Embed | Call[Any] | Close
 Inbox: TypeAlias = queue.SimpleQueue[Message]
 
 

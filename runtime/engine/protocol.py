@@ -87,9 +87,16 @@ class EngineClient(Protocol):
 
     # -- requests ---------------------------------------------------------------------
 
+    # ``tokenize_request`` and ``prepare`` block (templates, tokenizer, grammar: seconds
+    # for a long prompt); on an event loop, await their ``_in_thread`` forms instead
+
     def tokenize_request(self, request: GenerateRequest) -> list[int]: ...
 
+    async def tokenize_request_in_thread(self, request: GenerateRequest) -> list[int]: ...
+
     def prepare(self, request: GenerateRequest) -> list[int]: ...
+
+    async def prepare_in_thread(self, request: GenerateRequest) -> list[int]: ...
 
     def submit(
         self, request: GenerateRequest, prepared: list[int] | None = None
@@ -97,7 +104,15 @@ class EngineClient(Protocol):
 
     async def generate(self, request: GenerateRequest) -> Completion: ...
 
-    async def embed(self, texts: list[str]) -> list[list[float]]: ...
+    async def prepare_embeddings(
+        self, texts: list[str], *, max_total_tokens: int | None = None
+    ) -> list[list[int]]: ...
+
+    async def embed(
+        self, texts: list[str], prepared: list[list[int]] | None = None
+    ) -> list[list[float]]:
+        """Cancelling the caller stops the embedding; closing the engine ends it."""
+        ...
 
     # -- KV states and the prefix cache -----------------------------------------------
 

@@ -4,14 +4,18 @@ Everything here runs on that thread, which owns the llama.cpp context; nothing h
 called from anywhere else, except the read-only counters (``slot_infos``, ``busy_slots``,
 ``queue_depth``) that other threads may read at any time. The loop (``run``):
 
-1. drain the inbox (``handoff``): a ``Submit`` queues a job, a ``Cancel`` finishes one, a
-   ``Call`` runs a function here, a ``Close`` fails what is pending and stops;
+1. drain the inbox (``handoff``): a ``Submit`` queues a job, a ``Cancel`` finishes one, an
+   ``Embed`` queues an embedding job, a ``Call`` runs a function here, a ``Close`` fails
+   what is pending and stops;
 2. admit waiting jobs, first come first served, while there are free slots for them:
    pick slots and reuse a cached prefix (``prefix`` decides, ``kv`` copies);
 3. one batched decode step: the next token of every decoding sequence, in seq-id order,
    plus a chunk of any pending prompt, in one ``llama_decode``; then sample each sequence
    from its own logits row with its own sampler chain;
-4. hand the step's events to the callers' event loops (``handoff.Deliveries``).
+4. embed one text of the oldest embedding job, if any: an embedding request of hundreds
+   of texts runs between decode steps, one text each, so running streams keep getting
+   tokens, and a job whose caller left (or a ``Close``) stops it after the current text;
+5. hand the step's events to the callers' event loops (``handoff.Deliveries``).
 
 A job is one request; its branches are the ``n`` sequences of a fork, one slot each. The
 job's first branch (its main slot) computes the prompt; when the prompt is in, its KV is
@@ -35,6 +39,7 @@ import logging
 import queue
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +51,8 @@ from pcrt.runtime.engine.handoff import (
     Cancel,
     Close,
     Deliveries,
+    Embed,
+    EmbeddingJob,
     Inbox,
     Message,
     Outgoing,
@@ -129,6 +136,7 @@ class Scheduler:
         kv: SlotKV,
         inbox: Inbox,
         name: str,
+        embed: Callable[[list[int]], list[float]],
     ) -> None:
         self._ctx = ctx
         self.model = model
@@ -141,6 +149,8 @@ class Scheduler:
         self.slots = [Slot(i) for i in range(config.parallel)]
         self._waiting: deque[_Job] = deque()
         self._running: list[_Job] = []
+        self._embed = embed  # one text's tokens to its vector (``embeddings.Embedder``)
+        self._embedding: deque[EmbeddingJob] = deque()
         deliveries = Deliveries()
         # bound once: every step sends and dispatches
         self._send = deliveries.send
@@ -165,7 +175,7 @@ class Scheduler:
         """Serve the inbox until ``Close``. Raises only on a bug; the caller then calls
         ``shutdown`` with the error every pending caller gets."""
         while True:
-            idle = not self._running and not self._waiting
+            idle = not self._running and not self._waiting and not self._embedding
             try:
                 message = self._inbox.get() if idle else self._inbox.get_nowait()
             except queue.Empty:
@@ -183,6 +193,8 @@ class Scheduler:
             self._take_from_leaders()
             if self._running:
                 self._step()
+            if self._embedding:
+                self._embed_next()
             self._dispatch()
 
     def _handle(self, message: Message) -> None:
@@ -191,6 +203,8 @@ class Scheduler:
                 self._waiting.append(self._new_job(handle))
             case Cancel(request_id=request_id):
                 self._cancel(request_id)
+            case Embed(job=job):
+                self._embedding.append(job)
             case Call():
                 message.run()
 
@@ -211,6 +225,9 @@ class Scheduler:
             self._send(job.handle, [error])
         self._running.clear()
         self._waiting.clear()
+        for embedding in self._embedding:
+            embedding.fail(error)
+        self._embedding.clear()
         while True:  # fail calls and submissions that raced with close
             try:
                 message = self._inbox.get_nowait()
@@ -218,6 +235,8 @@ class Scheduler:
                 break
             if isinstance(message, Submit):
                 self._send(message.handle, [error])
+            elif isinstance(message, Embed):
+                message.job.fail(error)
             elif isinstance(message, Call):
                 message.fail(error)
         self._dispatch()
@@ -258,6 +277,27 @@ class Scheduler:
                 dropped += len(slot.tokens)
                 slot.tokens = []
         return dropped
+
+    # -- embeddings, one text per step ------------------------------------------------
+
+    def _embed_next(self) -> None:
+        """One text of the oldest embedding job (its own context: the slots' KV stays)."""
+        job = self._embedding[0]
+        if job.future.cancelled():  # the caller left: the rest is not embedded
+            self._embedding.popleft()
+            return
+        try:
+            job.vectors.append(self._embed(job.inputs[len(job.vectors)]))
+        except Exception as exc:  # one bad job must not take the scheduler down
+            if not isinstance(exc, PcrtError):
+                log.exception("could not embed for an embedding request")
+                exc = PcrtError(f"the embedding failed: {type(exc).__name__}")
+            self._embedding.popleft()
+            job.fail(exc)
+            return
+        if len(job.vectors) == len(job.inputs):
+            self._embedding.popleft()
+            job.succeed()
 
     # -- admission and prefix reuse -------------------------------------------------------
 

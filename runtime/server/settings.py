@@ -14,6 +14,8 @@ The config file is ``PCRT_CONFIG`` or ``config.toml`` in the platform's user con
     embeddings_max_body_bytes = 16777216
     dag_max_body_bytes = 8388608  # POST /v1/dags: the document, its inputs and library
     peer_max_body_bytes = 67108864  # subgraphs and runs a peer sends here
+    max_embedding_inputs = 256    # texts one /v1/embeddings request may hold
+    max_embedding_tokens = 65536  # and their tokens in all
 
     [limits.default]              # every agent not named below
     requests_per_minute = 600
@@ -134,6 +136,10 @@ class ServerSettings(BaseModel):
     dag_max_body_bytes: int = Field(default=8 * 1024**2, ge=1)  # POST /v1/dags
     # subgraphs and migrated runs: they carry every finished node's output
     peer_max_body_bytes: int = Field(default=64 * 1024**2, ge=1)
+    # /v1/embeddings (issue 16): the most texts, and tokens in all, one request may embed;
+    # more is a 400 before any work (OpenAI's own bounds are 2,048 texts, 300,000 tokens)
+    max_embedding_inputs: int = Field(default=256, ge=1)
+    max_embedding_tokens: int = Field(default=65_536, ge=1)
     limits: LimitSettings = LimitSettings()
     peers: PeerSettings = PeerSettings()
 

@@ -1,10 +1,12 @@
 """Chat and text completions on this node (``/v1/chat/completions``, ``/v1/completions``).
 
-OpenAI's request becomes a ``GenerateRequest``, checked (``prepare``), admitted against
-the agent's limits and submitted to a model leased from the pool; the answer, or its
-stream of chunks, leaves in OpenAI's exact shape. A request the routing policy sends to a
-peer goes there instead (``forwarding``). The lease is held by a ``Generation``, which
-the stream (or the wait for the whole answer) closes: the route never touches it.
+OpenAI's request becomes a ``GenerateRequest``, checked (``prepare``, in a worker thread:
+the chat template, the tokenizer, a JSON schema's grammar can take seconds, and the event
+loop waits on none of them), admitted against the agent's limits and submitted to a model
+leased from the pool; the answer, or its stream of chunks, leaves in OpenAI's exact shape.
+A request the routing policy sends to a peer goes there instead (``forwarding``). The
+lease is held by a ``Generation``, which the stream (or the wait for the whole answer)
+closes: the route never touches it.
 """
 
 from __future__ import annotations
@@ -20,7 +22,14 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from pcrt.runtime.engine import Completion, FinishEvent, GenerateRequest, RequestHandle, TokenEvent
+from pcrt.runtime.engine import (
+    Completion,
+    EngineClient,
+    FinishEvent,
+    GenerateRequest,
+    RequestHandle,
+    TokenEvent,
+)
 from pcrt.runtime.errors import ContextLengthExceeded, PcrtError
 from pcrt.runtime.server.forwarding import forward_if_routed, route_headers
 from pcrt.runtime.server.http_errors import CLIENT_CLOSED_REQUEST, client_left, status_and_body
@@ -32,6 +41,7 @@ from pcrt.runtime.server.schemas import (
 )
 from pcrt.runtime.server.services import Accounting, Services, agent_of
 from pcrt.runtime.sse import encode
+from pcrt.runtime.threads import to_thread_to_completion
 
 __all__ = ["CompletionsServing", "Generation"]
 
@@ -115,7 +125,10 @@ class Generation:
                 pool.lease(body.model, body.keep_alive_seconds())
             )
             acct.model = model.name
-            handle = _submit(model, body, chat, acct)
+            # once per request, never per token: the stream itself stays on the loop
+            request, tokens = await to_thread_to_completion(_prepare, model.engine, body, chat)
+            acct.admit(len(tokens))  # after every check: a refused prompt costs no quota
+            handle = model.engine.submit(request, prepared=tokens)
             return cls(model, handle, lease.pop_all())
 
     async def __aenter__(self) -> Generation:
@@ -125,10 +138,11 @@ class Generation:
         await self._lease.aclose()  # the model's slot goes back to the pool
 
 
-def _submit(
-    model: LoadedModel, body: GenerationFields, chat: bool, acct: Accounting
-) -> RequestHandle:
-    engine = model.engine
+def _prepare(
+    engine: EngineClient, body: GenerationFields, chat: bool
+) -> tuple[GenerateRequest, list[int]]:
+    """The engine's request and its checked prompt tokens (in a worker thread: the
+    sampling's grammar, the template and the tokenizer all run here)."""
     try:
         schema = body.output_schema() if isinstance(body, ChatCompletionRequest) else None
         default_max = engine.context_per_slot if chat else 16  # OpenAI's legacy default is 16
@@ -138,9 +152,7 @@ def _submit(
         else:
             assert isinstance(body, CompletionRequest)
             request = GenerateRequest(prompt=body.prompt_value(), sampling=sampling, n=body.n)
-        tokens = engine.prepare(request)  # every check first: a refused prompt costs no quota
-        acct.admit(len(tokens))
-        return engine.submit(request, prepared=tokens)
+        return request, engine.prepare(request)
     except ContextLengthExceeded as exc:
         exc.param = "messages" if chat else "prompt"  # the field that holds the text
         raise
