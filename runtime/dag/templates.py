@@ -13,6 +13,7 @@ dependencies are implied without ``needs``.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import time
@@ -54,7 +55,7 @@ MAX_STEPS = 1_000_000  # loop iterations in one render or evaluation
 MAX_SECONDS = 1.0  # and the wall time it may take, however it spends it
 _NESTED_WIDTH = re.compile(r"\{[^{}]*:[^{}]*\{")
 # widths that pad text: 'x'|center(10**8) or '%0100000000d' % 1 build 100 MB
-_WIDTH_FILTERS = {"center": 0, "indent": 0, "wordwrap": 0, "truncate": 0}
+_WIDTH_FILTERS = {"center": "width", "indent": "width", "wordwrap": "width", "truncate": "length"}
 _WIDTH_METHODS = frozenset({"center", "ljust", "rjust", "zfill", "expandtabs"})
 _FORMAT_WIDTH = re.compile(r"[%:][-#0 +<>=^,_]*(\d+)?(?:\.(\d+))?")
 _METER: ContextVar[_Meter | None] = ContextVar("pcrt_template_meter", default=None)
@@ -77,8 +78,8 @@ class DagSandbox(ImmutableSandboxedEnvironment):
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
         self._plain: dict[tuple[str, bool], bool] = {}
-        for name, width_at in _WIDTH_FILTERS.items():
-            self.filters[name] = _bounded_filter(self.filters[name], name, width_at)
+        for name, width_name in _WIDTH_FILTERS.items():
+            self.filters[name] = _bounded_filter(self.filters[name], name, width_name)
         self.filters["format"] = _bounded_format(self.filters["format"])
 
     def is_plain(self, source: str, expression: bool = False) -> bool:
@@ -218,21 +219,35 @@ def _check_format(text: str, what: str) -> None:
                 raise SecurityError(f"{what} with a width over {MAX_SEQUENCE}")
 
 
-def _bounded_filter(filter_: Callable[..., Any], name: str, width_at: int) -> Callable[..., Any]:
-    def bounded(value: Any, *args: Any, **kwargs: Any) -> Any:
-        width = args[width_at] if len(args) > width_at else kwargs.get("width")
+def _bounded_filter(filter_: Callable[..., Any], name: str, width_name: str) -> Callable[..., Any]:
+    """``filter_``, refusing a width over ``MAX_SEQUENCE`` (its first argument after the
+    value, or ``width_name``). The wrapper keeps Jinja's marker (``pass_environment``,
+    ``pass_eval_context``, ``pass_context``): without it ``truncate`` and ``wordwrap``
+    were called without their environment, and always failed."""
+    passed = 1 if hasattr(filter_, "jinja_pass_arg") else 0  # the environment or context
+
+    @functools.wraps(filter_)
+    def bounded(*args: Any, **kwargs: Any) -> Any:
+        after = args[passed + 1 :]  # the arguments after the value
+        width = after[0] if after else kwargs.get(width_name)
+        if isinstance(width, str):  # indent's own indentation
+            width = len(width)
         if isinstance(width, int) and width > MAX_SEQUENCE:
             raise SecurityError(f"'{name}' with a width over {MAX_SEQUENCE}")
-        return filter_(value, *args, **kwargs)
+        return filter_(*args, **kwargs)
 
     return bounded
 
 
 def _bounded_format(filter_: Callable[..., Any]) -> Callable[..., Any]:
-    def bounded(value: Any, *args: Any, **kwargs: Any) -> Any:
+    passed = 1 if hasattr(filter_, "jinja_pass_arg") else 0
+
+    @functools.wraps(filter_)
+    def bounded(*args: Any, **kwargs: Any) -> Any:
+        value = args[passed] if len(args) > passed else None
         if isinstance(value, str):
-            _check_percent(value, args, "'format'")
-        return filter_(value, *args, **kwargs)
+            _check_percent(value, args[passed + 1 :], "'format'")
+        return filter_(*args, **kwargs)
 
     return bounded
 
