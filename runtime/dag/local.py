@@ -23,7 +23,7 @@ from pcrt.runtime.dag.context import ENGINE_VERSION, RunContext
 from pcrt.runtime.dag.events import DagEvent, DagEventKind
 from pcrt.runtime.dag.spec import ForkNode, LlmNode
 from pcrt.runtime.dag.states import checkpoint_to_resume, load_state, save_checkpoint, save_state
-from pcrt.runtime.dag.templates import render
+from pcrt.runtime.dag.template_render import render_async
 from pcrt.runtime.engine import CheckpointEvent, EngineClient, GenerateRequest, TokenEvent
 from pcrt.runtime.engine.chat import ChatMessage
 from pcrt.runtime.engine.sampling import SamplingParams
@@ -261,10 +261,10 @@ async def conversation(
             what = f"{node.context}'s KV"
             state = await load_state(run.deps.blobs, record.state_sha256, engine, what)
     elif node.system is not None:
-        system = render(env, node.system, scope, node=node.id)
+        system = await render_async(env, node.system, scope, node=node.id)
         turns = [ChatMessage(role="system", content=system)]
     assert node.prompt is not None
-    prompt = render(env, node.prompt, scope, node=node.id)
+    prompt = await render_async(env, node.prompt, scope, node=node.id)
     return [*turns, ChatMessage(role="user", content=prompt)], state
 
 
