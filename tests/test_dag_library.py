@@ -5,6 +5,7 @@ Fast: no model, no engine (the registry is the built-in catalogue).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from pathlib import Path
@@ -237,8 +238,8 @@ def test_budget_outputs_determinism_and_cache_key() -> None:
 
     library = library_from_documents([describe_lib()])
     callee = library.dags["/lib/text/describe"]
-    outputs = call_outputs(
-        make_environment(), callee, {"thing": "tea"}, {"line": "hot tea"}, node="a"
+    outputs = asyncio.run(
+        call_outputs(make_environment(), callee, {"thing": "tea"}, {"line": "hot tea"}, node="a")
     )
     assert outputs == {"line": "hot tea", "shout": "HOT TEA"}
 

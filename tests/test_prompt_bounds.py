@@ -27,7 +27,7 @@ from pcrt.runtime.engine.sampling import SamplingParams
 from pcrt.runtime.errors import ContextLengthExceeded
 from pcrt.runtime.server.settings import ServerSettings
 from tests.fakes import FakeEngine, FakeEngines, Script
-from tests.health_poll import HealthPoll
+from tests.health_probe import HealthProbe
 from tests.live_server import LiveServer, ServerFactory
 
 KEY = "test-key"
@@ -141,15 +141,15 @@ def test_a_12_mb_prompt_is_a_400_while_health_answers(
     headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
     with httpx.Client(base_url=server.url, headers=headers, timeout=120) as client:
         client.post(route, json={"model": MODEL, "prompt": "Hi", "max_tokens": 1})  # loaded
-        with HealthPoll(server.url) as poll:
+        with HealthProbe(server.url) as poll:
             response = client.post(route, content=body)
-    print(route, poll.report())
+    print(poll.report(route))
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert (error["code"], error["param"]) == ("context_length_exceeded", field)
     assert "at least" in error["message"]
-    assert poll.failures == 0 and poll.worst < 1.0, poll.report()
-    assert poll.rss_growth < 100 * 2**20, poll.report()
+    assert poll.failures == [] and poll.worst < 1.0, poll.report(route)
+    assert poll.rss_growth < 100 * 2**20, poll.report(route)
 
 
 # -- a slow check stays off the loop (a fake engine whose checks take 2 s) ---------------
@@ -163,14 +163,14 @@ def slow_checks(live_server: ServerFactory) -> LiveServer:
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_slow_check_does_not_hold_up_health(slow_checks: LiveServer, stream: bool) -> None:
     payload = {"model": MODEL, "prompt": "Hi", "max_tokens": 2, "stream": stream}
-    with HealthPoll(slow_checks.url) as poll:
+    with HealthProbe(slow_checks.url) as poll:
         started = time.perf_counter()
         response = httpx.post(slow_checks.url + "/v1/completions", json=payload, timeout=30)
         took = time.perf_counter() - started
-    print(poll.report())
+    print(poll.report("slow check"))
     assert response.status_code == 200, response.text
     assert took >= 2.0  # the checks did run, in a worker thread
-    assert poll.failures == 0 and poll.worst < 1.0, poll.report()
+    assert poll.failures == [] and poll.worst < 1.0, poll.report("slow check")
 
 
 async def test_a_slow_check_in_the_engine_lets_the_loop_run() -> None:

@@ -22,14 +22,8 @@ from pcrt.runtime.dag.spec import (
     Signature,
     SubgraphNode,
 )
-from pcrt.runtime.dag.templates import (
-    check_assert,
-    evaluate,
-    make_environment,
-    make_scope,
-    render,
-    render_value,
-)
+from pcrt.runtime.dag.template_render import check_assert, evaluate, render, render_value
+from pcrt.runtime.dag.templates import make_environment, make_scope
 from pcrt.runtime.dag.validate import (
     bind_inputs,
     count_nodes,

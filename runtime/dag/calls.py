@@ -38,7 +38,7 @@ from pcrt.runtime.dag.subgraph import (
     is_deterministic,
     jsonable,
 )
-from pcrt.runtime.dag.templates import render_value
+from pcrt.runtime.dag.template_render import render_value_async
 from pcrt.runtime.dag.validate import bind_inputs
 from pcrt.runtime.errors import BudgetExceeded, DagInvalid, InvalidRequest, PcrtError
 
@@ -84,7 +84,7 @@ async def call_subgraph(
         )
     records = deps.runs.nodes(child.id)
     outputs = {n.node_id: n.output for n in records if n.status == NodeStatus.SUCCEEDED}
-    output = call_outputs(deps.env, spec, final.inputs, outputs, node=node.id)
+    output = await call_outputs(deps.env, spec, final.inputs, outputs, node=node.id)
     tokens = final.tokens_used
     finished = NodeFinished(
         output=output,
@@ -118,7 +118,7 @@ async def _prepare_call(
     callee = run.library.dags.get(node.dag)
     if callee is None:
         raise PcrtError(f"node {node.id!r}: the library of this run has no {node.dag}")
-    inputs = _call_inputs(run, node, callee, scope)
+    inputs = await _call_inputs(run, node, callee, scope)
     spent = run.counters()
     budget = child_budget(callee.budget, run.spec.budget, spent.tokens_used, spent.nodes_executed)
     spec = child_spec(callee, run.library, budget).called_with(node.route, node.complexity)
@@ -150,14 +150,14 @@ def _existing_child(run: RunContext, record: NodeRecord) -> RunRecord | None:
         return None
 
 
-def _call_inputs(
+async def _call_inputs(
     run: RunContext, node: SubgraphNode, callee: DagSpec, scope: dict[str, Any]
 ) -> dict[str, Any]:
     """The node's inputs rendered over the caller's values, bound to the callee's
     signature (defaults filled in, types checked)."""
     rendered = {
         name: jsonable(
-            render_value(run.deps.env, value, scope, node=node.id),
+            await render_value_async(run.deps.env, value, scope, node=node.id),
             f"node {node.id!r}: input {name!r}",
         )
         for name, value in node.inputs.items()

@@ -23,7 +23,7 @@ from pcrt.runtime.dag.context import ENGINE_VERSION, RunContext
 from pcrt.runtime.dag.events import DagEvent, DagEventKind
 from pcrt.runtime.dag.spec import ForkNode, LlmNode
 from pcrt.runtime.dag.states import checkpoint_to_resume, load_state, save_checkpoint, save_state
-from pcrt.runtime.dag.templates import render
+from pcrt.runtime.dag.template_render import render_async
 from pcrt.runtime.engine import CheckpointEvent, EngineClient, GenerateRequest, TokenEvent
 from pcrt.runtime.engine.chat import ChatMessage
 from pcrt.runtime.engine.sampling import SamplingParams
@@ -54,7 +54,7 @@ async def generate(run: RunContext, node: LlmNode | ForkNode, scope: dict[str, A
     async with deps.lease(entry.name) as engine:
         messages, context_state = await conversation(run, node, scope, engine)
         base = GenerateRequest(messages=messages, sampling=sampling, n=samples)
-        prompt = engine.tokenize_request(base)
+        prompt = await engine.tokenize_request_in_thread(base)  # milliseconds per 1k tokens
         key = _cache_key(node, prompt, sampling, engine)
         cached = deps.runs.cache_get(key) if key is not None else None
         if cached is not None:
@@ -140,7 +140,7 @@ async def _generate_one(
     )
     deps.runs.update_node(run_id, node_id, start)
     started = time.perf_counter()
-    handle = engine.submit(request)
+    handle = engine.submit(request, await engine.prepare_in_thread(request))
     async for event in handle:
         if isinstance(event, TokenEvent) and event.text:
             data = {"index": event.index, "text": event.text}
@@ -207,7 +207,7 @@ async def _fork(
             chunk = sampling.model_copy(update={"seed": sampling.seed + first})
         n = min(width, samples - first)
         request = GenerateRequest(prompt=prompt, sampling=chunk, n=n, context_state=context_state)
-        handles.append((first, engine.submit(request)))
+        handles.append((first, engine.submit(request, await engine.prepare_in_thread(request))))
     texts: list[str] = [""] * samples
     tokens = cached = 0
     cut = False
@@ -261,10 +261,10 @@ async def conversation(
             what = f"{node.context}'s KV"
             state = await load_state(run.deps.blobs, record.state_sha256, engine, what)
     elif node.system is not None:
-        system = render(env, node.system, scope, node=node.id)
+        system = await render_async(env, node.system, scope, node=node.id)
         turns = [ChatMessage(role="system", content=system)]
     assert node.prompt is not None
-    prompt = render(env, node.prompt, scope, node=node.id)
+    prompt = await render_async(env, node.prompt, scope, node=node.id)
     return [*turns, ChatMessage(role="user", content=prompt)], state
 
 

@@ -23,7 +23,7 @@ from pcrt.runtime.dag import local
 from pcrt.runtime.dag.context import RunContext
 from pcrt.runtime.dag.events import DagEvent, DagEventKind
 from pcrt.runtime.dag.spec import ForkNode, LlmNode, SubgraphNode
-from pcrt.runtime.dag.templates import render
+from pcrt.runtime.dag.template_render import render_async
 from pcrt.runtime.dag.validate import dependencies
 from pcrt.runtime.engine.sampling import SamplingParams
 from pcrt.runtime.errors import NoRoute, PcrtError, PeerError, PeerUnavailable
@@ -41,7 +41,7 @@ async def generate_routed(
     """The node's output, by its id, with those of the nodes that went with it to a pcrt
     peer: generated where routing decides, here when there are no peers or the node
     says ``route: local``."""
-    decision = _decide(run, node, scope)
+    decision = await _decide(run, node, scope)
     if decision is None:
         return {node.id: await local.generate(run, node, scope)}
     remote = run.deps.remote
@@ -71,7 +71,9 @@ async def generate_routed(
     raise PeerUnavailable(f"node {node.id}: every candidate failed ({tried})", peer="")
 
 
-def _decide(run: RunContext, node: LlmNode | ForkNode, scope: dict[str, Any]) -> Decision | None:
+async def _decide(
+    run: RunContext, node: LlmNode | ForkNode, scope: dict[str, Any]
+) -> Decision | None:
     """Where the node should run, or None for "here, no question" (no peers, or the
     node says ``route: local``)."""
     remote = run.deps.peers
@@ -79,7 +81,7 @@ def _decide(run: RunContext, node: LlmNode | ForkNode, scope: dict[str, Any]) ->
         return None
     text = (node.system or "") + (node.prompt or "")
     with contextlib.suppress(PcrtError):
-        text = render(run.deps.env, node.prompt or "", scope, node=node.id)
+        text = await render_async(run.deps.env, node.prompt or "", scope, node=node.id)
     work = Work(
         # neither model nor tag: each node offers its best model (here, the default)
         model=node.model,

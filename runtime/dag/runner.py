@@ -47,11 +47,13 @@ from pcrt.runtime.dag.library import (
 from pcrt.runtime.dag.load import parse_dag
 from pcrt.runtime.dag.offsite import generate_routed
 from pcrt.runtime.dag.spec import AssertNode, Budget, DagSpec, ForkNode, SubgraphNode
-from pcrt.runtime.dag.templates import check_assert, make_environment, make_scope
+from pcrt.runtime.dag.template_render import check_assert_async
+from pcrt.runtime.dag.templates import make_environment, make_scope
 from pcrt.runtime.dag.validate import bind_inputs, dependencies, validate, validate_callees
 from pcrt.runtime.errors import AssertFailed, BudgetExceeded, DagInvalid, InvalidRequest, PcrtError
 from pcrt.runtime.models.registry import Registry
 from pcrt.runtime.paths import Paths
+from pcrt.runtime.threads import to_thread_to_completion
 
 __all__ = ["DagRunner", "check_run"]
 
@@ -233,7 +235,8 @@ class DagRunner:
         return final
 
     async def _schedule(self, run: RunContext) -> None:
-        deps = dependencies(run.spec)
+        # every template parsed and compiled: ~10 ms for a long one, and a DAG has 1,000
+        deps = await to_thread_to_completion(dependencies, run.spec)
         pending = [n for n in run.spec.nodes if n not in run.outputs]
         running: dict[asyncio.Task[dict[str, Any]], str] = {}
         try:
@@ -279,7 +282,7 @@ class DagRunner:
         try:
             if isinstance(node, AssertNode):
                 env = self.deps.env
-                check_assert(env, node.that, scope, node=node_id, message=node.message)
+                await check_assert_async(env, node.that, scope, node=node_id, message=node.message)
                 produced = {node_id: True}
             elif isinstance(node, SubgraphNode):
                 produced = {node_id: await call_subgraph(run, node, scope, self.execute)}

@@ -18,7 +18,8 @@ from typing import Any
 
 from pcrt.runtime.dag.library import Library, with_library
 from pcrt.runtime.dag.spec import Budget, DagSpec, ForkNode, LlmNode
-from pcrt.runtime.dag.templates import DagSandbox, evaluate, make_scope
+from pcrt.runtime.dag.template_render import evaluate_async
+from pcrt.runtime.dag.templates import DagSandbox, make_scope
 from pcrt.runtime.engine.sampling import SamplingParams
 from pcrt.runtime.errors import InvalidRequest
 
@@ -94,7 +95,7 @@ def call_cache_key(
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
 
 
-def call_outputs(
+async def call_outputs(
     env: DagSandbox,
     callee: DagSpec,
     inputs: Mapping[str, Any],
@@ -103,13 +104,14 @@ def call_outputs(
     node: str,
 ) -> dict[str, Any]:
     """The call's output: each signature output's ``value`` expression evaluated over the
-    child's inputs and node outputs, else the output of the callee's node of that name."""
+    child's inputs and node outputs (in the template worker unless it is plain), else the
+    output of the callee's node of that name."""
     assert callee.signature is not None  # validation refuses a /lib DAG without one
     scope = make_scope(inputs, outputs)
     result: dict[str, Any] = {}
     for name, spec in callee.signature.outputs.items():
         if spec.value is not None:
-            value = evaluate(env, spec.value, scope, node=node)
+            value = await evaluate_async(env, spec.value, scope, node=node)
         else:
             value = outputs[name]
         result[name] = jsonable(value, f"node {node!r}: output {name!r} of {callee.dag}")

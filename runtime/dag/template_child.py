@@ -11,8 +11,9 @@ import resource
 import signal
 import sys
 
+from pcrt.runtime.dag.template_render import serve_request
 from pcrt.runtime.dag.template_worker import MAX_RESULT, MEMORY_LIMIT, jsonable
-from pcrt.runtime.dag.templates import sandbox_here, serve_request
+from pcrt.runtime.dag.templates import sandbox_here
 
 __all__ = ["main"]
 

@@ -9,39 +9,46 @@ Templates see two names: ``inputs`` (the run's inputs) and ``nodes`` (``nodes.ID
 for each finished node). The scanner reads a template's AST for ``inputs.X`` and
 ``nodes.ID.output...`` chains, which is how validation finds unknown references and how
 dependencies are implied without ``needs``.
+
+This module owns the sandbox and the scanner; where a template runs (here, or in the
+template worker) and the calls that run it are ``template_render``'s.
 """
 
 from __future__ import annotations
 
-import json
+import functools
 import re
+import threading
 import time
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from jinja2 import StrictUndefined, Undefined, meta, nodes
+from jinja2 import StrictUndefined, nodes
+from jinja2.compiler import CodeGenerator, Frame
 from jinja2.exceptions import SecurityError, TemplateSyntaxError
+from jinja2.meta import TrackingCodeGenerator
 from jinja2.parser import Parser
 from jinja2.runtime import Context
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from pcrt.runtime.dag.template_worker import TemplateWorker, jsonable
-from pcrt.runtime.errors import AssertFailed, RenderFailed
+from pcrt.runtime.dag.template_bounds import PLAIN_BUDGET, PLAIN_SOURCE, Cost, cost_of
+from pcrt.runtime.dag.template_worker import TemplateWorker
 
 __all__ = [
     "DagSandbox",
+    "Prepared",
     "Reference",
     "TemplateInfo",
-    "check_assert",
-    "evaluate",
     "make_environment",
     "make_scope",
-    "render",
-    "render_value",
+    "metering",
+    "parse_expression",
+    "sandbox_here",
     "scan_expression",
     "scan_template",
 ]
@@ -54,13 +61,48 @@ MAX_STEPS = 1_000_000  # loop iterations in one render or evaluation
 MAX_SECONDS = 1.0  # and the wall time it may take, however it spends it
 _NESTED_WIDTH = re.compile(r"\{[^{}]*:[^{}]*\{")
 # widths that pad text: 'x'|center(10**8) or '%0100000000d' % 1 build 100 MB
-_WIDTH_FILTERS = {"center": 0, "indent": 0, "wordwrap": 0, "truncate": 0}
+_WIDTH_FILTERS = {"center": "width", "indent": "width", "wordwrap": "width", "truncate": "length"}
 _WIDTH_METHODS = frozenset({"center", "ljust", "rjust", "zfill", "expandtabs"})
 _FORMAT_WIDTH = re.compile(r"[%:][-#0 +<>=^,_]*(\d+)?(?:\.(\d+))?")
 _METER: ContextVar[_Meter | None] = ContextVar("pcrt_template_meter", default=None)
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_LONE = re.compile(r"\{\{[-+]?(.*?)[-+]?\}\}", re.S)
-_SHOWN = 200  # characters of a value shown in an assertion message
+_CACHED = 256  # templates kept compiled, with at most
+_CACHED_SOURCE = 512 * 1024  # characters of source in all (a compiled one is ~16x that)
+
+
+class _NoFolding(CodeGenerator):
+    """Jinja's compiler, except that it never runs template code.
+
+    Jinja folds constant output at compile time: ``{{ 'a\\n...' | indent(99999) }}``
+    called ``indent`` when the template was only compiled, and DAG validation compiles
+    every template in the daemon's process (a 6 KB template built 300 MB there). Here
+    such output is computed when the template renders, in the worker, bounded."""
+
+    def _output_child_to_const(self, node: nodes.Expr, frame: Frame, finalize: Any) -> str:
+        raise nodes.Impossible()
+
+
+class _NamesRead(TrackingCodeGenerator):
+    """``jinja2.meta.find_undeclared_variables``'s walk, without folding constants (see
+    ``_NoFolding``) and without the optimiser, which folds too (and takes time quadratic
+    in the depth of an expression: 57 ms for 40 ``and``-ed clauses)."""
+
+    def __init__(self, environment: DagSandbox) -> None:
+        super().__init__(environment)
+        self.optimizer = None
+
+    def _output_child_to_const(self, node: nodes.Expr, frame: Frame, finalize: Any) -> str:
+        raise nodes.Impossible()
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A template (or expression) parsed once: its cost when it is plain, and, when it
+    runs in this process, its compiled form (or the error compiling it gave)."""
+
+    cost: Cost | None  # None: not plain, the template worker runs it
+    program: Callable[[Mapping[str, Any]], Any] | None = None
+    error: str | None = None  # why it does not compile, as a render failure says it
 
 
 class DagSandbox(ImmutableSandboxedEnvironment):
@@ -68,38 +110,73 @@ class DagSandbox(ImmutableSandboxedEnvironment):
     padding widths and loop iterations (``'a' * 10**9``, ``'x'|center(10**8)`` and nested
     ``range`` loops are refused), with messages that say which. What holds a template to
     its time and memory whatever it does is the worker process it runs in (see
-    ``template_worker``); plain templates, which cannot cost more than their inputs, run
-    in the daemon's process."""
+    ``template_worker``); plain templates, whose cost ``template_bounds`` proves small
+    for the values they read, run in the daemon's process."""
 
     intercepted_binops = frozenset({"*", "**", "%"})
+    code_generator_class = _NoFolding
     worker: TemplateWorker | None = None  # None: templates run in this process
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
-        self._plain: dict[tuple[str, bool], bool] = {}
-        for name, width_at in _WIDTH_FILTERS.items():
-            self.filters[name] = _bounded_filter(self.filters[name], name, width_at)
+        # touched by the event loop and by the threads that prepare templates off it
+        self._prepared: OrderedDict[tuple[str, bool], Prepared] = OrderedDict()
+        self._prepared_source = 0
+        self._prepared_lock = threading.Lock()
+        for name, width_name in _WIDTH_FILTERS.items():
+            self.filters[name] = _bounded_filter(self.filters[name], name, width_name)
         self.filters["format"] = _bounded_format(self.filters["format"])
 
-    def is_plain(self, source: str, expression: bool = False) -> bool:
-        """Whether a template (or expression) can cost no more than its inputs: no loops,
-        macros, calls, repetition, padding or formatting, only lookups, cheap filters,
-        tests, comparisons and concatenation. Such a template, which is what most prompts
-        are ("Summarise {{ nodes.draft.output }}"), renders in this process: a round trip
-        to the worker waits for a core, and llama.cpp is using both."""
+    def prepared(self, source: str, expression: bool = False) -> Prepared | None:
+        """What ``prepare`` gave for this template, if it is still cached."""
         key = (source, expression)
-        if key not in self._plain:
-            if len(self._plain) >= 4096:
-                self._plain.clear()
+        with self._prepared_lock:
+            found = self._prepared.get(key)
+            if found is not None:
+                self._prepared.move_to_end(key)
+            return found
+
+    def prepare(self, source: str, expression: bool = False) -> Prepared:
+        """Parse, bound and compile a template once (cached, most recently used first).
+
+        With a worker, only plain templates are compiled: the rest never run here. It
+        takes milliseconds for a long template: the event loop calls it in a thread."""
+        found = self.prepared(source, expression)
+        if found is not None:
+            return found
+        prepared = self._prepare(source, expression)
+        if len(source) <= PLAIN_SOURCE:
+            with self._prepared_lock:
+                key = (source, expression)
+                if key not in self._prepared:
+                    self._prepared[key] = prepared
+                    self._prepared_source += len(source)
+                while len(self._prepared) > _CACHED or self._prepared_source > _CACHED_SOURCE:
+                    (old, _), _ = self._prepared.popitem(last=False)
+                    self._prepared_source -= len(old)
+        return prepared
+
+    def _prepare(self, source: str, expression: bool) -> Prepared:
+        cost: Cost | None = None
+        if self.worker is not None:
+            if len(source) > PLAIN_SOURCE:
+                return Prepared(cost=None)
             try:
                 tree: nodes.Node = (
-                    _parse_expression(self, source) if expression else self.parse(source)
+                    parse_expression(self, source) if expression else self.parse(source)
                 )
             except Exception:
-                self._plain[key] = False  # the worker gives its error
-            else:
-                self._plain[key] = all(_plain_node(n) for n in (tree, *tree.find_all(nodes.Node)))
-        return self._plain[key]
+                return Prepared(cost=None)  # the worker gives its error
+            cost = cost_of(tree, expression=expression)
+            if cost is None or cost.constant > PLAIN_BUDGET:
+                return Prepared(cost=None)  # never fits: not worth compiling
+        try:
+            if expression:
+                run = self.compile_expression(source, undefined_to_none=False)
+                return Prepared(cost, lambda scope: run(**scope))
+            return Prepared(cost, self.from_string(source).render)
+        except Exception as exc:  # a syntax error, or an unknown filter or test
+            return Prepared(cost, error=f"{type(exc).__name__}: {exc}")
 
     def _parse(self, source: str, name: str | None, filename: str | None) -> nodes.Template:
         """Every ``for`` loop iterates through the meter (see ``_metered``)."""
@@ -190,7 +267,8 @@ def _metered(iterable: Any) -> Iterator[Any]:
 
 
 @contextmanager
-def _metering() -> Iterator[None]:
+def metering() -> Iterator[None]:
+    """The meter for one render or evaluation (loop steps and wall time)."""
     token = _METER.set(_Meter())
     try:
         yield
@@ -218,98 +296,37 @@ def _check_format(text: str, what: str) -> None:
                 raise SecurityError(f"{what} with a width over {MAX_SEQUENCE}")
 
 
-def _bounded_filter(filter_: Callable[..., Any], name: str, width_at: int) -> Callable[..., Any]:
-    def bounded(value: Any, *args: Any, **kwargs: Any) -> Any:
-        width = args[width_at] if len(args) > width_at else kwargs.get("width")
+def _bounded_filter(filter_: Callable[..., Any], name: str, width_name: str) -> Callable[..., Any]:
+    """``filter_``, refusing a width over ``MAX_SEQUENCE`` (its first argument after the
+    value, or ``width_name``). The wrapper keeps Jinja's marker (``pass_environment``,
+    ``pass_eval_context``, ``pass_context``): without it ``truncate`` and ``wordwrap``
+    were called without their environment, and always failed."""
+    passed = 1 if hasattr(filter_, "jinja_pass_arg") else 0  # the environment or context
+
+    @functools.wraps(filter_)
+    def bounded(*args: Any, **kwargs: Any) -> Any:
+        after = args[passed + 1 :]  # the arguments after the value
+        width = after[0] if after else kwargs.get(width_name)
+        if isinstance(width, str):  # indent's own indentation
+            width = len(width)
         if isinstance(width, int) and width > MAX_SEQUENCE:
             raise SecurityError(f"'{name}' with a width over {MAX_SEQUENCE}")
-        return filter_(value, *args, **kwargs)
+        return filter_(*args, **kwargs)
 
     return bounded
 
 
 def _bounded_format(filter_: Callable[..., Any]) -> Callable[..., Any]:
-    def bounded(value: Any, *args: Any, **kwargs: Any) -> Any:
+    passed = 1 if hasattr(filter_, "jinja_pass_arg") else 0
+
+    @functools.wraps(filter_)
+    def bounded(*args: Any, **kwargs: Any) -> Any:
+        value = args[passed] if len(args) > passed else None
         if isinstance(value, str):
-            _check_percent(value, args, "'format'")
-        return filter_(value, *args, **kwargs)
+            _check_percent(value, args[passed + 1 :], "'format'")
+        return filter_(*args, **kwargs)
 
     return bounded
-
-
-_PLAIN_NODES = (
-    nodes.Template,
-    nodes.Output,
-    nodes.TemplateData,
-    nodes.Name,
-    nodes.Getattr,
-    nodes.Getitem,
-    nodes.Slice,
-    nodes.Const,
-    nodes.Compare,
-    nodes.Operand,
-    nodes.And,
-    nodes.Or,
-    nodes.Not,
-    nodes.Neg,
-    nodes.Pos,
-    nodes.CondExpr,
-    nodes.Concat,
-    nodes.Add,
-    nodes.Sub,
-    nodes.Div,
-    nodes.FloorDiv,
-    nodes.List,
-    nodes.Tuple,
-    nodes.Dict,
-    nodes.Pair,
-    nodes.Test,
-    nodes.Keyword,
-    nodes.If,  # not Assign: {% set a = a ~ a %} doubles per line
-)
-# filters whose cost is linear in their input: no widths, no growth, nothing quadratic
-# (not replace, center, indent, wordwrap, format, map, batch, sum over lists, striptags)
-_PLAIN_FILTERS = frozenset(
-    {
-        "abs",
-        "capitalize",
-        "count",
-        "d",
-        "default",
-        "dictsort",
-        "e",
-        "escape",
-        "first",
-        "float",
-        "int",
-        "join",
-        "last",
-        "length",
-        "list",
-        "lower",
-        "max",
-        "min",
-        "reverse",
-        "round",
-        "safe",
-        "sort",
-        "string",
-        "title",
-        "tojson",
-        "trim",
-        "truncate",
-        "unique",
-        "upper",
-        "urlencode",
-        "wordcount",
-    }
-)
-
-
-def _plain_node(node: nodes.Node) -> bool:
-    if isinstance(node, nodes.Filter):
-        return node.name in _PLAIN_FILTERS
-    return isinstance(node, _PLAIN_NODES)
 
 
 def make_environment() -> DagSandbox:
@@ -380,13 +397,13 @@ def scan_template(env: DagSandbox, source: str) -> TemplateInfo:
 
 def scan_expression(env: DagSandbox, source: str) -> TemplateInfo:
     """Like ``scan_template`` for a bare expression (``assert.that``, signature values)."""
-    ast = nodes.Template([nodes.Output([_parse_expression(env, source)])], lineno=1)
+    ast = nodes.Template([nodes.Output([parse_expression(env, source)])], lineno=1)
     ast.set_environment(env)
     env.compile_expression(source)
     return _info(env, ast)
 
 
-def _parse_expression(env: DagSandbox, source: str) -> nodes.Expr:
+def parse_expression(env: DagSandbox, source: str) -> nodes.Expr:
     parser = Parser(env, source, state="variable")
     expr = parser.parse_expression()
     if not parser.stream.eos:
@@ -399,7 +416,9 @@ def _parse_expression(env: DagSandbox, source: str) -> nodes.Expr:
 
 def _info(env: DagSandbox, ast: nodes.Template) -> TemplateInfo:
     refs = list(dict.fromkeys(_walk(ast)))
-    others = meta.find_undeclared_variables(ast) - ROOTS - set(env.globals)
+    names = _NamesRead(env)
+    names.visit(ast)
+    others = names.undeclared_identifiers - ROOTS - set(env.globals)
     return TemplateInfo(references=tuple(refs), other_names=frozenset(others))
 
 
@@ -440,140 +459,3 @@ def _chain(node: nodes.Node) -> tuple[str, tuple[str | int, ...]] | None:
 def make_scope(inputs: Mapping[str, Any], outputs: Mapping[str, Any]) -> dict[str, Any]:
     """The names templates see: ``inputs`` and ``nodes.ID.output`` for finished nodes."""
     return {"inputs": dict(inputs), "nodes": {k: {"output": v} for k, v in outputs.items()}}
-
-
-def _ask_worker(
-    env: DagSandbox, op: str, source: str, scope: Mapping[str, Any], *, expression: bool
-) -> dict[str, Any] | None:
-    """The worker's reply for a template that is not plain; None: it runs here."""
-    if env.worker is None or env.is_plain(source, expression=expression):
-        return None
-    return env.worker.call({"op": op, "source": source, "scope": scope})
-
-
-def render(
-    env: DagSandbox, source: str, scope: Mapping[str, Any], *, node: str | None = None
-) -> str:
-    """Render a template to text; any failure is a ``RenderFailed`` naming the node."""
-    reply = _ask_worker(env, "render", source, scope, expression=False)
-    if reply is not None:
-        if "error" in reply:
-            raise RenderFailed(source, reply["error"], node=node)
-        return str(reply["ok"])
-    try:
-        with _metering():
-            return env.from_string(source).render(scope)
-    except Exception as exc:  # jinja errors, and whatever a filter raises on odd values
-        raise RenderFailed(source, _reason(exc), node=node) from None
-
-
-def evaluate(
-    env: DagSandbox, expression: str, scope: Mapping[str, Any], *, node: str | None = None
-) -> Any:
-    """Evaluate an expression to a Python value; undefined results are errors, not None."""
-    reply = _ask_worker(env, "evaluate", expression, scope, expression=True)
-    if reply is not None:
-        if "error" in reply:
-            raise RenderFailed(expression, reply["error"], node=node)
-        return reply["ok"]
-    try:
-        with _metering():
-            result = env.compile_expression(expression, undefined_to_none=False)(**scope)
-        if isinstance(result, Undefined):
-            bool(result)  # StrictUndefined raises here, with the sandbox's reason if any
-        if env.worker is not None:  # the same data the worker would have answered
-            return json.loads(json.dumps(result, default=jsonable))
-        return result
-    except Exception as exc:
-        raise RenderFailed(expression, _reason(exc), node=node) from None
-
-
-def render_value(
-    env: DagSandbox, source: Any, scope: Mapping[str, Any], *, node: str | None = None
-) -> Any:
-    """A subgraph input: non-strings pass through, a lone ``{{ expr }}`` keeps its type,
-    anything else renders to text."""
-    if not isinstance(source, str):
-        return source
-    lone = _LONE.fullmatch(source)
-    if lone is not None:
-        try:
-            body = env.parse(source).body
-        except TemplateSyntaxError as exc:
-            raise RenderFailed(source, _reason(exc), node=node) from None
-        if (
-            len(body) == 1
-            and isinstance(body[0], nodes.Output)
-            and len(body[0].nodes) == 1
-            and not isinstance(body[0].nodes[0], nodes.TemplateData)
-        ):
-            return evaluate(env, lone[1], scope, node=node)
-    return render(env, source, scope, node=node)
-
-
-def check_assert(
-    env: DagSandbox,
-    expression: str,
-    scope: Mapping[str, Any],
-    *,
-    node: str | None = None,
-    message: str | None = None,
-) -> None:
-    """Raise ``AssertFailed`` (with the values the expression read) unless it is true."""
-    reply = _ask_worker(env, "assert", expression, scope, expression=True)
-    if reply is None:
-        verdict = _assert_here(env, expression, scope)
-    elif "error" in reply:
-        verdict = {"holds": False, "values": {}, "reason": reply["error"]}
-    else:
-        verdict = reply["ok"]
-    if verdict["holds"]:
-        return
-    raise AssertFailed(
-        expression, verdict["values"], node=node, reason=verdict["reason"], message=message
-    )
-
-
-def _assert_here(env: DagSandbox, expression: str, scope: Mapping[str, Any]) -> dict[str, Any]:
-    try:
-        holds, reason = bool(evaluate(env, expression, scope)), None
-    except RenderFailed as exc:
-        holds, reason = False, exc.reason
-    values = {} if holds else _values(env, expression, scope)
-    return {"holds": holds, "values": values, "reason": reason}
-
-
-def serve_request(env: DagSandbox, request: dict[str, Any]) -> dict[str, Any]:
-    """One request in the template worker (``env`` runs templates here)."""
-    op, source, scope = request["op"], request["source"], request["scope"]
-    try:
-        if op == "render":
-            return {"ok": render(env, source, scope)}
-        if op == "evaluate":
-            return {"ok": evaluate(env, source, scope)}
-        if op == "assert":
-            return {"ok": _assert_here(env, source, scope)}
-    except RenderFailed as exc:
-        return {"error": exc.reason}
-    return {"error": f"unknown operation {op!r}"}
-
-
-def _values(env: DagSandbox, expression: str, scope: Mapping[str, Any]) -> dict[str, str]:
-    try:
-        refs = scan_expression(env, expression).references
-    except Exception:
-        return {}
-    shown: dict[str, str] = {}
-    for ref in refs:
-        try:
-            value = repr(evaluate(env, ref.text, scope))
-        except RenderFailed:
-            value = "<undefined>"
-        shown[ref.text] = value if len(value) <= _SHOWN else value[: _SHOWN - 3] + "..."
-    return shown
-
-
-def _reason(exc: Exception) -> str:
-    if isinstance(exc, MemoryError):  # the template worker's limit
-        return "SecurityError: the template needs more memory than its sandbox has"
-    return f"{type(exc).__name__}: {exc}"
