@@ -8,11 +8,20 @@ mDNS TXT record, not in a header. Instead:
   called and the body's sha256; the peer checks the MAC, that the time is within
   ``MAX_SKEW`` seconds, that the destination is itself (a signed request cannot be relayed
   to another member) and that the nonce was not seen before (replay);
-- the answer to a node-info request carries ``X-PC-Cluster-Proof``, an HMAC over the
-  request's nonce and the body's sha256: the caller learns that the peer holds the key too
-  (a node that merely copies someone's mDNS record cannot produce it). The body names the
-  node's own addresses and port, and the caller checks the URL it called is one of them,
-  so a node relaying someone else's answer does not pass;
+- a nonce is remembered until its request's own stamp leaves the window (``MAX_SKEW``
+  after it), never forgotten earlier: a replay is refused for as long as its clock check
+  would pass. Memory is bounded by refusing, not forgetting: with ``NonceCache.limit``
+  nonces in the window a new signed request is ``Overloaded`` (503, retry after the
+  oldest expires);
+- every answer that carries results (node info, a subgraph's node records, a moved
+  run's and its states' acknowledgements) carries ``X-PC-Cluster-Proof``, an HMAC over
+  the request's nonce and the body's sha256: the caller learns that the peer holds the
+  key too (a node that merely copies someone's mDNS record cannot produce it), that the
+  answer is to this request (not one captured from another exchange) and that not a byte
+  changed on the way. The node-info body names the node's own addresses and port, and
+  the caller checks the URL it called is one of them, so a node relaying someone else's
+  answer does not pass; it also says ``signed_replies`` (``SIGNED_REPLIES``): a pcrt of
+  an older version, whose other answers carry no proof, is never trusted with work;
 - ``pcrt announce`` signs the TXT record of an upstream it announces (address, port and
   fields), so an edge daemon trusts an announced vLLM box only if the announcer had the key.
 """
@@ -20,19 +29,22 @@ mDNS TXT record, not in a header. Instead:
 from __future__ import annotations
 
 import hashlib
+import heapq
 import hmac
 import json
 import secrets
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Mapping
+
+from pcrt.runtime.errors import Overloaded
 
 __all__ = [
     "authority_of",
     "CLUSTER_HEADER",
     "MAX_SKEW",
     "PROOF_HEADER",
+    "SIGNED_REPLIES",
     "NonceCache",
     "announcement_signature",
     "request_header",
@@ -45,6 +57,8 @@ __all__ = [
 CLUSTER_HEADER = "X-PC-Cluster"
 PROOF_HEADER = "X-PC-Cluster-Proof"
 MAX_SKEW = 60.0  # seconds a signed request stays valid; peers' clocks must agree this well
+# the node-info field that says this node proves every answer carrying results
+SIGNED_REPLIES = "signed_replies"
 
 
 def _same(given: str, expected: str) -> bool:
@@ -94,25 +108,43 @@ def authority_of(header: str) -> str:
 
 
 class NonceCache:
-    """Nonces seen within the skew window, so a captured request cannot be replayed."""
+    """The nonces of accepted signed requests, so a captured request cannot be replayed.
+
+    Each is kept until its request's own stamp leaves the skew window (``MAX_SKEW`` after
+    the stamp), when the clock check alone refuses a replay; never earlier, whatever the
+    traffic. Memory is bounded by refusing: with ``limit`` nonces in the window (about
+    250 bytes each), a new request raises ``Overloaded`` until the oldest expires."""
 
     def __init__(self, limit: int = 100_000) -> None:
         self.limit = limit
-        self._seen: OrderedDict[str, float] = OrderedDict()
+        self._seen: dict[str, float] = {}  # nonce -> when it may be forgotten
+        self._expiries: list[tuple[float, str]] = []  # the same as a heap: soonest first
         self._lock = threading.Lock()
 
-    def first_use(self, nonce: str, now: float) -> bool:
-        # a request stamped up to MAX_SKEW ahead of our clock stays valid until MAX_SKEW
-        # after its stamp: its nonce must be remembered for twice the skew from receipt
+    def __len__(self) -> int:
+        return len(self._seen)
+
+    def first_use(self, nonce: str, now: float, *, stamped: float | None = None) -> bool:
+        """True (and the nonce is remembered) if ``nonce`` was not seen in the window.
+        ``stamped``: the time its request was signed; unknown, the latest a request valid
+        ``now`` may carry (``now + MAX_SKEW``). Raises ``Overloaded`` when full."""
+        expires = (now + MAX_SKEW if stamped is None else stamped) + MAX_SKEW
         with self._lock:
-            while self._seen and (
-                len(self._seen) >= self.limit
-                or next(iter(self._seen.values())) < now - 2 * MAX_SKEW
-            ):
-                self._seen.popitem(last=False)
+            while self._expiries and self._expiries[0][0] < now:
+                _, old = heapq.heappop(self._expiries)
+                del self._seen[old]
             if nonce in self._seen:
                 return False
-            self._seen[nonce] = now
+            if len(self._seen) >= self.limit:
+                wait = self._expiries[0][0] - now
+                raise Overloaded(
+                    f"this node holds the nonces of {self.limit} signed peer requests, the "
+                    f"most it remembers within {MAX_SKEW:.0f} s of their stamps; retry in "
+                    f"{max(1.0, wait):.0f} s",
+                    retry_after=max(1.0, wait),
+                )
+            self._seen[nonce] = expires
+            heapq.heappush(self._expiries, (expires, nonce))
             return True
 
 
@@ -131,7 +163,8 @@ def verify_request(
     """None when the header proves the key; else why not (for the log, not the caller).
     ``authority_ok`` says whether the signed destination is this node. ``body_sha256``:
     the hash the body is declared to have, for a body streamed to disk unread; whoever
-    passes it must then check that the body really hashes to it."""
+    passes it must then check that the body really hashes to it. Raises ``Overloaded``
+    when ``nonces`` is full (a valid request that cannot be remembered is not let in)."""
     if not header:
         return "no cluster signature"
     parts = header.split(" ")
@@ -152,13 +185,14 @@ def verify_request(
         return "wrong cluster key (or a changed request)"
     if authority_ok is not None and not authority_ok(authority):
         return f"signed for {authority or 'no destination'}, not this node"
-    if not nonces.first_use(nonce, current):
+    if not nonces.first_use(nonce, current, stamped=sent):
         return "replayed cluster signature"
     return None
 
 
 def response_proof(key: str, request_header_value: str, body: bytes) -> str:
-    """The answerer's proof: HMAC over the caller's nonce and the body it sends back."""
+    """The answerer's proof: HMAC over the caller's nonce and the body it sends back (one
+    sha256 of the body, then an HMAC of a few dozen bytes)."""
     return _mac(key, "proof", nonce_of(request_header_value), hashlib.sha256(body).hexdigest())
 
 

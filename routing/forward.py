@@ -8,6 +8,10 @@ not answer, timed out or failed on its side (the caller may try the next candida
 ``PeerRejected`` when it refused the request itself (a 4xx; its error body passes through
 to our client, since another peer would refuse it too).
 
+A pcrt peer's answer that carries results is taken only with its cluster proof
+(``proven=True``): an answer without one (a pcrt of an older version) or with one that does
+not verify (changed on the way, or another key) is ``PeerUnavailable``, as a failed peer's.
+
 A stream is opened up to its first body chunk before the caller commits to it, so a peer
 that dies between its headers and its first token still counts as "failed before the first
 token" and the next candidate can take the work.
@@ -31,7 +35,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from pcrt.routing.auth import CLUSTER_HEADER, request_header
+from pcrt.routing.auth import CLUSTER_HEADER, PROOF_HEADER, request_header, verify_proof
 from pcrt.routing.peers import Peer
 from pcrt.runtime.errors import Overloaded, PeerRejected, PeerUnavailable
 from pcrt.runtime.sse import aevents
@@ -265,12 +269,15 @@ class Forwarder:
         headers: dict[str, str] | None = None,
         timeout: float | aiohttp.ClientTimeout | None = None,
         max_bytes: int | None = None,
+        proven: bool = False,
     ) -> PeerAnswer:
         """One whole request; 5xx and transport errors raise PeerUnavailable, 4xx
         PeerRejected, so a returned answer is always a success. ``max_bytes`` bounds the
         answer (a peer's health answer must not fill our memory). A ``Path`` as content
         streams the file from disk; ``content_sha256``, its known hash, is what the
-        signature covers (FileNotFoundError if it is gone)."""
+        signature covers (FileNotFoundError if it is gone). ``proven``: the answer must
+        carry the peer's cluster proof for this request and these bytes (a pcrt peer's
+        results), else PeerUnavailable."""
         if json_body is not None:  # serialized here: the signature covers these bytes
             content = json.dumps(json_body).encode()
             headers = {"Content-Type": "application/json", **(headers or {})}
@@ -320,7 +327,36 @@ class Forwarder:
             time.perf_counter() - started,
         )
         _raise_for_status(peer, method, path, answer.status, answer.body)
+        if proven:
+            self._check_proof(peer, method, path, answer)
         return answer
+
+    def _check_proof(self, peer: Peer, method: str, path: str, answer: PeerAnswer) -> None:
+        """PeerUnavailable unless ``answer`` proves the cluster key over this request's
+        nonce and its own bytes: results are trusted only from a member, unchanged."""
+        proof = answer.headers.get(PROOF_HEADER)
+        where = f"peer {peer.name} answered {method} {path.partition('?')[0]}"
+        # it answered (``status``): a caller that resends only lost answers does not resend
+        if self.cluster_key is None or answer.sent_cluster_header is None:
+            raise PeerUnavailable(
+                f"{where}, but this node has no cluster key to check the answer with",
+                peer=peer.name,
+                status=answer.status,
+            )
+        if not proof:
+            raise PeerUnavailable(
+                f"{where} without a cluster proof ({PROOF_HEADER}): a pcrt older than this "
+                "one does not sign its answers; upgrade it",
+                peer=peer.name,
+                status=answer.status,
+            )
+        if not verify_proof(self.cluster_key, answer.sent_cluster_header, answer.body, proof):
+            raise PeerUnavailable(
+                f"{where} with a cluster proof that does not verify: the answer changed on "
+                "the way, or the peer holds another key; its results are not taken",
+                peer=peer.name,
+                status=answer.status,
+            )
 
     async def open_stream(
         self, peer: Peer, path: str, body: dict[str, Any], headers: dict[str, str] | None = None

@@ -2,11 +2,12 @@
 
 Liveness comes from these checks, not from mDNS TTLs (minutes long). Every
 ``health_interval`` seconds each peer due is asked what it offers (``/v1/pcrt/node`` for a
-pcrt peer, proving the cluster key both ways; ``/v1/models`` for an OpenAI-compatible
-one). A failed check takes the peer out of rotation at once, into a cooldown that doubles
-per failure (``peers.cooldown_seconds``), and gives up its long calls (``Forwarder.lost``);
-two slow checks in a row are forgiven a peer busy computing. A peer that said goodbye and
-then does not answer leaves the table.
+pcrt peer, proving the cluster key both ways, and trusted only if it signs the answers
+that carry results; ``/v1/models`` for an OpenAI-compatible one). A failed check takes the
+peer out of rotation at once, into a cooldown that doubles per failure
+(``peers.cooldown_seconds``), and gives up its long calls (``Forwarder.lost``); two slow
+checks in a row are forgiven a peer busy computing. A peer that said goodbye and then does
+not answer leaves the table.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
-from pcrt.routing.auth import PROOF_HEADER, verify_proof
+from pcrt.routing.auth import PROOF_HEADER, SIGNED_REPLIES, verify_proof
 from pcrt.routing.forward import Forwarder
 from pcrt.routing.peers import Peer, PeerTable, offers_from_models
 from pcrt.routing.settings import PeerSettings
@@ -177,6 +178,11 @@ class HealthChecker:
             answer.headers.get(PROOF_HEADER),
         ):
             peer.trusted, peer.trust_note = False, "could not prove the cluster key"
+        elif info.get(SIGNED_REPLIES) is not True:
+            # its subgraph results and acknowledgements would come unproven: refused
+            # after the work was done, so it gets none
+            peer.trusted = False
+            peer.trust_note = "an older pcrt that does not sign its answers: upgrade it"
         elif peer.node_id is not None and info.get("node_id") != peer.node_id:
             peer.trusted, peer.trust_note = False, "node id differs from its mDNS record"
         elif not await _answers_for_itself(peer.url, info):

@@ -12,7 +12,9 @@ The source side, step by step (the run is stopped first; its checkpoints are on 
    second (``POST /v1/pcrt/runs``): the peer never holds a record pointing at a missing
    blob, and a failure anywhere leaves the local run as it was, resumable here. A record
    POST whose connection failed or timed out is sent once more: the peer may have taken
-   it and lost only the answer, and it answers a repeat of the same run as the first;
+   it and lost only the answer, and it answers a repeat of the same run as the first.
+   Each acknowledgement must carry the peer's cluster proof over our request and its
+   bytes, and name the state or run sent: an unproven or changed one fails the move;
 4. the peer starts the run; the caller marks the local one migrated, with a pointer.
 """
 
@@ -113,17 +115,22 @@ async def migrate_run(
         try:
             # streamed from disk; the signature covers the blob's name, its sha256, and
             # the peer holds the body to it
-            await coordinator.forwarder.request(
+            stored = await coordinator.forwarder.request(
                 peer,
                 "PUT",
                 BLOBS_PATH + f"?run_id={run_id}&sha256={sha}",
                 content=blobs.path_of(sha),
                 content_sha256=sha,
                 headers={"Content-Type": "application/octet-stream"},
+                proven=True,
             )
         except FileNotFoundError:  # removed since (pcrt state rm): the peer recomputes
             result.states_left.append(f"{sha[:12]}: removed while the run moved")
             continue
+        if _json_field(stored, "id") != sha:
+            raise PeerUnavailable(
+                f"peer {peer.name} did not acknowledge state {sha[:12]}", peer=peer.name
+            )
         sendable.add(sha)
         result.states_sent += 1
         result.bytes_sent += size
@@ -168,15 +175,21 @@ async def migrate_run(
         "origin": coordinator.node_id,
     }
     answer = await _send_record(coordinator, peer, payload)
-    try:
-        body = answer.json()
-    except ValueError:  # a 200 that is not JSON: not a pcrt peer's answer
-        body = None
-    if not isinstance(body, dict) or body.get("id") != run_id:
+    if _json_field(answer, "id") != run_id:
         raise PeerUnavailable(f"peer {peer.name} did not take run {run_id}", peer=peer.name)
-    result.peer_status = str(body.get("status", ""))
+    result.peer_status = str(_json_field(answer, "status") or "")
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _json_field(answer: PeerAnswer, name: str) -> Any:
+    """A field of the answer's JSON object; None if it is no such thing (a 200 that is not
+    JSON is no pcrt peer's answer)."""
+    try:
+        body = answer.json()
+    except ValueError:
+        return None
+    return body.get(name) if isinstance(body, dict) else None
 
 
 def _verified_header(blobs: BlobStore, sha: str) -> tuple[StateHeader, int]:
@@ -212,12 +225,12 @@ async def _send_record(coordinator: Coordinator, peer: Peer, payload: dict[str, 
     out): the peer may hold the run already, and answers a repeat as it did the first."""
     try:
         return await coordinator.forwarder.request(
-            peer, "POST", RUNS_PATH, json_body=payload, timeout=RECORD_TIMEOUT
+            peer, "POST", RUNS_PATH, json_body=payload, timeout=RECORD_TIMEOUT, proven=True
         )
     except PeerUnavailable as exc:
         if exc.status is not None:  # it answered with an error: a repeat gets the same
             raise
         log.warning("sending run %s to %s again: %s", payload["run"]["id"], peer.name, exc)
     return await coordinator.forwarder.request(
-        peer, "POST", RUNS_PATH, json_body=payload, timeout=RECORD_TIMEOUT
+        peer, "POST", RUNS_PATH, json_body=payload, timeout=RECORD_TIMEOUT, proven=True
     )

@@ -7,7 +7,9 @@
   again in the other form, and the form that worked is remembered per peer.
 - To a pcrt peer, a subgraph goes whole to ``POST /v1/pcrt/subgraphs``: its nodes, the
   run's inputs and the outputs it needs from upstream; the peer runs it and answers with
-  the node records.
+  the node records, proven with the cluster key over our request and those very bytes
+  (``auth.response_proof``): an answer without the proof, or changed on the way, is the
+  peer's failure and the next candidate takes the work.
 """
 
 from __future__ import annotations
@@ -183,6 +185,7 @@ class RemoteRunner:
                 json_body=payload,
                 timeout=reading,
                 headers={AGENT_HEADER: agent} if agent else None,
+                proven=True,  # outputs become our run's: only a member's, unchanged
             ),
         )
         try:

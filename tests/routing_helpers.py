@@ -1,10 +1,12 @@
 """What the routing unit tests share: the cluster key they sign with, the KV state key of
 "this" node, a peer record as mDNS would give it, and a stub peer (a tiny Starlette app
-under uvicorn on loopback) that echoes, fails, stalls and streams as a test asks."""
+under uvicorn on loopback) that echoes, fails, stalls and streams as a test asks, and
+answers pcrt's peer routes with their results proven, unproven or changed on the way."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -16,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from pcrt.routing.auth import CLUSTER_HEADER
+from pcrt.routing.auth import CLUSTER_HEADER, PROOF_HEADER, request_header, response_proof
 from pcrt.routing.peers import Peer
 from pcrt.runtime.engine.state import CompatKey
 from tests.live_server import free_port
@@ -27,6 +29,7 @@ __all__ = [
     "KEY",
     "MODEL_SHA",
     "STREAM_CHUNKS",
+    "Proof",
     "StubServer",
     "mdns_peer",
 ]
@@ -100,12 +103,23 @@ async def _stream_dies(request: Request) -> StreamingResponse:
     return StreamingResponse(body(), media_type="text/event-stream")
 
 
+# how the stub proves its answers on pcrt's peer routes: as a pcrt peer does ("signed"),
+# not at all (a pcrt of an older version), or wrongly: the body changed after signing, a
+# proof made with another key, a proof for another request (one captured elsewhere)
+Proof = Literal["signed", "none", "altered", "other-key", "other-request"]
+
+
 class StubServer:
-    """The stub peer, served from a thread while the ``with`` block lasts."""
+    """The stub peer, served from a thread while the ``with`` block lasts. Under
+    ``/v1/pcrt/`` it answers ``answers[path]`` (a blob upload: its id and size) proven as
+    ``proof`` says, with the cluster key ``KEY``."""
 
     def __init__(self) -> None:
+        self.proof: Proof = "signed"
+        self.answers: dict[str, Any] = {}
         app = Starlette(
             routes=[
+                Route("/v1/pcrt/{rest:path}", self._pcrt, methods=["GET", "POST", "PUT"]),
                 Route("/echo", _echo, methods=["GET", "POST"]),
                 Route("/bad", _bad, methods=["GET", "POST"]),
                 Route("/busy", _busy, methods=["GET", "POST"]),
@@ -120,6 +134,25 @@ class StubServer:
         self.server = uvicorn.Server(config)
         self.url = f"http://127.0.0.1:{port}"
         self._thread = threading.Thread(target=self.server.run, name="routing-stub-peer")
+
+    async def _pcrt(self, request: Request) -> Response:
+        sent = await request.body()
+        path = request.url.path
+        if path in self.answers:
+            answer = self.answers[path]
+        else:  # a blob upload, acknowledged as pcrt does
+            answer = {"id": request.query_params.get("sha256"), "size": len(sent)}
+        body = json.dumps(answer).encode()
+        header = request.headers.get(CLUSTER_HEADER) or ""
+        headers = {}
+        if self.proof == "other-request":
+            header = request_header(KEY, request.method, path)
+        if self.proof != "none":
+            key = "another cluster" if self.proof == "other-key" else KEY
+            headers[PROOF_HEADER] = response_proof(key, header, body)
+        if self.proof == "altered":
+            body = json.dumps({**answer, "changed": "on the way"}).encode()  # after signing
+        return Response(body, media_type="application/json", headers=headers)
 
     def __enter__(self) -> StubServer:
         self._thread.start()

@@ -17,6 +17,7 @@ from pcrt.routing.auth import (
     verify_proof,
     verify_request,
 )
+from pcrt.runtime.errors import Overloaded
 from tests.routing_helpers import KEY
 
 WRONG = "wrong cluster key (or a changed request)"
@@ -138,16 +139,67 @@ def test_nonce_cache_evicts_old_entries_so_it_does_not_grow_forever() -> None:
     assert len(cache._seen) == 1
 
 
-def test_nonce_cache_respects_its_limit_evicting_the_oldest() -> None:
+def test_a_full_nonce_cache_refuses_new_requests_rather_than_forget_one() -> None:
+    """Forgetting the oldest nonce to make room would let its request be replayed: a full
+    cache refuses new requests (busy: retry once the oldest leaves the window)."""
     cache = NonceCache(limit=3)
-    for i, nonce in enumerate("abcd"):
-        assert cache.first_use(nonce, T0 + i)
-    assert len(cache._seen) == 3
-    assert not cache.first_use("d", T0 + 4)  # recent ones are still remembered
-    assert not cache.first_use("c", T0 + 4)
-    # the oldest was pushed out by the limit (while still inside the time window)
-    assert cache.first_use("a", T0 + 4)
-    assert len(cache._seen) <= 3
+    for i, nonce in enumerate("abc"):
+        assert cache.first_use(nonce, T0 + i, stamped=T0 + i)
+    with pytest.raises(Overloaded) as refused:
+        cache.first_use("d", T0 + 3, stamped=T0 + 3)
+    # "a" leaves the window MAX_SKEW after its stamp, T0 + 60: 57 s from now
+    assert refused.value.retry_after == pytest.approx(MAX_SKEW - 3)
+    assert "retry in 57 s" in str(refused.value)
+    assert len(cache) == 3
+    for nonce in "abc":  # every one is still remembered
+        assert not cache.first_use(nonce, T0 + 3, stamped=T0 + 3)
+    # once "a" leaves the window there is room again, and "a" is a replay no longer
+    # needed: its clock check refuses it
+    assert cache.first_use("d", T0 + MAX_SKEW + 0.5, stamped=T0 + MAX_SKEW)
+    assert not cache.first_use("b", T0 + MAX_SKEW + 0.5)
+
+
+def test_a_captured_request_stays_refused_however_many_requests_follow() -> None:
+    """Item 9 of issue 16: the cache evicted by count, so a captured signed request passed
+    again after ``limit`` other signed requests within its window."""
+    nonces = NonceCache(limit=100)
+    captured = request_header(KEY, "POST", "/v1/pcrt/subgraphs", body=b"{}", now=T0)
+    assert (
+        verify_request(KEY, captured, "POST", "/v1/pcrt/subgraphs", nonces, body=b"{}", now=T0)
+        is None
+    )
+    refusals = 0
+    for i in range(150):
+        other = request_header(KEY, "GET", "/v1/pcrt/node", now=T0 + i * 0.1)
+        try:
+            verify_request(KEY, other, "GET", "/v1/pcrt/node", nonces, now=T0 + i * 0.1)
+        except Overloaded:
+            refusals += 1
+    assert refusals == 51  # the cache took 99 more, then said "busy"
+    replayed = verify_request(
+        KEY, captured, "POST", "/v1/pcrt/subgraphs", nonces, body=b"{}", now=T0 + 20
+    )
+    assert replayed == "replayed cluster signature"
+
+
+def test_a_nonce_is_kept_until_its_stamp_leaves_the_window_and_no_longer() -> None:
+    """Forgotten when the clock check alone refuses its request (MAX_SKEW after the stamp,
+    wherever that puts it from receipt): never earlier, and memory is not held longer."""
+    nonces = NonceCache()
+    late = request_header(KEY, "GET", "/p", now=T0 - 50)  # a peer 50 s behind our clock
+    early = request_header(KEY, "GET", "/p", now=T0 + 50)  # and one 50 s ahead
+    assert verify_request(KEY, late, "GET", "/p", nonces, now=T0) is None
+    assert verify_request(KEY, early, "GET", "/p", nonces, now=T0) is None
+    replayed = "replayed cluster signature"
+    # the late one is valid until T0 + 10, the early one until T0 + 110
+    assert verify_request(KEY, late, "GET", "/p", nonces, now=T0 + 10) == replayed
+    assert len(nonces) == 2
+    nonces.first_use("x", T0 + 10.5)  # any traffic: kept as if stamped 60 s ahead
+    assert len(nonces) == 2  # the late one went: its replay fails the clock check now
+    assert "off this clock" in (verify_request(KEY, late, "GET", "/p", nonces, now=T0 + 11) or "")
+    assert verify_request(KEY, early, "GET", "/p", nonces, now=T0 + 110) == replayed
+    nonces.first_use("y", T0 + 110.5)
+    assert len(nonces) == 2  # "x" and "y": the early one went too
 
 
 def test_a_future_stamped_request_cannot_be_replayed_after_its_nonce_is_evicted() -> None:

@@ -26,6 +26,7 @@ from tests.routing_helpers import (
     BAD_REQUEST,
     KEY,
     STREAM_CHUNKS,
+    Proof,
     StubServer,
 )
 
@@ -270,6 +271,51 @@ async def test_request_to_a_pcrt_peer_carries_a_valid_cluster_signature(server: 
     # the proof a peer sends back for this exchange is checkable against what we sent
     proof = response_proof(KEY, received, answer.body)
     assert verify_proof(KEY, answer.sent_cluster_header or "", answer.body, proof)
+
+
+@pytest.mark.parametrize(
+    ("proof", "refusal"),
+    [
+        ("none", "without a cluster proof (X-PC-Cluster-Proof): a pcrt older than this one"),
+        ("altered", "with a cluster proof that does not verify: the answer changed on the way"),
+        ("other-key", "with a cluster proof that does not verify"),
+        ("other-request", "with a cluster proof that does not verify"),
+    ],
+)
+async def test_a_result_without_a_valid_proof_is_the_peers_failure(
+    server: StubServer, proof: Proof, refusal: str
+) -> None:
+    """Results from a pcrt peer (``proven=True``) are taken only with the peer's proof over
+    our request and the bytes as they arrived: an unproven answer (a pcrt of an older
+    version), one changed on the way, one proven with another key or for another request
+    is a failed peer's (the next candidate takes the work), never a result."""
+    fw = Forwarder(cluster_key=KEY)
+    peer = Peer(name="p", url=server.url, kind="pcrt", source="static", trusted=True)
+    server.answers["/v1/pcrt/subgraphs"] = {"status": "succeeded", "nodes": {"a": {}}}
+    try:
+        answer = await fw.request(peer, "POST", "/v1/pcrt/subgraphs", json_body={}, proven=True)
+        assert answer.json() == {"status": "succeeded", "nodes": {"a": {}}}
+        server.proof = proof
+        with pytest.raises(PeerUnavailable) as failed:
+            await fw.request(peer, "POST", "/v1/pcrt/subgraphs", json_body={}, proven=True)
+        assert refusal in str(failed.value)
+        assert failed.value.cooldown and failed.value.peer == "p"
+        assert failed.value.status == 200  # it answered: not a lost answer to resend
+        # a caller that asks for no proof (a forwarded completion) still gets the answer
+        await fw.request(peer, "POST", "/v1/pcrt/subgraphs", json_body={})
+    finally:
+        server.proof = "signed"
+        await fw.close()
+
+
+async def test_a_result_cannot_be_checked_without_a_cluster_key(server: StubServer) -> None:
+    fw = Forwarder(cluster_key=None)
+    peer = Peer(name="p", url=server.url, kind="pcrt", source="static", trusted=True)
+    try:
+        with pytest.raises(PeerUnavailable, match="no cluster key to check the answer"):
+            await fw.request(peer, "POST", "/v1/pcrt/runs", json_body={}, proven=True)
+    finally:
+        await fw.close()
 
 
 async def test_open_stream_yields_exactly_the_servers_bytes(

@@ -1,5 +1,6 @@
-"""The peer health checks (``routing/health.py``): what a failed or slow check does, and
-a configured upstream checked without a model list (against a stub peer on loopback)."""
+"""The peer health checks (``routing/health.py``): what a failed or slow check does, a
+configured upstream checked without a model list, and a pcrt peer whose answers are not
+signed never trusted (against a stub peer on loopback)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,14 @@ from collections.abc import Iterator
 
 import pytest
 
+from pcrt.routing.auth import SIGNED_REPLIES
 from pcrt.routing.coordinator import Coordinator
-from pcrt.routing.policy import NodeView
+from pcrt.routing.health import NODE_INFO_PATH
+from pcrt.routing.policy import NodeView, Work
 from pcrt.routing.settings import PeerSettings, StaticPeer
 from pcrt.runtime.errors import PeerUnavailable
 from tests.routing_helpers import (
+    KEY,
     StubServer,
     mdns_peer,
 )
@@ -96,4 +100,40 @@ async def test_a_static_peer_with_configured_models_needs_no_model_list(server: 
         assert cloud.models[0].tags == ("complex",)
         assert not bare.in_rotation(now) and bare.failures >= 1  # the health loop asks too
     finally:
+        await coordinator.close()
+
+
+async def test_a_pcrt_peer_whose_answers_are_not_signed_is_never_trusted(
+    server: StubServer,
+) -> None:
+    """A pcrt of an older version proves the key on node info but signs none of its other
+    answers: work sent to it would come back unproven and be refused after it was done,
+    so it gets none, and ``pcrt peers`` says why."""
+    port = int(server.url.rsplit(":", 1)[1])
+    info = {"node_id": "old", "addresses": ["127.0.0.1"], "port": port, "models": []}
+    coordinator = Coordinator(
+        PeerSettings(cluster_key=KEY, static=(StaticPeer(name="b", url=server.url, kind="pcrt"),)),
+        node_id="n",
+        node_name="n",
+        api_port=1,
+        announce_address="127.0.0.1",
+        local_view=lambda: NodeView(name="local", kind="local", models=()),
+        local_models=list,
+    )
+    try:
+        await coordinator.start()
+        peer = coordinator.table.get("b")
+        assert peer is not None
+        for said, trusted, note in (
+            ({SIGNED_REPLIES: True}, True, "cluster key proven"),
+            ({}, False, "an older pcrt that does not sign its answers: upgrade it"),
+        ):
+            server.answers[NODE_INFO_PATH] = {**info, **said}
+            await coordinator.health.probe(peer)
+            assert (peer.trusted, peer.trust_note) == (trusted, note)
+            assert peer.healthy  # alive, and listed: only trust is withheld
+        rejected = dict(coordinator.decide(Work(route="peer")).rejected)
+        assert rejected["b"].startswith("untrusted")
+    finally:
+        server.answers.pop(NODE_INFO_PATH, None)
         await coordinator.close()

@@ -1,10 +1,11 @@
-"""Moving a run to a peer (``routing/migrate.py``): which states are left behind, and the
-run record sent again when its answer was lost. The peer is a fake forwarder."""
+"""Moving a run to a peer (``routing/migrate.py``): which states are left behind, the run
+record sent again when its answer was lost (the peer is a fake forwarder), and the peer's
+acknowledgements taken only proven with the cluster key (a stub peer on loopback)."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,10 @@ from pcrt.runtime.engine.state import CompatKey, KVState, StateHeader
 from pcrt.runtime.errors import PeerUnavailable
 from tests.routing_helpers import (
     HERE_KEY,
+    KEY,
     MODEL_SHA,
+    Proof,
+    StubServer,
     mdns_peer,
 )
 
@@ -67,7 +71,10 @@ class _FakePeerCalls:
         self.calls.append((method, path, kw.get("json_body") if method == "POST" else kw))
         if method == "POST" and self.post_failures:
             raise self.post_failures.pop(0)
-        body = {"id": kw["json_body"]["run"]["id"], "status": "running"} if method == "POST" else {}
+        if method == "POST":
+            body = {"id": kw["json_body"]["run"]["id"], "status": "running"}
+        else:  # a state stored: pcrt acknowledges it by its id
+            body = {"id": kw["content_sha256"], "size": 1}
         return PeerAnswer(200, httpx.Headers(), json.dumps(body).encode(), None, 0.0)
 
 
@@ -179,6 +186,8 @@ async def test_migrate_sends_the_record_again_when_its_answer_was_lost(
 
     # a 200 whose body is not JSON is no pcrt peer's answer: unavailable, not a crash
     async def html(peer: Peer, method: str, path: str, **kw: Any) -> PeerAnswer:
+        if method == "PUT":  # the state was stored; the record's answer is the portal's
+            return await _FakePeerCalls([])(peer, method, path, **kw)
         return PeerAnswer(200, httpx.Headers(), b"<html>captive portal</html>", None, 0.0)
 
     forwarder.answer = html
@@ -186,3 +195,68 @@ async def test_migrate_sends_the_record_again_when_its_answer_was_lost(
         await migrate_run(coordinator, runs, blobs, "r", "p")
     # and the record says who sent it by node id, unique where hostnames may not be
     assert calls.calls[-1][2]["origin"] == "n"
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[StubServer]:
+    with StubServer() as running:
+        yield running
+
+
+@pytest.mark.parametrize(
+    ("proof", "blob_ack", "with_states", "sent", "refusal"),
+    [
+        # a pcrt of an older version: its blob acknowledgement has no proof
+        ("none", None, True, ["PUT"], "without a cluster proof"),
+        # a proven acknowledgement of some other state
+        ("signed", {"id": "ef" * 32, "size": 1}, True, ["PUT"], "did not acknowledge state"),
+        # the record's answer changed on the way: refused, and not sent again
+        ("altered", None, False, ["POST"], "does not verify"),
+        ("other-request", None, False, ["POST"], "does not verify"),
+    ],
+)
+async def test_a_move_takes_only_proven_acknowledgements(
+    migration_setup: MigrationSetup,
+    server: StubServer,
+    proof: Proof,
+    blob_ack: dict[str, Any] | None,
+    with_states: bool,
+    sent: list[str],
+    refusal: str,
+) -> None:
+    """The peer's word that it stored a state and took the run is what lets the source
+    mark its run migrated: an unproven or changed one fails the move (the run stays
+    resumable here), and a record is not sent on after a state the peer did not prove."""
+    coordinator, forwarder, runs, blobs = migration_setup
+    coordinator.table.upsert(
+        mdns_peer(
+            url=server.url,
+            trusted=True,
+            models=(ModelOffer("smollm", MODEL_SHA),),
+            state_keys={"smollm": EngineKey.of(HERE_KEY, 4)},
+        )
+    )
+    real = Forwarder(cluster_key=KEY)
+    methods: list[str] = []
+
+    async def over_http(peer: Peer, method: str, path: str, **kw: Any) -> PeerAnswer:
+        methods.append(method)
+        return await real.request(peer, method, path, **kw)
+
+    forwarder.answer = over_http
+    server.answers[RUNS_PATH] = {"id": "r", "status": "running", "url": "/v1/dags/r"}
+    try:
+        moved = await migrate_run(coordinator, runs, blobs, "r", "p")
+        assert moved.states_sent == 1 and moved.peer_status == "running"
+        assert methods == ["PUT", "POST"]
+        methods.clear()
+        server.proof = proof
+        if blob_ack is not None:
+            server.answers[BLOBS_PATH] = blob_ack
+        with pytest.raises(PeerUnavailable, match=refusal):
+            await migrate_run(coordinator, runs, blobs, "r", "p", with_states=with_states)
+        assert methods == sent
+    finally:
+        server.proof = "signed"
+        server.answers.pop(BLOBS_PATH, None)
+        await real.close()

@@ -4,6 +4,7 @@ server that is not ours (llama-cpp-python's), announced with ``pcrt announce``."
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -26,20 +27,32 @@ from pcrt.cache.runs import RunStore
 from pcrt.cache.store import Store
 from pcrt.cli.main import main
 from pcrt.device.profile import Battery
-from pcrt.routing.auth import CLUSTER_HEADER, request_header
+from pcrt.routing.auth import (
+    CLUSTER_HEADER,
+    MAX_SKEW,
+    PROOF_HEADER,
+    SIGNED_REPLIES,
+    NonceCache,
+    request_header,
+    verify_proof,
+)
 from pcrt.routing.policy import Work
 from pcrt.routing.settings import PeerSettings, StaticPeer
 from pcrt.runtime.dag import parse_dag
+from pcrt.runtime.engine.state import KVState
 from pcrt.runtime.models.loader import open_engine
 from pcrt.runtime.models.registry import Registry
 from pcrt.runtime.server.battery_watch import BatteryReader
 from pcrt.runtime.server.pool import EngineOpener
 from pcrt.runtime.server.settings import ServerSettings
+from tests.fakes import FakeEngines
 from tests.homes import isolated_paths, shared_models_dir
-from tests.live_server import LiveServer
+from tests.live_server import LiveServer, ServerFactory
+from tests.routing_helpers import HERE_KEY
 from tests.upstream import LlamaCppServer, second_model
 
 LOOPBACK = ["127.0.0.1"]  # mDNS never leaves this machine's loopback in tests
+CLUSTER = "the cluster's key"
 
 
 def _registry(home: Path, extra_models: str = "") -> Registry:
@@ -183,6 +196,109 @@ def test_daemons_find_each_other_and_prove_the_key(tmp_path: Path) -> None:
         e.__exit__(None, None, None)
         gone = _wait_for(lambda: e_name not in _peers(d), 5, "e left d's table")
         assert gone < 5
+
+
+class _CallingPeer:
+    """The test as a peer calling a daemon's peer routes, signing with ``CLUSTER``."""
+
+    def __init__(self, server: LiveServer) -> None:
+        self.url = server.url
+        self.authority = server.url.removeprefix("http://")
+
+    def signed(
+        self, method: str, path: str, body: bytes = b"", *, sha: str | None = None
+    ) -> dict[str, str]:
+        header = request_header(
+            CLUSTER, method, path, authority=self.authority, body=body, body_sha256=sha
+        )
+        return {CLUSTER_HEADER: header, "Content-Type": "application/json"}
+
+    def call(
+        self, method: str, path: str, body: bytes = b"", headers: Any = None
+    ) -> httpx.Response:
+        """Signed for exactly this call, unless ``headers`` say otherwise."""
+        headers = headers or self.signed(method, path, body)
+        return httpx.request(method, self.url + path, content=body, headers=headers, timeout=30)
+
+
+def _proven(answer: httpx.Response) -> bool:
+    sent = answer.request.headers[CLUSTER_HEADER]
+    return verify_proof(CLUSTER, sent, answer.content, answer.headers.get(PROOF_HEADER))
+
+
+SUB_DAG = {"dag": "/dynamic/sub", "nodes": {"a": {"type": "llm", "prompt": "hi", "max_tokens": 4}}}
+MOVED = {"run": {"id": "moved", "spec": SUB_DAG}, "nodes": [], "origin": "elsewhere"}
+
+
+def test_peer_routes_prove_their_answers_and_a_full_nonce_cache_is_busy(
+    live_server: ServerFactory,
+) -> None:
+    """The daemon's side (fake engines; the test is the calling peer): every answer that
+    carries results is proven over the request it answers and its own bytes, node info
+    says so (a caller trusts no peer that does not), and a full nonce cache is "busy,
+    retry" rather than a reason to forget one."""
+    server = live_server(
+        ServerSettings(peers=PeerSettings(cluster_key=CLUSTER)), opener=FakeEngines()
+    )
+    peer = _CallingPeer(server)
+    info = peer.call("GET", "/v1/pcrt/node")
+    assert info.status_code == 200 and _proven(info)
+    assert info.json()[SIGNED_REPLIES] is True
+    sub = peer.call(
+        "POST", "/v1/pcrt/subgraphs", json.dumps({"dag": SUB_DAG, "nodes": ["a"]}).encode()
+    )
+    assert sub.status_code == 200, sub.text
+    assert _proven(sub) and sub.json()["nodes"]["a"]["status"] == "succeeded"
+    # the proof is over these bytes and this request: another body or request fails it
+    proof = sub.headers[PROOF_HEADER]
+    assert not verify_proof(CLUSTER, sub.request.headers[CLUSTER_HEADER], sub.content + b" ", proof)
+    assert not verify_proof(CLUSTER, info.request.headers[CLUSTER_HEADER], sub.content, proof)
+    state = KVState(HERE_KEY, [1, 2, 3], 4, b"kv" * 32, model="smollm").to_bytes()
+    sha = hashlib.sha256(state).hexdigest()
+    path = f"/v1/pcrt/blobs?run_id=moved&sha256={sha}"
+    headers = {**peer.signed("PUT", path, sha=sha), "Content-Type": "application/octet-stream"}
+    stored = peer.call("PUT", path, state, headers)
+    assert stored.status_code == 200, stored.text
+    assert _proven(stored) and stored.json()["id"] == sha
+    taken = peer.call("POST", "/v1/pcrt/runs", json.dumps(MOVED).encode())
+    assert taken.status_code == 200, taken.text
+    assert _proven(taken) and taken.json()["id"] == "moved"
+
+    server.services.coordinator.nonces = NonceCache(limit=1)
+    assert peer.call("GET", "/v1/pcrt/node").status_code == 200
+    busy = peer.call("GET", "/v1/pcrt/node")
+    assert busy.status_code == 503, busy.text
+    assert 1 <= int(busy.headers["retry-after"]) <= 2 * MAX_SKEW
+    assert "retry in" in busy.json()["error"]["message"]
+
+
+def test_peer_routes_refuse_a_replayed_retargeted_or_altered_signature(
+    live_server: ServerFactory,
+) -> None:
+    """What held in the probe of issue 16, at the daemon's door: a signature is good for
+    one request, once (another path, query, host, method or body is refused)."""
+    server = live_server(
+        ServerSettings(peers=PeerSettings(cluster_key=CLUSTER)), opener=FakeEngines()
+    )
+    peer = _CallingPeer(server)
+    once = peer.signed("GET", "/v1/pcrt/node")
+    assert peer.call("GET", "/v1/pcrt/node", headers=once).status_code == 200
+    replayed = peer.call("GET", "/v1/pcrt/node", headers=once)
+    assert replayed.status_code == 401 and "replayed" in replayed.text
+    body = json.dumps(MOVED).encode()
+    for method, path, content, headers in (
+        ("GET", "/v1/pcrt/peers", b"", peer.signed("GET", "/v1/pcrt/node")),  # another path
+        ("GET", "/v1/pcrt/node?x=1", b"", peer.signed("GET", "/v1/pcrt/node")),  # query
+        ("POST", "/v1/pcrt/runs", body, peer.signed("PUT", "/v1/pcrt/runs", body)),  # method
+        ("POST", "/v1/pcrt/runs", body, peer.signed("POST", "/v1/pcrt/runs", b"{}")),  # body
+    ):
+        refused = peer.call(method, path, content, headers)
+        assert refused.status_code == 401, (method, path)
+        assert "wrong cluster key (or a changed request)" in refused.text
+    host, port = peer.authority.rsplit(":", 1)
+    other = request_header(CLUSTER, "GET", "/v1/pcrt/node", authority=f"{host}:{int(port) + 1}")
+    relayed = peer.call("GET", "/v1/pcrt/node", headers={CLUSTER_HEADER: other})
+    assert relayed.status_code == 401 and "not this node" in relayed.text
 
 
 @pytest.fixture

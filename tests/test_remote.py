@@ -1,10 +1,11 @@
 """DAG work on peers (``routing/remote.py``): a subgraph on a pcrt peer always has a read
-limit."""
+limit, and its results are taken only proven with the cluster key."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any, cast
 
@@ -13,8 +14,9 @@ import pytest
 from pcrt.routing.coordinator import Coordinator
 from pcrt.routing.forward import Forwarder
 from pcrt.routing.peers import Peer
+from pcrt.routing.remote import SUBGRAPH_PATH
 from pcrt.runtime.errors import PeerUnavailable
-from tests.routing_helpers import KEY
+from tests.routing_helpers import KEY, Proof, StubServer
 
 
 async def _run_subgraph(fw: Forwarder, url: str, timeout: float | None) -> dict[str, Any]:
@@ -68,3 +70,38 @@ async def test_a_subgraph_peer_that_goes_silent_is_given_up_on() -> None:
         await fw.close()
         listener.close()
         await listener.wait_closed()
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[StubServer]:
+    with StubServer() as running:
+        yield running
+
+
+RESULT = {
+    "run_id": "sub",
+    "status": "succeeded",
+    "error": None,
+    "nodes": {"describe": {"status": "succeeded", "output": "a red apple"}},
+}
+
+
+@pytest.mark.parametrize("proof", ["none", "altered", "other-key", "other-request"])
+async def test_a_subgraph_result_is_taken_only_proven_by_the_peer(
+    server: StubServer, proof: Proof
+) -> None:
+    """A subgraph's outputs become our run's: an answer with no proof (a pcrt of an older
+    version) or a proof that fails (changed on the way: here an extra field; another key;
+    another request's) is the peer's failure, and the next candidate runs the subgraph."""
+    server.answers[SUBGRAPH_PATH] = RESULT
+    fw = Forwarder(cluster_key=KEY)
+    try:
+        assert await _run_subgraph(fw, server.url, None) == RESULT
+        server.proof = proof
+        with pytest.raises(PeerUnavailable) as failed:
+            await _run_subgraph(fw, server.url, None)
+        assert failed.value.peer == "p" and failed.value.cooldown
+        assert "cluster proof" in str(failed.value)
+    finally:
+        server.proof = "signed"
+        await fw.close()

@@ -1,23 +1,26 @@
-"""Routes between peers: node info, the peer table, subgraphs run for another daemon.
+"""Routes between peers: node info, the peer table, subgraphs run for another daemon,
+runs and their states moved here.
 
-``/v1/pcrt/node`` and ``/v1/pcrt/subgraphs`` answer only requests signed with the cluster
+The routes under ``/v1/pcrt/`` but ``peers`` answer only requests signed with the cluster
 key (``Guard`` in ``guard.py`` checks the signature once and leaves the verdict in
-``request.state.peer_verified``). ``/v1/pcrt/peers`` is for this node's own users.
+``request.state.peer_verified``), and prove their answers with it (``_proven``: the
+caller takes no result without the proof). ``/v1/pcrt/peers`` is for this node's own
+users.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from pcrt.cache.runs import RunExists
 from pcrt.cache.status import RunStatus
-from pcrt.routing.auth import CLUSTER_HEADER, PROOF_HEADER
+from pcrt.routing.auth import CLUSTER_HEADER, PROOF_HEADER, SIGNED_REPLIES
 from pcrt.routing.migrate import BLOBS_PATH
 from pcrt.runtime.dag import parse_dag
 from pcrt.runtime.dag.runner import check_run
@@ -42,17 +45,26 @@ def _require_peer(request: Request) -> None:
         )
 
 
+def _proven(request: Request, payload: dict[str, Any]) -> Response:
+    """``payload`` as JSON, with this node's proof of the cluster key over the request it
+    answers (its nonce) and these very bytes: a result the caller can trust as ours and
+    unchanged. The body is rendered once, then hashed once."""
+    response = JSONResponse(payload)
+    proof = services_of(request).coordinator.proof_for(
+        request.headers[CLUSTER_HEADER], bytes(response.body)
+    )
+    if proof is not None:
+        response.headers[PROOF_HEADER] = proof
+    return response
+
+
 @router.get("/v1/pcrt/node")
 async def node_info(request: Request) -> Response:
     """What this node offers, with a proof that it holds the cluster key too."""
     _require_peer(request)
     services = services_of(request)
-    body = json.dumps(services.node.info(services.state)).encode()
-    headers = {}
-    proof = services.coordinator.proof_for(request.headers[CLUSTER_HEADER], body)
-    if proof is not None:
-        headers[PROOF_HEADER] = proof
-    return Response(body, media_type="application/json", headers=headers)
+    # and that its other answers are proven too: a caller trusts no peer whose are not
+    return _proven(request, {**services.node.info(services.state), SIGNED_REPLIES: True})
 
 
 @router.get("/v1/pcrt/peers")
@@ -82,7 +94,7 @@ class SubgraphRequest(BaseModel):
 
 
 @router.post("/v1/pcrt/subgraphs")
-async def run_subgraph(body: SubgraphRequest, request: Request) -> dict[str, Any]:
+async def run_subgraph(body: SubgraphRequest, request: Request) -> Response:
     """Run part of a peer's DAG here and answer with its node records."""
     _require_peer(request)
     services = services_of(request)
@@ -105,7 +117,7 @@ async def run_subgraph(body: SubgraphRequest, request: Request) -> dict[str, Any
         log.info("subgraph run %s cancelled: %s stopped waiting for it", record.id, body.origin)
     final = await services.dags.outcome(record.id)  # the daemon stopping: "cancelled"
     nodes = {n.node_id: n for n in runner.runs.nodes(record.id)}
-    return {
+    answer = {
         "run_id": final.id,
         "status": final.status,
         "error": final.error,
@@ -125,6 +137,7 @@ async def run_subgraph(body: SubgraphRequest, request: Request) -> dict[str, Any
             if node_id in nodes
         },
     }
+    return _proven(request, answer)
 
 
 async def _disconnected(request: Request) -> None:
@@ -137,7 +150,7 @@ async def _disconnected(request: Request) -> None:
 @router.put(BLOBS_PATH)
 async def receive_blob(
     request: Request, run_id: str | None = None, sha256: str | None = None
-) -> dict[str, Any]:
+) -> Response:
     """A KV state a peer moves here with a run, streamed to disk as it arrives (a state
     of gigabytes costs a chunk of memory), then checked before it is stored: the hash
     the signature covers, the header, the length and the payload hash."""
@@ -157,7 +170,8 @@ async def receive_blob(
             KVState.from_bytes(blob.finish())  # header, length, payload hash: StateError
             return blob.commit(run_id=run_id)
 
-        return {"id": await to_thread_to_completion(store), "size": blob.size}
+        stored = await to_thread_to_completion(store)
+        return _proven(request, {"id": stored, "size": blob.size})
 
 
 class MovedRun(BaseModel):
@@ -181,7 +195,7 @@ class ImportRun(BaseModel):
 
 
 @router.post("/v1/pcrt/runs")
-async def import_run(body: ImportRun, request: Request) -> dict[str, Any]:
+async def import_run(body: ImportRun, request: Request) -> Response:
     """A run migrated here: record it (its states arrived first) and resume it.
 
     The same run from the same origin again (the sender lost our answer and retried) is
@@ -212,4 +226,4 @@ async def import_run(body: ImportRun, request: Request) -> dict[str, Any]:
             "run %s from %s again: it is here already (%s)", record.id, body.origin, record.status
         )
         status = RunStatus.RUNNING if record.id in services.dags.tasks else record.status
-    return {"id": record.id, "status": status, "url": f"/v1/dags/{record.id}"}
+    return _proven(request, {"id": record.id, "status": status, "url": f"/v1/dags/{record.id}"})
