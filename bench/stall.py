@@ -79,6 +79,7 @@ MB = 1_000_000
 HUGE_BODY = 300 * MB
 REPLAY_FLOOD = 100_000  # the nonce cache's size today: a replay after this many passes
 STOP_GRACE = 15.0  # seconds SIGTERM has before the daemon is killed
+SUITE_TIMEOUT = 900.0  # the schemathesis suite: a few minutes, not one payload's bound
 
 
 def free_port() -> int:
@@ -341,6 +342,7 @@ class Payload:
     name: str
     goal: str  # the answer the issue asks for
     run: Callable[[Daemon, float], Answer]
+    timeout: float | None = None  # its own bound, over --timeout (a whole suite)
 
 
 def _post_json(daemon: Daemon, path: str, body: Any, timeout: float) -> tuple[httpx.Response, int]:
@@ -595,7 +597,7 @@ def schemathesis_suite(examples: int) -> Callable[[Daemon, float], Answer]:
             "--workers",
             "1",
             "--request-timeout",
-            "60",
+            "180",  # a completion without max_tokens generates to the end of its context
             "--seed",
             "16",
             "--no-shrink",
@@ -655,7 +657,10 @@ def payloads(examples: int) -> list[Payload]:
         Payload("/openapi.json, /docs, /redoc, no key", "401", docs_without_key),
         Payload("replayed peer signature", "401 at once and after the flood", replayed_signature),
         Payload(
-            f"schemathesis, {examples} examples/operation", "no 5xx", schemathesis_suite(examples)
+            f"schemathesis, {examples} examples/operation",
+            "no 5xx",
+            schemathesis_suite(examples),
+            timeout=SUITE_TIMEOUT,
         ),
     ]
 
@@ -668,7 +673,17 @@ PAYLOADS = [p.name for p in payloads(5)]
 
 def run_payload(daemon: Daemon, payload: Payload, timeout: float) -> dict[str, Any]:
     """One payload against a fresh daemon, watched; the daemon is stopped after it."""
-    daemon.start()
+    timeout = payload.timeout or timeout
+    row: dict[str, Any] = {"payload": payload.name, "goal": payload.goal}
+    try:
+        daemon.start()
+    except RuntimeError as exc:
+        if daemon.proc is not None and daemon.proc.poll() is None:
+            daemon.stop()
+        text = f"the daemon did not start: {exc}"
+        row.update(answer=text, answer_as_goal=False, request_bytes=0, details={})
+        row.update(seconds=0.0, daemon="did not start", stopped="-", verdict="MISS: start")
+        return row
     time.sleep(1.0)  # let the warm-up's allocations settle before the baseline
     watch = Watch(daemon)
     time.sleep(0.5)  # the watcher's first polls and samples: the baseline
@@ -697,18 +712,16 @@ def run_payload(daemon: Daemon, payload: Payload, timeout: float) -> dict[str, A
     if answer is None:
         text = outcome.get("error") or f"no answer within {timeout + 30:g} s"
         answer = Answer(text, False, 0)
-    row = {
-        "payload": payload.name,
-        "goal": payload.goal,
-        "answer": answer.text,
-        "answer_as_goal": answer.as_goal,
-        "request_bytes": answer.request_bytes,
-        "details": answer.details,
-        "seconds": seconds,
-        "daemon": died or "alive",
-        "stopped": stopped,
+    row.update(
+        answer=answer.text,
+        answer_as_goal=answer.as_goal,
+        request_bytes=answer.request_bytes,
+        details=answer.details,
+        seconds=seconds,
+        daemon=died or "alive",
+        stopped=stopped,
         **summarize(watch.result),
-    }
+    )
     row["verdict"] = verdict(row)
     return row
 
