@@ -609,7 +609,9 @@ def schemathesis_suite(examples: int) -> Callable[[Daemon, float], Answer]:
             str(report),
         ]
         try:
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+            done = subprocess.run(  # in the work dir: its example database stays there
+                cmd, capture_output=True, text=True, timeout=timeout, cwd=daemon.workdir
+            )
         except subprocess.TimeoutExpired:
             return Answer(f"did not finish in {timeout:g} s", False, 0)
         cases, failures = _schemathesis_counts(report)
