@@ -449,7 +449,7 @@ def _send_unauthorized(daemon: Daemon, total: int, chunked: bool, timeout: float
     if status is None:
         text = f"no answer after {sent / MB:.0f} MB sent, {seconds:.1f} s"
     else:
-        text = f"{status} after {answered_at / MB:.0f} MB read, {seconds:.1f} s"
+        text = f"{status} once {answered_at / MB:.0f} MB were sent, {seconds:.1f} s"
     # the goal: refused (401 or 413) before the body, i.e. before a few MB of it
     as_goal = status in (401, 413) and answered_at < 16 * MB
     return Answer(text, as_goal, total, {"status": status, "sent_before_answer": answered_at})
