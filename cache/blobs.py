@@ -39,7 +39,6 @@ __all__ = [
 ]
 
 _SHA = re.compile(r"^[0-9a-f]{64}$")
-# runs in these states may still need their blobs: never evict them
 # runs that may still need their states: a cancelled run resumes, a migrating one moves
 ARRIVAL_GRACE = datetime.timedelta(minutes=10)  # a state sent ahead of its run's record
 UPLOAD_GRACE = 60.0  # seconds an unlocked upload file is left alone (between open and lock)
@@ -75,7 +74,7 @@ class BlobStore:
         self.max_bytes = max_bytes
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock = store.lock  # the sqlite connection is shared between threads
-        self._remove_abandoned_uploads()
+        self._remove_abandoned_writes()
 
     def path_of(self, sha256: str) -> Path:
         if not is_blob_id(sha256):
@@ -92,11 +91,12 @@ class BlobStore:
         self._adopt(sha256, len(data), kind, run_id, write)
         return sha256
 
-    def _remove_abandoned_uploads(self) -> None:
-        """Uploads a crashed process left half-written. An upload in progress holds a lock
-        on its file (whatever process or container it is in), so only a file nobody holds
-        is removed."""
-        for tmp in self.root.glob(".incoming.*.tmp"):
+    def _remove_abandoned_writes(self) -> None:
+        """Files a killed process left half-written: uploads (``.incoming.*.tmp``) and
+        ``write_atomically``'s temporary files beside a blob (``ab/.SHA.PID.TID.tmp``, as
+        big as the state). A write in progress holds a lock on its file (whatever process
+        or container it is in), so only a file nobody holds is removed."""
+        for tmp in [*self.root.glob(".incoming.*.tmp"), *self.root.glob("??/.*.tmp")]:
             try:
                 if time.time() - tmp.stat().st_mtime < UPLOAD_GRACE:
                     continue  # maybe created a moment ago and not locked yet
@@ -369,6 +369,7 @@ def write_atomically(path: Path, data: bytes, *, sync_dir: bool = True) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
         with open(tmp, "wb") as f:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)  # a store opening meanwhile leaves it be
             f.write(data)
             f.flush()
             os.fsync(f.fileno())

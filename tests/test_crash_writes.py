@@ -213,11 +213,6 @@ def test_kill_9_during_a_checkpoint_write(pcrt_env: Paths) -> None:
     check_store(pcrt_env)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding (issue 16): a checkpoint write killed mid-way leaves its temporary file "
-    "(blobs/ab/.SHA.PID.TID.tmp) for good; the store clears only uploads' on opening",
-)
 def test_a_checkpoint_write_killed_midway_leaves_nothing_once_the_store_reopens(
     pcrt_env: Paths,
 ) -> None:
