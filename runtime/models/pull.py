@@ -70,6 +70,8 @@ ProgressFactory = Callable[[str], AbstractContextManager[ProgressCallback | None
 _SIMPLE_JSON = "application/vnd.pypi.simple.v1+json"
 _SIMPLE_ACCEPT = f"{_SIMPLE_JSON}, application/vnd.pypi.simple.v1+html;q=0.2, text/html;q=0.01"
 _GGUF_MAGIC = b"GGUF"
+# PEP 427: dash-separated parts of letters, digits and "_.+!"; never a "/" or "\\"
+_WHEEL_FILENAME = re.compile(r"[A-Za-z0-9_.+!]+(?:-[A-Za-z0-9_.+!]+){4,5}\.whl")
 
 
 @dataclass(frozen=True)
@@ -517,8 +519,10 @@ def _parse_simple_html(text: str, base: str) -> list[IndexFile]:
 
 
 def _parse_wheel_name(filename: str) -> tuple[str, str, str, str, str] | None:
-    """``name-version[-build]-py-abi-platform.whl`` -> (name, version, py, abi, platform)."""
-    if not filename.endswith(".whl"):
+    """``name-version[-build]-py-abi-platform.whl`` -> (name, version, py, abi, platform).
+    None for anything else, a name with a path in it too: the index's name becomes the
+    download's file name, and ``../`` in it must not leave the models folder."""
+    if _WHEEL_FILENAME.fullmatch(filename) is None:
         return None
     parts = filename[: -len(".whl")].split("-")
     if len(parts) not in (5, 6):
