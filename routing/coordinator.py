@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from pcrt.routing.auth import NonceCache, response_proof, verify_request
+from pcrt.routing.auth import NonceCache, precheck_request, response_proof, verify_request
 from pcrt.routing.discovery import Discovery, Sighting, interfaces_setting, txt_properties
 from pcrt.routing.forward import Forwarder
 from pcrt.routing.health import HealthChecker
@@ -186,6 +186,14 @@ class Coordinator:
             body_sha256=body_sha256,
             authority_ok=self.is_own_authority,
         )
+
+    def precheck_peer_request(self, header: str | None) -> str | None:
+        """What refuses a signed request before its body is read (see
+        ``auth.precheck_request``), or None: the body is then read and the whole
+        signature checked by ``check_peer_request``."""
+        if self.cluster_key is None:
+            return "this daemon has no cluster key"
+        return precheck_request(header, self.nonces, authority_ok=self.is_own_authority)
 
     def is_own_authority(self, authority: str) -> bool:
         """Whether ``host:port`` names this daemon (a request signed for another node

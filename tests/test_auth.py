@@ -11,6 +11,7 @@ from pcrt.routing.auth import (
     MAX_SKEW,
     NonceCache,
     announcement_signature,
+    precheck_request,
     request_header,
     response_proof,
     verify_announcement,
@@ -212,6 +213,32 @@ def test_a_future_stamped_request_cannot_be_replayed_after_its_nonce_is_evicted(
     nonces.first_use("unrelated", later)  # any traffic evicts entries older than later - 60
     # ... and the captured header must still be refused as a replay
     assert verify_request(KEY, header, "GET", "/p", nonces, now=later) is not None
+
+
+def test_the_precheck_refuses_what_no_body_could_save_and_spends_no_nonce() -> None:
+    """``precheck_request`` runs before the body is read: form, clock, destination and a
+    nonce already spent. It needs no key, and leaves the nonce for the real check."""
+    nonces = NonceCache()
+    here = "127.0.0.1:8080"
+
+    def ours(authority: str) -> bool:
+        return authority == here
+
+    def pre(header: str | None) -> str | None:
+        return precheck_request(header, nonces, authority_ok=ours, now=T0)
+
+    fresh = request_header(KEY, "POST", "/x", authority=here, now=T0)
+    assert pre(None) == "no cluster signature"
+    assert pre("v2 nonsense") == "malformed cluster signature"
+    stale = request_header(KEY, "POST", "/x", authority=here, now=T0 - 2 * MAX_SKEW)
+    assert "off this clock" in (pre(stale) or "")
+    elsewhere = request_header(KEY, "POST", "/x", authority="10.0.0.9:8080", now=T0)
+    assert pre(elsewhere) == "signed for 10.0.0.9:8080, not this node"
+    forged = request_header(OTHER_KEY, "POST", "/x", authority=here, now=T0)
+    assert pre(forged) is None  # the MAC needs the body: the full check refuses it
+    assert pre(fresh) is None and pre(fresh) is None  # not spent by the precheck
+    assert verify_request(KEY, fresh, "POST", "/x", nonces, authority_ok=ours, now=T0) is None
+    assert pre(fresh) == "replayed cluster signature"
 
 
 def test_non_ascii_mac_is_refused_not_raised() -> None:

@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 import psutil
 import pytest
 
-from pcrt.routing.auth import CLUSTER_HEADER, request_header
+from pcrt.routing.auth import CLUSTER_HEADER, MAX_SKEW, request_header
 from pcrt.routing.settings import PeerSettings
 from pcrt.runtime.server.settings import ServerSettings
 from tests.fakes import FakeEngines
@@ -272,3 +272,25 @@ def test_a_peers_body_is_held_to_the_peer_bound(server: LiveServer) -> None:
     # within the bound, a signature over another body is refused before anything parses it
     answer = post_raw(server, path, bound // 2, headers=_signed(server, path, b"{}"), wait=0)
     assert answer.status == 401 and "cluster signature refused" in answer.error()["message"]
+
+
+@pytest.mark.parametrize("why", ["stale", "elsewhere", "replayed"])
+def test_a_signature_refused_whatever_the_body_costs_no_body(server: LiveServer, why: str) -> None:
+    """Without the cluster key nobody can sign a body, but a captured signature can be
+    sent again, late or to another node: that much is checked from the header, and such a
+    request is a 401 before its (up to 64 MiB) body is read and hashed."""
+    path = "/v1/pcrt/subgraphs"
+    authority = server.url.removeprefix("http://")
+    size = server.settings.peer_max_body_bytes // 2
+    if why == "stale":
+        stamp = time.time() - 10 * MAX_SKEW
+        header = request_header(CLUSTER_KEY, "POST", path, authority=authority, now=stamp)
+    elif why == "elsewhere":
+        header = request_header(CLUSTER_KEY, "POST", path, authority="10.9.8.7:11434")
+    else:
+        header = request_header(CLUSTER_KEY, "POST", path, authority=authority)
+        first = post_raw(server, path, 0, headers={CLUSTER_HEADER: header}, wait=0)
+        assert first.status == 400, first.body  # signed, so let in (and its nonce spent)
+    answer = post_raw(server, path, size, headers={CLUSTER_HEADER: header})
+    assert answer.status == 401 and "cluster signature refused" in answer.error()["message"]
+    assert answer.sent == 0, answer.sent

@@ -160,8 +160,10 @@ class Guard:
         assert head.signature is not None
         request = Request(scope)
         coordinator = services_of(request).coordinator
-        if coordinator.cluster_key is None:  # nothing could pass: read nothing
-            raise Unauthorized("cluster signature refused: this daemon has no cluster key")
+        why = coordinator.precheck_peer_request(head.signature)  # before a byte is read
+        if why is not None:
+            log.warning("refused a peer request to %s: %s", scope["path"], why)
+            raise Unauthorized(f"cluster signature refused: {why}")
         target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
         size = head.declared_size()
         declared = streamed_body_sha256(request) if bound.streamed else None
