@@ -14,17 +14,17 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from fastapi import Request, Response
-from fastapi.responses import StreamingResponse
 from starlette.background import BackgroundTask
 
 from pcrt.routing.forward import AGENT_HEADER, ForwardedStream, has_text, sse_events
 from pcrt.routing.policy import Candidate, Complexity, Route, Work
 from pcrt.runtime.errors import InvalidRequest, NoRoute, PeerError, PeerUnavailable
 from pcrt.runtime.server.http_errors import CLIENT_CLOSED_REQUEST, status_and_body
+from pcrt.runtime.server.owned_stream import OwnedStream
 from pcrt.runtime.server.schemas import ChatCompletionRequest, GenerationFields
 from pcrt.runtime.server.services import Accounting, Services, services_of
 from pcrt.runtime.sse import encode
@@ -176,8 +176,17 @@ async def _forward(
     started = time.perf_counter()
     opened = await forwarder.open_stream(peer, route, body, headers)
     ttft = time.perf_counter() - started
-    return StreamingResponse(
+
+    async def never_started() -> None:
+        """The client left before the first chunk: the peer's stream is closed (so it
+        stops generating) and the request billed as one the client cut short."""
+        if not opened.closed:
+            await opened.aclose()
+            acct.finished_remote(CLIENT_CLOSED_REQUEST, None, ttft, candidate.node)
+
+    return OwnedStream(
         _pass_through(opened, wants_usage, acct, ttft, candidate.node),
+        release=never_started,
         media_type=opened.media_type,
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **ran_on},
     )
@@ -185,7 +194,7 @@ async def _forward(
 
 async def _pass_through(
     stream: ForwardedStream, wants_usage: bool, acct: Accounting, ttft: float, ran_on: str
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes, None]:
     usage: dict[str, Any] | None = None
     pieces = 0  # for peers that send no usage chunk (llama-cpp-python's server)
     status = CLIENT_CLOSED_REQUEST  # until the peer's stream ends, the client is the one who left

@@ -15,12 +15,12 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from contextlib import AsyncExitStack
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
 from pcrt.runtime.engine import (
     Completion,
@@ -33,6 +33,7 @@ from pcrt.runtime.engine import (
 from pcrt.runtime.errors import ContextLengthExceeded, PcrtError
 from pcrt.runtime.server.forwarding import forward_if_routed, route_headers
 from pcrt.runtime.server.http_errors import CLIENT_CLOSED_REQUEST, client_left, status_and_body
+from pcrt.runtime.server.owned_stream import OwnedStream
 from pcrt.runtime.server.pool import LoadedModel, ModelPool
 from pcrt.runtime.server.schemas import (
     ChatCompletionRequest,
@@ -81,8 +82,9 @@ class CompletionsServing:
         fell_back = route_headers(acct, "local") if acct.fallbacks else {}
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(
+            return OwnedStream(
                 _stream(generation, body, chat, include_usage, acct),
+                release=lambda: generation.abandon(acct),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **fell_back},
             )
@@ -108,12 +110,14 @@ class Generation:
 
     It holds the lease until its owner closes it (``async with``), once: the stream when
     the answer streams (from its first chunk to its end, however it ends), else the wait
-    for the whole answer."""
+    for the whole answer. A stream that never started (its client left first) is
+    ``abandon``ed by its response instead."""
 
     def __init__(self, model: LoadedModel, handle: RequestHandle, lease: AsyncExitStack) -> None:
         self.model = model
         self.handle = handle
         self._lease = lease
+        self._closed = False
 
     @classmethod
     async def start(
@@ -135,7 +139,18 @@ class Generation:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        await self._lease.aclose()  # the model's slot goes back to the pool
+        if not self._closed:
+            self._closed = True
+            await self._lease.aclose()  # the model's slot goes back to the pool
+
+    async def abandon(self, acct: Accounting) -> None:
+        """What a stream does when its client leaves, for one that never ran: the engine
+        stops, what it made is billed, the lease goes back. Nothing once closed."""
+        if self._closed:
+            return
+        self.handle.cancel()
+        acct.finished(self.handle.result, CLIENT_CLOSED_REQUEST)
+        await self.__aexit__()
 
 
 def _prepare(
@@ -231,7 +246,7 @@ async def _stream(
     chat: bool,
     include_usage: bool,
     acct: Accounting,
-) -> AsyncIterator[str]:
+) -> AsyncGenerator[str, None]:
     """Server-sent events in OpenAI's exact chunk shape; the stream owns ``generation``
     and closes it when it ends, whether done, failed or cut short by the client."""
     handle = generation.handle
