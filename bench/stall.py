@@ -11,6 +11,9 @@ watcher process polls ``/health`` every 10 ms and samples the daemon's RSS:
   separator (a "plain" template, rendered in the daemon's own process);
 - ten indents: ten asserts of ``('a\\n' * 50000) | indent(99999)`` in one DAG (each waits
   for the template worker with a blocking call on the event loop);
+- a 2 MB DAG of 1,000 chained nodes (parsed and checked, every template scanned, before
+  the run starts) and a 12 MB grammar of 6,001 rules (its shape read character by
+  character): both found after the issue, both on the loop once;
 - 300 MB without the key, by Content-Length and chunked: how much the daemon reads before
   its answer;
 - a 30 MB prompt (tokenized on the loop before the context check);
@@ -391,6 +394,36 @@ def ten_indents(daemon: Daemon, timeout: float) -> Answer:
     return Answer(_run_outcome(reply), reply.status_code < 500, size)
 
 
+def thousand_nodes(daemon: Daemon, timeout: float) -> Answer:
+    """A 2 MB DAG of 1,000 chained nodes, each a 2,000-character prompt: parsing and
+    checking it (every template scanned) took 1.3 s; the run itself is not awaited."""
+    padding = "x" * 2000
+    nodes = {
+        f"n{i}": {
+            "type": "llm",
+            "prompt": (f"Go on: {{{{ nodes.n{i - 1}.output }}}} " if i else "Start. ") + padding,
+            "max_tokens": 1,
+        }
+        for i in range(1000)
+    }
+    body = {"dag": {"dag": "/dynamic/thousand-nodes", "nodes": nodes}, "wait": False}
+    reply, size = _post_json(daemon, "/v1/dags", body, timeout)
+    if reply.status_code == 202:
+        run = reply.json()["id"]
+        httpx.delete(f"{daemon.url}/v1/dags/{run}", headers=daemon.auth, timeout=timeout)
+    return Answer(f"{reply.status_code}", reply.status_code == 202, size)
+
+
+def big_grammar(daemon: Daemon, timeout: float) -> Answer:
+    """A 12 MB grammar of 6,001 rules: its shape is read character by character (0.13 s
+    per MB) before llama.cpp may parse it, and refused for its rules."""
+    rule = 'r{i} ::= r{j} "' + "x" * 2000 + '"\n'
+    grammar = "root ::= r0\n" + "".join(rule.format(i=i, j=i + 1) for i in range(6000))
+    body = {"model": daemon.model, "prompt": "Hi", "max_tokens": 1, "grammar": grammar}
+    reply, size = _post_json(daemon, "/v1/completions", body, timeout)
+    return Answer(f"{reply.status_code}", reply.status_code == 400, size)
+
+
 def _huge_body(chunked: bool) -> Callable[[Daemon, float], Answer]:
     def run(daemon: Daemon, timeout: float) -> Answer:
         return _send_unauthorized(daemon, HUGE_BODY, chunked, timeout)
@@ -647,6 +680,8 @@ def payloads(examples: int) -> list[Payload]:
     return [
         Payload("join bomb (260 KB DAG)", "refused, p99/RSS goals", join_bomb),
         Payload("ten indent asserts", "refused, p99/RSS goals", ten_indents),
+        Payload("1,000-node DAG (2 MB)", "202, loop free", thousand_nodes),
+        Payload("12 MB grammar", "400, loop free", big_grammar),
         Payload("300 MB no key, Content-Length", "401/413 before the body", _huge_body(False)),
         Payload("300 MB no key, chunked", "401/413 before the body", _huge_body(True)),
         Payload("30 MB prompt", "400/413, loop free", huge_prompt),
