@@ -13,7 +13,7 @@ shutdown's:
     coordinator      goodbye packets: peers drop us at once; its HTTP clients close
     reaper           the keep-alive reaper stops before the pool it reaps
     pool             every loaded model closes
-    device monitor, usage log, store
+    device monitor, usage log (its queued rows written first), store
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ from pcrt.runtime.server.node_info import NodeInfo
 from pcrt.runtime.server.pool import EngineOpener, ModelPool
 from pcrt.runtime.server.services import DaemonState, Services, dag_billing
 from pcrt.runtime.server.settings import ServerSettings
+from pcrt.runtime.threads import to_thread_to_completion
 
 __all__ = ["running_services"]
 
@@ -73,7 +74,8 @@ async def running_services(
         store = Store(reg.paths.db_path)
         stack.callback(store.close)
         usage = UsageLog(store)
-        stack.callback(usage.close)
+        # its queued rows are written first: off the loop, which still serves meanwhile
+        stack.push_async_callback(to_thread_to_completion, usage.close)
         monitor = DeviceMonitor(interval=settings.device_refresh)
         stack.push_async_callback(monitor.stop)  # a no-op unless it started
         await monitor.start()
