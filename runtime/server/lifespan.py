@@ -138,7 +138,7 @@ async def running_services(
             node=node,
         )
 
-        interrupted = runs.mark_interrupted()  # runs a dead daemon left "running"
+        interrupted = await dags.runs.mark_interrupted()  # runs a dead daemon left "running"
         if interrupted:
             log.info("interrupted DAG runs: %s", ", ".join(interrupted))
         await coordinator.start()
@@ -198,7 +198,7 @@ async def _resume_interrupted(services: Services) -> None:
     one."""
     if services.coordinator.enabled:
         await services.coordinator.settle()
-    for run in services.dags.runner.runs.list_runs(status=RunStatus.INTERRUPTED):
+    for run in await services.dags.runs.list_runs(status=RunStatus.INTERRUPTED):
         log.info("resuming DAG run %s", run.id)
         services.dags.start(run.id)
 
