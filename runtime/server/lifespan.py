@@ -10,6 +10,7 @@ shutdown's:
     drain            stops the battery watcher, moves running runs to peers (migrate_on_drain)
     battery watcher  (stopped by the drain already; cancelled here when the start failed)
     DAG tasks        running DAGs stop as interrupted; their checkpoints stay
+    node info        a refresh of its facts (model sizes and speeds) under way ends
     coordinator      goodbye packets: peers drop us at once; its HTTP clients close
     reaper           the keep-alive reaper stops before the pool it reaps
     pool             every loaded model closes
@@ -113,6 +114,7 @@ async def running_services(
             port=settings.port,
             usage=usage,
         )
+        stack.push_async_callback(node.close)  # a refresh of its facts reads the store
         dags = DagTasks(
             DagRunner(
                 registry=reg,
@@ -141,6 +143,7 @@ async def running_services(
         interrupted = await dags.runs.mark_interrupted()  # runs a dead daemon left "running"
         if interrupted:
             log.info("interrupted DAG runs: %s", ", ".join(interrupted))
+        await node.refresh()  # the models' sizes and speeds, before any view asks for them
         await coordinator.start()
         watcher = None
         if settings.peers.migrate_on_battery:
