@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import collections
 import logging
-import queue
 import sqlite3
 import statistics
 import threading
@@ -63,18 +63,22 @@ class UsageLog:
         else:
             self._conn = store.db.conn
         self.db = sqlite_utils.Database(self._conn)
-        self._queue: queue.Queue[UsageRecord | None] = queue.Queue()
+        # rows queued for the writer thread, and how many were ever queued and written
+        # (or their failure logged): ``flush`` waits for the count it saw, not for an
+        # empty queue, which a busy daemon may never have
+        self._pending: collections.deque[UsageRecord] = collections.deque()
+        self._queued = self._written = 0
         self._writer: threading.Thread | None = None  # started by the first record_soon
-        self._writer_lock = threading.Lock()  # starting and stopping it
         self._closed = False
+        self._state = threading.Condition()  # over all of the above
 
     def close(self) -> None:
         """Write the queued rows, stop the writer, close the connection."""
-        with self._writer_lock:
+        with self._state:
             self._closed = True
-            writer, self._writer = self._writer, None
+            writer = self._writer
+            self._state.notify_all()
         if writer is not None:
-            self._queue.put(None)
             writer.join()
         if self._own:
             with self._lock:
@@ -86,10 +90,10 @@ class UsageLog:
 
     def record_soon(self, record: UsageRecord) -> None:
         """Queue the row for the writer thread and return at once (the event loop's way)."""
-        with self._writer_lock:
+        with self._state:
             if self._closed:
                 log.warning(
-                    "usage log closed: row of %s for %s not written", record.route, record.agent
+                    "usage log closed: a row of %s for %s not written", record.route, record.agent
                 )
                 return
             if self._writer is None:
@@ -97,31 +101,31 @@ class UsageLog:
                     target=self._write_queued, name="pcrt-usage-writer", daemon=True
                 )
                 self._writer.start()
-            self._queue.put(record)
+            self._pending.append(record)
+            self._queued += 1
+            self._state.notify_all()
 
     def flush(self) -> None:
         """Return once every row queued so far is written (or its failure logged)."""
-        self._queue.join()
+        with self._state:
+            target = self._queued
+            self._state.wait_for(lambda: self._written >= target)
 
     def _write_queued(self) -> None:
-        stopping = False
-        while not stopping:
-            batch = [self._queue.get()]
-            while True:  # what queued up meanwhile goes in the same transaction
-                try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            rows = [r for r in batch if r is not None]
-            stopping = len(rows) < len(batch)
+        while True:
+            with self._state:
+                self._state.wait_for(lambda: bool(self._pending) or self._closed)
+                if not self._pending:
+                    return  # closed, and everything written
+                batch = list(self._pending)  # what queued up meanwhile: one transaction
+                self._pending.clear()
             try:
-                if rows:
-                    self._insert(rows)
+                self._insert(batch)
             except Exception:  # accounting never fails what it accounts for; say so
-                log.exception("%d usage rows could not be written", len(rows))
-            finally:
-                for _ in batch:
-                    self._queue.task_done()
+                log.exception("%d usage rows could not be written", len(batch))
+            with self._state:
+                self._written += len(batch)
+                self._state.notify_all()
 
     def _insert(self, records: list[UsageRecord]) -> None:
         rows = [asdict(r) for r in records]
