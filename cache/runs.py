@@ -14,6 +14,10 @@ returns their new totals: the counters in ``runs`` are the run's one count of wh
 spent. ``patch_node`` writes any fields, checked at run time: for tests that stage a
 record and for repairs, never for the executor.
 
+Every method blocks (a statement, the store's lock, a commit's fsync): code on the event
+loop awaits them through ``AsyncRunStore`` (``async_runs.py``), which runs each in a
+worker thread.
+
 A subgraph call runs as a child run: its record names the calling run and node
 (``parent_run_id``, ``parent_node_id``) and the calling node's record names the child
 (``child_run_id``), both written in the transaction that creates the child. Listings show
@@ -23,7 +27,7 @@ top-level runs unless asked for children: a child is resumed through its parent.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from typing import Any, TypeAlias
@@ -391,6 +395,11 @@ class RunStore:
             raise RunNotFound(f"no run {run_id!r}")
         return RunRecord.from_row(rows[0])
 
+    def run_with_nodes(self, run_id: str) -> tuple[RunRecord, list[NodeRecord]]:
+        """The run's record and its nodes', as one moment left them (under one lock)."""
+        with self._lock:
+            return self.get_run(run_id), self.nodes(run_id)
+
     def list_runs(
         self, status: str | None = None, limit: int = 100, *, children: bool = False
     ) -> list[RunRecord]:
@@ -488,6 +497,23 @@ class RunStore:
         """What the run has spent so far (``finish_node`` keeps the count)."""
         with self._tx() as db:
             return _counters(db, run_id)
+
+    def counters_and_unfinished(
+        self, run_id: str, node_ids: Collection[str]
+    ) -> tuple[RunCounters, int]:
+        """The run's counters and how many of ``node_ids`` (nodes running) they do not
+        count yet, in one transaction: a node finishing meanwhile is in one or the other,
+        never in both. (Its ``finish_node`` counts it; the task that ran it may still be
+        writing its usage row or its cache entry.)"""
+        with self._tx() as db:
+            totals = _counters(db, run_id)
+            unfinished = 0
+            for node_id in node_ids:
+                row = db.execute(
+                    "select status from nodes where run_id = ? and node_id = ?", [run_id, node_id]
+                ).fetchone()
+                unfinished += row is None or row[0] != NodeStatus.SUCCEEDED
+            return totals, unfinished
 
     def patch_node(self, run_id: str, node_id: str, **values: Any) -> None:
         """Any of the node's fields, as given (checked at run time): for tests that stage

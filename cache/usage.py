@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+import logging
 import sqlite3
 import statistics
 import threading
@@ -13,6 +15,8 @@ import sqlite_utils
 from pcrt.cache.store import Store, utc_now
 
 __all__ = ["UsageLog", "UsageRecord"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -36,9 +40,17 @@ class UsageLog:
     """Writes and summarises usage rows; safe to call from several threads.
 
     Rows go through a connection of their own with ``synchronous=normal``: a usage row is
-    written on every request, on the event loop, and must not wait for an fsync (in WAL
-    mode the database stays consistent; a power cut may lose the last rows). Run and node
-    records keep the store's full durability.
+    written on every request and must not wait for an fsync (in WAL mode the database
+    stays consistent; a power cut may lose the last rows). Run and node records keep the
+    store's full durability.
+
+    The daemon records with ``record_soon``, from its event loop: the row is queued and a
+    writer thread of the log's own inserts it, in the order given. An insert can wait on
+    another connection's write (a run's commit, a WAL checkpoint) for as long as that
+    takes, and a request's accounting is sync code that cannot await a worker thread;
+    queued, it takes microseconds. Reads (``rows``, ``summary``, ``served_speeds``) wait
+    for the rows queued before them, so whoever reads sees what was recorded; ``close``
+    writes what is queued, then closes. ``record`` writes in the caller's thread.
     """
 
     def __init__(self, store: Store) -> None:
@@ -51,18 +63,78 @@ class UsageLog:
         else:
             self._conn = store.db.conn
         self.db = sqlite_utils.Database(self._conn)
+        # rows queued for the writer thread, and how many were ever queued and written
+        # (or their failure logged): ``flush`` waits for the count it saw, not for an
+        # empty queue, which a busy daemon may never have
+        self._pending: collections.deque[UsageRecord] = collections.deque()
+        self._queued = self._written = 0
+        self._writer: threading.Thread | None = None  # started by the first record_soon
+        self._closed = False
+        self._state = threading.Condition()  # over all of the above
 
     def close(self) -> None:
+        """Write the queued rows, stop the writer, close the connection."""
+        with self._state:
+            self._closed = True
+            writer = self._writer
+            self._state.notify_all()
+        if writer is not None:
+            writer.join()
         if self._own:
             with self._lock:
                 self._conn.close()
 
     def record(self, record: UsageRecord) -> None:
-        row = asdict(record)
-        names = ", ".join(row)
-        marks = ", ".join("?" for _ in row)
+        """Write the row now, in this thread."""
+        self._insert([record])
+
+    def record_soon(self, record: UsageRecord) -> None:
+        """Queue the row for the writer thread and return at once (the event loop's way)."""
+        with self._state:
+            if self._closed:
+                log.warning(
+                    "usage log closed: a row of %s for %s not written", record.route, record.agent
+                )
+                return
+            if self._writer is None:
+                self._writer = threading.Thread(
+                    target=self._write_queued, name="pcrt-usage-writer", daemon=True
+                )
+                self._writer.start()
+            self._pending.append(record)
+            self._queued += 1
+            self._state.notify_all()
+
+    def flush(self) -> None:
+        """Return once every row queued so far is written (or its failure logged)."""
+        with self._state:
+            target = self._queued
+            self._state.wait_for(lambda: self._written >= target)
+
+    def _write_queued(self) -> None:
+        while True:
+            with self._state:
+                self._state.wait_for(lambda: bool(self._pending) or self._closed)
+                if not self._pending:
+                    return  # closed, and everything written
+                batch = list(self._pending)  # what queued up meanwhile: one transaction
+                self._pending.clear()
+            try:
+                self._insert(batch)
+            except Exception:  # accounting never fails what it accounts for; say so
+                log.exception("%d usage rows could not be written", len(batch))
+            with self._state:
+                self._written += len(batch)
+                self._state.notify_all()
+
+    def _insert(self, records: list[UsageRecord]) -> None:
+        rows = [asdict(r) for r in records]
+        names = ", ".join(rows[0])
+        marks = ", ".join("?" for _ in rows[0])
         with self._lock, self._conn:
-            self._conn.execute(f"insert into usage ({names}) values ({marks})", list(row.values()))
+            self._conn.executemany(
+                f"insert into usage ({names}) values ({marks})", [list(r.values()) for r in rows]
+            )
 
     def served_speeds(self, model: str, last: int = 20) -> tuple[float | None, float | None]:
         """Decode and prefill tokens/s of this node's recent answers with ``model`` (the
@@ -74,6 +146,7 @@ class UsageLog:
             " and ran_on = 'local' and ttft_ms > 0 and completion_tokens >= 16"
             " order by id desc limit ?"
         )
+        self.flush()
         with self._lock:
             rows = list(self.db.query(sql, [model, last]))
         decode = [
@@ -94,6 +167,7 @@ class UsageLog:
         sql = f"select * from usage{where} order by id"
         if limit:
             sql += f" limit {int(limit)}"
+        self.flush()
         with self._lock:
             return list(self.db.query(sql, params))
 
@@ -112,6 +186,7 @@ class UsageLog:
             " min(ts) as first, max(ts) as last"
             f" from usage{where} group by agent, model order by agent, model"
         )
+        self.flush()
         with self._lock:
             return list(self.db.query(sql, params))
 

@@ -25,8 +25,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from pcrt.cache.async_runs import AsyncRunStore
 from pcrt.cache.blobs import BlobCorrupt, BlobMissing, BlobStore
-from pcrt.cache.runs import RunStore
 from pcrt.routing.coordinator import Coordinator
 from pcrt.routing.forward import PeerAnswer
 from pcrt.routing.peers import Peer
@@ -78,7 +78,7 @@ class Migration:
 
 async def migrate_run(
     coordinator: Coordinator,
-    runs: RunStore,
+    runs: AsyncRunStore,
     blobs: BlobStore,
     run_id: str,
     peer_name: str,
@@ -94,8 +94,7 @@ async def migrate_run(
         raise InvalidRequest(f"no pcrt peer {peer_name!r} (pcrt peers: {known})")
     if not peer.trusted:
         raise InvalidRequest(f"peer {peer_name} is not trusted ({peer.trust_note})")
-    record = runs.get_run(run_id)
-    nodes = runs.nodes(run_id)
+    record, nodes = await runs.run_with_nodes(run_id)
     result = Migration(run_id=run_id, peer=peer.name, peer_url=peer.url)
     sendable: set[str] = set()
     for sha in sorted({s for n in nodes for s in (n.state_sha256, n.checkpoint_sha256) if s}):

@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
+from pcrt.cache.async_runs import AsyncRunStore
 from pcrt.cache.blobs import BlobStore
 from pcrt.cache.runs import RunStore
 from pcrt.cache.store import Store
@@ -143,7 +144,7 @@ async def test_migrate_leaves_a_state_the_peers_engine_would_refuse(
     )
     calls = _FakePeerCalls([])
     forwarder.answer = calls
-    result = await migrate_run(coordinator, runs, blobs, "r", "p")
+    result = await migrate_run(coordinator, AsyncRunStore(runs), blobs, "r", "p")
     assert result.states_sent == 0 and len(result.states_left) == 1
     assert "K type f16 vs q8_0" in result.states_left[0]
     assert [c[:2] for c in calls.calls] == [("POST", RUNS_PATH)]  # no state sent
@@ -163,7 +164,7 @@ async def test_migrate_sends_the_record_again_when_its_answer_was_lost(
     )
     calls = _FakePeerCalls([_lost(timed_out=True)])
     forwarder.answer = calls
-    result = await migrate_run(coordinator, runs, blobs, "r", "p")
+    result = await migrate_run(coordinator, AsyncRunStore(runs), blobs, "r", "p")
     assert result.states_sent == 1 and result.peer_status == "running"
     sha = runs.node("r", "a").state_sha256
     # the state goes from its file, signed over its name (the peer checks the body)
@@ -181,7 +182,7 @@ async def test_migrate_sends_the_record_again_when_its_answer_was_lost(
         calls = _FakePeerCalls(failures)
         forwarder.answer = calls
         with pytest.raises(PeerUnavailable):
-            await migrate_run(coordinator, runs, blobs, "r", "p")
+            await migrate_run(coordinator, AsyncRunStore(runs), blobs, "r", "p")
         assert [c[0] for c in calls.calls].count("POST") == posts
 
     # a 200 whose body is not JSON is no pcrt peer's answer: unavailable, not a crash
@@ -192,7 +193,7 @@ async def test_migrate_sends_the_record_again_when_its_answer_was_lost(
 
     forwarder.answer = html
     with pytest.raises(PeerUnavailable, match="did not take run r"):
-        await migrate_run(coordinator, runs, blobs, "r", "p")
+        await migrate_run(coordinator, AsyncRunStore(runs), blobs, "r", "p")
     # and the record says who sent it by node id, unique where hostnames may not be
     assert calls.calls[-1][2]["origin"] == "n"
 
@@ -246,7 +247,7 @@ async def test_a_move_takes_only_proven_acknowledgements(
     forwarder.answer = over_http
     server.answers[RUNS_PATH] = {"id": "r", "status": "running", "url": "/v1/dags/r"}
     try:
-        moved = await migrate_run(coordinator, runs, blobs, "r", "p")
+        moved = await migrate_run(coordinator, AsyncRunStore(runs), blobs, "r", "p")
         assert moved.states_sent == 1 and moved.peer_status == "running"
         assert methods == ["PUT", "POST"]
         methods.clear()
@@ -254,7 +255,9 @@ async def test_a_move_takes_only_proven_acknowledgements(
         if blob_ack is not None:
             server.answers[BLOBS_PATH] = blob_ack
         with pytest.raises(PeerUnavailable, match=refusal):
-            await migrate_run(coordinator, runs, blobs, "r", "p", with_states=with_states)
+            await migrate_run(
+                coordinator, AsyncRunStore(runs), blobs, "r", "p", with_states=with_states
+            )
         assert methods == sent
     finally:
         server.proof = "signed"

@@ -44,6 +44,7 @@ def http(server: LiveServer) -> httpx.Client:
 
 
 def usage_rows(server: LiveServer, agent: str) -> list[dict[str, Any]]:
+    server.services.usage.flush()  # the daemon's queued rows, through its own connection
     with Store(server.services.pool.registry.paths.db_path) as store:
         return UsageLog(store).rows(agent=agent)
 

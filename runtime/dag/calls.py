@@ -41,6 +41,7 @@ from pcrt.runtime.dag.subgraph import (
 from pcrt.runtime.dag.template_render import render_value_async
 from pcrt.runtime.dag.validate import bind_inputs
 from pcrt.runtime.errors import BudgetExceeded, DagInvalid, InvalidRequest, PcrtError
+from pcrt.runtime.threads import to_thread_to_completion
 
 __all__ = ["ExecuteRun", "call_subgraph"]
 
@@ -82,7 +83,7 @@ async def call_subgraph(
         raise PcrtError(
             f"node {node.id!r}: {node.dag} (run {child.id}) {final.status}: {final.error}"
         )
-    records = deps.runs.nodes(child.id)
+    records = await deps.runs.nodes(child.id)
     outputs = {n.node_id: n.output for n in records if n.status == NodeStatus.SUCCEEDED}
     output = await call_outputs(deps.env, spec, final.inputs, outputs, node=node.id)
     tokens = final.tokens_used
@@ -96,9 +97,9 @@ async def call_subgraph(
         cached_tokens=sum(n.cached_tokens or 0 for n in records),
         seconds=time.perf_counter() - started,
     )
-    totals = deps.runs.finish_node(run.id, node.id, finished)
+    totals = await deps.runs.finish_node(run.id, node.id, finished)
     if prepared.key is not None:
-        deps.runs.cache_put(prepared.key, node.dag, output, tokens, deps.cache_entries)
+        await deps.runs.cache_put(prepared.key, node.dag, output, tokens, deps.cache_entries)
     run.stop_past_budget(totals)
     return output
 
@@ -109,21 +110,22 @@ async def _prepare_call(
     """The child an earlier attempt started, else a new one; or, for a new call the
     cache knows, its result (recorded on the calling node)."""
     deps = run.deps
-    child = _existing_child(run, deps.runs.node(run.id, node.id))
+    child = await _existing_child(run, await deps.runs.node(run.id, node.id))
     if child is not None:  # resumed: the child knows its document and inputs
-        spec = parse_dag(child.spec, source=f"run {child.id}")
+        source = f"run {child.id}"
+        spec = await to_thread_to_completion(lambda: parse_dag(child.spec, source=source))
         key = await _call_key(run, node, spec, child.inputs)
-        deps.runs.update_node(run.id, node.id, NodeStarted(ran_on=deps.ran_on))
+        await deps.runs.update_node(run.id, node.id, NodeStarted(ran_on=deps.ran_on))
         return _ChildRun(child, spec, key)
     callee = run.library.dags.get(node.dag)
     if callee is None:
         raise PcrtError(f"node {node.id!r}: the library of this run has no {node.dag}")
     inputs = await _call_inputs(run, node, callee, scope)
-    spent = run.counters()
+    spent = await run.counters()
     budget = child_budget(callee.budget, run.spec.budget, spent.tokens_used, spent.nodes_executed)
     spec = child_spec(callee, run.library, budget).called_with(node.route, node.complexity)
     key = await _call_key(run, node, spec, inputs)
-    cached = deps.runs.cache_get(key) if key is not None else None
+    cached = await deps.runs.cache_get(key) if key is not None else None
     if cached is not None:
         hit = NodeFinished(
             output=cached,
@@ -133,19 +135,20 @@ async def _prepare_call(
             seconds=0.0,
             cache_hit=True,
         )
-        deps.runs.finish_node(run.id, node.id, hit)
+        await deps.runs.finish_node(run.id, node.id, hit)
         return _CacheHit(cached)
-    deps.runs.update_node(run.id, node.id, NodeStarted(ran_on=deps.ran_on, started_at=utc_now()))
+    started = NodeStarted(ran_on=deps.ran_on, started_at=utc_now())
+    await deps.runs.update_node(run.id, node.id, started)
     # a call's generations bill the caller's agent
-    record = deps.record_run(spec, inputs, parent=(run.id, node.id), agent=run.record.agent)
+    record = await deps.record_run(spec, inputs, parent=(run.id, node.id), agent=run.record.agent)
     return _ChildRun(record, spec, key)
 
 
-def _existing_child(run: RunContext, record: NodeRecord) -> RunRecord | None:
+async def _existing_child(run: RunContext, record: NodeRecord) -> RunRecord | None:
     if record.child_run_id is None:
         return None
     try:
-        return run.deps.runs.get_run(record.child_run_id)
+        return await run.deps.runs.get_run(record.child_run_id)
     except RunNotFound:  # a run moved here from a peer comes without its children
         return None
 

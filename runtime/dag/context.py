@@ -6,12 +6,17 @@ The run's counters (tokens used, nodes executed) are the store's: ``RunStore.fin
 adds each node's in the transaction that finishes it and returns the new totals, and the
 budget checks read them from there.
 
+The executor runs on an event loop, so it awaits the store (``RunnerDeps.runs``, an
+``AsyncRunStore``: each call in a worker thread); a node's records are written in the
+order its code awaits them.
+
 ``Remote`` (the peers, as a run sees them) is here rather than in ``offsite.py``, which
 uses it, because the services name it and every part imports the services.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import uuid
 from collections.abc import Callable
@@ -21,6 +26,7 @@ from typing import Any, Protocol, TypeAlias
 
 import llama_cpp
 
+from pcrt.cache.async_runs import AsyncRunStore
 from pcrt.cache.blobs import BlobStore
 from pcrt.cache.runs import RunCounters, RunRecord, RunStore
 from pcrt.cache.usage import UsageRecord
@@ -32,6 +38,7 @@ from pcrt.runtime.dag.templates import DagSandbox
 from pcrt.runtime.engine import EngineClient
 from pcrt.runtime.errors import BudgetExceeded, PeerError
 from pcrt.runtime.models.registry import Registry
+from pcrt.runtime.threads import to_thread_to_completion
 
 __all__ = [
     "DAG_ROUTE",
@@ -40,6 +47,7 @@ __all__ = [
     "Remote",
     "RunContext",
     "RunnerDeps",
+    "new_run",
 ]
 
 log = logging.getLogger(__name__)
@@ -82,12 +90,29 @@ class Remote(Protocol):
     ) -> dict[str, Any]: ...
 
 
+def new_run(
+    runs: RunStore,
+    spec: DagSpec,
+    inputs: dict[str, Any],
+    *,
+    parent: tuple[str, str] | None = None,
+    agent: str | None = None,
+) -> RunRecord:
+    """A new run of ``spec``, pending, with one pending record per node; ``parent``
+    (run id, node id): a subgraph call's child run."""
+    run_id = uuid.uuid4().hex[:12]
+    nodes = [(node_id, node.path, node.type) for node_id, node in spec.nodes.items()]
+    return runs.create_run(
+        run_id, spec.dag, spec.document(), inputs, nodes, parent=parent, agent=agent
+    )
+
+
 @dataclass(frozen=True)
 class RunnerDeps:
     """The runner's services, the same for every run it executes."""
 
     registry: Registry
-    runs: RunStore
+    runs: AsyncRunStore  # awaited on the loop; ``runs.sync`` in worker threads
     blobs: BlobStore
     lease: EngineLease
     env: DagSandbox  # the Jinja2 sandbox templates render in
@@ -95,7 +120,8 @@ class RunnerDeps:
     cache_entries: int  # the bound of the node and subgraph cache
     remote: Remote | None
     # the daemon's accounting: one row per generation, as for an HTTP request (None: the
-    # CLI runs DAGs unaccounted, as it runs single prompts)
+    # CLI runs DAGs unaccounted, as it runs single prompts). It must not block: the
+    # daemon's queues the row (``UsageLog.record_soon``)
     usage: Callable[[UsageRecord], None] | None
 
     @property
@@ -103,7 +129,7 @@ class RunnerDeps:
         """The peers, when nodes may be sent to them."""
         return self.remote if self.remote is not None and self.remote.enabled else None
 
-    def record_run(
+    async def record_run(
         self,
         spec: DagSpec,
         inputs: dict[str, Any],
@@ -111,12 +137,9 @@ class RunnerDeps:
         parent: tuple[str, str] | None = None,
         agent: str | None = None,
     ) -> RunRecord:
-        """A new run of ``spec``, pending, with one pending record per node; ``parent``
-        (run id, node id): a subgraph call's child run."""
-        run_id = uuid.uuid4().hex[:12]
-        nodes = [(node_id, node.path, node.type) for node_id, node in spec.nodes.items()]
-        return self.runs.create_run(
-            run_id, spec.dag, spec.document(), inputs, nodes, parent=parent, agent=agent
+        """``new_run`` from the loop."""
+        return await to_thread_to_completion(
+            functools.partial(new_run, self.runs.sync, spec, inputs, parent=parent, agent=agent)
         )
 
 
@@ -135,14 +158,14 @@ class RunContext:
     def id(self) -> str:
         return self.record.id
 
-    def counters(self) -> RunCounters:
-        return self.deps.runs.counters(self.record.id)
+    async def counters(self) -> RunCounters:
+        return await self.deps.runs.counters(self.record.id)
 
-    def tokens_left(self) -> int | None:
+    async def tokens_left(self) -> int | None:
         """What the token budget still allows: None without a limit, zero or less once
         it is spent (a node finishing meanwhile may take the run past it)."""
         limit = self.spec.budget.max_tokens
-        return None if limit is None else limit - self.counters().tokens_used
+        return None if limit is None else limit - (await self.counters()).tokens_used
 
     def stop_past_budget(self, totals: RunCounters, *, cut: bool = False) -> None:
         """A node that took the run past its token budget, or that the budget cut short
@@ -152,7 +175,7 @@ class RunContext:
         if limit is not None and (cut or totals.tokens_used > limit):
             raise BudgetExceeded("max_tokens", f"{totals.tokens_used} of {limit} used")
 
-    def bill(self, node_id: str) -> None:
+    async def bill(self, node_id: str) -> None:
         """The usage row of a generation that just finished, from its node record: billed
         to the run's agent, ``ran_on`` the machine that did the work. A cache hit spent
         nothing and bills nothing; accounting never fails the run."""
@@ -160,7 +183,7 @@ class RunContext:
         if usage is None:
             return
         try:
-            rec = self.deps.runs.node(self.id, node_id)
+            rec = await self.deps.runs.node(self.id, node_id)
             if rec.cache_hit:
                 return
             spec = self.spec.nodes[node_id]

@@ -49,14 +49,14 @@ async def generate(run: RunContext, node: LlmNode | ForkNode, scope: dict[str, A
     deps = run.deps
     entry = deps.registry.resolve(node.model or node.tag)
     samples = node.samples if isinstance(node, ForkNode) and node.samples else 1
-    sampling, capped = _sampling(run, node, samples)
-    record = deps.runs.node(run.id, node.id)
+    sampling, capped = _sampling(node, samples, await run.tokens_left())
+    record = await deps.runs.node(run.id, node.id)
     async with deps.lease(entry.name) as engine:
         messages, context_state = await conversation(run, node, scope, engine)
         base = GenerateRequest(messages=messages, sampling=sampling, n=samples)
         prompt = await engine.tokenize_request_in_thread(base)  # milliseconds per 1k tokens
         key = _cache_key(node, prompt, sampling, engine)
-        cached = deps.runs.cache_get(key) if key is not None else None
+        cached = await deps.runs.cache_get(key) if key is not None else None
         if cached is not None:
             hit = NodeFinished(
                 output=cached,
@@ -69,25 +69,25 @@ async def generate(run: RunContext, node: LlmNode | ForkNode, scope: dict[str, A
                 cache_hit=True,
                 drops_checkpoint=True,
             )
-            deps.runs.finish_node(run.id, node.id, hit)
+            await deps.runs.finish_node(run.id, node.id, hit)
             return cached
         if samples > 1:
             done = await _fork(run, node, engine, prompt, sampling, samples, context_state)
         else:
             done = await _generate_one(run, node, engine, record, prompt, sampling, context_state)
         if key is not None:
-            deps.runs.cache_put(key, node.path, done.output, done.tokens, deps.cache_entries)
+            await deps.runs.cache_put(key, node.path, done.output, done.tokens, deps.cache_entries)
         run.stop_past_budget(done.totals, cut=capped and done.cut)
         return done.output
 
 
 def _sampling(
-    run: RunContext, node: LlmNode | ForkNode, samples: int
+    node: LlmNode | ForkNode, samples: int, left: int | None
 ) -> tuple[SamplingParams, bool]:
-    """The node's sampling, its ``max_tokens`` within what the token budget leaves (shared
-    by the samples), and whether the budget, not the node, sets how far it may generate."""
+    """The node's sampling, its ``max_tokens`` within what the token budget leaves
+    (``left``, shared by the samples), and whether the budget, not the node, sets how far
+    it may generate."""
     params = dict(node.sampling())
-    left = run.tokens_left()
     capped = False
     if left is not None:
         remaining = max(1, left // samples)
@@ -138,7 +138,7 @@ async def _generate_one(
         prompt_tokens=prompt_tokens,
         resumed_from_checkpoint=resume is not None,
     )
-    deps.runs.update_node(run_id, node_id, start)
+    await deps.runs.update_node(run_id, node_id, start)
     started = time.perf_counter()
     handle = engine.submit(request, await engine.prepare_in_thread(request))
     async for event in handle:
@@ -148,7 +148,7 @@ async def _generate_one(
         elif isinstance(event, CheckpointEvent):
             tokens = len(before) + len(event.tokens)
             saved = await to_thread_to_completion(
-                save_checkpoint, deps.runs, deps.blobs, event.state, run_id, node_id, tokens
+                save_checkpoint, deps.runs.sync, deps.blobs, event.state, run_id, node_id, tokens
             )
             if saved:
                 run.emit(DagEvent(DagEventKind.CHECKPOINT, run_id, node_id, {"tokens": tokens}))
@@ -175,8 +175,8 @@ async def _generate_one(
         seconds=time.perf_counter() - started,
         state_sha256=state_sha,
     )
-    totals = deps.runs.finish_node(run_id, node_id, finished)
-    run.bill(node_id)
+    totals = await deps.runs.finish_node(run_id, node_id, finished)
+    await run.bill(node_id)
     cut = any(c.finish_reason == "length" for c in result.choices)
     return _Generated(output, tokens, totals, cut)
 
@@ -197,7 +197,7 @@ async def _fork(
     start = NodeStarted(
         ran_on=deps.ran_on, started_at=utc_now(), model=engine.name, prompt_tokens=len(prompt)
     )
-    deps.runs.update_node(run_id, node_id, start)
+    await deps.runs.update_node(run_id, node_id, start)
     started = time.perf_counter()
     width = engine.config.parallel
     handles = []
@@ -234,8 +234,8 @@ async def _fork(
         cached_tokens=cached,
         seconds=time.perf_counter() - started,
     )
-    totals = deps.runs.finish_node(run_id, node_id, finished)
-    run.bill(node_id)
+    totals = await deps.runs.finish_node(run_id, node_id, finished)
+    await run.bill(node_id)
     return _Generated(output, tokens, totals, cut)
 
 
@@ -256,8 +256,8 @@ async def conversation(
         answer = run.outputs[node.context]
         text = answer if isinstance(answer, str) else json.dumps(answer)
         turns = [*parent_turns, ChatMessage(role="assistant", content=text)]
-        record = run.deps.runs.node(run.id, node.context)
         if engine is not None:
+            record = await run.deps.runs.node(run.id, node.context)
             what = f"{node.context}'s KV"
             state = await load_state(run.deps.blobs, record.state_sha256, engine, what)
     elif node.system is not None:

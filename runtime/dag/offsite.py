@@ -54,7 +54,7 @@ async def generate_routed(
     for candidate in decision.candidates:
         routing = {"reason": decision.reason, "ran_on": candidate.node, "attempts": list(attempts)}
         if candidate.kind == "local":
-            run.deps.runs.update_node(run.id, node.id, NodeRouted(routing))
+            await run.deps.runs.update_node(run.id, node.id, NodeRouted(routing))
             return {node.id: await local.generate(run, node, scope)}
         try:
             if candidate.kind == "pcrt":
@@ -109,7 +109,7 @@ async def _generate_on_peer(
     assert remote is not None
     messages, _ = await local.conversation(run, node, scope, None)
     sampling = SamplingParams(**node.sampling())
-    left = run.tokens_left()
+    left = await run.tokens_left()
     params: dict[str, Any] = {
         "temperature": sampling.temperature,
         "top_p": sampling.top_p,
@@ -127,7 +127,7 @@ async def _generate_on_peer(
     start = NodeStarted(
         ran_on=candidate.node, started_at=utc_now(), model=candidate.model, routing=routing
     )
-    deps.runs.update_node(run_id, node_id, start)
+    await deps.runs.update_node(run_id, node_id, start)
 
     def on_text(index: int, text: str) -> None:
         run.emit(DagEvent(DagEventKind.TOKEN, run_id, node_id, {"index": index, "text": text}))
@@ -168,8 +168,8 @@ async def _generate_on_peer(
         cached_tokens=result.cached_tokens,
         seconds=result.seconds,
     )
-    totals = deps.runs.finish_node(run_id, node_id, finished)
-    run.bill(node_id)
+    totals = await deps.runs.finish_node(run_id, node_id, finished)
+    await run.bill(node_id)
     run.stop_past_budget(totals)
     return output
 
@@ -211,16 +211,16 @@ async def _subgraph_on_peer(
     group = peer_group(run, node)
     limit = run.spec.budget.max_nodes
     if limit is not None:
-        executed = run.counters().nodes_executed
+        executed = (await run.counters()).nodes_executed
         if executed + len(group) > limit:
             group = group[: max(1, limit - executed)]  # no more than the budget
-    payload = _payload(run, group)
+    payload = _payload(run, group, await run.tokens_left())
     for node_id in group:
         if node_id != node.id:
             data: dict[str, Any] = {"type": run.spec.nodes[node_id].type}
             run.emit(DagEvent(DagEventKind.NODE_STARTED, run_id, node_id, data))
         start = NodeStarted(ran_on=candidate.node, started_at=utc_now(), routing=routing)
-        deps.runs.update_node(run_id, node_id, start)
+        await deps.runs.update_node(run_id, node_id, start)
     timeout = run.spec.budget.timeout_sec
     try:
         result = await remote.subgraph(candidate, payload, timeout, run.record.agent)
@@ -233,7 +233,7 @@ async def _subgraph_on_peer(
     except PeerError:
         for node_id in group:  # back to waiting: the next candidate decides for them
             if node_id != node.id:
-                deps.runs.update_node(run_id, node_id, NodeRequeued())
+                await deps.runs.update_node(run_id, node_id, NodeRequeued())
         raise
     records = result["nodes"]
     outputs: dict[str, Any] = {}
@@ -255,12 +255,12 @@ async def _subgraph_on_peer(
             seconds=rec.get("seconds"),
             cache_hit=bool(rec.get("cache_hit")),
         )
-        totals = deps.runs.finish_node(run_id, node_id, finished)
+        totals = await deps.runs.finish_node(run_id, node_id, finished)
         sent = run.spec.nodes[node_id]
         # generations, and calls whose generations all ran inside them there; not
         # branch forks or asserts, which generate nothing of their own
         if sent.generates or isinstance(sent, SubgraphNode):
-            run.bill(node_id)
+            await run.bill(node_id)
         outputs[node_id] = rec.get("output")
         if node_id != node.id:
             data = {"status": NodeStatus.SUCCEEDED, "output": outputs[node_id]}
@@ -270,9 +270,10 @@ async def _subgraph_on_peer(
     return outputs
 
 
-def _payload(run: RunContext, group: list[str]) -> dict[str, Any]:
+def _payload(run: RunContext, group: list[str], left: int | None) -> dict[str, Any]:
     """What a pcrt peer runs: the group's nodes, never sent on again, and every upstream
-    node their templates and contexts reach, as done, under what is left of the budget."""
+    node their templates and contexts reach, as done, under what is left of the budget
+    (``left`` tokens)."""
     deps = dependencies(run.spec)
     needed: set[str] = set()
     frontier = [d for g in group for d in deps[g]]
@@ -295,7 +296,6 @@ def _payload(run: RunContext, group: list[str]) -> dict[str, Any]:
         # part of a callee: the peer answers with node records, not the callee's
         # outputs, which may name nodes it is not sent
         document["signature"] = {**document["signature"], "outputs": {}}
-    left = run.tokens_left()
     document["budget"] = {
         k: v
         for k, v in {

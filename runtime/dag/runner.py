@@ -11,18 +11,25 @@ where routing sends it (``offsite.py``; here, ``local.py``), a subgraph call as 
 run (``calls.py``), an assert and a fork of branches here. They share the run's context
 and the runner's services (``context.py``) and tell listeners what happens
 (``events.py``).
+
+Execution runs on an event loop and awaits the run store in worker threads
+(``AsyncRunStore``). Creating a run validates the DAG and reads the library directories:
+``create`` does it in the caller's thread (the CLI, tests), ``create_in_thread`` in a
+worker thread for the daemon's loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from pcrt.cache.async_runs import AsyncRunStore
 from pcrt.cache.blobs import BlobStore
 from pcrt.cache.runs import (
     NodeFailed,
@@ -35,7 +42,7 @@ from pcrt.cache.runs import (
 from pcrt.cache.status import RESUMABLE_RUN_STATES, NodeStatus, RunStatus
 from pcrt.cache.usage import UsageRecord
 from pcrt.runtime.dag.calls import call_subgraph
-from pcrt.runtime.dag.context import EngineLease, Remote, RunContext, RunnerDeps
+from pcrt.runtime.dag.context import EngineLease, Remote, RunContext, RunnerDeps, new_run
 from pcrt.runtime.dag.events import DagEvent, DagEventKind, EventSink, ignore
 from pcrt.runtime.dag.library import (
     Library,
@@ -115,7 +122,7 @@ class DagRunner:
     ) -> None:
         self.deps = RunnerDeps(
             registry=registry,
-            runs=runs,
+            runs=AsyncRunStore(runs),
             blobs=blobs,
             lease=lease,
             env=make_environment(),
@@ -134,7 +141,9 @@ class DagRunner:
 
     @property
     def runs(self) -> RunStore:
-        return self.deps.runs
+        """The run store itself, for the CLI, tests and worker threads: code on the event
+        loop awaits ``deps.runs`` (the same methods, in worker threads)."""
+        return self.deps.runs.sync
 
     @property
     def blobs(self) -> BlobStore:
@@ -165,16 +174,25 @@ class DagRunner:
         """Validate (every problem at once: DagInvalid), bind inputs, record the run.
         ``library``: documents the request brought, over the library directories; the run
         records every library DAG it can reach, for its resume. ``agent``: whom its
-        generations are billed to."""
-        peers = self.deps.peers
-        remote = peers.known_names() if peers is not None else None
-        dirs = self.library_dirs if self.library_dirs is not None else Paths.from_env().lib_dirs
-        resolved = run_library(spec, dirs, library)
-        bound = check_run(spec, self.deps.registry, inputs, remote, resolved)
-        carried = with_library(spec, resolved.closure(spec))
-        return self.deps.record_run(carried, bound, agent=agent)
+        generations are billed to. In this thread: the event loop awaits
+        ``create_in_thread``."""
+        return self._create(spec, inputs, library, agent, self._remote_names())
 
-    def create_partial(
+    async def create_in_thread(
+        self,
+        spec: DagSpec,
+        inputs: dict[str, Any],
+        library: Library | None = None,
+        *,
+        agent: str | None = None,
+    ) -> RunRecord:
+        """``create`` in a worker thread (validation, library files, the records), for
+        the event loop."""
+        remote = self._remote_names()  # the peer table is the loop's: read here
+        create = functools.partial(self._create, spec, inputs, library, agent, remote)
+        return await to_thread_to_completion(create)
+
+    async def create_partial(
         self,
         spec: DagSpec,
         inputs: dict[str, Any],
@@ -183,30 +201,55 @@ class DagRunner:
         *,
         agent: str | None = None,
     ) -> RunRecord:
-        """A run of part of a DAG for a peer: ``done`` nodes are recorded as finished
-        (where ``origin`` ran them) and only the rest execute here."""
+        """A run of part of a DAG for the peer ``origin``, which waits on it
+        (``RunRecord.for_peer``): ``done`` nodes are recorded as finished (where
+        ``origin`` ran them) and only the rest execute here. In a worker thread."""
         unknown = set(done) - set(spec.nodes)
         if unknown:
             raise InvalidRequest(f"outputs given for unknown nodes: {sorted(unknown)}")
-        record = self.create(spec, inputs, agent=agent)
-        for node_id, output in done.items():
-            given = NodeFinishedElsewhere(output=output, ran_on=origin)
-            self.deps.runs.update_node(record.id, node_id, given)
-        return record
+        remote = self._remote_names()
+
+        def create() -> RunRecord:
+            record = self._create(spec, inputs, None, agent, remote)
+            for node_id, output in done.items():
+                given = NodeFinishedElsewhere(output=output, ran_on=origin)
+                self.runs.update_node(record.id, node_id, given)
+            self.runs.mark_for_peer(record.id, origin)
+            return self.runs.get_run(record.id)
+
+        return await to_thread_to_completion(create)
+
+    def _remote_names(self) -> tuple[set[str], set[str]] | None:
+        peers = self.deps.peers
+        return peers.known_names() if peers is not None else None
+
+    def _create(
+        self,
+        spec: DagSpec,
+        inputs: dict[str, Any],
+        library: Library | None,
+        agent: str | None,
+        remote: tuple[set[str], set[str]] | None,
+    ) -> RunRecord:
+        dirs = self.library_dirs if self.library_dirs is not None else Paths.from_env().lib_dirs
+        resolved = run_library(spec, dirs, library)
+        bound = check_run(spec, self.deps.registry, inputs, remote, resolved)
+        carried = with_library(spec, resolved.closure(spec))
+        return new_run(self.runs, carried, bound, agent=agent)
 
     # -- executing ----------------------------------------------------------------
 
     async def execute(self, run_id: str, on_event: EventSink | None = None) -> RunRecord:
         """Run (or resume) until every node is done, a node fails, or a budget is hit."""
         runs = self.deps.runs
-        record = runs.get_run(run_id)
+        record, nodes = await runs.run_with_nodes(run_id)
         if record.status not in RESUMABLE_RUN_STATES:
             return record
-        spec = parse_dag(record.spec)
-        done = {n.node_id: n.output for n in runs.nodes(run_id) if n.status == NodeStatus.SUCCEEDED}
-        library = library_from_documents(spec.library, origin=f"{spec.dag} library")
+        # a 1,000-node document and its library: milliseconds of pydantic, off the loop
+        spec, library = await to_thread_to_completion(_documents_of, record)
+        done = {n.node_id: n.output for n in nodes if n.status == NodeStatus.SUCCEEDED}
         run = RunContext(self.deps, record, spec, done, on_event or ignore, library)
-        runs.set_status(run_id, RunStatus.RUNNING)
+        await runs.set_status(run_id, RunStatus.RUNNING)
         run.emit(DagEvent(DagEventKind.RUN_STARTED, run_id, data={"resumed": bool(done)}))
         timeout = spec.budget.timeout_sec
         status, error = RunStatus.SUCCEEDED, None
@@ -219,7 +262,8 @@ class DagRunner:
         except BudgetExceeded as exc:
             status, error = RunStatus.BUDGET_EXCEEDED, str(exc)
         except asyncio.CancelledError:
-            runs.set_status(run_id, RunStatus.CANCELLED, error="cancelled; checkpoints kept")
+            # written even if cancelled again meanwhile (the thread ends first)
+            await runs.set_status(run_id, RunStatus.CANCELLED, error="cancelled; checkpoints kept")
             data: dict[str, Any] = {"status": RunStatus.CANCELLED}
             run.emit(DagEvent(DagEventKind.RUN_FINISHED, run_id, data=data))
             raise
@@ -228,8 +272,8 @@ class DagRunner:
         except Exception as exc:  # a bug must not leave the run "running" forever
             log.exception("run %s failed unexpectedly", run_id)
             status, error = RunStatus.FAILED, f"internal error: {type(exc).__name__}: {exc}"
-        runs.set_status(run_id, status, error=error)
-        final = runs.get_run(run_id)
+        await runs.set_status(run_id, status, error=error)
+        final = await runs.get_run(run_id)
         data = {"status": status, "error": error, "outputs": run.outputs}
         run.emit(DagEvent(DagEventKind.RUN_FINISHED, run_id, data=data))
         return final
@@ -245,10 +289,13 @@ class DagRunner:
                 # would queue a thousand steps ahead of every other request on the loop
                 room = MAX_NODES_IN_FLIGHT - len(running)
                 ready = [n for n in pending if deps[n] <= run.outputs.keys()][:room]
+                spent, starting = await _spent(run, ready, list(running.values()))
                 for node_id in ready:
                     pending.remove(node_id)
-                    _check_budget(run.spec.budget, run.counters(), starting=len(running))
+                    if spent is not None:
+                        _check_budget(run.spec.budget, spent, starting)
                     task = asyncio.create_task(self._node(run, node_id), name=f"dag-{node_id}")
+                    starting += 1
                     running[task] = node_id
                 if not running:
                     stuck = ", ".join(pending)
@@ -293,12 +340,12 @@ class DagRunner:
             else:
                 raise InvalidRequest(f"node {node_id}: type {node.type!r} cannot run")
         except (PcrtError, AssertFailed) as exc:
-            if isinstance(exc, BudgetExceeded) and _succeeded(runs, run.id, node_id):
+            if isinstance(exc, BudgetExceeded) and await _succeeded(runs, run.id, node_id):
                 # it finished, and spent the last of the budget: its output is kept
                 data: dict[str, Any] = {"status": NodeStatus.SUCCEEDED}
                 run.emit(DagEvent(DagEventKind.NODE_FINISHED, run.id, node_id, data))
                 raise
-            runs.update_node(run.id, node_id, NodeFailed(str(exc)))
+            await runs.update_node(run.id, node_id, NodeFailed(str(exc)))
             data = {"status": NodeStatus.FAILED, "error": str(exc)}
             run.emit(DagEvent(DagEventKind.NODE_FINISHED, run.id, node_id, data))
             raise
@@ -310,20 +357,38 @@ class DagRunner:
                 spent_tokens=0,
                 seconds=time.perf_counter() - started,
             )
-            runs.finish_node(run.id, node_id, finished)
+            await runs.finish_node(run.id, node_id, finished)
         data = {"status": NodeStatus.SUCCEEDED, "output": output}
         run.emit(DagEvent(DagEventKind.NODE_FINISHED, run.id, node_id, data))
         return produced
 
 
+async def _spent(
+    run: RunContext, ready: list[str], running: list[str]
+) -> tuple[RunCounters | None, int]:
+    """What the run has spent, and how many of the ``running`` nodes that does not count
+    yet, for the budget checks of the ``ready`` nodes; (None, 0) when there is nothing to
+    check (no node to start, or no node or token limit)."""
+    budget = run.spec.budget
+    if not ready or (budget.max_nodes is None and budget.max_tokens is None):
+        return None, 0
+    return await run.deps.runs.counters_and_unfinished(run.id, running)
+
+
 def _check_budget(budget: Budget, spent: RunCounters, starting: int) -> None:
     """One more node may start, or the budget stops the run: ``starting``, the nodes
-    running, are not in the counters yet."""
+    running and those started before it, are not in the counters yet."""
     if budget.max_nodes is not None and spent.nodes_executed + starting >= budget.max_nodes:
         raise BudgetExceeded("max_nodes", f"{budget.max_nodes} nodes executed")
     if budget.max_tokens is not None and spent.tokens_used >= budget.max_tokens:
         raise BudgetExceeded("max_tokens", f"{spent.tokens_used} of {budget.max_tokens} used")
 
 
-def _succeeded(runs: RunStore, run_id: str, node_id: str) -> bool:
-    return runs.node(run_id, node_id).status == NodeStatus.SUCCEEDED
+async def _succeeded(runs: AsyncRunStore, run_id: str, node_id: str) -> bool:
+    return (await runs.node(run_id, node_id)).status == NodeStatus.SUCCEEDED
+
+
+def _documents_of(record: RunRecord) -> tuple[DagSpec, Library]:
+    """A run's recorded DAG and the library it carries."""
+    spec = parse_dag(record.spec)
+    return spec, library_from_documents(spec.library, origin=f"{spec.dag} library")

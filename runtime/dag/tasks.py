@@ -1,5 +1,9 @@
 """The daemon's DAG runs in flight: one task per run, the listeners of its events, the
-moves under way; and the view of a run that the API and the CLI show."""
+moves under way; and the view of a run that the API and the CLI show.
+
+The daemon's code is on its event loop: ``DagTasks.runs`` is the run store it awaits
+(``AsyncRunStore``); ``run_view`` reads the store in the caller's thread (the CLI's, or a
+worker thread's)."""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import asyncio
 from dataclasses import asdict
 from typing import Any
 
+from pcrt.cache.async_runs import AsyncRunStore
 from pcrt.cache.runs import RunRecord, RunStore
 from pcrt.cache.status import NodeStatus, RunStatus
 from pcrt.runtime.dag.events import DagEvent
@@ -20,14 +25,22 @@ class DagTasks:
 
     def __init__(self, runner: DagRunner) -> None:
         self.runner = runner
+        self.runs = AsyncRunStore(runner.runs)
         self.tasks: dict[str, asyncio.Task[RunRecord]] = {}
+        # the running runs a peer sent and waits on (their records say so too, for a
+        # restart: ``RunRecord.for_peer``); kept here, so no store read tells them apart
+        self._for_peers: set[str] = set()
         self.listeners: dict[str, list[asyncio.Queue[DagEvent | None]]] = {}
         # runs being moved to a peer, set when the move ends (``moving.move_run``)
         self.moves: dict[str, asyncio.Event] = {}
 
-    def start(self, run_id: str) -> asyncio.Task[RunRecord]:
+    def start(self, run_id: str, *, for_peer: bool = False) -> asyncio.Task[RunRecord]:
+        """Execute (or resume) the run in a task of its own; ``for_peer``: a run a peer
+        sent and waits on (``RunRecord.for_peer``), which never moves from here."""
         if run_id in self.tasks:
             return self.tasks[run_id]
+        if for_peer:
+            self._for_peers.add(run_id)
 
         def emit(event: DagEvent) -> None:
             for queue in self.listeners.get(run_id, []):
@@ -38,6 +51,7 @@ class DagTasks:
                 return await self.runner.execute(run_id, emit)
             finally:
                 self.tasks.pop(run_id, None)
+                self._for_peers.discard(run_id)
                 for queue in self.listeners.pop(run_id, []):
                     queue.put_nowait(None)
 
@@ -54,8 +68,7 @@ class DagTasks:
     def for_peers(self) -> set[str]:
         """The running runs a peer sent and waits on (``RunRecord.for_peer``): never
         moved from here."""
-        runs = self.runner.runs
-        return {run_id for run_id in list(self.tasks) if runs.get_run(run_id).for_peer}
+        return {run_id for run_id in self.tasks if run_id in self._for_peers}
 
     def movable(self) -> list[str]:
         """The running runs that are this daemon's own (a drain or low battery moves them)."""
@@ -74,7 +87,7 @@ class DagTasks:
             elif move is not None:
                 await move.wait()
             else:
-                return self.runner.runs.get_run(run_id)
+                return await self.runs.get_run(run_id)
 
     async def cancel(self, run_id: str) -> bool:
         task = self.tasks.get(run_id)
@@ -91,7 +104,7 @@ class DagTasks:
         that resume_on_start (or pcrt dag resume) picks them up from their checkpoints."""
         for run_id in list(self.tasks):
             await self.cancel(run_id)
-            self.runner.runs.set_status(
+            await self.runs.set_status(
                 run_id, RunStatus.INTERRUPTED, error="the daemon stopped; resume continues it"
             )
 
@@ -112,7 +125,8 @@ def run_summary(run: RunRecord) -> dict[str, Any]:
 
 def run_view(runs: RunStore, run: RunRecord) -> dict[str, Any]:
     """The run as the API answers it and the CLI shows it: its record, its finished
-    nodes' outputs and every node's record."""
+    nodes' outputs and every node's record. It reads the store: the daemon calls it in a
+    worker thread (a run of 1,000 nodes is tens of ms of decoding and copying)."""
     nodes = runs.nodes(run.id)
     return {
         "id": run.id,

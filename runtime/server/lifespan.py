@@ -10,10 +10,11 @@ shutdown's:
     drain            stops the battery watcher, moves running runs to peers (migrate_on_drain)
     battery watcher  (stopped by the drain already; cancelled here when the start failed)
     DAG tasks        running DAGs stop as interrupted; their checkpoints stay
+    node info        a refresh of its facts (model sizes and speeds) under way ends
     coordinator      goodbye packets: peers drop us at once; its HTTP clients close
     reaper           the keep-alive reaper stops before the pool it reaps
     pool             every loaded model closes
-    device monitor, usage log, store
+    device monitor, usage log (its queued rows written first), store
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from pcrt.runtime.server.node_info import NodeInfo
 from pcrt.runtime.server.pool import EngineOpener, ModelPool
 from pcrt.runtime.server.services import DaemonState, Services, dag_billing
 from pcrt.runtime.server.settings import ServerSettings
+from pcrt.runtime.threads import to_thread_to_completion
 
 __all__ = ["running_services"]
 
@@ -73,7 +75,8 @@ async def running_services(
         store = Store(reg.paths.db_path)
         stack.callback(store.close)
         usage = UsageLog(store)
-        stack.callback(usage.close)
+        # its queued rows are written first: off the loop, which still serves meanwhile
+        stack.push_async_callback(to_thread_to_completion, usage.close)
         monitor = DeviceMonitor(interval=settings.device_refresh)
         stack.push_async_callback(monitor.stop)  # a no-op unless it started
         await monitor.start()
@@ -111,6 +114,7 @@ async def running_services(
             port=settings.port,
             usage=usage,
         )
+        stack.push_async_callback(node.close)  # a refresh of its facts reads the store
         dags = DagTasks(
             DagRunner(
                 registry=reg,
@@ -136,9 +140,10 @@ async def running_services(
             node=node,
         )
 
-        interrupted = runs.mark_interrupted()  # runs a dead daemon left "running"
+        interrupted = await dags.runs.mark_interrupted()  # runs a dead daemon left "running"
         if interrupted:
             log.info("interrupted DAG runs: %s", ", ".join(interrupted))
+        await node.refresh()  # the models' sizes and speeds, before any view asks for them
         await coordinator.start()
         watcher = None
         if settings.peers.migrate_on_battery:
@@ -196,7 +201,7 @@ async def _resume_interrupted(services: Services) -> None:
     one."""
     if services.coordinator.enabled:
         await services.coordinator.settle()
-    for run in services.dags.runner.runs.list_runs(status=RunStatus.INTERRUPTED):
+    for run in await services.dags.runs.list_runs(status=RunStatus.INTERRUPTED):
         log.info("resuming DAG run %s", run.id)
         services.dags.start(run.id)
 

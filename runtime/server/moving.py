@@ -14,7 +14,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
-from pcrt.cache.runs import RunStore
+from pcrt.cache.async_runs import AsyncRunStore
 from pcrt.cache.status import RESUMABLE_RUN_STATES, RunStatus
 from pcrt.routing.migrate import Migration, migrate_run
 from pcrt.routing.policy import Work
@@ -42,19 +42,19 @@ async def move_run(
     cancelled. Runs a peer waits on (partial runs) never move. ``migrate``: what does
     the sending (tests pass a fake peer's)."""
     dags = services.dags
-    runs = dags.runner.runs
-    if runs.get_run(run_id).for_peer is not None:
+    runs = dags.runs
+    if (await runs.get_run(run_id)).for_peer is not None:
         raise InvalidRequest(f"run {run_id} runs here for a peer that waits on it; it stays")
     if run_id in dags.moves:
         raise InvalidRequest(f"run {run_id} is moving already")
     moved = dags.moves[run_id] = asyncio.Event()  # waiters on the run wait for the move
     try:
         await dags.cancel(run_id)
-        status = runs.get_run(run_id).status
+        status = (await runs.get_run(run_id)).status
         # it finished before it stopped: nothing left to move
         if status not in RESUMABLE_RUN_STATES:
             raise InvalidRequest(f"run {run_id} is {status}; only unfinished runs move")
-        runs.set_status(run_id, RunStatus.MIGRATING, error=f"moving to peer {peer}")
+        await runs.set_status(run_id, RunStatus.MIGRATING, error=f"moving to peer {peer}")
         sending = asyncio.ensure_future(
             migrate(
                 services.coordinator, runs, services.blobs, run_id, peer, with_states=with_states
@@ -68,25 +68,27 @@ async def move_run(
         except asyncio.CancelledError:
             await asyncio.wait({sending})
             with contextlib.suppress(Exception):  # recorded; the cancellation goes on
-                _record_move(runs, run_id, peer, sending)
+                await _record_move(runs, run_id, peer, sending)
             raise
-        return _record_move(runs, run_id, peer, sending)
+        return await _record_move(runs, run_id, peer, sending)
     finally:
         del dags.moves[run_id]
         moved.set()
 
 
-def _record_move(
-    runs: RunStore, run_id: str, peer: str, sending: asyncio.Future[Migration]
+async def _record_move(
+    runs: AsyncRunStore, run_id: str, peer: str, sending: asyncio.Future[Migration]
 ) -> Migration:
     """The run is ``migrated`` (with its pointer) or, when the move failed, ``interrupted``
     here again; the move's result or error."""
     exc = sending.exception()
     if exc is not None:
-        runs.set_status(run_id, RunStatus.INTERRUPTED, error=f"the move to {peer} failed: {exc}")
+        await runs.set_status(
+            run_id, RunStatus.INTERRUPTED, error=f"the move to {peer} failed: {exc}"
+        )
         raise exc
     result = sending.result()
-    runs.set_status(
+    await runs.set_status(
         run_id, RunStatus.MIGRATED, error=f"moved to peer {result.peer}", migrated_to=result.pointer
     )
     return result
@@ -100,7 +102,7 @@ async def move_running_runs(services: Services, why: str, *, resume_unmoved: boo
     moved = []
     for run_id in services.dags.movable():
         work = Work(
-            model=_run_model(services.dags.runner.runs, run_id),
+            model=await _run_model(services.dags.runs, run_id),
             route="peer",
             peer_kinds=frozenset({"pcrt"}),
         )
@@ -129,16 +131,16 @@ async def move_running_runs(services: Services, why: str, *, resume_unmoved: boo
             log.warning("%s: run %s stays here: %s", why, run_id, reason)
             if (
                 resume_unmoved
-                and services.dags.runner.runs.get_run(run_id).status in RESUMABLE_RUN_STATES
+                and (await services.dags.runs.get_run(run_id)).status in RESUMABLE_RUN_STATES
             ):
                 services.dags.start(run_id)
     return moved
 
 
-def _run_model(runs: RunStore, run_id: str) -> str | None:
+async def _run_model(runs: AsyncRunStore, run_id: str) -> str | None:
     """The model the run used last (its states are that model's), or None when no node
     has started yet: then any pcrt peer's best model will do."""
-    models = [n.model for n in runs.nodes(run_id) if n.model and n.started_at]
+    models = [n.model for n in await runs.nodes(run_id) if n.model and n.started_at]
     return models[-1] if models else None
 
 

@@ -7,11 +7,21 @@ battery and free memory from the device monitor. A model's strength is its file 
 GB, a rough proxy that orders models of one family and quantisation correctly. Each model
 also carries the compatibility key its engine gives KV states (``routing.statekey``), so a
 peer migrating a run here sends only states that will load.
+
+Sizes and speeds are cached for ``facts_ttl`` seconds. The views are built on the event
+loop (a routing decision, a peer's request), where a stale fact is not read in place (a
+stat, two SQLite queries that may wait on another connection's commit): the view uses
+what the cache holds and ``refresh`` reads every fact afresh in a worker thread for the
+next one. The lifespan refreshes once before serving. Off the loop (tests, a worker
+thread) a stale fact is read in place.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -30,8 +40,13 @@ from pcrt.runtime.engine.state import STATE_FORMAT_VERSION
 from pcrt.runtime.models.loader import kv_settings_for
 from pcrt.runtime.models.registry import ModelEntry, Registry
 from pcrt.runtime.server.pool import ModelPool
+from pcrt.runtime.threads import to_thread_to_completion
 
 __all__ = ["NodeInfo"]
+
+log = logging.getLogger(__name__)
+
+_Key = tuple[str, str | None]  # ("size" or "speed", the model's name)
 
 
 @dataclass
@@ -50,41 +65,91 @@ class NodeInfo:
 
     # file sizes and measured speeds change rarely (a pull, a pcrt bench): read them at
     # most every few seconds, not on every routing decision
-    _facts: dict[tuple[str, str | None], tuple[float, Any]] = field(default_factory=dict)
+    _facts: dict[_Key, tuple[float, Any]] = field(default_factory=dict)
     facts_ttl: float = 5.0
+    _refreshing: asyncio.Task[None] | None = None  # a refresh a view on the loop asked for
+    _closed: bool = False
 
-    def _cached(self, key: tuple[str, str | None], read: Callable[[], Any]) -> Any:
+    async def refresh(self) -> None:
+        """Read every model's size and speeds afresh, in one worker thread."""
+        reads = self._reads()  # on the loop: the pool's models are the loop's to look at
+        values = await to_thread_to_completion(lambda: {key: read() for key, read in reads})
+        now = time.monotonic()
+        self._facts.update((key, (now, value)) for key, value in values.items())
+
+    async def close(self) -> None:
+        """Stop refreshing; a refresh under way ends first (it reads the store)."""
+        self._closed = True
+        if self._refreshing is not None:
+            self._refreshing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refreshing
+
+    def _reads(self) -> list[tuple[_Key, Callable[[], Any]]]:
+        loaded = {m.name: m for m in self.pool.loaded()}
+        reads: list[tuple[_Key, Callable[[], Any]]] = []
+        for entry in self.registry.entries.values():
+            model = loaded.get(entry.name)
+            sha = model.engine.compat_key.model_sha256 if model else entry.sha256
+            reads.append((("size", entry.name), functools.partial(self._read_size, entry)))
+            reads.append(
+                (("speed", entry.name), functools.partial(self._read_speeds, entry.name, sha))
+            )
+        return reads
+
+    def _cached(self, key: _Key, read: Callable[[], Any], unknown: Any) -> Any:
+        """The fact, read now if stale, except on the event loop: there, what the cache
+        holds (``unknown`` before the first reading), and a refresh for the next view."""
         now = time.monotonic()
         hit = self._facts.get(key)
         if hit is not None and now - hit[0] < self.facts_ttl:
             return hit[1]
+        if _on_event_loop():  # never wait on the disk or the store there
+            self._refresh_soon()
+            return unknown if hit is None else hit[1]
         value = read()
         self._facts[key] = (now, value)
         return value
 
-    def _file_size(self, entry: ModelEntry) -> int | None:
-        def read() -> int | None:
-            with contextlib.suppress(OSError):
-                return os.stat(self.registry.path_of(entry)).st_size
-            return None
+    def _refresh_soon(self) -> None:
+        if self._closed or (self._refreshing is not None and not self._refreshing.done()):
+            return
+        self._refreshing = asyncio.get_running_loop().create_task(
+            self._refresh_logged(), name="pcrt-node-facts"
+        )
 
-        size: int | None = self._cached(("size", entry.name), read)
+    async def _refresh_logged(self) -> None:
+        try:
+            await self.refresh()
+        except Exception:  # the cached facts stay; the next stale view asks again
+            log.exception("could not refresh the models' sizes and speeds")
+
+    def _file_size(self, entry: ModelEntry) -> int | None:
+        size: int | None = self._cached(
+            ("size", entry.name), functools.partial(self._read_size, entry), None
+        )
         return size
 
+    def _read_size(self, entry: ModelEntry) -> int | None:
+        with contextlib.suppress(OSError):
+            return os.stat(self.registry.path_of(entry)).st_size
+        return None
+
     def _speeds(self, name: str, sha256: str | None) -> tuple[float | None, float | None]:
+        speeds: tuple[float | None, float | None] = self._cached(
+            ("speed", name), functools.partial(self._read_speeds, name, sha256), (None, None)
+        )
+        return speeds
+
+    def _read_speeds(self, name: str, sha256: str | None) -> tuple[float | None, float | None]:
         """Decode and prefill tokens/s: the newest ``pcrt bench`` of the file, else what
         this node's recent answers with the model measured."""
-
-        def read() -> tuple[float | None, float | None]:
-            results = self.store.bench_results(sha256, limit=1) if sha256 else []
-            if results:
-                return results[0].decode_tps, results[0].prefill_tps
-            if self.usage is not None:
-                return self.usage.served_speeds(name)
-            return None, None
-
-        speeds: tuple[float | None, float | None] = self._cached(("speed", name), read)
-        return speeds
+        results = self.store.bench_results(sha256, limit=1) if sha256 else []
+        if results:
+            return results[0].decode_tps, results[0].prefill_tps
+        if self.usage is not None:
+            return self.usage.served_speeds(name)
+        return None, None
 
     def offers(self) -> tuple[ModelOffer, ...]:
         loaded = {m.name: m for m in self.pool.loaded()}
@@ -192,3 +257,11 @@ class NodeInfo:
                 "gpus": [g.model_dump(mode="json") for g in profile.gpus],
             },
         }
+
+
+def _on_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True

@@ -1,4 +1,9 @@
-"""What the routes share: the pool, the store, limits, metrics; per-request accounting."""
+"""What the routes share: the pool, the store, limits, metrics; per-request accounting.
+
+Accounting runs on the event loop, in sync code (a stream's last chunk, an error's
+handler): its usage rows are queued (``UsageLog.record_soon``) for the log's writer
+thread, never written in place, where SQLite could hold the loop for as long as another
+connection's commit takes."""
 
 from __future__ import annotations
 
@@ -82,7 +87,7 @@ def dag_billing(
         metrics.cached_tokens.labels(record.model).inc(record.cached_tokens)
         metrics.completion_tokens.labels(record.model).inc(record.completion_tokens)
         limiter.charge(record.agent, record.completion_tokens)
-        usage.record(record)
+        usage.record_soon(record)
 
     return bill
 
@@ -224,6 +229,6 @@ class Accounting:
         if self.fallbacks:
             record = replace(record, fallbacks=json.dumps(self.fallbacks))
         try:
-            self.services.usage.record(record)
+            self.services.usage.record_soon(record)
         except Exception:  # accounting must never fail the request it accounts for
             log.exception("could not write a usage row")

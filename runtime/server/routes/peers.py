@@ -18,7 +18,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from pcrt.cache.runs import RunExists
+from pcrt.cache.runs import RunExists, RunRecord
 from pcrt.cache.status import RunStatus
 from pcrt.routing.auth import CLUSTER_HEADER, PROOF_HEADER, SIGNED_REPLIES
 from pcrt.routing.migrate import BLOBS_PATH
@@ -99,13 +99,12 @@ async def run_subgraph(body: SubgraphRequest, request: Request) -> Response:
     _require_peer(request)
     services = services_of(request)
     runner = services.dags.runner
-    spec = parse_dag(body.dag)
-    record = runner.create_partial(
+    spec = await to_thread_to_completion(parse_dag, body.dag)  # 1,000 nodes: milliseconds
+    # the peer's: never moved from here, and not resumed after a restart
+    record = await runner.create_partial(
         spec, body.inputs, body.done, body.origin, agent=agent_of(request)
     )
-    # the peer's: never moved from here, and not resumed after a restart
-    runner.runs.mark_for_peer(record.id, body.origin)
-    task = services.dags.start(record.id)
+    task = services.dags.start(record.id, for_peer=True)
     caller_left = asyncio.ensure_future(_disconnected(request))
     try:
         await asyncio.wait({task, caller_left}, return_when=asyncio.FIRST_COMPLETED)
@@ -116,7 +115,7 @@ async def run_subgraph(body: SubgraphRequest, request: Request) -> Response:
         await services.dags.cancel(record.id)
         log.info("subgraph run %s cancelled: %s stopped waiting for it", record.id, body.origin)
     final = await services.dags.outcome(record.id)  # the daemon stopping: "cancelled"
-    nodes = {n.node_id: n for n in runner.runs.nodes(record.id)}
+    nodes = {n.node_id: n for n in await services.dags.runs.nodes(record.id)}
     answer = {
         "run_id": final.id,
         "status": final.status,
@@ -203,18 +202,21 @@ async def import_run(body: ImportRun, request: Request) -> Response:
     _require_peer(request)
     services = services_of(request)
     runner = services.dags.runner
-    spec = parse_dag(body.run.spec)  # a malformed spec is refused before storing
-    # and one this node cannot run (a model it lacks): the source keeps the run
-    check_run(spec, runner.registry, body.run.inputs)
-    for node in body.nodes:
-        for key in ("state_sha256", "checkpoint_sha256"):
-            sha = node.get(key)
-            if sha and not services.blobs.has(sha):
-                node[key] = None  # never point at a state that is not here: recompute
+
+    def store() -> tuple[RunRecord, bool]:  # checks, blobs' files, records: a thread's
+        spec = parse_dag(body.run.spec)  # a malformed spec is refused before storing
+        # and one this node cannot run (a model it lacks): the source keeps the run
+        check_run(spec, runner.registry, body.run.inputs)
+        for node in body.nodes:
+            for key in ("state_sha256", "checkpoint_sha256"):
+                sha = node.get(key)
+                if sha and not services.blobs.has(sha):
+                    node[key] = None  # never point at a state that is not here: recompute
+        run = {**body.run.model_dump(), "dag_path": spec.dag}
+        return runner.runs.import_run(run, body.nodes, origin=body.origin)
+
     try:
-        record, fresh = runner.runs.import_run(
-            {**body.run.model_dump(), "dag_path": spec.dag}, body.nodes, origin=body.origin
-        )
+        record, fresh = await to_thread_to_completion(store)
     except RunExists as exc:
         raise Conflict(str(exc)) from None
     if fresh:
