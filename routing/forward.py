@@ -39,6 +39,7 @@ from pcrt.routing.auth import CLUSTER_HEADER, PROOF_HEADER, request_header, veri
 from pcrt.routing.peers import Peer
 from pcrt.runtime.errors import Overloaded, PeerRejected, PeerUnavailable
 from pcrt.runtime.sse import aevents
+from pcrt.runtime.threads import to_thread_to_completion
 
 __all__ = ["AGENT_HEADER", "ForwardedStream", "Forwarder", "PeerAnswer", "has_text", "sse_events"]
 
@@ -328,7 +329,8 @@ class Forwarder:
         )
         _raise_for_status(peer, method, path, answer.status, answer.body)
         if proven:
-            self._check_proof(peer, method, path, answer)
+            # the answer's sha256: a migrated run's records may be megabytes
+            await to_thread_to_completion(self._check_proof, peer, method, path, answer)
         return answer
 
     def _check_proof(self, peer: Peer, method: str, path: str, answer: PeerAnswer) -> None:

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pcrt.cache.runs import RunExists, RunRecord
 from pcrt.cache.status import RunStatus
@@ -32,6 +33,8 @@ from pcrt.runtime.threads import to_thread_to_completion
 
 __all__ = ["router"]
 
+_Body = TypeVar("_Body", bound=BaseModel)
+
 log = logging.getLogger(__name__)
 
 router = APIRouter()
@@ -45,17 +48,33 @@ def _require_peer(request: Request) -> None:
         )
 
 
-def _proven(request: Request, payload: dict[str, Any]) -> Response:
+async def _proven(request: Request, payload: dict[str, Any]) -> Response:
     """``payload`` as JSON, with this node's proof of the cluster key over the request it
     answers (its nonce) and these very bytes: a result the caller can trust as ours and
-    unchanged. The body is rendered once, then hashed once."""
-    response = JSONResponse(payload)
-    proof = services_of(request).coordinator.proof_for(
-        request.headers[CLUSTER_HEADER], bytes(response.body)
-    )
-    if proof is not None:
-        response.headers[PROOF_HEADER] = proof
-    return response
+    unchanged. The body is rendered once, then hashed once, in a worker thread (a
+    subgraph's node records may be megabytes)."""
+    coordinator = services_of(request).coordinator
+    header = request.headers[CLUSTER_HEADER]
+
+    def render() -> Response:
+        response = JSONResponse(payload)
+        proof = coordinator.proof_for(header, bytes(response.body))
+        if proof is not None:
+            response.headers[PROOF_HEADER] = proof
+        return response
+
+    return await to_thread_to_completion(render)
+
+
+async def _parsed(request: Request, model: type[_Body]) -> _Body:
+    """The body as ``model``, parsed in a worker thread: a peer's may be up to
+    ``peer_max_body_bytes`` (64 MiB) of JSON, a second of parsing. Bad JSON or a bad
+    shape is the 400 that FastAPI's own parsing gives."""
+    raw = await request.body()  # read (and bounded, and its signature checked) by Guard
+    try:
+        return await to_thread_to_completion(model.model_validate_json, raw)
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors(include_url=False)) from None
 
 
 @router.get("/v1/pcrt/node")
@@ -64,7 +83,7 @@ async def node_info(request: Request) -> Response:
     _require_peer(request)
     services = services_of(request)
     # and that its other answers are proven too: a caller trusts no peer whose are not
-    return _proven(request, {**services.node.info(services.state), SIGNED_REPLIES: True})
+    return await _proven(request, {**services.node.info(services.state), SIGNED_REPLIES: True})
 
 
 @router.get("/v1/pcrt/peers")
@@ -94,9 +113,10 @@ class SubgraphRequest(BaseModel):
 
 
 @router.post("/v1/pcrt/subgraphs")
-async def run_subgraph(body: SubgraphRequest, request: Request) -> Response:
+async def run_subgraph(request: Request) -> Response:
     """Run part of a peer's DAG here and answer with its node records."""
     _require_peer(request)
+    body = await _parsed(request, SubgraphRequest)
     services = services_of(request)
     runner = services.dags.runner
     spec = await to_thread_to_completion(parse_dag, body.dag)  # 1,000 nodes: milliseconds
@@ -136,7 +156,7 @@ async def run_subgraph(body: SubgraphRequest, request: Request) -> Response:
             if node_id in nodes
         },
     }
-    return _proven(request, answer)
+    return await _proven(request, answer)
 
 
 async def _disconnected(request: Request) -> None:
@@ -170,7 +190,7 @@ async def receive_blob(
             return blob.commit(run_id=run_id)
 
         stored = await to_thread_to_completion(store)
-        return _proven(request, {"id": stored, "size": blob.size})
+        return await _proven(request, {"id": stored, "size": blob.size})
 
 
 class MovedRun(BaseModel):
@@ -194,12 +214,13 @@ class ImportRun(BaseModel):
 
 
 @router.post("/v1/pcrt/runs")
-async def import_run(body: ImportRun, request: Request) -> Response:
+async def import_run(request: Request) -> Response:
     """A run migrated here: record it (its states arrived first) and resume it.
 
     The same run from the same origin again (the sender lost our answer and retried) is
     answered as the first time, with the run as it stands; it does not start twice."""
     _require_peer(request)
+    body = await _parsed(request, ImportRun)
     services = services_of(request)
     runner = services.dags.runner
 
@@ -228,4 +249,5 @@ async def import_run(body: ImportRun, request: Request) -> Response:
             "run %s from %s again: it is here already (%s)", record.id, body.origin, record.status
         )
         status = RunStatus.RUNNING if record.id in services.dags.tasks else record.status
-    return _proven(request, {"id": record.id, "status": status, "url": f"/v1/dags/{record.id}"})
+    answer = {"id": record.id, "status": status, "url": f"/v1/dags/{record.id}"}
+    return await _proven(request, answer)
