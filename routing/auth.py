@@ -3,11 +3,14 @@
 The key is a shared secret from config or the environment. It never travels: not in the
 mDNS TXT record, not in a header. Instead:
 
-- a request to a peer carries ``X-PC-Cluster: v2 TS NONCE HOST:PORT MAC``, the MAC an
+- a request to a peer carries ``X-PC-Cluster: v3 TS NONCE HOST:PORT HEAD MAC``, MAC an
   HMAC-SHA256 over the time, a fresh nonce, the method, the path, the destination as
-  called and the body's sha256; the peer checks the MAC, that the time is within
+  called and the body's sha256, and HEAD the same without the body. The peer checks,
+  before it reads a byte of the body (``precheck_request``), HEAD, that the time is within
   ``MAX_SKEW`` seconds, that the destination is itself (a signed request cannot be relayed
-  to another member) and that the nonce was not seen before (replay);
+  to another member) and that the nonce was not seen before (replay); then, the body
+  read, MAC. Without HEAD anyone who can reach the port could make a node read and hash
+  a peer route's whole body bound (64 MiB) per request before the MAC failed;
 - a nonce is remembered until its request's own stamp leaves the window (``MAX_SKEW``
   after it), never forgotten earlier: a replay is refused for as long as its clock check
   would pass. Memory is bounded by refusing, not forgetting: with ``NonceCache.limit``
@@ -36,6 +39,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 from pcrt.runtime.errors import Overloaded
 
@@ -45,6 +49,7 @@ __all__ = [
     "MAX_SKEW",
     "PROOF_HEADER",
     "SIGNED_REPLIES",
+    "WRONG_KEY",
     "NonceCache",
     "announcement_signature",
     "request_header",
@@ -60,6 +65,9 @@ PROOF_HEADER = "X-PC-Cluster-Proof"
 MAX_SKEW = 60.0  # seconds a signed request stays valid; peers' clocks must agree this well
 # the node-info field that says this node proves every answer carrying results
 SIGNED_REPLIES = "signed_replies"
+WRONG_KEY = "wrong cluster key (or a changed request)"
+_VERSION = "v3"  # v2 had no HEAD: a node of this version refuses it
+_FIELDS = 6
 
 
 def _same(given: str, expected: str) -> bool:
@@ -94,18 +102,24 @@ def request_header(
     ts = f"{time.time() if now is None else now:.3f}"
     nonce = secrets.token_hex(12)
     digest = body_sha256 if body_sha256 is not None else _body_hash(body)
+    head = _head_mac(key, ts, nonce, method, path, authority)
     mac = _mac(key, ts, nonce, method.upper(), path, authority, digest)
-    return f"v2 {ts} {nonce} {authority or '-'} {mac}"
+    return f"{_VERSION} {ts} {nonce} {authority or '-'} {head} {mac}"
+
+
+def _head_mac(key: str, ts: str, nonce: str, method: str, path: str, authority: str) -> str:
+    """The MAC of a request without its body: checkable before the body is read."""
+    return _mac(key, "head", ts, nonce, method.upper(), path, authority)
 
 
 def nonce_of(header: str) -> str:
     parts = header.split(" ")
-    return parts[2] if len(parts) == 5 else ""
+    return parts[2] if len(parts) == _FIELDS else ""
 
 
 def authority_of(header: str) -> str:
     parts = header.split(" ")
-    return parts[3] if len(parts) == 5 and parts[3] != "-" else ""
+    return parts[3] if len(parts) == _FIELDS and parts[3] != "-" else ""
 
 
 class NonceCache:
@@ -155,42 +169,59 @@ class NonceCache:
             return True
 
 
-def _signed_fields(header: str | None) -> tuple[str, float, str, str, str] | str:
-    """``(ts, sent, nonce, authority, mac)`` of a v2 signature header, or why it is none."""
+@dataclass(frozen=True)
+class _Signed:
+    """The fields of a signature header."""
+
+    ts: str
+    sent: float
+    nonce: str
+    authority: str
+    head: str
+    mac: str
+
+
+def _signed_fields(header: str | None) -> _Signed | str:
+    """The fields of a v3 signature header, or why it is none."""
     if not header:
         return "no cluster signature"
     parts = header.split(" ")
-    if len(parts) != 5 or parts[0] != "v2":
+    if len(parts) != _FIELDS or parts[0] != _VERSION:
         return "malformed cluster signature"
-    _, ts, nonce, authority, mac = parts
+    _, ts, nonce, authority, head, mac = parts
     try:
         sent = float(ts)
     except ValueError:
         return "malformed cluster signature"
-    return ts, sent, nonce, "" if authority == "-" else authority, mac
+    return _Signed(ts, sent, nonce, "" if authority == "-" else authority, head, mac)
 
 
 def precheck_request(
+    key: str,
     header: str | None,
+    method: str,
+    path: str,
     nonces: NonceCache,
     *,
     authority_ok: Callable[[str], bool] | None = None,
     now: float | None = None,
 ) -> str | None:
-    """Why a signature is refused whatever the body, or None: its form, its clock, its
-    destination and its nonce (not spent here). The MAC covers the body's hash, so only
-    this much can be checked before the body is read: a stale, re-targeted or replayed
-    request costs no body (up to the peer routes' 64 MiB) and no hashing."""
-    fields = _signed_fields(header)
-    if isinstance(fields, str):
-        return fields
-    _, sent, nonce, authority, _ = fields
+    """Why a signature is refused whatever the body, or None: its form, its MAC without
+    the body (HEAD), its clock, its destination and its nonce (not spent here). A
+    request forged without the key, stale, re-targeted or replayed costs no body (up to
+    the peer routes' 64 MiB) and no hashing."""
+    signed = _signed_fields(header)
+    if isinstance(signed, str):
+        return signed
+    head = _head_mac(key, signed.ts, signed.nonce, method, path, signed.authority)
+    if not _same(signed.head, head):
+        return WRONG_KEY
     current = time.time() if now is None else now
-    if abs(current - sent) > MAX_SKEW:
-        return f"cluster signature {current - sent:+.0f} s off this clock"
-    if authority_ok is not None and not authority_ok(authority):
-        return f"signed for {authority or 'no destination'}, not this node"
-    if nonces.seen(nonce, current):
+    if abs(current - signed.sent) > MAX_SKEW:
+        return f"cluster signature {current - signed.sent:+.0f} s off this clock"
+    if authority_ok is not None and not authority_ok(signed.authority):
+        return f"signed for {signed.authority or 'no destination'}, not this node"
+    if nonces.seen(signed.nonce, current):
         return "replayed cluster signature"
     return None
 
@@ -213,17 +244,18 @@ def verify_request(
     passes it must then check that the body really hashes to it. Raises ``Overloaded``
     when ``nonces`` is full (a valid request that cannot be remembered is not let in)."""
     current = time.time() if now is None else now
-    why = precheck_request(header, nonces, authority_ok=authority_ok, now=current)
+    why = precheck_request(
+        key, header, method, path, nonces, authority_ok=authority_ok, now=current
+    )
     if why is not None:
         return why
-    fields = _signed_fields(header)
-    assert not isinstance(fields, str)  # the precheck parsed it
-    ts, sent, nonce, authority, mac = fields
+    signed = _signed_fields(header)
+    assert not isinstance(signed, str)  # the precheck parsed it
     digest = body_sha256 if body_sha256 is not None else _body_hash(body)
-    expected = _mac(key, ts, nonce, method.upper(), path, authority, digest)
-    if not _same(mac, expected):
-        return "wrong cluster key (or a changed request)"
-    if not nonces.first_use(nonce, current, stamped=sent):  # spent: a race loses here
+    expected = _mac(key, signed.ts, signed.nonce, method.upper(), path, signed.authority, digest)
+    if not _same(signed.mac, expected):
+        return WRONG_KEY
+    if not nonces.first_use(signed.nonce, current, stamped=signed.sent):  # a race loses here
         return "replayed cluster signature"
     return None
 

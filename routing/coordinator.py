@@ -187,13 +187,20 @@ class Coordinator:
             authority_ok=self.is_own_authority,
         )
 
-    def precheck_peer_request(self, header: str | None) -> str | None:
+    def precheck_peer_request(self, header: str | None, method: str, path: str) -> str | None:
         """What refuses a signed request before its body is read (see
         ``auth.precheck_request``), or None: the body is then read and the whole
         signature checked by ``check_peer_request``."""
         if self.cluster_key is None:
             return "this daemon has no cluster key"
-        return precheck_request(header, self.nonces, authority_ok=self.is_own_authority)
+        return precheck_request(
+            self.cluster_key,
+            header,
+            method,
+            path,
+            self.nonces,
+            authority_ok=self.is_own_authority,
+        )
 
     def is_own_authority(self, authority: str) -> bool:
         """Whether ``host:port`` names this daemon (a request signed for another node

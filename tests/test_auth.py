@@ -88,11 +88,12 @@ def test_an_out_of_skew_request_does_not_burn_its_nonce() -> None:
         (None, "no cluster signature"),
         ("", "no cluster signature"),
         ("garbage", "malformed cluster signature"),
-        ("v2 1700000000.000 abc -", "malformed cluster signature"),
-        ("v2 1700000000.000 abc - def extra", "malformed cluster signature"),
-        ("v1 1700000000.000 abc - def", "malformed cluster signature"),  # the old format
-        ("v2 yesterday abc - def", "malformed cluster signature"),
-        ("v2 1700000000.000 abc - def", WRONG),  # well-formed, bad MAC
+        ("v3 1700000000.000 abc - def", "malformed cluster signature"),
+        ("v3 1700000000.000 abc - def ghi extra", "malformed cluster signature"),
+        ("v1 1700000000.000 abc - def", "malformed cluster signature"),  # older formats
+        ("v2 1700000000.000 abc - def", "malformed cluster signature"),
+        ("v3 yesterday abc - def ghi", "malformed cluster signature"),
+        ("v3 1700000000.000 abc - def ghi", WRONG),  # well-formed, bad MACs
     ],
 )
 def test_malformed_headers_are_refused_with_a_reason(header: str | None, reason: str) -> None:
@@ -114,9 +115,12 @@ def test_a_bad_mac_does_not_poison_the_nonce_of_the_real_request() -> None:
     """A forger who copies a nonce with a wrong MAC must not get the real request refused."""
     nonces = NonceCache()
     real = request_header(KEY, "GET", "/p", now=T0)
-    version, ts, nonce, authority, _ = real.split(" ")
-    forged = f"{version} {ts} {nonce} {authority} {'0' * 64}"
-    assert verify_request(KEY, forged, "GET", "/p", nonces, now=T0) == WRONG
+    version, ts, nonce, authority, head, _ = real.split(" ")
+    for forged in (
+        f"{version} {ts} {nonce} {authority} {head} {'0' * 64}",  # the body's MAC
+        f"{version} {ts} {nonce} {authority} {'0' * 64} {'0' * 64}",  # both
+    ):
+        assert verify_request(KEY, forged, "GET", "/p", nonces, now=T0) == WRONG
     assert verify_request(KEY, real, "GET", "/p", nonces, now=T0) is None
 
 
@@ -216,8 +220,9 @@ def test_a_future_stamped_request_cannot_be_replayed_after_its_nonce_is_evicted(
 
 
 def test_the_precheck_refuses_what_no_body_could_save_and_spends_no_nonce() -> None:
-    """``precheck_request`` runs before the body is read: form, clock, destination and a
-    nonce already spent. It needs no key, and leaves the nonce for the real check."""
+    """``precheck_request`` runs before the body is read: form, the MAC without the body,
+    clock, destination and a nonce already spent. It leaves the nonce for the full check,
+    which adds the body's MAC."""
     nonces = NonceCache()
     here = "127.0.0.1:8080"
 
@@ -225,24 +230,29 @@ def test_the_precheck_refuses_what_no_body_could_save_and_spends_no_nonce() -> N
         return authority == here
 
     def pre(header: str | None) -> str | None:
-        return precheck_request(header, nonces, authority_ok=ours, now=T0)
+        return precheck_request(KEY, header, "POST", "/x", nonces, authority_ok=ours, now=T0)
 
     fresh = request_header(KEY, "POST", "/x", authority=here, now=T0)
     assert pre(None) == "no cluster signature"
-    assert pre("v2 nonsense") == "malformed cluster signature"
+    assert pre("v3 nonsense") == "malformed cluster signature"
     stale = request_header(KEY, "POST", "/x", authority=here, now=T0 - 2 * MAX_SKEW)
     assert "off this clock" in (pre(stale) or "")
     elsewhere = request_header(KEY, "POST", "/x", authority="10.0.0.9:8080", now=T0)
     assert pre(elsewhere) == "signed for 10.0.0.9:8080, not this node"
     forged = request_header(OTHER_KEY, "POST", "/x", authority=here, now=T0)
-    assert pre(forged) is None  # the MAC needs the body: the full check refuses it
+    assert pre(forged) == WRONG
+    elsewhere_path = request_header(KEY, "POST", "/y", authority=here, now=T0)
+    assert pre(elsewhere_path) == WRONG
+    other_body = request_header(KEY, "POST", "/x", authority=here, body=b"{}", now=T0)
+    assert pre(other_body) is None  # the body's MAC is the full check's
+    assert verify_request(KEY, other_body, "POST", "/x", nonces, authority_ok=ours, now=T0) == WRONG
     assert pre(fresh) is None and pre(fresh) is None  # not spent by the precheck
     assert verify_request(KEY, fresh, "POST", "/x", nonces, authority_ok=ours, now=T0) is None
     assert pre(fresh) == "replayed cluster signature"
 
 
 def test_non_ascii_mac_is_refused_not_raised() -> None:
-    header = f"v2 {T0:.3f} abc - \u00e9"
+    header = f"v3 {T0:.3f} abc - \u00e9 \u00e9"
     assert verify_request(KEY, header, "GET", "/p", NonceCache(), now=T0) == WRONG
 
 

@@ -276,15 +276,17 @@ def test_a_peers_body_is_held_to_the_peer_bound(server: LiveServer) -> None:
     assert answer.status == 401 and "cluster signature refused" in answer.error()["message"]
 
 
-@pytest.mark.parametrize("why", ["stale", "elsewhere", "replayed"])
+@pytest.mark.parametrize("why", ["forged", "stale", "elsewhere", "replayed"])
 def test_a_signature_refused_whatever_the_body_costs_no_body(server: LiveServer, why: str) -> None:
-    """Without the cluster key nobody can sign a body, but a captured signature can be
-    sent again, late or to another node: that much is checked from the header, and such a
-    request is a 401 before its (up to 64 MiB) body is read and hashed."""
+    """A signature forged without the cluster key (its MAC without the body does not
+    verify), or a captured one sent again, late or to another node, is a 401 before its
+    (up to 64 MiB) body is read and hashed."""
     path = "/v1/pcrt/subgraphs"
     authority = server.url.removeprefix("http://")
     size = server.settings.peer_max_body_bytes // 2
-    if why == "stale":
+    if why == "forged":
+        header = request_header("not the key", "POST", path, authority=authority)
+    elif why == "stale":
         stamp = time.time() - 10 * MAX_SKEW
         header = request_header(CLUSTER_KEY, "POST", path, authority=authority, now=stamp)
     elif why == "elsewhere":

@@ -9,9 +9,11 @@ its body here, under that bound, and the app gets it replayed: FastAPI parses no
 that was not admitted. Responses are never wrapped, so a token stream pays one call per
 request, not per token.
 
-A peer proves the cluster key instead of holding our API key: the signature covers the
-body's sha256, so the body is read (under the route's bound) and hashed as it arrives,
-and checked before anything parses it. A blob upload declares its sha256 up front and is
+A peer proves the cluster key instead of holding our API key. What the signature says
+without the body (its MAC over the request line, its clock, its destination, its nonce)
+is checked from the header, so a forged, stale or replayed one costs no body; its MAC
+over the body's sha256 is checked once the body is read (under the route's bound, hashed
+as it arrives), before anything parses it. A blob upload declares its sha256 up front and is
 checked before it is read; its route streams it to disk and holds it to that hash. The
 verdict is left in ``request.state.peer_verified`` for the routes for peers (the nonce is
 spent here, once).
@@ -160,11 +162,12 @@ class Guard:
         assert head.signature is not None
         request = Request(scope)
         coordinator = services_of(request).coordinator
-        why = coordinator.precheck_peer_request(head.signature)  # before a byte is read
+        target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        # before a byte of the body is read: a forged, stale or replayed signature
+        why = coordinator.precheck_peer_request(head.signature, scope["method"], target)
         if why is not None:
             log.warning("refused a peer request to %s: %s", scope["path"], why)
             raise Unauthorized(f"cluster signature refused: {why}")
-        target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
         size = head.declared_size()
         declared = streamed_body_sha256(request) if bound.streamed else None
         body: Body | None = None
