@@ -7,23 +7,29 @@ the GIL (a 4 GB ``str.join`` is one C call), and see neither the stall nor the m
 
 Run as ``python -m tests.health_probe URL PID`` by ``HealthProbe``: it probes until its
 stdin closes, then prints what it saw as JSON.
+
+``loop_gaps()`` is the same question asked of an event loop a test runs itself: the
+gaps between a coroutine's 5 ms ticks while the body of the ``async with`` runs.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from types import TracebackType
 
 import httpx
 import psutil
 
-__all__ = ["HealthProbe"]
+__all__ = ["HealthProbe", "loop_gaps"]
 
 _ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,6 +87,29 @@ class HealthProbe:
             f"{what}: /health {len(self.latencies)} answers, p99 {self.p99 * 1e3:.1f} ms, "
             f"worst {self.worst * 1e3:.1f} ms; RSS +{self.rss_growth / 2**20:.1f} MB"
         )
+
+
+@contextlib.asynccontextmanager
+async def loop_gaps() -> AsyncIterator[list[float]]:
+    """The gaps between 5 ms ticks of a coroutine on the loop, while the body runs."""
+    gaps: list[float] = []
+
+    async def tick() -> None:
+        last = time.perf_counter()
+        while True:
+            await asyncio.sleep(0.005)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+
+    ticker = asyncio.create_task(tick())
+    await asyncio.sleep(0.01)  # it ticks from here, before the body's first step
+    try:
+        yield gaps
+    finally:
+        ticker.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await ticker
 
 
 def main(url: str, pid: int) -> None:

@@ -19,7 +19,10 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 
 from pcrt.routing.auth import CLUSTER_HEADER, PROOF_HEADER, request_header, response_proof
+from pcrt.routing.coordinator import Coordinator
 from pcrt.routing.peers import Peer
+from pcrt.routing.policy import NodeView
+from pcrt.routing.settings import PeerSettings
 from pcrt.runtime.engine.state import CompatKey
 from tests.live_server import free_port
 
@@ -166,3 +169,18 @@ class StubServer:
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True
         self._thread.join(timeout=10)
+
+
+def bare_coordinator(settings: PeerSettings, **seams: Any) -> Coordinator:
+    """A coordinator with no local models, node ``n`` on port 1 of 127.0.0.1 (not
+    started); ``seams``: ``forwarder=``, ``node_name=``... as ``Coordinator`` takes them."""
+    options: dict[str, Any] = {
+        "node_id": "n",
+        "node_name": "n",
+        "api_port": 1,
+        "announce_address": "127.0.0.1",
+        "local_view": lambda: NodeView(name="local", kind="local", models=()),
+        "local_models": list,
+        **seams,
+    }
+    return Coordinator(settings, **options)

@@ -3,25 +3,16 @@ reach the peer table. No mDNS: sightings are handed in."""
 
 from __future__ import annotations
 
-from pcrt.routing.coordinator import Coordinator
 from pcrt.routing.peers import Peer
-from pcrt.routing.policy import NodeView
 from pcrt.routing.settings import PeerSettings, StaticPeer
+from tests.routing_helpers import bare_coordinator
 
 
 async def test_sightings_of_another_protocol_or_over_a_static_peer_are_ignored() -> None:
     from pcrt.routing.discovery import SERVICE_TYPE, Sighting
 
     static = StaticPeer(name="gpu-box", url="http://10.0.0.5:8000", kind="vllm")
-    coordinator = Coordinator(
-        PeerSettings(static=(static,)),
-        node_id="n",
-        node_name="n",
-        api_port=1,
-        announce_address="127.0.0.1",
-        local_view=lambda: NodeView(name="local", kind="local", models=()),
-        local_models=list,
-    )
+    coordinator = bare_coordinator(PeerSettings(static=(static,)))
     try:
         # as start() would put it
         coordinator.table.upsert(Peer(name="gpu-box", url=static.url, kind="vllm", source="static"))

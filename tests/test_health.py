@@ -11,14 +11,14 @@ from collections.abc import Iterator
 import pytest
 
 from pcrt.routing.auth import SIGNED_REPLIES
-from pcrt.routing.coordinator import Coordinator
 from pcrt.routing.health import NODE_INFO_PATH
-from pcrt.routing.policy import NodeView, Work
+from pcrt.routing.policy import Work
 from pcrt.routing.settings import PeerSettings, StaticPeer
 from pcrt.runtime.errors import PeerUnavailable
 from tests.routing_helpers import (
     KEY,
     StubServer,
+    bare_coordinator,
     mdns_peer,
 )
 
@@ -30,15 +30,7 @@ def server() -> Iterator[StubServer]:
 
 
 async def test_two_slow_checks_are_forgiven_a_third_takes_the_peer_out() -> None:
-    coordinator = Coordinator(
-        PeerSettings(),
-        node_id="n",
-        node_name="n",
-        api_port=1,
-        announce_address="127.0.0.1",
-        local_view=lambda: NodeView(name="local", kind="local", models=()),
-        local_models=list,
-    )
+    coordinator = bare_coordinator(PeerSettings())
     try:
         busy = coordinator.table.upsert(mdns_peer(name="busy", trusted=True, healthy=True))
         for _ in range(2):
@@ -78,15 +70,7 @@ async def test_a_static_peer_with_configured_models_needs_no_model_list(server: 
         name="cloud", url=server.url, kind="openai", models=("big",), tags=("complex",)
     )
     unlisted = StaticPeer(name="bare", url=server.url, kind="openai")
-    coordinator = Coordinator(
-        PeerSettings(static=(listed, unlisted)),
-        node_id="n",
-        node_name="n",
-        api_port=1,
-        announce_address="127.0.0.1",
-        local_view=lambda: NodeView(name="local", kind="local", models=()),
-        local_models=list,
-    )
+    coordinator = bare_coordinator(PeerSettings(static=(listed, unlisted)))
     try:
         await coordinator.start()
         for name in ("cloud", "bare"):
@@ -111,14 +95,8 @@ async def test_a_pcrt_peer_whose_answers_are_not_signed_is_never_trusted(
     so it gets none, and ``pcrt peers`` says why."""
     port = int(server.url.rsplit(":", 1)[1])
     info = {"node_id": "old", "addresses": ["127.0.0.1"], "port": port, "models": []}
-    coordinator = Coordinator(
-        PeerSettings(cluster_key=KEY, static=(StaticPeer(name="b", url=server.url, kind="pcrt"),)),
-        node_id="n",
-        node_name="n",
-        api_port=1,
-        announce_address="127.0.0.1",
-        local_view=lambda: NodeView(name="local", kind="local", models=()),
-        local_models=list,
+    coordinator = bare_coordinator(
+        PeerSettings(cluster_key=KEY, static=(StaticPeer(name="b", url=server.url, kind="pcrt"),))
     )
     try:
         await coordinator.start()

@@ -20,7 +20,7 @@ from pcrt.routing.coordinator import Coordinator
 from pcrt.routing.forward import Forwarder, PeerAnswer
 from pcrt.routing.migrate import BLOBS_PATH, RUNS_PATH, migrate_run, refusal_of
 from pcrt.routing.peers import Peer
-from pcrt.routing.policy import ModelOffer, NodeView
+from pcrt.routing.policy import ModelOffer
 from pcrt.routing.settings import PeerSettings
 from pcrt.routing.statekey import EngineKey
 from pcrt.runtime.engine.state import CompatKey, KVState, StateHeader
@@ -31,6 +31,7 @@ from tests.routing_helpers import (
     MODEL_SHA,
     Proof,
     StubServer,
+    bare_coordinator,
     mdns_peer,
 )
 
@@ -112,16 +113,7 @@ async def migration_setup(store: Store, tmp_path: Path) -> AsyncIterator[Migrati
         output="hi",
     )
     forwarder = _FakeForwarder()
-    coordinator = Coordinator(
-        PeerSettings(),
-        node_id="n",
-        node_name="here",
-        api_port=1,
-        announce_address="127.0.0.1",
-        local_view=lambda: NodeView(name="local", kind="local", models=()),
-        local_models=list,
-        forwarder=forwarder,
-    )
+    coordinator = bare_coordinator(PeerSettings(), node_name="here", forwarder=forwarder)
     try:
         yield coordinator, forwarder, runs, blobs
     finally:

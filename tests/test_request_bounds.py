@@ -13,18 +13,14 @@ On the fake engine (``tests/fakes.py``): no request gets as far as a model.
 from __future__ import annotations
 
 import json
-import os
 import select
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from types import TracebackType
 from urllib.parse import urlsplit
 
 import httpx
-import psutil
 import pytest
 
 from pcrt.routing.auth import CLUSTER_HEADER, MAX_SKEW, request_header
@@ -54,36 +50,6 @@ def server(module_live_server: ServerFactory) -> LiveServer:
         peer_max_body_bytes=MiB,
     )
     return module_live_server(settings, opener=FakeEngines())
-
-
-class PeakRss:
-    """The most this process's RSS grew over its start while the block ran (sampled)."""
-
-    def __enter__(self) -> PeakRss:
-        self._process = psutil.Process(os.getpid())
-        self.start = self.peak = self._process.memory_info().rss
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self._done.wait(0.005):
-            self.peak = max(self.peak, self._process.memory_info().rss)
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._done.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._process.memory_info().rss)
-
-    @property
-    def growth(self) -> int:
-        return self.peak - self.start
 
 
 @dataclass
@@ -178,14 +144,14 @@ def test_a_huge_post_without_the_key_is_a_401_before_its_body_is_sent(
     server: LiveServer, chunked: bool
 ) -> None:
     started = time.monotonic()
-    with PeakRss() as rss:
+    with HealthProbe(server.url) as rss:
         answer = post_raw(server, "/v1/chat/completions", HUGE, chunked=chunked)
     # the answer came on the head alone: the client never got to send the body
     assert answer.sent == 0, (
         f"the client sent {answer.sent} bytes before its {answer.status}; "
-        f"the daemon grew {rss.growth / MiB:.0f} MiB"
+        f"the daemon grew {rss.rss_growth / MiB:.0f} MiB"
     )
-    assert rss.growth < MAX_GROWTH, f"the daemon grew {rss.growth / MiB:.0f} MiB"
+    assert rss.rss_growth < MAX_GROWTH, f"the daemon grew {rss.rss_growth / MiB:.0f} MiB"
     assert answer.status == 401, answer.body
     assert answer.error()["code"] == "invalid_api_key"
     assert answer.headers.get("connection") == "close"  # the rest of the body is not wanted
@@ -202,7 +168,7 @@ def test_a_huge_post_with_a_wrong_key_is_refused_the_same_way(server: LiveServer
 def test_a_chat_body_over_its_bound_is_a_413_before_it_is_read(server: LiveServer) -> None:
     bound = ServerSettings().max_body_bytes
     assert bound == 16 * MiB  # the default the README promises
-    with PeakRss() as rss:
+    with HealthProbe(server.url) as rss:
         answer = post_raw(
             server,
             "/v1/chat/completions",
@@ -215,12 +181,12 @@ def test_a_chat_body_over_its_bound_is_a_413_before_it_is_read(server: LiveServe
     assert str(bound) in error["message"] and "max_body_bytes" in error["message"]
     assert answer.headers.get("connection") == "close"
     assert answer.sent == 0, f"the client sent {answer.sent} bytes before its 413"
-    assert rss.growth < MAX_GROWTH
+    assert rss.rss_growth < MAX_GROWTH
 
 
 def test_a_chunked_chat_body_is_a_413_when_it_passes_its_bound(server: LiveServer) -> None:
     bound = server.settings.max_body_bytes
-    with PeakRss() as rss:
+    with HealthProbe(server.url) as rss:
         answer = post_raw(
             server,
             "/v1/chat/completions",
@@ -235,7 +201,7 @@ def test_a_chunked_chat_body_is_a_413_when_it_passes_its_bound(server: LiveServe
     # the daemon stopped reading at the bound; what the client got further is what the
     # sockets' buffers took while the answer was on its way
     assert bound < answer.sent < 2 * bound, f"{answer.sent / MiB:.1f} MiB sent"
-    assert rss.growth < MAX_GROWTH
+    assert rss.rss_growth < MAX_GROWTH
 
 
 def test_a_body_within_its_bound_is_served(server: LiveServer) -> None:

@@ -38,7 +38,7 @@ from pcrt.runtime.models.registry import Registry
 from pcrt.runtime.server.node_info import NodeInfo
 from pcrt.runtime.server.settings import ServerSettings
 from tests.fakes import FakeEngine, FakeEngines
-from tests.health_probe import HealthProbe
+from tests.health_probe import HealthProbe, loop_gaps
 from tests.homes import isolated_paths
 from tests.live_server import LiveServer, ServerFactory
 
@@ -95,29 +95,6 @@ def write_lock_held(db_path: Path, seconds: float = HELD) -> _Holder:
             conn.close()
 
     return _Holder(hold)
-
-
-@contextlib.asynccontextmanager
-async def loop_gaps() -> AsyncIterator[list[float]]:
-    """The gaps between 5 ms ticks of a coroutine on the loop, while the body runs."""
-    gaps: list[float] = []
-
-    async def tick() -> None:
-        last = time.perf_counter()
-        while True:
-            await asyncio.sleep(0.005)
-            now = time.perf_counter()
-            gaps.append(now - last)
-            last = now
-
-    ticker = asyncio.create_task(tick())
-    await asyncio.sleep(0.01)  # it ticks from here, before the body's first step
-    try:
-        yield gaps
-    finally:
-        ticker.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await ticker
 
 
 # -- the run store's facade -------------------------------------------------------------

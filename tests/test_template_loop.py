@@ -8,9 +8,7 @@ serves one request at a time in arrival order."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from collections.abc import AsyncIterator
 
 import httpx
 
@@ -18,7 +16,7 @@ from pcrt.runtime.dag import make_environment, make_scope, render
 from pcrt.runtime.dag.template_render import check_assert_async, render_async
 from pcrt.runtime.errors import AssertFailed
 from pcrt.runtime.server.settings import ServerSettings
-from tests.health_probe import HealthProbe
+from tests.health_probe import HealthProbe, loop_gaps
 from tests.live_server import ServerFactory
 
 
@@ -50,35 +48,13 @@ def test_ten_slow_asserts_in_one_dag_leave_health_fast(live_server: ServerFactor
     assert "SecurityError" in run["error"], run["error"]
 
 
-@contextlib.asynccontextmanager
-async def _loop_gaps() -> AsyncIterator[list[float]]:
-    """The gaps between 5 ms ticks of a coroutine on the loop, while the body runs."""
-    gaps: list[float] = []
-
-    async def tick() -> None:
-        last = time.perf_counter()
-        while True:
-            await asyncio.sleep(0.005)
-            now = time.perf_counter()
-            gaps.append(now - last)
-            last = now
-
-    ticker = asyncio.create_task(tick())
-    try:
-        yield gaps
-    finally:
-        ticker.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await ticker
-
-
 async def test_slow_templates_run_side_by_side_with_the_loop_free() -> None:
     """Six nodes render at once: each gets its own answer, in turn in the worker, and
     the loop ticks on meanwhile."""
     env = make_environment()
     source = _slow(150)
     started = time.perf_counter()
-    async with _loop_gaps() as gaps:
+    async with loop_gaps() as gaps:
         texts = await asyncio.gather(
             *(render_async(env, source, make_scope({"n": i}, {})) for i in range(6))
         )
