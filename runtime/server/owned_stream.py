@@ -40,5 +40,7 @@ class OwnedStream(StreamingResponse):
         try:
             await super().__call__(scope, receive, send)
         finally:
-            await self._stream.aclose()
-            await self._release()
+            try:
+                await self._stream.aclose()
+            finally:  # a stream whose own cleanup failed still gives back what it holds
+                await self._release()
