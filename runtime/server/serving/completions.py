@@ -41,6 +41,7 @@ from pcrt.runtime.server.schemas import (
     GenerationFields,
 )
 from pcrt.runtime.server.services import Accounting, Services, agent_of
+from pcrt.runtime.server.serving.watch import left_before
 from pcrt.runtime.sse import encode
 from pcrt.runtime.threads import to_thread_to_completion
 
@@ -177,16 +178,13 @@ async def _collect(handle: RequestHandle, request: Request) -> Completion | None
     """Wait for the result; a client that disconnects meanwhile cancels the request."""
     waiter = asyncio.ensure_future(handle.completion())
     try:
-        while True:
-            done, _ = await asyncio.wait({waiter}, timeout=0.25)
-            if done:
-                return waiter.result()
-            if await request.is_disconnected():
-                handle.cancel()
-                # the cancel lands within a decode step; never wait on it without bound
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(waiter, timeout=30)
-                return None
+        if not await left_before(waiter, request):
+            return waiter.result()
+        handle.cancel()
+        # the cancel lands within a decode step; never wait on it without bound
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(waiter, timeout=30)
+        return None
     finally:
         if not waiter.done():
             waiter.cancel()

@@ -23,6 +23,7 @@ from pcrt.runtime.errors import ContextLengthExceeded, InvalidRequest, PcrtError
 from pcrt.runtime.server.http_errors import CLIENT_CLOSED_REQUEST, client_left
 from pcrt.runtime.server.schemas import EmbeddingRequest
 from pcrt.runtime.server.services import Accounting, Services, agent_of
+from pcrt.runtime.server.serving.watch import left_before
 
 __all__ = ["EmbeddingsServing"]
 
@@ -83,12 +84,7 @@ async def _unless_client_leaves(work: Awaitable[T], request: Request) -> T | Non
     cancelled (the engine drops the texts not yet embedded)."""
     task = asyncio.ensure_future(work)
     try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=0.25)
-            if done:
-                return task.result()
-            if await request.is_disconnected():
-                return None
+        return None if await left_before(task, request) else task.result()
     finally:
         task.cancel()  # lands within a loop turn: the engine's job is only a future
 
