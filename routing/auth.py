@@ -210,20 +210,34 @@ def precheck_request(
     the body (HEAD), its clock, its destination and its nonce (not spent here). A
     request forged without the key, stale, re-targeted or replayed costs no body (up to
     the peer routes' 64 MiB) and no hashing."""
+    current = time.time() if now is None else now
+    checked = _checked_head(key, header, method, path, nonces, authority_ok, current)
+    return checked if isinstance(checked, str) else None
+
+
+def _checked_head(
+    key: str,
+    header: str | None,
+    method: str,
+    path: str,
+    nonces: NonceCache,
+    authority_ok: Callable[[str], bool] | None,
+    now: float,
+) -> _Signed | str:
+    """The header's fields once all but the body's MAC check out; else why not."""
     signed = _signed_fields(header)
     if isinstance(signed, str):
         return signed
     head = _head_mac(key, signed.ts, signed.nonce, method, path, signed.authority)
     if not _same(signed.head, head):
         return WRONG_KEY
-    current = time.time() if now is None else now
-    if abs(current - signed.sent) > MAX_SKEW:
-        return f"cluster signature {current - signed.sent:+.0f} s off this clock"
+    if abs(now - signed.sent) > MAX_SKEW:
+        return f"cluster signature {now - signed.sent:+.0f} s off this clock"
     if authority_ok is not None and not authority_ok(signed.authority):
         return f"signed for {signed.authority or 'no destination'}, not this node"
-    if nonces.seen(signed.nonce, current):
+    if nonces.seen(signed.nonce, now):
         return "replayed cluster signature"
-    return None
+    return signed
 
 
 def verify_request(
@@ -244,13 +258,9 @@ def verify_request(
     passes it must then check that the body really hashes to it. Raises ``Overloaded``
     when ``nonces`` is full (a valid request that cannot be remembered is not let in)."""
     current = time.time() if now is None else now
-    why = precheck_request(
-        key, header, method, path, nonces, authority_ok=authority_ok, now=current
-    )
-    if why is not None:
-        return why
-    signed = _signed_fields(header)
-    assert not isinstance(signed, str)  # the precheck parsed it
+    signed = _checked_head(key, header, method, path, nonces, authority_ok, current)
+    if isinstance(signed, str):
+        return signed
     digest = body_sha256 if body_sha256 is not None else _body_hash(body)
     expected = _mac(key, signed.ts, signed.nonce, method.upper(), path, signed.authority, digest)
     if not _same(signed.mac, expected):
