@@ -70,7 +70,7 @@ from pcrt.runtime.models.pull import ensure_pulled
 from pcrt.runtime.models.registry import Registry
 from pcrt.runtime.paths import Paths
 
-__all__ = ["PAYLOADS", "main"]
+__all__ = ["PAYLOADS", "chained_dag", "main", "many_rules_grammar"]
 
 POLL_SECONDS = 0.010  # /health every 10 ms
 P99_GOAL_MS = 100.0
@@ -394,19 +394,32 @@ def ten_indents(daemon: Daemon, timeout: float) -> Answer:
     return Answer(_run_outcome(reply), reply.status_code < 500, size)
 
 
+def chained_dag(nodes: int = 1000, padding: int = 2000) -> dict[str, Any]:
+    """A DAG of ``nodes`` chained one-token nodes, each prompt ``padding`` characters
+    longer than it needs (1,000 and 2,000: 2 MB); the tests send the same one."""
+    pad = "x" * padding
+    chain = {
+        f"n{i}": {
+            "type": "llm",
+            "prompt": (f"Go on: {{{{ nodes.n{i - 1}.output }}}} " if i else "Start. ") + pad,
+            "max_tokens": 1,
+        }
+        for i in range(nodes)
+    }
+    return {"dag": "/dynamic/chained", "nodes": chain}
+
+
+def many_rules_grammar(rules: int = 6000, width: int = 2000) -> str:
+    """A GBNF grammar of ``rules`` + 1 chained rules, each with a ``width``-character
+    string (6,000 and 2,000: 12 MB, refused for its rules once its shape is read)."""
+    rule = 'r{i} ::= r{j} "' + "x" * width + '"\n'
+    return "root ::= r0\n" + "".join(rule.format(i=i, j=i + 1) for i in range(rules))
+
+
 def thousand_nodes(daemon: Daemon, timeout: float) -> Answer:
     """A 2 MB DAG of 1,000 chained nodes, each a 2,000-character prompt: parsing and
     checking it (every template scanned) took 1.3 s; the run itself is not awaited."""
-    padding = "x" * 2000
-    nodes = {
-        f"n{i}": {
-            "type": "llm",
-            "prompt": (f"Go on: {{{{ nodes.n{i - 1}.output }}}} " if i else "Start. ") + padding,
-            "max_tokens": 1,
-        }
-        for i in range(1000)
-    }
-    body = {"dag": {"dag": "/dynamic/thousand-nodes", "nodes": nodes}, "wait": False}
+    body = {"dag": chained_dag(), "wait": False}
     reply, size = _post_json(daemon, "/v1/dags", body, timeout)
     if reply.status_code == 202:
         run = reply.json()["id"]
@@ -417,8 +430,7 @@ def thousand_nodes(daemon: Daemon, timeout: float) -> Answer:
 def big_grammar(daemon: Daemon, timeout: float) -> Answer:
     """A 12 MB grammar of 6,001 rules: its shape is read character by character (0.13 s
     per MB) before llama.cpp may parse it, and refused for its rules."""
-    rule = 'r{i} ::= r{j} "' + "x" * 2000 + '"\n'
-    grammar = "root ::= r0\n" + "".join(rule.format(i=i, j=i + 1) for i in range(6000))
+    grammar = many_rules_grammar()
     body = {"model": daemon.model, "prompt": "Hi", "max_tokens": 1, "grammar": grammar}
     reply, size = _post_json(daemon, "/v1/completions", body, timeout)
     return Answer(f"{reply.status_code}", reply.status_code == 400, size)

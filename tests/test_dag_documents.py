@@ -14,6 +14,7 @@ import httpx
 import pytest
 import yaml
 
+from bench.stall import chained_dag
 from pcrt.runtime.dag.load import looks_like_file_name, parse_dag_text
 from pcrt.runtime.errors import DagInvalid
 from pcrt.runtime.server.settings import ServerSettings
@@ -79,16 +80,7 @@ def test_a_2_mb_document_is_parsed_and_checked_off_the_loop(
     """1,000 chained nodes of 2,000 characters: YAML-parsing the text took 0.7 s and
     checking the DAG (every template scanned) 1.3 s, on the loop, before the run began."""
     server = live_server(ServerSettings(), opener=FakeEngines())
-    padding = "x" * 2000
-    nodes = {
-        f"n{i}": {
-            "type": "llm",
-            "prompt": (f"Go on: {{{{ nodes.n{i - 1}.output }}}} " if i else "Start. ") + padding,
-            "max_tokens": 1,
-        }
-        for i in range(1000)
-    }
-    doc = {"dag": "/dynamic/thousand", "nodes": nodes}
+    doc = chained_dag(nodes=1000, padding=2000)
     body = {"dag": yaml.safe_dump(doc) if as_text else doc, "wait": False}
     with HealthProbe(server.url) as probe:
         reply = httpx.post(server.url + "/v1/dags", json=body, timeout=120)

@@ -20,6 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from bench.stall import many_rules_grammar
 from pcrt.runtime.engine import Engine, EngineConfig, GenerateRequest
 from pcrt.runtime.engine.bounds import NO_BOUND, TokenBound
 from pcrt.runtime.engine.chat import ChatMessage
@@ -155,8 +156,7 @@ def test_a_12_mb_prompt_is_a_400_while_health_answers(
 def test_a_12_mb_grammar_is_checked_while_health_answers(server: LiveServer) -> None:
     """A grammar's shape (how deep, how many rules: what would crash llama.cpp) is read
     character by character, 0.13 s per MB: in the request's checks, off the loop."""
-    rule = 'r{i} ::= r{j} "' + "x" * 2000 + '"\n'
-    grammar = "root ::= r0\n" + "".join(rule.format(i=i, j=i + 1) for i in range(6000))
+    grammar = many_rules_grammar(rules=6000, width=2000)
     assert len(grammar) > 12_000_000
     payload = {"model": MODEL, "prompt": "Hi", "max_tokens": 1, "grammar": grammar}
     body = json.dumps(payload).encode()
