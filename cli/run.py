@@ -88,6 +88,11 @@ def verbose_report(result: Completion) -> str:
             f"prompt eval rate:     {result.prompt_tokens_per_second:.2f} tokens/s",
             f"eval count:           {result.completion_tokens} token(s)",
             f"eval rate:            {result.decode_tokens_per_second:.2f} tokens/s",
+            *(
+                [f"grammar compile:      {result.grammar_seconds * 1000:.1f}ms (once per model)"]
+                if result.grammar_seconds is not None
+                else []
+            ),
         ]
     )
 

@@ -16,6 +16,7 @@ message without a traceback.
     │   └── PlanUnavailable    the GGUF lacks what the offload planner needs
     ├── ChatTemplateMissing    a chat request for a model without a template and no override
     ├── InvalidRequest         bad sampling parameters, bad schema or grammar, too many forks
+    │   ├── ConstraintInvalid  a schema or grammar constrained decoding cannot take (names where)
     │   ├── ContextLengthExceeded  the prompt (plus what must be generated) does not fit
     │   ├── BodyTooLarge       a streamed upload past its bound (a peer's blob: 400)
     │   ├── StateTooLarge      a user's KV state upload over state_upload_max_bytes (413)
@@ -53,7 +54,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 __all__ = [
     "AssertFailed",
@@ -63,6 +64,7 @@ __all__ = [
     "ChatTemplateMissing",
     "ConfigError",
     "Conflict",
+    "ConstraintInvalid",
     "ContextLengthExceeded",
     "DagInvalid",
     "DownloadError",
@@ -146,6 +148,21 @@ class ChatTemplateMissing(PcrtError):
 
 class InvalidRequest(PcrtError):
     pass
+
+
+class ConstraintInvalid(InvalidRequest):
+    """A schema or grammar pcrt cannot constrain to. ``where`` is the path inside the
+    schema (``properties.tags.uniqueItems``) when known; the HTTP layer prefixes the
+    request field that held it (``param``)."""
+
+    def __init__(self, source: Literal["json_schema", "grammar"], where: str, why: str) -> None:
+        self.source = source
+        self.where = where
+        self.why = why
+        self.param: str | None = None
+        at = f" at {where}" if where else ""
+        what = "JSON schema" if source == "json_schema" else "grammar"
+        super().__init__(f"the {what}{at}: {why}")
 
 
 class ContextLengthExceeded(InvalidRequest):

@@ -51,6 +51,7 @@ from pcrt.runtime.engine import (
 )
 from pcrt.runtime.engine.chat import ChatMessage
 from pcrt.runtime.engine.checks import check_open, check_prompt, check_slots
+from pcrt.runtime.engine.grammar_compiler import check_compiles
 from pcrt.runtime.engine.handoff import Cancel, Deliveries, Inbox, Outgoing
 from pcrt.runtime.engine.state import CompatKey, KVState
 from pcrt.runtime.errors import ContextLengthExceeded, EngineClosed, InvalidRequest, StateError
@@ -188,12 +189,16 @@ class FakeEngine:
         return await to_thread_to_completion(self.tokenize_request, request)
 
     def prepare(self, request: GenerateRequest) -> list[int]:
-        """The real engine's checks that do not need a model: closed, ``n``, the length."""
+        """The real engine's checks that do not need a model: closed, ``n``, the length,
+        the constraint (compiled without a vocabulary: the same refusals)."""
         time.sleep(self.script.prepare_seconds)
         check_open(self._closed, self.name)
         check_slots(request.n, self.config.parallel)
+        constraint = request.sampling.constraint
         prompt = self.tokenize_request(request)
         check_prompt(prompt, self.name, self.context_per_slot)
+        if constraint is not None:
+            check_compiles(constraint)
         return prompt
 
     async def prepare_in_thread(self, request: GenerateRequest) -> list[int]:

@@ -59,7 +59,9 @@ from pcrt.runtime.dag.templates import (
     scan_expression,
     scan_template,
 )
-from pcrt.runtime.errors import DagInvalid, Problem
+from pcrt.runtime.engine.constraints import constraint_of
+from pcrt.runtime.engine.grammar_compiler import check_compiles
+from pcrt.runtime.errors import ConstraintInvalid, DagInvalid, Problem
 
 __all__ = [
     "bind_inputs",
@@ -354,6 +356,7 @@ class _Validator:
         self.library = library
         self.env = make_environment()
         self.problems: list[Problem] = list(spec.shape_problems)
+        self.constrainable: set[str] = set()  # keys of output schemas that compile
 
     def add(self, node: str | None, field: str | None, message: str) -> None:
         self.problems.append(Problem(node=node, field=field, message=message))
@@ -464,11 +467,27 @@ class _Validator:
         if node.tag is not None and tags is not None and node.tag not in tags:
             self.add(node_id, "tag", f"unknown tag {node.tag!r}{_known(tags)}")
         if node.output_schema is not None:
-            for where, message in schema_problems(node.output_schema):
+            problems = schema_problems(node.output_schema)
+            for where, message in problems:
                 field = f"output_schema.{where}" if where else "output_schema"
                 self.add(node_id, field, f"invalid JSON schema: {message}")
+            if not problems:
+                self.check_constrainable(node_id, node.output_schema)
         if node.context is not None:
             self.check_context(node_id, node, node.context)
+
+    def check_constrainable(self, node_id: str, schema: dict[str, Any]) -> None:
+        """A valid schema that constrained decoding cannot take (an unsupported keyword or
+        format, over the bounds) fails the DAG here, not its run at that node."""
+        try:
+            constraint = constraint_of(schema, None)
+            assert constraint is not None
+            if constraint.key not in self.constrainable:  # many nodes, one schema: once
+                check_compiles(constraint)
+                self.constrainable.add(constraint.key)
+        except ConstraintInvalid as exc:
+            field = f"output_schema.{exc.where}" if exc.where else "output_schema"
+            self.add(node_id, field, exc.why)
 
     def check_context(self, node_id: str, node: LlmNode | ForkNode, parent_id: str) -> None:
         parent = self.spec.nodes.get(parent_id)

@@ -38,6 +38,7 @@ from pcrt.runtime.engine.chat import ChatRenderer
 from pcrt.runtime.engine.checks import check_open
 from pcrt.runtime.engine.config import EngineConfig, new_context
 from pcrt.runtime.engine.embeddings import Embedder
+from pcrt.runtime.engine.grammar_compiler import GrammarCompiler
 from pcrt.runtime.engine.handoff import (
     Call,
     Close,
@@ -118,9 +119,11 @@ class Engine:
             context_per_slot=self.context_per_slot,
             model_name=self.name,
         )
+        self.grammars = GrammarCompiler(self.model)
         self._preparer = Preparer(
             self.model,
             self.chat,
+            self.grammars,
             name=self.name,
             context_per_slot=self.context_per_slot,
             parallel=self.config.parallel,
@@ -134,6 +137,7 @@ class Engine:
             config=self.config,
             context_per_slot=self.context_per_slot,
             kv=kv,
+            grammars=self.grammars,
             inbox=self._inbox,
             name=self.name,
             embed=self._embedder.embed,

@@ -65,6 +65,7 @@ class RequestHandle:
         self.t_submitted = time.perf_counter()  # queue wait counts in time to first token
         self.prompt_tokens = prompt
         self.cached_tokens = 0  # set by the scheduler when it admits the request
+        self.grammar_seconds: float | None = None  # likewise: its grammar's compile time
         self.result: Completion | None = None
         self._inbox = inbox
         self._loop = asyncio.get_running_loop()

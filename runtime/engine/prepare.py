@@ -1,12 +1,14 @@
 """What a request goes through before it takes a slot: its chat template, its tokens, the
-checks that can refuse it, and the sampler chain built once to prove its grammar parses.
+checks that can refuse it, the sampler chain built once to prove its parameters hold, and
+its grammar compiled (``grammar_compiler``: cached, so the scheduler only takes a copy).
 
 ``Preparer`` runs on the caller's thread, never the scheduler's. That work can take
 seconds (a long prompt's tokens, a large grammar), so the server and the DAG executor run
 it in a worker thread (``Engine.prepare_in_thread``): the event loop never waits on it.
 llama.cpp allows that while the scheduler thread decodes: tokenizing only reads the
-vocabulary (``llama_model``), and a sampler chain, grammar included, is a new object of
-its own that reads the vocabulary and touches no context.
+vocabulary (``llama_model``), a sampler chain is a new object of its own that reads the
+vocabulary and touches no context, and a grammar compiles against llguidance's own copy
+of the vocabulary.
 
 A text that cannot fit is refused before it is tokenized, by the vocabulary's lower bound
 on its tokens (``bounds``), and a text that passes the bound is tokenized with a ceiling
@@ -24,6 +26,7 @@ from contextlib import contextmanager
 
 from pcrt.runtime.engine.chat import ChatRenderer
 from pcrt.runtime.engine.checks import check_open, check_prompt, check_slots, prompt_too_long
+from pcrt.runtime.engine.grammar_compiler import GrammarCompiler
 from pcrt.runtime.engine.llama_model import LlamaModel, TooManyTokens
 from pcrt.runtime.engine.requests import GenerateRequest
 from pcrt.runtime.engine.sampling import Sampler
@@ -70,6 +73,7 @@ class Preparer:
         self,
         model: LlamaModel,
         chat: ChatRenderer,
+        grammars: GrammarCompiler,
         *,
         name: str,
         context_per_slot: int,
@@ -78,6 +82,7 @@ class Preparer:
     ) -> None:
         self.model = model
         self.chat = chat
+        self.grammars = grammars
         self.name = name
         self.context_per_slot = context_per_slot
         self.parallel = parallel
@@ -123,10 +128,13 @@ class Preparer:
         for given in (request.state, request.context_state):
             if given is not None:
                 self.check_state(given)
+        constraint = request.sampling.constraint  # its bounds: before any tokenizing
         prompt = self.tokenize_request(request)
         check_prompt(prompt, self.name, self.context_per_slot)
         with self.users.using():
             Sampler(request.sampling, self.model.vocab, self.model.n_vocab, 0).free()
+            if constraint is not None:  # compiled here, once: the scheduler takes a copy
+                self.grammars.compile(constraint)
         return prompt
 
     def check_state(self, state: KVState) -> None:

@@ -45,7 +45,7 @@ class GenerateRequest:
     # extends the state's tokens (a DAG node continuing its parent) computes only the rest
     context_state: KVState | None = None
     # tokens this sequence generated before a checkpoint it resumes from: the sampler chain
-    # (grammar included) accepts them, so a schema-constrained output continues validly
+    # and the grammar accept them, so a schema-constrained output continues validly
     generated_prefix: tuple[int, ...] = ()
     export_state: bool = False  # attach each finished sequence's KV state to the result
     # every N generated tokens, emit a CheckpointEvent with the sequence's KV state, so a
@@ -103,6 +103,9 @@ class Completion:
     t_first_token: float | None
     t_done: float
     prompt_seconds: float  # admission to first sampled token
+    # what compiling the output's grammar took (once per model and grammar: a cached one
+    # reports its first compile); None when the output is not constrained
+    grammar_seconds: float | None = None
 
     @property
     def text(self) -> str:

@@ -46,6 +46,7 @@ from typing import Any
 import llama_cpp
 
 from pcrt.runtime.engine.config import EngineConfig
+from pcrt.runtime.engine.grammar_compiler import GrammarCompiler
 from pcrt.runtime.engine.handoff import (
     Call,
     Cancel,
@@ -77,7 +78,7 @@ from pcrt.runtime.engine.requests import (
     SlotInfo,
     TokenEvent,
 )
-from pcrt.runtime.engine.sampling import Sampler, SamplingParams, resolve_seed
+from pcrt.runtime.engine.sampling import Guide, Sampler, SamplingParams, resolve_seed
 from pcrt.runtime.engine.slots import Slot
 from pcrt.runtime.engine.state import KVState
 from pcrt.runtime.engine.textstream import TextStream
@@ -134,6 +135,7 @@ class Scheduler:
         config: EngineConfig,
         context_per_slot: int,
         kv: SlotKV,
+        grammars: GrammarCompiler,
         inbox: Inbox,
         name: str,
         embed: Callable[[list[int]], list[float]],
@@ -143,6 +145,7 @@ class Scheduler:
         self.config = config
         self.context_per_slot = context_per_slot
         self._kv = kv
+        self._grammars = grammars
         self._inbox = inbox
         self._name = name
         self._batch = llama_cpp.llama_batch_init(config.n_batch, 0, 1)
@@ -356,10 +359,20 @@ class Scheduler:
                 (j for j in self._running if j.prefilling and j.follows is None),
             )
         job.t_admitted = time.perf_counter()
+        constraint = job.params.constraint
         for branch in job.branches:
             seed = resolve_seed(job.params.seed, branch.choice.index)
+            guide = None
+            if constraint is not None:  # each branch its own place in the grammar
+                matcher, job.handle.grammar_seconds = self._grammars.matcher_for(constraint)
+                guide = Guide(matcher, self.model.n_vocab)
             branch.sampler = Sampler(
-                job.params, self.model.vocab, self.model.n_vocab, seed, self.context_per_slot
+                job.params,
+                self.model.vocab,
+                self.model.n_vocab,
+                seed,
+                self.context_per_slot,
+                guide,
             )
             generated = request.generated_prefix
             branch.sampler.accept_prompt(prompt[: len(prompt) - len(generated)])
@@ -475,7 +488,9 @@ class Scheduler:
         text = br.stream.feed(self.model.piece(token))
         br.choice.text += text
         job.outbox.append(TokenEvent(br.choice.index, text, token))
-        if br.stream.stopped:
+        guide = br.sampler.guide
+        if br.stream.stopped or (guide is not None and guide.ended):
+            # a grammar with nothing left but the end: done now, not one decode later
             self._finish(job, br, "stop")
         elif (
             len(br.choice.tokens) >= job.params.max_tokens
@@ -537,6 +552,7 @@ class Scheduler:
             t_first_token=first,
             t_done=now,
             prompt_seconds=(first - job.t_admitted) if first is not None else 0.0,
+            grammar_seconds=job.handle.grammar_seconds,
         )
 
     def _fail_step(

@@ -26,6 +26,7 @@ from pcrt.runtime.errors import (
     BadContentLength,
     ChatTemplateMissing,
     Conflict,
+    ConstraintInvalid,
     ContextLengthExceeded,
     DagInvalid,
     EmptyBody,
@@ -115,6 +116,9 @@ def status_and_body(exc: PcrtError) -> tuple[int, dict[str, Any], dict[str, str]
     if isinstance(exc, BadContentLength):
         body = error_body(msg, "invalid_request_error", None, "invalid_content_length")
         return 400, body, headers
+    if isinstance(exc, ConstraintInvalid):
+        code = "invalid_schema" if exc.source == "json_schema" else "invalid_grammar"
+        return 400, error_body(msg, "invalid_request_error", exc.param, code), headers
     if isinstance(exc, InvalidRequest | ChatTemplateMissing):
         return 400, error_body(msg, "invalid_request_error", None, None), headers
     if isinstance(exc, Conflict):

@@ -30,7 +30,7 @@ from pcrt.runtime.engine import (
     RequestHandle,
     TokenEvent,
 )
-from pcrt.runtime.errors import ContextLengthExceeded, PcrtError
+from pcrt.runtime.errors import ConstraintInvalid, ContextLengthExceeded, PcrtError
 from pcrt.runtime.server.forwarding import forward_if_routed, route_headers
 from pcrt.runtime.server.http_errors import CLIENT_CLOSED_REQUEST, client_left, status_and_body
 from pcrt.runtime.server.owned_stream import OwnedStream
@@ -171,6 +171,10 @@ def _prepare(
         return request, engine.prepare(request)
     except ContextLengthExceeded as exc:
         exc.param = "messages" if chat else "prompt"  # the field that holds the text
+        raise
+    except ConstraintInvalid as exc:  # the field that holds the schema or grammar
+        field = "grammar" if exc.source == "grammar" else "response_format.json_schema.schema"
+        exc.param = ".".join(p for p in (field, exc.where) if p)
         raise
 
 
