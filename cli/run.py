@@ -189,7 +189,8 @@ def remote_body(
     if sampling.json_schema is not None:
         body["response_format"] = {
             "type": "json_schema",
-            "json_schema": {"name": "answer", "schema": sampling.json_schema},
+            # what the daemon does anyway (output is always constrained), said as OpenAI says it
+            "json_schema": {"name": "answer", "schema": sampling.json_schema, "strict": True},
         }
     if raw_prompt is not None:
         return "/v1/completions", {**body, "prompt": raw_prompt}

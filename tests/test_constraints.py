@@ -26,7 +26,7 @@ from pcrt.runtime.errors import ConstraintInvalid
 
 def _refused(schema: object = None, grammar: str | None = None) -> ConstraintInvalid:
     with pytest.raises(ConstraintInvalid) as caught:
-        constraint = constraint_of(schema, grammar)  # type: ignore[arg-type]
+        constraint = constraint_of(schema, grammar)
         assert constraint is not None
         check_compiles(constraint)
     return caught.value
@@ -217,3 +217,28 @@ def test_the_big_stack_thread_hands_back_results_errors_and_timeouts() -> None:
         on_big_stack(event.wait, 5, timeout=0.05)
     event.set()
     assert threading.stack_size() == 0  # the process-wide default is left as it was
+
+
+def test_a_requests_constraint_is_worked_out_once_and_never_outlives_its_fields() -> None:
+    """``prepare``'s thread works the constraint out; the scheduler reads the same object.
+    A copy with another schema (a DAG node's sampling) must not carry the old one."""
+    from pcrt.runtime.engine.sampling import SamplingParams
+
+    first = SamplingParams(json_schema={"type": "object"})
+    constraint = first.constraint
+    assert constraint is not None and first.constraint is constraint
+    reseeded = first.model_copy(update={"seed": 4})
+    assert reseeded.constraint is not None and reseeded.constraint.key == constraint.key
+    other = first.model_copy(update={"json_schema": {"type": "string"}})
+    assert other.constraint is not None and other.constraint.key != constraint.key
+    assert first == SamplingParams(json_schema={"type": "object"})  # not a field
+    assert "constraint" not in first.model_dump()
+
+
+def test_a_compile_that_takes_too_long_is_refused() -> None:
+    """llguidance has no timeout of its own: the wait for its thread has one."""
+    enum = {"enum": [f"v{i}" for i in range(20_000)]}
+    constraint = constraint_of(enum, None)
+    assert constraint is not None
+    with pytest.raises(ConstraintInvalid, match="took more than 0.001 s to compile"):
+        check_compiles(constraint, timeout=0.001)

@@ -255,3 +255,38 @@ async def test_a_disk_that_refuses_states_costs_the_run_nothing_but_its_states(
     nodes = runner.runs.nodes(run.id)
     assert all(n.status == "succeeded" and n.output for n in nodes)
     assert all(n.state_sha256 is None and n.checkpoint_sha256 is None for n in nodes)
+
+
+def keywords_dag(max_tokens: int, **bounds: int) -> Any:
+    """A keyword-list node, the kind that used to fail on an unfinished string."""
+    item: dict[str, Any] = {"type": "string"}
+    if "max_length" in bounds:
+        item["maxLength"] = bounds["max_length"]
+    keywords: dict[str, Any] = {"type": "array", "items": item}
+    if "max_items" in bounds:
+        keywords["maxItems"] = bounds["max_items"]
+    node = {
+        "type": "llm",
+        "prompt": "Give keywords for an article about baking bread.",
+        "temperature": 0,
+        "max_tokens": max_tokens,
+        "output_schema": {
+            "type": "object",
+            "properties": {"keywords": keywords},
+            "required": ["keywords"],
+        },
+    }
+    return parse_dag({"dag": "/dynamic/keywords", "nodes": {"keywords": node}})
+
+
+async def test_a_schema_node_cut_by_max_tokens_says_how_to_make_room(runner: DagRunner) -> None:
+    final = await runner.execute(runner.create(keywords_dag(12), {}).id)
+    assert final.status == "failed"
+    assert "max_tokens ran out before the JSON" in (final.error or "")
+    assert "maxItems" in (final.error or "") and "maxLength" in (final.error or "")
+    bounded = keywords_dag(64, max_items=3, max_length=12)
+    ok = await runner.execute(runner.create(bounded, {}).id)
+    assert ok.status == "succeeded", ok.error
+    output = runner.runs.node(ok.id, "keywords").output
+    assert isinstance(output["keywords"], list) and len(output["keywords"]) <= 3
+    assert all(isinstance(k, str) and len(k) <= 12 for k in output["keywords"])

@@ -454,6 +454,30 @@ def test_invalid_output_schema() -> None:
     assert len(problems) == 2
 
 
+def test_an_output_schema_decoding_cannot_honour_is_a_problem_of_its_node() -> None:
+    """A valid schema with a keyword constrained decoding does not take fails the DAG at
+    validation, named where it is, not its run at that node."""
+    tags = {"type": "array", "items": {"type": "string"}, "uniqueItems": True}
+    link = {"type": "string", "format": "uri-reference"}
+    problems = problems_of(
+        doc_with(
+            {
+                "a": {
+                    "type": "llm",
+                    "prompt": "x",
+                    "output_schema": {"type": "object", "properties": {"tags": tags}},
+                },
+                "b": {"type": "llm", "prompt": "x", "output_schema": link},
+                "c": {"type": "llm", "prompt": "x", "output_schema": link},
+            }
+        )
+    )
+    assert has(problems, "a", "output_schema.properties.tags.uniqueItems", "not supported")
+    assert has(problems, "b", "output_schema.format", "uri-reference")
+    assert has(problems, "c", "output_schema.format", "uri-reference")  # each node its own
+    assert len(problems) == 3
+
+
 def test_budget_that_cannot_be_met() -> None:
     nodes = {
         "a": {"type": "llm", "prompt": "x"},

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -153,6 +154,62 @@ async def test_raw_gbnf_grammar(engine: Engine) -> None:
     )
     result = await engine.generate(GenerateRequest(prompt="Is water wet?", sampling=sampling))
     assert result.text in ("yes", "no")
+
+
+# llama.cpp's grammars/json.gbnf and grammars/list.gbnf, as users pass them today
+JSON_GBNF = r"""
+root   ::= object
+value  ::= object | array | string | number | ("true" | "false" | "null") ws
+
+object ::=
+  "{" ws (
+            string ":" ws value
+    ("," ws string ":" ws value)*
+  )? "}" ws
+
+array  ::=
+  "[" ws (
+            value
+    ("," ws value)*
+  )? "]" ws
+
+string ::=
+  "\"" (
+    [^"\\\x7F\x00-\x1F] |
+    "\\" (["\\bfnrt] | "u" [0-9a-fA-F]{4}) # escapes
+  )* "\"" ws
+
+number ::= ("-"? ([0-9] | [1-9] [0-9]{0,15})) ("." [0-9]+)? ([eE] [-+]? [0-9] [1-9]{0,15})? ws
+
+# Optional space: by convention, applied in this grammar after literal chars when allowed
+ws ::= | " " | "\n" [ \t]{0,20}
+"""
+LIST_GBNF = r"""
+root ::= item+
+# Excludes various line break characters
+item ::= "- " [^\r\n\x0b\x0c\x85\u2028\u2029]+ "\n"
+"""
+
+
+async def test_gbnf_grammars_users_pass_today_still_hold(engine: Engine) -> None:
+    """GBNF is translated for llguidance (its own converter): each grammar's output is
+    checked against the language it describes, not only for compiling."""
+
+    async def constrained(prompt: str, grammar: str, max_tokens: int) -> tuple[str, str]:
+        sampling = SamplingParams(temperature=0, max_tokens=max_tokens, grammar=grammar)
+        messages = [ChatMessage(role="user", content=prompt)]
+        result = await engine.generate(GenerateRequest(messages=messages, sampling=sampling))
+        return result.text, str(result.choices[0].finish_reason)
+
+    text, finish = await constrained('Write {"animal": "cat", "legs": 4} as JSON.', JSON_GBNF, 200)
+    assert finish == "stop" and isinstance(json.loads(text), dict), text
+    text, _ = await constrained("Name three fruits, one word each.", LIST_GBNF, 24)
+    lines = text.split("\n")
+    assert all(re.fullmatch(r"- [^\n]+", line) for line in lines[:-1]) and len(lines) > 1, text
+    assert lines[-1] == "" or lines[-1].startswith("- "), text  # the cut line, if any
+    shape = 'root ::= [A-Z] [a-z]{2,5} " " [0-9]{3}'
+    text, finish = await constrained("A name and a number.", shape, 16)
+    assert finish == "stop" and re.fullmatch(r"[A-Z][a-z]{2,5} [0-9]{3}", text), text
 
 
 async def test_bad_grammar_and_schema_are_clear_errors(engine: Engine) -> None:

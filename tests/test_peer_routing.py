@@ -135,7 +135,12 @@ def test_route_peer_runs_the_request_on_the_pcrt_peer_and_local_keeps_it(
 KANA_PROMPT = "Translate 'thank you' into Japanese (in kana) and give it as JSON."
 KANA = {
     "type": "object",
-    "properties": {"japanese": {"type": "string"}, "english": {"type": "string"}},
+    # bounded, as a schema for a small model should be (unbounded, greedy 135M writes one
+    # string until max_tokens)
+    "properties": {
+        "japanese": {"type": "string", "maxLength": 8},
+        "english": {"type": "string", "maxLength": 24},
+    },
     "required": ["japanese", "english"],
 }
 

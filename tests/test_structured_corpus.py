@@ -16,9 +16,10 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from pcrt.runtime.engine import Engine, EngineConfig, GenerateRequest
+from pcrt.runtime.engine import CheckpointEvent, Engine, EngineConfig, GenerateRequest
 from pcrt.runtime.engine.chat import ChatMessage
 from pcrt.runtime.engine.sampling import SamplingParams
+from pcrt.runtime.errors import StateError
 from tests.schema_corpus import CORPUS, Case
 
 SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"  # SmolLM2 Q4_1
@@ -121,3 +122,40 @@ async def test_greedy_fork_branches_each_follow_the_schema_the_same_way(
             answer = by_name[case.name]
             assert isinstance(answer, tuple)
             assert [c.text for c in result.choices] == [answer[0]] * 3, case.name
+
+
+async def test_a_resumed_generation_replays_its_grammar_and_ends_the_same(engine: Engine) -> None:
+    """A checkpoint restored with the tokens generated before it: the grammar replays them
+    and the rest is what the uninterrupted run wrote, valid against the schema."""
+    case = next(c for c in CORPUS if c.name == "kitchen sink")
+    await engine.clear_cache()  # both runs prefill cold: see test_dag_run's resume test
+    request = _request(case)
+    request = GenerateRequest(
+        messages=request.messages, sampling=request.sampling, checkpoint_every=16
+    )
+    handle = engine.submit(request, await engine.prepare_in_thread(request))
+    checkpoints = [e async for e in handle if isinstance(e, CheckpointEvent)]
+    whole = handle.result
+    assert whole is not None and whole.choices[0].finish_reason == "stop"
+    assert len(checkpoints) >= 2, whole.completion_tokens
+    state = checkpoints[1].state
+    before = state.continuation[whole.prompt_tokens :]
+    assert len(before) == 32
+    await engine.clear_cache()
+    sampling = request.sampling.model_copy(update={"max_tokens": MAX_TOKENS - len(before)})
+    resumed = await engine.generate(
+        GenerateRequest(prompt=[], state=state, generated_prefix=tuple(before), sampling=sampling)
+    )
+    text = engine.model.detokenize(before) + resumed.text
+    assert text == whole.text
+    assert _problems(case, text, str(resumed.choices[0].finish_reason)) == []
+
+
+async def test_tokens_that_left_the_grammar_cannot_be_resumed(engine: Engine) -> None:
+    case = next(c for c in CORPUS if c.name == "person")
+    stray = tuple(engine.model.tokenize("hello", add_special=False, parse_special=False))
+    sampling = SamplingParams(temperature=0.0, max_tokens=8, json_schema=case.schema)
+    request = GenerateRequest(prompt="Hi", generated_prefix=stray, sampling=sampling)
+    with pytest.raises(StateError, match="do not fit its grammar"):
+        await engine.generate(request)
+    assert await engine.generate(_request(case))  # the engine runs on

@@ -155,7 +155,10 @@ async def _generate_one(
     result = handle.result
     assert result is not None
     prefix = engine.model.detokenize(before) if before else ""
-    outputs = [parse_output(node, prefix + choice.text) for choice in result.choices]
+    outputs = [
+        parse_output(node, prefix + choice.text, cut=choice.finish_reason == "length")
+        for choice in result.choices
+    ]
     output: Any = outputs if isinstance(node, ForkNode) else outputs[0]
     state = result.choices[0].state
     state_sha = (
@@ -209,8 +212,8 @@ async def _fork(
         request = GenerateRequest(prompt=prompt, sampling=chunk, n=n, context_state=context_state)
         handles.append((first, engine.submit(request, await engine.prepare_in_thread(request))))
     texts: list[str] = [""] * samples
+    cuts = [False] * samples
     tokens = cached = 0
-    cut = False
     for first, handle in handles:
         async for event in handle:
             if isinstance(event, TokenEvent) and event.text:
@@ -220,10 +223,11 @@ async def _fork(
         assert result is not None
         for choice in result.choices:
             texts[first + choice.index] = choice.text
-            cut = cut or choice.finish_reason == "length"
+            cuts[first + choice.index] = choice.finish_reason == "length"
         tokens += result.completion_tokens
         cached += result.cached_tokens
-    output = [parse_output(node, text) for text in texts]
+    output = [parse_output(node, text, cut=cut) for text, cut in zip(texts, cuts, strict=True)]
+    cut = any(cuts)
     finished = NodeFinished(
         output=output,
         ran_on=deps.ran_on,
@@ -268,16 +272,24 @@ async def conversation(
     return [*turns, ChatMessage(role="user", content=prompt)], state
 
 
-def parse_output(node: LlmNode | ForkNode, text: str) -> Any:
-    """The node's output from its text: the text itself, or the JSON its schema asks for."""
+def parse_output(node: LlmNode | ForkNode, text: str, *, cut: bool = False) -> Any:
+    """The node's output from its text: the text itself, or the JSON its schema asks for.
+
+    Constrained decoding makes every finished output valid JSON of the schema, so JSON
+    that does not parse was ``cut`` by max_tokens: the message says how to make room."""
     if node.output_schema is None:
         return text
     try:
         return json.loads(text)
     except ValueError as exc:
+        if cut:
+            raise PcrtError(
+                f"node {node.id}: max_tokens ran out before the JSON its schema asks for was "
+                f"complete ({len(text)} characters written): raise max_tokens, or bound the "
+                "schema so the answer fits (maxItems on arrays, maxLength on strings)"
+            ) from None
         raise PcrtError(
-            f"node {node.id}: the output is not the JSON its schema asks for ({exc}); "
-            "raise max_tokens if it was cut short"
+            f"node {node.id}: the output is not the JSON its schema asks for ({exc})"
         ) from None
 
 

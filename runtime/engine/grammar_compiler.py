@@ -68,22 +68,20 @@ def on_big_stack(fn: Callable[..., T], *args: Any, timeout: float = COMPILE_SECO
     return box["value"]
 
 
-def check_compiles(constraint: Constraint) -> None:
+def check_compiles(constraint: Constraint, timeout: float = COMPILE_SECONDS) -> None:
     """``ConstraintInvalid`` unless llguidance compiles the grammar (no tokenizer needed:
     for callers without a model, such as the DAG validator)."""
-    error = _run(constraint, LLMatcher.validate_grammar, constraint.grammar)
+    error = _run(constraint, timeout, LLMatcher.validate_grammar, constraint.grammar)
     if error:
         raise constraint.explain(error)
 
 
-def _run(constraint: Constraint, fn: Callable[..., T], *args: Any) -> T:
+def _run(constraint: Constraint, timeout: float, fn: Callable[..., T], *args: Any) -> T:
     try:
-        return on_big_stack(fn, *args)
+        return on_big_stack(fn, *args, timeout=timeout)
     except TimeoutError:
         raise ConstraintInvalid(
-            constraint.source,
-            "",
-            f"it took more than {COMPILE_SECONDS:g} s to compile; make it smaller",
+            constraint.source, "", f"it took more than {timeout:g} s to compile; make it smaller"
         ) from None
 
 
@@ -122,7 +120,7 @@ class GrammarCompiler:
                 return entry
         tokenizer = self.tokenizer()
         started = time.perf_counter()
-        matcher = _run(constraint, _compile, tokenizer, constraint.grammar)
+        matcher = _run(constraint, COMPILE_SECONDS, _compile, tokenizer, constraint.grammar)
         seconds = time.perf_counter() - started
         if matcher.is_error():
             raise constraint.explain(matcher.get_error())

@@ -19,8 +19,9 @@ from __future__ import annotations
 import ctypes
 import math
 import random
+from collections.abc import Mapping
 from functools import cached_property
-from typing import Any
+from typing import Any, Self
 
 import llama_cpp
 import numpy as np
@@ -72,6 +73,11 @@ class SamplingParams(BaseModel):
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
+        copied = super().model_copy(update=update, deep=deep)
+        copied.__dict__.pop("constraint", None)  # worked out again from the copy's fields
+        return copied
 
     @cached_property
     def constraint(self) -> Constraint | None:
