@@ -1,8 +1,9 @@
 """Structured output over HTTP on the real default model: the OpenAI SDK's own structured
-outputs (``strict: true`` from a pydantic model), ``strict`` on or off giving the same
-constrained answer, ``pcrt run --schema`` giving it too, ``finish_reason: "length"`` when
-max_tokens cuts a value, and every schema or grammar constrained decoding cannot take
-refused with a 400 that names the field, before a stream starts, the daemon healthy after.
+outputs (``strict: true`` from a pydantic model) and LangChain's; ``strict`` on or off
+giving one constrained answer, and ``pcrt run --schema`` giving it too;
+``finish_reason: "length"`` when max_tokens cuts a value; every schema or grammar
+constrained decoding cannot take refused with a 400 that names the field, before a
+stream starts, and the daemon healthy after.
 """
 
 from __future__ import annotations
@@ -86,6 +87,28 @@ def test_the_sdks_structured_outputs_parse(client: openai.OpenAI) -> None:
     )
     film = completion.choices[0].message.parsed
     assert isinstance(film, Film) and 1880 <= film.year <= 2030
+
+
+def test_langchains_structured_output_parses(server: LiveServer) -> None:
+    """LangChain's ``with_structured_output`` as its users call it against any OpenAI
+    endpoint: a pydantic model through ``json_schema`` (strict), and JSON mode."""
+    from langchain_openai import ChatOpenAI
+
+    chat = ChatOpenAI(
+        base_url=server.url + "/v1",
+        api_key=KEY,
+        model=MODEL,
+        temperature=0,
+        max_tokens=100,  # type: ignore[call-arg]
+        max_retries=0,
+    )
+    prompt = "Name a film, its year and its genre."
+    film = chat.with_structured_output(Film, method="json_schema", strict=True).invoke(prompt)
+    assert isinstance(film, Film) and 1880 <= film.year <= 2030
+    as_json = chat.with_structured_output(method="json_mode").invoke(
+        'Reply with a JSON object with one key, "name".'
+    )
+    assert isinstance(as_json, dict)
 
 
 def test_strict_or_not_and_the_cli_give_one_constrained_answer(
