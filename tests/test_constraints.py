@@ -8,9 +8,13 @@ its shape before it is compiled; one that passes compiles on a 64 MB stack.
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import threading
+import time
 
 import pytest
+from llguidance import LLMatcher, LLTokenizer
 
 from bench.stall import many_rules_grammar
 from pcrt.runtime.engine.constraints import (
@@ -20,7 +24,7 @@ from pcrt.runtime.engine.constraints import (
     close_objects,
     constraint_of,
 )
-from pcrt.runtime.engine.grammar_compiler import check_compiles, on_big_stack
+from pcrt.runtime.engine.grammar_compiler import GrammarCompiler, check_compiles, on_big_stack
 from pcrt.runtime.errors import ConstraintInvalid
 
 
@@ -72,7 +76,7 @@ def _object(**properties: object) -> dict[str, object]:
         ({"$ref": "#/$defs/missing"}, "$ref", "does not exist"),
         (
             _object(n={"type": "integer", "minimum": 5, "maximum": 1}) | {"required": ["n"]},
-            "",
+            "properties.n",
             "required property 'n' is unsatisfiable",
         ),
         ({"type": "nonsense"}, "", "Invalid type"),
@@ -242,3 +246,126 @@ def test_a_compile_that_takes_too_long_is_refused() -> None:
     assert constraint is not None
     with pytest.raises(ConstraintInvalid, match="took more than 0.001 s to compile"):
         check_compiles(constraint, timeout=0.001)
+
+
+def test_a_schemas_own_llguidance_options_are_refused() -> None:
+    """``x-guidance`` would let a schema turn on ``lenient`` (unsupported keywords dropped
+    silently) or change JSON's separators."""
+    for options in ({"lenient": True}, {"key_separator": "="}, {"coerce_one_of": True}):
+        schema = {"type": "array", "uniqueItems": True, "x-guidance": options}
+        error = _refused(schema)
+        assert error.where == "x-guidance", str(error)
+
+
+@pytest.mark.parametrize(
+    ("schema", "stays_open"),
+    [
+        # properties merged with anyOf branches: closing would leave only {}
+        (
+            {
+                "type": "object",
+                "properties": {"kind": {"type": "string"}},
+                "anyOf": [{"properties": {"x": {}}}, {"properties": {"y": {}}}],
+            },
+            ["", "anyOf.0", "anyOf.1"],
+        ),
+        # "extends": a $ref target under allOf
+        (
+            {
+                "$defs": {"base": {"type": "object", "properties": {"a": {}}}},
+                "allOf": [{"$ref": "#/$defs/base"}, {"properties": {"b": {}}, "required": ["b"]}],
+            },
+            ["$defs.base", "allOf.1"],
+        ),
+        # a $ref beside properties
+        (
+            {
+                "$defs": {"base": {"type": "object"}},
+                "$ref": "#/$defs/base",
+                "properties": {"a": {}},
+            },
+            [""],
+        ),
+        # required names a key properties do not
+        ({"type": "object", "properties": {"a": {}}, "required": ["a", "b"]}, [""]),
+    ],
+)
+def test_objects_whose_properties_merge_with_others_stay_open(
+    schema: dict[str, object], stays_open: list[str]
+) -> None:
+    """Closing never takes away a value the schema allows: each of these compiles, and
+    the objects whose properties combine with others' are left as written."""
+    from pcrt.runtime.engine.constraints import subschemas
+
+    closed = dict(subschemas(close_objects(schema)))
+    for where in stays_open:
+        assert "additionalProperties" not in closed[where], where
+    constraint = constraint_of(schema, None)
+    assert constraint is not None
+    check_compiles(constraint)
+
+
+def test_an_any_of_whole_objects_has_each_closed() -> None:
+    person = {"type": "object", "properties": {"name": {}}}
+    closed = close_objects({"anyOf": [person, {"type": "null"}]})
+    assert closed["anyOf"][0]["additionalProperties"] is False
+
+
+def test_the_place_named_is_the_one_at_fault() -> None:
+    two_refs = {
+        "type": "object",
+        "$defs": {"A": {"type": "string"}},
+        "properties": {"a": {"$ref": "#/$defs/A"}, "b": {"$ref": "#/$defs/Missing"}},
+    }
+    assert _refused(two_refs).where == "properties.b.$ref"
+    patterns = {
+        "type": "object",
+        "properties": {
+            "a": {"type": "string", "pattern": "a"},
+            "b": {"type": "string", "pattern": "(?=a)b"},
+        },
+    }
+    assert _refused(patterns).where == "properties.b.pattern"
+
+
+def test_lark_regexes_and_token_ids_are_lark_not_gbnf() -> None:
+    """Lark's /regexes/ may hold "<" and quotes; <[id]> is a token in Lark (llguidance's
+    syntax), only GBNF's converter cannot take it."""
+    for grammar in ("start: /<[a-z]+>/", 'start: /"[^"]*"/ "x"', "start: <[5]>"):
+        constraint = constraint_of(None, grammar)
+        assert constraint is not None
+        check_compiles(constraint)
+    assert "token literals" in str(_refused(grammar="root ::= <[5]>"))
+
+
+class _ByteCompiler(GrammarCompiler):
+    """A compiler over llguidance's byte tokenizer: no model needed."""
+
+    def tokenizer(self) -> LLTokenizer:
+        return LLTokenizer("byte")
+
+
+def test_one_grammar_compiles_once_however_many_ask(monkeypatch: pytest.MonkeyPatch) -> None:
+    import pcrt.runtime.engine.grammar_compiler as module
+
+    compiles: list[str] = []
+    real = module.LLMatcher
+
+    def counting(tokenizer: LLTokenizer, grammar: str, **kw: object) -> LLMatcher:
+        compiles.append(grammar)
+        time.sleep(0.05)  # long enough for the others to arrive while it compiles
+        return real(tokenizer, grammar, **kw)
+
+    monkeypatch.setattr(module, "LLMatcher", counting)
+    compiler = _ByteCompiler(None, contextlib.nullcontext)
+    good = constraint_of({"type": "object", "properties": {"a": {"type": "integer"}}}, None)
+    bad = constraint_of({"type": "string", "pattern": "(?=a)b"}, None)
+    assert good is not None and bad is not None
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(compiler.compile, [good] * 4))
+    assert len(compiles) == 1 and all(r is results[0] for r in results)
+    assert compiler.cached(good) is results[0]
+    for _ in range(3):  # a bad schema: refused three times, compiled once
+        with pytest.raises(ConstraintInvalid, match="look-around"):
+            compiler.compile(bad)
+    assert len(compiles) == 2 and compiler.cached(bad) is None

@@ -12,14 +12,21 @@ import asyncio
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import jsonschema
 import pytest
 
-from pcrt.runtime.engine import CheckpointEvent, Engine, EngineConfig, GenerateRequest
+from pcrt.runtime.engine import (
+    CheckpointEvent,
+    Completion,
+    Engine,
+    EngineConfig,
+    GenerateRequest,
+)
 from pcrt.runtime.engine.chat import ChatMessage
-from pcrt.runtime.engine.sampling import SamplingParams
-from pcrt.runtime.errors import StateError
+from pcrt.runtime.engine.sampling import Guide, SamplingParams
+from pcrt.runtime.errors import InvalidRequest, StateError
 from tests.schema_corpus import CORPUS, Case
 
 SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"  # SmolLM2 Q4_1
@@ -159,3 +166,40 @@ async def test_tokens_that_left_the_grammar_cannot_be_resumed(engine: Engine) ->
     with pytest.raises(StateError, match="do not fit its grammar"):
         await engine.generate(request)
     assert await engine.generate(_request(case))  # the engine runs on
+
+
+async def test_a_matcher_that_fails_mid_output_fails_its_request_alone(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A matcher in llguidance's error state (a runtime limit, a refused token) allows
+    only the end: the request must fail with the reason, never end "stop" with broken
+    JSON, and its batch neighbour runs on."""
+    made: list[Guide] = []
+    real_init, real_pick = Guide.__init__, Guide.pick
+    stray = engine.model.tokenize("zzz", add_special=False, parse_special=False)[0]
+
+    def init(self: Guide, *args: Any) -> None:
+        real_init(self, *args)
+        made.append(self)
+
+    def pick(self: Guide, chain: Any, logits: Any) -> int:
+        if self is made[0] and len(made) > 1:
+            self.matcher.consume_token(stray)  # JSON cannot start so: the matcher fails
+        return real_pick(self, chain, logits)
+
+    monkeypatch.setattr(Guide, "__init__", init)
+    monkeypatch.setattr(Guide, "pick", pick)
+    doomed, neighbour = (_request(c) for c in CORPUS if c.name in ("person", "book"))
+    # prepared first, then submitted in order: the scheduler places the doomed one first
+    prepared = [await engine.prepare_in_thread(r) for r in (doomed, neighbour)]
+    handles = [engine.submit(r, p) for r, p in zip((doomed, neighbour), prepared, strict=True)]
+    results = await asyncio.gather(*(h.completion() for h in handles), return_exceptions=True)
+    assert isinstance(results[0], InvalidRequest), results[0]
+    assert "constrained decoding failed" in str(results[0])
+    finished = results[1]
+    assert isinstance(finished, Completion)
+    book = next(c for c in CORPUS if c.name == "book")
+    assert _problems(book, finished.text, str(finished.choices[0].finish_reason)) == []
+    monkeypatch.undo()
+    person = next(c for c in CORPUS if c.name == "person")
+    assert _problems(person, *await _answer(engine, person)) == []  # the engine runs on

@@ -27,12 +27,15 @@ import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from llguidance import LLMatcher
-from llguidance.gbnf_to_lark import any_to_lark
+from llguidance.gbnf_to_lark import gbnf_to_lark, is_lark_syntax
 
 from pcrt.runtime.errors import ConstraintInvalid
+
+if TYPE_CHECKING:  # a TypedDict of llguidance's stubs only, not of the module
+    from llguidance._lib import JsonCompileOptions
 
 __all__ = [
     "MAX_GRAMMAR_BYTES",
@@ -56,10 +59,17 @@ MAX_GRAMMAR_BYTES = 256 * 1024
 MAX_GRAMMAR_DEPTH = 250  # nested ( ) groups: the GBNF converter recurses (500 fail)
 MAX_GRAMMAR_RULES = 1000  # GBNF "::=" or Lark "name:" rules
 
-# Between JSON tokens: nothing, one space, or a newline and an indent of up to 20 columns,
-# as llama.cpp's converter allows; llguidance's default (any whitespace, unbounded) lets
-# a small model pad forever
-WHITESPACE = r"[ ]?|\n[ \t]{0,20}"
+# llguidance's JSON options, every one pinned: strict JSON, nothing dropped or coerced.
+# Between tokens: nothing, one space, or a newline and up to 20 columns of indent, as
+# llama.cpp's converter allows; llguidance's default (unbounded) lets a small model pad
+JSON_OPTIONS: JsonCompileOptions = {
+    "whitespace_flexible": False,
+    "whitespace_pattern": r"[ ]?|\n[ \t]{0,20}",
+    "item_separator": ",",
+    "key_separator": ":",
+    "lenient": False,
+    "coerce_one_of": False,
+}
 
 _LARK_RULE = re.compile(r"^\s*[?!]?[A-Za-z_][A-Za-z0-9_.]*(\s*\{[^}]*\})?\s*:", re.MULTILINE)
 
@@ -105,10 +115,11 @@ def _from_schema(schema: dict[str, Any]) -> Constraint:
         )
     if refs > MAX_SCHEMA_REFS:
         raise ConstraintInvalid("json_schema", "", f"{refs} $refs; at most {MAX_SCHEMA_REFS}")
-    closed = close_objects(schema)
-    grammar = LLMatcher.grammar_from_json_schema(
-        closed, overrides={"whitespace_pattern": WHITESPACE}
-    )
+    if "x-guidance" in schema:  # its "lenient" would drop keywords, its separators JSON
+        raise ConstraintInvalid(
+            "json_schema", "x-guidance", "llguidance's options are pcrt's to set; remove it"
+        )
+    grammar = LLMatcher.grammar_from_json_schema(close_objects(schema), overrides=JSON_OPTIONS)
     return Constraint("json_schema", grammar, _sha(grammar), schema)
 
 
@@ -117,7 +128,10 @@ def _from_grammar(text: str) -> Constraint:
         raise ConstraintInvalid(
             "grammar", "", f"{len(text)} characters; at most {MAX_GRAMMAR_BYTES}"
         )
-    depth, rules, literals = grammar_shape(text)
+    # GBNF's shape is read character by character; Lark's /regexes/ would mislead that
+    # reading, and llguidance parses Lark itself (its own nesting limit, <[id]> tokens)
+    lark = is_lark_syntax(text)
+    depth, rules, literals = (0, 0, []) if lark else grammar_shape(text)
     rules = max(rules, len(_LARK_RULE.findall(text)))
     if depth > MAX_GRAMMAR_DEPTH:
         raise ConstraintInvalid(
@@ -133,12 +147,12 @@ def _from_grammar(text: str) -> Constraint:
             "write the token's text as a string instead",
         )
     try:
-        lark = any_to_lark(text)
+        lark_text = text if lark else gbnf_to_lark(text)
     except RecursionError:
         raise ConstraintInvalid("grammar", "", "it nests too deeply to convert") from None
     except Exception as exc:  # the converter raises bare ValueErrors and worse on bad GBNF
         raise ConstraintInvalid("grammar", "", f"it does not parse: {exc}") from None
-    grammar = LLMatcher.grammar_from_lark(lark)
+    grammar = LLMatcher.grammar_from_lark(lark_text)
     return Constraint("grammar", grammar, _sha(grammar))
 
 
@@ -217,23 +231,40 @@ def subschemas(schema: Any, path: str = "") -> Iterator[tuple[str, dict[str, Any
 
 
 def close_objects(schema: dict[str, Any]) -> dict[str, Any]:
-    """A copy with ``additionalProperties: false`` on each object schema that lists
-    ``properties`` and says nothing of other keys; not inside ``allOf`` (closing each part
-    would refuse the properties of the others)."""
+    """A copy with ``additionalProperties: false`` on each object schema that lists its
+    ``properties`` alone and says nothing of other keys.
+
+    Only where closing cannot take away a value the schema itself allows: never an
+    object combined with ``allOf``/``anyOf``/``oneOf``/``$ref`` (their parts' properties
+    merge into it), nor a part of such a combination or the target of a ``$ref`` under
+    ``allOf``, nor an object whose ``required`` names a key its ``properties`` do not."""
     closed = copy.deepcopy(schema)
-    in_all_of = {id(part) for _, s in subschemas(closed) for part in s.get("allOf") or []}
+    merged: set[int] = set()  # schemas whose properties merge with others'
+    all_of_refs: set[str] = set()
     for _, s in subschemas(closed):
+        for key in _COMBINERS:
+            for part in s.get(key) or []:
+                if key != "allOf" and "properties" not in s:
+                    continue  # an anyOf of whole objects: each may be closed
+                if isinstance(part, dict):
+                    merged.add(id(part))
+                    if isinstance(part.get("$ref"), str):
+                        all_of_refs.add(part["$ref"])
+    for where, s in subschemas(closed):
+        properties = s.get("properties")
         if (
-            isinstance(s.get("properties"), dict)
-            and id(s) not in in_all_of
-            and "allOf" not in s
-            and not any(
-                k in s
-                for k in ("additionalProperties", "patternProperties", "unevaluatedProperties")
-            )
+            isinstance(properties, dict)
+            and id(s) not in merged
+            and not any(k in s for k in (*_COMBINERS, "$ref", *_OPENERS))
+            and set(s.get("required") or ()) <= set(properties)
+            and f"#/{where.replace('.', '/')}" not in all_of_refs
         ):
             s["additionalProperties"] = False
     return closed
+
+
+_COMBINERS = ("allOf", "anyOf", "oneOf")
+_OPENERS = ("additionalProperties", "patternProperties", "unevaluatedProperties")
 
 
 def locate_problem(schema: dict[str, Any], error: str) -> ConstraintInvalid:
@@ -260,18 +291,23 @@ def locate_problem(schema: dict[str, Any], error: str) -> ConstraintInvalid:
                     f"the format {fmt.group(1).strip()!r} is not supported; supported: "
                     "date-time, time, date, duration, email, hostname, ipv4, ipv6, uuid, uri",
                 )
-    for keyword, hint in (
-        ("pattern", "regex parse error"),
-        ("oneOf", "oneOf constraints"),
-        ("minProperties", "min/maxProperties"),
-        ("maxProperties", "min/maxProperties"),
-        ("$ref", "Pointer"),
-        ("$ref", "Resource"),
-    ):
-        if hint in line:
-            for where, s in subschemas(schema):
-                if keyword in s and (keyword != "pattern" or str(s["pattern"]) in error):
-                    return ConstraintInvalid("json_schema", _join(where, keyword), line)
+    quoted = {part.strip() for part in error.splitlines()}  # a regex error quotes the regex
+    pointer = re.search(r"Pointer '([^']*)'|Resource '([^']*)'", line)
+    unsatisfiable = re.search(r"required property '([^']*)' is unsatisfiable", line)
+    for where, s in subschemas(schema):
+        if "regex parse error" in line and str(s.get("pattern")) in quoted:
+            return ConstraintInvalid("json_schema", _join(where, "pattern"), line)
+        if "oneOf constraints" in line and "oneOf" in s:
+            return ConstraintInvalid("json_schema", _join(where, "oneOf"), line)
+        if "min/maxProperties" in line and ("minProperties" in s or "maxProperties" in s):
+            keyword = "minProperties" if "minProperties" in s else "maxProperties"
+            return ConstraintInvalid("json_schema", _join(where, keyword), line)
+        ref = s.get("$ref")
+        if pointer and isinstance(ref, str) and ref in (f"#{pointer.group(1)}", pointer.group(2)):
+            return ConstraintInvalid("json_schema", _join(where, "$ref"), line)
+        if unsatisfiable and unsatisfiable.group(1) in (s.get("required") or ()):
+            field = _join(where, "properties", unsatisfiable.group(1))
+            return ConstraintInvalid("json_schema", field, line)
     return ConstraintInvalid("json_schema", "", line)
 
 

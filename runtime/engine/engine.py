@@ -38,7 +38,6 @@ from pcrt.runtime.engine.chat import ChatRenderer
 from pcrt.runtime.engine.checks import check_open
 from pcrt.runtime.engine.config import EngineConfig, new_context
 from pcrt.runtime.engine.embeddings import Embedder
-from pcrt.runtime.engine.grammar_compiler import GrammarCompiler
 from pcrt.runtime.engine.handoff import (
     Call,
     Close,
@@ -119,11 +118,9 @@ class Engine:
             context_per_slot=self.context_per_slot,
             model_name=self.name,
         )
-        self.grammars = GrammarCompiler(self.model)
         self._preparer = Preparer(
             self.model,
             self.chat,
-            self.grammars,
             name=self.name,
             context_per_slot=self.context_per_slot,
             parallel=self.config.parallel,
@@ -137,7 +134,7 @@ class Engine:
             config=self.config,
             context_per_slot=self.context_per_slot,
             kv=kv,
-            grammars=self.grammars,
+            grammars=self._preparer.grammars,
             inbox=self._inbox,
             name=self.name,
             embed=self._embedder.embed,
@@ -169,6 +166,9 @@ class Engine:
         """
         prompt = prepared if prepared is not None else self.prepare(request)
         handle = RequestHandle(self._inbox, request, prompt)
+        constraint = request.sampling.constraint
+        if constraint is not None:  # held by the request: a long queue cannot evict it
+            handle.grammar = self._preparer.grammars.cached(constraint)
         self._send(Submit(handle))
         return handle
 

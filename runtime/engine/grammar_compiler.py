@@ -2,7 +2,9 @@
 
 A compiled ``LLMatcher`` is kept pristine in an LRU keyed by the grammar's sha256; each
 sequence gets a ``deep_copy`` (8-12 µs) and advances its own. So the same schema compiles
-once per loaded model, however many requests and fork branches use it.
+once per loaded model, however many requests and fork branches use it. ``prepare``
+compiles (off the loop); ``Engine.submit`` pins the compiled grammar to the request, so
+a long queue cannot evict it before the scheduler thread copies it.
 
 llguidance's compiler recurses over the grammar: about 3 KB of stack per chained rule,
 so some 3,000 chained rules overflow a thread's 8 MB and kill the process. Every compile
@@ -19,6 +21,9 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import Future
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from llguidance import LLMatcher, LLTokenizer
@@ -27,7 +32,7 @@ from llguidance.llamacpp import lltokenizer_from_vocab
 from pcrt.runtime.engine.constraints import Constraint, ConstraintInvalid
 from pcrt.runtime.engine.llama_model import LlamaModel
 
-__all__ = ["COMPILE_SECONDS", "GrammarCompiler", "check_compiles", "on_big_stack"]
+__all__ = ["COMPILE_SECONDS", "Compiled", "GrammarCompiler", "check_compiles", "on_big_stack"]
 
 T = TypeVar("T")
 
@@ -85,21 +90,40 @@ def _run(constraint: Constraint, timeout: float, fn: Callable[..., T], *args: An
         ) from None
 
 
+@dataclass(frozen=True)
+class Compiled:
+    """A pristine compiled grammar (never advanced: sequences take ``deep_copy``s) and
+    what its compile took."""
+
+    matcher: LLMatcher
+    seconds: float
+
+
 class GrammarCompiler:
     """One model's compiled constraints. Thread-safe: ``prepare`` threads compile, the
-    scheduler thread takes copies."""
+    event loop pins a compiled one to each request it submits (``cached``), the scheduler
+    thread copies it. A grammar being compiled is compiled once however many ask, and one
+    that fails is remembered, so the same bad schema costs one compile."""
 
-    def __init__(self, model: LlamaModel, capacity: int = CACHED_GRAMMARS) -> None:
+    def __init__(
+        self,
+        model: LlamaModel,
+        hold_model: Callable[[], AbstractContextManager[object]],
+        capacity: int = CACHED_GRAMMARS,
+    ) -> None:
         self._model = model
+        # held by every compile for its whole length, even one the caller stopped waiting
+        # for: llguidance's tokenizer calls llama_tokenize on the model's vocabulary
+        self._hold_model = hold_model
         self._capacity = capacity
         self._lock = threading.Lock()
         self._tokenizer: LLTokenizer | None = None
-        # key -> (pristine matcher, seconds its compile took)
-        self._matchers: OrderedDict[str, tuple[LLMatcher, float]] = OrderedDict()
+        self._done: OrderedDict[str, Compiled | ConstraintInvalid] = OrderedDict()
+        self._compiling: dict[str, Future[Compiled]] = {}
 
     def tokenizer(self) -> LLTokenizer:
-        """Built on first use (0.24 s, 38 MB): models never asked for a constraint pay
-        nothing. The caller must hold the model (``ModelUsers``): it reads the vocab."""
+        """Built on first use (0.26 s, 38 MB): models never asked for a constraint pay
+        nothing. The caller must hold the model: it reads the vocabulary."""
         with self._lock:
             if self._tokenizer is None:
                 model = self._model
@@ -109,18 +133,59 @@ class GrammarCompiler:
                 self._tokenizer = lltokenizer_from_vocab(model.vocab, eos_token=eog)
             return self._tokenizer
 
-    def compile(self, constraint: Constraint) -> tuple[LLMatcher, float]:
-        """The pristine matcher of ``constraint``, compiled once (``ConstraintInvalid`` if
-        it does not compile), and the seconds that compile took. Never advance it:
-        ``matcher_for`` hands out copies."""
+    def cached(self, constraint: Constraint) -> Compiled | None:
+        """The compiled grammar if it is here now; never compiles."""
         with self._lock:
-            entry = self._matchers.get(constraint.key)
+            entry = self._done.get(constraint.key)
+        return entry if isinstance(entry, Compiled) else None
+
+    def compile(self, constraint: Constraint) -> Compiled:
+        """``constraint`` compiled, once (``ConstraintInvalid`` if it does not compile)."""
+        with self._lock:
+            entry = self._done.get(constraint.key)
             if entry is not None:
-                self._matchers.move_to_end(constraint.key)
-                return entry
-        tokenizer = self.tokenizer()
+                self._done.move_to_end(constraint.key)
+            future = self._compiling.get(constraint.key)
+            owner = entry is None and future is None
+            if owner:
+                future = self._compiling[constraint.key] = Future()
+        if isinstance(entry, ConstraintInvalid):
+            raise ConstraintInvalid(entry.source, entry.where, entry.why)
+        if entry is not None:
+            return entry
+        assert future is not None
+        if not owner:
+            return future.result()  # another thread compiles it right now
+        try:
+            result: Compiled | ConstraintInvalid = self._compile_now(constraint)
+        except ConstraintInvalid as exc:
+            result = exc
+        except BaseException as exc:  # not remembered: the next request tries again
+            with self._lock:
+                del self._compiling[constraint.key]
+            future.set_exception(exc)
+            raise
+        with self._lock:
+            self._done[constraint.key] = result
+            while len(self._done) > self._capacity:
+                self._done.popitem(last=False)
+            del self._compiling[constraint.key]
+        if isinstance(result, ConstraintInvalid):
+            future.set_exception(result)
+            raise result
+        future.set_result(result)
+        return result
+
+    def _compile_now(self, constraint: Constraint) -> Compiled:
+        with self._hold_model():
+            tokenizer = self.tokenizer()
+
+        def held() -> LLMatcher:
+            with self._hold_model():
+                return LLMatcher(tokenizer, constraint.grammar, log_level=0)
+
         started = time.perf_counter()
-        matcher = _run(constraint, COMPILE_SECONDS, _compile, tokenizer, constraint.grammar)
+        matcher = _run(constraint, COMPILE_SECONDS, held)
         seconds = time.perf_counter() - started
         if matcher.is_error():
             raise constraint.explain(matcher.get_error())
@@ -130,23 +195,4 @@ class GrammarCompiler:
             constraint.key[:12],
             seconds * 1000,
         )
-        with self._lock:
-            self._matchers[constraint.key] = (matcher, seconds)
-            while len(self._matchers) > self._capacity:
-                self._matchers.popitem(last=False)
-        return matcher, seconds
-
-    def matcher_for(self, constraint: Constraint) -> tuple[LLMatcher, float]:
-        """A fresh matcher of its own for one sequence, and its grammar's compile seconds
-        (compiled now if it is not in the cache, which ``prepare`` makes rare: only when
-        64 other grammars came between)."""
-        matcher, seconds = self.compile(constraint)
-        return matcher.deep_copy(), seconds
-
-    def cached(self) -> int:
-        with self._lock:
-            return len(self._matchers)
-
-
-def _compile(tokenizer: LLTokenizer, grammar: str) -> LLMatcher:
-    return LLMatcher(tokenizer, grammar, log_level=0)
+        return Compiled(matcher, seconds)

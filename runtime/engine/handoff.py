@@ -27,6 +27,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeAlias, TypeVar
 
+from pcrt.runtime.engine.grammar_compiler import Compiled
 from pcrt.runtime.engine.requests import (
     CheckpointEvent,
     Completion,
@@ -65,7 +66,9 @@ class RequestHandle:
         self.t_submitted = time.perf_counter()  # queue wait counts in time to first token
         self.prompt_tokens = prompt
         self.cached_tokens = 0  # set by the scheduler when it admits the request
-        self.grammar_seconds: float | None = None  # likewise: its grammar's compile time
+        # its compiled grammar, pinned at submit (``Engine.submit``); the scheduler copies it
+        self.grammar: Compiled | None = None
+        self.grammar_seconds: float | None = None  # what that grammar's compile took
         self.result: Completion | None = None
         self._inbox = inbox
         self._loop = asyncio.get_running_loop()

@@ -73,7 +73,6 @@ class Preparer:
         self,
         model: LlamaModel,
         chat: ChatRenderer,
-        grammars: GrammarCompiler,
         *,
         name: str,
         context_per_slot: int,
@@ -82,12 +81,12 @@ class Preparer:
     ) -> None:
         self.model = model
         self.chat = chat
-        self.grammars = grammars
         self.name = name
         self.context_per_slot = context_per_slot
         self.parallel = parallel
         self.compat_key = compat_key
         self.users = ModelUsers(name)
+        self.grammars = GrammarCompiler(model, self.users.using)
 
     # -- generation -------------------------------------------------------------------
 

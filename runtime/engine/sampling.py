@@ -30,7 +30,7 @@ from llguidance.numpy import allocate_token_bitmask, fill_next_token_bitmask
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pcrt.runtime.engine.constraints import Constraint, constraint_of
-from pcrt.runtime.errors import InvalidRequest, StateError
+from pcrt.runtime.errors import InvalidRequest, PcrtError, StateError
 
 __all__ = ["Guide", "Sampler", "SamplingParams", "resolve_seed"]
 
@@ -106,32 +106,39 @@ class Guide:
 
     def pick(self, chain: Any, logits: np.ndarray) -> int:
         """The chain's pick from ``logits`` that the grammar allows, not yet accepted."""
+        self._check()
         token = self._apply(chain, logits, None)
         if self.matcher.validate_tokens([token]) == 1:
             return token
         fill_next_token_bitmask(self.matcher, self._mask, 0)
+        self._check()
         bits = np.unpackbits(self._mask[0].view(np.uint8), bitorder="little")
         allowed = np.flatnonzero(bits[: self._n_vocab]).astype(np.int32)
-        if allowed.size == 0:  # cannot happen past a checked grammar; never pick blindly
-            raise StateError("the grammar allows no token here")
+        if allowed.size == 0:  # llguidance never leads into a dead end; never pick blindly
+            raise InvalidRequest("the grammar allows no token at this point of the output")
         return self._apply(chain, logits, allowed)
 
     def accept(self, token: int) -> None:
-        self.matcher.consume_token(token)
+        if not self.matcher.consume_token(token):
+            self._check()
+            raise InvalidRequest(f"the grammar refused token {token} it had allowed")
+
+    def _check(self) -> None:
+        """A matcher in llguidance's error state (a runtime limit such as lexer fuel, or a
+        refused token) allows only the end: that would end the output broken, as "stop"."""
+        if self.matcher.is_error():
+            raise InvalidRequest(
+                f"constrained decoding failed: {self.matcher.get_error() or 'no reason given'}"
+            )
 
     def replay(self, tokens: tuple[int, ...] | list[int]) -> None:
         if tokens and not self.matcher.consume_tokens(list(tokens)):
             raise StateError("the tokens generated before this resume do not fit its grammar")
 
     @property
-    def complete(self) -> bool:
-        """The output so far is a whole value of the grammar (it may still go on)."""
-        return bool(self.matcher.is_accepting())
-
-    @property
     def ended(self) -> bool:
-        """Nothing but the end may follow: the sequence is done."""
-        return bool(self.matcher.is_stopped())
+        """Nothing but the end may follow: the sequence is done (whole, not failed)."""
+        return bool(self.matcher.is_stopped()) and not self.matcher.is_error()
 
     def _apply(self, chain: Any, logits: np.ndarray, ids: np.ndarray | None) -> int:
         cand = self._candidates
@@ -147,7 +154,10 @@ class Guide:
         self._array.selected = -1
         self._array.sorted = False
         llama_cpp.llama_sampler_apply(chain, self._array_ref)  # apply only: no accept yet
-        return int(cand["id"][self._array.selected])
+        selected = self._array.selected
+        if not 0 <= selected < n:  # llama_sampler_sample asserts the same
+            raise PcrtError(f"the sampler chain selected no candidate ({selected} of {n})")
+        return int(cand["id"][selected])
 
 
 class Sampler:

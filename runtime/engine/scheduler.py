@@ -118,6 +118,7 @@ class _Job:
     # (leader, tokens): the leader is prefilling this job's first ``tokens`` prompt tokens
     # right now; this job waits for them and copies them instead of computing them twice
     follows: tuple[_Job, int] | None = None
+    failed: bool = False  # stopped with an error mid-step: its other branches sample no more
 
     @property
     def prefilling(self) -> bool:
@@ -364,8 +365,10 @@ class Scheduler:
             seed = resolve_seed(job.params.seed, branch.choice.index)
             guide = None
             if constraint is not None:  # each branch its own place in the grammar
-                matcher, job.handle.grammar_seconds = self._grammars.matcher_for(constraint)
-                guide = Guide(matcher, self.model.n_vocab)
+                # pinned at submit; compiled here only for a caller that skipped prepare
+                compiled = job.handle.grammar or self._grammars.compile(constraint)
+                job.handle.grammar_seconds = compiled.seconds
+                guide = Guide(compiled.matcher.deep_copy(), self.model.n_vocab)
             branch.sampler = Sampler(
                 job.params,
                 self.model.vocab,
@@ -476,8 +479,14 @@ class Scheduler:
                 self._sample(job, br, logits_index, now)
 
     def _sample(self, job: _Job, br: _Branch, batch_index: int, now: float) -> None:
+        if job.failed:
+            return
         assert br.sampler is not None and br.stream is not None
-        token = br.sampler.sample(self._ctx, batch_index)
+        try:
+            token = br.sampler.sample(self._ctx, batch_index)
+        except PcrtError as exc:  # a grammar with no way on: this request fails, no other
+            self._fail_job(job, exc)
+            return
         if job.t_first_token is None:
             job.t_first_token = now
         br.pending = token
@@ -571,6 +580,15 @@ class Scheduler:
             self._running.remove(job)
             self._send(job.handle, [error])
         self._flush_events()
+
+    def _fail_job(self, job: _Job, error: PcrtError) -> None:
+        """Stop one running job with ``error`` after what it already streamed."""
+        log.error("request %s failed: %s", job.handle.id, error)
+        job.failed = True
+        self._free_job(job)
+        self._running.remove(job)
+        self._send(job.handle, [*job.outbox, error])
+        job.outbox = []
 
     def _cancel(self, request_id: str) -> None:
         for job in list(self._waiting):
