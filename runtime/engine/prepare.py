@@ -7,8 +7,8 @@ seconds (a long prompt's tokens, a large grammar), so the server and the DAG exe
 it in a worker thread (``Engine.prepare_in_thread``): the event loop never waits on it.
 llama.cpp allows that while the scheduler thread decodes: tokenizing only reads the
 vocabulary (``llama_model``), a sampler chain is a new object of its own that reads the
-vocabulary and touches no context, and a grammar compiles against llguidance's own copy
-of the vocabulary.
+vocabulary and touches no context, and a grammar compiles against llguidance's tokenizer,
+built once from the vocabulary, which it only reads.
 
 A text that cannot fit is refused before it is tokenized, by the vocabulary's lower bound
 on its tokens (``bounds``), and a text that passes the bound is tokenized with a ceiling

@@ -361,13 +361,15 @@ class Scheduler:
             )
         job.t_admitted = time.perf_counter()
         constraint = job.params.constraint
+        compiled = None
+        if constraint is not None:
+            # pinned at submit; compiled here only for a caller that skipped prepare
+            compiled = job.handle.grammar or self._grammars.compile(constraint)
+            job.handle.grammar_seconds = compiled.seconds
         for branch in job.branches:
             seed = resolve_seed(job.params.seed, branch.choice.index)
             guide = None
-            if constraint is not None:  # each branch its own place in the grammar
-                # pinned at submit; compiled here only for a caller that skipped prepare
-                compiled = job.handle.grammar or self._grammars.compile(constraint)
-                job.handle.grammar_seconds = compiled.seconds
+            if compiled is not None:  # each branch its own place in the grammar
                 guide = Guide(compiled.matcher.deep_copy(), self.model.n_vocab)
             branch.sampler = Sampler(
                 job.params,
