@@ -55,6 +55,19 @@ def test_run_with_schema_gives_valid_json(default_model_path: Path, tmp_path: Pa
     )
     assert result.exit_code == 0, result.output
     jsonschema.validate(json.loads(json.loads(result.output)["text"]), schema)
+    args = ["run", "--verbose", "--schema", str(schema_file), "--max-tokens", "60", "A city?"]
+    verbose = invoke(*args)
+    assert verbose.exit_code == 0 and "grammar compile:" in verbose.output, verbose.output
+
+
+def test_run_with_a_schema_it_cannot_honour_says_where(
+    default_model_path: Path, tmp_path: Path
+) -> None:
+    schema_file = tmp_path / "schema.json"
+    schema_file.write_text(json.dumps({"type": "array", "uniqueItems": True}))
+    result = CliRunner().invoke(main, ["run", "--local", "--schema", str(schema_file), "hi"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "at uniqueItems: the keyword 'uniqueItems' is not supported" in result.output
 
 
 def test_run_named_model_and_raw_prompt(default_model_path: Path) -> None:
