@@ -9,6 +9,7 @@ from pcrt.runtime.engine.engine import Engine
 from pcrt.runtime.engine.handoff import RequestHandle
 from pcrt.runtime.engine.protocol import EngineClient
 from pcrt.runtime.engine.requests import (
+    Candidate,
     CheckpointEvent,
     Choice,
     Completion,
@@ -17,9 +18,11 @@ from pcrt.runtime.engine.requests import (
     GenerateRequest,
     SlotInfo,
     TokenEvent,
+    TokenLogprob,
 )
 
 __all__ = [
+    "Candidate",
     "CheckpointEvent",
     "Choice",
     "Completion",
@@ -32,4 +35,5 @@ __all__ = [
     "RequestHandle",
     "SlotInfo",
     "TokenEvent",
+    "TokenLogprob",
 ]

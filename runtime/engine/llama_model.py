@@ -103,6 +103,7 @@ class LlamaModel:
         self.bos_id = int(llama_cpp.llama_vocab_bos(self.vocab))
         self.eos_id = int(llama_cpp.llama_vocab_eos(self.vocab))
         self._pieces: dict[int, bytes] = {}
+        self._special_pieces: dict[int, bytes] = {}  # logprobs show special tokens too
         self._is_eog: dict[int, bool] = {}
         self.token_bound = self._token_bound()
 
@@ -171,6 +172,13 @@ class LlamaModel:
         cached = self._pieces.get(token)
         if cached is None:
             cached = self._pieces[token] = self._piece(token, special=False)
+        return cached
+
+    def token_bytes(self, token: int) -> bytes:
+        """A token's bytes as logprobs show them: a special token by its text."""
+        cached = self._special_pieces.get(token)
+        if cached is None:
+            cached = self._special_pieces[token] = self._piece(token, special=True)
         return cached
 
     def detokenize(self, tokens: list[int]) -> str:

@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 from typing import Literal, TypeAlias
 
 from pcrt.runtime.engine.chat import ChatMessage
-from pcrt.runtime.engine.sampling import SamplingParams
+from pcrt.runtime.engine.sampling import Candidate, SamplingParams, TokenLogprob
 from pcrt.runtime.engine.state import KVState
 
 __all__ = [
+    "Candidate",
     "CheckpointEvent",
     "Choice",
     "Completion",
@@ -27,6 +28,7 @@ __all__ = [
     "GenerateRequest",
     "SlotInfo",
     "TokenEvent",
+    "TokenLogprob",
 ]
 
 FinishReason: TypeAlias = Literal["stop", "length", "cancelled"]
@@ -59,6 +61,7 @@ class TokenEvent:
     index: int  # fork branch
     text: str  # may be "" while text is held back (partial UTF-8 or a possible stop)
     token: int
+    logprob: TokenLogprob | None = None  # when the request asked (``SamplingParams.logprobs``)
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,7 @@ class Choice:
     tokens: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None
     state: KVState | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token, when asked
 
 
 @dataclass

@@ -19,7 +19,8 @@ from __future__ import annotations
 import ctypes
 import math
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Self
 
@@ -32,7 +33,16 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pcrt.runtime.engine.constraints import Constraint, constraint_of
 from pcrt.runtime.errors import InvalidRequest, PcrtError, StateError
 
-__all__ = ["Guide", "Sampler", "SamplingParams", "resolve_seed"]
+__all__ = [
+    "Candidate",
+    "Guide",
+    "Sampler",
+    "SamplingParams",
+    "TokenLogprob",
+    "logits_row",
+    "resolve_seed",
+    "token_logprob",
+]
 
 # llama.cpp's llama_token_data, so a numpy array can be handed to llama_sampler_apply
 _TOKEN_DATA = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])
@@ -57,6 +67,9 @@ class SamplingParams(BaseModel):
     logit_bias: dict[int, float] = {}
     json_schema: dict[str, Any] | None = None
     grammar: str | None = None
+    # report each generated token's log probability and this many likeliest tokens in
+    # its place (0-20, as OpenAI allows); None: not at all (it costs ~0.1 ms a token)
+    logprobs: int | None = Field(default=None, ge=0, le=20)
 
     @model_validator(mode="after")
     def _one_constraint(self) -> SamplingParams:
@@ -85,6 +98,59 @@ class SamplingParams(BaseModel):
         bounds), or None; compiled by the engine's ``GrammarCompiler``. Worked out once
         (``prepare``'s thread), not again on the scheduler's."""
         return constraint_of(self.json_schema, self.grammar)
+
+
+# what OpenAI writes for a token no sampler could pick; JSON has no -Infinity
+LOWEST_LOGPROB = -9999.0
+
+
+@dataclass(frozen=True)
+class Candidate:
+    token: int
+    piece: bytes  # as logprobs show it: a special token by its text
+    logprob: float
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log probability under the model (the log-softmax of its raw
+    logits, before any sampler or grammar) and the likeliest tokens in its place."""
+
+    chosen: Candidate
+    top: tuple[Candidate, ...] = ()
+
+
+def logits_row(ctx: Any, batch_index: int, n_vocab: int) -> np.ndarray:
+    """The logits llama.cpp computed at ``batch_index``: a view, no copy; valid until the
+    next decode."""
+    return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, batch_index), (n_vocab,))
+
+
+def token_logprob(
+    logits: np.ndarray, token: int, top: int, piece: Callable[[int], bytes]
+) -> TokenLogprob:
+    """``token``'s log probability in ``logits`` and the ``top`` likeliest alternatives."""
+    peak = float(logits.max())
+    log_total = peak + math.log(float(np.exp(logits - peak).sum()))
+
+    def candidate(t: int) -> Candidate:
+        return Candidate(t, piece(t), max(float(logits[t]) - log_total, LOWEST_LOGPROB))
+
+    best = tuple(candidate(int(t)) for t in _likeliest(logits, peak, top)) if top else ()
+    return TokenLogprob(candidate(token), best)
+
+
+def _likeliest(logits: np.ndarray, peak: float, k: int) -> np.ndarray:
+    """The ``k`` highest logits' ids, highest first. A partition of the whole row costs
+    0.35 ms; the few tokens near the peak, found first, cost 0.04 ms."""
+    for margin in (4.0, 8.0, 16.0):
+        near = np.flatnonzero(logits >= peak - margin)
+        if len(near) >= k:
+            break
+    else:
+        near = np.arange(len(logits))
+    ids = near[np.argpartition(logits[near], -k)[-k:]]
+    return ids[np.argsort(-logits[ids], kind="stable")]
 
 
 class Guide:
@@ -246,9 +312,7 @@ class Sampler:
         """Pick the next token from the logits at ``batch_index`` and accept it."""
         if self.guide is None:
             return int(llama_cpp.llama_sampler_sample(self._chain, ctx, batch_index))
-        row = llama_cpp.llama_get_logits_ith(ctx, batch_index)
-        logits = np.ctypeslib.as_array(row, shape=(self._n_vocab,))  # a view: no copy
-        token = self.guide.pick(self._chain, logits)
+        token = self.guide.pick(self._chain, logits_row(ctx, batch_index, self._n_vocab))
         llama_cpp.llama_sampler_accept(self._chain, token)
         self.guide.accept(token)
         return token

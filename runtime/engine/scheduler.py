@@ -78,7 +78,14 @@ from pcrt.runtime.engine.requests import (
     SlotInfo,
     TokenEvent,
 )
-from pcrt.runtime.engine.sampling import Guide, Sampler, SamplingParams, resolve_seed
+from pcrt.runtime.engine.sampling import (
+    Guide,
+    Sampler,
+    SamplingParams,
+    logits_row,
+    resolve_seed,
+    token_logprob,
+)
 from pcrt.runtime.engine.slots import Slot
 from pcrt.runtime.engine.state import KVState
 from pcrt.runtime.engine.textstream import TextStream
@@ -496,9 +503,14 @@ class Scheduler:
             self._finish(job, br, "stop")
             return
         br.choice.tokens.append(token)
+        logprob = None
+        if job.params.logprobs is not None:
+            logits = logits_row(self._ctx, batch_index, self.model.n_vocab)
+            logprob = token_logprob(logits, token, job.params.logprobs, self.model.token_bytes)
+            br.choice.logprobs.append(logprob)
         text = br.stream.feed(self.model.piece(token))
         br.choice.text += text
-        job.outbox.append(TokenEvent(br.choice.index, text, token))
+        job.outbox.append(TokenEvent(br.choice.index, text, token, logprob))
         guide = br.sampler.guide
         if br.stream.stopped or (guide is not None and guide.ended):
             # a grammar with nothing left but the end: done now, not one decode later

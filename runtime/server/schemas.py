@@ -57,19 +57,12 @@ class GenerationFields(BaseModel):
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     user: str | None = None
-    logprobs: Any = None
     # pcrt and llama.cpp extras
     top_k: int | None = Field(default=None, ge=0)
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
     repeat_penalty: float | None = Field(default=None, gt=0.0)
     grammar: str | None = None
     keep_alive: str | float | None = None
-
-    @model_validator(mode="after")
-    def _refuse_unsupported(self) -> GenerationFields:
-        if self.logprobs not in (None, False, 0):
-            raise ValueError("logprobs are not supported by this server")
-        return self
 
     def keep_alive_seconds(self) -> float | None:
         if self.keep_alive is None:
@@ -84,12 +77,17 @@ class GenerationFields(BaseModel):
             return ()
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
+    def logprobs_asked(self) -> int | None:
+        """How many alternatives each token's logprob entry lists; None: no logprobs."""
+        return None
+
     def sampling(self, default_max_tokens: int, schema: dict[str, Any] | None) -> SamplingParams:
         values: dict[str, Any] = {
             "max_tokens": self.max_tokens if self.max_tokens is not None else default_max_tokens,
             "stop": self.stops(),
             "json_schema": schema,
             "grammar": self.grammar,
+            "logprobs": self.logprobs_asked(),
         }
         for name in (
             "temperature",
@@ -121,14 +119,21 @@ class ChatCompletionRequest(GenerationFields):
     response_format: ResponseFormat | None = None
     tools: list[Any] | None = None
     functions: list[Any] | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
 
     @model_validator(mode="after")
     def _chat_checks(self) -> ChatCompletionRequest:
         if self.tools or self.functions:
             raise ValueError("tools and function calling are not supported by this server")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
         if self.max_completion_tokens is not None:
             self.max_tokens = self.max_completion_tokens
         return self
+
+    def logprobs_asked(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def output_schema(self) -> dict[str, Any] | None:
         fmt = self.response_format
@@ -145,6 +150,8 @@ class CompletionRequest(GenerationFields):
     prompt: str | list[int] | list[str]
     echo: bool = False
     suffix: str | None = None
+    # the legacy API's: how many alternatives per token (0-5); the prompt's are not given
+    logprobs: int | None = Field(default=None, ge=0, le=5)
 
     @model_validator(mode="after")
     def _completion_checks(self) -> CompletionRequest:
@@ -156,6 +163,9 @@ class CompletionRequest(GenerationFields):
         if texts and len(self.prompt) != 1:
             raise ValueError("send one prompt per request (use n for several completions)")
         return self
+
+    def logprobs_asked(self) -> int | None:
+        return self.logprobs
 
     def prompt_value(self) -> str | list[int]:
         if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], str):

@@ -29,6 +29,7 @@ from pcrt.runtime.engine import (
     GenerateRequest,
     RequestHandle,
     TokenEvent,
+    TokenLogprob,
 )
 from pcrt.runtime.errors import ConstraintInvalid, ContextLengthExceeded, PcrtError
 from pcrt.runtime.server.forwarding import forward_if_routed, route_headers
@@ -41,6 +42,7 @@ from pcrt.runtime.server.schemas import (
     GenerationFields,
 )
 from pcrt.runtime.server.services import Accounting, Services, agent_of
+from pcrt.runtime.server.serving.logprobs import chat_logprobs, completion_logprobs
 from pcrt.runtime.server.serving.watch import left_before
 from pcrt.runtime.sse import encode
 from pcrt.runtime.threads import to_thread_to_completion
@@ -100,10 +102,8 @@ class CompletionsServing:
         acct.finished(result or generation.handle.result, status)
         if result is None:  # the client went away; nobody reads this
             return client_left()
-        name = generation.model.name
-        if fell_back:
-            return JSONResponse(_response(result, name, chat), headers=fell_back)
-        return _response(result, name, chat)
+        answer = _response(result, generation.model.name, chat, body.logprobs_asked() is not None)
+        return JSONResponse(answer, headers=fell_back) if fell_back else answer
 
 
 class Generation:
@@ -207,14 +207,14 @@ def _finish_reason(reason: str | None) -> str:
     return "length" if reason == "cancelled" else (reason or "stop")
 
 
-def _response(result: Completion, model: str, chat: bool) -> dict[str, Any]:
+def _response(result: Completion, model: str, chat: bool, logprobs: bool) -> dict[str, Any]:
     created = int(time.time())
     if chat:
         choices: list[dict[str, Any]] = [
             {
                 "index": c.index,
                 "message": {"role": "assistant", "content": c.text},
-                "logprobs": None,
+                "logprobs": chat_logprobs(c.logprobs) if logprobs else None,
                 "finish_reason": _finish_reason(c.finish_reason),
             }
             for c in result.choices
@@ -225,7 +225,7 @@ def _response(result: Completion, model: str, chat: bool) -> dict[str, Any]:
             {
                 "index": c.index,
                 "text": c.text,
-                "logprobs": None,
+                "logprobs": completion_logprobs(c.logprobs) if logprobs else None,
                 "finish_reason": _finish_reason(c.finish_reason),
             }
             for c in result.choices
@@ -268,15 +268,37 @@ async def _stream(
         # sse.encode's framing, written out: this runs once per token
         return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
-    def choice(index: int, text: str | None, finish: str | None, role: bool = False) -> dict:
+    def choice(
+        index: int,
+        text: str | None,
+        finish: str | None,
+        role: bool = False,
+        logprobs: dict[str, Any] | None = None,
+    ) -> dict:
         if chat:
             delta: dict[str, Any] = {}
             if role:
                 delta = {"role": "assistant", "content": ""}
             elif text is not None:
                 delta = {"content": text}
-            return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
-        return {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
+            return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+        return {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
+
+    # each token's logprob rides with the chunk that carries its text, or a later one when
+    # its text is held back (a possible stop string, part of a character)
+    wants_logprobs = body.logprobs_asked() is not None
+    held: dict[int, list[TokenLogprob]] = {i: [] for i in range(body.n)}
+    offsets = dict.fromkeys(range(body.n), 0)  # legacy text_offset: where the next starts
+
+    def logprobs_of(index: int) -> dict[str, Any] | None:
+        if not wants_logprobs:
+            return None
+        entries, held[index] = held[index], []
+        if chat:
+            return chat_logprobs(entries)
+        shape = completion_logprobs(entries, offsets[index])
+        offsets[index] += sum(len(t) for t in shape["tokens"])
+        return shape
 
     async with generation:
         status = CLIENT_CLOSED_REQUEST  # until the stream ends normally, the client left
@@ -287,11 +309,16 @@ async def _stream(
             try:
                 async for event in handle:
                     if isinstance(event, TokenEvent):
+                        if event.logprob is not None:
+                            held[event.index].append(event.logprob)
                         if event.text:
-                            yield chunk([choice(event.index, event.text, None)])
+                            chosen = logprobs_of(event.index)
+                            yield chunk([choice(event.index, event.text, None, logprobs=chosen)])
                     elif isinstance(event, FinishEvent):
                         reason = _finish_reason(event.finish_reason)
-                        yield chunk([choice(event.index, None if chat else "", reason)])
+                        rest = logprobs_of(event.index) if held[event.index] else None
+                        last = choice(event.index, None if chat else "", reason, logprobs=rest)
+                        yield chunk([last])
             except PcrtError as exc:  # the engine failed mid-stream: say so in the stream
                 status, payload, _ = status_and_body(exc)
                 acct.failed(exc)
