@@ -147,7 +147,8 @@ class ChatTemplateMissing(PcrtError):
 
 
 class InvalidRequest(PcrtError):
-    pass
+    # the request field at fault, when the code that refuses it knows (OpenAI's "param")
+    param: str | None = None
 
 
 class ConstraintInvalid(InvalidRequest):
@@ -166,9 +167,9 @@ class ConstraintInvalid(InvalidRequest):
 
 
 class ContextLengthExceeded(InvalidRequest):
-    # the request field that holds the text ("messages", "prompt", "input"): the engine
-    # cannot know it, the HTTP route that catches this sets it for the OpenAI error's param
-    param: str | None = None
+    # ``param``: the request field that holds the text ("messages", "prompt", "input"):
+    # the engine cannot know it, the HTTP route that catches this sets it
+    pass
 
 
 class BodyTooLarge(InvalidRequest):

@@ -119,7 +119,9 @@ def status_and_body(exc: PcrtError) -> tuple[int, dict[str, Any], dict[str, str]
     if isinstance(exc, ConstraintInvalid):
         code = "invalid_schema" if exc.source == "json_schema" else "invalid_grammar"
         return 400, error_body(msg, "invalid_request_error", exc.param, code), headers
-    if isinstance(exc, InvalidRequest | ChatTemplateMissing):
+    if isinstance(exc, InvalidRequest):
+        return 400, error_body(msg, "invalid_request_error", exc.param, None), headers
+    if isinstance(exc, ChatTemplateMissing):
         return 400, error_body(msg, "invalid_request_error", None, None), headers
     if isinstance(exc, Conflict):
         return 409, error_body(msg, "invalid_request_error", None, "conflict"), headers

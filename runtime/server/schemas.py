@@ -1,8 +1,8 @@
 """Wire types of the OpenAI-compatible API (the subset pcrt serves, plus a few extras).
 
 Unknown fields are ignored, as OpenAI-compatible servers do, so any SDK version works;
-fields whose meaning pcrt cannot honour (tools, logprobs) are refused with a clear 400
-rather than silently dropped.
+fields whose meaning pcrt cannot honour (the legacy ``functions``, ``echo``) are refused
+with a clear 400 rather than silently dropped.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from pcrt.runtime.server.settings import parse_duration
 
 __all__ = [
     "ChatCompletionRequest",
+    "NamedToolChoice",
+    "ToolDefinition",
     "CompletionRequest",
     "EmbeddingRequest",
     "GenerationFields",
@@ -37,6 +39,27 @@ class JsonSchemaFormat(BaseModel):
 class ResponseFormat(BaseModel):
     type: Literal["text", "json_object", "json_schema"] = "text"
     json_schema: JsonSchemaFormat | None = None
+
+
+class ToolFunction(BaseModel):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for the name
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolDefinition(BaseModel):
+    type: Literal["function"]
+    function: ToolFunction
+
+
+class NamedFunction(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class GenerationFields(BaseModel):
@@ -117,15 +140,17 @@ class ChatCompletionRequest(GenerationFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=0)
     response_format: ResponseFormat | None = None
-    tools: list[Any] | None = None
+    tools: list[ToolDefinition] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
     functions: list[Any] | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
 
     @model_validator(mode="after")
     def _chat_checks(self) -> ChatCompletionRequest:
-        if self.tools or self.functions:
-            raise ValueError("tools and function calling are not supported by this server")
+        if self.functions:
+            raise ValueError("the legacy 'functions' field is not supported: send 'tools'")
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
         if self.max_completion_tokens is not None:

@@ -31,7 +31,7 @@ from pcrt.runtime.engine import (
     TokenEvent,
     TokenLogprob,
 )
-from pcrt.runtime.errors import ConstraintInvalid, ContextLengthExceeded, PcrtError
+from pcrt.runtime.errors import ConstraintInvalid, ContextLengthExceeded, InvalidRequest, PcrtError
 from pcrt.runtime.server.forwarding import forward_if_routed, route_headers
 from pcrt.runtime.server.http_errors import CLIENT_CLOSED_REQUEST, client_left, status_and_body
 from pcrt.runtime.server.owned_stream import OwnedStream
@@ -43,6 +43,7 @@ from pcrt.runtime.server.schemas import (
 )
 from pcrt.runtime.server.services import Accounting, Services, agent_of
 from pcrt.runtime.server.serving.logprobs import chat_logprobs, completion_logprobs
+from pcrt.runtime.server.serving.tool_calls import StreamedReply, ToolPlan, plan_tools
 from pcrt.runtime.server.serving.watch import left_before
 from pcrt.runtime.sse import encode
 from pcrt.runtime.threads import to_thread_to_completion
@@ -102,7 +103,8 @@ class CompletionsServing:
         acct.finished(result or generation.handle.result, status)
         if result is None:  # the client went away; nobody reads this
             return client_left()
-        answer = _response(result, generation.model.name, chat, body.logprobs_asked() is not None)
+        logprobs = body.logprobs_asked() is not None
+        answer = _response(result, generation.model.name, chat, logprobs, generation.tools)
         return JSONResponse(answer, headers=fell_back) if fell_back else answer
 
 
@@ -114,9 +116,16 @@ class Generation:
     for the whole answer. A stream that never started (its client left first) is
     ``abandon``ed by its response instead."""
 
-    def __init__(self, model: LoadedModel, handle: RequestHandle, lease: AsyncExitStack) -> None:
+    def __init__(
+        self,
+        model: LoadedModel,
+        handle: RequestHandle,
+        lease: AsyncExitStack,
+        tools: ToolPlan | None = None,
+    ) -> None:
         self.model = model
         self.handle = handle
+        self.tools = tools  # what the request's tools ask of the reply
         self._lease = lease
         self._closed = False
 
@@ -131,10 +140,12 @@ class Generation:
             )
             acct.model = model.name
             # once per request, never per token: the stream itself stays on the loop
-            request, tokens = await to_thread_to_completion(_prepare, model.engine, body, chat)
+            request, tokens, tools = await to_thread_to_completion(
+                _prepare, model.engine, body, chat
+            )
             acct.admit(len(tokens))  # after every check: a refused prompt costs no quota
             handle = model.engine.submit(request, prepared=tokens)
-            return cls(model, handle, lease.pop_all())
+            return cls(model, handle, lease.pop_all(), tools)
 
     async def __aenter__(self) -> Generation:
         return self
@@ -156,24 +167,42 @@ class Generation:
 
 def _prepare(
     engine: EngineClient, body: GenerationFields, chat: bool
-) -> tuple[GenerateRequest, list[int]]:
-    """The engine's request and its checked prompt tokens (in a worker thread: the
-    sampling's grammar, the template and the tokenizer all run here)."""
+) -> tuple[GenerateRequest, list[int], ToolPlan | None]:
+    """The engine's request, its checked prompt tokens and its tool plan (in a worker
+    thread: the sampling's grammar, the template and the tokenizer all run here)."""
+    tools = None
     try:
-        schema = body.output_schema() if isinstance(body, ChatCompletionRequest) else None
         default_max = engine.context_per_slot if chat else 16  # OpenAI's legacy default is 16
-        sampling = body.sampling(default_max, schema)
         if isinstance(body, ChatCompletionRequest):
-            request = GenerateRequest(messages=body.messages, sampling=sampling, n=body.n)
+            schema = body.output_schema()
+            tools = plan_tools(
+                body.tools, body.tool_choice, body.parallel_tool_calls, body.messages
+            )
+            if tools is not None and tools.forced:
+                if schema is not None:
+                    raise InvalidRequest(
+                        "tool_choice: a forced tool call and response_format cannot both "
+                        "shape the reply; send one of them"
+                    )
+                schema = tools.output_schema()
+            messages = tools.messages(body.messages) if tools else body.messages
+            sampling = body.sampling(default_max, schema)
+            request = GenerateRequest(messages=messages, sampling=sampling, n=body.n)
         else:
             assert isinstance(body, CompletionRequest)
+            sampling = body.sampling(default_max, None)
             request = GenerateRequest(prompt=body.prompt_value(), sampling=sampling, n=body.n)
-        return request, engine.prepare(request)
+        return request, engine.prepare(request), tools
     except ContextLengthExceeded as exc:
         exc.param = "messages" if chat else "prompt"  # the field that holds the text
         raise
     except ConstraintInvalid as exc:  # the field that holds the schema or grammar
-        field = "grammar" if exc.source == "grammar" else "response_format.json_schema.schema"
+        field = {
+            "grammar": "grammar",
+            "json_schema": "tools"
+            if tools and tools.forced
+            else "response_format.json_schema.schema",
+        }[exc.source]
         exc.param = ".".join(p for p in (field, exc.where) if p)
         raise
 
@@ -207,18 +236,28 @@ def _finish_reason(reason: str | None) -> str:
     return "length" if reason == "cancelled" else (reason or "stop")
 
 
-def _response(result: Completion, model: str, chat: bool, logprobs: bool) -> dict[str, Any]:
+def _response(
+    result: Completion, model: str, chat: bool, logprobs: bool, tools: ToolPlan | None = None
+) -> dict[str, Any]:
     created = int(time.time())
     if chat:
-        choices: list[dict[str, Any]] = [
-            {
-                "index": c.index,
-                "message": {"role": "assistant", "content": c.text},
-                "logprobs": chat_logprobs(c.logprobs) if logprobs else None,
-                "finish_reason": _finish_reason(c.finish_reason),
-            }
-            for c in result.choices
-        ]
+        choices: list[dict[str, Any]] = []
+        for c in result.choices:
+            message: dict[str, Any] = {"role": "assistant", "content": c.text}
+            finish = _finish_reason(c.finish_reason)
+            calls = tools.calls_in(c.text) if tools is not None and tools.offered else None
+            if calls:
+                message = {"role": "assistant", "content": None}
+                message["tool_calls"] = [call.wire() for call in calls]
+                finish = "tool_calls"
+            choices.append(
+                {
+                    "index": c.index,
+                    "message": message,
+                    "logprobs": chat_logprobs(c.logprobs) if logprobs else None,
+                    "finish_reason": finish,
+                }
+            )
         kind, prefix = "chat.completion", "chatcmpl-"
     else:
         choices = [
@@ -274,15 +313,21 @@ async def _stream(
         finish: str | None,
         role: bool = False,
         logprobs: dict[str, Any] | None = None,
+        delta: dict[str, Any] | None = None,
     ) -> dict:
         if chat:
-            delta: dict[str, Any] = {}
-            if role:
-                delta = {"role": "assistant", "content": ""}
-            elif text is not None:
-                delta = {"content": text}
+            if delta is None:
+                delta = {}
+                if role:
+                    delta = {"role": "assistant", "content": ""}
+                elif text is not None:
+                    delta = {"content": text}
             return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         return {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
+
+    # with tools offered, each choice's text is shaped into content or tool-call deltas
+    tools = generation.tools if generation.tools is not None and generation.tools.offered else None
+    replies = {i: StreamedReply(tools) for i in range(body.n)} if tools else {}
 
     # each token's logprob rides with the chunk that carries its text, or a later one when
     # its text is held back (a possible stop string, part of a character)
@@ -311,11 +356,18 @@ async def _stream(
                     if isinstance(event, TokenEvent):
                         if event.logprob is not None:
                             held[event.index].append(event.logprob)
-                        if event.text:
+                        if event.text and replies:
+                            for delta in replies[event.index].feed(event.text):
+                                yield chunk([choice(event.index, None, None, delta=delta)])
+                        elif event.text:
                             chosen = logprobs_of(event.index)
                             yield chunk([choice(event.index, event.text, None, logprobs=chosen)])
                     elif isinstance(event, FinishEvent):
                         reason = _finish_reason(event.finish_reason)
+                        if replies:
+                            deltas, reason = replies[event.index].finish(reason)
+                            for delta in deltas:
+                                yield chunk([choice(event.index, None, None, delta=delta)])
                         rest = logprobs_of(event.index) if held[event.index] else None
                         last = choice(event.index, None if chat else "", reason, logprobs=rest)
                         yield chunk([last])
