@@ -238,7 +238,15 @@ def _post(server: LiveServer, body: dict[str, Any]) -> httpx.Response:
                 ],
                 "tool_choice": "required",
             },
-            "tools",
+            "tools[0].function.parameters.properties.a.not",
+        ),
+        (
+            {
+                "tools": TOOLS,
+                "tool_choice": "required",
+                "response_format": {"type": "json_object"},
+            },
+            "tool_choice",
         ),
     ],
 )

@@ -180,10 +180,12 @@ def _prepare(
             )
             if tools is not None and tools.forced:
                 if schema is not None:
-                    raise InvalidRequest(
+                    refused = InvalidRequest(
                         "tool_choice: a forced tool call and response_format cannot both "
                         "shape the reply; send one of them"
                     )
+                    refused.param = "tool_choice"
+                    raise refused
                 schema = tools.output_schema()
             messages = tools.messages(body.messages) if tools else body.messages
             sampling = body.sampling(default_max, schema)
@@ -197,13 +199,12 @@ def _prepare(
         exc.param = "messages" if chat else "prompt"  # the field that holds the text
         raise
     except ConstraintInvalid as exc:  # the field that holds the schema or grammar
-        field = {
-            "grammar": "grammar",
-            "json_schema": "tools"
-            if tools and tools.forced
-            else "response_format.json_schema.schema",
-        }[exc.source]
-        exc.param = ".".join(p for p in (field, exc.where) if p)
+        if exc.source == "grammar":
+            exc.param = ".".join(p for p in ("grammar", exc.where) if p)
+        elif tools is not None and tools.forced:
+            exc.param = tools.param_of(exc.where)
+        else:
+            exc.param = ".".join(p for p in ("response_format.json_schema.schema", exc.where) if p)
         raise
 
 

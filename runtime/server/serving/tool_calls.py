@@ -72,7 +72,7 @@ class ToolPlan:
 
     def output_schema(self) -> dict[str, Any]:
         """The schema of a reply that calls tools: each call one of the allowed tools."""
-        allowed = [t for t in self.tools if self.choice in ("auto", "required", t.function.name)]
+        allowed = [t for t in self.tools if self._allows(t)]
         variants = [_call_schema(t) for t in allowed]
         one = not self.parallel or self.choice not in ("auto", "required")
         calls: dict[str, Any] = {
@@ -89,6 +89,22 @@ class ToolPlan:
             "required": ["tool_calls"],
             "additionalProperties": False,
         }
+
+    def param_of(self, where: str) -> str:
+        """The request field behind a place in ``output_schema()`` (a 400 names it):
+        ``tools[i].function.parameters...`` for a place inside a tool's arguments."""
+        allowed = [i for i, t in enumerate(self.tools) if self._allows(t)]
+        found = re.match(
+            r"properties\.tool_calls\.items(?:\.anyOf\.(\d+))?\.properties\.arguments\.?(.*)",
+            where,
+        )
+        if found is None:
+            return "tools"
+        tool = allowed[int(found.group(1) or 0)]
+        return ".".join(p for p in (f"tools[{tool}].function.parameters", found.group(2)) if p)
+
+    def _allows(self, tool: ToolDefinition) -> bool:
+        return self.choice in ("auto", "required", tool.function.name)
 
     def messages(self, messages: Sequence[ChatMessage]) -> list[ChatMessage]:
         """The conversation as the model reads it: the tools described, calls as JSON."""
