@@ -69,6 +69,15 @@ def start(cmd: list[str], url: str) -> subprocess.Popen[bytes]:
     raise RuntimeError(f"{' '.join(cmd)} did not start")
 
 
+def start_daemon(threads: int, parallel: int, *extra: str) -> tuple[subprocess.Popen[bytes], str]:
+    """``pcrt serve`` on a free loopback port (context 2048, quiet): its process and URL."""
+    pcrt = str(Path(sys.executable).with_name("pcrt"))
+    url = f"http://127.0.0.1:{(port := free_port())}"
+    cmd = [pcrt, "serve", "--port", str(port), "--threads", str(threads)]
+    cmd += ["--parallel", str(parallel), "--ctx", "2048", "--log-level", "warning", *extra]
+    return start(cmd, url), url
+
+
 def stop(proc: subprocess.Popen[bytes]) -> None:
     proc.terminate()
     try:

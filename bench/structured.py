@@ -22,7 +22,6 @@ import asyncio
 import contextlib
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,7 @@ import llama_cpp
 from llama_cpp.llama_grammar import LlamaGrammar, json_schema_to_gbnf
 
 from bench.common import run_benchmark
-from bench.http import free_port, session, start, stop
+from bench.http import session, start_daemon, stop
 from pcrt.runtime.engine import Engine, GenerateRequest
 from pcrt.runtime.engine.chat import ChatMessage
 from pcrt.runtime.engine.constraints import constraint_of
@@ -181,14 +180,7 @@ async def four_streams(url: str, model: str, constrained: bool) -> float:
 
 
 async def over_http(model: str, threads: int, pairs: int) -> dict[str, Any]:
-    pcrt = str(Path(sys.executable).with_name("pcrt"))
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    daemon = start(
-        [pcrt, "serve", "--port", str(port), "--threads", str(threads), "--parallel", "4"]
-        + ["--ctx", "2048", "--log-level", "warning"],
-        url,
-    )
+    daemon, url = start_daemon(threads, 4)
     try:
         await four_streams(url, model, True)
         free, constrained = [], []

@@ -16,13 +16,11 @@ loop driven by a client) waits for the agent node itself.
 from __future__ import annotations
 
 import statistics
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
 from bench.common import run_benchmark
-from bench.http import free_port, session, start, stop
+from bench.http import session, start_daemon, stop
 from pcrt.runtime.engine.chat import ChatMessage
 from pcrt.runtime.models.registry import Registry
 from pcrt.runtime.server.schemas import ToolDefinition
@@ -80,14 +78,7 @@ async def timed(url: str, model: str, body: dict[str, Any]) -> tuple[float, int,
 async def run(threads: int, repeats: int) -> dict[str, Any]:
     registry = Registry.load()
     model = registry.resolve(None).name
-    pcrt = str(Path(sys.executable).with_name("pcrt"))
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    daemon = start(
-        [pcrt, "serve", "--port", str(port), "--threads", str(threads), "--parallel", "1"]
-        + ["--ctx", "2048", "--log-level", "warning"],
-        url,
-    )
+    daemon, url = start_daemon(threads, 1)
     forced = {"messages": [{"role": "user", "content": PROMPT}], "tools": TOOLS}
     forced["tool_choice"] = "required"
     try:
