@@ -5,7 +5,11 @@
 1. in-process: one request decoding TOKENS tokens of a nested JSON schema (``$ref``,
    ``enum``, ``format``, ``pattern``, number bounds, arrays) against one decoding TOKENS
    free tokens, same prompt, greedy, the end-of-generation tokens banned so both run the
-   full length; pairs back to back, the ratio is the median pair's. Goal >= 0.97.
+   full length; pairs back to back, the ratio is the median pair's. Goal >= 0.97. Two
+   rates per run: over the whole run, and from the median time between two tokens (the
+   VM's bursts move whole 2-second runs by 5-10%; the median step shrugs them off).
+   And the cost itself: ``Sampler.sample`` timed per token, free and constrained, and the
+   ratio that difference alone implies at the free step time.
 2. the old path as the reference, in the same run: llama-cpp-python's ``Llama`` with
    llama.cpp's GBNF sampler (``LlamaGrammar.from_json_schema``: what pcrt ran before),
    constrained against free, same prompt and length.
@@ -32,11 +36,11 @@ from llama_cpp.llama_grammar import LlamaGrammar, json_schema_to_gbnf
 
 from bench.common import run_benchmark
 from bench.http import session, start_daemon, stop
-from pcrt.runtime.engine import Engine, GenerateRequest
+from pcrt.runtime.engine import Engine, GenerateRequest, TokenEvent
 from pcrt.runtime.engine.chat import ChatMessage
 from pcrt.runtime.engine.constraints import constraint_of
 from pcrt.runtime.engine.grammar_compiler import GrammarCompiler
-from pcrt.runtime.engine.sampling import SamplingParams
+from pcrt.runtime.engine.sampling import Sampler, SamplingParams
 from pcrt.runtime.models.loader import open_engine
 from pcrt.runtime.models.pull import ensure_pulled
 from pcrt.runtime.models.registry import Registry
@@ -80,7 +84,9 @@ SCHEMA = {
 # -- 1. in-process ---------------------------------------------------------------------
 
 
-async def engine_rate(engine: Engine, constrained: bool) -> float:
+async def engine_rate(engine: Engine, constrained: bool) -> tuple[float, float]:
+    """Decode tokens/s of one run: over the whole run, and 1 / the median time between
+    two tokens (robust to the VM's bursts, which move whole runs by 5-10%)."""
     sampling = SamplingParams(
         temperature=0,
         max_tokens=TOKENS,
@@ -88,23 +94,75 @@ async def engine_rate(engine: Engine, constrained: bool) -> float:
         json_schema=SCHEMA if constrained else None,
     )
     messages = [ChatMessage(role="user", content=PROMPT)]
-    result = await engine.generate(GenerateRequest(messages=messages, sampling=sampling))
-    assert result.completion_tokens == TOKENS, result.completion_tokens
-    return result.decode_tokens_per_second
+    stamps = []
+    handle = engine.submit(GenerateRequest(messages=messages, sampling=sampling))
+    async for event in handle:
+        if isinstance(event, TokenEvent) and event.token >= 0:
+            stamps.append(time.perf_counter())
+    result = handle.result
+    assert result is not None and result.completion_tokens == TOKENS, result
+    step = statistics.median(b - a for a, b in zip(stamps, stamps[1:], strict=False))
+    return result.decode_tokens_per_second, 1 / step
+
+
+class SampleTimer:
+    """Times ``Sampler.sample`` (the pick of each token, constrained or not) on the
+    scheduler thread: the cost a constraint adds, in µs per token, free of the VM's
+    noise on whole runs."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+        self._real = Sampler.sample
+
+    def __enter__(self) -> SampleTimer:
+        real, seconds = self._real, self.seconds
+
+        def timed(sampler: Sampler, ctx: Any, batch_index: int) -> int:
+            started = time.perf_counter()
+            token = real(sampler, ctx, batch_index)
+            seconds.append(time.perf_counter() - started)
+            return token
+
+        Sampler.sample = timed  # type: ignore[method-assign,assignment]
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        Sampler.sample = self._real  # type: ignore[method-assign]
+
+    def take(self) -> list[float]:
+        taken, self.seconds[:] = list(self.seconds), []
+        return taken
 
 
 async def in_process(registry: Registry, threads: int, pairs: int) -> dict[str, Any]:
     engine = open_engine(registry, None, parallel=4, context=2048, n_threads=threads)
+    picks: dict[bool, list[float]] = {False: [], True: []}
     try:
         await engine_rate(engine, True)  # warm: the prompt cached, the grammar compiled
         await engine_rate(engine, False)
         free, constrained = [], []
-        for _ in range(pairs):
-            free.append(await engine_rate(engine, False))
-            constrained.append(await engine_rate(engine, True))
+        with SampleTimer() as timer:
+            for _ in range(pairs):
+                free.append(await engine_rate(engine, False))
+                picks[False] += timer.take()
+                constrained.append(await engine_rate(engine, True))
+                picks[True] += timer.take()
     finally:
         engine.close()
-    return _pairs(free, constrained, "ratio >= 0.97")
+    result = _pairs([f for f, _ in free], [c for c, _ in constrained], "ratio >= 0.97")
+    steps = _pairs([f for _, f in free], [c for _, c in constrained], "ratio >= 0.97")
+    result["median_step"] = steps
+    # what a token's pick costs, and the ratio that cost alone implies at the free step
+    free_us = 1e6 * statistics.mean(picks[False])
+    schema_us = 1e6 * statistics.mean(picks[True])
+    step_us = 1e6 / steps["free_tok_s"]
+    result["pick_us"] = {
+        "free": free_us,
+        "schema": schema_us,
+        "schema_p99": 1e6 * sorted(picks[True])[int(0.99 * len(picks[True]))],
+        "implied_ratio": step_us / (step_us + schema_us - free_us),
+    }
+    return result
 
 
 # -- 2. the old path: llama.cpp's GBNF sampler -------------------------------------------
@@ -262,12 +320,25 @@ async def run(threads: int, repeats: int) -> dict[str, Any]:
 
 def rows(r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     i, g, h, c = r["in_process"], r["gbnf_reference"], r["http_four_streams"], r["compile"]
+    p = i["pick_us"]
     return [
         (
             f"in-process, {r['tokens']} tokens",
             f"{i['constrained_tok_s']:.1f} tok/s (schema)",
             f"{i['free_tok_s']:.1f} tok/s (free)",
             f"{i['ratio']:.3f} (>= 0.97)",
+        ),
+        (
+            "in-process, median step",
+            f"{i['median_step']['constrained_tok_s']:.1f} tok/s (schema)",
+            f"{i['median_step']['free_tok_s']:.1f} tok/s (free)",
+            f"{i['median_step']['ratio']:.3f} (>= 0.97)",
+        ),
+        (
+            "in-process, pick per token",
+            f"{p['schema']:.0f} us (schema; p99 {p['schema_p99']:.0f})",
+            f"{p['free']:.0f} us (free)",
+            f"{p['implied_ratio']:.3f} (implied)",
         ),
         (
             "llama.cpp GBNF (old path)",

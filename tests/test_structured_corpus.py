@@ -182,10 +182,10 @@ async def test_a_matcher_that_fails_mid_output_fails_its_request_alone(
         real_init(self, *args)
         made.append(self)
 
-    def pick(self: Guide, chain: Any, logits: Any) -> int:
+    def pick(self: Guide, chain: Any, logits: Any, first: int | None = None) -> int:
         if self is made[0] and len(made) > 1:
             self.matcher.consume_token(stray)  # JSON cannot start so: the matcher fails
-        return real_pick(self, chain, logits)
+        return real_pick(self, chain, logits, first)
 
     monkeypatch.setattr(Guide, "__init__", init)
     monkeypatch.setattr(Guide, "pick", pick)
@@ -203,3 +203,24 @@ async def test_a_matcher_that_fails_mid_output_fails_its_request_alone(
     monkeypatch.undo()
     person = next(c for c in CORPUS if c.name == "person")
     assert _problems(person, *await _answer(engine, person)) == []  # the engine runs on
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"temperature": 0.8, "seed": 5},  # llama.cpp's pick first, then the check
+        {"temperature": 0.8, "seed": 5, "repeat_penalty": 1.3, "presence_penalty": 0.5},
+    ],
+)
+async def test_sampled_answers_validate_with_and_without_penalties(
+    engine: Engine, extra: dict[str, Any]
+) -> None:
+    """Penalties count what the chain accepts, so with them the check comes before the
+    accept (a refused token must not be counted); without them llama.cpp picks first."""
+    for case in CORPUS:
+        if case.name in SAMPLE[:4]:
+            sampling = SamplingParams(max_tokens=MAX_TOKENS, json_schema=case.schema, **extra)
+            messages = [ChatMessage(role="user", content=f"{case.prompt} Answer in JSON.")]
+            result = await engine.generate(GenerateRequest(messages=messages, sampling=sampling))
+            finish = str(result.choices[0].finish_reason)
+            assert _problems(case, result.text, finish) == [], case.name
