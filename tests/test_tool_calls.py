@@ -16,6 +16,7 @@ import openai
 import pydantic
 import pytest
 
+from pcrt.runtime.engine.chat import ChatMessage
 from pcrt.runtime.server.schemas import ToolDefinition
 from pcrt.runtime.server.serving.tool_calls import CallScanner, StreamedReply, ToolPlan
 from pcrt.runtime.server.settings import ServerSettings
@@ -291,3 +292,28 @@ def test_auto_holds_back_what_starts_like_a_call_and_streams_the_rest() -> None:
     assert reason == "tool_calls"
     assert deltas[0]["tool_calls"][0]["function"] == {"name": "ping", "arguments": ""}
     assert deltas[1]["tool_calls"][0]["function"] == {"arguments": "{}"}
+
+
+def test_history_is_written_as_the_model_writes_calls() -> None:
+    """Earlier calls become the call JSON, after any text the assistant wrote with them;
+    the tools' block joins the system message; tool results keep their role."""
+    function = {"name": "get_time", "arguments": '{"city": "Oslo"}'}
+    call = {"id": "call_1", "type": "function", "function": function}
+    history = [
+        ChatMessage.model_validate(m)  # extras (tool_calls, tool_call_id) as the API has them
+        for m in (
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Time in Oslo?"},
+            {"role": "assistant", "content": "Let me look.", "tool_calls": [call]},
+            {"role": "tool", "content": "12:00", "tool_call_id": "call_1"},
+        )
+    ]
+    written = _plan("auto").messages(history)
+    assert written[0].role == "system" and written[0].text().startswith("Be brief.\n\n")
+    assert "get_weather" in written[0].text() and len(written) == 4
+    assert written[2].text() == (
+        'Let me look.\n{"tool_calls": [{"name": "get_time", "arguments": {"city": "Oslo"}}]}'
+    )
+    assert written[3] == history[3]
+    assert [m.role for m in _plan("none").messages(history)] == [m.role for m in history]
+    assert "get_weather" not in _plan("none").messages(history)[0].text()

@@ -342,7 +342,8 @@ def _tools_block(tools: Sequence[ToolDefinition], choice: str) -> str:
 
 
 def _written(message: ChatMessage) -> ChatMessage:
-    """An assistant's earlier calls as the JSON the model writes; others as they are."""
+    """An assistant's earlier calls as the JSON the model writes, after any text it wrote
+    with them (another model's history may have both); other messages as they are."""
     calls = (message.model_extra or {}).get("tool_calls")
     if message.role != "assistant" or not calls:
         return message
@@ -354,7 +355,8 @@ def _written(message: ChatMessage) -> ChatMessage:
         for c in calls
     ]
     content = json.dumps({"tool_calls": written}, ensure_ascii=False)
-    return ChatMessage(role="assistant", content=content)
+    text = message.text()
+    return ChatMessage(role="assistant", content=f"{text}\n{content}" if text else content)
 
 
 def _check_history(messages: Sequence[ChatMessage]) -> None:
