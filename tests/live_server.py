@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import uvicorn
@@ -20,6 +20,9 @@ from pcrt.runtime.server.app import create_app
 from pcrt.runtime.server.services import Services
 from pcrt.runtime.server.settings import ServerSettings
 from tests.homes import isolated_paths
+
+if TYPE_CHECKING:  # the benches import this module without the dev extra's SDK
+    import openai
 
 __all__ = ["LiveServer", "ServerFactory", "free_port"]
 
@@ -69,6 +72,21 @@ class LiveServer:
     ) -> None:
         self.server.should_exit = True
         self._thread.join(timeout=30)
+
+    def sdk(self) -> openai.OpenAI:
+        """The official OpenAI client on this daemon, with its key; no retries, so a test
+        sees every answer as it came."""
+        import openai
+
+        key = self.settings.api_key or "unused"
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0)
+
+    def http(self, timeout: float = 60) -> httpx.Client:
+        """An httpx client on this daemon, with its key (httpx's 5 s default flaked under
+        load: a ReadTimeout mid-stream)."""
+        key = self.settings.api_key
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
 
     @property
     def services(self) -> Services:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import httpx
 import numpy as np
 import openai
 import pytest
@@ -30,7 +29,7 @@ def server(default_model_path: Path, module_live_server: ServerFactory) -> LiveS
 
 @pytest.fixture
 def client(server: LiveServer) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
+    return server.sdk()
 
 
 def test_chat_logprobs_are_the_models_distribution(client: openai.OpenAI) -> None:
@@ -127,8 +126,7 @@ def test_logprobs_of_a_constrained_answer_and_of_a_fork(client: openai.OpenAI) -
 
 
 def test_bad_logprobs_requests_are_400s(server: LiveServer) -> None:
-    headers = {"Authorization": f"Bearer {KEY}"}
-    with httpx.Client(base_url=server.url, headers=headers, timeout=60) as h:
+    with server.http() as h:
         for extra, says in (
             ({"top_logprobs": 2}, "top_logprobs needs logprobs: true"),
             ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),

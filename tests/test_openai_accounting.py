@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 
-import httpx
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -51,11 +50,7 @@ def server(module_live_server: ServerFactory, clock: ManualClock) -> LiveServer:
 
 @pytest.fixture
 def client(server: LiveServer) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
-
-
-def http(server: LiveServer) -> httpx.Client:
-    return httpx.Client(base_url=server.url, timeout=60)
+    return server.sdk()
 
 
 def usage_rows(server: LiveServer, agent: str) -> list[dict]:
@@ -166,7 +161,7 @@ def test_tokens_per_minute_limit_is_429_with_retry_after(
 
 def test_metrics_parse_and_move(client: openai.OpenAI, server: LiveServer) -> None:
     def scrape() -> dict[str, float]:
-        with http(server) as h:
+        with server.http() as h:
             text = h.get("/metrics").text
         values: dict[str, float] = {}
         for family in text_string_to_metric_families(text):
@@ -197,7 +192,7 @@ def test_a_dag_run_counts_as_one_of_its_agents_requests(server: LiveServer) -> N
     Retry-After, and no run is recorded."""
     dag = {"dag": "/dynamic/limited", "nodes": {"ok": {"type": "assert", "that": "1 < 2"}}}
     headers = {"X-PC-Agent-ID": "dag-limited"}
-    with http(server) as h:
+    with server.http() as h:
         first = h.post("/v1/dags", json={"dag": dag}, headers=headers)
         assert first.status_code == 200 and first.json()["status"] == "succeeded"
         before = h.get("/v1/dags").json()["data"]

@@ -14,7 +14,6 @@ import json
 import time
 from pathlib import Path
 
-import httpx
 import jsonschema
 import openai
 import pytest
@@ -35,12 +34,7 @@ def server(default_model_path: Path, module_live_server: ServerFactory) -> LiveS
 
 @pytest.fixture
 def client(server: LiveServer) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
-
-
-def http(server: LiveServer) -> httpx.Client:
-    # httpx's default 5 s timeout flaked under load (a ReadTimeout mid-stream)
-    return httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+    return server.sdk()
 
 
 def test_chat_completion(client: openai.OpenAI) -> None:
@@ -141,7 +135,7 @@ def test_embeddings_and_models(client: openai.OpenAI) -> None:
 
 
 def _busy(server: LiveServer) -> int:
-    with http(server) as h:
+    with server.http() as h:
         return sum(m["busy_slots"] for m in h.get("/api/ps").json()["models"])
 
 
@@ -153,7 +147,7 @@ def test_disconnect_mid_stream_frees_the_slot(server: LiveServer, client: openai
         "stream": True,
         "logit_bias": NO_EOS,
     }
-    with http(server) as h, h.stream("POST", "/v1/chat/completions", json=body) as r:
+    with server.http() as h, h.stream("POST", "/v1/chat/completions", json=body) as r:
         lines = r.iter_lines()
         for _ in range(5):
             next(lines)
@@ -204,7 +198,7 @@ def test_grammars_that_would_crash_llama_cpp_are_refused(server: LiveServer) -> 
     )
     messages = [{"role": "user", "content": "hi"}]
     body = {"model": MODEL, "messages": messages, "max_tokens": 2}
-    with http(server) as h:
+    with server.http() as h:
         for grammar, why in (
             (nested, "nests groups 20000 deep"),
             (hidden, "nests groups 2500 deep"),

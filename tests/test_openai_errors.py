@@ -32,11 +32,7 @@ def server(module_live_server: ServerFactory) -> LiveServer:
 
 @pytest.fixture
 def client(server: LiveServer) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
-
-
-def http(server: LiveServer) -> httpx.Client:
-    return httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+    return server.sdk()
 
 
 def _error(exc: openai.APIStatusError) -> dict:
@@ -80,7 +76,7 @@ def test_invalid_fields_are_400(client: openai.OpenAI, server: LiveServer) -> No
             model=MODEL, messages=[{"role": "user", "content": "x"}], temperature=9
         )
     assert _error(info.value)["param"] == "temperature"
-    with http(server) as h:
+    with server.http() as h:
         bad = h.post(
             "/v1/chat/completions",
             content=b"{not json",

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import openai
 import pytest
 
@@ -36,11 +35,7 @@ def server(default_model_path: Path, module_live_server: ServerFactory) -> LiveS
 
 @pytest.fixture
 def client(server: LiveServer) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
-
-
-def http(server: LiveServer) -> httpx.Client:
-    return httpx.Client(base_url=server.url, timeout=60)
+    return server.sdk()
 
 
 def usage_rows(server: LiveServer, agent: str) -> list[dict[str, Any]]:
@@ -50,7 +45,7 @@ def usage_rows(server: LiveServer, agent: str) -> list[dict[str, Any]]:
 
 
 def busy(server: LiveServer) -> int:
-    with http(server) as h:
+    with server.http() as h:
         return sum(m["busy_slots"] for m in h.get("/api/ps").json()["models"])
 
 
@@ -92,7 +87,7 @@ def test_streamed_text_completion_has_openai_chunk_shape(
     body = {"model": MODEL, "prompt": "The capital of France is", "max_tokens": 6, "temperature": 0}
     plain = client.completions.create(**body)
     stream = {**body, "stream": True, "stream_options": {"include_usage": True}}
-    with http(server) as h, h.stream("POST", "/v1/completions", json=stream) as r:
+    with server.http() as h, h.stream("POST", "/v1/completions", json=stream) as r:
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/event-stream")
         lines = [line for line in r.iter_lines() if line]
@@ -157,7 +152,7 @@ def test_a_non_streamed_client_that_leaves_frees_its_slot(server: LiveServer) ->
     assert [r["status"] for r in rows] == [499]
     # what it generated before it left is accounted (and charged to its token budget)
     assert 0 < (rows[0]["completion_tokens"] or 0) < 900
-    with http(server) as h:
+    with server.http() as h:
         after = h.post("/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 3})
     assert after.status_code == 200
 
@@ -167,7 +162,7 @@ def test_node_info_reports_the_speed_its_answers_measured(server: LiveServer) ->
     policy a measured tokens/s: the median of its recent answers with the model."""
     node = server.services.node
     node.facts_ttl = 0.0  # read afresh
-    with http(server) as h:
+    with server.http() as h:
         for _ in range(3):
             answer = h.post(
                 "/v1/chat/completions",

@@ -45,12 +45,11 @@ def server(default_model_path: Path, module_live_server: ServerFactory) -> LiveS
 
 @pytest.fixture
 def client(server: LiveServer) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
+    return server.sdk()
 
 
 def _post(server: LiveServer, body: dict[str, Any]) -> httpx.Response:
-    headers = {"Authorization": f"Bearer {KEY}"}
-    with httpx.Client(base_url=server.url, headers=headers, timeout=120) as h:
+    with server.http(timeout=120) as h:
         return h.post("/v1/chat/completions", json={"model": MODEL, **body})
 
 
