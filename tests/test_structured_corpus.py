@@ -183,7 +183,7 @@ async def test_a_matcher_that_fails_mid_output_fails_its_request_alone(
         made.append(self)
 
     def pick(self: Guide, chain: Any, logits: Any, first: int | None = None) -> int:
-        if self is made[0] and len(made) > 1:
+        if self is made[0] and len(made) > 1 and self.matcher is not None:
             self.matcher.consume_token(stray)  # JSON cannot start so: the matcher fails
         return real_pick(self, chain, logits, first)
 

@@ -181,6 +181,21 @@ class LlamaModel:
             cached = self._special_pieces[token] = self._piece(token, special=True)
         return cached
 
+    def special_token(self, text: str) -> int | None:
+        """The token that ``text`` is, when it is one token a grammar must name as special
+        (llguidance's rule: a control token, or an added one written ``<...>``); else None.
+        Call formats use it: Qwen's ``<tool_call>`` is such a token, SmolLM2 has none."""
+        tokens = self.tokenize(text, add_special=False, parse_special=True)
+        if len(tokens) != 1:
+            return None
+        attr = llama_cpp.llama_vocab_get_attr(self.vocab, tokens[0])
+        spelled = text.startswith("<") and text.endswith(">")
+        if attr & llama_cpp.LLAMA_TOKEN_ATTR_CONTROL or (
+            attr & llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED and spelled
+        ):
+            return tokens[0]
+        return None
+
     def detokenize(self, tokens: list[int]) -> str:
         return b"".join(self.piece(t) for t in tokens).decode("utf-8", "replace")
 

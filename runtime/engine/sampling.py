@@ -40,6 +40,7 @@ __all__ = [
     "Sampler",
     "SamplingParams",
     "TokenLogprob",
+    "Trigger",
     "logits_row",
     "resolve_seed",
     "token_logprob",
@@ -68,6 +69,13 @@ class SamplingParams(BaseModel):
     logit_bias: dict[int, float] = {}
     json_schema: dict[str, Any] | None = None
     grammar: str | None = None
+    # a lazy constraint (tool calls with tool_choice "auto"): the output is free until it
+    # first holds one of these texts (a special token counts by its text), and the
+    # grammar, which starts with that text, holds from the token that began it on
+    grammar_triggers: tuple[str, ...] = ()
+    # special tokens whose text the output shows (a call format's markers, such as
+    # Mistral's [TOOL_CALLS]); other special tokens add nothing to the text
+    shown_specials: tuple[str, ...] = ()
     # report each generated token's log probability and this many likeliest tokens in
     # its place (0-20, as OpenAI allows); None: not at all (it costs ~0.1 ms a token)
     logprobs: int | None = Field(default=None, ge=0, le=20)
@@ -76,6 +84,10 @@ class SamplingParams(BaseModel):
     def _one_constraint(self) -> SamplingParams:
         if self.json_schema is not None and self.grammar is not None:
             raise ValueError("give either json_schema or grammar, not both")
+        if self.grammar_triggers and self.json_schema is None and self.grammar is None:
+            raise ValueError("grammar_triggers start a grammar; give one")
+        if any(t == "" for t in self.grammar_triggers):
+            raise ValueError("a grammar trigger must not be empty")
         if any(s == "" for s in self.stop):
             raise ValueError("stop strings must not be empty")
         if any(math.isnan(bias) for bias in self.logit_bias.values()):
@@ -154,11 +166,57 @@ def _likeliest(logits: np.ndarray, peak: float, k: int) -> np.ndarray:
     return ids[np.argsort(-logits[ids], kind="stable")]
 
 
-class Guide:
-    """One sequence's place in its grammar, and the buffers its constrained pick reuses."""
+class Trigger:
+    """Where a lazily constrained output's grammar begins: the first place its text holds
+    one of the triggers (a tool-call marker), written as one special token or spelled
+    out over several, even starting inside a token ("Sure<tool" + "_call>").
 
-    def __init__(self, matcher: LLMatcher, n_vocab: int) -> None:
-        self.matcher = matcher
+    It keeps only the last tokens that a trigger could still span, so watching costs the
+    same after ten tokens of prose as after ten thousand."""
+
+    def __init__(self, texts: tuple[str, ...], token_bytes: Callable[[int], bytes]) -> None:
+        self._texts = tuple(t.encode("utf-8") for t in texts)
+        self._span = max(len(t) for t in self._texts)
+        self._token_bytes = token_bytes  # special tokens by their text
+        self._recent: list[tuple[int, bytes]] = []
+        self._held = 0  # bytes in _recent
+
+    def opened_by(self, token: int) -> list[int] | None:
+        """If ``token`` completes a trigger: the tokens the grammar must take, from the
+        one holding the trigger's first byte through ``token``. Else None."""
+        piece = self._token_bytes(token)
+        window = b"".join(p for _, p in self._recent) + piece
+        starts = [i for i in (window.find(t) for t in self._texts) if i >= 0]
+        if not starts:
+            return None
+        first, seen = min(starts), 0
+        tokens = [*self._recent, (token, piece)]
+        for k, (_, p) in enumerate(tokens):
+            if seen + len(p) > first:
+                return [t for t, _ in tokens[k:]]
+            seen += len(p)
+        return [token]  # not reached: the trigger starts inside the window
+
+    def remember(self, token: int) -> None:
+        piece = self._token_bytes(token)
+        self._recent.append((token, piece))
+        self._held += len(piece)
+        # a trigger the next token completes starts at most span - 1 bytes back
+        while self._recent and self._held - len(self._recent[0][1]) >= self._span - 1:
+            self._held -= len(self._recent.pop(0)[1])
+
+
+class Guide:
+    """One sequence's place in its grammar, and the buffers its constrained pick reuses.
+
+    ``grammar`` is the compiled, pristine matcher that every sequence shares; the guide
+    copies it. With a ``trigger`` (a lazy constraint) the copy waits for the trigger:
+    until then every token is the chain's free pick, and nothing is masked or kept."""
+
+    def __init__(self, grammar: LLMatcher, n_vocab: int, trigger: Trigger | None = None) -> None:
+        self._grammar = grammar
+        self.trigger = trigger
+        self.matcher: LLMatcher | None = None if trigger else grammar.deep_copy()
         self._n_vocab = n_vocab
         self._ids = np.arange(n_vocab, dtype=np.int32)
         self._candidates = np.zeros(n_vocab, dtype=_TOKEN_DATA)
@@ -174,12 +232,19 @@ class Guide:
     def pick(self, chain: Any, logits: np.ndarray, first: int | None = None) -> int:
         """The chain's pick from ``logits`` that the grammar allows, not yet accepted.
         ``first``: the chain's pick from the whole row, when the caller already has it."""
-        self._check()
         token = self._apply(chain, logits, None) if first is None else first
-        if self.matcher.validate_tokens([token]) == 1:
+        if self.matcher is None:
+            assert self.trigger is not None
+            opened = self.trigger.opened_by(token)
+            if opened is None:
+                return token  # free text
+            self._open(opened[:-1])  # then this token is checked like any other
+        matcher = self._open_matcher()
+        self._check(matcher)
+        if matcher.validate_tokens([token]) == 1:
             return token
-        fill_next_token_bitmask(self.matcher, self._mask, 0)
-        self._check()
+        fill_next_token_bitmask(matcher, self._mask, 0)
+        self._check(matcher)
         bits = np.unpackbits(self._mask[0].view(np.uint8), bitorder="little")
         allowed = np.flatnonzero(bits[: self._n_vocab]).astype(np.int32)
         if allowed.size == 0:  # llguidance never leads into a dead end; never pick blindly
@@ -187,26 +252,55 @@ class Guide:
         return self._apply(chain, logits, allowed)
 
     def accept(self, token: int) -> None:
+        if self.matcher is None:
+            assert self.trigger is not None
+            self.trigger.remember(token)
+            return
         if not self.matcher.consume_token(token):
-            self._check()
+            self._check(self.matcher)
             raise InvalidRequest(f"the grammar refused token {token} it had allowed")
 
-    def _check(self) -> None:
-        """A matcher in llguidance's error state (a runtime limit such as lexer fuel, or a
-        refused token) allows only the end: that would end the output broken, as "stop"."""
-        if self.matcher.is_error():
-            raise InvalidRequest(
-                f"constrained decoding failed: {self.matcher.get_error() or 'no reason given'}"
-            )
-
     def replay(self, tokens: tuple[int, ...] | list[int]) -> None:
-        if tokens and not self.matcher.consume_tokens(list(tokens)):
+        """Take tokens this sequence generated before (a resume), free ones included."""
+        rest = list(tokens)
+        while rest and self.matcher is None:
+            assert self.trigger is not None
+            token = rest[0]
+            opened = self.trigger.opened_by(token)
+            if opened is not None:
+                self._open(opened[:-1])
+                break
+            self.trigger.remember(token)
+            rest.pop(0)
+        if rest and not self._open_matcher().consume_tokens(rest):
             raise StateError("the tokens generated before this resume do not fit its grammar")
 
     @property
     def ended(self) -> bool:
         """Nothing but the end may follow: the sequence is done (whole, not failed)."""
+        if self.matcher is None:
+            return False
         return bool(self.matcher.is_stopped()) and not self.matcher.is_error()
+
+    def _open(self, before: list[int]) -> None:
+        """The trigger is here: the grammar starts, from the token that began it."""
+        self.matcher = self._grammar.deep_copy()
+        if before and not self.matcher.consume_tokens(before):
+            self._check(self.matcher)
+            raise InvalidRequest("the grammar refused the text that began its trigger")
+
+    def _open_matcher(self) -> LLMatcher:
+        assert self.matcher is not None
+        return self.matcher
+
+    @staticmethod
+    def _check(matcher: LLMatcher) -> None:
+        """A matcher in llguidance's error state (a runtime limit such as lexer fuel, or a
+        refused token) allows only the end: that would end the output broken, as "stop"."""
+        if matcher.is_error():
+            raise InvalidRequest(
+                f"constrained decoding failed: {matcher.get_error() or 'no reason given'}"
+            )
 
     def _apply(self, chain: Any, logits: np.ndarray, ids: np.ndarray | None) -> int:
         cand = self._candidates

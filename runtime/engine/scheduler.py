@@ -82,6 +82,7 @@ from pcrt.runtime.engine.sampling import (
     Guide,
     Sampler,
     SamplingParams,
+    Trigger,
     logits_row,
     resolve_seed,
     token_logprob,
@@ -126,6 +127,7 @@ class _Job:
     # right now; this job waits for them and copies them instead of computing them twice
     follows: tuple[_Job, int] | None = None
     failed: bool = False  # stopped with an error mid-step: its other branches sample no more
+    shown: frozenset[int] = frozenset()  # special tokens its text shows (params.shown_specials)
 
     @property
     def prefilling(self) -> bool:
@@ -367,6 +369,11 @@ class Scheduler:
                 (j for j in self._running if j.prefilling and j.follows is None),
             )
         job.t_admitted = time.perf_counter()
+        job.shown = frozenset(
+            token
+            for token in map(self.model.special_token, job.params.shown_specials)
+            if token is not None
+        )
         constraint = job.params.constraint
         compiled = None
         if constraint is not None:
@@ -377,7 +384,9 @@ class Scheduler:
             seed = resolve_seed(job.params.seed, branch.choice.index)
             guide = None
             if compiled is not None:  # each branch its own place in the grammar
-                guide = Guide(compiled.matcher.deep_copy(), self.model.n_vocab)
+                triggers = job.params.grammar_triggers
+                trigger = Trigger(triggers, self.model.token_bytes) if triggers else None
+                guide = Guide(compiled.matcher, self.model.n_vocab, trigger)
             branch.sampler = Sampler(
                 job.params,
                 self.model.vocab,
@@ -508,7 +517,8 @@ class Scheduler:
             logits = logits_row(self._ctx, batch_index, self.model.n_vocab)
             logprob = token_logprob(logits, token, job.params.logprobs, self.model.token_bytes)
             br.choice.logprobs.append(logprob)
-        text = br.stream.feed(self.model.piece(token))
+        piece = self.model.token_bytes(token) if token in job.shown else self.model.piece(token)
+        text = br.stream.feed(piece)
         br.choice.text += text
         job.outbox.append(TokenEvent(br.choice.index, text, token, logprob))
         guide = br.sampler.guide
