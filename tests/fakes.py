@@ -49,6 +49,7 @@ from pcrt.runtime.engine import (
     SlotInfo,
     TokenEvent,
 )
+from pcrt.runtime.engine.call_formats import FORMATS
 from pcrt.runtime.engine.chat import ChatMessage
 from pcrt.runtime.engine.checks import check_open, check_prompt, check_slots
 from pcrt.runtime.engine.grammar_compiler import check_compiles
@@ -126,13 +127,17 @@ class FakeModel:
         with self._lock:
             return "".join(self._pieces[t] for t in tokens if 2 < t < len(self._pieces))
 
+    def special_token(self, text: str) -> int | None:
+        return None  # words only: no special tokens
+
 
 class FakeChat:
     """A chat template that writes each message as ``<|role|>text``."""
 
     available = True
+    call_format = FORMATS["generic"]  # no tool template
 
-    def render(self, messages: list[ChatMessage]) -> str:
+    def render(self, messages: list[ChatMessage], tools: list[dict[str, Any]] | None = None) -> str:
         return "".join(f"<|{m.role}|>{m.text()}\n" for m in messages) + "<|assistant|>"
 
 

@@ -18,7 +18,7 @@ import pytest
 
 from pcrt.runtime.engine.chat import ChatMessage
 from pcrt.runtime.server.schemas import ToolDefinition
-from pcrt.runtime.server.serving.tool_calls import CallScanner, StreamedReply, ToolPlan
+from pcrt.runtime.server.serving.tool_calls import StreamedReply, ToolPlan
 from pcrt.runtime.server.settings import ServerSettings
 from tests.live_server import LiveServer, ServerFactory
 
@@ -265,32 +265,36 @@ def _plan(choice: str = "required") -> ToolPlan:
     return ToolPlan(tuple(ToolDefinition.model_validate(t) for t in TOOLS), choice, True)
 
 
-def test_the_scanner_follows_calls_as_they_are_written() -> None:
+def test_the_reader_follows_calls_as_they_are_written() -> None:
     text = '{"tool_calls": [{"name": "get_weather", "arguments": {"city": "Pa"}}, {"name": "pi'
-    scan = CallScanner()
-    scan.feed(text)
-    assert [(c.name, c.arguments, c.complete) for c in scan.calls] == [
+    reply = _plan().reply(text)
+    assert [(c.name, c.arguments, c.complete) for c in reply.calls] == [
         ("get_weather", '{"city": "Pa"}', True)
     ]
-    scan.feed(text + 'ng", "arguments": {"a": "}{\\""')
-    assert scan.calls[1].name == "ping" and not scan.calls[1].complete
-    assert scan.calls[1].arguments == '{"a": "}{\\""'
+    reply = _plan().reply(text + 'ng", "arguments": {"a": "}{\\""')
+    assert reply.calls[1].name == "ping" and not reply.calls[1].complete
+    assert reply.calls[1].arguments == '{"a": "}{\\""'
 
 
-def test_auto_holds_back_what_starts_like_a_call_and_streams_the_rest() -> None:
+def test_auto_holds_back_what_may_begin_a_call_and_streams_the_rest() -> None:
     content = StreamedReply(_plan("auto"))
     assert content.feed("{") == [] and content.feed(" hi") == [{"content": "{ hi"}]
     assert content.finish("stop") == ([], "stop")
+    partial = StreamedReply(_plan("auto"))
+    assert partial.feed('Sure. {"tool_') == [{"content": "Sure. "}]
+    assert partial.finish("length") == ([{"content": '{"tool_'}], "length")
     call = StreamedReply(_plan("auto"))
-    assert call.feed('{"tool_calls": [{"name": "ping", ') == []
+    deltas = call.feed('Sure. {"tool_calls": [{"name": "ping", "arguments": {')
+    assert deltas[0] == {"content": "Sure. "}
+    assert deltas[1]["tool_calls"][0]["function"] == {"name": "ping", "arguments": ""}
+    assert deltas[2]["tool_calls"][0]["function"] == {"arguments": "{"}
     deltas, reason = call.finish("stop")
-    assert reason == "stop" and deltas == [{"content": '{"tool_calls": [{"name": "ping", '}]
+    assert reason == "stop" and deltas == []  # cut inside the call: not a call
     whole = StreamedReply(_plan("auto"))
-    assert whole.feed('{"tool_calls": [{"name": "ping", "arguments": {}}]}') == []
-    deltas, reason = whole.finish("stop")
-    assert reason == "tool_calls"
+    deltas = whole.feed('{"tool_calls": [{"name": "ping", "arguments": {}}]}')
     assert deltas[0]["tool_calls"][0]["function"] == {"name": "ping", "arguments": ""}
     assert deltas[1]["tool_calls"][0]["function"] == {"arguments": "{}"}
+    assert whole.finish("stop") == ([], "tool_calls")
 
 
 def test_history_is_written_as_the_model_writes_calls() -> None:

@@ -3,16 +3,24 @@
 The template is the GGUF's ``tokenizer.chat_template`` (or a ``models.toml`` override),
 rendered in a Jinja2 sandbox by llama-cpp-python's formatter, which mirrors what
 Hugging Face transformers does with the same template.
+
+Tools reach the template as Hugging Face's templates expect them: ``tools`` in OpenAI's
+shape, and each earlier call's ``arguments`` as an object, not OpenAI's JSON string
+(templates write it with ``tojson``: a string would be written twice encoded, and
+Qwen3-Coder's template fails on it). The template's call format (``call_formats``) is
+found once, on first use, by rendering a probe call.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 import jinja2
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from pydantic import BaseModel, ConfigDict
 
+from pcrt.runtime.engine.call_formats import CallFormat, detect, format_named, mistral_id
 from pcrt.runtime.errors import ChatTemplateMissing, InvalidRequest, ModelLoadError
 
 __all__ = ["ChatMessage", "ChatRenderer"]
@@ -42,9 +50,16 @@ class ChatRenderer:
     """Renders a conversation for one model; built once per loaded model."""
 
     def __init__(
-        self, template: str | None, bos_token: str, eos_token: str, model_name: str
+        self,
+        template: str | None,
+        bos_token: str,
+        eos_token: str,
+        model_name: str,
+        call_format: str | None = None,
     ) -> None:
         self.model_name = model_name
+        # set in models.toml, or found from the template the first time a tool is offered
+        self._call_format = format_named(call_format) if call_format else None
         try:
             self._formatter = (
                 Jinja2ChatFormatter(template=template, eos_token=eos_token, bos_token=bos_token)
@@ -62,7 +77,20 @@ class ChatRenderer:
     def available(self) -> bool:
         return self._formatter is not None
 
-    def render(self, messages: list[ChatMessage]) -> str:
+    @property
+    def call_format(self) -> CallFormat:
+        """How this model writes tool calls (``call_formats``)."""
+        if self._call_format is None:
+            if self._formatter is None:
+                self._call_format = format_named("generic")
+            else:
+                formatter = self._formatter
+                self._call_format = detect(
+                    lambda messages, tools: formatter(messages=messages, tools=tools).prompt  # type: ignore[arg-type]
+                )
+        return self._call_format
+
+    def render(self, messages: list[ChatMessage], tools: list[dict[str, Any]] | None = None) -> str:
         if self._formatter is None:
             raise ChatTemplateMissing(
                 f"model {self.model_name!r} has no chat template: set 'chat_template' for it in "
@@ -70,9 +98,40 @@ class ChatRenderer:
             )
         if not messages:
             raise InvalidRequest("a chat needs at least one message")
-        plain = [{**m.model_dump(exclude_none=True), "content": m.text()} for m in messages]
+        plain = [self._plain(m) for m in messages]
+        if tools is not None:  # templates read every tool's parameters, even when it has none
+            tools = [_with_parameters(t) for t in tools]
         try:
-            result = self._formatter(messages=plain)  # type: ignore[arg-type]
+            result = self._formatter(messages=plain, tools=tools)  # type: ignore[arg-type]
         except Exception as exc:  # templates raise their own errors (raise_exception(...))
             raise InvalidRequest(f"the chat template rejected these messages: {exc}") from None
         return result.prompt
+
+    def _plain(self, message: ChatMessage) -> dict[str, Any]:
+        """A message as templates read it: text content, calls' arguments as objects, and
+        ids as Mistral's templates require them (9 letters or digits) for that family."""
+        plain = {**message.model_dump(exclude_none=True), "content": message.text()}
+        ids = self._call_format is not None and self._call_format.name.startswith("mistral")
+        if "tool_calls" in plain:
+            calls = []
+            for call in plain["tool_calls"]:
+                function = dict(call.get("function") or {})
+                arguments = function.get("arguments")
+                if isinstance(arguments, str):
+                    function["arguments"] = json.loads(arguments or "{}")
+                call = {**call, "function": function}
+                if ids and "id" in call:
+                    call["id"] = mistral_id(str(call["id"]))
+                calls.append(call)
+            plain["tool_calls"] = calls
+        if ids and "tool_call_id" in plain:
+            plain["tool_call_id"] = mistral_id(str(plain["tool_call_id"]))
+        return plain
+
+
+def _with_parameters(tool: dict[str, Any]) -> dict[str, Any]:
+    function = tool.get("function")
+    if not isinstance(function, dict) or function.get("parameters") is not None:
+        return tool
+    empty = {"type": "object", "properties": {}}
+    return {**tool, "function": {**function, "parameters": empty}}

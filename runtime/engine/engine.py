@@ -79,6 +79,7 @@ class Engine:
         config: EngineConfig | None = None,
         name: str = "",
         chat_template: str | None = None,
+        tool_format: str | None = None,
     ) -> None:
         self.config = config or EngineConfig()
         self.name = name or model_path.stem
@@ -95,6 +96,7 @@ class Engine:
                 bos_token=self.model.token_text(self.model.bos_id),
                 eos_token=self.model.token_text(self.model.eos_id),
                 model_name=self.name,
+                call_format=tool_format,
             )
             self.context_per_slot = min(self.config.context, self.model.n_ctx_train or 10**9)
             self._ctx = new_context(self.model, self.config, self.context_per_slot, name=self.name)

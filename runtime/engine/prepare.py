@@ -100,7 +100,8 @@ class Preparer:
         before = list(request.state.continuation) if request.state is not None else []
         with self.users.using():
             if request.messages is not None:
-                text = self.chat.render(request.messages)
+                tools = list(request.tools) if request.tools is not None else None
+                text = self.chat.render(request.messages, tools)
                 # a template that writes the BOS text itself must not get a second BOS
                 add_special = not (
                     self.model.add_bos and text.startswith(self.chat.bos_token or "\0")

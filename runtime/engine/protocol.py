@@ -18,6 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
+from pcrt.runtime.engine.call_formats import CallFormat
 from pcrt.runtime.engine.config import EngineConfig
 from pcrt.runtime.engine.handoff import RequestHandle
 from pcrt.runtime.engine.requests import Completion, GenerateRequest, SlotInfo
@@ -47,11 +48,20 @@ class EngineModel(Protocol):
 
     def detokenize(self, tokens: list[int]) -> str: ...
 
+    def special_token(self, text: str) -> int | None:
+        """The token ``text`` is when a grammar must name it as special, else None."""
+        ...
+
 
 class ChatTemplate(Protocol):
     @property
     def available(self) -> bool:
         """Whether chat messages can be rendered (the model has a chat template)."""
+        ...
+
+    @property
+    def call_format(self) -> CallFormat:
+        """How the model writes tool calls, found from its template."""
         ...
 
 

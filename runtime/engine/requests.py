@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
-from typing import Literal, TypeAlias
+from typing import Any, Literal, TypeAlias
 
 from pcrt.runtime.engine.chat import ChatMessage
 from pcrt.runtime.engine.sampling import Candidate, SamplingParams, TokenLogprob
@@ -40,6 +40,8 @@ class GenerateRequest:
 
     prompt: str | list[int] | None = None
     messages: list[ChatMessage] | None = None
+    # the tools a chat template is given (OpenAI's shape), for templates that write them
+    tools: tuple[dict[str, Any], ...] | None = None
     sampling: SamplingParams = field(default_factory=SamplingParams)
     n: int = 1
     state: KVState | None = None  # restore this KV first (resume); its tokens prefix the prompt

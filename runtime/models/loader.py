@@ -95,6 +95,7 @@ def open_engine(
         config=config,
         name=entry.name,
         chat_template=entry.chat_template,
+        tool_format=entry.tool_format,
     )
     engine.plan = plan
     return engine

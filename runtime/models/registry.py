@@ -97,6 +97,11 @@ def parse_source(text: str, base_dir: Path | None = None) -> LocalSource | PypiS
     return LocalSource(path=path)
 
 
+ToolFormat = Literal[
+    "hermes", "qwen3-coder", "llama3", "mistral-nemo", "mistral", "mistral-no-ids", "generic"
+]
+
+
 class ModelEntry(BaseModel):
     """One model as configured. Frozen: code that needs a variant makes a copy."""
 
@@ -107,6 +112,19 @@ class ModelEntry(BaseModel):
     sha256: str | None = None
     context: int = Field(default=4096, ge=64)
     chat_template: str | None = None
+    # how the model writes tool calls; None: found from its chat template
+    tool_format: (
+        Literal[
+            "hermes",
+            "qwen3-coder",
+            "llama3",
+            "mistral-nemo",
+            "mistral",
+            "mistral-no-ids",
+            "generic",
+        ]
+        | None
+    ) = None
     tags: tuple[str, ...] = ()
     aliases: tuple[str, ...] = ()
     description: str = ""

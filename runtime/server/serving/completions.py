@@ -171,25 +171,37 @@ def _prepare(
     """The engine's request, its checked prompt tokens and its tool plan (in a worker
     thread: the sampling's grammar, the template and the tokenizer all run here)."""
     tools = None
+    constrained_calls = False
     try:
         default_max = engine.context_per_slot if chat else 16  # OpenAI's legacy default is 16
         if isinstance(body, ChatCompletionRequest):
             schema = body.output_schema()
             tools = plan_tools(
-                body.tools, body.tool_choice, body.parallel_tool_calls, body.messages
+                body.tools,
+                body.tool_choice,
+                body.parallel_tool_calls,
+                body.messages,
+                engine.chat.call_format,
             )
-            if tools is not None and tools.forced:
-                if schema is not None:
-                    refused = InvalidRequest(
-                        "tool_choice: a forced tool call and response_format cannot both "
-                        "shape the reply; send one of them"
-                    )
-                    refused.param = "tool_choice"
-                    raise refused
-                schema = tools.output_schema()
+            shaped = schema is not None or body.grammar is not None
+            if tools is not None and tools.forced and shaped:
+                refused = InvalidRequest(
+                    "tool_choice: a forced tool call and response_format (or grammar) cannot "
+                    "both shape the reply; send one of them"
+                )
+                refused.param = "tool_choice"
+                raise refused
             messages = tools.messages(body.messages) if tools else body.messages
             sampling = body.sampling(default_max, schema)
-            request = GenerateRequest(messages=messages, sampling=sampling, n=body.n)
+            # calls are held to their grammar, unless the reply is shaped otherwise
+            # (auto beside a response_format: the format wins, and calls only parse)
+            if tools is not None and tools.offered and not shaped:
+                sampling = tools.constrain(sampling, engine.model.special_token)
+                constrained_calls = True
+            template_tools = tools.template_tools() if tools else None
+            request = GenerateRequest(
+                messages=messages, tools=template_tools, sampling=sampling, n=body.n
+            )
         else:
             assert isinstance(body, CompletionRequest)
             sampling = body.sampling(default_max, None)
@@ -199,10 +211,10 @@ def _prepare(
         exc.param = "messages" if chat else "prompt"  # the field that holds the text
         raise
     except ConstraintInvalid as exc:  # the field that holds the schema or grammar
+        if constrained_calls and tools is not None:
+            raise tools.explain(exc) from None
         if exc.source == "grammar":
             exc.param = ".".join(p for p in ("grammar", exc.where) if p)
-        elif tools is not None and tools.forced:
-            exc.param = tools.param_of(exc.where)
         else:
             exc.param = ".".join(p for p in ("response_format.json_schema.schema", exc.where) if p)
         raise
@@ -246,11 +258,12 @@ def _response(
         for c in result.choices:
             message: dict[str, Any] = {"role": "assistant", "content": c.text}
             finish = _finish_reason(c.finish_reason)
-            calls = tools.calls_in(c.text) if tools is not None and tools.offered else None
-            if calls:
-                message = {"role": "assistant", "content": None}
-                message["tool_calls"] = [call.wire() for call in calls]
-                finish = "tool_calls"
+            if tools is not None and tools.offered:
+                content, calls = tools.answer(c.text)
+                if calls:
+                    message = {"role": "assistant", "content": content}
+                    message["tool_calls"] = [call.wire() for call in calls]
+                    finish = "tool_calls" if finish == "stop" else finish
             choices.append(
                 {
                     "index": c.index,

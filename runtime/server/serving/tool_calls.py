@@ -1,43 +1,50 @@
-"""OpenAI tool calling over the generic JSON call format (models with no tool template).
+"""OpenAI tool calling in each model family's own call format.
 
-A request with ``tools`` becomes a conversation the model can act on and, when a call is
-required, an output schema the constrained decoder holds it to:
+A request with ``tools`` becomes a conversation the model can act on, and a grammar the
+constrained decoder holds its calls to (``pcrt.runtime.engine.call_formats``):
 
-- the tools are described in a system block, with the one way to call them: a reply that
-  is only ``{"tool_calls": [{"name": ..., "arguments": {...}}]}``;
-- earlier assistant calls are written back in that same JSON, and ``tool`` messages keep
-  their role, so the model reads its own history in the format it writes;
-- ``tool_choice`` ``required`` or a named function: the reply must be that JSON, every
-  call's ``arguments`` valid against its tool's ``parameters``: one call of a named
-  function, or with ``parallel_tool_calls`` false; else up to ``MAX_PARALLEL_CALLS``;
-- ``auto``: the model writes freely, and a reply that is that JSON, whole and valid, is
-  a call (a lazy constraint that starts at the call marker comes with the model
-  families); ``none``: the tools are not shown.
+- a template that writes tools (Hermes, Qwen, Llama 3, Mistral) gets them, and earlier
+  calls and results as messages; one that does not (SmolLM2's) gets a system block
+  describing the tools and the generic call JSON, ``{"tool_calls": [...]}``, with earlier
+  calls written back in that JSON;
+- ``tool_choice`` ``required`` or a named function: the reply is calls from the first
+  token, every call's arguments valid against its tool's ``parameters``: one call of a
+  named function, or with ``parallel_tool_calls`` false; else up to
+  ``MAX_PARALLEL_CALLS``;
+- ``auto``: the model writes freely, and the grammar starts where its family's call
+  marker does (a lazy constraint), so a call always parses and text is never shaped;
+  ``none``: the tools are not shown.
 
-``CallScanner`` reads the calls out of the reply as it streams, so each call's name goes
-out as soon as it is written and its arguments in fragments, never as content. Model
-families with their own call markup (Hermes, Llama 3, Mistral) come next (issue 18).
+``StreamedReply`` reads the calls out of the reply as it streams, so each call's name
+goes out as soon as it is written and its arguments in fragments, never as content.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import uuid
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import jsonschema
 
+from pcrt.runtime.engine.call_formats import (
+    FORMATS,
+    CallFormat,
+    ParsedReply,
+    ToolSpec,
+    call_grammar,
+    read_reply,
+)
 from pcrt.runtime.engine.chat import ChatMessage
-from pcrt.runtime.errors import InvalidRequest
+from pcrt.runtime.engine.constraints import locate_problem
+from pcrt.runtime.engine.sampling import SamplingParams
+from pcrt.runtime.errors import ConstraintInvalid, InvalidRequest
 from pcrt.runtime.server.schemas import NamedToolChoice, ToolDefinition
 
-__all__ = ["CallScanner", "StreamedReply", "ToolCall", "ToolPlan", "plan_tools"]
+__all__ = ["StreamedReply", "ToolCall", "ToolPlan", "plan_tools"]
 
-CALL_MARKER = '{"tool_calls":['  # how a reply that calls tools starts, whitespace aside
-_HEAD = re.compile(r'\s*\{\s*"tool_calls"\s*:\s*\[')
 _EMPTY_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}
 MAX_PARALLEL_CALLS = 8  # calls in one reply
 
@@ -60,6 +67,7 @@ class ToolPlan:
     tools: tuple[ToolDefinition, ...]
     choice: str  # "none", "auto", "required", or the one function's name
     parallel: bool
+    format: CallFormat = FORMATS["generic"]
 
     @property
     def forced(self) -> bool:
@@ -70,18 +78,48 @@ class ToolPlan:
     def offered(self) -> bool:
         return bool(self.tools) and self.choice != "none"
 
-    def output_schema(self) -> dict[str, Any]:
-        """The schema of a reply that calls tools: each call one of the allowed tools."""
-        allowed = [t for t in self.tools if self._allows(t)]
-        variants = [_call_schema(t) for t in allowed]
+    def specs(self) -> list[ToolSpec]:
+        """The tools this reply may call."""
+        return [
+            ToolSpec(t.function.name, t.function.parameters) for t in self.tools if self._allows(t)
+        ]
+
+    @property
+    def most(self) -> int:
+        """Calls one reply may hold: a named function is called once; else a bound, or a
+        small model repeats one call until max_tokens (SmolLM2, greedy: 1,814 tokens)."""
         one = not self.parallel or self.choice not in ("auto", "required")
+        return 1 if one else MAX_PARALLEL_CALLS
+
+    def grammar(self, special: Callable[[str], int | None]) -> str:
+        """The Lark grammar of this reply's calls: from the first token when forced,
+        else lazy, from the family's call marker on."""
+        return call_grammar(
+            self.format, self.specs(), lazy=not self.forced, most=self.most, special=special
+        )
+
+    def constrain(
+        self, sampling: SamplingParams, special: Callable[[str], int | None]
+    ) -> SamplingParams:
+        """The request's sampling with its calls' grammar (and, for ``auto``, the
+        triggers where that grammar starts)."""
+        return sampling.model_copy(
+            update={
+                "grammar": self.grammar(special),
+                "grammar_triggers": () if self.forced else self.format.triggers,
+                "shown_specials": self.format.markers,
+            }
+        )
+
+    def output_schema(self) -> dict[str, Any]:
+        """The calls as one JSON schema (the generic format's): where a 400 about a
+        tool's parameters is located."""
+        variants = [_call_schema(t) for t in self.tools if self._allows(t)]
         calls: dict[str, Any] = {
             "type": "array",
             "items": variants[0] if len(variants) == 1 else {"anyOf": variants},
             "minItems": 1,
-            # a named function is called once; else a bound, or a small model repeats the
-            # same call until max_tokens (SmolLM2, greedy: 1,814 tokens of one call)
-            "maxItems": 1 if one else MAX_PARALLEL_CALLS,
+            "maxItems": self.most,
         }
         return {
             "type": "object",
@@ -89,6 +127,14 @@ class ToolPlan:
             "required": ["tool_calls"],
             "additionalProperties": False,
         }
+
+    def explain(self, error: ConstraintInvalid) -> ConstraintInvalid:
+        """llguidance's refusal of the calls' grammar, named in the request's fields."""
+        # llguidance names the grammar's line, then quotes the grammar: keep the schema's part
+        found = re.search(r"failed to compile JSON schema: (.*?)(?: \d+ \| |$)", error.why)
+        located = locate_problem(self.output_schema(), found.group(1) if found else error.why)
+        located.param = self.param_of(located.where)
+        return located
 
     def param_of(self, where: str) -> str:
         """The request field behind a place in ``output_schema()`` (a 400 names it):
@@ -106,8 +152,18 @@ class ToolPlan:
     def _allows(self, tool: ToolDefinition) -> bool:
         return self.choice in ("auto", "required", tool.function.name)
 
+    def template_tools(self) -> tuple[dict[str, Any], ...] | None:
+        """The tools a template that writes them is given, in OpenAI's shape."""
+        if not self.offered or not self.format.native:
+            return None
+        return tuple(t.model_dump(exclude_none=True) for t in self.tools)
+
     def messages(self, messages: Sequence[ChatMessage]) -> list[ChatMessage]:
-        """The conversation as the model reads it: the tools described, calls as JSON."""
+        """The conversation as the model reads it. A template that writes tools takes
+        calls and results as they are; for one that does not, the tools are described in
+        a system block and earlier calls written in the generic call JSON."""
+        if self.format.native:
+            return list(messages)
         written = [_written(m) for m in messages]
         if not self.offered:
             return written
@@ -120,19 +176,19 @@ class ToolPlan:
             ]
         return [ChatMessage(role="system", content=block), *written]
 
-    def calls_in(self, text: str) -> list[ToolCall] | None:
-        """The calls a finished reply makes, or None when it is not a whole, valid call
-        reply (with ``auto``: plain content)."""
-        scan = CallScanner()
-        scan.feed(text)
-        if not scan.calls or not all(c.complete for c in scan.calls):
-            return None
-        try:
-            value = json.loads(text)
-            jsonschema.validate(value, self.output_schema())
-        except (ValueError, jsonschema.ValidationError):
-            return None
-        return [ToolCall(c.id, c.name or "", c.arguments) for c in scan.calls]
+    def reply(self, text: str) -> ParsedReply:
+        return read_reply(self.format, text, self.specs())
+
+    def answer(self, text: str) -> tuple[str | None, list[ToolCall]]:
+        """A finished reply as OpenAI's message: its content (None when the reply is
+        only calls) and its whole calls."""
+        reply = self.reply(text)
+        calls = [
+            ToolCall(self.format.call_id(), c.name, c.arguments) for c in reply.calls if c.complete
+        ]
+        if not calls:
+            return text, []
+        return (reply.content if reply.content.strip() else None), calls
 
 
 def plan_tools(
@@ -140,6 +196,7 @@ def plan_tools(
     choice: str | NamedToolChoice | None,
     parallel: bool,
     messages: Sequence[ChatMessage],
+    call_format: CallFormat = FORMATS["generic"],
 ) -> ToolPlan | None:
     """The request's tool plan (None without tools), every part checked: a 400 names the
     field at fault."""
@@ -158,115 +215,53 @@ def plan_tools(
     if isinstance(choice, NamedToolChoice):
         if choice.function.name not in names:
             raise _bad("tool_choice", f"names no tool: {choice.function.name!r}; tools: {names}")
-        return ToolPlan(tuple(tools), choice.function.name, parallel)
-    return ToolPlan(tuple(tools), choice or "auto", parallel)
+        return ToolPlan(tuple(tools), choice.function.name, parallel, call_format)
+    return ToolPlan(tuple(tools), choice or "auto", parallel, call_format)
 
 
-# -- reading calls out of a reply as it grows ------------------------------------------
-
-
-@dataclass
-class ScannedCall:
-    id: str = field(default_factory=lambda: "call_" + uuid.uuid4().hex[:24])
-    name: str | None = None  # once its string is closed
-    arguments: str = ""  # the JSON text of its arguments so far
-    complete: bool = False
-
-
-_NAME = re.compile(r'\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:\s*')
-
-
-class CallScanner:
-    """Follows ``{"tool_calls": [{"name": "...", "arguments": {...}}, ...]}`` as it is
-    written (the constrained decoder writes exactly that shape, keys in that order)."""
-
-    def __init__(self) -> None:
-        self.calls: list[ScannedCall] = []
-
-    def feed(self, text: str) -> None:
-        """Read the reply's text so far (the whole of it, each time: replies are short)."""
-        head = _HEAD.match(text)
-        if head is None:
-            return
-        i, index = head.end(), 0
-        while True:
-            brace = text.find("{", i)
-            if brace < 0:
-                return
-            head = _NAME.match(text, brace + 1)
-            if head is None:
-                return
-            if index == len(self.calls):
-                self.calls.append(ScannedCall())
-            call = self.calls[index]
-            call.name = json.loads(f'"{head.group(1)}"')
-            end = _value_end(text, head.end())
-            call.arguments = text[head.end() : end if end is not None else len(text)]
-            call.complete = end is not None
-            if end is None:
-                return
-            i, index = end, index + 1
-
-
-def may_be_calls(text: str) -> bool:
-    """Whether ``text`` is, or may grow into, the start of a call reply."""
-    bare = "".join(text.split())
-    return CALL_MARKER.startswith(bare) or bare.startswith(CALL_MARKER)
+# -- a reply as it streams -------------------------------------------------------------
 
 
 class StreamedReply:
     """One choice's stream when tools are offered: deltas of content, or of tool calls
-    (a call's id, type and name first, then its arguments in fragments), never the call
-    JSON as content. With ``auto`` a reply that starts like a call is held back until it
-    ends, then sent as calls if it is a whole, valid call reply, else as content."""
+    (a call's id, type and name first, then its arguments in fragments), never call
+    markup as content. Text that may yet begin a call marker is held back until known."""
 
     def __init__(self, plan: ToolPlan) -> None:
         self.plan = plan
         self.text = ""
-        self._mode = "calls" if plan.forced else "undecided"  # then "content" or "held"
-        self._scan = CallScanner()
-        self._sent_args: list[int] = []  # per call: characters of arguments sent
+        self._content_sent = 0  # characters of content sent
+        self._ids: list[str] = []  # per call sent: its id
+        self._args_sent: list[int] = []  # per call: characters of arguments sent
 
     def feed(self, text: str) -> list[dict[str, Any]]:
         """The deltas this piece of text gives."""
         self.text += text
-        if self._mode == "undecided" and not may_be_calls(self.text):
-            self._mode = "content"
-            return [{"content": self.text}]
-        if self._mode == "undecided" and "".join(self.text.split()).startswith(CALL_MARKER):
-            self._mode = "held"
-        if self._mode == "content":
-            return [{"content": text}] if text else []
-        if self._mode == "calls":
-            return self._call_deltas()
-        return []
+        return self._deltas(self.plan.reply(self.text), final=False)
 
     def finish(self, reason: str) -> tuple[list[dict[str, Any]], str]:
-        """The last deltas and the finish reason: ``tool_calls`` for a whole call reply."""
-        if self._mode == "content":
-            return [], reason
-        calls = self.plan.calls_in(self.text)
-        if self._mode == "calls":
-            deltas = self._call_deltas()
-            return deltas, "tool_calls" if calls else reason
-        if calls:  # held (or undecided): now known to be calls
-            deltas = [_header(i, c.id, c.name) for i, c in enumerate(calls)]
-            deltas += [_fragment(i, c.arguments) for i, c in enumerate(calls)]
-            return deltas, "tool_calls"
-        return ([{"content": self.text}] if self.text else []), reason
+        """The last deltas and the finish reason: ``tool_calls`` for whole calls."""
+        reply = self.plan.reply(self.text)
+        deltas = self._deltas(reply, final=True)
+        if reply.calls and all(c.complete for c in reply.calls):
+            reason = "tool_calls"
+        return deltas, reason
 
-    def _call_deltas(self) -> list[dict[str, Any]]:
-        self._scan.feed(self.text)
-        deltas = []
-        for i, call in enumerate(self._scan.calls):
-            if i == len(self._sent_args):
-                assert call.name is not None  # a scanned call has its name
-                deltas.append(_header(i, call.id, call.name))
-                self._sent_args.append(0)
-            fresh = call.arguments[self._sent_args[i] :]
+    def _deltas(self, reply: ParsedReply, final: bool) -> list[dict[str, Any]]:
+        deltas: list[dict[str, Any]] = []
+        ready = len(reply.content) - (0 if final or reply.calls else reply.pending)
+        if ready > self._content_sent:
+            deltas.append({"content": reply.content[self._content_sent : ready]})
+            self._content_sent = ready
+        for i, call in enumerate(reply.calls):
+            if i == len(self._ids):
+                self._ids.append(self.plan.format.call_id())
+                self._args_sent.append(0)
+                deltas.append(_header(i, self._ids[i], call.name))
+            fresh = call.arguments[self._args_sent[i] :]
             if fresh:
                 deltas.append(_fragment(i, fresh))
-                self._sent_args[i] = len(call.arguments)
+                self._args_sent[i] = len(call.arguments)
         return deltas
 
 
@@ -279,29 +274,6 @@ def _header(index: int, call_id: str, name: str) -> dict[str, Any]:
 
 def _fragment(index: int, arguments: str) -> dict[str, Any]:
     return {"tool_calls": [{"index": index, "function": {"arguments": arguments}}]}
-
-
-def _value_end(text: str, start: int) -> int | None:
-    """Where the JSON object starting at ``start`` ends (one past its ``}``), or None."""
-    depth, in_string, escaped = 0, False, False
-    for j in range(start, len(text)):
-        c = text[j]
-        if in_string:
-            if escaped:
-                escaped = False
-            elif c == "\\":
-                escaped = True
-            elif c == '"':
-                in_string = False
-        elif c == '"':
-            in_string = True
-        elif c in "{[":
-            depth += 1
-        elif c in "}]":
-            depth -= 1
-            if depth == 0:
-                return j + 1
-    return None
 
 
 # -- the prompt side ----------------------------------------------------------------------
