@@ -5,6 +5,7 @@ a failing or hanging tool gives back, and that nothing outlives the registry."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -294,6 +295,11 @@ async def test_a_server_that_does_not_answer_is_a_problem_within_its_connect_tim
                     "name": "dies",
                     "command": [sys.executable, "-c", "import sys; sys.exit('no config!')"],
                 },
+                {
+                    "name": "needs_token",
+                    "url": "http://127.0.0.1:9/mcp",
+                    "headers_env": {"Authorization": "PCRT_TEST_UNSET_TOKEN"},
+                },
             ],
             "python": [
                 {"name": "add", "entry_point": "tests.tool_functions:add"},
@@ -309,11 +315,32 @@ async def test_a_server_that_does_not_answer_is_a_problem_within_its_connect_tim
         problems = {(p.source, p.tool): p.error for p in tools.problems}
         assert problems[("mute", None)] == "did not start within 0.5 s"
         assert "no config!" in problems[("dies", None)]  # its stderr says why
+        assert (
+            "PCRT_TEST_UNSET_TOKEN (header Authorization) is not set"
+            in (problems[("needs_token", None)])
+        )
         assert "ModuleNotFoundError" in problems[("tests.no_such_module:f", "gone")]
         assert "not a callable" in problems[("tests.tool_functions:NOT_CALLABLE", "number")]
         with pytest.raises(ToolNotFound, match="unavailable"):
             await tools.call("echo", {})
     assert server_processes("pcrt-mute-test") == []  # the mute one was stopped too
+
+
+async def test_a_server_that_dies_fails_its_calls_at_once() -> None:
+    marker = "pcrt-dies-test"
+    one = mcp_stdio(name="one")
+    one["command"].append(marker)
+    async with ToolRegistry(ToolSettings.model_validate({"mcp": [one]})) as tools:
+        assert (await tools.call("echo", {"text": "alive"})).ok
+        [process] = server_processes(marker)
+        process.kill()  # not waited for here: the SDK's child watcher reaps it
+        with contextlib.suppress(psutil.NoSuchProcess):
+            while process.status() != psutil.STATUS_ZOMBIE:
+                await asyncio.sleep(0.02)
+        started = time.monotonic()
+        result = await tools.call("echo", {"text": "anyone?"}, timeout=10)
+        assert time.monotonic() - started < 2  # not at its timeout
+        assert not result.ok and "MCP server 'one'" in (result.error or "")
 
 
 async def test_no_tools_starts_at_once() -> None:

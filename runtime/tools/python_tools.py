@@ -77,7 +77,7 @@ class PythonTools:
                 result = await fn(**arguments)
             else:
                 result = await _on_a_thread(fn, arguments, tool.name)
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:  # sys.exit() in a tool ends only the call
             return failure(f"tool {tool.name!r} raised {type(exc).__name__}: {exc}")
         if isinstance(result, str):
             return ToolResult(ok=True, text=result)
@@ -117,7 +117,8 @@ async def _on_a_thread(fn: Callable[..., Any], arguments: dict[str, Any], name: 
         try:
             result = fn(**arguments)
         except BaseException as exc:  # handed to the caller's loop, whatever it is
-            error = exc
+            # a tool's sys.exit() or KeyboardInterrupt is its failure, not the daemon's
+            error = exc if isinstance(exc, Exception) else RuntimeError(repr(exc))
             _soon(loop, lambda: settle(lambda: done.set_exception(error)))
         else:
             _soon(loop, lambda: settle(lambda: done.set_result(result)))
