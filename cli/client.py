@@ -68,19 +68,33 @@ class DaemonClient:
         except httpx.HTTPError:
             return False
 
-    def get(self, path: str) -> Any:
-        return self.request("GET", path)
+    def get(self, path: str, *, headers: Mapping[str, str] | None = None) -> Any:
+        return self.request("GET", path, headers=headers)
 
-    def post(self, path: str, body: dict[str, Any] | None = None) -> Any:
-        return self.request("POST", path, body)
+    def post(
+        self,
+        path: str,
+        body: dict[str, Any] | None = None,
+        *,
+        headers: Mapping[str, str] | None = None,
+    ) -> Any:
+        return self.request("POST", path, body, headers=headers)
 
     def delete(self, path: str) -> Any:
         return self.request("DELETE", path)
 
-    def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-        """The JSON of the daemon's answer; an error answer raises (see ``_json``)."""
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: dict[str, Any] | None = None,
+        *,
+        headers: Mapping[str, str] | None = None,
+    ) -> Any:
+        """The JSON of the daemon's answer; an error answer raises (see ``_json``).
+        ``headers``: added to this request (an agent's X-PC-Agent-ID)."""
         try:
-            response = self.http.request(method, path, json=body)
+            response = self.http.request(method, path, json=body, headers=headers)
         except httpx.ConnectError:
             raise PcrtError(
                 f"no pcrt daemon answers at {self.url} (start one: pcrt serve)"

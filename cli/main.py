@@ -33,6 +33,7 @@ COMMANDS = {
     "serve": "pcrt.cli.serve:serve",
     "state": "pcrt.cli.state:state",
     "stop": "pcrt.cli.ps:stop",
+    "tools": "pcrt.cli.tools:tools",
     "usage": "pcrt.cli.usage:usage",
 }
 

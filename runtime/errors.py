@@ -9,7 +9,8 @@ message without a traceback.
     ├── ConfigError            bad models.toml / user file / settings (names file and key)
     ├── ModelNotFound          unknown model name, alias or tag
     ├── NotFound               no such thing of another kind (a DAG run); names the param
-    │   └── StateNotFound      no KV state blob with that id
+    │   ├── StateNotFound      no KV state blob with that id
+    │   └── ToolNotFound       no tool by that name (or its MCP server did not start)
     ├── PullError              a model file could not be fetched or verified
     │   └── DownloadError      an HTTP download failed or its sha256 did not match
     ├── ModelLoadError         llama.cpp could not load the file or create a context
@@ -35,6 +36,7 @@ message without a traceback.
     ├── StorageFull            the disk under PCRT_HOME refused a write (full or read-only)
     ├── EngineClosed           a request reached an engine that is shutting down
     ├── Unauthorized           a missing or wrong API key
+    ├── ToolDenied             the agent's tool permissions do not name it (nothing is sent)
     ├── RetryLater             the request may succeed later (carries retry_after seconds)
     │   ├── RateLimited        the agent is over its requests or tokens per minute
     │   └── Overloaded         the model's queue is full, or the daemon is draining
@@ -94,6 +96,8 @@ __all__ = [
     "StateNotFound",
     "StateTooLarge",
     "StorageFull",
+    "ToolDenied",
+    "ToolNotFound",
     "Unauthorized",
 ]
 
@@ -120,6 +124,15 @@ class StateNotFound(NotFound):
     def __init__(self, state_id: str) -> None:
         super().__init__(f"no KV state {state_id!r}", param="id")
         self.state_id = state_id
+
+
+class ToolNotFound(NotFound):
+    """No tool of the registry has that name: never configured, or listed by an MCP
+    server that did not start (the registry's problems say which)."""
+
+    def __init__(self, name: str, hint: str = "") -> None:
+        super().__init__(f"no tool {name!r}{hint}", param="name")
+        self.name = name
 
 
 class PullError(PcrtError):
@@ -333,6 +346,19 @@ class EngineClosed(PcrtError):
 
 class Unauthorized(PcrtError):
     pass
+
+
+class ToolDenied(PcrtError):
+    """An agent asked for a tool its ``[tools.permissions]`` do not allow; raised before
+    anything is sent to the tool."""
+
+    def __init__(self, name: str, agent: str) -> None:
+        super().__init__(
+            f"agent {agent!r} may not call tool {name!r} (see [tools.permissions] in the "
+            "daemon's config)"
+        )
+        self.name = name
+        self.agent = agent
 
 
 class RetryLater(PcrtError):

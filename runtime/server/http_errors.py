@@ -1,11 +1,12 @@
 """Every error leaves the HTTP surface in OpenAI's shape, with the right status.
 
 ``{"error": {"message", "type", "param", "code"}}``; 400 bad request, 401 bad key,
-404 unknown model or route (or nowhere to run it), 502 a peer that did not answer, 409
-incompatible state or a conflict, 413 a request body or a state upload over its limit,
-429 rate limit, 503 overloaded. Nothing answers a bare 500: an unexpected failure is logged
-and answered with a 500 in the same shape. A client that left before its answer is
-accounted (and, when anything is still sent, answered) 499, as nginx logs it.
+403 a tool the agent may not call, 404 unknown model, tool or route (or nowhere to run
+it), 502 a peer that did not answer, 409 incompatible state or a conflict, 413 a request
+body or a state upload over its limit, 429 rate limit, 503 overloaded. Nothing answers a
+bare 500: an unexpected failure is logged and answered with a 500 in the same shape. A
+client that left before its answer is accounted (and, when anything is still sent,
+answered) 499, as nginx logs it.
 
 This is the one module that knows status codes: routes and the serving layer raise
 pcrt's errors and let the handlers installed here answer them.
@@ -48,6 +49,8 @@ from pcrt.runtime.errors import (
     StateNotFound,
     StateTooLarge,
     StorageFull,
+    ToolDenied,
+    ToolNotFound,
     Unauthorized,
 )
 
@@ -93,6 +96,8 @@ def status_and_body(exc: PcrtError) -> tuple[int, dict[str, Any], dict[str, str]
         return 404, error_body(msg, "invalid_request_error", "model", "no_route"), headers
     if isinstance(exc, StateNotFound):
         return 404, error_body(msg, "invalid_request_error", exc.param, "state_not_found"), headers
+    if isinstance(exc, ToolNotFound):
+        return 404, error_body(msg, "invalid_request_error", exc.param, "tool_not_found"), headers
     if isinstance(exc, NotFound):
         return 404, error_body(msg, "invalid_request_error", exc.param, "not_found"), headers
     if isinstance(exc, ModelNotFound):
@@ -131,6 +136,8 @@ def status_and_body(exc: PcrtError) -> tuple[int, dict[str, Any], dict[str, str]
         return 409, error_body(msg, "invalid_request_error", "state", "incompatible_state"), headers
     if isinstance(exc, StorageFull):
         return 507, error_body(msg, "server_error", None, "insufficient_storage"), headers
+    if isinstance(exc, ToolDenied):
+        return 403, error_body(msg, "permission_error", "name", "tool_denied"), headers
     if isinstance(exc, Unauthorized):
         return 401, error_body(msg, "invalid_request_error", None, "invalid_api_key"), headers
     if isinstance(exc, PullError | EngineClosed):

@@ -12,6 +12,7 @@ shutdown's:
     DAG tasks        running DAGs stop as interrupted; their checkpoints stay
     node info        a refresh of its facts (model sizes and speeds) under way ends
     coordinator      goodbye packets: peers drop us at once; its HTTP clients close
+    tools            MCP sessions close, their server processes stop; the HTTP client closes
     reaper           the keep-alive reaper stops before the pool it reaps
     pool             every loaded model closes
     device monitor, usage log (its queued rows written first), store
@@ -51,6 +52,7 @@ from pcrt.runtime.server.pool import EngineOpener, ModelPool
 from pcrt.runtime.server.services import DaemonState, Services, dag_billing
 from pcrt.runtime.server.settings import ServerSettings
 from pcrt.runtime.threads import to_thread_to_completion
+from pcrt.runtime.tools import ToolRegistry
 
 __all__ = ["running_services"]
 
@@ -89,6 +91,12 @@ async def running_services(
         blobs = BlobStore(store, reg.paths.home / "blobs", max_bytes=settings.blob_max_bytes)
         runs = RunStore(store)
         limiter, metrics = RateLimiter(settings.limits, clock), Metrics(_live_gauges(pool))
+        # MCP servers start here, each within its connect_timeout; one that fails is a
+        # problem the registry lists, not a daemon that fails to start. Closed after the
+        # DAG tasks that may call them.
+        tools = await stack.enter_async_context(
+            ToolRegistry(settings.tools, on_call=metrics.tool_call)
+        )
         node_id, node_name = load_node_id(reg.paths.home), _node_name(settings)
         node: NodeInfo  # the coordinator asks it for the local view once started, not here
         coordinator = Coordinator(
@@ -138,6 +146,7 @@ async def running_services(
             dags=dags,
             coordinator=coordinator,
             node=node,
+            tools=tools,
         )
 
         interrupted = await dags.runs.mark_interrupted()  # runs a dead daemon left "running"

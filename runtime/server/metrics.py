@@ -78,7 +78,27 @@ class Metrics:
             ["peer"],
             registry=r,
         )
+        self.tool_calls = Counter(
+            "pcrt_tool_calls",
+            "Tool calls by tool and outcome (ok, error, timeout; denied, invalid: not sent)",
+            ["tool", "outcome"],
+            registry=r,
+        )
+        self.tool_seconds = Histogram(
+            "pcrt_tool_seconds",
+            "Wall time of tool calls that reached their tool",
+            ["tool"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         r.register(_LiveCollector(live))
+
+    def tool_call(self, tool: str, outcome: str, seconds: float) -> None:
+        """The tool registry's observer: one call counted, and timed unless it was
+        refused before it was sent."""
+        self.tool_calls.labels(tool, outcome).inc()
+        if outcome not in ("denied", "invalid"):
+            self.tool_seconds.labels(tool).observe(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

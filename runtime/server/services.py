@@ -32,6 +32,7 @@ from pcrt.runtime.server.metrics import Metrics
 from pcrt.runtime.server.node_info import NodeInfo
 from pcrt.runtime.server.pool import ModelPool
 from pcrt.runtime.server.settings import ServerSettings
+from pcrt.runtime.tools import ToolRegistry
 
 __all__ = ["Accounting", "DaemonState", "Services", "agent_of", "dag_billing", "services_of"]
 
@@ -65,6 +66,7 @@ class Services:
     dags: DagTasks  # running DAG executions
     coordinator: Coordinator  # peers: discovery, health, routing decisions
     node: NodeInfo  # what this node offers, for peers and the policy
+    tools: ToolRegistry  # the [tools] agents call (entered: MCP sessions are open)
     state: str = DaemonState.STARTING
     # begins the drain from a signal handler, thread-safe (cli/serve.py)
     begin_drain: Callable[[], object] | None = None

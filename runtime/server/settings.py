@@ -39,6 +39,17 @@ The config file is ``PCRT_CONFIG`` or ``config.toml`` in the platform's user con
     api_key_env = "GPU_BOX_KEY"
     models = ["qwen2.5-7b-instruct"]
     tags = ["complex"]
+
+    [[tools.http]]                # issue 18: tools agents call (pcrt.runtime.tools.settings)
+    name = "weather"
+    url = "http://127.0.0.1:9000/weather"
+
+    [[tools.mcp]]
+    name = "files"
+    command = ["python", "server.py"]
+
+    [tools.permissions]
+    default = ["*"]
 """
 
 from __future__ import annotations
@@ -55,6 +66,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from pcrt.routing.settings import PeerSettings
 from pcrt.runtime.errors import ConfigError
+from pcrt.runtime.tools.settings import ToolSettings
 
 __all__ = [
     "AgentLimits",
@@ -142,6 +154,7 @@ class ServerSettings(BaseModel):
     max_embedding_tokens: int = Field(default=65_536, ge=1)
     limits: LimitSettings = LimitSettings()
     peers: PeerSettings = PeerSettings()
+    tools: ToolSettings = ToolSettings()
 
     @field_validator("keep_alive", mode="before")
     @classmethod
@@ -171,11 +184,11 @@ class ServerSettings(BaseModel):
                 raw = tomllib.loads(path.read_text(encoding="utf-8"))
             except (OSError, tomllib.TOMLDecodeError) as exc:
                 raise ConfigError(f"{path}: {exc}") from None
-            unknown = set(raw) - {"server", "limits", "peers"}
+            unknown = set(raw) - {"server", "limits", "peers", "tools"}
             if unknown:
                 raise ConfigError(f"{path}: unknown section(s) {sorted(unknown)}")
             values.update(raw.get("server", {}))
-            for section in ("limits", "peers"):
+            for section in ("limits", "peers", "tools"):
                 if section in raw:
                     values[section] = raw[section]
         values.update({k: v for k, v in overrides.items() if v is not None})
