@@ -30,10 +30,11 @@ from pcrt.cache.runs import (
     RunRecord,
     RunStore,
 )
-from pcrt.cache.status import RunStatus
+from pcrt.cache.status import CallStatus, RunStatus
+from pcrt.cache.tool_calls import CallRecord, ToolCallStore
 from pcrt.runtime.threads import to_thread_to_completion
 
-__all__ = ["AsyncRunStore"]
+__all__ = ["AsyncRunStore", "AsyncToolCalls"]
 
 T = TypeVar("T")
 
@@ -123,3 +124,45 @@ class AsyncRunStore:
         self, key: str, path: str, output: Any, tokens: int, max_entries: int
     ) -> None:
         await _in_thread(self.sync.cache_put, key, path, output, tokens, max_entries)
+
+
+class AsyncToolCalls:
+    """``ToolCallStore``, awaited: every call in a worker thread."""
+
+    def __init__(self, calls: ToolCallStore) -> None:
+        self.sync = calls
+
+    async def find(self, run_id: str, node_id: str, step: int, seq: int) -> CallRecord | None:
+        return await _in_thread(self.sync.find, run_id, node_id, step, seq)
+
+    async def sent(
+        self, run_id: str, node_id: str, step: int, seq: int, **values: Any
+    ) -> CallRecord:
+        return await _in_thread(self.sync.sent, run_id, node_id, step, seq, **values)
+
+    async def answered(
+        self,
+        run_id: str,
+        node_id: str,
+        step: int,
+        seq: int,
+        *,
+        ok: bool,
+        result: dict[str, Any],
+        seconds: float | None,
+        status: CallStatus = CallStatus.DONE,
+    ) -> CallRecord:
+        return await _in_thread(
+            self.sync.answered,
+            run_id,
+            node_id,
+            step,
+            seq,
+            ok=ok,
+            result=result,
+            seconds=seconds,
+            status=status,
+        )
+
+    async def of_run(self, run_id: str) -> list[CallRecord]:
+        return await _in_thread(self.sync.of_run, run_id)

@@ -264,3 +264,32 @@ def m010_run_agent(db: sqlite_utils.Database) -> None:
     """The agent a run works for (the X-PC-Agent-ID of the request that started it):
     each generation it makes is a usage row billed to that agent."""
     db.table("runs").add_column("agent", str)
+
+
+@migration
+def m011_tool_calls(db: sqlite_utils.Database) -> None:
+    """Each tool call of a DAG's tool and agent nodes (issue 18), recorded before it is
+    sent and its result before the model reads it: a resume never sends it again."""
+    db.execute(
+        """
+        create table tool_calls (
+            run_id text not null,
+            node_id text not null,
+            step integer not null,       -- an agent's generate-call round (0 for a tool node)
+            seq integer not null,        -- the call's place among its step's calls
+            call_id text not null,       -- what the model's conversation names it by
+            tool text not null,
+            arguments text not null,     -- JSON
+            status text not null,        -- CallStatus
+            attempts integer not null default 1,
+            decision text,               -- after a crash: "retry" or "skip" (a person's)
+            ok integer,
+            result text,                 -- JSON: {"text", "value", "error"}
+            result_bytes integer,
+            sent_at text not null,
+            finished_at text,
+            seconds real,
+            primary key (run_id, node_id, step, seq)
+        )
+        """
+    )

@@ -335,31 +335,60 @@ def status(run_id: str, as_json: bool) -> None:
 @click.option("-f", "--follow", is_flag=True, help="Show node progress while it runs.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run as JSON (GET /v1/dags/RUN).")
 @click.option("--local", is_flag=True, help="Resume in this process even if a daemon is up.")
-def resume(run_id: str, follow: bool, as_json: bool, local: bool) -> None:
+@click.option(
+    "--retry-call",
+    is_flag=True,
+    help="needs_attention: send the tool calls that were in flight again.",
+)
+@click.option(
+    "--skip-call",
+    metavar="RESULT_JSON",
+    help="needs_attention: the calls in flight were done; this JSON is what they returned.",
+)
+def resume(
+    run_id: str,
+    follow: bool,
+    as_json: bool,
+    local: bool,
+    retry_call: bool,
+    skip_call: str | None,
+) -> None:
     """Resume RUN: finished nodes are kept, an interrupted node continues from its
-    checkpoint."""
+    checkpoint, and recorded tool calls are never sent again. A run that
+    needs_attention waits for --retry-call or --skip-call."""
     from rich.console import Console
 
     from pcrt.cli import dag_daemon, dag_local
     from pcrt.cli.client import DaemonClient
+    from pcrt.runtime.dag.tasks import decide_calls
 
     console = Console(stderr=as_json, highlight=False)
     view: dict[str, Any] | None = None
+    skip: tuple[Any] | None = None
+    if skip_call is not None:
+        try:
+            skip = (json.loads(skip_call),)
+        except ValueError as exc:
+            raise InvalidRequest(f"--skip-call takes JSON: {exc}") from None
+    decision: dict[str, Any] | None = None
+    if retry_call or skip is not None:
+        decision = {"retry_call": retry_call, **({"skip_call": skip[0]} if skip else {})}
     if not local:
         with DaemonClient() as client:
             if client.is_up():
                 if follow:
                     before = client.get(f"/v1/dags/{run_id}")
-                    client.post(f"/v1/dags/{run_id}/resume")
+                    client.post(f"/v1/dags/{run_id}/resume", decision)
                     view = dag_daemon.poll_daemon(client, run_id, before, console)
                 else:
-                    view = client.post(f"/v1/dags/{run_id}/resume?wait=true")
+                    view = client.post(f"/v1/dags/{run_id}/resume?wait=true", decision)
     if view is None:
         with dag_local.local() as here:
             record = dag_local.get_run(here.runs, run_id)
             if record.status not in RESUMABLE_RUN_STATES:
                 states = ", ".join(RESUMABLE_RUN_STATES)
                 raise InvalidRequest(f"run {run_id} is {record.status}; only {states} runs resume")
+            decide_calls(here.runs, run_id, retry_call, skip)
             view = dag_local.execute_local(here, run_id, follow, console)
     _finish(view, as_json)
 

@@ -84,6 +84,12 @@ class FollowView:
             self._line(Text.assemble(("→ ", "cyan"), (node, "bold"), kind_text))
         elif kind == "checkpoint" and node is not None:
             self._line(Text(f"  {node}: checkpoint at {data.get('tokens')} tokens", style="dim"))
+        elif kind == "tool_calls" and node is not None:
+            calls = ", ".join(
+                f"{c.get('tool')}{'' if c.get('ok') else ' (failed)'}"
+                for c in data.get("calls", [])
+            )
+            self._line(Text(f"  {node}: step {data.get('step')} called {calls}", style="dim"))
         elif kind == "node_finished" and node is not None:
             self._finished(run_id, node, data)
 

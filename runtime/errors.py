@@ -28,7 +28,8 @@ message without a traceback.
     │   │   └── ShapeInvalid   some nodes failed their shape check; the rest parsed
     │   └── RenderFailed       a template could not be rendered with the run's values
     ├── AssertFailed           an ``assert`` node's expression was false (fails the run)
-    ├── BudgetExceeded         a DAG run spent its max_nodes, max_tokens or timeout
+    ├── BudgetExceeded         a DAG run spent its max_nodes, max_tokens, max_tool_calls or timeout
+    ├── NeedsAttention         a tool call that must not be sent twice was in flight in a crash
     ├── StateError             a KV state blob is malformed or does not belong to this model
     │   ├── IncompatibleState  the compatibility key differs (other model, KV type, version)
     │   └── StateCorrupt       a stored or uploaded state fails its own checks (hash, header)
@@ -54,6 +55,7 @@ them (a missing run is ``NotFound``, a corrupt blob a ``StateError`` or a recomp
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -76,6 +78,7 @@ __all__ = [
     "InvalidRequest",
     "ModelLoadError",
     "ModelNotFound",
+    "NeedsAttention",
     "NoRoute",
     "NotFound",
     "PcrtError",
@@ -318,6 +321,26 @@ class BudgetExceeded(PcrtError):
     def __init__(self, limit: str, detail: str) -> None:
         super().__init__(f"budget exceeded: {limit} ({detail})")
         self.limit = limit
+
+
+class NeedsAttention(PcrtError):
+    """A run stops for a person: a tool call was in flight when the daemon died, and its
+    tool is not idempotent, so sending it again might do twice what it does (a payment,
+    an email). ``calls``: those calls as ``pcrt dag status`` shows them."""
+
+    def __init__(self, run_id: str, calls: list[dict[str, Any]]) -> None:
+        self.run_id = run_id
+        self.calls = calls
+        shown = "; ".join(
+            f"{c['tool']}({json.dumps(c['arguments'], ensure_ascii=False)[:200]}) at node "
+            f"{c['node']!r}"
+            for c in calls
+        )
+        super().__init__(
+            f"needs attention: a call was in flight when the daemon stopped and its tool is "
+            f"not idempotent: {shown}. Decide: pcrt dag resume {run_id} --retry-call (send it "
+            f"again) or --skip-call RESULT_JSON (it was done; this was its result)"
+        )
 
 
 class StateError(PcrtError):

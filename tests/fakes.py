@@ -137,8 +137,15 @@ class FakeChat:
     available = True
     call_format = FORMATS["generic"]  # no tool template
 
-    def render(self, messages: list[ChatMessage], tools: list[dict[str, Any]] | None = None) -> str:
-        return "".join(f"<|{m.role}|>{m.text()}\n" for m in messages) + "<|assistant|>"
+    def render(
+        self,
+        messages: list[ChatMessage],
+        tools: list[dict[str, Any]] | None = None,
+        *,
+        generation_prompt: bool = True,
+    ) -> str:
+        text = "".join(f"<|{m.role}|>{m.text()}\n" for m in messages)
+        return text + "<|assistant|>" if generation_prompt else text
 
 
 class FakeEngine:

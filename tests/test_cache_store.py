@@ -24,6 +24,7 @@ SHIPPED = [
     "m008_run_origin",
     "m009_runs_for_peer",
     "m010_run_agent",
+    "m011_tool_calls",
 ]
 
 

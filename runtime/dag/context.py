@@ -26,7 +26,7 @@ from typing import Any, Protocol, TypeAlias
 
 import llama_cpp
 
-from pcrt.cache.async_runs import AsyncRunStore
+from pcrt.cache.async_runs import AsyncRunStore, AsyncToolCalls
 from pcrt.cache.blobs import BlobStore
 from pcrt.cache.runs import RunCounters, RunRecord, RunStore
 from pcrt.cache.usage import UsageRecord
@@ -39,6 +39,7 @@ from pcrt.runtime.engine import EngineClient
 from pcrt.runtime.errors import BudgetExceeded, PeerError
 from pcrt.runtime.models.registry import Registry
 from pcrt.runtime.threads import to_thread_to_completion
+from pcrt.runtime.tools import ToolRegistry
 
 __all__ = [
     "DAG_ROUTE",
@@ -123,6 +124,8 @@ class RunnerDeps:
     # CLI runs DAGs unaccounted, as it runs single prompts). It must not block: the
     # daemon's queues the row (``UsageLog.record_soon``)
     usage: Callable[[UsageRecord], None] | None
+    calls: AsyncToolCalls  # the tool calls of tool and agent nodes, each recorded
+    tools: ToolRegistry | None = None  # what tool and agent nodes call (None: no tools)
 
     @property
     def peers(self) -> Remote | None:

@@ -22,6 +22,7 @@ class DagEventKind(StrEnum):
     NODE_STARTED = "node_started"  # data: the node's type
     TOKEN = "token"  # data: index (the sample), text
     CHECKPOINT = "checkpoint"  # data: tokens (generated so far)
+    TOOL_CALLS = "tool_calls"  # data: step, calls ([{tool, ok, seconds}]): settled, recorded
     FALLBACK = "fallback"  # data: from (the peer that failed the node), error
     NODE_FINISHED = "node_finished"  # data: status, and output or error
     RUN_FINISHED = "run_finished"  # data: status, error, outputs

@@ -29,18 +29,21 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from pcrt.cache.async_runs import AsyncRunStore
+from pcrt.cache.async_runs import AsyncRunStore, AsyncToolCalls
 from pcrt.cache.blobs import BlobStore
 from pcrt.cache.runs import (
     NodeFailed,
     NodeFinished,
     NodeFinishedElsewhere,
+    NodeInterrupted,
     RunCounters,
     RunRecord,
     RunStore,
 )
 from pcrt.cache.status import RESUMABLE_RUN_STATES, NodeStatus, RunStatus
+from pcrt.cache.tool_calls import ToolCallStore
 from pcrt.cache.usage import UsageRecord
+from pcrt.runtime.dag.agent import run_agent
 from pcrt.runtime.dag.calls import call_subgraph
 from pcrt.runtime.dag.context import EngineLease, Remote, RunContext, RunnerDeps, new_run
 from pcrt.runtime.dag.events import DagEvent, DagEventKind, EventSink, ignore
@@ -53,14 +56,31 @@ from pcrt.runtime.dag.library import (
 )
 from pcrt.runtime.dag.load import parse_dag
 from pcrt.runtime.dag.offsite import generate_routed
-from pcrt.runtime.dag.spec import AssertNode, Budget, DagSpec, ForkNode, SubgraphNode
+from pcrt.runtime.dag.spec import (
+    AgentNode,
+    AssertNode,
+    Budget,
+    DagSpec,
+    ForkNode,
+    SubgraphNode,
+    ToolNode,
+)
 from pcrt.runtime.dag.template_render import check_assert_async
 from pcrt.runtime.dag.templates import make_environment, make_scope
+from pcrt.runtime.dag.tools import run_tool_node
 from pcrt.runtime.dag.validate import bind_inputs, dependencies, validate, validate_callees
-from pcrt.runtime.errors import AssertFailed, BudgetExceeded, DagInvalid, InvalidRequest, PcrtError
+from pcrt.runtime.errors import (
+    AssertFailed,
+    BudgetExceeded,
+    DagInvalid,
+    InvalidRequest,
+    NeedsAttention,
+    PcrtError,
+)
 from pcrt.runtime.models.registry import Registry
 from pcrt.runtime.paths import Paths
 from pcrt.runtime.threads import to_thread_to_completion
+from pcrt.runtime.tools import ToolRegistry
 
 __all__ = ["DagRunner", "check_run"]
 
@@ -75,13 +95,15 @@ def check_run(
     inputs: dict[str, Any],
     remote: tuple[set[str], set[str]] | None = None,
     library: Library | None = None,
+    tools: set[str] | None = None,
 ) -> dict[str, Any]:
     """Everything a run is checked for before it exists (DagInvalid lists every problem);
     returns the bound inputs. The CLI calls it too, before loading or sending anything.
     ``remote`` adds the model names and tags trusted peers offer. ``library`` is what
     subgraph nodes call (``run_library``; without it, the documents ``spec`` carries): the
     callees are validated too, and a library that failed to load is reported when the DAG
-    calls subgraphs."""
+    calls subgraphs. ``tools``: the registered tools' names (None: not known here, as
+    when the CLI checks a DAG it sends to a daemon, so not checked)."""
     names = set(registry.entries)
     aliases = {a for e in registry.entries.values() for a in e.aliases}
     tags = {t for e in registry.entries.values() for t in e.tags}
@@ -92,7 +114,9 @@ def check_run(
         library = run_library(spec, dirs=())
     models = names | aliases
     problems = list(library.problems) if calls_subgraphs(spec) else []
-    problems += validate(spec, known_models=models, known_tags=tags, library=library.dags)
+    problems += validate(
+        spec, known_models=models, known_tags=tags, library=library.dags, known_tools=tools
+    )
     problems += validate_callees(
         library.closure(spec).values(),
         known_models=models,
@@ -119,6 +143,7 @@ class DagRunner:
         remote: Remote | None = None,
         library_dirs: Sequence[Path] | None = None,
         usage: Callable[[UsageRecord], None] | None = None,
+        tools: ToolRegistry | None = None,
     ) -> None:
         self.deps = RunnerDeps(
             registry=registry,
@@ -130,6 +155,8 @@ class DagRunner:
             cache_entries=cache_entries,
             remote=remote,
             usage=usage,
+            calls=AsyncToolCalls(ToolCallStore(runs.store)),
+            tools=tools,
         )
         # None: the directories of the environment (Paths.lib_dirs), read at each run's
         # creation, so library files added meanwhile count
@@ -233,7 +260,8 @@ class DagRunner:
     ) -> RunRecord:
         dirs = self.library_dirs if self.library_dirs is not None else Paths.from_env().lib_dirs
         resolved = run_library(spec, dirs, library)
-        bound = check_run(spec, self.deps.registry, inputs, remote, resolved)
+        tools = {t.name for t in self.deps.tools.tools()} if self.deps.tools else set()
+        bound = check_run(spec, self.deps.registry, inputs, remote, resolved, tools)
         carried = with_library(spec, resolved.closure(spec))
         return new_run(self.runs, carried, bound, agent=agent)
 
@@ -261,6 +289,8 @@ class DagRunner:
             error = f"budget exceeded: timeout_sec ({timeout} s)"
         except BudgetExceeded as exc:
             status, error = RunStatus.BUDGET_EXCEEDED, str(exc)
+        except NeedsAttention as exc:
+            status, error = RunStatus.NEEDS_ATTENTION, str(exc)
         except asyncio.CancelledError:
             # written even if cancelled again meanwhile (the thread ends first)
             await runs.set_status(run_id, RunStatus.CANCELLED, error="cancelled; checkpoints kept")
@@ -333,12 +363,21 @@ class DagRunner:
                 produced = {node_id: True}
             elif isinstance(node, SubgraphNode):
                 produced = {node_id: await call_subgraph(run, node, scope, self.execute)}
+            elif isinstance(node, ToolNode):
+                produced = {node_id: await run_tool_node(run, node, scope)}
+            elif isinstance(node, AgentNode):
+                produced = {node_id: await run_agent(run, node, scope)}
             elif node.generates:
                 produced = await generate_routed(run, node, scope)
             elif isinstance(node, ForkNode) and node.branches is not None:
                 produced = {node_id: [run.outputs[b] for b in node.branches]}
             else:
                 raise InvalidRequest(f"node {node_id}: type {node.type!r} cannot run")
+        except NeedsAttention as exc:  # not failed: it goes on once a person decides
+            await runs.update_node(run.id, node_id, NodeInterrupted())
+            stopped = {"status": NodeStatus.INTERRUPTED, "error": str(exc)}
+            run.emit(DagEvent(DagEventKind.NODE_FINISHED, run.id, node_id, stopped))
+            raise
         except (PcrtError, AssertFailed) as exc:
             if isinstance(exc, BudgetExceeded) and await _succeeded(runs, run.id, node_id):
                 # it finished, and spent the last of the budget: its output is kept
@@ -350,7 +389,7 @@ class DagRunner:
             run.emit(DagEvent(DagEventKind.NODE_FINISHED, run.id, node_id, data))
             raise
         output = produced[node_id]
-        if not (node.generates or isinstance(node, SubgraphNode)):
+        if not (node.generates or isinstance(node, SubgraphNode | AgentNode)):
             finished = NodeFinished(
                 output=output,
                 ran_on=self.deps.ran_on,

@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator,
 from pcrt.runtime.errors import Problem
 
 __all__ = [
+    "AgentNode",
     "AssertNode",
     "Budget",
     "Complexity",
@@ -42,6 +43,7 @@ __all__ = [
     "Route",
     "Signature",
     "SubgraphNode",
+    "ToolNode",
 ]
 
 IDENT_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
@@ -50,7 +52,8 @@ MAX_NODES = 1_000  # in one DAG document (a subgraph call counts as one)
 PATH_PATTERN = r"^/(lib|dynamic)(/[A-Za-z0-9_.-]+)+$"
 LIB_PATTERN = r"^/lib(/[A-Za-z0-9_.-]+)+$"
 
-NODE_TYPES: tuple[str, ...] = ("llm", "fork", "assert", "subgraph")
+NODE_TYPES: tuple[str, ...] = ("llm", "fork", "assert", "subgraph", "tool", "agent")
+TOOL_NAME_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"  # OpenAI's rule for a function's name
 
 JsonType = Literal["string", "integer", "number", "boolean", "array", "object"]
 # routing hints of a node that generates or calls: "auto" and None mean "not set"
@@ -117,7 +120,8 @@ class Budget(BaseModel):
 
     max_nodes: int | None = Field(default=None, ge=1)
     max_tokens: int | None = Field(default=None, ge=1)
-    timeout_sec: float | None = Field(default=None, gt=0)
+    timeout_sec: float | None = Field(default=None, gt=0)  # tool calls' time counts too
+    max_tool_calls: int | None = Field(default=None, ge=1)  # by tool and agent nodes
 
 
 class _NodeBase(BaseModel):
@@ -283,7 +287,56 @@ class SubgraphNode(_NodeBase):
         return False
 
 
-Node = Annotated[LlmNode | ForkNode | AssertNode | SubgraphNode, Field(discriminator="type")]
+class ToolNode(_NodeBase):
+    """A call of a registered tool (``pcrt tools list``) with ``arguments``: a string
+    value is a template (a lone ``{{ expression }}`` keeps the value's type), any other
+    JSON value is passed as is. The output is the tool's result: its JSON when it answers
+    JSON, else its text. A tool that fails fails the node.
+
+    The call is recorded before it is sent and its result before the run goes on, so a
+    resume never sends it twice (see ``pcrt.runtime.dag.tool_calls``)."""
+
+    type: Literal["tool"]
+    tool: str = Field(pattern=TOOL_NAME_PATTERN)
+    arguments: dict[str, Any] = {}
+    timeout: float | None = Field(default=None, gt=0)  # default: the tool's own
+
+    @property
+    def generates(self) -> Literal[False]:
+        return False
+
+
+class AgentNode(_Generation):
+    """A model with ``tools`` in a loop: it generates; the calls it makes run at once;
+    their results join its conversation; it generates again, until it answers in text
+    (the node's output) or has generated ``max_steps`` times (the node fails).
+
+    ``tool_choice`` is the first step's (``auto``, ``required`` or a tool's name); after
+    a call it is ``auto`` again, as OpenAI's Agents SDK resets it, or the model could
+    never answer. The conversation's KV stays with the node between steps: each step
+    computes only the results and the new turn's header. Each call is recorded before it
+    is sent and its result before the model reads it: a resume never sends it again."""
+
+    type: Literal["agent"]
+    prompt: str = Field(min_length=1)
+    tools: tuple[Annotated[str, Field(pattern=TOOL_NAME_PATTERN)], ...] = Field(min_length=1)
+    tool_choice: str = "auto"
+    parallel_tool_calls: bool = True
+    max_steps: int = Field(default=8, ge=1, le=64)
+    # this node's calls, across its steps; once spent, it answers with tools withheld
+    max_tool_calls: int | None = Field(default=None, ge=1)
+
+    @property
+    def generates(self) -> Literal[False]:
+        """It generates, but as several generations with calls between: its own module
+        runs it (``pcrt.runtime.dag.agent``), here."""
+        return False
+
+
+Node = Annotated[
+    LlmNode | ForkNode | AssertNode | SubgraphNode | ToolNode | AgentNode,
+    Field(discriminator="type"),
+]
 
 
 class DagSpec(BaseModel):

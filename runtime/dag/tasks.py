@@ -14,10 +14,13 @@ from typing import Any
 from pcrt.cache.async_runs import AsyncRunStore
 from pcrt.cache.runs import RunRecord, RunStore
 from pcrt.cache.status import NodeStatus, RunStatus
+from pcrt.cache.tool_calls import ToolCallStore
 from pcrt.runtime.dag.events import DagEvent
 from pcrt.runtime.dag.runner import DagRunner
+from pcrt.runtime.errors import InvalidRequest
+from pcrt.runtime.threads import to_thread_to_completion
 
-__all__ = ["DagTasks", "run_summary", "run_view"]
+__all__ = ["DagTasks", "decide_calls", "run_summary", "run_view"]
 
 
 class DagTasks:
@@ -99,6 +102,11 @@ class DagTasks:
         await asyncio.wait({task})
         return True
 
+    async def decide(self, run_id: str, retry: bool, skip: tuple[Any] | None) -> None:
+        """A person's word on a ``needs_attention`` run's calls in flight, before it
+        resumes: send them again (``retry``), or take ``skip[0]`` as their result."""
+        await to_thread_to_completion(decide_calls, self.runner.runs, run_id, retry, skip)
+
     async def close(self) -> None:
         """The daemon is stopping: its runs are interrupted, not cancelled by anyone, so
         that resume_on_start (or pcrt dag resume) picks them up from their checkpoints."""
@@ -141,4 +149,21 @@ def run_view(runs: RunStore, run: RunRecord) -> dict[str, Any]:
         "migrated_to": run.migrated_to,
         "outputs": {n.node_id: n.output for n in nodes if n.status == NodeStatus.SUCCEEDED},
         "nodes": [asdict(n) for n in nodes],
+        "tool_calls": [c.view() for c in ToolCallStore(runs.store).of_run(run.id)],
     }
+
+
+def decide_calls(runs: RunStore, run_id: str, retry: bool, skip: tuple[Any] | None) -> None:
+    """``DagTasks.decide`` in this thread (the CLI's resume without a daemon)."""
+    if not retry and skip is None:
+        return
+    if retry and skip is not None:
+        raise InvalidRequest("give --retry-call or --skip-call, not both")
+    if runs.get_run(run_id).status != RunStatus.NEEDS_ATTENTION:
+        raise InvalidRequest(f"run {run_id} has no tool call waiting for a decision")
+    calls = ToolCallStore(runs.store)
+    if retry:
+        calls.decide(run_id, "retry")
+    else:
+        assert skip is not None
+        calls.decide(run_id, "skip", skip[0])

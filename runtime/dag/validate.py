@@ -43,6 +43,7 @@ from jinja2.exceptions import TemplateSyntaxError
 from jsonschema.validators import Draft202012Validator, validator_for
 
 from pcrt.runtime.dag.spec import (
+    AgentNode,
     AssertNode,
     DagSpec,
     ForkNode,
@@ -50,6 +51,7 @@ from pcrt.runtime.dag.spec import (
     LlmNode,
     Node,
     SubgraphNode,
+    ToolNode,
 )
 from pcrt.runtime.dag.templates import (
     DagSandbox,
@@ -86,9 +88,11 @@ def validate(
     known_models: set[str],
     known_tags: set[str],
     library: Mapping[str, DagSpec] | None = None,
+    known_tools: set[str] | None = None,
 ) -> list[Problem]:
-    """Every problem of ``spec``, in document order; an empty list means it may run."""
-    return _Validator(spec, known_models, known_tags, library or {}).run()
+    """Every problem of ``spec``, in document order; an empty list means it may run.
+    ``known_tools``: the registered tools (None: not known here, so not checked)."""
+    return _Validator(spec, known_models, known_tags, library or {}, known_tools).run()
 
 
 def validate_document(spec: DagSpec) -> list[Problem]:
@@ -143,6 +147,10 @@ def template_fields(node: Node) -> list[tuple[str, str, bool]]:
         return [("that", node.that, True)]
     if isinstance(node, SubgraphNode):
         return [(f"inputs.{k}", v, False) for k, v in node.inputs.items() if isinstance(v, str)]
+    if isinstance(node, ToolNode):
+        return [
+            (f"arguments.{k}", v, False) for k, v in node.arguments.items() if isinstance(v, str)
+        ]
     fields = [("prompt", node.prompt, False), ("system", node.system, False)]
     return [(name, source, False) for name, source, _ in fields if source is not None]
 
@@ -153,9 +161,10 @@ def _raw_fields(raw: Any) -> list[tuple[str, str, bool]]:
     if not isinstance(raw, Mapping):
         return []
     fields = [(k, raw.get(k), k == "that") for k in ("prompt", "system", "that")]
-    inputs = raw.get("inputs")
-    if isinstance(inputs, Mapping):
-        fields += [(f"inputs.{k}", v, False) for k, v in inputs.items()]
+    for name in ("inputs", "arguments"):
+        values = raw.get(name)
+        if isinstance(values, Mapping):
+            fields += [(f"{name}.{k}", v, False) for k, v in values.items()]
     return [
         (str(field), source, is_expr)
         for field, source, is_expr in fields
@@ -347,8 +356,10 @@ class _Validator:
         known_models: set[str] | None,
         known_tags: set[str] | None,
         library: Mapping[str, DagSpec] | None,
+        known_tools: set[str] | None = None,
     ) -> None:
-        """None for models, tags or library: not known here, so not checked."""
+        """None for models, tags, library or tools: not known here, so not checked."""
+        self.known_tools = known_tools
         self.spec = spec
         self.ids = [*spec.nodes, *spec.rejected]  # what a reference may name
         self.known_models = known_models
@@ -377,6 +388,10 @@ class _Validator:
                 self.check_generation(node_id, node)
             if isinstance(node, SubgraphNode):
                 self.check_subgraph(node_id, node)
+            if isinstance(node, ToolNode):
+                self.check_tool(node_id, "tool", node.tool)
+            if isinstance(node, AgentNode):
+                self.check_agent(node_id, node)
             for field, info in _scan_fields(template_fields(node), self.env):
                 self.check_template(node_id, field, info)
         for node_id, raw in self.spec.rejected.items():
@@ -475,6 +490,36 @@ class _Validator:
                 self.check_constrainable(node_id, node.output_schema)
         if node.context is not None:
             self.check_context(node_id, node, node.context)
+
+    def check_tool(self, node_id: str, field: str, name: str) -> None:
+        tools = self.known_tools
+        if tools is not None and name not in tools:
+            listed = (
+                f"{_known(tools)}"
+                if tools
+                else " (no tools are registered: see [tools] in the config file)"
+            )
+            self.add(node_id, field, f"no tool {name!r}{listed}")
+
+    def check_agent(self, node_id: str, node: AgentNode) -> None:
+        models, tags = self.known_models, self.known_tags
+        if node.model is not None and models is not None and node.model not in models:
+            self.add(node_id, "model", f"unknown model {node.model!r}{_known(models)}")
+        if node.tag is not None and tags is not None and node.tag not in tags:
+            self.add(node_id, "tag", f"unknown tag {node.tag!r}{_known(tags)}")
+        for i, name in enumerate(node.tools):
+            self.check_tool(node_id, f"tools[{i}]", name)
+        if len(set(node.tools)) < len(node.tools):
+            self.add(node_id, "tools", "a tool is listed twice")
+        if node.tool_choice not in ("auto", "required", *node.tools):
+            self.add(
+                node_id,
+                "tool_choice",
+                f"{node.tool_choice!r} is none of auto, required or the node's tools",
+            )
+        for field in ("output_schema", "context"):
+            if getattr(node, field) is not None:
+                self.add(node_id, field, f"an agent node takes no {field} (its answer is text)")
 
     def check_constrainable(self, node_id: str, schema: dict[str, Any]) -> None:
         """A valid schema that constrained decoding cannot take (an unsupported keyword or
@@ -610,6 +655,8 @@ class _Validator:
                 f"{'sample' if target.samples is not None else 'branch'} "
                 f"(nodes.{name}.output[0])"
             )
+        if isinstance(target, AgentNode) and not hasattr(str, field):
+            return f"{ref.text}: {name!r} is an agent node, whose output is text"
         if isinstance(target, LlmNode):
             schema = target.output_schema
             if schema is None:

@@ -64,6 +64,7 @@ class ToolSpec:
 
     name: str
     parameters: dict[str, Any] | None = None
+    description: str = ""
 
     @property
     def schema(self) -> dict[str, Any]:

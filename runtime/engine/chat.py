@@ -66,6 +66,17 @@ class ChatRenderer:
                 if template
                 else None
             )
+            # the same template, ending after the last message: where a turn ends
+            self._closed = (
+                Jinja2ChatFormatter(
+                    template=template,
+                    eos_token=eos_token,
+                    bos_token=bos_token,
+                    add_generation_prompt=False,
+                )
+                if template
+                else None
+            )
         except jinja2.TemplateError as exc:
             raise ModelLoadError(
                 f"the chat template of {model_name!r} does not compile: {exc} (fix or set "
@@ -90,8 +101,17 @@ class ChatRenderer:
                 )
         return self._call_format
 
-    def render(self, messages: list[ChatMessage], tools: list[dict[str, Any]] | None = None) -> str:
-        if self._formatter is None:
+    def render(
+        self,
+        messages: list[ChatMessage],
+        tools: list[dict[str, Any]] | None = None,
+        *,
+        generation_prompt: bool = True,
+    ) -> str:
+        """The prompt of ``messages`` (and ``tools``), ending with the assistant's turn
+        opened, or (``generation_prompt`` false) right after the last message."""
+        formatter = self._formatter if generation_prompt else self._closed
+        if formatter is None:
             raise ChatTemplateMissing(
                 f"model {self.model_name!r} has no chat template: set 'chat_template' for it in "
                 "models.toml, or send a plain completion prompt instead"
@@ -102,7 +122,7 @@ class ChatRenderer:
         if tools is not None:  # templates read every tool's parameters, even when it has none
             tools = [_with_parameters(t) for t in tools]
         try:
-            result = self._formatter(messages=plain, tools=tools)  # type: ignore[arg-type]
+            result = formatter(messages=plain, tools=tools)  # type: ignore[arg-type]
         except Exception as exc:  # templates raise their own errors (raise_exception(...))
             raise InvalidRequest(f"the chat template rejected these messages: {exc}") from None
         return result.prompt

@@ -16,9 +16,10 @@ llama.cpp context, which a fake could not honour.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from pcrt.runtime.engine.call_formats import CallFormat
+from pcrt.runtime.engine.chat import ChatMessage
 from pcrt.runtime.engine.config import EngineConfig
 from pcrt.runtime.engine.handoff import RequestHandle
 from pcrt.runtime.engine.requests import Completion, GenerateRequest, SlotInfo
@@ -62,6 +63,16 @@ class ChatTemplate(Protocol):
     @property
     def call_format(self) -> CallFormat:
         """How the model writes tool calls, found from its template."""
+        ...
+
+    def render(
+        self,
+        messages: list[ChatMessage],
+        tools: list[dict[str, Any]] | None = None,
+        *,
+        generation_prompt: bool = True,
+    ) -> str:
+        """The prompt text of a conversation (``ChatRenderer.render``)."""
         ...
 
 

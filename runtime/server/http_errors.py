@@ -35,6 +35,7 @@ from pcrt.runtime.errors import (
     InvalidRequest,
     ModelLoadError,
     ModelNotFound,
+    NeedsAttention,
     NoRoute,
     NotFound,
     PcrtError,
@@ -130,6 +131,8 @@ def status_and_body(exc: PcrtError) -> tuple[int, dict[str, Any], dict[str, str]
         return 400, error_body(msg, "invalid_request_error", None, None), headers
     if isinstance(exc, Conflict):
         return 409, error_body(msg, "invalid_request_error", None, "conflict"), headers
+    if isinstance(exc, NeedsAttention):
+        return 409, error_body(msg, "invalid_request_error", None, "needs_attention"), headers
     if isinstance(exc, StateCorrupt):
         return 409, error_body(msg, "invalid_request_error", "state", "state_corrupt"), headers
     if isinstance(exc, StateError):

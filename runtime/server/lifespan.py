@@ -132,6 +132,7 @@ async def running_services(
                 remote=RemoteRunner(coordinator),
                 usage=dag_billing(usage, limiter, metrics),
                 cache_entries=settings.dag_cache_entries,
+                tools=tools,
             )
         )
         stack.push_async_callback(dags.close)  # running DAGs stop; their checkpoints stay

@@ -163,14 +163,29 @@ async def get_run(run_id: str, request: Request) -> Response:
     return await _answer(_tasks(request), run_id)
 
 
+class ResumeRun(BaseModel):
+    """A ``needs_attention`` run's decision on its tool calls in flight: send them again,
+    or take ``skip_call`` as what they returned (any JSON)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    retry_call: bool = False
+    skip_call: Any = None
+
+
 @router.post("/v1/dags/{run_id}/resume")
-async def resume_run(run_id: str, request: Request, wait: bool = False) -> Any:
+async def resume_run(
+    run_id: str, request: Request, wait: bool = False, body: ResumeRun | None = None
+) -> Any:
     tasks = _tasks(request)
     run = await _get(tasks, run_id)
     if run.status not in RESUMABLE_RUN_STATES:
         raise InvalidRequest(
             f"run {run_id} is {run.status}; only {', '.join(RESUMABLE_RUN_STATES)} resume"
         )
+    if body is not None:
+        skip = (body.skip_call,) if "skip_call" in body.model_fields_set else None
+        await tasks.decide(run_id, body.retry_call, skip)
     # a request of the agent the run bills, as starting it was
     services_of(request).limiter.admit(run.agent or agent_of(request), 0)
     tasks.start(run_id, for_peer=run.for_peer is not None)

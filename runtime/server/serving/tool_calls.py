@@ -40,6 +40,7 @@ from pcrt.runtime.engine.call_formats import (
 from pcrt.runtime.engine.chat import ChatMessage
 from pcrt.runtime.engine.constraints import locate_problem
 from pcrt.runtime.engine.sampling import SamplingParams
+from pcrt.runtime.engine.tool_prompt import tool_messages
 from pcrt.runtime.errors import ConstraintInvalid, InvalidRequest
 from pcrt.runtime.server.schemas import NamedToolChoice, ToolDefinition
 
@@ -159,22 +160,12 @@ class ToolPlan:
         return tuple(t.model_dump(exclude_none=True) for t in self.tools)
 
     def messages(self, messages: Sequence[ChatMessage]) -> list[ChatMessage]:
-        """The conversation as the model reads it. A template that writes tools takes
-        calls and results as they are; for one that does not, the tools are described in
-        a system block and earlier calls written in the generic call JSON."""
-        if self.format.native:
-            return list(messages)
-        written = [_written(m) for m in messages]
-        if not self.offered:
-            return written
-        block = _tools_block(self.tools, self.choice)
-        if written and written[0].role in ("system", "developer"):
-            first = written[0]
-            return [
-                ChatMessage(role=first.role, content=f"{first.text()}\n\n{block}"),
-                *written[1:],
-            ]
-        return [ChatMessage(role="system", content=block), *written]
+        """The conversation as the model reads it (``tool_prompt``)."""
+        shown = [
+            ToolSpec(t.function.name, t.function.parameters, t.function.description or "")
+            for t in self.tools
+        ]
+        return tool_messages(self.format, shown if self.offered else [], self.choice, messages)
 
     def reply(self, text: str) -> ParsedReply:
         return read_reply(self.format, text, self.specs())
@@ -289,46 +280,6 @@ def _call_schema(tool: ToolDefinition) -> dict[str, Any]:
         "required": ["name", "arguments"],
         "additionalProperties": False,
     }
-
-
-def _tools_block(tools: Sequence[ToolDefinition], choice: str) -> str:
-    listed = "\n".join(
-        json.dumps(
-            {
-                "name": t.function.name,
-                "description": t.function.description or "",
-                "parameters": t.function.parameters or _EMPTY_PARAMETERS,
-            },
-            ensure_ascii=False,
-        )
-        for t in tools
-    )
-    when = {
-        "auto": "When a tool would help, call it; otherwise answer in plain text.",
-        "required": "Call one or more of these tools now.",
-    }.get(choice, f"Call the tool {choice!r} now.")
-    return (
-        f"You can call these tools:\n{listed}\n\n{when} To call tools, reply with only this "
-        'JSON: {"tool_calls": [{"name": "<tool name>", "arguments": {<its arguments>}}]}'
-    )
-
-
-def _written(message: ChatMessage) -> ChatMessage:
-    """An assistant's earlier calls as the JSON the model writes, after any text it wrote
-    with them (another model's history may have both); other messages as they are."""
-    calls = (message.model_extra or {}).get("tool_calls")
-    if message.role != "assistant" or not calls:
-        return message
-    written = [
-        {
-            "name": c["function"]["name"],
-            "arguments": json.loads(c["function"].get("arguments") or "{}"),
-        }
-        for c in calls
-    ]
-    content = json.dumps({"tool_calls": written}, ensure_ascii=False)
-    text = message.text()
-    return ChatMessage(role="assistant", content=f"{text}\n{content}" if text else content)
 
 
 def _check_history(messages: Sequence[ChatMessage]) -> None:

@@ -1,0 +1,212 @@
+"""The tool calls of DAG runs: each recorded before it is sent, its result before the
+model (or the next node) reads it, so a resume never sends a call twice by accident.
+
+A call is keyed by its place: the run, the node, the step (an agent's generate-call
+round; 0 for a ``tool`` node) and its place among the step's calls. Replaying a node
+finds each call at the same place: a ``done`` one gives its recorded result, a ``sent``
+one was in flight when the daemon died. Whether that one may go again is the
+executor's rule (its tool's ``idempotent``, or a person's ``decision``); this module
+only keeps the records, each change one transaction. Every method blocks: the executor
+awaits them through ``AsyncToolCalls`` (``async_runs.py``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pcrt.cache.status import CallStatus
+from pcrt.cache.store import Store, utc_now
+
+__all__ = ["CallRecord", "ToolCallStore"]
+
+Decision = Literal["retry", "skip"]
+
+
+@dataclass(frozen=True)
+class CallRecord:
+    run_id: str
+    node_id: str
+    step: int
+    seq: int
+    call_id: str
+    tool: str
+    arguments: dict[str, Any]
+    status: CallStatus
+    attempts: int
+    decision: Decision | None
+    ok: bool | None
+    result: dict[str, Any] | None  # {"text", "value", "error"}
+    result_bytes: int | None
+    sent_at: str
+    finished_at: str | None
+    seconds: float | None
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> CallRecord:
+        values = dict(row)
+        values["arguments"] = json.loads(values["arguments"])
+        values["result"] = json.loads(values["result"]) if values["result"] else None
+        values["status"] = CallStatus(values["status"])
+        values["ok"] = None if values["ok"] is None else bool(values["ok"])
+        return cls(**values)
+
+    def view(self) -> dict[str, Any]:
+        """As ``pcrt dag status`` and the API show it: arguments, outcome, size, time."""
+        return {
+            "node": self.node_id,
+            "step": self.step,
+            "call_id": self.call_id,
+            "tool": self.tool,
+            "arguments": self.arguments,
+            "status": str(self.status),
+            "ok": self.ok,
+            "error": (self.result or {}).get("error"),
+            "result_bytes": self.result_bytes,
+            "seconds": self.seconds,
+            "attempts": self.attempts,
+        }
+
+
+class ToolCallStore:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._lock = store.lock
+
+    @contextmanager
+    def _tx(self) -> Iterator[Any]:
+        with self._lock, self.store.db.conn as conn:
+            yield conn
+
+    def find(self, run_id: str, node_id: str, step: int, seq: int) -> CallRecord | None:
+        where = "run_id = ? and node_id = ? and step = ? and seq = ?"
+        found = self._select(where, (run_id, node_id, step, seq))
+        return found[0] if found else None
+
+    def of_node(self, run_id: str, node_id: str) -> list[CallRecord]:
+        return self._select("run_id = ? and node_id = ?", (run_id, node_id))
+
+    def of_run(self, run_id: str) -> list[CallRecord]:
+        return self._select("run_id = ?", (run_id,))
+
+    def in_flight(self, run_id: str) -> list[CallRecord]:
+        """Calls sent and never answered: the ones a crash left for a person."""
+        return self._select("run_id = ? and status = ?", (run_id, str(CallStatus.SENT)))
+
+    def sent(
+        self,
+        run_id: str,
+        node_id: str,
+        step: int,
+        seq: int,
+        *,
+        call_id: str,
+        tool: str,
+        arguments: dict[str, Any],
+        denied: bool = False,
+    ) -> CallRecord:
+        """Record a call before it is sent (or, ``denied``, instead of sending it). A
+        call already at this place is sent again: one more attempt, its decision used."""
+        now = utc_now()
+        with self._tx() as db:
+            known = db.execute(
+                "select attempts from tool_calls where run_id = ? and node_id = ? and "
+                "step = ? and seq = ?",
+                (run_id, node_id, step, seq),
+            ).fetchone()
+            if known is None:
+                db.execute(
+                    "insert into tool_calls (run_id, node_id, step, seq, call_id, tool, "
+                    "arguments, status, sent_at) values (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        run_id,
+                        node_id,
+                        step,
+                        seq,
+                        call_id,
+                        tool,
+                        json.dumps(arguments),
+                        str(CallStatus.DENIED if denied else CallStatus.SENT),
+                        now,
+                    ),
+                )
+            else:
+                db.execute(
+                    "update tool_calls set attempts = attempts + 1, decision = null, "
+                    "sent_at = ?, status = ? where run_id = ? and node_id = ? and step = ? "
+                    "and seq = ?",
+                    (now, str(CallStatus.SENT), run_id, node_id, step, seq),
+                )
+        found = self.find(run_id, node_id, step, seq)
+        assert found is not None
+        return found
+
+    def answered(
+        self,
+        run_id: str,
+        node_id: str,
+        step: int,
+        seq: int,
+        *,
+        ok: bool,
+        result: dict[str, Any],
+        seconds: float | None,
+        status: CallStatus = CallStatus.DONE,
+    ) -> CallRecord:
+        """Record a call's result (or, ``SKIPPED``, the result a person gave for it)."""
+        text = json.dumps(result)
+        with self._tx() as db:
+            db.execute(
+                "update tool_calls set status = ?, ok = ?, result = ?, result_bytes = ?, "
+                "finished_at = ?, seconds = ?, decision = null where run_id = ? and "
+                "node_id = ? and step = ? and seq = ?",
+                (
+                    str(status),
+                    int(ok),
+                    text,
+                    len(text.encode()),
+                    utc_now(),
+                    seconds,
+                    run_id,
+                    node_id,
+                    step,
+                    seq,
+                ),
+            )
+        found = self.find(run_id, node_id, step, seq)
+        assert found is not None
+        return found
+
+    def decide(self, run_id: str, decision: Decision, result: Any = None) -> list[CallRecord]:
+        """A person's word on the run's calls in flight: ``retry`` sends each again;
+        ``skip`` records ``result`` as each one's answer, never sending it. Returns them."""
+        calls = self.in_flight(run_id)
+        for call in calls:
+            key = (run_id, call.node_id, call.step, call.seq)
+            if decision == "skip":
+                given = {"text": _text(result), "value": result, "error": None}
+                self.answered(*key, ok=True, result=given, seconds=None, status=CallStatus.SKIPPED)
+            else:
+                with self._tx() as db:
+                    db.execute(
+                        "update tool_calls set decision = ? where run_id = ? and node_id = ? "
+                        "and step = ? and seq = ?",
+                        ("retry", *key),
+                    )
+        return [c for c in (self.find(run_id, c.node_id, c.step, c.seq) for c in calls) if c]
+
+    def _select(self, where: str, params: tuple[Any, ...]) -> list[CallRecord]:
+        with self._tx() as db:
+            cursor = db.execute(
+                f"select * from tool_calls where {where} order by node_id, step, seq", params
+            )
+            names = [d[0] for d in cursor.description]
+            rows = cursor.fetchall()
+        return [CallRecord.from_row(dict(zip(names, row, strict=True))) for row in rows]
+
+
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)

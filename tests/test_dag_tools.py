@@ -1,0 +1,326 @@
+"""DAG ``tool`` and ``agent`` nodes: tools called through the registry (a real HTTP tool
+on loopback, Python tools), every call recorded before it is sent and its result before
+anyone reads it, so a resume never sends a recorded call again; a call lost in a crash
+is sent again only when its tool is idempotent, else the run waits in
+``needs_attention`` for a person's --retry-call or --skip-call. The agent node runs on
+the real default model, its conversation's KV kept between steps."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pcrt.cache.blobs import BlobStore
+from pcrt.cache.runs import RunStore
+from pcrt.cache.status import CallStatus, RunStatus
+from pcrt.cache.store import Store
+from pcrt.cache.tool_calls import ToolCallStore
+from pcrt.runtime.dag.engines import LocalEngines
+from pcrt.runtime.dag.load import parse_dag
+from pcrt.runtime.dag.runner import DagRunner
+from pcrt.runtime.dag.tasks import decide_calls, run_view
+from pcrt.runtime.errors import DagInvalid, InvalidRequest
+from pcrt.runtime.models.registry import Registry
+from pcrt.runtime.tools import ToolRegistry, ToolSettings
+from tests.homes import isolated_paths
+from tests.tool_http_server import ToolHttpServer
+
+
+@pytest.fixture
+def http_tool() -> Iterator[ToolHttpServer]:
+    with ToolHttpServer() as server:
+        yield server
+
+
+def _settings(server: ToolHttpServer, **permissions: Any) -> ToolSettings:
+    weather = {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 30}},
+        "required": ["city"],
+    }
+    return ToolSettings.model_validate(
+        {
+            "http": [
+                {
+                    "name": "weather",
+                    "description": "The weather in a city now.",
+                    "url": f"{server.url}/weather",
+                    "parameters": weather,
+                },
+                {
+                    "name": "weather_again",
+                    "description": "The weather (safe to ask twice).",
+                    "url": f"{server.url}/weather",
+                    "parameters": weather,
+                    "idempotent": True,
+                },
+                {"name": "broken", "url": f"{server.url}/fail"},
+            ],
+            "python": [{"name": "add", "entry_point": "tests.tool_functions:add"}],
+            "permissions": permissions or {"default": ["*"]},
+        }
+    )
+
+
+@pytest.fixture
+async def tools(http_tool: ToolHttpServer) -> AsyncIterator[ToolRegistry]:
+    async with ToolRegistry(_settings(http_tool, default=["*"], agents={"guest": ["add"]})) as reg:
+        yield reg
+
+
+def _runner(engines: Any, store: Store, tmp_path: Path, tools: ToolRegistry | None) -> DagRunner:
+    return DagRunner(
+        registry=engines.registry,
+        runs=RunStore(store),
+        blobs=BlobStore(store, tmp_path / "blobs"),
+        lease=engines.lease,
+        tools=tools,
+        library_dirs=(),
+    )
+
+
+@pytest.fixture
+def light_engines(tmp_path: Path) -> Iterator[LocalEngines]:
+    """A registry and a lease that never loads a model (tool nodes generate nothing)."""
+    local = LocalEngines(Registry.load(isolated_paths(tmp_path / "home")), parallel=1)
+    yield local
+    local.close()
+
+
+def _tool_dag(tool: str = "weather", **arguments: Any) -> Any:
+    return parse_dag(
+        {
+            "dag": "/dynamic/tools",
+            "inputs": {"city": {"type": "string"}},
+            "nodes": {
+                "look": {
+                    "type": "tool",
+                    "tool": tool,
+                    "arguments": arguments or {"city": "{{ inputs.city }}"},
+                },
+                "say": {
+                    "type": "assert",
+                    "that": "nodes.look.output.city == inputs.city",
+                },
+            },
+        }
+    )
+
+
+async def test_a_tool_node_calls_once_and_its_json_is_the_output(
+    tools: ToolRegistry,
+    http_tool: ToolHttpServer,
+    light_engines: LocalEngines,
+    store: Store,
+    tmp_path: Path,
+) -> None:
+    runner = _runner(light_engines, store, tmp_path, tools)
+    run = runner.create(_tool_dag(), {"city": "Oslo"})
+    final = await runner.execute(run.id)
+    assert final.status == RunStatus.SUCCEEDED, final.error
+    assert runner.runs.node(run.id, "look").output == {"city": "Oslo", "auth": None}
+    view = run_view(runner.runs, final)
+    (call,) = view["tool_calls"]
+    assert call["tool"] == "weather" and call["arguments"] == {"city": "Oslo"}
+    assert call["status"] == "done" and call["ok"] and call["result_bytes"] > 0
+    assert http_tool.paths() == ["/weather"]
+
+
+async def test_a_recorded_call_is_never_sent_again(
+    tools: ToolRegistry,
+    http_tool: ToolHttpServer,
+    light_engines: LocalEngines,
+    store: Store,
+    tmp_path: Path,
+) -> None:
+    """The run stops after the call's result is recorded and before the node finished
+    (a crash just then): the resume takes the result from the record."""
+    runner = _runner(light_engines, store, tmp_path, tools)
+    run = runner.create(_tool_dag(), {"city": "Oslo"})
+    calls = ToolCallStore(store)
+    calls.sent(run.id, "look", 0, 0, call_id="c", tool="weather", arguments={"city": "Oslo"})
+    recorded = {"text": "{}", "value": {"city": "Oslo", "auth": "from the record"}, "error": None}
+    calls.answered(run.id, "look", 0, 0, ok=True, result=recorded, seconds=0.1)
+    final = await runner.execute(run.id)
+    assert final.status == RunStatus.SUCCEEDED, final.error
+    assert runner.runs.node(run.id, "look").output["auth"] == "from the record"
+    assert http_tool.paths() == []
+
+
+async def test_a_call_lost_in_a_crash_waits_for_a_person_unless_idempotent(
+    tools: ToolRegistry,
+    http_tool: ToolHttpServer,
+    light_engines: LocalEngines,
+    store: Store,
+    tmp_path: Path,
+) -> None:
+    runner = _runner(light_engines, store, tmp_path, tools)
+    calls = ToolCallStore(store)
+
+    # not idempotent: recorded as sent, no result (the daemon died in flight)
+    run = runner.create(_tool_dag(), {"city": "Oslo"})
+    calls.sent(run.id, "look", 0, 0, call_id="c", tool="weather", arguments={"city": "Oslo"})
+    final = await runner.execute(run.id)
+    assert final.status == RunStatus.NEEDS_ATTENTION
+    assert "weather" in (final.error or "") and "--retry-call" in (final.error or "")
+    assert http_tool.paths() == []  # not sent again
+    again = await runner.execute(run.id)  # resumed without a decision: still waiting
+    assert again.status == RunStatus.NEEDS_ATTENTION and http_tool.paths() == []
+
+    # a person says it was done, and what it returned: the run goes on, nothing sent
+    decide_calls(runner.runs, run.id, False, ({"city": "Oslo", "auth": "given"},))
+    final = await runner.execute(run.id)
+    assert final.status == RunStatus.SUCCEEDED, final.error
+    assert runner.runs.node(run.id, "look").output["auth"] == "given"
+    (call,) = calls.of_run(run.id)
+    assert call.status == CallStatus.SKIPPED and http_tool.paths() == []
+
+    # or says send it again: sent once more
+    retried = runner.create(_tool_dag(), {"city": "Oslo"})
+    calls.sent(retried.id, "look", 0, 0, call_id="c", tool="weather", arguments={"city": "Oslo"})
+    assert (await runner.execute(retried.id)).status == RunStatus.NEEDS_ATTENTION
+    decide_calls(runner.runs, retried.id, True, None)
+    assert (await runner.execute(retried.id)).status == RunStatus.SUCCEEDED
+    assert http_tool.paths() == ["/weather"]
+    assert calls.of_run(retried.id)[0].attempts == 2
+
+    # idempotent: sent again at once, and once
+    safe = runner.create(_tool_dag("weather_again"), {"city": "Oslo"})
+    calls.sent(safe.id, "look", 0, 0, call_id="c", tool="weather_again", arguments={"city": "Oslo"})
+    assert (await runner.execute(safe.id)).status == RunStatus.SUCCEEDED
+    assert http_tool.paths() == ["/weather", "/weather"]
+
+    with pytest.raises(InvalidRequest, match="no tool call waiting"):
+        decide_calls(runner.runs, safe.id, True, None)
+
+
+async def test_a_denied_call_is_recorded_and_never_sent(
+    tools: ToolRegistry,
+    http_tool: ToolHttpServer,
+    light_engines: LocalEngines,
+    store: Store,
+    tmp_path: Path,
+) -> None:
+    runner = _runner(light_engines, store, tmp_path, tools)
+    run = runner.create(_tool_dag(), {"city": "Oslo"}, agent="guest")  # guest: add only
+    final = await runner.execute(run.id)
+    assert final.status == RunStatus.FAILED
+    assert "may not call tool 'weather'" in (final.error or "")
+    (call,) = ToolCallStore(store).of_run(run.id)
+    assert call.status == CallStatus.DENIED and http_tool.paths() == []
+
+
+async def test_a_failing_tool_fails_its_node_and_budgets_bound_calls(
+    tools: ToolRegistry, light_engines: LocalEngines, store: Store, tmp_path: Path
+) -> None:
+    runner = _runner(light_engines, store, tmp_path, tools)
+    broken = parse_dag({"dag": "/dynamic/b", "nodes": {"x": {"type": "tool", "tool": "broken"}}})
+    final = await runner.execute(runner.create(broken, {}).id)
+    assert final.status == RunStatus.FAILED and "the tool broke" in (final.error or "")
+
+    two = parse_dag(
+        {
+            "dag": "/dynamic/two",
+            "budget": {"max_tool_calls": 1},
+            "nodes": {
+                "a": {"type": "tool", "tool": "add", "arguments": {"a": 1, "b": 2}},
+                "b": {
+                    "type": "tool",
+                    "tool": "add",
+                    "arguments": {"a": "{{ nodes.a.output }}", "b": 1},
+                },
+            },
+        }
+    )
+    final = await runner.execute(runner.create(two, {}).id)
+    assert final.status == RunStatus.BUDGET_EXCEEDED and "max_tool_calls" in (final.error or "")
+
+
+def test_a_dag_naming_an_unknown_tool_is_refused_before_it_runs(
+    tools: ToolRegistry, light_engines: LocalEngines, store: Store, tmp_path: Path
+) -> None:
+    runner = _runner(light_engines, store, tmp_path, tools)
+    with pytest.raises(DagInvalid) as refused:
+        runner.create(_tool_dag("nope"), {"city": "Oslo"})
+    assert "no tool 'nope'" in str(refused.value) and "weather" in str(refused.value)
+    without = _runner(light_engines, store, tmp_path, None)
+    with pytest.raises(DagInvalid, match="no tools are registered"):
+        without.create(_tool_dag(), {"city": "Oslo"})
+    agent = {
+        "dag": "/dynamic/a",
+        "nodes": {
+            "a": {
+                "type": "agent",
+                "prompt": "hi",
+                "tools": ["add", "nope"],
+                "tool_choice": "weather",
+                "output_schema": {"type": "object"},
+            }
+        },
+    }
+    with pytest.raises(DagInvalid) as problems:
+        runner.create(parse_dag(agent), {})
+    text = str(problems.value)
+    assert "tools[1]" in text and "tool_choice" in text and "output_schema" in text
+
+
+# -- the agent node, on the real default model ---------------------------------------------
+
+
+@pytest.fixture
+async def agent_runner(
+    engines: LocalEngines, store: Store, tmp_path: Path, tools: ToolRegistry
+) -> DagRunner:
+    return _runner(engines, store, tmp_path, tools)
+
+
+def _agent_dag(**node: Any) -> Any:
+    return parse_dag(
+        {
+            "dag": "/dynamic/agent",
+            "nodes": {
+                "helper": {
+                    "type": "agent",
+                    "prompt": "What is 20 plus 22? Use the add tool.",
+                    "tools": ["add"],
+                    "tool_choice": "required",
+                    "temperature": 0,
+                    "max_tokens": 80,
+                    "max_steps": 4,
+                    "parallel_tool_calls": False,
+                    "max_tool_calls": 1,
+                    **node,
+                }
+            },
+        }
+    )
+
+
+async def test_an_agent_calls_reads_the_result_and_keeps_its_kv_between_steps(
+    agent_runner: DagRunner, store: Store
+) -> None:
+    events: list[Any] = []
+    run = agent_runner.create(_agent_dag(), {})
+    final = await agent_runner.execute(run.id, events.append)
+    calls = ToolCallStore(store).of_run(run.id)
+    assert calls and calls[0].tool == "add" and calls[0].status == CallStatus.DONE
+    assert calls[0].ok and json.loads(json.dumps(calls[0].arguments))  # its JSON arguments
+    assert calls[0].arguments == {"a": 20, "b": 22} and calls[0].result["value"] == 42
+    # one call allowed: the next step answers with tools withheld
+    assert final.status == RunStatus.SUCCEEDED, final.error
+    node = agent_runner.runs.node(run.id, "helper")
+    assert isinstance(node.output, str) and node.output
+    (step,) = [e.data for e in events if e.kind == "tool_calls"]
+    assert step["calls"][0]["tool"] == "add" and step["calls"][0]["ok"]
+    # the answer's step computed only the result and the turn around it: the
+    # conversation before it came from the KV of the step that called
+    assert node.prompt_tokens is not None and node.cached_tokens is not None
+    first = step["prompt_tokens"]
+    answer_prompt = node.prompt_tokens - first
+    computed_in_answer = answer_prompt - (node.cached_tokens - (first - step["computed_tokens"]))
+    assert answer_prompt > first > 100
+    assert computed_in_answer < 30, (answer_prompt, computed_in_answer)
