@@ -7,6 +7,8 @@ prove what reached it, and what did not.
     GET  /text         text/plain
     *    /fail         500 with a text body
     *    /hang         answers only when the server stops
+    POST /charge       JSON back; the first request waits until ``release`` is set (a call
+                       in flight, for the crash tests), later ones answer at once
     GET  /big          5 MiB with a Content-Length
     GET  /big-chunked  5 MiB, chunked (no Content-Length)
 """
@@ -41,6 +43,7 @@ class ToolHttpServer:
         self.seen: list[Seen] = []
         self.lock = threading.Lock()
         self.stopping = threading.Event()
+        self.release = threading.Event()  # /charge's first request waits for it
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(
@@ -71,6 +74,7 @@ class ToolHttpServer:
         tb: TracebackType | None,
     ) -> None:
         self.stopping.set()  # /hang answers now
+        self.release.set()
         self._httpd.shutdown()
         self._httpd.server_close()
         self._thread.join(timeout=5)
@@ -113,6 +117,11 @@ def _handler(server: ToolHttpServer) -> type[BaseHTTPRequestHandler]:
                 self._send(200, "text/plain; charset=utf-8", "plain words")
             elif parts.path == "/fail":
                 self._send(500, "text/plain", "the tool broke")
+            elif parts.path == "/charge":
+                if len([x for x in server.seen if x.path == "/charge"]) == 1:
+                    server.release.wait(60)
+                got = json.loads(body or b"{}")
+                self._send(200, "application/json", {"charged": got.get("amount")})
             elif parts.path == "/hang":
                 server.stopping.wait(60)
                 self._send(200, "text/plain", "late")
