@@ -3,6 +3,7 @@ every ``pcrt dag`` command shares."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from typing import Any
 
@@ -25,6 +26,14 @@ STATUS_STYLE: dict[str, str] = {
     RunStatus.RUNNING: "cyan",
     RunStatus.PENDING: "dim",
     RunStatus.MIGRATED: "blue",
+    RunStatus.NEEDS_ATTENTION: "bold yellow",
+}
+# a tool call's status (pcrt.cache.status.CallStatus)
+CALL_STYLE: dict[str, str] = {
+    "done": "green",
+    "sent": "bold yellow",
+    "denied": "red",
+    "skipped": "yellow",
 }
 
 
@@ -64,7 +73,31 @@ def run_tree(view: dict[str, Any], document: dict[str, Any]) -> Tree:
         )
         for fact in _node_facts(node, sorted(deps.get(node["node_id"], ()))):
             branch.add(fact)
+        for call in (c for c in view.get("tool_calls", ()) if c["node"] == node["node_id"]):
+            branch.add(_call_line(call))
     return root
+
+
+def _call_line(call: dict[str, Any]) -> Text:
+    """A tool call: its step, tool, arguments, outcome, result size and time."""
+    arguments = json.dumps(call["arguments"], ensure_ascii=False)
+    if len(arguments) > 80:
+        arguments = arguments[:77] + "..."
+    status = call["status"]
+    outcome = status if call["ok"] is not False or status == "denied" else "failed"
+    facts = [f"{call['result_bytes']} B" if call["result_bytes"] is not None else ""]
+    if call["seconds"] is not None:
+        facts.append(f"{call['seconds']:.2f} s")
+    if call["attempts"] > 1:
+        facts.append(f"{call['attempts']} attempts")
+    if call.get("error"):
+        facts.append(str(call["error"])[:80])
+    return Text.assemble(
+        ("call ", "dim"),
+        f"step {call['step']}  {call['tool']}({arguments})  ",
+        (outcome, CALL_STYLE.get(status, "")),
+        ("  " + ", ".join(f for f in facts if f), "dim"),
+    )
 
 
 def _node_facts(node: dict[str, Any], after: list[str]) -> list[Text]:

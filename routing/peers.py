@@ -70,6 +70,7 @@ class Peer:
     strength: float | None = None
     queue_depth: int = 0
     slots: int = 1
+    tools: frozenset[str] = frozenset()  # pcrt peers: the tools registered there, by name
     on_battery: bool = False
     battery_percent: float | None = None
     device: dict[str, Any] = field(default_factory=dict)
@@ -109,6 +110,9 @@ class Peer:
         self.node_id = info.get("node_id") or self.node_id
         self.models = offers_from_node_info(info)
         self.state_keys = state_keys_from_node_info(info)
+        tools = info.get("tools")
+        listed = tools if isinstance(tools, list) else []
+        self.tools = frozenset(t for t in listed if isinstance(t, str))
         self.queue_depth = int(info.get("queue_depth") or 0)
         self.slots = int(info.get("slots") or 1)
         battery = info.get("battery")
@@ -133,6 +137,7 @@ class Peer:
             latency_s=self.latency_s or 0.0,
             on_battery=self.on_battery,
             battery_percent=self.battery_percent,
+            tools=self.tools,
         )
 
     def describe(self, now: float) -> dict[str, Any]:

@@ -99,6 +99,7 @@ class NodeView:
     on_battery: bool = False
     battery_percent: float | None = None
     available_memory: int | None = None  # bytes; only meaningful for local (None = don't check)
+    tools: frozenset[str] = frozenset()  # the tools registered there, by name
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,7 @@ class Work:
     timeout_s: float | None = None
     # which peer kinds may take it: a whole DAG subgraph can only go to another pcrt daemon
     peer_kinds: frozenset[str] = frozenset({"pcrt", "vllm", "openai"})
+    tools: frozenset[str] = frozenset()  # tools it calls: a node without them cannot take it
 
 
 @dataclass(frozen=True)
@@ -134,6 +136,7 @@ class Candidate:
     est_seconds: float
     score: float  # effective cost, lower is better
     why: str  # short human reason, e.g. "smollm2-135m, est. 2.1 s, queue 0"
+    tools: frozenset[str] = frozenset()  # the tools registered on that node
 
 
 @dataclass(frozen=True)
@@ -242,6 +245,9 @@ def _check(
         return "untrusted: cluster key not proven"
     if not node.healthy:
         return "unhealthy: in cooldown"
+    missing = work.tools - node.tools
+    if missing:
+        return f"lacks the tools {', '.join(sorted(missing))}"
     offer = match_model(node, work)
     if offer is None:
         return _missing_model(work)
@@ -390,6 +396,7 @@ def decide(
             est_seconds=o.est,
             score=o.score,
             why=_why(o, settings),
+            tools=o.node.tools,
         )
         for o in [chosen, *rest]
     )

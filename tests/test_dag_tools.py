@@ -10,18 +10,25 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
+from rich.console import Console
 
 from pcrt.cache.blobs import BlobStore
 from pcrt.cache.runs import RunStore
 from pcrt.cache.status import CallStatus, RunStatus
 from pcrt.cache.store import Store
 from pcrt.cache.tool_calls import ToolCallStore
+from pcrt.cli.dag_tree import run_tree
+from pcrt.runtime.dag.context import RunContext
 from pcrt.runtime.dag.engines import LocalEngines
+from pcrt.runtime.dag.library import library_from_documents
 from pcrt.runtime.dag.load import parse_dag
+from pcrt.runtime.dag.offsite import peer_group, tools_needed
 from pcrt.runtime.dag.runner import DagRunner
+from pcrt.runtime.dag.spec import LlmNode
 from pcrt.runtime.dag.tasks import decide_calls, run_view
 from pcrt.runtime.errors import DagInvalid, InvalidRequest
 from pcrt.runtime.models.registry import Registry
@@ -128,6 +135,11 @@ async def test_a_tool_node_calls_once_and_its_json_is_the_output(
     assert call["tool"] == "weather" and call["arguments"] == {"city": "Oslo"}
     assert call["status"] == "done" and call["ok"] and call["result_bytes"] > 0
     assert http_tool.paths() == ["/weather"]
+    # pcrt dag status shows it under its node
+    console = Console(record=True, width=160)
+    console.print(run_tree(view, final.spec))
+    shown = console.export_text()
+    assert 'step 0  weather({"city": "Oslo"})  done' in shown
 
 
 async def test_a_recorded_call_is_never_sent_again(
@@ -324,3 +336,33 @@ async def test_an_agent_calls_reads_the_result_and_keeps_its_kv_between_steps(
     computed_in_answer = answer_prompt - (node.cached_tokens - (first - step["computed_tokens"]))
     assert answer_prompt > first > 100
     assert computed_in_answer < 30, (answer_prompt, computed_in_answer)
+
+
+def test_tool_work_goes_to_a_peer_only_with_its_tools() -> None:
+    """A subgraph sent whole to a peer takes along the tool and agent nodes downstream
+    only when the peer has their tools; otherwise they stay here, where theirs are."""
+    spec = parse_dag(
+        {
+            "dag": "/dynamic/route",
+            "nodes": {
+                "draft": {"type": "llm", "prompt": "Draft.", "route": "peer"},
+                "check": {"type": "assert", "that": "nodes.draft.output"},
+                "look": {"type": "tool", "tool": "search", "needs": ["draft"]},
+                "act": {
+                    "type": "agent",
+                    "prompt": "{{ nodes.draft.output }}",
+                    "tools": ["search", "pay"],
+                    "route": "peer",
+                },
+            },
+        }
+    )
+    record = cast(Any, SimpleNamespace(id="r", agent=None))
+    run = RunContext(cast(Any, None), record, spec, {}, lambda e: None, library_from_documents(()))
+    draft = spec.nodes["draft"]
+    assert isinstance(draft, LlmNode)
+    assert tools_needed(run, spec.nodes["act"]) == {"search", "pay"}
+    assert peer_group(run, draft) == ["draft", "check"]
+    assert peer_group(run, draft, frozenset({"search"})) == ["draft", "check", "look"]
+    everything = peer_group(run, draft, frozenset({"search", "pay"}))
+    assert sorted(everything) == ["act", "check", "draft", "look"]

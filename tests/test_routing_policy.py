@@ -170,6 +170,18 @@ def test_peer_kinds_do_not_apply_to_local() -> None:
     assert rejected(d) == {"box": "kind pcrt cannot take this work (allowed: none)"}
 
 
+def test_work_that_calls_tools_goes_only_where_they_are_registered() -> None:
+    work = Work(tools=frozenset({"search", "pay"}))
+    peers = [
+        node("box", tools=frozenset({"search"})),
+        node("till", tools=frozenset({"search", "pay"})),
+    ]
+    d = decide(work, local(), peers)
+    assert order(d) == ["till"]
+    assert rejected(d) == {"laptop": "lacks the tools pay, search", "box": "lacks the tools pay"}
+    assert d.chosen is not None and d.chosen.tools == frozenset({"search", "pay"})
+
+
 def test_untrusted_and_unhealthy_peers_are_rejected() -> None:
     peers = [node("stranger", trusted=False), node("flaky", healthy=False), node("ok")]
     d = decide(Work(route="peer"), None, peers)

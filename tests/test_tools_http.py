@@ -14,6 +14,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from pcrt.cli.main import main
+from pcrt.routing.peers import Peer
 from pcrt.runtime.server.settings import ServerSettings
 from pcrt.runtime.tools import ToolSettings
 from tests.live_server import LiveServer, ServerFactory
@@ -102,6 +103,19 @@ def test_the_listing_says_what_the_caller_may_call_and_no_secret(daemon: LiveSer
     assert allowed == {"weather"}
     for text in (anyone.text, crawler.text):  # neither the env var's value nor the path
         assert SECRET not in text and "/weather" not in text and "daemon" not in text
+
+
+def test_node_info_names_the_tools_and_a_peer_reads_them(daemon: LiveServer) -> None:
+    """What peers route tool work by: names only, never where they point or secrets."""
+    services = daemon.app.state.services  # /v1/pcrt/node answers signed peers only
+    info = services.node.info(services.state)
+    listed = info["tools"]
+    assert "add" in listed and listed == sorted(listed)
+    assert "http://" not in json.dumps(info["tools"])
+    assert services.node.local_view().tools == frozenset(listed)
+    peer = Peer(name="box", url="http://127.0.0.1:9", kind="pcrt", source="static")
+    peer.take_node_info(info)
+    assert peer.view(0.0).tools == frozenset(listed)
 
 
 def test_a_call_answers_the_tool_result(daemon: LiveServer, http_server: ToolHttpServer) -> None:

@@ -22,7 +22,7 @@ from pcrt.routing.policy import Candidate, Decision, Work
 from pcrt.runtime.dag import local
 from pcrt.runtime.dag.context import RunContext
 from pcrt.runtime.dag.events import DagEvent, DagEventKind
-from pcrt.runtime.dag.spec import ForkNode, LlmNode, SubgraphNode
+from pcrt.runtime.dag.spec import AgentNode, ForkNode, LlmNode, Node, SubgraphNode, ToolNode
 from pcrt.runtime.dag.template_render import render_async
 from pcrt.runtime.dag.validate import dependencies
 from pcrt.runtime.engine.sampling import SamplingParams
@@ -174,11 +174,16 @@ async def _generate_on_peer(
     return output
 
 
-def peer_group(run: RunContext, node: LlmNode | ForkNode) -> list[str]:
+def peer_group(
+    run: RunContext, node: LlmNode | ForkNode, tools_there: frozenset[str] = frozenset()
+) -> list[str]:
     """The subgraph that goes whole with ``node``: it and the later nodes routed alike
     (same route, complexity, model and tag) whose inputs all come from finished nodes or
     from the group itself; asserts and branch forks over the group go along, and so do
-    subgraph calls without routing hints or with the same route and complexity."""
+    subgraph calls without routing hints or with the same route and complexity. A node
+    that calls tools (a tool or agent node, a subgraph call whose callee has one) goes
+    only to a peer that has those tools (``tools_there``): tools run where they are
+    registered."""
     deps = dependencies(run.spec)
     hints = _hints(node)
     group = [node.id]
@@ -192,6 +197,8 @@ def peer_group(run: RunContext, node: LlmNode | ForkNode) -> list[str]:
                 continue  # not downstream of the group
             if not deps[other_id] <= set(group) | run.outputs.keys():
                 continue
+            if not tools_needed(run, other) <= tools_there:
+                continue  # its tools are not there: it runs here
             if other.generates and _hints(other) != hints:
                 continue  # routed differently: it decides on its own
             if isinstance(other, SubgraphNode) and _call_hints(other) not in (None, hints[:2]):
@@ -208,7 +215,7 @@ async def _subgraph_on_peer(
     deps, run_id = run.deps, run.id
     remote = deps.remote
     assert remote is not None
-    group = peer_group(run, node)
+    group = peer_group(run, node, candidate.tools)
     limit = run.spec.budget.max_nodes
     if limit is not None:
         executed = (await run.counters()).nodes_executed
@@ -310,6 +317,28 @@ def _payload(run: RunContext, group: list[str], left: int | None) -> dict[str, A
         "done": {n: run.outputs[n] for n in sorted(needed)},
         "nodes": group,
     }
+
+
+def tools_needed(run: RunContext, node: Node) -> frozenset[str]:
+    """The tools running ``node`` calls: a tool node's, an agent's, and those of every
+    tool and agent node a subgraph call reaches."""
+    if isinstance(node, ToolNode):
+        return frozenset({node.tool})
+    if isinstance(node, AgentNode):
+        return frozenset(node.tools)
+    if not isinstance(node, SubgraphNode):
+        return frozenset()
+    callee = run.library.dags.get(node.dag)
+    if callee is None:
+        return frozenset()
+    reached = [callee, *run.library.closure(callee).values()]
+    return frozenset(
+        name
+        for spec in reached
+        for inner in spec.nodes.values()
+        if isinstance(inner, ToolNode | AgentNode)
+        for name in ((inner.tool,) if isinstance(inner, ToolNode) else inner.tools)
+    )
 
 
 def _hints(node: LlmNode | ForkNode) -> _Hints:

@@ -121,6 +121,7 @@ async def running_services(
             addresses=coordinator.own_hosts,
             port=settings.port,
             usage=usage,
+            tools=frozenset(t.name for t in tools.tools()),
         )
         stack.push_async_callback(node.close)  # a refresh of its facts reads the store
         dags = DagTasks(

@@ -62,6 +62,9 @@ class NodeInfo:
     addresses: frozenset[str] = frozenset()
     port: int = 0
     usage: UsageLog | None = None  # speeds measured on served answers, without a bench
+    # the tools registered here, by name (never their URLs, headers or secrets): what a
+    # DAG's tool and agent nodes need of the node they run on
+    tools: frozenset[str] = frozenset()
 
     # file sizes and measured speeds change rarely (a pull, a pcrt bench): read them at
     # most every few seconds, not on every routing decision
@@ -215,6 +218,7 @@ class NodeInfo:
             on_battery=battery is not None and battery.plugged_in is False,
             battery_percent=battery.percent if battery is not None else None,
             available_memory=profile.memory.available,
+            tools=self.tools,
         )
 
     def info(self, state: str) -> dict[str, Any]:
@@ -246,6 +250,7 @@ class NodeInfo:
                 }
                 for o in self.offers()
             ],
+            "tools": sorted(self.tools),
             "queue_depth": queue,
             "slots": slots,
             "battery": None if battery is None else battery.model_dump(mode="json"),
