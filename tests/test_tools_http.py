@@ -187,6 +187,11 @@ def test_metrics_count_calls_by_tool_and_outcome(daemon: LiveServer) -> None:
     assert 'pcrt_tool_calls_total{outcome="ok",tool="add"}' in text
     assert 'pcrt_tool_calls_total{outcome="denied",tool="add"}' in text
     assert 'pcrt_tool_seconds_count{tool="add"}' in text
+    # and usage rows, billed to the calling agent (pcrt usage shows them as tool:NAME)
+    rows = daemon.app.state.services.usage.summary()
+    by_agent = {r["agent"]: r for r in rows if r["model"] == "tool:add"}
+    assert by_agent["anonymous"]["requests"] >= 1 and by_agent["anonymous"]["errors"] == 0
+    assert by_agent["crawler"]["errors"] >= 1  # denied: a 403 row
 
 
 def test_a_daemon_without_tools_lists_none(live_server: ServerFactory) -> None:

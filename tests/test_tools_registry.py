@@ -45,7 +45,7 @@ async def registry(
 ) -> AsyncIterator[ToolRegistry]:
     settings = ToolSettings.model_validate(tool_config(http_server.url, mcp_url))
 
-    def on_call(name: str, outcome: str, seconds: float) -> None:
+    def on_call(name: str, outcome: str, seconds: float, agent: str | None) -> None:
         observed.append((name, outcome, seconds))
 
     async with ToolRegistry(settings, on_call=on_call) as tools:

@@ -49,7 +49,7 @@ from pcrt.runtime.server.metrics import Metrics
 from pcrt.runtime.server.moving import Drain
 from pcrt.runtime.server.node_info import NodeInfo
 from pcrt.runtime.server.pool import EngineOpener, ModelPool
-from pcrt.runtime.server.services import DaemonState, Services, dag_billing
+from pcrt.runtime.server.services import DaemonState, Services, dag_billing, tool_accounting
 from pcrt.runtime.server.settings import ServerSettings
 from pcrt.runtime.threads import to_thread_to_completion
 from pcrt.runtime.tools import ToolRegistry
@@ -95,7 +95,7 @@ async def running_services(
         # problem the registry lists, not a daemon that fails to start. Closed after the
         # DAG tasks that may call them.
         tools = await stack.enter_async_context(
-            ToolRegistry(settings.tools, on_call=metrics.tool_call)
+            ToolRegistry(settings.tools, on_call=tool_accounting(usage, metrics))
         )
         node_id, node_name = load_node_id(reg.paths.home), _node_name(settings)
         node: NodeInfo  # the coordinator asks it for the local view once started, not here

@@ -93,7 +93,7 @@ class Metrics:
         )
         r.register(_LiveCollector(live))
 
-    def tool_call(self, tool: str, outcome: str, seconds: float) -> None:
+    def tool_call(self, tool: str, outcome: str, seconds: float, agent: str | None = None) -> None:
         """The tool registry's observer: one call counted, and timed unless it was
         refused before it was sent."""
         self.tool_calls.labels(tool, outcome).inc()

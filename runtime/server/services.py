@@ -32,9 +32,17 @@ from pcrt.runtime.server.metrics import Metrics
 from pcrt.runtime.server.node_info import NodeInfo
 from pcrt.runtime.server.pool import ModelPool
 from pcrt.runtime.server.settings import ServerSettings
-from pcrt.runtime.tools import ToolRegistry
+from pcrt.runtime.tools import CallObserver, ToolRegistry
 
-__all__ = ["Accounting", "DaemonState", "Services", "agent_of", "dag_billing", "services_of"]
+__all__ = [
+    "Accounting",
+    "DaemonState",
+    "Services",
+    "agent_of",
+    "dag_billing",
+    "services_of",
+    "tool_accounting",
+]
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +100,28 @@ def dag_billing(
         usage.record_soon(record)
 
     return bill
+
+
+# a tool call's outcome as a usage row's status, as HTTP would say it
+_CALL_STATUS = {"ok": 200, "error": 502, "timeout": 504, "denied": 403, "invalid": 400}
+
+
+def tool_accounting(usage: UsageLog, metrics: Metrics) -> CallObserver:
+    """What the tool registry does with each call: the counters, and a usage row billed
+    to the calling agent (``pcrt usage`` shows tool calls as ``tool:NAME``)."""
+
+    def observe(tool: str, outcome: str, seconds: float, agent: str | None) -> None:
+        metrics.tool_call(tool, outcome, seconds)
+        row = UsageRecord(
+            agent=agent or "daemon",
+            model=f"tool:{tool}",
+            route="/tools",
+            status=_CALL_STATUS.get(outcome, 500),
+            total_ms=seconds * 1000,
+        )
+        usage.record_soon(row)
+
+    return observe
 
 
 def services_of(request: Request) -> Services:

@@ -33,7 +33,9 @@ __all__ = ["CallObserver", "ToolRegistry"]
 
 log = logging.getLogger(__name__)
 
-CallObserver = Callable[[str, Outcome, float], object]
+CallObserver = Callable[[str, Outcome, float, str | None], object]
+"""Told of every call to a known tool: its name, outcome, seconds and the calling agent
+(None: the daemon's own code)."""
 """Told of every call that reached a known tool: its name, outcome, seconds (metrics)."""
 
 
@@ -140,12 +142,12 @@ class ToolRegistry:
         tool = self.get(name)
         if not self.allowed(agent, name):
             assert agent is not None  # no agent is never denied
-            self._observe(name, "denied", 0.0)
+            self._observe(name, "denied", 0.0, agent)
             raise ToolDenied(name, agent)
         try:
             await self._checks[name].check(arguments)
         except Exception:
-            self._observe(name, "invalid", 0.0)
+            self._observe(name, "invalid", 0.0, agent)
             raise
         limit = tool.timeout if timeout is None else timeout
         started = self._clock()
@@ -159,7 +161,7 @@ class ToolRegistry:
             result = ToolResult(ok=False, text=message, error=message)
             outcome = "timeout"
         seconds = self._clock() - started
-        self._observe(name, outcome, seconds)
+        self._observe(name, outcome, seconds, agent)
         return ToolResult(result.ok, result.text, result.value, result.error, seconds)
 
     def _add(self, tool: Tool, backend: Backend) -> None:
@@ -178,11 +180,11 @@ class ToolRegistry:
         self._backends[tool.name] = backend
         self._checks[tool.name] = ArgumentCheck(tool.name, tool.parameters)
 
-    def _observe(self, name: str, outcome: Outcome, seconds: float) -> None:
+    def _observe(self, name: str, outcome: Outcome, seconds: float, agent: str | None) -> None:
         if self._on_call is None:
             return
         try:
-            self._on_call(name, outcome, seconds)
+            self._on_call(name, outcome, seconds, agent)
         except Exception:  # metrics must never fail the call they count
             log.exception("the tool call observer failed")
 
