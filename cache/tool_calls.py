@@ -201,7 +201,7 @@ class ToolCallStore:
     def _select(self, where: str, params: tuple[Any, ...]) -> list[CallRecord]:
         with self._tx() as db:
             cursor = db.execute(
-                f"select * from tool_calls where {where} order by node_id, step, seq", params
+                f"select * from tool_calls where {where} order by rowid", params
             )
             names = [d[0] for d in cursor.description]
             rows = cursor.fetchall()

@@ -199,8 +199,10 @@ def run_dag(
                     view = dag_daemon.stream_daemon(client, body, follow, console)
         if view is None:
             with dag_local.local() as here:
-                record = here.runner.create(spec, inputs, extra)
-                view = dag_local.execute_local(here, record.id, follow, console)
+                runner = here.runner
+                view = dag_local.execute_local(
+                    here, lambda: runner.create(spec, inputs, extra), follow, console
+                )
     except DagInvalid as exc:
         _print_problems(exc, str(file))
         sys.exit(1)

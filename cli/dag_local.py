@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -30,6 +30,9 @@ from pcrt.runtime.dag.tasks import run_view
 from pcrt.runtime.errors import PcrtError
 from pcrt.runtime.models.registry import Registry
 from pcrt.runtime.paths import Paths
+from pcrt.runtime.server.settings import ServerSettings
+from pcrt.runtime.threads import to_thread_to_completion
+from pcrt.runtime.tools import ToolRegistry, ToolSettings
 
 __all__ = ["Local", "execute_local", "get_run", "local", "local_runs"]
 
@@ -38,6 +41,7 @@ __all__ = ["Local", "execute_local", "get_run", "local", "local_runs"]
 class Local:
     runner: DagRunner
     engines: LocalEngines
+    tools: ToolSettings  # the config file's [tools]: started for each execution
 
     @property
     def runs(self) -> RunStore:
@@ -49,6 +53,7 @@ def local() -> Iterator[Local]:
     """The store under PCRT_HOME and a runner whose engines load on first use."""
     paths = Paths.from_env()
     registry = Registry.load(paths)
+    tools = ServerSettings.load().tools  # what tool and agent nodes call, as the daemon's
     with Store(paths.db_path) as store:
         engines = LocalEngines(registry, parallel=4, progress=download_progress)
         runner = DagRunner(
@@ -58,7 +63,7 @@ def local() -> Iterator[Local]:
             lease=engines.lease,
         )
         try:
-            yield Local(runner, engines)
+            yield Local(runner, engines, tools)
         finally:
             engines.close()
 
@@ -77,28 +82,42 @@ def get_run(runs: RunStore, run_id: str) -> RunRecord:
         raise PcrtError(f"no DAG run {run_id!r} (see `pcrt dag list`)") from None
 
 
-def execute_local(here: Local, run_id: str, follow: bool, console: Console) -> dict[str, Any]:
-    """Run (or resume) in this process; Ctrl-C cancels the run and keeps its checkpoints."""
+def execute_local(
+    here: Local,
+    run: str | Callable[[], RunRecord],
+    follow: bool,
+    console: Console,
+) -> dict[str, Any]:
+    """Run (or resume) in this process; Ctrl-C cancels the run and keeps its checkpoints.
+    ``run``: the run's id, or how to create it (once its tools have started: a DAG is
+    checked against the tools they list)."""
     runs = here.runs
 
     def lookup(run: str, node: str) -> dict[str, Any] | None:
         return asdict(runs.node(run, node))
 
-    record = runs.get_run(run_id)
-    spec = parse_dag(record.spec)
-    done = {n.node_id for n in runs.nodes(run_id) if n.status == NodeStatus.SUCCEEDED}
+    run_id = run if isinstance(run, str) else ""
 
     async def go() -> RunRecord:
-        # load the models first: a first pull's progress bar must not fight the live view
-        for name in _models_needed(here.runner.registry, spec, done):
-            async with here.engines.lease(name):
-                pass
-        with FollowView(console, lookup, enabled=follow) as view:
-            return await here.runner.execute(run_id, view.local_event)
+        nonlocal run_id
+        async with ToolRegistry(here.tools) as tools:
+            here.runner.use_tools(tools)
+            if not isinstance(run, str):
+                run_id = (await to_thread_to_completion(run)).id
+            spec = parse_dag(runs.get_run(run_id).spec)
+            done = {n.node_id for n in runs.nodes(run_id) if n.status == NodeStatus.SUCCEEDED}
+            # load the models first: a first pull's progress bar must not fight the view
+            for name in _models_needed(here.runner.registry, spec, done):
+                async with here.engines.lease(name):
+                    pass
+            with FollowView(console, lookup, enabled=follow) as view:
+                return await here.runner.execute(run_id, view.local_event)
 
     try:
         final = asyncio.run(go())
     except KeyboardInterrupt:
+        if not run_id:
+            sys.exit(130)
         if runs.get_run(run_id).status == RunStatus.PENDING:  # stopped while its models loaded
             runs.set_status(run_id, RunStatus.CANCELLED, error="cancelled; checkpoints kept")
         click.echo(

@@ -14,6 +14,7 @@ from types import SimpleNamespace
 from typing import Any, cast
 
 import pytest
+from click.testing import CliRunner
 from rich.console import Console
 
 from pcrt.cache.blobs import BlobStore
@@ -22,6 +23,7 @@ from pcrt.cache.status import CallStatus, RunStatus
 from pcrt.cache.store import Store
 from pcrt.cache.tool_calls import ToolCallStore
 from pcrt.cli.dag_tree import run_tree
+from pcrt.cli.main import main
 from pcrt.runtime.dag.context import RunContext
 from pcrt.runtime.dag.engines import LocalEngines
 from pcrt.runtime.dag.library import library_from_documents
@@ -32,8 +34,10 @@ from pcrt.runtime.dag.spec import LlmNode
 from pcrt.runtime.dag.tasks import decide_calls, run_view
 from pcrt.runtime.errors import DagInvalid, InvalidRequest
 from pcrt.runtime.models.registry import Registry
+from pcrt.runtime.paths import Paths
 from pcrt.runtime.tools import ToolRegistry, ToolSettings
 from tests.homes import isolated_paths
+from tests.tool_helpers import ROOT, mcp_stdio, server_processes
 from tests.tool_http_server import ToolHttpServer
 
 
@@ -366,3 +370,55 @@ def test_tool_work_goes_to_a_peer_only_with_its_tools() -> None:
     assert peer_group(run, draft, frozenset({"search"})) == ["draft", "check", "look"]
     everything = peer_group(run, draft, frozenset({"search", "pay"}))
     assert sorted(everything) == ["act", "check", "draft", "look"]
+
+
+def test_pcrt_dag_run_without_a_daemon_starts_the_configured_tools(
+    pcrt_env: Paths, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CLI's local run checks the DAG against the tools the config file lists, starts
+    them (an MCP server over stdio too) for the run, and stops them after."""
+    config = tmp_path / "config.toml"
+    mcp = _toml_entry(mcp_stdio(name="m", prefix="m_"))
+    config.write_text(
+        '[[tools.python]]\nname = "add"\nentry_point = "tests.tool_functions:add"\n\n'
+        f"[[tools.mcp]]\n{mcp}\n",
+        encoding="utf-8",
+    )
+    monkeypatch.setenv("PCRT_CONFIG", str(config))
+    monkeypatch.chdir(ROOT)  # where the tests package imports from
+    dag = tmp_path / "sum.yaml"
+    dag.write_text(
+        json.dumps(
+            {
+                "dag": "/dynamic/sum",
+                "nodes": {
+                    "first": {"type": "tool", "tool": "add", "arguments": {"a": 40, "b": 2}},
+                    "echoed": {
+                        "type": "tool",
+                        "tool": "m_echo",
+                        "arguments": {"text": "{{ nodes.first.output }} apples"},
+                    },
+                },
+            }
+        ),
+        encoding="utf-8",
+    )
+    result = CliRunner().invoke(main, ["dag", "run", str(dag), "--local", "--json"])
+    assert result.exit_code == 0, result.output
+    view = json.loads(result.stdout)
+    assert view["status"] == "succeeded", view
+    assert view["outputs"]["first"] == 42 and "42 apples" in str(view["outputs"]["echoed"])
+    assert [c["tool"] for c in view["tool_calls"]] == ["add", "m_echo"]
+    assert server_processes() == []  # the MCP server stopped with the run
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        json.dumps({"dag": "/dynamic/bad", "nodes": {"x": {"type": "tool", "tool": "nope"}}}),
+        encoding="utf-8",
+    )
+    refused = CliRunner().invoke(main, ["dag", "run", str(bad), "--local"])
+    assert refused.exit_code == 1 and "no tool 'nope'" in refused.output
+
+
+def _toml_entry(values: dict[str, Any]) -> str:
+    return "\n".join(f"{key} = {json.dumps(value)}" for key, value in values.items())

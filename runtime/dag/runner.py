@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import time
@@ -165,6 +166,11 @@ class DagRunner:
     @property
     def registry(self) -> Registry:
         return self.deps.registry
+
+    def use_tools(self, tools: ToolRegistry | None) -> None:
+        """The tools its runs call from now on: a registry entered on the loop that runs
+        them (the CLI starts the config's tools for each local execution)."""
+        self.deps = dataclasses.replace(self.deps, tools=tools)
 
     @property
     def runs(self) -> RunStore:
