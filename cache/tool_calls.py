@@ -200,9 +200,7 @@ class ToolCallStore:
 
     def _select(self, where: str, params: tuple[Any, ...]) -> list[CallRecord]:
         with self._tx() as db:
-            cursor = db.execute(
-                f"select * from tool_calls where {where} order by rowid", params
-            )
+            cursor = db.execute(f"select * from tool_calls where {where} order by rowid", params)
             names = [d[0] for d in cursor.description]
             rows = cursor.fetchall()
         return [CallRecord.from_row(dict(zip(names, row, strict=True))) for row in rows]

@@ -2,15 +2,18 @@
 ``python -m tests.mcp_tool_server`` serves stdio (other arguments are ignored: a test
 marks its own server's command line with one); ``--http PORT`` streamable HTTP on
 127.0.0.1 (at /mcp). Its tools: ``add``, ``echo``, ``sleep`` (for timeouts), ``fail``
-(raises), ``whoami`` (an environment variable, to see ``env`` reach it)."""
+(raises), ``whoami`` (an environment variable, to see ``env`` reach it), ``nap`` (a
+second at most: what a model may be asked to call)."""
 
 from __future__ import annotations
 
 import os
 import sys
+from typing import Annotated
 
 import anyio
 from mcp.server.mcpserver import MCPServer
+from pydantic import Field
 
 __all__ = ["server"]
 
@@ -33,6 +36,12 @@ def server() -> MCPServer:
         """Sleep, then answer (cancellable: the session goes on)."""
         await anyio.sleep(seconds)
         return f"slept {seconds}"
+
+    @mcp.tool()
+    async def nap(seconds: Annotated[float, Field(ge=0.5, le=1.0)]) -> str:
+        """Sleep half a second to a second, then answer."""
+        await anyio.sleep(seconds)
+        return f"napped {seconds}"
 
     @mcp.tool()
     def fail(why: str) -> str:

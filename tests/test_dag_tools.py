@@ -295,6 +295,7 @@ async def agent_runner(
 
 
 def _agent_dag(**node: Any) -> Any:
+    """An agent over the add tool; ``node`` overrides its fields."""
     return parse_dag(
         {
             "dag": "/dynamic/agent",
@@ -422,3 +423,55 @@ def test_pcrt_dag_run_without_a_daemon_starts_the_configured_tools(
 
 def _toml_entry(values: dict[str, Any]) -> str:
     return "\n".join(f"{key} = {json.dumps(value)}" for key, value in values.items())
+
+
+async def test_an_agents_calls_of_one_step_run_at_once_on_an_mcp_server(
+    engines: LocalEngines, store: Store, tmp_path: Path
+) -> None:
+    """Two calls in one step to a real MCP server over stdio, each a second long: they
+    overlap, and the step takes one second, not two."""
+    settings = ToolSettings.model_validate({"mcp": [mcp_stdio(name="m", prefix="m_")]})
+    async with ToolRegistry(settings) as tools:
+        runner = _runner(engines, store, tmp_path, tools)
+        dag = _agent_dag(
+            prompt="Take a nap, twice.",
+            tools=["m_nap"],
+            parallel_tool_calls=True,
+            max_tool_calls=2,
+            max_tokens=200,
+        )
+        run = runner.create(dag, {})
+        final = await runner.execute(run.id)
+    assert final.status == RunStatus.SUCCEEDED, final.error
+    calls = ToolCallStore(store).of_run(run.id)
+    assert [c.tool for c in calls] == ["m_nap", "m_nap"] and all(c.ok for c in calls)
+    assert {c.step for c in calls} == {0}
+    first, second = sorted(calls, key=lambda c: c.sent_at)
+    assert second.sent_at < (first.finished_at or ""), "the step's calls did not overlap"
+
+
+async def test_a_resumed_agent_replays_its_recorded_steps_without_generating_or_calling(
+    agent_runner: DagRunner, store: Store, http_tool: ToolHttpServer
+) -> None:
+    """The daemon died after step 0's call was answered: the resume takes the call and
+    its result from the record, generates only the step after it, and sends nothing."""
+    run = agent_runner.create(_agent_dag(), {})
+    calls = ToolCallStore(store)
+    calls.sent(run.id, "helper", 0, 0, call_id="call_1", tool="add", arguments={"a": 20, "b": 22})
+    calls.answered(
+        run.id,
+        "helper",
+        0,
+        0,
+        ok=True,
+        result={"text": "42", "value": 42, "error": None},
+        seconds=0.01,
+    )
+    events: list[Any] = []
+    final = await agent_runner.execute(run.id, events.append)
+    assert final.status == RunStatus.SUCCEEDED, final.error
+    assert [c.attempts for c in calls.of_run(run.id)] == [1]  # not sent again
+    steps = [e.data["step"] for e in events if e.kind == "tool_calls"]
+    assert steps == [0]  # replayed from the record
+    tokens = [e for e in events if e.kind == "token"]
+    assert tokens and all(e.data["step"] == 1 for e in tokens)  # only step 1 generated

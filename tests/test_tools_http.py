@@ -78,6 +78,7 @@ def test_the_listing_says_what_the_caller_may_call_and_no_secret(daemon: LiveSer
         "m_add",
         "m_echo",
         "m_fail",
+        "m_nap",
         "m_sleep",
         "m_whoami",
         "weather",

@@ -60,6 +60,7 @@ def test_the_listing_has_every_kind_and_the_problems(registry: ToolRegistry) -> 
         "echo",
         "fail",
         "greet",
+        "nap",
         "not_json",
         "page_big",
         "page_big_chunked",
@@ -69,6 +70,7 @@ def test_the_listing_has_every_kind_and_the_problems(registry: ToolRegistry) -> 
         "r_add",
         "r_echo",
         "r_fail",
+        "r_nap",
         "r_sleep",
         "r_whoami",
         "search",
@@ -104,6 +106,7 @@ def test_an_agent_sees_only_what_its_patterns_allow(registry: ToolRegistry) -> N
         "r_add",
         "r_echo",
         "r_fail",
+        "r_nap",
         "r_sleep",
         "r_whoami",
     ]

@@ -137,12 +137,12 @@ async def _generate(
     left: int | None,
 ) -> tuple[str, str, list[tuple[str, str]]]:
     """One step's reply: its text, the text before its calls, and its whole calls as
-    (name, JSON arguments)."""
+    (name, JSON arguments); ``left``: the calls the node may still make (None: any)."""
     engine = chat.engine
     params = dict(node.sampling())
-    left = await run.tokens_left()
-    if left is not None:
-        params["max_tokens"] = max(1, min(params.get("max_tokens", left), left))
+    budget = await run.tokens_left()
+    if budget is not None:
+        params["max_tokens"] = max(1, min(params.get("max_tokens", budget), budget))
     if choice == "none":  # tools withheld: the reply is the answer, unconstrained
         sampling = SamplingParams(**params)
     else:
