@@ -8,6 +8,7 @@ the real default model, its conversation's KV kept between steps."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -475,3 +476,25 @@ async def test_a_resumed_agent_replays_its_recorded_steps_without_generating_or_
     assert steps == [0]  # replayed from the record
     tokens = [e for e in events if e.kind == "token"]
     assert tokens and all(e.data["step"] == 1 for e in tokens)  # only step 1 generated
+
+
+async def test_tool_time_counts_against_the_runs_timeout(
+    http_tool: ToolHttpServer, light_engines: LocalEngines, store: Store, tmp_path: Path
+) -> None:
+    """A tool that hangs past the run's timeout_sec stops the run as budget_exceeded."""
+    settings = ToolSettings.model_validate(
+        {"http": [{"name": "hang", "url": f"{http_tool.url}/hang", "timeout": 30}]}
+    )
+    async with ToolRegistry(settings) as hanging:
+        runner = _runner(light_engines, store, tmp_path, hanging)
+        dag = parse_dag(
+            {
+                "dag": "/dynamic/hang",
+                "budget": {"timeout_sec": 0.5},
+                "nodes": {"wait": {"type": "tool", "tool": "hang"}},
+            }
+        )
+        started = time.perf_counter()
+        final = await runner.execute(runner.create(dag, {}).id)
+    assert final.status == RunStatus.BUDGET_EXCEEDED and "timeout_sec" in (final.error or "")
+    assert time.perf_counter() - started < 5

