@@ -160,6 +160,7 @@ AGENT_DAG = {
             "prompt": AGENT_PROMPT,
             "tools": ["encyclopedia"],
             "tool_choice": "required",
+            "reset_tool_choice": False,  # a call every step until max_tool_calls
             "parallel_tool_calls": False,
             "max_steps": STEPS + 1,
             "max_tool_calls": STEPS,
@@ -188,16 +189,29 @@ async def agent_loop(threads: int) -> dict[str, Any]:
             f"parameters = {_toml(ENCYCLOPEDIA)}\n",
             encoding="utf-8",
         )
-        os.environ["PCRT_CONFIG"] = str(config)
+        # the daemon imports the tool from this checkout (bench is no installed package)
+        root = str(Path(__file__).resolve().parent.parent)
+        saved = {name: os.environ.get(name) for name in ("PCRT_CONFIG", "PYTHONPATH")}
+        os.environ.update(PCRT_CONFIG=str(config), PYTHONPATH=root)
         try:
             daemon, url = start_daemon(threads, 1)
         finally:
-            del os.environ["PCRT_CONFIG"]
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
         try:
+            await _warm(url, entry.name, constrained=True)
             node = await _agent_node(url)
-            client_pcrt = await _client_loop(url, entry.name, node)
         finally:
             stop(daemon)
+    daemon, url = start_daemon(threads, 1)  # a cold prompt cache, as the agent's was
+    try:
+        await _warm(url, entry.name)
+        client_pcrt = await _client_loop(url, entry.name, node, openai_history=True)
+    finally:
+        stop(daemon)
     result: dict[str, Any] = {"agent_node": node, "client_pcrt": client_pcrt}
     server = os.environ.get("LLAMA_SERVER")
     if server:
@@ -207,8 +221,10 @@ async def agent_loop(threads: int) -> dict[str, Any]:
         cmd += ["-c", "2048", "-np", "1", "--jinja"]
         proc = start(cmd, f"http://127.0.0.1:{port}")
         try:
+            _until_healthy(f"http://127.0.0.1:{port}")
+            await _warm(f"http://127.0.0.1:{port}", entry.name)
             result["client_llama_server"] = await _client_loop(
-                f"http://127.0.0.1:{port}", entry.name, node
+                f"http://127.0.0.1:{port}", entry.name, node, openai_history=False
             )
         finally:
             stop(proc)
@@ -247,8 +263,12 @@ async def _agent_node(url: str) -> dict[str, Any]:
     }
 
 
-async def _client_loop(url: str, model: str, node: dict[str, Any]) -> dict[str, Any]:
-    """The agent's loop as a client drives it: the whole conversation every step."""
+async def _client_loop(
+    url: str, model: str, node: dict[str, Any], openai_history: bool
+) -> dict[str, Any]:
+    """The agent's loop as a client drives it: the whole conversation every step, the
+    calls as OpenAI messages (``openai_history``) or as the JSON text pcrt writes them
+    in (llama-server: SmolLM2's template writes no calls)."""
     spec = ToolSpec("encyclopedia", ENCYCLOPEDIA, encyclopedia.__doc__ or "")
     messages: list[dict[str, Any]] = [
         {"role": "system", "content": tools_block([spec], "auto")},
@@ -278,11 +298,22 @@ async def _client_loop(url: str, model: str, node: dict[str, Any]) -> dict[str, 
                 done = usage["prompt_tokens"] - (cached or 0)
             computed.append(int(done))
             prompt.append(int(usage["prompt_tokens"]))
-            if step < len(node["calls"]):  # the agent's own call and result, as JSON
+            if step < len(node["calls"]):  # the agent's own call and its result
                 call = node["calls"][step]
-                written = {"tool_calls": [{"name": call["tool"], "arguments": call["arguments"]}]}
-                messages.append({"role": "assistant", "content": json.dumps(written)})
-                messages.append({"role": "tool", "content": encyclopedia(**call["arguments"])})
+                result = encyclopedia(**call["arguments"])
+                if openai_history:  # as an OpenAI client sends them; pcrt writes the JSON
+                    function = {"name": call["tool"], "arguments": json.dumps(call["arguments"])}
+                    made = {"id": call["call_id"], "type": "function", "function": function}
+                    messages.append({"role": "assistant", "content": None, "tool_calls": [made]})
+                    messages.append(
+                        {"role": "tool", "content": result, "tool_call_id": call["call_id"]}
+                    )
+                else:  # the same text, written by the client (no tools in the template)
+                    written = {
+                        "tool_calls": [{"name": call["tool"], "arguments": call["arguments"]}]
+                    }
+                    messages.append({"role": "assistant", "content": json.dumps(written)})
+                    messages.append({"role": "tool", "content": result})
     return {
         "wall_s": wall,
         "prompt_tokens": sum(prompt),
@@ -290,6 +321,30 @@ async def _client_loop(url: str, model: str, node: dict[str, Any]) -> dict[str, 
         "computed_after_first": sum(computed) - computed[0],
         "per_step": computed,
     }
+
+
+async def _warm(url: str, model: str, constrained: bool = False) -> None:
+    """The model loaded (and, ``constrained``, the grammar tokenizer built: once per
+    model), on a prompt that shares nothing with the agent's but the template's start."""
+    body: dict[str, Any] = {
+        "model": model,
+        "messages": [{"role": "user", "content": "Hello there."}],
+        "max_tokens": 4,
+    }
+    if constrained:
+        body["response_format"] = {"type": "json_object"}
+    async with httpx.AsyncClient(timeout=120) as client:
+        r = await client.post(url + "/v1/chat/completions", json=body)
+        assert r.status_code == 200, r.text
+
+
+def _until_healthy(url: str) -> None:
+    """llama-server answers 503 "Loading model" until its model is in."""
+    deadline = time.monotonic() + 120
+    while httpx.get(url + "/health", timeout=5).status_code != 200:
+        if time.monotonic() > deadline:
+            raise RuntimeError("llama-server did not load its model")
+        time.sleep(0.2)
 
 
 def _toml(value: dict[str, Any]) -> str:

@@ -31,7 +31,7 @@ from pcrt.cache.runs import (
     RunStore,
 )
 from pcrt.cache.status import CallStatus, RunStatus
-from pcrt.cache.tool_calls import CallRecord, ToolCallStore
+from pcrt.cache.tool_calls import CallRecord, NewCall, ToolCallStore
 from pcrt.runtime.threads import to_thread_to_completion
 
 __all__ = ["AsyncRunStore", "AsyncToolCalls"]
@@ -135,10 +135,10 @@ class AsyncToolCalls:
     async def find(self, run_id: str, node_id: str, step: int, seq: int) -> CallRecord | None:
         return await _in_thread(self.sync.find, run_id, node_id, step, seq)
 
-    async def sent(
-        self, run_id: str, node_id: str, step: int, seq: int, **values: Any
-    ) -> CallRecord:
-        return await _in_thread(self.sync.sent, run_id, node_id, step, seq, **values)
+    async def sent_step(
+        self, run_id: str, node_id: str, step: int, calls: Sequence[NewCall]
+    ) -> list[CallRecord]:
+        return await _in_thread(self.sync.sent_step, run_id, node_id, step, calls)
 
     async def answered(
         self,

@@ -13,7 +13,7 @@ awaits them through ``AsyncToolCalls`` (``async_runs.py``).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -21,9 +21,20 @@ from typing import Any, Literal
 from pcrt.cache.status import CallStatus
 from pcrt.cache.store import Store, utc_now
 
-__all__ = ["CallRecord", "ToolCallStore"]
+__all__ = ["CallRecord", "NewCall", "ToolCallStore"]
 
 Decision = Literal["retry", "skip"]
+
+
+@dataclass(frozen=True)
+class NewCall:
+    """A call about to be recorded at its place (``seq``) in a step."""
+
+    seq: int
+    call_id: str
+    tool: str
+    arguments: dict[str, Any]
+    denied: bool = False
 
 
 @dataclass(frozen=True)
@@ -108,41 +119,49 @@ class ToolCallStore:
         arguments: dict[str, Any],
         denied: bool = False,
     ) -> CallRecord:
-        """Record a call before it is sent (or, ``denied``, instead of sending it). A
-        call already at this place is sent again: one more attempt, its decision used."""
+        """Record one call before it is sent (``sent_step`` with one call)."""
+        call = NewCall(seq, call_id, tool, arguments, denied)
+        (record,) = self.sent_step(run_id, node_id, step, [call])
+        return record
+
+    def sent_step(
+        self, run_id: str, node_id: str, step: int, calls: Sequence[NewCall]
+    ) -> list[CallRecord]:
+        """Record a step's calls before any is sent (or, ``denied``, instead of sending
+        it), in one transaction: a crash leaves all of the step or none of it. A call
+        already at its place is sent again: one more attempt."""
         now = utc_now()
         with self._tx() as db:
-            known = db.execute(
-                "select attempts from tool_calls where run_id = ? and node_id = ? and "
-                "step = ? and seq = ?",
-                (run_id, node_id, step, seq),
-            ).fetchone()
-            if known is None:
-                db.execute(
-                    "insert into tool_calls (run_id, node_id, step, seq, call_id, tool, "
-                    "arguments, status, sent_at) values (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        run_id,
-                        node_id,
-                        step,
-                        seq,
-                        call_id,
-                        tool,
-                        json.dumps(arguments),
-                        str(CallStatus.DENIED if denied else CallStatus.SENT),
-                        now,
-                    ),
-                )
-            else:
-                db.execute(
-                    "update tool_calls set attempts = attempts + 1, decision = null, "
-                    "sent_at = ?, status = ? where run_id = ? and node_id = ? and step = ? "
+            for call in calls:
+                key = (run_id, node_id, step, call.seq)
+                known = db.execute(
+                    "select 1 from tool_calls where run_id = ? and node_id = ? and step = ? "
                     "and seq = ?",
-                    (now, str(CallStatus.SENT), run_id, node_id, step, seq),
-                )
-        found = self.find(run_id, node_id, step, seq)
-        assert found is not None
-        return found
+                    key,
+                ).fetchone()
+                if known is None:
+                    status = CallStatus.DENIED if call.denied else CallStatus.SENT
+                    db.execute(
+                        "insert into tool_calls (run_id, node_id, step, seq, call_id, tool, "
+                        "arguments, status, sent_at) values (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (
+                            *key,
+                            call.call_id,
+                            call.tool,
+                            json.dumps(call.arguments),
+                            str(status),
+                            now,
+                        ),
+                    )
+                else:
+                    db.execute(
+                        "update tool_calls set attempts = attempts + 1, decision = null, "
+                        "sent_at = ?, status = ? where run_id = ? and node_id = ? and "
+                        "step = ? and seq = ?",
+                        (now, str(CallStatus.SENT), *key),
+                    )
+        found = [self.find(run_id, node_id, step, call.seq) for call in calls]
+        return [record for record in found if record is not None]
 
     def answered(
         self,

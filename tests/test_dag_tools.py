@@ -498,3 +498,20 @@ async def test_tool_time_counts_against_the_runs_timeout(
         final = await runner.execute(runner.create(dag, {}).id)
     assert final.status == RunStatus.BUDGET_EXCEEDED and "timeout_sec" in (final.error or "")
     assert time.perf_counter() - started < 5
+
+
+async def test_an_agents_named_tool_choice_calls_that_tool_first(
+    agent_runner: DagRunner, store: Store, http_tool: ToolHttpServer
+) -> None:
+    dag = _agent_dag(prompt="What is the weather in Oslo?", tools=["add", "weather"])
+    dag = parse_dag(
+        {
+            **dag.document(),
+            "nodes": {"helper": {**dag.document()["nodes"]["helper"], "tool_choice": "weather"}},
+        }
+    )
+    run = agent_runner.create(dag, {})
+    final = await agent_runner.execute(run.id)
+    assert final.status == RunStatus.SUCCEEDED, final.error
+    (call,) = ToolCallStore(store).of_run(run.id)
+    assert call.tool == "weather" and http_tool.paths() == ["/weather"]

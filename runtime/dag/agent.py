@@ -89,7 +89,8 @@ async def run_agent(run: RunContext, node: AgentNode, scope: dict[str, Any]) -> 
             planned = steps_done.get(step)
             content: str | None = None
             if planned is None:  # not recorded: generate it
-                choice = node.tool_choice if step == 0 else "auto"  # reset after a call
+                reset = step > 0 and node.reset_tool_choice
+                choice = "auto" if reset else node.tool_choice  # reset after a call
                 left = None if node.max_tool_calls is None else node.max_tool_calls - made
                 if left is not None and left <= 0:
                     choice = "none"  # its calls are spent: it answers with what it has
@@ -150,9 +151,10 @@ async def _generate(
         if choice not in ("auto", "required"):
             most = 1  # a named tool is called once
         most = most if left is None else max(1, min(most, left))
+        allowed = [t for t in chat.specs if choice in ("auto", "required", t.name)]
         grammar = call_grammar(
             chat.fmt,
-            chat.specs,
+            allowed,
             lazy=choice == "auto",
             most=most,
             special=engine.model.special_token,

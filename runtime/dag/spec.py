@@ -313,14 +313,18 @@ class AgentNode(_Generation):
 
     ``tool_choice`` is the first step's (``auto``, ``required`` or a tool's name); after
     a call it is ``auto`` again, as OpenAI's Agents SDK resets it, or the model could
-    never answer. The conversation's KV stays with the node between steps: each step
-    computes only the results and the new turn's header. Each call is recorded before it
+    never answer (``reset_tool_choice: false`` keeps it). The conversation's KV stays
+    with the node between steps: each step computes only the results and the new turn's
+    header. Each call is recorded before it
     is sent and its result before the model reads it: a resume never sends it again."""
 
     type: Literal["agent"]
     prompt: str = Field(min_length=1)
     tools: tuple[Annotated[str, Field(pattern=TOOL_NAME_PATTERN)], ...] = Field(min_length=1)
     tool_choice: str = "auto"
+    # false: tool_choice holds for every step (the Agents SDK's reset_tool_choice); with
+    # "required", the node calls until its max_tool_calls are spent, then answers
+    reset_tool_choice: bool = True
     parallel_tool_calls: bool = True
     max_steps: int = Field(default=8, ge=1, le=64)
     # this node's calls, across its steps; once spent, it answers with tools withheld

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pcrt.cache.status import CallStatus
-from pcrt.cache.tool_calls import CallRecord
+from pcrt.cache.tool_calls import CallRecord, NewCall
 from pcrt.runtime.dag.context import RunContext
 from pcrt.runtime.dag.spec import ToolNode
 from pcrt.runtime.dag.template_render import render_value_async
@@ -78,31 +78,27 @@ async def run_calls(
     fresh = [i for i, r in enumerate(known) if r is None]
     if fresh:
         await _check_budget(run, len(fresh))
+    agent = run.record.agent
+    recording = [
+        NewCall(
+            i,
+            call.call_id,
+            call.tool,
+            call.arguments,
+            denied=registry is not None and not registry.allowed(agent, call.tool),
+        )
+        if record is None
+        else NewCall(i, record.call_id, record.tool, record.arguments)  # lost: again
+        for i, (call, record) in enumerate(zip(planned, known, strict=True))
+        if record is None or record.status == CallStatus.SENT
+    ]
+    recorded = await calls.sent_step(run.id, node_id, step, recording) if recording else []
+    fresh_records = {r.seq: r for r in recorded}
     records: list[CallRecord] = []
-    for i, (call, record) in enumerate(zip(planned, known, strict=True)):
-        if record is None:
-            denied = registry is not None and not registry.allowed(run.record.agent, call.tool)
-            record = await calls.sent(
-                run.id,
-                node_id,
-                step,
-                i,
-                call_id=call.call_id,
-                tool=call.tool,
-                arguments=call.arguments,
-                denied=denied,
-            )
-        elif record.status == CallStatus.SENT:  # lost in a crash; may go again (see above)
-            record = await calls.sent(
-                run.id,
-                node_id,
-                step,
-                i,
-                call_id=record.call_id,
-                tool=record.tool,
-                arguments=record.arguments,
-            )
-        records.append(record)
+    for i, record in enumerate(known):
+        settled = fresh_records.get(i) or record
+        assert settled is not None  # every place is recorded now
+        records.append(settled)
     return list(await asyncio.gather(*(_settle(run, record, timeout) for record in records)))
 
 

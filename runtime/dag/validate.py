@@ -517,6 +517,14 @@ class _Validator:
                 "tool_choice",
                 f"{node.tool_choice!r} is none of auto, required or the node's tools",
             )
+        forever = node.tool_choice != "auto" and not node.reset_tool_choice
+        if forever and node.max_tool_calls is None:
+            self.add(
+                node_id,
+                "reset_tool_choice",
+                f"tool_choice {node.tool_choice!r} on every step never lets it answer: set "
+                "max_tool_calls (it answers once they are spent)",
+            )
         for field in ("output_schema", "context"):
             if getattr(node, field) is not None:
                 self.add(node_id, field, f"an agent node takes no {field} (its answer is text)")

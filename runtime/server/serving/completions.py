@@ -31,6 +31,7 @@ from pcrt.runtime.engine import (
     TokenEvent,
     TokenLogprob,
 )
+from pcrt.runtime.engine.tool_prompt import tool_messages
 from pcrt.runtime.errors import ConstraintInvalid, ContextLengthExceeded, InvalidRequest, PcrtError
 from pcrt.runtime.server.forwarding import forward_if_routed, route_headers
 from pcrt.runtime.server.http_errors import CLIENT_CLOSED_REQUEST, client_left, status_and_body
@@ -191,7 +192,14 @@ def _prepare(
                 )
                 refused.param = "tool_choice"
                 raise refused
-            messages = tools.messages(body.messages) if tools else body.messages
+            # without tools offered, earlier calls are still written the model's way (a
+            # template that writes no calls would drop them: the model would not see them)
+            fmt = engine.chat.call_format
+            messages = (
+                tools.messages(body.messages)
+                if tools
+                else tool_messages(fmt, [], "none", body.messages)
+            )
             sampling = body.sampling(default_max, schema)
             # calls are held to their grammar, unless the reply is shaped otherwise
             # (auto beside a response_format: the format wins, and calls only parse)
