@@ -103,9 +103,14 @@ class ToolCallStore:
     def of_run(self, run_id: str) -> list[CallRecord]:
         return self._select("run_id = ?", (run_id,))
 
+    def of_tree(self, run_id: str) -> list[CallRecord]:
+        """The calls of the run and of the subgraph calls' child runs under it."""
+        return self._select(_TREE, (run_id,))
+
     def in_flight(self, run_id: str) -> list[CallRecord]:
-        """Calls sent and never answered: the ones a crash left for a person."""
-        return self._select("run_id = ? and status = ?", (run_id, str(CallStatus.SENT)))
+        """Calls sent and never answered, of the run and of the subgraph calls' child
+        runs under it: the ones a crash left for a person."""
+        return self._select(f"{_TREE} and status = ?", (run_id, str(CallStatus.SENT)))
 
     def sent(
         self,
@@ -204,7 +209,7 @@ class ToolCallStore:
         ``skip`` records ``result`` as each one's answer, never sending it. Returns them."""
         calls = self.in_flight(run_id)
         for call in calls:
-            key = (run_id, call.node_id, call.step, call.seq)
+            key = (call.run_id, call.node_id, call.step, call.seq)
             if decision == "skip":
                 given = {"text": _text(result), "value": result, "error": None}
                 self.answered(*key, ok=True, result=given, seconds=None, status=CallStatus.SKIPPED)
@@ -215,7 +220,8 @@ class ToolCallStore:
                         "and step = ? and seq = ?",
                         ("retry", *key),
                     )
-        return [c for c in (self.find(run_id, c.node_id, c.step, c.seq) for c in calls) if c]
+        found = (self.find(c.run_id, c.node_id, c.step, c.seq) for c in calls)
+        return [c for c in found if c is not None]
 
     def _select(self, where: str, params: tuple[Any, ...]) -> list[CallRecord]:
         with self._tx() as db:
@@ -223,6 +229,12 @@ class ToolCallStore:
             names = [d[0] for d in cursor.description]
             rows = cursor.fetchall()
         return [CallRecord.from_row(dict(zip(names, row, strict=True))) for row in rows]
+
+
+_TREE = (
+    "run_id in (with recursive tree(id) as (select ? union all select r.id from runs r "
+    "join tree on r.parent_run_id = tree.id) select id from tree)"
+)
 
 
 def _text(value: Any) -> str:

@@ -36,6 +36,7 @@ from pcrt.runtime.dag.tasks import decide_calls, run_view
 from pcrt.runtime.errors import DagInvalid, InvalidRequest
 from pcrt.runtime.models.registry import Registry
 from pcrt.runtime.paths import Paths
+from pcrt.runtime.server.moving import calls_tools_here
 from pcrt.runtime.tools import ToolRegistry, ToolSettings
 from tests.homes import isolated_paths
 from tests.tool_helpers import ROOT, mcp_stdio, server_processes
@@ -187,6 +188,7 @@ async def test_a_call_lost_in_a_crash_waits_for_a_person_unless_idempotent(
     assert http_tool.paths() == []  # not sent again
     again = await runner.execute(run.id)  # resumed without a decision: still waiting
     assert again.status == RunStatus.NEEDS_ATTENTION and http_tool.paths() == []
+    assert calls_tools_here(runner.runs, run.id)  # it does not move to a peer
 
     # a person says it was done, and what it returned: the run goes on, nothing sent
     decide_calls(runner.runs, run.id, False, ({"city": "Oslo", "auth": "given"},))
@@ -515,3 +517,56 @@ async def test_an_agents_named_tool_choice_calls_that_tool_first(
     assert final.status == RunStatus.SUCCEEDED, final.error
     (call,) = ToolCallStore(store).of_run(run.id)
     assert call.tool == "weather" and http_tool.paths() == ["/weather"]
+
+
+LOOK_UP = {
+    "dag": "/lib/look_up",
+    "signature": {"inputs": {"city": {"type": "string"}}, "outputs": ["look"]},
+    "nodes": {
+        "look": {"type": "tool", "tool": "weather", "arguments": {"city": "{{ inputs.city }}"}}
+    },
+}
+
+
+async def test_a_subgraph_that_calls_tools_is_never_cached_and_asks_its_caller(
+    tools: ToolRegistry,
+    http_tool: ToolHttpServer,
+    light_engines: LocalEngines,
+    store: Store,
+    tmp_path: Path,
+) -> None:
+    """A callee with a tool node acts on the world: two equal calls send two requests.
+    And a call lost in a crash inside it stops the caller as needs_attention; the
+    person's word on the caller settles the child's call."""
+    runner = _runner(light_engines, store, tmp_path, tools)
+    library = library_from_documents([LOOK_UP])
+    caller = {
+        "dag": "/dynamic/caller",
+        "nodes": {"sub": {"type": "subgraph", "dag": "/lib/look_up", "inputs": {"city": "Oslo"}}},
+    }
+    for _ in range(2):
+        final = await runner.execute(runner.create(parse_dag(caller), {}, library).id)
+        assert final.status == RunStatus.SUCCEEDED, final.error
+    assert http_tool.paths() == ["/weather", "/weather"]
+
+    run = runner.create(parse_dag(caller), {}, library)
+    first = await runner.execute(run.id)  # runs the child; then stage a crash inside it
+    child_id = runner.runs.node(run.id, "sub").child_run_id
+    assert first.status == RunStatus.SUCCEEDED and child_id
+    calls = ToolCallStore(store)
+    with store.db.conn as conn:  # as if both had stopped mid-call
+        conn.execute("delete from tool_calls where run_id = ?", (child_id,))
+        conn.execute(
+            "update runs set status = 'interrupted' where id in (?, ?)", (run.id, child_id)
+        )
+        conn.execute(
+            "update nodes set status = 'interrupted' where run_id in (?, ?)", (run.id, child_id)
+        )
+    calls.sent(child_id, "look", 0, 0, call_id="x", tool="weather", arguments={"city": "Oslo"})
+    stopped = await runner.execute(run.id)
+    assert stopped.status == RunStatus.NEEDS_ATTENTION, stopped.error
+    assert "weather" in (stopped.error or "") and f"resume {run.id}" in (stopped.error or "")
+    decide_calls(runner.runs, run.id, False, ({"city": "Oslo", "auth": "by hand"},))
+    done = await runner.execute(run.id)
+    assert done.status == RunStatus.SUCCEEDED, done.error
+    assert len(http_tool.paths()) == 3  # the lost call was never sent again

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, TypeAlias
 
 from pcrt.cache.runs import NodeFinished, NodeRecord, NodeStarted, RunNotFound, RunRecord
-from pcrt.cache.status import NodeStatus, RunStatus
+from pcrt.cache.status import CallStatus, NodeStatus, RunStatus
 from pcrt.cache.store import utc_now
 from pcrt.runtime.dag.context import ENGINE_VERSION, RunContext
 from pcrt.runtime.dag.events import DagEvent, DagEventKind, EventSink
@@ -40,7 +40,13 @@ from pcrt.runtime.dag.subgraph import (
 )
 from pcrt.runtime.dag.template_render import render_value_async
 from pcrt.runtime.dag.validate import bind_inputs
-from pcrt.runtime.errors import BudgetExceeded, DagInvalid, InvalidRequest, PcrtError
+from pcrt.runtime.errors import (
+    BudgetExceeded,
+    DagInvalid,
+    InvalidRequest,
+    NeedsAttention,
+    PcrtError,
+)
 from pcrt.runtime.threads import to_thread_to_completion
 
 __all__ = ["ExecuteRun", "call_subgraph"]
@@ -79,6 +85,9 @@ async def call_subgraph(
     if final.status == RunStatus.BUDGET_EXCEEDED:
         limit, detail = budget_limit(final.error)
         raise BudgetExceeded(limit, f"{detail}, in {node.dag} called by node {node.id!r}")
+    if final.status == RunStatus.NEEDS_ATTENTION:  # the person decides for the caller
+        waiting = [c for c in await deps.calls.of_run(child.id) if c.status == CallStatus.SENT]
+        raise NeedsAttention(run.id, [c.view() for c in waiting])
     if final.status != RunStatus.SUCCEEDED:
         raise PcrtError(
             f"node {node.id!r}: {node.dag} (run {child.id}) {final.status}: {final.error}"
@@ -122,7 +131,10 @@ async def _prepare_call(
         raise PcrtError(f"node {node.id!r}: the library of this run has no {node.dag}")
     inputs = await _call_inputs(run, node, callee, scope)
     spent = await run.counters()
-    budget = child_budget(callee.budget, run.spec.budget, spent.tokens_used, spent.nodes_executed)
+    made = len(await deps.calls.of_run(run.id))
+    budget = child_budget(
+        callee.budget, run.spec.budget, spent.tokens_used, spent.nodes_executed, made
+    )
     spec = child_spec(callee, run.library, budget).called_with(node.route, node.complexity)
     key = await _call_key(run, node, spec, inputs)
     cached = await deps.runs.cache_get(key) if key is not None else None

@@ -17,7 +17,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from pcrt.runtime.dag.library import Library, with_library
-from pcrt.runtime.dag.spec import Budget, DagSpec, ForkNode, LlmNode
+from pcrt.runtime.dag.spec import AgentNode, Budget, DagSpec, ForkNode, LlmNode, ToolNode
 from pcrt.runtime.dag.template_render import evaluate_async
 from pcrt.runtime.dag.templates import DagSandbox, make_scope
 from pcrt.runtime.engine.sampling import SamplingParams
@@ -38,16 +38,21 @@ _DEFAULT_TEMPERATURE = SamplingParams.model_fields["temperature"].default
 _LIMIT = re.compile(r"^budget exceeded: (\w+) \((.*)\)$", re.S)
 
 
-def child_budget(own: Budget, caller: Budget, tokens_used: int, nodes_executed: int) -> Budget:
+def child_budget(
+    own: Budget, caller: Budget, tokens_used: int, nodes_executed: int, calls_made: int = 0
+) -> Budget:
     """The callee's budget, tightened to what the caller has left (at least one of each,
     since the caller only starts a node while it has some). The caller's timeout already
     bounds the call, so the callee keeps its own."""
     tokens_left = None if caller.max_tokens is None else max(1, caller.max_tokens - tokens_used)
     nodes_left = None if caller.max_nodes is None else max(1, caller.max_nodes - nodes_executed)
+    calls = caller.max_tool_calls
+    calls_left = None if calls is None else max(1, calls - calls_made)
     return Budget(
         max_tokens=_tighter(own.max_tokens, tokens_left),
         max_nodes=_tighter(own.max_nodes, nodes_left),
         timeout_sec=own.timeout_sec,
+        max_tool_calls=_tighter(own.max_tool_calls, calls_left),
     )
 
 
@@ -67,8 +72,12 @@ def generating_nodes(spec: DagSpec, library: Library) -> Iterator[LlmNode | Fork
 
 
 def is_deterministic(spec: DagSpec, library: Library) -> bool:
-    """Whether a call gives the same outputs for the same inputs: every generation at
-    temperature 0 or with a fixed seed."""
+    """Whether a call gives the same outputs for the same inputs and does nothing else:
+    every generation at temperature 0 or with a fixed seed, and no tool called (a tool
+    acts on the world: a cached call would never send the email it stands for)."""
+    reached = (spec, *library.closure(spec).values())
+    if any(isinstance(n, ToolNode | AgentNode) for dag in reached for n in dag.nodes.values()):
+        return False
     return all(
         node.seed is not None or _temperature(node) == 0 for node in generating_nodes(spec, library)
     )

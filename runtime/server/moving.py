@@ -15,11 +15,14 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from pcrt.cache.async_runs import AsyncRunStore
-from pcrt.cache.status import RESUMABLE_RUN_STATES, RunStatus
+from pcrt.cache.runs import RunStore
+from pcrt.cache.status import RESUMABLE_RUN_STATES, NodeStatus, RunStatus
+from pcrt.cache.tool_calls import ToolCallStore
 from pcrt.routing.migrate import Migration, migrate_run
 from pcrt.routing.policy import Work
 from pcrt.runtime.errors import InvalidRequest, PcrtError
 from pcrt.runtime.server.services import DaemonState, Services
+from pcrt.runtime.threads import to_thread_to_completion
 
 __all__ = ["Drain", "MigrateRun", "move_run", "move_running_runs"]
 
@@ -45,6 +48,11 @@ async def move_run(
     runs = dags.runs
     if (await runs.get_run(run_id)).for_peer is not None:
         raise InvalidRequest(f"run {run_id} runs here for a peer that waits on it; it stays")
+    if await to_thread_to_completion(calls_tools_here, runs.sync, run_id):
+        raise InvalidRequest(
+            f"run {run_id} has tool calls under way here, recorded here; it stays (a peer "
+            "would send them again)"
+        )
     if run_id in dags.moves:
         raise InvalidRequest(f"run {run_id} is moving already")
     moved = dags.moves[run_id] = asyncio.Event()  # waiters on the run wait for the move
@@ -92,6 +100,20 @@ async def _record_move(
         run_id, RunStatus.MIGRATED, error=f"moved to peer {result.peer}", migrated_to=result.pointer
     )
     return result
+
+
+def calls_tools_here(runs: RunStore, run_id: str) -> bool:
+    """Whether the run has tool or agent work begun here and not finished: its calls'
+    records are here, and a peer resuming it would send them again."""
+    calls = ToolCallStore(runs.store)
+    for node in runs.nodes(run_id):
+        if node.status == NodeStatus.SUCCEEDED:
+            continue  # done: the peer takes its output, it never runs again
+        if node.type in ("tool", "agent") and calls.of_node(run_id, node.node_id):
+            return True
+        if node.child_run_id is not None and calls.of_tree(node.child_run_id):
+            return True  # a subgraph call whose child run called tools
+    return False
 
 
 async def move_running_runs(services: Services, why: str, *, resume_unmoved: bool) -> list[str]:
