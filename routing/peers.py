@@ -71,6 +71,7 @@ class Peer:
     queue_depth: int = 0
     slots: int = 1
     tools: frozenset[str] = frozenset()  # pcrt peers: the tools registered there, by name
+    idempotent_tools: frozenset[str] = frozenset()  # of those, the ones safe to send twice
     on_battery: bool = False
     battery_percent: float | None = None
     device: dict[str, Any] = field(default_factory=dict)
@@ -110,9 +111,8 @@ class Peer:
         self.node_id = info.get("node_id") or self.node_id
         self.models = offers_from_node_info(info)
         self.state_keys = state_keys_from_node_info(info)
-        tools = info.get("tools")
-        listed = tools if isinstance(tools, list) else []
-        self.tools = frozenset(t for t in listed if isinstance(t, str))
+        self.tools = _names(info.get("tools"))
+        self.idempotent_tools = _names(info.get("idempotent_tools")) & self.tools
         self.queue_depth = int(info.get("queue_depth") or 0)
         self.slots = int(info.get("slots") or 1)
         battery = info.get("battery")
@@ -138,6 +138,7 @@ class Peer:
             on_battery=self.on_battery,
             battery_percent=self.battery_percent,
             tools=self.tools,
+            idempotent_tools=self.idempotent_tools,
         )
 
     def describe(self, now: float) -> dict[str, Any]:
@@ -336,3 +337,12 @@ class PeerTable:
                 names.update(offer.aliases)
                 tags.update(offer.tags)
         return names, tags
+
+
+def _names(value: Any) -> frozenset[str]:
+    """A node info's list of names, whatever a peer sent."""
+    return (
+        frozenset(v for v in value if isinstance(v, str))
+        if isinstance(value, list)
+        else frozenset()
+    )

@@ -100,6 +100,7 @@ class NodeView:
     battery_percent: float | None = None
     available_memory: int | None = None  # bytes; only meaningful for local (None = don't check)
     tools: frozenset[str] = frozenset()  # the tools registered there, by name
+    idempotent_tools: frozenset[str] = frozenset()  # of those, the ones safe to send twice
 
 
 @dataclass(frozen=True)
@@ -116,7 +117,6 @@ class Work:
     timeout_s: float | None = None
     # which peer kinds may take it: a whole DAG subgraph can only go to another pcrt daemon
     peer_kinds: frozenset[str] = frozenset({"pcrt", "vllm", "openai"})
-    tools: frozenset[str] = frozenset()  # tools it calls: a node without them cannot take it
 
 
 @dataclass(frozen=True)
@@ -137,6 +137,7 @@ class Candidate:
     score: float  # effective cost, lower is better
     why: str  # short human reason, e.g. "smollm2-135m, est. 2.1 s, queue 0"
     tools: frozenset[str] = frozenset()  # the tools registered on that node
+    idempotent_tools: frozenset[str] = frozenset()  # of those, the ones safe to send twice
 
 
 @dataclass(frozen=True)
@@ -245,9 +246,6 @@ def _check(
         return "untrusted: cluster key not proven"
     if not node.healthy:
         return "unhealthy: in cooldown"
-    missing = work.tools - node.tools
-    if missing:
-        return f"lacks the tools {', '.join(sorted(missing))}"
     offer = match_model(node, work)
     if offer is None:
         return _missing_model(work)
@@ -397,6 +395,7 @@ def decide(
             score=o.score,
             why=_why(o, settings),
             tools=o.node.tools,
+            idempotent_tools=o.node.idempotent_tools,
         )
         for o in [chosen, *rest]
     )

@@ -194,3 +194,16 @@ def test_trigger_keeps_only_what_a_trigger_could_span() -> None:
     for _ in range(10_000):
         watch.remember(1)
     assert sum(len(p) for _, p in watch._recent) < len("<tool_call>") + len(b"Sure")
+
+
+def test_an_anchored_trigger_counts_only_at_the_start() -> None:
+    """Llama 3's bare '{"name":' is a call as the whole reply, not as JSON in prose."""
+    pieces = {1: b"  ", 2: b'{"name', 3: b'":', 4: b"Here", 5: b" is"}
+    at_start = Trigger(("<|python_tag|>", '{"name":'), pieces.__getitem__, ('{"name":',))
+    at_start.remember(1)
+    at_start.remember(2)
+    assert at_start.opened_by(3) == [2, 3]
+    in_prose = Trigger(("<|python_tag|>", '{"name":'), pieces.__getitem__, ('{"name":',))
+    for token in (4, 5, 1, 2):
+        in_prose.remember(token)
+    assert in_prose.opened_by(3) is None

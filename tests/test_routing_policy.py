@@ -170,16 +170,12 @@ def test_peer_kinds_do_not_apply_to_local() -> None:
     assert rejected(d) == {"box": "kind pcrt cannot take this work (allowed: none)"}
 
 
-def test_work_that_calls_tools_goes_only_where_they_are_registered() -> None:
-    work = Work(tools=frozenset({"search", "pay"}))
-    peers = [
-        node("box", tools=frozenset({"search"})),
-        node("till", tools=frozenset({"search", "pay"})),
-    ]
-    d = decide(work, local(), peers)
-    assert order(d) == ["till"]
-    assert rejected(d) == {"laptop": "lacks the tools pay, search", "box": "lacks the tools pay"}
+def test_a_candidate_carries_the_tools_its_node_offers() -> None:
+    """What a subgraph sent whole takes along depends on them (``offsite.peer_group``)."""
+    box = node("box", tools=frozenset({"search", "pay"}), idempotent_tools=frozenset({"search"}))
+    d = decide(Work(route="peer"), None, [box])
     assert d.chosen is not None and d.chosen.tools == frozenset({"search", "pay"})
+    assert d.chosen.idempotent_tools == frozenset({"search"})
 
 
 def test_untrusted_and_unhealthy_peers_are_rejected() -> None:

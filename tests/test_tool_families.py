@@ -319,3 +319,15 @@ def test_models_toml_may_name_the_family(templates: Path, tmp_path: Path) -> Non
     models.write_text(f'[models.q]\nsource = "{DEFAULT_SOURCE}"\ntool_format = "xml"\n')
     with pytest.raises(ConfigError, match="tool_format"):
         Registry.load(isolated_paths(tmp_path / "home2", models.read_text(encoding="utf-8")))
+
+
+def test_replies_that_merely_mention_a_marker_stay_content() -> None:
+    llama, hermes = FORMATS["llama3"], FORMATS["hermes"]
+    prose = read_reply(llama, 'Here is JSON: {"name": "Bob", "parameters": {}}', SPECS)
+    assert prose.calls == [] and prose.content.startswith("Here is JSON")
+    call = read_reply(llama, ' {"name": "get_forecast", "parameters": {"city": "Oslo"}}', SPECS)
+    assert [c.name for c in call.calls] == ["get_forecast"]
+    # a Hermes reply may end with a newline after its call
+    forced = _matcher(call_grammar(hermes, SPECS, lazy=False, most=1, special=lambda _: None))
+    assert forced.consume_tokens(list((CANONICAL["hermes"] + "\n").encode()))
+    assert forced.is_accepting()

@@ -36,7 +36,7 @@ def tools_section(http_url: str) -> dict[str, object]:
     marked["command"].append("pcrt-daemon-tools-test")  # told apart from other tests' servers
     return {
         "python": [
-            {"name": "add", "entry_point": "tests.tool_functions:add"},
+            {"name": "add", "entry_point": "tests.tool_functions:add", "idempotent": True},
             {"name": "boom", "entry_point": "tests.tool_functions:boom"},
         ],
         "http": [
@@ -114,9 +114,11 @@ def test_node_info_names_the_tools_and_a_peer_reads_them(daemon: LiveServer) -> 
     assert "add" in listed and listed == sorted(listed)
     assert "http://" not in json.dumps(info["tools"])
     assert services.node.local_view().tools == frozenset(listed)
+    assert "add" in info["idempotent_tools"] and set(info["idempotent_tools"]) <= set(listed)
     peer = Peer(name="box", url="http://127.0.0.1:9", kind="pcrt", source="static")
     peer.take_node_info(info)
     assert peer.view(0.0).tools == frozenset(listed)
+    assert peer.view(0.0).idempotent_tools == frozenset(info["idempotent_tools"])
 
 
 def test_a_call_answers_the_tool_result(daemon: LiveServer, http_server: ToolHttpServer) -> None:

@@ -163,6 +163,7 @@ async def _generate(
             **params,
             grammar=grammar,
             grammar_triggers=chat.fmt.triggers if choice == "auto" else (),
+            anchored_triggers=chat.fmt.anchored if choice == "auto" else (),
             shown_specials=chat.fmt.markers,
         )
     request = chat.request(sampling)

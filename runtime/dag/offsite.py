@@ -182,8 +182,9 @@ def peer_group(
     from the group itself; asserts and branch forks over the group go along, and so do
     subgraph calls without routing hints or with the same route and complexity. A node
     that calls tools (a tool or agent node, a subgraph call whose callee has one) goes
-    only to a peer that has those tools (``tools_there``): tools run where they are
-    registered."""
+    only to a peer whose tools they are and are idempotent there (``tools_there``): its
+    calls are recorded on the peer, so if the peer fails mid-call and the node runs again
+    elsewhere, a call may be sent twice, which only an idempotent tool allows."""
     deps = dependencies(run.spec)
     hints = _hints(node)
     group = [node.id]
@@ -198,8 +199,8 @@ def peer_group(
             if not deps[other_id] <= set(group) | run.outputs.keys():
                 continue
             if not tools_needed(run, other) <= tools_there:
-                continue  # its tools are not there: it runs here
-            if other.generates and _hints(other) != hints:
+                continue  # its tools are not there, or not safe to send twice: it runs here
+            if (other.generates or isinstance(other, AgentNode)) and _hints(other) != hints:
                 continue  # routed differently: it decides on its own
             if isinstance(other, SubgraphNode) and _call_hints(other) not in (None, hints[:2]):
                 continue  # its callee is routed by its own hints, from here
@@ -215,7 +216,7 @@ async def _subgraph_on_peer(
     deps, run_id = run.deps, run.id
     remote = deps.remote
     assert remote is not None
-    group = peer_group(run, node, candidate.tools)
+    group = peer_group(run, node, candidate.idempotent_tools)
     limit = run.spec.budget.max_nodes
     if limit is not None:
         executed = (await run.counters()).nodes_executed
@@ -341,7 +342,7 @@ def tools_needed(run: RunContext, node: Node) -> frozenset[str]:
     )
 
 
-def _hints(node: LlmNode | ForkNode) -> _Hints:
+def _hints(node: LlmNode | ForkNode | AgentNode) -> _Hints:
     """What routes a generating node."""
     return (node.route, node.complexity, node.model, node.tag)
 

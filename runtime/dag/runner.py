@@ -242,8 +242,11 @@ class DagRunner:
             raise InvalidRequest(f"outputs given for unknown nodes: {sorted(unknown)}")
         remote = self._remote_names()
 
+        # the done nodes ran on ``origin``: their tools need not be registered here
+        done_tools = {name for node_id in done for name in _tools_of(spec.nodes[node_id])}
+
         def create() -> RunRecord:
-            record = self._create(spec, inputs, None, agent, remote)
+            record = self._create(spec, inputs, None, agent, remote, done_tools)
             for node_id, output in done.items():
                 given = NodeFinishedElsewhere(output=output, ran_on=origin)
                 self.runs.update_node(record.id, node_id, given)
@@ -263,10 +266,12 @@ class DagRunner:
         library: Library | None,
         agent: str | None,
         remote: tuple[set[str], set[str]] | None,
+        done_tools: set[str] | None = None,
     ) -> RunRecord:
         dirs = self.library_dirs if self.library_dirs is not None else Paths.from_env().lib_dirs
         resolved = run_library(spec, dirs, library)
         tools = {t.name for t in self.deps.tools.tools()} if self.deps.tools else set()
+        tools |= done_tools or set()
         bound = check_run(spec, self.deps.registry, inputs, remote, resolved, tools)
         carried = with_library(spec, resolved.closure(spec))
         return new_run(self.runs, carried, bound, agent=agent)
@@ -431,6 +436,12 @@ def _check_budget(budget: Budget, spent: RunCounters, starting: int) -> None:
 
 async def _succeeded(runs: AsyncRunStore, run_id: str, node_id: str) -> bool:
     return (await runs.node(run_id, node_id)).status == NodeStatus.SUCCEEDED
+
+
+def _tools_of(node: Any) -> tuple[str, ...]:
+    if isinstance(node, ToolNode):
+        return (node.tool,)
+    return node.tools if isinstance(node, AgentNode) else ()
 
 
 def _documents_of(record: RunRecord) -> tuple[DagSpec, Library]:

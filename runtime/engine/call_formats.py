@@ -94,6 +94,8 @@ class CallFormat:
 
     name: ClassVar[str]
     triggers: ClassVar[tuple[str, ...]]
+    # of the triggers, those that count only at the reply's start, after whitespace
+    anchored: ClassVar[tuple[str, ...]] = ()
     markers: ClassVar[tuple[str, ...]] = ()  # every special marker its calls may contain
     parallel: ClassVar[bool] = True  # whether a reply may hold more than one call
     native: ClassVar[bool] = True  # the chat template writes tools and calls itself
@@ -202,7 +204,7 @@ class Hermes(CallFormat):
     def rest(self, tools: Sequence[ToolSpec], most: int, mark: Marker) -> str:
         return "\n".join(
             [
-                "calls: " + _repeat("body", f'"\\n"? {mark("<tool_call>")} body', most),
+                "calls: " + _repeat("body", f'"\\n"? {mark("<tool_call>")} body', most) + ' "\\n"?',
                 f'body: "\\n" call "\\n" {mark("</tool_call>")}',
                 "call: " + _named_calls(tools, "arguments"),
             ]
@@ -233,6 +235,7 @@ class Generic(CallFormat):
 class Llama3(CallFormat):
     name = "llama3"
     triggers = ("<|python_tag|>", '{"name":')
+    anchored = ('{"name":',)  # bare JSON is a call only as the whole reply
     markers = ("<|python_tag|>",)
     parallel = False  # its templates raise on more than one call
     _head = re.compile(r'\{\s*"name"\s*:\s*' + _JSON_NAME + r'\s*,\s*"parameters"\s*:\s*')
@@ -317,7 +320,7 @@ class Qwen3Coder(CallFormat):
     def rest(self, tools: Sequence[ToolSpec], most: int, mark: Marker) -> str:
         variants = " | ".join(f"tool{i}" for i in range(len(tools)))
         rules = [
-            "calls: " + _repeat("body", f'"\\n"? {mark("<tool_call>")} body', most),
+            "calls: " + _repeat("body", f'"\\n"? {mark("<tool_call>")} body', most) + ' "\\n"?',
             f'body: "\\n" ({variants}) "\\n" {mark("</tool_call>")}',
         ]
         for i, tool in enumerate(tools):
@@ -427,21 +430,35 @@ def call_grammar(
     lines = ["start: opening calls", f"opening: {opening}", *heads.values()]
     lines.append(fmt.rest(tools, most if fmt.parallel else 1, mark))
     if lazy:
-        lines.append("TEXT: /(?s:.*)/")
+        # the lazy head takes only what of the reply shares the trigger's first token: a
+        # bound keeps a refused pick from wandering on as prose inside the grammar
+        lines.append("TEXT: /(?s:.{0,256})/")
     return "\n".join(lines) + "\n"
 
 
 def read_reply(fmt: CallFormat, text: str, tools: Sequence[ToolSpec]) -> ParsedReply:
     """A reply as content and calls: the content is the text before the first trigger."""
-    starts = [i for i in (text.find(t) for t in fmt.triggers) if i >= 0]
+    starts = [i for i in (_found(fmt, text, t) for t in fmt.triggers) if i >= 0]
     if not starts:
         pending = max(
-            (n for t in fmt.triggers for n in range(len(t) - 1, 0, -1) if text.endswith(t[:n])),
+            (
+                n
+                for t in fmt.triggers
+                for n in range(len(t) - 1, 0, -1)
+                if text.endswith(t[:n]) and (t not in fmt.anchored or not text[:-n].strip())
+            ),
             default=0,
         )
         return ParsedReply(text, [], pending)
     first = min(starts)
     return ParsedReply(text[:first], fmt.read(text[first:], tools))
+
+
+def _found(fmt: CallFormat, text: str, trigger: str) -> int:
+    at = text.find(trigger)
+    if at > 0 and trigger in fmt.anchored and text[:at].strip():
+        return -1  # JSON in an answer, not a call
+    return at
 
 
 # -- finding the family from the template -------------------------------------------------

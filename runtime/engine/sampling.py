@@ -71,8 +71,10 @@ class SamplingParams(BaseModel):
     grammar: str | None = None
     # a lazy constraint (tool calls with tool_choice "auto"): the output is free until it
     # first holds one of these texts (a special token counts by its text), and the
-    # grammar, which starts with that text, holds from the token that began it on
+    # grammar, which starts with that text, holds from the token that began it on;
+    # ``anchored_triggers``: those of them that count only at the output's start
     grammar_triggers: tuple[str, ...] = ()
+    anchored_triggers: tuple[str, ...] = ()
     # special tokens whose text the output shows (a call format's markers, such as
     # Mistral's [TOOL_CALLS]); other special tokens add nothing to the text
     shown_specials: tuple[str, ...] = ()
@@ -174,19 +176,29 @@ class Trigger:
     It keeps only the last tokens that a trigger could still span, so watching costs the
     same after ten tokens of prose as after ten thousand."""
 
-    def __init__(self, texts: tuple[str, ...], token_bytes: Callable[[int], bytes]) -> None:
+    def __init__(
+        self,
+        texts: tuple[str, ...],
+        token_bytes: Callable[[int], bytes],
+        anchored: tuple[str, ...] = (),
+    ) -> None:
         self._texts = tuple(t.encode("utf-8") for t in texts)
+        # of those, the ones that count only at the start, after whitespace (Llama 3's
+        # bare '{"name":'): JSON in an answer is not a call
+        self._anchored = {t.encode("utf-8") for t in anchored}
         self._span = max(len(t) for t in self._texts)
         self._token_bytes = token_bytes  # special tokens by their text
         self._recent: list[tuple[int, bytes]] = []
         self._held = 0  # bytes in _recent
+        self._seen = 0  # bytes remembered in all
+        self._blank = 0  # of those, the leading whitespace (fixed after the first other)
 
     def opened_by(self, token: int) -> list[int] | None:
         """If ``token`` completes a trigger: the tokens the grammar must take, from the
         one holding the trigger's first byte through ``token``. Else None."""
         piece = self._token_bytes(token)
         window = b"".join(p for _, p in self._recent) + piece
-        starts = [i for i in (window.find(t) for t in self._texts) if i >= 0]
+        starts = [i for i in (self._start(window, t) for t in self._texts) if i >= 0]
         if not starts:
             return None
         first, seen = min(starts), 0
@@ -197,8 +209,21 @@ class Trigger:
             seen += len(p)
         return [token]  # not reached: the trigger starts inside the window
 
+    def _start(self, window: bytes, text: bytes) -> int:
+        found = window.find(text)
+        if found < 0 or text not in self._anchored:
+            return found
+        at = self._seen - self._held + found  # in the whole output
+        blank = self._blank
+        if blank == self._seen:  # all blank so far: the window's own leading blanks count
+            blank += len(window) - self._held - len(window[self._held :].lstrip())
+        return found if at <= blank else -1
+
     def remember(self, token: int) -> None:
         piece = self._token_bytes(token)
+        if self._blank == self._seen:
+            self._blank += len(piece) - len(piece.lstrip())
+        self._seen += len(piece)
         self._recent.append((token, piece))
         self._held += len(piece)
         # a trigger the next token completes starts at most span - 1 bytes back

@@ -384,8 +384,8 @@ class Scheduler:
             seed = resolve_seed(job.params.seed, branch.choice.index)
             guide = None
             if compiled is not None:  # each branch its own place in the grammar
-                triggers = job.params.grammar_triggers
-                trigger = Trigger(triggers, self.model.token_bytes) if triggers else None
+                triggers, anchored = job.params.grammar_triggers, job.params.anchored_triggers
+                trigger = Trigger(triggers, self.model.token_bytes, anchored) if triggers else None
                 guide = Guide(compiled.matcher, self.model.n_vocab, trigger)
             branch.sampler = Sampler(
                 job.params,

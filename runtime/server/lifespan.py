@@ -122,6 +122,7 @@ async def running_services(
             port=settings.port,
             usage=usage,
             tools=frozenset(t.name for t in tools.tools()),
+            idempotent_tools=frozenset(t.name for t in tools.tools() if t.idempotent),
         )
         stack.push_async_callback(node.close)  # a refresh of its facts reads the store
         dags = DagTasks(

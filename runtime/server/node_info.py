@@ -65,6 +65,7 @@ class NodeInfo:
     # the tools registered here, by name (never their URLs, headers or secrets): what a
     # DAG's tool and agent nodes need of the node they run on
     tools: frozenset[str] = frozenset()
+    idempotent_tools: frozenset[str] = frozenset()  # of those, the ones safe to send twice
 
     # file sizes and measured speeds change rarely (a pull, a pcrt bench): read them at
     # most every few seconds, not on every routing decision
@@ -219,6 +220,7 @@ class NodeInfo:
             battery_percent=battery.percent if battery is not None else None,
             available_memory=profile.memory.available,
             tools=self.tools,
+            idempotent_tools=self.idempotent_tools,
         )
 
     def info(self, state: str) -> dict[str, Any]:
@@ -251,6 +253,7 @@ class NodeInfo:
                 for o in self.offers()
             ],
             "tools": sorted(self.tools),
+            "idempotent_tools": sorted(self.idempotent_tools),
             "queue_depth": queue,
             "slots": slots,
             "battery": None if battery is None else battery.model_dump(mode="json"),

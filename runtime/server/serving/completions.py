@@ -268,8 +268,8 @@ def _response(
             finish = _finish_reason(c.finish_reason)
             if tools is not None and tools.offered:
                 content, calls = tools.answer(c.text)
+                message = {"role": "assistant", "content": content}
                 if calls:
-                    message = {"role": "assistant", "content": content}
                     message["tool_calls"] = [call.wire() for call in calls]
                     finish = "tool_calls" if finish == "stop" else finish
             choices.append(

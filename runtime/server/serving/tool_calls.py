@@ -108,6 +108,7 @@ class ToolPlan:
             update={
                 "grammar": self.grammar(special),
                 "grammar_triggers": () if self.forced else self.format.triggers,
+                "anchored_triggers": () if self.forced else self.format.anchored,
                 "shown_specials": self.format.markers,
             }
         )
@@ -174,11 +175,12 @@ class ToolPlan:
         """A finished reply as OpenAI's message: its content (None when the reply is
         only calls) and its whole calls."""
         reply = self.reply(text)
+        if not reply.calls:  # no call begun (a marker in prose, unconstrained): all text
+            return text, []
         calls = [
             ToolCall(self.format.call_id(), c.name, c.arguments) for c in reply.calls if c.complete
         ]
-        if not calls:
-            return text, []
+        # an unfinished call (cut by max_tokens) is dropped, never shown as markup
         return (reply.content if reply.content.strip() else None), calls
 
 
@@ -234,7 +236,11 @@ class StreamedReply:
         """The last deltas and the finish reason: ``tool_calls`` for whole calls."""
         reply = self.plan.reply(self.text)
         deltas = self._deltas(reply, final=True)
-        if reply.calls and all(c.complete for c in reply.calls):
+        if not reply.calls and len(self.text) > self._content_sent:
+            # a marker in prose that began no call (calls unconstrained): all of it text
+            deltas.append({"content": self.text[self._content_sent :]})
+            self._content_sent = len(self.text)
+        if reason == "stop" and reply.calls and all(c.complete for c in reply.calls):
             reason = "tool_calls"
         return deltas, reason
 
