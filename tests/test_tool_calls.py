@@ -56,6 +56,9 @@ TOOLS: list[Any] = [
     {"type": "function", "function": {"name": "ping", "description": "Is the service up?"}},
 ]
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+DEEP: dict[str, Any] = {"type": "object", "properties": {}}
+for _ in range(70):  # past the schema bounds' 64 levels: refused before any compile
+    DEEP = {"type": "object", "properties": {"x": DEEP}}
 
 
 @pytest.fixture(scope="module")
@@ -239,6 +242,10 @@ def _post(server: LiveServer, body: dict[str, Any]) -> httpx.Response:
                 "tool_choice": "required",
             },
             "tools[0].function.parameters.properties.a.not",
+        ),
+        (
+            {"tools": [{"type": "function", "function": {"name": "f", "parameters": DEEP}}]},
+            "tools[0].function.parameters",
         ),
         (
             {

@@ -331,3 +331,37 @@ def test_replies_that_merely_mention_a_marker_stay_content() -> None:
     forced = _matcher(call_grammar(hermes, SPECS, lazy=False, most=1, special=lambda _: None))
     assert forced.consume_tokens(list((CANONICAL["hermes"] + "\n").encode()))
     assert forced.is_accepting()
+
+
+@pytest.mark.parametrize("family", list(CANONICAL))
+def test_tool_schemas_with_defs_compile_in_every_family(family: str) -> None:
+    """Pydantic (LangChain's bind_tools of a nested model) writes $defs: they must still
+    resolve once the schema sits inside the call's."""
+    nested = {
+        "type": "object",
+        "properties": {"loc": {"$ref": "#/$defs/Loc"}},
+        "required": ["loc"],
+        "$defs": {
+            "Loc": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}},
+                "required": ["city"],
+            }
+        },
+    }
+    old_style = {
+        "type": "object",
+        "properties": {"n": {"$ref": "#/definitions/N"}},
+        "definitions": {"N": {"type": "integer"}},
+    }
+    specs = [ToolSpec("where", nested), ToolSpec("count", old_style)]
+    for lazy in (False, True):
+        _matcher(call_grammar(FORMATS[family], specs, lazy=lazy, most=2, special=lambda _: None))
+    if family == "hermes":
+        good = (
+            '<tool_call>\n{"name": "where", "arguments": {"loc": {"city": "Oslo"}}}\n</tool_call>'
+        )
+        bad = good.replace('"city"', '"town"')
+        grammar = call_grammar(FORMATS[family], specs, lazy=False, most=2, special=lambda _: None)
+        assert _matcher(grammar).consume_tokens(list(good.encode()))
+        assert not _matcher(grammar).consume_tokens(list(bad.encode()))

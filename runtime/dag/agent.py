@@ -36,10 +36,11 @@ from pcrt.runtime.dag.tools import PlannedCall, run_calls
 from pcrt.runtime.engine import EngineClient, GenerateRequest, TokenEvent
 from pcrt.runtime.engine.call_formats import CallFormat, ToolSpec, call_grammar, read_reply
 from pcrt.runtime.engine.chat import ChatMessage
+from pcrt.runtime.engine.constraints import constraint_of
 from pcrt.runtime.engine.sampling import SamplingParams
 from pcrt.runtime.engine.state import KVState
 from pcrt.runtime.engine.tool_prompt import template_tools, tool_messages
-from pcrt.runtime.errors import PcrtError
+from pcrt.runtime.errors import ConstraintInvalid, PcrtError
 from pcrt.runtime.tools import ToolResult
 
 __all__ = ["run_agent"]
@@ -64,6 +65,11 @@ async def run_agent(run: RunContext, node: AgentNode, scope: dict[str, Any]) -> 
         raise PcrtError(f"node {node.id}: no tools are registered here (see [tools])")
     tools = [registry.get(name) for name in node.tools]
     specs = [ToolSpec(t.name, t.parameters, t.description) for t in tools]
+    for spec in specs:  # an MCP server's schema is held to the bounds of any other
+        try:
+            constraint_of(spec.schema, None)
+        except ConstraintInvalid as exc:
+            raise PcrtError(f"node {node.id}: tool {spec.name!r}'s parameters: {exc}") from None
     entry = deps.registry.resolve(node.model or node.tag)
     record = await deps.runs.node(run.id, node.id)
     recorded = await deps.calls.of_run(run.id)

@@ -125,13 +125,17 @@ def _lit(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)
 
 
-def _named_calls(tools: Sequence[ToolSpec], args_key: str, extra: dict[str, Any] | None = None):
-    variants = []
-    for tool in tools:
-        properties: dict[str, Any] = {
-            "name": {"const": tool.name},
-            args_key: close_objects(tool.schema),
-        }
+def _named_calls(
+    tools: Sequence[ToolSpec], args_key: str, extra: dict[str, Any] | None = None
+) -> str:
+    """One JSON schema for a call of any of ``tools``: its name, then its arguments. Each
+    tool's ``$defs`` move to the root under names of their own (``t0_Loc``), since its
+    schema now sits below the root and ``#/$defs/Loc`` would point nowhere."""
+    variants, defs = [], {}
+    for i, tool in enumerate(tools):
+        schema, own = _without_defs(close_objects(tool.schema), f"t{i}_")
+        defs.update(own)
+        properties: dict[str, Any] = {"name": {"const": tool.name}, args_key: schema}
         if extra:
             properties.update(extra)
         variants.append(
@@ -142,7 +146,34 @@ def _named_calls(tools: Sequence[ToolSpec], args_key: str, extra: dict[str, Any]
                 "additionalProperties": False,
             }
         )
-    return _json(variants[0] if len(variants) == 1 else {"anyOf": variants})
+    root: dict[str, Any] = variants[0] if len(variants) == 1 else {"anyOf": variants}
+    if defs:
+        root = {**root, "$defs": defs}
+    return _json(root)
+
+
+def _without_defs(schema: dict[str, Any], prefix: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``schema`` without its ``$defs`` (or ``definitions``), its refs to them renamed
+    with ``prefix``; and those definitions, renamed, for the root that holds them."""
+    defs = {**schema.get("definitions", {}), **schema.get("$defs", {})}
+    if not defs:
+        return schema, {}
+    renamed = {f"{prefix}{name}": value for name, value in defs.items()}
+
+    def rewrite(value: Any) -> Any:
+        if isinstance(value, dict):
+            ref = value.get("$ref")
+            out = {k: rewrite(v) for k, v in value.items() if k not in ("$defs", "definitions")}
+            if isinstance(ref, str):
+                for base in ("#/$defs/", "#/definitions/"):
+                    if ref.startswith(base):
+                        out["$ref"] = "#/$defs/" + prefix + ref[len(base) :]
+            return out
+        if isinstance(value, list):
+            return [rewrite(v) for v in value]
+        return value
+
+    return rewrite(schema), {name: rewrite(value) for name, value in renamed.items()}
 
 
 def _repeat(first: str, more: str, most: int) -> str:
@@ -324,7 +355,8 @@ class Qwen3Coder(CallFormat):
             f'body: "\\n" ({variants}) "\\n" {mark("</tool_call>")}',
         ]
         for i, tool in enumerate(tools):
-            schema = close_objects(tool.schema)
+            # each parameter is a schema of its own: it takes the tool's $defs along
+            schema, defs = _without_defs(close_objects(tool.schema), "")
             required = set(schema.get("required", []))
             parts = []
             for j, (key, sub) in enumerate((schema.get("properties") or {}).items()):
@@ -335,7 +367,8 @@ class Qwen3Coder(CallFormat):
                     rules.append(f"p{i}_{j}: {head} raw{i}_{j}")
                     rules.append(f"raw{i}_{j}[suffix={end}]: /(?s:.{{{low},{high}}})/")
                 else:
-                    rules.append(f'p{i}_{j}: {head} {_json(sub)} "\\n</parameter>\\n"')
+                    own = {**sub, "$defs": defs} if defs else sub
+                    rules.append(f'p{i}_{j}: {head} {_json(own)} "\\n</parameter>\\n"')
                 parts.append(f"p{i}_{j}" + ("" if key in required else "?"))
             params = " ".join(parts)
             opening = _lit(f"<function={tool.name}>" + "\n")

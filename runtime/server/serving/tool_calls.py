@@ -38,7 +38,7 @@ from pcrt.runtime.engine.call_formats import (
     read_reply,
 )
 from pcrt.runtime.engine.chat import ChatMessage
-from pcrt.runtime.engine.constraints import locate_problem
+from pcrt.runtime.engine.constraints import constraint_of, locate_problem
 from pcrt.runtime.engine.sampling import SamplingParams
 from pcrt.runtime.engine.tool_prompt import tool_messages
 from pcrt.runtime.errors import ConstraintInvalid, InvalidRequest
@@ -135,8 +135,11 @@ class ToolPlan:
         # llguidance names the grammar's line, then quotes the grammar: keep the schema's part
         found = re.search(r"failed to compile JSON schema: (.*?)(?: \d+ \| |$)", error.why)
         located = locate_problem(self.output_schema(), found.group(1) if found else error.why)
-        located.param = self.param_of(located.where)
-        return located
+        param = self.param_of(located.where)
+        # named by the request's field, not by the place inside pcrt's own call schema
+        named = ConstraintInvalid("json_schema", param, located.why)
+        named.param = param
+        return named
 
     def param_of(self, where: str) -> str:
         """The request field behind a place in ``output_schema()`` (a 400 names it):
@@ -324,6 +327,10 @@ def _schema_problem(parameters: dict[str, Any] | None) -> str | None:
         return f"not a JSON schema{' at ' + where if where else ''}: {errors[0].message}"
     if parameters.get("type", "object") != "object":
         return "a tool's parameters must be a JSON schema of type object"
+    try:  # the bounds every schema the decoder takes is held to (size, depth, $refs)
+        constraint_of(parameters, None)
+    except ConstraintInvalid as exc:
+        return exc.why if not exc.where else f"at {exc.where}: {exc.why}"
     return None
 
 
