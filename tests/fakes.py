@@ -136,6 +136,7 @@ class FakeChat:
 
     available = True
     call_format = FORMATS["generic"]  # no tool template
+    roles = frozenset({"system", "tool"})
 
     def render(
         self,

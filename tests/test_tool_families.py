@@ -24,6 +24,7 @@ from pcrt.runtime.engine.call_formats import (
     read_reply,
 )
 from pcrt.runtime.engine.chat import ChatMessage, ChatRenderer
+from pcrt.runtime.engine.tool_prompt import tool_messages
 from pcrt.runtime.errors import ConfigError
 from pcrt.runtime.models.registry import Registry
 from pcrt.runtime.server.settings import ServerSettings
@@ -365,3 +366,33 @@ def test_tool_schemas_with_defs_compile_in_every_family(family: str) -> None:
         grammar = call_grammar(FORMATS[family], specs, lazy=False, most=2, special=lambda _: None)
         assert _matcher(grammar).consume_tokens(list(good.encode()))
         assert not _matcher(grammar).consume_tokens(list(bad.encode()))
+
+
+@pytest.mark.parametrize(
+    "template", ["google-gemma-2-2b-it", "microsoft-Phi-3.5-mini-instruct", "openai-gpt-oss-120b"]
+)
+def test_generic_tool_turns_fit_templates_without_system_or_tool_roles(
+    templates: Path, template: str
+) -> None:
+    """Gemma 2 refuses a system message, Phi-3.5 drops tool messages and gpt-oss refuses
+    them: the generic block and the results go where each template writes them."""
+    renderer = ChatRenderer(
+        (templates / f"{template}.jinja").read_text(encoding="utf-8"), "<s>", "</s>", template
+    )
+    assert renderer.call_format.name == "generic"
+    function = {"name": "get_forecast", "arguments": '{"city": "Oslo", "days": 2}'}
+    history = [
+        ChatMessage.model_validate(m)
+        for m in (
+            {"role": "user", "content": "Weather in Oslo?"},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [{"id": "c1", "type": "function", "function": function}],
+            },
+            {"role": "tool", "tool_call_id": "c1", "content": "Rain, 9C."},
+        )
+    ]
+    shown = tool_messages(FORMATS["generic"], SPECS, "auto", history, renderer.roles)
+    prompt = renderer.render(shown)
+    assert "Rain, 9C." in prompt and "get_forecast" in prompt and "You can call" in prompt

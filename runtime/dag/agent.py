@@ -41,6 +41,7 @@ from pcrt.runtime.engine.sampling import SamplingParams
 from pcrt.runtime.engine.state import KVState
 from pcrt.runtime.engine.tool_prompt import template_tools, tool_messages
 from pcrt.runtime.errors import ConstraintInvalid, PcrtError
+from pcrt.runtime.threads import to_thread_to_completion
 from pcrt.runtime.tools import ToolResult
 
 __all__ = ["run_agent"]
@@ -81,7 +82,11 @@ async def run_agent(run: RunContext, node: AgentNode, scope: dict[str, Any]) -> 
     started = time.perf_counter()
     spent = _Spent()
     async with deps.lease(entry.name) as engine:
-        chat = _Conversation(engine, engine.chat.call_format, specs)
+        # found by rendering the template the first time: off the loop
+        fmt, roles = await to_thread_to_completion(
+            lambda: (engine.chat.call_format, engine.chat.roles)
+        )
+        chat = _Conversation(engine, fmt, specs, roles)
         chat.messages = await _opening(run, node, scope)
         await deps.runs.update_node(
             run.id,
@@ -90,7 +95,7 @@ async def run_agent(run: RunContext, node: AgentNode, scope: dict[str, Any]) -> 
                 ran_on=deps.ran_on, started_at=record.started_at or utc_now(), model=engine.name
             ),
         )
-        made = sum(len(c) for c in steps_done.values())
+        made = 0  # calls of the steps so far, replayed ones included
         for step in range(node.max_steps):
             planned = steps_done.get(step)
             content: str | None = None
@@ -103,15 +108,15 @@ async def run_agent(run: RunContext, node: AgentNode, scope: dict[str, Any]) -> 
                 text, content, calls = await _generate(run, node, chat, choice, step, spent, left)
                 if not calls:
                     return await _finish(run, node, engine, text, spent, started)
-                planned = [
-                    PlannedCall(chat.fmt.call_id(), name, json.loads(arguments))
-                    for name, arguments in calls
+                planned = [  # the id the model wrote, when it writes one: it is in the KV
+                    PlannedCall(call_id or chat.fmt.call_id(), name, json.loads(arguments))
+                    for name, arguments, call_id in calls
                 ]
             else:
                 chat.forget_kv()  # the KV of a step before the crash is gone
             results = await run_calls(run, node.id, step, planned)
             made += len(planned)
-            chat.add_step(content, planned, results)
+            await chat.add_step(content, planned, results)
             settled = [
                 {"tool": c.tool, "ok": r.ok, "seconds": r.seconds}
                 for c, r in zip(planned, results, strict=True)
@@ -142,13 +147,15 @@ async def _generate(
     step: int,
     spent: _Spent,
     left: int | None,
-) -> tuple[str, str, list[tuple[str, str]]]:
+) -> tuple[str, str, list[tuple[str, str, str | None]]]:
     """One step's reply: its text, the text before its calls, and its whole calls as
-    (name, JSON arguments); ``left``: the calls the node may still make (None: any)."""
+    (name, JSON arguments, the id the model wrote if any). ``left``: the calls the node
+    may still make (None: any)."""
     engine = chat.engine
     params = dict(node.sampling())
     budget = await run.tokens_left()
-    if budget is not None:
+    if budget is not None:  # the run's counters have none of this node's steps yet
+        budget -= spent.completion
         params["max_tokens"] = max(1, min(params.get("max_tokens", budget), budget))
     if choice == "none":  # tools withheld: the reply is the answer, unconstrained
         sampling = SamplingParams(**params)
@@ -204,7 +211,7 @@ async def _generate(
                 "raise max_tokens"
             )
         chat.rewritten()  # the KV holds the unfinished call: the template writes it anew
-    return choice_.text, reply.content, [(c.name, c.arguments) for c in whole]
+    return choice_.text, reply.content, [(c.name, c.arguments, c.call_id) for c in whole]
 
 
 async def _finish(
@@ -235,10 +242,17 @@ class _Conversation:
     """The agent's conversation, as messages and, once a step ran, as the exact tokens
     whose KV the engine holds for it."""
 
-    def __init__(self, engine: EngineClient, fmt: CallFormat, specs: list[ToolSpec]) -> None:
+    def __init__(
+        self,
+        engine: EngineClient,
+        fmt: CallFormat,
+        specs: list[ToolSpec],
+        roles: frozenset[str],
+    ) -> None:
         self.engine = engine
         self.fmt = fmt
         self.specs = specs
+        self.roles = roles  # besides user and assistant, the ones its template writes
         self.messages: list[ChatMessage] = []
         self._state: KVState | None = None  # after the last step's reply
         self._next: list[int] | None = None  # its tokens and the results' after them
@@ -268,7 +282,7 @@ class _Conversation:
         the last state still matches it."""
         self._rewritten = True
 
-    def add_step(
+    async def add_step(
         self, content: str | None, planned: list[PlannedCall], results: list[ToolResult]
     ) -> None:
         """The assistant's calls and their results join the conversation; the next
@@ -293,12 +307,13 @@ class _Conversation:
         before = [*self.messages, assistant]
         self.messages = [*before, *answers]
         whole = self._rewritten or self._state is None
-        self._next = None if whole else self._continued(before)
+        # three template renders and a tokenize: milliseconds, off the loop
+        self._next = None if whole else await to_thread_to_completion(self._continued, before)
         self._rewritten = False
 
     def _shown(self, messages: list[ChatMessage]) -> list[ChatMessage]:
         # "auto" always: the generic block must not change between steps (its KV stays)
-        return tool_messages(self.fmt, self.specs, "auto", messages)
+        return tool_messages(self.fmt, self.specs, "auto", messages, self.roles)
 
     def _continued(self, before: list[ChatMessage]) -> list[int] | None:
         """The KV's tokens and the tokens that follow them: the end of the assistant's

@@ -76,6 +76,7 @@ class ParsedCall:
     name: str
     arguments: str  # JSON text of the arguments so far (whole once ``complete``)
     complete: bool
+    call_id: str | None = None  # the id the model wrote (Mistral's), when it writes one
 
 
 @dataclass
@@ -214,7 +215,12 @@ def _scan(section: str, head: re.Pattern[str], decode_name: bool = True) -> list
         name = json.loads(f'"{found.group(1)}"') if decode_name else found.group(1)
         end = _value_end(section, found.end())
         stop = end if end is not None else len(section)
-        calls.append(ParsedCall(name, section[found.end() : stop], end is not None))
+        call = ParsedCall(name, section[found.end() : stop], end is not None)
+        if "id" in head.groupindex:  # written before the arguments (Mistral's [CALL_ID])
+            call.call_id = found.group("id")
+        elif end is not None and (after := _ID_AFTER.match(section, end)) is not None:
+            call.call_id = after.group(1)  # written after them (Mistral Nemo's "id")
+        calls.append(call)
         if end is None:
             break
         at = end
@@ -222,6 +228,7 @@ def _scan(section: str, head: re.Pattern[str], decode_name: bool = True) -> list
 
 
 _JSON_NAME = r'"((?:[^"\\]|\\.)*)"'
+_ID_AFTER = re.compile(r'\s*,\s*"id"\s*:\s*"([A-Za-z0-9]+)"')
 
 
 class Hermes(CallFormat):
@@ -315,7 +322,9 @@ class Mistral(CallFormat):
     triggers = ("[TOOL_CALLS]",)
     markers = ("[TOOL_CALLS]", "[CALL_ID]", "[ARGS]")
     with_call_id: ClassVar[bool] = True
-    _head = re.compile(r"\[TOOL_CALLS\]([A-Za-z0-9_.-]+)(?:\[CALL_ID\][A-Za-z0-9]*)?\[ARGS\]")
+    _head = re.compile(
+        r"\[TOOL_CALLS\]([A-Za-z0-9_.-]+)(?:\[CALL_ID\](?P<id>[A-Za-z0-9]*))?\[ARGS\]"
+    )
 
     def rest(self, tools: Sequence[ToolSpec], most: int, mark: Marker) -> str:
         call_id = f" {mark('[CALL_ID]')} /[a-zA-Z0-9]{{9}}/" if self.with_call_id else ""

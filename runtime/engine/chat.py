@@ -25,6 +25,8 @@ from pcrt.runtime.errors import ChatTemplateMissing, InvalidRequest, ModelLoadEr
 
 __all__ = ["ChatMessage", "ChatRenderer"]
 
+_PROBE = "pcrt-role-probe"
+
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(frozen=True, extra="allow")
@@ -60,6 +62,7 @@ class ChatRenderer:
         self.model_name = model_name
         # set in models.toml, or found from the template the first time a tool is offered
         self._call_format = format_named(call_format) if call_format else None
+        self._roles: frozenset[str] | None = None
         try:
             self._formatter = (
                 Jinja2ChatFormatter(template=template, eos_token=eos_token, bos_token=bos_token)
@@ -101,6 +104,33 @@ class ChatRenderer:
                 )
         return self._call_format
 
+    @property
+    def roles(self) -> frozenset[str]:
+        """The roles besides user and assistant that the template writes ("system",
+        "tool"): found once, by rendering a probe of each (Gemma 2 refuses a system
+        message; Phi-3.5 drops tool messages, gpt-oss refuses them)."""
+        if self._roles is None:
+            probes: dict[str, list[dict[str, Any]]] = {
+                "system": [
+                    {"role": "system", "content": _PROBE},
+                    {"role": "user", "content": "hi"},
+                ],
+                "tool": [
+                    {"role": "user", "content": "hi"},
+                    {"role": "assistant", "content": "ok"},
+                    {"role": "tool", "content": _PROBE},
+                ],
+            }
+            found = set()
+            for role, messages in probes.items():
+                try:
+                    if self._formatter and _PROBE in self._formatter(messages=messages).prompt:  # type: ignore[arg-type]
+                        found.add(role)
+                except Exception:  # the template refuses the role
+                    pass
+            self._roles = frozenset(found)
+        return self._roles
+
     def render(
         self,
         messages: list[ChatMessage],
@@ -131,7 +161,7 @@ class ChatRenderer:
         """A message as templates read it: text content, calls' arguments as objects, and
         ids as Mistral's templates require them (9 letters or digits) for that family."""
         plain = {**message.model_dump(exclude_none=True), "content": message.text()}
-        ids = self._call_format is not None and self._call_format.name.startswith("mistral")
+        ids = self.call_format.name.startswith("mistral")
         if "tool_calls" in plain:
             calls = []
             for call in plain["tool_calls"]:

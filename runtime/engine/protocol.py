@@ -65,6 +65,11 @@ class ChatTemplate(Protocol):
         """How the model writes tool calls, found from its template."""
         ...
 
+    @property
+    def roles(self) -> frozenset[str]:
+        """The roles besides user and assistant its template writes."""
+        ...
+
     def render(
         self,
         messages: list[ChatMessage],

@@ -26,13 +26,17 @@ def tool_messages(
     tools: Sequence[ToolSpec],
     choice: str,
     messages: Sequence[ChatMessage],
+    roles: frozenset[str] = frozenset({"system", "tool"}),
 ) -> list[ChatMessage]:
     """``messages`` as the model reads them with ``tools`` offered (none: not offered,
     and earlier calls still written in the format's way). ``choice``: ``auto``,
-    ``required`` or the one tool's name, as the generic block asks it."""
+    ``required`` or the one tool's name, as the generic block asks it. ``roles``: the
+    roles besides user and assistant its template writes (``ChatRenderer.roles``): a
+    template without a system role gets the block in the first user message, one without
+    a tool role gets results as user messages."""
     if fmt.native:
         return list(messages)
-    written = [_written(m) for m in messages]
+    written = [_written(m, "tool" in roles) for m in messages]
     if not tools:
         return written
     block = tools_block(tools, choice)
@@ -42,6 +46,9 @@ def tool_messages(
             ChatMessage(role=first.role, content=f"{first.text()}\n\n{block}"),
             *written[1:],
         ]
+    if "system" not in roles and written and written[0].role == "user":
+        first = written[0]
+        return [ChatMessage(role="user", content=f"{block}\n\n{first.text()}"), *written[1:]]
     return [ChatMessage(role="system", content=block), *written]
 
 
@@ -77,10 +84,16 @@ def tools_block(tools: Sequence[ToolSpec], choice: str) -> str:
     )
 
 
-def _written(message: ChatMessage) -> ChatMessage:
+def _written(message: ChatMessage, tool_role: bool = True) -> ChatMessage:
     """An assistant's earlier calls as the JSON the model writes, after any text it wrote
-    with them (another model's history may have both); other messages as they are."""
-    calls = (message.model_extra or {}).get("tool_calls")
+    with them (another model's history may have both); a tool's result as a user message
+    when the template has no tool role; other messages as they are."""
+    extra = message.model_extra or {}
+    if message.role == "tool" and not tool_role:
+        name = extra.get("name")
+        said = f"The tool {name} returned" if name else "The tool returned"
+        return ChatMessage(role="user", content=f"{said}: {message.text()}")
+    calls = extra.get("tool_calls")
     if message.role != "assistant" or not calls:
         return message
     written = [

@@ -194,11 +194,11 @@ def _prepare(
                 raise refused
             # without tools offered, earlier calls are still written the model's way (a
             # template that writes no calls would drop them: the model would not see them)
-            fmt = engine.chat.call_format
+            fmt, roles = engine.chat.call_format, engine.chat.roles
             messages = (
-                tools.messages(body.messages)
+                tools.messages(body.messages, roles)
                 if tools
-                else tool_messages(fmt, [], "none", body.messages)
+                else tool_messages(fmt, [], "none", body.messages, roles)
             )
             sampling = body.sampling(default_max, schema)
             # calls are held to their grammar, unless the reply is shaped otherwise

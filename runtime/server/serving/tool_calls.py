@@ -163,13 +163,17 @@ class ToolPlan:
             return None
         return tuple(t.model_dump(exclude_none=True) for t in self.tools)
 
-    def messages(self, messages: Sequence[ChatMessage]) -> list[ChatMessage]:
-        """The conversation as the model reads it (``tool_prompt``)."""
+    def messages(
+        self, messages: Sequence[ChatMessage], roles: frozenset[str] = frozenset({"system", "tool"})
+    ) -> list[ChatMessage]:
+        """The conversation as the model reads it (``tool_prompt``); ``roles``: those its
+        template writes besides user and assistant."""
         shown = [
             ToolSpec(t.function.name, t.function.parameters, t.function.description or "")
             for t in self.tools
         ]
-        return tool_messages(self.format, shown if self.offered else [], self.choice, messages)
+        offered = shown if self.offered else []
+        return tool_messages(self.format, offered, self.choice, messages, roles)
 
     def reply(self, text: str) -> ParsedReply:
         return read_reply(self.format, text, self.specs())
@@ -181,7 +185,9 @@ class ToolPlan:
         if not reply.calls:  # no call begun (a marker in prose, unconstrained): all text
             return text, []
         calls = [
-            ToolCall(self.format.call_id(), c.name, c.arguments) for c in reply.calls if c.complete
+            ToolCall(c.call_id or self.format.call_id(), c.name, c.arguments)
+            for c in reply.calls
+            if c.complete
         ]
         # an unfinished call (cut by max_tokens) is dropped, never shown as markup
         return (reply.content if reply.content.strip() else None), calls
@@ -255,7 +261,7 @@ class StreamedReply:
             self._content_sent = ready
         for i, call in enumerate(reply.calls):
             if i == len(self._ids):
-                self._ids.append(self.plan.format.call_id())
+                self._ids.append(call.call_id or self.plan.format.call_id())
                 self._args_sent.append(0)
                 deltas.append(_header(i, self._ids[i], call.name))
             fresh = call.arguments[self._args_sent[i] :]
