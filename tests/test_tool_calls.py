@@ -327,3 +327,26 @@ def test_history_is_written_as_the_model_writes_calls() -> None:
     assert written[3] == history[3]
     assert [m.role for m in _plan("none").messages(history)] == [m.role for m in history]
     assert "get_weather" not in _plan("none").messages(history)[0].text()
+
+
+def test_a_streamed_call_carries_its_tokens_logprobs_as_it_goes(client: openai.OpenAI) -> None:
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=ASK,
+        tools=TOOLS,
+        tool_choice={"type": "function", "function": {"name": "get_time"}},
+        temperature=0,
+        logprobs=True,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    with_logprobs, entries, usage = 0, 0, None
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for c in chunk.choices:
+            if c.logprobs is not None and c.logprobs.content:
+                with_logprobs += 1
+                entries += len(c.logprobs.content)
+    assert usage is not None and entries == usage.completion_tokens
+    assert with_logprobs > 1  # as the call is written, not all at its end

@@ -185,26 +185,17 @@ def _repeat(first: str, more: str, most: int) -> str:
 
 
 def _value_end(text: str, start: int) -> int | None:
-    """Where the JSON object starting at ``start`` ends (one past its ``}``), or None."""
-    depth, in_string, escaped = 0, False, False
-    for j in range(start, len(text)):
-        c = text[j]
-        if in_string:
-            if escaped:
-                escaped = False
-            elif c == "\\":
-                escaped = True
-            elif c == '"':
-                in_string = False
-        elif c == '"':
-            in_string = True
-        elif c in "{[":
-            depth += 1
-        elif c in "}]":
-            depth -= 1
-            if depth == 0:
-                return j + 1
-    return None
+    """Where the JSON value starting at ``start`` ends (one past it), or None while it
+    is unfinished. json's C decoder: a stream re-reads its reply at every token, and a
+    Python loop over a long argument would cost the event loop milliseconds a token."""
+    try:
+        _, end = _DECODER.raw_decode(text, start)
+    except ValueError:
+        return None
+    return int(end)
+
+
+_DECODER = json.JSONDecoder()
 
 
 def _scan(section: str, head: re.Pattern[str], decode_name: bool = True) -> list[ParsedCall]:

@@ -380,7 +380,12 @@ async def _stream(
                             held[event.index].append(event.logprob)
                         if event.text and replies:
                             for delta in replies[event.index].feed(event.text):
-                                yield chunk([choice(event.index, None, None, delta=delta)])
+                                # the tokens held so far ride with the first delta
+                                chosen = logprobs_of(event.index) if held[event.index] else None
+                                shaped = choice(
+                                    event.index, None, None, logprobs=chosen, delta=delta
+                                )
+                                yield chunk([shaped])
                         elif event.text:
                             chosen = logprobs_of(event.index)
                             yield chunk([choice(event.index, event.text, None, logprobs=chosen)])
