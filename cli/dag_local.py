@@ -24,7 +24,7 @@ from pcrt.runtime.dag import DagSpec, parse_dag
 from pcrt.runtime.dag.engines import LocalEngines
 from pcrt.runtime.dag.library import library_from_documents
 from pcrt.runtime.dag.runner import DagRunner
-from pcrt.runtime.dag.spec import SubgraphNode
+from pcrt.runtime.dag.spec import AgentNode, SubgraphNode
 from pcrt.runtime.dag.subgraph import generating_nodes
 from pcrt.runtime.dag.tasks import run_view
 from pcrt.runtime.errors import PcrtError
@@ -136,7 +136,7 @@ def _models_needed(registry: Registry, spec: DagSpec, done: set[str]) -> list[st
             continue
         if isinstance(node, SubgraphNode) and node.dag in carried.dags:
             wanted = [n.model or n.tag for n in generating_nodes(carried.dags[node.dag], carried)]
-        elif node.generates:
+        elif node.generates or isinstance(node, AgentNode):
             wanted = [node.model or node.tag]
         else:
             continue

@@ -24,7 +24,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from pcrt.cache.runs import NodeStarted
 from pcrt.cache.status import CallStatus
+from pcrt.cache.store import utc_now
 from pcrt.cache.tool_calls import CallRecord, NewCall
 from pcrt.runtime.dag.context import RunContext
 from pcrt.runtime.dag.spec import ToolNode
@@ -50,6 +52,8 @@ async def run_tool_node(run: RunContext, node: ToolNode, scope: dict[str, Any]) 
         name: await render_value_async(run.deps.env, value, scope, node=node.id)
         for name, value in node.arguments.items()
     }
+    started = NodeStarted(ran_on=run.deps.ran_on, started_at=utc_now())
+    await run.deps.runs.update_node(run.id, node.id, started)  # running while it calls
     call = PlannedCall(f"{run.id}-{node.id}", node.tool, arguments)
     (result,) = await run_calls(run, node.id, 0, [call], timeout=node.timeout)
     if not result.ok:
