@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -31,6 +33,27 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def daemon_process(port: int, env: dict[str, str], *args: str) -> subprocess.Popen[bytes]:
+    """``pcrt serve`` in a process of its own (one a test may SIGKILL), on ``port``, once
+    it answers /health; ``args``: more of its flags."""
+    pcrt = Path(sys.executable).with_name("pcrt")
+    proc = subprocess.Popen(
+        [str(pcrt), "serve", "--port", str(port), "--log-level", "warning", *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    proc.kill()
+    raise AssertionError("pcrt serve did not start")
 
 
 class LiveServer:

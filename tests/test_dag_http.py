@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -20,7 +19,7 @@ from pcrt.cache.store import Store
 from pcrt.runtime.models.registry import Registry
 from pcrt.runtime.paths import Paths
 from pcrt.runtime.server.settings import ServerSettings
-from tests.live_server import LiveServer, ServerFactory, free_port
+from tests.live_server import LiveServer, ServerFactory, daemon_process, free_port
 
 ESSAY = {
     "dag": "/dynamic/essay",
@@ -229,35 +228,7 @@ def test_cancel_keeps_checkpoints_and_resume_finishes(server: LiveServer) -> Non
 
 
 def _daemon(port: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    pcrt = Path(sys.executable).with_name("pcrt")
-    proc = subprocess.Popen(
-        [
-            str(pcrt),
-            "serve",
-            "--port",
-            str(port),
-            "--parallel",
-            "2",
-            "--ctx",
-            "1024",
-            "--threads",
-            "2",
-            "--log-level",
-            "warning",
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    proc.kill()
-    raise AssertionError("pcrt serve did not start")
+    return daemon_process(port, env, "--parallel", "2", "--ctx", "1024", "--threads", "2")
 
 
 @pytest.mark.usefixtures("default_model_path")

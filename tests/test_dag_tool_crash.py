@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from pcrt.runtime.paths import Paths
-from tests.live_server import free_port
+from tests.live_server import daemon_process, free_port
 from tests.tool_http_server import ToolHttpServer
 
 PAY = {
@@ -63,22 +63,7 @@ idempotent = true
 
 
 def _daemon(port: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    pcrt = Path(sys.executable).with_name("pcrt")
-    proc = subprocess.Popen(
-        [str(pcrt), "serve", "--port", str(port), "--log-level", "warning"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    proc.kill()
-    raise AssertionError("pcrt serve did not start")
+    return daemon_process(port, env)
 
 
 def _killed_mid_call(
