@@ -160,6 +160,10 @@ class Coordinator:
         """Model names (and aliases) and tags offered by trusted peers: a DAG may name them."""
         return self.table.remote_names()
 
+    def remote_tools(self) -> set[str]:
+        """The tools trusted peers offer as idempotent (``PeerTable.remote_tools``)."""
+        return self.table.remote_tools()
+
     def describe(self) -> list[dict[str, Any]]:
         return self.table.describe(self.clock())
 

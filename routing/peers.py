@@ -338,6 +338,12 @@ class PeerTable:
                 tags.update(offer.tags)
         return names, tags
 
+    def remote_tools(self) -> set[str]:
+        """The tools trusted pcrt peers offer as idempotent: a DAG's tool and agent nodes
+        may call them there (a non-idempotent one could be sent twice if a peer failed
+        mid-call and the node went elsewhere, so it runs only where it is registered)."""
+        return {t for peer in self.all() if peer.trusted for t in peer.idempotent_tools}
+
 
 def _names(value: Any) -> frozenset[str]:
     """A node info's list of names, whatever a peer sent."""

@@ -55,6 +55,9 @@ class RemoteRunner:
     def known_names(self) -> tuple[set[str], set[str]]:
         return self.coordinator.remote_names()
 
+    def known_tools(self) -> set[str]:
+        return self.coordinator.remote_tools()
+
     def failed(self, exc: PeerError) -> None:
         self.coordinator.report_failure(exc)
 

@@ -222,6 +222,9 @@ class NoPeers:
     def known_names(self) -> tuple[set[str], set[str]]:
         return set(), set()
 
+    def known_tools(self) -> set[str]:
+        return set()
+
     def failed(self, exc: PeerError) -> None:
         raise AssertionError(f"no peer to fail: {exc}")
 

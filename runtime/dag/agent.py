@@ -99,6 +99,7 @@ async def run_agent(run: RunContext, node: AgentNode, scope: dict[str, Any]) -> 
         for step in range(node.max_steps):
             planned = steps_done.get(step)
             content: str | None = None
+            generated = planned is None
             if planned is None:  # not recorded: generate it
                 reset = step > 0 and node.reset_tool_choice
                 choice = "auto" if reset else node.tool_choice  # reset after a call
@@ -121,7 +122,9 @@ async def run_agent(run: RunContext, node: AgentNode, scope: dict[str, Any]) -> 
                 {"tool": c.tool, "ok": r.ok, "seconds": r.seconds}
                 for c, r in zip(planned, results, strict=True)
             ]
-            data = {"step": step, "calls": settled, **(spent.steps[-1] if spent.steps else {})}
+            data: dict[str, Any] = {"step": step, "calls": settled}
+            if generated:  # the step's own numbers: prompt, computed, completion tokens
+                data.update(spent.steps[-1])
             run.emit(DagEvent(DagEventKind.TOOL_CALLS, run.id, node.id, data))
     raise PcrtError(
         f"node {node.id}: the agent was still calling tools after max_steps "

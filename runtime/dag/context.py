@@ -71,6 +71,10 @@ class Remote(Protocol):
 
     def known_names(self) -> tuple[set[str], set[str]]: ...
 
+    def known_tools(self) -> set[str]:
+        """The tools trusted peers run for a DAG's nodes (their idempotent ones)."""
+        ...
+
     def failed(self, exc: PeerError) -> None: ...
 
     async def chat(

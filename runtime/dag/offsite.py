@@ -28,7 +28,7 @@ from pcrt.runtime.dag.validate import dependencies
 from pcrt.runtime.engine.sampling import SamplingParams
 from pcrt.runtime.errors import NoRoute, PcrtError, PeerError, PeerUnavailable
 
-__all__ = ["generate_routed", "peer_group"]
+__all__ = ["generate_routed", "peer_group", "tools_needed", "tools_on_peer"]
 
 log = logging.getLogger(__name__)
 
@@ -209,14 +209,58 @@ def peer_group(
     return group
 
 
+async def tools_on_peer(run: RunContext, node: ToolNode | AgentNode) -> dict[str, Any]:
+    """A tool or agent node whose tools are not registered here: run on a trusted pcrt
+    peer that offers them as idempotent (``PeerTable.remote_tools``: a call lost with a
+    failing peer may go again elsewhere), the next candidate when one fails."""
+    remote = run.deps.peers
+    needed = tools_needed(run, node)
+    if remote is None:
+        raise NoRoute(f"node {node.id}: its tools {sorted(needed)} are not registered here")
+    model = node.model if isinstance(node, AgentNode) else None
+    tag = node.tag if isinstance(node, AgentNode) else None
+    work = Work(model=model, tag=tag, route="peer", peer_kinds=frozenset({"pcrt"}))
+    decision = remote.decide(work)
+    candidates = [c for c in decision.candidates if needed <= c.idempotent_tools]
+    if not candidates:
+        raise NoRoute(
+            f"node {node.id}: no peer runs the tools {sorted(needed)} ({decision.reason})"
+        )
+    attempts: list[dict[str, str]] = []
+    for candidate in candidates:
+        routing = {"reason": "its tools are there", "ran_on": candidate.node, "attempts": attempts}
+        try:
+            return await _group_on_peer(run, node.id, [node.id], candidate, routing)
+        except PeerError as exc:
+            if isinstance(exc, PeerUnavailable):
+                remote.failed(exc)
+            attempts = [*attempts, {"node": candidate.node, "error": str(exc)}]
+            data = {"from": candidate.node, "error": str(exc)}
+            run.emit(DagEvent(DagEventKind.FALLBACK, run.id, node.id, data))
+    tried = "; ".join(f"{a['node']}: {a['error']}" for a in attempts)
+    raise PeerUnavailable(f"node {node.id}: every peer failed ({tried})", peer="")
+
+
 async def _subgraph_on_peer(
     run: RunContext, node: LlmNode | ForkNode, candidate: Candidate, routing: dict[str, Any]
 ) -> dict[str, Any]:
     """Send the node's subgraph whole to a pcrt peer; record what comes back."""
+    group = peer_group(run, node, candidate.idempotent_tools)
+    return await _group_on_peer(run, node.id, group, candidate, routing)
+
+
+async def _group_on_peer(
+    run: RunContext,
+    head: str,
+    group: list[str],
+    candidate: Candidate,
+    routing: dict[str, Any],
+) -> dict[str, Any]:
+    """Send ``group`` (``head`` and the nodes going with it) to a pcrt peer as one
+    subgraph; record what comes back."""
     deps, run_id = run.deps, run.id
     remote = deps.remote
     assert remote is not None
-    group = peer_group(run, node, candidate.idempotent_tools)
     limit = run.spec.budget.max_nodes
     if limit is not None:
         executed = (await run.counters()).nodes_executed
@@ -224,7 +268,7 @@ async def _subgraph_on_peer(
             group = group[: max(1, limit - executed)]  # no more than the budget
     payload = _payload(run, group, await run.tokens_left())
     for node_id in group:
-        if node_id != node.id:
+        if node_id != head:
             data: dict[str, Any] = {"type": run.spec.nodes[node_id].type}
             run.emit(DagEvent(DagEventKind.NODE_STARTED, run_id, node_id, data))
         start = NodeStarted(ran_on=candidate.node, started_at=utc_now(), routing=routing)
@@ -234,13 +278,13 @@ async def _subgraph_on_peer(
         result = await remote.subgraph(candidate, payload, timeout, run.record.agent)
         if result.get("status") != RunStatus.SUCCEEDED:  # the next candidate may do better
             raise PeerError(
-                f"the subgraph from node {node.id} failed on peer {candidate.node}: "
+                f"the subgraph from node {head} failed on peer {candidate.node}: "
                 f"{result.get('error') or result.get('status')}",
                 peer=candidate.node,
             )
     except PeerError:
         for node_id in group:  # back to waiting: the next candidate decides for them
-            if node_id != node.id:
+            if node_id != head:
                 await deps.runs.update_node(run_id, node_id, NodeRequeued())
         raise
     records = result["nodes"]
@@ -267,10 +311,10 @@ async def _subgraph_on_peer(
         sent = run.spec.nodes[node_id]
         # generations, and calls whose generations all ran inside them there; not
         # branch forks or asserts, which generate nothing of their own
-        if sent.generates or isinstance(sent, SubgraphNode):
+        if sent.generates or isinstance(sent, SubgraphNode | AgentNode):
             await run.bill(node_id)
         outputs[node_id] = rec.get("output")
-        if node_id != node.id:
+        if node_id != head:
             data = {"status": NodeStatus.SUCCEEDED, "output": outputs[node_id]}
             run.emit(DagEvent(DagEventKind.NODE_FINISHED, run_id, node_id, data))
     assert totals is not None  # the group holds the node itself
@@ -294,7 +338,7 @@ def _payload(run: RunContext, group: list[str], left: int | None) -> dict[str, A
     nodes_doc = {}
     for node_id in [*sorted(needed), *group]:
         raw = dict(document["nodes"][node_id])
-        if node_id in group and raw.get("type") in ("llm", "fork", "subgraph"):
+        if node_id in group and raw.get("type") in ("llm", "fork", "subgraph", "agent"):
             # it runs there, never sent on again (a call's callee inherits it)
             raw["route"] = "local"
         nodes_doc[node_id] = raw

@@ -56,7 +56,7 @@ from pcrt.runtime.dag.library import (
     with_library,
 )
 from pcrt.runtime.dag.load import parse_dag
-from pcrt.runtime.dag.offsite import generate_routed
+from pcrt.runtime.dag.offsite import generate_routed, tools_needed, tools_on_peer
 from pcrt.runtime.dag.spec import (
     AgentNode,
     AssertNode,
@@ -167,6 +167,10 @@ class DagRunner:
     def registry(self) -> Registry:
         return self.deps.registry
 
+    def local_tools(self) -> set[str]:
+        """The tools registered here, by name."""
+        return {t.name for t in self.deps.tools.tools()} if self.deps.tools else set()
+
     def use_tools(self, tools: ToolRegistry | None) -> None:
         """The tools its runs call from now on: a registry entered on the loop that runs
         them (the CLI starts the config's tools for each local execution)."""
@@ -209,7 +213,8 @@ class DagRunner:
         records every library DAG it can reach, for its resume. ``agent``: whom its
         generations are billed to. In this thread: the event loop awaits
         ``create_in_thread``."""
-        return self._create(spec, inputs, library, agent, self._remote_names())
+        known = self.known_tools()
+        return self._create(spec, inputs, library, agent, self._remote_names(), known)
 
     async def create_in_thread(
         self,
@@ -221,8 +226,9 @@ class DagRunner:
     ) -> RunRecord:
         """``create`` in a worker thread (validation, library files, the records), for
         the event loop."""
-        remote = self._remote_names()  # the peer table is the loop's: read here
-        create = functools.partial(self._create, spec, inputs, library, agent, remote)
+        # the peer table is the loop's: read here
+        remote, known = self._remote_names(), self.known_tools()
+        create = functools.partial(self._create, spec, inputs, library, agent, remote, known)
         return await to_thread_to_completion(create)
 
     async def create_partial(
@@ -241,12 +247,12 @@ class DagRunner:
         if unknown:
             raise InvalidRequest(f"outputs given for unknown nodes: {sorted(unknown)}")
         remote = self._remote_names()
-
         # the done nodes ran on ``origin``: their tools need not be registered here
         done_tools = {name for node_id in done for name in _tools_of(spec.nodes[node_id])}
+        known = self.known_tools() | done_tools
 
         def create() -> RunRecord:
-            record = self._create(spec, inputs, None, agent, remote, done_tools)
+            record = self._create(spec, inputs, None, agent, remote, known)
             for node_id, output in done.items():
                 given = NodeFinishedElsewhere(output=output, ran_on=origin)
                 self.runs.update_node(record.id, node_id, given)
@@ -259,6 +265,11 @@ class DagRunner:
         peers = self.deps.peers
         return peers.known_names() if peers is not None else None
 
+    def known_tools(self) -> set[str]:
+        """The tools a DAG here may call: this node's, and those trusted peers run."""
+        peers = self.deps.peers
+        return self.local_tools() | (peers.known_tools() if peers is not None else set())
+
     def _create(
         self,
         spec: DagSpec,
@@ -266,12 +277,10 @@ class DagRunner:
         library: Library | None,
         agent: str | None,
         remote: tuple[set[str], set[str]] | None,
-        done_tools: set[str] | None = None,
+        tools: set[str],
     ) -> RunRecord:
         dirs = self.library_dirs if self.library_dirs is not None else Paths.from_env().lib_dirs
         resolved = run_library(spec, dirs, library)
-        tools = {t.name for t in self.deps.tools.tools()} if self.deps.tools else set()
-        tools |= done_tools or set()
         bound = check_run(spec, self.deps.registry, inputs, remote, resolved, tools)
         carried = with_library(spec, resolved.closure(spec))
         return new_run(self.runs, carried, bound, agent=agent)
@@ -367,6 +376,7 @@ class DagRunner:
         started = time.perf_counter()
         scope = make_scope(run.record.inputs, run.outputs)
         produced: dict[str, Any]
+        recorded = False  # its record written where it ran (a peer's answer)
         try:
             if isinstance(node, AssertNode):
                 env = self.deps.env
@@ -374,6 +384,11 @@ class DagRunner:
                 produced = {node_id: True}
             elif isinstance(node, SubgraphNode):
                 produced = {node_id: await call_subgraph(run, node, scope, self.execute)}
+            elif isinstance(node, ToolNode | AgentNode) and not (
+                tools_needed(run, node) <= self.local_tools()
+            ):
+                produced = await tools_on_peer(run, node)  # its tools are a peer's
+                recorded = True  # as the peer's records said
             elif isinstance(node, ToolNode):
                 produced = {node_id: await run_tool_node(run, node, scope)}
             elif isinstance(node, AgentNode):
@@ -400,7 +415,7 @@ class DagRunner:
             run.emit(DagEvent(DagEventKind.NODE_FINISHED, run.id, node_id, data))
             raise
         output = produced[node_id]
-        if not (node.generates or isinstance(node, SubgraphNode | AgentNode)):
+        if not (recorded or node.generates or isinstance(node, SubgraphNode | AgentNode)):
             finished = NodeFinished(
                 output=output,
                 ran_on=self.deps.ran_on,

@@ -35,8 +35,9 @@ import json
 import re
 import secrets
 import string
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, ClassVar
 
 from pcrt.runtime.engine.constraints import JSON_OPTIONS, close_objects
@@ -421,10 +422,21 @@ def mistral_id(seed: str | None = None) -> str:
     return "".join(alphabet[b % len(alphabet)] for b in digest[:9])
 
 
-FORMATS: dict[str, CallFormat] = {
-    f.name: f
-    for f in (Hermes(), Qwen3Coder(), Llama3(), MistralNemo(), Mistral(), MistralNoIds(), Generic())
-}
+# read-only: the families are stateless, and one table serves every model
+FORMATS: Mapping[str, CallFormat] = MappingProxyType(
+    {
+        f.name: f
+        for f in (
+            Hermes(),
+            Qwen3Coder(),
+            Llama3(),
+            MistralNemo(),
+            Mistral(),
+            MistralNoIds(),
+            Generic(),
+        )
+    }
+)
 
 
 def format_named(name: str) -> CallFormat:
