@@ -166,3 +166,6 @@ class AsyncToolCalls:
 
     async def of_run(self, run_id: str) -> list[CallRecord]:
         return await _in_thread(self.sync.of_run, run_id)
+
+    async def imported(self, run_id: str, calls: Sequence[dict[str, Any]]) -> None:
+        await _in_thread(self.sync.imported, run_id, calls)

@@ -70,6 +70,7 @@ class CallRecord:
         return {
             "node": self.node_id,
             "step": self.step,
+            "seq": self.seq,
             "call_id": self.call_id,
             "tool": self.tool,
             "arguments": self.arguments,
@@ -203,6 +204,37 @@ class ToolCallStore:
         found = self.find(run_id, node_id, step, seq)
         assert found is not None
         return found
+
+    def imported(self, run_id: str, calls: Sequence[dict[str, Any]]) -> None:
+        """The calls a peer made for nodes of this run it ran (its answer's views, with
+        their results), recorded as they ended there: in one transaction."""
+        now = utc_now()
+        with self._tx() as db:
+            for c in calls:
+                result = c.get("result")
+                text = json.dumps(result) if result is not None else None
+                db.execute(
+                    "insert or replace into tool_calls (run_id, node_id, step, seq, call_id, "
+                    "tool, arguments, status, attempts, ok, result, result_bytes, sent_at, "
+                    "finished_at, seconds) values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        run_id,
+                        str(c["node"]),
+                        int(c["step"]),
+                        int(c.get("seq", 0)),
+                        str(c["call_id"]),
+                        str(c["tool"]),
+                        json.dumps(c.get("arguments") or {}),
+                        str(CallStatus(c.get("status", "done"))),
+                        int(c.get("attempts") or 1),
+                        None if c.get("ok") is None else int(bool(c["ok"])),
+                        text,
+                        c.get("result_bytes"),
+                        now,
+                        now,
+                        c.get("seconds"),
+                    ),
+                )
 
     def decide(self, run_id: str, decision: Decision, result: Any = None) -> list[CallRecord]:
         """A person's word on the run's calls in flight: ``retry`` sends each again;

@@ -61,10 +61,11 @@ def test_a_tool_node_runs_on_the_peer_that_has_its_tool(tmp_path: Path) -> None:
         assert run["status"] == "succeeded", run.get("error")
         node = next(n for n in run["nodes"] if n["node_id"] == "sum")
         assert node["ran_on"] == tooled and node["output"] == 42
-        assert run["tool_calls"] == []  # recorded where the call was made: on the peer
         peer_runs = peer.services.dags.runner.runs
         (there,) = peer_runs.list_runs()
-        assert [c["tool"] for c in _calls(peer, there.id)] == ["add"]
+        assert [c["tool"] for c in _calls(peer, there.id)] == ["add"]  # made there
+        (call,) = run["tool_calls"]  # and recorded here too: status, budget
+        assert (call["tool"], call["arguments"], call["ok"]) == ("add", {"a": 40, "b": 2}, True)
 
         # greet is the peer's, but not idempotent: never offered to other nodes' runs
         greet = {

@@ -288,6 +288,9 @@ async def _group_on_peer(
                 await deps.runs.update_node(run_id, node_id, NodeRequeued())
         raise
     records = result["nodes"]
+    calls = result.get("tool_calls")
+    if isinstance(calls, list) and calls:  # made there: recorded here too (status, budget)
+        await deps.calls.imported(run_id, [c for c in calls if c.get("node") in group])
     outputs: dict[str, Any] = {}
     totals: RunCounters | None = None
     for node_id in group:

@@ -136,7 +136,10 @@ async def run_subgraph(request: Request) -> Response:
         log.info("subgraph run %s cancelled: %s stopped waiting for it", record.id, body.origin)
     final = await services.dags.outcome(record.id)  # the daemon stopping: "cancelled"
     nodes = {n.node_id: n for n in await services.dags.runs.nodes(record.id)}
+    # the tool calls made here for the peer: its run records them too (status, budget)
+    calls = await runner.deps.calls.of_run(record.id)
     answer = {
+        "tool_calls": [{**c.view(), "result": c.result} for c in calls if c.node_id in nodes],
         "run_id": final.id,
         "status": final.status,
         "error": final.error,
