@@ -136,9 +136,14 @@ class AsyncToolCalls:
         return await _in_thread(self.sync.find, run_id, node_id, step, seq)
 
     async def sent_step(
-        self, run_id: str, node_id: str, step: int, calls: Sequence[NewCall]
+        self,
+        run_id: str,
+        node_id: str,
+        step: int,
+        calls: Sequence[NewCall],
+        limit: int | None = None,
     ) -> list[CallRecord]:
-        return await _in_thread(self.sync.sent_step, run_id, node_id, step, calls)
+        return await _in_thread(self.sync.sent_step, run_id, node_id, step, calls, limit)
 
     async def answered(
         self,

@@ -21,9 +21,16 @@ from typing import Any, Literal
 from pcrt.cache.status import CallStatus
 from pcrt.cache.store import Store, utc_now
 
-__all__ = ["CallRecord", "NewCall", "ToolCallStore"]
+__all__ = ["CallBudgetSpent", "CallRecord", "NewCall", "ToolCallStore"]
 
 Decision = Literal["retry", "skip"]
+
+
+class CallBudgetSpent(Exception):
+    """Recording these calls would pass the run's ``max_tool_calls``."""
+
+    def __init__(self, made: int, asked: int, limit: int) -> None:
+        super().__init__(f"{made} made, {asked} more asked, {limit} allowed")
 
 
 @dataclass(frozen=True)
@@ -131,13 +138,36 @@ class ToolCallStore:
         return record
 
     def sent_step(
-        self, run_id: str, node_id: str, step: int, calls: Sequence[NewCall]
+        self,
+        run_id: str,
+        node_id: str,
+        step: int,
+        calls: Sequence[NewCall],
+        limit: int | None = None,
     ) -> list[CallRecord]:
         """Record a step's calls before any is sent (or, ``denied``, instead of sending
         it), in one transaction: a crash leaves all of the step or none of it. A call
-        already at its place is sent again: one more attempt."""
+        already at its place is sent again: one more attempt. ``limit``: the run's
+        calls at most (``CallBudgetSpent``, nothing recorded), counted in the same
+        transaction, so steps recording at once cannot both take the last one."""
         now = utc_now()
         with self._tx() as db:
+            if limit is not None:
+                made = db.execute(
+                    "select count(*) from tool_calls where run_id = ?", (run_id,)
+                ).fetchone()[0]
+                new = sum(
+                    1
+                    for call in calls
+                    if db.execute(
+                        "select 1 from tool_calls where run_id = ? and node_id = ? and "
+                        "step = ? and seq = ?",
+                        (run_id, node_id, step, call.seq),
+                    ).fetchone()
+                    is None
+                )
+                if made + new > limit:
+                    raise CallBudgetSpent(made, new, limit)
             for call in calls:
                 key = (run_id, node_id, step, call.seq)
                 known = db.execute(

@@ -25,7 +25,7 @@ from pcrt.runtime.dag.engines import LocalEngines
 from pcrt.runtime.dag.library import library_from_documents
 from pcrt.runtime.dag.runner import DagRunner
 from pcrt.runtime.dag.spec import AgentNode, SubgraphNode
-from pcrt.runtime.dag.subgraph import generating_nodes
+from pcrt.runtime.dag.subgraph import calls_tools, generating_nodes
 from pcrt.runtime.dag.tasks import run_view
 from pcrt.runtime.errors import PcrtError
 from pcrt.runtime.models.registry import Registry
@@ -92,6 +92,10 @@ def execute_local(
     ``run``: the run's id, or how to create it (once its tools have started: a DAG is
     checked against the tools they list)."""
     runs = here.runs
+    calls = True  # a new run's library is found when it is created: its tools may be there
+    if isinstance(run, str):  # a recorded run carries every library DAG it reaches
+        recorded = parse_dag(runs.get_run(run).spec)
+        calls = calls_tools(recorded, library_from_documents(recorded.library))
 
     def lookup(run: str, node: str) -> dict[str, Any] | None:
         return asdict(runs.node(run, node))
@@ -100,7 +104,9 @@ def execute_local(
 
     async def go() -> RunRecord:
         nonlocal run_id
-        async with ToolRegistry(here.tools) as tools:
+        # the config's tools start (MCP servers too) only for a run that may call them
+        needed = here.tools if calls else ToolSettings()
+        async with ToolRegistry(needed) as tools:
             here.runner.use_tools(tools)
             if not isinstance(run, str):
                 run_id = (await to_thread_to_completion(run)).id

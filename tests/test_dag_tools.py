@@ -570,3 +570,26 @@ async def test_a_subgraph_that_calls_tools_is_never_cached_and_asks_its_caller(
     done = await runner.execute(run.id)
     assert done.status == RunStatus.SUCCEEDED, done.error
     assert len(http_tool.paths()) == 3  # the lost call was never sent again
+
+
+async def test_parallel_tool_nodes_cannot_both_take_the_last_call(
+    tools: ToolRegistry,
+    http_tool: ToolHttpServer,
+    light_engines: LocalEngines,
+    store: Store,
+    tmp_path: Path,
+) -> None:
+    """The run's max_tool_calls is counted in the transaction that records a call: two
+    nodes starting at once with one call left send one call, not two."""
+    runner = _runner(light_engines, store, tmp_path, tools)
+    weather = {"type": "tool", "tool": "weather", "arguments": {"city": "Oslo"}}
+    dag = parse_dag(
+        {
+            "dag": "/dynamic/both",
+            "budget": {"max_tool_calls": 1},
+            "nodes": {"a": weather, "b": {**weather, "arguments": {"city": "Rome"}}},
+        }
+    )
+    final = await runner.execute(runner.create(dag, {}).id)
+    assert final.status == RunStatus.BUDGET_EXCEEDED and "max_tool_calls" in (final.error or "")
+    assert len(ToolCallStore(store).of_run(final.id)) == 1 and len(http_tool.paths()) == 1

@@ -71,12 +71,18 @@ def generating_nodes(spec: DagSpec, library: Library) -> Iterator[LlmNode | Fork
                 yield node
 
 
+def calls_tools(spec: DagSpec, library: Library) -> bool:
+    """Whether running ``spec`` may call a tool: a tool or agent node in it or in a
+    library DAG it reaches."""
+    reached = (spec, *library.closure(spec).values())
+    return any(isinstance(n, ToolNode | AgentNode) for dag in reached for n in dag.nodes.values())
+
+
 def is_deterministic(spec: DagSpec, library: Library) -> bool:
     """Whether a call gives the same outputs for the same inputs and does nothing else:
     every generation at temperature 0 or with a fixed seed, and no tool called (a tool
     acts on the world: a cached call would never send the email it stands for)."""
-    reached = (spec, *library.closure(spec).values())
-    if any(isinstance(n, ToolNode | AgentNode) for dag in reached for n in dag.nodes.values()):
+    if calls_tools(spec, library):
         return False
     return all(
         node.seed is not None or _temperature(node) == 0 for node in generating_nodes(spec, library)

@@ -27,7 +27,7 @@ from typing import Any
 from pcrt.cache.runs import NodeStarted
 from pcrt.cache.status import CallStatus
 from pcrt.cache.store import utc_now
-from pcrt.cache.tool_calls import CallRecord, NewCall
+from pcrt.cache.tool_calls import CallBudgetSpent, CallRecord, NewCall
 from pcrt.runtime.dag.context import RunContext
 from pcrt.runtime.dag.spec import ToolNode
 from pcrt.runtime.dag.template_render import render_value_async
@@ -79,9 +79,6 @@ async def run_calls(
         blocked = [r for r in lost if not (_idempotent(registry, r.tool) or r.decision == "retry")]
         if blocked:
             raise NeedsAttention(run.id, [r.view() for r in blocked])
-    fresh = [i for i, r in enumerate(known) if r is None]
-    if fresh:
-        await _check_budget(run, len(fresh))
     agent = run.record.agent
     recording = [
         NewCall(
@@ -96,7 +93,13 @@ async def run_calls(
         for i, (call, record) in enumerate(zip(planned, known, strict=True))
         if record is None or record.status == CallStatus.SENT
     ]
-    recorded = await calls.sent_step(run.id, node_id, step, recording) if recording else []
+    limit = run.spec.budget.max_tool_calls
+    try:
+        recorded = (
+            await calls.sent_step(run.id, node_id, step, recording, limit) if recording else []
+        )
+    except CallBudgetSpent as exc:
+        raise BudgetExceeded("max_tool_calls", str(exc)) from None
     fresh_records = {r.seq: r for r in recorded}
     records: list[CallRecord] = []
     for i, record in enumerate(known):
@@ -154,13 +157,3 @@ def _idempotent(registry: ToolRegistry | None, name: str) -> bool:
         return registry.get(name).idempotent
     except PcrtError:
         return False
-
-
-async def _check_budget(run: RunContext, adding: int) -> None:
-    """The run's ``max_tool_calls``, before any new call is sent."""
-    limit = run.spec.budget.max_tool_calls
-    if limit is None:
-        return
-    made = len(await run.deps.calls.of_run(run.id))
-    if made + adding > limit:
-        raise BudgetExceeded("max_tool_calls", f"{made} made, {adding} more asked, {limit} allowed")
