@@ -4,9 +4,7 @@ both daemons serve the real default model."""
 
 from __future__ import annotations
 
-import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +16,7 @@ from pcrt.runtime.models.registry import Registry
 from pcrt.runtime.server.settings import ServerSettings
 from tests.homes import isolated_paths
 from tests.live_server import LiveServer
+from tests.peering import unique_name, wait_for
 
 # both daemons load the default model (conftest marks the tests "model")
 pytestmark = pytest.mark.usefixtures("default_model_path")
@@ -53,15 +52,15 @@ def calling(**hints: str) -> dict[str, Any]:
 
 def test_a_calls_hints_send_its_callee_to_a_peer_or_keep_it_here(tmp_path: Path) -> None:
     key = uuid.uuid4().hex
-    strong, edge_name = _unique("strong"), _unique("edge")
+    strong, edge_name = unique_name("strong"), unique_name("edge")
     with _daemon(tmp_path, strong, key) as peer, _daemon(tmp_path, edge_name, key) as edge:
-        _wait_for(lambda: _in_rotation(edge, strong), 10, "edge trusts the strong peer")
+        wait_for(lambda: _in_rotation(edge, strong), 10, "edge trusts the strong peer")
         edge_runs = edge.services.dags.runner.runs
         peer_runs = peer.services.dags.runner.runs
 
         # complexity: high sends the callee's unhinted nodes to the peer, whole; the node
         # that says route: local stays
-        agent = _unique("agent")
+        agent = unique_name("agent")
         high = _run(edge, calling(complexity="high"), agent)
         child = edge_runs.node(high["id"], "call").child_run_id
         assert child is not None
@@ -122,7 +121,7 @@ def test_a_calls_hints_send_its_callee_to_a_peer_or_keep_it_here(tmp_path: Path)
                 "kept": {"type": "subgraph", "dag": ROUTED, "inputs": with_topic, "route": "local"},
             },
         }
-        chain_agent = _unique("chain")
+        chain_agent = unique_name("chain")
         chained = _run(edge, chain, chain_agent)
         nodes = {n.node_id: n for n in edge_runs.nodes(chained["id"])}
         assert {k: n.ran_on for k, n in nodes.items()} == {
@@ -152,7 +151,7 @@ def test_a_calls_hints_send_its_callee_to_a_peer_or_keep_it_here(tmp_path: Path)
         }
         # a branch fork sent along with its branches (one group: both read "place") bills
         # nothing of its own
-        fork_agent = _unique("fork")
+        fork_agent = unique_name("fork")
         pair = {"type": "llm", "complexity": "high", "temperature": 0, "max_tokens": 3}
         forked = _run(
             edge,
@@ -203,16 +202,3 @@ def _daemon(tmp_path: Path, name: str, key: str) -> LiveServer:
 def _in_rotation(server: LiveServer, peer: str) -> bool:
     answer = httpx.get(server.url + "/v1/pcrt/peers", timeout=5).json()
     return any(p["name"] == peer and p.get("in_rotation") for p in answer["peers"])
-
-
-def _wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    started = time.monotonic()
-    while time.monotonic() - started < timeout:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"not within {timeout} s: {what}")
-
-
-def _unique(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:6]}"

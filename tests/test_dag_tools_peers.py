@@ -6,9 +6,7 @@ the run is created."""
 
 from __future__ import annotations
 
-import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +19,7 @@ from pcrt.runtime.server.settings import ServerSettings
 from pcrt.runtime.tools import ToolSettings
 from tests.homes import isolated_paths
 from tests.live_server import LiveServer
+from tests.peering import unique_name, wait_for
 
 LOOPBACK = ["127.0.0.1"]
 TOOLS = ToolSettings.model_validate(
@@ -44,12 +43,12 @@ def _daemon(tmp_path: Path, name: str, key: str, tools: ToolSettings) -> LiveSer
 @pytest.mark.usefixtures("default_model_path")
 def test_a_tool_node_runs_on_the_peer_that_has_its_tool(tmp_path: Path) -> None:
     key = uuid.uuid4().hex
-    tooled, edge_name = _unique("tooled"), _unique("edge")
+    tooled, edge_name = unique_name("tooled"), unique_name("edge")
     with (
         _daemon(tmp_path, tooled, key, TOOLS) as peer,
         _daemon(tmp_path, edge_name, key, ToolSettings()) as edge,
     ):
-        _wait_for(lambda: _knows_tools(edge, tooled), 15, "edge sees the peer's tools")
+        wait_for(lambda: _knows_tools(edge, tooled), 15, "edge sees the peer's tools")
         dag = {
             "dag": "/dynamic/sum",
             "nodes": {
@@ -84,16 +83,3 @@ def _calls(server: LiveServer, run_id: str) -> list[dict[str, Any]]:
 
 def _knows_tools(server: LiveServer, peer: str) -> bool:
     return "add" in server.services.dags.runner.known_tools()
-
-
-def _wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    started = time.monotonic()
-    while time.monotonic() - started < timeout:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"not within {timeout} s: {what}")
-
-
-def _unique(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:6]}"

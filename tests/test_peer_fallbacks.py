@@ -24,14 +24,13 @@ from tests.fakes import FakeEngines
 from tests.homes import shared_models_dir
 from tests.httpserver import LocalServer
 from tests.live_server import LiveServer, ServerFactory
+from tests.peering import unique_name, wait_for
 from tests.test_peers import (
     _announce,
     _daemon,
     _in_rotation,
     _registry,
     _stop,
-    _unique,
-    _wait_for,
     run_breaking_the_peer,
 )
 from tests.upstream import LlamaCppServer, second_model
@@ -61,7 +60,7 @@ def test_a_peer_that_dies_between_checks_hands_the_request_to_the_next(
         )
         settings = ServerSettings(peers=PeerSettings(static=static, health_interval=60))
         with LiveServer(settings, registry=registry) as edge:
-            _wait_for(
+            wait_for(
                 lambda: _in_rotation(edge, "a-dead") and _in_rotation(edge, "cloud"),
                 15,
                 "both static peers are up",
@@ -110,14 +109,14 @@ def test_a_peer_that_dies_between_checks_hands_the_request_to_the_next(
 
 def test_a_hung_peer_hands_its_node_back_within_seconds(tmp_path: Path, q8_model: Path) -> None:
     key = uuid.uuid4().hex
-    box = _unique("box")
+    box = unique_name("box")
     with LlamaCppServer(q8_model, MODEL) as upstream:
         announcer = _announce(upstream, box, key)
         assert upstream.process is not None
         pid = upstream.process.pid
         try:
-            with _daemon(tmp_path, _unique("edge"), key) as edge:
-                _wait_for(lambda: _in_rotation(edge, box), 15, "the announced server is trusted")
+            with _daemon(tmp_path, unique_name("edge"), key) as edge:
+                wait_for(lambda: _in_rotation(edge, box), 15, "the announced server is trusted")
                 # alive and connected, but silent: no reset tells anyone it is gone
                 events, fell_back_after = run_breaking_the_peer(
                     edge, box, lambda: os.kill(pid, signal.SIGSTOP), timeout=60

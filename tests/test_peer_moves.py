@@ -23,15 +23,9 @@ from pcrt.cache.store import Store
 from pcrt.cli.main import main
 from pcrt.runtime.paths import Paths
 from tests.live_server import free_port
+from tests.peering import unique_name, wait_for
 from tests.test_daemon_cli import wait_healthy
-from tests.test_peers import (
-    MOVE_DAG,
-    _daemon,
-    _in_rotation,
-    _run_succeeds_on,
-    _unique,
-    _wait_for,
-)
+from tests.test_peers import MOVE_DAG, _daemon, _in_rotation, _run_succeeds_on
 
 # every daemon here, in this process or a `pcrt serve`, loads the default model
 pytestmark = pytest.mark.usefixtures("default_model_path")
@@ -48,16 +42,16 @@ def _start_move_dag(server_url: str, dag: dict[str, Any] = MOVE_DAG) -> str:
         assert view["status"] in ("pending", "running"), view  # the test acts before its end
         return bool(story["checkpoint_sha256"])
 
-    _wait_for(story_checkpointed, 60, "the story checkpointed", interval=0.02)
+    wait_for(story_checkpointed, 60, "the story checkpointed", interval=0.02)
     return run_id
 
 
 def test_dag_migrate_through_the_cli_with_and_without_states(tmp_path: Path) -> None:
     key = uuid.uuid4().hex
-    here_name, there_name = _unique("here"), _unique("there")
+    here_name, there_name = unique_name("here"), unique_name("there")
     env = {"COLUMNS": "250"}
     with _daemon(tmp_path, here_name, key) as here, _daemon(tmp_path, there_name, key) as there:
-        _wait_for(lambda: _in_rotation(here, there_name), 10, "here trusts there")
+        wait_for(lambda: _in_rotation(here, there_name), 10, "here trusts there")
         env["PCRT_URL"] = here.url
         cli = CliRunner()
 
@@ -149,14 +143,14 @@ migrate_on_drain = true
 def test_sigterm_to_pcrt_serve_moves_its_running_run_to_a_peer(tmp_path: Path) -> None:
     """migrate_on_drain from a config file, on a real SIGTERM to ``pcrt serve --lan``."""
     key = uuid.uuid4().hex
-    here_name, there_name = _unique("leaving"), _unique("staying")
+    here_name, there_name = unique_name("leaving"), unique_name("staying")
     dag = json.loads(json.dumps(MOVE_DAG))
     dag["nodes"]["story"]["max_tokens"] = 240  # still generating when the signal lands
     with _daemon(tmp_path, there_name, key) as there:
         url, proc = _draining_serve(tmp_path, key, here_name)
         try:
             wait_healthy(url, proc)
-            _wait_for(lambda: _in_rotation_at(url, there_name), 15, "here trusts there")
+            wait_for(lambda: _in_rotation_at(url, there_name), 15, "here trusts there")
             run_id = _start_move_dag(url, dag)
             proc.send_signal(signal.SIGTERM)
             _, err = proc.communicate(timeout=60)
@@ -186,7 +180,7 @@ def test_sigterm_moves_a_run_whose_client_waits_on_it(tmp_path: Path) -> None:
     """The same drain while a client waits on the run (POST /v1/dags, wait is the default)
     and a node follows the one generating: the run moves, and the client is told so."""
     key = uuid.uuid4().hex
-    here_name, there_name = _unique("leaving"), _unique("staying")
+    here_name, there_name = unique_name("leaving"), unique_name("staying")
     dag = json.loads(json.dumps(MOVE_DAG))
     dag["nodes"]["after"] = {
         "type": "llm",
@@ -207,9 +201,9 @@ def test_sigterm_moves_a_run_whose_client_waits_on_it(tmp_path: Path) -> None:
         waiting = threading.Thread(target=wait_on_the_run, daemon=True)
         try:
             wait_healthy(url, proc)
-            _wait_for(lambda: _in_rotation_at(url, there_name), 15, "here trusts there")
+            wait_for(lambda: _in_rotation_at(url, there_name), 15, "here trusts there")
             waiting.start()
-            _wait_for(
+            wait_for(
                 lambda: bool(httpx.get(url + "/v1/dags", timeout=5).json()["data"]),
                 30,
                 "the run exists",
@@ -221,7 +215,7 @@ def test_sigterm_moves_a_run_whose_client_waits_on_it(tmp_path: Path) -> None:
                 story = next(n for n in view["nodes"] if n["node_id"] == "story")
                 return bool(story["checkpoint_sha256"])
 
-            _wait_for(story_checkpointed, 60, "the story checkpointed", interval=0.02)
+            wait_for(story_checkpointed, 60, "the story checkpointed", interval=0.02)
             proc.send_signal(signal.SIGTERM)
             proc.communicate(timeout=60)
             waiting.join(60)

