@@ -22,7 +22,15 @@ from pcrt.routing.policy import Candidate, Decision, Work
 from pcrt.runtime.dag import local
 from pcrt.runtime.dag.context import RunContext
 from pcrt.runtime.dag.events import DagEvent, DagEventKind
-from pcrt.runtime.dag.spec import AgentNode, ForkNode, LlmNode, Node, SubgraphNode, ToolNode
+from pcrt.runtime.dag.spec import (
+    AgentNode,
+    ForkNode,
+    LlmNode,
+    Node,
+    SubgraphNode,
+    ToolNode,
+    tools_called,
+)
 from pcrt.runtime.dag.template_render import render_async
 from pcrt.runtime.dag.validate import dependencies
 from pcrt.runtime.engine.sampling import SamplingParams
@@ -370,22 +378,14 @@ def _payload(run: RunContext, group: list[str], left: int | None) -> dict[str, A
 def tools_needed(run: RunContext, node: Node) -> frozenset[str]:
     """The tools running ``node`` calls: a tool node's, an agent's, and those of every
     tool and agent node a subgraph call reaches."""
-    if isinstance(node, ToolNode):
-        return frozenset({node.tool})
-    if isinstance(node, AgentNode):
-        return frozenset(node.tools)
     if not isinstance(node, SubgraphNode):
-        return frozenset()
+        return frozenset(tools_called(node))
     callee = run.library.dags.get(node.dag)
     if callee is None:
         return frozenset()
     reached = [callee, *run.library.closure(callee).values()]
     return frozenset(
-        name
-        for spec in reached
-        for inner in spec.nodes.values()
-        if isinstance(inner, ToolNode | AgentNode)
-        for name in ((inner.tool,) if isinstance(inner, ToolNode) else inner.tools)
+        name for spec in reached for n in spec.nodes.values() for name in tools_called(n)
     )
 
 

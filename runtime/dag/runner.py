@@ -65,6 +65,7 @@ from pcrt.runtime.dag.spec import (
     ForkNode,
     SubgraphNode,
     ToolNode,
+    tools_called,
 )
 from pcrt.runtime.dag.template_render import check_assert_async
 from pcrt.runtime.dag.templates import make_environment, make_scope
@@ -248,7 +249,7 @@ class DagRunner:
             raise InvalidRequest(f"outputs given for unknown nodes: {sorted(unknown)}")
         remote = self._remote_names()
         # the done nodes ran on ``origin``: their tools need not be registered here
-        done_tools = {name for node_id in done for name in _tools_of(spec.nodes[node_id])}
+        done_tools = {name for node_id in done for name in tools_called(spec.nodes[node_id])}
         known = self.known_tools() | done_tools
 
         def create() -> RunRecord:
@@ -451,12 +452,6 @@ def _check_budget(budget: Budget, spent: RunCounters, starting: int) -> None:
 
 async def _succeeded(runs: AsyncRunStore, run_id: str, node_id: str) -> bool:
     return (await runs.node(run_id, node_id)).status == NodeStatus.SUCCEEDED
-
-
-def _tools_of(node: Any) -> tuple[str, ...]:
-    if isinstance(node, ToolNode):
-        return (node.tool,)
-    return node.tools if isinstance(node, AgentNode) else ()
 
 
 def _documents_of(record: RunRecord) -> tuple[DagSpec, Library]:

@@ -44,6 +44,7 @@ __all__ = [
     "Signature",
     "SubgraphNode",
     "ToolNode",
+    "tools_called",
 ]
 
 IDENT_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
@@ -341,6 +342,14 @@ Node = Annotated[
     LlmNode | ForkNode | AssertNode | SubgraphNode | ToolNode | AgentNode,
     Field(discriminator="type"),
 ]
+
+
+def tools_called(node: Node) -> tuple[str, ...]:
+    """The tools a node calls itself: a tool node's one, an agent's; none for the rest
+    (a subgraph call's callee is another document: see ``offsite.tools_needed``)."""
+    if isinstance(node, ToolNode):
+        return (node.tool,)
+    return node.tools if isinstance(node, AgentNode) else ()
 
 
 class DagSpec(BaseModel):

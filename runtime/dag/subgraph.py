@@ -17,7 +17,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from pcrt.runtime.dag.library import Library, with_library
-from pcrt.runtime.dag.spec import AgentNode, Budget, DagSpec, ForkNode, LlmNode, ToolNode
+from pcrt.runtime.dag.spec import Budget, DagSpec, ForkNode, LlmNode, tools_called
 from pcrt.runtime.dag.template_render import evaluate_async
 from pcrt.runtime.dag.templates import DagSandbox, make_scope
 from pcrt.runtime.engine.sampling import SamplingParams
@@ -75,7 +75,7 @@ def calls_tools(spec: DagSpec, library: Library) -> bool:
     """Whether running ``spec`` may call a tool: a tool or agent node in it or in a
     library DAG it reaches."""
     reached = (spec, *library.closure(spec).values())
-    return any(isinstance(n, ToolNode | AgentNode) for dag in reached for n in dag.nodes.values())
+    return any(tools_called(n) for dag in reached for n in dag.nodes.values())
 
 
 def is_deterministic(spec: DagSpec, library: Library) -> bool:

@@ -50,7 +50,6 @@ __all__ = [
     "ToolSpec",
     "call_grammar",
     "detect",
-    "format_named",
     "read_reply",
 ]
 
@@ -437,10 +436,6 @@ FORMATS: Mapping[str, CallFormat] = MappingProxyType(
         )
     }
 )
-
-
-def format_named(name: str) -> CallFormat:
-    return FORMATS[name]
 
 
 def call_grammar(

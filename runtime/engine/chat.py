@@ -20,7 +20,7 @@ import jinja2
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from pydantic import BaseModel, ConfigDict
 
-from pcrt.runtime.engine.call_formats import CallFormat, detect, format_named, mistral_id
+from pcrt.runtime.engine.call_formats import FORMATS, CallFormat, detect, mistral_id
 from pcrt.runtime.errors import ChatTemplateMissing, InvalidRequest, ModelLoadError
 
 __all__ = ["ChatMessage", "ChatRenderer"]
@@ -61,7 +61,7 @@ class ChatRenderer:
     ) -> None:
         self.model_name = model_name
         # set in models.toml, or found from the template the first time a tool is offered
-        self._call_format = format_named(call_format) if call_format else None
+        self._call_format = FORMATS[call_format] if call_format else None
         self._roles: frozenset[str] | None = None
         try:
             self._formatter = (
@@ -96,7 +96,7 @@ class ChatRenderer:
         """How this model writes tool calls (``call_formats``)."""
         if self._call_format is None:
             if self._formatter is None:
-                self._call_format = format_named("generic")
+                self._call_format = FORMATS["generic"]
             else:
                 formatter = self._formatter
                 self._call_format = detect(
