@@ -293,3 +293,31 @@ def m011_tool_calls(db: sqlite_utils.Database) -> None:
         )
         """
     )
+
+
+@migration
+def m012_kv_chunks(db: sqlite_utils.Database) -> None:
+    """The disk tier of the KV chunk store (issue 19): each chunk's file by its chain key,
+    its content hash (checked on every read), and the chunks unfinished runs pin."""
+    db.execute(
+        """
+        create table kv_chunks (
+            key text primary key,        -- the chain key (hex sha256)
+            sha256 text not null,        -- of the file's bytes
+            size integer not null,
+            n_tokens integer not null,
+            created_at text not null,
+            last_used_at text not null
+        )
+        """
+    )
+    db.execute("create index kv_chunks_lru on kv_chunks (last_used_at)")
+    db.execute(
+        """
+        create table kv_chunk_pins (
+            owner text not null,         -- a run id, or another holder's name
+            key text not null,
+            primary key (owner, key)
+        )
+        """
+    )

@@ -25,6 +25,7 @@ SHIPPED = [
     "m009_runs_for_peer",
     "m010_run_agent",
     "m011_tool_calls",
+    "m012_kv_chunks",
 ]
 
 

@@ -1,0 +1,129 @@
+"""The KV chunk store's tiers on their own (no model): bounds, LRU, pins, integrity, a
+restart, clearing (issue 19)."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from pcrt.cache.chunks import ChunkStore, is_chunk_key
+from pcrt.cache.store import Store
+
+
+def key(i: int) -> str:
+    return hashlib.sha256(b"chunk %d" % i).hexdigest()
+
+
+def data(i: int, size: int = 1000) -> bytes:
+    return bytes([i % 251]) * size
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    return Store(tmp_path / "pcrt.db")
+
+
+def open_chunks(store: Store, tmp_path: Path, **kw: int) -> ChunkStore:
+    kw.setdefault("ram_bytes", 10_000)
+    kw.setdefault("disk_bytes", 100_000)
+    return ChunkStore(store, tmp_path / "chunks", **kw)
+
+
+def test_a_chain_is_held_from_its_first_key(store: Store, tmp_path: Path) -> None:
+    with open_chunks(store, tmp_path) as chunks:
+        for i in (0, 1, 3):
+            chunks.put(key(i), data(i), 64)
+        keys = [key(i) for i in range(4)]
+        assert chunks.chain_length(keys) == 2  # the third is missing: the chain ends
+        assert chunks.take_from_ram(keys) == [data(0), data(1)]
+        assert chunks.read(keys) == [data(0), data(1)]
+        assert is_chunk_key(key(0)) and not is_chunk_key("../etc")
+
+
+def test_ram_keeps_its_bound_and_the_disk_keeps_the_rest(store: Store, tmp_path: Path) -> None:
+    with open_chunks(store, tmp_path, ram_bytes=3_000) as chunks:
+        for i in range(5):
+            chunks.put(key(i), data(i), 64)
+        chunks.flush()
+        stats = chunks.stats()
+        assert stats.ram_entries == 3 and stats.ram_bytes == 3_000  # the oldest two left
+        assert stats.disk_entries == 5 and stats.disk_bytes == 5_000
+        assert not chunks.in_ram([key(0)]) and chunks.in_ram([key(4)])
+        # from the disk, checked, and back in RAM as the most recently used
+        assert chunks.fetch([key(0), key(1)]).result() == [data(0), data(1)]
+        assert chunks.in_ram([key(0), key(1)]) and not chunks.in_ram([key(2)])
+
+
+def test_the_disk_evicts_least_recently_used_but_never_a_pinned_chunk(
+    store: Store, tmp_path: Path
+) -> None:
+    with open_chunks(store, tmp_path, ram_bytes=0, disk_bytes=3_000) as chunks:
+        chunks.put(key(0), data(0), 64)
+        chunks.pin("run-1", [key(0)])
+        for i in range(1, 5):
+            chunks.put(key(i), data(i), 64)
+            chunks.flush()
+        # 0 is pinned; 1 and 2 were the least recently used of the rest
+        held = {i for i in range(5) if chunks.chain_length([key(i)])}
+        assert held == {0, 3, 4}
+        assert chunks.stats().disk_bytes == 3_000 and chunks.stats().pinned == 1
+        assert chunks.clear() == (2, 2_000)  # clearing keeps what a run needs
+        assert chunks.read([key(0)]) == [data(0)]
+        chunks.unpin("run-1")
+        assert chunks.clear() == (1, 1_000)
+        assert chunks.stats().disk_entries == 0
+        assert not list((tmp_path / "chunks").glob("??/*"))
+
+
+def test_the_disk_tier_survives_a_restart(store: Store, tmp_path: Path) -> None:
+    with open_chunks(store, tmp_path) as chunks:
+        chunks.put(key(0), data(0), 64)
+        chunks.put(key(1), data(1), 64)
+    with open_chunks(store, tmp_path) as again:  # a new process: RAM is empty
+        assert again.stats().ram_entries == 0 and again.stats().disk_entries == 2
+        assert again.chain_length([key(0), key(1)]) == 2
+        assert not again.in_ram([key(0)])
+        assert again.read([key(0), key(1)]) == [data(0), data(1)]
+
+
+def test_a_chunk_whose_bytes_changed_is_refused_and_forgotten(store: Store, tmp_path: Path) -> None:
+    with open_chunks(store, tmp_path) as chunks:
+        for i in range(3):
+            chunks.put(key(i), data(i), 64)
+    path = tmp_path / "chunks" / key(1)[:2] / key(1)
+    raw = bytearray(path.read_bytes())
+    raw[10] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    with open_chunks(store, tmp_path) as again:
+        keys = [key(i) for i in range(3)]
+        assert again.read(keys) == [data(0)]  # the chain ends before the bad chunk
+        assert again.stats().refused == 1
+        assert again.chain_length(keys) == 1 and not path.exists()
+
+
+def test_a_chunk_another_process_evicted_is_a_miss(store: Store, tmp_path: Path) -> None:
+    with open_chunks(store, tmp_path) as chunks:
+        chunks.put(key(0), data(0), 64)
+    with open_chunks(store, tmp_path) as again:
+        (tmp_path / "chunks" / key(0)[:2] / key(0)).unlink()
+        assert again.read([key(0)]) == []
+        assert again.chain_length([key(0)]) == 0
+
+
+def test_the_first_writer_wins(store: Store, tmp_path: Path) -> None:
+    with open_chunks(store, tmp_path) as chunks:
+        chunks.put(key(0), data(0), 64)
+        chunks.put(key(0), data(9), 64)  # another rounding of the same tokens
+        assert chunks.read([key(0)]) == [data(0)]
+
+
+def test_ram_only(tmp_path: Path) -> None:
+    with ChunkStore(None, None, ram_bytes=2_000, disk_bytes=10**9) as chunks:
+        assert chunks.disk_limit == 0
+        for i in range(3):
+            chunks.put(key(i), data(i), 64)
+        chunks.flush()
+        assert chunks.stats().ram_entries == 2 and chunks.stats().disk_entries == 0
+        assert chunks.chain_length([key(0)]) == 0  # gone: nowhere else to keep it
