@@ -175,6 +175,8 @@ class FakeEngine:
         )
         self.script = script or Script()
         self.kv_bytes = 0
+        self.chunk_status = "off: a fake engine"
+        self.chunk_cache = None
         self._inbox: Inbox = Inbox()  # handles put their Cancel here, as the real engine's
         self._cancelled: set[str] = set()
         self._busy = 0

@@ -34,8 +34,10 @@ from typing import TYPE_CHECKING, TypeVar
 
 import llama_cpp
 
+from pcrt.cache.chunks import ChunkStore
 from pcrt.runtime.engine.chat import ChatRenderer
 from pcrt.runtime.engine.checks import check_open
+from pcrt.runtime.engine.chunk_cache import ChunkCache, self_test
 from pcrt.runtime.engine.config import EngineConfig, new_context
 from pcrt.runtime.engine.embeddings import Embedder
 from pcrt.runtime.engine.handoff import (
@@ -48,12 +50,14 @@ from pcrt.runtime.engine.handoff import (
     Submit,
 )
 from pcrt.runtime.engine.kv import SlotKV, has_portable_state, kv_cache_bytes, kv_shape
+from pcrt.runtime.engine.kv_chunks import KvLayoutError
 from pcrt.runtime.engine.llama_model import LlamaModel
 from pcrt.runtime.engine.prepare import Preparer
 from pcrt.runtime.engine.requests import Completion, GenerateRequest, SlotInfo
 from pcrt.runtime.engine.scheduler import Scheduler
+from pcrt.runtime.engine.slots import Slot
 from pcrt.runtime.engine.state import PORTABLE_LAYOUT, CompatKey, KVState, raw_layout
-from pcrt.runtime.errors import EngineClosed
+from pcrt.runtime.errors import EngineClosed, PcrtError
 from pcrt.runtime.threads import to_thread_to_completion
 
 if TYPE_CHECKING:
@@ -80,7 +84,10 @@ class Engine:
         name: str = "",
         chat_template: str | None = None,
         tool_format: str | None = None,
+        chunks: ChunkStore | None = None,
     ) -> None:
+        """``chunks``: the process's KV chunk store, which this engine restores prompts'
+        prefixes from and spills its slots into (when its self-test passes)."""
         self.config = config or EngineConfig()
         self.name = name or model_path.stem
         self.model = LlamaModel(
@@ -129,6 +136,8 @@ class Engine:
             compat_key=self.compat_key,
         )
         self._embedder = Embedder(self.model, self.config, self.context_per_slot, self.name)
+        # the KV chunk store as this engine uses it (None: whole states only); any thread
+        self.chunk_cache = self._chunk_cache(chunks, kv) if chunks is not None else None
         self._inbox: Inbox = Inbox()
         self._scheduler = Scheduler(
             self._ctx,
@@ -140,6 +149,7 @@ class Engine:
             inbox=self._inbox,
             name=self.name,
             embed=self._embedder.embed,
+            chunks=self.chunk_cache,
         )
         self._closed = False
         self._sending = threading.Lock()  # see _send
@@ -147,6 +157,34 @@ class Engine:
             target=self._run, name=f"pcrt-engine-{self.name}", daemon=True
         )
         self._thread.start()
+
+    chunk_status: str = "off: no chunk store"
+    """Whether prompts' prefixes come from the KV chunk store, and why not (``pcrt ps``)."""
+
+    def _chunk_cache(self, store: ChunkStore, kv: SlotKV) -> ChunkCache | None:
+        """The engine's use of the chunk store, after ``self_test`` (on slot 0: the
+        scheduler thread has not started, so this thread owns the context)."""
+        try:
+            layout = self_test(
+                self._ctx,
+                kv,
+                Slot(0),
+                n_batch=self.config.n_batch,
+                n_vocab=self.model.n_vocab,
+                chunk_tokens=store.chunk_tokens,
+            )
+        except (KvLayoutError, PcrtError) as exc:
+            self.chunk_status = f"off: {exc}"
+            log.warning("%s keeps whole KV states, not chunks: %s", self.name, exc)
+            return None
+        self.chunk_status = f"on: {store.chunk_tokens}-token chunks"
+        return ChunkCache(
+            store,
+            compat_key=self.compat_key,
+            layers=layout.layers,
+            kv=kv,
+            model_name=self.name,
+        )
 
     # -- requests (the caller's thread or event loop) ---------------------------------
 

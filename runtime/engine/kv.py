@@ -62,14 +62,29 @@ class SlotKV:
     ) -> None:
         self._ctx = ctx
         self._memory = llama_cpp.llama_get_memory(ctx)
-        self._compat_key = compat_key
+        self.compat_key = compat_key
         self._n_stream = n_stream
-        self._portable = portable
-        self._context_per_slot = context_per_slot
+        self.portable = portable
+        self.context_per_slot = context_per_slot
         self._model_name = model_name
+
+    @property
+    def framing_bytes(self) -> int:
+        """Bytes llama.cpp's framing adds before a portable payload (``native_payload``)."""
+        return 12 + 4 * (self._n_stream - 1)
 
     def export(self, slot: Slot, next_token: int | None) -> KVState:
         """The slot's KV and tokens as a state (``next_token``: sampled, not decoded)."""
+        return KVState(
+            key=self.compat_key,
+            tokens=list(slot.tokens),
+            next_token=next_token,
+            payload=self.export_payload(slot),
+            model=self._model_name,
+        )
+
+    def export_payload(self, slot: Slot) -> memoryview:
+        """The slot's KV as a state's payload: a read-only view of a buffer of its own."""
         # llama.cpp writes straight into a bytearray that the state then views: this runs
         # on the scheduler thread, between decode steps, so every copy of tens of MB stalls
         # every running sequence
@@ -79,49 +94,56 @@ class SlotKV:
         written = llama_cpp.llama_state_seq_get_data(self._ctx, buf, size, slot.seq_id)
         del buf  # releases its export of ``raw``
         payload = memoryview(raw)[:written].toreadonly()
-        if self._portable:
+        if self.portable:
             payload = portable_payload(payload, self._n_stream, slot.seq_id)
-        return KVState(
-            key=self._compat_key,
-            tokens=list(slot.tokens),
-            next_token=next_token,
-            payload=payload,
-            model=self._model_name,
-        )
+        return payload
 
     def restore(self, slot: Slot, state: KVState) -> None:
         """Replace the slot's KV and tokens with the state's (checked compatible before)."""
-        if len(state.tokens) >= self._context_per_slot:
+        if len(state.tokens) >= self.context_per_slot:
             raise ContextLengthExceeded(
                 f"the state holds {len(state.tokens)} tokens; this engine's context is "
-                f"{self._context_per_slot}"
+                f"{self.context_per_slot}"
             )
+        self._set(slot, self._framed(state, slot.seq_id), state.tokens)
+
+    def _framed(self, state: KVState, seq_id: int) -> bytearray | memoryview:
+        """The state as llama.cpp reads it, in a writable buffer (ctypes borrows only
+        those). llama.cpp restores into the sequence it is asked to, whatever seq id the
+        framing names: one framed buffer serves any slot."""
+        if self.portable:
+            return native_payload(state, self._n_stream, seq_id)
+        return state.with_prefix(b"")
+
+    def _set(self, slot: Slot, payload: bytearray | memoryview, tokens: list[int]) -> None:
         self.trim(slot.seq_id, 0)
         slot.tokens = []
-        if self._portable:
-            payload = native_payload(state, self._n_stream, slot.seq_id)
-        else:  # ctypes borrows only a writable buffer
-            payload = state.with_prefix(b"")
         buf = (ctypes.c_uint8 * len(payload)).from_buffer(payload)
         ok = llama_cpp.llama_state_seq_set_data(self._ctx, buf, len(payload), slot.seq_id)
         del buf
         if ok == 0:
             self.trim(slot.seq_id, 0)
             raise StateError("llama.cpp refused the KV state (corrupt, or no room in the cache)")
-        slot.tokens = list(state.tokens)
+        slot.tokens = list(tokens)
         slot.last_used = time.monotonic()
 
     def copy(self, src: Slot, dst: Slot, n_tokens: int) -> None:
         """Make ``dst`` hold the first ``n_tokens`` of ``src``'s KV (nothing when the
         cache cannot trim a sequence's tail, as with sliding-window attention)."""
+        self.copy_to_many(src, [dst], n_tokens)
+
+    def copy_to_many(self, src: Slot, dsts: list[Slot], n_tokens: int) -> None:
+        """``copy`` into each of ``dsts`` (a fork's branches): one export for them all."""
         state = self.export(src, next_token=None)
-        self.restore(dst, state)
-        if n_tokens < len(dst.tokens):
-            if self.trim(dst.seq_id, n_tokens):
-                del dst.tokens[n_tokens:]
-            else:  # cannot trim (SWA): the copy is useless
-                self.trim(dst.seq_id, 0)
-                dst.tokens = []
+        framed = self._framed(state, src.seq_id)
+        for dst in dsts:
+            self._set(dst, framed, state.tokens)
+            if n_tokens < len(dst.tokens):
+                if self.trim(dst.seq_id, n_tokens):
+                    del dst.tokens[n_tokens:]
+                else:  # cannot trim (SWA): the copy is useless
+                    self.trim(dst.seq_id, 0)
+                    dst.tokens = []
 
     def trim(self, seq_id: int, start: int) -> bool:
         """Drop the sequence's KV from position ``start`` on; False when the cache cannot

@@ -26,6 +26,7 @@ continuation, never moved.
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,6 +60,18 @@ class KvSection:
     @property
     def n_tokens(self) -> int:
         return len(self.cells)
+
+    @property
+    def bytes_per_token(self) -> int:
+        """K and V bytes a cell takes over all layers (its meta not counted)."""
+        v_cell = [x.row * (x.data.shape[0] if self.v_trans else 1) for x in self.v]
+        return sum(x.row for x in self.k) + sum(v_cell)
+
+    @property
+    def layers(self) -> tuple[tuple[int, int], ...]:
+        """Each K then V layer's type and row (element) size: what chunks to be joined,
+        and an engine to restore them, must agree on."""
+        return tuple((x.kind, x.row) for x in self.k + self.v)
 
     def cut(self, start: int, end: int, seq_id: int | None = None) -> bytes:
         """The section of cells ``start:end``: a valid state of those tokens only when
@@ -116,33 +129,61 @@ def parse(payload: bytes | memoryview) -> KvSection:
     return KvSection(cells.copy(), bool(v_trans), k, v)
 
 
-def join(parts: list[KvSection]) -> bytes:
+def join(parts: Sequence[KvSection], *, room: int = 0) -> bytearray:
     """Consecutive sections (each starting where the one before ends, the same layers)
-    as one section's bytes: the state of all their tokens."""
+    as one section's bytes: the state of all their tokens, written once into a buffer
+    that leaves ``room`` bytes before it free (for llama.cpp's framing: a restore of tens
+    of MB must not copy them again to put a header in front)."""
     if not parts:
         raise ValueError("nothing to join")
+    first = parts[0]
+    shape = first.layers
     for before, after in zip(parts, parts[1:], strict=False):
         end = int(before.cells["pos"][-1]) + 1 if before.n_tokens else None
         if end is not None and after.n_tokens and int(after.cells["pos"][0]) != end:
             raise KvLayoutError("the chunks do not follow each other")
-        same = [(x.kind, x.row) for x in before.k + before.v]
-        if same != [(x.kind, x.row) for x in after.k + after.v] or before.v_trans != after.v_trans:
+        if after.layers != shape or after.v_trans != first.v_trans:
             raise KvLayoutError("the chunks' layers differ")
-    first = parts[0]
-    axis = 1 if first.v_trans else 0
-    whole = KvSection(
-        np.concatenate([p.cells for p in parts]),
-        first.v_trans,
-        tuple(
-            _Layer(x.kind, x.row, np.concatenate([p.k[i].data for p in parts]))
-            for i, x in enumerate(first.k)
-        ),
-        tuple(
-            _Layer(x.kind, x.row, np.concatenate([p.v[i].data for p in parts], axis=axis))
-            for i, x in enumerate(first.v)
-        ),
-    )
-    return whole.cut(0, whole.n_tokens)
+    n = sum(p.n_tokens for p in parts)
+    size = _U32.size + n * _CELL.itemsize + 8 + 12 * (len(first.k) + len(first.v))
+    size += n * first.bytes_per_token
+    out = bytearray(room + size)
+    buf = np.frombuffer(out, dtype=np.uint8)
+    at = room
+    _U32.pack_into(out, at, n)
+    at += _U32.size
+    for p in parts:
+        raw = p.cells.view(np.uint8)
+        buf[at : at + raw.size] = raw
+        at += raw.size
+    struct.pack_into("<II", out, at, int(first.v_trans), len(first.k))
+    at += 8
+    for i, layer in enumerate(first.k):
+        struct.pack_into("<iQ", out, at, layer.kind, layer.row)
+        at = _rows_into(buf, at + 12, [p.k[i].data for p in parts])
+    for i, layer in enumerate(first.v):
+        if first.v_trans:
+            n_embd = layer.data.shape[0]
+            struct.pack_into("<iII", out, at, layer.kind, layer.row, n_embd)
+            at += 12
+            block = buf[at : at + n_embd * n * layer.row].reshape(n_embd, n * layer.row)
+            col = 0
+            for p in parts:  # a strided copy: each channel's run of cells
+                width = p.v[i].data.shape[1]
+                block[:, col : col + width] = p.v[i].data
+                col += width
+            at += block.size
+        else:
+            struct.pack_into("<iQ", out, at, layer.kind, layer.row)
+            at = _rows_into(buf, at + 12, [p.v[i].data for p in parts])
+    return out
+
+
+def _rows_into(buf: np.ndarray, at: int, blocks: list[np.ndarray]) -> int:
+    for block in blocks:
+        buf[at : at + block.size] = block.reshape(-1)
+        at += block.size
+    return at
 
 
 def _rows(reader: _Reader, n: int) -> _Layer:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from pcrt.runtime.engine.call_formats import CallFormat
 from pcrt.runtime.engine.chat import ChatMessage
+from pcrt.runtime.engine.chunk_cache import ChunkCache
 from pcrt.runtime.engine.config import EngineConfig
 from pcrt.runtime.engine.handoff import RequestHandle
 from pcrt.runtime.engine.requests import Completion, GenerateRequest, SlotInfo
@@ -154,6 +155,16 @@ class EngineClient(Protocol):
 
     @property
     def kv_bytes(self) -> int: ...
+
+    @property
+    def chunk_cache(self) -> ChunkCache | None:
+        """How this engine keeps states as chunks (None: it keeps them whole)."""
+        ...
+
+    @property
+    def chunk_status(self) -> str:
+        """Whether prompts' prefixes come from the KV chunk store ("on: ..."), or why not."""
+        ...
 
     @property
     def queue_depth(self) -> int: ...

@@ -35,6 +35,7 @@ no allocation, lookup or type test in it that the work does not need.
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import queue
 import time
@@ -45,6 +46,7 @@ from typing import Any
 
 import llama_cpp
 
+from pcrt.runtime.engine.chunk_cache import ChunkCache
 from pcrt.runtime.engine.config import EngineConfig
 from pcrt.runtime.engine.grammar_compiler import GrammarCompiler
 from pcrt.runtime.engine.handoff import (
@@ -105,6 +107,7 @@ class _Branch:
     stream: TextStream | None = None
     pending: int | None = None  # sampled, not yet decoded
     batch_index: int = -1
+    checkpointed: int = 0  # tokens it had generated at its last checkpoint
 
     @property
     def active(self) -> bool:
@@ -126,12 +129,19 @@ class _Job:
     # (leader, tokens): the leader is prefilling this job's first ``tokens`` prompt tokens
     # right now; this job waits for them and copies them instead of computing them twice
     follows: tuple[_Job, int] | None = None
+    # chunks of its prompt being read from the store's disk tier: it waits for them
+    fetching: concurrent.futures.Future[list[bytes]] | None = None
     failed: bool = False  # stopped with an error mid-step: its other branches sample no more
     shown: frozenset[int] = frozenset()  # special tokens its text shows (params.shown_specials)
 
     @property
     def prefilling(self) -> bool:
         return self.prefill_pos < len(self.prompt)
+
+    @property
+    def waiting(self) -> bool:
+        """Its prefill waits on another job's or on the store's disk."""
+        return self.follows is not None or self.fetching is not None
 
 
 class Scheduler:
@@ -149,8 +159,10 @@ class Scheduler:
         inbox: Inbox,
         name: str,
         embed: Callable[[list[int]], list[float]],
+        chunks: ChunkCache | None = None,
     ) -> None:
         self._ctx = ctx
+        self._chunks = chunks
         self.model = model
         self.config = config
         self.context_per_slot = context_per_slot
@@ -204,6 +216,7 @@ class Scheduler:
                     message = None
             self._admit()
             self._take_from_leaders()
+            self._take_fetched()
             if self._running:
                 self._step()
             if self._embedding:
@@ -355,6 +368,13 @@ class Scheduler:
             source, shared = donor
             self._kv.copy(source, main, shared)
             common = len(main.tokens)
+        if self._chunks is not None and state is None:
+            hit = self._chunks.lookup(prompt, common)
+            if hit is not None and hit.in_ram:
+                chunks = self._chunks.store.take_from_ram(hit.keys)
+                common = self._restore_chunks(main, prompt, chunks, common)
+            elif hit is not None:  # read off this thread; the job waits (``_take_fetched``)
+                job.fetching = self._chunks.store.fetch(hit.keys)
         common = min(common, len(prompt) - 1)  # the last prompt token must be decoded for logits
         if not self._kv.trim(main.seq_id, common):
             self._kv.trim(main.seq_id, 0)  # partial removal unsupported (e.g. SWA): start over
@@ -362,11 +382,11 @@ class Scheduler:
         del main.tokens[common:]
         job.prefill_pos = common
         job.handle.cached_tokens = common
-        if state is None:
+        if state is None and job.fetching is None:
             job.follows = choose_leader(
                 prompt,
                 common,
-                (j for j in self._running if j.prefilling and j.follows is None),
+                (j for j in self._running if j.prefilling and not j.waiting),
             )
         job.t_admitted = time.perf_counter()
         job.shown = frozenset(
@@ -416,6 +436,37 @@ class Scheduler:
             elif leader not in self._running or not leader.prefilling:
                 job.follows = None  # cancelled or failed before it got there
 
+    def _restore_chunks(
+        self, main: Slot, prompt: list[int], chunks: list[bytes], cached: int
+    ) -> int:
+        """Restore the store's chunks of ``prompt`` into ``main`` when they hold more than
+        its ``cached`` tokens; how many prompt tokens it holds then."""
+        assert self._chunks is not None
+        state = self._chunks.state_of(prompt, chunks)
+        if state is None or len(state.tokens) <= cached:
+            return cached
+        try:
+            self._kv.restore(main, state)
+        except PcrtError:  # llama.cpp refused it and the slot is empty: compute it all
+            log.exception("could not restore KV chunks into slot %d", main.seq_id)
+        return len(main.tokens)
+
+    def _take_fetched(self) -> None:
+        """Jobs whose chunks came off the disk restore them and prefill the rest; one
+        whose read failed (a chunk missing or corrupt) computes what it lacks."""
+        for job in self._running:
+            fetching = job.fetching
+            if fetching is None or not fetching.done():
+                continue
+            job.fetching = None
+            try:
+                chunks = fetching.result()
+            except Exception:  # an unreadable disk is a miss, not a failed request
+                log.exception("could not read KV chunks for request %s", job.handle.id)
+                continue
+            held = self._restore_chunks(job.branches[0].slot, job.prompt, chunks, job.prefill_pos)
+            job.prefill_pos = job.handle.cached_tokens = held
+
     # -- one batched decode step -----------------------------------------------------
 
     def _step(self) -> None:
@@ -443,7 +494,7 @@ class Scheduler:
             else min(self.config.n_batch, n + self.config.prefill_chunk)
         )
         for job in self._running:
-            if not job.prefilling or job.follows is not None or n >= budget:
+            if not job.prefilling or job.waiting or n >= budget:
                 continue
             main = job.branches[0].slot
             take = min(budget - n, len(job.prompt) - job.prefill_pos)
@@ -455,6 +506,9 @@ class Scheduler:
             job.chunk = take
             prefilling.append(job)
         if n == 0:  # every running job waits on another (cannot last: see choose_leader)
+            reads = [j.fetching for j in self._running if j.fetching is not None]
+            if reads:  # or on the disk: sleep until a read ends, not spin
+                concurrent.futures.wait(reads, 0.05, concurrent.futures.FIRST_COMPLETED)
             return
         batch.n_tokens = n
         rc = llama_cpp.llama_decode(self._ctx, batch)
@@ -487,8 +541,9 @@ class Scheduler:
     def _start_decoding(self, job: _Job, logits_index: int) -> None:
         """The prompt is in: copy its KV into the fork's other slots and sample each."""
         main = job.branches[0].slot
-        for br in job.branches[1:]:
-            self._kv.copy(main, br.slot, len(main.tokens))
+        if len(job.branches) > 1:
+            others = [br.slot for br in job.branches[1:]]
+            self._kv.copy_to_many(main, others, len(main.tokens))
         now = time.perf_counter()
         for br in job.branches:
             if job.params.max_tokens == 0:
@@ -530,12 +585,21 @@ class Scheduler:
             or len(br.slot.tokens) + 1 >= self.context_per_slot  # the context is full
         ):
             self._finish(job, br, "length")
-        else:
-            every = job.handle.request.checkpoint_every
-            if every and len(br.choice.tokens) % every == 0:
-                self._checkpoint(job, br)
+        elif self._checkpoint_due(job, br):
+            self._checkpoint(job, br)
+
+    def _checkpoint_due(self, job: _Job, br: _Branch) -> bool:
+        """Every ``checkpoint_every`` tokens; with the chunk store, at the first chunk
+        boundary after that: the checkpoint is then whole chunks, each written once, and
+        a resume restores them all and computes nothing (a tail computed again would be
+        computed in another batch shape, and could flip a greedy near-tie)."""
+        every = job.handle.request.checkpoint_every
+        if not every or len(br.choice.tokens) - br.checkpointed < every:
+            return False
+        return self._chunks is None or len(br.slot.tokens) % self._chunks.chunk_tokens == 0
 
     def _checkpoint(self, job: _Job, br: _Branch) -> None:
+        br.checkpointed = len(br.choice.tokens)
         try:
             state = self._kv.export(br.slot, next_token=br.pending)
         except PcrtError:  # a missed checkpoint costs recomputation after a crash, no more
@@ -557,6 +621,8 @@ class Scheduler:
                 br.choice.state = self._kv.export(br.slot, next_token=br.pending)
             except PcrtError:  # the output stands; a missing state only costs a recompute
                 log.exception("could not export the KV state of request %s", job.handle.id)
+        if self._chunks is not None:
+            self._chunks.spill(br.slot)
         self._release(br)
         job.outbox.append(FinishEvent(br.choice.index, reason, br.choice.text))
         if not any(b.active for b in job.branches):

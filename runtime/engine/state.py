@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import struct
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,10 +46,13 @@ __all__ = [
     "PORTABLE_LAYOUT",
     "RAW_LAYOUT_PREFIX",
     "STATE_FORMAT_VERSION",
+    "ChunkedState",
     "CompatKey",
     "KVState",
     "StateHeader",
     "describe_state",
+    "is_chunked_blob",
+    "verify_blob",
     "native_payload",
     "portable_payload",
     "raw_layout",
@@ -56,6 +60,8 @@ __all__ = [
 
 STATE_FORMAT_VERSION = 1
 _MAGIC = b"PCRTKV\x00\x01"
+_CHUNKED_MAGIC = b"PCRTKC\x00\x01"  # same header and framing; the payload is a tail
+_CHUNK_KEY = re.compile(r"^[0-9a-f]{64}$")
 _HEADER_LIMIT = 64 * 1024 * 1024  # a header is token ids: even 1M tokens fit
 PORTABLE_LAYOUT = "portable"
 RAW_LAYOUT_PREFIX = "raw-"
@@ -105,6 +111,14 @@ class StateHeader:
     next_token: int | None
     payload_bytes: int
     payload_sha256: str
+    # a chunked state's (``ChunkedState``): its chunks' keys and size; empty for a whole one
+    chunks: tuple[str, ...] = ()
+    chunk_tokens: int = 0
+    tail_tokens: int = 0
+
+    @property
+    def chunked(self) -> bool:
+        return bool(self.chunk_tokens)
 
 
 @dataclass(frozen=True)
@@ -145,7 +159,8 @@ class KVState:
         return built
 
     def to_bytes(self) -> bytes:
-        header = json.dumps(
+        return _blob(
+            _MAGIC,
             {
                 "key": self.key.model_dump(),
                 "tokens": self.tokens,
@@ -154,9 +169,8 @@ class KVState:
                 "payload_bytes": len(self.payload),
                 "model": self.model,
             },
-            separators=(",", ":"),
-        ).encode()
-        return b"".join([_MAGIC, struct.pack("<I", len(header)), header, self.payload])
+            self.payload,
+        )
 
     @classmethod
     def from_bytes(
@@ -167,21 +181,13 @@ class KVState:
         the sha256 of all of it): 46 MB hashed twice costs ~0.1 s of a resume.
         ``in_place=True`` lets an import overwrite the (writable, private) blob's header
         bytes with llama.cpp's framing instead of copying the payload."""
-        view = memoryview(blob)
-        header_len = _header_length(bytes(view[:_PREFIX_LEN]))
-        if len(view) < _PREFIX_LEN + header_len:
-            raise StateError("truncated or corrupt KV state header")
-        offset = _PREFIX_LEN + header_len
-        header, tokens = _decode_header(bytes(view[_PREFIX_LEN:offset]))
-        payload = view[offset:].toreadonly()
-        source = view if in_place and not view.readonly else None
-        if len(payload) != header.payload_bytes:
+        header, tokens, payload = _parse_blob(blob, verify)
+        if header.chunked:
             raise StateError(
-                f"truncated KV state: payload has {len(payload)} bytes, "
-                f"header says {header.payload_bytes}"
+                "this KV state is kept as chunks: it loads through an engine's chunk store"
             )
-        if verify and hashlib.sha256(payload).hexdigest() != header.payload_sha256:
-            raise StateError("corrupt KV state: payload sha256 does not match its header")
+        view = memoryview(blob)
+        source = view if in_place and not view.readonly else None
         return cls(header.key, tokens, header.next_token, payload, header.model, source)
 
     @staticmethod
@@ -192,17 +198,19 @@ class KVState:
         """
         if isinstance(source, bytes | bytearray | memoryview):
             view = memoryview(source)
-            header_len = _header_length(bytes(view[:_PREFIX_LEN]))
+            prefix = bytes(view[:_PREFIX_LEN])
+            header_len = _header_length(prefix)
             raw = bytes(view[_PREFIX_LEN : _PREFIX_LEN + header_len])
             total = len(view)
         else:
             with open(source, "rb") as f:
-                header_len = _header_length(f.read(_PREFIX_LEN))
+                prefix = f.read(_PREFIX_LEN)
+                header_len = _header_length(prefix)
                 raw = f.read(header_len)
                 total = os.fstat(f.fileno()).st_size
         if len(raw) < header_len:
             raise StateError("truncated or corrupt KV state header")
-        header, _ = _decode_header(raw)
+        header, _ = _decode_header(raw, is_chunked_blob(prefix))
         if total != _PREFIX_LEN + header_len + header.payload_bytes:
             raise StateError(
                 f"truncated KV state: {total} bytes, header says "
@@ -218,12 +226,120 @@ class KVState:
             )
 
 
+@dataclass(frozen=True)
+class ChunkedState:
+    """A KV state kept as the keys of its full chunks in the KV chunk store plus a tail of
+    fewer than C tokens (issue 19): a blob of kilobytes where a whole state is tens of MB,
+    whose chunks a fork's branches, a conversation's turns and a run's checkpoints share.
+
+    The blob is a whole state's (magic ``PCRTKC``, a JSON header, a payload) with the
+    chunks' keys and size in the header and the tail's KV section as the payload. A
+    checkpoint keeps no tail (``tail_tokens`` 0): a resume computes those few tokens, and
+    the checkpoints of one generation write each chunk once. ``tokens`` are all the
+    tokens the original state held, whatever the chunks and tail cover.
+    """
+
+    key: CompatKey
+    tokens: list[int]
+    next_token: int | None
+    chunk_tokens: int
+    chunks: tuple[str, ...]
+    tail: bytes | memoryview = field(repr=False)
+    tail_tokens: int = 0
+    model: str = ""
+
+    @property
+    def covered(self) -> int:
+        """Tokens whose KV the chunks and the tail hold (all of them, or all but a
+        checkpoint's tail)."""
+        return len(self.chunks) * self.chunk_tokens + self.tail_tokens
+
+    def to_bytes(self) -> bytes:
+        return _blob(
+            _CHUNKED_MAGIC,
+            {
+                "key": self.key.model_dump(),
+                "tokens": self.tokens,
+                "next_token": self.next_token,
+                "payload_sha256": hashlib.sha256(self.tail).hexdigest(),
+                "payload_bytes": len(self.tail),
+                "model": self.model,
+                "chunk_tokens": self.chunk_tokens,
+                "chunks": list(self.chunks),
+                "tail_tokens": self.tail_tokens,
+            },
+            self.tail,
+        )
+
+    @classmethod
+    def from_bytes(cls, blob: bytes | memoryview) -> ChunkedState:
+        header, tokens, tail = _parse_blob(blob, verify=True)
+        if not header.chunked:
+            raise StateError("not a chunked KV state")
+        return cls(
+            header.key,
+            tokens,
+            header.next_token,
+            header.chunk_tokens,
+            header.chunks,
+            tail,
+            header.tail_tokens,
+            header.model,
+        )
+
+    def check_compatible(self, engine_key: CompatKey) -> None:
+        problems = engine_key.mismatches(self.key)
+        if problems:
+            raise IncompatibleState(
+                "this KV state was saved by an incompatible engine: " + "; ".join(problems)
+            )
+
+
+def verify_blob(blob: bytes | memoryview) -> StateHeader:
+    """A stored state of either kind, whole or chunked, checked through (header, length,
+    payload hash): what a peer's upload must pass before it is kept."""
+    header, _, _ = _parse_blob(blob, verify=True)
+    return header
+
+
+def is_chunked_blob(prefix: bytes | memoryview) -> bool:
+    """Whether a blob (its first bytes) is a ``ChunkedState``."""
+    return bytes(prefix[: len(_CHUNKED_MAGIC)]) == _CHUNKED_MAGIC
+
+
+def _blob(magic: bytes, header: dict[str, Any], payload: bytes | memoryview) -> bytes:
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    return b"".join([magic, struct.pack("<I", len(raw)), raw, payload])
+
+
+def _parse_blob(
+    blob: bytes | memoryview, verify: bool
+) -> tuple[StateHeader, list[int], memoryview]:
+    """A blob's header, tokens and payload (a read-only view), its length checked and,
+    with ``verify``, its payload's hash."""
+    view = memoryview(blob)
+    header_len = _header_length(bytes(view[:_PREFIX_LEN]))
+    if len(view) < _PREFIX_LEN + header_len:
+        raise StateError("truncated or corrupt KV state header")
+    offset = _PREFIX_LEN + header_len
+    header, tokens = _decode_header(bytes(view[_PREFIX_LEN:offset]), is_chunked_blob(view))
+    payload = view[offset:].toreadonly()
+    if len(payload) != header.payload_bytes:
+        raise StateError(
+            f"truncated KV state: payload has {len(payload)} bytes, "
+            f"header says {header.payload_bytes}"
+        )
+    if verify and hashlib.sha256(payload).hexdigest() != header.payload_sha256:
+        raise StateError("corrupt KV state: payload sha256 does not match its header")
+    return header, tokens, payload
+
+
 _PREFIX_LEN = len(_MAGIC) + _U32.size
 
 
 def _header_length(prefix: bytes) -> int:
     """The JSON header's length from the blob's first ``_PREFIX_LEN`` bytes."""
-    if prefix[: len(_MAGIC)] != _MAGIC:
+    if prefix[: len(_MAGIC)] not in (_MAGIC, _CHUNKED_MAGIC):
         raise StateError("not a pcrt KV state (bad magic or unknown format version)")
     if len(prefix) < _PREFIX_LEN:
         raise StateError("truncated KV state: no header")
@@ -233,7 +349,7 @@ def _header_length(prefix: bytes) -> int:
     return int(header_len)
 
 
-def _decode_header(raw: bytes) -> tuple[StateHeader, list[int]]:
+def _decode_header(raw: bytes, chunked: bool = False) -> tuple[StateHeader, list[int]]:
     """The header, every field checked for its type and range: a blob comes from a user
     or a peer, and its header is read before anything else about it is trusted."""
     try:
@@ -256,10 +372,25 @@ def _decode_header(raw: bytes) -> tuple[StateHeader, list[int]]:
             next_token=None if next_token is None else _token_id(next_token),
             payload_bytes=_count(header["payload_bytes"]),
             payload_sha256=sha,
+            **(_chunk_fields(header, len(tokens)) if chunked else {}),
         )
     except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
         raise StateError(f"corrupt KV state header: {type(exc).__name__}: {exc}") from None
     return parsed, tokens
+
+
+def _chunk_fields(header: dict[str, Any], n_tokens: int) -> dict[str, Any]:
+    """A chunked state's own header fields, each checked: they name files on disk."""
+    size = _count(header["chunk_tokens"])
+    chunks = header["chunks"]
+    if not isinstance(chunks, list) or not all(
+        isinstance(k, str) and _CHUNK_KEY.match(k) for k in chunks
+    ):
+        raise ValueError("chunks must be a list of hex sha256 keys")
+    tail = _count(header["tail_tokens"])
+    if not size or len(chunks) * size + tail > n_tokens or tail >= size:
+        raise ValueError("chunks and tail do not fit the state's tokens")
+    return {"chunks": tuple(chunks), "chunk_tokens": size, "tail_tokens": tail}
 
 
 def _token_id(value: object) -> int:
@@ -316,5 +447,7 @@ def describe_state(
         "model": header.model if header else None,
         "tokens": header.n_tokens if header else None,
         "key": header.key.model_dump() if header else None,
+        # a chunked state's full chunks (its tokens' KV lives in the chunk store)
+        "chunks": len(header.chunks) if header else None,
         "error": problem,  # set when the header cannot be read: the blob is unusable
     }

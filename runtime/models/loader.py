@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from pcrt.cache.chunks import ChunkStore
 from pcrt.cache.store import Store
 from pcrt.device.offload import OffloadPlan, PlanMargins, flash_attn_for
 from pcrt.device.profile import DeviceProfile
@@ -74,10 +75,12 @@ def open_engine(
     store: Store | None = None,
     profile: DeviceProfile | None = None,
     margins: PlanMargins | None = None,
+    chunks: ChunkStore | None = None,
     **overrides: Any,
 ) -> Engine:
     """Load a model with its offload plan. ``profile``: the machine to plan for (default:
-    profiled now); ``margins``: the planner's reserves (default ``PlanMargins()``)."""
+    profiled now); ``margins``: the planner's reserves (default ``PlanMargins()``);
+    ``chunks``: the KV chunk store the engine shares with the process's others."""
     entry = registry.resolve(name)
     path = ensure_pulled(entry, registry, progress=progress, store=store)
     # a configured sha256 was verified when the file was pulled; otherwise hash it (cached)
@@ -96,6 +99,7 @@ def open_engine(
         name=entry.name,
         chat_template=entry.chat_template,
         tool_format=entry.tool_format,
+        chunks=chunks,
     )
     engine.plan = plan
     return engine
