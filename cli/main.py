@@ -23,6 +23,7 @@ __all__ = ["COMMANDS", "main"]
 COMMANDS = {
     "announce": "pcrt.cli.announce:announce",
     "bench": "pcrt.cli.bench:bench",
+    "cache": "pcrt.cli.cache:cache",
     "chat": "pcrt.cli.chat:chat",
     "dag": "pcrt.cli.dag:dag",
     "device": "pcrt.cli.device:device",

@@ -53,6 +53,9 @@ def ps(as_json: bool) -> None:
         console.print(table)
     else:
         console.print("no models loaded")
+    for m in data["models"]:
+        if not m.get("kv_chunks", "on").startswith("on"):  # whole states: say why
+            console.print(f"{m['name']}: KV chunk store {m['kv_chunks']}")
     console.print(f"daemon memory (RSS): {format_bytes(data['process_rss_bytes'])}")
 
 

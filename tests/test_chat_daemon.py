@@ -14,6 +14,7 @@ from pcrt.cache.store import Store
 from pcrt.cache.usage import UsageLog
 from pcrt.cli.main import main
 from pcrt.runtime.paths import Paths
+from tests.peering import wait_for
 from tests.test_daemon_cli import running_serve
 
 
@@ -46,8 +47,10 @@ def test_chat_goes_through_the_daemon_and_reuses_the_first_turn(
     assert reused[0] == 0  # a fresh daemon: nothing to reuse
     # the whole first prompt is found again; only the reply and the new turn are computed
     assert prompts[0] - 1 <= reused[1] < prompts[1]
-    # the daemon served both turns (the chat process loaded no model of its own)
+    # the daemon served both turns (the chat process loaded no model of its own); it
+    # writes a turn's usage row after its answer, from a queue: wait for the second
     with Store(pcrt_env.db_path) as store:
+        wait_for(lambda: len(UsageLog(store).rows()) >= 2, 10, "both turns' usage rows")
         rows = UsageLog(store).rows()
     assert [(r["route"], r["status"]) for r in rows] == [("/v1/chat/completions", 200)] * 2
     assert [r["cached_tokens"] for r in rows] == reused

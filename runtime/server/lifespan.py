@@ -27,9 +27,11 @@ import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
+from pathlib import Path
 from typing import Any
 
 from pcrt.cache.blobs import BlobStore
+from pcrt.cache.chunks import ChunkStore
 from pcrt.cache.runs import RunStore
 from pcrt.cache.status import RunStatus
 from pcrt.cache.store import Store
@@ -82,7 +84,10 @@ async def running_services(
         monitor = DeviceMonitor(interval=settings.device_refresh)
         stack.push_async_callback(monitor.stop)  # a no-op unless it started
         await monitor.start()
-        pool = ModelPool(reg, settings, _with_live_profile(opener, monitor))
+        chunks = _chunk_store(settings, store, reg.paths.home / "chunks")
+        if chunks is not None:  # closed after the pool: engines spill into it to the end
+            stack.callback(chunks.close)
+        pool = ModelPool(reg, settings, _with_live_profile(opener, monitor, chunks))
         stack.push_async_callback(pool.close)
         _cancel_on_close(
             stack, asyncio.create_task(pool.reap_forever(), name="pcrt-keep-alive-reaper")
@@ -90,7 +95,8 @@ async def running_services(
 
         blobs = BlobStore(store, reg.paths.home / "blobs", max_bytes=settings.blob_max_bytes)
         runs = RunStore(store)
-        limiter, metrics = RateLimiter(settings.limits, clock), Metrics(_live_gauges(pool))
+        limiter = RateLimiter(settings.limits, clock)
+        metrics = Metrics(_live_gauges(pool), chunks=chunks.stats if chunks else None)
         # MCP servers start here, each within its connect_timeout; one that fails is a
         # problem the registry lists, not a daemon that fails to start. Closed after the
         # DAG tasks that may call them.
@@ -146,6 +152,7 @@ async def running_services(
             limiter=limiter,
             metrics=metrics,
             blobs=blobs,
+            chunks=chunks,
             dags=dags,
             coordinator=coordinator,
             node=node,
@@ -199,10 +206,26 @@ def _node_name(settings: ServerSettings) -> str:
     return settings.peers.name or socket.gethostname().split(".")[0] or "pcrt"
 
 
-def _with_live_profile(opener: EngineOpener, monitor: DeviceMonitor) -> EngineOpener:
+def _chunk_store(settings: ServerSettings, store: Store, root: Path) -> ChunkStore | None:
+    if not settings.kv_ram_bytes and not settings.kv_disk_bytes:
+        return None
+    return ChunkStore(
+        store,
+        root,
+        ram_bytes=settings.kv_ram_bytes,
+        disk_bytes=settings.kv_disk_bytes,
+        chunk_tokens=settings.kv_chunk_tokens,
+    )
+
+
+def _with_live_profile(
+    opener: EngineOpener, monitor: DeviceMonitor, chunks: ChunkStore | None
+) -> EngineOpener:
+    shared = {"chunks": chunks} if chunks is not None else {}
+
     def open_with_live_profile(*args: Any, **kwargs: Any) -> EngineClient:
         # plan offload from free memory now, not at start-up
-        return opener(*args, profile=monitor.latest, **kwargs)
+        return opener(*args, profile=monitor.latest, **shared, **kwargs)
 
     return open_with_live_profile
 

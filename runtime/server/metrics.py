@@ -5,8 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from pcrt.cache.chunks import ChunkStats
 
 __all__ = ["LiveGauges", "Metrics"]
 
@@ -36,8 +38,40 @@ class _LiveCollector(Collector):
             yield family
 
 
+class _ChunkCollector(Collector):
+    """The KV chunk store's counters and tiers, read when scraped."""
+
+    def __init__(self, read: Callable[[], ChunkStats]) -> None:
+        self.read = read
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        s = self.read()
+        for name, help_text, value in (
+            ("pcrt_kv_chunk_hits", "KV chunks restored instead of computed", s.hits),
+            ("pcrt_kv_chunk_misses", "Full prompt chunks no slot or tier held", s.misses),
+            ("pcrt_kv_chunk_bytes_restored", "Bytes of KV restored from chunks", s.bytes_restored),
+            (
+                "pcrt_kv_prefill_tokens_saved",
+                "Prompt tokens restored, not computed",
+                s.tokens_saved,
+            ),
+            ("pcrt_kv_chunks_refused", "Chunks refused: bytes not matching their hash", s.refused),
+        ):
+            yield CounterMetricFamily(name, help_text, value=value)
+        tiers = GaugeMetricFamily(
+            "pcrt_kv_chunk_store_bytes", "Bytes held, by tier", labels=["tier"]
+        )
+        tiers.add_metric(["ram"], s.ram_bytes)
+        tiers.add_metric(["disk"], s.disk_bytes)
+        yield tiers
+        entries = GaugeMetricFamily("pcrt_kv_chunks", "Chunks held, by tier", labels=["tier"])
+        entries.add_metric(["ram"], s.ram_entries)
+        entries.add_metric(["disk"], s.disk_entries)
+        yield entries
+
+
 class Metrics:
-    def __init__(self, live: LiveGauges) -> None:
+    def __init__(self, live: LiveGauges, chunks: Callable[[], ChunkStats] | None = None) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -92,6 +126,8 @@ class Metrics:
             registry=r,
         )
         r.register(_LiveCollector(live))
+        if chunks is not None:
+            r.register(_ChunkCollector(chunks))
 
     def tool_call(self, tool: str, outcome: str, seconds: float, agent: str | None = None) -> None:
         """The tool registry's observer: one call counted, and timed unless it was

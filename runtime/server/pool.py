@@ -56,6 +56,7 @@ class LoadedModel:
             "path": str(engine.model.path),
             "size_bytes": engine.model.size_bytes,
             "kv_bytes": engine.kv_bytes,
+            "kv_chunks": engine.chunk_status,
             "parallel": engine.config.parallel,
             "context": engine.context_per_slot,
             "busy_slots": engine.busy_slots,

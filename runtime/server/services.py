@@ -18,6 +18,7 @@ from typing import Any
 from fastapi import Request
 
 from pcrt.cache.blobs import BlobStore
+from pcrt.cache.chunks import ChunkStore
 from pcrt.cache.usage import UsageLog, UsageRecord
 from pcrt.device.monitor import DeviceMonitor
 from pcrt.routing.coordinator import Coordinator
@@ -75,6 +76,7 @@ class Services:
     coordinator: Coordinator  # peers: discovery, health, routing decisions
     node: NodeInfo  # what this node offers, for peers and the policy
     tools: ToolRegistry  # the [tools] agents call (entered: MCP sessions are open)
+    chunks: ChunkStore | None = None  # the KV chunk store engines share (None: turned off)
     state: str = DaemonState.STARTING
     # begins the drain from a signal handler, thread-safe (cli/serve.py)
     begin_drain: Callable[[], object] | None = None

@@ -141,6 +141,11 @@ class ServerSettings(BaseModel):
     # states; None: unbounded) and the largest state PUT /v1/states accepts
     blob_max_bytes: int | None = Field(default=10 * 1024**3, ge=1)
     state_upload_max_bytes: int = Field(default=2 * 1024**3, ge=1)
+    # the KV chunk store (issue 19): prompts' prefixes restored rather than computed, in
+    # RAM and on disk under the home dir; 0 bytes turns a tier off, both off: no store
+    kv_chunk_tokens: int = Field(default=64, ge=16, le=4096)
+    kv_ram_bytes: int = Field(default=2 * 1024**3, ge=0)
+    kv_disk_bytes: int = Field(default=10 * 1024**3, ge=0)
     # request bodies, by route (issue 16): what the daemon reads before it refuses with a
     # 413; other routes take a few fields and are held to guard's SMALL_BODY_BYTES
     max_body_bytes: int = Field(default=16 * 1024**2, ge=1)  # chat and text completions

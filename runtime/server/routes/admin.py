@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 
 from pcrt.runtime.errors import InvalidRequest
 from pcrt.runtime.server.services import DaemonState, services_of
+from pcrt.runtime.threads import to_thread_to_completion
 
 __all__ = ["router"]
 
@@ -40,6 +41,30 @@ async def ps(request: Request) -> dict[str, Any]:
         "process_rss_bytes": rss,
         "state": services.state,
     }
+
+
+@router.get("/v1/pcrt/cache")
+async def cache(request: Request) -> dict[str, Any]:
+    """The KV chunk store (``pcrt cache``): its tiers, what they saved, each loaded
+    model's use of it."""
+    services = services_of(request)
+    chunks = services.chunks
+    return {
+        "enabled": chunks is not None,
+        "store": chunks.stats().as_dict() if chunks is not None else None,
+        "models": {m.name: m.engine.chunk_status for m in services.pool.loaded()},
+    }
+
+
+@router.delete("/v1/pcrt/cache")
+async def clear_cache(request: Request) -> dict[str, Any]:
+    """Empty the chunk store's tiers (``pcrt cache clear``); chunks an unfinished run
+    needs stay."""
+    chunks = services_of(request).chunks
+    if chunks is None:
+        return {"cleared_chunks": 0, "cleared_bytes": 0}
+    entries, size = await to_thread_to_completion(chunks.clear)
+    return {"cleared_chunks": entries, "cleared_bytes": size}
 
 
 @router.get("/v1/pcrt/device")
