@@ -8,7 +8,10 @@ The source side, step by step (the run is stopped first; its checkpoints are on 
    (``statekey.py``): a state for a model the peer lacks, or one its engine would refuse
    (another KV type, flash attention, layout or version), is left behind with the reason
    and that node recomputes there;
-3. the states go first (``PUT /v1/pcrt/blobs``, hash-checked by the peer), the run record
+3. the states go first (``PUT /v1/pcrt/blobs``, hash-checked by the peer); a state kept
+   as KV chunks goes as its small blob, after the chunks the peer says it lacks
+   (``POST /v1/pcrt/chunks/missing``, then ``PUT /v1/pcrt/chunks`` each): a run whose
+   context the peer already holds sends little more than its tail. The run record
    second (``POST /v1/pcrt/runs``): the peer never holds a record pointing at a missing
    blob, and a failure anywhere leaves the local run as it was, resumable here. A record
    POST whose connection failed or timed out is sent once more: the peer may have taken
@@ -27,20 +30,31 @@ from typing import Any
 
 from pcrt.cache.async_runs import AsyncRunStore
 from pcrt.cache.blobs import BlobCorrupt, BlobMissing, BlobStore
+from pcrt.cache.chunks import ChunkStore
 from pcrt.routing.coordinator import Coordinator
 from pcrt.routing.forward import PeerAnswer
 from pcrt.routing.peers import Peer
 from pcrt.routing.statekey import key_mismatches
 from pcrt.runtime.engine.state import KVState, StateHeader
-from pcrt.runtime.errors import InvalidRequest, PeerUnavailable, StateError
+from pcrt.runtime.errors import InvalidRequest, PeerRejected, PeerUnavailable, StateError
 from pcrt.runtime.threads import to_thread_to_completion
 
-__all__ = ["BLOBS_PATH", "RUNS_PATH", "Migration", "migrate_run", "refusal_of"]
+__all__ = [
+    "BLOBS_PATH",
+    "CHUNKS_PATH",
+    "MISSING_CHUNKS_PATH",
+    "RUNS_PATH",
+    "Migration",
+    "migrate_run",
+    "refusal_of",
+]
 
 log = logging.getLogger(__name__)
 
 BLOBS_PATH = "/v1/pcrt/blobs"
 RUNS_PATH = "/v1/pcrt/runs"
+CHUNKS_PATH = "/v1/pcrt/chunks"
+MISSING_CHUNKS_PATH = "/v1/pcrt/chunks/missing"
 RECORD_TIMEOUT = 30.0  # the peer stores a record and starts it: seconds, not minutes
 
 
@@ -51,6 +65,8 @@ class Migration:
     peer_url: str
     states_sent: int = 0
     bytes_sent: int = 0
+    chunks_sent: int = 0  # KV chunks the peer lacked (those it held did not travel)
+    chunks_held: int = 0
     states_left: list[str] = field(default_factory=list)  # why each one stayed behind
     seconds: float = 0.0
     peer_status: str = ""
@@ -68,6 +84,8 @@ class Migration:
             "migrated_to": self.pointer,
             "states_sent": self.states_sent,
             "bytes_sent": self.bytes_sent,
+            "chunks_sent": self.chunks_sent,
+            "chunks_held": self.chunks_held,
             "states_left": self.states_left,
             "with_states": self.states_sent > 0,
             "note": "some nodes recompute on the peer" if recompute else "states reused",
@@ -84,9 +102,11 @@ async def migrate_run(
     peer_name: str,
     *,
     with_states: bool = True,
+    chunks: ChunkStore | None = None,
 ) -> Migration:
     """Move the (stopped) run; ``with_states=False`` sends the record alone (the peer
-    recomputes every unfinished node: what a move costs without pcrt's states)."""
+    recomputes every unfinished node: what a move costs without pcrt's states).
+    ``chunks``: where this node's chunked states keep their KV."""
     started = time.perf_counter()
     peer = coordinator.peer(peer_name)
     if peer is None or peer.kind != "pcrt":
@@ -108,6 +128,8 @@ async def migrate_run(
             result.states_left.append(f"{sha[:12]}: not sent (asked to move without states)")
             continue
         refusal = refusal_of(header, peer)
+        if refusal is None and header.chunked:
+            refusal = await _send_chunks(coordinator, peer, chunks, header, run_id, result)
         if refusal is not None:
             result.states_left.append(f"{sha[:12]}: {refusal}")
             continue
@@ -179,6 +201,56 @@ async def migrate_run(
     result.peer_status = str(_json_field(answer, "status") or "")
     result.seconds = time.perf_counter() - started
     return result
+
+
+async def _send_chunks(
+    coordinator: Coordinator,
+    peer: Peer,
+    chunks: ChunkStore | None,
+    header: StateHeader,
+    run_id: str,
+    result: Migration,
+) -> str | None:
+    """Send the chunks of a chunked state that the peer lacks, in chain order; why the
+    state stays behind, or None. A chunk missing here ends what is sent: the peer then
+    restores the chain up to it and computes the rest."""
+    if chunks is None:
+        return "it is kept as KV chunks, and this node has no chunk store"
+    try:
+        answer = await coordinator.forwarder.request(
+            peer,
+            "POST",
+            MISSING_CHUNKS_PATH,
+            json_body={"keys": list(header.chunks), "chunk_tokens": header.chunk_tokens},
+            proven=True,
+        )
+    except PeerRejected as exc:  # a peer without a chunk store, or of another chunk size
+        return f"the peer cannot take KV chunks ({exc})"
+    missing = _json_field(answer, "missing")
+    if not isinstance(missing, list) or not set(missing) <= set(header.chunks):
+        raise PeerUnavailable(f"peer {peer.name} gave no list of missing chunks", peer=peer.name)
+    result.chunks_held += len(header.chunks) - len(missing)
+    wanted = set(missing)
+    for key in header.chunks:
+        if key not in wanted:
+            continue
+        found = await to_thread_to_completion(chunks.read, [key])
+        if not found:
+            break
+        data = found[0]
+        stored = await coordinator.forwarder.request(
+            peer,
+            "PUT",
+            CHUNKS_PATH + f"?run_id={run_id}&key={key}&tokens={header.chunk_tokens}",
+            content=data,
+            headers={"Content-Type": "application/octet-stream"},
+            proven=True,
+        )
+        if _json_field(stored, "key") != key:
+            raise PeerUnavailable(f"peer {peer.name} did not take chunk {key[:12]}", peer=peer.name)
+        result.chunks_sent += 1
+        result.bytes_sent += len(data)
+    return None
 
 
 def _json_field(answer: PeerAnswer, name: str) -> Any:

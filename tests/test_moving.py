@@ -26,7 +26,9 @@ def runs(store: Store) -> RunStore:
 
 def _services(runs: RunStore) -> Any:
     # move_run reads the run store and the DAG tasks; the sending is a fake (below)
-    return SimpleNamespace(dags=DagTasks(SimpleNamespace(runs=runs)), coordinator=None, blobs=None)
+    return SimpleNamespace(
+        dags=DagTasks(SimpleNamespace(runs=runs)), coordinator=None, blobs=None, chunks=None
+    )
 
 
 def _slow_migration(seconds: float, fails: bool = False) -> Any:

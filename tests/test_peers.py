@@ -691,6 +691,8 @@ def test_migration_mid_run_resumes_on_the_peer_with_its_states(tmp_path: Path) -
         assert moved["peer"] == there_name and moved["with_states"], moved
         assert moved["states_sent"] >= 2  # intro's state and story's checkpoint
         assert moved["states_left"] == []
+        # both daemons keep KV chunks: the checkpoint went as the chunks there lacked
+        assert moved["chunks_sent"] >= 2 and moved["chunks_held"] == 0
         local = httpx.get(f"{here.url}/v1/dags/{run_id}", timeout=10).json()
         assert local["status"] == "migrated"
         assert local["migrated_to"].startswith(f"{there_name}:{there.url}")

@@ -111,10 +111,10 @@ async def _generate_one(
     resume = await checkpoint_to_resume(deps.blobs, record, engine)
     before: list[int] = []  # generated before the checkpoint it continues from
     if resume is not None:
-        before = resume.continuation[record.prompt_tokens or 0 :]
+        before = resume.tokens[record.prompt_tokens or 0 :]
         request = GenerateRequest(
-            prompt=[],
-            state=resume,
+            prompt=resume.to_compute,  # what the checkpoint's KV lacks (none, or its tail)
+            state=resume.state,
             generated_prefix=tuple(before),
             sampling=sampling.model_copy(
                 update={"max_tokens": max(0, sampling.max_tokens - len(before))}
@@ -148,7 +148,14 @@ async def _generate_one(
         elif isinstance(event, CheckpointEvent):
             tokens = len(before) + len(event.tokens)
             saved = await to_thread_to_completion(
-                save_checkpoint, deps.runs.sync, deps.blobs, event.state, run_id, node_id, tokens
+                save_checkpoint,
+                deps.runs.sync,
+                deps.blobs,
+                event.state,
+                run_id,
+                node_id,
+                tokens,
+                engine.chunk_cache,
             )
             if saved:
                 run.emit(DagEvent(DagEventKind.CHECKPOINT, run_id, node_id, {"tokens": tokens}))
@@ -162,7 +169,7 @@ async def _generate_one(
     output: Any = outputs if isinstance(node, ForkNode) else outputs[0]
     state = result.choices[0].state
     state_sha = (
-        await to_thread_to_completion(save_state, deps.blobs, state, run_id)
+        await to_thread_to_completion(save_state, deps.blobs, state, run_id, engine.chunk_cache)
         if state is not None
         else None
     )

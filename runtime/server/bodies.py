@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from starlette.types import Message, Receive
 
-from pcrt.routing.migrate import BLOBS_PATH, RUNS_PATH
+from pcrt.routing.migrate import BLOBS_PATH, CHUNKS_PATH, MISSING_CHUNKS_PATH, RUNS_PATH
 from pcrt.routing.remote import SUBGRAPH_PATH
 from pcrt.runtime.errors import RequestTooLarge
 from pcrt.runtime.server.settings import ServerSettings
@@ -71,6 +71,8 @@ class BodyBounds:
             ("POST", "/v1/dags"): bound("dag_max_body_bytes"),
             ("POST", SUBGRAPH_PATH): peer,
             ("POST", RUNS_PATH): peer,
+            ("POST", MISSING_CHUNKS_PATH): peer,
+            ("PUT", CHUNKS_PATH): peer,  # one KV chunk: megabytes, signed, read whole
             ("PUT", "/v1/states"): upload,
             ("PUT", BLOBS_PATH): upload,
         }

@@ -65,7 +65,13 @@ async def move_run(
         await runs.set_status(run_id, RunStatus.MIGRATING, error=f"moving to peer {peer}")
         sending = asyncio.ensure_future(
             migrate(
-                services.coordinator, runs, services.blobs, run_id, peer, with_states=with_states
+                services.coordinator,
+                runs,
+                services.blobs,
+                run_id,
+                peer,
+                with_states=with_states,
+                chunks=services.chunks,
             )
         )
         try:

@@ -19,14 +19,17 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from pcrt.cache.chunks import ChunkStore, is_chunk_key
 from pcrt.cache.runs import RunExists, RunRecord
 from pcrt.cache.status import RunStatus
 from pcrt.routing.auth import CLUSTER_HEADER, PROOF_HEADER, SIGNED_REPLIES
-from pcrt.routing.migrate import BLOBS_PATH
+from pcrt.routing.migrate import BLOBS_PATH, CHUNKS_PATH, MISSING_CHUNKS_PATH
 from pcrt.runtime.dag import parse_dag
 from pcrt.runtime.dag.runner import check_run
-from pcrt.runtime.engine.state import KVState
-from pcrt.runtime.errors import Conflict, Unauthorized
+from pcrt.runtime.engine.kv_chunks import KvLayoutError
+from pcrt.runtime.engine.kv_chunks import parse as parse_kv
+from pcrt.runtime.engine.state import verify_blob
+from pcrt.runtime.errors import Conflict, InvalidRequest, Unauthorized
 from pcrt.runtime.server.services import agent_of, services_of
 from pcrt.runtime.server.uploads import disk_errors, receive_into, streamed_body_sha256
 from pcrt.runtime.threads import to_thread_to_completion
@@ -189,11 +192,69 @@ async def receive_blob(
             )
 
         def store() -> str:
-            KVState.from_bytes(blob.finish())  # header, length, payload hash: StateError
+            verify_blob(blob.finish())  # header, length, payload hash: StateError
             return blob.commit(run_id=run_id)
 
         stored = await to_thread_to_completion(store)
         return await _proven(request, {"id": stored, "size": blob.size})
+
+
+class MissingChunks(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    keys: list[str] = Field(max_length=1_000_000)
+    chunk_tokens: int = Field(ge=1)
+
+
+@router.post(MISSING_CHUNKS_PATH)
+async def missing_chunks(request: Request) -> Response:
+    """Which of a chunked state's chunks this node lacks: a peer moving a run here sends
+    only those."""
+    _require_peer(request)
+    body = await _parsed(request, MissingChunks)
+    chunks = _chunk_store(request, body.chunk_tokens)
+    missing = [key for key in body.keys if not chunks.holds(key)]
+    return await _proven(request, {"missing": missing})
+
+
+@router.put(CHUNKS_PATH)
+async def receive_chunk(
+    request: Request, key: str, tokens: int, run_id: str | None = None
+) -> Response:
+    """One KV chunk of a run a peer moves here (the guard read it whole and checked the
+    signature over its bytes): kept on disk, pinned by the run, before its state's blob
+    comes. Only a run of whole cells from the right position is kept."""
+    _require_peer(request)
+    chunks = _chunk_store(request, tokens)
+    if not is_chunk_key(key):
+        raise InvalidRequest("key must be a chunk's hex sha256")
+    data = await request.body()
+
+    def store() -> None:
+        try:
+            section = parse_kv(data)
+        except KvLayoutError as exc:
+            raise InvalidRequest(f"not a KV chunk: {exc}") from None
+        if section.n_tokens != tokens or int(section.cells["pos"][0]) % tokens:
+            raise InvalidRequest(f"not a chunk of {tokens} tokens at a chunk's position")
+        chunks.put(key, data, tokens, durable=True)
+        if run_id is not None:
+            chunks.pin(run_id, [key])
+
+    with disk_errors(services_of(request).blobs):
+        await to_thread_to_completion(store)
+    return await _proven(request, {"key": key, "size": len(data)})
+
+
+def _chunk_store(request: Request, chunk_tokens: int) -> ChunkStore:
+    chunks = services_of(request).chunks
+    if chunks is None:
+        raise InvalidRequest("this node keeps no KV chunks (its chunk store is off)")
+    if chunks.chunk_tokens != chunk_tokens:
+        raise InvalidRequest(
+            f"this node's KV chunks are {chunks.chunk_tokens} tokens, not {chunk_tokens}"
+        )
+    return chunks
 
 
 class MovedRun(BaseModel):
