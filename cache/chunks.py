@@ -14,6 +14,11 @@ Two tiers, one index:
   file, fsync, rename: never half a chunk), indexed in SQLite (``kv_chunks``), bounded in
   bytes, evicted least recently used first. It survives restarts.
 
+Each chunk is indexed by the chain it follows, with its tokens (``continuations_of``), and
+so is a tail: a sequence's end after its last full chunk (fewer than C tokens), kept like
+a chunk. A prompt whose next tokens share the start of one restores that start too, as
+llama-server restores a whole common prefix. A chain keeps its few most recent tails.
+
 Chunks that an unfinished run needs are pinned (``kv_chunk_pins``, by the run's id) and
 never evicted from disk, nor from RAM while the disk does not hold them yet. A pin lasts
 while its run is unfinished (or not recorded yet: a migrated run's chunks arrive before
@@ -39,6 +44,7 @@ import logging
 import os
 import queue
 import re
+import struct
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
@@ -49,11 +55,12 @@ from pcrt.cache.blobs import write_atomically
 from pcrt.cache.status import UNFINISHED_RUN_STATES
 from pcrt.cache.store import Store, utc_now
 
-__all__ = ["ChunkStats", "ChunkStore", "is_chunk_key"]
+__all__ = ["TAILS_PER_CHAIN", "ChunkStats", "ChunkStore", "is_chunk_key"]
 
 log = logging.getLogger(__name__)
 
 _KEY = re.compile(r"^[0-9a-f]{64}$")
+TAILS_PER_CHAIN = 8  # a chain's tails kept: one per recent continuation of it
 
 
 def is_chunk_key(text: str) -> bool:
@@ -120,6 +127,9 @@ class ChunkStore:
         self._disk: dict[str, _OnDisk] = {}
         self._disk_size = 0
         self._pinned: set[str] = set()
+        # parent chain key -> its tails' keys and tokens, oldest first; and back
+        self._tails: dict[str, OrderedDict[str, tuple[int, ...]]] = {}
+        self._tail_parent: dict[str, str] = {}
         self._counts = {"hits": 0, "misses": 0, "tokens_saved": 0, "bytes": 0, "refused": 0}
         # the writer thread's work, in order: chunks to write, LRU times to record
         self._writes: queue.Queue[Callable[[], None] | None] = queue.Queue()
@@ -212,20 +222,77 @@ class ChunkStore:
 
     # -- writes --------------------------------------------------------------------------
 
-    def put(self, key: str, data: bytes, n_tokens: int, *, durable: bool = False) -> None:
+    def put(
+        self,
+        key: str,
+        data: bytes,
+        n_tokens: int,
+        *,
+        durable: bool = False,
+        follows: tuple[str, Sequence[int]] | None = None,
+    ) -> None:
         """Keep a chunk: in RAM now, on disk soon (the writer thread), or now with
-        ``durable`` (a record is about to name it). A key already held keeps its bytes:
-        the first writer wins (equal keys hold equal tokens' KV; two machines' may
-        differ in rounding, and either is right)."""
+        ``durable`` (a record is about to name it). ``follows``: the chain it follows
+        and its tokens (fewer than a chunk's: a tail). A key already held keeps its
+        bytes: the first writer wins (equal keys hold equal tokens' KV; two machines'
+        may differ in rounding, and either is right)."""
         with self._lock:
             held = key in self._disk or (key in self._ram and not durable)
         if held:
             return
+        tail = (follows[0], tuple(follows[1])) if follows is not None else None
+        dropped = self._index(key, tail) if tail is not None else []
         self._remember(key, data)
         if durable and self.disk_limit:
-            self._write(key, data, n_tokens)
+            self._write(key, data, n_tokens, tail)
         elif self.disk_limit:
-            self._writes.put(lambda: self._write(key, data, n_tokens))
+            self._writes.put(lambda: self._write(key, data, n_tokens, tail))
+        for old in dropped:
+            self._drop(old)
+
+    def continuations_of(self, parent: str) -> list[tuple[str, tuple[int, ...]]]:
+        """The chunks and tails held after chain key ``parent`` (or a root): (key,
+        tokens) each."""
+        with self._lock:
+            return list(self._tails.get(parent, {}).items())
+
+    def _index(self, key: str, follows: tuple[str, tuple[int, ...]]) -> list[str]:
+        """Index a chunk or tail under the chain it follows; the chain's oldest tails
+        beyond its few (to drop)."""
+        parent, tokens = follows
+        with self._lock:
+            after = self._tails.setdefault(parent, OrderedDict())
+            after[key] = tokens
+            after.move_to_end(key)
+            self._tail_parent[key] = parent
+            tails = [k for k, t in after.items() if len(t) < self.chunk_tokens]
+            dropped = tails[: max(0, len(tails) - TAILS_PER_CHAIN)]
+            for old in dropped:
+                self._unindex_tail(old)
+            return dropped
+
+    def _unindex_tail(self, key: str) -> None:
+        """Forget a tail in the index (under the lock)."""
+        parent = self._tail_parent.pop(key, None)
+        if parent is not None:
+            tails = self._tails.get(parent)
+            if tails is not None:
+                tails.pop(key, None)
+                if not tails:
+                    del self._tails[parent]
+
+    def _drop(self, key: str) -> None:
+        """Forget a chunk in both tiers (one another replaced)."""
+        with self._lock:
+            data = self._ram.pop(key, None)
+            if data is not None:
+                self._ram_size -= len(data)
+        if self.disk_limit:  # after its own write, if that is still queued
+
+            def forget() -> None:
+                self._forget(key, unlink=True)
+
+            self._writes.put(forget)
 
     def defer(self, work: Callable[[], None]) -> None:
         """Run ``work`` in the writer thread, after what is queued there: what a caller
@@ -317,6 +384,8 @@ class ChunkStore:
                 data = self._ram.pop(key)
                 self._ram_size -= len(data)
                 sizes[key] = len(data)
+                if key not in self._disk:
+                    self._unindex_tail(key)
             on_disk = [k for k in self._disk if k not in self._pinned]
         for key in on_disk:
             sizes[key] = self._forget(key, unlink=True)
@@ -359,6 +428,8 @@ class ChunkStore:
                 if victim == key or (victim in self._pinned and victim not in self._disk):
                     continue
                 self._ram_size -= len(self._ram.pop(victim))
+                if victim not in self._disk:  # gone from every tier
+                    self._unindex_tail(victim)
 
     def _path(self, key: str) -> Path:
         assert self._root is not None
@@ -367,9 +438,16 @@ class ChunkStore:
     def _load_index(self) -> None:
         assert self._store is not None
         with self._store.lock:
-            rows = self._store.db.execute("select key, size, sha256 from kv_chunks").fetchall()
-        self._disk = {key: _OnDisk(size, sha) for key, size, sha in rows}
+            rows = self._store.db.execute(
+                "select key, size, sha256, parent, tokens from kv_chunks order by last_used_at"
+            ).fetchall()
+        self._disk = {key: _OnDisk(size, sha) for key, size, sha, _, _ in rows}
         self._disk_size = sum(e.size for e in self._disk.values())
+        for key, _, _, parent, raw in rows:
+            if parent is not None and raw is not None:
+                tokens = struct.unpack(f"<{len(raw) // 4}i", raw)
+                self._tails.setdefault(parent, OrderedDict())[key] = tokens
+                self._tail_parent[key] = parent
         self._refresh_pins()
 
     def _write_forever(self) -> None:
@@ -384,7 +462,9 @@ class ChunkStore:
             finally:
                 self._writes.task_done()
 
-    def _write(self, key: str, data: bytes, n_tokens: int) -> None:
+    def _write(
+        self, key: str, data: bytes, n_tokens: int, tail: tuple[str, tuple[int, ...]] | None
+    ) -> None:
         assert self._store is not None
         with self._lock:
             if key in self._disk:
@@ -399,9 +479,18 @@ class ChunkStore:
         with self._store.lock, self._store.db.conn:
             self._store.db.execute(
                 "insert or replace into kv_chunks"
-                " (key, sha256, size, n_tokens, created_at, last_used_at)"
-                " values (?, ?, ?, ?, ?, ?)",
-                [key, sha256, len(data), n_tokens, now, now],
+                " (key, sha256, size, n_tokens, created_at, last_used_at, parent, tokens)"
+                " values (?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    key,
+                    sha256,
+                    len(data),
+                    n_tokens,
+                    now,
+                    now,
+                    tail[0] if tail else None,
+                    struct.pack(f"<{len(tail[1])}i", *tail[1]) if tail else None,
+                ],
             )
         with self._lock:
             if key not in self._disk:  # the writer and a durable put may race to it
@@ -432,6 +521,8 @@ class ChunkStore:
             entry = self._disk.pop(key, None)
             if entry is not None:
                 self._disk_size -= entry.size
+            if key not in self._ram:
+                self._unindex_tail(key)
         if self._store is not None:
             with self._store.lock, self._store.db.conn:
                 self._store.db.execute("delete from kv_chunks where key = ?", [key])

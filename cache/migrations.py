@@ -298,7 +298,9 @@ def m011_tool_calls(db: sqlite_utils.Database) -> None:
 @migration
 def m012_kv_chunks(db: sqlite_utils.Database) -> None:
     """The disk tier of the KV chunk store (issue 19): each chunk's file by its chain key,
-    its content hash (checked on every read), and the chunks unfinished runs pin."""
+    its content hash (checked on every read), and the chunks unfinished runs pin. A tail
+    (fewer tokens than a chunk: a sequence's end) also names the chunk it follows and
+    its tokens, which a prompt is matched against."""
     db.execute(
         """
         create table kv_chunks (
@@ -307,7 +309,9 @@ def m012_kv_chunks(db: sqlite_utils.Database) -> None:
             size integer not null,
             n_tokens integer not null,
             created_at text not null,
-            last_used_at text not null
+            last_used_at text not null,
+            parent text,                 -- a tail's: the key of the chain it ends
+            tokens blob                  -- a tail's: its token ids, int32 little-endian
         )
         """
     )

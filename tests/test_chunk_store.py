@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pcrt.cache.chunks import ChunkStore, is_chunk_key
+from pcrt.cache.chunks import TAILS_PER_CHAIN, ChunkStore, is_chunk_key
 from pcrt.cache.store import Store
 
 
@@ -127,3 +127,29 @@ def test_ram_only(tmp_path: Path) -> None:
         chunks.flush()
         assert chunks.stats().ram_entries == 2 and chunks.stats().disk_entries == 0
         assert chunks.chain_length([key(0)]) == 0  # gone: nowhere else to keep it
+
+
+def test_tails_are_indexed_by_the_chain_they_end_and_survive_a_restart(
+    store: Store, tmp_path: Path
+) -> None:
+    with open_chunks(store, tmp_path) as chunks:
+        for i in range(TAILS_PER_CHAIN + 2):  # a chain keeps its most recent few
+            chunks.put(key(100 + i), data(i, 100), 3, follows=(key(0), [i, i + 1, i + 2]))
+        chunks.flush()
+        tails = chunks.continuations_of(key(0))
+        assert [k for k, _ in tails] == [key(100 + i) for i in range(2, TAILS_PER_CHAIN + 2)]
+        assert tails[0][1] == (2, 3, 4) and chunks.continuations_of(key(1)) == []
+        assert not chunks.holds(key(100)) and chunks.stats().disk_entries == TAILS_PER_CHAIN
+    with open_chunks(store, tmp_path) as again:
+        assert again.continuations_of(key(0)) == tails
+        assert again.read([key(102)]) == [data(0 + 2, 100)]
+
+
+def test_a_tail_gone_from_every_tier_leaves_the_index(tmp_path: Path) -> None:
+    with ChunkStore(None, None, ram_bytes=250, disk_bytes=0) as chunks:
+        chunks.put(key(100), data(0, 100), 3, follows=(key(0), [1, 2, 3]))
+        chunks.put(key(101), data(1, 100), 3, follows=(key(0), [4, 5, 6]))
+        chunks.put(key(102), data(2, 100), 3, follows=(key(1), [7, 8, 9]))  # evicts 100
+        assert [k for k, _ in chunks.continuations_of(key(0))] == [key(101)]
+        assert chunks.clear() == (2, 200)
+        assert chunks.continuations_of(key(0)) == chunks.continuations_of(key(1)) == []

@@ -15,7 +15,7 @@ from pcrt.cache.chunks import ChunkStore
 from pcrt.cache.store import Store
 from pcrt.runtime.engine import Completion, Engine, EngineConfig, GenerateRequest
 from pcrt.runtime.engine.chat import ChatMessage
-from pcrt.runtime.engine.chunk_cache import chain_keys, chain_root
+from pcrt.runtime.engine.chunk_cache import COMPUTED_TOKENS, chain_keys, chain_root
 from pcrt.runtime.engine.sampling import SamplingParams
 from tests.tiny_model import write_tiny_gemma3
 
@@ -55,8 +55,14 @@ def open_engine(path: Path, chunks: ChunkStore | None, sha256: str = SHA256) -> 
 
 
 def full_chunks(result: Completion) -> int:
-    """Tokens of the prompt's full chunks a restore can give (its last token is computed)."""
-    return (result.prompt_tokens - 1) // C * C
+    """Tokens of the prompt's full chunks a restore gives."""
+    return (result.prompt_tokens - COMPUTED_TOKENS) // C * C
+
+
+def all_but_the_last(result: Completion) -> int:
+    """What a restore of a prompt seen before gives: its full chunks and the tail of the
+    sequence that ran it, all of it but the last two tokens (``COMPUTED_TOKENS``)."""
+    return result.prompt_tokens - COMPUTED_TOKENS
 
 
 async def test_a_restored_prefix_continues_as_computed_alone_and_batched(
@@ -69,19 +75,19 @@ async def test_a_restored_prefix_continues_as_computed_alone_and_batched(
         chunks.flush()
         assert await engine.clear_cache() > 0  # the slots forget: only the store holds them
         alone = await engine.generate(ask("Ada", "What is rule 3?"))
-        assert alone.cached_tokens == full_chunks(alone) >= 3 * C
+        assert alone.cached_tokens == all_but_the_last(alone) and full_chunks(alone) >= 3 * C
         assert alone.choices[0].tokens == computed[0].choices[0].tokens
         await engine.clear_cache()
         batched = await asyncio.gather(
             *(engine.generate(ask(a, "What is rule 3?")) for a in ("Ada", "Bo"))
         )
         for got, want in zip(batched, computed, strict=True):
-            assert got.cached_tokens == full_chunks(got)
+            assert got.cached_tokens == all_but_the_last(got)
             assert got.choices[0].tokens == want.choices[0].tokens
         stats = chunks.stats()
-        assert (
-            stats.hits * C == stats.tokens_saved == sum(r.cached_tokens for r in [alone, *batched])
-        )
+        assert stats.tokens_saved == sum(r.cached_tokens for r in [alone, *batched])
+        # each restore: its full chunks and one tail
+        assert stats.hits == sum(full_chunks(r) // C + 1 for r in [alone, *batched])
 
 
 async def test_eight_agents_taking_turns_on_two_slots_reuse_their_prefixes(
@@ -112,9 +118,9 @@ async def test_a_restart_restores_from_disk(
     with chunk_store(home) as chunks, open_engine(default_model_path, chunks) as engine:
         assert chunks.stats().ram_entries == 0 and chunks.stats().disk_entries >= 3
         after = await engine.generate(ask("Ada", "What is rule 5?"))
-        assert after.cached_tokens == full_chunks(after)
+        assert after.cached_tokens == all_but_the_last(after)
         assert after.choices[0].tokens == before.choices[0].tokens
-        assert chunks.stats().hits == after.cached_tokens // C
+        assert chunks.stats().hits == full_chunks(after) // C + 1
 
 
 async def test_a_corrupt_chunk_is_refused_and_the_rest_recomputed(
@@ -163,7 +169,7 @@ async def test_a_prefix_only_in_ram_is_restored_without_the_disk(
         chunks.flush()
         await engine.clear_cache()
         again = await engine.generate(ask("Ada", "What is rule 7?"))
-        assert again.cached_tokens == full_chunks(again)
+        assert again.cached_tokens == all_but_the_last(again)
         assert again.choices[0].tokens == first.choices[0].tokens
 
 

@@ -38,7 +38,7 @@ import numpy as np
 from pcrt.cache.chunks import ChunkStore
 from pcrt.runtime.engine.kv import SlotKV
 from pcrt.runtime.engine.kv_chunks import KvLayoutError, KvSection, join, parse
-from pcrt.runtime.engine.prefix import copy_worth
+from pcrt.runtime.engine.prefix import common_prefix, copy_worth
 from pcrt.runtime.engine.slots import Slot
 from pcrt.runtime.engine.state import ChunkedState, CompatKey, KVState
 from pcrt.runtime.errors import PcrtError, StateError
@@ -67,16 +67,38 @@ def chain_keys(root: bytes, tokens: Sequence[int], chunk_tokens: int) -> list[st
     return keys
 
 
+COMPUTED_TOKENS = 2
+"""A restore from the store stops this many tokens before the prompt's end. The last is
+decoded for its logits anyway; and a batch of one token runs through another of
+llama.cpp's CPU matmul paths than a prompt's prefill did, whose rounding can flip a
+greedy near-tie: restoring all but the last token of four prompts seen before flipped
+one's answer, all but two flipped none (SmolLM2, measured here)."""
+
+MIN_TAIL_TOKENS = 8
+"""A sequence's end after its last full chunk is kept (and restored) from this many
+tokens on: shorter ones cost a store entry to save next to nothing."""
+
+
+def tail_key(parent: str, tokens: Sequence[int]) -> str:
+    """The key of a tail: the tokens after the chain that ``parent`` ends (or a root's
+    hex: a sequence shorter than a chunk)."""
+    raw = np.asarray(tokens, dtype="<i4").tobytes()
+    return hashlib.sha256(bytes.fromhex(parent) + b"tail" + raw).hexdigest()
+
+
 @dataclass(frozen=True)
 class Hit:
-    """Chunks of a prompt the store holds beyond what its slot has."""
+    """What the store holds of a prompt beyond what its slot has: full chunks, then the
+    first ``tail_tokens`` of a tail that follows them."""
 
     keys: list[str]
+    tail: str | None
+    tail_tokens: int
     in_ram: bool
 
     @property
-    def n_chunks(self) -> int:
-        return len(self.keys)
+    def all_keys(self) -> list[str]:
+        return [*self.keys, *([self.tail] if self.tail is not None else [])]
 
 
 class ChunkCache:
@@ -98,6 +120,7 @@ class ChunkCache:
         self._layers = layers
         self._kv = kv
         self._model_name = model_name
+        self._scratch = bytearray()  # the scheduler thread's, for restores (``state_of``)
 
     def keys(self, tokens: Sequence[int]) -> list[str]:
         return chain_keys(self.root, tokens, self.chunk_tokens)
@@ -105,25 +128,43 @@ class ChunkCache:
     # -- admission ----------------------------------------------------------------------
 
     def lookup(self, prompt: Sequence[int], cached: int) -> Hit | None:
-        """The store's longest chain of ``prompt``'s chunks, when restoring it saves more
-        than it costs against the ``cached`` tokens a slot gave (the last prompt token
-        is always computed, for its logits); None otherwise."""
-        keys = self.keys(prompt[: len(prompt) - 1])
+        """The store's longest chain of ``prompt``'s chunks and the start of the chunk or
+        tail after it that shares the most of the prompt's next tokens, when restoring
+        them saves more than it costs against the ``cached`` tokens a slot gave; None
+        otherwise. The last ``COMPUTED_TOKENS`` of the prompt are always computed."""
+        usable = prompt[: len(prompt) - COMPUTED_TOKENS]
+        c = self.chunk_tokens
+        keys = self.keys(usable)
         held = self.store.chain_length(keys)
-        self.store.note_miss(len(keys) - max(held, cached // self.chunk_tokens))
+        self.store.note_miss(len(keys) - max(held, cached // c))
+        parent = keys[held - 1] if held else self.root.hex()
+        tail, tail_tokens = None, 0
+        for key, tokens in self.store.continuations_of(parent):
+            shared = common_prefix(tokens, usable[held * c :])
+            if shared > tail_tokens and shared >= MIN_TAIL_TOKENS and self.store.holds(key):
+                tail, tail_tokens = key, shared
+        covered = held * c + tail_tokens
         # reading a chain costs about a copy of it: the copy rule of ``prefix`` applies
-        if held == 0 or not copy_worth(held * self.chunk_tokens - cached, held * self.chunk_tokens):
+        if covered == 0 or not copy_worth(covered - cached, covered):
             return None
-        return Hit(keys[:held], self.store.in_ram(keys[:held]))
+        chain = [*keys[:held], *([tail] if tail is not None else [])]
+        return Hit(keys[:held], tail, tail_tokens, self.store.in_ram(chain))
 
-    def state_of(self, prompt: Sequence[int], chunks: Sequence[bytes]) -> KVState | None:
+    def state_of(self, prompt: Sequence[int], hit: Hit, chunks: Sequence[bytes]) -> KVState | None:
         """The chunks (the first of ``prompt``'s chain, as read) as one KV state of their
         tokens, framed in place for this engine; None when no chunk can be used. A chunk
-        that does not parse as this engine's layers ends the chain there."""
-        sections = self._sections(chunks)
+        that does not parse as this engine's layers ends the chain there; the tail counts
+        only after the whole chain."""
+        sections = self._sections(chunks[: len(hit.keys)])
+        whole_chain = len(sections) == len(hit.keys)
+        if whole_chain and hit.tail is not None and len(chunks) > len(hit.keys):
+            tail = self._tail(chunks[len(hit.keys)], len(sections) * self.chunk_tokens)
+            if tail is not None and tail.n_tokens >= hit.tail_tokens:
+                sections.append(tail.head(hit.tail_tokens))
         if not sections:
             return None
-        state = self._joined(sections, list(prompt[: len(sections) * self.chunk_tokens]), None)
+        n = sum(s.n_tokens for s in sections)
+        state = self._joined(sections, list(prompt[:n]), None, scratch=True)
         self.store.note_restore(len(sections), len(state.tokens), len(state.payload))
         return state
 
@@ -144,11 +185,33 @@ class ChunkCache:
             sections.append(section)
         return sections
 
+    def _tail(self, data: bytes, start: int) -> KvSection | None:
+        """A tail as read, parsed, when it is this engine's and starts at ``start``."""
+        try:
+            section = parse(data)
+        except KvLayoutError:
+            return None
+        if not section.n_tokens or section.layers != self._layers:
+            return None
+        return section if int(section.cells["pos"][0]) == start else None
+
     def _joined(
-        self, sections: list[KvSection], tokens: list[int], next_token: int | None
+        self,
+        sections: list[KvSection],
+        tokens: list[int],
+        next_token: int | None,
+        *,
+        scratch: bool = False,
     ) -> KVState:
+        """``scratch``: joined into the scheduler thread's buffer, reused from one
+        restore to the next (the state lives only until it is restored)."""
         room = self._kv.framing_bytes
-        view = memoryview(join(sections, room=room))
+        if not scratch:
+            view = join(sections, room=room)
+        else:
+            view = join(sections, room=room, into=self._scratch)
+            if isinstance(view.obj, bytearray) and view.obj is not self._scratch:
+                self._scratch = view.obj  # grown: keep the bigger one
         return KVState(
             key=self._compat_key,
             tokens=tokens,
@@ -224,23 +287,34 @@ class ChunkCache:
 
     # -- spilling -----------------------------------------------------------------------
 
-    def spill(self, slot: Slot) -> None:
-        """Put the slot's full chunks the store lacks into it: one export here, the
-        cutting in the store's writer thread."""
-        keys = self.keys(slot.tokens)
+    def spill(self, slot: Slot, *, with_tail: bool = True) -> None:
+        """Put the slot's full chunks the store lacks into it, and its tail unless
+        ``with_tail`` is False (a request that exported its state keeps its tail in it):
+        one export here, the cutting in the store's writer thread."""
+        slot_tokens = list(slot.tokens)
+        keys = self.keys(slot_tokens)
         held = self.store.chain_length(keys)
-        if held == len(keys):
+        c = self.chunk_tokens
+        end = list(slot.tokens[len(keys) * c :])
+        parent = keys[-1] if keys else self.root.hex()
+        tail = tail_key(parent, end) if with_tail and len(end) >= MIN_TAIL_TOKENS else None
+        if held == len(keys) and (tail is None or self.store.holds(tail)):
             return
         try:
             payload = self._kv.export_payload(slot)
         except PcrtError:  # a chunk not stored is only computed again
             return
-        c = self.chunk_tokens
 
         def cut_and_put() -> None:
             section = parse(payload)
             for i in range(held, len(keys)):
-                self.store.put(keys[i], section.cut(i * c, (i + 1) * c, seq_id=0), c)
+                after = (keys[i - 1] if i else self.root.hex(), slot_tokens[i * c : (i + 1) * c])
+                data = section.cut(i * c, (i + 1) * c, seq_id=0)
+                self.store.put(keys[i], data, c, follows=after)
+            if tail is not None:
+                full = len(keys) * c
+                data = section.cut(full, full + len(end), seq_id=0)
+                self.store.put(tail, data, len(end), follows=(parent, end))
 
         self.store.defer(cut_and_put)
 

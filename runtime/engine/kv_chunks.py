@@ -73,6 +73,17 @@ class KvSection:
         and an engine to restore them, must agree on."""
         return tuple((x.kind, x.row) for x in self.k + self.v)
 
+    def head(self, n: int) -> KvSection:
+        """Its first ``n`` cells, as views (no copy)."""
+        if not 0 < n <= self.n_tokens:
+            raise ValueError(f"the first {n} cells of {self.n_tokens}")
+        k = tuple(_Layer(x.kind, x.row, x.data[:n]) for x in self.k)
+        if self.v_trans:
+            v = tuple(_Layer(x.kind, x.row, x.data[:, : n * x.row]) for x in self.v)
+        else:
+            v = tuple(_Layer(x.kind, x.row, x.data[:n]) for x in self.v)
+        return KvSection(self.cells[:n], self.v_trans, k, v)
+
     def cut(self, start: int, end: int, seq_id: int | None = None) -> bytes:
         """The section of cells ``start:end``: a valid state of those tokens only when
         ``start`` is 0 (a prefix); the bytes a chunk store keeps otherwise. ``seq_id``:
@@ -129,11 +140,15 @@ def parse(payload: bytes | memoryview) -> KvSection:
     return KvSection(cells.copy(), bool(v_trans), k, v)
 
 
-def join(parts: Sequence[KvSection], *, room: int = 0) -> bytearray:
+def join(
+    parts: Sequence[KvSection], *, room: int = 0, into: bytearray | None = None
+) -> memoryview:
     """Consecutive sections (each starting where the one before ends, the same layers)
     as one section's bytes: the state of all their tokens, written once into a buffer
     that leaves ``room`` bytes before it free (for llama.cpp's framing: a restore of tens
-    of MB must not copy them again to put a header in front)."""
+    of MB must not copy them again to put a header in front). ``into``: the buffer, when
+    it is big enough (a new one of tens of MB costs more to fault in than to fill); a
+    writable view of its first ``room`` + section bytes comes back."""
     if not parts:
         raise ValueError("nothing to join")
     first = parts[0]
@@ -147,8 +162,11 @@ def join(parts: Sequence[KvSection], *, room: int = 0) -> bytearray:
     n = sum(p.n_tokens for p in parts)
     size = _U32.size + n * _CELL.itemsize + 8 + 12 * (len(first.k) + len(first.v))
     size += n * first.bytes_per_token
-    out = bytearray(room + size)
-    buf = np.frombuffer(out, dtype=np.uint8)
+    if into is not None and len(into) >= room + size:
+        out = into
+    else:  # a quarter to spare: the next restore is likely a little longer
+        out = bytearray((room + size) * (5 if into is not None else 4) // 4)
+    buf = np.frombuffer(out, dtype=np.uint8, count=room + size)
     at = room
     _U32.pack_into(out, at, n)
     at += _U32.size
@@ -176,12 +194,12 @@ def join(parts: Sequence[KvSection], *, room: int = 0) -> bytearray:
         else:
             struct.pack_into("<iQ", out, at, layer.kind, layer.row)
             at = _rows_into(buf, at + 12, [p.v[i].data for p in parts])
-    return out
+    return memoryview(out)[: room + size]
 
 
 def _rows_into(buf: np.ndarray, at: int, blocks: list[np.ndarray]) -> int:
-    for block in blocks:
-        buf[at : at + block.size] = block.reshape(-1)
+    for block in blocks:  # (cells, row) each: rows of a section, or of its head
+        buf[at : at + block.size].reshape(block.shape)[:] = block
         at += block.size
     return at
 

@@ -46,7 +46,7 @@ from typing import Any
 
 import llama_cpp
 
-from pcrt.runtime.engine.chunk_cache import ChunkCache
+from pcrt.runtime.engine.chunk_cache import ChunkCache, Hit
 from pcrt.runtime.engine.config import EngineConfig
 from pcrt.runtime.engine.grammar_compiler import GrammarCompiler
 from pcrt.runtime.engine.handoff import (
@@ -130,7 +130,7 @@ class _Job:
     # right now; this job waits for them and copies them instead of computing them twice
     follows: tuple[_Job, int] | None = None
     # chunks of its prompt being read from the store's disk tier: it waits for them
-    fetching: concurrent.futures.Future[list[bytes]] | None = None
+    fetching: tuple[concurrent.futures.Future[list[bytes]], Hit] | None = None
     failed: bool = False  # stopped with an error mid-step: its other branches sample no more
     shown: frozenset[int] = frozenset()  # special tokens its text shows (params.shown_specials)
 
@@ -371,10 +371,10 @@ class Scheduler:
         if self._chunks is not None and state is None:
             hit = self._chunks.lookup(prompt, common)
             if hit is not None and hit.in_ram:
-                chunks = self._chunks.store.take_from_ram(hit.keys)
-                common = self._restore_chunks(main, prompt, chunks, common)
+                chunks = self._chunks.store.take_from_ram(hit.all_keys)
+                common = self._restore_chunks(main, prompt, hit, chunks, common)
             elif hit is not None:  # read off this thread; the job waits (``_take_fetched``)
-                job.fetching = self._chunks.store.fetch(hit.keys)
+                job.fetching = (self._chunks.store.fetch(hit.all_keys), hit)
         common = min(common, len(prompt) - 1)  # the last prompt token must be decoded for logits
         if not self._kv.trim(main.seq_id, common):
             self._kv.trim(main.seq_id, 0)  # partial removal unsupported (e.g. SWA): start over
@@ -437,12 +437,12 @@ class Scheduler:
                 job.follows = None  # cancelled or failed before it got there
 
     def _restore_chunks(
-        self, main: Slot, prompt: list[int], chunks: list[bytes], cached: int
+        self, main: Slot, prompt: list[int], hit: Hit, chunks: list[bytes], cached: int
     ) -> int:
         """Restore the store's chunks of ``prompt`` into ``main`` when they hold more than
         its ``cached`` tokens; how many prompt tokens it holds then."""
         assert self._chunks is not None
-        state = self._chunks.state_of(prompt, chunks)
+        state = self._chunks.state_of(prompt, hit, chunks)
         if state is None or len(state.tokens) <= cached:
             return cached
         try:
@@ -455,16 +455,17 @@ class Scheduler:
         """Jobs whose chunks came off the disk restore them and prefill the rest; one
         whose read failed (a chunk missing or corrupt) computes what it lacks."""
         for job in self._running:
-            fetching = job.fetching
-            if fetching is None or not fetching.done():
+            if job.fetching is None or not job.fetching[0].done():
                 continue
+            fetching, hit = job.fetching
             job.fetching = None
             try:
                 chunks = fetching.result()
             except Exception:  # an unreadable disk is a miss, not a failed request
                 log.exception("could not read KV chunks for request %s", job.handle.id)
                 continue
-            held = self._restore_chunks(job.branches[0].slot, job.prompt, chunks, job.prefill_pos)
+            main = job.branches[0].slot
+            held = self._restore_chunks(main, job.prompt, hit, chunks, job.prefill_pos)
             job.prefill_pos = job.handle.cached_tokens = held
 
     # -- one batched decode step -----------------------------------------------------
@@ -506,7 +507,7 @@ class Scheduler:
             job.chunk = take
             prefilling.append(job)
         if n == 0:  # every running job waits on another (cannot last: see choose_leader)
-            reads = [j.fetching for j in self._running if j.fetching is not None]
+            reads = [j.fetching[0] for j in self._running if j.fetching is not None]
             if reads:  # or on the disk: sleep until a read ends, not spin
                 concurrent.futures.wait(reads, 0.05, concurrent.futures.FIRST_COMPLETED)
             return
@@ -621,8 +622,8 @@ class Scheduler:
                 br.choice.state = self._kv.export(br.slot, next_token=br.pending)
             except PcrtError:  # the output stands; a missing state only costs a recompute
                 log.exception("could not export the KV state of request %s", job.handle.id)
-        if self._chunks is not None:
-            self._chunks.spill(br.slot)
+        if self._chunks is not None:  # a DAG node's state keeps its own tail
+            self._chunks.spill(br.slot, with_tail=not job.handle.request.export_state)
         self._release(br)
         job.outbox.append(FinishEvent(br.choice.index, reason, br.choice.text))
         if not any(b.active for b in job.branches):
