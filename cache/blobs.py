@@ -362,7 +362,7 @@ class IncomingBlob:
         self._file.close()
 
 
-def write_atomically(path: Path, data: bytes, *, sync_dir: bool = True) -> None:
+def write_atomically(path: Path, data: bytes | memoryview, *, sync_dir: bool = True) -> None:
     """``data`` as the file ``path``, whole or not at all: a temporary file beside it,
     fsynced and renamed over it (removed if anything fails: a full disk must not keep a
     partial file), then the directory fsynced unless the caller does that itself."""

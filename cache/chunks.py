@@ -41,10 +41,12 @@ import contextlib
 import dataclasses
 import hashlib
 import logging
+import mmap
 import os
 import queue
 import re
 import struct
+import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
@@ -55,12 +57,27 @@ from pcrt.cache.blobs import write_atomically
 from pcrt.cache.status import UNFINISHED_RUN_STATES
 from pcrt.cache.store import Store, utc_now
 
-__all__ = ["TAILS_PER_CHAIN", "ChunkStats", "ChunkStore", "is_chunk_key"]
+__all__ = ["TAILS_PER_CHAIN", "Chunk", "ChunkStats", "ChunkStore", "is_chunk_key"]
 
 log = logging.getLogger(__name__)
 
 _KEY = re.compile(r"^[0-9a-f]{64}$")
 TAILS_PER_CHAIN = 8  # a chain's tails kept: one per recent continuation of it
+
+
+Chunk = bytes | memoryview
+"""A chunk's bytes: as put, or a read-only map of its file."""
+
+
+def _mapped(path: Path) -> Chunk:
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:  # mmap cannot map an empty file
+            return b""
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    if sys.platform == "linux":  # every page in one call (MADV_POPULATE_READ, Linux 5.14)
+        with contextlib.suppress(OSError):
+            mapped.madvise(getattr(mmap, "MADV_POPULATE_READ", 22))
+    return memoryview(mapped)
 
 
 def is_chunk_key(text: str) -> bool:
@@ -122,7 +139,7 @@ class ChunkStore:
         self._store = store
         self._root = root
         self._lock = threading.Lock()
-        self._ram: OrderedDict[str, bytes] = OrderedDict()
+        self._ram: OrderedDict[str, Chunk] = OrderedDict()
         self._ram_size = 0
         self._disk: dict[str, _OnDisk] = {}
         self._disk_size = 0
@@ -134,6 +151,7 @@ class ChunkStore:
         # the writer thread's work, in order: chunks to write, LRU times to record
         self._writes: queue.Queue[Callable[[], None] | None] = queue.Queue()
         self._reader = concurrent.futures.ThreadPoolExecutor(1, "pcrt-chunk-reader")
+        self._checkers = concurrent.futures.ThreadPoolExecutor(2, "pcrt-chunk-check")
         self._closed = False
         if self.disk_limit:
             assert root is not None
@@ -168,7 +186,7 @@ class ChunkStore:
         with self._lock:
             return all(key in self._ram for key in keys)
 
-    def take_from_ram(self, keys: Sequence[str]) -> list[bytes]:
+    def take_from_ram(self, keys: Sequence[str]) -> list[Chunk]:
         """The chunks of ``keys`` that RAM holds, from the first, stopping at one it does
         not (made most recently used)."""
         found = []
@@ -186,29 +204,34 @@ class ChunkStore:
 
     # -- reads that may touch the disk (the reader thread) ------------------------------
 
-    def fetch(self, keys: Sequence[str]) -> concurrent.futures.Future[list[bytes]]:
+    def fetch(self, keys: Sequence[str]) -> concurrent.futures.Future[list[Chunk]]:
         """The chunks of ``keys``, from the first, read in the reader thread: the longest
         run it could read (a chunk missing or refused ends it)."""
         return self._reader.submit(self.read, list(keys))
 
-    def read(self, keys: Sequence[str]) -> list[bytes]:
+    def read(self, keys: Sequence[str]) -> list[Chunk]:
         """``fetch``'s work, on the caller's thread (blocks on the disk)."""
         found = self.take_from_ram(keys)
-        for key in keys[len(found) :]:
-            data = self._read_disk(key)
+        # checked two at a time: sha256 releases the GIL, and a chain's hashing is most
+        # of a read from the page cache (1.7 GB/s here)
+        for key, data in zip(
+            keys[len(found) :], self._checkers.map(self._read_disk, keys[len(found) :]), strict=True
+        ):
             if data is None:
                 break
             self._remember(key, data)
             found.append(data)
         return found
 
-    def _read_disk(self, key: str) -> bytes | None:
+    def _read_disk(self, key: str) -> Chunk | None:
+        """The chunk's file, mapped (its pages the page cache's: a copy into fresh memory
+        costs more in page faults than the read) and checked against its hash."""
         with self._lock:
             entry = self._disk.get(key)
         if entry is None or self._root is None:
             return None
         try:
-            data = self._path(key).read_bytes()
+            data = _mapped(self._path(key))
         except FileNotFoundError:  # another process evicted it
             self._forget(key)
             return None
@@ -225,7 +248,7 @@ class ChunkStore:
     def put(
         self,
         key: str,
-        data: bytes,
+        data: Chunk,
         n_tokens: int,
         *,
         durable: bool = False,
@@ -400,6 +423,7 @@ class ChunkStore:
         self._writes.put(None)
         self._writer.join()
         self._reader.shutdown(wait=True)
+        self._checkers.shutdown(wait=True)
 
     def __enter__(self) -> ChunkStore:
         return self
@@ -409,7 +433,7 @@ class ChunkStore:
 
     # -- internals -----------------------------------------------------------------------
 
-    def _remember(self, key: str, data: bytes) -> None:
+    def _remember(self, key: str, data: Chunk) -> None:
         """Into RAM as most recently used; the least recently used leave to make room
         (a pinned one only once the disk holds it)."""
         if len(data) > self.ram_limit:
@@ -463,7 +487,7 @@ class ChunkStore:
                 self._writes.task_done()
 
     def _write(
-        self, key: str, data: bytes, n_tokens: int, tail: tuple[str, tuple[int, ...]] | None
+        self, key: str, data: Chunk, n_tokens: int, tail: tuple[str, tuple[int, ...]] | None
     ) -> None:
         assert self._store is not None
         with self._lock:

@@ -112,7 +112,7 @@ def list_states(run_id: str | None, as_json: bool) -> None:
 def export(state_id: str, file: Path) -> None:
     """Write state ID to FILE (atomically: FILE is complete or untouched)."""
     from pcrt.cache.blobs import BlobCorrupt, BlobMissing, write_atomically
-    from pcrt.runtime.engine.state import KVState
+    from pcrt.runtime.engine.state import KVState, is_chunked_blob
 
     with _blobs() as blobs:
         sha256 = _resolve(blobs, state_id)
@@ -122,6 +122,8 @@ def export(state_id: str, file: Path) -> None:
             raise StateError(f"no state {state_id!r} (see `pcrt state list`)") from None
         except BlobCorrupt as exc:
             raise StateError(str(exc)) from None
+    if is_chunked_blob(data):  # its KV is in the chunk store: joined into a whole state
+        data = _whole(data)
     header = KVState.read_header(data)
     try:
         write_atomically(file.expanduser(), data)
@@ -130,6 +132,22 @@ def export(state_id: str, file: Path) -> None:
     click.echo(
         f"wrote {file} ({format_bytes(len(data))}, {header.n_tokens} tokens, state {sha256})"
     )
+
+
+def _whole(data: bytes) -> bytes:
+    """A chunked state's blob as a whole state's, from the chunk store under the home."""
+    from pcrt.cache.chunks import ChunkStore
+    from pcrt.cache.store import Store
+    from pcrt.runtime.engine.chunk_cache import whole_state
+    from pcrt.runtime.engine.state import ChunkedState
+
+    paths = Paths.from_env()
+    with Store(paths.db_path) as store:
+        chunks = ChunkStore(store, paths.home / "chunks", ram_bytes=0, disk_bytes=1 << 62)
+        try:
+            return whole_state(ChunkedState.from_bytes(data), chunks).to_bytes()
+        finally:
+            chunks.close()
 
 
 @state.command("import")

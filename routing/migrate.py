@@ -237,7 +237,7 @@ async def _send_chunks(
         found = await to_thread_to_completion(chunks.read, [key])
         if not found:
             break
-        data = found[0]
+        data = bytes(found[0])
         stored = await coordinator.forwarder.request(
             peer,
             "PUT",

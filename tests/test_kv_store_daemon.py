@@ -11,6 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from pcrt.cli.main import main
+from pcrt.runtime.engine.state import KVState
 from pcrt.runtime.server.settings import ServerSettings
 from tests.conftest import ServerFactory
 from tests.live_server import LiveServer
@@ -91,3 +92,26 @@ def test_pcrt_cache_without_a_daemon_reads_the_disk_tier(
     cleared = CliRunner().invoke(main, ["cache", "clear"])
     assert cleared.exit_code == 0 and "cleared " in cleared.output
     assert not list((home / "chunks").glob("??/*"))
+
+
+def test_a_chunked_state_downloads_and_exports_whole(
+    server: LiveServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A DAG node's state is kept as chunks; a person who downloads or exports it gets a
+    whole state, as before, that imports anywhere."""
+    node = {"type": "llm", "prompt": system("Ada"), "temperature": 0, "max_tokens": 8}
+    dag = {"dag": "/dynamic/chunked", "nodes": {"a": {**node, "cache": False}}}
+    with server.http() as http:
+        run = http.post("/v1/dags", json={"dag": dag}).json()
+        assert run["status"] == "succeeded", run
+        (listed,) = http.get("/v1/states", params={"run_id": run["id"]}).json()["data"]
+        assert listed["chunks"] >= 4 and listed["size"] < 2_000_000  # a blob of keys and tail
+        body = http.get(f"/v1/states/{listed['id']}").content
+    whole = KVState.from_bytes(body)  # whole, hash-checked
+    assert len(whole.tokens) == listed["tokens"] and len(body) > 4 * 64 * 23_040
+
+    monkeypatch.setenv("PCRT_HOME", str(server.services.pool.registry.paths.home))
+    out = tmp_path / "state.kv"
+    exported = CliRunner().invoke(main, ["state", "export", listed["id"], str(out)])
+    assert exported.exit_code == 0, exported.output
+    assert KVState.from_bytes(out.read_bytes()).tokens == whole.tokens

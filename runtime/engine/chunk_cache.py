@@ -35,7 +35,7 @@ from typing import Any
 import llama_cpp
 import numpy as np
 
-from pcrt.cache.chunks import ChunkStore
+from pcrt.cache.chunks import Chunk, ChunkStore
 from pcrt.runtime.engine.kv import SlotKV
 from pcrt.runtime.engine.kv_chunks import KvLayoutError, KvSection, join, parse
 from pcrt.runtime.engine.prefix import common_prefix, copy_worth
@@ -43,7 +43,7 @@ from pcrt.runtime.engine.slots import Slot
 from pcrt.runtime.engine.state import ChunkedState, CompatKey, KVState
 from pcrt.runtime.errors import PcrtError, StateError
 
-__all__ = ["ChunkCache", "chain_keys", "chain_root", "self_test"]
+__all__ = ["ChunkCache", "Hit", "chain_keys", "chain_root", "self_test", "tail_key", "whole_state"]
 
 _KEY_VERSION = b"pcrt-kv-chunk/1"
 
@@ -136,7 +136,7 @@ class ChunkCache:
         c = self.chunk_tokens
         keys = self.keys(usable)
         held = self.store.chain_length(keys)
-        self.store.note_miss(len(keys) - max(held, cached // c))
+        self.store.note_miss(max(0, len(keys) - max(held, cached // c)))
         parent = keys[held - 1] if held else self.root.hex()
         tail, tail_tokens = None, 0
         for key, tokens in self.store.continuations_of(parent):
@@ -150,7 +150,7 @@ class ChunkCache:
         chain = [*keys[:held], *([tail] if tail is not None else [])]
         return Hit(keys[:held], tail, tail_tokens, self.store.in_ram(chain))
 
-    def state_of(self, prompt: Sequence[int], hit: Hit, chunks: Sequence[bytes]) -> KVState | None:
+    def state_of(self, prompt: Sequence[int], hit: Hit, chunks: Sequence[Chunk]) -> KVState | None:
         """The chunks (the first of ``prompt``'s chain, as read) as one KV state of their
         tokens, framed in place for this engine; None when no chunk can be used. A chunk
         that does not parse as this engine's layers ends the chain there; the tail counts
@@ -168,7 +168,7 @@ class ChunkCache:
         self.store.note_restore(len(sections), len(state.tokens), len(state.payload))
         return state
 
-    def _sections(self, chunks: Sequence[bytes]) -> list[KvSection]:
+    def _sections(self, chunks: Sequence[Chunk]) -> list[KvSection]:
         """The chunks, parsed, from the first up to one that is not the next of the chain
         in this engine's layout."""
         sections: list[KvSection] = []
@@ -185,7 +185,7 @@ class ChunkCache:
             sections.append(section)
         return sections
 
-    def _tail(self, data: bytes, start: int) -> KvSection | None:
+    def _tail(self, data: Chunk, start: int) -> KvSection | None:
         """A tail as read, parsed, when it is this engine's and starts at ``start``."""
         try:
             section = parse(data)
@@ -287,10 +287,13 @@ class ChunkCache:
 
     # -- spilling -----------------------------------------------------------------------
 
-    def spill(self, slot: Slot, *, with_tail: bool = True) -> None:
+    def spill(
+        self, slot: Slot, *, with_tail: bool = True, payload: memoryview | bytes | None = None
+    ) -> None:
         """Put the slot's full chunks the store lacks into it, and its tail unless
         ``with_tail`` is False (a request that exported its state keeps its tail in it):
-        one export here, the cutting in the store's writer thread."""
+        one export here (none when ``payload``, the slot's state as its request exported
+        it, is given), the cutting in the store's writer thread."""
         slot_tokens = list(slot.tokens)
         keys = self.keys(slot_tokens)
         held = self.store.chain_length(keys)
@@ -300,13 +303,15 @@ class ChunkCache:
         tail = tail_key(parent, end) if with_tail and len(end) >= MIN_TAIL_TOKENS else None
         if held == len(keys) and (tail is None or self.store.holds(tail)):
             return
-        try:
-            payload = self._kv.export_payload(slot)
-        except PcrtError:  # a chunk not stored is only computed again
-            return
+        if payload is None:
+            try:
+                payload = self._kv.export_payload(slot)
+            except PcrtError:  # a chunk not stored is only computed again
+                return
+        exported = payload
 
         def cut_and_put() -> None:
-            section = parse(payload)
+            section = parse(exported)
             for i in range(held, len(keys)):
                 after = (keys[i - 1] if i else self.root.hex(), slot_tokens[i * c : (i + 1) * c])
                 data = section.cut(i * c, (i + 1) * c, seq_id=0)
@@ -317,6 +322,37 @@ class ChunkCache:
                 self.store.put(tail, data, len(end), follows=(parent, end))
 
         self.store.defer(cut_and_put)
+
+
+def whole_state(chunked: ChunkedState, store: ChunkStore) -> KVState:
+    """A chunked state as a whole one, for a person or a program outside pcrt (a
+    download, ``pcrt state export``): its chunks read from ``store`` and joined with its
+    tail. ``StateError`` when a chunk is gone or does not fit (evicted, corrupt). Blocks
+    on the disk; needs no engine."""
+    data = store.read(chunked.chunks)
+    if len(data) < len(chunked.chunks):
+        raise StateError(
+            f"{len(chunked.chunks) - len(data)} of its {len(chunked.chunks)} KV chunks are"
+            " gone from the chunk store (evicted, or corrupt)"
+        )
+    try:
+        sections = [parse(d) for d in data]
+        if chunked.tail_tokens:
+            sections.append(parse(chunked.tail))
+        if not sections:
+            raise StateError("the state holds no KV")
+        payload = join(sections)
+    except KvLayoutError as exc:
+        raise StateError(f"its chunks do not join: {exc}") from None
+    covered = chunked.covered
+    done = covered == len(chunked.tokens)
+    return KVState(
+        key=chunked.key,
+        tokens=chunked.tokens[:covered],
+        next_token=chunked.next_token if done else None,
+        payload=payload,
+        model=chunked.model,
+    )
 
 
 def self_test(

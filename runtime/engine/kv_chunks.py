@@ -140,9 +140,7 @@ def parse(payload: bytes | memoryview) -> KvSection:
     return KvSection(cells.copy(), bool(v_trans), k, v)
 
 
-def join(
-    parts: Sequence[KvSection], *, room: int = 0, into: bytearray | None = None
-) -> memoryview:
+def join(parts: Sequence[KvSection], *, room: int = 0, into: bytearray | None = None) -> memoryview:
     """Consecutive sections (each starting where the one before ends, the same layers)
     as one section's bytes: the state of all their tokens, written once into a buffer
     that leaves ``room`` bytes before it free (for llama.cpp's framing: a restore of tens
@@ -176,32 +174,32 @@ def join(
         at += raw.size
     struct.pack_into("<II", out, at, int(first.v_trans), len(first.k))
     at += 8
+    # one concatenate per layer into its place: a copy per chunk cost half again more
     for i, layer in enumerate(first.k):
         struct.pack_into("<iQ", out, at, layer.kind, layer.row)
-        at = _rows_into(buf, at + 12, [p.k[i].data for p in parts])
+        at = _concatenated(buf, at + 12, [p.k[i].data for p in parts], axis=0)
     for i, layer in enumerate(first.v):
-        if first.v_trans:
+        if first.v_trans:  # each channel's run of cells: a strided gather
             n_embd = layer.data.shape[0]
             struct.pack_into("<iII", out, at, layer.kind, layer.row, n_embd)
-            at += 12
-            block = buf[at : at + n_embd * n * layer.row].reshape(n_embd, n * layer.row)
-            col = 0
-            for p in parts:  # a strided copy: each channel's run of cells
-                width = p.v[i].data.shape[1]
-                block[:, col : col + width] = p.v[i].data
-                col += width
-            at += block.size
+            at = _concatenated(buf, at + 12, [p.v[i].data for p in parts], axis=1)
         else:
             struct.pack_into("<iQ", out, at, layer.kind, layer.row)
-            at = _rows_into(buf, at + 12, [p.v[i].data for p in parts])
+            at = _concatenated(buf, at + 12, [p.v[i].data for p in parts], axis=0)
     return memoryview(out)[: room + size]
 
 
-def _rows_into(buf: np.ndarray, at: int, blocks: list[np.ndarray]) -> int:
-    for block in blocks:  # (cells, row) each: rows of a section, or of its head
-        buf[at : at + block.size].reshape(block.shape)[:] = block
-        at += block.size
-    return at
+def _concatenated(buf: np.ndarray, at: int, blocks: list[np.ndarray], axis: int) -> int:
+    """``blocks`` joined along ``axis`` into ``buf`` from ``at``; where they end."""
+    rows, cols = blocks[0].shape
+    shape = (
+        (sum(b.shape[0] for b in blocks), cols)
+        if axis == 0
+        else (rows, sum(b.shape[1] for b in blocks))
+    )
+    size = shape[0] * shape[1]
+    np.concatenate(blocks, axis=axis, out=buf[at : at + size].reshape(shape))
+    return at + size
 
 
 def _rows(reader: _Reader, n: int) -> _Layer:

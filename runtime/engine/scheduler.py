@@ -46,6 +46,7 @@ from typing import Any
 
 import llama_cpp
 
+from pcrt.cache.chunks import Chunk
 from pcrt.runtime.engine.chunk_cache import ChunkCache, Hit
 from pcrt.runtime.engine.config import EngineConfig
 from pcrt.runtime.engine.grammar_compiler import GrammarCompiler
@@ -130,7 +131,7 @@ class _Job:
     # right now; this job waits for them and copies them instead of computing them twice
     follows: tuple[_Job, int] | None = None
     # chunks of its prompt being read from the store's disk tier: it waits for them
-    fetching: tuple[concurrent.futures.Future[list[bytes]], Hit] | None = None
+    fetching: tuple[concurrent.futures.Future[list[Chunk]], Hit] | None = None
     failed: bool = False  # stopped with an error mid-step: its other branches sample no more
     shown: frozenset[int] = frozenset()  # special tokens its text shows (params.shown_specials)
 
@@ -176,6 +177,10 @@ class Scheduler:
         self._running: list[_Job] = []
         self._embed = embed  # one text's tokens to its vector (``embeddings.Embedder``)
         self._embedding: deque[EmbeddingJob] = deque()
+        # slots whose requests ended this step, to spill into the chunk store once their
+        # answers are out (and before any slot is taken again): (slot, with its tail,
+        # the state the request exported, which spares a second export)
+        self._spills: list[tuple[Slot, bool, memoryview | bytes | None]] = []
         deliveries = Deliveries()
         # bound once: every step sends and dispatches
         self._send = deliveries.send
@@ -222,6 +227,7 @@ class Scheduler:
             if self._embedding:
                 self._embed_next()
             self._dispatch()
+            self._spill()
 
     def _handle(self, message: Message) -> None:
         match message:
@@ -420,6 +426,16 @@ class Scheduler:
             branch.sampler.accept_generated(generated)
             branch.stream = TextStream(job.params.stop)
 
+    def _spill(self) -> None:
+        """The chunk store gets what the requests that ended have computed."""
+        chunks = self._chunks
+        if chunks is None or not self._spills:
+            return
+        for slot, with_tail, payload in self._spills:
+            if not slot.busy:  # nothing took it since
+                chunks.spill(slot, with_tail=with_tail, payload=payload)
+        self._spills.clear()
+
     def _take_from_leaders(self) -> None:
         """Followers whose leader has computed their shared prefix copy it and go on
         prefilling from there; one whose leader stopped short prefills for itself."""
@@ -437,7 +453,7 @@ class Scheduler:
                 job.follows = None  # cancelled or failed before it got there
 
     def _restore_chunks(
-        self, main: Slot, prompt: list[int], hit: Hit, chunks: list[bytes], cached: int
+        self, main: Slot, prompt: list[int], hit: Hit, chunks: list[Chunk], cached: int
     ) -> int:
         """Restore the store's chunks of ``prompt`` into ``main`` when they hold more than
         its ``cached`` tokens; how many prompt tokens it holds then."""
@@ -623,7 +639,9 @@ class Scheduler:
             except PcrtError:  # the output stands; a missing state only costs a recompute
                 log.exception("could not export the KV state of request %s", job.handle.id)
         if self._chunks is not None:  # a DAG node's state keeps its own tail
-            self._chunks.spill(br.slot, with_tail=not job.handle.request.export_state)
+            state = br.choice.state
+            payload = state.payload if isinstance(state, KVState) else None
+            self._spills.append((br.slot, not job.handle.request.export_state, payload))
         self._release(br)
         job.outbox.append(FinishEvent(br.choice.index, reason, br.choice.text))
         if not any(b.active for b in job.branches):

@@ -25,7 +25,14 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from pcrt.cache.blobs import BlobCorrupt, BlobMissing, BlobStore
-from pcrt.runtime.engine.state import KVState, StateHeader, describe_state
+from pcrt.runtime.engine.chunk_cache import whole_state
+from pcrt.runtime.engine.state import (
+    ChunkedState,
+    KVState,
+    StateHeader,
+    describe_state,
+    is_chunked_blob,
+)
 from pcrt.runtime.errors import (
     BadContentLength,
     BodyTooLarge,
@@ -75,10 +82,15 @@ async def download_state(request: Request, state_id: str) -> Response:
     Sent from a verified map of the file, a piece at a time: a state of gigabytes is never
     copied into memory whole, and the map keeps the bytes it checked even if the blob is
     removed while it goes out."""
-    blobs = services_of(request).blobs
+    services = services_of(request)
+    blobs, chunks = services.blobs, services.chunks
 
     def read() -> tuple[memoryview, StateHeader]:
         view = blobs.map(state_id)
+        if is_chunked_blob(view):  # its KV is in the chunk store: joined into a whole state
+            if chunks is None:
+                raise StateError("it is kept as KV chunks, and the chunk store is off")
+            view = memoryview(whole_state(ChunkedState.from_bytes(view), chunks).to_bytes())
         return view, KVState.read_header(view)
 
     try:
