@@ -21,7 +21,7 @@ import re
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +35,7 @@ __all__ = [
     "BlobStore",
     "IncomingBlob",
     "is_blob_id",
+    "remove_abandoned_writes",
     "write_atomically",
 ]
 
@@ -94,19 +95,8 @@ class BlobStore:
     def _remove_abandoned_writes(self) -> None:
         """Files a killed process left half-written: uploads (``.incoming.*.tmp``) and
         ``write_atomically``'s temporary files beside a blob (``ab/.SHA.PID.TID.tmp``, as
-        big as the state). A write in progress holds a lock on its file (whatever process
-        or container it is in), so only a file nobody holds is removed."""
-        for tmp in [*self.root.glob(".incoming.*.tmp"), *self.root.glob("??/.*.tmp")]:
-            try:
-                if time.time() - tmp.stat().st_mtime < UPLOAD_GRACE:
-                    continue  # maybe created a moment ago and not locked yet
-                with open(tmp, "rb") as f:
-                    fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    tmp.unlink(missing_ok=True)
-            except BlockingIOError:  # being written
-                continue
-            except FileNotFoundError:  # its writer finished meanwhile
-                continue
+        big as the state)."""
+        remove_abandoned_writes([*self.root.glob(".incoming.*.tmp"), *self.root.glob("??/.*.tmp")])
 
     def incoming(self) -> IncomingBlob:
         """A blob that arrives in pieces (an upload): written to disk as it comes, never
@@ -360,6 +350,23 @@ class IncomingBlob:
                 self._map.close()
             self._map = None
         self._file.close()
+
+
+def remove_abandoned_writes(temporary: Iterable[Path]) -> None:
+    """Remove the temporary files a killed process left half-written. A write in progress
+    holds a lock on its file (whatever process or container it is in), so only a file
+    nobody holds, and older than ``UPLOAD_GRACE``, is removed."""
+    for tmp in temporary:
+        try:
+            if time.time() - tmp.stat().st_mtime < UPLOAD_GRACE:
+                continue  # maybe created a moment ago and not locked yet
+            with open(tmp, "rb") as f:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                tmp.unlink(missing_ok=True)
+        except BlockingIOError:  # being written
+            continue
+        except FileNotFoundError:  # its writer finished meanwhile
+            continue
 
 
 def write_atomically(path: Path, data: bytes | memoryview, *, sync_dir: bool = True) -> None:

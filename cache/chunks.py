@@ -48,12 +48,13 @@ import re
 import struct
 import sys
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pcrt.cache.blobs import write_atomically
+from pcrt.cache.blobs import UPLOAD_GRACE, remove_abandoned_writes, write_atomically
 from pcrt.cache.status import UNFINISHED_RUN_STATES
 from pcrt.cache.store import Store, utc_now
 
@@ -157,6 +158,7 @@ class ChunkStore:
             assert root is not None
             root.mkdir(parents=True, exist_ok=True)
             self._load_index()
+            self._sweep()
         self._writer = threading.Thread(
             target=self._write_forever, name="pcrt-chunk-writer", daemon=True
         )
@@ -473,6 +475,19 @@ class ChunkStore:
                 self._tails.setdefault(parent, OrderedDict())[key] = tokens
                 self._tail_parent[key] = parent
         self._refresh_pins()
+
+    def _sweep(self) -> None:
+        """What a killed process left: half-written files, and whole ones it renamed into
+        place but died before indexing (a chunk no row names is never read again)."""
+        assert self._root is not None
+        remove_abandoned_writes(self._root.glob("??/.*.tmp"))
+        now = time.time()
+        for path in self._root.glob("??/[0-9a-f]*"):
+            if path.name in self._disk:
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                if now - path.stat().st_mtime >= UPLOAD_GRACE:  # not one being indexed
+                    path.unlink()
 
     def _write_forever(self) -> None:
         while True:

@@ -4,6 +4,8 @@ restart, clearing (issue 19)."""
 from __future__ import annotations
 
 import hashlib
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -153,3 +155,23 @@ def test_a_tail_gone_from_every_tier_leaves_the_index(tmp_path: Path) -> None:
         assert [k for k, _ in chunks.continuations_of(key(0))] == [key(101)]
         assert chunks.clear() == (2, 200)
         assert chunks.continuations_of(key(0)) == chunks.continuations_of(key(1)) == []
+
+
+def test_what_a_killed_writer_left_is_swept_when_the_store_opens(
+    store: Store, tmp_path: Path
+) -> None:
+    with open_chunks(store, tmp_path) as chunks:
+        chunks.put(key(0), data(0), 64)
+    folder = tmp_path / "chunks" / key(1)[:2]
+    folder.mkdir(exist_ok=True)
+    half = folder / f".{key(1)}.4242.7.tmp"  # write_atomically's, never renamed
+    orphan = folder / key(1)  # renamed into place, never indexed
+    fresh = folder / key(2)  # as orphaned, but a moment old: maybe being indexed now
+    for path in (half, orphan, fresh):
+        path.write_bytes(b"x" * 10)
+    old = time.time() - 3600
+    for path in (half, orphan):
+        os.utime(path, (old, old))
+    with open_chunks(store, tmp_path) as again:
+        assert not half.exists() and not orphan.exists() and fresh.exists()
+        assert again.read([key(0)]) == [data(0)]

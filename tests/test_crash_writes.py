@@ -26,6 +26,7 @@ import httpx
 import pytest
 
 from pcrt.cache.blobs import BlobStore
+from pcrt.cache.chunks import ChunkStore
 from pcrt.cache.runs import RunStore
 from pcrt.cache.store import Store
 from pcrt.runtime.engine.state import CompatKey, KVState
@@ -70,8 +71,8 @@ def kill_9(proc: subprocess.Popen[bytes]) -> None:
 
 
 def check_store(paths: Paths) -> list[str]:
-    """The store opens clean: SQLite's integrity check, and every indexed blob whole.
-    Returns the indexed blob ids."""
+    """The store opens clean: SQLite's integrity check, every indexed blob whole, and
+    every indexed KV chunk whole. Returns the indexed blob ids."""
     with Store(paths.db_path) as store:
         (row,) = store.db.execute("pragma integrity_check").fetchall()
         assert row[0] == "ok"
@@ -79,11 +80,17 @@ def check_store(paths: Paths) -> list[str]:
         ids = [info.sha256 for info in blobs.entries()]
         for sha256 in ids:
             assert hashlib.sha256(blobs.get(sha256)).hexdigest() == sha256
+        chunks = store.db.execute("select key, sha256 from kv_chunks").fetchall()
+        for key, sha256 in chunks:
+            path = paths.home / "chunks" / key[:2] / key
+            assert hashlib.sha256(path.read_bytes()).hexdigest() == sha256
         return ids
 
 
 def leftovers(paths: Paths) -> list[Path]:
-    return sorted((paths.home / "blobs").rglob(".*.tmp"))
+    return sorted(
+        [*(paths.home / "blobs").rglob(".*.tmp"), *(paths.home / "chunks").rglob(".*.tmp")]
+    )
 
 
 # -- an upload -----------------------------------------------------------------------------
@@ -147,7 +154,7 @@ ESSAY = {
             "type": "llm",
             "tag": "simple",
             "temperature": 0,
-            "max_tokens": 128,
+            "max_tokens": 256,  # a checkpoint at each 64-token chunk boundary
             "prompt": "Write a very long essay about {{ nodes.intro.output }}.",
             "checkpoint_every": 8,
             "cache": False,
@@ -158,9 +165,10 @@ ESSAY = {
 SERVE = ("--parallel", "2", "--ctx", "1024", "--threads", "1")
 
 
-def _writing_a_checkpoint(pid: int, blobs: Path) -> bool:
+def _writing_a_checkpoint(pid: int, dirs: tuple[Path, ...]) -> bool:
     """Whether the daemon has a checkpoint's temporary file open (``write_atomically``:
-    ``blobs/ab/.SHA.PID.TID.tmp``, open from its first byte to its fsync)."""
+    ``blobs/ab/.SHA.PID.TID.tmp``, or a KV chunk's ``chunks/ab/.KEY.PID.TID.tmp``, open
+    from its first byte to its fsync)."""
     fds = Path(f"/proc/{pid}/fd")
     for fd in os.listdir(fds):
         try:
@@ -168,7 +176,7 @@ def _writing_a_checkpoint(pid: int, blobs: Path) -> bool:
         except OSError:
             continue
         if (
-            target.startswith(str(blobs))
+            target.startswith(tuple(map(str, dirs)))
             and target.endswith(".tmp")
             and "/.incoming." not in target
         ):
@@ -182,7 +190,14 @@ def test_kill_9_during_a_checkpoint_write(pcrt_env: Paths) -> None:
     with daemon(*SERVE) as (_, url):
         reference = httpx.post(url + "/v1/dags", json={"dag": ESSAY}, timeout=300).json()
         assert reference["status"] == "succeeded", reference["error"]
-    blobs_dir = pcrt_env.home / "blobs"
+    # its chunks gone: the run below writes its own
+    with (
+        Store(pcrt_env.db_path) as store,
+        ChunkStore(store, pcrt_env.home / "chunks", ram_bytes=0, disk_bytes=1 << 40) as kv,
+    ):
+        kv.clear()
+    # a checkpoint writes the chunks it completed, then its blob of chunk keys
+    written = (pcrt_env.home / "blobs", pcrt_env.home / "chunks")
     with daemon(*SERVE) as (proc, url):
         run_id = httpx.post(url + "/v1/dags", json={"dag": ESSAY, "wait": False}).json()["id"]
         deadline = time.monotonic() + 120
@@ -194,7 +209,7 @@ def test_kill_9_during_a_checkpoint_write(pcrt_env: Paths) -> None:
             time.sleep(0.02)
         caught = False
         while time.monotonic() < deadline and proc.poll() is None:
-            if _writing_a_checkpoint(proc.pid, blobs_dir):
+            if _writing_a_checkpoint(proc.pid, written):
                 kill_9(proc)
                 caught = True
                 break

@@ -27,7 +27,17 @@ Each slot has its own KV stream of ``context`` cells (``kv_unified`` off). In a 
 pool a sequence's attention runs over cells interleaved with other sequences', and the
 changed summation order flips greedy near-ties: with separate streams a request decodes
 exactly as it would alone, and exactly as llama-cpp-python's ``Llama`` decodes it. That
-is also why copies between slots go through sequence state (see ``kv``).
+is also why copies between slots go through sequence state (see ``kv``). A unified pool
+would let a fork's branches and shared prefixes hold cells once (``llama_memory_seq_cp``
+within one stream), but at that price, and the KV chunk store already keeps shared
+prefixes once in RAM and on disk; a fork exports its prompt once and restores it into
+each branch (``SlotKV.copy_to_many``), which measured 0.998 of llama.cpp's own
+``seq_cp`` fork over the same independent runs (``bench.kv``).
+
+With the chunk store (``chunk_cache``), admission restores the longest prefix of the
+prompt that the store holds when that beats the chosen slot's (from RAM at once, from
+disk while the job waits on a reader thread), and a finished request's slot spills its
+new chunks (cut and stored by the store's writer thread).
 
 The decode step is the hot path, measured against llama-cpp-python by ``bench.engine``:
 no allocation, lookup or type test in it that the work does not need.
@@ -177,10 +187,6 @@ class Scheduler:
         self._running: list[_Job] = []
         self._embed = embed  # one text's tokens to its vector (``embeddings.Embedder``)
         self._embedding: deque[EmbeddingJob] = deque()
-        # slots whose requests ended this step, to spill into the chunk store once their
-        # answers are out (and before any slot is taken again): (slot, with its tail,
-        # the state the request exported, which spares a second export)
-        self._spills: list[tuple[Slot, bool, memoryview | bytes | None]] = []
         deliveries = Deliveries()
         # bound once: every step sends and dispatches
         self._send = deliveries.send
@@ -227,7 +233,6 @@ class Scheduler:
             if self._embedding:
                 self._embed_next()
             self._dispatch()
-            self._spill()
 
     def _handle(self, message: Message) -> None:
         match message:
@@ -425,16 +430,6 @@ class Scheduler:
             branch.sampler.accept_prompt(prompt[: len(prompt) - len(generated)])
             branch.sampler.accept_generated(generated)
             branch.stream = TextStream(job.params.stop)
-
-    def _spill(self) -> None:
-        """The chunk store gets what the requests that ended have computed."""
-        chunks = self._chunks
-        if chunks is None or not self._spills:
-            return
-        for slot, with_tail, payload in self._spills:
-            if not slot.busy:  # nothing took it since
-                chunks.spill(slot, with_tail=with_tail, payload=payload)
-        self._spills.clear()
 
     def _take_from_leaders(self) -> None:
         """Followers whose leader has computed their shared prefix copy it and go on
@@ -638,10 +633,14 @@ class Scheduler:
                 br.choice.state = self._kv.export(br.slot, next_token=br.pending)
             except PcrtError:  # the output stands; a missing state only costs a recompute
                 log.exception("could not export the KV state of request %s", job.handle.id)
-        if self._chunks is not None:  # a DAG node's state keeps its own tail
+        if self._chunks is not None:
+            # before the answer goes (an export costs ~5 ms per 1,000 tokens; a caller
+            # that has its answer finds the chunks on their way); from the state the
+            # request exported, if it did, whose tail is kept there (a DAG node's)
             state = br.choice.state
-            payload = state.payload if isinstance(state, KVState) else None
-            self._spills.append((br.slot, not job.handle.request.export_state, payload))
+            payload = state.payload if state is not None else None
+            with_tail = not job.handle.request.export_state
+            self._chunks.spill(br.slot, with_tail=with_tail, payload=payload)
         self._release(br)
         job.outbox.append(FinishEvent(br.choice.index, reason, br.choice.text))
         if not any(b.active for b in job.branches):
