@@ -78,6 +78,15 @@ def start_daemon(threads: int, parallel: int, *extra: str) -> tuple[subprocess.P
     return start(cmd, url), url
 
 
+def until_model_loaded(url: str) -> None:
+    """llama-server answers 503 "Loading model" until its model is in."""
+    deadline = time.monotonic() + 120
+    while httpx.get(url + "/health", timeout=5).status_code != 200:
+        if time.monotonic() > deadline:
+            raise RuntimeError("llama-server did not load its model")
+        time.sleep(0.2)
+
+
 def stop(proc: subprocess.Popen[bytes]) -> None:
     proc.terminate()
     try:

@@ -76,9 +76,9 @@ import httpx
 
 from bench.common import run_benchmark
 from bench.dag import FILLER
-from bench.http import free_port, start, start_daemon, stop
+from bench.http import free_port, start, start_daemon, stop, until_model_loaded
 from bench.kv_states import checkpoints, fork, fork_time, restore_rate
-from bench.peers import Daemon, in_rotation, wait_until
+from bench.peers import Daemon, in_rotation, move_at_first_checkpoint, wait_until
 from pcrt.cache.chunks import ChunkStore
 from pcrt.cache.store import Store
 from pcrt.device.units import format_bytes
@@ -399,7 +399,7 @@ async def run(options: argparse.Namespace, threads: int, repeats: int) -> dict[s
         cmd += ["--jinja"]
         proc = start(cmd, ref_url)
         try:
-            until_healthy(ref_url)
+            until_model_loaded(ref_url)
             await warm_up(ref_url, entry.name)
             theirs = summary(
                 await rounds_of(ref_url, entry.name, prompts, 1, options.rounds, store=False)
@@ -483,18 +483,8 @@ def move(threads: int, kv_per_token: int) -> dict[str, Any]:
                 wait_until(lambda: in_rotation(edge, peer.name, client), 30)
                 held = client.post(peer.url + "/v1/dags", json={"dag": move_dag(False)}).json()
                 assert held["status"] == "succeeded", held
-                moved: dict[str, Any] = {}
-                body = {"dag": move_dag(True), "stream": True}
-                with client.stream("POST", edge.url + "/v1/dags", json=body) as response:
-                    run_id = response.headers["x-pcrt-run"]
-                    kind = ""
-                    for line in response.iter_lines():
-                        if line.startswith("event: "):
-                            kind = line[7:]
-                        elif kind == "checkpoint" and not moved:
-                            moved = client.post(
-                                f"{edge.url}/v1/dags/{run_id}/migrate", json={"to": peer.name}
-                            ).json()
+                to = {"to": peer.name}
+                run_id, moved, _ = move_at_first_checkpoint(client, edge.url, move_dag(True), to)
                 states = client.get(edge.url + "/v1/states", params={"run_id": run_id}).json()
                 deadline = time.monotonic() + 300
                 while time.monotonic() < deadline:
@@ -520,15 +510,6 @@ def move(threads: int, kv_per_token: int) -> dict[str, Any]:
         "resumed_from_checkpoint": long.get("resumed_from_checkpoint"),
         "goal": "<= 0.10",
     }
-
-
-def until_healthy(url: str) -> None:
-    """llama-server answers 503 "Loading model" until its model is in."""
-    deadline = time.monotonic() + 120
-    while httpx.get(url + "/health", timeout=5).status_code != 200:
-        if time.monotonic() > deadline:
-            raise RuntimeError("llama-server did not load its model")
-        time.sleep(0.2)
 
 
 def verdict(ratio: float, goal: float) -> str:

@@ -276,23 +276,33 @@ def migration_dag() -> dict[str, Any]:
     }
 
 
+def move_at_first_checkpoint(
+    client: httpx.Client, edge_url: str, dag: dict[str, Any], move: dict[str, Any]
+) -> tuple[str, dict[str, Any], float]:
+    """Stream ``dag`` on the edge and move the run (``move``: the migrate body) at its
+    first checkpoint: the run's id, the move's answer, and when the move was asked."""
+    moved: dict[str, Any] = {}
+    started = 0.0
+    body = {"dag": dag, "stream": True}
+    with client.stream("POST", edge_url + "/v1/dags", json=body) as response:
+        run_id = response.headers["x-pcrt-run"]
+        kind = ""
+        for line in response.iter_lines():
+            if line.startswith("event: "):
+                kind = line[7:]
+            elif kind == "checkpoint" and not moved:
+                started = time.perf_counter()
+                moved = client.post(f"{edge_url}/v1/dags/{run_id}/migrate", json=move).json()
+                moved["call_s"] = time.perf_counter() - started
+    if not moved:
+        raise RuntimeError(f"run {run_id} never checkpointed on the edge")
+    return run_id, moved, started
+
+
 def move_once(edge: Daemon, peer: Daemon, states: bool) -> dict[str, Any]:
     with httpx.Client(timeout=300, trust_env=False) as client:
-        body = {"dag": migration_dag(), "stream": True}
-        moved: dict[str, Any] = {}
-        with client.stream("POST", edge.url + "/v1/dags", json=body) as response:
-            run_id = response.headers["x-pcrt-run"]
-            kind = ""
-            for line in response.iter_lines():
-                if line.startswith("event: "):
-                    kind = line[7:]
-                elif kind == "checkpoint" and not moved:
-                    started = time.perf_counter()
-                    move = {"to": peer.name, "states": states}
-                    moved = client.post(f"{edge.url}/v1/dags/{run_id}/migrate", json=move).json()
-                    moved["call_s"] = time.perf_counter() - started
-        if not moved:
-            raise RuntimeError(f"run {run_id} never checkpointed on the edge")
+        move = {"to": peer.name, "states": states}
+        run_id, moved, started = move_at_first_checkpoint(client, edge.url, migration_dag(), move)
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             view = client.get(f"{peer.url}/v1/dags/{run_id}").json()

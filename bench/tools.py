@@ -36,7 +36,7 @@ from typing import Any
 import httpx
 
 from bench.common import run_benchmark
-from bench.http import free_port, session, start, start_daemon, stop
+from bench.http import free_port, session, start, start_daemon, stop, until_model_loaded
 from pcrt.runtime.engine.call_formats import ToolSpec
 from pcrt.runtime.engine.chat import ChatMessage
 from pcrt.runtime.engine.tool_prompt import tools_block
@@ -221,7 +221,7 @@ async def agent_loop(threads: int) -> dict[str, Any]:
         cmd += ["-c", "2048", "-np", "1", "--jinja"]
         proc = start(cmd, f"http://127.0.0.1:{port}")
         try:
-            _until_healthy(f"http://127.0.0.1:{port}")
+            until_model_loaded(f"http://127.0.0.1:{port}")
             await _warm(f"http://127.0.0.1:{port}", entry.name)
             result["client_llama_server"] = await _client_loop(
                 f"http://127.0.0.1:{port}", entry.name, node, openai_history=False
@@ -336,15 +336,6 @@ async def _warm(url: str, model: str, constrained: bool = False) -> None:
     async with httpx.AsyncClient(timeout=120) as client:
         r = await client.post(url + "/v1/chat/completions", json=body)
         assert r.status_code == 200, r.text
-
-
-def _until_healthy(url: str) -> None:
-    """llama-server answers 503 "Loading model" until its model is in."""
-    deadline = time.monotonic() + 120
-    while httpx.get(url + "/health", timeout=5).status_code != 200:
-        if time.monotonic() > deadline:
-            raise RuntimeError("llama-server did not load its model")
-        time.sleep(0.2)
 
 
 def _toml(value: dict[str, Any]) -> str:

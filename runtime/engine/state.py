@@ -87,6 +87,15 @@ class CompatKey(BaseModel):
     llama_cpp_version: str = llama_cpp.__version__
     format_version: int = STATE_FORMAT_VERSION
 
+    def refuse_unless_same(self, saved: CompatKey) -> None:
+        """``IncompatibleState`` naming each field of a ``saved`` state's key that differs
+        from this engine's."""
+        problems = self.mismatches(saved)
+        if problems:
+            raise IncompatibleState(
+                "this KV state was saved by an incompatible engine: " + "; ".join(problems)
+            )
+
     def mismatches(self, other: CompatKey) -> list[str]:
         """Human lines naming each differing field (empty when compatible)."""
         mine, theirs = self.model_dump(), other.model_dump()
@@ -219,11 +228,7 @@ class KVState:
         return header
 
     def check_compatible(self, engine_key: CompatKey) -> None:
-        problems = engine_key.mismatches(self.key)
-        if problems:
-            raise IncompatibleState(
-                "this KV state was saved by an incompatible engine: " + "; ".join(problems)
-            )
+        engine_key.refuse_unless_same(self.key)
 
 
 @dataclass(frozen=True)
@@ -288,11 +293,7 @@ class ChunkedState:
         )
 
     def check_compatible(self, engine_key: CompatKey) -> None:
-        problems = engine_key.mismatches(self.key)
-        if problems:
-            raise IncompatibleState(
-                "this KV state was saved by an incompatible engine: " + "; ".join(problems)
-            )
+        engine_key.refuse_unless_same(self.key)
 
 
 def verify_blob(blob: bytes | memoryview) -> StateHeader:
