@@ -10,8 +10,12 @@ it, rooted in everything that makes KV mean the same thing::
     key_k = sha256(key_{k-1} | chunk k's token ids as little-endian int32)
 
 so equal prefixes of equal models give equal keys on any machine, and a chain from
-another model, KV type or llama.cpp never matches. Only full chunks are keyed (vLLM's
-and LMCache's rule): a prompt's last partial chunk is computed.
+another model, KV type or llama.cpp never matches. A sequence's end after its last full
+chunk (a tail) is kept too, under ``tail_key``; the store indexes chunks and tails by
+the chain they follow, so a prompt restores its whole common prefix with what the store
+holds: the chain, then the start of the chunk or tail that shares the most of what
+follows (llama-server restores whole prefixes from its RAM cache; vLLM and LMCache only
+full blocks).
 
 Before an engine uses the store it runs ``self_test`` on a free slot: decode 2C+5 tokens,
 export, cut into chunks, join them back, compare bytes; restore the joined state, export
@@ -20,8 +24,9 @@ splitter understands this build and this model's cache; a model that fails (a
 sliding-window or recurrent cache, another layout) keeps whole states, and the engine
 says why (``Engine.chunk_status``).
 
-Everything here runs on the engine's scheduler thread but the cutting of a spill, which
-the store's writer thread does.
+Admission and spills run on the engine's scheduler thread (the cutting of a spill in the
+store's writer thread); ``chunked`` and ``whole`` (DAG states, which block on the disk)
+and ``whole_state`` in worker threads.
 """
 
 from __future__ import annotations
@@ -89,7 +94,7 @@ def tail_key(parent: str, tokens: Sequence[int]) -> str:
 @dataclass(frozen=True)
 class Hit:
     """What the store holds of a prompt beyond what its slot has: full chunks, then the
-    first ``tail_tokens`` of a tail that follows them."""
+    first ``tail_tokens`` of a chunk or tail that follows them (``tail``: its key)."""
 
     keys: list[str]
     tail: str | None
