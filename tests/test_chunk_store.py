@@ -12,6 +12,7 @@ import pytest
 
 from pcrt.cache.chunks import TAILS_PER_CHAIN, ChunkStore, is_chunk_key
 from pcrt.cache.store import Store
+from pcrt.runtime.server.settings import ServerSettings
 
 
 def key(i: int) -> str:
@@ -175,3 +176,11 @@ def test_what_a_killed_writer_left_is_swept_when_the_store_opens(
     with open_chunks(store, tmp_path) as again:
         assert not half.exists() and not orphan.exists() and fresh.exists()
         assert again.read([key(0)]) == [data(0)]
+
+
+def test_the_ram_tier_is_an_eighth_of_the_machine_up_to_2_gib_unless_set() -> None:
+    gib = 1024**3
+    assert ServerSettings().kv_ram_for(4 * gib) == gib // 2  # an edge box keeps its RAM
+    assert ServerSettings().kv_ram_for(64 * gib) == 2 * gib
+    assert ServerSettings(kv_ram_bytes=0).kv_ram_for(64 * gib) == 0
+    assert ServerSettings(kv_ram_bytes=3 * gib).kv_ram_for(4 * gib) == 3 * gib

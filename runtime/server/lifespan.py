@@ -84,7 +84,8 @@ async def running_services(
         monitor = DeviceMonitor(interval=settings.device_refresh)
         stack.push_async_callback(monitor.stop)  # a no-op unless it started
         await monitor.start()
-        chunks = _chunk_store(settings, store, reg.paths.home / "chunks")
+        ram = settings.kv_ram_for(monitor.latest.memory.total)
+        chunks = _chunk_store(settings, ram, store, reg.paths.home / "chunks")
         if chunks is not None:  # closed after the pool: engines spill into it to the end
             stack.callback(chunks.close)
         pool = ModelPool(reg, settings, _with_live_profile(opener, monitor, chunks))
@@ -206,13 +207,15 @@ def _node_name(settings: ServerSettings) -> str:
     return settings.peers.name or socket.gethostname().split(".")[0] or "pcrt"
 
 
-def _chunk_store(settings: ServerSettings, store: Store, root: Path) -> ChunkStore | None:
-    if not settings.kv_ram_bytes and not settings.kv_disk_bytes:
+def _chunk_store(
+    settings: ServerSettings, ram_bytes: int, store: Store, root: Path
+) -> ChunkStore | None:
+    if not ram_bytes and not settings.kv_disk_bytes:
         return None
     return ChunkStore(
         store,
         root,
-        ram_bytes=settings.kv_ram_bytes,
+        ram_bytes=ram_bytes,
         disk_bytes=settings.kv_disk_bytes,
         chunk_tokens=settings.kv_chunk_tokens,
     )

@@ -142,10 +142,19 @@ class ServerSettings(BaseModel):
     blob_max_bytes: int | None = Field(default=10 * 1024**3, ge=1)
     state_upload_max_bytes: int = Field(default=2 * 1024**3, ge=1)
     # the KV chunk store (issue 19): prompts' prefixes restored rather than computed, in
-    # RAM and on disk under the home dir; 0 bytes turns a tier off, both off: no store
+    # RAM and on disk under the home dir; 0 bytes turns a tier off, both off: no store.
+    # RAM None: an eighth of the machine's memory, at most 2 GiB (an edge box's models
+    # need the rest)
     kv_chunk_tokens: int = Field(default=64, ge=16, le=4096)
-    kv_ram_bytes: int = Field(default=2 * 1024**3, ge=0)
+    kv_ram_bytes: int | None = Field(default=None, ge=0)
     kv_disk_bytes: int = Field(default=10 * 1024**3, ge=0)
+
+    def kv_ram_for(self, memory_total: int) -> int:
+        """The chunk store's RAM tier on a machine with ``memory_total`` bytes."""
+        if self.kv_ram_bytes is not None:
+            return self.kv_ram_bytes
+        return min(2 * 1024**3, memory_total // 8)
+
     # request bodies, by route (issue 16): what the daemon reads before it refuses with a
     # 413; other routes take a few fields and are held to guard's SMALL_BODY_BYTES
     max_body_bytes: int = Field(default=16 * 1024**2, ge=1)  # chat and text completions
