@@ -31,7 +31,7 @@ is also why copies between slots go through sequence state (see ``kv``). A unifi
 would let a fork's branches and shared prefixes hold cells once (``llama_memory_seq_cp``
 within one stream), but at that price, and the KV chunk store already keeps shared
 prefixes once in RAM and on disk; a fork exports its prompt once and restores it into
-each branch (``SlotKV.copy_to_many``), which measured 0.998 of llama.cpp's own
+each branch (``SlotKV.copy_to_many``), which measured 0.94-1.00 of llama.cpp's own
 ``seq_cp`` fork over the same independent runs (``bench.kv``).
 
 With the chunk store (``chunk_cache``), admission restores the longest prefix of the
