@@ -16,12 +16,15 @@ Both servers run as separate processes on loopback, one at a time.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import socket
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +70,21 @@ def start(cmd: list[str], url: str) -> subprocess.Popen[bytes]:
             time.sleep(0.2)
     proc.kill()
     raise RuntimeError(f"{' '.join(cmd)} did not start")
+
+
+@contextlib.contextmanager
+def environment(**values: str) -> Iterator[None]:
+    """``os.environ`` with ``values`` while a daemon starts (it inherits them)."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def start_daemon(threads: int, parallel: int, *extra: str) -> tuple[subprocess.Popen[bytes], str]:

@@ -57,7 +57,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import random
@@ -66,7 +65,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -76,9 +75,9 @@ import httpx
 
 from bench.common import run_benchmark
 from bench.dag import FILLER
-from bench.http import free_port, start, start_daemon, stop, until_model_loaded
+from bench.http import environment, free_port, start, start_daemon, stop, until_model_loaded
 from bench.kv_states import checkpoints, fork, fork_time, restore_rate
-from bench.peers import Daemon, in_rotation, move_at_first_checkpoint, wait_until
+from bench.peers import Daemon, finished_run, in_rotation, move_at_first_checkpoint, wait_until
 from pcrt.cache.chunks import ChunkStore
 from pcrt.cache.store import Store
 from pcrt.device.units import format_bytes
@@ -285,21 +284,6 @@ async def cache_stats(url: str) -> dict[str, Any]:
         return stats
 
 
-@contextlib.contextmanager
-def environment(**values: str) -> Iterator[None]:
-    """``os.environ`` with ``values`` while a daemon starts (it inherits them)."""
-    saved = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
 def summary(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     cold = rounds[0]["mean_ttft_s"]
     warm = statistics.mean(t["ttft_s"] for r in rounds[1:] for t in r["turns"])
@@ -486,12 +470,7 @@ def move(threads: int, kv_per_token: int) -> dict[str, Any]:
                 to = {"to": peer.name}
                 run_id, moved, _ = move_at_first_checkpoint(client, edge.url, move_dag(True), to)
                 states = client.get(edge.url + "/v1/states", params={"run_id": run_id}).json()
-                deadline = time.monotonic() + 300
-                while time.monotonic() < deadline:
-                    view = client.get(f"{peer.url}/v1/dags/{run_id}").json()
-                    if view.get("status") in ("succeeded", "failed"):
-                        break
-                    time.sleep(0.1)
+                view = finished_run(client, peer.url, run_id, interval=0.1)
         finally:
             edge.stop()
             peer.stop()

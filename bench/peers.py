@@ -299,18 +299,24 @@ def move_at_first_checkpoint(
     return run_id, moved, started
 
 
+def finished_run(
+    client: httpx.Client, url: str, run_id: str, interval: float, timeout: float = 300
+) -> dict[str, Any]:
+    """The run's view on the daemon at ``url`` once it has succeeded or failed."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        view: dict[str, Any] = client.get(f"{url}/v1/dags/{run_id}").json()
+        if view.get("status") in ("succeeded", "failed"):
+            return view
+        time.sleep(interval)
+    raise RuntimeError(f"{url} did not finish run {run_id}")
+
+
 def move_once(edge: Daemon, peer: Daemon, states: bool) -> dict[str, Any]:
     with httpx.Client(timeout=300, trust_env=False) as client:
         move = {"to": peer.name, "states": states}
         run_id, moved, started = move_at_first_checkpoint(client, edge.url, migration_dag(), move)
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            view = client.get(f"{peer.url}/v1/dags/{run_id}").json()
-            if view.get("status") in ("succeeded", "failed"):
-                break
-            time.sleep(0.02)
-        else:
-            raise RuntimeError(f"the peer did not finish run {run_id}")
+        view = finished_run(client, peer.url, run_id, interval=0.02)
         done = time.perf_counter() - started
         node = view["nodes"][0]
         return {

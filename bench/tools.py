@@ -36,7 +36,15 @@ from typing import Any
 import httpx
 
 from bench.common import run_benchmark
-from bench.http import free_port, session, start, start_daemon, stop, until_model_loaded
+from bench.http import (
+    environment,
+    free_port,
+    session,
+    start,
+    start_daemon,
+    stop,
+    until_model_loaded,
+)
 from pcrt.runtime.engine.call_formats import ToolSpec
 from pcrt.runtime.engine.chat import ChatMessage
 from pcrt.runtime.engine.tool_prompt import tools_block
@@ -191,16 +199,8 @@ async def agent_loop(threads: int) -> dict[str, Any]:
         )
         # the daemon imports the tool from this checkout (bench is no installed package)
         root = str(Path(__file__).resolve().parent.parent)
-        saved = {name: os.environ.get(name) for name in ("PCRT_CONFIG", "PYTHONPATH")}
-        os.environ.update(PCRT_CONFIG=str(config), PYTHONPATH=root)
-        try:
+        with environment(PCRT_CONFIG=str(config), PYTHONPATH=root):
             daemon, url = start_daemon(threads, 1)
-        finally:
-            for name, value in saved.items():
-                if value is None:
-                    os.environ.pop(name, None)
-                else:
-                    os.environ[name] = value
         try:
             await _warm(url, entry.name, constrained=True)
             node = await _agent_node(url)

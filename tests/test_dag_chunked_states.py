@@ -1,7 +1,7 @@
 """DAG states kept as KV chunks (issue 19), on the real default model: a node's state is
 a blob of kilobytes naming chunks that a ``context`` child restores; checkpoints write
-each chunk once and no tail, and a resume from one computes only its tail; a run's
-chunks are pinned until it finishes."""
+each chunk once and no tail (they fall on chunk boundaries), and a resume from one
+computes nothing again; a run's chunks are pinned until it finishes."""
 
 from __future__ import annotations
 
@@ -49,6 +49,13 @@ async def setup(
     store.close()
 
 
+def forget_ram(chunks: ChunkStore) -> None:
+    """The RAM tier emptied, as a new process finds it: what is read comes from disk."""
+    with chunks._lock:
+        chunks._ram.clear()
+        chunks._ram_size = 0
+
+
 def dag(**essay: Any) -> Any:
     return parse_dag(
         {
@@ -91,9 +98,7 @@ async def test_a_child_continues_its_parents_state_from_chunks(
     assert essay.cached_tokens == len(kept.tokens)
     # with no slot and no RAM holding it, from the disk
     await engines.clear_caches()
-    with chunks._lock:  # a new process's RAM: nothing in it
-        chunks._ram.clear()
-        chunks._ram_size = 0
+    forget_ram(chunks)
     runner.runs.patch_node(run.id, "essay", status="pending")
     runner.runs.set_status(run.id, "interrupted")
     await runner.execute(run.id)
@@ -101,7 +106,7 @@ async def test_a_child_continues_its_parents_state_from_chunks(
     assert redo.cached_tokens == len(kept.tokens) and redo.output == essay.output
 
 
-async def test_checkpoints_write_each_chunk_once_and_a_resume_computes_its_tail(
+async def test_checkpoints_write_each_chunk_once_and_a_resume_computes_nothing_again(
     setup: tuple[DagRunner, LocalEngines, ChunkStore],
 ) -> None:
     runner, engines, chunks = setup
@@ -169,9 +174,7 @@ async def test_a_state_whose_chunks_were_evicted_comes_back_in_part(
     # its third chunk gone (another process evicted it): the first two come back
     assert chunks._root is not None
     (chunks._root / kept.chunks[2][:2] / kept.chunks[2]).unlink()
-    with chunks._lock:
-        chunks._ram.clear()
-        chunks._ram_size = 0
+    forget_ram(chunks)
     state, rest = engine.chunk_cache.whole(kept)
     assert isinstance(state, KVState) and len(state.tokens) == 2 * C
     assert state.next_token is None and rest == kept.tokens[2 * C :] + [kept.next_token]
