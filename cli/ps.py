@@ -28,7 +28,7 @@ def ps(as_json: bool) -> None:
     from pcrt.cli.client import DaemonClient
 
     with DaemonClient() as client:
-        data = client.get("/api/ps")
+        data = client.get("/v1/pcrt/ps")
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
@@ -66,5 +66,5 @@ def stop(model: str) -> None:
     from pcrt.cli.client import DaemonClient
 
     with DaemonClient() as client:
-        result = client.post("/api/stop", {"model": model})
+        result = client.post("/v1/pcrt/stop", {"model": model})
     click.echo(f"unloaded {model}" if result["unloaded"] else f"{model} was not loaded")

@@ -36,6 +36,7 @@ message without a traceback.
     ├── Conflict               clashes with what is here already (a run id another run holds)
     ├── StorageFull            the disk under PCRT_HOME refused a write (full or read-only)
     ├── EngineClosed           a request reached an engine that is shutting down
+    ├── StreamFailed           a generation failed after it began (carries its status, body)
     ├── Unauthorized           a missing or wrong API key
     ├── ToolDenied             the agent's tool permissions do not name it (nothing is sent)
     ├── RetryLater             the request may succeed later (carries retry_after seconds)
@@ -433,6 +434,17 @@ class PeerRejected(PeerError):
 
 class NoRoute(PcrtError):
     pass
+
+
+class StreamFailed(PcrtError):
+    """A generation failed after its stream had begun (the engine, or a peer mid-stream):
+    what another API's route says when it collects the whole answer. ``status`` and
+    ``body``: the error event the stream ended with, as OpenAI's chunks carry it."""
+
+    def __init__(self, message: str, *, status: int, body: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = body
 
 
 def _clip(text: str, limit: int = 120) -> str:

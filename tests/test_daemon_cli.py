@@ -105,7 +105,7 @@ def test_cli_talks_to_the_daemon(daemon: tuple[str, subprocess.Popen[str]]) -> N
     assert "anonymous" in table.output
     stop = runner.invoke(main, ["stop", MODEL])
     assert stop.exit_code == 0 and "unloaded" in stop.output
-    assert httpx.get(url + "/api/ps").json()["models"] == []
+    assert httpx.get(url + "/v1/pcrt/ps").json()["models"] == []
 
 
 def test_ps_without_a_daemon_is_a_clear_error() -> None:

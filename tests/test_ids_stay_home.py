@@ -258,7 +258,7 @@ def _requests_naming(model: str) -> list[tuple[str, str, dict[str, Any]]]:
         ),
         ("POST", "/v1/completions", {"model": model, "prompt": "hi", "max_tokens": 1}),
         ("POST", "/v1/embeddings", {"model": model, "input": "hi"}),
-        ("POST", "/api/stop", {"model": model}),
+        ("POST", "/v1/pcrt/stop", {"model": model}),
     ]
 
 

@@ -1,4 +1,4 @@
-"""The daemon's model pool over real HTTP: ``/api/ps`` and ``/api/stop``, keep-alive (a
+"""The daemon's model pool over real HTTP: ``/v1/pcrt/ps`` and ``/v1/pcrt/stop``, keep-alive (a
 request's own, 0, and one that runs out with nobody asking), and the loaded-model limit,
 which evicts the least recently used idle model.
 
@@ -27,7 +27,7 @@ def _ask(h: httpx.Client, model: str, **extra: object) -> None:
 
 
 def _loaded(h: httpx.Client) -> set[str]:
-    return {m["name"] for m in h.get("/api/ps").json()["models"]}
+    return {m["name"] for m in h.get("/v1/pcrt/ps").json()["models"]}
 
 
 def _more_models(folder: Path, *names: str) -> str:
@@ -44,12 +44,12 @@ def test_ps_and_stop(live_server: ServerFactory) -> None:
         model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=1
     )
     with httpx.Client(base_url=server.url, timeout=60) as h:
-        models = h.get("/api/ps").json()["models"]
+        models = h.get("/v1/pcrt/ps").json()["models"]
         assert models[0]["name"] == MODEL and models[0]["parallel"] == 2
         assert models[0]["expires_at"] > time.time()
-        assert h.post("/api/stop", json={"model": MODEL}).json()["unloaded"] is True
-        assert h.get("/api/ps").json()["models"] == []
-        assert h.post("/api/stop", json={"model": "nope"}).status_code == 404
+        assert h.post("/v1/pcrt/stop", json={"model": MODEL}).json()["unloaded"] is True
+        assert h.get("/v1/pcrt/ps").json()["models"] == []
+        assert h.post("/v1/pcrt/stop", json={"model": "nope"}).status_code == 404
     # the next request loads it again
     client.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=1
@@ -64,7 +64,7 @@ def test_a_request_keep_alive_unloads_the_model_when_it_runs_out(
     with httpx.Client(base_url=live.url, timeout=60) as h:
         _ask(h, MODEL, keep_alive="2s")
         answered = time.monotonic()
-        (model,) = h.get("/api/ps").json()["models"]
+        (model,) = h.get("/v1/pcrt/ps").json()["models"]
         # still loaded after the request (keep_alive 0 would have unloaded it at once)
         assert model["name"] == MODEL
         assert 0 < model["expires_at"] - time.time() <= 2.0
@@ -74,7 +74,7 @@ def test_a_request_keep_alive_unloads_the_model_when_it_runs_out(
         assert _loaded(h) == set()  # the reaper (every 1 s) unloaded it, nobody asked
         assert idle >= 1.9, f"unloaded after {idle:.2f} s, before its keep-alive ran out"
         _ask(h, MODEL)  # the next request loads it again, with the daemon's keep-alive
-        (again,) = h.get("/api/ps").json()["models"]
+        (again,) = h.get("/v1/pcrt/ps").json()["models"]
         assert again["expires_at"] - time.time() > 250
 
 
@@ -90,7 +90,7 @@ def test_keep_alive_zero_unloads_and_the_limit_evicts_lru(
             assert h.post("/v1/completions", json=body).status_code == 200
 
         def loaded() -> list[str]:
-            return [m["name"] for m in h.get("/api/ps").json()["models"]]
+            return [m["name"] for m in h.get("/v1/pcrt/ps").json()["models"]]
 
         ask(MODEL)
         assert loaded() == [MODEL]
@@ -99,7 +99,7 @@ def test_keep_alive_zero_unloads_and_the_limit_evicts_lru(
         ask(MODEL, keep_alive=0)
         assert loaded() == []
         ask(MODEL, keep_alive="1h")
-        expires = h.get("/api/ps").json()["models"][0]["expires_at"]
+        expires = h.get("/v1/pcrt/ps").json()["models"][0]["expires_at"]
         assert 3500 < expires - time.time() <= 3600
 
 

@@ -136,7 +136,7 @@ def test_embeddings_and_models(client: openai.OpenAI) -> None:
 
 def _busy(server: LiveServer) -> int:
     with server.http() as h:
-        return sum(m["busy_slots"] for m in h.get("/api/ps").json()["models"])
+        return sum(m["busy_slots"] for m in h.get("/v1/pcrt/ps").json()["models"])
 
 
 def test_disconnect_mid_stream_frees_the_slot(server: LiveServer, client: openai.OpenAI) -> None:

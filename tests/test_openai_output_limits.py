@@ -46,7 +46,7 @@ def usage_rows(server: LiveServer, agent: str) -> list[dict[str, Any]]:
 
 def busy(server: LiveServer) -> int:
     with server.http() as h:
-        return sum(m["busy_slots"] for m in h.get("/api/ps").json()["models"])
+        return sum(m["busy_slots"] for m in h.get("/v1/pcrt/ps").json()["models"])
 
 
 def test_max_completion_tokens_caps_the_output(client: openai.OpenAI) -> None:

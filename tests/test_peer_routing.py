@@ -30,7 +30,7 @@ def _rows(server: LiveServer, agent: str) -> list[dict[str, Any]]:
 
 
 def _loaded(url: str) -> list[str]:
-    return [m["name"] for m in httpx.get(url + "/api/ps", timeout=5).json()["models"]]
+    return [m["name"] for m in httpx.get(url + "/v1/pcrt/ps", timeout=5).json()["models"]]
 
 
 def _sse(lines: list[str]) -> list[dict[str, Any]]:

@@ -676,7 +676,7 @@ def test_migration_mid_run_resumes_on_the_peer_with_its_states(tmp_path: Path) -
         reference = httpx.post(here.url + "/v1/dags", json={"dag": MOVE_DAG}, timeout=120).json()
         assert reference["status"] == "succeeded"
         # a cold start for the run that moves, as for the reference
-        httpx.post(here.url + "/api/stop", json={"model": "smollm2-135m"}, timeout=30)
+        httpx.post(here.url + "/v1/pcrt/stop", json={"model": "smollm2-135m"}, timeout=30)
 
         moved = None
         body = {"dag": MOVE_DAG, "stream": True}

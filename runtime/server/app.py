@@ -19,7 +19,17 @@ from pcrt.runtime.server.guard import Guard
 from pcrt.runtime.server.http_errors import install_error_handlers
 from pcrt.runtime.server.lifespan import running_services
 from pcrt.runtime.server.pool import EngineOpener
-from pcrt.runtime.server.routes import admin, dags, openai, peers, states, tools
+from pcrt.runtime.server.routes import (
+    admin,
+    anthropic,
+    dags,
+    ollama,
+    openai,
+    peers,
+    responses,
+    states,
+    tools,
+)
 from pcrt.runtime.server.serving import Serving
 from pcrt.runtime.server.settings import ServerSettings
 
@@ -52,6 +62,6 @@ def create_app(
     app = FastAPI(title="pcrt", lifespan=lifespan)
     app.add_middleware(Guard, api_key=settings.resolved_api_key(), bounds=BodyBounds(settings))
     install_error_handlers(app)
-    for routes in (openai, admin, states, dags, peers, tools):
+    for routes in (openai, anthropic, responses, ollama, admin, states, dags, peers, tools):
         app.include_router(routes.router)
     return app

@@ -33,7 +33,7 @@ __all__ = [
     "replaying",
 ]
 
-SMALL_BODY_BYTES = 1024**2  # /api/stop, a run's resume or migrate: a few fields
+SMALL_BODY_BYTES = 1024**2  # /v1/pcrt/stop, a run's resume or migrate: a few fields
 _ESCAPES = (b"\\ud", b"\\uD")  # how JSON writes half of a UTF-16 pair
 
 
@@ -68,6 +68,14 @@ class BodyBounds:
             ("POST", "/v1/chat/completions"): chat,
             ("POST", "/v1/completions"): chat,
             ("POST", "/v1/embeddings"): bound("embeddings_max_body_bytes"),
+            # the other APIs' generations and embeddings (Ollama's, Anthropic's, Responses')
+            ("POST", "/api/chat"): chat,
+            ("POST", "/api/generate"): chat,
+            ("POST", "/v1/messages"): chat,
+            ("POST", "/v1/messages/count_tokens"): chat,
+            ("POST", "/v1/responses"): chat,
+            ("POST", "/api/embed"): bound("embeddings_max_body_bytes"),
+            ("POST", "/api/embeddings"): bound("embeddings_max_body_bytes"),
             ("POST", "/v1/dags"): bound("dag_max_body_bytes"),
             ("POST", SUBGRAPH_PATH): peer,
             ("POST", RUNS_PATH): peer,

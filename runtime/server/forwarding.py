@@ -76,9 +76,19 @@ def _work(
 
 
 async def forward_if_routed(
-    request: Request, body: GenerationFields, route: str, chat: bool, acct: Accounting
+    request: Request,
+    body: GenerationFields,
+    route: str,
+    chat: bool,
+    acct: Accounting,
+    *,
+    translated: dict[str, Any] | None = None,
 ) -> Response | None:
-    """The peer's answer when the request goes to a peer; None to run it here."""
+    """The peer's answer when the request goes to a peer; None to run it here.
+
+    ``route`` is the OpenAI route the peer is asked on; ``translated``: the OpenAI body of
+    a request that came in another API's shape (Ollama's, Anthropic's, Responses'), sent
+    instead of the client's own bytes."""
     services = services_of(request)
     coordinator = services.coordinator
     hint = _route_hint(request)
@@ -92,7 +102,7 @@ async def forward_if_routed(
         if hint == "peer":
             raise NoRoute("X-PC-Route: peer, but this daemon has no peers (pcrt serve --lan)")
         return None
-    raw = await request.json()
+    raw = translated if translated is not None else await request.json()
     work = _work(body, raw, hint, chat, complexity)
     decision = coordinator.decide(work)
     if decision.chosen is None:
@@ -106,7 +116,9 @@ async def forward_if_routed(
         if candidate.kind == "local":
             return None  # every peer before it failed: local is the last resort
         try:
-            return await _forward(services, request, raw, route, candidate, acct, body.stream)
+            return await _forward(
+                services, request, raw, route, candidate, acct, body.stream, translated is None
+            )
         except PeerUnavailable as exc:
             coordinator.report_failure(exc)
             acct.fell_back(candidate.node, str(exc))  # in the usage row and the metrics
@@ -138,6 +150,7 @@ async def _forward(
     candidate: Candidate,
     acct: Accounting,
     stream: bool,
+    own_bytes: bool,
 ) -> Response:
     peer = services.coordinator.peer(candidate.node)
     if peer is None:
@@ -151,7 +164,7 @@ async def _forward(
     ran_on = route_headers(acct, candidate.node)
     if not stream:
         # the client's own bytes when the model name stands: no second serialization
-        same = raw.get("model") == candidate.model
+        same = own_bytes and raw.get("model") == candidate.model
         content = await request.body() if same else json.dumps(body).encode()
         headers["Content-Type"] = "application/json"
         try:

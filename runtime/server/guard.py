@@ -66,6 +66,7 @@ class _Head:
     """What the guard reads of a request's headers, in one pass over them."""
 
     authorization: bytes | None = None
+    api_key: bytes | None = None  # Anthropic's clients send the key as X-Api-Key
     signature: str | None = None
     content_length: bytes | None = None
     chunked: bool = False
@@ -77,6 +78,8 @@ class _Head:
         for name, value in scope["headers"]:
             if name == b"authorization":
                 found["authorization"] = value
+            elif name == b"x-api-key":
+                found["api_key"] = value
             elif name == _SIGNATURE:
                 found["signature"] = value
             elif name == b"content-length":
@@ -88,6 +91,7 @@ class _Head:
         signature = found.get("signature")
         return cls(
             authorization=found.get("authorization"),
+            api_key=found.get("api_key"),
             signature=signature.decode("latin-1") if signature is not None else None,
             content_length=found.get("content_length"),
             chunked=b"chunked" in found.get("transfer_encoding", b"").lower(),
@@ -105,6 +109,13 @@ class _Head:
             shown = self.content_length.decode("latin-1")
             raise BadContentLength(f"bad Content-Length {shown!r}")
         return size
+
+    def proves(self, api_key: str) -> bool:
+        """Whether the request carries the key, as a bearer token or as ``X-Api-Key``
+        (each compared in constant time)."""
+        bearer = key_matches(self.authorization, api_key)
+        header = hmac.compare_digest((self.api_key or b"").strip(), api_key.encode())
+        return bearer or (self.api_key is not None and header)
 
     @property
     def has_body(self) -> bool:
@@ -135,7 +146,7 @@ class Guard:
         except ClientLeft:
             return  # nobody to answer
         except PcrtError as exc:
-            response = error_response(exc)
+            response = error_response(exc, scope["path"])
             if head.has_body:  # the body was not read: the connection cannot carry another
                 response.headers["Connection"] = "close"
             await response(scope, receive, send)
@@ -147,8 +158,10 @@ class Guard:
         bound = self.bounds.of(scope["method"], scope["path"])
         if head.signature is not None:
             return await self._admit_peer(scope, receive, head, bound)
-        if self.api_key is not None and not key_matches(head.authorization, self.api_key):
-            raise Unauthorized("missing or wrong API key (send Authorization: Bearer KEY)")
+        if self.api_key is not None and not head.proves(self.api_key):
+            raise Unauthorized(
+                "missing or wrong API key (send Authorization: Bearer KEY, or X-Api-Key: KEY)"
+            )
         size = head.declared_size()
         if not head.has_body or bound.streamed:
             return receive  # nothing to read, or the route streams it under its own bound

@@ -50,6 +50,7 @@ from pcrt.runtime.errors import (
     StateNotFound,
     StateTooLarge,
     StorageFull,
+    StreamFailed,
     ToolDenied,
     ToolNotFound,
     Unauthorized,
@@ -60,6 +61,7 @@ __all__ = [
     "client_left",
     "error_body",
     "error_response",
+    "in_shape_of",
     "install_error_handlers",
     "status_and_body",
 ]
@@ -91,6 +93,8 @@ def status_and_body(exc: PcrtError) -> tuple[int, dict[str, Any], dict[str, str]
             else error_body(msg, "invalid_request_error", None, None)
         )
         return exc.status, body, headers
+    if isinstance(exc, StreamFailed):
+        return exc.status, exc.body, headers
     if isinstance(exc, PeerUnavailable):
         return 502, error_body(msg, "server_error", None, "peer_unavailable"), headers
     if isinstance(exc, NoRoute):
@@ -151,10 +155,41 @@ def status_and_body(exc: PcrtError) -> tuple[int, dict[str, Any], dict[str, str]
     return 500, error_body(msg, "server_error", None, None), headers
 
 
-def error_response(exc: PcrtError) -> JSONResponse:
-    """One of pcrt's errors as the response that answers it."""
+def error_response(exc: PcrtError, path: str = "") -> JSONResponse:
+    """One of pcrt's errors as the response that answers it, in the shape of the API
+    ``path`` belongs to."""
     status, body, headers = status_and_body(exc)
-    return JSONResponse(body, status_code=status, headers=headers)
+    return JSONResponse(in_shape_of(path, status, body), status_code=status, headers=headers)
+
+
+# Anthropic's error types by status (its SDK raises a class per type)
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+    529: "overloaded_error",
+}
+
+
+def in_shape_of(path: str, status: int, body: dict[str, Any]) -> dict[str, Any]:
+    """An OpenAI-shaped error body in the shape of the API ``path`` belongs to: Ollama's
+    routes (``/api/...``) answer ``{"error": message}``, Anthropic's (``/v1/messages``)
+    ``{"type": "error", "error": {"type", "message"}}``; the rest stay OpenAI's."""
+    error = body.get("error")
+    if not isinstance(error, dict):
+        return body
+    message = str(error.get("message") or "")
+    if path.startswith("/api/"):
+        return {"error": message}
+    if path == "/v1/messages" or path.startswith("/v1/messages/"):
+        fallback = "api_error" if status >= 500 else "invalid_request_error"
+        kind = _ANTHROPIC_TYPES.get(status, fallback)
+        return {"type": "error", "error": {"type": kind, "message": message}}
+    return body
 
 
 def client_left() -> JSONResponse:
@@ -164,11 +199,11 @@ def client_left() -> JSONResponse:
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(PcrtError)
-    async def _pcrt(_: Request, exc: PcrtError) -> JSONResponse:
-        return error_response(exc)
+    async def _pcrt(request: Request, exc: PcrtError) -> JSONResponse:
+        return error_response(exc, request.url.path)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
         first = errors[0] if errors else {}
         loc = [str(p) for p in first.get("loc", ()) if p not in ("body",)]
@@ -182,34 +217,30 @@ def install_error_handlers(app: FastAPI) -> None:
             )
         # a JSON syntax error's location is a character offset, not a field
         param = None if first.get("type") == "json_invalid" else ".".join(loc) or None
-        return JSONResponse(
-            error_body(message, "invalid_request_error", param, None), status_code=400
-        )
+        body = error_body(message, "invalid_request_error", param, None)
+        return JSONResponse(in_shape_of(request.url.path, 400, body), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        body = error_body(str(exc.detail), "invalid_request_error", None, code)
         return JSONResponse(
-            error_body(str(exc.detail), "invalid_request_error", None, code),
+            in_shape_of(request.url.path, exc.status_code, body),
             status_code=exc.status_code,
             headers=getattr(exc, "headers", None),
         )
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         if isinstance(exc, RecursionError):  # a document nested past Python's stack
             log.warning("refused a request nested too deeply to process")
-            return JSONResponse(
-                error_body(
-                    "the request nests too deeply to process",
-                    "invalid_request_error",
-                    None,
-                    "nested_too_deeply",
-                ),
-                status_code=400,
+            body = error_body(
+                "the request nests too deeply to process",
+                "invalid_request_error",
+                None,
+                "nested_too_deeply",
             )
+            return JSONResponse(in_shape_of(request.url.path, 400, body), status_code=400)
         log.exception("unexpected error while serving a request")
-        return JSONResponse(
-            error_body(f"internal error: {type(exc).__name__}", "server_error", None, None),
-            status_code=500,
-        )
+        body = error_body(f"internal error: {type(exc).__name__}", "server_error", None, None)
+        return JSONResponse(in_shape_of(request.url.path, 500, body), status_code=500)

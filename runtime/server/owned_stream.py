@@ -40,7 +40,12 @@ class OwnedStream(StreamingResponse):
         try:
             await super().__call__(scope, receive, send)
         finally:
-            try:
-                await self._stream.aclose()
-            finally:  # a stream whose own cleanup failed still gives back what it holds
-                await self._release()
+            await self.close()
+
+    async def close(self) -> None:
+        """End the stream and give back what it holds; for a stream read by another
+        response (a translation) rather than sent."""
+        try:
+            await self._stream.aclose()
+        finally:  # a stream whose own cleanup failed still gives back what it holds
+            await self._release()

@@ -31,7 +31,7 @@ async def metrics(request: Request) -> Response:
     return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
-@router.get("/api/ps")
+@router.get("/v1/pcrt/ps")
 async def ps(request: Request) -> dict[str, Any]:
     """What ``pcrt ps`` shows: loaded models, their memory, slots and keep-alive expiry."""
     services = services_of(request)
@@ -74,7 +74,7 @@ async def device(request: Request) -> dict[str, Any]:
     return profile
 
 
-@router.post("/api/stop")
+@router.post("/v1/pcrt/stop")
 async def stop(request: Request) -> dict[str, Any]:
     """Unload a model now (``pcrt stop MODEL``); running requests on it fail."""
     try:

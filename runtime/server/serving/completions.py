@@ -41,8 +41,10 @@ from pcrt.runtime.server.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
     GenerationFields,
+    StreamOptions,
 )
 from pcrt.runtime.server.services import Accounting, Services, agent_of
+from pcrt.runtime.server.serving.chat_stream import ChatStream
 from pcrt.runtime.server.serving.logprobs import chat_logprobs, completion_logprobs
 from pcrt.runtime.server.serving.tool_calls import StreamedReply, ToolPlan, plan_tools
 from pcrt.runtime.server.serving.watch import left_before
@@ -68,15 +70,44 @@ class CompletionsServing:
     async def create_completion(self, body: CompletionRequest, request: Request) -> Any:
         return await self._generate(request, body, COMPLETIONS_ROUTE, chat=False)
 
+    async def chat_stream(
+        self, request: Request, body: ChatCompletionRequest, route: str
+    ) -> ChatStream:
+        """Another API's request, translated into OpenAI's chat ``body``, run as a stream of
+        OpenAI chat chunks (here, or on a peer as a chat completion) and billed under that
+        API's ``route``: the one engine path behind Ollama's, Anthropic's and Responses'
+        surfaces. The caller reads the stream and closes it (``ChatStream.aclose``)."""
+        body = body.model_copy(
+            update={"stream": True, "stream_options": StreamOptions(include_usage=True)}
+        )
+        translated = body.model_dump(mode="json", exclude_none=True, by_alias=True)
+        response = await self._generate(request, body, route, chat=True, translated=translated)
+        return ChatStream(response)
+
     async def _generate(
-        self, request: Request, body: GenerationFields, route: str, *, chat: bool
+        self,
+        request: Request,
+        body: GenerationFields,
+        route: str,
+        *,
+        chat: bool,
+        translated: dict[str, Any] | None = None,
     ) -> Any:
-        """The answer: a peer's, a stream of chunks, or the whole completion (a dict)."""
+        """The answer: a peer's, a stream of chunks, or the whole completion (a dict).
+        ``translated``: the OpenAI body of a request another API's route (``route``)
+        took in, which a peer is asked as a chat completion."""
         acct = Accounting(
             self.services, agent=agent_of(request, body.user), model=body.model, route=route
         )
         try:
-            forwarded = await forward_if_routed(request, body, route, chat, acct)
+            forwarded = await forward_if_routed(
+                request,
+                body,
+                CHAT_ROUTE if translated is not None else route,
+                chat,
+                acct,
+                translated=translated,
+            )
             if forwarded is not None:
                 return forwarded
             generation = await Generation.start(self.services.pool, body, chat, acct)
@@ -123,10 +154,12 @@ class Generation:
         handle: RequestHandle,
         lease: AsyncExitStack,
         tools: ToolPlan | None = None,
+        load_seconds: float = 0.0,
     ) -> None:
         self.model = model
         self.handle = handle
         self.tools = tools  # what the request's tools ask of the reply
+        self.load_seconds = load_seconds  # waiting for the model (loading it, if it was not)
         self._lease = lease
         self._closed = False
 
@@ -136,9 +169,11 @@ class Generation:
     ) -> Generation:
         """Lease the model and submit the request; a refusal gives the lease back."""
         async with AsyncExitStack() as lease:
+            asked = time.perf_counter()
             model = await lease.enter_async_context(
                 pool.lease(body.model, body.keep_alive_seconds())
             )
+            loading = time.perf_counter() - asked  # a load on first use, else ~0
             acct.model = model.name
             # once per request, never per token: the stream itself stays on the loop
             request, tokens, tools = await to_thread_to_completion(
@@ -146,7 +181,7 @@ class Generation:
             )
             acct.admit(len(tokens))  # after every check: a refused prompt costs no quota
             handle = model.engine.submit(request, prepared=tokens)
-            return cls(model, handle, lease.pop_all(), tools)
+            return cls(model, handle, lease.pop_all(), tools, loading)
 
     async def __aenter__(self) -> Generation:
         return self
@@ -250,6 +285,20 @@ def _usage(result: Completion) -> dict[str, Any]:
         "completion_tokens": result.completion_tokens,
         "total_tokens": result.prompt_tokens + result.completion_tokens,
         "prompt_tokens_details": {"cached_tokens": result.cached_tokens},
+    }
+
+
+def _timings(result: Completion, generation: Generation) -> dict[str, float]:
+    """llama-server's ``timings`` (milliseconds) on the usage chunk, and the model's load
+    wait: what Ollama's durations are made of when another API's stream is translated."""
+    decode_ms = 1000 * (result.t_done - (result.t_first_token or result.t_done))
+    return {
+        "prompt_n": result.prompt_tokens - result.cached_tokens,
+        "prompt_ms": 1000 * result.prompt_seconds,
+        "predicted_n": result.completion_tokens,
+        "predicted_ms": decode_ms,
+        "load_ms": 1000 * generation.load_seconds,
+        "total_ms": 1000 * (result.t_done - result.t_submitted + generation.load_seconds),
     }
 
 
@@ -406,7 +455,7 @@ async def _stream(
             result = handle.result
             assert result is not None
             if include_usage:
-                yield chunk([], usage=_usage(result))
+                yield chunk([], usage=_usage(result), timings=_timings(result, generation))
             yield _DONE
             status = 200
             acct.finished(result, status)

@@ -1,0 +1,211 @@
+"""One chat generation as OpenAI's chunks, read by another API's serving (Ollama's,
+Anthropic's, Responses'): each surface translates its request into OpenAI's chat request,
+runs it on the one engine path (``CompletionsServing.chat_stream``: accounting, limits,
+the pool, tools, routing to peers) and writes what it reads here in its own shape.
+
+A ``ChatStream`` is the OpenAI stream as parsed chunks, wherever it ran (the local
+stream's own events, or a peer's passed through). The surface either translates chunk by
+chunk into its own stream (``respond``) or collects the whole answer (``reply``); either
+way the stream is closed once, which gives back the model's slot or the peer's
+connection. ``ReplyBuilder`` is the answer so far (text, tool calls, finish, usage,
+timings), for surfaces whose last event repeats the whole answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncGenerator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Request
+
+from pcrt.runtime.errors import StreamFailed
+from pcrt.runtime.server.owned_stream import OwnedStream
+from pcrt.runtime.server.serving.watch import left_before
+from pcrt.runtime.sse import SseSplitter
+
+__all__ = ["ChatReply", "ChatStream", "ReplyBuilder", "ReplyCall", "failure_of"]
+
+
+@dataclass
+class ReplyCall:
+    """One tool call of the answer: ``arguments`` is the JSON text the model wrote."""
+
+    id: str
+    name: str
+    arguments: str = ""
+
+    def parsed_arguments(self) -> Any:
+        """The arguments as JSON values (APIs that hand them over as objects); a call whose
+        text does not parse (a peer's unconstrained model) keeps it as a string."""
+        try:
+            return json.loads(self.arguments) if self.arguments.strip() else {}
+        except ValueError:
+            return self.arguments
+
+
+@dataclass
+class ChatReply:
+    """The whole answer of one chat generation (choice 0)."""
+
+    id: str
+    model: str
+    text: str
+    calls: list[ReplyCall]
+    finish_reason: str  # OpenAI's: stop, length, tool_calls
+    usage: dict[str, Any]
+    timings: dict[str, float]
+
+    @property
+    def prompt_tokens(self) -> int:
+        return int(self.usage.get("prompt_tokens") or 0)
+
+    @property
+    def completion_tokens(self) -> int:
+        return int(self.usage.get("completion_tokens") or 0)
+
+    @property
+    def cached_tokens(self) -> int:
+        details = self.usage.get("prompt_tokens_details") or {}
+        return int(details.get("cached_tokens") or 0)
+
+
+@dataclass
+class ReplyBuilder:
+    """The answer so far, from the chunks fed to it in order."""
+
+    id: str = ""
+    model: str = ""
+    text: str = ""
+    calls: dict[int, ReplyCall] = field(default_factory=dict)
+    finish_reason: str | None = None
+    usage: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def feed(self, chunk: Mapping[str, Any]) -> None:
+        self.id = self.id or str(chunk.get("id") or "")
+        self.model = self.model or str(chunk.get("model") or "")
+        if isinstance(chunk.get("usage"), dict):
+            self.usage = chunk["usage"]
+        if isinstance(chunk.get("timings"), dict):
+            self.timings = chunk["timings"]
+        for choice in chunk.get("choices") or ():
+            if choice.get("index", 0) != 0:
+                continue
+            delta = choice.get("delta") or {}
+            if delta.get("content"):
+                self.text += delta["content"]
+            for call in delta.get("tool_calls") or ():
+                self._call(call)
+            if choice.get("finish_reason"):
+                self.finish_reason = choice["finish_reason"]
+
+    def _call(self, delta: Mapping[str, Any]) -> None:
+        index = int(delta.get("index", len(self.calls)))
+        function = delta.get("function") or {}
+        call = self.calls.get(index)
+        if call is None:
+            call = self.calls[index] = ReplyCall(
+                id=str(delta.get("id") or f"call_{index}"), name=str(function.get("name") or "")
+            )
+        elif function.get("name"):
+            call.name = str(function["name"])
+        call.arguments += str(function.get("arguments") or "")
+
+    def reply(self) -> ChatReply:
+        return ChatReply(
+            id=self.id,
+            model=self.model,
+            text=self.text,
+            calls=[self.calls[i] for i in sorted(self.calls)],
+            finish_reason=self.finish_reason or "stop",
+            usage=self.usage,
+            timings=self.timings,
+        )
+
+
+def failure_of(chunk: Mapping[str, Any]) -> StreamFailed | None:
+    """The error a chunk carries (the engine or a peer failed mid-stream), else None."""
+    error = chunk.get("error")
+    if not isinstance(error, dict):
+        return None
+    message = str(error.get("message") or "the generation failed")
+    status = 502 if error.get("code") == "peer_unavailable" else 500
+    if error.get("type") == "invalid_request_error":
+        status = 400
+    return StreamFailed(message, status=status, body=dict(chunk))
+
+
+class ChatStream:
+    """The OpenAI chat stream of one generation, as parsed chunks."""
+
+    def __init__(self, response: OwnedStream) -> None:
+        self._response = response
+        # where it ran and which peers failed it first: the surface's answer says so too
+        self.headers = {k: v for k, v in response.headers.items() if k.startswith("x-pc-")}
+
+    async def chunks(self) -> AsyncGenerator[dict[str, Any], None]:
+        """Each chunk in order, up to ``[DONE]``; a failure mid-stream is the last one
+        (``failure_of`` tells it)."""
+        splitter = SseSplitter()
+        async for piece in self._response.body_iterator:
+            raw = piece.encode() if isinstance(piece, str) else bytes(piece)
+            for event in splitter.feed(raw):
+                if event.data is None or event.done:
+                    continue
+                try:
+                    chunk = json.loads(event.data)
+                except ValueError:
+                    continue  # a peer's comment or keep-alive: nothing of the answer
+                if isinstance(chunk, dict):
+                    yield chunk
+
+    async def reply(self, request: Request) -> ChatReply | None:
+        """The whole answer (the stream closed after it); None when the client left first
+        (the generation stops). A failure mid-stream raises ``StreamFailed``."""
+        builder = ReplyBuilder()
+
+        async def read() -> None:
+            async for chunk in self.chunks():
+                failure = failure_of(chunk)
+                if failure is not None:
+                    raise failure
+                builder.feed(chunk)
+
+        work = asyncio.ensure_future(read())
+        try:
+            if await left_before(work, request):
+                work.cancel()
+                return None
+            work.result()
+            return builder.reply()
+        finally:
+            if not work.done():
+                work.cancel()
+                await asyncio.gather(work, return_exceptions=True)
+            await self.aclose()
+
+    def respond(
+        self,
+        events: AsyncGenerator[Any, None],
+        media_type: str,
+        headers: Mapping[str, str] | None = None,
+    ) -> OwnedStream:
+        """A surface's own stream made from this one: closing it closes this."""
+        return OwnedStream(
+            events,
+            release=self.aclose,
+            media_type=media_type,
+            headers={
+                "Cache-Control": "no-cache",
+                "X-Accel-Buffering": "no",
+                **self.headers,
+                **(headers or {}),
+            },
+        )
+
+    async def aclose(self) -> None:
+        """Stop the generation if it still runs and give back what it holds; idempotent."""
+        await self._response.close()

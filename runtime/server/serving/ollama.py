@@ -1,0 +1,12 @@
+"""Ollama's native API (``/api/...``) over the one chat path (``chat_stream.py``)."""
+
+from __future__ import annotations
+
+from pcrt.runtime.server.services import Services
+
+__all__ = ["OllamaServing"]
+
+
+class OllamaServing:
+    def __init__(self, services: Services) -> None:
+        self.services = services
