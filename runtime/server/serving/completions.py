@@ -51,7 +51,7 @@ from pcrt.runtime.server.serving.watch import left_before
 from pcrt.runtime.sse import encode
 from pcrt.runtime.threads import to_thread_to_completion
 
-__all__ = ["CompletionsServing", "Generation"]
+__all__ = ["CompletionsServing", "Generation", "prepare_generation"]
 
 CHAT_ROUTE = "/v1/chat/completions"
 COMPLETIONS_ROUTE = "/v1/completions"
@@ -177,7 +177,7 @@ class Generation:
             acct.model = model.name
             # once per request, never per token: the stream itself stays on the loop
             request, tokens, tools = await to_thread_to_completion(
-                _prepare, model.engine, body, chat
+                prepare_generation, model.engine, body, chat
             )
             acct.admit(len(tokens))  # after every check: a refused prompt costs no quota
             handle = model.engine.submit(request, prepared=tokens)
@@ -201,7 +201,7 @@ class Generation:
         await self.__aexit__()
 
 
-def _prepare(
+def prepare_generation(
     engine: EngineClient, body: GenerationFields, chat: bool
 ) -> tuple[GenerateRequest, list[int], ToolPlan | None]:
     """The engine's request, its checked prompt tokens and its tool plan (in a worker
