@@ -73,6 +73,9 @@ class GgufInfo(BaseModel):
     chat_template: str | None
     tied_embeddings: bool
     tensor_bytes: TensorBytes
+    metadata: dict[str, Any] = {}
+    """Every key-value field but the chat template, arrays as None (a vocabulary is
+    large): what Ollama's ``/api/show`` calls ``model_info``."""
 
 
 def read_gguf_info(path: Path | str) -> GgufInfo:
@@ -158,6 +161,11 @@ def read_gguf_info(path: Path | str) -> GgufInfo:
         has_chat_template=bool(template),
         chat_template=template or None,
         tied_embeddings="output.weight" not in names,
+        metadata={
+            key: value(key)
+            for key in reader.fields
+            if not key.startswith("GGUF.") and key != "tokenizer.chat_template"
+        },
         tensor_bytes=TensorBytes(
             per_block=blocks,
             output=output,

@@ -86,6 +86,10 @@ class GenerationFields(BaseModel):
     repeat_penalty: float | None = Field(default=None, gt=0.0)
     grammar: str | None = None
     keep_alive: str | float | None = None
+    # Ollama's ``context`` (what /api/generate takes and gives back): token ids read before
+    # the prompt, and the prompt's and answer's ids on the stream's usage chunk
+    context: list[int] | None = None
+    return_tokens: bool = False
 
     def keep_alive_seconds(self) -> float | None:
         if self.keep_alive is None:

@@ -44,7 +44,7 @@ class Serving:
             completions=completions,
             embeddings=embeddings,
             models=ModelsServing(services),
-            ollama=OllamaServing(services),
+            ollama=OllamaServing(services, completions, embeddings),
             anthropic=AnthropicServing(services),
             responses=ResponsesServing(services),
         )

@@ -57,6 +57,7 @@ class ChatReply:
     finish_reason: str  # OpenAI's: stop, length, tool_calls
     usage: dict[str, Any]
     timings: dict[str, float]
+    tokens: list[int] | None = None  # the prompt's and answer's ids, when asked
 
     @property
     def prompt_tokens(self) -> int:
@@ -83,6 +84,7 @@ class ReplyBuilder:
     finish_reason: str | None = None
     usage: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    tokens: list[int] | None = None  # when the request asked (``return_tokens``)
 
     def feed(self, chunk: Mapping[str, Any]) -> None:
         self.id = self.id or str(chunk.get("id") or "")
@@ -91,12 +93,16 @@ class ReplyBuilder:
             self.usage = chunk["usage"]
         if isinstance(chunk.get("timings"), dict):
             self.timings = chunk["timings"]
+        if isinstance(chunk.get("tokens"), list):
+            self.tokens = chunk["tokens"]
         for choice in chunk.get("choices") or ():
             if choice.get("index", 0) != 0:
                 continue
             delta = choice.get("delta") or {}
             if delta.get("content"):
                 self.text += delta["content"]
+            if choice.get("text"):  # a text completion's chunk (a raw prompt)
+                self.text += choice["text"]
             for call in delta.get("tool_calls") or ():
                 self._call(call)
             if choice.get("finish_reason"):
@@ -123,6 +129,7 @@ class ReplyBuilder:
             finish_reason=self.finish_reason or "stop",
             usage=self.usage,
             timings=self.timings,
+            tokens=self.tokens,
         )
 
 

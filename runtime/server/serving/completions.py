@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import time
 from collections.abc import AsyncGenerator
@@ -77,11 +78,22 @@ class CompletionsServing:
         OpenAI chat chunks (here, or on a peer as a chat completion) and billed under that
         API's ``route``: the one engine path behind Ollama's, Anthropic's and Responses'
         surfaces. The caller reads the stream and closes it (``ChatStream.aclose``)."""
+        return await self._translated(request, body, route, chat=True)
+
+    async def text_stream(
+        self, request: Request, body: CompletionRequest, route: str
+    ) -> ChatStream:
+        """As ``chat_stream``, for a prompt the model reads as it is (Ollama's ``raw``)."""
+        return await self._translated(request, body, route, chat=False)
+
+    async def _translated(
+        self, request: Request, body: GenerationFields, route: str, *, chat: bool
+    ) -> ChatStream:
         body = body.model_copy(
             update={"stream": True, "stream_options": StreamOptions(include_usage=True)}
         )
         translated = body.model_dump(mode="json", exclude_none=True, by_alias=True)
-        response = await self._generate(request, body, route, chat=True, translated=translated)
+        response = await self._generate(request, body, route, chat=chat, translated=translated)
         return ChatStream(response)
 
     async def _generate(
@@ -100,10 +112,11 @@ class CompletionsServing:
             self.services, agent=agent_of(request, body.user), model=body.model, route=route
         )
         try:
+            openai_route = CHAT_ROUTE if chat else COMPLETIONS_ROUTE
             forwarded = await forward_if_routed(
                 request,
                 body,
-                CHAT_ROUTE if translated is not None else route,
+                openai_route if translated is not None else route,
                 chat,
                 acct,
                 translated=translated,
@@ -160,6 +173,7 @@ class Generation:
         self.handle = handle
         self.tools = tools  # what the request's tools ask of the reply
         self.load_seconds = load_seconds  # waiting for the model (loading it, if it was not)
+        self.prompt: list[int] = []  # the prompt's token ids, as the engine reads them
         self._lease = lease
         self._closed = False
 
@@ -181,7 +195,9 @@ class Generation:
             )
             acct.admit(len(tokens))  # after every check: a refused prompt costs no quota
             handle = model.engine.submit(request, prepared=tokens)
-            return cls(model, handle, lease.pop_all(), tools, loading)
+            generation = cls(model, handle, lease.pop_all(), tools, loading)
+            generation.prompt = tokens
+            return generation
 
     async def __aenter__(self) -> Generation:
         return self
@@ -249,6 +265,8 @@ def prepare_generation(
             assert isinstance(body, CompletionRequest)
             sampling = body.sampling(default_max, None)
             request = GenerateRequest(prompt=body.prompt_value(), sampling=sampling, n=body.n)
+        if body.context:
+            request = _after_context(engine, request, body.context)
         return request, engine.prepare(request), tools
     except ContextLengthExceeded as exc:
         exc.param = "messages" if chat else "prompt"  # the field that holds the text
@@ -261,6 +279,21 @@ def prepare_generation(
         else:
             exc.param = ".".join(p for p in ("response_format.json_schema.schema", exc.where) if p)
         raise
+
+
+def _after_context(
+    engine: EngineClient, request: GenerateRequest, context: list[int]
+) -> GenerateRequest:
+    """The request as token ids that follow ``context`` (Ollama's: an earlier prompt and
+    answer): the new prompt (its chat template's text, for messages) tokenized without a
+    second BOS, after them; the KV cache and the chunk store find the shared prefix."""
+    if request.messages is not None:
+        tools = list(request.tools) if request.tools else None
+        text: str | list[int] = engine.chat.render(request.messages, tools)
+    else:
+        text = request.prompt or ""
+    tokens = engine.model.tokenize(text, add_special=False) if isinstance(text, str) else text
+    return dataclasses.replace(request, prompt=[*context, *tokens], messages=None, tools=None)
 
 
 async def _collect(handle: RequestHandle, request: Request) -> Completion | None:
@@ -455,7 +488,10 @@ async def _stream(
             result = handle.result
             assert result is not None
             if include_usage:
-                yield chunk([], usage=_usage(result), timings=_timings(result, generation))
+                extra: dict[str, Any] = {"timings": _timings(result, generation)}
+                if body.return_tokens:  # Ollama's context: what was read and written
+                    extra["tokens"] = [*generation.prompt, *result.choices[0].tokens]
+                yield chunk([], usage=_usage(result), **extra)
             yield _DONE
             status = 200
             acct.finished(result, status)

@@ -35,9 +35,19 @@ class EmbeddingsServing:
     def __init__(self, services: Services) -> None:
         self.services = services
 
-    async def create_embedding(self, body: EmbeddingRequest, request: Request) -> Any:
+    async def create_embedding(
+        self,
+        body: EmbeddingRequest,
+        request: Request,
+        *,
+        route: str = ROUTE,
+        keep_alive: float | None = None,
+    ) -> Any:
+        """OpenAI's answer (a dict), or the response to a client that left. ``route``: the
+        route billed (Ollama's embed routes come here too); ``keep_alive``: how long the
+        model stays loaded after (None: as it was)."""
         acct = Accounting(
-            self.services, agent=agent_of(request, body.user), model=body.model, route=ROUTE
+            self.services, agent=agent_of(request, body.user), model=body.model, route=route
         )
         settings = self.services.settings
         try:
@@ -48,7 +58,7 @@ class EmbeddingsServing:
                     f"{settings.max_embedding_inputs} (max_embedding_inputs): split them over "
                     "several requests"
                 )
-            async with self.services.pool.lease(body.model) as model:
+            async with self.services.pool.lease(body.model, keep_alive) as model:
                 acct.model = model.name
                 prepared = await model.engine.prepare_embeddings(
                     inputs, max_total_tokens=settings.max_embedding_tokens

@@ -1,12 +1,413 @@
-"""Ollama's native API (``/api/...``) over the one chat path (``chat_stream.py``)."""
+"""Ollama's native API (``/api/...``) over the one chat path (``chat_stream.py``).
+
+Generations (``/api/chat``, ``/api/generate``) are translated into OpenAI's chat (or, for
+a ``raw`` prompt, text) request and run where the completions run: the same pool, limits,
+usage rows, tools and peers. Their answers stream as Ollama's NDJSON lines, the last one
+``done: true`` with Ollama's counts and durations (nanoseconds, measured: the load wait,
+the prompt's evaluation and the decoding from the engine's own clock). Options pcrt
+cannot honour are named in the ``X-PC-Unhonoured-Options`` header, never dropped unseen.
+
+The model routes (``tags``, ``show``, ``ps``, ``pull``, ``delete``) answer from the
+registry, the GGUF's own metadata and the pool, in Ollama's shapes; embeddings go through
+the embeddings serving. Errors leave as ``{"error": message}`` (``http_errors``).
+"""
 
 from __future__ import annotations
 
-from pcrt.runtime.server.services import Services
+import json
+import math
+import time
+from collections.abc import AsyncGenerator
+from datetime import UTC, datetime
+from typing import Any
 
-__all__ = ["OllamaServing"]
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
+
+from pcrt.runtime.errors import InvalidRequest
+from pcrt.runtime.server.http_errors import client_left, status_and_body
+from pcrt.runtime.server.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from pcrt.runtime.server.schemas.ollama import (
+    OllamaChatRequest,
+    OllamaEmbeddingsRequest,
+    OllamaEmbedRequest,
+    OllamaGenerateRequest,
+    OllamaMessage,
+    OllamaOptions,
+)
+from pcrt.runtime.server.services import Services
+from pcrt.runtime.server.serving.chat_stream import ChatReply, ChatStream, ReplyBuilder, failure_of
+from pcrt.runtime.server.serving.completions import CompletionsServing
+from pcrt.runtime.server.serving.embeddings import EmbeddingsServing
+from pcrt.runtime.server.serving.ollama_models import OllamaModels
+from pcrt.runtime.server.settings import parse_duration
+
+__all__ = [
+    "OLLAMA_VERSION",
+    "UNHONOURED_HEADER",
+    "OllamaServing",
+    "chat_request",
+    "model_name",
+    "openai_messages",
+    "sampling_fields",
+]
+
+# the version of Ollama's API these routes follow (clients gate features on it)
+OLLAMA_VERSION = "0.12.6"
+UNHONOURED_HEADER = "X-PC-Unhonoured-Options"
+NDJSON = "application/x-ndjson"
+CHAT_ROUTE = "/api/chat"
+GENERATE_ROUTE = "/api/generate"
+
+# options with a pcrt sampling field of the same meaning
+_SAMPLING_OPTIONS = (
+    "temperature",
+    "top_k",
+    "top_p",
+    "min_p",
+    "seed",
+    "repeat_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+)
+
+
+def model_name(name: str) -> str:
+    """The registry's name for an Ollama model name: ``name:latest`` is ``name``."""
+    return name.removesuffix(":latest")
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
+
+
+def _ns(milliseconds: float | None) -> int:
+    return int((milliseconds or 0.0) * 1_000_000)
 
 
 class OllamaServing:
-    def __init__(self, services: Services) -> None:
+    def __init__(
+        self,
+        services: Services,
+        completions: CompletionsServing,
+        embeddings: EmbeddingsServing,
+    ) -> None:
         self.services = services
+        self.completions = completions
+        self.embeddings = embeddings
+        self.models = OllamaModels(services)
+
+    # -- generations ----------------------------------------------------------------
+
+    async def chat(self, body: OllamaChatRequest, request: Request) -> Response:
+        started = time.perf_counter()
+        if not body.messages:  # Ollama's way to load (or, keep_alive 0, unload) a model
+            return await self._load_or_unload(body.model, body.keep_alive, {"message": _said("")})
+        _refuse_thinking(body.think, body.model)
+        openai, unhonoured = chat_request(body)
+        stream = await self.completions.chat_stream(request, openai, CHAT_ROUTE)
+        lines = _Lines(body.model, started, chat=True)
+        return await self._answer(stream, lines, body.stream, unhonoured, request)
+
+    async def generate(self, body: OllamaGenerateRequest, request: Request) -> Response:
+        started = time.perf_counter()
+        if not body.prompt and not body.context:
+            return await self._load_or_unload(body.model, body.keep_alive, {"response": ""})
+        _refuse_thinking(body.think, body.model)
+        for field, why in (
+            ("images", "this model reads no images"),
+            ("suffix", "fill-in-the-middle is not supported"),
+            ("template", "send raw: true with the prompt already in the model's format"),
+        ):
+            if getattr(body, field):
+                raise _invalid(f"{field}: {why}", field)
+        fields, unhonoured = sampling_fields(body.options, body)
+        fields["return_tokens"] = True  # the answer's context
+        fields["context"] = body.context
+        if body.raw:  # the prompt as it is, no template (Ollama ignores system then)
+            text = _validated(CompletionRequest, {**fields, "prompt": body.prompt})
+            stream = await self.completions.text_stream(request, text, GENERATE_ROUTE)
+        else:
+            messages = [{"role": "system", "content": body.system}] if body.system else []
+            messages.append({"role": "user", "content": body.prompt})
+            chat = _validated(ChatCompletionRequest, {**fields, "messages": messages})
+            stream = await self.completions.chat_stream(request, chat, GENERATE_ROUTE)
+        lines = _Lines(body.model, started, chat=False)
+        return await self._answer(stream, lines, body.stream, unhonoured, request)
+
+    async def _answer(
+        self,
+        stream: ChatStream,
+        lines: _Lines,
+        streamed: bool,
+        unhonoured: list[str],
+        request: Request,
+    ) -> Response:
+        headers = {UNHONOURED_HEADER: ", ".join(unhonoured)} if unhonoured else {}
+        if streamed:
+            return stream.respond(lines.stream(stream), NDJSON, headers)
+        reply = await stream.reply(request)
+        if reply is None:
+            return client_left()
+        return JSONResponse(lines.whole(reply), headers={**stream.headers, **headers})
+
+    async def _load_or_unload(
+        self, name: str, keep_alive: str | float | None, empty: dict[str, Any]
+    ) -> JSONResponse:
+        """An empty prompt: load the model (keeping it ``keep_alive``), or unload it now
+        (``keep_alive`` 0), as Ollama's clients do to warm or free a model."""
+        seconds = _keep_alive(keep_alive)
+        pool = self.services.pool
+        entry = pool.registry.resolve(model_name(name))  # an unknown model is a 404
+        if seconds == 0:
+            await pool.unload(entry.name)
+            reason = "unload"
+        else:
+            async with pool.lease(entry.name, seconds):
+                reason = "load"
+        return JSONResponse(
+            {"model": name, "created_at": _now(), **empty, "done": True, "done_reason": reason}
+        )
+
+    # -- embeddings -----------------------------------------------------------------
+
+    async def embed(self, body: OllamaEmbedRequest, request: Request) -> Any:
+        started = time.perf_counter()
+        inputs = body.inputs()
+        if not inputs or not all(inputs):
+            raise _invalid("input: give a non-empty text, or a list of them", "input")
+        openai = EmbeddingRequest(model=model_name(body.model), input=inputs)
+        answer = await self.embeddings.create_embedding(
+            openai, request, route="/api/embed", keep_alive=_keep_alive(body.keep_alive)
+        )
+        if not isinstance(answer, dict):
+            return answer  # the client left
+        vectors = [_shortened(d["embedding"], body.dimensions) for d in answer["data"]]
+        return {
+            "model": body.model,
+            "embeddings": vectors,
+            "total_duration": int((time.perf_counter() - started) * 1e9),
+            "load_duration": 0,
+            "prompt_eval_count": answer["usage"]["prompt_tokens"],
+        }
+
+    async def embeddings_legacy(self, body: OllamaEmbeddingsRequest, request: Request) -> Any:
+        """``/api/embeddings``: one prompt, one vector (``{"embedding": [...]}``)."""
+        if not body.prompt:
+            raise _invalid("prompt: give a non-empty text", "prompt")
+        openai = EmbeddingRequest(model=model_name(body.model), input=body.prompt)
+        answer = await self.embeddings.create_embedding(
+            openai, request, route="/api/embeddings", keep_alive=_keep_alive(body.keep_alive)
+        )
+        if not isinstance(answer, dict):
+            return answer
+        return {"embedding": answer["data"][0]["embedding"]}
+
+
+class _Lines:
+    """One generation's answer as Ollama's lines: a line per piece while it streams, then
+    the closing line with ``done: true``, the counts and the durations."""
+
+    def __init__(self, model: str, started: float, *, chat: bool) -> None:
+        self.model = model
+        self.started = started
+        self.chat = chat
+
+    def piece(self, text: str, calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        line: dict[str, Any] = {"model": self.model, "created_at": _now()}
+        if self.chat:
+            line["message"] = _said(text, calls)
+        else:
+            line["response"] = text
+        line["done"] = False
+        return line
+
+    def last(
+        self, reply: ChatReply, text: str = "", calls: list[dict[str, Any]] | None = None
+    ) -> dict[str, Any]:
+        """The closing line; ``text`` and ``calls``: the whole answer, when nothing
+        streamed before it."""
+        line = self.piece(text, calls)
+        timings = reply.timings
+        line.update(
+            done=True,
+            done_reason="length" if reply.finish_reason == "length" else "stop",
+            total_duration=int((time.perf_counter() - self.started) * 1e9),
+            load_duration=_ns(timings.get("load_ms")),
+            prompt_eval_count=reply.prompt_tokens,
+            prompt_eval_duration=_ns(timings.get("prompt_ms")),
+            eval_count=reply.completion_tokens,
+            eval_duration=_ns(timings.get("predicted_ms")),
+        )
+        if not self.chat and reply.tokens is not None:
+            line["context"] = reply.tokens
+        return line
+
+    def whole(self, reply: ChatReply) -> dict[str, Any]:
+        return self.last(reply, reply.text, _ollama_calls(reply) or None)
+
+    async def stream(self, stream: ChatStream) -> AsyncGenerator[str, None]:
+        built = ReplyBuilder()
+        async for chunk in stream.chunks():
+            failure = failure_of(chunk)
+            if failure is not None:  # Ollama's clients read an error line mid-stream
+                _, body, _ = status_and_body(failure)
+                yield _line({"error": body["error"]["message"]})
+                return
+            built.feed(chunk)
+            for choice in chunk.get("choices") or ():
+                delta = choice.get("delta") or {}
+                text = delta.get("content") or choice.get("text")
+                if text and choice.get("index", 0) == 0:
+                    yield _line(self.piece(text))
+        reply = built.reply()
+        if reply.calls:  # Ollama sends a reply's calls whole, arguments as objects
+            yield _line(self.piece("", _ollama_calls(reply)))
+        yield _line(self.last(reply))
+
+
+def _line(data: dict[str, Any]) -> str:
+    return json.dumps(data, ensure_ascii=False) + "\n"
+
+
+def _said(text: str, calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    if calls:
+        message["tool_calls"] = calls
+    return message
+
+
+def _ollama_calls(reply: ChatReply) -> list[dict[str, Any]]:
+    return [
+        {
+            "id": call.id,
+            "function": {"index": i, "name": call.name, "arguments": call.parsed_arguments()},
+        }
+        for i, call in enumerate(reply.calls)
+    ]
+
+
+# -- requests ---------------------------------------------------------------------------
+
+
+def chat_request(body: OllamaChatRequest) -> tuple[ChatCompletionRequest, list[str]]:
+    """Ollama's chat request as OpenAI's, and the options it could not honour."""
+    fields, unhonoured = sampling_fields(body.options, body)
+    values: dict[str, Any] = {**fields, "messages": openai_messages(body.messages)}
+    if body.tools:
+        values["tools"] = body.tools
+    return _validated(ChatCompletionRequest, values), unhonoured
+
+
+def openai_messages(messages: list[OllamaMessage]) -> list[dict[str, Any]]:
+    """Ollama's messages as OpenAI's: calls get ids (Ollama's carry none), arguments
+    become JSON text, and each tool result names the call it answers (by ``tool_name``
+    among the calls not yet answered, else the first of them)."""
+    out: list[dict[str, Any]] = []
+    waiting: list[tuple[str, str]] = []  # (call id, tool name) not answered yet
+    for i, message in enumerate(messages):
+        if message.images:
+            raise _invalid("this model reads no images", f"messages[{i}].images")
+        entry: dict[str, Any] = {"role": message.role, "content": message.content}
+        if message.role == "assistant" and message.tool_calls:
+            calls = []
+            for j, call in enumerate(message.tool_calls):
+                call_id = call.id or f"call_{i}_{j}"
+                arguments = call.function.arguments
+                text = arguments if isinstance(arguments, str) else json.dumps(arguments)
+                calls.append(
+                    {
+                        "id": call_id,
+                        "type": "function",
+                        "function": {"name": call.function.name, "arguments": text},
+                    }
+                )
+                waiting.append((call_id, call.function.name))
+            entry["tool_calls"] = calls
+        elif message.role == "tool":
+            entry["tool_call_id"] = message.tool_call_id or _answered(waiting, message.tool_name)
+        out.append(entry)
+    return out
+
+
+def _answered(waiting: list[tuple[str, str]], name: str | None) -> str:
+    for k, (call_id, tool) in enumerate(waiting):
+        if name is None or tool == name:
+            del waiting[k]
+            return call_id
+    return f"call_{name or 'unknown'}"
+
+
+def sampling_fields(
+    options: OllamaOptions | None, body: OllamaChatRequest | OllamaGenerateRequest
+) -> tuple[dict[str, Any], list[str]]:
+    """OpenAI's request fields for Ollama's model, options, format and keep-alive, and
+    the options pcrt does not honour (named back to the client)."""
+    fields: dict[str, Any] = {"model": model_name(body.model)}
+    if body.keep_alive is not None:
+        fields["keep_alive"] = body.keep_alive
+    unhonoured = []
+    if options is not None:
+        for name in _SAMPLING_OPTIONS:
+            value = getattr(options, name)
+            if value is not None:
+                fields[name] = value
+        if options.stop is not None:
+            fields["stop"] = options.stop
+        # Ollama's num_predict: -1 (and -2) mean "until the context is full"
+        if options.num_predict is not None and options.num_predict >= 0:
+            fields["max_tokens"] = options.num_predict
+        if options.num_ctx is not None:
+            unhonoured.append("num_ctx (contexts are sized per daemon: pcrt serve --context)")
+        unhonoured += sorted(options.unknown())
+    if body.format == "json":
+        fields["response_format"] = {"type": "json_object"}
+    elif isinstance(body.format, dict):
+        schema = {"name": "format", "schema": body.format}
+        fields["response_format"] = {"type": "json_schema", "json_schema": schema}
+    return fields, unhonoured
+
+
+def _validated(
+    kind: type[ChatCompletionRequest] | type[CompletionRequest], values: dict[str, Any]
+) -> Any:
+    """The translated request, checked as OpenAI's routes check theirs: a value Ollama's
+    shape let through but pcrt refuses is a 400 that names it."""
+    try:
+        return kind.model_validate(values)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        message = str(first["msg"]).removeprefix("Value error, ")
+        raise _invalid(f"{where}: {message}" if where else message, where or None) from None
+
+
+def _invalid(message: str, param: str | None) -> InvalidRequest:
+    error = InvalidRequest(message)
+    error.param = param
+    return error
+
+
+def _refuse_thinking(think: object, model: str) -> None:
+    if think not in (None, False):
+        raise _invalid(f'"{model}" does not support thinking', "think")
+
+
+def _keep_alive(value: str | float | None) -> float | None:
+    """Ollama's keep_alive in seconds: "5m", 300, "-1" or a negative number (forever)."""
+    if value is None:
+        return None
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise _invalid(str(exc), "keep_alive") from None
+
+
+def _shortened(vector: list[float], dimensions: int | None) -> list[float]:
+    """Ollama's ``dimensions``: the vector's first N values, unit length again."""
+    if dimensions is None or dimensions >= len(vector):
+        return vector
+    head = vector[:dimensions]
+    norm = math.sqrt(sum(v * v for v in head)) or 1.0
+    return [v / norm for v in head]
