@@ -57,6 +57,7 @@ class ChatReply:
     finish_reason: str  # OpenAI's: stop, length, tool_calls
     usage: dict[str, Any]
     timings: dict[str, float]
+    stop_sequence: str | None = None  # the stop string that ended it (finish_reason stop)
 
     @property
     def prompt_tokens(self) -> int:
@@ -81,6 +82,7 @@ class ReplyBuilder:
     text: str = ""
     calls: dict[int, ReplyCall] = field(default_factory=dict)
     finish_reason: str | None = None
+    stop_sequence: str | None = None
     usage: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -101,6 +103,8 @@ class ReplyBuilder:
                 self._call(call)
             if choice.get("finish_reason"):
                 self.finish_reason = choice["finish_reason"]
+            if isinstance(choice.get("stop_reason"), str):  # vLLM's: which stop string
+                self.stop_sequence = choice["stop_reason"]
 
     def _call(self, delta: Mapping[str, Any]) -> None:
         index = int(delta.get("index", len(self.calls)))
@@ -123,6 +127,7 @@ class ReplyBuilder:
             finish_reason=self.finish_reason or "stop",
             usage=self.usage,
             timings=self.timings,
+            stop_sequence=self.stop_sequence,
         )
 
 
