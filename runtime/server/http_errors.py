@@ -186,6 +186,10 @@ def in_shape_of(path: str, status: int, body: dict[str, Any]) -> dict[str, Any]:
     if path.startswith("/api/"):
         return {"error": message}
     if path == "/v1/messages" or path.startswith("/v1/messages/"):
+        # Anthropic's error has no field for the param: the message names it
+        param = error.get("param")
+        if isinstance(param, str) and param and param not in message:
+            message = f"{param}: {message}"
         fallback = "api_error" if status >= 500 else "invalid_request_error"
         kind = _ANTHROPIC_TYPES.get(status, fallback)
         return {"type": "error", "error": {"type": kind, "message": message}}
