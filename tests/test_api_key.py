@@ -83,8 +83,11 @@ def test_every_route_but_health_needs_the_key(server: LiveServer) -> None:
             assert without.status_code == 200, (method, path, without.text)
             continue
         assert _refused_for_the_key(without), (method, path, without.status_code, without.text)
-        if not path.startswith(("/api/", "/v1/messages")) and path != "/":  # OpenAI's shape
-            assert without.json()["error"]["code"] == "invalid_api_key"
+        error = without.json()["error"]
+        if path.startswith("/v1/messages"):  # Anthropic's shape: its type says why
+            assert error["type"] == "authentication_error", (method, path, error)
+        elif not path.startswith("/api/") and path != "/":  # Ollama's is the message alone
+            assert error["code"] == "invalid_api_key"
         assert _refused_for_the_key(wrong), (method, path, wrong.status_code, wrong.text)
         # with the key, the route itself answers (a peer's route asks for a signature)
         assert not _refused_for_the_key(with_key), (method, path, with_key.text)

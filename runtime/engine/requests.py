@@ -80,6 +80,7 @@ class FinishEvent:
     index: int
     finish_reason: FinishReason
     text: str  # the branch's whole output
+    stop: str | None = None  # the stop string that ended it (APIs that name it: Anthropic's)
 
 
 Event: TypeAlias = TokenEvent | CheckpointEvent | FinishEvent

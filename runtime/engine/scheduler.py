@@ -642,7 +642,8 @@ class Scheduler:
             with_tail = not job.handle.request.export_state
             self._chunks.spill(br.slot, with_tail=with_tail, payload=payload)
         self._release(br)
-        job.outbox.append(FinishEvent(br.choice.index, reason, br.choice.text))
+        stop = br.stream.stopped_by
+        job.outbox.append(FinishEvent(br.choice.index, reason, br.choice.text, stop))
         if not any(b.active for b in job.branches):
             self._running.remove(job)
             job.outbox.append(self._completion(job))

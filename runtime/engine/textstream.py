@@ -18,6 +18,7 @@ class TextStream:
         self._stops = stops
         self._pending = ""  # decoded but not emitted (could start a stop string)
         self.stopped = False
+        self.stopped_by: str | None = None  # the stop string that ended the text
 
     def feed(self, piece: bytes) -> str:
         """Add a token's bytes; return the text that is now safe to emit."""
@@ -27,8 +28,9 @@ class TextStream:
         if not self._stops:
             out, self._pending = self._pending, ""
             return out
-        cut = self._first_stop()
-        if cut is not None:
+        first = self._first_stop()
+        if first is not None:
+            cut, self.stopped_by = first
             self.stopped = True
             out, self._pending = self._pending[:cut], ""
             return out
@@ -45,8 +47,9 @@ class TextStream:
         out, self._pending = self._pending, ""
         return out
 
-    def _first_stop(self) -> int | None:
-        found = [i for i in (self._pending.find(s) for s in self._stops) if i >= 0]
+    def _first_stop(self) -> tuple[int, str] | None:
+        """Where the first stop string begins, and which one it is."""
+        found = [(at, stop) for stop in self._stops if (at := self._pending.find(stop)) >= 0]
         return min(found) if found else None
 
     def _held_suffix(self) -> int:

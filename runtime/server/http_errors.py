@@ -183,9 +183,16 @@ def in_shape_of(path: str, status: int, body: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(error, dict):
         return body
     message = str(error.get("message") or "")
+    # neither Ollama's error nor Anthropic's has a field for the param: the message names it
+    param = error.get("param")
+    if isinstance(param, str) and param and param not in message:
+        named = f"{param}: {message}"
+    else:
+        named = message
     if path.startswith("/api/"):
-        return {"error": message}
+        return {"error": named}
     if path == "/v1/messages" or path.startswith("/v1/messages/"):
+        message = named
         fallback = "api_error" if status >= 500 else "invalid_request_error"
         kind = _ANTHROPIC_TYPES.get(status, fallback)
         return {"type": "error", "error": {"type": kind, "message": message}}

@@ -58,6 +58,7 @@ class ChatReply:
     usage: dict[str, Any]
     timings: dict[str, float]
     tokens: list[int] | None = None  # the prompt's and answer's ids, when asked
+    stop_sequence: str | None = None  # the stop string that ended it (finish_reason stop)
 
     @property
     def prompt_tokens(self) -> int:
@@ -82,6 +83,7 @@ class ReplyBuilder:
     text: str = ""
     calls: dict[int, ReplyCall] = field(default_factory=dict)
     finish_reason: str | None = None
+    stop_sequence: str | None = None
     usage: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     tokens: list[int] | None = None  # when the request asked (``return_tokens``)
@@ -107,6 +109,8 @@ class ReplyBuilder:
                 self._call(call)
             if choice.get("finish_reason"):
                 self.finish_reason = choice["finish_reason"]
+            if isinstance(choice.get("stop_reason"), str):  # vLLM's: which stop string
+                self.stop_sequence = choice["stop_reason"]
 
     def _call(self, delta: Mapping[str, Any]) -> None:
         index = int(delta.get("index", len(self.calls)))
@@ -130,6 +134,7 @@ class ReplyBuilder:
             usage=self.usage,
             timings=self.timings,
             tokens=self.tokens,
+            stop_sequence=self.stop_sequence,
         )
 
 

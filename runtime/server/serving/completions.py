@@ -479,6 +479,8 @@ async def _stream(
                                 yield chunk([choice(event.index, None, None, delta=delta)])
                         rest = logprobs_of(event.index) if held[event.index] else None
                         last = choice(event.index, None if chat else "", reason, logprobs=rest)
+                        if event.stop is not None:  # vLLM's extra: the stop string matched
+                            last["stop_reason"] = event.stop
                         yield chunk([last])
             except PcrtError as exc:  # the engine failed mid-stream: say so in the stream
                 status, payload, _ = status_and_body(exc)
