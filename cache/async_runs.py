@@ -23,6 +23,7 @@ import functools
 from collections.abc import Callable, Collection, Sequence
 from typing import Any, TypeVar
 
+from pcrt.cache.responses import ResponseStore, StoredResponse
 from pcrt.cache.runs import (
     NodeFinished,
     NodeRecord,
@@ -31,7 +32,6 @@ from pcrt.cache.runs import (
     RunRecord,
     RunStore,
 )
-from pcrt.cache.responses import ResponseStore, StoredResponse
 from pcrt.cache.status import CallStatus, RunStatus
 from pcrt.cache.tool_calls import CallRecord, NewCall, ToolCallStore
 from pcrt.runtime.threads import to_thread_to_completion

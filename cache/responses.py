@@ -75,8 +75,7 @@ class ResponseStore:
         with self.store.lock:
             rows = list(
                 self.store.db.query(
-                    "select id, agent, model, conversation, response from responses"
-                    " where id = ?",
+                    "select id, agent, model, conversation, response from responses where id = ?",
                     [response_id],
                 )
             )
