@@ -68,7 +68,7 @@ class ResponsesServing:
         """``DELETE /v1/responses/{id}``."""
         if not await self.services.responses.delete(response_id):
             raise NotFound(f"no stored response {response_id!r}", param="response_id")
-        return {"id": response_id, "object": "response.deleted", "deleted": True}
+        return {"id": response_id, "object": "response", "deleted": True}  # as OpenAI answers
 
     async def _continued(self, response_id: str | None) -> list[dict[str, Any]]:
         """The input items of the conversation ``previous_response_id`` continues."""
