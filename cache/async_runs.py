@@ -1,5 +1,6 @@
-"""The run store as the event loop uses it: ``AsyncRunStore``, each method the same-named
-``RunStore`` method awaited in a worker thread.
+"""The stores as the event loop uses them: ``AsyncRunStore``, each method the same-named
+``RunStore`` method awaited in a worker thread (and ``AsyncToolCalls``, ``AsyncResponses``
+likewise for the tool calls' and the stored responses' stores).
 
 Why two classes. A ``RunStore`` call blocks: a statement, the store's lock (a worker
 thread writing a checkpoint's record holds it), a commit's fsync, a WAL checkpoint (tens
@@ -22,6 +23,7 @@ import functools
 from collections.abc import Callable, Collection, Sequence
 from typing import Any, TypeVar
 
+from pcrt.cache.responses import ResponseStore, StoredResponse
 from pcrt.cache.runs import (
     NodeFinished,
     NodeRecord,
@@ -34,7 +36,7 @@ from pcrt.cache.status import CallStatus, RunStatus
 from pcrt.cache.tool_calls import CallRecord, NewCall, ToolCallStore
 from pcrt.runtime.threads import to_thread_to_completion
 
-__all__ = ["AsyncRunStore", "AsyncToolCalls"]
+__all__ = ["AsyncResponses", "AsyncRunStore", "AsyncToolCalls"]
 
 T = TypeVar("T")
 
@@ -174,3 +176,20 @@ class AsyncToolCalls:
 
     async def imported(self, run_id: str, calls: Sequence[dict[str, Any]]) -> None:
         await _in_thread(self.sync.imported, run_id, calls)
+
+
+class AsyncResponses:
+    """``ResponseStore``, awaited: every call in a worker thread (the Responses API's
+    routes run on the loop)."""
+
+    def __init__(self, responses: ResponseStore) -> None:
+        self.sync = responses
+
+    async def put(self, stored: StoredResponse) -> None:
+        await _in_thread(self.sync.put, stored)
+
+    async def get(self, response_id: str) -> StoredResponse | None:
+        return await _in_thread(self.sync.get, response_id)
+
+    async def delete(self, response_id: str) -> bool:
+        return await _in_thread(self.sync.delete, response_id)

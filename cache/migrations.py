@@ -325,3 +325,24 @@ def m012_kv_chunks(db: sqlite_utils.Database) -> None:
         )
         """
     )
+
+
+@migration
+def m013_responses(db: sqlite_utils.Database) -> None:
+    """Responses stored for ``previous_response_id`` and ``GET /v1/responses/{id}`` (issue
+    20): each one's conversation (the input items its model read, the instructions aside,
+    which OpenAI does not carry over) and the Response object as it was answered. ``seq``
+    orders them for the bound on how many are kept (``cache/responses.py``)."""
+    db.execute(
+        """
+        create table responses (
+            seq integer primary key autoincrement,  -- never reused: oldest first
+            id text not null unique,
+            agent text not null,
+            model text not null,
+            created_at text not null,
+            conversation text not null,  -- JSON: the input items, in order
+            response text not null       -- JSON: the Response object
+        )
+        """
+    )

@@ -26,6 +26,7 @@ SHIPPED = [
     "m010_run_agent",
     "m011_tool_calls",
     "m012_kv_chunks",
+    "m013_responses",
 ]
 
 

@@ -30,8 +30,10 @@ from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from pathlib import Path
 from typing import Any
 
+from pcrt.cache.async_runs import AsyncResponses
 from pcrt.cache.blobs import BlobStore
 from pcrt.cache.chunks import ChunkStore
+from pcrt.cache.responses import ResponseStore
 from pcrt.cache.runs import RunStore
 from pcrt.cache.status import RunStatus
 from pcrt.cache.store import Store
@@ -96,6 +98,7 @@ async def running_services(
 
         blobs = BlobStore(store, reg.paths.home / "blobs", max_bytes=settings.blob_max_bytes)
         runs = RunStore(store)
+        responses = AsyncResponses(ResponseStore(store, kept=settings.responses_kept))
         limiter = RateLimiter(settings.limits, clock)
         metrics = Metrics(_live_gauges(pool), chunks=chunks.stats if chunks else None)
         # MCP servers start here, each within its connect_timeout; one that fails is a
@@ -158,6 +161,7 @@ async def running_services(
             coordinator=coordinator,
             node=node,
             tools=tools,
+            responses=responses,
         )
 
         interrupted = await dags.runs.mark_interrupted()  # runs a dead daemon left "running"

@@ -17,6 +17,7 @@ from typing import Any
 
 from fastapi import Request
 
+from pcrt.cache.async_runs import AsyncResponses
 from pcrt.cache.blobs import BlobStore
 from pcrt.cache.chunks import ChunkStore
 from pcrt.cache.usage import UsageLog, UsageRecord
@@ -76,6 +77,7 @@ class Services:
     coordinator: Coordinator  # peers: discovery, health, routing decisions
     node: NodeInfo  # what this node offers, for peers and the policy
     tools: ToolRegistry  # the [tools] agents call (entered: MCP sessions are open)
+    responses: AsyncResponses  # the Responses API's stored responses (store: true)
     chunks: ChunkStore | None = None  # the KV chunk store engines share (None: turned off)
     state: str = DaemonState.STARTING
     # begins the drain from a signal handler, thread-safe (cli/serve.py)

@@ -136,6 +136,9 @@ class ServerSettings(BaseModel):
     # deterministic DAG nodes and calls remembered by their inputs (least recently used
     # go first; 0 remembers none)
     dag_cache_entries: int = Field(default=10_000, ge=0)
+    # Responses API responses stored (store: true) for previous_response_id and GET; the
+    # oldest go first past it (cache/responses.py)
+    responses_kept: int = Field(default=1000, ge=1)
     device_refresh: float = Field(default=5.0, gt=0)  # seconds between live device readings
     # KV state blobs (issue 5): the store's size bound (LRU eviction of finished runs'
     # states; None: unbounded) and the largest state PUT /v1/states accepts

@@ -46,7 +46,7 @@ class Serving:
             models=ModelsServing(services),
             ollama=OllamaServing(services, completions, embeddings),
             anthropic=AnthropicServing(services),
-            responses=ResponsesServing(services),
+            responses=ResponsesServing(services, completions),
         )
 
 
