@@ -45,7 +45,7 @@ class Serving:
             embeddings=embeddings,
             models=ModelsServing(services),
             ollama=OllamaServing(services, completions, embeddings),
-            anthropic=AnthropicServing(services),
+            anthropic=AnthropicServing(services, completions),
             responses=ResponsesServing(services, completions),
         )
 

@@ -74,9 +74,9 @@ Event = tuple[str, dict[str, Any]]  # an SSE event's name and its data
 class AnthropicServing:
     """Anthropic's Messages API over the completions' one chat path."""
 
-    def __init__(self, services: Services) -> None:
+    def __init__(self, services: Services, completions: CompletionsServing) -> None:
         self.services = services
-        self.completions = CompletionsServing(services)  # the one chat path (no state)
+        self.completions = completions  # the one chat path
 
     async def create_message(self, body: MessagesRequest, request: Request) -> Any:
         chat = chat_request_of(body)
