@@ -1,0 +1,127 @@
+"""Ollama's, Anthropic's and the Responses API's requests for a model only a peer has:
+each is translated into a chat completion, sent to the peer (here a pcrt daemon listed as
+a static OpenAI-compatible peer, on the real model), and its answer comes back in the
+client's own API, streamed or not, with the edge's usage row naming the surface's route
+and the peer it ran on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import anthropic
+import httpx
+import ollama
+import pytest
+
+from pcrt.routing.settings import PeerSettings, StaticPeer
+from pcrt.runtime.server.settings import ServerSettings
+from tests.live_server import LiveServer, ServerFactory
+from tests.peering import unique_name, wait_for
+from tests.test_peers import _in_rotation
+
+ONLY_THERE = "smol-far"
+
+
+@pytest.fixture(scope="module")
+def edge(default_model_path: Path, module_live_server: ServerFactory) -> LiveServer:
+    far = f'[models.{ONLY_THERE}]\nsource = "{default_model_path}"\ncontext = 1024\n'
+    strong = module_live_server(ServerSettings(parallel=2, context=1024), models=far)
+    peer = StaticPeer(name="strong", url=strong.url, kind="openai", models=(ONLY_THERE,))
+    settings = ServerSettings(peers=PeerSettings(static=(peer,), health_interval=0.5))
+    server = module_live_server(settings)
+    wait_for(lambda: _in_rotation(server, "strong"), 10, "the static peer is up")
+    return server
+
+
+def _rows(server: LiveServer, agent: str) -> list[dict[str, Any]]:
+    return server.services.usage.rows(agent=agent)
+
+
+def test_ollama_chat_and_generate_run_on_the_peer(edge: LiveServer) -> None:
+    agent = unique_name("ollama-far")
+    client = ollama.Client(host=edge.url, headers={"X-PC-Agent-ID": agent})
+    ask = [{"role": "user", "content": "Count from 1 to 20."}]
+    options = {"temperature": 0, "num_predict": 8}
+    whole = client.chat(model=f"{ONLY_THERE}:latest", messages=ask, options=options)
+    parts = list(client.chat(model=ONLY_THERE, messages=ask, options=options, stream=True))
+    assert whole.message.content == "".join(p.message.content or "" for p in parts)
+    assert whole.eval_count == parts[-1].eval_count == 8 and parts[-1].done
+    assert whole.eval_duration and whole.eval_duration > 0  # the peer's timings came back
+
+    said = client.generate(model=ONLY_THERE, prompt="Say hi.", options=options)
+    assert said.context and len(said.context) == (said.prompt_eval_count or 0) + 8
+    wait_for(lambda: len(_rows(edge, agent)) == 3, 5, "the edge's usage rows")
+    rows = _rows(edge, agent)
+    assert [(r["route"], r["ran_on"], r["status"]) for r in rows] == [
+        ("/api/chat", "strong", 200),
+        ("/api/chat", "strong", 200),
+        ("/api/generate", "strong", 200),
+    ]
+    assert [r["completion_tokens"] for r in rows] == [8, 8, 8]
+
+
+def test_anthropic_and_responses_run_on_the_peer(edge: LiveServer) -> None:
+    agent = unique_name("sdk-far")
+    headers = {"X-PC-Agent-ID": agent}
+    claude = anthropic.Anthropic(
+        base_url=edge.url, api_key="unused", max_retries=0, default_headers=headers
+    )
+    message = claude.messages.create(
+        model=ONLY_THERE,
+        max_tokens=8,
+        messages=[{"role": "user", "content": "Count from 1 to 20."}],
+        extra_body={"temperature": 0},
+    )
+    assert message.content and message.usage.output_tokens == 8
+    with claude.messages.stream(
+        model=ONLY_THERE,
+        max_tokens=8,
+        messages=[{"role": "user", "content": "Count from 1 to 20."}],
+        extra_body={"temperature": 0},
+    ) as stream:
+        streamed = "".join(stream.text_stream)
+    assert streamed == message.content[0].text  # type: ignore[union-attr]
+
+    openai_client = edge.sdk().with_options(default_headers=headers)
+    response = openai_client.responses.create(
+        model=ONLY_THERE, input="Count from 1 to 20.", max_output_tokens=16, temperature=0
+    )
+    assert response.output_text and response.usage is not None
+    assert response.usage.output_tokens == 16
+
+    wait_for(lambda: len(_rows(edge, agent)) == 3, 5, "the edge's usage rows")
+    rows = _rows(edge, agent)
+    assert [(r["route"], r["ran_on"]) for r in rows] == [
+        ("/v1/messages", "strong"),
+        ("/v1/messages", "strong"),
+        ("/v1/responses", "strong"),
+    ]
+
+
+def test_a_peer_that_does_not_answer_is_said_in_each_apis_shape(live_server: ServerFactory) -> None:
+    """The only peer listing the model does not answer (out of rotation): each API's
+    404 in its own shape, saying why for every node."""
+    gone = StaticPeer(name="gone", url="http://127.0.0.1:9", kind="openai", models=("far",))
+    edge = live_server(ServerSettings(peers=PeerSettings(static=(gone,), health_interval=0.5)))
+    hi = [{"role": "user", "content": "hi"}]
+    asks: dict[str, dict[str, Any]] = {
+        "/api/chat": {"model": "far", "messages": hi},
+        "/v1/messages": {"model": "far", "max_tokens": 8, "messages": hi},
+        "/v1/responses": {"model": "far", "input": "hi"},
+    }
+    messages = []
+    for path, body in asks.items():
+        answer = httpx.post(edge.url + path, json=body, timeout=30)
+        assert answer.status_code == 404, (path, answer.text)
+        error = answer.json()
+        if path == "/api/chat":
+            messages.append(error["error"])
+        elif path == "/v1/messages":
+            assert error["type"] == "error" and error["error"]["type"] == "not_found_error"
+            messages.append(error["error"]["message"])
+        else:
+            assert error["error"]["code"] == "no_route"
+            messages.append(error["error"]["message"])
+    for message in messages:
+        assert message.startswith("nowhere to run") and "gone: " in message
