@@ -81,7 +81,7 @@ def test_anthropic_and_responses_run_on_the_peer(edge: LiveServer) -> None:
         extra_body={"temperature": 0},
     ) as stream:
         streamed = "".join(stream.text_stream)
-    assert streamed == message.content[0].text  # type: ignore[union-attr]
+    assert streamed == message.content[0].text
 
     openai_client = edge.sdk().with_options(default_headers=headers)
     response = openai_client.responses.create(
