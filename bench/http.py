@@ -8,7 +8,10 @@
    llama-cpp-python's own OpenAI server (``python -m llama_cpp.server``, extra ``bench``)
    serving the same model with the same threads, ``--interrupt_requests false``;
 3. 32 concurrent clients against a queue of 8: only 200s and 503s, and the daemon's
-   memory (RSS) before and after.
+   memory (RSS) before and after;
+4. one streamed request through each of the other APIs (Ollama's ``/api/chat``,
+   Anthropic's ``/v1/messages``, ``/v1/responses``) vs the OpenAI route, the same
+   conversation, alternating: decode tokens/s ratio (``bench/api_streams.py``).
 
 Both servers run as separate processes on loopback, one at a time.
 """
@@ -32,6 +35,7 @@ import aiohttp
 import httpx
 import psutil
 
+from bench.api_streams import SURFACES, stream_surface
 from bench.common import run_benchmark
 from pcrt.device.units import format_bytes
 from pcrt.runtime.engine import Engine, GenerateRequest, TokenEvent
@@ -42,6 +46,8 @@ from pcrt.runtime.models.pull import ensure_pulled
 from pcrt.runtime.models.registry import Registry
 
 SINGLE_PAIRS = 5  # HTTP / in-process pairs for the single-stream ratio (odd: a median)
+# what every API is asked in section 4: greedy, it decodes all 128 tokens without an end
+COUNTING = "Count from 1 to 1000, separated by commas."
 
 PROMPTS = [
     "Write a long story about a lighthouse keeper.",
@@ -180,6 +186,34 @@ async def concurrent(url: str, model: str, n: int, max_tokens: int) -> dict[str,
     }
 
 
+async def other_apis(url: str, model: str, max_tokens: int = 128) -> dict[str, Any]:
+    """Each other API's decode rate against the OpenAI route's, in back-to-back pairs
+    (the median of SINGLE_PAIRS ratios, as section 1 takes its)."""
+    found: dict[str, Any] = {}
+    async with session() as client:
+        for name in ("ollama", "anthropic", "responses"):
+            await stream_surface(client, url, SURFACES[name], model, COUNTING, 4)  # warm
+            base_rates, rates, tokens = [], [], []
+            for _ in range(SINGLE_PAIRS):
+                base = await stream_surface(
+                    client, url, SURFACES["openai"], model, COUNTING, max_tokens
+                )
+                other = await stream_surface(
+                    client, url, SURFACES[name], model, COUNTING, max_tokens
+                )
+                base_rates.append(decode_rate(base["stamps"]))
+                rates.append(decode_rate(other["stamps"]))
+                tokens.append((len(base["stamps"]), len(other["stamps"])))
+            found[name] = {
+                "tok_s": statistics.median(rates),
+                "openai_tok_s": statistics.median(base_rates),
+                "ratio": statistics.median(r / b for r, b in zip(rates, base_rates, strict=True)),
+                "text_events": tokens,  # (OpenAI's, this API's) per pair: the same work
+                "goal": "ratio >= 0.97",
+            }
+    return found
+
+
 async def in_process_single(engine: Engine, max_tokens: int) -> tuple[float, float]:
     """The same request as ``stream_one`` sends, on an engine in this process."""
     no_eos = {0: -100.0, 2: -100.0, 4: -100.0}
@@ -251,6 +285,8 @@ async def run(threads: int, repeats: int) -> dict[str, Any]:
             "ttft_overhead_ms": 1000 * (min(http_ttft) - min(local_ttft)),
             "goal": "ratio >= 0.97",
         }
+        # 4. the other APIs, while nothing else runs (before the concurrent sections)
+        results["other_apis"] = await other_apis(url, entry.name)
         # 2. four clients
         ours = [await concurrent(url, entry.name, 4, 128) for _ in range(repeats)]
         results["four_clients_pcrt"] = max(ours, key=lambda r: r["aggregate_tok_s"])
@@ -343,6 +379,15 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             + " -> ".join(format_bytes(b[k] * 1e6) for k in ("rss_before_mb", "rss_after_mb")),
         ),
     ]
+    for name, api in r.get("other_apis", {}).items():
+        table_rows.append(
+            (
+                f"1 stream via {name}",
+                f"{api['tok_s']:.1f} tok/s",
+                f"{api['openai_tok_s']:.1f} tok/s (OpenAI route)",
+                f"{api['ratio']:.3f} (>= 0.97)",
+            )
+        )
     return table_rows
 
 
