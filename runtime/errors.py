@@ -167,6 +167,11 @@ class InvalidRequest(PcrtError):
     # the request field at fault, when the code that refuses it knows (OpenAI's "param")
     param: str | None = None
 
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        if param is not None:
+            self.param = param
+
 
 class ConstraintInvalid(InvalidRequest):
     """A schema or grammar pcrt cannot constrain to. ``where`` is the path inside the

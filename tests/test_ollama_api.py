@@ -27,12 +27,8 @@ from pcrt.runtime.models.registry import HfSource, ModelEntry, Registry
 from pcrt.runtime.paths import Paths
 from pcrt.runtime.server.schemas.ollama import OllamaChatRequest
 from pcrt.runtime.server.serving.chat_stream import ChatStream
-from pcrt.runtime.server.serving.ollama import (
-    UNHONOURED_HEADER,
-    _Lines,
-    chat_request,
-    model_name,
-)
+from pcrt.runtime.server.serving.ollama import UNHONOURED_HEADER, _Lines, chat_request
+from pcrt.runtime.server.serving.ollama_wire import model_name
 from pcrt.runtime.server.settings import ServerSettings
 from tests.httpserver import LocalServer, sha256_hex
 from tests.live_server import LiveServer, ServerFactory
@@ -286,6 +282,46 @@ def test_usage_rows_name_the_ollama_routes_and_the_agent(server: LiveServer) -> 
     ]
     assert rows[0]["completion_tokens"] == said.eval_count
     assert rows[0]["prompt_tokens"] == said.prompt_eval_count
+
+
+def test_an_unload_waits_for_the_generation_under_way(client: ollama.Client) -> None:
+    """keep_alive 0 from one client never cuts another's answer: the model goes after."""
+    ask = [{"role": "user", "content": "Count from 1 to 200, separated by commas."}]
+    options = {"temperature": 0, "num_predict": 150}
+    alone = client.chat(model=MODEL, messages=ask, options=options)
+    long = client.chat(model=MODEL, messages=ask, options=options, stream=True)
+    first = next(long)  # the generation is under way
+    assert not first.done
+    unloaded = client.generate(model=MODEL, prompt="", keep_alive=0)
+    assert unloaded.done_reason == "unload"
+    rest = list(long)
+    assert (first.message.content or "") + "".join(p.message.content or "" for p in rest) == (
+        alone.message.content
+    )
+    assert rest[-1].done and rest[-1].eval_count == alone.eval_count
+    assert client.ps().models == []  # gone once its last request ended
+
+
+def test_odd_input_is_a_clear_400_or_said(client: ollama.Client, server: LiveServer) -> None:
+    with _http(server) as http:
+        # option names are the client's: any characters, named back in ASCII
+        odd = {"model": MODEL, "prompt": "Hi", "stream": True, "options": {"温度": 1}}
+        with http.stream("POST", "/api/generate", json=odd) as answer:
+            assert answer.status_code == 200
+            assert answer.headers[UNHONOURED_HEADER] == "\\u6e29\\u5ea6"
+            lines = [json.loads(line) for line in answer.iter_lines() if line]
+        assert lines[-1]["done"]
+        for body, field in (
+            ({"model": MODEL, "prompt": "Hi", "keep_alive": "9" * 400}, "keep_alive"),
+            ({"model": MODEL, "prompt": "Hi", "context": [10**9]}, "context"),
+            ({"model": MODEL, "prompt": "Hi", "options": {"stop": ["x"] * 100}}, "stop"),
+        ):
+            answer = http.post("/api/generate", json={**body, "stream": False})
+            assert answer.status_code == 400, answer.text
+            assert field in answer.json()["error"]
+        assert http.post("/api/embeddings", json={"model": MODEL}).json() == {"embedding": []}
+        said = http.post("/api/embed", json={"model": MODEL, "input": "a", "options": {"seed": 1}})
+        assert said.status_code == 200 and said.headers[UNHONOURED_HEADER] == "seed"
 
 
 def test_errors_leave_in_ollama_shape(client: ollama.Client, server: LiveServer) -> None:

@@ -149,7 +149,7 @@ def test_a_previous_conversation_comes_before_the_input() -> None:
             "tool_choice",
             "'file_search'",
         ),
-        ({"input": [{"type": "function_call", "name": "f"}]}, "input[0]", "call_id"),
+        ({"input": [{"type": "function_call", "name": "f"}]}, "input[0].call_id", "call_id"),
         ({"input": []}, "input", "no input"),
     ],
 )

@@ -98,17 +98,20 @@ class Preparer:
         if (request.prompt is None) == (request.messages is None):
             raise InvalidRequest("give exactly one of prompt or messages")
         before = list(request.state.continuation) if request.state is not None else []
+        before += self._checked_context(request.context, len(before))
         with self.users.using():
             if request.messages is not None:
                 tools = list(request.tools) if request.tools is not None else None
                 text = self.chat.render(request.messages, tools)
                 # a template that writes the BOS text itself must not get a second BOS
-                add_special = not (
+                add_special = not request.context and not (
                     self.model.add_bos and text.startswith(self.chat.bos_token or "\0")
                 )
                 tokens = self._tokenize_prompt(text, len(before), add_special=add_special)
             elif isinstance(request.prompt, str):
-                tokens = self._tokenize_prompt(request.prompt, len(before), add_special=True)
+                tokens = self._tokenize_prompt(
+                    request.prompt, len(before), add_special=not request.context
+                )
             else:
                 tokens = list(request.prompt or [])
                 if len(before) + len(tokens) >= self.context_per_slot:
@@ -121,6 +124,19 @@ class Preparer:
                         f"prompt holds token ids outside the vocabulary: {bad[:5]}"
                     )
         return before + tokens
+
+    def _checked_context(self, context: tuple[int, ...], before: int) -> list[int]:
+        """Ollama's context ids, when they are this vocabulary's and leave room."""
+        if not context:
+            return []
+        if before + len(context) >= self.context_per_slot:
+            raise prompt_too_long(before + len(context), self.name, self.context_per_slot)
+        bad = [t for t in context if not 0 <= t < self.model.n_vocab]
+        if bad:
+            raise InvalidRequest(
+                f"context holds token ids outside this model's vocabulary: {bad[:5]}", "context"
+            )
+        return list(context)
 
     def prepare(self, request: GenerateRequest) -> list[int]:
         """Every check a request can fail before any work, and its prompt tokens."""

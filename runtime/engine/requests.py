@@ -44,6 +44,9 @@ class GenerateRequest:
     tools: tuple[dict[str, Any], ...] | None = None
     sampling: SamplingParams = field(default_factory=SamplingParams)
     n: int = 1
+    # token ids read before the prompt (Ollama's ``context``: an earlier prompt and answer);
+    # the prompt's own text is then tokenized without a second BOS
+    context: tuple[int, ...] = ()
     state: KVState | None = None  # restore this KV first (resume); its tokens prefix the prompt
     # restore this KV into the slot before matching the prompt against it: a prompt that
     # extends the state's tokens (a DAG node continuing its parent) computes only the rest

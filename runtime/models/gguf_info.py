@@ -7,6 +7,7 @@ memory-maps the file and only header bytes are touched: tensor data is never rea
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import struct
@@ -73,9 +74,6 @@ class GgufInfo(BaseModel):
     chat_template: str | None
     tied_embeddings: bool
     tensor_bytes: TensorBytes
-    metadata: dict[str, Any] = {}
-    """Every key-value field but the chat template, arrays as None (a vocabulary is
-    large): what Ollama's ``/api/show`` calls ``model_info``."""
 
 
 def read_gguf_info(path: Path | str) -> GgufInfo:
@@ -161,11 +159,6 @@ def read_gguf_info(path: Path | str) -> GgufInfo:
         has_chat_template=bool(template),
         chat_template=template or None,
         tied_embeddings="output.weight" not in names,
-        metadata={
-            key: value(key)
-            for key in reader.fields
-            if not key.startswith("GGUF.") and key != "tokenizer.chat_template"
-        },
         tensor_bytes=TensorBytes(
             per_block=blocks,
             output=output,
@@ -174,6 +167,27 @@ def read_gguf_info(path: Path | str) -> GgufInfo:
             total=sum(blocks) + output + token_embd + other,
         ),
     )
+
+
+def read_gguf_metadata(path: Path | str) -> dict[str, Any]:
+    """Every key-value field of a GGUF but its chat template, arrays as None (a
+    vocabulary is large): what Ollama's ``/api/show`` calls ``model_info``. A value that
+    does not decode (bad UTF-8 in a field nobody reads) is None rather than an error."""
+    path = Path(path)
+    try:
+        reader = _open(path)
+    except (ValueError, OSError, KeyError, IndexError, struct.error) as exc:
+        raise ModelLoadError(f"{path} is not a readable GGUF file: {exc}") from None
+    found: dict[str, Any] = {}
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key == "tokenizer.chat_template":
+            continue
+        value = None
+        if field.types and field.types[0] != gguf.GGUFValueType.ARRAY:
+            with contextlib.suppress(UnicodeDecodeError, ValueError, IndexError):
+                value = field.contents()
+        found[key] = value
+    return found
 
 
 def _open(path: Path) -> gguf.GGUFReader:

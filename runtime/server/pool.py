@@ -160,6 +160,18 @@ class ModelPool:
         entry = self.registry.resolve(name)
         return self._models.get(entry.name)
 
+    async def unload_when_idle(self, name: str) -> bool:
+        """Unload now when nothing runs on the model, else once its last request ends
+        (its keep-alive becomes 0): a client's unload never cuts another's generation.
+        False when it was not loaded."""
+        model = self._models.get(name)
+        if model is None:
+            return False
+        if model.in_flight:
+            model.keep_alive = 0  # the last lease to end unloads it
+            return True
+        return await self.unload(name)
+
     async def unload(self, name: str) -> bool:
         model = self._models.pop(name, None)
         if model is None:

@@ -80,16 +80,25 @@ _DURATION = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
 
+_LONGEST = 100 * 365 * 86400.0  # a keep-alive past this is a mistake (or "for ever": -1)
+
+
 def parse_duration(value: str | float | int) -> float:
     """Seconds from Ollama-style durations: 300, "300", "5m", "1h", "-1" (forever)."""
     if isinstance(value, int | float):
         if value != value or value in (float("inf"), float("-inf")):  # NaN or infinite
             raise ValueError(f"not a duration: {value!r}")
+        if abs(value) > _LONGEST:
+            raise ValueError(f"{value!r} s is longer than a century: -1 keeps it for ever")
         return float(value)
     match = _DURATION.match(str(value))
     if not match:
         raise ValueError(f"not a duration: {value!r} (examples: 30s, 5m, 1h, 0, -1)")
-    return float(match[1]) * _UNITS[match[2]]
+    seconds = float(match[1]) * _UNITS[match[2]]
+    if not abs(seconds) <= _LONGEST:  # NaN and inf too: "9" * 400 is a float's inf
+        shown = str(value) if len(str(value)) <= 24 else str(value)[:21] + "..."
+        raise ValueError(f"{shown!r} is longer than a century: -1 keeps it for ever")
+    return seconds
 
 
 def is_loopback(host: str) -> bool:

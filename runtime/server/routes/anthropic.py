@@ -23,4 +23,4 @@ async def create_message(body: MessagesRequest, request: Request) -> Any:
 
 @router.post("/v1/messages/count_tokens")
 async def count_tokens(body: CountTokensRequest, request: Request) -> dict[str, int]:
-    return await serving_of(request).anthropic.count_tokens(body)
+    return await serving_of(request).anthropic.count_tokens(body, request)

@@ -9,7 +9,14 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from pcrt.runtime.engine.chat import ChatMessage
 from pcrt.runtime.engine.sampling import SamplingParams
@@ -17,6 +24,8 @@ from pcrt.runtime.errors import InvalidRequest
 from pcrt.runtime.server.settings import parse_duration
 
 __all__ = [
+    "field_refused",
+    "refusal",
     "ChatCompletionRequest",
     "NamedToolChoice",
     "ToolDefinition",
@@ -24,6 +33,9 @@ __all__ = [
     "EmbeddingRequest",
     "GenerationFields",
 ]
+
+MAX_STOPS = 16  # stop strings per request (OpenAI allows 4; llama-server has no bound)
+MAX_STOP_CHARS = 1000
 
 
 class StreamOptions(BaseModel):
@@ -91,13 +103,25 @@ class GenerationFields(BaseModel):
     context: list[int] | None = None
     return_tokens: bool = False
 
+    @field_validator("stop")
+    @classmethod
+    def _bounded_stops(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        """Every stop string is looked for after every token, on the model's one thread:
+        a few short ones, as OpenAI allows."""
+        stops = [stop] if isinstance(stop, str) else (stop or [])
+        if len(stops) > MAX_STOPS:
+            raise ValueError(f"at most {MAX_STOPS} stop strings (got {len(stops)})")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"a stop string holds at most {MAX_STOP_CHARS} characters")
+        return stop
+
     def keep_alive_seconds(self) -> float | None:
         if self.keep_alive is None:
             return None
         try:
             return parse_duration(self.keep_alive)
         except ValueError as exc:
-            raise InvalidRequest(str(exc)) from None
+            raise InvalidRequest(str(exc), "keep_alive") from None
 
     def stops(self) -> tuple[str, ...]:
         if self.stop is None:
@@ -212,3 +236,17 @@ class EmbeddingRequest(BaseModel):
 
     def inputs(self) -> list[str]:
         return [self.input] if isinstance(self.input, str) else self.input
+
+
+def field_refused(param: str, why: str) -> InvalidRequest:
+    """A 400 about one request field, which its message names first."""
+    return InvalidRequest(f"{param}: {why}", param)
+
+
+def refusal(exc: ValidationError, under: str | None = None) -> InvalidRequest:
+    """A translated request pydantic refused (a value another API's shape let through but
+    pcrt's checks do not) as a 400 naming the field, found ``under`` a field when given."""
+    first = exc.errors()[0]
+    where = ".".join(str(p) for p in (under, *first.get("loc", ())) if p not in (None, ""))
+    message = str(first.get("msg", "invalid")).removeprefix("Value error, ")
+    return field_refused(where, message) if where else InvalidRequest(message)

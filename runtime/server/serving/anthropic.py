@@ -34,9 +34,9 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
-from pcrt.runtime.errors import InvalidRequest, PcrtError, StreamFailed
+from pcrt.runtime.errors import PcrtError, StreamFailed
 from pcrt.runtime.server.http_errors import client_left, in_shape_of
-from pcrt.runtime.server.schemas import ChatCompletionRequest
+from pcrt.runtime.server.schemas import ChatCompletionRequest, field_refused, refusal
 from pcrt.runtime.server.schemas.anthropic import (
     AnthropicMessage,
     AnthropicTool,
@@ -47,7 +47,7 @@ from pcrt.runtime.server.schemas.anthropic import (
     ToolResultBlock,
     ToolUseBlock,
 )
-from pcrt.runtime.server.services import Services
+from pcrt.runtime.server.services import Services, agent_of
 from pcrt.runtime.server.serving.chat_stream import (
     ChatReply,
     ChatStream,
@@ -89,11 +89,13 @@ class AnthropicServing:
             return client_left()
         return JSONResponse(message_of(reply, body.model), headers=stream.headers)
 
-    async def count_tokens(self, body: CountTokensRequest) -> dict[str, int]:
+    async def count_tokens(self, body: CountTokensRequest, request: Request) -> dict[str, int]:
         """The prompt's tokens as the model reads it: its template, its tokenizer, the
         tools as its template (or pcrt's tool prompt) writes them. Nothing is generated,
-        so nothing is billed."""
+        so no tokens are billed; the request counts against the agent's limits (it may
+        load a model)."""
         chat = chat_request_of(body)
+        self.services.limiter.admit(agent_of(request, chat.user), 0)
         with anthropic_fields():
             async with self.services.pool.lease(chat.model) as model:
                 _, tokens, _ = await to_thread_to_completion(
@@ -149,7 +151,7 @@ def chat_request_of(body: CountTokensRequest) -> ChatCompletionRequest:
     try:
         return ChatCompletionRequest.model_validate(fields)
     except ValidationError as exc:  # the checks above let nothing through; never a 500
-        raise InvalidRequest(f"the request cannot be served: {exc.errors()[0]['msg']}") from None
+        raise refusal(exc) from None
 
 
 def chat_messages_of(
@@ -169,7 +171,7 @@ def _check_turns(messages: Sequence[AnthropicMessage]) -> None:
     turn just before, and the last turn is the user's (pcrt does not continue an
     assistant's prefilled answer: Anthropic's 400 for models without prefill)."""
     if messages[-1].role != "user":
-        raise _bad(
+        raise field_refused(
             f"messages.{len(messages) - 1}",
             "the last message must be the user's: continuing a prefilled assistant turn "
             "is not supported",
@@ -180,12 +182,12 @@ def _check_turns(messages: Sequence[AnthropicMessage]) -> None:
         for j, block in enumerate(blocks):
             where = f"messages.{i}.content.{j}"
             if isinstance(block, ToolUseBlock) and message.role != "assistant":
-                raise _bad(where, "tool_use blocks belong to the assistant's turns")
+                raise field_refused(where, "tool_use blocks belong to the assistant's turns")
             if isinstance(block, ToolResultBlock):
                 if message.role != "user":
-                    raise _bad(where, "tool_result blocks belong to the user's turns")
+                    raise field_refused(where, "tool_result blocks belong to the user's turns")
                 if block.tool_use_id not in calls:
-                    raise _bad(
+                    raise field_refused(
                         f"{where}.tool_use_id",
                         f"{block.tool_use_id!r} answers no tool_use block of the assistant "
                         "message just before",
@@ -255,12 +257,6 @@ def _openai_choice(choice: ToolChoice) -> str | dict[str, Any]:
     if choice.type == "tool":
         return {"type": "function", "function": {"name": choice.name}}
     return {"auto": "auto", "any": "required", "none": "none"}[choice.type]
-
-
-def _bad(param: str, why: str) -> InvalidRequest:
-    error = InvalidRequest(f"{param}: {why}")
-    error.param = param
-    return error
 
 
 # the OpenAI fields the shared checks name, as the Anthropic request calls them

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +29,17 @@ from pcrt.runtime.sse import SseSplitter
 
 __all__ = ["ChatReply", "ChatStream", "ReplyBuilder", "ReplyCall", "failure_of"]
 
+log = logging.getLogger(__name__)
+
+# an error chunk's code, as the status it was raised with (the chunk carries no status)
+_STATUS_OF_CODE = {
+    "overloaded": 503,
+    "model_unavailable": 503,
+    "rate_limit_exceeded": 429,
+    "peer_unavailable": 502,
+    "context_length_exceeded": 400,
+}
+
 
 @dataclass
 class ReplyCall:
@@ -37,13 +49,18 @@ class ReplyCall:
     name: str
     arguments: str = ""
 
-    def parsed_arguments(self) -> Any:
-        """The arguments as JSON values (APIs that hand them over as objects); a call whose
-        text does not parse (a peer's unconstrained model) keeps it as a string."""
+    def parsed_arguments(self) -> dict[str, Any]:
+        """The arguments as an object (Ollama's and Anthropic's clients take nothing else).
+        Calls made here always parse (their grammar holds them); a peer's unconstrained
+        model may write something else: that is logged and answered as no arguments."""
         try:
-            return json.loads(self.arguments) if self.arguments.strip() else {}
+            parsed = json.loads(self.arguments) if self.arguments.strip() else {}
         except ValueError:
-            return self.arguments
+            parsed = None
+        if isinstance(parsed, dict):
+            return parsed
+        log.warning("call %s of %s: arguments are not a JSON object", self.id, self.name)
+        return {}
 
 
 @dataclass
@@ -80,7 +97,7 @@ class ReplyBuilder:
 
     id: str = ""
     model: str = ""
-    text: str = ""
+    _pieces: list[str] = field(default_factory=list)  # joined once: += per token is O(n²)
     calls: dict[int, ReplyCall] = field(default_factory=dict)
     finish_reason: str | None = None
     stop_sequence: str | None = None
@@ -102,9 +119,9 @@ class ReplyBuilder:
                 continue
             delta = choice.get("delta") or {}
             if delta.get("content"):
-                self.text += delta["content"]
+                self._pieces.append(str(delta["content"]))
             if choice.get("text"):  # a text completion's chunk (a raw prompt)
-                self.text += choice["text"]
+                self._pieces.append(str(choice["text"]))
             for call in delta.get("tool_calls") or ():
                 self._call(call)
             if choice.get("finish_reason"):
@@ -113,7 +130,9 @@ class ReplyBuilder:
                 self.stop_sequence = choice["stop_reason"]
 
     def _call(self, delta: Mapping[str, Any]) -> None:
-        index = int(delta.get("index", len(self.calls)))
+        index = delta.get("index")
+        if not isinstance(index, int):  # a peer that numbers no calls: one call
+            index = 0
         function = delta.get("function") or {}
         call = self.calls.get(index)
         if call is None:
@@ -123,6 +142,10 @@ class ReplyBuilder:
         elif function.get("name"):
             call.name = str(function["name"])
         call.arguments += str(function.get("arguments") or "")
+
+    @property
+    def text(self) -> str:
+        return "".join(self._pieces)
 
     def reply(self) -> ChatReply:
         return ChatReply(
@@ -144,9 +167,9 @@ def failure_of(chunk: Mapping[str, Any]) -> StreamFailed | None:
     if not isinstance(error, dict):
         return None
     message = str(error.get("message") or "the generation failed")
-    status = 502 if error.get("code") == "peer_unavailable" else 500
-    if error.get("type") == "invalid_request_error":
-        status = 400
+    status = _STATUS_OF_CODE.get(str(error.get("code")))
+    if status is None:
+        status = 400 if error.get("type") == "invalid_request_error" else 500
     return StreamFailed(message, status=status, body=dict(chunk))
 
 
@@ -206,7 +229,7 @@ class ChatStream:
         headers: Mapping[str, str] | None = None,
     ) -> OwnedStream:
         """A surface's own stream made from this one: closing it closes this."""
-        return OwnedStream(
+        return OwnedStream(  # takes the generation: nothing here may raise before it does
             events,
             release=self.aclose,
             media_type=media_type,
@@ -214,10 +237,15 @@ class ChatStream:
                 "Cache-Control": "no-cache",
                 "X-Accel-Buffering": "no",
                 **self.headers,
-                **(headers or {}),
+                **{k: _latin1(v) for k, v in (headers or {}).items()},
             },
         )
 
     async def aclose(self) -> None:
         """Stop the generation if it still runs and give back what it holds; idempotent."""
         await self._response.close()
+
+
+def _latin1(value: str) -> str:
+    """A header value as HTTP can carry it (Latin-1), whatever a client put in it."""
+    return value.encode("latin-1", "backslashreplace").decode("latin-1")

@@ -92,7 +92,9 @@ class CompletionsServing:
         body = body.model_copy(
             update={"stream": True, "stream_options": StreamOptions(include_usage=True)}
         )
-        translated = body.model_dump(mode="json", exclude_none=True, by_alias=True)
+        # what a peer would be asked: only written when there are peers to ask
+        peers = self.services.coordinator.enabled
+        translated = body.model_dump(mode="json", exclude_none=True, by_alias=True) if peers else {}
         response = await self._generate(request, body, route, chat=chat, translated=translated)
         return ChatStream(response)
 
@@ -113,14 +115,17 @@ class CompletionsServing:
         )
         try:
             openai_route = CHAT_ROUTE if chat else COMPLETIONS_ROUTE
-            forwarded = await forward_if_routed(
-                request,
-                body,
-                openai_route if translated is not None else route,
-                chat,
-                acct,
-                translated=translated,
-            )
+            # token ids (Ollama's context) mean something to this model file only: here
+            forwarded = None
+            if not body.context:
+                forwarded = await forward_if_routed(
+                    request,
+                    body,
+                    openai_route if translated is not None else route,
+                    chat,
+                    acct,
+                    translated=translated,
+                )
             if forwarded is not None:
                 return forwarded
             generation = await Generation.start(self.services.pool, body, chat, acct)
@@ -265,8 +270,8 @@ def prepare_generation(
             assert isinstance(body, CompletionRequest)
             sampling = body.sampling(default_max, None)
             request = GenerateRequest(prompt=body.prompt_value(), sampling=sampling, n=body.n)
-        if body.context:
-            request = _after_context(engine, request, body.context)
+        if body.context:  # Ollama's: an earlier prompt and answer, read first
+            request = dataclasses.replace(request, context=tuple(body.context))
         return request, engine.prepare(request), tools
     except ContextLengthExceeded as exc:
         exc.param = "messages" if chat else "prompt"  # the field that holds the text
@@ -279,21 +284,6 @@ def prepare_generation(
         else:
             exc.param = ".".join(p for p in ("response_format.json_schema.schema", exc.where) if p)
         raise
-
-
-def _after_context(
-    engine: EngineClient, request: GenerateRequest, context: list[int]
-) -> GenerateRequest:
-    """The request as token ids that follow ``context`` (Ollama's: an earlier prompt and
-    answer): the new prompt (its chat template's text, for messages) tokenized without a
-    second BOS, after them; the KV cache and the chunk store find the shared prefix."""
-    if request.messages is not None:
-        tools = list(request.tools) if request.tools else None
-        text: str | list[int] = engine.chat.render(request.messages, tools)
-    else:
-        text = request.prompt or ""
-    tokens = engine.model.tokenize(text, add_special=False) if isinstance(text, str) else text
-    return dataclasses.replace(request, prompt=[*context, *tokens], messages=None, tools=None)
 
 
 async def _collect(handle: RequestHandle, request: Request) -> Completion | None:

@@ -18,7 +18,6 @@ import json
 import math
 import time
 from collections.abc import AsyncGenerator
-from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import Request
@@ -27,7 +26,12 @@ from pydantic import ValidationError
 
 from pcrt.runtime.errors import InvalidRequest
 from pcrt.runtime.server.http_errors import client_left, status_and_body
-from pcrt.runtime.server.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from pcrt.runtime.server.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    refusal,
+)
 from pcrt.runtime.server.schemas.ollama import (
     OllamaChatRequest,
     OllamaEmbeddingsRequest,
@@ -36,11 +40,12 @@ from pcrt.runtime.server.schemas.ollama import (
     OllamaMessage,
     OllamaOptions,
 )
-from pcrt.runtime.server.services import Services
+from pcrt.runtime.server.services import Services, agent_of
 from pcrt.runtime.server.serving.chat_stream import ChatReply, ChatStream, ReplyBuilder, failure_of
 from pcrt.runtime.server.serving.completions import CompletionsServing
 from pcrt.runtime.server.serving.embeddings import EmbeddingsServing
 from pcrt.runtime.server.serving.ollama_models import OllamaModels
+from pcrt.runtime.server.serving.ollama_wire import line, model_name, now
 from pcrt.runtime.server.settings import parse_duration
 
 __all__ = [
@@ -48,7 +53,6 @@ __all__ = [
     "UNHONOURED_HEADER",
     "OllamaServing",
     "chat_request",
-    "model_name",
     "openai_messages",
     "sampling_fields",
 ]
@@ -73,15 +77,6 @@ _SAMPLING_OPTIONS = (
 )
 
 
-def model_name(name: str) -> str:
-    """The registry's name for an Ollama model name: ``name:latest`` is ``name``."""
-    return name.removesuffix(":latest")
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
-
-
 def _ns(milliseconds: float | None) -> int:
     return int((milliseconds or 0.0) * 1_000_000)
 
@@ -103,7 +98,8 @@ class OllamaServing:
     async def chat(self, body: OllamaChatRequest, request: Request) -> Response:
         started = time.perf_counter()
         if not body.messages:  # Ollama's way to load (or, keep_alive 0, unload) a model
-            return await self._load_or_unload(body.model, body.keep_alive, {"message": _said("")})
+            said = {"message": _said("")}
+            return await self._load_or_unload(request, body.model, body.keep_alive, said)
         _refuse_thinking(body.think, body.model)
         openai, unhonoured = chat_request(body)
         stream = await self.completions.chat_stream(request, openai, CHAT_ROUTE)
@@ -113,7 +109,9 @@ class OllamaServing:
     async def generate(self, body: OllamaGenerateRequest, request: Request) -> Response:
         started = time.perf_counter()
         if not body.prompt and not body.context:
-            return await self._load_or_unload(body.model, body.keep_alive, {"response": ""})
+            return await self._load_or_unload(
+                request, body.model, body.keep_alive, {"response": ""}
+            )
         _refuse_thinking(body.think, body.model)
         for field, why in (
             ("images", "this model reads no images"),
@@ -121,7 +119,7 @@ class OllamaServing:
             ("template", "send raw: true with the prompt already in the model's format"),
         ):
             if getattr(body, field):
-                raise _invalid(f"{field}: {why}", field)
+                raise InvalidRequest(f"{field}: {why}", field)
         fields, unhonoured = sampling_fields(body.options, body)
         fields["return_tokens"] = True  # the answer's context
         fields["context"] = body.context
@@ -144,7 +142,7 @@ class OllamaServing:
         unhonoured: list[str],
         request: Request,
     ) -> Response:
-        headers = {UNHONOURED_HEADER: ", ".join(unhonoured)} if unhonoured else {}
+        headers = _unhonoured_header(unhonoured)
         if streamed:
             return stream.respond(lines.stream(stream), NDJSON, headers)
         reply = await stream.reply(request)
@@ -153,21 +151,26 @@ class OllamaServing:
         return JSONResponse(lines.whole(reply), headers={**stream.headers, **headers})
 
     async def _load_or_unload(
-        self, name: str, keep_alive: str | float | None, empty: dict[str, Any]
+        self,
+        request: Request,
+        name: str,
+        keep_alive: str | float | None,
+        empty: dict[str, Any],
     ) -> JSONResponse:
         """An empty prompt: load the model (keeping it ``keep_alive``), or unload it now
         (``keep_alive`` 0), as Ollama's clients do to warm or free a model."""
         seconds = _keep_alive(keep_alive)
         pool = self.services.pool
         entry = pool.registry.resolve(model_name(name))  # an unknown model is a 404
-        if seconds == 0:
-            await pool.unload(entry.name)
+        self.services.limiter.admit(agent_of(request), 0)  # a load is work: limits hold
+        if seconds == 0:  # never cuts a generation under way: it unloads after them
+            await pool.unload_when_idle(entry.name)
             reason = "unload"
         else:
             async with pool.lease(entry.name, seconds):
                 reason = "load"
         return JSONResponse(
-            {"model": name, "created_at": _now(), **empty, "done": True, "done_reason": reason}
+            {"model": name, "created_at": now(), **empty, "done": True, "done_reason": reason}
         )
 
     # -- embeddings -----------------------------------------------------------------
@@ -176,7 +179,7 @@ class OllamaServing:
         started = time.perf_counter()
         inputs = body.inputs()
         if not inputs or not all(inputs):
-            raise _invalid("input: give a non-empty text, or a list of them", "input")
+            raise InvalidRequest("input: give a non-empty text, or a list of them", "input")
         openai = EmbeddingRequest(model=model_name(body.model), input=inputs)
         answer = await self.embeddings.create_embedding(
             openai, request, route="/api/embed", keep_alive=_keep_alive(body.keep_alive)
@@ -184,18 +187,21 @@ class OllamaServing:
         if not isinstance(answer, dict):
             return answer  # the client left
         vectors = [_shortened(d["embedding"], body.dimensions) for d in answer["data"]]
-        return {
+        found = {
             "model": body.model,
             "embeddings": vectors,
             "total_duration": int((time.perf_counter() - started) * 1e9),
             "load_duration": 0,
             "prompt_eval_count": answer["usage"]["prompt_tokens"],
         }
+        # an embedding samples nothing: every option given is one not honoured
+        options = sorted(body.options.model_dump(exclude_none=True)) if body.options else []
+        return JSONResponse(found, headers=_unhonoured_header(options))
 
     async def embeddings_legacy(self, body: OllamaEmbeddingsRequest, request: Request) -> Any:
         """``/api/embeddings``: one prompt, one vector (``{"embedding": [...]}``)."""
-        if not body.prompt:
-            raise _invalid("prompt: give a non-empty text", "prompt")
+        if not body.prompt:  # as Ollama answers it
+            return {"embedding": []}
         openai = EmbeddingRequest(model=model_name(body.model), input=body.prompt)
         answer = await self.embeddings.create_embedding(
             openai, request, route="/api/embeddings", keep_alive=_keep_alive(body.keep_alive)
@@ -215,7 +221,7 @@ class _Lines:
         self.chat = chat
 
     def piece(self, text: str, calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-        line: dict[str, Any] = {"model": self.model, "created_at": _now()}
+        line: dict[str, Any] = {"model": self.model, "created_at": now()}
         if self.chat:
             line["message"] = _said(text, calls)
         else:
@@ -253,22 +259,18 @@ class _Lines:
             failure = failure_of(chunk)
             if failure is not None:  # Ollama's clients read an error line mid-stream
                 _, body, _ = status_and_body(failure)
-                yield _line({"error": body["error"]["message"]})
+                yield line({"error": body["error"]["message"]})
                 return
             built.feed(chunk)
             for choice in chunk.get("choices") or ():
                 delta = choice.get("delta") or {}
                 text = delta.get("content") or choice.get("text")
                 if text and choice.get("index", 0) == 0:
-                    yield _line(self.piece(text))
+                    yield line(self.piece(text))
         reply = built.reply()
         if reply.calls:  # Ollama sends a reply's calls whole, arguments as objects
-            yield _line(self.piece("", _ollama_calls(reply)))
-        yield _line(self.last(reply))
-
-
-def _line(data: dict[str, Any]) -> str:
-    return json.dumps(data, ensure_ascii=False) + "\n"
+            yield line(self.piece("", _ollama_calls(reply)))
+        yield line(self.last(reply))
 
 
 def _said(text: str, calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
@@ -308,7 +310,7 @@ def openai_messages(messages: list[OllamaMessage]) -> list[dict[str, Any]]:
     waiting: list[tuple[str, str]] = []  # (call id, tool name) not answered yet
     for i, message in enumerate(messages):
         if message.images:
-            raise _invalid("this model reads no images", f"messages[{i}].images")
+            raise InvalidRequest("this model reads no images", f"messages[{i}].images")
         entry: dict[str, Any] = {"role": message.role, "content": message.content}
         if message.role == "assistant" and message.tool_calls:
             calls = []
@@ -372,26 +374,25 @@ def sampling_fields(
 def _validated(
     kind: type[ChatCompletionRequest] | type[CompletionRequest], values: dict[str, Any]
 ) -> Any:
-    """The translated request, checked as OpenAI's routes check theirs: a value Ollama's
-    shape let through but pcrt refuses is a 400 that names it."""
+    """The translated request, checked as OpenAI's routes check theirs."""
     try:
         return kind.model_validate(values)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        message = str(first["msg"]).removeprefix("Value error, ")
-        raise _invalid(f"{where}: {message}" if where else message, where or None) from None
-
-
-def _invalid(message: str, param: str | None) -> InvalidRequest:
-    error = InvalidRequest(message)
-    error.param = param
-    return error
+        raise refusal(exc) from None
 
 
 def _refuse_thinking(think: object, model: str) -> None:
     if think not in (None, False):
-        raise _invalid(f'"{model}" does not support thinking', "think")
+        raise InvalidRequest(f'"{model}" does not support thinking', "think")
+
+
+def _unhonoured_header(options: list[str]) -> dict[str, str]:
+    """The header that names the options not honoured: ASCII (a header's bytes are
+    Latin-1, and option names are the client's), at most a few hundred characters."""
+    if not options:
+        return {}
+    named = ", ".join(options).encode("ascii", "backslashreplace").decode("ascii")
+    return {UNHONOURED_HEADER: named if len(named) <= 400 else named[:397] + "..."}
 
 
 def _keep_alive(value: str | float | None) -> float | None:
@@ -401,7 +402,7 @@ def _keep_alive(value: str | float | None) -> float | None:
     try:
         return parse_duration(value)
     except ValueError as exc:
-        raise _invalid(str(exc), "keep_alive") from None
+        raise InvalidRequest(str(exc), "keep_alive") from None
 
 
 def _shortened(vector: list[float], dimensions: int | None) -> list[float]:

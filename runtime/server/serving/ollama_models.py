@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
 import logging
 import time
 from collections.abc import AsyncGenerator
-from datetime import UTC, datetime
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +29,13 @@ from pcrt.runtime.errors import (
     PcrtError,
     PullError,
 )
-from pcrt.runtime.models.gguf_info import GgufInfo, read_gguf_info
+from pcrt.runtime.models.gguf_info import GgufInfo, read_gguf_info, read_gguf_metadata
 from pcrt.runtime.models.pull import pull, remove
 from pcrt.runtime.models.registry import ModelEntry
 from pcrt.runtime.server.http_errors import status_and_body
 from pcrt.runtime.server.pool import LoadedModel
 from pcrt.runtime.server.services import Services
+from pcrt.runtime.server.serving.ollama_wire import FOREVER, iso, line, model_name
 from pcrt.runtime.threads import to_thread_to_completion
 
 __all__ = ["OllamaModels", "tagged"]
@@ -43,15 +43,10 @@ __all__ = ["OllamaModels", "tagged"]
 log = logging.getLogger(__name__)
 
 PROGRESS_SECONDS = 0.25  # at most this often a pull's progress line
-_FOREVER = "2318-01-01T00:00:00Z"  # what Ollama shows for a model kept loaded for good
 
 
 def tagged(name: str) -> str:
     return name if ":" in name else f"{name}:latest"
-
-
-def _iso(timestamp: float) -> str:
-    return datetime.fromtimestamp(timestamp, UTC).isoformat().replace("+00:00", "Z")
 
 
 def _parameter_size(count: int) -> str:
@@ -73,19 +68,37 @@ def _details(info: GgufInfo) -> dict[str, Any]:
     }
 
 
-def _capabilities(info: GgufInfo) -> list[str]:
+def _capabilities(info: GgufInfo, metadata: dict[str, Any]) -> list[str]:
     """An embedding model's GGUF names a pooling type; other models chat, call tools in
     their family's format (or pcrt's generic one) and embed through ``/api/embed``."""
-    if f"{info.architecture}.pooling_type" in info.metadata:
+    if f"{info.architecture}.pooling_type" in metadata:
         return ["embedding"]
     return ["completion", "tools", "embedding"]
 
 
-def _readable(path: Path) -> GgufInfo | None:
+@dataclass(frozen=True)
+class _Described:
+    """A pulled model's file as ``/api/show`` and ``/api/tags`` describe it."""
+
+    path: Path
+    size: int
+    modified: float
+    info: GgufInfo | None  # None: the file does not read as GGUF
+    metadata: dict[str, Any]
+
+
+def _describe(path: Path, *, metadata: bool) -> _Described | None:
+    """The file's description (file work: in a worker thread); None when it is gone."""
     try:
-        return read_gguf_info(path)
-    except ModelLoadError:
+        stat = path.stat()
+    except OSError:
         return None
+    try:
+        info: GgufInfo | None = read_gguf_info(path)
+        found = read_gguf_metadata(path) if metadata else {}
+    except ModelLoadError:
+        info, found = None, {}
+    return _Described(path, stat.st_size, stat.st_mtime, info, found)
 
 
 class OllamaModels:
@@ -97,52 +110,58 @@ class OllamaModels:
         return self.services.pool.registry
 
     def _entry(self, name: str) -> ModelEntry:
-        entry: ModelEntry = self._registry.resolve(name.removesuffix(":latest"))
+        entry: ModelEntry = self._registry.resolve(model_name(name))
         return entry
 
-    def _pulled_path(self, entry: ModelEntry, name: str) -> Path:
-        path: Path = self._registry.path_of(entry)
-        if not path.is_file():
+    async def _described(self, name: str) -> tuple[ModelEntry, _Described]:
+        entry = self._entry(name)
+        path = self._registry.path_of(entry)
+        described = await to_thread_to_completion(functools.partial(_describe, path, metadata=True))
+        if described is None:
             raise ModelNotFound(f"model '{name}' not found: pull it first (POST /api/pull)")
-        return path
+        if described.info is None:
+            raise ModelLoadError(f"{path} is not a readable GGUF file")
+        return entry, described
 
     async def tags(self) -> dict[str, Any]:
-        """Every pulled model, as ``ollama list`` shows them."""
-        entries = [e for e in self._registry.entries.values() if self._registry.is_pulled(e)]
-        infos = await to_thread_to_completion(
-            lambda: [_readable(self._registry.path_of(e)) for e in entries]
+        """Every pulled model, as ``ollama list`` shows them; one whose file does not read
+        as GGUF is still listed (``/api/show`` says what is wrong with it)."""
+        entries = list(self._registry.entries.values())
+        found = await to_thread_to_completion(
+            lambda: [_describe(self._registry.path_of(e), metadata=False) for e in entries]
         )
-        return {"models": [self._listed(e, i) for e, i in zip(entries, infos, strict=True)]}
+        return {
+            "models": [
+                self._listed(e, d) for e, d in zip(entries, found, strict=True) if d is not None
+            ]
+        }
 
-    def _listed(self, entry: ModelEntry, info: GgufInfo | None) -> dict[str, Any]:
-        """One model of the list; one whose file does not read as GGUF is still listed
-        (``/api/show`` says what is wrong with it)."""
-        stat = self._registry.path_of(entry).stat()
+    def _listed(self, entry: ModelEntry, described: _Described) -> dict[str, Any]:
+        info = described.info
         return {
             "name": tagged(entry.name),
             "model": tagged(entry.name),
-            "modified_at": _iso(stat.st_mtime),
-            "size": stat.st_size,
+            "modified_at": iso(described.modified),
+            "size": described.size,
             "digest": entry.sha256 or "",
             "details": _details(info) if info is not None else {"format": "gguf"},
         }
 
     async def show(self, name: str) -> dict[str, Any]:
-        entry = self._entry(name)
-        path = self._pulled_path(entry, name)
-        info = await to_thread_to_completion(read_gguf_info, path)
-        model_info = {**info.metadata, "general.parameter_count": info.parameter_count}
+        entry, described = await self._described(name)
+        info, metadata = described.info, described.metadata
+        assert info is not None  # _described refuses a file that does not read
         loaded = self.services.pool.get_loaded(entry.name)
         context = loaded.engine.context_per_slot if loaded else self.services.settings.context
         return {
-            "license": str(info.metadata.get("general.license") or ""),
-            "modelfile": f"# pcrt model {entry.name}\nFROM {path}\n",
+            "license": str(metadata.get("general.license") or ""),
+            "modelfile": f"# pcrt model {entry.name}\nFROM {described.path}\n",
             "parameters": f"num_ctx {context}",
             "template": info.chat_template or entry.chat_template or "",
             "details": _details(info),
-            "model_info": model_info,
-            "capabilities": _capabilities(info),
-            "modified_at": _iso(path.stat().st_mtime),
+            "model_info": {**metadata, "general.parameter_count": info.parameter_count},
+            "capabilities": _capabilities(info, metadata),
+            "modified_at": iso(described.modified),
         }
 
     async def ps(self) -> dict[str, Any]:
@@ -165,19 +184,22 @@ class OllamaModels:
             "size": engine.model.size_bytes + engine.kv_bytes,
             "digest": model.entry.sha256 or "",
             "details": _details(info),
-            "expires_at": _FOREVER if expires is None else _iso(expires),
+            "expires_at": FOREVER if expires is None else iso(expires),
             "size_vram": on_gpus,
             "context_length": engine.context_per_slot,
         }
 
     async def delete(self, name: str) -> None:
         entry = self._entry(name)
-        self._pulled_path(entry, name)
-        await self.services.pool.unload(entry.name)
         try:
-            await to_thread_to_completion(remove, entry, self._registry.paths)
+            removed = await to_thread_to_completion(remove, entry, self._registry.paths)
         except PullError as exc:  # a user's own file: pcrt never deletes it
             raise InvalidRequest(str(exc)) from None
+        if not removed:
+            raise ModelNotFound(f"model '{name}' not found")
+        # the file is gone, the model goes once its generations end (a mapped file
+        # outlives its name)
+        await self.services.pool.unload_when_idle(entry.name)
 
     async def pull(self, name: str, streamed: bool) -> Any:
         entry = self._entry(name)
@@ -201,7 +223,7 @@ class OllamaModels:
     async def _progress(self, entry: ModelEntry) -> AsyncGenerator[str, None]:
         digest = f"sha256:{entry.sha256 or ''}"
         pulling = f"pulling {(entry.sha256 or entry.name)[:12]}"
-        yield _line({"status": "pulling manifest"})
+        yield line({"status": "pulling manifest"})
         queue: asyncio.Queue[Any] = asyncio.Queue()
         work = asyncio.ensure_future(self._pull_now(entry, queue))
         shown = 0.0
@@ -215,19 +237,19 @@ class OllamaModels:
                 completed, total = getter.result()
                 if time.monotonic() - shown >= PROGRESS_SECONDS or completed == total:
                     shown = time.monotonic()
-                    yield _line(_pulling(pulling, digest, completed, total))
+                    yield line(_pulling(pulling, digest, completed, total))
             path = work.result()
         except PcrtError as exc:
             _, body, _ = status_and_body(exc)
-            yield _line({"error": body["error"]["message"]})
+            yield line({"error": body["error"]["message"]})
             return
         finally:
             # a client that left: the pull goes on, and its outcome is only logged
             work.add_done_callback(_logged)
         size = path.stat().st_size
-        yield _line(_pulling(pulling, digest, size, size))
+        yield line(_pulling(pulling, digest, size, size))
         for status in ("verifying sha256 digest", "writing manifest", "success"):
-            yield _line({"status": status})
+            yield line({"status": status})
 
 
 def _logged(work: asyncio.Future[Any]) -> None:
@@ -240,7 +262,3 @@ def _pulling(status: str, digest: str, completed: int, total: int | None) -> dic
     if total is not None:
         line["total"] = total
     return line
-
-
-def _line(data: dict[str, Any]) -> str:
-    return json.dumps(data) + "\n"

@@ -29,6 +29,8 @@ from pcrt.runtime.server.schemas import (
     ResponseFormat,
     ToolDefinition,
     ToolFunction,
+    field_refused,
+    refusal,
 )
 from pcrt.runtime.server.schemas.responses import (
     FunctionCallItem,
@@ -71,7 +73,7 @@ def chat_request(body: ResponsesRequest, earlier: Sequence[dict[str, Any]] = ())
     items = [*input_items(earlier, "previous_response_id"), *input_items(body.input, "input")]
     messages = _messages(body.instructions, items)
     if not messages:
-        raise _bad("input", "the request has no input: send text or at least one item")
+        raise field_refused("input", "the request has no input: send text or at least one item")
     fields: dict[str, Any] = {
         "model": body.model,
         "messages": messages,
@@ -88,7 +90,7 @@ def chat_request(body: ResponsesRequest, earlier: Sequence[dict[str, Any]] = ())
     try:
         chat = ChatCompletionRequest(**{k: v for k, v in fields.items() if v is not None})
     except ValidationError as exc:  # nothing above should let one through: still a 400
-        raise _bad("input", _first_problem(exc)) from None
+        raise refusal(exc, "input") from None
     conversation = [item.model_dump(exclude_none=True) for item in items]
     return Translated(chat, conversation)
 
@@ -106,7 +108,7 @@ def _item(entry: dict[str, Any], where: str) -> InputItem:
     kind = entry.get("type", "message" if "role" in entry else None)
     model = _ITEM_TYPES.get(str(kind))
     if model is None:
-        raise _bad(
+        raise field_refused(
             f"{where}.type",
             f"input items of type {kind!r} are not supported by this server; it takes "
             f"{', '.join(_ITEM_TYPES)} items",
@@ -114,7 +116,7 @@ def _item(entry: dict[str, Any], where: str) -> InputItem:
     try:
         item = model.model_validate({**entry, "type": kind})
     except ValidationError as exc:
-        raise _bad(where, _first_problem(exc)) from None
+        raise refusal(exc, where) from None
     assert isinstance(item, InputMessage | FunctionCallItem | FunctionCallOutputItem)
     # parts pcrt cannot read are refused here, where the item's place is known
     if isinstance(item, InputMessage):
@@ -167,14 +169,14 @@ def _text(content: str | list[dict[str, Any]], where: str) -> str:
     for j, part in enumerate(content):
         kind = part.get("type")
         if kind not in _TEXT_PARTS:
-            raise _bad(
+            raise field_refused(
                 f"{where}[{j}].type",
                 f"content of type {kind!r} is not supported by this server; it reads text "
                 f"only ({', '.join(_TEXT_PARTS)})",
             )
         text = part.get("text")
         if not isinstance(text, str):
-            raise _bad(f"{where}[{j}].text", "a text part needs its 'text' as a string")
+            raise field_refused(f"{where}[{j}].text", "a text part needs its 'text' as a string")
         texts.append(text)
     return "".join(texts)
 
@@ -188,7 +190,7 @@ def _tools(tools: Sequence[dict[str, Any]] | None) -> list[ToolDefinition] | Non
 def _tool(tool: dict[str, Any], where: str) -> ToolDefinition:
     kind = tool.get("type")
     if kind != "function":
-        raise _bad(
+        raise field_refused(
             f"{where}.type",
             f"tools of type {kind!r} are not supported by this server; it offers the model "
             "function tools, which the client runs",
@@ -196,7 +198,7 @@ def _tool(tool: dict[str, Any], where: str) -> ToolDefinition:
     try:
         flat = FunctionTool.model_validate(tool)
     except ValidationError as exc:
-        raise _bad(where, _first_problem(exc)) from None
+        raise refusal(exc, where) from None
     function = ToolFunction(
         name=flat.name,
         description=flat.description,
@@ -211,7 +213,7 @@ def _tool_choice(choice: str | dict[str, Any] | None) -> str | NamedToolChoice |
         return choice
     name = choice.get("name")
     if choice.get("type") != "function" or not isinstance(name, str):
-        raise _bad(
+        raise field_refused(
             "tool_choice",
             f"a tool_choice of type {choice.get('type')!r} is not supported by this server; "
             "send none, auto, required or {'type': 'function', 'name': ...}",
@@ -259,16 +261,3 @@ def responses_error(exc: InvalidRequest) -> InvalidRequest:
         exc.param = new
         exc.args = (str(exc).replace(old, str(new), 1),)
     return exc
-
-
-def _first_problem(exc: ValidationError) -> str:
-    first = exc.errors()[0]
-    where = ".".join(str(p) for p in first.get("loc", ()))
-    message = str(first.get("msg", "invalid")).removeprefix("Value error, ")
-    return f"{where}: {message}" if where else message
-
-
-def _bad(param: str, why: str) -> InvalidRequest:
-    error = InvalidRequest(f"{param}: {why}")
-    error.param = param
-    return error

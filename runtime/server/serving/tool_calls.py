@@ -41,8 +41,8 @@ from pcrt.runtime.engine.chat import ChatMessage
 from pcrt.runtime.engine.constraints import constraint_of, locate_problem
 from pcrt.runtime.engine.sampling import SamplingParams
 from pcrt.runtime.engine.tool_prompt import tool_messages
-from pcrt.runtime.errors import ConstraintInvalid, InvalidRequest
-from pcrt.runtime.server.schemas import NamedToolChoice, ToolDefinition
+from pcrt.runtime.errors import ConstraintInvalid
+from pcrt.runtime.server.schemas import NamedToolChoice, ToolDefinition, field_refused
 
 __all__ = ["StreamedReply", "ToolCall", "ToolPlan", "plan_tools"]
 
@@ -205,18 +205,22 @@ def plan_tools(
     _check_history(messages)
     if not tools:
         if isinstance(choice, NamedToolChoice) or choice == "required":
-            raise _bad("tool_choice", "asks for a tool call, but the request has no tools")
+            raise field_refused("tool_choice", "asks for a tool call, but the request has no tools")
         return None
     names = [t.function.name for t in tools]
     for i, tool in enumerate(tools):
         if names.count(tool.function.name) > 1:
-            raise _bad(f"tools[{i}].function.name", f"{tool.function.name!r} is listed twice")
+            raise field_refused(
+                f"tools[{i}].function.name", f"{tool.function.name!r} is listed twice"
+            )
         problem = _schema_problem(tool.function.parameters)
         if problem:
-            raise _bad(f"tools[{i}].function.parameters", problem)
+            raise field_refused(f"tools[{i}].function.parameters", problem)
     if isinstance(choice, NamedToolChoice):
         if choice.function.name not in names:
-            raise _bad("tool_choice", f"names no tool: {choice.function.name!r}; tools: {names}")
+            raise field_refused(
+                "tool_choice", f"names no tool: {choice.function.name!r}; tools: {names}"
+            )
         return ToolPlan(tuple(tools), choice.function.name, parallel, call_format)
     return ToolPlan(tuple(tools), choice or "auto", parallel, call_format)
 
@@ -310,14 +314,14 @@ def _check_history(messages: Sequence[ChatMessage]) -> None:
                     str(function["name"])
                     json.loads(function.get("arguments") or "{}")
                 except (KeyError, TypeError, ValueError):
-                    raise _bad(
+                    raise field_refused(
                         f"messages[{i}].tool_calls[{j}]",
                         "a call needs an id and a function with a name and JSON arguments",
                     ) from None
         elif message.role == "tool":
             call_id = extra.get("tool_call_id")
             if call_id not in made:
-                raise _bad(
+                raise field_refused(
                     f"messages[{i}].tool_call_id",
                     f"{call_id!r} answers no call an earlier assistant message made",
                 )
@@ -338,9 +342,3 @@ def _schema_problem(parameters: dict[str, Any] | None) -> str | None:
     except ConstraintInvalid as exc:
         return exc.why if not exc.where else f"at {exc.where}: {exc.why}"
     return None
-
-
-def _bad(param: str, why: str) -> InvalidRequest:
-    error = InvalidRequest(f"{param}: {why}")
-    error.param = param
-    return error
