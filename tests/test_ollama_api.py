@@ -23,6 +23,7 @@ import pytest
 
 from pcrt.cache.store import Store
 from pcrt.cache.usage import UsageLog
+from pcrt.runtime.errors import InvalidRequest
 from pcrt.runtime.models.registry import HfSource, ModelEntry, Registry
 from pcrt.runtime.paths import Paths
 from pcrt.runtime.server.schemas.ollama import OllamaChatRequest
@@ -468,6 +469,13 @@ def test_messages_and_options_translate_to_openai() -> None:
     # results are matched to calls by tool name, else in order
     answers = [m.model_extra["tool_call_id"] for m in openai.messages[2:]]
     assert answers == [calls[1]["id"], calls[0]["id"]]
+
+    orphan = OllamaChatRequest.model_validate(
+        {"model": MODEL, "messages": [{"role": "tool", "tool_name": "a", "content": "A"}]}
+    )
+    with pytest.raises(InvalidRequest) as refused:
+        chat_request(orphan)
+    assert refused.value.param == "messages[0]" and "no tool call" in str(refused.value)
 
 
 class _Chunks(ChatStream):

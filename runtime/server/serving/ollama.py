@@ -328,17 +328,23 @@ def openai_messages(messages: list[OllamaMessage]) -> list[dict[str, Any]]:
                 waiting.append((call_id, call.function.name))
             entry["tool_calls"] = calls
         elif message.role == "tool":
-            entry["tool_call_id"] = message.tool_call_id or _answered(waiting, message.tool_name)
+            entry["tool_call_id"] = message.tool_call_id or _answered(
+                waiting, message.tool_name, f"messages[{i}]"
+            )
         out.append(entry)
     return out
 
 
-def _answered(waiting: list[tuple[str, str]], name: str | None) -> str:
+def _answered(waiting: list[tuple[str, str]], name: str | None, where: str) -> str:
+    """The id of the call a tool result answers: the first unanswered call of that tool,
+    else the first unanswered call; a result with no call before it is refused."""
     for k, (call_id, tool) in enumerate(waiting):
-        if name is None or tool == name:
+        if tool == name:
             del waiting[k]
             return call_id
-    return f"call_{name or 'unknown'}"
+    if waiting:
+        return waiting.pop(0)[0]
+    raise InvalidRequest(f"{where}: a tool result, but no tool call before it answers", where)
 
 
 def sampling_fields(
