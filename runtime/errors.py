@@ -100,6 +100,7 @@ __all__ = [
     "StateNotFound",
     "StateTooLarge",
     "StorageFull",
+    "StreamFailed",
     "ToolDenied",
     "ToolNotFound",
     "Unauthorized",
