@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import anthropic
+import httpx
 import jsonschema
 import pytest
 
@@ -605,3 +606,17 @@ def test_server_tools_are_refused_by_name(client: anthropic.Anthropic) -> None:
     with pytest.raises(anthropic.BadRequestError) as info:
         client.messages.create(model=MODEL, max_tokens=4, messages=ASK, tools=[search])  # type: ignore[list-item]
     assert "web_search_20250305" in _error(info.value)["message"]
+
+
+def test_a_block_whose_type_is_not_a_string_is_a_400(server: LiveServer) -> None:
+    """What schemathesis sent: a tool result's block typed by an object, not a name."""
+    odd = [{"type": "tool_result", "tool_use_id": "0", "content": [{"type": {}, "text": ""}]}]
+    for path in ("/v1/messages", "/v1/messages/count_tokens"):
+        answer = httpx.post(
+            server.url + path,
+            json={"model": MODEL, "max_tokens": 8, "messages": [{"role": "user", "content": odd}]},
+            headers={"x-api-key": KEY},
+            timeout=30,
+        )
+        assert answer.status_code == 400, answer.text
+        assert answer.json()["error"]["type"] == "invalid_request_error"

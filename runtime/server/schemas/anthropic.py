@@ -80,7 +80,7 @@ def _refuse_unreadable(content: Any) -> Any:
 def _refusal(kind: Any, allowed: tuple[str, ...]) -> str:
     what = (
         f"{_UNREADABLE[kind]} ({kind!r} blocks) are"
-        if kind in _UNREADABLE
+        if isinstance(kind, str) and kind in _UNREADABLE  # a fuzzer's "type" may be anything
         else f"{kind!r} blocks are"
     )
     return f"{what} not supported: pcrt serves text models; send {' or '.join(allowed)} blocks"
