@@ -6,6 +6,8 @@ and the peer it ran on."""
 
 from __future__ import annotations
 
+import json
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +18,11 @@ import pytest
 
 from pcrt.routing.settings import PeerSettings, StaticPeer
 from pcrt.runtime.server.settings import ServerSettings
+from tests.fakes import FakeEngines
 from tests.live_server import LiveServer, ServerFactory
 from tests.peering import unique_name, wait_for
-from tests.test_peers import _in_rotation
+from tests.test_peer_routing import _loaded
+from tests.test_peers import _daemon, _in_rotation
 
 ONLY_THERE = "smol-far"
 
@@ -125,3 +129,58 @@ def test_a_peer_that_does_not_answer_is_said_in_each_apis_shape(live_server: Ser
             messages.append(error["error"]["message"])
     for message in messages:
         assert message.startswith("nowhere to run") and "gone: " in message
+
+
+def test_a_pcrt_peer_is_asked_in_the_clients_own_api(tmp_path: Path) -> None:
+    """Between two pcrt daemons (LAN, fake engines: the routing is the subject), Ollama's
+    and Anthropic's requests go to the peer as they came, not translated: the peer's
+    usage row names the API's route, and both daemons count the same tokens, streamed or
+    not."""
+    key = uuid.uuid4().hex
+    a_name, b_name = unique_name("a"), unique_name("b")
+    ollama_body: dict[str, Any] = {
+        "model": "smollm2-135m:latest",
+        "messages": [{"role": "user", "content": "Say hi."}],
+        "options": {"num_predict": 6},
+    }
+    anthropic_body: dict[str, Any] = {
+        "model": "smollm2-135m",
+        "max_tokens": 6,
+        "messages": [{"role": "user", "content": "Say hi."}],
+    }
+    asks = [
+        ("/api/chat", {**ollama_body, "stream": False}, "ollama-whole"),
+        ("/api/chat", ollama_body, "ollama-stream"),
+        ("/v1/messages", anthropic_body, "anthropic-whole"),
+        ("/v1/messages", {**anthropic_body, "stream": True}, "anthropic-stream"),
+    ]
+    with (
+        _daemon(tmp_path, a_name, key, opener=FakeEngines()) as a,
+        _daemon(tmp_path, b_name, key, opener=FakeEngines()) as b,
+    ):
+        wait_for(lambda: _in_rotation(a, b_name), 10, "a trusts b")
+        for path, body, label in asks:
+            agent = unique_name(label)
+            headers = {"X-PC-Route": "peer", "X-PC-Agent-ID": agent}
+            with httpx.stream(
+                "POST", a.url + path, json=body, headers=headers, timeout=60
+            ) as answer:
+                assert answer.status_code == 200, label
+                assert answer.headers["x-pc-ran-on"] == b_name
+                text = answer.read().decode()
+            if path == "/api/chat" and body.get("stream") is False:
+                assert json.loads(text)["done"] is True
+            elif path == "/api/chat":
+                assert json.loads(text.splitlines()[-1])["done"] is True
+            elif body.get("stream"):
+                assert "event: message_stop" in text
+            else:
+                assert json.loads(text)["type"] == "message"
+            wait_for(lambda: len(_rows(a, agent)) == 1, 5, "a's usage row")  # noqa: B023
+            (on_a,) = _rows(a, agent)
+            (on_b,) = _rows(b, agent)
+            assert on_b["route"] == on_a["route"] == path, label  # asked natively
+            assert on_b["ran_on"] == "local" and on_a["ran_on"] == b_name
+            assert on_a["completion_tokens"] == on_b["completion_tokens"] > 0, label
+            assert on_a["prompt_tokens"] == on_b["prompt_tokens"] > 0, label
+        assert _loaded(a.url) == []

@@ -14,22 +14,59 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request, Response
 from starlette.background import BackgroundTask
 
-from pcrt.routing.forward import AGENT_HEADER, ForwardedStream, has_text, sse_events
+from pcrt.routing.forward import AGENT_HEADER, ForwardedStream, PeerAnswer, has_text, sse_events
+from pcrt.routing.peers import Peer
 from pcrt.routing.policy import Candidate, Complexity, Route, Work
 from pcrt.runtime.errors import InvalidRequest, NoRoute, PeerError, PeerUnavailable
 from pcrt.runtime.server.http_errors import CLIENT_CLOSED_REQUEST, status_and_body
 from pcrt.runtime.server.owned_stream import OwnedStream
 from pcrt.runtime.server.schemas import ChatCompletionRequest, GenerationFields
 from pcrt.runtime.server.services import Accounting, Services, services_of
-from pcrt.runtime.sse import encode
+from pcrt.runtime.sse import SseSplitter, encode
 
-__all__ = ["ROUTE_HEADER", "forward_if_routed", "route_headers"]
+__all__ = [
+    "ROUTE_HEADER",
+    "NativeAnswer",
+    "NativeRequest",
+    "NativeStream",
+    "forward_if_routed",
+    "route_headers",
+]
+
+_JSON = {"Content-Type": "application/json"}
+
+
+@dataclass(frozen=True)
+class NativeRequest:
+    """Another API's request as a pcrt peer is asked it: on its own ``path`` with its own
+    ``body`` (a pcrt peer speaks that API too), so it runs and is billed there as it came.
+    ``usage_of`` reads OpenAI-style usage (``prompt_tokens``, ``completion_tokens``) out of
+    the whole answer or one streamed event, None when it holds none; ``failed`` writes a
+    failure mid-stream as that API's stream does; ``lines``: its stream is NDJSON lines
+    (Ollama's), else server-sent events."""
+
+    path: str
+    body: dict[str, Any]
+    stream: bool
+    usage_of: Callable[[dict[str, Any]], dict[str, Any] | None]
+    failed: Callable[[str], bytes]
+    lines: bool = False
+
+
+class NativeAnswer(Response):
+    """A pcrt peer's whole answer in the client's own API: sent as it is."""
+
+
+class NativeStream(OwnedStream):
+    """A pcrt peer's stream in the client's own API: passed through as it is."""
+
 
 ROUTE_HEADER = "x-pc-route"
 COMPLEXITY_HEADER = "x-pc-complexity"
@@ -83,12 +120,15 @@ async def forward_if_routed(
     acct: Accounting,
     *,
     translated: dict[str, Any] | None = None,
+    native: NativeRequest | None = None,
 ) -> Response | None:
     """The peer's answer when the request goes to a peer; None to run it here.
 
     ``route`` is the OpenAI route the peer is asked on; ``translated``: the OpenAI body of
     a request that came in another API's shape (Ollama's, Anthropic's, Responses'), sent
-    instead of the client's own bytes."""
+    instead of the client's own bytes to a peer that speaks only OpenAI's; ``native``:
+    the same request as a pcrt peer is asked it, in its own API (the answer is then a
+    ``NativeAnswer`` or ``NativeStream``, already in the client's shape)."""
     services = services_of(request)
     coordinator = services.coordinator
     hint = _route_hint(request)
@@ -116,6 +156,8 @@ async def forward_if_routed(
         if candidate.kind == "local":
             return None  # every peer before it failed: local is the last resort
         try:
+            if native is not None and candidate.kind == "pcrt":
+                return await _forward_native(services, request, native, candidate, acct)
             return await _forward(
                 services, request, raw, route, candidate, acct, body.stream, translated is None
             )
@@ -152,28 +194,15 @@ async def _forward(
     stream: bool,
     own_bytes: bool,
 ) -> Response:
-    peer = services.coordinator.peer(candidate.node)
-    if peer is None:
-        raise PeerUnavailable(f"peer {candidate.node} left the table", peer=candidate.node)
+    peer, headers = _peer_of(services, request, candidate)
     forwarder = services.coordinator.forwarder
     body = {**raw, "model": candidate.model}
-    headers = {"X-PC-Route": "local"}
-    agent = request.headers.get(AGENT_HEADER)
-    if agent:
-        headers[AGENT_HEADER] = agent
     ran_on = route_headers(acct, candidate.node)
     if not stream:
         # the client's own bytes when the model name stands: no second serialization
         same = own_bytes and raw.get("model") == candidate.model
         content = await request.body() if same else json.dumps(body).encode()
-        headers["Content-Type"] = "application/json"
-        try:
-            answer = await forwarder.request(peer, "POST", route, content=content, headers=headers)
-        except PeerError as exc:
-            if not isinstance(exc, PeerUnavailable):
-                status, _, _ = status_and_body(exc)  # the peer's own, for a refusal
-                acct.finished_remote(status, None, None, candidate.node)
-            raise
+        answer = await _asked(services, peer, route, content, headers, acct, candidate.node)
         # the usage row is written after the answer has gone out: not on its latency. On
         # the loop (a coroutine), as local requests write theirs: a thread pool hop costs
         # more than the row
@@ -190,19 +219,157 @@ async def _forward(
     opened = await forwarder.open_stream(peer, route, body, headers)
     ttft = time.perf_counter() - started
 
-    async def never_started() -> None:
-        """The client left before the first chunk: the peer's stream is closed (so it
-        stops generating) and the request billed as one the client cut short."""
-        if not opened.closed:
-            await opened.aclose()
-            acct.finished_remote(CLIENT_CLOSED_REQUEST, None, ttft, candidate.node)
-
     return OwnedStream(
         _pass_through(opened, wants_usage, acct, ttft, candidate.node),
-        release=never_started,
+        release=_never_started(opened, acct, ttft, candidate.node),
         media_type=opened.media_type,
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **ran_on},
     )
+
+
+def _never_started(
+    opened: ForwardedStream, acct: Accounting, ttft: float, node: str
+) -> Callable[[], Awaitable[None]]:
+    """What a stream does when its client left before the first chunk: the peer's stream
+    is closed (so it stops generating) and the request billed as one the client cut
+    short."""
+
+    async def release() -> None:
+        if not opened.closed:
+            await opened.aclose()
+            acct.finished_remote(CLIENT_CLOSED_REQUEST, None, ttft, node)
+
+    return release
+
+
+def _peer_of(
+    services: Services, request: Request, candidate: Candidate
+) -> tuple[Peer, dict[str, str]]:
+    """The candidate's peer and the headers it is asked with (it runs the request itself:
+    never forwards it again; the agent goes along)."""
+    peer = services.coordinator.peer(candidate.node)
+    if peer is None:
+        raise PeerUnavailable(f"peer {candidate.node} left the table", peer=candidate.node)
+    headers = {"X-PC-Route": "local"}
+    agent = request.headers.get(AGENT_HEADER)
+    if agent:
+        headers[AGENT_HEADER] = agent
+    return peer, headers
+
+
+async def _asked(
+    services: Services,
+    peer: Peer,
+    path: str,
+    content: bytes,
+    headers: dict[str, str],
+    acct: Accounting,
+    node: str,
+) -> PeerAnswer:
+    """A peer's whole answer; its refusal is billed as its status and raised."""
+    try:
+        return await services.coordinator.forwarder.request(
+            peer, "POST", path, content=content, headers={**headers, **_JSON}
+        )
+    except PeerError as exc:
+        if not isinstance(exc, PeerUnavailable):
+            status, _, _ = status_and_body(exc)  # the peer's own, for a refusal
+            acct.finished_remote(status, None, None, node)
+        raise
+
+
+async def _forward_native(
+    services: Services,
+    request: Request,
+    native: NativeRequest,
+    candidate: Candidate,
+    acct: Accounting,
+) -> Response:
+    """Another API's request on a pcrt peer, in that API: its answer passes through."""
+    peer, headers = _peer_of(services, request, candidate)
+    body = {**native.body, "model": candidate.model}
+    ran_on = route_headers(acct, candidate.node)
+    if not native.stream:
+        content = json.dumps(body).encode()
+        answer = await _asked(services, peer, native.path, content, headers, acct, candidate.node)
+        usage = _read_usage(native, answer.body)
+
+        async def account() -> None:
+            acct.finished_remote(200, usage, None, candidate.node)
+
+        return NativeAnswer(
+            answer.body,
+            media_type="application/json",
+            headers=ran_on,
+            background=BackgroundTask(account),
+        )
+    started = time.perf_counter()
+    opened = await services.coordinator.forwarder.open_stream(peer, native.path, body, headers)
+    ttft = time.perf_counter() - started
+
+    return NativeStream(
+        _pass_native(opened, native, acct, ttft, candidate.node),
+        release=_never_started(opened, acct, ttft, candidate.node),
+        media_type=opened.media_type,
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **ran_on},
+    )
+
+
+async def _pass_native(
+    stream: ForwardedStream, native: NativeRequest, acct: Accounting, ttft: float, ran_on: str
+) -> AsyncGenerator[bytes, None]:
+    """A pcrt peer's stream in the client's API, byte for byte; its usage is read from the
+    events as they pass (Ollama's lines, or server-sent events)."""
+    usage: dict[str, Any] | None = None
+    status = CLIENT_CLOSED_REQUEST  # until the peer's stream ends, the client is the one who left
+    reader = _EventReader(native.lines)
+    try:
+        async for raw in stream:
+            yield raw
+            for event in reader.feed(raw):
+                usage = native.usage_of(event) or usage
+        status = 200
+    except Exception as exc:
+        # the peer broke mid-stream, after our client had bytes: end in the API's own way
+        status = 502
+        yield native.failed(f"peer {ran_on} failed mid-stream: {type(exc).__name__}")
+    finally:
+        await stream.aclose()
+        acct.finished_remote(status, usage, ttft, ran_on)
+
+
+class _EventReader:
+    """JSON events out of a byte stream: NDJSON lines, or server-sent events' data."""
+
+    def __init__(self, lines: bool) -> None:
+        self._lines = lines
+        self._buffer = b""
+        self._sse = SseSplitter()
+
+    def feed(self, raw: bytes) -> list[dict[str, Any]]:
+        if self._lines:
+            self._buffer += raw
+            *whole, self._buffer = self._buffer.split(b"\n")
+            datas = [line for line in whole if line.strip()]
+        else:
+            datas = [e.data for e in self._sse.feed(raw) if e.data is not None]
+        events = []
+        for data in datas:
+            try:
+                event = json.loads(data)
+            except ValueError:
+                continue  # not ours to judge: it passed through as it came
+            if isinstance(event, dict):
+                events.append(event)
+        return events
+
+
+def _read_usage(native: NativeRequest, body: bytes) -> dict[str, Any] | None:
+    try:
+        answer = json.loads(body)
+    except ValueError:
+        return None
+    return native.usage_of(answer) if isinstance(answer, dict) else None
 
 
 async def _pass_through(

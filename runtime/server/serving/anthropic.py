@@ -35,6 +35,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from pcrt.runtime.errors import PcrtError, StreamFailed
+from pcrt.runtime.server.forwarding import NativeRequest
 from pcrt.runtime.server.http_errors import client_left, in_shape_of
 from pcrt.runtime.server.schemas import ChatCompletionRequest, field_refused, refusal
 from pcrt.runtime.server.schemas.anthropic import (
@@ -80,8 +81,21 @@ class AnthropicServing:
 
     async def create_message(self, body: MessagesRequest, request: Request) -> Any:
         chat = chat_request_of(body)
+        native = None
+        if self.services.coordinator.enabled:  # a pcrt peer is asked in Anthropic's API
+            native = NativeRequest(
+                path=MESSAGES_ROUTE,
+                body=body.model_dump(mode="json", exclude_unset=True, by_alias=True),
+                stream=body.stream,
+                usage_of=usage_of_event,
+                failed=_failure_event,
+            )
         with anthropic_fields():
-            stream = await self.completions.chat_stream(request, chat, MESSAGES_ROUTE)
+            stream = await self.completions.stream_or_native(
+                request, chat, MESSAGES_ROUTE, chat=True, native=native
+            )
+        if not isinstance(stream, ChatStream):
+            return stream  # a pcrt peer's answer, in Anthropic's shape already
         if body.stream:
             return stream.respond(_sse(stream, body.model), "text/event-stream")
         reply = await stream.reply(request)
@@ -102,6 +116,24 @@ class AnthropicServing:
                     prepare_generation, model.engine, chat, True
                 )
         return {"input_tokens": len(tokens)}
+
+
+def usage_of_event(event: dict[str, Any]) -> dict[str, Any] | None:
+    """OpenAI-style usage out of a message (whole) or its ``message_delta`` event."""
+    usage = event.get("usage") if event.get("type") in ("message", "message_delta") else None
+    if not isinstance(usage, dict):
+        return None
+    cached = usage.get("cache_read_input_tokens") or 0
+    return {
+        "prompt_tokens": (usage.get("input_tokens") or 0) + cached,
+        "completion_tokens": usage.get("output_tokens") or 0,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }
+
+
+def _failure_event(message: str) -> bytes:
+    error = {"type": "error", "error": {"type": "api_error", "message": message}}
+    return encode(json.dumps(error), event="error").encode()
 
 
 async def _sse(stream: ChatStream, model: str) -> AsyncGenerator[str, None]:

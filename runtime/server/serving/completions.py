@@ -34,7 +34,13 @@ from pcrt.runtime.engine import (
 )
 from pcrt.runtime.engine.tool_prompt import tool_messages
 from pcrt.runtime.errors import ConstraintInvalid, ContextLengthExceeded, InvalidRequest, PcrtError
-from pcrt.runtime.server.forwarding import forward_if_routed, route_headers
+from pcrt.runtime.server.forwarding import (
+    NativeAnswer,
+    NativeRequest,
+    NativeStream,
+    forward_if_routed,
+    route_headers,
+)
 from pcrt.runtime.server.http_errors import CLIENT_CLOSED_REQUEST, client_left, status_and_body
 from pcrt.runtime.server.owned_stream import OwnedStream
 from pcrt.runtime.server.pool import LoadedModel, ModelPool
@@ -78,24 +84,41 @@ class CompletionsServing:
         OpenAI chat chunks (here, or on a peer as a chat completion) and billed under that
         API's ``route``: the one engine path behind Ollama's, Anthropic's and Responses'
         surfaces. The caller reads the stream and closes it (``ChatStream.aclose``)."""
-        return await self._translated(request, body, route, chat=True)
+        stream = await self.stream_or_native(request, body, route, chat=True)
+        assert isinstance(stream, ChatStream)  # nothing native was offered
+        return stream
 
     async def text_stream(
         self, request: Request, body: CompletionRequest, route: str
     ) -> ChatStream:
         """As ``chat_stream``, for a prompt the model reads as it is (Ollama's ``raw``)."""
-        return await self._translated(request, body, route, chat=False)
+        stream = await self.stream_or_native(request, body, route, chat=False)
+        assert isinstance(stream, ChatStream)  # nothing native was offered
+        return stream
 
-    async def _translated(
-        self, request: Request, body: GenerationFields, route: str, *, chat: bool
-    ) -> ChatStream:
+    async def stream_or_native(
+        self,
+        request: Request,
+        body: GenerationFields,
+        route: str,
+        *,
+        chat: bool,
+        native: NativeRequest | None = None,
+    ) -> ChatStream | NativeAnswer | NativeStream:
+        """As ``chat_stream`` (``text_stream`` when not ``chat``); with ``native``, a pcrt
+        peer chosen for the request is asked it in its own API, and its answer, already in
+        the client's shape, comes back to be sent as it is."""
         body = body.model_copy(
             update={"stream": True, "stream_options": StreamOptions(include_usage=True)}
         )
         # what a peer would be asked: only written when there are peers to ask
         peers = self.services.coordinator.enabled
         translated = body.model_dump(mode="json", exclude_none=True, by_alias=True) if peers else {}
-        response = await self._generate(request, body, route, chat=chat, translated=translated)
+        response = await self._generate(
+            request, body, route, chat=chat, translated=translated, native=native
+        )
+        if isinstance(response, NativeAnswer | NativeStream):
+            return response
         return ChatStream(response)
 
     async def _generate(
@@ -106,6 +129,7 @@ class CompletionsServing:
         *,
         chat: bool,
         translated: dict[str, Any] | None = None,
+        native: NativeRequest | None = None,
     ) -> Any:
         """The answer: a peer's, a stream of chunks, or the whole completion (a dict).
         ``translated``: the OpenAI body of a request another API's route (``route``)
@@ -125,6 +149,7 @@ class CompletionsServing:
                     chat,
                     acct,
                     translated=translated,
+                    native=native,
                 )
             if forwarded is not None:
                 return forwarded

@@ -25,6 +25,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
 from pcrt.runtime.errors import InvalidRequest
+from pcrt.runtime.server.forwarding import NativeRequest
 from pcrt.runtime.server.http_errors import client_left, status_and_body
 from pcrt.runtime.server.schemas import (
     ChatCompletionRequest,
@@ -102,7 +103,11 @@ class OllamaServing:
             return await self._load_or_unload(request, body.model, body.keep_alive, said)
         _refuse_thinking(body.think, body.model)
         openai, unhonoured = chat_request(body)
-        stream = await self.completions.chat_stream(request, openai, CHAT_ROUTE)
+        stream = await self.completions.stream_or_native(
+            request, openai, CHAT_ROUTE, chat=True, native=self._native(CHAT_ROUTE, body)
+        )
+        if not isinstance(stream, ChatStream):
+            return stream  # a pcrt peer's answer, in Ollama's shape already
         lines = _Lines(body.model, started, chat=True)
         return await self._answer(stream, lines, body.stream, unhonoured, request)
 
@@ -123,16 +128,36 @@ class OllamaServing:
         fields, unhonoured = sampling_fields(body.options, body)
         fields["return_tokens"] = True  # the answer's context
         fields["context"] = body.context
+        openai: ChatCompletionRequest | CompletionRequest
         if body.raw:  # the prompt as it is, no template (Ollama ignores system then)
-            text = _validated(CompletionRequest, {**fields, "prompt": body.prompt})
-            stream = await self.completions.text_stream(request, text, GENERATE_ROUTE)
+            openai = _validated(CompletionRequest, {**fields, "prompt": body.prompt})
         else:
             messages = [{"role": "system", "content": body.system}] if body.system else []
             messages.append({"role": "user", "content": body.prompt})
-            chat = _validated(ChatCompletionRequest, {**fields, "messages": messages})
-            stream = await self.completions.chat_stream(request, chat, GENERATE_ROUTE)
+            openai = _validated(ChatCompletionRequest, {**fields, "messages": messages})
+        native = self._native(GENERATE_ROUTE, body)
+        stream = await self.completions.stream_or_native(
+            request, openai, GENERATE_ROUTE, chat=not body.raw, native=native
+        )
+        if not isinstance(stream, ChatStream):
+            return stream  # a pcrt peer's answer, in Ollama's shape already
         lines = _Lines(body.model, started, chat=False)
         return await self._answer(stream, lines, body.stream, unhonoured, request)
+
+    def _native(
+        self, path: str, body: OllamaChatRequest | OllamaGenerateRequest
+    ) -> NativeRequest | None:
+        """The request as a pcrt peer is asked it (Ollama's own), when there are peers."""
+        if not self.services.coordinator.enabled:
+            return None
+        return NativeRequest(
+            path=path,
+            body=body.model_dump(mode="json", exclude_unset=True),
+            stream=body.stream,
+            usage_of=_usage_of_line,
+            failed=lambda message: line({"error": message}).encode(),
+            lines=True,
+        )
 
     async def _answer(
         self,
@@ -271,6 +296,16 @@ class _Lines:
         if reply.calls:  # Ollama sends a reply's calls whole, arguments as objects
             yield line(self.piece("", _ollama_calls(reply)))
         yield line(self.last(reply))
+
+
+def _usage_of_line(answer: dict[str, Any]) -> dict[str, Any] | None:
+    """OpenAI-style usage out of Ollama's closing line (or whole answer), else None."""
+    if not answer.get("done") or "eval_count" not in answer:
+        return None
+    return {
+        "prompt_tokens": answer.get("prompt_eval_count") or 0,
+        "completion_tokens": answer.get("eval_count") or 0,
+    }
 
 
 def _said(text: str, calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
