@@ -116,6 +116,10 @@ class LiveServer:
         services: Services = self.app.state.services
         return services
 
+    def usage_rows(self, agent: str) -> list[dict[str, Any]]:
+        """The daemon's usage rows for ``agent``, those still queued included."""
+        return self.services.usage.rows(agent=agent)
+
 
 class ServerFactory:
     """Starts daemons that stop when its scope ends (a test's, or a module's), last

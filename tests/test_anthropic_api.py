@@ -20,8 +20,6 @@ import httpx
 import jsonschema
 import pytest
 
-from pcrt.cache.store import Store
-from pcrt.cache.usage import UsageLog
 from pcrt.runtime.engine.textstream import TextStream
 from pcrt.runtime.errors import InvalidRequest, StreamFailed
 from pcrt.runtime.server.schemas.anthropic import MessagesRequest
@@ -456,12 +454,6 @@ def test_count_tokens_counts_what_the_model_reads(client: anthropic.Anthropic) -
     assert used == with_tools
 
 
-def _usage_rows(server: LiveServer, agent: str) -> list[dict[str, Any]]:
-    server.services.usage.flush()  # the daemon's queued rows, through its own connection
-    with Store(server.services.pool.registry.paths.db_path) as store:
-        return UsageLog(store).rows(agent=agent)
-
-
 def test_metadata_user_id_is_the_agent_unless_the_header_names_one(
     client: anthropic.Anthropic, server: LiveServer
 ) -> None:
@@ -481,15 +473,15 @@ def test_metadata_user_id_is_the_agent_unless_the_header_names_one(
         metadata={"user_id": "overridden"},
         extra_headers={"X-PC-Agent-ID": "header-agent"},
     )
-    rows = _usage_rows(server, "claude-user")
+    rows = server.usage_rows("claude-user")
     assert [(r["route"], r["status"]) for r in rows] == [("/v1/messages", 200)] * 2
     for row, message in zip(rows, (made, streamed), strict=True):
         cached = message.usage.cache_read_input_tokens or 0
         assert row["prompt_tokens"] == message.usage.input_tokens + cached
         assert row["cached_tokens"] == cached
         assert row["completion_tokens"] == message.usage.output_tokens
-    assert [r["route"] for r in _usage_rows(server, "header-agent")] == ["/v1/messages"]
-    assert _usage_rows(server, "overridden") == []
+    assert [r["route"] for r in server.usage_rows("header-agent")] == ["/v1/messages"]
+    assert server.usage_rows("overridden") == []
 
 
 # -- errors, in Anthropic's shape ---------------------------------------------------------

@@ -21,8 +21,6 @@ import jsonschema
 import ollama
 import pytest
 
-from pcrt.cache.store import Store
-from pcrt.cache.usage import UsageLog
 from pcrt.runtime.errors import InvalidRequest
 from pcrt.runtime.models.registry import HfSource, ModelEntry, Registry
 from pcrt.runtime.paths import Paths
@@ -73,12 +71,6 @@ def _http(server: LiveServer) -> httpx.Client:
     return httpx.Client(
         base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=120
     )
-
-
-def usage_rows(server: LiveServer, agent: str) -> list[dict[str, Any]]:
-    server.services.usage.flush()
-    with Store(server.services.pool.registry.paths.db_path) as store:
-        return UsageLog(store).rows(agent=agent)
 
 
 # -- the model routes ----------------------------------------------------------------
@@ -275,7 +267,7 @@ def test_usage_rows_name_the_ollama_routes_and_the_agent(server: LiveServer) -> 
     said = agent.chat(model=MODEL, messages=[{"role": "user", "content": "Hi"}], options=GREEDY)
     agent.generate(model=MODEL, prompt="Hi", options=GREEDY)
     agent.embed(model=MODEL, input="Hi")
-    rows = usage_rows(server, "ollama-agent")
+    rows = server.usage_rows("ollama-agent")
     assert [(r["route"], r["status"]) for r in rows] == [
         ("/api/chat", 200),
         ("/api/generate", 200),

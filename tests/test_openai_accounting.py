@@ -15,8 +15,6 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from pcrt.cache.store import Store
-from pcrt.cache.usage import UsageLog
 from pcrt.runtime.server.settings import AgentLimits, LimitSettings, ServerSettings
 from tests.fakes import FakeEngines, ManualClock
 from tests.live_server import LiveServer, ServerFactory
@@ -53,12 +51,6 @@ def client(server: LiveServer) -> openai.OpenAI:
     return server.sdk()
 
 
-def usage_rows(server: LiveServer, agent: str) -> list[dict]:
-    server.services.usage.flush()  # the daemon's queued rows, through its own connection
-    with Store(server.services.pool.registry.paths.db_path) as store:
-        return UsageLog(store).rows(agent=agent)
-
-
 def _error(exc: openai.APIStatusError) -> dict:
     body = exc.response.json()
     assert set(body["error"]) == {"message", "type", "param", "code"}
@@ -80,7 +72,7 @@ def test_usage_rows_match_responses(client: openai.OpenAI, server: LiveServer) -
         client.chat.completions.create(
             model="nope", messages=[{"role": "user", "content": "x"}], extra_headers=headers
         )
-    rows = usage_rows(server, "auditor")
+    rows = server.usage_rows("auditor")
     assert [r["status"] for r in rows] == [200, 200, 200, 404]
     for row, reply in zip(rows, replies, strict=False):
         assert reply.usage is not None
@@ -104,13 +96,13 @@ def test_body_user_names_the_agent_unless_the_header_does(
         user="overridden",
         extra_headers={"X-PC-Agent-ID": "header-agent"},
     )
-    rows = usage_rows(server, "body-user")
+    rows = server.usage_rows("body-user")
     assert [(r["route"], r["status"]) for r in rows] == [
         ("/v1/chat/completions", 200),
         ("/v1/completions", 200),
     ]
-    assert [r["status"] for r in usage_rows(server, "header-agent")] == [200]
-    assert usage_rows(server, "overridden") == []
+    assert [r["status"] for r in server.usage_rows("header-agent")] == [200]
+    assert server.usage_rows("overridden") == []
 
 
 def test_rate_limit_is_429_and_recovers(
@@ -156,7 +148,7 @@ def test_tokens_per_minute_limit_is_429_with_retry_after(
     assert int(info.value.response.headers["retry-after"]) == expected
     clock.advance(expected)  # after that wait it is admitted
     client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, extra_headers=headers)
-    assert [r["status"] for r in usage_rows(server, "tpm")] == [200, 429, 200]
+    assert [r["status"] for r in server.usage_rows("tpm")] == [200, 429, 200]
 
 
 def test_metrics_parse_and_move(client: openai.OpenAI, server: LiveServer) -> None:

@@ -10,13 +10,10 @@ import json
 import socket
 import time
 from pathlib import Path
-from typing import Any
 
 import openai
 import pytest
 
-from pcrt.cache.store import Store
-from pcrt.cache.usage import UsageLog
 from pcrt.runtime.server.settings import ServerSettings
 from tests.live_server import LiveServer, ServerFactory
 
@@ -36,12 +33,6 @@ def server(default_model_path: Path, module_live_server: ServerFactory) -> LiveS
 @pytest.fixture
 def client(server: LiveServer) -> openai.OpenAI:
     return server.sdk()
-
-
-def usage_rows(server: LiveServer, agent: str) -> list[dict[str, Any]]:
-    server.services.usage.flush()  # the daemon's queued rows, through its own connection
-    with Store(server.services.pool.registry.paths.db_path) as store:
-        return UsageLog(store).rows(agent=agent)
 
 
 def busy(server: LiveServer) -> int:
@@ -148,7 +139,7 @@ def test_a_non_streamed_client_that_leaves_frees_its_slot(server: LiveServer) ->
     engine = server.services.pool.loaded()[0].engine
     # the slot keeps what it decoded: far fewer than the 900 tokens asked for
     assert max(s.n_tokens for s in engine.slots()) < 450
-    rows = usage_rows(server, "leaver")
+    rows = server.usage_rows("leaver")
     assert [r["status"] for r in rows] == [499]
     # what it generated before it left is accounted (and charged to its token budget)
     assert 0 < (rows[0]["completion_tokens"] or 0) < 900

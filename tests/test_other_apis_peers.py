@@ -38,10 +38,6 @@ def edge(default_model_path: Path, module_live_server: ServerFactory) -> LiveSer
     return server
 
 
-def _rows(server: LiveServer, agent: str) -> list[dict[str, Any]]:
-    return server.services.usage.rows(agent=agent)
-
-
 def test_ollama_chat_and_generate_run_on_the_peer(edge: LiveServer) -> None:
     agent = unique_name("ollama-far")
     client = ollama.Client(host=edge.url, headers={"X-PC-Agent-ID": agent})
@@ -55,8 +51,8 @@ def test_ollama_chat_and_generate_run_on_the_peer(edge: LiveServer) -> None:
 
     said = client.generate(model=ONLY_THERE, prompt="Say hi.", options=options)
     assert said.context and len(said.context) == (said.prompt_eval_count or 0) + 8
-    wait_for(lambda: len(_rows(edge, agent)) == 3, 5, "the edge's usage rows")
-    rows = _rows(edge, agent)
+    wait_for(lambda: len(edge.usage_rows(agent)) == 3, 5, "the edge's usage rows")
+    rows = edge.usage_rows(agent)
     assert [(r["route"], r["ran_on"], r["status"]) for r in rows] == [
         ("/api/chat", "strong", 200),
         ("/api/chat", "strong", 200),
@@ -94,8 +90,8 @@ def test_anthropic_and_responses_run_on_the_peer(edge: LiveServer) -> None:
     assert response.output_text and response.usage is not None
     assert response.usage.output_tokens == 16
 
-    wait_for(lambda: len(_rows(edge, agent)) == 3, 5, "the edge's usage rows")
-    rows = _rows(edge, agent)
+    wait_for(lambda: len(edge.usage_rows(agent)) == 3, 5, "the edge's usage rows")
+    rows = edge.usage_rows(agent)
     assert [(r["route"], r["ran_on"]) for r in rows] == [
         ("/v1/messages", "strong"),
         ("/v1/messages", "strong"),
@@ -176,9 +172,9 @@ def test_a_pcrt_peer_is_asked_in_the_clients_own_api(tmp_path: Path) -> None:
                 assert "event: message_stop" in text
             else:
                 assert json.loads(text)["type"] == "message"
-            wait_for(lambda: len(_rows(a, agent)) == 1, 5, "a's usage row")  # noqa: B023
-            (on_a,) = _rows(a, agent)
-            (on_b,) = _rows(b, agent)
+            wait_for(lambda: len(a.usage_rows(agent)) == 1, 5, "a's usage row")  # noqa: B023
+            (on_a,) = a.usage_rows(agent)
+            (on_b,) = b.usage_rows(agent)
             assert on_b["route"] == on_a["route"] == path, label  # asked natively
             assert on_b["ran_on"] == "local" and on_a["ran_on"] == b_name
             assert on_a["completion_tokens"] == on_b["completion_tokens"] > 0, label

@@ -17,16 +17,12 @@ import jsonschema
 from pcrt.routing.settings import PeerSettings, StaticPeer
 from pcrt.runtime.server.settings import ServerSettings
 from tests.fakes import FakeEngines
-from tests.live_server import LiveServer, ServerFactory
+from tests.live_server import ServerFactory
 from tests.peering import unique_name, wait_for
 from tests.test_peers import _daemon, _events, _in_rotation
 
 MODEL = "smollm2-135m"
 CHAT = "/v1/chat/completions"
-
-
-def _rows(server: LiveServer, agent: str) -> list[dict[str, Any]]:
-    return server.services.usage.rows(agent=agent)
 
 
 def _loaded(url: str) -> list[str]:
@@ -66,12 +62,12 @@ def test_route_peer_runs_the_request_on_the_pcrt_peer_and_local_keeps_it(
         assert reply.headers["x-pc-ran-on"] == b_name
         usage = reply.json()["usage"]
         assert usage["completion_tokens"] > 0
-        wait_for(lambda: len(_rows(a, agent)) == 1, 5, "a's usage row")
-        (on_b,) = _rows(b, agent)  # the agent header went along
+        wait_for(lambda: len(a.usage_rows(agent)) == 1, 5, "a's usage row")
+        (on_b,) = b.usage_rows(agent)  # the agent header went along
         assert on_b["ran_on"] == "local" and on_b["status"] == 200 and on_b["model"] == MODEL
         assert on_b["completion_tokens"] == usage["completion_tokens"]
         assert on_b["prompt_tokens"] == usage["prompt_tokens"]
-        (on_a,) = _rows(a, agent)
+        (on_a,) = a.usage_rows(agent)
         assert on_a["ran_on"] == b_name and on_a["status"] == 200
         assert on_a["completion_tokens"] == usage["completion_tokens"]
         assert on_a["prompt_tokens"] == usage["prompt_tokens"]
@@ -100,9 +96,9 @@ def test_route_peer_runs_the_request_on_the_pcrt_peer_and_local_keeps_it(
             text = "".join(c["delta"].get("content") or "" for e in chunks for c in e["choices"])
             assert text == content
             usages = [e["usage"] for e in chunks if e.get("usage")]
-            wait_for(lambda: len(_rows(a, agent)) == 1, 5, "a's row for the stream")  # noqa: B023
-            (on_b,) = _rows(b, agent)
-            (on_a,) = _rows(a, agent)
+            wait_for(lambda: len(a.usage_rows(agent)) == 1, 5, "a's row for the stream")  # noqa: B023
+            (on_b,) = b.usage_rows(agent)
+            (on_a,) = a.usage_rows(agent)
             assert on_b["ran_on"] == "local" and on_a["ran_on"] == b_name
             assert on_a["status"] == on_b["status"] == 200
             assert on_a["completion_tokens"] == on_b["completion_tokens"] > 0
@@ -124,10 +120,10 @@ def test_route_peer_runs_the_request_on_the_pcrt_peer_and_local_keeps_it(
         )
         assert here.status_code == 200 and "x-pc-ran-on" not in here.headers
         assert here.json()["choices"][0]["message"]["content"] == content
-        (on_a,) = _rows(a, agent)
+        (on_a,) = a.usage_rows(agent)
         assert on_a["ran_on"] == "local"
         assert on_a["completion_tokens"] == here.json()["usage"]["completion_tokens"]
-        assert _rows(b, agent) == []
+        assert b.usage_rows(agent) == []
         assert _loaded(a.url) == [MODEL]
 
 

@@ -18,7 +18,6 @@ import pytest
 
 from pcrt.cache.responses import ResponseStore, StoredResponse
 from pcrt.cache.store import Store
-from pcrt.cache.usage import UsageLog
 from pcrt.runtime.errors import InvalidRequest
 from pcrt.runtime.server.schemas import NamedToolChoice
 from pcrt.runtime.server.schemas.responses import ResponsesRequest
@@ -287,12 +286,6 @@ def client(server: LiveServer) -> openai.OpenAI:
     return server.sdk()
 
 
-def usage_rows(server: LiveServer, agent: str) -> list[dict]:
-    server.services.usage.flush()  # the daemon's queued rows, through its own connection
-    with Store(server.services.pool.registry.paths.db_path) as store:
-        return UsageLog(store).rows(agent=agent)
-
-
 def test_text_with_instructions(server: LiveServer, client: openai.OpenAI) -> None:
     response = client.responses.create(
         input="Say hello.", instructions="You are a friendly assistant.", user="greeter", **FAST
@@ -309,7 +302,7 @@ def test_text_with_instructions(server: LiveServer, client: openai.OpenAI) -> No
     assert usage.output_tokens_details.reasoning_tokens == 0
     assert response.instructions == "You are a friendly assistant."
     # billed under its own route, to the agent it names
-    rows = usage_rows(server, "greeter")
+    rows = server.usage_rows("greeter")
     assert [(r["route"], r["status"]) for r in rows] == [("/v1/responses", 200)]
     assert rows[0]["completion_tokens"] == usage.output_tokens
 

@@ -54,6 +54,7 @@ from pcrt.runtime.server.serving.chat_stream import (
     ChatStream,
     ReplyBuilder,
     ReplyCall,
+    delta_of,
     failure_of,
 )
 from pcrt.runtime.server.serving.completions import CompletionsServing, prepare_generation
@@ -388,16 +389,15 @@ class MessageEvents:
     def feed(self, chunk: Mapping[str, Any]) -> list[Event]:
         events = self._start(chunk)
         self.answer.feed(chunk)
-        for choice in chunk.get("choices") or ():
-            if choice.get("index", 0) != 0:
-                continue
-            delta = choice.get("delta") or {}
-            if delta.get("content"):
-                events += self._text(str(delta["content"]))
-            for call in delta.get("tool_calls") or ():
-                events += self._call(call)
-            if choice.get("finish_reason"):
-                events += self._close()
+        delta = delta_of(chunk)
+        if delta is None:
+            return events
+        if delta.text:
+            events += self._text(delta.text)
+        for call in delta.calls:
+            events += self._call(call)
+        if delta.finish_reason:
+            events += self._close()
         return events
 
     def finish(self) -> list[Event]:

@@ -27,7 +27,15 @@ from pcrt.runtime.server.owned_stream import OwnedStream
 from pcrt.runtime.server.serving.watch import left_before
 from pcrt.runtime.sse import SseSplitter
 
-__all__ = ["ChatReply", "ChatStream", "ReplyBuilder", "ReplyCall", "failure_of"]
+__all__ = [
+    "ChatReply",
+    "ChatStream",
+    "Delta",
+    "ReplyBuilder",
+    "ReplyCall",
+    "delta_of",
+    "failure_of",
+]
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +99,35 @@ class ChatReply:
         return int(details.get("cached_tokens") or 0)
 
 
+@dataclass(frozen=True)
+class Delta:
+    """What one chunk adds to the answer (choice 0): text, tool-call fragments as
+    OpenAI's deltas carry them, and the finish when it ends there."""
+
+    text: str
+    calls: tuple[Mapping[str, Any], ...]
+    finish_reason: str | None
+    stop_string: str | None  # vLLM's stop_reason: the stop string that ended it
+
+
+def delta_of(chunk: Mapping[str, Any]) -> Delta | None:
+    """Choice 0's part of a chat chunk (or a text completion's), None when it has none."""
+    for choice in chunk.get("choices") or ():
+        if choice.get("index", 0) != 0:
+            continue
+        delta = choice.get("delta") or {}
+        text = delta.get("content") or choice.get("text") or ""
+        finish = choice.get("finish_reason")
+        stop = choice.get("stop_reason")
+        return Delta(
+            text=str(text),
+            calls=tuple(delta.get("tool_calls") or ()),
+            finish_reason=str(finish) if finish else None,
+            stop_string=stop if isinstance(stop, str) else None,
+        )
+    return None
+
+
 @dataclass
 class ReplyBuilder:
     """The answer so far, from the chunks fed to it in order."""
@@ -114,20 +151,17 @@ class ReplyBuilder:
             self.timings = chunk["timings"]
         if isinstance(chunk.get("tokens"), list):
             self.tokens = chunk["tokens"]
-        for choice in chunk.get("choices") or ():
-            if choice.get("index", 0) != 0:
-                continue
-            delta = choice.get("delta") or {}
-            if delta.get("content"):
-                self._pieces.append(str(delta["content"]))
-            if choice.get("text"):  # a text completion's chunk (a raw prompt)
-                self._pieces.append(str(choice["text"]))
-            for call in delta.get("tool_calls") or ():
-                self._call(call)
-            if choice.get("finish_reason"):
-                self.finish_reason = choice["finish_reason"]
-            if isinstance(choice.get("stop_reason"), str):  # vLLM's: which stop string
-                self.stop_sequence = choice["stop_reason"]
+        delta = delta_of(chunk)
+        if delta is None:
+            return
+        if delta.text:
+            self._pieces.append(delta.text)
+        for call in delta.calls:
+            self._call(call)
+        if delta.finish_reason:
+            self.finish_reason = delta.finish_reason
+        if delta.stop_string is not None:
+            self.stop_sequence = delta.stop_string
 
     def _call(self, delta: Mapping[str, Any]) -> None:
         index = delta.get("index")

@@ -42,7 +42,13 @@ from pcrt.runtime.server.schemas.ollama import (
     OllamaOptions,
 )
 from pcrt.runtime.server.services import Services, agent_of
-from pcrt.runtime.server.serving.chat_stream import ChatReply, ChatStream, ReplyBuilder, failure_of
+from pcrt.runtime.server.serving.chat_stream import (
+    ChatReply,
+    ChatStream,
+    ReplyBuilder,
+    delta_of,
+    failure_of,
+)
 from pcrt.runtime.server.serving.completions import CompletionsServing
 from pcrt.runtime.server.serving.embeddings import EmbeddingsServing
 from pcrt.runtime.server.serving.ollama_models import OllamaModels
@@ -287,11 +293,9 @@ class _Lines:
                 yield line({"error": body["error"]["message"]})
                 return
             built.feed(chunk)
-            for choice in chunk.get("choices") or ():
-                delta = choice.get("delta") or {}
-                text = delta.get("content") or choice.get("text")
-                if text and choice.get("index", 0) == 0:
-                    yield line(self.piece(text))
+            delta = delta_of(chunk)
+            if delta is not None and delta.text:
+                yield line(self.piece(delta.text))
         reply = built.reply()
         if reply.calls:  # Ollama sends a reply's calls whole, arguments as objects
             yield line(self.piece("", _ollama_calls(reply)))

@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from pcrt.runtime.server.schemas.responses import ResponsesRequest
+from pcrt.runtime.server.serving.chat_stream import delta_of
 
 __all__ = ["ResponseEvents", "new_id", "response_shell", "responses_usage"]
 
@@ -109,16 +110,15 @@ class ResponseEvents:
         if isinstance(chunk.get("model"), str) and chunk["model"]:
             self.response["model"] = chunk["model"]  # the model as loaded (an alias resolved)
         events: list[Event] = []
-        for choice in chunk.get("choices") or ():
-            if choice.get("index", 0) != 0:
-                continue
-            delta = choice.get("delta") or {}
-            if delta.get("content"):
-                events += self._text(str(delta["content"]))
-            for call in delta.get("tool_calls") or ():
-                events += self._call(call)
-            if choice.get("finish_reason"):
-                self._finish_reason = str(choice["finish_reason"])
+        delta = delta_of(chunk)
+        if delta is None:
+            return events
+        if delta.text:
+            events += self._text(delta.text)
+        for call in delta.calls:
+            events += self._call(call)
+        if delta.finish_reason:
+            self._finish_reason = delta.finish_reason
         return events
 
     def finished(self) -> list[Event]:
