@@ -307,11 +307,13 @@ def test_odd_input_is_a_clear_400_or_said(client: ollama.Client, server: LiveSer
         for body, field in (
             ({"model": MODEL, "prompt": "Hi", "keep_alive": "9" * 400}, "keep_alive"),
             ({"model": MODEL, "prompt": "Hi", "context": [10**9]}, "context"),
-            ({"model": MODEL, "prompt": "Hi", "options": {"stop": ["x"] * 100}}, "stop"),
+            ({"model": MODEL, "prompt": "Hi", "options": {"stop": ["x"] * 100}}, "options.stop"),
+            ({"model": MODEL, "prompt": "Hi", "format": {"type": "nope"}}, "format"),
         ):
             answer = http.post("/api/generate", json={**body, "stream": False})
             assert answer.status_code == 400, answer.text
-            assert field in answer.json()["error"]
+            error = answer.json()["error"]
+            assert error.startswith(field) and "response_format" not in error, error
         assert http.post("/api/embeddings", json={"model": MODEL}).json() == {"embedding": []}
         said = http.post("/api/embed", json={"model": MODEL, "input": "a", "options": {"seed": 1}})
         assert said.status_code == 200 and said.headers[UNHONOURED_HEADER] == "seed"

@@ -26,15 +26,15 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import AsyncGenerator, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import AsyncGenerator, Mapping, Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
-from pcrt.runtime.errors import PcrtError, StreamFailed
+from pcrt.runtime.errors import StreamFailed
 from pcrt.runtime.server.forwarding import NativeRequest
 from pcrt.runtime.server.http_errors import client_left, in_shape_of
 from pcrt.runtime.server.schemas import ChatCompletionRequest, field_refused, refusal
@@ -56,6 +56,7 @@ from pcrt.runtime.server.serving.chat_stream import (
     ReplyCall,
     delta_of,
     failure_of,
+    fields_named,
 )
 from pcrt.runtime.server.serving.completions import CompletionsServing, prepare_generation
 from pcrt.runtime.sse import encode
@@ -300,26 +301,10 @@ _FIELD_NAMES = (
 )
 
 
-def anthropic_field(text: str) -> str:
-    """A message or field that names OpenAI's fields, naming Anthropic's instead."""
-    for pattern, name in _FIELD_NAMES:
-        text = pattern.sub(name, text)
-    return text
-
-
-@contextmanager
-def anthropic_fields() -> Iterator[None]:
-    """pcrt's errors raised within, naming the fields the client sent: the shared chat
-    path checks the translated request, and would name OpenAI's."""
-    try:
-        yield
-    except PcrtError as exc:
-        if exc.args:
-            exc.args = (anthropic_field(str(exc.args[0])), *exc.args[1:])
-        param = getattr(exc, "param", None)
-        if isinstance(param, str):
-            exc.param = anthropic_field(param)  # type: ignore[attr-defined]
-        raise
+def anthropic_fields() -> AbstractContextManager[None]:
+    """pcrt's errors raised within, naming Anthropic's fields (the shared chat path checks
+    the translated request, and would name OpenAI's)."""
+    return fields_named(_FIELD_NAMES)
 
 
 # -- the answer ---------------------------------------------------------------------------

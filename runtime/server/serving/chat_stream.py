@@ -16,13 +16,15 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncGenerator, Mapping
+import re
+from collections.abc import AsyncGenerator, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import Request
 
-from pcrt.runtime.errors import StreamFailed
+from pcrt.runtime.errors import PcrtError, StreamFailed
 from pcrt.runtime.server.owned_stream import OwnedStream
 from pcrt.runtime.server.serving.watch import left_before
 from pcrt.runtime.sse import SseSplitter
@@ -35,6 +37,7 @@ __all__ = [
     "ReplyCall",
     "delta_of",
     "failure_of",
+    "fields_named",
 ]
 
 log = logging.getLogger(__name__)
@@ -193,6 +196,31 @@ class ReplyBuilder:
             tokens=self.tokens,
             stop_sequence=self.stop_sequence,
         )
+
+
+Renames = tuple[tuple[re.Pattern[str], str], ...]
+
+
+@contextmanager
+def fields_named(renames: Renames) -> Iterator[None]:
+    """pcrt's errors raised within, naming another API's fields: the shared chat path
+    checks the translated request, and would name OpenAI's (``response_format`` for
+    Ollama's ``format``). Each pattern is replaced in the message and in the param."""
+    try:
+        yield
+    except PcrtError as exc:
+        if exc.args:
+            exc.args = (_renamed(str(exc.args[0]), renames), *exc.args[1:])
+        param = getattr(exc, "param", None)
+        if isinstance(param, str):
+            exc.param = _renamed(param, renames)  # type: ignore[attr-defined]
+        raise
+
+
+def _renamed(text: str, renames: Renames) -> str:
+    for pattern, name in renames:
+        text = pattern.sub(name, text)
+    return text
 
 
 def failure_of(chunk: Mapping[str, Any]) -> StreamFailed | None:

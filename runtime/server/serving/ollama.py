@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from collections.abc import AsyncGenerator
 from typing import Any
@@ -48,6 +49,7 @@ from pcrt.runtime.server.serving.chat_stream import (
     ReplyBuilder,
     delta_of,
     failure_of,
+    fields_named,
 )
 from pcrt.runtime.server.serving.completions import CompletionsServing
 from pcrt.runtime.server.serving.embeddings import EmbeddingsServing
@@ -60,6 +62,7 @@ __all__ = [
     "UNHONOURED_HEADER",
     "OllamaServing",
     "chat_request",
+    "generate_request",
     "openai_messages",
     "sampling_fields",
 ]
@@ -70,6 +73,15 @@ UNHONOURED_HEADER = "X-PC-Unhonoured-Options"
 NDJSON = "application/x-ndjson"
 CHAT_ROUTE = "/api/chat"
 GENERATE_ROUTE = "/api/generate"
+
+# the OpenAI fields the shared checks name, as Ollama's request calls them
+_FIELD_NAMES = (
+    (re.compile(r"response_format\.json_schema\.schema"), "format"),
+    (re.compile(r"\bresponse_format\b"), "format"),
+    (re.compile(r"\bmax_tokens\b"), "options.num_predict"),
+    (re.compile(r"(?<![.\w])(stop|temperature|top_p|top_k|min_p|seed)\b"), r"options.\1"),
+    (re.compile(r"(?<![.\w])(repeat_penalty|presence_penalty|frequency_penalty)\b"), r"options.\1"),
+)
 
 # options with a pcrt sampling field of the same meaning
 _SAMPLING_OPTIONS = (
@@ -108,10 +120,11 @@ class OllamaServing:
             said = {"message": _said("")}
             return await self._load_or_unload(request, body.model, body.keep_alive, said)
         _refuse_thinking(body.think, body.model)
-        openai, unhonoured = chat_request(body)
-        stream = await self.completions.stream_or_native(
-            request, openai, CHAT_ROUTE, chat=True, native=self._native(CHAT_ROUTE, body)
-        )
+        with fields_named(_FIELD_NAMES):
+            openai, unhonoured = chat_request(body)
+            stream = await self.completions.stream_or_native(
+                request, openai, CHAT_ROUTE, chat=True, native=self._native(CHAT_ROUTE, body)
+            )
         if not isinstance(stream, ChatStream):
             return stream  # a pcrt peer's answer, in Ollama's shape already
         lines = _Lines(body.model, started, chat=True)
@@ -131,20 +144,12 @@ class OllamaServing:
         ):
             if getattr(body, field):
                 raise InvalidRequest(f"{field}: {why}", field)
-        fields, unhonoured = sampling_fields(body.options, body)
-        fields["return_tokens"] = True  # the answer's context
-        fields["context"] = body.context
-        openai: ChatCompletionRequest | CompletionRequest
-        if body.raw:  # the prompt as it is, no template (Ollama ignores system then)
-            openai = _validated(CompletionRequest, {**fields, "prompt": body.prompt})
-        else:
-            messages = [{"role": "system", "content": body.system}] if body.system else []
-            messages.append({"role": "user", "content": body.prompt})
-            openai = _validated(ChatCompletionRequest, {**fields, "messages": messages})
-        native = self._native(GENERATE_ROUTE, body)
-        stream = await self.completions.stream_or_native(
-            request, openai, GENERATE_ROUTE, chat=not body.raw, native=native
-        )
+        with fields_named(_FIELD_NAMES):
+            openai, unhonoured = generate_request(body)
+            native = self._native(GENERATE_ROUTE, body)
+            stream = await self.completions.stream_or_native(
+                request, openai, GENERATE_ROUTE, chat=not body.raw, native=native
+            )
         if not isinstance(stream, ChatStream):
             return stream  # a pcrt peer's answer, in Ollama's shape already
         lines = _Lines(body.model, started, chat=False)
@@ -339,6 +344,21 @@ def chat_request(body: OllamaChatRequest) -> tuple[ChatCompletionRequest, list[s
     if body.tools:
         values["tools"] = body.tools
     return _validated(ChatCompletionRequest, values), unhonoured
+
+
+def generate_request(
+    body: OllamaGenerateRequest,
+) -> tuple[ChatCompletionRequest | CompletionRequest, list[str]]:
+    """Ollama's generate request as OpenAI's (a text completion when ``raw``), and the
+    options it could not honour."""
+    fields, unhonoured = sampling_fields(body.options, body)
+    fields["return_tokens"] = True  # the answer's context
+    fields["context"] = body.context
+    if body.raw:  # the prompt as it is, no template (Ollama ignores system then)
+        return _validated(CompletionRequest, {**fields, "prompt": body.prompt}), unhonoured
+    messages = [{"role": "system", "content": body.system}] if body.system else []
+    messages.append({"role": "user", "content": body.prompt})
+    return _validated(ChatCompletionRequest, {**fields, "messages": messages}), unhonoured
 
 
 def openai_messages(messages: list[OllamaMessage]) -> list[dict[str, Any]]:
