@@ -136,8 +136,9 @@ class Engine:
             compat_key=self.compat_key,
         )
         self._embedder = Embedder(self.model, self.config, self.context_per_slot, self.name)
-        # the KV chunk store as this engine uses it (None: whole states only); any thread
-        self.chunk_cache = self._chunk_cache(chunks, kv) if chunks is not None else None
+        # the KV chunk store as this engine uses it (None: whole states only); any thread.
+        # Set by the scheduler thread before it serves (its self-test decodes, see _run)
+        self.chunk_cache: ChunkCache | None = None
         self._inbox: Inbox = Inbox()
         self._scheduler = Scheduler(
             self._ctx,
@@ -149,21 +150,25 @@ class Engine:
             inbox=self._inbox,
             name=self.name,
             embed=self._embedder.embed,
-            chunks=self.chunk_cache,
         )
         self._closed = False
         self._sending = threading.Lock()  # see _send
+        started: concurrent.futures.Future[None] = concurrent.futures.Future()
         self._thread = threading.Thread(
-            target=self._run, name=f"pcrt-engine-{self.name}", daemon=True
+            target=self._run,
+            args=(chunks, kv, started),
+            name=f"pcrt-engine-{self.name}",
+            daemon=True,
         )
         self._thread.start()
+        started.result()  # the chunk store's self-test has run: chunk_status is final
 
     chunk_status: str = "off: no chunk store"
     """Whether prompts' prefixes come from the KV chunk store, and why not (``pcrt ps``)."""
 
     def _chunk_cache(self, store: ChunkStore, kv: SlotKV) -> ChunkCache | None:
-        """The engine's use of the chunk store, after ``self_test`` (on slot 0: the
-        scheduler thread has not started, so this thread owns the context)."""
+        """The engine's use of the chunk store, after ``self_test`` (on slot 0, on the
+        scheduler thread before it serves anything)."""
         try:
             layout = self_test(
                 self._ctx,
@@ -340,7 +345,24 @@ class Engine:
 
     # -- the scheduler thread ---------------------------------------------------------
 
-    def _run(self) -> None:
+    def _run(
+        self,
+        chunks: ChunkStore | None,
+        kv: SlotKV,
+        started: concurrent.futures.Future[None],
+    ) -> None:
+        # The self-test decodes, so it runs here, on the thread every later decode runs
+        # on: llama.cpp's OpenMP keeps a team of worker threads per calling thread, and a
+        # second team (one decode on the constructing thread) cost every later decode a
+        # third of its speed (bench.http: 130 -> 80 tok/s, one stream, 2 threads).
+        try:
+            if chunks is not None:
+                self.chunk_cache = self._chunk_cache(chunks, kv)
+                self._scheduler.use_chunks(self.chunk_cache)
+        except BaseException as exc:
+            started.set_exception(exc)
+            return
+        started.set_result(None)
         try:
             self._scheduler.run()
         except BaseException:  # a bug there must not hang every caller forever

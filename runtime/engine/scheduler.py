@@ -201,6 +201,11 @@ class Scheduler:
     def busy_slots(self) -> int:
         return sum(s.busy for s in self.slots)
 
+    def use_chunks(self, chunks: ChunkCache | None) -> None:
+        """The chunk store as this engine uses it (its self-test passed); called on this
+        thread before ``run``."""
+        self._chunks = chunks
+
     @property
     def queue_depth(self) -> int:
         return len(self._waiting) + self._inbox.qsize()
