@@ -3,9 +3,10 @@ names a model names the real default one, with a small token bound, instead of a
 name that stops at a 404 (or no bound, which generates to the context's end).
 
     pcrt serve --port 18555 --api-key K --threads 2 --ctx 1024
+    PATHS='^/(api/(chat|generate|embed|embeddings|show)|v1/messages.*|v1/responses)$'
     PYTHONPATH=. SCHEMATHESIS_HOOKS=bench.schemathesis_hooks st run \\
         http://127.0.0.1:18555/openapi.json --header "Authorization: Bearer K" \\
-        --include-path-regex '^/(api/(chat|generate|embed|embeddings|show)|v1/messages.*|v1/responses)$' \\
+        --include-path-regex "$PATHS" \\
         --max-examples 40 --phases coverage,fuzzing --workers 1 --request-timeout 180 \\
         --seed 22 --no-shrink --checks not_a_server_error
 """
