@@ -198,12 +198,13 @@ class Generation:
         lease: AsyncExitStack,
         tools: ToolPlan | None = None,
         load_seconds: float = 0.0,
+        prompt: list[int] | None = None,
     ) -> None:
         self.model = model
         self.handle = handle
         self.tools = tools  # what the request's tools ask of the reply
         self.load_seconds = load_seconds  # waiting for the model (loading it, if it was not)
-        self.prompt: list[int] = []  # the prompt's token ids, as the engine reads them
+        self.prompt = prompt or []  # the prompt's token ids, as the engine reads them
         self._lease = lease
         self._closed = False
 
@@ -225,9 +226,7 @@ class Generation:
             )
             acct.admit(len(tokens))  # after every check: a refused prompt costs no quota
             handle = model.engine.submit(request, prepared=tokens)
-            generation = cls(model, handle, lease.pop_all(), tools, loading)
-            generation.prompt = tokens
-            return generation
+            return cls(model, handle, lease.pop_all(), tools, loading, tokens)
 
     async def __aenter__(self) -> Generation:
         return self
