@@ -193,8 +193,9 @@ class OllamaServing:
         keep_alive: str | float | None,
         empty: dict[str, Any],
     ) -> JSONResponse:
-        """An empty prompt: load the model (keeping it ``keep_alive``), or unload it now
-        (``keep_alive`` 0), as Ollama's clients do to warm or free a model."""
+        """An empty prompt: load the model (keeping it ``keep_alive``), or unload it
+        (``keep_alive`` 0: now, or once the generations under way end), as Ollama's
+        clients do to warm or free a model."""
         seconds = _keep_alive(keep_alive)
         pool = self.services.pool
         entry = pool.registry.resolve(model_name(name))  # an unknown model is a 404
