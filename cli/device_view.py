@@ -6,7 +6,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pcrt.device.offload import OffloadPlan
-from pcrt.device.profile import DeviceProfile
+from pcrt.device.profile import BACKEND_NEEDS, DeviceProfile
 from pcrt.device.units import format_bytes
 
 __all__ = ["console", "plan_lines", "plan_table", "profile_table"]
@@ -75,6 +75,10 @@ def profile_table(profile: DeviceProfile) -> Table:
         table.add_row("device", f"{dev.name} ({dev.type}): {dev.description}{memory}")
     reason = profile.cpu_only_reason
     table.add_row("offload", f"CPU only: {reason}" if reason else "GPU")
+    command = profile.rebuild_command()
+    if command is not None:  # a GPU this build cannot use: say how to build one that can
+        needs = BACKEND_NEEDS[profile.missing_backend() or ""]
+        table.add_row("GPU build", f"{command}  (needs {needs}; then check: pcrt device)")
     return table
 
 

@@ -144,6 +144,20 @@ class BackendDevice(_Model):
     memory_total: int | None
 
 
+# llama-cpp-python's own build switches for each GPU backend (its README)
+_BACKEND_FLAGS = {
+    "cuda": "-DGGML_CUDA=on",
+    "metal": "-DGGML_METAL=on",
+    "vulkan": "-DGGML_VULKAN=on",
+}
+# what each needs on the machine before that build works
+BACKEND_NEEDS = {
+    "cuda": "the CUDA toolkit (nvcc)",
+    "metal": "the Xcode command line tools",
+    "vulkan": "the Vulkan SDK",
+}
+
+
 class BuildInfo(_Model):
     """The llama.cpp build: a benchmark on another build is not comparable."""
 
@@ -202,6 +216,32 @@ class DeviceProfile(_Model):
             )
             return f"this llama-cpp-python build has no GPU backend (GPU present: {found})"
         return None
+
+    def missing_backend(self) -> str | None:
+        """The GPU backend this machine has a GPU for but this llama.cpp build lacks:
+        "cuda" (NVML sees an NVIDIA GPU), "metal" (Apple silicon), "vulkan" (a GPU the
+        build's own registry lists); None when nothing is missing or nothing is known."""
+        if self.build.gpu_offload:
+            return None
+        if self.gpu.gpus:
+            return "cuda"
+        if self.os.lower().startswith("darwin") and self.cpu.arch.lower() in ("arm64", "aarch64"):
+            return "metal"
+        if any(d.type in ("gpu", "igpu") for d in self.build.devices):
+            return "vulkan"
+        return None
+
+    def rebuild_command(self) -> str | None:
+        """The command that rebuilds llama-cpp-python (the same version) with the backend
+        this machine's GPU needs; None when none is missing."""
+        backend = self.missing_backend()
+        if backend is None:
+            return None
+        flag = _BACKEND_FLAGS[backend]
+        return (
+            f'CMAKE_ARGS="{flag}" pip install --force-reinstall --no-cache-dir '
+            f"llama-cpp-python=={self.build.llama_cpp_version}"
+        )
 
     @computed_field  # type: ignore[prop-decorator]
     @property

@@ -266,3 +266,89 @@ def test_probe_stays_open_until_closed() -> None:
     probe.close()
     probe.close()
     assert nvml.shutdowns == 1
+
+
+# -- the GPU story: a GPU this build cannot use is said, with the command that builds one
+
+
+def _plan_for(profile: DeviceProfile) -> str:
+    from pcrt.device.offload import ModelShape, PlanRequest, plan_offload
+
+    shape = ModelShape(
+        name="synthetic-7b",
+        architecture="llama",
+        n_layers=32,
+        n_embd=4096,
+        n_head=32,
+        n_head_kv=8,
+        head_dim_k=128,
+        head_dim_v=128,
+        n_vocab=32000,
+        n_ctx_train=32768,
+        layer_bytes=(128 * 1024**2,) * 32,
+        output_bytes=128 * 1024**2,
+        token_embd_bytes=64 * 1024**2,
+        other_bytes=16384,
+    )
+    memory = DeviceMemory.from_profile(profile)
+    return plan_offload(shape, memory, PlanRequest(context=4096)).reason
+
+
+def test_a_gpu_with_a_build_without_its_backend_says_how_to_build_one() -> None:
+    cpu_build = GPU_BUILD.model_copy(
+        update={"gpu_offload": False, "backends": ("CPU",), "system_info": "CPU : AVX2 = 1 |"}
+    )
+    profile = collect_profile(nvml=two_gpus(), build=cpu_build)
+    assert profile.missing_backend() == "cuda"
+    assert profile.rebuild_command() == (
+        'CMAKE_ARGS="-DGGML_CUDA=on" pip install --force-reinstall --no-cache-dir '
+        "llama-cpp-python==0.3.36"
+    )
+    reason = _plan_for(profile)
+    assert reason.startswith("CPU only (this llama-cpp-python build has no GPU backend")
+    assert "RTX 4090" in reason
+
+    from rich.console import Console
+
+    from pcrt.cli.device_view import profile_table
+
+    console = Console(width=400, record=True)
+    console.print(profile_table(profile))
+    shown = console.export_text()
+    assert 'CMAKE_ARGS="-DGGML_CUDA=on"' in shown and "CUDA toolkit" in shown
+
+
+def test_a_gpu_with_its_backend_needs_no_rebuild_and_gets_layers() -> None:
+    profile = collect_profile(nvml=two_gpus(), build=GPU_BUILD)
+    assert profile.missing_backend() is None and profile.rebuild_command() is None
+    assert "layers on" in _plan_for(profile)
+
+
+def test_no_gpu_needs_no_rebuild() -> None:
+    profile = collect_profile(nvml=FakeNvml(gpus=[]), build=GPU_BUILD.model_copy(
+        update={"gpu_offload": False}
+    ))  # fmt: skip
+    assert profile.cpu_only_reason == "no NVIDIA GPU found"
+    assert profile.missing_backend() is None and profile.rebuild_command() is None
+    assert _plan_for(profile).startswith("CPU only (no NVIDIA GPU found)")
+
+
+def test_apple_silicon_without_metal_is_told_to_build_metal() -> None:
+    profile = collect_profile(nvml=None, build=GPU_BUILD.model_copy(update={"gpu_offload": False}))
+    mac = profile.model_copy(
+        update={"os": "Darwin 23.4.0", "cpu": profile.cpu.model_copy(update={"arch": "arm64"})}
+    )
+    assert mac.missing_backend() == "metal"
+    assert 'CMAKE_ARGS="-DGGML_METAL=on"' in (mac.rebuild_command() or "")
+
+
+def test_the_daemon_says_it_at_start(caplog: pytest.LogCaptureFixture) -> None:
+    from pcrt.runtime.server.lifespan import _say_gpu_unused
+
+    cpu_build = GPU_BUILD.model_copy(update={"gpu_offload": False, "backends": ("CPU",)})
+    with caplog.at_level("WARNING"):
+        _say_gpu_unused(collect_profile(nvml=two_gpus(), build=cpu_build))
+        _say_gpu_unused(collect_profile(nvml=two_gpus(), build=GPU_BUILD))  # nothing to say
+    (said,) = caplog.records
+    assert "every layer runs on the CPU" in said.getMessage()
+    assert "-DGGML_CUDA=on" in said.getMessage() and "CUDA toolkit" in said.getMessage()

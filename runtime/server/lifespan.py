@@ -39,6 +39,7 @@ from pcrt.cache.status import RunStatus
 from pcrt.cache.store import Store
 from pcrt.cache.usage import UsageLog
 from pcrt.device.monitor import DeviceMonitor
+from pcrt.device.profile import BACKEND_NEEDS, DeviceProfile
 from pcrt.routing.coordinator import Coordinator
 from pcrt.routing.identity import announce_address, load_node_id
 from pcrt.routing.remote import RemoteRunner
@@ -86,6 +87,7 @@ async def running_services(
         monitor = DeviceMonitor(interval=settings.device_refresh)
         stack.push_async_callback(monitor.stop)  # a no-op unless it started
         await monitor.start()
+        _say_gpu_unused(monitor.latest)
         ram = settings.kv_ram_for(monitor.latest.memory.total)
         chunks = _chunk_store(settings, ram, store, reg.paths.home / "chunks")
         if chunks is not None:  # closed after the pool: engines spill into it to the end
@@ -223,6 +225,20 @@ def _chunk_store(
         disk_bytes=settings.kv_disk_bytes,
         chunk_tokens=settings.kv_chunk_tokens,
     )
+
+
+def _say_gpu_unused(profile: DeviceProfile) -> None:
+    """A GPU this llama.cpp build has no backend for: every layer runs on the CPU, so
+    the daemon says so at start, with the command that builds one."""
+    command = profile.rebuild_command()
+    if command is not None:
+        log.warning(
+            "%s; every layer runs on the CPU. Build llama.cpp with the %s backend (needs %s): %s",
+            profile.cpu_only_reason,
+            (profile.missing_backend() or "").upper(),
+            BACKEND_NEEDS[profile.missing_backend() or ""],
+            command,
+        )
 
 
 def _with_live_profile(
