@@ -74,6 +74,7 @@ class _LazyGroup(click.Group):
 
 
 @click.group(cls=_LazyGroup, lazy_commands=COMMANDS)
+@click.version_option(package_name="pcrt", prog_name="pcrt")
 @click.option("--log-level", default="WARNING", show_default=True, help="Python logging level.")
 def main(log_level: str) -> None:
     """pcrt: an edge-first LLM runtime over llama.cpp."""

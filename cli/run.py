@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from pcrt.cli.client import DaemonClient, StreamResult
     from pcrt.runtime.engine import Completion, Engine, GenerateRequest
     from pcrt.runtime.engine.sampling import SamplingParams
+    from pcrt.runtime.models.registry import Registry
 
 __all__ = [
     "remote_body",
@@ -98,7 +99,7 @@ def verbose_report(result: Completion) -> str:
 
 
 @click.command()
-@click.argument("args", nargs=-1, required=True)
+@click.argument("args", nargs=-1)
 @sampling_options
 @click.option(
     "--schema",
@@ -124,19 +125,29 @@ def run(
 ) -> None:
     """Answer PROMPT with MODEL (the default model when only PROMPT is given).
 
-    Talks to a running daemon (PCRT_URL) when one answers, else runs in this process.
+    Text piped in is the prompt when none is given (echo "Hi" | pcrt run), and follows
+    it otherwise (cat notes.md | pcrt run "Summarize:"); PROMPT "-" reads the prompt from
+    standard input alone. Talks to a running daemon (PCRT_URL) when one answers, else
+    runs in this process.
     """
     from pcrt.cli.client import DaemonClient
     from pcrt.runtime.models.registry import Registry
 
     if len(args) > 2:
         raise click.UsageError("give at most MODEL and PROMPT (quote the prompt)")
-    model_name, prompt = (None, args[0]) if len(args) == 1 else args
+    registry = Registry.load()
+    piped = _piped_text()
+    model_name, prompt = _model_and_prompt(args, registry, piped is not None)
     if prompt == "-":
-        prompt = sys.stdin.read()
+        prompt = piped or ""
+    elif piped:
+        prompt = f"{prompt}\n\n{piped}" if prompt else piped
+    if not prompt.strip():
+        raise click.UsageError(
+            'the prompt is empty: give one (pcrt run "Hi"), or pipe text in (echo Hi | pcrt run)'
+        )
     schema_obj = _read_schema(schema) if schema else None
     sampling = build_sampling(temperature, max_tokens, seed, schema_obj)
-    registry = Registry.load()
     if not local:
         with DaemonClient() as client:
             if client.is_up():
@@ -176,6 +187,27 @@ def run(
         click.echo()
     if verbose:
         click.echo(verbose_report(result), err=True)
+
+
+def _piped_text() -> str | None:
+    """What was piped into the command (None at a terminal, where nothing is)."""
+    if sys.stdin is None or sys.stdin.isatty():
+        return None
+    return sys.stdin.read()
+
+
+def _model_and_prompt(
+    args: tuple[str, ...], registry: Registry, piped: bool
+) -> tuple[str | None, str]:
+    """MODEL and PROMPT from the arguments: two are both; one is the prompt, or the model
+    when it names one and the prompt is piped in; none: the prompt is all piped."""
+    if len(args) == 2:
+        return args[0], args[1]
+    if len(args) == 1:
+        if piped and args[0] != "-" and registry.knows(args[0]):
+            return args[0], ""
+        return None, args[0]
+    return None, ""
 
 
 def remote_body(

@@ -86,6 +86,33 @@ def test_run_named_model_and_raw_prompt(default_model_path: Path) -> None:
     assert "Paris" in json.loads(result.output)["text"]
 
 
+def test_run_reads_piped_text_as_the_prompt_or_after_it(default_model_path: Path) -> None:
+    greedy = ("--json", "--temperature", "0", "--max-tokens", "4")
+    alone = invoke("run", *greedy, input="What is the capital of France?")
+    dash = invoke("run", *greedy, "-", input="What is the capital of France?")
+    named = invoke("run", "smollm2", *greedy, input="What is the capital of France?")
+    plain = invoke("run", *greedy, "What is the capital of France?")
+    answers = [json.loads(r.output) for r in (alone, dash, named, plain)]
+    assert len({a["usage"]["prompt_tokens"] for a in answers}) == 1  # the same prompt
+    assert len({a["text"] for a in answers}) == 1
+
+    after = invoke("run", *greedy, "Summarize this:", input="A long note about owls.\n" * 20)
+    longer = json.loads(after.output)["usage"]["prompt_tokens"]
+    assert longer > answers[0]["usage"]["prompt_tokens"] + 100  # the piped text came along
+
+
+def test_run_without_a_prompt_is_a_clear_usage_error() -> None:
+    for given in ({"input": ""}, {"input": "   \n"}):
+        result = CliRunner().invoke(main, ["run"], **given)
+        assert result.exit_code == 2
+        assert "the prompt is empty" in result.output and "Traceback" not in result.output
+
+
+def test_version() -> None:
+    result = CliRunner().invoke(main, ["--version"])
+    assert result.exit_code == 0 and result.output.startswith("pcrt, version ")
+
+
 def test_run_unknown_model_is_one_clear_line() -> None:
     result = CliRunner().invoke(main, ["run", "no-such-model", "hi"])
     assert result.exit_code == 1
@@ -110,6 +137,7 @@ def test_run_verbose_in_a_real_process(default_model_path: Path) -> None:
         text=True,
         timeout=120,
         env=os.environ.copy(),
+        stdin=subprocess.DEVNULL,  # nothing piped in: the prompt is the argument alone
     )
     assert proc.returncode == 0, proc.stderr
     assert "eval rate:" in proc.stderr

@@ -188,6 +188,14 @@ class Registry:
         registry.resolve(default)  # the default must name a real entry
         return registry
 
+    def knows(self, name: str) -> bool:
+        """Whether ``name`` is an entry's name, alias or tag (what ``resolve`` finds)."""
+        try:
+            self.resolve(name)
+        except ModelNotFound:
+            return False
+        return True
+
     def resolve(self, name: str | None) -> ModelEntry:
         """Find an entry by name, alias or tag (a tag picks the first entry carrying it)."""
         wanted = name or self.default
