@@ -150,3 +150,35 @@ def test_serve_refuses_a_public_bind_without_a_key() -> None:
     result = CliRunner().invoke(main, ["serve", "--host", "0.0.0.0"])
     assert result.exit_code == 1
     assert "API key" in result.output
+
+
+def test_a_second_daemon_on_the_same_home_or_port_is_one_clear_line(
+    daemon: tuple[str, subprocess.Popen[str]], tmp_path: Path
+) -> None:
+    """A port in use, and a home another daemon holds: each refused before anything
+    starts, in one line that says what to do (no start-up log, no Errno 98 traceback)."""
+    url, running = daemon
+    port = int(url.rsplit(":", 1)[1])
+    pcrt = str(Path(sys.executable).with_name("pcrt"))
+
+    def serve(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [pcrt, "serve", "--log-level", "warning", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            stdin=subprocess.DEVNULL,
+        )
+
+    elsewhere = {**os.environ, "PCRT_HOME": str(tmp_path / "another-home")}
+    taken = serve(elsewhere, "--port", str(port))
+    assert taken.returncode == 1
+    assert f"port {port} on 127.0.0.1 is in use" in taken.stderr and "pcrt ps" in taken.stderr
+    assert "Traceback" not in taken.stderr and "startup complete" not in taken.stderr.lower()
+
+    shared = serve(os.environ.copy(), "--port", str(free_port()))
+    assert shared.returncode == 1
+    assert f"another pcrt serve (pid {running.pid})" in shared.stderr
+    assert "PCRT_HOME" in shared.stderr and "Traceback" not in shared.stderr
+    assert running.poll() is None  # the first one serves on
