@@ -25,6 +25,7 @@ COMMANDS = {
     "bench": "pcrt.cli.bench:bench",
     "cache": "pcrt.cli.cache:cache",
     "chat": "pcrt.cli.chat:chat",
+    "completion": "pcrt.cli.completion:completion",
     "dag": "pcrt.cli.dag:dag",
     "device": "pcrt.cli.device:device",
     "models": "pcrt.cli.models:models",
@@ -36,6 +37,11 @@ COMMANDS = {
     "stop": "pcrt.cli.ps:stop",
     "tools": "pcrt.cli.tools:tools",
     "usage": "pcrt.cli.usage:usage",
+    # Ollama's habits: the model commands without "models"
+    "list": "pcrt.cli.models:list_models",
+    "pull": "pcrt.cli.models:pull",
+    "rm": "pcrt.cli.models:rm",
+    "show": "pcrt.cli.models:show",
 }
 
 
