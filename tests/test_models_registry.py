@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pcrt.runtime.errors import ConfigError, ModelNotFound
+from pcrt.runtime.errors import ModelNotFound
 from pcrt.runtime.models.registry import HfSource, LocalSource, PypiSource, Registry, parse_source
 from pcrt.runtime.paths import Paths
 
@@ -22,9 +22,12 @@ def user_registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, text: str) ->
 
 
 def load_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, text: str) -> str:
-    with pytest.raises(ConfigError) as info:
-        user_registry(tmp_path, monkeypatch, text)
-    return str(info.value)
+    """What the registry said of a user file it skipped (in part or whole): it still
+    loads, and the default model still resolves."""
+    registry = user_registry(tmp_path, monkeypatch, text)
+    assert registry.problems, "the problem was not said"
+    assert registry.resolve(None).name == "smollm2-135m"
+    return "; ".join(registry.problems)
 
 
 def test_builtin_catalogue_has_the_default_model() -> None:
@@ -145,9 +148,28 @@ def test_not_toml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert "user-models.toml" in message and "not valid TOML" in message
 
 
-def test_default_must_exist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    with pytest.raises(ModelNotFound, match="'ghost'"):
-        user_registry(tmp_path, monkeypatch, 'default = "ghost"\n')
+def test_a_default_that_names_nothing_is_said_and_the_builtin_one_stays(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    message = load_error(tmp_path, monkeypatch, 'default = "ghost"\n')
+    assert "default: 'ghost' names no model" in message
+
+
+def test_one_bad_entry_is_skipped_with_a_warning_and_the_rest_load(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    text = (
+        '[models.good]\nsource = "/m/good.gguf"\n'
+        '[models.bad]\nsource = "/m/bad.gguf"\ncontext = "lots"\n'
+        'default = "good"\n'
+    )
+    text = 'default = "good"\n' + text.replace('default = "good"\n', "")
+    with caplog.at_level("WARNING"):
+        registry = user_registry(tmp_path, monkeypatch, text)
+    assert registry.resolve(None).name == "good" and not registry.knows("bad")
+    (said,) = [r.getMessage() for r in caplog.records]
+    assert str(tmp_path / "user-models.toml") in said and "models.bad.context" in said
+    assert "Value error" not in said and "'bad' is skipped" in said
 
 
 def test_entries_are_frozen() -> None:

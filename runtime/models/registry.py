@@ -8,6 +8,7 @@ not a silently ignored setting.
 
 from __future__ import annotations
 
+import logging
 import re
 import tomllib
 from importlib import resources
@@ -18,6 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from pcrt.runtime.errors import ConfigError, ModelNotFound
 from pcrt.runtime.paths import Paths
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "HfSource",
@@ -167,6 +170,9 @@ class _FileModel(BaseModel):
 class Registry:
     """All configured models: the built-in catalogue overlaid with the user's file."""
 
+    # what the user's file got wrong and was skipped (``load``); said once, as warnings
+    problems: tuple[str, ...] = ()
+
     def __init__(self, entries: dict[str, ModelEntry], default: str, paths: Paths) -> None:
         self.entries = entries
         self.default = default
@@ -174,18 +180,37 @@ class Registry:
 
     @classmethod
     def load(cls, paths: Paths | None = None) -> Registry:
+        """The built-in catalogue with the user's file over it. What is wrong in the
+        user's file (an entry, the file's default, the file itself) is skipped and said
+        (``problems``, and a warning naming the file and the key): one typo must not stop
+        every command, the default model's runs included."""
         paths = paths or Paths.from_env()
         builtin = resources.files("pcrt.runtime.models.builtin").joinpath("models.toml")
         with resources.as_file(builtin) as builtin_path:
-            default, entries = _read_file(builtin_path)
+            default, entries = _read_file(builtin_path)  # ours: any problem is a bug
+        problems: list[str] = []
         if paths.user_models_file.exists():
-            user_default, user_entries = _read_file(paths.user_models_file)
+            user_file = paths.user_models_file
+            try:
+                user_default, user_entries = _read_file(user_file, problems)
+            except ConfigError as exc:
+                problems.append(f"{exc}; the whole file is skipped")
+                user_default, user_entries = None, {}
             entries.update(user_entries)
-            default = user_default or default
+            if user_default is not None and not _names_one(user_default, entries):
+                problems.append(
+                    f"{user_file}: default: {user_default!r} names no model; "
+                    f"the default stays {default!r}"
+                )
+            elif user_default is not None:
+                default = user_default
         if default is None:
             raise ConfigError("no default model is configured (key 'default')")
         registry = cls(entries, default, paths)
         registry.resolve(default)  # the default must name a real entry
+        registry.problems = tuple(problems)
+        for problem in problems:
+            log.warning("%s", problem)
         return registry
 
     def knows(self, name: str) -> bool:
@@ -218,7 +243,17 @@ class Registry:
         return self.path_of(entry).is_file()
 
 
-def _read_file(path: Path) -> tuple[str | None, dict[str, ModelEntry]]:
+def _names_one(name: str, entries: dict[str, ModelEntry]) -> bool:
+    if name in entries:
+        return True
+    return any(name in e.aliases or name in e.tags for e in entries.values())
+
+
+def _read_file(
+    path: Path, problems: list[str] | None = None
+) -> tuple[str | None, dict[str, ModelEntry]]:
+    """The file's default and entries. With ``problems``, an entry that does not parse is
+    left out and its problem added there; without, it raises ``ConfigError``."""
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
@@ -231,24 +266,36 @@ def _read_file(path: Path) -> tuple[str | None, dict[str, ModelEntry]]:
         raise ConfigError(f"{path}: {_describe(exc)}") from None
     entries: dict[str, ModelEntry] = {}
     for name, table in parsed.models.items():
-        fields = dict(table)
-        source = fields.get("source")
-        if isinstance(source, str):
-            try:
-                fields["source"] = parse_source(source, base_dir=path.parent)
-            except ValueError as exc:
-                raise ConfigError(f"{path}: models.{name}.source: {exc}") from None
         try:
-            entries[name] = ModelEntry.model_validate({"name": name, **fields})
-        except ValidationError as exc:
-            raise ConfigError(f"{path}: {_describe(exc, prefix=f'models.{name}')}") from None
+            entries[name] = _entry(path, name, dict(table))
+        except ConfigError as exc:
+            if problems is None:
+                raise
+            problems.append(f"{exc}; model {name!r} is skipped")
     return parsed.default, entries
+
+
+def _entry(path: Path, name: str, fields: dict[str, Any]) -> ModelEntry:
+    source = fields.get("source")
+    if isinstance(source, str):
+        try:
+            fields["source"] = parse_source(source, base_dir=path.parent)
+        except ValueError as exc:
+            raise ConfigError(f"{path}: models.{name}.source: {exc}") from None
+    try:
+        return ModelEntry.model_validate({"name": name, **fields})
+    except ValidationError as exc:
+        raise ConfigError(f"{path}: {_describe(exc, prefix=f'models.{name}')}") from None
 
 
 def _describe(exc: ValidationError, prefix: str = "") -> str:
     problems = []
     for err in exc.errors():
         loc = ".".join(str(part) for part in (prefix, *err["loc"]) if part != "")
-        message = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        message = (
+            "unknown key"
+            if err["type"] == "extra_forbidden"
+            else str(err["msg"]).removeprefix("Value error, ")
+        )
         problems.append(f"{loc}: {message}")
     return "; ".join(problems)
