@@ -38,7 +38,12 @@ def device(ctx: click.Context, as_json: bool) -> None:
 @device.command("plan")
 @click.argument("model", required=False)
 @click.option("--ctx", "context", type=int, default=None, help="Context per slot (pins it).")
-@click.option("--parallel", type=int, default=1, show_default=True, help="Sequence slots.")
+@click.option(
+    "--parallel",
+    type=click.IntRange(1, 64),
+    default=None,
+    help="Sequence slots (default: what pcrt serve uses, from PCRT_CONFIG or its default).",
+)
 @click.option("--kv-type", type=KV_TYPES, default=None, help="K and V cache type (pins it).")
 @click.option("--n-gpu-layers", type=int, default=None, help="Pin the offloaded layer count.")
 @click.option("--flash-attn/--no-flash-attn", default=None, help="Pin flash attention.")
@@ -52,7 +57,7 @@ def device(ctx: click.Context, as_json: bool) -> None:
 def plan(
     model: str | None,
     context: int | None,
-    parallel: int,
+    parallel: int | None,
     kv_type: str | None,
     n_gpu_layers: int | None,
     flash_attn: bool | None,
@@ -67,7 +72,10 @@ def plan(
     from pcrt.runtime.models.planning import plan_for
     from pcrt.runtime.models.pull import ensure_pulled
     from pcrt.runtime.models.registry import Registry
+    from pcrt.runtime.server.settings import ServerSettings
 
+    if parallel is None:  # plan what the daemon will load: its slots, not one
+        parallel = ServerSettings.load(None).parallel
     profile = read_profile(profile_file) if profile_file else collect_profile()
     registry = Registry.load()
     entry = registry.resolve(model)

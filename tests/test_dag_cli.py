@@ -177,3 +177,17 @@ def test_an_unknown_run_is_a_one_line_error(command: str) -> None:
     result = pcrt("dag", command, "nosuchrun")
     assert result.exit_code == 1
     assert result.stderr.strip() == "error: no DAG run 'nosuchrun' (see `pcrt dag list`)"
+
+
+def test_the_trip_plan_example_finishes_within_its_bounds(default_model_path: Path) -> None:
+    """The README's second example: its schema and token bounds keep the small model
+    from looping (unbounded, it listed interests past 400 tokens)."""
+    trip = EXAMPLE.with_name("trip_plan.yaml")
+    result = pcrt(
+        "dag", "run", str(trip), "-i", "request=A weekend in Lisbon: food, museums", "--json"
+    )
+    assert result.exit_code == 0, result.output
+    run = json.loads(result.output)
+    assert run["status"] == "succeeded", run
+    tokens = {n["node_id"]: n.get("completion_tokens") or 0 for n in run["nodes"]}
+    assert tokens["prefs"] <= 120 and tokens["ideas"] <= 3 * 160 and tokens["followup"] <= 120

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner, Result
 
 from pcrt.cli.main import main
@@ -41,7 +42,7 @@ def test_device_plan_for_this_machine(default_model_path: Path) -> None:
     out = result.output
     assert "offload plan for smollm2-135m" in out
     assert "n_gpu_layers 0 of 31" in out
-    assert "context 2048 per slot x 1; KV f16/f16, 45.0 MiB" in out
+    assert "context 2048 per slot x 4; KV f16/f16, 180.0 MiB" in out  # serve's slots
     assert "pinned: context" in out
     assert "CPU only (NVML library not found" in out
 
@@ -110,3 +111,19 @@ def test_device_plan_model_that_cannot_fit(default_model_path: Path, tmp_path: P
     assert result.exit_code == 1
     assert "does not fit even at pinned context 2048" in result.output
     assert "short" in result.output
+
+
+def test_device_plan_plans_the_slots_serve_will_use(
+    default_model_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without --parallel, the plan is for the daemon's slots (4 by default, or the
+    config's), not for one: the KV it plans is what pcrt serve allocates."""
+    monkeypatch.setenv("PCRT_CONFIG", str(tmp_path / "none.toml"))
+    default = json.loads(invoke("device", "plan", "--json").output)["plan"]
+    config = tmp_path / "config.toml"
+    config.write_text("[server]\nparallel = 2\n", encoding="utf-8")
+    monkeypatch.setenv("PCRT_CONFIG", str(config))
+    configured = json.loads(invoke("device", "plan", "--json").output)["plan"]
+    one = json.loads(invoke("device", "plan", "--json", "--parallel", "1").output)["plan"]
+    assert (default["parallel"], configured["parallel"], one["parallel"]) == (4, 2, 1)
+    assert default["kv_bytes"] == 2 * configured["kv_bytes"] == 4 * one["kv_bytes"]
