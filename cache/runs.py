@@ -395,6 +395,14 @@ class RunStore:
             raise RunNotFound(f"no run {run_id!r}")
         return RunRecord.from_row(rows[0])
 
+    def ids_starting_with(self, prefix: str, limit: int = 5) -> list[str]:
+        """The ids of the runs whose id starts with ``prefix`` (newest first, at most
+        ``limit``): what a short id given on the command line may name."""
+        sql = "select id from runs where substr(id, 1, ?) = ? order by created_at desc limit ?"
+        with self._lock:
+            rows = self.store.db.query(sql, [len(prefix), prefix, limit])
+            return [str(row["id"]) for row in rows]
+
     def run_with_nodes(self, run_id: str) -> tuple[RunRecord, list[NodeRecord]]:
         """The run's record and its nodes', as one moment left them (under one lock)."""
         with self._lock:

@@ -311,17 +311,29 @@ def _signature_view(path: str, library: Library) -> dict[str, Any]:
     }
 
 
+def _whole_id(given: str) -> str:
+    """RUN as given, or the whole id of the one run it is a prefix of (this home's)."""
+    from pcrt.cache.runs import RunStore
+    from pcrt.cache.store import Store
+    from pcrt.cli.dag_local import full_run_id
+    from pcrt.runtime.paths import Paths
+
+    with Store(Paths.from_env().db_path) as store:
+        return full_run_id(RunStore(store), given)
+
+
 @dag.command()
 @click.argument("run_id", metavar="RUN")
 @click.option("--json", "as_json", is_flag=True, help="Print the run as JSON (GET /v1/dags/RUN).")
 def status(run_id: str, as_json: bool) -> None:
-    """Show RUN as a tree of its nodes, then its outputs."""
+    """Show RUN (its id, or the first characters of it) as a tree of its nodes, then
+    its outputs."""
     from pcrt.cli.dag_local import get_run, local
     from pcrt.cli.dag_tree import run_tree
     from pcrt.runtime.dag.tasks import run_view
 
     with local() as here:
-        record = get_run(here.runs, run_id)
+        record = get_run(here.runs, _whole_id(run_id))
         view = run_view(here.runner.runs, record)
     if as_json:
         click.echo(json.dumps(view, indent=2, ensure_ascii=False, default=str))
@@ -364,6 +376,7 @@ def resume(
     from pcrt.cli.client import DaemonClient
     from pcrt.runtime.dag.tasks import decide_calls
 
+    run_id = _whole_id(run_id)
     console = Console(stderr=as_json, highlight=False)
     view: dict[str, Any] | None = None
     skip: tuple[Any] | None = None
@@ -403,6 +416,8 @@ def cancel(run_id: str) -> None:
     from pcrt.cli.client import DaemonClient
     from pcrt.cli.dag_local import get_run, local_runs
 
+    run_id = _whole_id(run_id)
+
     with DaemonClient() as client:
         if client.is_up():
             view = client.delete(f"/v1/dags/{run_id}")
@@ -438,6 +453,7 @@ def migrate(run_id: str, peer: str, no_states: bool, as_json: bool) -> None:
     """Move unfinished RUN, with its KV states, to PEER, which resumes it there."""
     from pcrt.cli.client import DaemonClient
 
+    run_id = _whole_id(run_id)
     with DaemonClient() as client:
         if not client.is_up():
             raise click.ClickException(f"no daemon answers at {client.url}: migration needs one")

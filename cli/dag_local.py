@@ -75,6 +75,24 @@ def local_runs() -> Iterator[RunStore]:
         yield RunStore(store)
 
 
+SHORTEST_PREFIX = 4  # as git: fewer characters name too many runs to be a habit
+
+
+def full_run_id(runs: RunStore, given: str) -> str:
+    """The run ``given`` names: its whole id, or the one run whose id starts with it (as
+    git and Docker take prefixes). A prefix that names several is refused with them; one
+    that names none is passed on as it is (a daemon with another home may know it)."""
+    if len(given) < SHORTEST_PREFIX:
+        return given
+    found = runs.ids_starting_with(given, limit=6)
+    if given in found or not found:
+        return given
+    if len(found) == 1:
+        return found[0]
+    shown = ", ".join(found[:5]) + (", ..." if len(found) > 5 else "")
+    raise PcrtError(f"{given!r} starts several runs' ids ({shown}): give more of it")
+
+
 def get_run(runs: RunStore, run_id: str) -> RunRecord:
     try:
         return runs.get_run(run_id)

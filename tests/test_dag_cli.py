@@ -17,6 +17,7 @@ from pcrt.cache.store import Store
 from pcrt.cli.dag import parse_inputs
 from pcrt.cli.main import main
 from pcrt.runtime.dag import parse_dag
+from pcrt.runtime.errors import PcrtError
 from pcrt.runtime.paths import Paths
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "dags" / "summary_titles.yaml"
@@ -83,6 +84,9 @@ def test_example_runs_and_shows_in_list_and_status(default_model_path: Path) -> 
     assert view["outputs"]["titles"][0] in status.stdout  # the outputs follow the tree
     as_json = json.loads(pcrt("dag", "status", run_id, "--json").stdout)
     assert as_json["id"] == run_id and as_json["outputs"] == view["outputs"]
+    # the first characters of the id name it, as git and Docker take them
+    short = json.loads(pcrt("dag", "status", run_id[:8], "--json").stdout)
+    assert short["id"] == run_id
 
     # the same deterministic nodes again: the subgraph cache answers, --follow shows it
     again = pcrt("dag", "run", str(EXAMPLE), "--follow")
@@ -177,6 +181,21 @@ def test_an_unknown_run_is_a_one_line_error(command: str) -> None:
     result = pcrt("dag", command, "nosuchrun")
     assert result.exit_code == 1
     assert result.stderr.strip() == "error: no DAG run 'nosuchrun' (see `pcrt dag list`)"
+
+
+def test_a_run_id_prefix_names_one_run_or_says_which(pcrt_env: Paths) -> None:
+    from pcrt.cli.dag_local import full_run_id
+
+    with Store(pcrt_env.db_path) as store:
+        runs = RunStore(store)
+        for run_id in ("abcd1111", "abcd2222", "ffff0000"):
+            runs.create_run(run_id, "/dynamic/t", {"dag": "/dynamic/t"}, {}, [])
+        assert full_run_id(runs, "ffff") == "ffff0000"
+        assert full_run_id(runs, "abcd1") == "abcd1111"
+        assert full_run_id(runs, "abc") == "abc"  # under 4 characters: taken as it is
+        assert full_run_id(runs, "zzzz") == "zzzz"  # no match: the daemon may know it
+        with pytest.raises(PcrtError, match="starts several runs' ids .*abcd"):
+            full_run_id(runs, "abcd")
 
 
 def test_the_trip_plan_example_finishes_within_its_bounds(default_model_path: Path) -> None:
