@@ -6,6 +6,7 @@ previous turns' tokens in the slot and only computes the new ones.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -30,7 +31,11 @@ if TYPE_CHECKING:
 
 __all__ = ["chat"]
 
-_HELP = "Commands: /clear forgets the conversation, /bye (or Ctrl-D) leaves."
+_HELP = (
+    'Commands: /clear forgets the conversation, /bye (or Ctrl-D) leaves; """ starts and '
+    "ends a message of several lines; Ctrl-C stops a reply."
+)
+_FENCE = '"""'  # Ollama's: a message of several lines goes between two of these
 
 
 @click.command()
@@ -116,18 +121,24 @@ def _remote_turn(client: DaemonClient, name: str, sampling: SamplingParams, verb
 
 
 def _loop(name: str, system: str | None, turn: Turn) -> None:
+    """Read a message, answer it, until /bye or Ctrl-D. Ctrl-C stops a reply and stays
+    (the unfinished turn is left out of the conversation), as Ollama's chat does; at the
+    prompt it says how to leave."""
     from pcrt.runtime.engine.chat import ChatMessage
 
+    _with_line_editing()
     base = [ChatMessage(role="system", content=system)] if system else []
     messages = list(base)
     click.echo(f"chatting with {name}. {_HELP}", err=True)
     while True:
         try:
-            line = click.prompt(">>>", prompt_suffix=" ", default="", show_default=False)
-        except (EOFError, click.Abort):
+            text = _read_message()
+        except EOFError:
             click.echo(err=True)
             return
-        text = line.strip()
+        except KeyboardInterrupt:
+            click.echo("\n(Ctrl-D or /bye leaves)", err=True)
+            continue
         if not text:
             continue
         if text in ("/bye", "/exit", "/quit"):
@@ -136,8 +147,35 @@ def _loop(name: str, system: str | None, turn: Turn) -> None:
             messages = list(base)
             click.echo("(conversation cleared)", err=True)
             continue
-        if text.startswith("/"):
+        if text in ("/help", "/?"):
             click.echo(_HELP, err=True)
             continue
-        messages.append(ChatMessage(role="user", content=text))
-        messages.append(ChatMessage(role="assistant", content=turn(messages)))
+        if text.startswith("/") and " " not in text:
+            click.echo(f"unknown command {text}. {_HELP}", err=True)
+            continue
+        asked = [*messages, ChatMessage(role="user", content=text)]
+        try:
+            answer = turn(asked)
+        except KeyboardInterrupt:
+            click.echo("\n(stopped)", err=True)
+            continue
+        messages = [*asked, ChatMessage(role="assistant", content=answer)]
+
+
+def _read_message() -> str:
+    """One message: a line, or the lines between two \"\"\" (EOFError at Ctrl-D)."""
+    line = input(">>> ").strip()
+    if not line.startswith(_FENCE):
+        return line
+    rest, lines = line[len(_FENCE) :], []
+    while not rest.rstrip().endswith(_FENCE):
+        lines.append(rest)
+        rest = input("... ")
+    lines.append(rest.rstrip()[: -len(_FENCE)])
+    return "\n".join(lines).strip()
+
+
+def _with_line_editing() -> None:
+    """Arrow keys and history at the prompt (the readline module hooks input())."""
+    with contextlib.suppress(ImportError):  # Windows without pyreadline: plain input
+        import readline  # noqa: F401

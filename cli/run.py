@@ -69,10 +69,14 @@ async def stream_to_terminal(engine: Engine, request: GenerateRequest, echo: boo
     from pcrt.runtime.engine import TokenEvent
 
     handle = engine.submit(request)
-    async for event in handle:
-        if echo and isinstance(event, TokenEvent) and event.text:
-            sys.stdout.write(event.text)
-            sys.stdout.flush()
+    try:
+        async for event in handle:
+            if echo and isinstance(event, TokenEvent) and event.text:
+                sys.stdout.write(event.text)
+                sys.stdout.flush()
+    except BaseException:  # Ctrl-C (the task cancelled): the engine stops it too
+        handle.cancel()
+        raise
     assert handle.result is not None
     return handle.result
 

@@ -164,3 +164,30 @@ def test_chat_keeps_the_conversation_and_reuses_its_kv(default_model_path: Path)
     assert len(reused) == 2
     assert reused[0] == 0
     assert reused[1] > 20  # the second turn found the first turn's tokens in the slot
+
+
+def test_chat_reads_fenced_lines_stops_a_reply_on_ctrl_c_and_names_unknown_commands() -> None:
+    """The loop with a stand-in model: a message between two triple quotes is one
+    message; Ctrl-C during a reply stops it and leaves the turn out; an unknown /command
+    is said, not sent; Ctrl-D leaves."""
+    from pcrt.cli.chat import _loop
+    from pcrt.runtime.engine.chat import ChatMessage
+
+    seen: list[list[str]] = []
+
+    def turn(messages: list[ChatMessage]) -> str:
+        seen.append([m.text() for m in messages])
+        if messages[-1].text() == "interrupt me":
+            raise KeyboardInterrupt  # what Ctrl-C raises while the reply streams
+        return f"reply {len(seen)}"
+
+    typed = '"""\nline one\nline two\n"""\ninterrupt me\n/nope\n"""one line"""\n'
+    with CliRunner().isolation(input=typed) as (out, err, _):
+        _loop("stand-in", None, turn)
+    said = err.getvalue().decode()
+    assert seen == [
+        ["line one\nline two"],
+        ["line one\nline two", "reply 1", "interrupt me"],
+        ["line one\nline two", "reply 1", "one line"],  # the stopped turn is left out
+    ]
+    assert "(stopped)" in said and "unknown command /nope" in said
