@@ -193,3 +193,12 @@ def test_parse_source(text: str, expected: object) -> None:
     assert source == expected
     if not isinstance(source, LocalSource):
         assert str(source) == text.replace("@main", "")
+
+
+def test_a_misspelt_name_gets_a_did_you_mean() -> None:
+    registry = Registry.load()
+    with pytest.raises(ModelNotFound, match=r"unknown model 'smolm2'; did you mean 'smollm2'\?"):
+        registry.resolve("smolm2")
+    with pytest.raises(ModelNotFound) as far:
+        registry.resolve("qwen-72b")
+    assert "did you mean" not in str(far.value)

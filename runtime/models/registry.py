@@ -8,6 +8,7 @@ not a silently ignored setting.
 
 from __future__ import annotations
 
+import difflib
 import logging
 import re
 import tomllib
@@ -233,7 +234,10 @@ class Registry:
             if wanted in entry.tags:
                 return entry
         known = ", ".join(sorted(self.entries)) or "none"
-        raise ModelNotFound(f"unknown model {wanted!r} (known models: {known})")
+        names = [n for e in self.entries.values() for n in (e.name, *e.aliases)]
+        close = difflib.get_close_matches(wanted, names, n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ModelNotFound(f"unknown model {wanted!r}{hint} (known models: {known})")
 
     def path_of(self, entry: ModelEntry) -> Path:
         """Where the entry's GGUF file lives (or will live once pulled)."""
