@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from pcrt.runtime.errors import InvalidRequest
 
 if TYPE_CHECKING:
+    from rich.console import Console
+
     from pcrt.cli.client import DaemonClient, StreamResult
     from pcrt.runtime.engine import Completion, Engine, GenerateRequest
     from pcrt.runtime.engine.sampling import SamplingParams
@@ -238,13 +241,32 @@ def stream_remote(
 ) -> StreamResult:
     from pcrt.cli.client import StreamResult
 
-    for item in client.stream(path, body):
+    for item in until_first(client.stream(path, body), "the daemon is loading the model"):
         if isinstance(item, StreamResult):
             return item
         if echo:
             sys.stdout.write(item)
             sys.stdout.flush()
     raise AssertionError("the stream ended without a result")
+
+
+T = TypeVar("T")
+
+
+def until_first(items: Iterator[T], waiting: str, console: Console | None = None) -> Iterator[T]:
+    """``items``, with a spinner on a terminal's stderr until the first one arrives: a
+    model loads on first use (seconds of nothing otherwise)."""
+    from rich.console import Console
+
+    console = console or Console(stderr=True)
+    if not console.is_terminal:
+        yield from items
+        return
+    with console.status(f"{waiting}...", spinner="dots"):  # gone once the answer starts
+        first = next(items, None)
+    if first is not None:
+        yield first
+        yield from items
 
 
 def remote_report(result: StreamResult) -> str:

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import jsonschema
@@ -191,3 +192,26 @@ def test_chat_reads_fenced_lines_stops_a_reply_on_ctrl_c_and_names_unknown_comma
         ["line one\nline two", "reply 1", "one line"],  # the stopped turn is left out
     ]
     assert "(stopped)" in said and "unknown command /nope" in said
+
+
+def test_a_spinner_runs_until_the_first_piece_on_a_terminal_only() -> None:
+    import io
+    import time
+
+    from rich.console import Console
+
+    from pcrt.cli.run import until_first
+
+    def slow() -> Iterator[str]:
+        time.sleep(0.5)  # a model loading on first use
+        yield from ("a", "b")
+
+    screen = io.StringIO()
+    terminal = Console(file=screen, force_terminal=True, width=80)
+    assert list(until_first(slow(), "the daemon is loading the model", terminal)) == ["a", "b"]
+    assert "the daemon is loading the model..." in screen.getvalue()
+
+    piped = io.StringIO()
+    quiet = Console(file=piped, force_terminal=False)
+    assert list(until_first(slow(), "loading", quiet)) == ["a", "b"]
+    assert piped.getvalue() == ""  # nothing but the answer when not at a terminal
