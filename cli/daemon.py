@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import logging
+import logging.handlers
 import os
 import socket
 import sys
@@ -38,8 +40,10 @@ def run_daemon(settings: ServerSettings, log_level: str) -> None:
     """Serve until SIGTERM/SIGINT, then drain. A second daemon on the same PCRT_HOME (its
     database, runs and KV store are one daemon's) or on a port in use is refused with
     one line that says what to do, before anything starts."""
-    with _home_lock(Paths.from_env().home):
+    paths = Paths.from_env()
+    with _home_lock(paths.home):
         _refuse_a_taken_port(settings.host, settings.port)
+        _log_to_file(paths.daemon_log)
         config = uvicorn.Config(
             create_app(settings),
             host=settings.host,
@@ -48,6 +52,24 @@ def run_daemon(settings: ServerSettings, log_level: str) -> None:
             timeout_graceful_shutdown=int(settings.shutdown_grace),
         )
         _DrainingServer(config).run()
+
+
+def _log_to_file(path: Path) -> None:
+    """The daemon's log, at INFO (model loads and unloads, runs started and finished,
+    peers, errors), also in a file that rotates at 10 MB (3 kept); the terminal keeps the
+    level it was given (--log-level)."""
+    root = logging.getLogger()
+    for handler in root.handlers:
+        if handler.level == logging.NOTSET:
+            handler.setLevel(root.level)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    written = logging.handlers.RotatingFileHandler(
+        path, maxBytes=10 * 1024**2, backupCount=3, encoding="utf-8"
+    )
+    written.setLevel(logging.INFO)
+    written.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(written)
+    root.setLevel(min(root.level, logging.INFO))
 
 
 @contextlib.contextmanager

@@ -28,6 +28,7 @@ COMMANDS = {
     "completion": "pcrt.cli.completion:completion",
     "dag": "pcrt.cli.dag:dag",
     "device": "pcrt.cli.device:device",
+    "logs": "pcrt.cli.logs:logs",
     "models": "pcrt.cli.models:models",
     "peers": "pcrt.cli.peers:peers",
     "ps": "pcrt.cli.ps:ps",

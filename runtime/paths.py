@@ -35,6 +35,11 @@ class Paths:
         return self.home / "pcrt.db"
 
     @property
+    def daemon_log(self) -> Path:
+        """The daemon's log file (``pcrt serve`` writes it, ``pcrt logs`` reads it)."""
+        return self.home / "logs" / "daemon.log"
+
+    @property
     def lib_dirs(self) -> tuple[Path, ...]:
         """Where the library of ``/lib`` subgraphs lives (``pcrt.runtime.dag.library``)."""
         return (self.home / "lib", *self.lib_path)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -107,6 +108,16 @@ def test_cli_talks_to_the_daemon(daemon: tuple[str, subprocess.Popen[str]]) -> N
     assert stop.exit_code == 0 and "unloaded" in stop.output
     assert httpx.get(url + "/v1/pcrt/ps").json()["models"] == []
 
+    # the daemon's log says what it did; pcrt logs reads its end
+    example = Path(__file__).parent.parent / "examples" / "dags" / "summary_titles.yaml"
+    assert runner.invoke(main, ["dag", "run", str(example), "--json"]).exit_code == 0
+    logged = runner.invoke(main, ["logs", "-n", "200"])
+    assert logged.exit_code == 0, logged.output
+    for said in (f"loaded {MODEL}", f"unloaded {MODEL}", "(/dynamic/summary_titles) started"):
+        assert said in logged.output, said
+    assert any(line.endswith(" succeeded") for line in logged.output.splitlines())
+    assert len(runner.invoke(main, ["logs", "-n", "2"]).output.splitlines()) == 2
+
 
 def test_ps_without_a_daemon_is_a_clear_error() -> None:
     result = CliRunner().invoke(main, ["ps"])
@@ -182,3 +193,46 @@ def test_a_second_daemon_on_the_same_home_or_port_is_one_clear_line(
     assert f"another pcrt serve (pid {running.pid})" in shared.stderr
     assert "PCRT_HOME" in shared.stderr and "Traceback" not in shared.stderr
     assert running.poll() is None  # the first one serves on
+
+
+def test_logs_without_a_daemon_log_is_a_clear_error() -> None:
+    result = CliRunner().invoke(main, ["logs"])
+    assert result.exit_code == 1 and "no daemon log at" in result.output
+
+
+def test_logs_follow_prints_new_lines_and_survives_a_rotation(pcrt_env: Paths) -> None:
+    log = pcrt_env.daemon_log
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text("one\ntwo\n", encoding="utf-8")
+    pcrt = str(Path(sys.executable).with_name("pcrt"))
+    follower = subprocess.Popen(
+        [pcrt, "logs", "-n", "1", "-f"],
+        env=os.environ.copy(),
+        stdout=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+    )
+    try:
+        assert follower.stdout is not None
+        assert _next_line(follower.stdout.fileno()) == "two\n"
+        with log.open("a", encoding="utf-8") as more:
+            more.write("three\n")
+        assert _next_line(follower.stdout.fileno()) == "three\n"
+        log.rename(log.with_suffix(".log.1"))  # what the rotating handler does
+        log.write_text("four\n", encoding="utf-8")
+        assert _next_line(follower.stdout.fileno()) == "four\n"
+    finally:
+        follower.kill()
+        follower.wait()
+
+
+def _next_line(fd: int, seconds: float = 15) -> str:
+    """The next line a process writes, or a failure after ``seconds`` (never a hang)."""
+    got = b""
+    deadline = time.monotonic() + seconds
+    while not got.endswith(b"\n"):
+        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        assert ready, f"no line within {seconds} s (so far {got!r})"
+        byte = os.read(fd, 1)
+        assert byte, f"the output ended (so far {got!r})"
+        got += byte
+    return got.decode()

@@ -299,6 +299,7 @@ class DagRunner:
         done = {n.node_id: n.output for n in nodes if n.status == NodeStatus.SUCCEEDED}
         run = RunContext(self.deps, record, spec, done, on_event or ignore, library)
         await runs.set_status(run_id, RunStatus.RUNNING)
+        log.info("run %s (%s) %s", run_id, record.dag_path, "resumed" if done else "started")
         run.emit(DagEvent(DagEventKind.RUN_STARTED, run_id, data={"resumed": bool(done)}))
         timeout = spec.budget.timeout_sec
         status, error = RunStatus.SUCCEEDED, None
@@ -315,6 +316,7 @@ class DagRunner:
         except asyncio.CancelledError:
             # written even if cancelled again meanwhile (the thread ends first)
             await runs.set_status(run_id, RunStatus.CANCELLED, error="cancelled; checkpoints kept")
+            log.info("run %s cancelled; checkpoints kept", run_id)
             data: dict[str, Any] = {"status": RunStatus.CANCELLED}
             run.emit(DagEvent(DagEventKind.RUN_FINISHED, run_id, data=data))
             raise
@@ -324,6 +326,7 @@ class DagRunner:
             log.exception("run %s failed unexpectedly", run_id)
             status, error = RunStatus.FAILED, f"internal error: {type(exc).__name__}: {exc}"
         await runs.set_status(run_id, status, error=error)
+        log.info("run %s %s%s", run_id, status, f": {error}" if error else "")
         final = await runs.get_run(run_id)
         data = {"status": status, "error": error, "outputs": run.outputs}
         run.emit(DagEvent(DagEventKind.RUN_FINISHED, run_id, data=data))
