@@ -152,6 +152,11 @@ def dag() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the run as JSON (GET /v1/dags/RUN).")
 @click.option("--local", is_flag=True, help="Run in this process even if a daemon is up.")
 @click.option(
+    "--detach",
+    is_flag=True,
+    help="Leave the run to the daemon: print its id and return (pcrt dag status RUN).",
+)
+@click.option(
     "--lib",
     "libs",
     multiple=True,
@@ -166,9 +171,14 @@ def run_dag(
     follow: bool,
     as_json: bool,
     local: bool,
+    detach: bool,
     libs: tuple[Path, ...],
 ) -> None:
-    """Run the DAG in FILE (YAML, JSON or TOML) and print each node's output."""
+    """Run the DAG in FILE (YAML, JSON or TOML) and print each node's output.
+
+    Ctrl-C cancels the run, wherever it runs (here, or on the daemon); its checkpoints
+    are kept, and pcrt dag resume RUN continues it. --detach leaves it to the daemon.
+    """
     from rich.console import Console
 
     from pcrt.cli import dag_daemon, dag_local
@@ -177,6 +187,8 @@ def run_dag(
     from pcrt.runtime.dag.library import load_library_paths
     from pcrt.runtime.models.registry import Registry
 
+    if detach and local:
+        raise click.UsageError("--detach leaves the run to a daemon; --local runs it here")
     console = Console(stderr=as_json, highlight=False)
     try:
         try:
@@ -196,7 +208,15 @@ def run_dag(
                         "inputs": inputs,
                         "library": [callee.document() for callee in extra.dags.values()],
                     }
+                    if detach:
+                        started = client.post("/v1/dags", {**body, "wait": False})
+                        run_id = started["id"]
+                        click.echo(run_id)
+                        click.echo(f"running on the daemon: pcrt dag status {run_id}", err=True)
+                        return
                     view = dag_daemon.stream_daemon(client, body, follow, console)
+                elif detach:
+                    raise click.UsageError("--detach needs a running daemon (pcrt serve)")
         if view is None:
             with dag_local.local() as here:
                 runner = here.runner

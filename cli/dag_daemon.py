@@ -16,7 +16,7 @@ from pcrt.cli.client import DaemonClient
 from pcrt.cli.dag_view import FollowView
 from pcrt.runtime.errors import PcrtError
 
-__all__ = ["poll_daemon", "stream_daemon"]
+__all__ = ["cancel_interrupted", "poll_daemon", "stream_daemon"]
 
 _POLL_SECONDS = 0.5
 # a node the daemon has started (or finished before a poll saw it start)
@@ -45,16 +45,26 @@ def stream_daemon(
                 view.event(event.event, str(data.get("run") or run_id), data.get("node"), data)
     except KeyboardInterrupt:
         if run_id:
-            click.echo(
-                f"the daemon keeps running {run_id}: pcrt dag status {run_id}, "
-                f"pcrt dag cancel {run_id}",
-                err=True,
-            )
+            cancel_interrupted(client, run_id)
         sys.exit(130)
     if run_id is None:
         raise PcrtError("the daemon's stream ended without naming the run")
     result: dict[str, Any] = client.get(f"/v1/dags/{run_id}")
     return result
+
+
+def cancel_interrupted(client: DaemonClient, run_id: str) -> None:
+    """Ctrl-C while a daemon's run is followed: the run is cancelled, as one run here
+    would be (one meaning wherever it runs; ``--detach`` leaves a run to the daemon)."""
+    try:
+        client.delete(f"/v1/dags/{run_id}")
+    except PcrtError as exc:
+        click.echo(f"could not cancel {run_id}: {exc} (pcrt dag cancel {run_id})", err=True)
+        return
+    click.echo(
+        f"run {run_id} cancelled; its checkpoints are kept (resume: pcrt dag resume {run_id})",
+        err=True,
+    )
 
 
 def poll_daemon(
@@ -69,34 +79,41 @@ def poll_daemon(
     def lookup(_: str, node: str) -> dict[str, Any] | None:
         return _node_from_view(latest, node)
 
-    with FollowView(console, lookup) as view:
-        view.event("run_started", run_id, None, {"resumed": True})
-        while True:
-            latest = client.get(f"/v1/dags/{run_id}")
-            for node in latest["nodes"]:
-                node_id, status = node["node_id"], node["status"]
-                if node_id in finished:
-                    continue
-                if status in _STARTED and node_id not in announced:
-                    announced.add(node_id)
-                    view.event("node_started", run_id, node_id, node)
-                if node["checkpoint_tokens"] and node["checkpoint_tokens"] != checkpoints.get(
-                    node_id
+    try:
+        with FollowView(console, lookup) as view:
+            view.event("run_started", run_id, None, {"resumed": True})
+            while True:
+                latest = client.get(f"/v1/dags/{run_id}")
+                for node in latest["nodes"]:
+                    node_id, status = node["node_id"], node["status"]
+                    if node_id in finished:
+                        continue
+                    if status in _STARTED and node_id not in announced:
+                        announced.add(node_id)
+                        view.event("node_started", run_id, node_id, node)
+                    if node["checkpoint_tokens"] and node["checkpoint_tokens"] != checkpoints.get(
+                        node_id
+                    ):
+                        checkpoints[node_id] = node["checkpoint_tokens"]
+                        view.event(
+                            "checkpoint", run_id, node_id, {"tokens": node["checkpoint_tokens"]}
+                        )
+                    if status in _ENDED:
+                        finished.add(node_id)
+                        view.event("node_finished", run_id, node_id, node)
+                ended = latest["status"] in FINISHED_RUN_STATES
+                if ended and latest["finished_at"] != before["finished_at"]:
+                    return latest
+                if (
+                    latest["status"] == RunStatus.INTERRUPTED
+                    and before["status"] != RunStatus.INTERRUPTED
                 ):
-                    checkpoints[node_id] = node["checkpoint_tokens"]
-                    view.event("checkpoint", run_id, node_id, {"tokens": node["checkpoint_tokens"]})
-                if status in _ENDED:
-                    finished.add(node_id)
-                    view.event("node_finished", run_id, node_id, node)
-            ended = latest["status"] in FINISHED_RUN_STATES
-            if ended and latest["finished_at"] != before["finished_at"]:
-                return latest
-            if (
-                latest["status"] == RunStatus.INTERRUPTED
-                and before["status"] != RunStatus.INTERRUPTED
-            ):
-                return latest  # the daemon stopped under it
-            time.sleep(_POLL_SECONDS)
+                    return latest  # the daemon stopped under it
+                time.sleep(_POLL_SECONDS)
+
+    except KeyboardInterrupt:
+        cancel_interrupted(client, run_id)
+        sys.exit(130)
 
 
 def _node_from_view(view: dict[str, Any], node_id: str) -> dict[str, Any] | None:

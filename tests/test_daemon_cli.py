@@ -236,3 +236,43 @@ def _next_line(fd: int, seconds: float = 15) -> str:
         assert byte, f"the output ended (so far {got!r})"
         got += byte
     return got.decode()
+
+
+def test_dag_run_detach_and_ctrl_c_have_one_meaning_each(
+    daemon: tuple[str, subprocess.Popen[str]],
+) -> None:
+    """--detach leaves the run to the daemon; Ctrl-C while following cancels it (its
+    checkpoints kept), as it does a run in this process."""
+    url, _ = daemon
+    examples = Path(__file__).parent.parent / "examples" / "dags"
+    runner = CliRunner()
+    detached = runner.invoke(
+        main, ["dag", "run", "--detach", str(examples / "summary_titles.yaml")]
+    )
+    assert detached.exit_code == 0, detached.output
+    run_id = detached.stdout.strip()
+    deadline = time.monotonic() + 60
+    while httpx.get(f"{url}/v1/dags/{run_id}").json()["status"] != "succeeded":
+        assert time.monotonic() < deadline, "the detached run did not finish"
+        time.sleep(0.2)
+    both = runner.invoke(
+        main, ["dag", "run", "--detach", "--local", str(examples / "trip_plan.yaml")]
+    )
+    assert both.exit_code == 2 and "--detach" in both.output
+
+    pcrt = str(Path(sys.executable).with_name("pcrt"))
+    follower = subprocess.Popen(
+        [pcrt, "dag", "run", "--follow", str(examples / "trip_plan.yaml"), "-i", "request=Rome"],
+        env=os.environ.copy(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+    )
+    assert follower.stdout is not None and follower.stderr is not None
+    assert " started" in _next_line(follower.stdout.fileno(), 60)  # the run is under way
+    follower.send_signal(signal.SIGINT)
+    assert follower.wait(timeout=30) == 130
+    said = follower.stderr.read().decode()
+    assert "cancelled; its checkpoints are kept" in said, said
+    cancelled = said.split("run ", 1)[1].split(" ", 1)[0]
+    assert httpx.get(f"{url}/v1/dags/{cancelled}").json()["status"] == "cancelled"
