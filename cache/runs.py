@@ -427,12 +427,20 @@ class RunStore:
     def set_status(
         self, run_id: str, status: RunStatus, *, error: str | None = None, **extra: Any
     ) -> None:
+        """The run's status; a run that stops (finished, cancelled, interrupted, waiting on
+        a person) leaves no node ``running``: one stopped mid-way is ``interrupted`` (its
+        checkpoint resumes it), in the same transaction."""
         now = utc_now()
         values = {"status": status, "updated_at": now, "error": error, **extra}
         if status in FINISHED_RUN_STATES:
             values["finished_at"] = now
         with self._tx() as db:
             db.update("runs", {"id": run_id}, values)
+            if status not in (RunStatus.RUNNING, RunStatus.PENDING, RunStatus.MIGRATING):
+                db.execute(
+                    "update nodes set status = ? where run_id = ? and status = ?",
+                    [NodeStatus.INTERRUPTED, run_id, NodeStatus.RUNNING],
+                )
 
     def mark_for_peer(self, run_id: str, peer: str) -> None:
         """The run is a subgraph ``peer`` sent and waits on (see ``RunRecord.for_peer``)."""

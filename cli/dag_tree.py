@@ -105,11 +105,18 @@ def _node_facts(node: dict[str, Any], after: list[str]) -> list[Text]:
     if after:
         facts.append(Text(f"after: {', '.join(after)}", style="dim"))
     if node["prompt_tokens"] is not None or node["completion_tokens"] is not None:
+        # a node's completion is counted when it ends: while it runs, say so (and how far
+        # its last checkpoint got) rather than "completion 0"
+        completion = f"completion {node['completion_tokens'] or 0}"
+        if node["status"] == "running" and not node["completion_tokens"]:
+            so_far = node["checkpoint_tokens"]
+            completion = "completion: generating" + (
+                f" ({so_far} at its last checkpoint)" if so_far else ""
+            )
         facts.append(
             Text(
                 f"tokens: prompt {node['prompt_tokens'] or 0}, "
-                f"cached {node['cached_tokens'] or 0}, "
-                f"completion {node['completion_tokens'] or 0}"
+                f"cached {node['cached_tokens'] or 0}, {completion}"
             )
         )
     if node["seconds"] is not None:

@@ -210,3 +210,32 @@ def test_the_trip_plan_example_finishes_within_its_bounds(default_model_path: Pa
     assert run["status"] == "succeeded", run
     tokens = {n["node_id"]: n.get("completion_tokens") or 0 for n in run["nodes"]}
     assert tokens["prefs"] <= 120 and tokens["ideas"] <= 3 * 160 and tokens["followup"] <= 120
+
+
+def test_status_of_a_running_node_and_of_a_cancelled_run(pcrt_env: Paths) -> None:
+    """A node under way says it is generating (and how far its checkpoint got), not
+    "completion 0"; once its run stops, no node of it still says running."""
+    from rich.console import Console
+
+    from pcrt.cache.runs import NodeCheckpointed, NodeStarted
+    from pcrt.cache.status import RunStatus
+    from pcrt.cli.dag_tree import run_tree
+    from pcrt.runtime.dag.tasks import run_view
+
+    spec = parse_dag(yaml.safe_load(EXAMPLE.read_text(encoding="utf-8")))
+    nodes = [(n, f"{spec.dag}/{n}", node.type) for n, node in spec.nodes.items()]
+    with Store(pcrt_env.db_path) as store:
+        runs = RunStore(store)
+        runs.create_run("r1", spec.dag, spec.document(), {}, nodes)
+        runs.set_status("r1", RunStatus.RUNNING)
+        runs.update_node("r1", "summary", NodeStarted(ran_on="local", prompt_tokens=40))
+        runs.update_node("r1", "summary", NodeCheckpointed("0" * 64, 128))
+        console = Console(width=200, record=True)
+        console.print(run_tree(run_view(runs, runs.get_run("r1")), spec))
+        shown = console.export_text()
+        assert "completion: generating (128 at its last checkpoint)" in shown
+        assert "completion 0" not in shown
+
+        runs.set_status("r1", RunStatus.CANCELLED, error="cancelled; checkpoints kept")
+        statuses = {n.node_id: n.status for n in runs.nodes("r1")}
+        assert statuses["summary"] == "interrupted" and "running" not in statuses.values()
