@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +30,10 @@ __all__ = [
     "stream_to_terminal",
     "verbose_report",
 ]
+
+# what sets a model's name apart from a prompt's first word: a dash, a colon, a dot or
+# a digit (smollm2, qwen2.5:7b, my-model), none of which starts an English sentence
+_MODEL_SHAPED = re.compile(r"[-:./0-9]")
 
 
 def sampling_options(fn: Any) -> Any:
@@ -132,19 +137,36 @@ def run(
 ) -> None:
     """Answer PROMPT with MODEL (the default model when only PROMPT is given).
 
-    Text piped in is the prompt when none is given (echo "Hi" | pcrt run), and follows
-    it otherwise (cat notes.md | pcrt run "Summarize:"); PROMPT "-" reads the prompt from
-    standard input alone. Talks to a running daemon (PCRT_URL) when one answers, else
-    runs in this process.
+    The prompt's words may be unquoted (pcrt run smollm2 Tell me a joke); a model name
+    alone at a terminal opens a chat with it (pcrt run smollm2). Text piped in is the
+    prompt when none is given (echo "Hi" | pcrt run), and follows it otherwise
+    (cat notes.md | pcrt run "Summarize:"); PROMPT "-" reads the prompt from standard
+    input alone. Talks to a running daemon (PCRT_URL) when one answers, else runs in
+    this process.
     """
     from pcrt.cli.client import DaemonClient
     from pcrt.runtime.models.registry import Registry
 
-    if len(args) > 2:
-        raise click.UsageError("give at most MODEL and PROMPT (quote the prompt)")
     registry = Registry.load()
     piped = _piped_text()
-    model_name, prompt = _model_and_prompt(args, registry, piped is not None)
+    model_name, prompt = _model_and_prompt(args, registry)
+    if model_name is not None and not prompt and piped is None and _at_terminal():
+        # a model name alone at a terminal: a chat with it, as `ollama run MODEL` opens
+        from pcrt.cli.chat import chat
+
+        click.get_current_context().invoke(
+            chat,
+            model=model_name,
+            temperature=temperature,
+            max_tokens=max_tokens,
+            seed=seed,
+            context=context,
+            threads=threads,
+            verbose=verbose,
+            local=local,
+            system=system,
+        )
+        return
     if prompt == "-":
         prompt = piped or ""
     elif piped:
@@ -196,25 +218,30 @@ def run(
         click.echo(verbose_report(result), err=True)
 
 
+def _at_terminal() -> bool:
+    return sys.stdin is not None and sys.stdin.isatty()
+
+
 def _piped_text() -> str | None:
     """What was piped into the command (None at a terminal, where nothing is)."""
-    if sys.stdin is None or sys.stdin.isatty():
+    if sys.stdin is None or _at_terminal():
         return None
     return sys.stdin.read()
 
 
-def _model_and_prompt(
-    args: tuple[str, ...], registry: Registry, piped: bool
-) -> tuple[str | None, str]:
-    """MODEL and PROMPT from the arguments: two are both; one is the prompt, or the model
-    when it names one and the prompt is piped in; none: the prompt is all piped."""
-    if len(args) == 2:
-        return args[0], args[1]
-    if len(args) == 1:
-        if piped and args[0] != "-" and registry.knows(args[0]):
-            return args[0], ""
-        return None, args[0]
-    return None, ""
+def _model_and_prompt(args: tuple[str, ...], registry: Registry) -> tuple[str | None, str]:
+    """MODEL (None: the default) and PROMPT from the arguments, whose words may be
+    unquoted: a first word that names a model is the model; one shaped like a model's
+    name (``qwen2.5:7b``, ``my-model``) that names none is an unknown model (with a
+    did-you-mean), not the prompt's first word."""
+    if not args:
+        return None, ""
+    first, rest = args[0], args[1:]
+    if first != "-" and registry.knows(first):
+        return first, " ".join(rest)
+    if rest and _MODEL_SHAPED.search(first) and " " not in first:
+        registry.resolve(first)  # raises ModelNotFound, with the closest names
+    return None, " ".join(args)
 
 
 def remote_body(

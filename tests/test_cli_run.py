@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import jsonschema
+import pytest
 from click.testing import CliRunner
 
 from pcrt.cli.main import main
@@ -215,3 +216,27 @@ def test_a_spinner_runs_until_the_first_piece_on_a_terminal_only() -> None:
     quiet = Console(file=piped, force_terminal=False)
     assert list(until_first(slow(), "loading", quiet)) == ["a", "b"]
     assert piped.getvalue() == ""  # nothing but the answer when not at a terminal
+
+
+def test_run_takes_unquoted_words_and_a_model_named_first() -> None:
+    from pcrt.cli.run import _model_and_prompt
+    from pcrt.runtime.errors import ModelNotFound
+    from pcrt.runtime.models.registry import Registry
+
+    registry = Registry.load()
+    assert _model_and_prompt(("Tell", "me", "a", "joke"), registry) == (None, "Tell me a joke")
+    assert _model_and_prompt(("smollm2", "Tell", "me"), registry) == ("smollm2", "Tell me")
+    assert _model_and_prompt(("smollm2",), registry) == ("smollm2", "")
+    assert _model_and_prompt(("What is 2+2?",), registry) == (None, "What is 2+2?")
+    assert _model_and_prompt(("-",), registry) == (None, "-")
+    with pytest.raises(ModelNotFound, match="did you mean 'smollm2'"):
+        _model_and_prompt(("smolm2", "hi"), registry)  # shaped like a name: not a prompt
+
+
+def test_a_model_name_alone_at_a_terminal_opens_a_chat(
+    default_model_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("pcrt.cli.run._at_terminal", lambda: True)
+    result = invoke("run", "smollm2", input="/bye\n")
+    assert result.exit_code == 0, result.output
+    assert "chatting with smollm2-135m" in result.output
