@@ -59,3 +59,30 @@ def test_model_commands_answer_without_models() -> None:
     assert shown.exit_code == 0 and '"smollm2-135m"' in shown.output
     unknown = runner.invoke(main, ["rm", "no-such-model"])
     assert unknown.exit_code == 1 and "unknown model 'no-such-model'" in unknown.output
+
+
+def test_usage_keeps_one_line_per_row_at_80_columns() -> None:
+    from rich.console import Console
+
+    from pcrt.cli.usage import usage_table
+
+    row = {
+        "agent": "a-very-long-agent-name-from-some-framework-0123456789",
+        "model": "smollm2-135m",
+        "requests": 12,
+        "errors": 0,
+        "on_peers": 0,
+        "fell_back": 0,
+        "prompt_tokens": 123456,
+        "cached_tokens": 65432,
+        "completion_tokens": 7890,
+        "avg_ttft_ms": 140.2,
+        "last": "2026-12-05T13:29:35.123456+00:00",
+    }
+    console = Console(width=80, record=True)
+    console.print(usage_table([row, {**row, "agent": "short", "errors": 2}], 80))
+    lines = console.export_text().splitlines()
+    assert len(lines) == 3  # the header and one line per row: nothing folded
+    assert "ERR" in lines[0] and "PEERS" not in lines[0]  # only the columns in use
+    assert lines[1].startswith("a-very-long-") and "…" in lines[1]
+    assert "12-05 13:29" in lines[1] and "123456" in lines[1] and "140 ms" in lines[1]
