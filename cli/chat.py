@@ -14,6 +14,7 @@ import click
 
 from pcrt.cli.run import (
     build_sampling,
+    record_local_usage,
     remote_body,
     remote_report,
     sampling_options,
@@ -99,6 +100,7 @@ def _local_turn(engine: Engine, sampling: SamplingParams, verbose: bool) -> Turn
     def turn(messages: list[ChatMessage]) -> str:
         request = GenerateRequest(messages=list(messages), sampling=sampling)
         result = asyncio.run(stream_to_terminal(engine, request, echo=True))
+        record_local_usage(engine.name, result, "pcrt chat")
         click.echo()
         if verbose:
             click.echo(verbose_report(result), err=True)

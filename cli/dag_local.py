@@ -18,6 +18,7 @@ from pcrt.cache.blobs import BlobStore
 from pcrt.cache.runs import RunNotFound, RunRecord, RunStore
 from pcrt.cache.status import NodeStatus, RunStatus
 from pcrt.cache.store import Store
+from pcrt.cache.usage import UsageLog
 from pcrt.cli.dag_view import FollowView
 from pcrt.cli.progress import download_progress
 from pcrt.runtime.dag import DagSpec, parse_dag
@@ -56,16 +57,21 @@ def local() -> Iterator[Local]:
     tools = ServerSettings.load().tools  # what tool and agent nodes call, as the daemon's
     with Store(paths.db_path) as store:
         engines = LocalEngines(registry, parallel=4, progress=download_progress)
+        # each generation's usage row, as the daemon writes them: pcrt usage counts the
+        # runs made here too
+        usage = UsageLog(store)
         runner = DagRunner(
             registry=registry,
             runs=RunStore(store),
             blobs=BlobStore(store, paths.home / "blobs"),
             lease=engines.lease,
+            usage=usage.record_soon,
         )
         try:
             yield Local(runner, engines, tools)
         finally:
             engines.close()
+            usage.close()
 
 
 @contextlib.contextmanager

@@ -210,12 +210,44 @@ def run(
             messages.append(ChatMessage(role="user", content=prompt))
             request = GenerateRequest(messages=messages, sampling=sampling)
         result = asyncio.run(stream_to_terminal(engine, request, echo=not as_json))
+    record_local_usage(engine.name, result, "pcrt run")
     if as_json:
         click.echo(json.dumps(_as_dict(engine.name, result), ensure_ascii=False))
     else:
         click.echo()
     if verbose:
         click.echo(verbose_report(result), err=True)
+
+
+LOCAL_AGENT = "cli"  # what pcrt usage calls the work the command line ran itself
+
+
+def record_local_usage(model: str, result: Completion, route: str) -> None:
+    """A usage row for a generation this process ran (no daemon), as the daemon writes
+    one per request: pcrt usage counts all the machine's work, not only the daemon's."""
+    from pcrt.cache.store import Store
+    from pcrt.cache.usage import UsageLog, UsageRecord
+    from pcrt.runtime.paths import Paths
+
+    first = result.t_first_token
+    row = UsageRecord(
+        agent=LOCAL_AGENT,
+        model=model,
+        route=route,
+        status=200,
+        prompt_tokens=result.prompt_tokens,
+        cached_tokens=result.cached_tokens,
+        completion_tokens=result.completion_tokens,
+        ttft_ms=1000 * (first - result.t_submitted) if first is not None else None,
+        total_ms=1000 * (result.t_done - result.t_submitted),
+        request_id=result.id,
+    )
+    with Store(Paths.from_env().db_path) as store:
+        usage = UsageLog(store)
+        try:
+            usage.record(row)
+        finally:
+            usage.close()
 
 
 def _at_terminal() -> bool:

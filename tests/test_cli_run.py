@@ -30,6 +30,10 @@ def test_run_json_output(default_model_path: Path) -> None:
     result = invoke("run", "--json", "--temperature", "0", "--max-tokens", "8", "Hello")
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
+    # a run without a daemon is counted as the daemon counts its requests
+    (row,) = json.loads(invoke("usage", "--json").output)
+    assert (row["agent"], row["model"], row["requests"]) == ("cli", "smollm2-135m", 1)
+    assert row["completion_tokens"] == data["usage"]["completion_tokens"]
     assert data["model"] == "smollm2-135m"
     assert data["usage"]["completion_tokens"] <= 8
     assert data["finish_reason"] in ("stop", "length")

@@ -71,6 +71,13 @@ def test_example_runs_and_shows_in_list_and_status(default_model_path: Path) -> 
     assert {n["node_id"]: n["ran_on"] for n in view["nodes"]}["summary"] == "local"
     run_id = view["id"]
 
+    counted = json.loads(pcrt("usage", "--json").stdout)  # a run here is counted too
+    assert (
+        sum(r["completion_tokens"] for r in counted)
+        >= sum(n.get("completion_tokens") or 0 for n in view["nodes"])
+        > 0
+    )
+
     listed = pcrt("dag", "list")
     assert run_id in listed.stdout and "succeeded" in listed.stdout and "3/3" in listed.stdout
     [row] = json.loads(pcrt("dag", "list", "--json").stdout)
