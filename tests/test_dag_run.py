@@ -196,7 +196,8 @@ async def test_resume_continues_from_the_checkpoint(
         await task
     node = runner.runs.node(run.id, "essay")
     assert runner.runs.get_run(run.id).status == "cancelled"
-    assert node.checkpoint_tokens == 64 and node.status == "running"
+    # stopped mid-way: interrupted (not left "running"), its checkpoint kept
+    assert node.checkpoint_tokens == 64 and node.status == "interrupted"
     final = await runner.execute(run.id)
     assert final.status == "succeeded"
     node = runner.runs.node(run.id, "essay")

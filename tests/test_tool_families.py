@@ -25,7 +25,6 @@ from pcrt.runtime.engine.call_formats import (
 )
 from pcrt.runtime.engine.chat import ChatMessage, ChatRenderer
 from pcrt.runtime.engine.tool_prompt import tool_messages
-from pcrt.runtime.errors import ConfigError
 from pcrt.runtime.models.registry import Registry
 from pcrt.runtime.server.settings import ServerSettings
 from tests.chat_templates import llama_cpp_templates
@@ -318,8 +317,9 @@ def test_models_toml_may_name_the_family(templates: Path, tmp_path: Path) -> Non
     paths = isolated_paths(tmp_path / "home", models.read_text(encoding="utf-8"))
     assert Registry.load(paths).entries["q"].tool_format == "mistral-no-ids"
     models.write_text(f'[models.q]\nsource = "{DEFAULT_SOURCE}"\ntool_format = "xml"\n')
-    with pytest.raises(ConfigError, match="tool_format"):
-        Registry.load(isolated_paths(tmp_path / "home2", models.read_text(encoding="utf-8")))
+    refused = Registry.load(isolated_paths(tmp_path / "home2", models.read_text(encoding="utf-8")))
+    assert "q" not in refused.entries  # an unknown family: the entry is skipped, and said
+    assert any("models.q.tool_format" in problem for problem in refused.problems)
 
 
 def test_replies_that_merely_mention_a_marker_stay_content() -> None:
