@@ -272,26 +272,12 @@ def test_probe_stays_open_until_closed() -> None:
 
 
 def _plan_for(profile: DeviceProfile) -> str:
-    from pcrt.device.offload import ModelShape, PlanRequest, plan_offload
+    """The offload plan's reason for a 7B model (test_offload's synthetic one) there."""
+    from pcrt.device.offload import PlanRequest, plan_offload
+    from tests.test_offload import SEVEN_B
 
-    shape = ModelShape(
-        name="synthetic-7b",
-        architecture="llama",
-        n_layers=32,
-        n_embd=4096,
-        n_head=32,
-        n_head_kv=8,
-        head_dim_k=128,
-        head_dim_v=128,
-        n_vocab=32000,
-        n_ctx_train=32768,
-        layer_bytes=(128 * 1024**2,) * 32,
-        output_bytes=128 * 1024**2,
-        token_embd_bytes=64 * 1024**2,
-        other_bytes=16384,
-    )
     memory = DeviceMemory.from_profile(profile)
-    return plan_offload(shape, memory, PlanRequest(context=4096)).reason
+    return plan_offload(SEVEN_B, memory, PlanRequest(context=4096)).reason
 
 
 def test_a_gpu_with_a_build_without_its_backend_says_how_to_build_one() -> None:
