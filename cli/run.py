@@ -151,10 +151,14 @@ def run(
     piped = _piped_text()
     model_name, prompt = _model_and_prompt(args, registry)
     if model_name is not None and not prompt and piped is None and _at_terminal():
-        # a model name alone at a terminal: a chat with it, as `ollama run MODEL` opens
-        from pcrt.cli.chat import chat
-
-        click.get_current_context().invoke(
+        # a model name alone at a terminal: a chat with it, as `ollama run MODEL` opens;
+        # the chat command by name, through the group (pcrt.cli.chat imports this module)
+        ctx = click.get_current_context()
+        group = ctx.find_root().command
+        assert isinstance(group, click.Group)
+        chat = group.get_command(ctx, "chat")
+        assert chat is not None
+        ctx.invoke(
             chat,
             model=model_name,
             temperature=temperature,
