@@ -34,6 +34,7 @@ COMMANDS = {
     "ps": "pcrt.cli.ps:ps",
     "run": "pcrt.cli.run:run",
     "serve": "pcrt.cli.serve:serve",
+    "service": "pcrt.cli.service:service",
     "state": "pcrt.cli.state:state",
     "stop": "pcrt.cli.ps:stop",
     "tools": "pcrt.cli.tools:tools",

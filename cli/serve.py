@@ -22,6 +22,12 @@ __all__ = ["serve"]
 @click.option("--keep-alive", default=None, help="Keep idle models loaded this long (5m).")
 @click.option("--max-loaded", "max_loaded_models", type=int, default=None)
 @click.option("--queue-size", type=int, default=None, help="Waiting requests per model.")
+@click.option(
+    "--resume-on-start/--no-resume-on-start",
+    "resume_on_start",
+    default=None,
+    help="Resume interrupted DAG runs when the daemon starts (the service does).",
+)
 @click.option("--lan", is_flag=True, default=None, help="Announce and find peers by mDNS.")
 @click.option("--interfaces", default=None, help='mDNS interfaces: "all" or IPv4 addresses.')
 @click.option("--name", "node_name", default=None, help="This node's name for its peers.")
