@@ -42,7 +42,8 @@ def test_the_script_completes_commands_and_options() -> None:
         assert done.returncode == 0, done.stderr
         return [line.split(",", 1)[1] for line in done.stdout.splitlines() if "," in line]
 
-    assert complete("pcrt se") == ["serve"]
+    assert complete("pcrt se") == ["serve", "service"]
+    assert complete("pcrt service i") == ["install"]
     assert "--port" in complete("pcrt serve --po")
     assert complete("pcrt completion f") == ["fish"]
 
