@@ -177,11 +177,8 @@ def route_headers(acct: Accounting, ran_on: str) -> dict[str, str]:
 
 
 def _known_locally(services: Services, model: str | None) -> bool:
-    try:
-        services.pool.registry.resolve(model)
-    except Exception:
-        return False
-    return True
+    """Whether this daemon's registry names ``model`` (no model: its default)."""
+    return model is None or services.pool.registry.knows(model)
 
 
 async def _forward(
