@@ -100,9 +100,10 @@ def _service_file() -> Path:
     return config / "systemd" / "user" / UNIT_NAME
 
 
-def _manager(*args: str) -> subprocess.CompletedProcess[str]:
+def _manager(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     """The service manager's answer (systemctl --user, or launchctl); a PcrtError that
-    says so where there is none to ask."""
+    says so where there is none to ask, or (``check``) where it refuses: a restart of a
+    unit it does not know fails there, and must not print "restarted"."""
     command = ["launchctl", *args] if _on_mac() else ["systemctl", "--user", *args]
     if shutil.which(command[0]) is None:
         raise PcrtError(f"no {command[0]} here: run the daemon with pcrt serve")
@@ -112,6 +113,9 @@ def _manager(*args: str) -> subprocess.CompletedProcess[str]:
             "no systemd user manager answers here (a container or CI?): nothing can "
             f"start or query the service ({_service_file()}); run pcrt serve instead"
         )
+    if check and done.returncode != 0:
+        said = (done.stderr or done.stdout).strip() or f"exit status {done.returncode}"
+        raise PcrtError(f"{' '.join(command)}: {said}")
     return done
 
 
@@ -169,12 +173,15 @@ def uninstall() -> None:
 
 @service.command()
 def status() -> None:
-    """What the service manager says of the service."""
+    """What the service manager says of the service; its exit status too (systemctl's:
+    0 running, 3 stopped, 4 unknown)."""
     if _on_mac():
-        done = _manager("print", f"gui/{os.getuid()}/{LAUNCHD_LABEL}")
+        done = _manager("print", f"gui/{os.getuid()}/{LAUNCHD_LABEL}", check=False)
     else:
-        done = _manager("status", "--no-pager", UNIT_NAME)
+        done = _manager("status", "--no-pager", UNIT_NAME, check=False)
     click.echo(done.stdout or done.stderr, nl=False)
+    if done.returncode != 0:
+        click.get_current_context().exit(done.returncode)
 
 
 @service.command()
