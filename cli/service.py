@@ -207,7 +207,9 @@ def logs(lines: int) -> None:
     if shutil.which("journalctl") is None:
         raise PcrtError("no journalctl here: pcrt logs shows the daemon's own log")
     done = subprocess.run(
-        ["journalctl", "--user", "-u", UNIT_NAME, "-n", str(lines), "--no-pager"],
+        # --user-unit, not --user -u: journald keeps the user units of root and of other
+        # system users (uid < 1000) in the system journal, which --user never reads
+        ["journalctl", f"--user-unit={UNIT_NAME}", "-n", str(lines), "--no-pager"],
         capture_output=True,
         text=True,
         timeout=60,
