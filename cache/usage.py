@@ -190,6 +190,29 @@ class UsageLog:
         with self._lock:
             return list(self.db.query(sql, params))
 
+    def over_time(
+        self, *, since: str, bucket_seconds: int, agent: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Requests and tokens per agent in buckets of ``bucket_seconds`` from ``since``
+        (an ISO time as the store writes them), oldest first; ``start`` is each bucket's
+        first second (Unix time). What the dashboard's usage chart draws."""
+        if bucket_seconds < 1:
+            raise ValueError("a bucket is at least a second")
+        where, params = self._where(agent, since)
+        # ts is ISO 8601 with its offset, which SQLite's strftime reads
+        sql = (
+            f"select cast(strftime('%s', ts) as integer) / {int(bucket_seconds)}"
+            f" * {int(bucket_seconds)} as start, agent, count(*) as requests,"
+            " sum(status >= 400) as errors,"
+            " coalesce(sum(prompt_tokens), 0) as prompt_tokens,"
+            " coalesce(sum(cached_tokens), 0) as cached_tokens,"
+            " coalesce(sum(completion_tokens), 0) as completion_tokens"
+            f" from usage{where} group by start, agent order by start, agent"
+        )
+        self.flush()
+        with self._lock:
+            return list(self.db.query(sql, params))
+
     @staticmethod
     def _where(agent: str | None, since: str | None) -> tuple[str, list[Any]]:
         clauses, params = [], []

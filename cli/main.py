@@ -38,6 +38,7 @@ COMMANDS = {
     "state": "pcrt.cli.state:state",
     "stop": "pcrt.cli.ps:stop",
     "tools": "pcrt.cli.tools:tools",
+    "ui": "pcrt.cli.ui:ui",
     "usage": "pcrt.cli.usage:usage",
     # Ollama's habits: the model commands without "models"
     "list": "pcrt.cli.models:list_models",

@@ -21,6 +21,7 @@ from pcrt.runtime.errors import ConfigError
 from pcrt.runtime.server.app import create_app
 from pcrt.runtime.server.guard import OPEN_PATHS, key_matches
 from pcrt.runtime.server.settings import ServerSettings
+from pcrt.runtime.server.ui_session import KEYLESS_PATHS
 from tests.fakes import FakeEngines
 from tests.live_server import LiveServer, ServerFactory
 
@@ -81,6 +82,16 @@ def test_every_route_but_health_needs_the_key(server: LiveServer) -> None:
         with_key = _call(server, method, path, authorization=f"Bearer {KEY}")
         if path in OPEN_PATHS:
             assert without.status_code == 200, (method, path, without.text)
+            continue
+        if path in KEYLESS_PATHS:  # the dashboard's login page and its stylesheet
+            assert without.status_code < 500 and REFUSED not in without.text, path
+            continue
+        if method == "GET" and (path == "/ui" or path.startswith("/ui/")):
+            # a person's browser: sent to the login page, the same for a wrong key
+            for refused in (without, wrong):
+                assert refused.status_code == 303, (path, refused.status_code)
+                assert refused.headers["location"] == "/ui/login"
+            assert with_key.status_code in (200, 308, 404), (path, with_key.status_code)
             continue
         assert _refused_for_the_key(without), (method, path, without.status_code, without.text)
         error = without.json()["error"]

@@ -67,6 +67,19 @@ class DagTasks:
         self.listeners.setdefault(run_id, []).append(queue)
         return queue
 
+    def unlisten(self, run_id: str, queue: asyncio.Queue[DagEvent | None]) -> None:
+        """Stop feeding a listener that left (a closed stream, a dashboard tab): its queue
+        would otherwise fill with every token until the run ends."""
+        queues = self.listeners.get(run_id, [])
+        if queue in queues:
+            queues.remove(queue)
+        if not queues:
+            self.listeners.pop(run_id, None)
+
+    def running(self, run_id: str) -> bool:
+        """Whether the run executes here now (its events are still to come)."""
+        return run_id in self.tasks
+
     @property
     def for_peers(self) -> set[str]:
         """The running runs a peer sent and waits on (``RunRecord.for_peer``): never

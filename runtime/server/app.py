@@ -29,6 +29,7 @@ from pcrt.runtime.server.routes import (
     responses,
     states,
     tools,
+    ui,
 )
 from pcrt.runtime.server.serving import Serving
 from pcrt.runtime.server.settings import ServerSettings
@@ -62,6 +63,6 @@ def create_app(
     app = FastAPI(title="pcrt", lifespan=lifespan)
     app.add_middleware(Guard, api_key=settings.resolved_api_key(), bounds=BodyBounds(settings))
     install_error_handlers(app)
-    for routes in (openai, anthropic, responses, ollama, admin, states, dags, peers, tools):
+    for routes in (openai, anthropic, responses, ollama, admin, states, dags, peers, tools, ui):
         app.include_router(routes.router)
     return app

@@ -19,7 +19,11 @@ verdict is left in ``request.state.peer_verified`` for the routes for peers (the
 spent here, once).
 
 Every path needs the key, ``/health`` alone excepted: the OpenAPI schema and its pages
-(``/openapi.json``, ``/docs``, ``/redoc``) too, since they list every route.
+(``/openapi.json``, ``/docs``, ``/redoc``) too, since they list every route. The
+dashboard's login page (``/ui/login``, and its stylesheet) is where a person gives the
+key, so it needs none (its body is bounded like any other); a browser holding the dashboard's cookie
+(``ui_session``) passes as the key would, and one asking for a dashboard page without it is
+sent to the login page.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import logging
 from dataclasses import dataclass
 
 from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from pcrt.routing.auth import CLUSTER_HEADER
@@ -38,6 +43,14 @@ from pcrt.runtime.errors import BadContentLength, InvalidRequest, PcrtError, Una
 from pcrt.runtime.server.bodies import Body, BodyBounds, Bound, ClientLeft, read_body, replaying
 from pcrt.runtime.server.http_errors import error_response
 from pcrt.runtime.server.services import services_of
+from pcrt.runtime.server.ui_session import (
+    KEYLESS_PATHS,
+    LOGIN_PATH,
+    UI_HEADER,
+    UI_PREFIX,
+    session_of,
+    session_proves,
+)
 from pcrt.runtime.server.uploads import streamed_body_sha256
 from pcrt.runtime.textcheck import broken_text_at
 from pcrt.runtime.threads import to_thread_to_completion
@@ -48,6 +61,7 @@ log = logging.getLogger(__name__)
 
 OPEN_PATHS = frozenset({"/health"})  # what answers without the key
 _SIGNATURE = CLUSTER_HEADER.lower().encode()
+_UI_HEADER = UI_HEADER.encode()
 _EMPTY = Body(b"", hashlib.sha256(b"").hexdigest(), escapes=False)
 
 
@@ -71,6 +85,8 @@ class _Head:
     content_length: bytes | None = None
     chunked: bool = False
     content_type: bytes | None = None
+    ui_session: str | None = None  # the dashboard's cookie (``ui_session``)
+    ui_header: bool = False
 
     @classmethod
     def of(cls, scope: Scope) -> _Head:
@@ -88,6 +104,10 @@ class _Head:
                 found["transfer_encoding"] = value
             elif name == b"content-type":
                 found["content_type"] = value
+            elif name == b"cookie":
+                found["cookie"] = value
+            elif name == _UI_HEADER:
+                found["ui_header"] = value
         signature = found.get("signature")
         return cls(
             authorization=found.get("authorization"),
@@ -96,6 +116,8 @@ class _Head:
             content_length=found.get("content_length"),
             chunked=b"chunked" in found.get("transfer_encoding", b"").lower(),
             content_type=found.get("content_type"),
+            ui_session=session_of(found.get("cookie")),
+            ui_header="ui_header" in found,
         )
 
     def declared_size(self) -> int | None:
@@ -110,12 +132,13 @@ class _Head:
             raise BadContentLength(f"bad Content-Length {shown!r}")
         return size
 
-    def proves(self, api_key: str) -> bool:
-        """Whether the request carries the key, as a bearer token or as ``X-Api-Key``
-        (each compared in constant time)."""
+    def proves(self, api_key: str, method: str) -> bool:
+        """Whether the request carries the key, as a bearer token or as ``X-Api-Key``, or
+        the dashboard's cookie that stands for it (each compared in constant time)."""
         bearer = key_matches(self.authorization, api_key)
         header = hmac.compare_digest((self.api_key or b"").strip(), api_key.encode())
-        return bearer or (self.api_key is not None and header)
+        ui = session_proves(self.ui_session, api_key, method, self.ui_header)
+        return bearer or (self.api_key is not None and header) or ui
 
     @property
     def has_body(self) -> bool:
@@ -146,7 +169,7 @@ class Guard:
         except ClientLeft:
             return  # nobody to answer
         except PcrtError as exc:
-            response = error_response(exc, scope["path"])
+            response = _refusal(exc, scope)
             if head.has_body:  # the body was not read: the connection cannot carry another
                 response.headers["Connection"] = "close"
             await response(scope, receive, send)
@@ -158,7 +181,11 @@ class Guard:
         bound = self.bounds.of(scope["method"], scope["path"])
         if head.signature is not None:
             return await self._admit_peer(scope, receive, head, bound)
-        if self.api_key is not None and not head.proves(self.api_key):
+        if (
+            self.api_key is not None
+            and scope["path"] not in KEYLESS_PATHS
+            and not head.proves(self.api_key, scope["method"])
+        ):
             raise Unauthorized(
                 "missing or wrong API key (send Authorization: Bearer KEY, or X-Api-Key: KEY)"
             )
@@ -198,6 +225,19 @@ class Guard:
         if body is None:  # a blob: its route streams it and holds it to the signed hash
             return receive
         return await _admitted(body, head, receive)
+
+
+def _refusal(exc: PcrtError, scope: Scope) -> Response:
+    """The error in its API's shape; a person's browser asking for a dashboard page
+    without the key is sent to the page where they give it."""
+    path = scope["path"]
+    if (
+        isinstance(exc, Unauthorized)
+        and scope["method"] in ("GET", "HEAD")
+        and (path == UI_PREFIX or path.startswith(UI_PREFIX + "/"))
+    ):
+        return RedirectResponse(LOGIN_PATH, status_code=303)
+    return error_response(exc, path)
 
 
 async def _admitted(body: Body, head: _Head, receive: Receive) -> Receive:

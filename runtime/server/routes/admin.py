@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 from typing import Any
 
@@ -65,6 +66,44 @@ async def clear_cache(request: Request) -> dict[str, Any]:
         return {"cleared_chunks": 0, "cleared_bytes": 0}
     entries, size = await to_thread_to_completion(chunks.clear)
     return {"cleared_chunks": entries, "cleared_bytes": size}
+
+
+# the dashboard's usage chart: a bucket from this list gives at most _BARS bars
+_BUCKETS = (60, 300, 900, 1800, 3600, 3 * 3600, 6 * 3600, 86400, 7 * 86400)
+_BARS = 60
+_LONGEST_WINDOW = 366 * 86400
+
+
+@router.get("/v1/pcrt/usage")
+async def usage(
+    request: Request, window_s: int = 86400, bucket_s: int | None = None, agent: str | None = None
+) -> dict[str, Any]:
+    """Usage over the last ``window_s`` seconds: requests and tokens per agent in buckets
+    of ``bucket_s`` (chosen for about 60 bars when not given), and the totals per agent
+    and model that ``pcrt usage`` prints."""
+    if not 60 <= window_s <= _LONGEST_WINDOW:
+        raise InvalidRequest(f"window_s is 60 to {_LONGEST_WINDOW} seconds", param="window_s")
+    if bucket_s is None:
+        bucket_s = next((b for b in _BUCKETS if window_s / b <= _BARS), _BUCKETS[-1])
+    if bucket_s < 1 or window_s / bucket_s > 1000:
+        raise InvalidRequest("bucket_s gives at most 1,000 buckets of window_s", param="bucket_s")
+    now = datetime.datetime.now(datetime.UTC)
+    since = (now - datetime.timedelta(seconds=window_s)).isoformat(timespec="microseconds")
+    log = services_of(request).usage
+
+    def read() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        series = log.over_time(since=since, bucket_seconds=bucket_s, agent=agent)
+        return series, log.summary(since=since, agent=agent)
+
+    series, totals = await to_thread_to_completion(read)
+    return {
+        "since": since,
+        "now": int(now.timestamp()),
+        "window_s": window_s,
+        "bucket_s": bucket_s,
+        "series": series,
+        "totals": totals,
+    }
 
 
 @router.get("/v1/pcrt/device")

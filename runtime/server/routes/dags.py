@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict
 from pcrt.cache.runs import RunNotFound, RunRecord, RunStore
 from pcrt.cache.status import RESUMABLE_RUN_STATES, RunStatus
 from pcrt.runtime.dag.events import DagEvent
+from pcrt.runtime.dag.graph import dag_graph
 from pcrt.runtime.dag.library import Library, library_from_documents
 from pcrt.runtime.dag.load import looks_like_file_name, parse_dag, parse_dag_text
 from pcrt.runtime.dag.spec import DagSpec
@@ -137,14 +138,18 @@ async def start_run(body: StartRun, request: Request) -> Any:
 async def _events(
     queue: asyncio.Queue[DagEvent | None], tasks: DagTasks, run_id: str
 ) -> AsyncIterator[str]:
-    """node_started, token, checkpoint, node_finished, run_finished, with node ids."""
-    while True:
-        event = await queue.get()
-        if event is None:
-            break
-        data = {"run": event.run_id, "node": event.node, **event.data}
-        yield encode(json.dumps(data, default=str), event=event.kind)
-    yield encode("[DONE]")
+    """node_started, token, checkpoint, node_finished, run_finished, with node ids. A
+    client that leaves stops being fed (the run goes on)."""
+    try:
+        while True:
+            event = await queue.get()
+            if event is None:
+                break
+            data = {"run": event.run_id, "node": event.node, **event.data}
+            yield encode(json.dumps(data, default=str), event=event.kind)
+        yield encode("[DONE]")
+    finally:
+        tasks.unlisten(run_id, queue)
 
 
 @router.get("/v1/dags")
@@ -161,6 +166,35 @@ async def list_runs(request: Request, status: str | None = None) -> Response:
 @router.get("/v1/dags/{run_id}")
 async def get_run(run_id: str, request: Request) -> Response:
     return await _answer(_tasks(request), run_id)
+
+
+@router.get("/v1/dags/{run_id}/events")
+async def watch_run(run_id: str, request: Request) -> StreamingResponse:
+    """The events of a run executing here, from now until it stops (what the dashboard
+    draws a live run from); a run not executing here ends the stream at once. Read the
+    run first (``GET /v1/dags/{id}``), then follow this: a node that finished between
+    the two is in the read."""
+    tasks = _tasks(request)
+    await _get(tasks, run_id)  # 404 for a run this daemon never had
+    queue = tasks.listen(run_id)
+    if not tasks.running(run_id):
+        tasks.unlisten(run_id, queue)
+        queue = asyncio.Queue()
+        queue.put_nowait(None)
+    return StreamingResponse(
+        _events(queue, tasks, run_id),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-PCRT-Run": run_id},
+    )
+
+
+@router.get("/v1/dags/{run_id}/graph")
+async def run_graph(run_id: str, request: Request) -> dict[str, Any]:
+    """The run's DAG as a picture's data: nodes in layers and the edges between them
+    (``dag.graph``); its template scan runs in a worker thread."""
+    run = await _get(_tasks(request), run_id)
+    graph: dict[str, Any] = await to_thread_to_completion(dag_graph, run.spec)
+    return {"id": run.id, "dag": run.dag_path, **graph}
 
 
 class ResumeRun(BaseModel):

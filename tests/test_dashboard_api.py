@@ -1,0 +1,192 @@
+"""What the dashboard stands on, without a browser or a model (issue 21): its login and the
+cookie that stands for the key (reads alone, or with the dashboard's header), its files
+and their policy, a run's graph and its event stream, usage over time, and the pure
+layering of a DAG. The browser's own tests are in ``tests/test_dashboard.py``."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from click.testing import CliRunner
+
+from pcrt.cache.status import RESUMABLE_RUN_STATES, RunStatus
+from pcrt.cache.usage import UsageRecord
+from pcrt.cli.main import main
+from pcrt.runtime.dag.graph import dag_graph, layers_of
+from pcrt.runtime.server.settings import ServerSettings
+from pcrt.runtime.server.ui_session import COOKIE, session_of, session_token
+from tests.fakes import FakeEngines
+from tests.live_server import LiveServer, ServerFactory
+
+KEY = "dashboard-api-key"
+UI = Path(__file__).parents[1] / "runtime" / "server" / "ui"
+CHECK_ONLY = """
+dag: /dynamic/checks
+nodes:
+  first: {type: assert, that: "1 == 1"}
+  second: {type: assert, that: "nodes.first.output", needs: [first]}
+  third: {type: assert, that: "2 > 1", needs: [first, second]}
+"""
+
+
+@pytest.fixture(scope="module")
+def server(module_live_server: ServerFactory) -> LiveServer:
+    return module_live_server(ServerSettings(api_key=KEY), opener=FakeEngines())
+
+
+@contextlib.contextmanager
+def _logged_in(server: LiveServer) -> Iterator[httpx.Client]:
+    """A client that logged in on the form, as a browser does (its cookie jar kept)."""
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        answer = client.post("/ui/login", data={"key": KEY})
+        assert answer.status_code == 303 and answer.headers["location"] == "/ui/"
+        cookie = answer.headers["set-cookie"]
+        assert f"{COOKIE}={session_token(KEY)}" in cookie and KEY not in cookie
+        assert "HttpOnly" in cookie and "SameSite=Strict" in cookie
+        yield client
+
+
+def test_the_login_gives_a_cookie_that_reads_and_acts_only_with_the_header(
+    server: LiveServer,
+) -> None:
+    with _logged_in(server) as browser:
+        page = browser.get("/ui/")
+        assert page.status_code == 200 and '<script type="module" src="/ui/app.js">' in page.text
+        assert "script-src 'self'" in page.headers["content-security-policy"]
+        assert page.headers["x-content-type-options"] == "nosniff"
+        assert browser.get("/v1/pcrt/ps").status_code == 200
+        # a change of state by cookie alone is what another site on this host could
+        # make a browser send: refused without the dashboard's header
+        stop = browser.post("/v1/pcrt/stop", json={"model": "smollm2-135m"})
+        assert stop.status_code == 401
+        header = {"X-PC-UI": "1"}
+        stop = browser.post("/v1/pcrt/stop", json={"model": "smollm2-135m"}, headers=header)
+        assert stop.status_code == 200, stop.text
+        out = browser.post("/ui/logout", headers=header)
+        assert out.status_code == 303 and "Max-Age=0" in out.headers["set-cookie"]
+    # a cookie for another key is no key
+    forged = {"Cookie": f"{COOKIE}={session_token('another-key')}"}
+    assert httpx.get(server.url + "/v1/pcrt/ps", headers=forged, timeout=30).status_code == 401
+    login = httpx.get(server.url + "/ui/login", timeout=30)
+    assert login.status_code == 200 and 'name="key"' in login.text
+    style = httpx.get(server.url + "/ui/app.css", timeout=30)  # the login page's own
+    assert style.status_code == 200 and style.headers["content-type"].startswith("text/css")
+    script = httpx.get(server.url + "/ui/app.js", timeout=30)
+    assert script.status_code == 303  # the rest of the dashboard is behind the key
+
+
+def test_only_the_dashboards_own_files_are_served(server: LiveServer) -> None:
+    with _logged_in(server) as browser:
+        script = browser.get("/ui/app.js")
+        assert script.status_code == 200
+        assert script.headers["content-type"].startswith("text/javascript")
+        for name in ("__init__.py", "nope.js", ".hidden", "..%2Fguard.py", "%2E%2E"):
+            assert browser.get(f"/ui/{name}").status_code == 404, name
+        assert browser.get("/ui/../guard.py").status_code == 404
+
+
+def test_without_a_key_the_dashboard_is_open(live_server: ServerFactory) -> None:
+    open_server = live_server(ServerSettings(), opener=FakeEngines())
+    assert httpx.get(open_server.url + "/ui/", timeout=30).status_code == 200
+    login = httpx.get(open_server.url + "/ui/login", timeout=30)
+    assert login.status_code == 303 and login.headers["location"] == "/ui/"
+    root = httpx.get(open_server.url + "/ui", timeout=30)
+    assert root.status_code == 308 and root.headers["location"] == "/ui/"
+
+
+def test_a_runs_graph_and_the_events_of_a_run_that_is_not_running(server: LiveServer) -> None:
+    with server.http() as http:
+        run = http.post("/v1/dags", json={"dag": CHECK_ONLY}).json()
+        assert run["status"] == "succeeded", run
+        graph = http.get(f"/v1/dags/{run['id']}/graph").json()
+        # a finished run's stream ends at once: the page has read it all already
+        events = http.get(f"/v1/dags/{run['id']}/events")
+        missing = http.get("/v1/dags/no-such-run/graph")
+        missing_events = http.get("/v1/dags/no-such-run/events")
+    assert {n["id"]: n["layer"] for n in graph["nodes"]} == {"first": 0, "second": 1, "third": 2}
+    assert sorted(map(tuple, graph["edges"])) == [
+        ("first", "second"),
+        ("first", "third"),
+        ("second", "third"),
+    ]
+    assert {n["type"] for n in graph["nodes"]} == {"assert"}
+    assert events.status_code == 200 and events.text == "data: [DONE]\n\n"
+    assert missing.status_code == 404 and missing_events.status_code == 404
+
+
+def test_layers_put_each_node_right_of_what_it_waits_for() -> None:
+    deps = {"a": set(), "b": {"a"}, "c": {"a", "b"}, "d": set(), "e": {"d", "c"}}
+    assert layers_of(deps) == {"a": 0, "b": 1, "c": 2, "d": 0, "e": 3}
+    # a cycle is drawn, not refused (and not followed for ever)
+    looped = layers_of({"x": {"y"}, "y": {"x"}, "z": {"x"}})
+    assert set(looped) == {"x", "y", "z"} and looped["z"] > looped["x"]
+    # a long chain is no recursion
+    chain = {str(i): ({str(i - 1)} if i else set()) for i in range(5000)}
+    assert layers_of(chain)["4999"] == 4999
+    # a malformed node is drawn with its edges; a document that does not parse, not at all
+    bad = {"type": "llm", "prompt": "{{ nodes.ok.output }}", "max_tokens": "many"}
+    ok = {"type": "assert", "that": "1"}
+    partial = dag_graph({"dag": "/dynamic/x", "nodes": {"ok": ok, "bad": bad}})
+    assert [(n["id"], n["layer"]) for n in partial["nodes"]] == [("ok", 0), ("bad", 1)]
+    assert partial["edges"] == [["ok", "bad"]]
+    broken = dag_graph({"dag": "nowhere", "nodes": {"bad": 3}})
+    assert broken["nodes"] == [] and "invalid DAG" in broken["problem"]
+
+
+def test_usage_over_time_in_buckets_per_agent(server: LiveServer) -> None:
+    now = datetime.datetime.now(datetime.UTC)
+    usage = server.services.usage
+    for minutes_ago, agent, tokens in ((5, "a1", 10), (5, "a1", 5), (5, "a2", 7), (200, "a1", 1)):
+        ts = (now - datetime.timedelta(minutes=minutes_ago)).isoformat(timespec="microseconds")
+        usage.record(UsageRecord(agent, "m", "/v1/x", 200, 3, 0, tokens, ts=ts))
+    with server.http() as http:
+        hour = http.get("/v1/pcrt/usage", params={"window_s": 3600}).json()
+        day = http.get("/v1/pcrt/usage", params={"window_s": 86400, "agent": "a1"}).json()
+        bad = http.get("/v1/pcrt/usage", params={"window_s": 5})
+        too_fine = http.get("/v1/pcrt/usage", params={"window_s": 86400, "bucket_s": 1})
+    assert hour["bucket_s"] == 60  # 60 bars in an hour
+    mine = [row for row in hour["series"] if row["agent"] in ("a1", "a2")]
+    assert {(r["agent"], r["requests"], r["completion_tokens"]) for r in mine} == {
+        ("a1", 2, 15),
+        ("a2", 1, 7),
+    }
+    assert all(r["start"] % 60 == 0 for r in mine)
+    assert {r["agent"] for r in day["series"]} == {"a1"} and day["bucket_s"] == 1800
+    assert sum(r["requests"] for r in day["series"]) == 3
+    assert {(t["agent"], t["requests"]) for t in day["totals"]} == {("a1", 3)}
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "window_s"
+    assert too_fine.status_code == 400 and too_fine.json()["error"]["param"] == "bucket_s"
+
+
+def test_the_pages_resume_button_follows_the_stores_resumable_states() -> None:
+    script = (UI / "app.js").read_text(encoding="utf-8")
+    listed = re.search(r"const RESUMABLE = new Set\(\[([^\]]*)\]\)", script)
+    assert listed is not None
+    names = set(re.findall(r'"(\w+)"', listed[1]))
+    assert names == {str(s) for s in RESUMABLE_RUN_STATES} - {RunStatus.RUNNING}
+
+
+def test_a_cookie_header_is_read_for_the_dashboards_cookie_only() -> None:
+    assert session_of(b"a=1; pcrt_ui=abc; b=2") == "abc"
+    assert session_of(b"other=1") is None
+    assert session_of(None) is None
+    assert session_of(b'bad="') is None
+
+
+def test_pcrt_ui_says_where_the_dashboard_is(
+    server: LiveServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PCRT_URL", server.url)
+    shown = CliRunner().invoke(main, ["ui", "--no-open"])
+    assert shown.exit_code == 0, shown.output
+    assert shown.stdout == f"{server.url}/ui/\n"
+    assert "asks for the daemon's API key" in shown.stderr
+    monkeypatch.setenv("PCRT_URL", "http://127.0.0.1:9")
+    down = CliRunner().invoke(main, ["ui", "--no-open"])
+    assert down.exit_code == 1 and "no pcrt daemon answers at http://127.0.0.1:9" in down.output
