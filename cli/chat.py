@@ -71,17 +71,9 @@ def chat(
                 _loop(name, system, _remote_turn(client, name, sampling, verbose))
             return
         client.close()
-    from pcrt.cli.progress import download_progress
-    from pcrt.runtime.models.loader import open_engine
+    from pcrt.cli.progress import load_model
 
-    engine = open_engine(
-        registry,
-        model,
-        progress=download_progress,
-        parallel=1,
-        context=context,
-        n_threads=threads,
-    )
+    engine = load_model(registry, model, parallel=1, context=context, n_threads=threads)
     if not engine.chat.available:
         engine.close()
         raise InvalidRequest(f"{engine.name!r} has no chat template; use `pcrt run --raw`")

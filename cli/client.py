@@ -68,6 +68,14 @@ class DaemonClient:
         except httpx.HTTPError:
             return False
 
+    def asks_for_a_key(self) -> bool:
+        """Whether the daemon refuses a caller without its API key (one was set)."""
+        try:
+            with httpx.Client(base_url=self.url, timeout=5) as bare:  # this client sends one
+                return bare.get("/v1/models").status_code == 401
+        except httpx.HTTPError:
+            return False
+
     def get(self, path: str, *, headers: Mapping[str, str] | None = None) -> Any:
         return self.request("GET", path, headers=headers)
 

@@ -1,4 +1,5 @@
-"""Rich progress bars on stderr, shared by the commands that may download a model.
+"""Rich progress on stderr, shared by the commands that may download and load a model:
+a download's bar, then a spinner while the model loads (``load_model``).
 
 stdout stays clean for the command's own output (``--json`` above all); the bar goes to
 stderr and only appears when a download actually runs. Sizes and speeds are written by
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.progress import (
@@ -28,9 +29,11 @@ from rich.text import Text
 from pcrt.device.units import format_bytes
 
 if TYPE_CHECKING:
+    from pcrt.runtime.engine import Engine
     from pcrt.runtime.models.download import ProgressCallback
+    from pcrt.runtime.models.registry import Registry
 
-__all__ = ["download_progress"]
+__all__ = ["download_progress", "load_model"]
 
 
 class _SizeColumn(ProgressColumn):
@@ -71,3 +74,22 @@ def download_progress(
             progress.update(task, completed=done, total=total)
 
         yield update
+
+
+def load_model(
+    registry: Registry, name: str | None, *, console: Console | None = None, **overrides: Any
+) -> Engine:
+    """The model this command runs itself (no daemon): a download's bar if one runs, then,
+    on a terminal, a spinner while llama.cpp loads it (seconds of nothing otherwise). The
+    download is done first, so the bar has ended before the spinner starts: two live
+    displays at once would garble each other."""
+    from pcrt.runtime.models.loader import open_engine
+    from pcrt.runtime.models.pull import ensure_pulled
+
+    entry = registry.resolve(name)
+    ensure_pulled(entry, registry, progress=download_progress)
+    console = console or Console(stderr=True)
+    if not console.is_terminal:
+        return open_engine(registry, name, **overrides)
+    with console.status(f"loading {entry.name}...", spinner="dots"):
+        return open_engine(registry, name, **overrides)

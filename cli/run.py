@@ -193,19 +193,11 @@ def run(
                 return
     import asyncio
 
-    from pcrt.cli.progress import download_progress
+    from pcrt.cli.progress import load_model
     from pcrt.runtime.engine import GenerateRequest
     from pcrt.runtime.engine.chat import ChatMessage
-    from pcrt.runtime.models.loader import open_engine
 
-    engine = open_engine(
-        registry,
-        model_name,
-        progress=download_progress,
-        parallel=1,
-        context=context,
-        n_threads=threads,
-    )
+    engine = load_model(registry, model_name, parallel=1, context=context, n_threads=threads)
     with engine:
         if raw or not engine.chat.available:
             request = GenerateRequest(prompt=prompt, sampling=sampling)

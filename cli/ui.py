@@ -21,16 +21,6 @@ def _desktop() -> bool:
     )
 
 
-def _asks_for_a_key(url: str) -> bool:
-    """Whether the dashboard sends a browser without the key to its login page."""
-    import httpx
-
-    try:
-        return httpx.get(url, timeout=5).status_code == 303
-    except httpx.HTTPError:
-        return False
-
-
 @click.command()
 @click.option(
     "--open/--no-open",
@@ -49,8 +39,9 @@ def ui(open_it: bool | None) -> None:
                 f"no pcrt daemon answers at {client.url}: start one (pcrt serve, or pcrt "
                 "service install), then open " + url
             )
+        asks = client.asks_for_a_key()
     click.echo(url)
-    if _asks_for_a_key(url):
+    if asks:
         click.echo("it asks for the daemon's API key (once per browser)", err=True)
     if open_it or (open_it is None and _desktop()):
         import webbrowser

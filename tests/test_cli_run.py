@@ -222,6 +222,28 @@ def test_a_spinner_runs_until_the_first_piece_on_a_terminal_only() -> None:
     assert piped.getvalue() == ""  # nothing but the answer when not at a terminal
 
 
+def test_a_model_the_cli_loads_itself_has_a_spinner_on_a_terminal_only(
+    default_model_path: Path,
+) -> None:
+    import io
+
+    from rich.console import Console
+
+    from pcrt.cli.progress import load_model
+    from pcrt.runtime.models.registry import Registry
+
+    registry = Registry.load()
+    screen = io.StringIO()
+    terminal = Console(file=screen, force_terminal=True, width=80)
+    with load_model(registry, None, console=terminal, parallel=1, context=256) as engine:
+        assert engine.name == "smollm2-135m"
+    assert "loading smollm2-135m..." in screen.getvalue()
+    piped = io.StringIO()
+    with load_model(registry, None, console=Console(file=piped, force_terminal=False)):
+        pass
+    assert piped.getvalue() == ""
+
+
 def test_run_takes_unquoted_words_and_a_model_named_first() -> None:
     from pcrt.cli.run import _model_and_prompt
     from pcrt.runtime.errors import ModelNotFound

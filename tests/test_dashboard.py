@@ -5,6 +5,7 @@ error in its console. A screenshot of each page is written to ``PCRT_TEST_ARTIFA
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +18,7 @@ from pcrt.routing.settings import PeerSettings, StaticPeer
 from pcrt.runtime.server.settings import ServerSettings
 from tests.browser import Browser, browser_or_skip
 from tests.live_server import LiveServer, ServerFactory
+from tests.peering import wait_for
 
 KEY = "dashboard-test-key"
 # three generations in a chain: each waits for the one before
@@ -28,9 +30,9 @@ nodes:
   first:
     type: llm
     tag: simple
-    prompt: "Write three sentences about {{ inputs.topic }}."
+    prompt: "List the numbers from 1 to 300, separated by commas ({{ inputs.topic }}):"
     temperature: 0
-    max_tokens: 48
+    max_tokens: 64
   second:
     type: llm
     tag: simple
@@ -76,10 +78,26 @@ RUN_STATUS = (
 
 @pytest.fixture(scope="module")
 def server(module_live_server: ServerFactory, default_model_path: Path) -> LiveServer:
-    # a peer that never answers: the peers page has one to draw (in cooldown)
+    # a peer that never answers: the peers page has one to draw (in cooldown); one slot,
+    # so a test can hold a run back until its page follows it (``holding_the_model``)
     gone = StaticPeer(name="far-box", url="http://127.0.0.1:9", kind="openai", models=("big",))
     peers = PeerSettings(static=(gone,), health_interval=0.5)
-    return module_live_server(ServerSettings(api_key=KEY, peers=peers))
+    return module_live_server(ServerSettings(api_key=KEY, peers=peers, parallel=1))
+
+
+@contextlib.contextmanager
+def holding_the_model(server: LiveServer) -> Iterator[None]:
+    """The model's one slot busy with a long streamed answer until the block ends (the
+    client leaves, the slot is free): a run started inside waits at its first node, so
+    its page can be following it before anything happens."""
+    body = {
+        "model": "smollm2-135m",
+        "messages": [{"role": "user", "content": "List the numbers from 1 to 900:"}],
+        "max_tokens": 3000,
+        "stream": True,
+    }
+    with server.http(timeout=180) as http, http.stream("POST", "/v1/chat/completions", json=body):
+        yield  # the headers came: it has its slot
 
 
 @pytest.fixture(scope="module")
@@ -117,15 +135,29 @@ def _run(server: LiveServer, run_id: str) -> dict[str, Any]:
     return view
 
 
-def _open_run(browser: Browser, server: LiveServer, run_id: str) -> None:
+def _open_run(browser: Browser, server: LiveServer, run_id: str, first: str) -> None:
+    """The run's page, following the run: its ``first`` node announced (and waiting for
+    the held slot)."""
     browser.open(f"{server.url}/ui/#/runs/{run_id}")
-    browser.wait(lambda: browser.js(NODES), 30, "the run's graph")
+    browser.driver.refresh()  # a new hash alone would keep the last run's page a moment
+    drawn = f"return document.querySelector('svg[data-run=\"{run_id}\"]') !== null"
+    browser.wait(lambda: browser.js(drawn), 30, "the run's graph")
+    following = "return document.querySelector('[data-live]').textContent === 'live'"
+    browser.wait(lambda: browser.js(following), 30, "the page following the run")
+    browser.wait(lambda: _statuses(browser).get(first) == "running", 30, "the first node")
     browser.js("window.pcrtLoaded = true")  # gone if the page ever reloads
 
 
+def _statuses(browser: Browser) -> dict[str, str]:
+    return {node: status for node, status, _ in browser.js(NODES)}
+
+
 def test_the_runs_page_follows_a_running_dag_live(server: LiveServer, browser: Browser) -> None:
-    run_id = _start(server, CHAIN, {"topic": f"lighthouses {uuid.uuid4().hex[:8]}"})
-    _open_run(browser, server, run_id)
+    with holding_the_model(server):
+        run_id = _start(server, CHAIN, {"topic": f"lighthouses {uuid.uuid4().hex[:8]}"})
+        _open_run(browser, server, run_id, "first")
+        # announced, waiting for the slot: running on the page, the next ones waiting
+        assert _statuses(browser) == {"first": "running", "second": "pending", "third": "pending"}
     # the page as it changes, without reloading: each distinct picture once
     seen: list[list[list[str]]] = []
 
@@ -140,9 +172,7 @@ def test_the_runs_page_follows_a_running_dag_live(server: LiveServer, browser: B
     assert browser.js("return window.pcrtLoaded === true"), "the page reloaded"
     statuses = [{node: status for node, status, _ in picture} for picture in seen]
     # the page showed the chain as it ran: a node running while the next waited ...
-    assert any(s["first"] == "running" and s["third"] == "pending" for s in statuses) or any(
-        s["second"] == "running" and s["third"] == "pending" for s in statuses
-    ), seen
+    assert any(s["second"] == "running" and s["third"] == "pending" for s in statuses), seen
     # ... nodes finishing one after another, never out of order ...
     order = ["first", "second", "third"]
     for s in statuses:
@@ -158,15 +188,16 @@ def test_the_runs_page_follows_a_running_dag_live(server: LiveServer, browser: B
     for node in view["nodes"]:
         total = node["prompt_tokens"] + node["completion_tokens"]
         assert final[node["node_id"]].startswith(f"{total} tokens"), (final, node)
-    assert browser.js(RUN_STATUS) == "succeeded"
+    browser.wait(lambda: browser.js(RUN_STATUS) == "succeeded", 30, "the run's status")
     assert browser.errors() == []
 
 
 def test_a_run_is_cancelled_and_resumed_from_its_page(server: LiveServer, browser: Browser) -> None:
     from selenium.webdriver.common.by import By
 
-    run_id = _start(server, LONG, {"start": str(uuid.uuid4().int % 50 + 1)})
-    _open_run(browser, server, run_id)
+    with holding_the_model(server):
+        run_id = _start(server, LONG, {"start": str(uuid.uuid4().int % 50 + 1)})
+        _open_run(browser, server, run_id, "count")
 
     def generating() -> bool:
         nodes = {node: facts for node, _, facts in browser.js(NODES)}
@@ -239,3 +270,33 @@ def test_the_dashboard_asks_a_browser_without_the_key_to_log_in(server: LiveServ
     wrong = httpx.post(server.url + "/ui/login", data={"key": "not-it"}, timeout=30)
     assert wrong.status_code == 401 and "set-cookie" not in wrong.headers
     assert "not this daemon's API key" in wrong.text
+
+
+def test_a_watching_stream_ends_when_its_client_leaves_or_the_daemon_drains(
+    live_server: ServerFactory, default_model_path: Path
+) -> None:
+    server = live_server(ServerSettings(api_key=KEY))
+    run_id = _start(server, LONG, {"start": "3"})
+    tasks = server.services.dags
+
+    def until_a_token(lines: Iterator[str]) -> None:
+        for line in lines:
+            if line == "event: token":
+                return
+        raise AssertionError("the stream ended before a token")
+
+    with server.http() as http:
+        with http.stream("GET", f"/v1/dags/{run_id}/events") as events:
+            until_a_token(events.iter_lines())
+        # the tab closed: it is fed no more, while the run goes on
+        wait_for(lambda: run_id not in tasks.listeners, 10, "the listener dropped")
+        assert tasks.running(run_id)
+        with http.stream("GET", f"/v1/dags/{run_id}/events") as events:
+            lines = events.iter_lines()
+            until_a_token(lines)
+            drain = server.services.begin_drain
+            assert drain is not None
+            drain()  # what SIGTERM does
+            rest = list(lines)  # ends now, not when the run does
+        assert "data: [DONE]" in rest
+        assert tasks.running(run_id)  # the run itself goes on

@@ -20,7 +20,7 @@ from pcrt.cache.usage import UsageRecord
 from pcrt.cli.main import main
 from pcrt.runtime.dag.graph import dag_graph, layers_of
 from pcrt.runtime.server.settings import ServerSettings
-from pcrt.runtime.server.ui_session import COOKIE, session_of, session_token
+from pcrt.runtime.server.ui_session import cookie_name, login_cookie, session_of
 from tests.fakes import FakeEngines
 from tests.live_server import LiveServer, ServerFactory
 
@@ -47,38 +47,42 @@ def _logged_in(server: LiveServer) -> Iterator[httpx.Client]:
         answer = client.post("/ui/login", data={"key": KEY})
         assert answer.status_code == 303 and answer.headers["location"] == "/ui/"
         cookie = answer.headers["set-cookie"]
-        assert f"{COOKIE}={session_token(KEY)}" in cookie and KEY not in cookie
-        assert "HttpOnly" in cookie and "SameSite=Strict" in cookie
+        name = cookie_name(server.settings.port)
+        assert cookie.startswith(f"{name}=") and KEY not in cookie
+        assert "Path=/ui" in cookie and "HttpOnly" in cookie and "SameSite=Strict" in cookie
         yield client
 
 
-def test_the_login_gives_a_cookie_that_reads_and_acts_only_with_the_header(
-    server: LiveServer,
-) -> None:
+def test_the_login_cookie_opens_the_pages_and_nothing_else(server: LiveServer) -> None:
     with _logged_in(server) as browser:
         page = browser.get("/ui/")
         assert page.status_code == 200 and '<script type="module" src="/ui/app.js">' in page.text
         assert "script-src 'self'" in page.headers["content-security-policy"]
         assert page.headers["x-content-type-options"] == "nosniff"
-        assert browser.get("/v1/pcrt/ps").status_code == 200
-        # a change of state by cookie alone is what another site on this host could
-        # make a browser send: refused without the dashboard's header
-        stop = browser.post("/v1/pcrt/stop", json={"model": "smollm2-135m"})
-        assert stop.status_code == 401
-        header = {"X-PC-UI": "1"}
-        stop = browser.post("/v1/pcrt/stop", json={"model": "smollm2-135m"}, headers=header)
+        assert browser.get("/ui/app.js").status_code == 200
+        # browsers send a cookie to every port of the host: it must stand for no more
+        # than the package's own files, never for the daemon's state
+        for method, path in (("GET", "/v1/pcrt/ps"), ("POST", "/v1/pcrt/stop")):
+            sent = browser.request(method, path, json={"model": "smollm2-135m"})
+            assert sent.status_code == 401, (method, path)
+        bearer = {"Authorization": f"Bearer {KEY}"}
+        stop = browser.post("/v1/pcrt/stop", json={"model": "smollm2-135m"}, headers=bearer)
         assert stop.status_code == 200, stop.text
-        out = browser.post("/ui/logout", headers=header)
+        out = browser.post("/ui/logout", headers=bearer)
         assert out.status_code == 303 and "Max-Age=0" in out.headers["set-cookie"]
-    # a cookie for another key is no key
-    forged = {"Cookie": f"{COOKIE}={session_token('another-key')}"}
-    assert httpx.get(server.url + "/v1/pcrt/ps", headers=forged, timeout=30).status_code == 401
+    # a cookie made for another key opens nothing
+    forged = login_cookie(cookie_name(server.settings.port), "another-key", secure=False)
+    forged_jar = {"Cookie": forged.split(";")[0]}
+    assert httpx.get(server.url + "/ui/", headers=forged_jar, timeout=30).status_code == 303
     login = httpx.get(server.url + "/ui/login", timeout=30)
     assert login.status_code == 200 and 'name="key"' in login.text
-    style = httpx.get(server.url + "/ui/app.css", timeout=30)  # the login page's own
-    assert style.status_code == 200 and style.headers["content-type"].startswith("text/css")
+    for own in ("/ui/app.css", "/ui/login.js"):  # the login page's own, without the key
+        assert httpx.get(server.url + own, timeout=30).status_code == 200, own
     script = httpx.get(server.url + "/ui/app.js", timeout=30)
     assert script.status_code == 303  # the rest of the dashboard is behind the key
+    many = "&".join(f"f{i}=1" for i in range(20))
+    crowded = httpx.post(server.url + "/ui/login", content=many, timeout=30)
+    assert crowded.status_code == 400  # a clear refusal, not a 500
 
 
 def test_only_the_dashboards_own_files_are_served(server: LiveServer) -> None:
@@ -88,7 +92,8 @@ def test_only_the_dashboards_own_files_are_served(server: LiveServer) -> None:
         assert script.headers["content-type"].startswith("text/javascript")
         for name in ("__init__.py", "nope.js", ".hidden", "..%2Fguard.py", "%2E%2E"):
             assert browser.get(f"/ui/{name}").status_code == 404, name
-        assert browser.get("/ui/../guard.py").status_code == 404
+        # the client resolves it to /guard.py: outside the pages, the cookie opens nothing
+        assert browser.get("/ui/../guard.py").status_code == 401
 
 
 def test_without_a_key_the_dashboard_is_open(live_server: ServerFactory) -> None:
@@ -172,11 +177,14 @@ def test_the_pages_resume_button_follows_the_stores_resumable_states() -> None:
     assert names == {str(s) for s in RESUMABLE_RUN_STATES} - {RunStatus.RUNNING}
 
 
-def test_a_cookie_header_is_read_for_the_dashboards_cookie_only() -> None:
-    assert session_of(b"a=1; pcrt_ui=abc; b=2") == "abc"
-    assert session_of(b"other=1") is None
-    assert session_of(None) is None
-    assert session_of(b'bad="') is None
+def test_a_cookie_header_is_read_as_browsers_write_it() -> None:
+    name = cookie_name(11435)
+    assert session_of(f"a=1; {name}=abc; b=2".encode(), name) == "abc"
+    # other apps on this host set odd cookies beside it: they do not hide it
+    for odd in ('x={"a":1}', "a=b c", 'a="x'):
+        assert session_of(f"{odd}; {name}=abc".encode(), name) == "abc", odd
+    assert session_of(b"pcrt_ui_8080=abc", name) is None  # another daemon's
+    assert session_of(None, name) is None
 
 
 def test_pcrt_ui_says_where_the_dashboard_is(

@@ -34,6 +34,7 @@ class DagTasks:
         # restart: ``RunRecord.for_peer``); kept here, so no store read tells them apart
         self._for_peers: set[str] = set()
         self.listeners: dict[str, list[asyncio.Queue[DagEvent | None]]] = {}
+        self._watching: set[asyncio.Queue[DagEvent | None]] = set()
         # runs being moved to a peer, set when the move ends (``moving.move_run``)
         self.moves: dict[str, asyncio.Event] = {}
 
@@ -62,14 +63,28 @@ class DagTasks:
         self.tasks[run_id] = task
         return task
 
-    def listen(self, run_id: str) -> asyncio.Queue[DagEvent | None]:
+    def listen(self, run_id: str, *, watching: bool = False) -> asyncio.Queue[DagEvent | None]:
+        """A queue of the run's events, None after the last. ``watching``: a client that
+        only watches (a dashboard tab), whose stream ends when the daemon drains
+        (``end_watches``) rather than holding its shutdown."""
         queue: asyncio.Queue[DagEvent | None] = asyncio.Queue()
         self.listeners.setdefault(run_id, []).append(queue)
+        if watching:
+            self._watching.add(queue)
         return queue
+
+    def end_watches(self) -> None:
+        """The daemon drains: the watching clients' streams end now (their pages read the
+        run again and wait for the daemon); the runs go on, or move."""
+        for queues in self.listeners.values():
+            for queue in queues:
+                if queue in self._watching:
+                    queue.put_nowait(None)
 
     def unlisten(self, run_id: str, queue: asyncio.Queue[DagEvent | None]) -> None:
         """Stop feeding a listener that left (a closed stream, a dashboard tab): its queue
         would otherwise fill with every token until the run ends."""
+        self._watching.discard(queue)
         queues = self.listeners.get(run_id, [])
         if queue in queues:
             queues.remove(queue)

@@ -33,6 +33,7 @@ from pcrt.runtime.server.routes import (
 )
 from pcrt.runtime.server.serving import Serving
 from pcrt.runtime.server.settings import ServerSettings
+from pcrt.runtime.server.ui_site import UiSite
 
 __all__ = ["create_app"]
 
@@ -61,7 +62,11 @@ def create_app(
             yield
 
     app = FastAPI(title="pcrt", lifespan=lifespan)
-    app.add_middleware(Guard, api_key=settings.resolved_api_key(), bounds=BodyBounds(settings))
+    api_key = settings.resolved_api_key()  # read once: the guard and the login agree
+    app.state.ui = UiSite.load(api_key, settings.port)
+    app.add_middleware(
+        Guard, api_key=api_key, bounds=BodyBounds(settings), ui_cookie=app.state.ui.cookie
+    )
     install_error_handlers(app)
     for routes in (openai, anthropic, responses, ollama, admin, states, dags, peers, tools, ui):
         app.include_router(routes.router)

@@ -20,10 +20,10 @@ spent here, once).
 
 Every path needs the key, ``/health`` alone excepted: the OpenAPI schema and its pages
 (``/openapi.json``, ``/docs``, ``/redoc``) too, since they list every route. The
-dashboard's login page (``/ui/login``, and its stylesheet) is where a person gives the
-key, so it needs none (its body is bounded like any other); a browser holding the dashboard's cookie
-(``ui_session``) passes as the key would, and one asking for a dashboard page without it is
-sent to the login page.
+dashboard's login page (``/ui/login``, its script and stylesheet) is where a person gives
+the key, so it needs none (its body is bounded like any other); the dashboard's pages open
+with its cookie too (``ui_session``: pages only, every call needs the key), and a browser
+asking for one without either is sent to the login page.
 """
 
 from __future__ import annotations
@@ -46,10 +46,9 @@ from pcrt.runtime.server.services import services_of
 from pcrt.runtime.server.ui_session import (
     KEYLESS_PATHS,
     LOGIN_PATH,
-    UI_HEADER,
-    UI_PREFIX,
+    is_ui_page,
+    opens_pages,
     session_of,
-    session_proves,
 )
 from pcrt.runtime.server.uploads import streamed_body_sha256
 from pcrt.runtime.textcheck import broken_text_at
@@ -61,7 +60,6 @@ log = logging.getLogger(__name__)
 
 OPEN_PATHS = frozenset({"/health"})  # what answers without the key
 _SIGNATURE = CLUSTER_HEADER.lower().encode()
-_UI_HEADER = UI_HEADER.encode()
 _EMPTY = Body(b"", hashlib.sha256(b"").hexdigest(), escapes=False)
 
 
@@ -85,8 +83,7 @@ class _Head:
     content_length: bytes | None = None
     chunked: bool = False
     content_type: bytes | None = None
-    ui_session: str | None = None  # the dashboard's cookie (``ui_session``)
-    ui_header: bool = False
+    cookie: bytes | None = None  # the dashboard's pages open with a cookie (``ui_session``)
 
     @classmethod
     def of(cls, scope: Scope) -> _Head:
@@ -106,8 +103,6 @@ class _Head:
                 found["content_type"] = value
             elif name == b"cookie":
                 found["cookie"] = value
-            elif name == _UI_HEADER:
-                found["ui_header"] = value
         signature = found.get("signature")
         return cls(
             authorization=found.get("authorization"),
@@ -116,8 +111,7 @@ class _Head:
             content_length=found.get("content_length"),
             chunked=b"chunked" in found.get("transfer_encoding", b"").lower(),
             content_type=found.get("content_type"),
-            ui_session=session_of(found.get("cookie")),
-            ui_header="ui_header" in found,
+            cookie=found.get("cookie"),
         )
 
     def declared_size(self) -> int | None:
@@ -132,13 +126,12 @@ class _Head:
             raise BadContentLength(f"bad Content-Length {shown!r}")
         return size
 
-    def proves(self, api_key: str, method: str) -> bool:
-        """Whether the request carries the key, as a bearer token or as ``X-Api-Key``, or
-        the dashboard's cookie that stands for it (each compared in constant time)."""
+    def proves(self, api_key: str) -> bool:
+        """Whether the request carries the key, as a bearer token or as ``X-Api-Key``
+        (each compared in constant time)."""
         bearer = key_matches(self.authorization, api_key)
         header = hmac.compare_digest((self.api_key or b"").strip(), api_key.encode())
-        ui = session_proves(self.ui_session, api_key, method, self.ui_header)
-        return bearer or (self.api_key is not None and header) or ui
+        return bearer or (self.api_key is not None and header)
 
     @property
     def has_body(self) -> bool:
@@ -154,10 +147,13 @@ class Guard:
     """The middleware (``app.add_middleware(Guard, api_key=..., bounds=...)``);
     ``api_key`` None: no key is asked of local users."""
 
-    def __init__(self, app: ASGIApp, *, api_key: str | None, bounds: BodyBounds) -> None:
+    def __init__(
+        self, app: ASGIApp, *, api_key: str | None, bounds: BodyBounds, ui_cookie: str
+    ) -> None:
         self.app = app
         self.api_key = api_key
         self.bounds = bounds
+        self.ui_cookie = ui_cookie  # the dashboard's cookie name (``ui_session``)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
@@ -181,11 +177,7 @@ class Guard:
         bound = self.bounds.of(scope["method"], scope["path"])
         if head.signature is not None:
             return await self._admit_peer(scope, receive, head, bound)
-        if (
-            self.api_key is not None
-            and scope["path"] not in KEYLESS_PATHS
-            and not head.proves(self.api_key, scope["method"])
-        ):
+        if self.api_key is not None and not self._lets_in(scope, head, self.api_key):
             raise Unauthorized(
                 "missing or wrong API key (send Authorization: Bearer KEY, or X-Api-Key: KEY)"
             )
@@ -195,6 +187,13 @@ class Guard:
         bound.refuse_declared(size)
         body = await read_body(receive, bound)
         return await _admitted(body, head, receive)
+
+    def _lets_in(self, scope: Scope, head: _Head, api_key: str) -> bool:
+        """The key, or a path that needs none, or a dashboard page read with its cookie."""
+        if scope["path"] in KEYLESS_PATHS or head.proves(api_key):
+            return True
+        session = session_of(head.cookie, self.ui_cookie)
+        return opens_pages(session, api_key, scope["method"], scope["path"])
 
     async def _admit_peer(
         self, scope: Scope, receive: Receive, head: _Head, bound: Bound
@@ -231,11 +230,7 @@ def _refusal(exc: PcrtError, scope: Scope) -> Response:
     """The error in its API's shape; a person's browser asking for a dashboard page
     without the key is sent to the page where they give it."""
     path = scope["path"]
-    if (
-        isinstance(exc, Unauthorized)
-        and scope["method"] in ("GET", "HEAD")
-        and (path == UI_PREFIX or path.startswith(UI_PREFIX + "/"))
-    ):
+    if isinstance(exc, Unauthorized) and scope["method"] in ("GET", "HEAD") and is_ui_page(path):
         return RedirectResponse(LOGIN_PATH, status_code=303)
     return error_response(exc, path)
 

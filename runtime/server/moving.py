@@ -188,6 +188,7 @@ class Drain:
         """Idempotent; on the event loop."""
         self.services.state = DaemonState.DRAINING
         self.services.pool.start_draining()
+        self.services.dags.end_watches()  # open dashboard tabs must not hold the shutdown
         if self._moves is None and self.services.settings.peers.migrate_on_drain:
             self._moves = asyncio.create_task(self._move(), name="pcrt-drain-moves")
 

@@ -170,13 +170,13 @@ async def get_run(run_id: str, request: Request) -> Response:
 
 @router.get("/v1/dags/{run_id}/events")
 async def watch_run(run_id: str, request: Request) -> StreamingResponse:
-    """The events of a run executing here, from now until it stops (what the dashboard
-    draws a live run from); a run not executing here ends the stream at once. Read the
-    run first (``GET /v1/dags/{id}``), then follow this: a node that finished between
-    the two is in the read."""
+    """The events of a run executing here, from now until it stops or the daemon drains
+    (what the dashboard draws a live run from); a run not executing here ends the stream
+    at once. Follow this first, then read the run (``GET /v1/dags/{id}``): the stream
+    listens before its headers leave, so nothing falls between the two."""
     tasks = _tasks(request)
     await _get(tasks, run_id)  # 404 for a run this daemon never had
-    queue = tasks.listen(run_id)
+    queue = tasks.listen(run_id, watching=True)
     if not tasks.running(run_id):
         tasks.unlisten(run_id, queue)
         queue = asyncio.Queue()

@@ -1,5 +1,6 @@
-"""The dashboard: its static files (``runtime/server/ui/``, no build step, no Node) and its
-login, at ``/ui``. The pages read the daemon's own JSON routes; nothing here computes.
+"""The dashboard at ``/ui``: its static files (``runtime/server/ui/``, no build step, no
+Node) and its login. The pages read the daemon's own JSON routes with the key; nothing
+here computes.
 
 Every file is served with a Content-Security-Policy that allows this origin's scripts,
 styles and calls only: the pages build their DOM from text, never from HTML, and a
@@ -7,26 +8,19 @@ policy that forbids inline script makes a slip there inert."""
 
 from __future__ import annotations
 
-import hmac
-from importlib import resources
 from urllib.parse import parse_qs
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import RedirectResponse
 
-from pcrt.runtime.server.services import services_of
-from pcrt.runtime.server.ui_session import COOKIE, LOGIN_PATH, UI_PREFIX, cookie_value
+from pcrt.runtime.errors import InvalidRequest, NotFound
+from pcrt.runtime.server.ui_session import LOGIN_PATH, UI_PREFIX
+from pcrt.runtime.server.ui_site import UiSite
 
 __all__ = ["router"]
 
 router = APIRouter(include_in_schema=False)
 
-_TYPES = {
-    ".html": "text/html; charset=utf-8",
-    ".js": "text/javascript; charset=utf-8",
-    ".css": "text/css; charset=utf-8",
-    ".svg": "image/svg+xml",
-}
 _HEADERS = {
     "Content-Security-Policy": (
         "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
@@ -39,22 +33,19 @@ _HEADERS = {
 _WRONG_KEY = '<p class="error" role="alert">That is not this daemon\'s API key.</p>'
 
 
-def _file(name: str) -> str | None:
-    """A file of the dashboard's package folder, or None for any other name (no paths:
-    the names are the folder's own files, nothing else is ever opened)."""
-    folder = resources.files("pcrt.runtime.server.ui")
-    if "/" in name or "\\" in name or name.startswith(".") or name.endswith(".py"):
-        return None
-    entry = folder / name
-    return entry.read_text(encoding="utf-8") if entry.is_file() else None
+def _site(request: Request) -> UiSite:
+    site: UiSite = request.app.state.ui
+    return site
 
 
-def _page(name: str, status_code: int = 200, text: str | None = None) -> Response:
-    body = text if text is not None else _file(name)
-    if body is None:
-        return Response("not found", status_code=404, headers=_HEADERS)
-    kind = _TYPES.get(name[name.rfind(".") :], "text/plain; charset=utf-8")
-    return Response(body, status_code=status_code, media_type=kind, headers=_HEADERS)
+def _page(site: UiSite, name: str, status_code: int = 200, text: str | None = None) -> Response:
+    found = site.files.get(name)
+    if found is None:
+        raise NotFound(f"the dashboard has no file {name!r}", param="name")
+    body, kind = found
+    return Response(
+        body if text is None else text, status_code=status_code, media_type=kind, headers=_HEADERS
+    )
 
 
 @router.get(UI_PREFIX)
@@ -63,42 +54,44 @@ async def root() -> RedirectResponse:
 
 
 @router.get(UI_PREFIX + "/")
-async def index() -> Response:
-    return _page("index.html")
+async def index(request: Request) -> Response:
+    return _page(_site(request), "index.html")
 
 
 @router.get(LOGIN_PATH)
 async def login_page(request: Request) -> Response:
-    if services_of(request).settings.resolved_api_key() is None:
+    site = _site(request)
+    if site.api_key is None:
         return RedirectResponse(UI_PREFIX + "/", status_code=303)  # nothing to log in to
-    return _page("login.html")
+    return _page(site, "login.html")
 
 
 @router.post(LOGIN_PATH)
 async def login(request: Request) -> Response:
-    """A form's ``key``: right, a cookie that stands for it and the dashboard; wrong, the
-    form again with a 401 (no hint of how wrong)."""
-    api_key = services_of(request).settings.resolved_api_key()
-    if api_key is None:
+    """A form's ``key``: right, the cookie that opens the pages and the dashboard; wrong,
+    the form again with a 401 (no hint of how wrong)."""
+    site = _site(request)
+    if site.api_key is None:
         return RedirectResponse(UI_PREFIX + "/", status_code=303)
-    form = parse_qs((await request.body()).decode("utf-8", "replace"), max_num_fields=4)
-    given = (form.get("key") or [""])[0].strip()
-    if not hmac.compare_digest(given.encode(), api_key.encode()):
-        page = (_file("login.html") or "").replace("<!-- message -->", _WRONG_KEY)
-        return _page("login.html", 401, page)
+    try:
+        form = parse_qs((await request.body()).decode("utf-8", "replace"), max_num_fields=8)
+    except ValueError:
+        raise InvalidRequest("send the login form: key=...", param="key") from None
+    if not site.login_matches((form.get("key") or [""])[0].strip()):
+        page = site.files["login.html"][0].replace("<!-- message -->", _WRONG_KEY)
+        return _page(site, "login.html", 401, page)
     answer = RedirectResponse(UI_PREFIX + "/", status_code=303)
-    secure = request.url.scheme == "https"
-    answer.headers["Set-Cookie"] = cookie_value(api_key, secure=secure)
+    answer.headers["Set-Cookie"] = site.login_cookie(secure=request.url.scheme == "https")
     return answer
 
 
 @router.post(UI_PREFIX + "/logout")
-async def logout() -> Response:
+async def logout(request: Request) -> Response:
     answer = RedirectResponse(LOGIN_PATH, status_code=303)
-    answer.headers["Set-Cookie"] = f"{COOKIE}=; Path=/; Max-Age=0; HttpOnly; SameSite=Strict"
+    answer.headers["Set-Cookie"] = _site(request).logout_cookie()
     return answer
 
 
 @router.get(UI_PREFIX + "/{name}")
-async def asset(name: str) -> Response:
-    return _page(name)
+async def asset(name: str, request: Request) -> Response:
+    return _page(_site(request), name)

@@ -1,6 +1,26 @@
 // The dashboard's one client of the daemon: JSON calls, and event streams read with fetch
-// (EventSource cannot send the header that calls which change state need).
-const UI_HEADER = { "X-PC-UI": "1" };
+// (EventSource cannot send a key). Every call carries the API key, kept in this origin's
+// storage by the login page (login.js); the page's cookie opens pages only.
+const KEY = "pcrt-api-key";
+
+export function savedKey() {
+  return window.localStorage.getItem(KEY);
+}
+
+export function forgetKey() {
+  window.localStorage.removeItem(KEY);
+}
+
+function withKey(headers) {
+  const key = savedKey();
+  return key ? { ...headers, Authorization: `Bearer ${key}` } : headers;
+}
+
+function toLogin() {
+  forgetKey();
+  window.location.assign("/ui/login");
+  return new ApiError(401, "log in with the API key");
+}
 
 export class ApiError extends Error {
   constructor(status, message) {
@@ -17,7 +37,7 @@ function messageOf(body, status) {
 }
 
 export async function api(path, { method = "GET", body, signal } = {}) {
-  const headers = { ...UI_HEADER, Accept: "application/json" };
+  const headers = withKey({ Accept: "application/json" });
   if (body !== undefined) headers["Content-Type"] = "application/json";
   const response = await fetch(path, {
     method,
@@ -26,10 +46,7 @@ export async function api(path, { method = "GET", body, signal } = {}) {
     signal,
     credentials: "same-origin",
   });
-  if (response.status === 401) {
-    window.location.assign("/ui/login");
-    throw new ApiError(401, "log in with the API key");
-  }
+  if (response.status === 401) throw toLogin();
   const text = await response.text();
   let parsed = null;
   try {
@@ -41,12 +58,18 @@ export async function api(path, { method = "GET", body, signal } = {}) {
   return parsed;
 }
 
-// Calls onEvent({event, data}) for each server-sent event until the stream ends ([DONE]
-// or closed) or signal aborts; resolves then.
-export async function follow(path, onEvent, signal) {
-  const response = await fetch(path, { headers: UI_HEADER, signal, credentials: "same-origin" });
+// The stream's reader once its headers came (the daemon listens before it sends them):
+// what happens after this is in the stream.
+export async function subscribe(path, signal) {
+  const response = await fetch(path, { headers: withKey({}), signal, credentials: "same-origin" });
+  if (response.status === 401) throw toLogin();
   if (!response.ok || !response.body) throw new ApiError(response.status, `HTTP ${response.status}`);
-  const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+  return response.body.pipeThrough(new TextDecoderStream()).getReader();
+}
+
+// Calls onEvent({event, data}) for each event of a subscribed stream until it ends
+// ([DONE], closed, or its fetch aborted); resolves then.
+export async function read(reader, onEvent) {
   let buffer = "";
   for (;;) {
     const { value, done } = await reader.read();

@@ -1,10 +1,10 @@
 // The dashboard's views and the router among them (#/models, #/runs, #/runs/ID, #/peers,
 // #/usage, #/cache). Each view draws into <main>, refreshes itself, and returns the
 // function that stops it when another view opens.
-import { api, ApiError, follow } from "./api.js";
+import { api, ApiError, forgetKey, read, savedKey, subscribe } from "./api.js";
 import { topology, usageChart } from "./charts.js";
 import { bytes, count, h, seconds, statusBadge, table, when } from "./dom.js";
-import { drawRun } from "./graph.js";
+import { drawRun, factsOf } from "./graph.js";
 
 const view = () => document.getElementById("view");
 // cache/status.py's RESUMABLE_RUN_STATES but running (tests/test_dashboard_api.py holds
@@ -140,8 +140,16 @@ function nodeDetails(record, calls) {
     output ? [h("h2", null, "Output"), output] : null);
 }
 
+// a run whose state may still change without anyone asking (it runs, waits, or moves)
+const MOVING = new Set(["pending", "running", "migrating"]);
+
 function runView(runId) {
-  const id = decodeURIComponent(runId);
+  let id;
+  try {
+    id = decodeURIComponent(runId);
+  } catch {
+    id = runId;
+  }
   const title = h("h1", null, "DAG run ", h("span", { class: "mono" }, id));
   const facts = h("div", { "data-section": "run-facts" });
   const picture = h("div", { class: "picture", "data-section": "graph" });
@@ -150,99 +158,175 @@ function runView(runId) {
   const cancel = h("button", { class: "danger", "data-action": "cancel" }, "Cancel");
   const live = h("span", { class: "dim", "data-live": "" });
   show(title, facts, h("div", { class: "actions" }, resume, cancel, live), picture, details);
+  const path = `/v1/dags/${encodeURIComponent(id)}`;
 
   let graph = null;
   let record = null;
   let picked = null;
   let stopped = false;
   let following = null;
-  let poll = null;
+  let timer = null;
+  // what the events said of a node since the record last changed: the record lags them
+  // (a node is announced before its record says running, and a reload can race either)
+  const told = new Map(); // node id -> {status, then: the record's status when told}
   const streamed = new Map(); // node id -> tokens streamed while it runs
-  let pending = null;
+
+  const recordOf = (nodeId) => (record ? record.nodes.find((n) => n.node_id === nodeId) : null);
+  const statusOf = (node) => {
+    const heard = told.get(node.node_id);
+    if (heard && heard.then === node.status) return heard.status;
+    told.delete(node.node_id); // the record moved on: it knows better now
+    return node.status;
+  };
+  const hear = (nodeId, status) => {
+    const node = recordOf(nodeId);
+    const heard = told.get(nodeId);
+    told.set(nodeId, { status, then: heard ? heard.then : node ? node.status : "pending" });
+  };
+  const shown = () => ({ ...record, nodes: record.nodes.map((n) => ({ ...n, status: statusOf(n) })) });
 
   const draw = () => {
     if (!graph || !record) return;
+    const view = shown();
     facts.replaceChildren(h("dl", { class: "facts" },
-      h("dt", null, "status"), h("dd", null, statusBadge(record.status), record.error ? h("span", { class: "error" }, ` ${record.error}`) : null),
-      h("dt", null, "DAG"), h("dd", null, record.dag),
-      h("dt", null, "nodes"), h("dd", null, `${record.nodes.filter((n) => n.status === "succeeded").length} of ${graph.nodes.length} done`),
-      h("dt", null, "tokens"), h("dd", null, count(record.tokens_used)),
-      h("dt", null, "started"), h("dd", null, when(record.created_at)),
-      h("dt", null, "finished"), h("dd", null, when(record.finished_at)),
-      record.migrated_to ? [h("dt", null, "moved to"), h("dd", null, record.migrated_to)] : null));
+      h("dt", null, "status"), h("dd", null, statusBadge(view.status), view.error ? h("span", { class: "error" }, ` ${view.error}`) : null),
+      h("dt", null, "DAG"), h("dd", null, view.dag),
+      h("dt", null, "nodes"), h("dd", null, `${view.nodes.filter((n) => n.status === "succeeded").length} of ${graph.nodes.length} done`),
+      h("dt", null, "tokens"), h("dd", null, count(view.tokens_used)),
+      h("dt", null, "started"), h("dd", null, when(view.created_at)),
+      h("dt", null, "finished"), h("dd", null, when(view.finished_at)),
+      view.migrated_to ? [h("dt", null, "moved to"), h("dd", null, view.migrated_to)] : null));
     picture.replaceChildren(graph.problem ? h("p", { class: "error" }, `This run's DAG cannot be drawn: ${graph.problem}`)
-      : drawRun(graph, record, streamed, (node) => { picked = node; draw(); }, picked));
-    const chosen = record.nodes.find((n) => n.node_id === picked);
-    details.replaceChildren(nodeDetails(chosen, (record.tool_calls || []).filter((c) => c.node === picked)));
-    resume.disabled = !RESUMABLE.has(record.status);
-    cancel.disabled = !STOPPABLE.has(record.status);
-    resume.textContent = record.status === "needs_attention" ? "Resume: send the call again" : "Resume";
+      : drawRun(graph, view, streamed, (node) => { picked = node; draw(); }, picked));
+    const chosen = view.nodes.find((n) => n.node_id === picked);
+    details.replaceChildren(nodeDetails(chosen, (view.tool_calls || []).filter((c) => c.node === picked)));
+    resume.disabled = !RESUMABLE.has(view.status);
+    cancel.disabled = !STOPPABLE.has(view.status);
+    resume.textContent = view.status === "needs_attention" ? "Resume: send the call again" : "Resume";
+  };
+  // a token changes one line of one box: that line alone, unless the box must change too
+  const drawTokens = (nodeId) => {
+    const line = picture.querySelector(`[data-facts="${CSS.escape(nodeId)}"]`);
+    const node = recordOf(nodeId);
+    if (!line || !node || line.closest("g").dataset.status !== statusOf(node)) {
+      draw();
+      return;
+    }
+    const calls = (record.tool_calls || []).filter((c) => c.node === nodeId).length;
+    line.textContent = factsOf({ ...node, status: statusOf(node) }, streamed.get(nodeId), calls);
   };
 
-  const reload = async () => {
-    record = await api(`/v1/dags/${encodeURIComponent(id)}`);
-    for (const node of record.nodes) if (node.status !== "running") streamed.delete(node.node_id);
-    draw();
-    return record;
+  // one read of the run at a time; one more after it if anything happened meanwhile
+  let reading = null;
+  let again = false;
+  const reload = () => {
+    if (reading) {
+      again = true;
+      return reading;
+    }
+    reading = (async () => {
+      try {
+        do {
+          again = false;
+          record = await api(path);
+          for (const node of record.nodes) if (node.status !== "running" && !told.has(node.node_id)) streamed.delete(node.node_id);
+          draw();
+        } while (again && !stopped);
+        return record;
+      } finally {
+        reading = null;
+      }
+    })();
+    return reading;
   };
-  // node events come in bursts: one read of the run per burst
+  let soonTimer = null;
   const soon = () => {
-    if (pending) return;
-    pending = setTimeout(async () => {
-      pending = null;
-      try { await reload(); } catch (error) { problem(error); }
+    if (soonTimer) return;
+    soonTimer = setTimeout(() => {
+      soonTimer = null;
+      reload().catch(problem);
     }, 120);
   };
-  let paint = null;
-  const repaintTokens = () => {
-    if (paint) return;
-    paint = requestAnimationFrame(() => { paint = null; draw(); });
+
+  const onEvent = ({ event, data }) => {
+    if (data.run !== id || !data.node) {
+      if (event === "run_finished") soon();
+      return; // a subgraph's child run: its node shows as running here
+    }
+    if (event === "token") {
+      streamed.set(data.node, (streamed.get(data.node) || 0) + 1);
+      const node = recordOf(data.node);
+      if (!node || statusOf(node) !== "running") hear(data.node, "running");
+      drawTokens(data.node);
+      return;
+    }
+    if (event === "node_started") {
+      streamed.delete(data.node);
+      hear(data.node, "running");
+    } else if (event === "node_finished" && data.status) {
+      hear(data.node, data.status);
+    }
+    draw();
+    soon();
   };
 
+  // Follow the run while it runs here; otherwise read it now and then while it may still
+  // change (it waits, moves, or the daemon is away), following again once it runs.
   const watch = async () => {
     if (following || stopped) return;
     following = new AbortController();
     live.textContent = "live";
+    let ended = true;
     try {
-      await follow(`/v1/dags/${encodeURIComponent(id)}/events`, ({ event, data }) => {
-        if (data.run !== id) return; // a subgraph's child run: its node shows as running here
-        if (event === "token") {
-          streamed.set(data.node, (streamed.get(data.node) || 0) + 1);
-          repaintTokens();
-        } else {
-          soon();
-        }
-      }, following.signal);
+      const reader = await subscribe(`${path}/events`, following.signal);
+      await reload(); // after subscribing: nothing falls between the read and the stream
+      await read(reader, onEvent);
     } catch (error) {
+      ended = false;
       if (error.name !== "AbortError") problem(error);
     } finally {
       following = null;
       live.textContent = "";
     }
-    if (stopped) return;
-    const now = await reload().catch((error) => { problem(error); return null; });
-    // a run still running but not here (moved, or an older daemon's): poll it
-    if (now && STOPPABLE.has(now.status) && !poll) poll = setInterval(() => reload().catch(problem), 2000);
+    if (!stopped) keepUp(ended ? 0 : 1000);
+  };
+  const keepUp = (wait) => {
+    clearTimeout(timer);
+    timer = setTimeout(async () => {
+      let next = null;
+      try {
+        const now = await reload();
+        problem(null);
+        if (now.status === "running") {
+          watch();
+          return;
+        }
+        if (MOVING.has(now.status)) next = 2000;
+      } catch (error) {
+        problem(error);
+        next = Math.min(10000, Math.max(1000, wait * 2)); // the daemon is away: back off
+      }
+      if (next !== null && !stopped) keepUp(next);
+    }, wait);
   };
 
   resume.addEventListener("click", () => act(resume, async () => {
     const body = record && record.status === "needs_attention" ? { retry_call: true } : undefined;
     if (body && !window.confirm("Send the tool call that was in flight again? Skip it with pcrt dag resume --skip-call.")) return;
-    await api(`/v1/dags/${encodeURIComponent(id)}/resume`, { method: "POST", body });
-    await reload();
-    watch();
+    await api(`${path}/resume`, { method: "POST", body });
+    watch(); // it runs here from the moment the answer came: its events are to come
   }));
   cancel.addEventListener("click", () => act(cancel, async () => {
-    await api(`/v1/dags/${encodeURIComponent(id)}`, { method: "DELETE" });
+    await api(path, { method: "DELETE" });
     await reload();
   }));
 
   (async () => {
     try {
-      [graph] = await Promise.all([api(`/v1/dags/${encodeURIComponent(id)}/graph`), reload()]);
-      draw();
+      graph = await api(`${path}/graph`);
+      await reload();
       problem(null);
-      if (STOPPABLE.has(record.status)) watch();
+      if (MOVING.has(record.status)) keepUp(0);
     } catch (error) {
       problem(error);
     }
@@ -250,8 +334,8 @@ function runView(runId) {
   return () => {
     stopped = true;
     if (following) following.abort();
-    clearTimeout(pending);
-    clearInterval(poll);
+    clearTimeout(soonTimer);
+    clearTimeout(timer);
   };
 }
 
@@ -289,9 +373,12 @@ function usageView() {
   const chart = h("section", { "data-section": "usage-chart" });
   const totals = h("section", { "data-section": "usage-totals" });
   show(h("h1", null, "Usage by agent"), h("div", { class: "actions windows" }, buttons), chart, h("h2", null, "Totals"), totals);
+  let asked = 0; // the newest read wins: a window chosen mid-read is not drawn over
   const drawUsage = async () => {
     buttons.forEach((b) => b.classList.toggle("active", Number(b.dataset.window) === windowS));
+    const mine = ++asked;
     const data = await api(`/v1/pcrt/usage?window_s=${windowS}`);
+    if (mine !== asked) return;
     chart.replaceChildren(data.series.length ? usageChart(data) : h("p", { class: "empty" }, "Nothing was asked in this window."));
     const rows = data.totals.map((t) => h("tr", { "data-agent": t.agent },
       h("td", null, t.agent), h("td", null, t.model),
@@ -357,7 +444,7 @@ function router() {
     if (stop) stop();
     problem(null);
     const [name, arg] = window.location.hash.replace(/^#\/?/, "").split("/");
-    const chosen = name in VIEWS ? name : "models";
+    const chosen = Object.hasOwn(VIEWS, name) ? name : "models";
     document.querySelectorAll("nav a").forEach((a) => a.classList.toggle("active", a.dataset.view === chosen));
     stop = chosen === "runs" && arg ? runView(arg) : VIEWS[chosen]();
   };
@@ -376,5 +463,12 @@ async function daemonLine() {
 const route = router();
 window.addEventListener("hashchange", route);
 route();
+const logout = document.getElementById("logout");
+logout.hidden = !savedKey();
+logout.addEventListener("click", async () => {
+  await api("/ui/logout", { method: "POST" }).catch(() => null); // the cookie goes too
+  forgetKey();
+  window.location.assign("/ui/login");
+});
 daemonLine();
 setInterval(daemonLine, 5000);

@@ -8,10 +8,12 @@ export function colourOf(index) {
   return PALETTE[index % PALETTE.length];
 }
 
-// a bucket's start: its time within an hour's window, its day and time beyond
-function clock(unix, windowS) {
+// a bucket's start: its time within an hour's window, its day and time beyond; buckets of
+// a day or more start at midnight UTC (the daemon's), so they are labelled in UTC
+function clock(unix, windowS, bucket) {
   const date = new Date(unix * 1000);
   const time = { hour: "2-digit", minute: "2-digit" };
+  if (bucket >= 86400) return `${date.toLocaleDateString([], { month: "short", day: "numeric", timeZone: "UTC" })} UTC`;
   return windowS <= 3600 ? date.toLocaleTimeString([], time) : date.toLocaleString([], { month: "short", day: "numeric", ...time });
 }
 
@@ -42,8 +44,8 @@ export function usageChart(data) {
   chart.append(svg("line", { class: "axis", x1: left, y1: 10, x2: left, y2: 10 + plotH }));
   chart.append(svg("text", { x: left - 6, y: 16, "text-anchor": "end" }, count(top)));
   chart.append(svg("text", { x: left - 6, y: 10 + plotH, "text-anchor": "end" }, "0"));
-  chart.append(svg("text", { x: left, y: height - 6 }, clock(first, data.window_s)));
-  chart.append(svg("text", { x: width - 10, y: height - 6, "text-anchor": "end" }, clock(data.now, data.window_s)));
+  chart.append(svg("text", { x: left, y: height - 6 }, clock(first, data.window_s, bucket)));
+  chart.append(svg("text", { x: width - 10, y: height - 6, "text-anchor": "end" }, clock(data.now, data.window_s, bucket)));
   buckets.forEach((start, i) => {
     let y = 10 + plotH;
     agents.forEach((agent, a) => {
@@ -53,7 +55,7 @@ export function usageChart(data) {
       y -= tall;
       chart.append(svg("rect", {
         x: left + i * barW + 1, y, width: Math.max(1, barW - 2), height: tall, fill: colourOf(a), "data-agent": agent,
-      }, svg("title", null, `${agent}: ${count(value)} tokens from ${clock(start, data.window_s)}`)));
+      }, svg("title", null, `${agent}: ${count(value)} tokens from ${clock(start, data.window_s, bucket)}`)));
     });
   });
   const legend = h("div", { class: "legend" }, agents.map((agent, a) => h("span", null, h("i", { "data-colour": a }), agent)));

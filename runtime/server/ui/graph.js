@@ -30,15 +30,17 @@ function place(graph) {
 
 function tokensOf(record, live) {
   if (record.status === "running") {
-    const so_far = live || record.checkpoint_tokens || 0;
-    return so_far ? `${so_far} tokens so far` : "generating";
+    // streamed since this page opened, or the last checkpoint's count if that is more
+    // (a page opened mid-node, a node resumed from its checkpoint)
+    const soFar = Math.max(live || 0, record.checkpoint_tokens || 0);
+    return soFar ? `${soFar} tokens so far` : "generating";
   }
   const total = (record.prompt_tokens || 0) + (record.completion_tokens || 0);
   if (record.cache_hit) return "cache hit";
   return record.prompt_tokens === null && record.completion_tokens === null ? "" : `${total} tokens`;
 }
 
-function factsOf(record, live, calls) {
+export function factsOf(record, live, calls) {
   const facts = [tokensOf(record, live)];
   if (record.seconds !== null && record.seconds !== undefined) facts.push(`${record.seconds.toFixed(1)} s`);
   if (record.ran_on) facts.push(record.ran_on);
