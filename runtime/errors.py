@@ -38,6 +38,7 @@ message without a traceback.
     ├── EngineClosed           a request reached an engine that is shutting down
     ├── StreamFailed           a generation failed after it began (carries its status, body)
     ├── Unauthorized           a missing or wrong API key
+    ├── HostRefused            a keyless daemon asked by a name not its own (DNS rebinding)
     ├── ToolDenied             the agent's tool permissions do not name it (nothing is sent)
     ├── RetryLater             the request may succeed later (carries retry_after seconds)
     │   ├── RateLimited        the agent is over its requests or tokens per minute
@@ -75,6 +76,7 @@ __all__ = [
     "DownloadError",
     "EmptyBody",
     "EngineClosed",
+    "HostRefused",
     "IncompatibleState",
     "InvalidRequest",
     "ModelLoadError",
@@ -82,13 +84,13 @@ __all__ = [
     "NeedsAttention",
     "NoRoute",
     "NotFound",
+    "Overloaded",
     "PcrtError",
     "PeerError",
     "PeerRejected",
     "PeerUnavailable",
     "PlanUnavailable",
     "Problem",
-    "Overloaded",
     "PullError",
     "RateLimited",
     "RenderFailed",
@@ -376,6 +378,12 @@ class EngineClosed(PcrtError):
 
 class Unauthorized(PcrtError):
     pass
+
+
+class HostRefused(PcrtError):
+    """A request to a daemon without an API key whose ``Host`` is no loopback name and
+    not in ``allowed_hosts``: what a web page that rebinds its own DNS name to 127.0.0.1
+    sends, to read a local API through the visitor's browser."""
 
 
 class ToolDenied(PcrtError):

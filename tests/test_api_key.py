@@ -156,3 +156,30 @@ def test_the_daemon_will_not_listen_beyond_loopback_without_a_key(
 @pytest.mark.parametrize("host", ["127.0.0.1", "::1", "localhost", "127.0.0.2"])
 def test_loopback_needs_no_key(host: str) -> None:
     create_app(ServerSettings(host=host))
+
+
+def test_without_a_key_only_loopback_names_are_answered(live_server: ServerFactory) -> None:
+    """DNS rebinding: a web page whose own name resolves to 127.0.0.1 could read a keyless
+    daemon through its visitor's browser; the browser still sends the page's name as
+    Host, so a keyless daemon answers loopback names (and allowed_hosts) only."""
+    keyless = live_server(ServerSettings(allowed_hosts=("pcrt.lan",)), opener=FakeEngines())
+    port = keyless.settings.port
+
+    def asked_as(host: str, path: str = "/v1/models") -> httpx.Response:
+        return httpx.get(keyless.url + path, headers={"Host": host}, timeout=30)
+
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}", "127.5.5.5"):
+        assert asked_as(host).status_code == 200, host
+    for host in ("pcrt.lan", f"PCRT.LAN:{port}", "dash.localhost", "localhost."):
+        assert asked_as(host).status_code == 200, host
+    for host in ("evil.example", f"evil.example:{port}", "127.0.0.1.evil.example", "[::2]"):
+        refused = asked_as(host)
+        assert refused.status_code == 403, host
+        assert refused.json()["error"]["code"] == "host_not_allowed"
+        assert "allowed_hosts" in refused.json()["error"]["message"]
+    assert asked_as("evil.example", "/api/tags").json()["error"].startswith("this daemon")
+    assert asked_as("evil.example", "/ui/").status_code == 403  # the dashboard too
+    # with a key the key decides, whatever the name (a LAN daemon is asked by its own)
+    keyed = live_server(ServerSettings(api_key=KEY), opener=FakeEngines())
+    named = {"Host": "gpu-box.lan", "Authorization": f"Bearer {KEY}"}
+    assert httpx.get(keyed.url + "/v1/models", headers=named, timeout=30).status_code == 200

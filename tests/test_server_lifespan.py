@@ -77,7 +77,7 @@ async def test_a_normal_start_serves_and_a_stop_closes_everything(pcrt_env: Path
             assert name in running
         assert _open_under(pcrt_env.home) != []
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://pcrt") as client:
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
             health = await client.get("/health")
             models = await client.get("/v1/models")
         assert health.status_code == 200 and health.json() == {"status": "serving"}

@@ -125,7 +125,7 @@ async def test_a_forwarded_stream_left_before_its_first_chunk_closes_the_peers(
     app = create_app(settings, registry=Registry.load(isolated_paths(tmp_path / "edge")))
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://pcrt") as client:
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
 
             async def in_rotation() -> bool:
                 peers = (await client.get("/v1/pcrt/peers")).json()["peers"]

@@ -65,7 +65,11 @@ def create_app(
     api_key = settings.resolved_api_key()  # read once: the guard and the login agree
     app.state.ui = UiSite.load(api_key, settings.port)
     app.add_middleware(
-        Guard, api_key=api_key, bounds=BodyBounds(settings), ui_cookie=app.state.ui.cookie
+        Guard,
+        api_key=api_key,
+        bounds=BodyBounds(settings),
+        ui_cookie=app.state.ui.cookie,
+        allowed_hosts=frozenset(h.lower() for h in settings.allowed_hosts),
     )
     install_error_handlers(app)
     for routes in (openai, anthropic, responses, ollama, admin, states, dags, peers, tools, ui):

@@ -39,10 +39,17 @@ from starlette.responses import RedirectResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from pcrt.routing.auth import CLUSTER_HEADER
-from pcrt.runtime.errors import BadContentLength, InvalidRequest, PcrtError, Unauthorized
+from pcrt.runtime.errors import (
+    BadContentLength,
+    HostRefused,
+    InvalidRequest,
+    PcrtError,
+    Unauthorized,
+)
 from pcrt.runtime.server.bodies import Body, BodyBounds, Bound, ClientLeft, read_body, replaying
 from pcrt.runtime.server.http_errors import error_response
 from pcrt.runtime.server.services import services_of
+from pcrt.runtime.server.settings import is_loopback
 from pcrt.runtime.server.ui_session import (
     KEYLESS_PATHS,
     LOGIN_PATH,
@@ -84,6 +91,7 @@ class _Head:
     chunked: bool = False
     content_type: bytes | None = None
     cookie: bytes | None = None  # the dashboard's pages open with a cookie (``ui_session``)
+    host: bytes | None = None
 
     @classmethod
     def of(cls, scope: Scope) -> _Head:
@@ -103,6 +111,8 @@ class _Head:
                 found["content_type"] = value
             elif name == b"cookie":
                 found["cookie"] = value
+            elif name == b"host":
+                found["host"] = value
         signature = found.get("signature")
         return cls(
             authorization=found.get("authorization"),
@@ -112,6 +122,7 @@ class _Head:
             chunked=b"chunked" in found.get("transfer_encoding", b"").lower(),
             content_type=found.get("content_type"),
             cookie=found.get("cookie"),
+            host=found.get("host"),
         )
 
     def declared_size(self) -> int | None:
@@ -148,12 +159,19 @@ class Guard:
     ``api_key`` None: no key is asked of local users."""
 
     def __init__(
-        self, app: ASGIApp, *, api_key: str | None, bounds: BodyBounds, ui_cookie: str
+        self,
+        app: ASGIApp,
+        *,
+        api_key: str | None,
+        bounds: BodyBounds,
+        ui_cookie: str,
+        allowed_hosts: frozenset[str] = frozenset(),
     ) -> None:
         self.app = app
         self.api_key = api_key
         self.bounds = bounds
         self.ui_cookie = ui_cookie  # the dashboard's cookie name (``ui_session``)
+        self.allowed_hosts = allowed_hosts  # beyond loopback names, for a keyless daemon
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
@@ -177,6 +195,14 @@ class Guard:
         bound = self.bounds.of(scope["method"], scope["path"])
         if head.signature is not None:
             return await self._admit_peer(scope, receive, head, bound)
+        if self.api_key is None and not host_allowed(head.host, self.allowed_hosts):
+            shown = (head.host or b"").decode("latin-1")[:100]
+            raise HostRefused(
+                f"this daemon has no API key, so it answers only to loopback names "
+                f"(localhost, 127.0.0.1, [::1]), not {shown!r}: a page that rebinds its "
+                "own name to this machine would read it. Set an API key, or add the "
+                "name to allowed_hosts"
+            )
         if self.api_key is not None and not self._lets_in(scope, head, self.api_key):
             raise Unauthorized(
                 "missing or wrong API key (send Authorization: Bearer KEY, or X-Api-Key: KEY)"
@@ -233,6 +259,21 @@ def _refusal(exc: PcrtError, scope: Scope) -> Response:
     if isinstance(exc, Unauthorized) and scope["method"] in ("GET", "HEAD") and is_ui_page(path):
         return RedirectResponse(LOGIN_PATH, status_code=303)
     return error_response(exc, path)
+
+
+def host_allowed(host: bytes | None, allowed: frozenset[str]) -> bool:
+    """Whether a keyless daemon answers a request naming ``host`` (its ``Host`` header):
+    a loopback name or address, or one of ``allowed``. A request without one (HTTP/1.0)
+    passes: no browser sends one."""
+    if host is None:
+        return True
+    text = host.decode("latin-1").strip().lower().rstrip(".")
+    if text.startswith("["):  # [::1]:11435
+        name = text[1 : text.find("]")] if "]" in text else text
+    else:
+        name = text.rpartition(":")[0] if text.count(":") == 1 else text
+    name = name.rstrip(".")
+    return name in allowed or name.endswith(".localhost") or is_loopback(name)
 
 
 async def _admitted(body: Body, head: _Head, receive: Receive) -> Receive:

@@ -32,6 +32,7 @@ from pcrt.runtime.errors import (
     DagInvalid,
     EmptyBody,
     EngineClosed,
+    HostRefused,
     InvalidRequest,
     ModelLoadError,
     ModelNotFound,
@@ -145,6 +146,8 @@ def status_and_body(exc: PcrtError) -> tuple[int, dict[str, Any], dict[str, str]
         return 507, error_body(msg, "server_error", None, "insufficient_storage"), headers
     if isinstance(exc, ToolDenied):
         return 403, error_body(msg, "permission_error", "name", "tool_denied"), headers
+    if isinstance(exc, HostRefused):
+        return 403, error_body(msg, "permission_error", None, "host_not_allowed"), headers
     if isinstance(exc, Unauthorized):
         return 401, error_body(msg, "invalid_request_error", None, "invalid_api_key"), headers
     if isinstance(exc, PullError | EngineClosed):

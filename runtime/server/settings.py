@@ -140,6 +140,10 @@ class ServerSettings(BaseModel):
     queue_size: int = Field(default=16, ge=0)  # waiting requests per model beyond its slots
     api_key: str | None = None
     api_key_env: str = "PCRT_API_KEY"
+    # without an API key the daemon answers only requests whose Host is a loopback name
+    # (localhost, 127.0.0.1, [::1]) or one of these: a web page that rebinds its own name
+    # to 127.0.0.1 cannot read it through a visitor's browser. With a key, the key decides.
+    allowed_hosts: tuple[str, ...] = ()
     shutdown_grace: float = Field(default=10.0, ge=0)
     resume_on_start: bool = False  # resume interrupted DAG runs when the daemon starts
     # deterministic DAG nodes and calls remembered by their inputs (least recently used
