@@ -246,6 +246,8 @@ def test_every_page_draws_the_daemons_state_without_errors(
     _visit(browser, server, "models", "tr[data-model='smollm2-135m'] button")
     browser.shot("models")
     _visit(browser, server, "runs", f"tr[data-run='{run_id}']")
+    newest = "return document.querySelector('tr[data-run]').dataset.run"
+    assert browser.js(newest) == run_id  # newest first
     browser.shot("runs")
     _visit(browser, server, "peers", "[data-chart=topology] g[data-peer='far-box']")
     assert browser.js("return document.querySelector('tr[data-peer=\"far-box\"]') !== null")

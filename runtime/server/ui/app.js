@@ -100,7 +100,8 @@ function runsView() {
   show(h("h1", null, "DAG runs"), list);
   return refreshing(async () => {
     const runs = await api("/v1/dags");
-    const rows = runs.data.slice().reverse().map((run) => h("tr", { "data-run": run.id },
+    // newest first, as the daemon lists them
+    const rows = runs.data.map((run) => h("tr", { "data-run": run.id },
       h("td", null, h("a", { href: `#/runs/${encodeURIComponent(run.id)}`, class: "mono" }, run.id.slice(0, 12))),
       h("td", null, run.dag),
       h("td", null, statusBadge(run.status)),
