@@ -146,11 +146,15 @@ def install(dry_run: bool) -> None:
     written.write_text(text, encoding="utf-8")
     written.replace(path)  # whole or not at all
     click.echo(f"wrote {path}")
+    # installed again (new settings, a new venv): the running daemon is replaced, so the
+    # file just written is what runs ("enable --now" would leave the old process be)
     if _on_mac():
+        _manager("bootout", f"gui/{os.getuid()}/{LAUNCHD_LABEL}", check=False)
         _manager("bootstrap", f"gui/{os.getuid()}", str(path))
     else:
         _manager("daemon-reload")
-        _manager("enable", "--now", UNIT_NAME)
+        _manager("enable", UNIT_NAME)
+        _manager("restart", UNIT_NAME)  # starts it, or restarts the one running
         click.echo(
             "started. To start it at boot without logging in: loginctl enable-linger "
             f"{os.environ.get('USER', '$USER')}"

@@ -38,7 +38,7 @@ message without a traceback.
     ├── EngineClosed           a request reached an engine that is shutting down
     ├── StreamFailed           a generation failed after it began (carries its status, body)
     ├── Unauthorized           a missing or wrong API key
-    ├── HostRefused            a keyless daemon asked by a name not its own (DNS rebinding)
+    ├── HostRefused            a keyless daemon asked by a name or a page not its own
     ├── ToolDenied             the agent's tool permissions do not name it (nothing is sent)
     ├── RetryLater             the request may succeed later (carries retry_after seconds)
     │   ├── RateLimited        the agent is over its requests or tokens per minute
@@ -382,8 +382,9 @@ class Unauthorized(PcrtError):
 
 class HostRefused(PcrtError):
     """A request to a daemon without an API key whose ``Host`` is no loopback name and
-    not in ``allowed_hosts``: what a web page that rebinds its own DNS name to 127.0.0.1
-    sends, to read a local API through the visitor's browser."""
+    not in ``allowed_hosts`` (what a web page that rebinds its own DNS name to 127.0.0.1
+    sends, to read a local API through the visitor's browser), or whose ``Origin`` is
+    another site's page (which can make a browser post to 127.0.0.1 blind)."""
 
 
 class ToolDenied(PcrtError):

@@ -183,3 +183,28 @@ def test_without_a_key_only_loopback_names_are_answered(live_server: ServerFacto
     keyed = live_server(ServerSettings(api_key=KEY), opener=FakeEngines())
     named = {"Host": "gpu-box.lan", "Authorization": f"Bearer {KEY}"}
     assert httpx.get(keyed.url + "/v1/models", headers=named, timeout=30).status_code == 200
+
+
+def test_without_a_key_no_other_sites_page_is_answered(live_server: ServerFactory) -> None:
+    """Any web page can make a browser post to 127.0.0.1 (a form, a fetch in no-cors
+    mode): it cannot read the answer, but the work would run. The browser says whose page
+    asks (Origin); a keyless daemon answers its own pages and clients that send none."""
+    keyless = live_server(ServerSettings(allowed_hosts=("pcrt.lan",)), opener=FakeEngines())
+    port = keyless.settings.port
+
+    def posted_from(origin: str | None) -> httpx.Response:
+        headers = {"Origin": origin} if origin is not None else {}
+        body = {"model": "nope", "messages": []}
+        return httpx.post(keyless.url + "/v1/chat/completions", json=body, headers=headers)
+
+    for origin in (
+        None,
+        f"http://127.0.0.1:{port}",
+        f"http://localhost:{port}",
+        "https://pcrt.lan",
+    ):
+        assert posted_from(origin).status_code != 403, origin  # the route's own answer
+    for origin in ("https://evil.example", "null", "http://127.0.0.1.evil.example", "file://"):
+        refused = posted_from(origin)
+        assert refused.status_code == 403, origin
+        assert "no web page but its own" in refused.json()["error"]["message"]

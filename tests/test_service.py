@@ -386,13 +386,20 @@ def test_the_service_lives_under_a_real_user_manager(
     assert second not in (0, first) and _gone(first, deadline)
     _healthy(url, deadline)
 
+    # installed again (new settings, a new venv): what was just written is what runs
+    again_installed = cli("install")
+    assert again_installed.returncode == 0, again_installed.stdout + again_installed.stderr
+    third = int(user_manager.show("MainPID"))
+    assert third not in (0, second) and _gone(second, deadline)
+    _healthy(url, deadline)
+
     logs = cli("logs", "--lines", "20")  # journalctl's answer: no journald runs here
     assert logs.returncode == 0 and "Traceback" not in logs.stderr, logs.stderr
 
     removed = cli("uninstall")
     assert removed.returncode == 0 and f"removed {unit}" in removed.stdout, removed.stderr
     assert not unit.exists() and not wanted.exists()
-    assert _gone(second, deadline)
+    assert _gone(third, deadline)
     assert user_manager.show("ActiveState") == "inactive"
     assert user_manager.show("LoadState") == "not-found"
     with pytest.raises(httpx.ConnectError):

@@ -92,6 +92,7 @@ class _Head:
     content_type: bytes | None = None
     cookie: bytes | None = None  # the dashboard's pages open with a cookie (``ui_session``)
     host: bytes | None = None
+    origin: bytes | None = None  # browsers send it with cross-origin calls (and POSTs)
 
     @classmethod
     def of(cls, scope: Scope) -> _Head:
@@ -113,6 +114,8 @@ class _Head:
                 found["cookie"] = value
             elif name == b"host":
                 found["host"] = value
+            elif name == b"origin":
+                found["origin"] = value
         signature = found.get("signature")
         return cls(
             authorization=found.get("authorization"),
@@ -123,6 +126,7 @@ class _Head:
             content_type=found.get("content_type"),
             cookie=found.get("cookie"),
             host=found.get("host"),
+            origin=found.get("origin"),
         )
 
     def declared_size(self) -> int | None:
@@ -195,14 +199,8 @@ class Guard:
         bound = self.bounds.of(scope["method"], scope["path"])
         if head.signature is not None:
             return await self._admit_peer(scope, receive, head, bound)
-        if self.api_key is None and not host_allowed(head.host, self.allowed_hosts):
-            shown = (head.host or b"").decode("latin-1")[:100]
-            raise HostRefused(
-                f"this daemon has no API key, so it answers only to loopback names "
-                f"(localhost, 127.0.0.1, [::1]), not {shown!r}: a page that rebinds its "
-                "own name to this machine would read it. Set an API key, or add the "
-                "name to allowed_hosts"
-            )
+        if self.api_key is None:
+            self._refuse_foreign_pages(head)
         if self.api_key is not None and not self._lets_in(scope, head, self.api_key):
             raise Unauthorized(
                 "missing or wrong API key (send Authorization: Bearer KEY, or X-Api-Key: KEY)"
@@ -213,6 +211,26 @@ class Guard:
         bound.refuse_declared(size)
         body = await read_body(receive, bound)
         return await _admitted(body, head, receive)
+
+    def _refuse_foreign_pages(self, head: _Head) -> None:
+        """A keyless daemon answers its own loopback names only, and no other site's page:
+        a page that rebinds its name to this machine would read it (Host), and any page
+        can make a browser post to 127.0.0.1 (Origin: work started blind)."""
+        if not host_allowed(head.host, self.allowed_hosts):
+            shown = (head.host or b"").decode("latin-1")[:100]
+            raise HostRefused(
+                f"this daemon has no API key, so it answers only to loopback names "
+                f"(localhost, 127.0.0.1, [::1]), not {shown!r}: a page that rebinds its "
+                "own name to this machine would read it. Set an API key, or add the "
+                "name to allowed_hosts"
+            )
+        if head.origin is not None and not origin_allowed(head.origin, self.allowed_hosts):
+            shown = head.origin.decode("latin-1")[:100]
+            raise HostRefused(
+                f"this daemon has no API key, so it answers no web page but its own, not "
+                f"one from {shown!r} (any page could make a browser call it). Set an API "
+                "key, or add the page's host name to allowed_hosts"
+            )
 
     def _lets_in(self, scope: Scope, head: _Head, api_key: str) -> bool:
         """The key, or a path that needs none, or a dashboard page read with its cookie."""
@@ -274,6 +292,16 @@ def host_allowed(host: bytes | None, allowed: frozenset[str]) -> bool:
         name = text.rpartition(":")[0] if text.count(":") == 1 else text
     name = name.rstrip(".")
     return name in allowed or name.endswith(".localhost") or is_loopback(name)
+
+
+def origin_allowed(origin: bytes, allowed: frozenset[str]) -> bool:
+    """Whether a keyless daemon answers a page from ``origin`` (``scheme://host[:port]``):
+    one served by a loopback name or an allowed one. ``null`` (a sandboxed frame, a file)
+    is no page of ours."""
+    scheme, sep, rest = origin.partition(b"://")
+    if not sep or scheme.lower() not in (b"http", b"https"):
+        return False
+    return host_allowed(rest.split(b"/", 1)[0], allowed)
 
 
 async def _admitted(body: Body, head: _Head, receive: Receive) -> Receive:
