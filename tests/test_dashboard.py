@@ -210,6 +210,8 @@ def test_a_run_is_cancelled_and_resumed_from_its_page(server: LiveServer, browse
     assert _run(server, run_id)["status"] == "cancelled"
     statuses = {node: status for node, status, _ in browser.js(NODES)}
     assert statuses == {"count": "interrupted", "after": "pending"}, statuses
+    cancel = browser.driver.find_element(By.CSS_SELECTOR, "[data-action=cancel]")
+    assert not cancel.is_enabled()  # a cancelled run has nothing to stop
     resume = browser.driver.find_element(By.CSS_SELECTOR, "[data-action=resume]")
     assert resume.is_enabled()
     resume.click()

@@ -24,6 +24,12 @@ dashboard's login page (``/ui/login``, its script and stylesheet) is where a per
 the key, so it needs none (its body is bounded like any other); the dashboard's pages open
 with its cookie too (``ui_session``: pages only, every call needs the key), and a browser
 asking for one without either is sent to the login page.
+
+A daemon without a key (on loopback: ``check_exposure``) still faces web pages in the
+browsers of its own machine: it answers only requests that name it by a loopback name or
+an ``allowed_hosts`` one (a page that rebinds its own DNS name to 127.0.0.1 sends that
+name as Host), and none sent by another site's page (its Origin), which could start
+work blind.
 """
 
 from __future__ import annotations
@@ -61,7 +67,14 @@ from pcrt.runtime.server.uploads import streamed_body_sha256
 from pcrt.runtime.textcheck import broken_text_at
 from pcrt.runtime.threads import to_thread_to_completion
 
-__all__ = ["OPEN_PATHS", "Guard", "key_matches", "refuse_broken_text"]
+__all__ = [
+    "OPEN_PATHS",
+    "Guard",
+    "host_allowed",
+    "key_matches",
+    "origin_allowed",
+    "refuse_broken_text",
+]
 
 log = logging.getLogger(__name__)
 

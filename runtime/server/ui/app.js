@@ -46,7 +46,9 @@ function refreshing(draw, every) {
   };
 }
 
-async function act(button, call) {
+// A button's action, the button disabled meanwhile; then `settle` (by default: enabled
+// again; a view whose drawing decides which buttons apply passes its draw)
+async function act(button, call, settle = () => { button.disabled = false; }) {
   button.disabled = true;
   try {
     await call();
@@ -54,7 +56,7 @@ async function act(button, call) {
   } catch (error) {
     problem(error);
   } finally {
-    button.disabled = false;
+    settle();
   }
 }
 
@@ -316,11 +318,11 @@ function runView(runId) {
     if (body && !window.confirm("Send the tool call that was in flight again? Skip it with pcrt dag resume --skip-call.")) return;
     await api(`${path}/resume`, { method: "POST", body });
     watch(); // it runs here from the moment the answer came: its events are to come
-  }));
+  }, draw));
   cancel.addEventListener("click", () => act(cancel, async () => {
     await api(path, { method: "DELETE" });
     await reload();
-  }));
+  }, draw));
 
   (async () => {
     try {
