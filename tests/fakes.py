@@ -302,16 +302,23 @@ class FakeEngine:
         return request_id in self._cancelled
 
     async def prepare_embeddings(
-        self, texts: list[str], *, max_total_tokens: int | None = None
+        self, texts: list[str], *, max_total_tokens: int | None = None, truncate: bool = False
     ) -> list[list[int]]:
         check_open(self._closed, self.name)
-        return await to_thread_to_completion(self._tokenize_inputs, texts, max_total_tokens)
+        return await to_thread_to_completion(
+            self._tokenize_inputs, texts, max_total_tokens, truncate
+        )
 
-    def _tokenize_inputs(self, texts: list[str], max_total_tokens: int | None) -> list[list[int]]:
-        """The real engine's checks, in its order: each text's length, then the total."""
+    def _tokenize_inputs(
+        self, texts: list[str], max_total_tokens: int | None, truncate: bool
+    ) -> list[list[int]]:
+        """The real engine's checks, in its order: each text's length (or its cut, with
+        ``truncate``), then the total."""
         inputs: list[list[int]] = []
         for i, text in enumerate(texts):
             tokens = self.model.tokenize(text, parse_special=False)
+            if truncate:
+                tokens = tokens[: self.context_per_slot]
             if not tokens:
                 raise InvalidRequest(f"input {i} is empty")
             if len(tokens) > self.context_per_slot:

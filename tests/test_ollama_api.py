@@ -261,6 +261,27 @@ def test_embed_and_the_legacy_route(client: ollama.Client) -> None:
     assert len(short) == 32 and math.isclose(sum(v * v for v in short), 1.0, rel_tol=1e-6)
 
 
+def test_embed_cuts_a_long_input_to_the_context_unless_told_not_to(
+    client: ollama.Client, server: LiveServer
+) -> None:
+    """Ollama's /api/embed truncates by default (a RAG pipeline embeds long chunks and
+    relies on it); ``truncate: false`` is a 400 for the same input."""
+    client.embed(model=MODEL, input="load it")
+    (loaded,) = server.services.pool.loaded()
+    context = loaded.engine.context_per_slot
+    head = " ".join(f"word{i}" for i in range(context * 2))  # far more than a context
+    tails = [head + " and then the cat slept", head + " rivers, spaceships, other ends"]
+    cut = client.embed(model=MODEL, input=tails)
+    assert cut.prompt_eval_count == 2 * context  # each cut to exactly a context
+    # what was cut was the tails: the two inputs embed the same
+    assert cut.embeddings[0] == pytest.approx(cut.embeddings[1], abs=1e-6)
+    short = client.embed(model=MODEL, input="word0 word1").embeddings[0]
+    assert short != pytest.approx(cut.embeddings[0], abs=1e-3)
+    with pytest.raises(ollama.ResponseError) as refused:
+        client.embed(model=MODEL, input=tails[0], truncate=False)
+    assert refused.value.status_code == 400 and f"at most {context}" in refused.value.error
+
+
 def test_usage_rows_name_the_ollama_routes_and_the_agent(server: LiveServer) -> None:
     headers = {"Authorization": f"Bearer {KEY}", "X-PC-Agent-ID": "ollama-agent"}
     agent = ollama.Client(host=server.url, headers=headers)

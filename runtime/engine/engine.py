@@ -257,13 +257,14 @@ class Engine:
         return await self.call(lambda: self._scheduler.import_idle(state))
 
     async def prepare_embeddings(
-        self, texts: list[str], *, max_total_tokens: int | None = None
+        self, texts: list[str], *, max_total_tokens: int | None = None, truncate: bool = False
     ) -> list[list[int]]:
         """The tokens of each text to embed, in a worker thread: none empty, none over
-        the context (``ContextLengthExceeded``), at most ``max_total_tokens`` in all."""
+        the context (``ContextLengthExceeded``; ``truncate``: cut to it instead), at most
+        ``max_total_tokens`` in all."""
         check_open(self._closed, self.name)
         return await to_thread_to_completion(
-            self._preparer.tokenize_inputs, texts, max_total_tokens
+            self._preparer.tokenize_inputs, texts, max_total_tokens, truncate
         )
 
     async def embed(

@@ -179,12 +179,15 @@ class Preparer:
     # -- embeddings ---------------------------------------------------------------------
 
     def tokenize_inputs(
-        self, texts: Sequence[str], max_total_tokens: int | None = None
+        self, texts: Sequence[str], max_total_tokens: int | None = None, truncate: bool = False
     ) -> list[list[int]]:
-        """Each text's tokens for an embedding: none empty, none over the context, and
-        (with ``max_total_tokens``) not more than that in all; refused before tokenizing
-        where the bound already says so."""
+        """Each text's tokens for an embedding: none empty, none over the context (or,
+        ``truncate``, each cut to its first context's worth, as Ollama's ``/api/embed``
+        does by default), and (with ``max_total_tokens``) not more than that in all;
+        refused before tokenizing where the bound already says so."""
         limit = self.context_per_slot
+        if truncate:
+            return self._truncated_inputs(texts, max_total_tokens)
         bound = self.model.token_bound
         if max_total_tokens is not None:
             fewest = sum(bound.fewest_tokens(text) for text in texts)
@@ -218,6 +221,26 @@ class Preparer:
                 if not tokens:
                     raise InvalidRequest(f"input {i} is empty")
                 total += len(tokens)
+                inputs.append(tokens)
+        return inputs
+
+    def _truncated_inputs(
+        self, texts: Sequence[str], max_total_tokens: int | None
+    ) -> list[list[int]]:
+        """``tokenize_inputs`` with each text cut to the context: the whole text is
+        tokenized (bounded by its request body), then its first tokens kept, so each cut
+        falls where the model reads a token boundary, not inside a word's bytes."""
+        limit = self.context_per_slot
+        inputs: list[list[int]] = []
+        total = 0
+        with self.users.using():
+            for i, text in enumerate(texts):
+                tokens = self.model.tokenize(text, add_special=True, parse_special=False)[:limit]
+                if not tokens:
+                    raise InvalidRequest(f"input {i} is empty")
+                total += len(tokens)
+                if max_total_tokens is not None and total > max_total_tokens:
+                    raise _too_many_for_one_request(max_total_tokens, at_least=total)
                 inputs.append(tokens)
         return inputs
 

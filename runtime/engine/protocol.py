@@ -132,7 +132,7 @@ class EngineClient(Protocol):
     async def generate(self, request: GenerateRequest) -> Completion: ...
 
     async def prepare_embeddings(
-        self, texts: list[str], *, max_total_tokens: int | None = None
+        self, texts: list[str], *, max_total_tokens: int | None = None, truncate: bool = False
     ) -> list[list[int]]: ...
 
     async def embed(

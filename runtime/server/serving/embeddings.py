@@ -42,10 +42,12 @@ class EmbeddingsServing:
         *,
         route: str = ROUTE,
         keep_alive: float | None = None,
+        truncate: bool = False,
     ) -> Any:
         """OpenAI's answer (a dict), or the response to a client that left. ``route``: the
         route billed (Ollama's embed routes come here too); ``keep_alive``: how long the
-        model stays loaded after (None: as it was)."""
+        model stays loaded after (None: as it was); ``truncate``: an input over the
+        context is cut to it (Ollama's default) rather than refused (OpenAI's)."""
         acct = Accounting(
             self.services, agent=agent_of(request, body.user), model=body.model, route=route
         )
@@ -61,7 +63,7 @@ class EmbeddingsServing:
             async with self.services.pool.lease(body.model, keep_alive) as model:
                 acct.model = model.name
                 prepared = await model.engine.prepare_embeddings(
-                    inputs, max_total_tokens=settings.max_embedding_tokens
+                    inputs, max_total_tokens=settings.max_embedding_tokens, truncate=truncate
                 )
                 tokens = sum(map(len, prepared))
                 acct.admit(tokens)

@@ -219,7 +219,11 @@ class OllamaServing:
             raise InvalidRequest("input: give a non-empty text, or a list of them", "input")
         openai = EmbeddingRequest(model=model_name(body.model), input=inputs)
         answer = await self.embeddings.create_embedding(
-            openai, request, route="/api/embed", keep_alive=_keep_alive(body.keep_alive)
+            openai,
+            request,
+            route="/api/embed",
+            keep_alive=_keep_alive(body.keep_alive),
+            truncate=body.truncate,  # Ollama cuts a long input by default
         )
         if not isinstance(answer, dict):
             return answer  # the client left
