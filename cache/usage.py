@@ -192,26 +192,31 @@ class UsageLog:
 
     def over_time(
         self, *, since: str, bucket_seconds: int, agent: str | None = None
-    ) -> list[dict[str, Any]]:
-        """Requests and tokens per agent in buckets of ``bucket_seconds`` from ``since``
-        (an ISO time as the store writes them), oldest first; ``start`` is each bucket's
-        first second (Unix time). What the dashboard's usage chart draws."""
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """What the dashboard's usage chart draws, in one scan of the rows since
+        ``since`` (an ISO time as the store writes them): requests and tokens per agent in
+        buckets of ``bucket_seconds``, oldest first (``start``: each bucket's first second,
+        Unix time), and the totals per agent and model that ``summary`` gives. One scan,
+        not two: on 100,000 rows each is ~0.1 s of a worker thread, every refresh."""
         if bucket_seconds < 1:
             raise ValueError("a bucket is at least a second")
         where, params = self._where(agent, since)
+        bucket = int(bucket_seconds)
         # ts is ISO 8601 with its offset, which SQLite's strftime reads
         sql = (
-            f"select cast(strftime('%s', ts) as integer) / {int(bucket_seconds)}"
-            f" * {int(bucket_seconds)} as start, agent, count(*) as requests,"
-            " sum(status >= 400) as errors,"
-            " coalesce(sum(prompt_tokens), 0) as prompt_tokens,"
-            " coalesce(sum(cached_tokens), 0) as cached_tokens,"
-            " coalesce(sum(completion_tokens), 0) as completion_tokens"
-            f" from usage{where} group by start, agent order by start, agent"
+            f"select cast(strftime('%s', ts) as integer) / {bucket} * {bucket} as start,"
+            " agent, model, count(*) as requests, sum(status >= 400) as errors,"
+            " sum(ran_on != 'local') as on_peers, sum(fallbacks is not null) as fell_back,"
+            " sum(prompt_tokens) as prompt_tokens, sum(cached_tokens) as cached_tokens,"
+            " sum(completion_tokens) as completion_tokens, sum(ttft_ms) as ttft_sum,"
+            " count(ttft_ms) as ttft_count, sum(total_ms) as total_ms,"
+            " min(ts) as first, max(ts) as last"
+            f" from usage{where} group by start, agent, model"
         )
         self.flush()
         with self._lock:
-            return list(self.db.query(sql, params))
+            groups = list(self.db.query(sql, params))
+        return _series(groups), _totals(groups)
 
     @staticmethod
     def _where(agent: str | None, since: str | None) -> tuple[str, list[Any]]:
@@ -223,3 +228,50 @@ class UsageLog:
             clauses.append("ts >= ?")
             params.append(since)
         return (" where " + " and ".join(clauses) if clauses else ""), params
+
+
+_SUMMED = ("requests", "errors", "on_peers", "fell_back", "prompt_tokens", "cached_tokens")
+_SUMMED_TOO = ("completion_tokens", "ttft_sum", "ttft_count", "total_ms")
+
+
+def _plus(a: Any, b: Any) -> Any:
+    """SQL's sum over two parts: None (no value) unless either has one."""
+    return b if a is None else a if b is None else a + b
+
+
+def _series(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per bucket and agent (the models of an agent added): requests and tokens."""
+    merged: dict[tuple[int, str], dict[str, Any]] = {}
+    for g in groups:
+        row = merged.setdefault(
+            (g["start"], g["agent"]),
+            {"start": g["start"], "agent": g["agent"], "requests": 0, "errors": 0}
+            | dict.fromkeys(("prompt_tokens", "cached_tokens", "completion_tokens"), 0),
+        )
+        for name in ("requests", "errors", "prompt_tokens", "cached_tokens", "completion_tokens"):
+            row[name] += g[name] or 0
+    return [merged[key] for key in sorted(merged)]
+
+
+def _totals(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per agent and model over every bucket: ``UsageLog.summary``'s rows."""
+    folded: dict[tuple[str, str], dict[str, Any]] = {}
+    for g in groups:
+        key = (g["agent"], g["model"])
+        row = folded.get(key)
+        if row is None:
+            folded[key] = dict(g)
+            continue
+        for name in (*_SUMMED, *_SUMMED_TOO):
+            row[name] = _plus(row[name], g[name])
+        row["first"] = min(row["first"], g["first"])
+        row["last"] = max(row["last"], g["last"])
+    totals = []
+    for key in sorted(folded):
+        row = folded[key]
+        count = row.pop("ttft_count")
+        ttft = row.pop("ttft_sum")
+        row.pop("start")
+        row["avg_ttft_ms"] = ttft / count if count else None
+        totals.append(row)
+    return totals

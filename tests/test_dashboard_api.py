@@ -10,13 +10,15 @@ import datetime
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 from click.testing import CliRunner
 
 from pcrt.cache.status import RESUMABLE_RUN_STATES, RunStatus
-from pcrt.cache.usage import UsageRecord
+from pcrt.cache.store import Store
+from pcrt.cache.usage import UsageLog, UsageRecord
 from pcrt.cli.main import main
 from pcrt.runtime.dag.graph import dag_graph, layers_of
 from pcrt.runtime.server.settings import ServerSettings
@@ -198,3 +200,29 @@ def test_pcrt_ui_says_where_the_dashboard_is(
     monkeypatch.setenv("PCRT_URL", "http://127.0.0.1:9")
     down = CliRunner().invoke(main, ["ui", "--no-open"])
     assert down.exit_code == 1 and "no pcrt daemon answers at http://127.0.0.1:9" in down.output
+
+
+def test_the_charts_totals_are_pcrt_usages_totals(store: Store) -> None:
+    """One scan gives the chart's buckets and the totals: the same totals as
+    ``UsageLog.summary`` (errors, peers, fallbacks, missing counts, average TTFT)."""
+    log = UsageLog(store)
+    now = datetime.datetime.now(datetime.UTC)
+    shapes: list[dict[str, Any]] = [
+        dict(status=200, prompt_tokens=10, cached_tokens=2, completion_tokens=5, ttft_ms=30.0),
+        dict(status=500, prompt_tokens=0, completion_tokens=0, ttft_ms=None, ran_on="peer-a"),
+        dict(status=200, prompt_tokens=7, completion_tokens=9, ttft_ms=12.5, fallbacks="[]"),
+    ]
+    for i in range(60):
+        ts = (now - datetime.timedelta(minutes=7 * i)).isoformat(timespec="microseconds")
+        shape = shapes[i % 3]
+        model = "m1" if i % 2 else "m2"
+        log.record(UsageRecord(f"a{i % 4}", model, "/v1/x", ts=ts, **shape))
+    since = (now - datetime.timedelta(hours=6)).isoformat(timespec="microseconds")
+    series, totals = log.over_time(since=since, bucket_seconds=1800)
+    expected = log.summary(since=since)
+    assert [{k: t[k] for k in sorted(t)} for t in totals] == [
+        {k: e[k] for k in sorted(e)} for e in expected
+    ]
+    assert sum(r["requests"] for r in series) == sum(e["requests"] for e in expected)
+    assert all(r["start"] % 1800 == 0 for r in series)
+    log.close()

@@ -90,12 +90,9 @@ async def usage(
     now = datetime.datetime.now(datetime.UTC)
     since = (now - datetime.timedelta(seconds=window_s)).isoformat(timespec="microseconds")
     log = services_of(request).usage
-
-    def read() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        series = log.over_time(since=since, bucket_seconds=bucket_s, agent=agent)
-        return series, log.summary(since=since, agent=agent)
-
-    series, totals = await to_thread_to_completion(read)
+    series, totals = await to_thread_to_completion(
+        lambda: log.over_time(since=since, bucket_seconds=bucket_s, agent=agent)
+    )
     return {
         "since": since,
         "now": int(now.timestamp()),

@@ -26,7 +26,8 @@ function problem(error) {
   banner.hidden = false;
 }
 
-// Calls draw() now and every `every` ms until stopped; a failure shows in the banner.
+// Calls draw() now and every `every` ms (a number, or a function that says it each
+// time) until stopped; a failure shows in the banner.
 function refreshing(draw, every) {
   let stopped = false;
   let timer = null;
@@ -37,7 +38,7 @@ function refreshing(draw, every) {
     } catch (error) {
       if (!stopped) problem(error);
     }
-    if (!stopped) timer = setTimeout(tick, every);
+    if (!stopped) timer = setTimeout(tick, typeof every === "function" ? every() : every);
   };
   tick();
   return () => {
@@ -258,8 +259,11 @@ function runView(runId) {
     }
     if (event === "token") {
       streamed.set(data.node, (streamed.get(data.node) || 0) + 1);
+      // a token of a node shown pending means its start was missed; one that comes
+      // after the node stopped (a batch in flight when the run was cancelled) changes
+      // nothing but the count
       const node = recordOf(data.node);
-      if (!node || statusOf(node) !== "running") hear(data.node, "running");
+      if (!node || statusOf(node) === "pending") hear(data.node, "running");
       drawTokens(data.node);
       return;
     }
@@ -394,7 +398,8 @@ function usageView() {
     windowS = Number(b.dataset.window);
     drawUsage().catch(problem);
   }));
-  return refreshing(drawUsage, 10000);
+  // buckets of 30 minutes and more change slowly; each read scans the window's rows
+  return refreshing(drawUsage, () => (windowS <= 3600 ? 15000 : 60000));
 }
 
 // -- KV store -------------------------------------------------------------------------------
