@@ -279,8 +279,10 @@ function runView(runId) {
 
   // Follow the run while it runs here; otherwise read it now and then while it may still
   // change (it waits, moves, or the daemon is away), following again once it runs.
+  let watched = 0; // when the page last began following
   const watch = async () => {
     if (following || stopped) return;
+    watched = Date.now();
     following = new AbortController();
     live.textContent = "live";
     let ended = true;
@@ -304,7 +306,9 @@ function runView(runId) {
       try {
         const now = await reload();
         problem(null);
-        if (now.status === "running") {
+        // running: follow it, unless a stream just ended on it (a run the store says is
+        // running but that does not execute here): then read it now and then instead
+        if (now.status === "running" && Date.now() - watched > 2000) {
           watch();
           return;
         }
