@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import json
 import re
+import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -226,3 +229,27 @@ def test_the_charts_totals_are_pcrt_usages_totals(store: Store) -> None:
     assert sum(r["requests"] for r in series) == sum(e["requests"] for e in expected)
     assert all(r["start"] % 1800 == 0 for r in series)
     log.close()
+
+
+def test_the_pages_write_durations_and_sizes_as_people_do(tmp_path: Path) -> None:
+    """dom.js's formatters, run by Node where it is installed (the browser tests see
+    them only through what a page happens to show)."""
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("no node here to run the page's modules")
+    script = tmp_path / "formats.mjs"
+    script.write_text(
+        "globalThis.document = {};\n"
+        f"const dom = await import({json.dumps((UI / 'dom.js').as_uri())});\n"
+        "const cases = [5.123, 59.96, 299.6, 3599.7, 7199];\n"
+        "console.log(JSON.stringify({seconds: cases.map(dom.seconds),"
+        " bytes: [0, 1536, 98 * 1024 * 1024].map(dom.bytes), count: dom.count(1234567)}));\n",
+        encoding="utf-8",
+    )
+    shown = subprocess.run([node, str(script)], capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout) == {
+        "seconds": ["5.12 s", "1 min 0 s", "5 min 0 s", "1 h 0 min", "2 h 0 min"],
+        "bytes": ["0 B", "1.5 KiB", "98.0 MiB"],
+        "count": "1,234,567",
+    }

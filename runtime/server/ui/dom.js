@@ -49,9 +49,12 @@ export function count(n) {
 
 export function seconds(s) {
   if (s === null || s === undefined) return "–";
-  if (s < 60) return `${Number(s).toFixed(s < 10 ? 2 : 1)} s`;
-  if (s < 3600) return `${Math.floor(s / 60)} min ${Math.round(s % 60)} s`;
-  return `${Math.floor(s / 3600)} h ${Math.round((s % 3600) / 60)} min`;
+  if (s < 59.95) return `${Number(s).toFixed(s < 9.995 ? 2 : 1)} s`;
+  // rounded first, then split: 299.6 s is "5 min 0 s", never "4 min 60 s"
+  const whole = Math.round(s);
+  if (whole < 3600) return `${Math.floor(whole / 60)} min ${whole % 60} s`;
+  const minutes = Math.round(s / 60);
+  return `${Math.floor(minutes / 60)} h ${minutes % 60} min`;
 }
 
 export function when(iso) {
