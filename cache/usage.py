@@ -230,8 +230,9 @@ class UsageLog:
         return (" where " + " and ".join(clauses) if clauses else ""), params
 
 
-_SUMMED = ("requests", "errors", "on_peers", "fell_back", "prompt_tokens", "cached_tokens")
-_SUMMED_TOO = ("completion_tokens", "ttft_sum", "ttft_count", "total_ms")
+# what a chart's bucket adds up per agent, and what the totals add up per agent and model
+_SERIES = ("requests", "errors", "prompt_tokens", "cached_tokens", "completion_tokens")
+_SUMMED = (*_SERIES, "on_peers", "fell_back", "ttft_sum", "ttft_count", "total_ms")
 
 
 def _plus(a: Any, b: Any) -> Any:
@@ -245,10 +246,9 @@ def _series(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for g in groups:
         row = merged.setdefault(
             (g["start"], g["agent"]),
-            {"start": g["start"], "agent": g["agent"], "requests": 0, "errors": 0}
-            | dict.fromkeys(("prompt_tokens", "cached_tokens", "completion_tokens"), 0),
+            {"start": g["start"], "agent": g["agent"], **dict.fromkeys(_SERIES, 0)},
         )
-        for name in ("requests", "errors", "prompt_tokens", "cached_tokens", "completion_tokens"):
+        for name in _SERIES:
             row[name] += g[name] or 0
     return [merged[key] for key in sorted(merged)]
 
@@ -262,7 +262,7 @@ def _totals(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if row is None:
             folded[key] = dict(g)
             continue
-        for name in (*_SUMMED, *_SUMMED_TOO):
+        for name in _SUMMED:
             row[name] = _plus(row[name], g[name])
         row["first"] = min(row["first"], g["first"])
         row["last"] = max(row["last"], g["last"])

@@ -298,7 +298,7 @@ def host_allowed(host: bytes | None, allowed: frozenset[str]) -> bool:
     passes: no browser sends one."""
     if host is None:
         return True
-    text = host.decode("latin-1").strip().lower().rstrip(".")
+    text = host.decode("latin-1").strip().lower()
     if text.startswith("["):  # [::1]:11435
         name = text[1 : text.find("]")] if "]" in text else text
     else:
